@@ -1,0 +1,330 @@
+//! Per-channel state that lets one client channel span several upstream channels.
+//!
+//! Delivery tags and publish sequence numbers are per channel in AMQP. Once deliveries from several
+//! clusters merge into one client channel, or publishes of one client channel spread over several
+//! clusters, the numbers the client sees must be the proxy's own. These maps translate them, hold
+//! only what is in flight, and free entries as acks and confirms arrive.
+
+use std::collections::VecDeque;
+
+use crate::codec::ShortStr;
+use crate::upstream::LinkId;
+
+/// Where a client channel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelState {
+    /// channel.open sent upstream, open-ok not yet seen.
+    Opening,
+    Open,
+    /// The client sent channel.close; waiting for the upstream close-ok before answering.
+    ClientClosing,
+    /// The proxy sent channel.close to the client (upstream error or a protocol violation); every
+    /// frame but close / close-ok is discarded until the client's close-ok.
+    AwaitingCloseOk,
+}
+
+/// One delivery the client has not acknowledged yet.
+#[derive(Debug, Clone, Copy)]
+struct Unacked {
+    tag: u64,
+    link: LinkId,
+    upstream_tag: u64,
+}
+
+/// An ack, nack or reject to send upstream: `multiple` covers every outstanding tag up to
+/// `upstream_tag` on that link's channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamAck {
+    pub link: LinkId,
+    pub upstream_tag: u64,
+    pub multiple: bool,
+}
+
+/// The tag the client named is not outstanding: RabbitMQ closes the channel with 406.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownTag(pub u64);
+
+/// The proxy's delivery tags for one client channel.
+///
+/// Tags are issued in arrival order, so the queue is sorted by tag, and per link the upstream tags
+/// grow with ours. That makes a client's `multiple` ack exact upstream: for each link, one
+/// `multiple` ack up to the highest upstream tag it covers acks precisely the same deliveries.
+#[derive(Debug, Default)]
+pub struct DeliveryTags {
+    last: u64,
+    unacked: VecDeque<Unacked>,
+}
+
+impl DeliveryTags {
+    /// Issues the client tag for a delivery or get-ok. Deliveries the client will not ack
+    /// (no_ack consumers) still take a number, but nothing is kept for them.
+    pub fn issue(&mut self, link: LinkId, upstream_tag: u64, needs_ack: bool) -> u64 {
+        self.last += 1;
+        if needs_ack {
+            self.unacked.push_back(Unacked { tag: self.last, link, upstream_tag });
+        }
+        self.last
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Resolves a client ack / nack (`multiple` allowed) or reject into upstream acks, removing the
+    /// covered entries. Tag 0 with `multiple` means every outstanding delivery.
+    pub fn resolve(&mut self, tag: u64, multiple: bool, out: &mut Vec<UpstreamAck>) -> Result<(), UnknownTag> {
+        out.clear();
+        if multiple {
+            let end = if tag == 0 {
+                self.unacked.len()
+            } else {
+                match self.position(tag) {
+                    Some(i) => i + 1,
+                    None => return Err(UnknownTag(tag)),
+                }
+            };
+            for entry in self.unacked.drain(..end) {
+                match out.iter_mut().find(|a| a.link == entry.link) {
+                    Some(a) => {
+                        a.upstream_tag = entry.upstream_tag;
+                        a.multiple = true;
+                    }
+                    None => out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false }),
+                }
+            }
+            return Ok(());
+        }
+        let i = self.position(tag).ok_or(UnknownTag(tag))?;
+        let entry = self.unacked.remove(i).ok_or(UnknownTag(tag))?;
+        out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false });
+        Ok(())
+    }
+
+    fn position(&self, tag: u64) -> Option<usize> {
+        // Acks nearly always name the oldest delivery: check the front before searching.
+        match self.unacked.front() {
+            Some(front) if front.tag == tag => Some(0),
+            _ => self.unacked.binary_search_by_key(&tag, |e| e.tag).ok(),
+        }
+    }
+
+    /// Forgets every outstanding delivery of `link` (recover, or the link's channel is gone: the
+    /// broker requeues them, so their tags can never be acked).
+    pub fn forget_link(&mut self, link: LinkId) {
+        self.unacked.retain(|e| e.link != link);
+    }
+
+    pub fn forget_all(&mut self) {
+        self.unacked.clear();
+    }
+}
+
+/// Publisher confirms of one client channel: client sequence numbers outstanding, in order.
+#[derive(Debug, Default)]
+pub struct ClientConfirms {
+    next: u64,
+    outstanding: VecDeque<u64>,
+}
+
+/// A confirm to send to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfirm {
+    pub seq: u64,
+    pub multiple: bool,
+}
+
+impl ClientConfirms {
+    /// Numbers the next client publish.
+    pub fn next_seq(&mut self) -> u64 {
+        self.next += 1;
+        self.outstanding.push_back(self.next);
+        self.next
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Removes the confirmed `seqs` (ascending) and returns the confirms for the client, coalesced
+    /// into one `multiple` when they are exactly the oldest outstanding ones.
+    pub fn settle(&mut self, seqs: &[u64], out: &mut Vec<ClientConfirm>) {
+        out.clear();
+        if seqs.is_empty() {
+            return;
+        }
+        let k = seqs.len();
+        if self.outstanding.len() >= k && self.outstanding.iter().take(k).eq(seqs.iter()) {
+            self.outstanding.drain(..k);
+            out.push(ClientConfirm { seq: seqs[k - 1], multiple: k > 1 });
+            return;
+        }
+        for &s in seqs {
+            if let Ok(i) = self.outstanding.binary_search(&s) {
+                self.outstanding.remove(i);
+                out.push(ClientConfirm { seq: s, multiple: false });
+            }
+        }
+    }
+}
+
+/// Publisher confirms of one upstream channel: which client sequence number each upstream one is.
+#[derive(Debug, Default)]
+pub struct UpstreamConfirms {
+    next: u64,
+    pending: VecDeque<(u64, u64)>,
+}
+
+impl UpstreamConfirms {
+    /// Records a publish sent upstream for client sequence `client_seq`.
+    pub fn record(&mut self, client_seq: u64) {
+        self.next += 1;
+        self.pending.push_back((self.next, client_seq));
+    }
+
+    /// Counts a publish the client did not ask to be confirmed (the upstream channel still numbers it).
+    pub fn skip(&mut self) {
+        self.next += 1;
+    }
+
+    /// Resolves an upstream ack or nack into client sequence numbers (ascending).
+    pub fn resolve(&mut self, upstream_seq: u64, multiple: bool, out: &mut Vec<u64>) {
+        out.clear();
+        if multiple {
+            while let Some(&(u, c)) = self.pending.front() {
+                if u > upstream_seq {
+                    break;
+                }
+                self.pending.pop_front();
+                out.push(c);
+            }
+        } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.0) {
+            if let Some((_, c)) = self.pending.remove(i) {
+                out.push(c);
+            }
+        }
+        out.sort_unstable();
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Client sequence numbers still waiting on this upstream channel (when it is lost).
+    pub fn drain(&mut self) -> Vec<u64> {
+        self.pending.drain(..).map(|p| p.1).collect()
+    }
+}
+
+/// A consumer of a client channel.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pub tag: ShortStr,
+    pub no_ack: bool,
+}
+
+/// Everything the proxy keeps for one client channel.
+#[derive(Debug)]
+pub struct Channel {
+    pub state: ChannelState,
+    pub tags: DeliveryTags,
+    pub consumers: Vec<Consumer>,
+    /// basic.get is synchronous: at most one outstanding, remembered for its no_ack flag.
+    pub get_no_ack: Option<bool>,
+    pub confirms: Option<ClientConfirms>,
+    pub tx: bool,
+}
+
+impl Channel {
+    pub fn new() -> Self {
+        Channel {
+            state: ChannelState::Opening,
+            tags: DeliveryTags::default(),
+            consumers: Vec::new(),
+            get_no_ack: None,
+            confirms: None,
+            tx: false,
+        }
+    }
+
+    pub fn consumer_no_ack(&self, tag: &ShortStr) -> bool {
+        self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
+    }
+
+    pub fn remove_consumer(&mut self, tag: &ShortStr) -> bool {
+        let before = self.consumers.len();
+        self.consumers.retain(|c| &c.tag != tag);
+        self.consumers.len() != before
+    }
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiple_ack_maps_to_one_upstream_ack_per_link() {
+        let mut t = DeliveryTags::default();
+        // Two links interleaved: ours 1..=5, link 0 tags 1,2,3 and link 1 tags 1,2.
+        assert_eq!(t.issue(0, 1, true), 1);
+        assert_eq!(t.issue(1, 1, true), 2);
+        assert_eq!(t.issue(0, 2, true), 3);
+        assert_eq!(t.issue(1, 2, true), 4);
+        assert_eq!(t.issue(0, 3, true), 5);
+        let mut out = Vec::new();
+        t.resolve(2, false, &mut out).unwrap();
+        assert_eq!(out, vec![UpstreamAck { link: 1, upstream_tag: 1, multiple: false }]);
+        t.resolve(4, true, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                UpstreamAck { link: 0, upstream_tag: 2, multiple: true },
+                UpstreamAck { link: 1, upstream_tag: 2, multiple: false },
+            ]
+        );
+        assert_eq!(t.resolve(4, false, &mut out), Err(UnknownTag(4)));
+        assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
+        t.resolve(0, true, &mut out).unwrap();
+        assert_eq!(out, vec![UpstreamAck { link: 0, upstream_tag: 3, multiple: false }]);
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn no_ack_deliveries_take_a_tag_but_no_memory() {
+        let mut t = DeliveryTags::default();
+        assert_eq!(t.issue(0, 1, false), 1);
+        assert_eq!(t.issue(0, 2, true), 2);
+        assert_eq!(t.outstanding(), 1);
+        let mut out = Vec::new();
+        assert_eq!(t.resolve(1, false, &mut out), Err(UnknownTag(1)));
+    }
+
+    #[test]
+    fn confirms_coalesce_only_when_contiguous() {
+        let mut c = ClientConfirms::default();
+        let mut up0 = UpstreamConfirms::default();
+        let mut up1 = UpstreamConfirms::default();
+        for i in 0..6 {
+            let s = c.next_seq();
+            if i % 2 == 0 { up0.record(s) } else { up1.record(s) }
+        }
+        let (mut seqs, mut out) = (Vec::new(), Vec::new());
+        up1.resolve(2, true, &mut seqs); // client 2, 4
+        assert_eq!(seqs, vec![2, 4]);
+        c.settle(&seqs, &mut out);
+        assert_eq!(out, vec![ClientConfirm { seq: 2, multiple: false }, ClientConfirm { seq: 4, multiple: false }]);
+        up0.resolve(2, true, &mut seqs); // client 1, 3
+        c.settle(&seqs, &mut out);
+        assert_eq!(out, vec![ClientConfirm { seq: 3, multiple: true }]);
+        up0.resolve(3, false, &mut seqs);
+        up1.resolve(3, false, &mut seqs.clone());
+        c.settle(&[5], &mut out);
+        assert_eq!(out, vec![ClientConfirm { seq: 5, multiple: false }]);
+        assert_eq!(c.outstanding(), 1);
+    }
+}

@@ -1,0 +1,372 @@
+//! The server half of the AMQP connection handshake, toward the client.
+//!
+//! The proxy answers the handshake itself so it can negotiate each leg separately (frame_max,
+//! heartbeat) and learn the credentials and vhost it needs to open the upstream links. Credentials
+//! are not checked here: the broker checks them when the links open at connection.open.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
+use crate::config::Config;
+
+/// What the client told us during the handshake.
+#[derive(Debug, Clone)]
+pub struct Greeting {
+    pub user: Bytes,
+    pub password: Bytes,
+    pub client_properties: FieldTable,
+    pub caps: ClientCaps,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+}
+
+/// Optional server-to-client notifications the client said it understands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientCaps {
+    pub consumer_cancel_notify: bool,
+    pub connection_blocked: bool,
+}
+
+/// How a handshake ended early.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Drop the socket (after writing `reply`, if any): wrong protocol header, silence, EOF.
+    Drop { reason: String, reply: Option<&'static [u8]> },
+    /// Send connection.close with this code and text, then wait for close-ok.
+    Close { code: u16, text: String, class_id: u16, method_id: u16 },
+}
+
+/// The capabilities RabbitMQ 3.x advertises, minus direct reply-to: `amq.rabbitmq.reply-to` is a
+/// per-connection pseudo-queue on one node and cannot span the clusters behind the proxy.
+const CAPABILITIES: [&str; 8] = [
+    "publisher_confirms",
+    "exchange_exchange_bindings",
+    "basic.nack",
+    "consumer_cancel_notify",
+    "connection.blocked",
+    "consumer_priorities",
+    "authentication_failure_close",
+    "per_consumer_qos",
+];
+
+/// The server properties shown to clients: the clusters' own product, version and platform (kombu
+/// chooses Celery's qos flag from them) with the capabilities the proxy implements.
+pub fn server_properties(upstream: Option<&FieldTable>) -> FieldTable {
+    let mut props = FieldTable::default();
+    match upstream {
+        Some(up) => {
+            for (k, v) in &up.0 {
+                if k.as_bytes() != b"capabilities" {
+                    props.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        None => {
+            props.insert(ShortStr::from_static("product"), FieldValue::LongStr(LongStr::from_static("warren")));
+            props.insert(
+                ShortStr::from_static("version"),
+                FieldValue::LongStr(LongStr::from_static(env!("CARGO_PKG_VERSION"))),
+            );
+        }
+    }
+    let mut caps = FieldTable::default();
+    for cap in CAPABILITIES {
+        caps.insert(ShortStr::from_static(cap), FieldValue::Bool(true));
+    }
+    props.insert(ShortStr::from_static("capabilities"), FieldValue::Table(caps));
+    props.insert(
+        ShortStr::from_static("information"),
+        FieldValue::LongStr(LongStr::from_static("warren AMQP proxy")),
+    );
+    props
+}
+
+struct Conn<'a> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut BytesMut,
+    deadline: tokio::time::Instant,
+}
+
+impl Conn<'_> {
+    async fn send(&mut self, method: &Method) -> Result<(), Refusal> {
+        let mut out = BytesMut::with_capacity(512);
+        codec::write_method(&mut out, 0, method);
+        self.stream.write_all(&out).await.map_err(|e| drop_with(format!("write failed: {e}")))
+    }
+
+    /// Next method on channel 0; heartbeats are skipped, anything else is a protocol error.
+    async fn recv(&mut self, frame_max: usize) -> Result<Method, Refusal> {
+        loop {
+            match codec::decode_frame(self.buf, frame_max) {
+                Ok(Some(frame)) => {
+                    if frame.kind == FrameKind::Heartbeat {
+                        continue;
+                    }
+                    if frame.channel != 0 {
+                        return Err(close(504, format!("CHANNEL_ERROR - frame on channel {} during handshake", frame.channel)));
+                    }
+                    if frame.kind != FrameKind::Method {
+                        return Err(close(505, "UNEXPECTED_FRAME - content frame during handshake".into()));
+                    }
+                    return Method::decode(frame.payload).map_err(|e| {
+                        let code = e.reply_code();
+                        close(code, format!("{} - {e}", reply_name(code)))
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => return Err(close(501, format!("FRAME_ERROR - {e}"))),
+            }
+            self.buf.reserve(4096);
+            match tokio::time::timeout_at(self.deadline, self.stream.read_buf(self.buf)).await {
+                Err(_) => return Err(drop_with("handshake timeout".into())),
+                Ok(Ok(0)) => return Err(drop_with("client closed the connection during the handshake".into())),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
+            }
+        }
+    }
+}
+
+fn drop_with(reason: String) -> Refusal {
+    Refusal::Drop { reason, reply: None }
+}
+
+fn close(code: u16, text: String) -> Refusal {
+    Refusal::Close { code, text, class_id: 0, method_id: 0 }
+}
+
+/// The symbolic name RabbitMQ puts in front of a reply text.
+pub fn reply_name(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        311 => "CONTENT_TOO_LARGE",
+        312 => "NO_ROUTE",
+        313 => "NO_CONSUMERS",
+        320 => "CONNECTION_FORCED",
+        402 => "INVALID_PATH",
+        403 => "ACCESS_REFUSED",
+        404 => "NOT_FOUND",
+        405 => "RESOURCE_LOCKED",
+        406 => "PRECONDITION_FAILED",
+        501 => "FRAME_ERROR",
+        502 => "SYNTAX_ERROR",
+        503 => "COMMAND_INVALID",
+        504 => "CHANNEL_ERROR",
+        505 => "UNEXPECTED_FRAME",
+        506 => "RESOURCE_ERROR",
+        530 => "NOT_ALLOWED",
+        540 => "NOT_IMPLEMENTED",
+        _ => "INTERNAL_ERROR",
+    }
+}
+
+/// Runs the handshake up to and including connection.open; returns the greeting and the vhost.
+/// The caller opens the upstream links and then answers open-ok (or closes with the broker's
+/// refusal).
+pub async fn greet(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    config: &Config,
+    server_props: FieldTable,
+) -> Result<(Greeting, ShortStr), Refusal> {
+    let timeout = Duration::from_millis(config.timeouts.handshake_ms);
+    let mut conn = Conn { stream, buf, deadline: tokio::time::Instant::now() + timeout };
+
+    while conn.buf.len() < 8 {
+        match tokio::time::timeout_at(conn.deadline, conn.stream.read_buf(conn.buf)).await {
+            Err(_) => return Err(drop_with("no protocol header before the handshake timeout".into())),
+            Ok(Ok(0)) => return Err(drop_with("client closed the connection before the protocol header".into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
+        }
+    }
+    if &conn.buf[..8] != codec::PROTOCOL_HEADER {
+        // What RabbitMQ does: answer with the header of the protocol it speaks, then close.
+        return Err(Refusal::Drop {
+            reason: format!("bad protocol header {:?}", Bytes::copy_from_slice(&conn.buf[..8])),
+            reply: Some(codec::PROTOCOL_HEADER),
+        });
+    }
+    conn.buf.advance(8);
+
+    conn.send(&Method::ConnectionStart(codec::ConnectionStart {
+        version_major: 0,
+        version_minor: 9,
+        server_properties: server_props,
+        mechanisms: LongStr::from_static("PLAIN AMQPLAIN"),
+        locales: LongStr::from_static("en_US"),
+    }))
+    .await?;
+
+    // Before tune, frames are limited to the spec minimum.
+    let min_frame = codec::FRAME_MIN_SIZE as usize;
+    let start_ok = match conn.recv(min_frame).await? {
+        Method::ConnectionStartOk(s) => s,
+        Method::ConnectionClose(_) => return Err(drop_with("client closed during the handshake".into())),
+        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.start-ok, got {}", other.name()))),
+    };
+    let (user, password) = match start_ok.mechanism.as_bytes() {
+        b"PLAIN" => parse_plain(start_ok.response.as_bytes()),
+        b"AMQPLAIN" => parse_amqplain(start_ok.response.as_bytes()),
+        other => {
+            return Err(close(
+                503,
+                format!("COMMAND_INVALID - unknown authentication mechanism '{}'", String::from_utf8_lossy(other)),
+            ));
+        }
+    }
+    .ok_or_else(|| {
+        close(
+            403,
+            format!(
+                "ACCESS_REFUSED - malformed {} response",
+                String::from_utf8_lossy(start_ok.mechanism.as_bytes())
+            ),
+        )
+    })?;
+    let caps = client_caps(&start_ok.client_properties);
+
+    let ours_channel_max = config.limits.max_channels;
+    let ours_frame_max = config.limits.frame_max;
+    conn.send(&Method::ConnectionTune(codec::ConnectionTune {
+        channel_max: ours_channel_max,
+        frame_max: ours_frame_max,
+        heartbeat: config.timeouts.heartbeat_secs,
+    }))
+    .await?;
+    let tune_ok = match conn.recv(min_frame).await? {
+        Method::ConnectionTuneOk(t) => t,
+        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.tune-ok, got {}", other.name()))),
+    };
+    let frame_max = if tune_ok.frame_max == 0 { ours_frame_max } else { tune_ok.frame_max };
+    if frame_max < codec::FRAME_MIN_SIZE {
+        return Err(close(530, format!("NOT_ALLOWED - frame_max={frame_max} < {} min size", codec::FRAME_MIN_SIZE)));
+    }
+    if frame_max > ours_frame_max {
+        return Err(close(530, format!("NOT_ALLOWED - frame_max={frame_max} > {ours_frame_max} max size")));
+    }
+    let channel_max = if tune_ok.channel_max == 0 { ours_channel_max } else { tune_ok.channel_max };
+    if channel_max > ours_channel_max {
+        return Err(close(530, format!("NOT_ALLOWED - channel_max={channel_max} > {ours_channel_max} max")));
+    }
+
+    let open = match conn.recv(frame_max as usize).await? {
+        Method::ConnectionOpen(o) => o,
+        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.open, got {}", other.name()))),
+    };
+    Ok((
+        Greeting {
+            user,
+            password,
+            client_properties: start_ok.client_properties,
+            caps,
+            channel_max,
+            frame_max,
+            heartbeat: tune_ok.heartbeat,
+        },
+        open.virtual_host,
+    ))
+}
+
+/// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616).
+fn parse_plain(response: &[u8]) -> Option<(Bytes, Bytes)> {
+    let mut parts = response.split(|b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = parts.next()?;
+    let pass = parts.next()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((Bytes::copy_from_slice(user), Bytes::copy_from_slice(pass)))
+}
+
+/// AMQPLAIN: a field table without its length prefix, with `LOGIN` and `PASSWORD` long strings.
+fn parse_amqplain(mut response: &[u8]) -> Option<(Bytes, Bytes)> {
+    let (mut user, mut pass) = (None, None);
+    while !response.is_empty() {
+        let klen = *response.first()? as usize;
+        let key = response.get(1..1 + klen)?;
+        response = &response[1 + klen..];
+        let (&tag, rest) = response.split_first()?;
+        if tag != b'S' || rest.len() < 4 {
+            return None;
+        }
+        let vlen = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
+        let value = rest.get(4..4 + vlen)?;
+        response = &rest[4 + vlen..];
+        match key {
+            b"LOGIN" => user = Some(Bytes::copy_from_slice(value)),
+            b"PASSWORD" => pass = Some(Bytes::copy_from_slice(value)),
+            _ => {}
+        }
+    }
+    Some((user?, pass?))
+}
+
+fn client_caps(props: &FieldTable) -> ClientCaps {
+    let Some(FieldValue::Table(caps)) = props.get("capabilities") else {
+        return ClientCaps::default();
+    };
+    let on = |k: &str| matches!(caps.get(k), Some(FieldValue::Bool(true)));
+    ClientCaps { consumer_cancel_notify: on("consumer_cancel_notify"), connection_blocked: on("connection.blocked") }
+}
+
+/// Writes connection.close during or right after the handshake and waits (bounded) for close-ok.
+pub async fn refuse(stream: &mut TcpStream, buf: &mut BytesMut, code: u16, text: &str, class_id: u16, method_id: u16) {
+    let mut out = BytesMut::new();
+    let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
+    codec::write_method(
+        &mut out,
+        0,
+        &Method::ConnectionClose(codec::ConnectionClose { reply_code: code, reply_text, class_id, method_id }),
+    );
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut conn = Conn { stream, buf, deadline };
+    loop {
+        match conn.recv(0).await {
+            Ok(Method::ConnectionCloseOk(_)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reply texts are short strings: keep them under 255 bytes on a char boundary.
+pub fn truncate(text: &str) -> String {
+    if text.len() <= 255 {
+        return text.to_owned();
+    }
+    let mut end = 255;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_amqplain() {
+        assert_eq!(parse_plain(b"\0guest\0secret"), Some((Bytes::from("guest"), Bytes::from("secret"))));
+        assert_eq!(parse_plain(b"guest"), None);
+        let mut t = Vec::new();
+        for (k, v) in [("LOGIN", "u"), ("PASSWORD", "p")] {
+            t.push(k.len() as u8);
+            t.extend_from_slice(k.as_bytes());
+            t.push(b'S');
+            t.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            t.extend_from_slice(v.as_bytes());
+        }
+        assert_eq!(parse_amqplain(&t), Some((Bytes::from("u"), Bytes::from("p"))));
+        assert_eq!(parse_amqplain(&t[..t.len() - 1]), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! Commands: a method frame together with its content (header and body frames).
+//!
+//! AMQP sends a publish or a delivery as a method frame, one content header frame and zero or more
+//! body frames, and nothing else may interleave on that channel. The proxy forwards a content only
+//! once it is whole: a client that dies half-way through a publish then leaves nothing partial on any
+//! cluster, and a content can be re-split to the other leg's frame_max. Body frames are kept as
+//! `Bytes` slices of the read buffer, never copied.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{self, CodecError, FrameKind, Method, RawFrame};
+
+/// A method with its content, if the method carries one.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub channel: u16,
+    pub method: Method,
+    pub content: Option<Content>,
+}
+
+/// The header and body of a publish, delivery, get-ok or return.
+#[derive(Debug, Clone)]
+pub struct Content {
+    /// The content header payload exactly as received (properties are not decoded on the hot path).
+    pub header: Bytes,
+    pub body_size: u64,
+    pub body: Body,
+}
+
+/// Body frames as received; almost every message has exactly one, so that case does not allocate.
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Body {
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::take(self) {
+            Body::Empty => Body::One(chunk),
+            Body::One(first) => Body::Many(vec![first, chunk]),
+            Body::Many(mut v) => {
+                v.push(chunk);
+                Body::Many(v)
+            }
+        }
+    }
+
+    pub fn chunks(&self) -> &[Bytes] {
+        match self {
+            Body::Empty => &[],
+            Body::One(b) => std::slice::from_ref(b),
+            Body::Many(v) => v,
+        }
+    }
+}
+
+impl Content {
+    /// Appends the header and body frames, each body frame at most `frame_max` bytes.
+    pub fn write(&self, out: &mut BytesMut, channel: u16, frame_max: usize) {
+        codec::write_header_raw(out, channel, &self.header);
+        for chunk in self.body.chunks() {
+            codec::write_body(out, channel, chunk, frame_max);
+        }
+    }
+
+    /// Total bytes this content occupies in memory (header and body).
+    pub fn len(&self) -> usize {
+        self.header.len() + self.body_size as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body_size == 0
+    }
+
+    /// Joins the body into one buffer (used off the hot path only).
+    pub fn body_bytes(&self) -> Bytes {
+        match &self.body {
+            Body::Empty => Bytes::new(),
+            Body::One(b) => b.clone(),
+            Body::Many(v) => {
+                let mut out = BytesMut::with_capacity(self.body_size as usize);
+                for b in v {
+                    out.extend_from_slice(b);
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// Why a frame could not be assembled into a command.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// A protocol error that ends the connection (501, 502, 503, 505).
+    #[error("{text}")]
+    Connection { code: u16, text: String },
+    /// The content is larger than the configured maximum: the channel is closed with 406 and the
+    /// rest of this content is discarded.
+    #[error("message size {size} is larger than configured max size {max}")]
+    TooLarge { channel: u16, method: Box<Method>, size: u64, max: u64 },
+}
+
+impl AssembleError {
+    fn unexpected(text: String) -> Self {
+        AssembleError::Connection { code: 505, text: format!("UNEXPECTED_FRAME - {text}") }
+    }
+}
+
+impl From<CodecError> for AssembleError {
+    fn from(e: CodecError) -> Self {
+        let name = match e.reply_code() {
+            501 => "FRAME_ERROR",
+            502 => "SYNTAX_ERROR",
+            503 => "COMMAND_INVALID",
+            540 => "NOT_IMPLEMENTED",
+            _ => "INTERNAL_ERROR",
+        };
+        AssembleError::Connection { code: e.reply_code(), text: format!("{name} - {e}") }
+    }
+}
+
+#[derive(Debug)]
+enum Stage {
+    AwaitHeader,
+    AwaitBody { header: Bytes, body_size: u64, received: u64, body: Body },
+    /// Swallowing the rest of a content that was refused.
+    Discard { remaining: u64 },
+}
+
+#[derive(Debug)]
+struct Partial {
+    channel: u16,
+    method: Method,
+    stage: Stage,
+}
+
+/// Turns frames into commands for one connection.
+#[derive(Debug)]
+pub struct Assembler {
+    /// At most one partial content per channel; a connection rarely has more than a few in
+    /// progress at once, so a small vector beats a map.
+    partial: Vec<Partial>,
+    max_message: u64,
+}
+
+impl Assembler {
+    pub fn new(max_message: u64) -> Self {
+        Assembler { partial: Vec::new(), max_message }
+    }
+
+    /// Feeds one non-heartbeat frame; returns a command once it is complete.
+    pub fn push(&mut self, frame: RawFrame) -> Result<Option<Command>, AssembleError> {
+        let idx = self.partial.iter().position(|p| p.channel == frame.channel);
+        match frame.kind {
+            FrameKind::Method => {
+                if idx.is_some() {
+                    return Err(AssembleError::unexpected(format!(
+                        "expected content frame on channel {}, got method frame",
+                        frame.channel
+                    )));
+                }
+                let method = Method::decode(frame.payload)?;
+                if method.has_content() {
+                    if frame.channel == 0 {
+                        return Err(AssembleError::Connection {
+                            code: 503,
+                            text: format!("COMMAND_INVALID - {} on channel 0", method.name()),
+                        });
+                    }
+                    self.partial.push(Partial {
+                        channel: frame.channel,
+                        method,
+                        stage: Stage::AwaitHeader,
+                    });
+                    Ok(None)
+                } else {
+                    Ok(Some(Command { channel: frame.channel, method, content: None }))
+                }
+            }
+            FrameKind::Header => {
+                let Some(i) = idx else {
+                    return Err(AssembleError::unexpected(format!(
+                        "content header on channel {} without a method",
+                        frame.channel
+                    )));
+                };
+                if !matches!(self.partial[i].stage, Stage::AwaitHeader) {
+                    return Err(AssembleError::unexpected(format!(
+                        "second content header on channel {}",
+                        frame.channel
+                    )));
+                }
+                let (class_id, body_size) = codec::peek_content_header(&frame.payload)?;
+                if class_id != 60 {
+                    return Err(AssembleError::unexpected(format!(
+                        "content header for class {class_id} on channel {}",
+                        frame.channel
+                    )));
+                }
+                if body_size > self.max_message {
+                    let p = &mut self.partial[i];
+                    let method = p.method.clone();
+                    if body_size == 0 {
+                        self.partial.swap_remove(i);
+                    } else {
+                        p.stage = Stage::Discard { remaining: body_size };
+                    }
+                    return Err(AssembleError::TooLarge {
+                        channel: frame.channel,
+                        method: Box::new(method),
+                        size: body_size,
+                        max: self.max_message,
+                    });
+                }
+                if body_size == 0 {
+                    let p = self.partial.swap_remove(i);
+                    return Ok(Some(Command {
+                        channel: p.channel,
+                        method: p.method,
+                        content: Some(Content { header: frame.payload, body_size, body: Body::Empty }),
+                    }));
+                }
+                self.partial[i].stage =
+                    Stage::AwaitBody { header: frame.payload, body_size, received: 0, body: Body::Empty };
+                Ok(None)
+            }
+            FrameKind::Body => {
+                let Some(i) = idx else {
+                    return Err(AssembleError::unexpected(format!(
+                        "content body on channel {} without a method",
+                        frame.channel
+                    )));
+                };
+                let len = frame.payload.len() as u64;
+                let done = match &mut self.partial[i].stage {
+                    Stage::AwaitHeader => {
+                        return Err(AssembleError::unexpected(format!(
+                            "content body on channel {} before its header",
+                            frame.channel
+                        )));
+                    }
+                    Stage::Discard { remaining } => {
+                        *remaining = remaining.saturating_sub(len);
+                        if *remaining == 0 {
+                            self.partial.swap_remove(i);
+                        }
+                        return Ok(None);
+                    }
+                    Stage::AwaitBody { body_size, received, body, .. } => {
+                        if *received + len > *body_size {
+                            return Err(AssembleError::unexpected(format!(
+                                "content body on channel {} overruns its declared size {}",
+                                frame.channel, body_size
+                            )));
+                        }
+                        *received += len;
+                        if len > 0 {
+                            body.push(frame.payload);
+                        }
+                        *received == *body_size
+                    }
+                };
+                if !done {
+                    return Ok(None);
+                }
+                let p = self.partial.swap_remove(i);
+                let Stage::AwaitBody { header, body_size, body, .. } = p.stage else {
+                    unreachable!("stage checked above")
+                };
+                Ok(Some(Command {
+                    channel: p.channel,
+                    method: p.method,
+                    content: Some(Content { header, body_size, body }),
+                }))
+            }
+            FrameKind::Heartbeat => Ok(None),
+        }
+    }
+
+    /// True if a content is being received on `channel` (a channel.close must wait for it).
+    pub fn in_content(&self, channel: u16) -> bool {
+        self.partial.iter().any(|p| p.channel == channel)
+    }
+
+    /// Forgets a partial content, e.g. when its channel is closed.
+    pub fn abandon(&mut self, channel: u16) {
+        self.partial.retain(|p| p.channel != channel);
+    }
+
+    /// Bytes held in partial contents.
+    pub fn held_bytes(&self) -> usize {
+        self.partial
+            .iter()
+            .map(|p| match &p.stage {
+                Stage::AwaitBody { received, .. } => *received as usize,
+                _ => 0,
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,15 @@
+//! warren: an AMQP 0-9-1 proxy that makes several RabbitMQ clusters look like one broker.
+//!
+//! The `src/` tree follows the path a message takes:
+//! `proxy` accepts a socket, `client` terminates the client's AMQP session,
+//! `upstream` owns the links to the RabbitMQ clusters, `codec` turns bytes into frames and back,
+//! and `io` holds the bounded write buffers that give back-pressure in both directions.
+
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod io;
+pub mod proxy;
+pub mod upstream;
+
+pub use proxy::{start, ProxyHandle};

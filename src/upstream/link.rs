@@ -1,0 +1,374 @@
+//! One AMQP connection to one node of a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
+use crate::config::NodeAddr;
+use crate::io::{Assembler, Command, Outbox, run_writer};
+
+/// Index of a link within one client session.
+pub type LinkId = usize;
+
+/// Everything needed to open a link for one client connection.
+#[derive(Debug, Clone)]
+pub struct LinkSpec {
+    pub cluster: Arc<str>,
+    pub nodes: Vec<NodeAddr>,
+    pub user: Bytes,
+    pub password: Bytes,
+    pub vhost: ShortStr,
+    /// Sent in start-ok: the client's own properties, with the proxy's capabilities.
+    pub client_properties: FieldTable,
+    pub heartbeat_secs: u16,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub connect_timeout: Duration,
+    pub buffer_limit: usize,
+}
+
+/// Why a link could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The broker answered the handshake with connection.close: wrong credentials (403), unknown
+    /// vhost (530)... The client gets the same code and text.
+    #[error("{node} refused the connection: {code} {text}")]
+    Refused { node: NodeAddr, code: u16, text: String },
+    /// No node of the cluster completed a handshake.
+    #[error("no node of cluster {cluster} is reachable ({last})")]
+    Unreachable { cluster: Arc<str>, last: String },
+}
+
+/// Why an open link stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkDown {
+    #[error("connection closed by the broker")]
+    Eof,
+    #[error("i/o error: {0}")]
+    Io(String),
+    #[error("no heartbeat from the broker for {0:?}")]
+    HeartbeatTimeout(Duration),
+    #[error("protocol error from the broker: {0}")]
+    Protocol(String),
+}
+
+/// What a link reports to its session.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Commands decoded from one read, in order.
+    Commands { link: LinkId, commands: Vec<Command> },
+    Down { link: LinkId, reason: LinkDown },
+}
+
+/// An open link. Dropping it aborts its tasks; close it politely first with connection.close.
+#[derive(Debug)]
+pub struct Link {
+    pub id: LinkId,
+    pub cluster: Arc<str>,
+    pub node: NodeAddr,
+    pub outbox: Arc<Outbox>,
+    /// Negotiated frame_max of this leg (body frames written upstream are split to it).
+    pub frame_max: usize,
+    pub channel_max: u16,
+    pub server_properties: FieldTable,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+impl Link {
+    /// Appends one method frame.
+    pub fn send(&self, channel: u16, method: &Method) {
+        self.outbox.push(|buf| codec::write_method(buf, channel, method));
+    }
+
+    /// Waits (bounded) until everything queued has been written, then stops the writer.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.outbox.close();
+        let _ = tokio::time::timeout(wait, self.outbox.flushed()).await;
+    }
+}
+
+/// Opens a link to the first node of `spec.nodes` that completes the handshake.
+///
+/// A refusal by the broker (credentials, vhost) is final: trying the other node would only repeat
+/// it. A node that refuses the TCP connection or does not answer in time is skipped.
+pub async fn connect(id: LinkId, spec: &LinkSpec, events: mpsc::Sender<LinkEvent>) -> Result<Link, ConnectError> {
+    let mut last = String::from("no nodes configured");
+    for node in &spec.nodes {
+        match tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await {
+            Ok(Ok(open)) => return Ok(spawn(id, spec, node.clone(), open, events)),
+            Ok(Err(HandshakeError::Refused { code, text })) => {
+                return Err(ConnectError::Refused { node: node.clone(), code, text });
+            }
+            Ok(Err(HandshakeError::Failed(e))) => {
+                debug!(cluster = %spec.cluster, %node, error = %e, "node unavailable");
+                last = format!("{node}: {e}");
+            }
+            Err(_) => {
+                debug!(cluster = %spec.cluster, %node, "node did not answer in time");
+                last = format!("{node}: no answer within {:?}", spec.connect_timeout);
+            }
+        }
+    }
+    Err(ConnectError::Unreachable { cluster: spec.cluster.clone(), last })
+}
+
+enum HandshakeError {
+    Refused { code: u16, text: String },
+    Failed(String),
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        HandshakeError::Failed(e.to_string())
+    }
+}
+
+struct Opened {
+    stream: TcpStream,
+    leftover: BytesMut,
+    frame_max: usize,
+    channel_max: u16,
+    heartbeat: u16,
+    server_properties: FieldTable,
+}
+
+/// Reads the next method on channel 0, skipping heartbeats.
+async fn read_method(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Method, HandshakeError> {
+    loop {
+        match codec::decode_frame(buf, 0) {
+            Ok(Some(frame)) => match frame.kind {
+                FrameKind::Heartbeat => continue,
+                FrameKind::Method => {
+                    return Method::decode(frame.payload).map_err(|e| HandshakeError::Failed(e.to_string()));
+                }
+                _ => return Err(HandshakeError::Failed("content frame during handshake".into())),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                if buf.starts_with(b"AMQP") {
+                    return Err(HandshakeError::Failed("broker does not speak AMQP 0-9-1".into()));
+                }
+                return Err(HandshakeError::Failed(e.to_string()));
+            }
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Failed("connection closed during handshake".into()));
+        }
+    }
+}
+
+async fn send(stream: &mut TcpStream, method: &Method) -> Result<(), HandshakeError> {
+    let mut out = BytesMut::with_capacity(512);
+    codec::write_method(&mut out, 0, method);
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// Answers a connection.close received during the handshake and turns it into a refusal.
+async fn refused(stream: &mut TcpStream, close: codec::ConnectionClose) -> HandshakeError {
+    let _ = send(stream, &Method::ConnectionCloseOk(Default::default())).await;
+    HandshakeError::Refused { code: close.reply_code, text: close.reply_text.as_str().into_owned() }
+}
+
+async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, HandshakeError> {
+    let mut stream = TcpStream::connect((node.host.as_str(), node.port)).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(codec::PROTOCOL_HEADER).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+
+    let start = match read_method(&mut stream, &mut buf).await? {
+        Method::ConnectionStart(s) => s,
+        other => return Err(HandshakeError::Failed(format!("expected connection.start, got {}", other.name()))),
+    };
+    let mut response = BytesMut::with_capacity(2 + spec.user.len() + spec.password.len());
+    response.extend_from_slice(b"\0");
+    response.extend_from_slice(&spec.user);
+    response.extend_from_slice(b"\0");
+    response.extend_from_slice(&spec.password);
+    send(
+        &mut stream,
+        &Method::ConnectionStartOk(codec::ConnectionStartOk {
+            client_properties: spec.client_properties.clone(),
+            mechanism: ShortStr::from_static("PLAIN"),
+            response: LongStr::from(response.freeze()),
+            locale: ShortStr::from_static("en_US"),
+        }),
+    )
+    .await?;
+
+    let tune = match read_method(&mut stream, &mut buf).await {
+        Ok(Method::ConnectionTune(t)) => t,
+        Ok(Method::ConnectionClose(c)) => return Err(refused(&mut stream, c).await),
+        Ok(other) => return Err(HandshakeError::Failed(format!("expected connection.tune, got {}", other.name()))),
+        // RabbitMQ drops the socket on a failed login when the client did not ask for
+        // authentication_failure_close; we always ask, but treat a drop the same way.
+        Err(HandshakeError::Failed(_)) => {
+            return Err(HandshakeError::Refused {
+                code: 403,
+                text: "ACCESS_REFUSED - login refused by the broker".into(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let limit = |ours: u32, theirs: u32| if theirs == 0 { ours } else { ours.min(theirs) };
+    let frame_max = limit(spec.frame_max, tune.frame_max).max(codec::FRAME_MIN_SIZE);
+    let channel_max = limit(u32::from(spec.channel_max), u32::from(tune.channel_max)) as u16;
+    let heartbeat = spec.heartbeat_secs;
+    send(
+        &mut stream,
+        &Method::ConnectionTuneOk(codec::ConnectionTuneOk { channel_max, frame_max, heartbeat }),
+    )
+    .await?;
+    send(
+        &mut stream,
+        &Method::ConnectionOpen(codec::ConnectionOpen {
+            virtual_host: spec.vhost.clone(),
+            capabilities: ShortStr::default(),
+            insist: false,
+        }),
+    )
+    .await?;
+    match read_method(&mut stream, &mut buf).await? {
+        Method::ConnectionOpenOk(_) => {}
+        Method::ConnectionClose(c) => return Err(refused(&mut stream, c).await),
+        other => return Err(HandshakeError::Failed(format!("expected connection.open-ok, got {}", other.name()))),
+    }
+    Ok(Opened {
+        stream,
+        leftover: buf,
+        frame_max: frame_max as usize,
+        channel_max,
+        heartbeat,
+        server_properties: start.server_properties,
+    })
+}
+
+fn spawn(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened, events: mpsc::Sender<LinkEvent>) -> Link {
+    let (rd, wr) = open.stream.into_split();
+    let outbox = Outbox::new(spec.buffer_limit);
+    let heartbeat = (open.heartbeat > 0).then(|| Duration::from_secs(u64::from(open.heartbeat)));
+    // Send at half the interval so the broker never sees a gap near its own deadline.
+    let writer = tokio::spawn({
+        let outbox = outbox.clone();
+        async move {
+            let _ = run_writer(outbox, wr, heartbeat.map(|h| h / 2)).await;
+        }
+    });
+    let reader = tokio::spawn(read_loop(id, rd, open.leftover, open.frame_max, heartbeat, events));
+    Link {
+        id,
+        cluster: spec.cluster.clone(),
+        node,
+        outbox,
+        frame_max: open.frame_max,
+        channel_max: open.channel_max,
+        server_properties: open.server_properties,
+        reader,
+        writer,
+    }
+}
+
+/// Reads frames from the broker, assembles commands and hands them to the session in batches.
+///
+/// The channel to the session is bounded: when the session stops taking (its client reads
+/// slowly), this loop stops reading the socket and TCP pushes back on the broker.
+async fn read_loop(
+    id: LinkId,
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    frame_max: usize,
+    heartbeat: Option<Duration>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    // The broker enforces its own max message size; the proxy only needs whole contents.
+    let mut assembler = Assembler::new(u64::MAX);
+    let mut last_seen = Instant::now();
+    let reason = 'outer: loop {
+        let mut batch = Vec::new();
+        loop {
+            match codec::decode_frame(&mut buf, frame_max) {
+                Ok(Some(frame)) => {
+                    if frame.kind == FrameKind::Heartbeat {
+                        continue;
+                    }
+                    match assembler.push(frame) {
+                        Ok(Some(cmd)) => batch.push(cmd),
+                        Ok(None) => {}
+                        Err(e) => break 'outer LinkDown::Protocol(e.to_string()),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'outer LinkDown::Protocol(e.to_string()),
+            }
+        }
+        if !batch.is_empty() {
+            if events.send(LinkEvent::Commands { link: id, commands: batch }).await.is_err() {
+                return;
+            }
+            // Time spent waiting for the session is not the broker's silence.
+            last_seen = Instant::now();
+        }
+        if buf.capacity() - buf.len() < 8 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        let read = match heartbeat {
+            Some(h) => match tokio::time::timeout_at(last_seen + 2 * h, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => break LinkDown::HeartbeatTimeout(2 * h),
+            },
+            None => rd.read_buf(&mut buf).await,
+        };
+        match read {
+            Ok(0) => break LinkDown::Eof,
+            Ok(_) => last_seen = Instant::now(),
+            Err(e) => break LinkDown::Io(e.to_string()),
+        }
+    };
+    let _ = events.send(LinkEvent::Down { link: id, reason }).await;
+}
+
+/// The client properties sent upstream: the client's own, with the capabilities the proxy needs
+/// from the broker and the client's address, so `rabbitmqctl list_connections` shows who is behind
+/// each link.
+pub fn upstream_client_properties(client: &FieldTable, peer: std::net::SocketAddr) -> FieldTable {
+    let mut props = client.clone();
+    let mut caps = FieldTable::default();
+    for cap in [
+        "authentication_failure_close",
+        "connection.blocked",
+        "consumer_cancel_notify",
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "per_consumer_qos",
+    ] {
+        caps.insert(ShortStr::from_static(cap), FieldValue::Bool(true));
+    }
+    props.insert(ShortStr::from_static("capabilities"), FieldValue::Table(caps));
+    props.insert(ShortStr::from_static("client_address"), FieldValue::LongStr(LongStr::from(peer.to_string())));
+    if props.get("connection_name").is_none() {
+        props.insert(
+            ShortStr::from_static("connection_name"),
+            FieldValue::LongStr(LongStr::from(format!("warren client {peer}"))),
+        );
+    }
+    props
+}

@@ -47,6 +47,8 @@ usage: scripts/rabbit.sh COMMAND [ARGS]
   pause-node NODE | resume-node NODE   SIGSTOP / SIGCONT the node's beam.smp
   ctl NODE ARGS...             rabbitmqctl -n <erlang name of NODE> ARGS...
   port NODE                    print the node's AMQP port
+  wipe NAME                    delete every queue and non-default exchange in vhost / of cluster
+                               NAME (test isolation; prints "queues exchanges" deleted)
   down NAME                    stop the cluster's nodes and delete their dirs
   down-all                     down every cluster in the state dir
   status                       list nodes in the state dir
@@ -92,7 +94,8 @@ load_node() {
     local node=$1 dir
     dir=$(node_dir "$node")
     [ -f "$dir/node.env" ] || die "unknown node '$node' (no $dir/node.env); see 'status'"
-    ERLNAME= PORT= DIST_PORT= CLUSTER=
+    ERLNAME='' PORT='' DIST_PORT='' CLUSTER=''
+    : "$CLUSTER"
     # shellcheck disable=SC1091
     . "$dir/node.env"
 }
@@ -325,7 +328,7 @@ do_up() {
             if [ "${ports[$((i - 1))]}" != auto ] && [ "${ports[$((i - 1))]}" != "$PORT" ]; then
                 die "cluster $name exists on other ports (node $NODE on $PORT); run 'down $name' first"
             fi
-            ports[$((i - 1))]=$PORT
+            ports[i - 1]=$PORT
         done
         local all_up=1
         for i in $(seq 1 "$count"); do
@@ -348,7 +351,7 @@ do_up() {
     reg_lock
     for i in $(seq 0 $((count - 1))); do
         if [ "${ports[$i]}" = auto ]; then
-            ports[$i]=$(pick_port)
+            ports[i]=$(pick_port)
         else
             [[ ${ports[$i]} =~ ^[0-9]+$ ]] || { reg_unlock; die "bad port '${ports[$i]}'"; }
             if ! port_free "${ports[$i]}" || ! port_free $((ports[i] + 20000)); then
@@ -372,7 +375,7 @@ do_up() {
     done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     [ $rc = 0 ] || die "cluster $name: a node failed to start"
-    log "cluster $name: node(s) booted after $(( ($(now_ms) - t0) ))ms"
+    log "cluster $name: node(s) booted after $(($(now_ms) - t0))ms"
 
     local first
     NODE="$name-1"; load_node "$NODE"; first=$ERLNAME
@@ -387,7 +390,7 @@ do_up() {
     fi
     NODE="$name-1"; load_node "$NODE"
     ctl_node set_policy ha-all '.*' '{"ha-mode":"all","ha-sync-mode":"automatic"}' >/dev/null
-    log "cluster $name up in $(( ($(now_ms) - t0) ))ms"
+    log "cluster $name up in $(($(now_ms) - t0))ms"
     print_cluster "$name" "${ports[@]}"
 }
 
@@ -448,6 +451,31 @@ cmd_status() {
         fi
         printf '%-20s %-40s %-6s %-8s %s\n' "$node" "$ERLNAME" "$PORT" "${pid:--}" "$state"
     done
+}
+
+# Delete all queues and all exchanges but the default/amq.* ones in vhost "/" of a cluster, through
+# its first running node. One CLI call (~1 s) instead of one per queue.
+WIPE_EVAL='Qs = rabbit_amqqueue:list(<<"/">>),
+[rabbit_amqqueue:delete(Q, false, false, <<"warren-tests">>) || Q <- Qs],
+Xs = [element(2, X) || X <- rabbit_exchange:list(<<"/">>)],
+Ds = [N || N = {resource, _, exchange, Nm} <- Xs, Nm =/= <<>>,
+           binary:part(Nm, 0, min(4, byte_size(Nm))) =/= <<"amq.">>],
+[rabbit_exchange:delete(N, false, <<"warren-tests">>) || N <- Ds],
+io_lib:format("~b ~b", [length(Qs), length(Ds)]).'
+
+cmd_wipe() {
+    local name=$1 node out
+    for node in $(cluster_nodes "$name"); do
+        NODE=$node; load_node "$NODE"
+        [ -n "$(beam_pid)" ] || continue
+        if out=$(ctl_node eval "$WIPE_EVAL" 2>&1); then
+            out=$(printf '%s' "$out" | tr -d '"')
+            log "wiped cluster $name via $NODE: deleted $out (queues exchanges)"
+            echo "$out"
+            return 0
+        fi
+    done
+    die "cluster $name: no running node to wipe through"
 }
 
 need_node_arg() { [ $# -ge 1 ] || { usage >&2; exit 2; }; NODE=$1; load_node "$NODE"; }
@@ -515,6 +543,10 @@ main() {
     down)
         [ $# -eq 1 ] || { usage >&2; exit 2; }
         cmd_down "$1"
+        ;;
+    wipe)
+        [ $# -eq 1 ] || { usage >&2; exit 2; }
+        cmd_wipe "$1"
         ;;
     down-all) cmd_down_all ;;
     status) cmd_status ;;

@@ -41,6 +41,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `[routing]`: which exchanges and queues are control traffic. Defaults to the Celery preset.
+    pub routing: crate::route::Rules,
     /// In file order.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -406,7 +408,39 @@ struct RawConfig {
     admin: Option<Spanned<RawAdmin>>,
     timeouts: Option<Spanned<RawTimeouts>>,
     limits: Option<Spanned<RawLimits>>,
+    routing: Option<Spanned<RawRouting>>,
     clusters: Option<Spanned<Vec<Spanned<RawCluster>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    control_exchanges: Option<Vec<Spanned<String>>>,
+    control_queues: Option<Vec<Spanned<String>>>,
+    uuid_queues_are_control: Option<bool>,
+}
+
+impl RawRouting {
+    fn validate(&self) -> Result<crate::route::Rules, Problem> {
+        use crate::route::{Pattern, Rules};
+        let defaults = Rules::default();
+        let patterns = |list: &Option<Vec<Spanned<String>>>, default: Vec<Pattern>| -> Result<Vec<Pattern>, Problem> {
+            let Some(list) = list else { return Ok(default) };
+            let mut out = Vec::with_capacity(list.len());
+            for p in list {
+                if p.get_ref().is_empty() || p.get_ref().len() > 255 {
+                    return problem(p.span(), "a routing pattern must be 1 to 255 bytes long");
+                }
+                out.push(Pattern::new(p.get_ref().clone()));
+            }
+            Ok(out)
+        };
+        Ok(Rules {
+            control_exchanges: patterns(&self.control_exchanges, defaults.control_exchanges)?,
+            control_queues: patterns(&self.control_queues, defaults.control_queues)?,
+            uuid_queues_are_control: self.uuid_queues_are_control.unwrap_or(defaults.uuid_queues_are_control),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -578,6 +612,10 @@ impl RawConfig {
             None => Limits::default(),
             Some(l) => l.get_ref().validate(l.span())?,
         };
+        let routing = match &self.routing {
+            None => crate::route::Rules::default(),
+            Some(r) => r.get_ref().validate()?,
+        };
 
         let Some(clusters) = &self.clusters else {
             return problem(
@@ -593,6 +631,7 @@ impl RawConfig {
             admin,
             timeouts,
             limits,
+            routing,
             clusters,
         })
     }

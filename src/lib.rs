@@ -10,6 +10,7 @@ pub mod codec;
 pub mod config;
 pub mod io;
 pub mod proxy;
+pub mod route;
 pub mod upstream;
 
 pub use proxy::{start, ProxyHandle};

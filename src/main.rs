@@ -27,7 +27,8 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 /// Extra time `shutdown` gets beyond the configured grace period before warren gives up on it.
-const SHUTDOWN_SLACK: Duration = Duration::from_secs(10);
+/// (`ProxyHandle::shutdown` bounds itself at grace + 10 s; this is only a backstop.)
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
 
 /// warren: an AMQP 0-9-1 proxy that makes several RabbitMQ clusters look like one broker.
 #[derive(Parser, Debug)]
@@ -184,8 +185,8 @@ async fn serve(config: Config, path: &Path) -> ExitCode {
     let handle = match warren::start(Arc::clone(&config)).await {
         Ok(handle) => handle,
         Err(e) => {
-            error!(error = %e, listen = %config.listen, "warren failed to start");
-            eprintln!("warren: failed to start (listen = {}): {e}", config.listen);
+            error!(error = %e, "warren failed to start");
+            eprintln!("warren: failed to start: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };

@@ -7,8 +7,109 @@
 
 use std::collections::VecDeque;
 
-use crate::codec::ShortStr;
+use crate::codec::{Method, ShortStr};
+use crate::io::Content;
 use crate::upstream::LinkId;
+
+/// A set of links of one session, as a bit set: the targets of a fanned-out method, the links a
+/// consumer is registered on. A session has at most [`LinkSet::CAPACITY`] links.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkSet(u64);
+
+impl LinkSet {
+    pub const CAPACITY: usize = 64;
+
+    pub fn one(link: LinkId) -> Self {
+        let mut s = LinkSet::default();
+        s.insert(link);
+        s
+    }
+
+    pub fn insert(&mut self, link: LinkId) {
+        debug_assert!(link < Self::CAPACITY);
+        self.0 |= 1u64 << (link % Self::CAPACITY);
+    }
+
+    pub fn remove(&mut self, link: LinkId) {
+        self.0 &= !(1u64 << (link % Self::CAPACITY));
+    }
+
+    pub fn contains(&self, link: LinkId) -> bool {
+        link < Self::CAPACITY && self.0 & (1u64 << link) != 0
+    }
+
+    pub fn len(&self) -> u32 {
+        self.0.count_ones()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn first(&self) -> Option<LinkId> {
+        (self.0 != 0).then(|| self.0.trailing_zeros() as LinkId)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = LinkId> + use<> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let i = bits.trailing_zeros() as LinkId;
+            bits &= bits - 1;
+            Some(i)
+        })
+    }
+}
+
+/// A synchronous client request fanned out to one or more links, waiting for their replies.
+///
+/// Replies are merged into the one answer the client expects (message counts summed, consumer
+/// counts maximised) and answered in request order.
+#[derive(Debug)]
+pub struct Rpc {
+    pub id: u64,
+    /// Replies still expected.
+    pub waiting: u32,
+    pub reply: Option<Reply>,
+    /// basic.get on a sharded queue: the links still to try after a get-empty (popped from the
+    /// back), and the request to send them.
+    pub get_next: Vec<LinkId>,
+    pub get_request: Option<Method>,
+}
+
+/// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
+#[derive(Debug)]
+pub struct Reply {
+    pub method: Method,
+    pub content: Option<Content>,
+    pub link: LinkId,
+}
+
+impl Rpc {
+    /// Folds one link's reply into the answer.
+    pub fn merge(&mut self, method: Method, content: Option<Content>, link: LinkId) {
+        self.waiting = self.waiting.saturating_sub(1);
+        let Some(acc) = &mut self.reply else {
+            self.reply = Some(Reply { method, content, link });
+            return;
+        };
+        match (&mut acc.method, method) {
+            (Method::QueueDeclareOk(a), Method::QueueDeclareOk(b)) => {
+                a.message_count = a.message_count.saturating_add(b.message_count);
+                a.consumer_count = a.consumer_count.max(b.consumer_count);
+            }
+            (Method::QueuePurgeOk(a), Method::QueuePurgeOk(b)) => {
+                a.message_count = a.message_count.saturating_add(b.message_count);
+            }
+            (Method::QueueDeleteOk(a), Method::QueueDeleteOk(b)) => {
+                a.message_count = a.message_count.saturating_add(b.message_count);
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Where a client channel is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,11 +316,13 @@ impl UpstreamConfirms {
     }
 }
 
-/// A consumer of a client channel.
+/// A consumer of a client channel, registered on one or more links.
 #[derive(Debug, Clone)]
 pub struct Consumer {
     pub tag: ShortStr,
     pub no_ack: bool,
+    /// The links where this consumer is active; when the last one cancels it, the client is told.
+    pub links: LinkSet,
 }
 
 /// Everything the proxy keeps for one client channel.
@@ -232,6 +335,11 @@ pub struct Channel {
     pub get_no_ack: Option<bool>,
     pub confirms: Option<ClientConfirms>,
     pub tx: bool,
+    /// In a transaction every publish goes to one cluster, chosen at the first publish.
+    pub tx_link: Option<LinkId>,
+    /// Synchronous requests waiting for replies, oldest first.
+    pub rpcs: VecDeque<Rpc>,
+    next_rpc: u64,
 }
 
 impl Channel {
@@ -243,7 +351,25 @@ impl Channel {
             get_no_ack: None,
             confirms: None,
             tx: false,
+            tx_link: None,
+            rpcs: VecDeque::new(),
+            next_rpc: 0,
         }
+    }
+
+    /// Registers a request that waits for `waiting` replies; returns its id.
+    pub fn push_rpc(&mut self, waiting: u32, get_next: Vec<LinkId>) -> u64 {
+        self.next_rpc += 1;
+        self.rpcs.push_back(Rpc { id: self.next_rpc, waiting, reply: None, get_next, get_request: None });
+        self.next_rpc
+    }
+
+    pub fn rpc_mut(&mut self, id: u64) -> Option<&mut Rpc> {
+        self.rpcs.iter_mut().find(|r| r.id == id)
+    }
+
+    pub fn consumer_mut(&mut self, tag: &ShortStr) -> Option<&mut Consumer> {
+        self.consumers.iter_mut().find(|c| &c.tag == tag)
     }
 
     pub fn consumer_no_ack(&self, tag: &ShortStr) -> bool {
@@ -321,8 +447,6 @@ mod tests {
         up0.resolve(2, true, &mut seqs); // client 1, 3
         c.settle(&seqs, &mut out);
         assert_eq!(out, vec![ClientConfirm { seq: 3, multiple: true }]);
-        up0.resolve(3, false, &mut seqs);
-        up1.resolve(3, false, &mut seqs.clone());
         c.settle(&[5], &mut out);
         assert_eq!(out, vec![ClientConfirm { seq: 5, multiple: false }]);
         assert_eq!(c.outstanding(), 1);

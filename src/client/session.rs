@@ -5,6 +5,11 @@
 //! socket, the events of its upstream links, and timers. It reads the client only while every
 //! upstream outbox has room, and takes link events only while the client's outbox has room: that
 //! is the whole of the back-pressure story, and it never blocks one direction on the other.
+//!
+//! A client channel N is carried by channel N on every link of the session (each link is its own
+//! connection, so the numbers never clash). Where a method goes is decided by [`crate::route`];
+//! replies of fanned-out requests are merged by [`Rpc`]; tags and confirms are translated by the
+//! maps in [`super::channel`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,23 +20,24 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::channel::{Channel, ChannelState, ClientConfirm, Consumer, UpstreamAck, UpstreamConfirms};
-use super::handshake::{self, ClientCaps, Greeting, Refusal, reply_name, truncate};
+use super::channel::{Channel, ChannelState, ClientConfirm, Consumer, LinkSet, UpstreamAck, UpstreamConfirms};
+use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
 use crate::codec::{self, FrameKind, Method, ShortStr};
+use crate::config::{Config, Role};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError, run_writer};
 use crate::proxy::Shared;
+use crate::route::{Class, RoundRobin, Rules};
 use crate::upstream::{self, ConnectError, Link, LinkDown, LinkEvent, LinkId, LinkSpec};
 
 /// How long a closing handshake may take before the proxy just drops the socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Link events buffered per connection; each is one read's worth of commands.
+/// Link events buffered per link; each is one read's worth of commands.
 const LINK_EVENT_QUEUE: usize = 16;
-/// The link that answers channel.open (the only one until a channel spans several clusters).
-const PRIMARY: LinkId = 0;
 
 /// Serves one accepted client socket until it closes.
 pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, force_close: CancellationToken) {
@@ -59,16 +65,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     };
     let user = String::from_utf8_lossy(&greeting.user).into_owned();
 
-    // Open the upstream link before answering open-ok, so the broker's own verdict on the
+    // Open the upstream links before answering open-ok, so the broker's own verdict on the
     // credentials and the vhost reaches the client as RabbitMQ would give it.
-    let Some(cluster) = config.shard_clusters().next().or_else(|| config.clusters.first()) else {
-        handshake::refuse(&mut stream, &mut rbuf, 320, "CONNECTION_FORCED - no cluster configured", 10, 40).await;
-        return;
-    };
-    let (events_tx, events_rx) = mpsc::channel(LINK_EVENT_QUEUE);
-    let spec = LinkSpec {
-        cluster: Arc::from(cluster.name.as_str()),
-        nodes: cluster.nodes.clone(),
+    let base = LinkSpec {
+        cluster: Arc::from(""),
+        nodes: Vec::new(),
         user: greeting.user.clone(),
         password: greeting.password.clone(),
         vhost: vhost.clone(),
@@ -79,46 +80,53 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
         buffer_limit: config.limits.client_buffer_bytes,
     };
-    let link = match upstream::link::connect(PRIMARY, &spec, events_tx.clone()).await {
-        Ok(link) => link,
+    let (events_tx, events_rx) = mpsc::channel(LINK_EVENT_QUEUE * config.clusters.len().max(1));
+    let links = match open_links(&config, &base, &events_tx).await {
+        Ok(links) => links,
         Err(ConnectError::Refused { node, code, text }) => {
             warn!(conn = id, %peer, user = %user, vhost = %vhost, %node, code, %text, "connection refused by the broker");
             handshake::refuse(&mut stream, &mut rbuf, code, &text, 10, 40).await;
             return;
         }
         Err(e @ ConnectError::Unreachable { .. }) => {
-            warn!(conn = id, %peer, user = %user, vhost = %vhost, error = %e, "no upstream node available");
+            warn!(conn = id, %peer, user = %user, vhost = %vhost, error = %e, "no upstream cluster available");
             let text = truncate(&format!("CONNECTION_FORCED - {e}"));
             handshake::refuse(&mut stream, &mut rbuf, 320, &text, 10, 40).await;
             return;
         }
     };
-    shared.learn_server_properties(&link.server_properties);
+    if let Some(slot) = links.iter().find(|s| s.role == Role::Shard) {
+        shared.learn_server_properties(&slot.link.server_properties);
+    }
 
     let (rd, wr) = stream.into_split();
     let client_out = Outbox::new(config.limits.client_buffer_bytes);
-    client_out.push(|buf| {
-        codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default()));
-    });
+    client_out.push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
     let heartbeat = (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
     let writer = tokio::spawn(run_writer(client_out.clone(), wr, heartbeat.map(|h| h / 2)));
-    info!(conn = id, %peer, user = %user, vhost = %vhost, cluster = %link.cluster, node = %link.node, "connection opened");
+    let clusters: Vec<String> = links.iter().map(|s| format!("{}@{}", s.link.cluster, s.link.node)).collect();
+    info!(conn = id, %peer, user = %user, vhost = %vhost, links = ?clusters, "connection opened");
 
+    let control = links.iter().position(|s| s.role == Role::Control);
     let mut session = Session {
         id,
         client_out: client_out.clone(),
         frame_max: greeting.frame_max as usize,
         caps: greeting.caps,
         channel_max: greeting.channel_max,
-        links: vec![LinkSlot::new(link)],
+        links,
+        control,
+        rules: config.routing.clone(),
+        rr: RoundRobin::default(),
+        get_rotation: 0,
         channels: Vec::new(),
         closing: None,
+        end: None,
         blocked_links: 0,
         next_ctag: 0,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
-        greeting,
     };
     let reason = session.run(rd, rbuf, events_rx, heartbeat, config.limits.max_message_size, force_close).await;
     drop(events_tx);
@@ -133,12 +141,76 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     info!(conn = id, %peer, user = %user, vhost = %vhost, reason = %reason, "connection closed");
 }
 
+/// Opens one link per cluster, concurrently. A refusal (credentials, vhost) from any cluster is
+/// the client's answer; an unreachable cluster is left out as long as one shard cluster answers.
+async fn open_links(
+    config: &Config,
+    base: &LinkSpec,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Result<Vec<LinkSlot>, ConnectError> {
+    let mut tasks = JoinSet::new();
+    let clusters: Vec<_> = config.clusters.iter().take(LinkSet::CAPACITY).collect();
+    for (i, cluster) in clusters.iter().enumerate() {
+        let spec = LinkSpec { cluster: Arc::from(cluster.name.as_str()), nodes: cluster.nodes.clone(), ..base.clone() };
+        let events = events.clone();
+        tasks.spawn(async move { (i, upstream::link::connect(i, &spec, events).await) });
+    }
+    let mut opened: Vec<Option<Link>> = (0..clusters.len()).map(|_| None).collect();
+    let mut refusal = None;
+    let mut unreachable = None;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((i, result)) = joined else { continue };
+        match result {
+            Ok(link) => opened[i] = Some(link),
+            Err(e @ ConnectError::Refused { .. }) => refusal = Some(e),
+            Err(e) => {
+                warn!(cluster = %clusters[i].name, error = %e, "cluster unreachable; continuing without it");
+                unreachable = Some(e);
+            }
+        }
+    }
+    if let Some(e) = refusal {
+        return Err(e);
+    }
+    // Link ids are positions in this vector, so clusters that did not answer keep their slot
+    // (marked done) and ids stay stable.
+    let mut slots = Vec::with_capacity(clusters.len());
+    let mut any_shard = false;
+    for (cluster, link) in clusters.iter().zip(opened) {
+        let Some(link) = link else { continue };
+        any_shard |= cluster.role == Role::Shard;
+        slots.push(LinkSlot::new(link, cluster.role, cluster.weight, cluster.drain));
+    }
+    if !any_shard {
+        return Err(unreachable.unwrap_or(ConnectError::Unreachable {
+            cluster: Arc::from("(all shard clusters)"),
+            last: "no shard cluster answered".into(),
+        }));
+    }
+    for (i, slot) in slots.iter_mut().enumerate() {
+        slot.link.id = i;
+    }
+    Ok(slots)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UpState {
     Closed,
     Opening,
     Open,
     Closing,
+}
+
+/// Who is waiting for the next synchronous reply on an upstream channel. AMQP answers
+/// synchronous requests on a channel in order, so a queue per upstream channel pairs each reply
+/// with its request.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// A request the proxy made itself (replaying channel modes): swallow the reply.
+    #[allow(dead_code)] // made by the link replay of reload and failover
+    Internal,
+    /// Part of a client request.
+    Rpc(u64),
 }
 
 /// One upstream channel carrying (part of) a client channel of the same number.
@@ -149,16 +221,26 @@ struct UpChan {
     reopen: bool,
     confirm_mode: bool,
     confirms: UpstreamConfirms,
+    pending: std::collections::VecDeque<Pending>,
 }
 
 impl Default for UpChan {
     fn default() -> Self {
-        UpChan { state: UpState::Closed, reopen: false, confirm_mode: false, confirms: UpstreamConfirms::default() }
+        UpChan {
+            state: UpState::Closed,
+            reopen: false,
+            confirm_mode: false,
+            confirms: UpstreamConfirms::default(),
+            pending: Default::default(),
+        }
     }
 }
 
 struct LinkSlot {
     link: Link,
+    role: Role,
+    weight: u32,
+    drain: bool,
     chans: Vec<UpChan>,
     /// Closed (close-ok seen or the socket is gone): nothing more is sent.
     done: bool,
@@ -166,8 +248,8 @@ struct LinkSlot {
 }
 
 impl LinkSlot {
-    fn new(link: Link) -> Self {
-        LinkSlot { link, chans: Vec::new(), done: false, blocked: false }
+    fn new(link: Link, role: Role, weight: u32, drain: bool) -> Self {
+        LinkSlot { link, role, weight, drain, chans: Vec::new(), done: false, blocked: false }
     }
 
     fn chan(&mut self, ch: u16) -> &mut UpChan {
@@ -188,6 +270,15 @@ impl LinkSlot {
         }
     }
 
+    /// Sends a synchronous request and remembers who waits for its reply.
+    fn request(&mut self, ch: u16, method: &Method, pending: Pending) {
+        if self.done {
+            return;
+        }
+        self.chan(ch).pending.push_back(pending);
+        self.link.send(ch, method);
+    }
+
     fn send_content(&self, ch: u16, method: &Method, content: &Content) {
         if self.done {
             return;
@@ -200,19 +291,46 @@ impl LinkSlot {
     }
 
     /// Opens the upstream channel `ch` (or schedules it behind a close in progress).
-    fn open(&mut self, ch: u16) {
+    fn open(&mut self, ch: u16, pending: Pending) {
         let done = self.done;
         let up = self.chan(ch);
         match up.state {
             UpState::Closed => {
                 *up = UpChan { state: UpState::Opening, ..UpChan::default() };
                 if !done {
+                    up.pending.push_back(pending);
                     self.link.send(ch, &Method::ChannelOpen(Default::default()));
                 }
             }
-            UpState::Closing => up.reopen = true,
+            UpState::Closing => {
+                up.reopen = true;
+                up.pending.push_back(pending);
+            }
             UpState::Opening | UpState::Open => {}
         }
+    }
+
+    /// Sends channel.close for the client channel's part on this link, if it is open.
+    fn close_chan(&mut self, ch: u16, close: &Method) -> bool {
+        let done = self.done;
+        let up = self.chan(ch);
+        match up.state {
+            UpState::Open | UpState::Opening => {
+                up.state = UpState::Closing;
+                up.reopen = false;
+                up.pending.clear();
+                if !done {
+                    self.link.send(ch, close);
+                }
+                !done
+            }
+            UpState::Closing => !done,
+            UpState::Closed => false,
+        }
+    }
+
+    fn live(&self) -> bool {
+        !self.done
     }
 }
 
@@ -243,11 +361,6 @@ impl ConnError {
     }
 }
 
-enum Flow {
-    Continue,
-    End(String),
-}
-
 struct Session {
     id: u64,
     client_out: Arc<Outbox>,
@@ -255,15 +368,104 @@ struct Session {
     caps: ClientCaps,
     channel_max: u16,
     links: Vec<LinkSlot>,
+    /// The control cluster's link; control traffic goes to the first shard link without one.
+    control: Option<LinkId>,
+    rules: Rules,
+    rr: RoundRobin,
+    get_rotation: usize,
     channels: Vec<Option<Channel>>,
     closing: Option<Closing>,
+    /// Set when the session must end after the current event.
+    end: Option<String>,
     blocked_links: usize,
     next_ctag: u64,
     scratch_acks: Vec<UpstreamAck>,
     scratch_seqs: Vec<u64>,
     scratch_confirms: Vec<ClientConfirm>,
-    #[allow(dead_code)]
-    greeting: Greeting,
+}
+
+fn close_method(code: u16, text: &'static str) -> Method {
+    Method::ChannelClose(codec::ChannelClose {
+        reply_code: code,
+        reply_text: ShortStr::from_static(text),
+        class_id: 0,
+        method_id: 0,
+    })
+}
+
+fn connection_close(code: u16, text: &'static str) -> Method {
+    Method::ConnectionClose(codec::ConnectionClose {
+        reply_code: code,
+        reply_text: ShortStr::from_static(text),
+        class_id: 0,
+        method_id: 0,
+    })
+}
+
+/// Splits a prefetch window over the shard links: each gets its share, the remainder going to
+/// the first ones, and never less than one (0 stays "unlimited").
+fn split_prefetch(window: u16, shards: u32, index: u32) -> u16 {
+    if window == 0 || shards <= 1 {
+        return window;
+    }
+    let w = u32::from(window);
+    let share = w / shards + u32::from(index < w % shards);
+    share.max(1) as u16
+}
+
+/// Replies to synchronous requests (the proxy pairs them with their requests in order).
+fn is_reply(m: &Method) -> bool {
+    matches!(
+        m,
+        Method::ChannelOpenOk(_)
+            | Method::ChannelFlowOk(_)
+            | Method::ExchangeDeclareOk(_)
+            | Method::ExchangeDeleteOk(_)
+            | Method::ExchangeBindOk(_)
+            | Method::ExchangeUnbindOk(_)
+            | Method::QueueDeclareOk(_)
+            | Method::QueueBindOk(_)
+            | Method::QueueUnbindOk(_)
+            | Method::QueuePurgeOk(_)
+            | Method::QueueDeleteOk(_)
+            | Method::BasicQosOk(_)
+            | Method::BasicConsumeOk(_)
+            | Method::BasicCancelOk(_)
+            | Method::BasicGetOk(_)
+            | Method::BasicGetEmpty(_)
+            | Method::BasicRecoverOk(_)
+            | Method::ConfirmSelectOk(_)
+            | Method::TxSelectOk(_)
+            | Method::TxCommitOk(_)
+            | Method::TxRollbackOk(_)
+    )
+}
+
+/// Whether a client request expects a reply (false for `nowait` and asynchronous methods).
+fn expects_reply(m: &Method) -> bool {
+    match m {
+        Method::ExchangeDeclare(x) => !x.nowait,
+        Method::ExchangeDelete(x) => !x.nowait,
+        Method::ExchangeBind(x) => !x.nowait,
+        Method::ExchangeUnbind(x) => !x.nowait,
+        Method::QueueDeclare(x) => !x.nowait,
+        Method::QueueBind(x) => !x.nowait,
+        Method::QueuePurge(x) => !x.nowait,
+        Method::QueueDelete(x) => !x.nowait,
+        Method::BasicConsume(x) => !x.nowait,
+        Method::BasicCancel(x) => !x.nowait,
+        Method::ConfirmSelect(x) => !x.nowait,
+        Method::QueueUnbind(_)
+        | Method::BasicQos(_)
+        | Method::BasicGet(_)
+        | Method::BasicRecover(_)
+        | Method::TxSelect(_)
+        | Method::TxCommit(_)
+        | Method::TxRollback(_)
+        | Method::ChannelFlow(_)
+        | Method::ChannelOpen(_) => true,
+        _ => false,
+    }
 }
 
 impl Session {
@@ -280,17 +482,16 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut forced = false;
         let client_out = self.client_out.clone();
-        // Frames that arrived with open (pipelined by eager clients) are handled first.
-        let mut pending_input = !rbuf.is_empty();
+        // Frames pipelined behind connection.open are handled first.
+        if !rbuf.is_empty() {
+            self.on_client_bytes(&mut rbuf, &mut assembler);
+        }
         loop {
-            if pending_input {
-                pending_input = false;
-                if let Flow::End(reason) = self.on_client_bytes(&mut rbuf, &mut assembler) {
-                    return reason;
-                }
+            if let Some(reason) = self.end.take() {
+                return reason;
             }
             let client_room = client_out.has_room();
-            let full_link = self.links.iter().find(|s| !s.done && !s.link.outbox.has_room()).map(|s| s.link.outbox.clone());
+            let full_link = self.links.iter().find(|s| s.live() && !s.link.outbox.has_room()).map(|s| s.link.outbox.clone());
             let read_client = full_link.is_none();
             let deadline = match &self.closing {
                 Some(Closing::ByClient { deadline } | Closing::ByProxy { deadline, .. }) => Some(*deadline),
@@ -306,18 +507,14 @@ impl Session {
                 }
                 ev = events.recv(), if client_room => {
                     let Some(ev) = ev else { return "link events ended".into() };
-                    if let Flow::End(reason) = self.on_link_event(ev) {
-                        return reason;
-                    }
+                    self.on_link_event(ev);
                 }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
                         Ok(0) => return self.client_gone("client closed the TCP connection"),
                         Ok(_) => {
                             last_seen = Instant::now();
-                            if let Flow::End(reason) = self.on_client_bytes(&mut rbuf, &mut assembler) {
-                                return reason;
-                            }
+                            self.on_client_bytes(&mut rbuf, &mut assembler);
                         }
                         Err(e) => return self.client_gone(&format!("client socket error: {e}")),
                     }
@@ -330,7 +527,7 @@ impl Session {
                 _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
                     match &self.closing {
                         Some(Closing::ByClient { .. }) => {
-                            self.finish_client_close();
+                            self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
                             return "client closed the connection (upstream close timed out)".into();
                         }
                         Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
@@ -347,27 +544,17 @@ impl Session {
     /// The client socket is gone: release the upstream connections so the brokers requeue
     /// whatever the client had not acknowledged.
     fn client_gone(&mut self, reason: &str) -> String {
-        for slot in &mut self.links {
-            if !slot.done {
-                slot.send(
-                    0,
-                    &Method::ConnectionClose(codec::ConnectionClose {
-                        reply_code: 200,
-                        reply_text: ShortStr::from_static("client connection lost"),
-                        class_id: 0,
-                        method_id: 0,
-                    }),
-                );
-            }
+        for slot in &self.links {
+            slot.send(0, &connection_close(200, "client connection lost"));
         }
         reason.to_owned()
     }
 
-    fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) -> Flow {
-        loop {
+    fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
+        while self.end.is_none() {
             let frame = match codec::decode_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Flow::Continue,
+                Ok(None) => return,
                 Err(e) => return self.protocol_error(ConnError::new(e.reply_code(), e)),
             };
             if frame.kind == FrameKind::Heartbeat {
@@ -382,12 +569,6 @@ impl Session {
                     if let Err(e) = self.on_client_command(cmd) {
                         return self.protocol_error(e);
                     }
-                    if let Some(Closing::ByClient { .. }) = self.closing
-                        && self.links.iter().all(|s| s.done)
-                    {
-                        self.finish_client_close();
-                        return Flow::End("client closed the connection".into());
-                    }
                 }
                 Err(AssembleError::Connection { code, text }) => {
                     return self.protocol_error(ConnError { code, text, class_id: 0, method_id: 0 });
@@ -397,20 +578,17 @@ impl Session {
                     self.close_channel(channel, 406, &text, &method);
                 }
             }
-            if let Some(Closing::ByProxy { .. }) = &self.closing {
-                // Only close-ok matters now; keep draining frames.
-            }
         }
     }
 
-    fn protocol_error(&mut self, e: ConnError) -> Flow {
+    fn protocol_error(&mut self, e: ConnError) {
         if self.closing.is_some() {
-            return Flow::End(format!("protocol error while closing: {}", e.text));
+            self.end = Some(format!("protocol error while closing: {}", e.text));
+            return;
         }
         warn!(conn = self.id, code = e.code, text = %e.text, "closing connection on a protocol error");
         let reason = format!("protocol error: {}", e.text);
         self.begin_proxy_close(e, &reason);
-        Flow::Continue
     }
 
     fn to_client(&self, ch: u16, method: &Method) {
@@ -439,37 +617,75 @@ impl Session {
                 method_id: e.method_id,
             }),
         );
-        for slot in &mut self.links {
-            if !slot.done {
-                slot.send(
-                    0,
-                    &Method::ConnectionClose(codec::ConnectionClose {
-                        reply_code: 200,
-                        reply_text: ShortStr::from_static("client connection closing"),
-                        class_id: 0,
-                        method_id: 0,
-                    }),
-                );
-            }
+        for slot in &self.links {
+            slot.send(0, &connection_close(200, "client connection closing"));
         }
         self.closing = Some(Closing::ByProxy { deadline: Instant::now() + CLOSE_TIMEOUT, reason: reason.to_owned() });
     }
 
-    fn finish_client_close(&mut self) {
-        self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+    /// Ends a client-initiated close once every link has closed.
+    fn maybe_finish_client_close(&mut self) {
+        if let Some(Closing::ByClient { .. }) = self.closing
+            && self.links.iter().all(|s| s.done)
+        {
+            self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+            self.end = Some("client closed the connection".into());
+        }
     }
+
+    // ----- links by role -------------------------------------------------------------------
+
+    fn live_links(&self) -> LinkSet {
+        let mut set = LinkSet::default();
+        for (i, s) in self.links.iter().enumerate() {
+            if s.live() {
+                set.insert(i);
+            }
+        }
+        set
+    }
+
+    fn shard_links(&self) -> LinkSet {
+        let mut set = LinkSet::default();
+        for (i, s) in self.links.iter().enumerate() {
+            if s.live() && s.role == Role::Shard {
+                set.insert(i);
+            }
+        }
+        set
+    }
+
+    /// The link control traffic goes to.
+    fn control_link(&self) -> Option<LinkId> {
+        match self.control {
+            Some(c) if self.links[c].live() => Some(c),
+            Some(_) => None,
+            None => self.shard_links().first(),
+        }
+    }
+
+    fn targets(&self, class: Class) -> LinkSet {
+        match class {
+            Class::Sharded => self.shard_links(),
+            Class::Control => self.control_link().map(LinkSet::one).unwrap_or_default(),
+        }
+    }
+
+    // ----- client to upstream -------------------------------------------------------------
 
     fn on_client_command(&mut self, cmd: Command) -> Result<(), ConnError> {
         let Command { channel: ch, method, content } = cmd;
         if let Some(closing) = &self.closing {
             match (closing, &method) {
                 (Closing::ByProxy { .. }, Method::ConnectionCloseOk(_)) => {
-                    // The connection is done; the run loop ends on the deadline or EOF, but end now.
-                    self.closing = Some(Closing::ByProxy { deadline: Instant::now(), reason: "closed".into() });
+                    self.end = Some(match closing {
+                        Closing::ByProxy { reason, .. } => reason.clone(),
+                        Closing::ByClient { .. } => String::new(),
+                    });
                 }
                 (Closing::ByProxy { .. }, Method::ConnectionClose(_)) => {
                     self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
-                    self.closing = Some(Closing::ByProxy { deadline: Instant::now(), reason: "closed".into() });
+                    self.end = Some("connection closed by both sides".into());
                 }
                 _ => {}
             }
@@ -482,16 +698,7 @@ impl Session {
             return Err(ConnError::new(504, format!("channel {ch} is above the negotiated channel_max {}", self.channel_max)).on(&method));
         }
         if let Method::ChannelOpen(_) = method {
-            let i = usize::from(ch);
-            if self.channels.len() <= i {
-                self.channels.resize_with(i + 1, || None);
-            }
-            if self.channels[i].is_some() {
-                return Err(ConnError::new(504, "second 'channel.open' seen").on(&method));
-            }
-            self.channels[i] = Some(Channel::new());
-            self.links[PRIMARY].open(ch);
-            return Ok(());
+            return self.open_channel(ch, &method);
         }
         let Some(channel) = self.channel_mut(ch) else {
             return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
@@ -512,10 +719,11 @@ impl Session {
             ChannelState::Opening | ChannelState::Open => {}
         }
         match method {
-            Method::BasicPublish(_) => {
+            Method::BasicPublish(ref p) => {
+                let class = self.rules.publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
                 // The assembler only completes a publish together with its content.
                 if let Some(content) = content {
-                    self.publish(ch, &method, &content);
+                    self.publish(ch, class, &method, &content);
                 }
             }
             Method::BasicAck(ref a) => {
@@ -535,56 +743,14 @@ impl Session {
                     Method::BasicReject(codec::BasicReject { delivery_tag: t, requeue })
                 });
             }
-            Method::BasicConsume(mut c) => {
-                if c.consumer_tag.is_empty() {
-                    // Generated here, not by a broker, so the tag is the same on every cluster.
-                    self.next_ctag += 1;
-                    c.consumer_tag = ShortStr::try_from(format!("amq.ctag-warren-{}-{}", self.id, self.next_ctag))
-                        .unwrap_or_default();
-                }
-                if let Some(channel) = self.channel_mut(ch) {
-                    channel.consumers.push(Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack });
-                }
-                self.links[PRIMARY].send(ch, &Method::BasicConsume(c));
-            }
-            Method::BasicCancel(ref c) => {
-                if c.nowait {
-                    channel.remove_consumer(&c.consumer_tag);
-                }
-                self.links[PRIMARY].send(ch, &method);
-            }
-            Method::BasicGet(ref g) => {
-                channel.get_no_ack = Some(g.no_ack);
-                self.links[PRIMARY].send(ch, &method);
-            }
-            Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
-                // The broker redelivers everything unacknowledged with new tags.
-                channel.tags.forget_all();
-                self.links[PRIMARY].send(ch, &method);
-            }
-            Method::ConfirmSelect(_) => {
-                if !channel.tx && channel.confirms.is_none() {
-                    channel.confirms = Some(Default::default());
-                }
-                self.links[PRIMARY].chan(ch).confirm_mode = true;
-                self.links[PRIMARY].send(ch, &method);
-            }
-            Method::TxSelect(_) => {
-                channel.tx = true;
-                self.links[PRIMARY].send(ch, &method);
-            }
             Method::ChannelClose(_) => {
-                channel.state = ChannelState::ClientClosing;
+                if let Some(channel) = self.channel_mut(ch) {
+                    channel.state = ChannelState::ClientClosing;
+                    channel.rpcs.clear();
+                }
                 let mut waiting = false;
                 for slot in &mut self.links {
-                    let up = slot.chan(ch);
-                    if matches!(up.state, UpState::Open | UpState::Opening) {
-                        up.state = UpState::Closing;
-                        slot.send(ch, &method);
-                        waiting = true;
-                    } else if up.state == UpState::Closing {
-                        waiting = true;
-                    }
+                    waiting |= slot.close_chan(ch, &method);
                 }
                 if !waiting {
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
@@ -592,31 +758,199 @@ impl Session {
                 }
             }
             Method::ChannelCloseOk(_) => {}
-            _ => match content {
-                Some(content) => self.links[PRIMARY].send_content(ch, &method, &content),
-                None => self.links[PRIMARY].send(ch, &method),
-            },
+            Method::BasicConsume(mut c) => {
+                if c.consumer_tag.is_empty() {
+                    // Generated here, not by a broker, so the tag is the same on every cluster.
+                    self.next_ctag += 1;
+                    c.consumer_tag = ShortStr::try_from(format!("amq.ctag-warren-{}-{}", self.id, self.next_ctag))
+                        .unwrap_or_default();
+                }
+                let targets = self.targets(self.rules.queue(c.queue.as_bytes()));
+                let consumer = Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets };
+                if let Some(channel) = self.channel_mut(ch) {
+                    channel.consumers.push(consumer);
+                }
+                self.fan_out(ch, &Method::BasicConsume(c), targets)?;
+            }
+            Method::BasicCancel(ref c) => {
+                let channel = self.channel_mut(ch).expect("checked above");
+                let mut targets = channel.consumer_mut(&c.consumer_tag).map(|k| k.links).unwrap_or_default();
+                if c.nowait {
+                    channel.remove_consumer(&c.consumer_tag);
+                }
+                if targets.is_empty() {
+                    // Unknown tag: a broker answers cancel-ok anyway; let one do so.
+                    targets = self.live_links().first().map(LinkSet::one).unwrap_or_default();
+                }
+                self.fan_out(ch, &method, targets)?;
+            }
+            Method::BasicGet(ref g) => {
+                channel.get_no_ack = Some(g.no_ack);
+                let class = self.rules.queue(g.queue.as_bytes());
+                self.get(ch, &method, class)?;
+            }
+            Method::BasicQos(ref q) => {
+                // Split the window over the shard clusters so the client never holds more than
+                // it asked for (see docs/routing.md); a control consumer gets the whole window.
+                let shards: Vec<LinkId> = self.shard_links().iter().collect();
+                let n = shards.len() as u32;
+                let targets = self.live_links();
+                let id = self.channel_mut(ch).expect("checked above").push_rpc(targets.len(), Vec::new());
+                for link in targets.iter() {
+                    let share = match shards.iter().position(|&s| s == link) {
+                        Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
+                        None => q.prefetch_count,
+                    };
+                    let m = Method::BasicQos(codec::BasicQos { prefetch_count: share, ..q.clone() });
+                    self.links[link].request(ch, &m, Pending::Rpc(id));
+                }
+            }
+            Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
+                // The brokers redeliver everything unacknowledged with new tags.
+                channel.tags.forget_all();
+                self.fan_out(ch, &method, self.live_links())?;
+            }
+            Method::ConfirmSelect(_) => {
+                if !channel.tx && channel.confirms.is_none() {
+                    channel.confirms = Some(Default::default());
+                }
+                let targets = self.live_links();
+                for link in targets.iter() {
+                    self.links[link].chan(ch).confirm_mode = true;
+                }
+                self.fan_out(ch, &method, targets)?;
+            }
+            Method::TxSelect(_) => {
+                channel.tx = true;
+                self.fan_out(ch, &method, self.live_links())?;
+            }
+            Method::TxCommit(_) | Method::TxRollback(_) => {
+                channel.tx_link = None;
+                self.fan_out(ch, &method, self.live_links())?;
+            }
+            Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => self.fan_out(ch, &method, self.live_links())?,
+            Method::ExchangeDeclare(ref x) => {
+                let t = self.targets(self.rules.exchange(x.exchange.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::ExchangeDelete(ref x) => {
+                let t = self.targets(self.rules.exchange(x.exchange.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::ExchangeBind(ref x) => {
+                let t = self.targets(self.rules.exchange(x.destination.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::ExchangeUnbind(ref x) => {
+                let t = self.targets(self.rules.exchange(x.destination.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::QueueDeclare(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::QueueBind(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::QueueUnbind(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::QueuePurge(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            Method::QueueDelete(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            // Anything else a client may send on a channel is for the broker to judge.
+            other => {
+                let t = self.shard_links().first().map(LinkSet::one).unwrap_or_default();
+                match content {
+                    Some(content) => {
+                        if let Some(link) = t.first() {
+                            self.links[link].send_content(ch, &other, &content);
+                        }
+                    }
+                    None => self.fan_out(ch, &other, t)?,
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn open_channel(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let i = usize::from(ch);
+        if self.channels.len() <= i {
+            self.channels.resize_with(i + 1, || None);
+        }
+        if self.channels[i].is_some() {
+            return Err(ConnError::new(504, "second 'channel.open' seen").on(method));
+        }
+        let targets = self.live_links();
+        let mut channel = Channel::new();
+        let id = channel.push_rpc(targets.len(), Vec::new());
+        self.channels[i] = Some(channel);
+        for link in targets.iter() {
+            self.links[link].open(ch, Pending::Rpc(id));
+        }
+        Ok(())
+    }
+
+    /// Sends a method to every target link; a synchronous one becomes an [`Rpc`] whose merged
+    /// reply goes to the client once every target has answered.
+    fn fan_out(&mut self, ch: u16, method: &Method, targets: LinkSet) -> Result<(), ConnError> {
+        if targets.is_empty() {
+            let text = format!("no cluster available for {}", method.name());
+            self.close_channel(ch, 541, &format!("INTERNAL_ERROR - {text}"), method);
+            return Ok(());
+        }
+        if expects_reply(method) {
+            let Some(channel) = self.channel_mut(ch) else { return Ok(()) };
+            let id = channel.push_rpc(targets.len(), Vec::new());
+            for link in targets.iter() {
+                self.links[link].request(ch, method, Pending::Rpc(id));
+            }
+        } else {
+            for link in targets.iter() {
+                self.links[link].send(ch, method);
+            }
+        }
+        Ok(())
+    }
+
+    /// basic.get: a control queue lives on one cluster; a sharded queue is tried cluster by
+    /// cluster (starting from a rotating one, so no cluster is always drained first) until one
+    /// has a message.
+    fn get(&mut self, ch: u16, method: &Method, class: Class) -> Result<(), ConnError> {
+        let mut order: Vec<LinkId> = self.targets(class).iter().collect();
+        if order.is_empty() {
+            return self.fan_out(ch, method, LinkSet::default());
+        }
+        self.get_rotation = self.get_rotation.wrapping_add(1);
+        let r = self.get_rotation % order.len();
+        order.rotate_left(r);
+        let first = order.remove(0);
+        order.reverse(); // popped from the back
+        let Some(channel) = self.channel_mut(ch) else { return Ok(()) };
+        let id = channel.push_rpc(1, order);
+        if let Some(rpc) = channel.rpc_mut(id) {
+            rpc.get_request = Some(method.clone());
+        }
+        self.links[first].request(ch, method, Pending::Rpc(id));
         Ok(())
     }
 
     fn on_client_connection_method(&mut self, method: Method) -> Result<(), ConnError> {
         match method {
             Method::ConnectionClose(_) => {
-                for slot in &mut self.links {
-                    if !slot.done {
-                        slot.send(
-                            0,
-                            &Method::ConnectionClose(codec::ConnectionClose {
-                                reply_code: 200,
-                                reply_text: ShortStr::from_static("client closed the connection"),
-                                class_id: 0,
-                                method_id: 0,
-                            }),
-                        );
-                    }
+                for slot in &self.links {
+                    slot.send(0, &connection_close(200, "client closed the connection"));
                 }
                 self.closing = Some(Closing::ByClient { deadline: Instant::now() + CLOSE_TIMEOUT });
+                self.maybe_finish_client_close();
                 Ok(())
             }
             Method::ConnectionCloseOk(_) => Ok(()),
@@ -632,8 +966,35 @@ impl Session {
     }
 
     /// Forwards a publish whole to the cluster it is routed to.
-    fn publish(&mut self, ch: u16, method: &Method, content: &Content) {
-        let link = PRIMARY;
+    fn publish(&mut self, ch: u16, class: Class, method: &Method, content: &Content) {
+        let link = match class {
+            Class::Control => self.control_link(),
+            Class::Sharded => {
+                let tx_link = self.channel_mut(ch).and_then(|c| if c.tx { Some(c.tx_link) } else { None });
+                match tx_link {
+                    Some(Some(link)) if self.links[link].live() => Some(link),
+                    _ => {
+                        let links = &self.links;
+                        let candidates = links
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.live() && s.role == Role::Shard && !s.drain)
+                            .map(|(i, s)| (i, s.weight));
+                        let picked = self.rr.pick(candidates);
+                        if let Some(channel) = self.channel_mut(ch)
+                            && channel.tx
+                        {
+                            channel.tx_link = picked;
+                        }
+                        picked
+                    }
+                }
+            }
+        };
+        let Some(link) = link else {
+            self.close_channel(ch, 541, "INTERNAL_ERROR - no cluster available for basic.publish", method);
+            return;
+        };
         let client_seq = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()).map(|c| c.next_seq());
         let slot = &mut self.links[link];
         let up = slot.chan(ch);
@@ -677,127 +1038,125 @@ impl Session {
         self.to_client(ch, &Method::ChannelClose(codec::ChannelClose { reply_code: code, reply_text, class_id, method_id }));
         if let Some(channel) = self.channel_mut(ch) {
             channel.state = ChannelState::AwaitingCloseOk;
+            channel.rpcs.clear();
+            channel.tags.forget_all();
         }
+        let close = close_method(200, "client channel closed by the proxy");
         for slot in &mut self.links {
-            let up = slot.chan(ch);
-            if matches!(up.state, UpState::Open | UpState::Opening) {
-                up.state = UpState::Closing;
-                slot.send(
-                    ch,
-                    &Method::ChannelClose(codec::ChannelClose {
-                        reply_code: 200,
-                        reply_text: ShortStr::from_static("client channel closed by the proxy"),
-                        class_id: 0,
-                        method_id: 0,
-                    }),
-                );
-            }
+            slot.close_chan(ch, &close);
         }
     }
 
-    fn on_link_event(&mut self, ev: LinkEvent) -> Flow {
+    // ----- upstream to client -------------------------------------------------------------
+
+    fn on_link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Commands { link, commands } => {
                 for cmd in commands {
-                    if let Flow::End(reason) = self.on_link_command(link, cmd) {
-                        return Flow::End(reason);
+                    if self.end.is_some() {
+                        return;
                     }
+                    self.on_link_command(link, cmd);
                 }
-                Flow::Continue
             }
             LinkEvent::Down { link, reason } => self.on_link_down(link, reason),
         }
     }
 
-    fn on_link_down(&mut self, link: LinkId, reason: LinkDown) -> Flow {
-        let Some(slot) = self.links.get_mut(link) else { return Flow::Continue };
+    fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {
+        let Some(slot) = self.links.get_mut(link) else { return };
         let was_done = std::mem::replace(&mut slot.done, true);
         match &self.closing {
-            Some(Closing::ByClient { .. }) => {
-                if self.links.iter().all(|s| s.done) {
-                    self.finish_client_close();
-                    return Flow::End("client closed the connection".into());
-                }
-                Flow::Continue
-            }
-            Some(Closing::ByProxy { .. }) => Flow::Continue,
-            None if was_done => Flow::Continue,
+            Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
+            Some(Closing::ByProxy { .. }) => {}
+            None if was_done => {}
             None => {
                 let slot = &self.links[link];
                 warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost");
                 let text = format!("upstream connection to cluster '{}' lost: {reason}", slot.link.cluster);
                 self.begin_proxy_close(ConnError::new(320, &text), &text);
-                Flow::Continue
             }
         }
     }
 
-    fn on_link_command(&mut self, link: LinkId, cmd: Command) -> Flow {
+    fn on_link_command(&mut self, link: LinkId, cmd: Command) {
         let Command { channel: ch, method, content } = cmd;
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }
         if self.closing.is_some() {
-            return Flow::Continue;
+            return;
         }
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.
         match &method {
+            Method::ChannelClose(_) => {
+                let slot = &mut self.links[link];
+                slot.send(ch, &Method::ChannelCloseOk(Default::default()));
+                let up = slot.chan(ch);
+                let (reopen, pending) = (up.reopen, std::mem::take(&mut up.pending));
+                *up = UpChan::default();
+                if reopen {
+                    // The client closed and reopened while this close was in flight.
+                    if let Some(p) = pending.front() {
+                        slot.open(ch, *p);
+                    }
+                    return;
+                }
+            }
+            Method::ChannelCloseOk(_) => {
+                let slot = &mut self.links[link];
+                let up = slot.chan(ch);
+                if up.state != UpState::Closing {
+                    return;
+                }
+                let (reopen, pending) = (up.reopen, std::mem::take(&mut up.pending));
+                *up = UpChan::default();
+                if reopen {
+                    if let Some(p) = pending.front() {
+                        slot.open(ch, *p);
+                    }
+                    return;
+                }
+            }
             Method::ChannelOpenOk(_) => {
                 let up = self.links[link].chan(ch);
                 if up.state == UpState::Opening {
                     up.state = UpState::Open;
                 }
             }
-            Method::ChannelClose(_) => {
-                let slot = &mut self.links[link];
-                slot.send(ch, &Method::ChannelCloseOk(Default::default()));
-                let up = slot.chan(ch);
-                let reopen = up.reopen;
-                *up = UpChan::default();
-                if reopen {
-                    slot.open(ch);
-                }
-            }
-            Method::ChannelCloseOk(_) => {
-                let slot = &mut self.links[link];
-                let up = slot.chan(ch);
-                if up.state == UpState::Closing {
-                    let reopen = up.reopen;
-                    *up = UpChan::default();
-                    if reopen {
-                        slot.open(ch);
-                    }
-                }
-            }
             _ => {}
         }
         let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else {
-            return Flow::Continue;
+            return;
         };
         match channel.state {
-            ChannelState::AwaitingCloseOk => return Flow::Continue,
+            ChannelState::AwaitingCloseOk => return,
             ChannelState::ClientClosing => {
                 if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
-                    && self.links.iter().all(|s| s.chan_state(ch) != UpState::Closing)
+                    && self.links.iter().all(|s| s.done || s.chan_state(ch) != UpState::Closing)
                 {
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
                     self.free_channel(ch);
                 }
-                return Flow::Continue;
+                return;
             }
             ChannelState::Opening | ChannelState::Open => {}
         }
+        if is_reply(&method) {
+            return self.on_reply(link, ch, method, content);
+        }
         match method {
-            Method::ChannelOpenOk(_) => {
-                if link == PRIMARY && channel.state == ChannelState::Opening {
-                    channel.state = ChannelState::Open;
-                    self.to_client(ch, &method);
-                }
-            }
             Method::ChannelClose(c) => {
+                // One cluster refused: the client channel fails as a whole, with that cluster's
+                // code and text; its parts on the other clusters are closed behind it.
                 channel.state = ChannelState::AwaitingCloseOk;
-                channel.tags.forget_link(link);
+                channel.rpcs.clear();
+                channel.tags.forget_all();
                 self.to_client(ch, &Method::ChannelClose(c));
+                let close = close_method(200, "sibling channel closed");
+                for slot in &mut self.links {
+                    slot.close_chan(ch, &close);
+                }
             }
             Method::ChannelCloseOk(_) => {}
             Method::BasicDeliver(mut d) => {
@@ -805,30 +1164,82 @@ impl Session {
                 d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
                 self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
             }
-            Method::BasicGetOk(mut g) => {
-                let needs_ack = !channel.get_no_ack.take().unwrap_or(false);
-                g.delivery_tag = channel.tags.issue(link, g.delivery_tag, needs_ack);
-                self.deliver(ch, &Method::BasicGetOk(g), content.as_ref());
-            }
-            Method::BasicGetEmpty(_) => {
-                channel.get_no_ack = None;
-                self.to_client(ch, &method);
-            }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
             Method::BasicCancel(ref c) => {
-                channel.remove_consumer(&c.consumer_tag);
-                if self.caps.consumer_cancel_notify {
-                    self.to_client(ch, &method);
+                // A cluster cancelled the consumer (its queue was deleted there). The client
+                // hears of it once no cluster is left feeding the consumer.
+                let gone = match channel.consumer_mut(&c.consumer_tag) {
+                    Some(consumer) => {
+                        consumer.links.remove(link);
+                        consumer.links.is_empty()
+                    }
+                    None => false,
+                };
+                if gone {
+                    channel.remove_consumer(&c.consumer_tag);
+                    if self.caps.consumer_cancel_notify {
+                        self.to_client(ch, &method);
+                    }
                 }
-            }
-            Method::BasicCancelOk(ref c) => {
-                channel.remove_consumer(&c.consumer_tag);
-                self.to_client(ch, &method);
             }
             _ => self.deliver(ch, &method, content.as_ref()),
         }
-        Flow::Continue
+    }
+
+    /// A reply to a synchronous request: pair it with its request and answer the client once
+    /// the request is complete.
+    fn on_reply(&mut self, link: LinkId, ch: u16, method: Method, content: Option<Content>) {
+        let pending = self.links[link].chan(ch).pending.pop_front();
+        let Some(Pending::Rpc(id)) = pending else { return };
+        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
+        let Some(rpc) = channel.rpc_mut(id) else { return };
+        if let Method::BasicGetEmpty(_) = method
+            && let Some(get) = rpc.get_request.clone()
+        {
+            while let Some(next) = rpc.get_next.pop() {
+                if self.links[next].live() {
+                    self.links[next].request(ch, &get, Pending::Rpc(id));
+                    return;
+                }
+            }
+        }
+        rpc.merge(method, content, link);
+        self.flush_rpcs(ch);
+    }
+
+    /// Answers completed requests at the head of the channel's queue, in request order.
+    fn flush_rpcs(&mut self, ch: u16) {
+        loop {
+            let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
+            if !channel.rpcs.front().is_some_and(|r| r.waiting == 0) {
+                return;
+            }
+            let Some(rpc) = channel.rpcs.pop_front() else { return };
+            let Some(reply) = rpc.reply else { continue };
+            match reply.method {
+                Method::ChannelOpenOk(ok) => {
+                    if channel.state == ChannelState::Opening {
+                        channel.state = ChannelState::Open;
+                        self.to_client(ch, &Method::ChannelOpenOk(ok));
+                    }
+                }
+                Method::BasicGetOk(mut g) => {
+                    let needs_ack = !channel.get_no_ack.take().unwrap_or(false);
+                    g.delivery_tag = channel.tags.issue(reply.link, g.delivery_tag, needs_ack);
+                    self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
+                }
+                Method::BasicGetEmpty(e) => {
+                    channel.get_no_ack = None;
+                    self.to_client(ch, &Method::BasicGetEmpty(e));
+                }
+                Method::BasicCancelOk(c) => {
+                    channel.remove_consumer(&c.consumer_tag);
+                    self.to_client(ch, &Method::BasicCancelOk(c));
+                }
+                other => self.to_client(ch, &other),
+            }
+        }
     }
 
     fn deliver(&self, ch: u16, method: &Method, content: Option<&Content>) {
@@ -861,39 +1272,32 @@ impl Session {
         self.scratch_confirms = out;
     }
 
-    fn on_link_connection_method(&mut self, link: LinkId, method: Method) -> Flow {
+    fn on_link_connection_method(&mut self, link: LinkId, method: Method) {
         match method {
             Method::ConnectionClose(c) => {
                 let slot = &mut self.links[link];
                 slot.send(0, &Method::ConnectionCloseOk(Default::default()));
                 slot.done = true;
                 match &self.closing {
-                    Some(Closing::ByClient { .. }) => {
-                        if self.links.iter().all(|s| s.done) {
-                            self.finish_client_close();
-                            return Flow::End("client closed the connection".into());
-                        }
-                    }
+                    Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
                     Some(Closing::ByProxy { .. }) => {}
                     None => {
                         let slot = &self.links[link];
                         warn!(conn = self.id, cluster = %slot.link.cluster, code = c.reply_code, text = %c.reply_text, "broker closed the connection");
                         let reason = format!("broker closed the connection: {} {}", c.reply_code, c.reply_text);
-                        let e = ConnError { code: c.reply_code, text: c.reply_text.as_str().into_owned(), class_id: c.class_id, method_id: c.method_id };
+                        let e = ConnError {
+                            code: c.reply_code,
+                            text: c.reply_text.as_str().into_owned(),
+                            class_id: c.class_id,
+                            method_id: c.method_id,
+                        };
                         self.begin_proxy_close(e, &reason);
                     }
                 }
-                Flow::Continue
             }
             Method::ConnectionCloseOk(_) => {
                 self.links[link].done = true;
-                if let Some(Closing::ByClient { .. }) = self.closing
-                    && self.links.iter().all(|s| s.done)
-                {
-                    self.finish_client_close();
-                    return Flow::End("client closed the connection".into());
-                }
-                Flow::Continue
+                self.maybe_finish_client_close();
             }
             Method::ConnectionBlocked(b) => {
                 let slot = &mut self.links[link];
@@ -903,7 +1307,6 @@ impl Session {
                         self.to_client(0, &Method::ConnectionBlocked(b));
                     }
                 }
-                Flow::Continue
             }
             Method::ConnectionUnblocked(u) => {
                 let slot = &mut self.links[link];
@@ -913,9 +1316,8 @@ impl Session {
                         self.to_client(0, &Method::ConnectionUnblocked(u));
                     }
                 }
-                Flow::Continue
             }
-            _ => Flow::Continue,
+            _ => {}
         }
     }
 }

@@ -18,6 +18,9 @@ Suites (the broker address goes in as RABBITMQ_HOST / RABBITMQ_5672_TCP, which b
 The `-E` option and `env` marker come from tests/python/warren_envmarker.py (upstream keeps them in a
 conftest.py that is not in the sdists).
 
+Isolation: the suites use fixed queue names and leave messages behind, so give --reset-cmd
+(e.g. "scripts/rabbit.sh wipe shard-a") to wipe the clusters before every pytest run.
+
 Excluded tests (deselected, listed in the summary):
   * py-amqp's TLS tests: test_tls_default_certs / test_tls_no_default_certs_fails connect to
     tls-v1-2.badssl.com on the internet, which must never be contacted from here; the `[tls]`
@@ -251,6 +254,10 @@ def run_pytest(suite: str, label: str, hostport: str, ids: list[str], excluded: 
     cmd = pytest_base(suite, args) + [f"--junitxml={junit}", "-q", "-rfEs"]
     for d in excluded:
         cmd += ["--deselect", d]
+    if args.reset_cmd:
+        r = subprocess.run(args.reset_cmd, shell=True, cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"reset command failed (rc={r.returncode}): {r.stderr.strip()[-2000:]}")
     log(f"{suite}/{label}: pytest against {hostport} (log: {logf})")
     t0 = time.monotonic()
     rc: int | str
@@ -415,6 +422,11 @@ def main() -> int:
     r.add_argument("--suite", action="append", choices=list(SUITES))
     r.add_argument("--timeout", type=int, default=30, help="per-test timeout (s)")
     r.add_argument("--suite-timeout", type=int, default=600, help="per pytest run (s)")
+    r.add_argument("--reset-cmd",
+                   help="shell command run (from the repo root) before every pytest run to give "
+                        "it a clean broker, e.g. 'scripts/rabbit.sh wipe shard-a'. The suites use "
+                        "fixed queue names and leave messages behind (priority_requeue_test "
+                        "grows by 4 per run), so without it a second run sees the first's state")
     r.add_argument("--upstream-reruns", action="store_true",
                    help="keep upstream's @flaky(reruns=5) (pytest-rerunfailures)")
     args = ap.parse_args()

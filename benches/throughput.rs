@@ -1,0 +1,1265 @@
+//! Throughput and latency of warren against RabbitMQ itself.
+//!
+//! Run it with `scripts/bench.sh`, which starts the RabbitMQ node(s), builds this benchmark in the
+//! release (bench) profile and passes the node addresses in; see `docs/benchmarks.md` for the
+//! figures and how to read them. By hand:
+//!
+//! ```text
+//! cargo bench --bench throughput -- --nodes 127.0.0.1:5701 [--topology single|sharded] [...]
+//! ```
+//!
+//! # What is measured
+//!
+//! For each message size, four phases, each run once directly against a RabbitMQ node and once
+//! through a warren process in front of that same node:
+//!
+//! * **publish**: one connection pipelines `count` basic.publish (no confirms) in large writes;
+//!   the clock stops when a passive queue.declare on the same channel reports every message in
+//!   the queue (a channel's commands are handled in order, so this round trip cannot overtake a
+//!   publish, also not through the proxy).
+//! * **confirm**: the same with publisher confirms and a window of `confirm-window` messages in
+//!   flight; the clock stops at the last confirm.
+//! * **consume**: drains the queue the publish phase filled, prefetch `prefetch`, one
+//!   `multiple` ack every `ack-every` deliveries.
+//! * **latency**: a consumer on one connection, a publisher on another sending `latency-rate`
+//!   messages per second (slow enough that the queue stays empty); each body starts with the send
+//!   time, so publish-to-deliver latency is measured in one process with one monotonic clock.
+//!
+//! # Keeping the comparison fair
+//!
+//! * Direct and proxied runs alternate phase by phase, and which goes first alternates round by
+//!   round, so the noise of a shared machine (other builds, other RabbitMQ nodes) hits both
+//!   sides alike; the report gives medians over the rounds.
+//! * The client is written on `warren::codec` and tokio's current-thread runtime: it sends
+//!   prebuilt frames and only decodes the few fields it needs (delivery tags, confirm tags, body
+//!   size, a timestamp), so it is cheap next to the broker. Its own CPU time is reported so that
+//!   can be checked. It is the same client for both sides.
+//! * The proxy runs as its own process (the `warren` binary of this same build, with a generated
+//!   config), so its CPU time can be read from `/proc/<pid>/stat` around each phase.
+//!
+//! # Topologies
+//!
+//! `--topology single` puts one shard cluster (the first node) behind the proxy; `sharded` puts
+//! two (the first two nodes). The direct baseline is always the first node alone: the question
+//! is what a client gets through warren compared to talking to one RabbitMQ node.
+//!
+//! Options can also be given as environment variables: `--latency-rate 500` is
+//! `WARREN_BENCH_LATENCY_RATE=500`; arguments win. `--help` lists them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::error::Error;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
+
+use warren::codec::{
+    self, BasicConsume, BasicProperties, BasicPublish, BasicQos, ConfirmSelect, ContentHeader,
+    FieldTable, FieldValue, FrameKind, LongStr, Method, QueueDeclare, QueueDelete, RawFrame,
+    ShortStr,
+};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+fn main() {
+    let opts = match Options::parse() {
+        Ok(Some(opts)) => opts,
+        Ok(None) => return, // --help
+        Err(e) => {
+            eprintln!("throughput: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    // One thread: the client must stay lean, the proxy and RabbitMQ need the cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(&opts)) {
+        eprintln!("throughput: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(opts: &Options) -> Res<()> {
+    let proxy = ProxyProcess::start(opts)?;
+    let brokers = opts.broker_pids.clone();
+    let endpoints = [
+        Endpoint { target: Target::Direct, addr: opts.nodes[0], meter: Meter::new(None, brokers.clone()) },
+        Endpoint { target: Target::Proxy, addr: proxy.addr, meter: Meter::new(Some(proxy.pid()), brokers) },
+    ];
+    let endpoints: Vec<&Endpoint> = endpoints.iter().filter(|e| opts.targets.contains(&e.target)).collect();
+    let version = Conn::open(opts.nodes[0]).await?.close_returning_version().await?;
+    let header = report_header(opts, &version, &proxy);
+    println!("{header}");
+
+    let mut results = Results::default();
+    for &size in &opts.sizes {
+        let count = opts.count.unwrap_or_else(|| default_count(size));
+        for ep in &endpoints {
+            warm_up(ep, size, count).await?;
+        }
+        for round in 0..opts.rounds {
+            // Alternate who goes first, so neither side always runs right after the other.
+            let mut order = endpoints.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &phase in &opts.phases {
+                for ep in &order {
+                    let queue = queue_name(size, round, ep.target);
+                    let sample = run_phase(opts, phase, ep, &queue, size, count).await?;
+                    eprintln!("  size {size:>5} round {} {:<8} {:<6} {}", round + 1, phase.name(), ep.target.name(), sample.describe(phase));
+                    results.add(size, phase, ep.target, sample);
+                    // Let the broker finish what the phase left behind (queue deletion, GC).
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        println!("{}", report_size(opts, &results, size, count));
+    }
+    println!("{}", report_targets(opts, &results));
+    drop(proxy);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Options
+
+const USAGE: &str = "\
+usage: cargo bench --bench throughput -- --nodes HOST:PORT[,HOST:PORT] [options]
+
+  --nodes A[,B]           RabbitMQ node(s): the first is the direct baseline and shard cluster
+                          'shard-a'; with --topology sharded the second is 'shard-b'
+  --topology T            single (one shard cluster behind the proxy) | sharded (two); default single
+  --broker-pids P[,P]     beam.smp pids of the nodes, to report their CPU time per message
+  --sizes S[,S]           message body sizes in bytes (>= 8); default 100
+  --count N               messages per throughput phase; default depends on the size (a few
+                          seconds per phase on a 2-core machine)
+  --rounds N              direct/proxy rounds; the report shows medians; default 5
+  --phases P[,P]          publish,confirm,consume,latency (default: all, in that order)
+  --targets T[,T]         direct,proxy (default both; one side alone is handy for profiling)
+  --confirm-window N      publishes in flight in the confirm phase; default 256
+  --prefetch N            basic.qos prefetch of the consumers; default 500
+  --ack-every N           consumers ack with multiple=true every N deliveries; default 100
+  --latency-rate R        messages per second in the latency phase; default 2000
+  --latency-secs S        length of the latency phase in seconds; default 3
+  --work-dir DIR          where the proxy config and log go; default $TMPDIR/warren-bench-<pid>
+
+Every option can also be set as WARREN_BENCH_<NAME> (e.g. WARREN_BENCH_SIZES=100,4096).";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Single,
+    Sharded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Publish,
+    Confirm,
+    Consume,
+    Latency,
+}
+
+impl Phase {
+    const ALL: [Phase; 4] = [Phase::Publish, Phase::Confirm, Phase::Consume, Phase::Latency];
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Publish => "publish",
+            Phase::Confirm => "confirm",
+            Phase::Consume => "consume",
+            Phase::Latency => "latency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Direct,
+    Proxy,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Proxy => "proxy",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Options {
+    topology: Topology,
+    nodes: Vec<SocketAddr>,
+    broker_pids: Vec<u32>,
+    sizes: Vec<usize>,
+    count: Option<u64>,
+    rounds: usize,
+    phases: Vec<Phase>,
+    targets: Vec<Target>,
+    confirm_window: usize,
+    prefetch: u16,
+    ack_every: u64,
+    latency_rate: f64,
+    latency_secs: f64,
+    work_dir: PathBuf,
+}
+
+const OPTION_NAMES: [&str; 14] = [
+    "nodes", "topology", "broker-pids", "sizes", "count", "rounds", "phases", "targets",
+    "confirm-window", "prefetch", "ack-every", "latency-rate", "latency-secs", "work-dir",
+];
+
+impl Options {
+    /// Parses `--name value` / `--name=value` arguments over `WARREN_BENCH_*` variables.
+    /// `Ok(None)` means `--help` was printed.
+    fn parse() -> Res<Option<Options>> {
+        let mut given: HashMap<String, String> = HashMap::new();
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            // cargo bench passes --bench to harness = false targets.
+            if arg == "--bench" {
+                continue;
+            }
+            if arg == "--help" || arg == "-h" {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            let Some(flag) = arg.strip_prefix("--") else {
+                return Err(format!("unexpected argument '{arg}'").into());
+            };
+            let (name, value) = match flag.split_once('=') {
+                Some((n, v)) => (n.to_owned(), v.to_owned()),
+                None => (flag.to_owned(), args.next().ok_or_else(|| format!("--{flag} needs a value"))?),
+            };
+            if !OPTION_NAMES.contains(&name.as_str()) {
+                return Err(format!("unknown option --{name}").into());
+            }
+            given.insert(name, value);
+        }
+        let get = |name: &str| -> Option<String> {
+            given.get(name).cloned().or_else(|| {
+                std::env::var(format!("WARREN_BENCH_{}", name.to_uppercase().replace('-', "_"))).ok()
+            })
+        };
+
+        let topology = match get("topology").as_deref() {
+            None | Some("single") => Topology::Single,
+            Some("sharded") => Topology::Sharded,
+            Some(other) => return Err(format!("--topology must be single or sharded, not '{other}'").into()),
+        };
+        let nodes: Vec<SocketAddr> = list(get("nodes"), "nodes")?
+            .ok_or("--nodes is required (scripts/bench.sh starts RabbitMQ and passes it)")?;
+        let needed = if topology == Topology::Sharded { 2 } else { 1 };
+        if nodes.len() < needed {
+            return Err(format!("--topology {topology:?} needs {needed} node(s) in --nodes").into());
+        }
+        let sizes: Vec<usize> = list(get("sizes"), "sizes")?.unwrap_or_else(|| vec![100]);
+        if let Some(s) = sizes.iter().find(|&&s| s < 8) {
+            return Err(format!("size {s} is too small: a body carries an 8-byte timestamp").into());
+        }
+        let phases = match get("phases") {
+            None => Phase::ALL.to_vec(),
+            Some(s) => {
+                let mut v = Vec::new();
+                for name in s.split(',') {
+                    let phase = Phase::ALL.into_iter().find(|p| p.name() == name.trim());
+                    v.push(phase.ok_or_else(|| format!("unknown phase '{name}'"))?);
+                }
+                // Always in the canonical order: consume drains what publish filled.
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        let targets = match get("targets") {
+            None => vec![Target::Direct, Target::Proxy],
+            Some(s) => {
+                let mut v = Vec::new();
+                for name in s.split(',') {
+                    let t = [Target::Direct, Target::Proxy].into_iter().find(|t| t.name() == name.trim());
+                    v.push(t.ok_or_else(|| format!("unknown target '{name}'"))?);
+                }
+                v
+            }
+        };
+        let work_dir = get("work-dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("warren-bench-{}", std::process::id())));
+        Ok(Some(Options {
+            topology,
+            nodes,
+            broker_pids: list(get("broker-pids"), "broker-pids")?.unwrap_or_default(),
+            sizes,
+            count: one(get("count"), "count")?,
+            rounds: one(get("rounds"), "rounds")?.unwrap_or(5).max(1),
+            phases,
+            targets,
+            confirm_window: one(get("confirm-window"), "confirm-window")?.unwrap_or(256).max(1),
+            prefetch: one(get("prefetch"), "prefetch")?.unwrap_or(500),
+            ack_every: one(get("ack-every"), "ack-every")?.unwrap_or(100).max(1),
+            latency_rate: one(get("latency-rate"), "latency-rate")?.unwrap_or(2000.0),
+            latency_secs: one(get("latency-secs"), "latency-secs")?.unwrap_or(3.0),
+            work_dir,
+        }))
+    }
+}
+
+fn one<T: std::str::FromStr>(value: Option<String>, name: &str) -> Res<Option<T>> {
+    value
+        .map(|v| v.trim().parse().map_err(|_| format!("bad value '{v}' for --{name}").into()))
+        .transpose()
+}
+
+fn list<T: std::str::FromStr>(value: Option<String>, name: &str) -> Res<Option<Vec<T>>> {
+    value
+        .map(|v| v.split(',').map(|x| one(Some(x.to_owned()), name).map(Option::unwrap)).collect())
+        .transpose()
+}
+
+/// Messages per throughput phase: about 20 MB of bodies, at most 200k messages, which is a few
+/// seconds per phase against RabbitMQ 3.10 on the 2-core development machine.
+fn default_count(size: usize) -> u64 {
+    (20_000_000 / size as u64).clamp(5_000, 200_000)
+}
+
+fn queue_name(size: usize, round: usize, target: Target) -> String {
+    format!("warren-bench-{}-{size}-{round}-{}", std::process::id(), target.name())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Phases
+
+/// Where a phase connects, and how its CPU time is accounted.
+struct Endpoint {
+    target: Target,
+    addr: SocketAddr,
+    meter: Meter,
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    messages: u64,
+    secs: f64,
+    /// Publish-to-deliver latencies, microseconds (latency phase only).
+    p50_us: f64,
+    p99_us: f64,
+    cpu: CpuUse,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs
+    }
+
+    fn describe(&self, phase: Phase) -> String {
+        let mut s = match phase {
+            Phase::Latency => format!("p50 {:>7.0} µs  p99 {:>7.0} µs", self.p50_us, self.p99_us),
+            _ => format!("{:>9.0} msg/s ({} msgs in {:.2} s)", self.rate(), self.messages, self.secs),
+        };
+        if let Some(p) = self.cpu.proxy {
+            let _ = write!(s, "  proxy CPU {:.1} µs/msg", per_msg_us(p, self.messages));
+        }
+        s
+    }
+}
+
+async fn run_phase(opts: &Options, phase: Phase, ep: &Endpoint, queue: &str, size: usize, count: u64) -> Res<Sample> {
+    let work = async {
+        match phase {
+            Phase::Publish => publish_phase(ep, queue, size, count).await,
+            Phase::Confirm => confirm_phase(ep, &format!("{queue}-confirm"), size, count, opts.confirm_window).await,
+            Phase::Consume => {
+                if !opts.phases.contains(&Phase::Publish) {
+                    // Nothing filled the queue: do it now, untimed.
+                    publish_phase(ep, queue, size, count).await?;
+                }
+                consume_phase(ep, queue, count, opts).await
+            }
+            Phase::Latency => latency_phase(ep, &format!("{queue}-latency"), size, opts).await,
+        }
+    };
+    tokio::time::timeout(PHASE_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("{} via {} took more than {PHASE_TIMEOUT:?}", phase.name(), ep.target.name()))?
+        .map_err(|e| format!("{} via {} ({}): {e}", phase.name(), ep.target.name(), ep.addr).into())
+}
+
+/// A phase that has not finished by then is stuck (a lost message, a dead broker).
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A short unrecorded publish + consume, so the first measured round does not pay for the
+/// broker's and the proxy's first allocations and connections.
+async fn warm_up(ep: &Endpoint, size: usize, count: u64) -> Res<()> {
+    let queue = format!("warren-bench-{}-warmup-{}", std::process::id(), ep.target.name());
+    let n = (count / 10).max(1000);
+    publish_phase(ep, &queue, size, n).await?;
+    let mut conn = Conn::open(ep.addr).await?;
+    conn.rpc(qos(500)).await?;
+    conn.rpc(consume(&queue)).await?;
+    conn.consume(n, 100, |_| {}).await?;
+    conn.rpc(delete(&queue)).await?;
+    conn.close().await
+}
+
+/// Pipelined publishes without confirms; done when the queue holds them all.
+async fn publish_phase(ep: &Endpoint, queue: &str, size: usize, count: u64) -> Res<Sample> {
+    let mut conn = Conn::open(ep.addr).await?;
+    conn.rpc(declare(queue)).await?;
+    let message = publish_frames(queue, &vec![b'x'; size], conn.frame_max());
+    let span = ep.meter.start();
+    conn.publish_copies(&message, count).await?;
+    // The broker handles a channel's commands in order: once this passive declare is answered,
+    // every publish before it has been routed to the queue.
+    let in_queue = conn.message_count(queue).await?;
+    let cpu = ep.meter.stop(&span);
+    conn.close().await?;
+    if in_queue != count {
+        return Err(format!("queue {queue} holds {in_queue} messages, {count} were published").into());
+    }
+    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+}
+
+/// Publishes with confirms, at most `window` unconfirmed at any time.
+async fn confirm_phase(ep: &Endpoint, queue: &str, size: usize, count: u64, window: usize) -> Res<Sample> {
+    let mut conn = Conn::open(ep.addr).await?;
+    conn.rpc(declare(queue)).await?;
+    conn.rpc(Method::ConfirmSelect(ConfirmSelect { nowait: false })).await?;
+    let message = publish_frames(queue, &vec![b'x'; size], conn.frame_max());
+    let window = Semaphore::new(window);
+    let span = ep.meter.start();
+    // Writer and reader run side by side on this task: the writer takes a window slot per
+    // message, the reader gives slots back as confirms arrive.
+    let (written, confirmed) = tokio::join!(
+        publish_windowed(&mut conn.wr, &message, count, &window),
+        await_confirms(&mut conn.reader, count, &window),
+    );
+    written?;
+    confirmed?;
+    let cpu = ep.meter.stop(&span);
+    conn.rpc(delete(queue)).await?;
+    conn.close().await?;
+    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+}
+
+/// Drains `count` messages from `queue` (filled by the publish phase), then deletes it.
+async fn consume_phase(ep: &Endpoint, queue: &str, count: u64, opts: &Options) -> Res<Sample> {
+    let mut conn = Conn::open(ep.addr).await?;
+    conn.rpc(qos(opts.prefetch)).await?;
+    let span = ep.meter.start();
+    conn.rpc(consume(queue)).await?;
+    conn.consume(count, opts.ack_every, |_| {}).await?;
+    let cpu = ep.meter.stop(&span);
+    conn.rpc(delete(queue)).await?;
+    conn.close().await?;
+    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+}
+
+/// A paced publisher and a consumer on separate connections; latency from the body timestamp.
+async fn latency_phase(ep: &Endpoint, queue: &str, size: usize, opts: &Options) -> Res<Sample> {
+    let count = ((opts.latency_rate * opts.latency_secs) as u64).max(1);
+    let mut consumer = Conn::open(ep.addr).await?;
+    consumer.rpc(declare(queue)).await?;
+    consumer.rpc(qos(opts.prefetch)).await?;
+    consumer.rpc(consume(queue)).await?;
+    let mut publisher = Conn::open(ep.addr).await?;
+    let mut latencies_ns = Vec::with_capacity(count as usize);
+    let span = ep.meter.start();
+    let (published, consumed) = tokio::join!(
+        publisher.publish_paced(queue, size, count, opts.latency_rate),
+        consumer.consume(count, opts.ack_every, |body| {
+            let sent = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+            latencies_ns.push(now_ns().saturating_sub(sent));
+        }),
+    );
+    published?;
+    consumed?;
+    let cpu = ep.meter.stop(&span);
+    publisher.close().await?;
+    consumer.rpc(delete(queue)).await?;
+    consumer.close().await?;
+    latencies_ns.sort_unstable();
+    Ok(Sample {
+        messages: count,
+        secs: span.secs(),
+        p50_us: percentile(&latencies_ns, 0.50) / 1000.0,
+        p99_us: percentile(&latencies_ns, 0.99) / 1000.0,
+        cpu,
+    })
+}
+
+/// Nanoseconds since the first call: the timestamp the latency phase puts in each body. Sender
+/// and receiver are this one process, so one monotonic clock serves both.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+// ------------------------------------------------------------------------------------------------
+// A minimal AMQP 0-9-1 client on warren::codec: one channel, guest/guest on vhost "/".
+
+/// The only channel the client uses.
+const CH: u16 = 1;
+/// frame_max the client asks for (RabbitMQ's and warren's default).
+const CLIENT_FRAME_MAX: u32 = 131_072;
+/// Target size of one write of pipelined publishes: large writes keep syscalls off the profile.
+const WRITE_BATCH: usize = 128 * 1024;
+/// Read buffer headroom: one read can take many small deliveries.
+const READ_CHUNK: usize = 128 * 1024;
+
+fn declare(queue: &str) -> Method {
+    Method::QueueDeclare(QueueDeclare { queue: short(queue), ..QueueDeclare::default() })
+}
+
+fn delete(queue: &str) -> Method {
+    Method::QueueDelete(QueueDelete { queue: short(queue), ..QueueDelete::default() })
+}
+
+fn qos(prefetch: u16) -> Method {
+    Method::BasicQos(BasicQos { prefetch_size: 0, prefetch_count: prefetch, global: false })
+}
+
+fn consume(queue: &str) -> Method {
+    Method::BasicConsume(BasicConsume { queue: short(queue), ..BasicConsume::default() })
+}
+
+fn short(s: &str) -> ShortStr {
+    ShortStr::try_from(s.to_owned()).expect("names are short")
+}
+
+/// The frames of one basic.publish of `body` to `queue` through the default exchange:
+/// method, content header (no properties: a transient message) and body.
+fn publish_frames(queue: &str, body: &[u8], frame_max: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 128);
+    encode_publish(&mut out, &short(queue), body, frame_max);
+    out
+}
+
+fn encode_publish(out: &mut BytesMut, queue: &ShortStr, body: &[u8], frame_max: usize) {
+    let publish = BasicPublish { routing_key: queue.clone(), ..BasicPublish::default() };
+    codec::write_method(out, CH, &Method::BasicPublish(publish));
+    let header = ContentHeader { class_id: 60, body_size: body.len() as u64, properties: BasicProperties::default() };
+    codec::write_header(out, CH, &header);
+    codec::write_body(out, CH, body, frame_max);
+}
+
+/// The read half of a connection, splitting frames off a buffer without copying.
+struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    frame_max: usize,
+}
+
+impl FrameReader {
+    /// The next frame already in the buffer, if there is a whole one.
+    fn buffered(&mut self) -> Res<Option<RawFrame>> {
+        Ok(codec::decode_frame(&mut self.buf, self.frame_max)?)
+    }
+
+    /// Reads whatever the socket has (at least one byte); end of stream is an error.
+    async fn fill(&mut self) -> Res<()> {
+        self.buf.reserve(READ_CHUNK);
+        if self.rd.read_buf(&mut self.buf).await? == 0 {
+            return Err("the server closed the connection".into());
+        }
+        Ok(())
+    }
+
+    async fn frame(&mut self) -> Res<RawFrame> {
+        loop {
+            if let Some(frame) = self.buffered()? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next method, skipping heartbeats and content frames; a close is an error.
+    async fn method(&mut self) -> Res<Method> {
+        loop {
+            let frame = self.frame().await?;
+            if frame.kind != FrameKind::Method {
+                continue;
+            }
+            let method = Method::decode(frame.payload)?;
+            check_not_closed(&method)?;
+            return Ok(method);
+        }
+    }
+}
+
+/// Turns a connection.close or channel.close from the server into an error.
+fn check_not_closed(method: &Method) -> Res<()> {
+    match method {
+        Method::ConnectionClose(c) => Err(format!("server closed the connection: {} {}", c.reply_code, c.reply_text).into()),
+        Method::ChannelClose(c) => Err(format!("server closed the channel: {} {}", c.reply_code, c.reply_text).into()),
+        _ => Ok(()),
+    }
+}
+
+/// One AMQP connection with channel 1 open.
+struct Conn {
+    reader: FrameReader,
+    wr: OwnedWriteHalf,
+    /// Scratch buffer for outgoing frames.
+    out: BytesMut,
+    /// The server's `version` property (RabbitMQ's own, also through warren).
+    server_version: String,
+}
+
+impl Conn {
+    /// Connects, authenticates as guest/guest (PLAIN), opens vhost "/" and channel 1.
+    /// Heartbeats are turned off: phases are short and nothing here would answer them.
+    async fn open(addr: SocketAddr) -> Res<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut conn = Conn {
+            reader: FrameReader { rd, buf: BytesMut::with_capacity(READ_CHUNK), frame_max: CLIENT_FRAME_MAX as usize },
+            wr,
+            out: BytesMut::with_capacity(WRITE_BATCH),
+            server_version: String::new(),
+        };
+        conn.wr.write_all(codec::PROTOCOL_HEADER).await?;
+        let Method::ConnectionStart(start) = conn.reader.method().await? else {
+            return Err("expected connection.start".into());
+        };
+        if let Some(FieldValue::LongStr(v)) = start.server_properties.get("version") {
+            conn.server_version = v.as_str().into_owned();
+        }
+        let product = FieldValue::LongStr(LongStr::from_static("warren-bench"));
+        let start_ok = codec::ConnectionStartOk {
+            client_properties: FieldTable(vec![(ShortStr::from_static("product"), product)]),
+            mechanism: ShortStr::from_static("PLAIN"),
+            response: LongStr::from("\0guest\0guest"),
+            locale: ShortStr::from_static("en_US"),
+        };
+        conn.send(0, &Method::ConnectionStartOk(start_ok)).await?;
+        let Method::ConnectionTune(tune) = conn.reader.method().await? else {
+            return Err("expected connection.tune".into());
+        };
+        let frame_max = match tune.frame_max {
+            0 => CLIENT_FRAME_MAX,
+            server => server.min(CLIENT_FRAME_MAX),
+        };
+        conn.reader.frame_max = frame_max as usize;
+        let tune_ok = codec::ConnectionTuneOk { channel_max: tune.channel_max, frame_max, heartbeat: 0 };
+        conn.send(0, &Method::ConnectionTuneOk(tune_ok)).await?;
+        let open = codec::ConnectionOpen { virtual_host: ShortStr::from_static("/"), ..Default::default() };
+        conn.send(0, &Method::ConnectionOpen(open)).await?;
+        let Method::ConnectionOpenOk(_) = conn.reader.method().await? else {
+            return Err("expected connection.open-ok".into());
+        };
+        conn.rpc(Method::ChannelOpen(Default::default())).await?;
+        Ok(conn)
+    }
+
+    fn frame_max(&self) -> usize {
+        self.reader.frame_max
+    }
+
+    async fn send(&mut self, channel: u16, method: &Method) -> Res<()> {
+        self.out.clear();
+        codec::write_method(&mut self.out, channel, method);
+        self.wr.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Sends a synchronous method on channel 1 and returns the reply. Only used when nothing
+    /// else is in flight, so the next method is the reply.
+    async fn rpc(&mut self, method: Method) -> Res<Method> {
+        self.send(CH, &method).await?;
+        self.reader.method().await
+    }
+
+    async fn message_count(&mut self, queue: &str) -> Res<u64> {
+        let passive = QueueDeclare { queue: short(queue), passive: true, ..QueueDeclare::default() };
+        match self.rpc(Method::QueueDeclare(passive)).await? {
+            Method::QueueDeclareOk(ok) => Ok(u64::from(ok.message_count)),
+            other => Err(format!("expected queue.declare-ok, got {}", other.name()).into()),
+        }
+    }
+
+    /// Sends `count` copies of the prebuilt publish `message`, many per write.
+    async fn publish_copies(&mut self, message: &[u8], count: u64) -> Res<()> {
+        let per_write = (WRITE_BATCH / message.len()).max(1) as u64;
+        // Every message is identical, so one batch buffer serves every write.
+        let batch = message.repeat(per_write as usize);
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(per_write);
+            self.wr.write_all(&batch[..n as usize * message.len()]).await?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// Publishes `count` messages of `size` bytes at `rate` per second, each stamped with its
+    /// send time. (Tokio's timer has millisecond resolution, so at rates above 1000/s a few
+    /// messages leave together; each still carries its own time.)
+    async fn publish_paced(&mut self, queue: &str, size: usize, count: u64, rate: f64) -> Res<()> {
+        let queue = short(queue);
+        let mut body = vec![b'x'; size];
+        let start = tokio::time::Instant::now();
+        for i in 0..count {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            body[..8].copy_from_slice(&now_ns().to_be_bytes());
+            self.out.clear();
+            encode_publish(&mut self.out, &queue, &body, self.reader.frame_max);
+            self.wr.write_all(&self.out).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives `count` deliveries (the consumer must already be registered), acking with
+    /// `multiple` every `ack_every` of them and after the last; `on_body` sees the first body
+    /// frame of each message.
+    async fn consume(&mut self, count: u64, ack_every: u64, mut on_body: impl FnMut(&[u8])) -> Res<()> {
+        let mut state = Deliveries { ack_every, ..Deliveries::default() };
+        while state.received < count {
+            while let Some(frame) = self.reader.buffered()? {
+                state.on_frame(frame, &mut on_body)?;
+            }
+            // One write for all the acks this read produced.
+            if state.received == count && state.acked < state.last_tag {
+                state.ack(state.last_tag);
+            }
+            if !state.acks.is_empty() {
+                self.wr.write_all(&state.acks).await?;
+                state.acks.clear();
+            }
+            if state.received < count {
+                self.reader.fill().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connection cleanly (the server then has nothing to log as an error).
+    async fn close(mut self) -> Res<()> {
+        let close = codec::ConnectionClose { reply_code: 200, reply_text: ShortStr::from_static("bye"), class_id: 0, method_id: 0 };
+        self.send(0, &Method::ConnectionClose(close)).await?;
+        let close_ok = async {
+            loop {
+                let frame = self.reader.frame().await?;
+                if frame.kind == FrameKind::Method
+                    && let Method::ConnectionCloseOk(_) = Method::decode(frame.payload)?
+                {
+                    return Ok::<(), BoxError>(());
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), close_ok).await.map_err(|_| "no connection.close-ok")?
+    }
+
+    async fn close_returning_version(self) -> Res<String> {
+        let version = self.server_version.clone();
+        self.close().await?;
+        Ok(version)
+    }
+}
+
+/// Consumer bookkeeping: where we are in the current delivery, and which tags to ack.
+#[derive(Default)]
+struct Deliveries {
+    received: u64,
+    last_tag: u64,
+    acked: u64,
+    /// Body bytes still expected for the delivery in progress.
+    body_left: u64,
+    /// The next body frame is the message's first.
+    first_body: bool,
+    ack_every: u64,
+    acks: BytesMut,
+}
+
+impl Deliveries {
+    fn on_frame(&mut self, frame: RawFrame, on_body: &mut impl FnMut(&[u8])) -> Res<()> {
+        match frame.kind {
+            FrameKind::Method => match Method::decode(frame.payload)? {
+                Method::BasicDeliver(d) => self.last_tag = d.delivery_tag,
+                other => check_not_closed(&other)?, // consume-ok and the like
+            },
+            FrameKind::Header => {
+                let (_, size) = codec::peek_content_header(&frame.payload)?;
+                self.body_left = size;
+                self.first_body = true;
+                if size == 0 {
+                    on_body(&[]);
+                    self.message_done();
+                }
+            }
+            FrameKind::Body => {
+                if std::mem::take(&mut self.first_body) {
+                    on_body(&frame.payload);
+                }
+                self.body_left = self.body_left.saturating_sub(frame.payload.len() as u64);
+                if self.body_left == 0 {
+                    self.message_done();
+                }
+            }
+            FrameKind::Heartbeat => {}
+        }
+        Ok(())
+    }
+
+    fn message_done(&mut self) {
+        self.received += 1;
+        if self.received % self.ack_every == 0 {
+            self.ack(self.last_tag);
+        }
+    }
+
+    fn ack(&mut self, tag: u64) {
+        let ack = codec::BasicAck { delivery_tag: tag, multiple: true };
+        codec::write_method(&mut self.acks, CH, &Method::BasicAck(ack));
+        self.acked = tag;
+    }
+}
+
+/// Writes copies of `message`, one window slot each; slots that are free together are taken
+/// together so their messages go out in one write.
+async fn publish_windowed(wr: &mut OwnedWriteHalf, message: &[u8], count: u64, window: &Semaphore) -> Res<()> {
+    let mut batch = BytesMut::new();
+    let mut sent = 0;
+    while sent < count {
+        window.acquire().await?.forget();
+        let extra = (window.available_permits() as u64).min(count - sent - 1);
+        if extra > 0 {
+            window.try_acquire_many(extra as u32)?.forget();
+        }
+        batch.clear();
+        for _ in 0..=extra {
+            batch.put_slice(message);
+        }
+        wr.write_all(&batch).await?;
+        sent += 1 + extra;
+    }
+    Ok(())
+}
+
+/// Reads publisher confirms until all `count` publishes are confirmed, freeing window slots.
+async fn await_confirms(reader: &mut FrameReader, count: u64, window: &Semaphore) -> Res<()> {
+    let mut confirms = Confirms::default();
+    while confirms.upto < count {
+        match reader.method().await? {
+            Method::BasicAck(a) => window.add_permits(confirms.settle(a.delivery_tag, a.multiple) as usize),
+            Method::BasicNack(n) => return Err(format!("publish {} was nacked", n.delivery_tag).into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Which publish sequence numbers are confirmed: all up to `upto`, plus single confirms that
+/// arrived out of order above it.
+#[derive(Default)]
+struct Confirms {
+    upto: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Confirms {
+    /// Records a confirm and returns how many publishes it newly settles.
+    fn settle(&mut self, tag: u64, multiple: bool) -> u64 {
+        let before = self.upto + self.above.len() as u64;
+        if multiple {
+            if tag > self.upto {
+                self.above = self.above.split_off(&(tag + 1));
+                self.upto = tag;
+            }
+        } else if tag > self.upto {
+            self.above.insert(tag);
+        }
+        while self.above.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+        self.upto + self.above.len() as u64 - before
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The proxy process and CPU accounting
+
+/// warren running as a child process with a generated configuration.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl ProxyProcess {
+    fn start(opts: &Options) -> Res<ProxyProcess> {
+        std::fs::create_dir_all(&opts.work_dir)?;
+        let addr = free_local_port()?;
+        let config_path = opts.work_dir.join("proxy.toml");
+        let log_path = opts.work_dir.join("proxy.log");
+        std::fs::write(&config_path, proxy_config(addr, opts.topology, &opts.nodes))?;
+        let log = File::create(&log_path)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut proxy = ProxyProcess { child, addr, config_path, log_path };
+        proxy.wait_listening(Duration::from_secs(20))?;
+        Ok(proxy)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_listening(&mut self, timeout: Duration) -> Res<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                return Err(format!("warren exited with {status} at start-up:\n{log}").into());
+            }
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("warren is not listening on {} after {timeout:?}", self.addr).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    /// SIGTERM (a clean shutdown, config says no grace period), SIGKILL if it lingers.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A loopback address with a port nobody listens on right now (the OS picks it).
+fn free_local_port() -> Res<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+fn proxy_config(listen: SocketAddr, topology: Topology, nodes: &[SocketAddr]) -> String {
+    let shards = match topology {
+        Topology::Single => &nodes[..1],
+        Topology::Sharded => &nodes[..2],
+    };
+    let mut toml = format!(
+        "# Generated by benches/throughput.rs ({topology:?} topology).\n\
+         listen = \"{listen}\"\n\n[timeouts]\nshutdown_grace_ms = 0\n"
+    );
+    for (i, node) in shards.iter().enumerate() {
+        let name = format!("shard-{}", char::from(b'a' + i as u8));
+        let _ = write!(toml, "\n[[clusters]]\nname = \"{name}\"\nrole = \"shard\"\nnodes = [\"{node}\"]\n");
+    }
+    toml
+}
+
+/// CPU seconds used during a phase, per process kind.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    /// The warren process (proxied runs only).
+    proxy: Option<f64>,
+    /// All RabbitMQ nodes given with --broker-pids.
+    broker: Option<f64>,
+    /// This benchmark's client.
+    client: f64,
+}
+
+/// Reads process CPU times around a phase.
+struct Meter {
+    proxy: Option<u32>,
+    brokers: Vec<u32>,
+}
+
+/// The start of a measured span.
+struct Span {
+    at: Instant,
+    cpu: CpuUse,
+}
+
+impl Span {
+    fn secs(&self) -> f64 {
+        self.at.elapsed().as_secs_f64()
+    }
+}
+
+impl Meter {
+    fn new(proxy: Option<u32>, brokers: Vec<u32>) -> Meter {
+        Meter { proxy, brokers }
+    }
+
+    fn read(&self) -> CpuUse {
+        CpuUse {
+            proxy: self.proxy.and_then(cpu_secs),
+            broker: (!self.brokers.is_empty()).then(|| self.brokers.iter().filter_map(|&p| cpu_secs(p)).sum()),
+            client: cpu_secs(std::process::id()).unwrap_or(0.0),
+        }
+    }
+
+    fn start(&self) -> Span {
+        Span { at: Instant::now(), cpu: self.read() }
+    }
+
+    /// CPU used since `span` started. (The elapsed time is read from the span itself.)
+    fn stop(&self, span: &Span) -> CpuUse {
+        let now = self.read();
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        CpuUse {
+            proxy: diff(now.proxy, span.cpu.proxy),
+            broker: diff(now.broker, span.cpu.broker),
+            client: now.client - span.cpu.client,
+        }
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain numbers.
+    // utime and stime are fields 14 and 15, i.e. the 12th and 13th after the name.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks_per_sec())
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+fn per_msg_us(cpu_secs: f64, messages: u64) -> f64 {
+    cpu_secs * 1e6 / messages as f64
+}
+
+// ------------------------------------------------------------------------------------------------
+// Results and report
+
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<(usize, Phase, Target), Vec<Sample>>,
+}
+
+impl Results {
+    fn add(&mut self, size: usize, phase: Phase, target: Target, sample: Sample) {
+        self.samples.entry((size, phase, target)).or_default().push(sample);
+    }
+
+    /// Median over the rounds of `f` of each sample.
+    fn median(&self, size: usize, phase: Phase, target: Target, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.samples.get(&(size, phase, target))?.iter().filter_map(f).collect();
+        median(values)
+    }
+
+    /// Per-round proxy/direct ratios of `f` (rounds pair up in order), as min and max.
+    fn ratio_range(&self, size: usize, phase: Phase, f: impl Fn(&Sample) -> f64) -> Option<(f64, f64)> {
+        let direct = self.samples.get(&(size, phase, Target::Direct))?;
+        let proxy = self.samples.get(&(size, phase, Target::Proxy))?;
+        let ratios: Vec<f64> = direct.iter().zip(proxy).map(|(d, p)| f(p) / f(d)).collect();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (!ratios.is_empty()).then_some((min, max))
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> String {
+    let build = if cfg!(debug_assertions) { "debug (unoptimized!)" } else { "release" };
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let mut s = String::new();
+    let _ = writeln!(s, "# warren throughput benchmark\n");
+    let _ = writeln!(s, "- topology: {:?}; shard cluster(s) behind the proxy: {}", opts.topology, match opts.topology {
+        Topology::Single => opts.nodes[0].to_string(),
+        Topology::Sharded => format!("{}, {}", opts.nodes[0], opts.nodes[1]),
+    });
+    let _ = writeln!(s, "- direct baseline: RabbitMQ {rabbit_version} at {}", opts.nodes[0]);
+    let _ = writeln!(s, "- warren build: {build}; config {}; log {}", proxy.config_path.display(), proxy.log_path.display());
+    let _ = writeln!(s, "- machine: {cpus} CPUs visible; {} rounds, direct and proxy alternating; medians", opts.rounds);
+    let _ = writeln!(
+        s,
+        "- confirm window {}, prefetch {}, ack every {} (multiple), latency phase {} msg/s for {} s",
+        opts.confirm_window, opts.prefetch, opts.ack_every, opts.latency_rate, opts.latency_secs
+    );
+    s
+}
+
+/// One Markdown table per message size: medians, the ratio, and CPU time per message.
+fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n## {size}-byte messages ({count} per throughput phase)\n");
+    let _ = writeln!(s, "| phase | direct | proxy | proxy/direct | per-round ratios |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    for &phase in &opts.phases {
+        if phase == Phase::Latency {
+            for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let pick = |x: &Sample| if q == 0.5 { x.p50_us } else { x.p99_us };
+                let d = results.median(size, phase, Target::Direct, |x| Some(pick(x)));
+                let p = results.median(size, phase, Target::Proxy, |x| Some(pick(x)));
+                let added = match (d, p) {
+                    (Some(d), Some(p)) => format!("{:+.0} µs", p - d),
+                    _ => "-".into(),
+                };
+                let _ = writeln!(s, "| latency {label} (µs) | {} | {} | {added} | |", num(d), num(p));
+            }
+            continue;
+        }
+        let d = results.median(size, phase, Target::Direct, |x| Some(x.rate()));
+        let p = results.median(size, phase, Target::Proxy, |x| Some(x.rate()));
+        let ratio = match (d, p) {
+            (Some(d), Some(p)) => format!("{:.2}", p / d),
+            _ => "-".into(),
+        };
+        let range = results
+            .ratio_range(size, phase, Sample::rate)
+            .map_or("-".into(), |(lo, hi)| format!("{lo:.2} - {hi:.2}"));
+        let _ = writeln!(s, "| {} (msg/s) | {} | {} | {ratio} | {range} |", phase.name(), num(d), num(p));
+    }
+
+    let _ = writeln!(s, "\nCPU time per message (µs; medians):\n");
+    let _ = writeln!(s, "| phase | warren | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for &phase in &opts.phases {
+        let cpu = |target, f: fn(&CpuUse) -> Option<f64>| {
+            results.median(size, phase, target, |x| f(&x.cpu).map(|c| per_msg_us(c, x.messages)))
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            phase.name(),
+            num1(cpu(Target::Proxy, |c| c.proxy)),
+            num1(cpu(Target::Direct, |c| c.broker)),
+            num1(cpu(Target::Proxy, |c| c.broker)),
+            num1(cpu(Target::Direct, |c| Some(c.client))),
+            num1(cpu(Target::Proxy, |c| Some(c.client))),
+        );
+    }
+    s
+}
+
+/// The issue's targets: proxied throughput >= 0.9x direct, added p50 latency < 100 µs.
+fn report_targets(opts: &Options, results: &Results) -> String {
+    let mut s = String::from("\n## Targets\n\n");
+    for &size in &opts.sizes {
+        for &phase in &opts.phases {
+            let d = results.median(size, phase, Target::Direct, |x| Some(if phase == Phase::Latency { x.p50_us } else { x.rate() }));
+            let p = results.median(size, phase, Target::Proxy, |x| Some(if phase == Phase::Latency { x.p50_us } else { x.rate() }));
+            let (Some(d), Some(p)) = (d, p) else { continue };
+            let line = if phase == Phase::Latency {
+                let added = p - d;
+                format!("added p50 latency {added:+.0} µs (target < 100 µs): {}", verdict(added < 100.0))
+            } else {
+                format!("{} throughput {:.2}x direct (target >= 0.90x): {}", phase.name(), p / d, verdict(p / d >= 0.9))
+            };
+            let _ = writeln!(s, "- {size} B, {line}");
+        }
+    }
+    s
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// A whole number with thousands separators, or "-".
+fn num(v: Option<f64>) -> String {
+    let Some(v) = v else { return "-".into() };
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
+fn num1(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_settle_in_any_order() {
+        let mut c = Confirms::default();
+        assert_eq!(c.settle(2, false), 1);
+        assert_eq!(c.upto, 0);
+        assert_eq!(c.settle(1, false), 1);
+        assert_eq!(c.upto, 2);
+        assert_eq!(c.settle(5, false), 1);
+        assert_eq!(c.settle(6, true), 3); // 3, 4 and 6; 5 was already settled
+        assert_eq!(c.upto, 6);
+        assert_eq!(c.settle(4, true), 0);
+    }
+
+    #[test]
+    fn percentiles_and_numbers() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(num(Some(1234567.4)), "1,234,567");
+        assert_eq!(num(Some(-999.0)), "-999");
+    }
+}

@@ -1,0 +1,335 @@
+#!/usr/bin/env bash
+# scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
+#
+#   scripts/test.sh [all|rust|python|celery]      (default: all)
+#
+#   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
+#      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
+#   2. starts three two-node RabbitMQ clusters (shard-a, shard-b, control) on free ports in a fresh
+#      state dir and exports for the Rust tests:
+#        WARREN_RABBIT_DIR     the state dir (tests may `scripts/rabbit.sh up` private clusters there)
+#        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
+#      everything is torn down on exit, failures and Ctrl-C included;
+#   3. rust:   cargo test --all-targets
+#   4. python: builds and starts target/debug/warren on a free port in front of the test clusters,
+#              runs py-amqp's and kombu's integration suites directly and through it and compares
+#              (tests/python/run_suites.py);
+#      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
+#   5. prints a summary and exits non-zero if any part failed.
+#
+# Environment knobs:
+#   WARREN_PY_TOPOLOGY=single|sharded  clusters behind the proxy for python/celery (default single:
+#                                      only shard-a; sharded: shard-a + shard-b shards, control)
+#   WARREN_TEST_TARGET=proxy|direct    direct: no proxy; the suites run directly only and the Celery
+#                                      test talks to shard-a itself (checks the harness, not warren)
+#   WARREN_E2E_TASKS (1000), WARREN_E2E_WORKERS (2), WARREN_E2E_ARGS (e.g. --management)
+#   WARREN_KEEP_CLUSTERS=1             leave the clusters running at exit (prints how to stop them)
+#   RUST_LOG                           passed to the proxy (default info)
+#
+# Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
+# per target, Celery e2e (1000 tasks) ~15 s per target; see .ci/run for whole-run numbers.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+RABBIT="$ROOT/scripts/rabbit.sh"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+TOPOLOGY=${WARREN_PY_TOPOLOGY:-single}
+TARGET=${WARREN_TEST_TARGET:-proxy}
+
+usage() {
+    sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+PART=${1:-all}
+case "$PART" in
+all | rust | python | celery) ;;
+-h | --help | help) usage; exit 0 ;;
+*) usage >&2; exit 2 ;;
+esac
+case "$TOPOLOGY" in single | sharded) ;; *) echo "WARREN_PY_TOPOLOGY must be single or sharded" >&2; exit 2 ;; esac
+case "$TARGET" in proxy | direct) ;; *) echo "WARREN_TEST_TARGET must be proxy or direct" >&2; exit 2 ;; esac
+
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
+T_START=$(date +%s)
+say() { printf '\n==> [test.sh +%ss] %s\n' "$(($(date +%s) - T_START))" "$*"; }
+
+declare -a RESULT_NAMES=() RESULT_STATUS=() RESULT_SECS=()
+record() { RESULT_NAMES+=("$1"); RESULT_STATUS+=("$2"); RESULT_SECS+=("$3"); }
+
+# ------------------------------------------------------------------------------------------------
+# 1. installs (cached)
+
+setup_venv() {
+    if [ ! -x "$PY" ]; then
+        say "creating venv $VENV"
+        if ! python3 -m venv "$VENV"; then
+            rm -rf "$VENV"
+            say "python3 -m venv failed; installing python3-venv"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+    local stamp="$VENV/.warren-requirements.sha256" sum
+    sum=$(sha256sum tests/python/requirements.txt | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+        say "installing tests/python/requirements.txt into $VENV"
+        "$PY" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+        echo "$sum" >"$stamp"
+    fi
+}
+
+# ------------------------------------------------------------------------------------------------
+# 2. clusters and teardown
+
+STATE=$(mktemp -d /tmp/warren-test.XXXX)
+export WARREN_RABBIT_DIR="$STATE"
+LOGS="$STATE/logs"
+mkdir -p "$LOGS"
+PROXY_PID=
+KEEP_LOGS=0
+
+teardown() {
+    local rc=$?
+    set +e
+    if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
+        kill -TERM "$PROXY_PID" 2>/dev/null
+        for _ in $(seq 1 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$PROXY_PID" 2>/dev/null
+    fi
+    if [ "${WARREN_KEEP_CLUSTERS:-0}" = 1 ]; then
+        echo "clusters left running; stop them with: WARREN_RABBIT_DIR=$STATE scripts/rabbit.sh down-all && rm -rf $STATE" >&2
+        exit "$rc"
+    fi
+    if [ "$rc" != 0 ] || [ "$KEEP_LOGS" = 1 ]; then
+        # Keep the logs (ours, the proxy's, the nodes') outside the state dir that goes away.
+        local keep
+        keep=$(mktemp -d /tmp/warren-test-logs.XXXX)
+        cp -r "$LOGS"/. "$keep"/ 2>/dev/null
+        for d in "$STATE"/nodes/*/log; do
+            [ -d "$d" ] && mkdir -p "$keep/rabbit/$(basename "$(dirname "$d")")" \
+                && cp "$d"/*.log "$keep/rabbit/$(basename "$(dirname "$d")")/" 2>/dev/null
+        done
+        echo "logs kept in $keep" >&2
+    fi
+    "$RABBIT" down-all >/dev/null 2>&1
+    rm -rf "$STATE"
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_clusters() { # runs in the background; writes $STATE/<name>.addr
+    local name pids=() rc=0
+    for name in shard-a shard-b control; do
+        "$RABBIT" up "$name" auto auto >"$STATE/$name.addr" 2>"$LOGS/rabbit-up-$name.log" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    return $rc
+}
+
+addr_of() { # NAME INDEX -> 127.0.0.1:PORT
+    awk -v i="$2" '{print $(i + 1)}' "$STATE/$1.addr"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# ------------------------------------------------------------------------------------------------
+
+say "installing what is missing (cached)"
+"$RABBIT" install
+if want python || want celery; then
+    setup_venv
+    if want python; then "$PY" tests/python/run_suites.py setup; fi
+fi
+
+say "starting clusters shard-a, shard-b, control in $STATE (in the background)"
+T_CL=$(date +%s)
+start_clusters &
+CLUSTERS_PID=$!
+
+# Compile while the nodes boot.
+BUILD_OK=1
+if want rust; then
+    say "cargo test --all-targets --no-run (compiling while the clusters start)"
+    cargo test --all-targets --no-run || BUILD_OK=0
+fi
+WARREN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/warren"
+PROXY_BUILD_OK=1
+if [ "$TARGET" = proxy ] && { want python || want celery; }; then
+    say "cargo build --bin warren"
+    cargo build --bin warren || PROXY_BUILD_OK=0
+fi
+
+if ! wait "$CLUSTERS_PID"; then
+    echo "starting the clusters failed:" >&2
+    tail -n 30 "$LOGS"/rabbit-up-*.log >&2
+    exit 1
+fi
+say "clusters up after $(($(date +%s) - T_CL))s: $(cat "$STATE"/shard-a.addr "$STATE"/shard-b.addr "$STATE"/control.addr | tr '\n' ';')"
+WARREN_TEST_CLUSTERS=""
+for name in shard-a shard-b control; do
+    WARREN_TEST_CLUSTERS+="${WARREN_TEST_CLUSTERS:+;}$name=$(addr_of "$name" 1),$(addr_of "$name" 2)"
+done
+export WARREN_TEST_CLUSTERS
+echo "WARREN_TEST_CLUSTERS=$WARREN_TEST_CLUSTERS"
+echo "WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR"
+
+# ------------------------------------------------------------------------------------------------
+# 3. Rust
+
+if want rust; then
+    say "cargo test --all-targets"
+    t0=$(date +%s)
+    if [ "$BUILD_OK" = 1 ] && cargo test --all-targets; then
+        record rust PASS $(($(date +%s) - t0))
+    else
+        record rust FAIL $(($(date +%s) - t0))
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 4. proxy + Python suites + Celery
+
+write_config() { # FILE LISTEN_PORT ADMIN_PORT
+    {
+        echo "# written by scripts/test.sh (topology: $TOPOLOGY)"
+        echo "listen = \"127.0.0.1:$2\""
+        echo
+        echo "[admin]"
+        echo "listen = \"127.0.0.1:$3\""
+        local name role
+        local clusters=(shard-a)
+        [ "$TOPOLOGY" = sharded ] && clusters=(shard-a shard-b control)
+        for name in "${clusters[@]}"; do
+            role=shard
+            [ "$name" = control ] && role=control
+            echo
+            echo "[[clusters]]"
+            echo "name = \"$name\""
+            echo "role = \"$role\""
+            echo "nodes = [\"$(addr_of "$name" 1)\", \"$(addr_of "$name" 2)\"]"
+        done
+    } >"$1"
+}
+
+start_proxy() { # sets PROXY_ADDR; returns non-zero if the proxy does not come up
+    local port admin cfg="$STATE/proxy.toml" i
+    port=$(free_port)
+    admin=$(free_port)
+    while [ "$admin" = "$port" ]; do admin=$(free_port); done
+    write_config "$cfg" "$port" "$admin"
+    echo "--- $cfg"
+    cat "$cfg"
+    echo "---"
+    RUST_LOG=${RUST_LOG:-info} "$WARREN_BIN" --config "$cfg" >"$LOGS/warren.log" 2>&1 &
+    PROXY_PID=$!
+    for i in $(seq 1 300); do
+        if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+            echo "warren exited during startup; log tail:" >&2
+            tail -n 40 "$LOGS/warren.log" >&2
+            PROXY_PID=
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            PROXY_ADDR="127.0.0.1:$port"
+            echo "warren (pid $PROXY_PID) accepts on $PROXY_ADDR, admin 127.0.0.1:$admin; log $LOGS/warren.log"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "warren did not accept on 127.0.0.1:$port within 30 s; log tail:" >&2
+    tail -n 40 "$LOGS/warren.log" >&2
+    return 1
+}
+
+stop_proxy() {
+    [ -n "$PROXY_PID" ] || return 0
+    kill -TERM "$PROXY_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$PROXY_PID" 2>/dev/null; then
+        echo "warren did not exit within 10 s of SIGTERM; killing" >&2
+        kill -KILL "$PROXY_PID" 2>/dev/null || true
+    fi
+    wait "$PROXY_PID" 2>/dev/null || true
+    PROXY_PID=
+}
+
+if want python || want celery; then
+    DIRECT="$(addr_of shard-a 1)"
+    PROXY_ADDR=
+    PROXY_UP=0
+    if [ "$TARGET" = proxy ]; then
+        say "starting warren ($TOPOLOGY topology)"
+        if [ "$PROXY_BUILD_OK" = 1 ] && start_proxy; then PROXY_UP=1; fi
+    fi
+    RESET="scripts/rabbit.sh wipe shard-a"
+    [ "$TOPOLOGY" = sharded ] && RESET="$RESET && scripts/rabbit.sh wipe shard-b && scripts/rabbit.sh wipe control"
+
+    if want python; then
+        say "python: py-amqp and kombu integration suites ($TARGET)"
+        t0=$(date +%s)
+        args=(run --direct "$DIRECT" --out "$LOGS/suites" --reset-cmd "$RESET")
+        ok=1
+        if [ "$TARGET" = proxy ]; then
+            if [ "$PROXY_UP" = 1 ]; then
+                args+=(--proxy "$PROXY_ADDR")
+            else
+                echo "warren is not running: the suites run directly only and the part fails" >&2
+                ok=0
+            fi
+        fi
+        "$PY" tests/python/run_suites.py "${args[@]}" || ok=0
+        if [ "$ok" = 1 ]; then record python PASS $(($(date +%s) - t0)); else record python FAIL $(($(date +%s) - t0)); fi
+    fi
+
+    if want celery; then
+        say "celery: end to end ($TARGET)"
+        t0=$(date +%s)
+        if [ "$TARGET" = direct ]; then
+            broker="amqp://guest:guest@$DIRECT//"
+        else
+            broker="amqp://guest:guest@$PROXY_ADDR//"
+        fi
+        # shellcheck disable=SC2086
+        if { [ "$TARGET" = direct ] || [ "$PROXY_UP" = 1 ]; } &&
+            "$PY" tests/e2e/celery_e2e.py "$broker" "${WARREN_E2E_TASKS:-1000}" "${WARREN_E2E_WORKERS:-2}" ${WARREN_E2E_ARGS:-}; then
+            record celery PASS $(($(date +%s) - t0))
+        else
+            [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 0 ] && echo "warren is not running: celery part fails" >&2
+            record celery FAIL $(($(date +%s) - t0))
+        fi
+    fi
+
+    if [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 1 ]; then
+        if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+            echo "warren died during the tests; log tail:" >&2
+            tail -n 40 "$LOGS/warren.log" >&2
+            record proxy-alive FAIL 0
+            PROXY_PID=
+        fi
+        stop_proxy
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 5. summary
+
+passed=0
+failed=0
+echo
+echo "==================== scripts/test.sh summary ($PART, target $TARGET, topology $TOPOLOGY) ===================="
+for i in "${!RESULT_NAMES[@]}"; do
+    printf '  %-12s %-5s %5ss\n' "${RESULT_NAMES[$i]}" "${RESULT_STATUS[$i]}" "${RESULT_SECS[$i]}"
+    if [ "${RESULT_STATUS[$i]}" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+done
+echo "  total time $(($(date +%s) - T_START))s"
+[ "$failed" = 0 ] || KEEP_LOGS=1
+echo "test.sh: $passed passed, $failed failed"
+[ "$failed" = 0 ]

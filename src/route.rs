@@ -1,0 +1,202 @@
+//! Routing: which cluster(s) each client method goes to.
+//!
+//! Two kinds of traffic cross the proxy. **Control** traffic (Celery's remote control, events and
+//! rpc replies) must meet in one place, so it lives on the control cluster. Everything else is
+//! **sharded**: topology (declare, bind, delete, purge) is mirrored on every shard cluster, each
+//! publish goes to one shard cluster chosen by smooth weighted round-robin, and consumers read
+//! from all of them. The decision depends only on names, never on state shared between
+//! connections, so any number of proxies can run side by side.
+
+use std::fmt;
+
+/// The Celery preset: exchanges whose traffic is control traffic.
+pub const CELERY_CONTROL_EXCHANGES: [&str; 3] = ["celery.pidbox", "reply.celery.pidbox", "celeryev"];
+/// The Celery preset: queues that live on the control cluster. `amq.gen-*` are server-named
+/// queues, which the proxy always declares on the control cluster.
+pub const CELERY_CONTROL_QUEUES: [&str; 4] = ["*.celery.pidbox", "*.reply.celery.pidbox", "celeryev.*", "amq.gen-*"];
+
+/// Where a name's traffic belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Control,
+    Sharded,
+}
+
+/// A name pattern: `*` matches any run of characters (including none); everything else is
+/// literal.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(p: impl Into<String>) -> Self {
+        Pattern(p.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, name: &[u8]) -> bool {
+        glob(self.0.as_bytes(), name)
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Iterative glob with backtracking to the last `*`: linear in practice, no recursion on
+/// client-controlled input.
+fn glob(pat: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pat.len() && pat[p] == b'*' {
+            star = Some((p, n));
+            p += 1;
+        } else if p < pat.len() && pat[p] == name[n] {
+            p += 1;
+            n += 1;
+        } else if let Some((sp, sn)) = star {
+            p = sp + 1;
+            n = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+/// True for the canonical textual form of a UUID (8-4-4-4-12 hex digits), the names Celery's
+/// rpc:// result backend gives its reply queues.
+pub fn is_uuid(name: &[u8]) -> bool {
+    name.len() == 36
+        && name.iter().enumerate().all(|(i, &c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The routing rules, from the `[routing]` section of the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub control_exchanges: Vec<Pattern>,
+    pub control_queues: Vec<Pattern>,
+    /// Queues named by a UUID (rpc:// result queues) are control traffic.
+    pub uuid_queues_are_control: bool,
+}
+
+impl Default for Rules {
+    /// The Celery preset.
+    fn default() -> Self {
+        Rules {
+            control_exchanges: CELERY_CONTROL_EXCHANGES.iter().map(|p| Pattern::new(*p)).collect(),
+            control_queues: CELERY_CONTROL_QUEUES.iter().map(|p| Pattern::new(*p)).collect(),
+            uuid_queues_are_control: true,
+        }
+    }
+}
+
+impl Rules {
+    pub fn exchange(&self, name: &[u8]) -> Class {
+        if self.control_exchanges.iter().any(|p| p.matches(name)) { Class::Control } else { Class::Sharded }
+    }
+
+    /// An empty name is a server-named queue: it is created on the control cluster.
+    pub fn queue(&self, name: &[u8]) -> Class {
+        if name.is_empty()
+            || (self.uuid_queues_are_control && is_uuid(name))
+            || self.control_queues.iter().any(|p| p.matches(name))
+        {
+            Class::Control
+        } else {
+            Class::Sharded
+        }
+    }
+
+    /// A publish to the default exchange is addressed to the queue its routing key names.
+    pub fn publish(&self, exchange: &[u8], routing_key: &[u8]) -> Class {
+        if exchange.is_empty() { self.queue(routing_key) } else { self.exchange(exchange) }
+    }
+}
+
+/// Smooth weighted round-robin (the nginx algorithm): over any window the picks are proportional
+/// to the weights and spread out rather than bunched, so two equal clusters alternate exactly.
+#[derive(Debug, Default, Clone)]
+pub struct RoundRobin {
+    current: Vec<i64>,
+}
+
+impl RoundRobin {
+    /// Picks one of the candidates `(index, weight)`; weights must be positive.
+    pub fn pick(&mut self, candidates: impl Iterator<Item = (usize, u32)>) -> Option<usize> {
+        let mut total = 0i64;
+        let mut best: Option<(usize, i64)> = None;
+        for (i, w) in candidates {
+            if self.current.len() <= i {
+                self.current.resize(i + 1, 0);
+            }
+            let w = i64::from(w.max(1));
+            self.current[i] += w;
+            total += w;
+            if best.is_none_or(|(_, c)| self.current[i] > c) {
+                best = Some((i, self.current[i]));
+            }
+        }
+        let (i, _) = best?;
+        self.current[i] -= total;
+        Some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn celery_preset() {
+        let r = Rules::default();
+        assert_eq!(r.exchange(b"celery.pidbox"), Class::Control);
+        assert_eq!(r.exchange(b"reply.celery.pidbox"), Class::Control);
+        assert_eq!(r.exchange(b"celeryev"), Class::Control);
+        assert_eq!(r.exchange(b"celery"), Class::Sharded);
+        assert_eq!(r.queue(b"w1@host.celery.pidbox"), Class::Control);
+        assert_eq!(r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab.reply.celery.pidbox"), Class::Control);
+        assert_eq!(r.queue(b"celeryev.5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
+        assert_eq!(r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
+        assert_eq!(r.queue(b""), Class::Control);
+        assert_eq!(r.queue(b"amq.gen-JzTY20BRgKO-HjmUJj0wLg"), Class::Control);
+        assert_eq!(r.queue(b"celery"), Class::Sharded);
+        assert_eq!(r.publish(b"", b"celery"), Class::Sharded);
+        assert_eq!(r.publish(b"", b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
+        assert_eq!(r.publish(b"celeryev", b"worker.heartbeat"), Class::Control);
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob(b"*", b""));
+        assert!(glob(b"a*b*c", b"aXXbYYc"));
+        assert!(!glob(b"a*b*c", b"aXXbYY"));
+        assert!(glob(b"*.celery.pidbox", b".celery.pidbox"));
+        assert!(!glob(b"celeryev.*", b"celeryev"));
+        assert!(glob(b"exact", b"exact"));
+        assert!(!glob(b"exact", b"exactly"));
+    }
+
+    #[test]
+    fn round_robin_is_proportional_and_smooth() {
+        let mut rr = RoundRobin::default();
+        let picks: Vec<_> = (0..6).map(|_| rr.pick([(0, 1), (1, 1)].into_iter()).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 0, 1, 0, 1]);
+        let mut rr = RoundRobin::default();
+        let mut counts = [0; 2];
+        for _ in 0..300 {
+            counts[rr.pick([(0, 2), (1, 1)].into_iter()).unwrap()] += 1;
+        }
+        assert_eq!(counts, [200, 100]);
+        assert_eq!(rr.pick(std::iter::empty()), None);
+    }
+}

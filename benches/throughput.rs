@@ -95,11 +95,25 @@ async fn run(opts: &Options) -> Res<()> {
     let proxy = ProxyProcess::start(opts)?;
     let brokers = opts.broker_pids.clone();
     let endpoints = [
-        Endpoint { target: Target::Direct, addr: opts.nodes[0], meter: Meter::new(None, brokers.clone()) },
-        Endpoint { target: Target::Proxy, addr: proxy.addr, meter: Meter::new(Some(proxy.pid()), brokers) },
+        Endpoint {
+            target: Target::Direct,
+            addr: opts.nodes[0],
+            meter: Meter::new(None, brokers.clone()),
+        },
+        Endpoint {
+            target: Target::Proxy,
+            addr: proxy.addr,
+            meter: Meter::new(Some(proxy.pid()), brokers),
+        },
     ];
-    let endpoints: Vec<&Endpoint> = endpoints.iter().filter(|e| opts.targets.contains(&e.target)).collect();
-    let version = Conn::open(opts.nodes[0]).await?.close_returning_version().await?;
+    let endpoints: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| opts.targets.contains(&e.target))
+        .collect();
+    let version = Conn::open(opts.nodes[0])
+        .await?
+        .close_returning_version()
+        .await?;
     let header = report_header(opts, &version, &proxy);
     println!("{header}");
 
@@ -119,7 +133,13 @@ async fn run(opts: &Options) -> Res<()> {
                 for ep in &order {
                     let queue = queue_name(size, round, ep.target);
                     let sample = run_phase(opts, phase, ep, &queue, size, count).await?;
-                    eprintln!("  size {size:>5} round {} {:<8} {:<6} {}", round + 1, phase.name(), ep.target.name(), sample.describe(phase));
+                    eprintln!(
+                        "  size {size:>5} round {} {:<8} {:<6} {}",
+                        round + 1,
+                        phase.name(),
+                        ep.target.name(),
+                        sample.describe(phase)
+                    );
                     results.add(size, phase, ep.target, sample);
                     // Let the broker finish what the phase left behind (queue deletion, GC).
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -173,7 +193,12 @@ enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 4] = [Phase::Publish, Phase::Confirm, Phase::Consume, Phase::Latency];
+    const ALL: [Phase; 4] = [
+        Phase::Publish,
+        Phase::Confirm,
+        Phase::Consume,
+        Phase::Latency,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -219,8 +244,20 @@ struct Options {
 }
 
 const OPTION_NAMES: [&str; 14] = [
-    "nodes", "topology", "broker-pids", "sizes", "count", "rounds", "phases", "targets",
-    "confirm-window", "prefetch", "ack-every", "latency-rate", "latency-secs", "work-dir",
+    "nodes",
+    "topology",
+    "broker-pids",
+    "sizes",
+    "count",
+    "rounds",
+    "phases",
+    "targets",
+    "confirm-window",
+    "prefetch",
+    "ack-every",
+    "latency-rate",
+    "latency-secs",
+    "work-dir",
 ];
 
 impl Options {
@@ -243,7 +280,11 @@ impl Options {
             };
             let (name, value) = match flag.split_once('=') {
                 Some((n, v)) => (n.to_owned(), v.to_owned()),
-                None => (flag.to_owned(), args.next().ok_or_else(|| format!("--{flag} needs a value"))?),
+                None => (
+                    flag.to_owned(),
+                    args.next()
+                        .ok_or_else(|| format!("--{flag} needs a value"))?,
+                ),
             };
             if !OPTION_NAMES.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}").into());
@@ -252,24 +293,34 @@ impl Options {
         }
         let get = |name: &str| -> Option<String> {
             given.get(name).cloned().or_else(|| {
-                std::env::var(format!("WARREN_BENCH_{}", name.to_uppercase().replace('-', "_"))).ok()
+                std::env::var(format!(
+                    "WARREN_BENCH_{}",
+                    name.to_uppercase().replace('-', "_")
+                ))
+                .ok()
             })
         };
 
         let topology = match get("topology").as_deref() {
             None | Some("single") => Topology::Single,
             Some("sharded") => Topology::Sharded,
-            Some(other) => return Err(format!("--topology must be single or sharded, not '{other}'").into()),
+            Some(other) => {
+                return Err(format!("--topology must be single or sharded, not '{other}'").into());
+            }
         };
         let nodes: Vec<SocketAddr> = list(get("nodes"), "nodes")?
             .ok_or("--nodes is required (scripts/bench.sh starts RabbitMQ and passes it)")?;
         let needed = if topology == Topology::Sharded { 2 } else { 1 };
         if nodes.len() < needed {
-            return Err(format!("--topology {topology:?} needs {needed} node(s) in --nodes").into());
+            return Err(
+                format!("--topology {topology:?} needs {needed} node(s) in --nodes").into(),
+            );
         }
         let sizes: Vec<usize> = list(get("sizes"), "sizes")?.unwrap_or_else(|| vec![100]);
         if let Some(s) = sizes.iter().find(|&&s| s < 8) {
-            return Err(format!("size {s} is too small: a body carries an 8-byte timestamp").into());
+            return Err(
+                format!("size {s} is too small: a body carries an 8-byte timestamp").into(),
+            );
         }
         let phases = match get("phases") {
             None => Phase::ALL.to_vec(),
@@ -290,15 +341,17 @@ impl Options {
             Some(s) => {
                 let mut v = Vec::new();
                 for name in s.split(',') {
-                    let t = [Target::Direct, Target::Proxy].into_iter().find(|t| t.name() == name.trim());
+                    let t = [Target::Direct, Target::Proxy]
+                        .into_iter()
+                        .find(|t| t.name() == name.trim());
                     v.push(t.ok_or_else(|| format!("unknown target '{name}'"))?);
                 }
                 v
             }
         };
-        let work_dir = get("work-dir")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("warren-bench-{}", std::process::id())));
+        let work_dir = get("work-dir").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("warren-bench-{}", std::process::id()))
+        });
         Ok(Some(Options {
             topology,
             nodes,
@@ -308,7 +361,9 @@ impl Options {
             rounds: one(get("rounds"), "rounds")?.unwrap_or(5).max(1),
             phases,
             targets,
-            confirm_window: one(get("confirm-window"), "confirm-window")?.unwrap_or(256).max(1),
+            confirm_window: one(get("confirm-window"), "confirm-window")?
+                .unwrap_or(256)
+                .max(1),
             prefetch: one(get("prefetch"), "prefetch")?.unwrap_or(500),
             ack_every: one(get("ack-every"), "ack-every")?.unwrap_or(100).max(1),
             latency_rate: one(get("latency-rate"), "latency-rate")?.unwrap_or(2000.0),
@@ -320,13 +375,21 @@ impl Options {
 
 fn one<T: std::str::FromStr>(value: Option<String>, name: &str) -> Res<Option<T>> {
     value
-        .map(|v| v.trim().parse().map_err(|_| format!("bad value '{v}' for --{name}").into()))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| format!("bad value '{v}' for --{name}").into())
+        })
         .transpose()
 }
 
 fn list<T: std::str::FromStr>(value: Option<String>, name: &str) -> Res<Option<Vec<T>>> {
     value
-        .map(|v| v.split(',').map(|x| one(Some(x.to_owned()), name).map(Option::unwrap)).collect())
+        .map(|v| {
+            v.split(',')
+                .map(|x| one(Some(x.to_owned()), name).map(Option::unwrap))
+                .collect()
+        })
         .transpose()
 }
 
@@ -337,7 +400,11 @@ fn default_count(size: usize) -> u64 {
 }
 
 fn queue_name(size: usize, round: usize, target: Target) -> String {
-    format!("warren-bench-{}-{size}-{round}-{}", std::process::id(), target.name())
+    format!(
+        "warren-bench-{}-{size}-{round}-{}",
+        std::process::id(),
+        target.name()
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -369,7 +436,12 @@ impl Sample {
     fn describe(&self, phase: Phase) -> String {
         let mut s = match phase {
             Phase::Latency => format!("p50 {:>7.0} µs  p99 {:>7.0} µs", self.p50_us, self.p99_us),
-            _ => format!("{:>9.0} msg/s ({} msgs in {:.2} s)", self.rate(), self.messages, self.secs),
+            _ => format!(
+                "{:>9.0} msg/s ({} msgs in {:.2} s)",
+                self.rate(),
+                self.messages,
+                self.secs
+            ),
         };
         if let Some(p) = self.cpu.proxy {
             let _ = write!(s, "  proxy CPU {:.1} µs/msg", per_msg_us(p, self.messages));
@@ -378,11 +450,27 @@ impl Sample {
     }
 }
 
-async fn run_phase(opts: &Options, phase: Phase, ep: &Endpoint, queue: &str, size: usize, count: u64) -> Res<Sample> {
+async fn run_phase(
+    opts: &Options,
+    phase: Phase,
+    ep: &Endpoint,
+    queue: &str,
+    size: usize,
+    count: u64,
+) -> Res<Sample> {
     let work = async {
         match phase {
             Phase::Publish => publish_phase(ep, queue, size, count).await,
-            Phase::Confirm => confirm_phase(ep, &format!("{queue}-confirm"), size, count, opts.confirm_window).await,
+            Phase::Confirm => {
+                confirm_phase(
+                    ep,
+                    &format!("{queue}-confirm"),
+                    size,
+                    count,
+                    opts.confirm_window,
+                )
+                .await
+            }
             Phase::Consume => {
                 if !opts.phases.contains(&Phase::Publish) {
                     // Nothing filled the queue: do it now, untimed.
@@ -395,8 +483,22 @@ async fn run_phase(opts: &Options, phase: Phase, ep: &Endpoint, queue: &str, siz
     };
     tokio::time::timeout(PHASE_TIMEOUT, work)
         .await
-        .map_err(|_| format!("{} via {} took more than {PHASE_TIMEOUT:?}", phase.name(), ep.target.name()))?
-        .map_err(|e| format!("{} via {} ({}): {e}", phase.name(), ep.target.name(), ep.addr).into())
+        .map_err(|_| {
+            format!(
+                "{} via {} took more than {PHASE_TIMEOUT:?}",
+                phase.name(),
+                ep.target.name()
+            )
+        })?
+        .map_err(|e| {
+            format!(
+                "{} via {} ({}): {e}",
+                phase.name(),
+                ep.target.name(),
+                ep.addr
+            )
+            .into()
+        })
 }
 
 /// A phase that has not finished by then is stuck (a lost message, a dead broker).
@@ -405,7 +507,11 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A short unrecorded publish + consume, so the first measured round does not pay for the
 /// broker's and the proxy's first allocations and connections.
 async fn warm_up(ep: &Endpoint, size: usize, count: u64) -> Res<()> {
-    let queue = format!("warren-bench-{}-warmup-{}", std::process::id(), ep.target.name());
+    let queue = format!(
+        "warren-bench-{}-warmup-{}",
+        std::process::id(),
+        ep.target.name()
+    );
     let n = (count / 10).max(1000);
     publish_phase(ep, &queue, size, n).await?;
     let mut conn = Conn::open(ep.addr).await?;
@@ -429,16 +535,30 @@ async fn publish_phase(ep: &Endpoint, queue: &str, size: usize, count: u64) -> R
     let cpu = ep.meter.stop(&span);
     conn.close().await?;
     if in_queue != count {
-        return Err(format!("queue {queue} holds {in_queue} messages, {count} were published").into());
+        return Err(
+            format!("queue {queue} holds {in_queue} messages, {count} were published").into(),
+        );
     }
-    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+    Ok(Sample {
+        messages: count,
+        secs: span.secs(),
+        cpu,
+        ..Sample::default()
+    })
 }
 
 /// Publishes with confirms, at most `window` unconfirmed at any time.
-async fn confirm_phase(ep: &Endpoint, queue: &str, size: usize, count: u64, window: usize) -> Res<Sample> {
+async fn confirm_phase(
+    ep: &Endpoint,
+    queue: &str,
+    size: usize,
+    count: u64,
+    window: usize,
+) -> Res<Sample> {
     let mut conn = Conn::open(ep.addr).await?;
     conn.rpc(declare(queue)).await?;
-    conn.rpc(Method::ConfirmSelect(ConfirmSelect { nowait: false })).await?;
+    conn.rpc(Method::ConfirmSelect(ConfirmSelect { nowait: false }))
+        .await?;
     let message = publish_frames(queue, &vec![b'x'; size], conn.frame_max());
     let window = Semaphore::new(window);
     let span = ep.meter.start();
@@ -453,7 +573,12 @@ async fn confirm_phase(ep: &Endpoint, queue: &str, size: usize, count: u64, wind
     let cpu = ep.meter.stop(&span);
     conn.rpc(delete(queue)).await?;
     conn.close().await?;
-    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+    Ok(Sample {
+        messages: count,
+        secs: span.secs(),
+        cpu,
+        ..Sample::default()
+    })
 }
 
 /// Drains `count` messages from `queue` (filled by the publish phase), then deletes it.
@@ -466,7 +591,12 @@ async fn consume_phase(ep: &Endpoint, queue: &str, count: u64, opts: &Options) -
     let cpu = ep.meter.stop(&span);
     conn.rpc(delete(queue)).await?;
     conn.close().await?;
-    Ok(Sample { messages: count, secs: span.secs(), cpu, ..Sample::default() })
+    Ok(Sample {
+        messages: count,
+        secs: span.secs(),
+        cpu,
+        ..Sample::default()
+    })
 }
 
 /// A paced publisher and a consumer on separate connections; latency from the body timestamp.
@@ -531,19 +661,32 @@ const WRITE_BATCH: usize = 128 * 1024;
 const READ_CHUNK: usize = 128 * 1024;
 
 fn declare(queue: &str) -> Method {
-    Method::QueueDeclare(QueueDeclare { queue: short(queue), ..QueueDeclare::default() })
+    Method::QueueDeclare(QueueDeclare {
+        queue: short(queue),
+        ..QueueDeclare::default()
+    })
 }
 
 fn delete(queue: &str) -> Method {
-    Method::QueueDelete(QueueDelete { queue: short(queue), ..QueueDelete::default() })
+    Method::QueueDelete(QueueDelete {
+        queue: short(queue),
+        ..QueueDelete::default()
+    })
 }
 
 fn qos(prefetch: u16) -> Method {
-    Method::BasicQos(BasicQos { prefetch_size: 0, prefetch_count: prefetch, global: false })
+    Method::BasicQos(BasicQos {
+        prefetch_size: 0,
+        prefetch_count: prefetch,
+        global: false,
+    })
 }
 
 fn consume(queue: &str) -> Method {
-    Method::BasicConsume(BasicConsume { queue: short(queue), ..BasicConsume::default() })
+    Method::BasicConsume(BasicConsume {
+        queue: short(queue),
+        ..BasicConsume::default()
+    })
 }
 
 fn short(s: &str) -> ShortStr {
@@ -559,9 +702,16 @@ fn publish_frames(queue: &str, body: &[u8], frame_max: usize) -> BytesMut {
 }
 
 fn encode_publish(out: &mut BytesMut, queue: &ShortStr, body: &[u8], frame_max: usize) {
-    let publish = BasicPublish { routing_key: queue.clone(), ..BasicPublish::default() };
+    let publish = BasicPublish {
+        routing_key: queue.clone(),
+        ..BasicPublish::default()
+    };
     codec::write_method(out, CH, &Method::BasicPublish(publish));
-    let header = ContentHeader { class_id: 60, body_size: body.len() as u64, properties: BasicProperties::default() };
+    let header = ContentHeader {
+        class_id: 60,
+        body_size: body.len() as u64,
+        properties: BasicProperties::default(),
+    };
     codec::write_header(out, CH, &header);
     codec::write_body(out, CH, body, frame_max);
 }
@@ -614,8 +764,16 @@ impl FrameReader {
 /// Turns a connection.close or channel.close from the server into an error.
 fn check_not_closed(method: &Method) -> Res<()> {
     match method {
-        Method::ConnectionClose(c) => Err(format!("server closed the connection: {} {}", c.reply_code, c.reply_text).into()),
-        Method::ChannelClose(c) => Err(format!("server closed the channel: {} {}", c.reply_code, c.reply_text).into()),
+        Method::ConnectionClose(c) => Err(format!(
+            "server closed the connection: {} {}",
+            c.reply_code, c.reply_text
+        )
+        .into()),
+        Method::ChannelClose(c) => Err(format!(
+            "server closed the channel: {} {}",
+            c.reply_code, c.reply_text
+        )
+        .into()),
         _ => Ok(()),
     }
 }
@@ -638,7 +796,11 @@ impl Conn {
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let mut conn = Conn {
-            reader: FrameReader { rd, buf: BytesMut::with_capacity(READ_CHUNK), frame_max: CLIENT_FRAME_MAX as usize },
+            reader: FrameReader {
+                rd,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                frame_max: CLIENT_FRAME_MAX as usize,
+            },
             wr,
             out: BytesMut::with_capacity(WRITE_BATCH),
             server_version: String::new(),
@@ -666,9 +828,16 @@ impl Conn {
             server => server.min(CLIENT_FRAME_MAX),
         };
         conn.reader.frame_max = frame_max as usize;
-        let tune_ok = codec::ConnectionTuneOk { channel_max: tune.channel_max, frame_max, heartbeat: 0 };
+        let tune_ok = codec::ConnectionTuneOk {
+            channel_max: tune.channel_max,
+            frame_max,
+            heartbeat: 0,
+        };
         conn.send(0, &Method::ConnectionTuneOk(tune_ok)).await?;
-        let open = codec::ConnectionOpen { virtual_host: ShortStr::from_static("/"), ..Default::default() };
+        let open = codec::ConnectionOpen {
+            virtual_host: ShortStr::from_static("/"),
+            ..Default::default()
+        };
         conn.send(0, &Method::ConnectionOpen(open)).await?;
         let Method::ConnectionOpenOk(_) = conn.reader.method().await? else {
             return Err("expected connection.open-ok".into());
@@ -696,7 +865,11 @@ impl Conn {
     }
 
     async fn message_count(&mut self, queue: &str) -> Res<u64> {
-        let passive = QueueDeclare { queue: short(queue), passive: true, ..QueueDeclare::default() };
+        let passive = QueueDeclare {
+            queue: short(queue),
+            passive: true,
+            ..QueueDeclare::default()
+        };
         match self.rpc(Method::QueueDeclare(passive)).await? {
             Method::QueueDeclareOk(ok) => Ok(u64::from(ok.message_count)),
             other => Err(format!("expected queue.declare-ok, got {}", other.name()).into()),
@@ -711,7 +884,9 @@ impl Conn {
         let mut left = count;
         while left > 0 {
             let n = left.min(per_write);
-            self.wr.write_all(&batch[..n as usize * message.len()]).await?;
+            self.wr
+                .write_all(&batch[..n as usize * message.len()])
+                .await?;
             left -= n;
         }
         Ok(())
@@ -737,8 +912,16 @@ impl Conn {
     /// Receives `count` deliveries (the consumer must already be registered), acking with
     /// `multiple` every `ack_every` of them and after the last; `on_body` sees the first body
     /// frame of each message.
-    async fn consume(&mut self, count: u64, ack_every: u64, mut on_body: impl FnMut(&[u8])) -> Res<()> {
-        let mut state = Deliveries { ack_every, ..Deliveries::default() };
+    async fn consume(
+        &mut self,
+        count: u64,
+        ack_every: u64,
+        mut on_body: impl FnMut(&[u8]),
+    ) -> Res<()> {
+        let mut state = Deliveries {
+            ack_every,
+            ..Deliveries::default()
+        };
         while state.received < count {
             while let Some(frame) = self.reader.buffered()? {
                 state.on_frame(frame, &mut on_body)?;
@@ -760,7 +943,12 @@ impl Conn {
 
     /// Closes the connection cleanly (the server then has nothing to log as an error).
     async fn close(mut self) -> Res<()> {
-        let close = codec::ConnectionClose { reply_code: 200, reply_text: ShortStr::from_static("bye"), class_id: 0, method_id: 0 };
+        let close = codec::ConnectionClose {
+            reply_code: 200,
+            reply_text: ShortStr::from_static("bye"),
+            class_id: 0,
+            method_id: 0,
+        };
         self.send(0, &Method::ConnectionClose(close)).await?;
         let close_ok = async {
             loop {
@@ -772,7 +960,9 @@ impl Conn {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), close_ok).await.map_err(|_| "no connection.close-ok")?
+        tokio::time::timeout(Duration::from_secs(5), close_ok)
+            .await
+            .map_err(|_| "no connection.close-ok")?
     }
 
     async fn close_returning_version(self) -> Res<String> {
@@ -834,7 +1024,10 @@ impl Deliveries {
     }
 
     fn ack(&mut self, tag: u64) {
-        let ack = codec::BasicAck { delivery_tag: tag, multiple: true };
+        let ack = codec::BasicAck {
+            delivery_tag: tag,
+            multiple: true,
+        };
         codec::write_method(&mut self.acks, CH, &Method::BasicAck(ack));
         self.acked = tag;
     }
@@ -842,7 +1035,12 @@ impl Deliveries {
 
 /// Writes copies of `message`, one window slot each; slots that are free together are taken
 /// together so their messages go out in one write.
-async fn publish_windowed(wr: &mut OwnedWriteHalf, message: &[u8], count: u64, window: &Semaphore) -> Res<()> {
+async fn publish_windowed(
+    wr: &mut OwnedWriteHalf,
+    message: &[u8],
+    count: u64,
+    window: &Semaphore,
+) -> Res<()> {
     let mut batch = BytesMut::new();
     let mut sent = 0;
     while sent < count {
@@ -866,8 +1064,12 @@ async fn await_confirms(reader: &mut FrameReader, count: u64, window: &Semaphore
     let mut confirms = Confirms::default();
     while confirms.upto < count {
         match reader.method().await? {
-            Method::BasicAck(a) => window.add_permits(confirms.settle(a.delivery_tag, a.multiple) as usize),
-            Method::BasicNack(n) => return Err(format!("publish {} was nacked", n.delivery_tag).into()),
+            Method::BasicAck(a) => {
+                window.add_permits(confirms.settle(a.delivery_tag, a.multiple) as usize)
+            }
+            Method::BasicNack(n) => {
+                return Err(format!("publish {} was nacked", n.delivery_tag).into());
+            }
             _ => {}
         }
     }
@@ -928,7 +1130,12 @@ impl ProxyProcess {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let mut proxy = ProxyProcess { child, addr, config_path, log_path };
+        let mut proxy = ProxyProcess {
+            child,
+            addr,
+            config_path,
+            log_path,
+        };
         proxy.wait_listening(Duration::from_secs(20))?;
         Ok(proxy)
     }
@@ -944,11 +1151,14 @@ impl ProxyProcess {
                 let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
                 return Err(format!("warren exited with {status} at start-up:\n{log}").into());
             }
-            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("warren is not listening on {} after {timeout:?}", self.addr).into());
+                return Err(
+                    format!("warren is not listening on {} after {timeout:?}", self.addr).into(),
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -959,7 +1169,10 @@ impl Drop for ProxyProcess {
     /// SIGTERM (a clean shutdown, config says no grace period), SIGKILL if it lingers.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.pid().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while let Ok(None) = self.child.try_wait() {
                 if Instant::now() > deadline {
@@ -990,7 +1203,10 @@ fn proxy_config(listen: SocketAddr, topology: Topology, nodes: &[SocketAddr]) ->
     );
     for (i, node) in shards.iter().enumerate() {
         let name = format!("shard-{}", char::from(b'a' + i as u8));
-        let _ = write!(toml, "\n[[clusters]]\nname = \"{name}\"\nrole = \"shard\"\nnodes = [\"{node}\"]\n");
+        let _ = write!(
+            toml,
+            "\n[[clusters]]\nname = \"{name}\"\nrole = \"shard\"\nnodes = [\"{node}\"]\n"
+        );
     }
     toml
 }
@@ -1032,13 +1248,17 @@ impl Meter {
     fn read(&self) -> CpuUse {
         CpuUse {
             proxy: self.proxy.and_then(cpu_secs),
-            broker: (!self.brokers.is_empty()).then(|| self.brokers.iter().filter_map(|&p| cpu_secs(p)).sum()),
+            broker: (!self.brokers.is_empty())
+                .then(|| self.brokers.iter().filter_map(|&p| cpu_secs(p)).sum()),
             client: cpu_secs(std::process::id()).unwrap_or(0.0),
         }
     }
 
     fn start(&self) -> Span {
-        Span { at: Instant::now(), cpu: self.read() }
+        Span {
+            at: Instant::now(),
+            cpu: self.read(),
+        }
     }
 
     /// CPU used since `span` started. (The elapsed time is read from the span itself.)
@@ -1092,17 +1312,36 @@ struct Results {
 
 impl Results {
     fn add(&mut self, size: usize, phase: Phase, target: Target, sample: Sample) {
-        self.samples.entry((size, phase, target)).or_default().push(sample);
+        self.samples
+            .entry((size, phase, target))
+            .or_default()
+            .push(sample);
     }
 
     /// Median over the rounds of `f` of each sample.
-    fn median(&self, size: usize, phase: Phase, target: Target, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
-        let values: Vec<f64> = self.samples.get(&(size, phase, target))?.iter().filter_map(f).collect();
+    fn median(
+        &self,
+        size: usize,
+        phase: Phase,
+        target: Target,
+        f: impl Fn(&Sample) -> Option<f64>,
+    ) -> Option<f64> {
+        let values: Vec<f64> = self
+            .samples
+            .get(&(size, phase, target))?
+            .iter()
+            .filter_map(f)
+            .collect();
         median(values)
     }
 
     /// Per-round proxy/direct ratios of `f` (rounds pair up in order), as min and max.
-    fn ratio_range(&self, size: usize, phase: Phase, f: impl Fn(&Sample) -> f64) -> Option<(f64, f64)> {
+    fn ratio_range(
+        &self,
+        size: usize,
+        phase: Phase,
+        f: impl Fn(&Sample) -> f64,
+    ) -> Option<(f64, f64)> {
         let direct = self.samples.get(&(size, phase, Target::Direct))?;
         let proxy = self.samples.get(&(size, phase, Target::Proxy))?;
         let ratios: Vec<f64> = direct.iter().zip(proxy).map(|(d, p)| f(p) / f(d)).collect();
@@ -1118,21 +1357,47 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
 }
 
 fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> String {
-    let build = if cfg!(debug_assertions) { "debug (unoptimized!)" } else { "release" };
+    let build = if cfg!(debug_assertions) {
+        "debug (unoptimized!)"
+    } else {
+        "release"
+    };
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let mut s = String::new();
     let _ = writeln!(s, "# warren throughput benchmark\n");
-    let _ = writeln!(s, "- topology: {:?}; shard cluster(s) behind the proxy: {}", opts.topology, match opts.topology {
-        Topology::Single => opts.nodes[0].to_string(),
-        Topology::Sharded => format!("{}, {}", opts.nodes[0], opts.nodes[1]),
-    });
-    let _ = writeln!(s, "- direct baseline: RabbitMQ {rabbit_version} at {}", opts.nodes[0]);
-    let _ = writeln!(s, "- warren build: {build}; config {}; log {}", proxy.config_path.display(), proxy.log_path.display());
-    let _ = writeln!(s, "- machine: {cpus} CPUs visible; {} rounds, direct and proxy alternating; medians", opts.rounds);
+    let _ = writeln!(
+        s,
+        "- topology: {:?}; shard cluster(s) behind the proxy: {}",
+        opts.topology,
+        match opts.topology {
+            Topology::Single => opts.nodes[0].to_string(),
+            Topology::Sharded => format!("{}, {}", opts.nodes[0], opts.nodes[1]),
+        }
+    );
+    let _ = writeln!(
+        s,
+        "- direct baseline: RabbitMQ {rabbit_version} at {}",
+        opts.nodes[0]
+    );
+    let _ = writeln!(
+        s,
+        "- warren build: {build}; config {}; log {}",
+        proxy.config_path.display(),
+        proxy.log_path.display()
+    );
+    let _ = writeln!(
+        s,
+        "- machine: {cpus} CPUs visible; {} rounds, direct and proxy alternating; medians",
+        opts.rounds
+    );
     let _ = writeln!(
         s,
         "- confirm window {}, prefetch {}, ack every {} (multiple), latency phase {} msg/s for {} s",
@@ -1144,8 +1409,14 @@ fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> 
 /// One Markdown table per message size: medians, the ratio, and CPU time per message.
 fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "\n## {size}-byte messages ({count} per throughput phase)\n");
-    let _ = writeln!(s, "| phase | direct | proxy | proxy/direct | per-round ratios |");
+    let _ = writeln!(
+        s,
+        "\n## {size}-byte messages ({count} per throughput phase)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| phase | direct | proxy | proxy/direct | per-round ratios |"
+    );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
     for &phase in &opts.phases {
         if phase == Phase::Latency {
@@ -1157,7 +1428,12 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
                     (Some(d), Some(p)) => format!("{:+.0} µs", p - d),
                     _ => "-".into(),
                 };
-                let _ = writeln!(s, "| latency {label} (µs) | {} | {} | {added} | |", num(d), num(p));
+                let _ = writeln!(
+                    s,
+                    "| latency {label} (µs) | {} | {} | {added} | |",
+                    num(d),
+                    num(p)
+                );
             }
             continue;
         }
@@ -1170,15 +1446,26 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
         let range = results
             .ratio_range(size, phase, Sample::rate)
             .map_or("-".into(), |(lo, hi)| format!("{lo:.2} - {hi:.2}"));
-        let _ = writeln!(s, "| {} (msg/s) | {} | {} | {ratio} | {range} |", phase.name(), num(d), num(p));
+        let _ = writeln!(
+            s,
+            "| {} (msg/s) | {} | {} | {ratio} | {range} |",
+            phase.name(),
+            num(d),
+            num(p)
+        );
     }
 
     let _ = writeln!(s, "\nCPU time per message (µs; medians):\n");
-    let _ = writeln!(s, "| phase | warren | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |");
+    let _ = writeln!(
+        s,
+        "| phase | warren | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |"
+    );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
     for &phase in &opts.phases {
         let cpu = |target, f: fn(&CpuUse) -> Option<f64>| {
-            results.median(size, phase, target, |x| f(&x.cpu).map(|c| per_msg_us(c, x.messages)))
+            results.median(size, phase, target, |x| {
+                f(&x.cpu).map(|c| per_msg_us(c, x.messages))
+            })
         };
         let _ = writeln!(
             s,
@@ -1199,14 +1486,34 @@ fn report_targets(opts: &Options, results: &Results) -> String {
     let mut s = String::from("\n## Targets\n\n");
     for &size in &opts.sizes {
         for &phase in &opts.phases {
-            let d = results.median(size, phase, Target::Direct, |x| Some(if phase == Phase::Latency { x.p50_us } else { x.rate() }));
-            let p = results.median(size, phase, Target::Proxy, |x| Some(if phase == Phase::Latency { x.p50_us } else { x.rate() }));
+            let d = results.median(size, phase, Target::Direct, |x| {
+                Some(if phase == Phase::Latency {
+                    x.p50_us
+                } else {
+                    x.rate()
+                })
+            });
+            let p = results.median(size, phase, Target::Proxy, |x| {
+                Some(if phase == Phase::Latency {
+                    x.p50_us
+                } else {
+                    x.rate()
+                })
+            });
             let (Some(d), Some(p)) = (d, p) else { continue };
             let line = if phase == Phase::Latency {
                 let added = p - d;
-                format!("added p50 latency {added:+.0} µs (target < 100 µs): {}", verdict(added < 100.0))
+                format!(
+                    "added p50 latency {added:+.0} µs (target < 100 µs): {}",
+                    verdict(added < 100.0)
+                )
             } else {
-                format!("{} throughput {:.2}x direct (target >= 0.90x): {}", phase.name(), p / d, verdict(p / d >= 0.9))
+                format!(
+                    "{} throughput {:.2}x direct (target >= 0.90x): {}",
+                    phase.name(),
+                    p / d,
+                    verdict(p / d >= 0.9)
+                )
             };
             let _ = writeln!(s, "- {size} B, {line}");
         }

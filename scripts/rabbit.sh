@@ -7,6 +7,10 @@
 #     node.env              ERLNAME, PORT, DIST_PORT, CLUSTER (written at creation, reused on restart)
 #     rabbitmq.conf, enabled_plugins (empty), mnesia/, log/, pid
 #
+# Every rabbitmqctl call is a short-lived hidden Erlang node that must bind a port in
+# RABBITMQ_CTL_DIST_PORT_MIN..MAX (default 35672..35682: only 11 CLI calls at once machine-wide);
+# the range is widened to 200 ports because parallel `up`s, test runs and sessions all poll.
+#
 # Erlang node names are "warren-<NODE>@localhost" for the default state dir. For any other state
 # dir the prefix also carries a short hash of the dir ("warren<hash>-<NODE>@localhost"), because
 # epmd is shared by the whole machine: two test runs with their own state dirs must not both
@@ -116,6 +120,7 @@ with_node_env() {
         RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
         RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
         RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+        RABBITMQ_CTL_DIST_PORT_MIN=35672 RABBITMQ_CTL_DIST_PORT_MAX=35871 \
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} $EXTRA_ERL_ARGS" \
         "$@"
 }

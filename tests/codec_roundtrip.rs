@@ -19,8 +19,8 @@ use std::cell::Cell;
 
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame, parse_frame};
 use amq_protocol::protocol::{
-    AMQPClass, BasicProperties as TheirProps, basic, channel, confirm, connection, exchange,
-    queue, tx,
+    AMQPClass, BasicProperties as TheirProps, basic, channel, confirm, connection, exchange, queue,
+    tx,
 };
 use amq_protocol::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable as TheirTable, LongString,
@@ -90,7 +90,9 @@ fn tl(s: &str) -> LongString {
 
 fn their_bytes(frame: &AMQPFrame) -> Vec<u8> {
     let ctx = WriteContext::from(Vec::new());
-    let (buf, _) = gen_frame(frame)(ctx).expect("amq-protocol gen").into_inner();
+    let (buf, _) = gen_frame(frame)(ctx)
+        .expect("amq-protocol gen")
+        .into_inner();
     buf
 }
 
@@ -102,7 +104,9 @@ fn their_parse(bytes: &[u8]) -> AMQPFrame {
 
 fn our_frame(bytes: &[u8]) -> RawFrame {
     let mut buf = BytesMut::from(bytes);
-    let f = decode_frame(&mut buf, 0).expect("warren frame").expect("complete frame");
+    let f = decode_frame(&mut buf, 0)
+        .expect("warren frame")
+        .expect("complete frame");
     assert!(buf.is_empty());
     f
 }
@@ -124,9 +128,21 @@ fn our_table(salt: u32) -> FieldTable {
         (ss("h_i64"), FieldValue::I64(-1_234_567_890_123)),
         (ss("i_f32"), FieldValue::F32(3.25)),
         (ss("j_f64"), FieldValue::F64(-6.02e23)),
-        (ss("k_decimal"), FieldValue::Decimal { scale: 3, value: 98_765 }),
-        (ss("l_longstr"), FieldValue::LongStr(ls("caf\u{e9} \u{2615}"))),
-        (ss("m_bytes"), FieldValue::ByteArray(Bytes::from_static(&[0, 0xff, 0x80, 1]))),
+        (
+            ss("k_decimal"),
+            FieldValue::Decimal {
+                scale: 3,
+                value: 98_765,
+            },
+        ),
+        (
+            ss("l_longstr"),
+            FieldValue::LongStr(ls("caf\u{e9} \u{2615}")),
+        ),
+        (
+            ss("m_bytes"),
+            FieldValue::ByteArray(Bytes::from_static(&[0, 0xff, 0x80, 1])),
+        ),
         (
             ss("n_array"),
             FieldValue::Array(vec![
@@ -136,11 +152,17 @@ fn our_table(salt: u32) -> FieldTable {
                 FieldValue::Table(inner.clone()),
             ]),
         ),
-        (ss("o_timestamp"), FieldValue::Timestamp(1_700_000_000 + u64::from(salt))),
+        (
+            ss("o_timestamp"),
+            FieldValue::Timestamp(1_700_000_000 + u64::from(salt)),
+        ),
         (ss("p_table"), FieldValue::Table(inner)),
         (ss("q_void"), FieldValue::Void),
         (ss("r_empty_array"), FieldValue::Array(vec![])),
-        (ss("s_empty_table"), FieldValue::Table(FieldTable::default())),
+        (
+            ss("s_empty_table"),
+            FieldValue::Table(FieldTable::default()),
+        ),
     ])
 }
 
@@ -156,14 +178,15 @@ fn their_value(v: &FieldValue) -> AMQPValue {
         FieldValue::I64(x) => AMQPValue::LongLongInt(*x),
         FieldValue::F32(x) => AMQPValue::Float(*x),
         FieldValue::F64(x) => AMQPValue::Double(*x),
-        FieldValue::Decimal { scale, value } => {
-            AMQPValue::DecimalValue(DecimalValue { scale: *scale, value: *value })
-        }
+        FieldValue::Decimal { scale, value } => AMQPValue::DecimalValue(DecimalValue {
+            scale: *scale,
+            value: *value,
+        }),
         FieldValue::LongStr(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
         FieldValue::ByteArray(b) => AMQPValue::ByteArray(ByteArray::from(b.to_vec())),
-        FieldValue::Array(a) => {
-            AMQPValue::FieldArray(FieldArray::from(a.iter().map(their_value).collect::<Vec<_>>()))
-        }
+        FieldValue::Array(a) => AMQPValue::FieldArray(FieldArray::from(
+            a.iter().map(their_value).collect::<Vec<_>>(),
+        )),
         FieldValue::Timestamp(t) => AMQPValue::Timestamp(*t),
         FieldValue::Table(t) => AMQPValue::FieldTable(their_table(t)),
         FieldValue::Void => AMQPValue::Void,
@@ -228,13 +251,17 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             })),
         ),
         (
-            Method::ConnectionSecure(ConnectionSecure { challenge: ls("challenge") }),
+            Method::ConnectionSecure(ConnectionSecure {
+                challenge: ls("challenge"),
+            }),
             C::Connection(connection::AMQPMethod::Secure(connection::Secure {
                 challenge: tl("challenge"),
             })),
         ),
         (
-            Method::ConnectionSecureOk(ConnectionSecureOk { response: ls("answer") }),
+            Method::ConnectionSecureOk(ConnectionSecureOk {
+                response: ls("answer"),
+            }),
             C::Connection(connection::AMQPMethod::SecureOk(connection::SecureOk {
                 response: tl("answer"),
             })),
@@ -274,7 +301,9 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             })),
         ),
         (
-            Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: res_s("host:5672") }),
+            Method::ConnectionOpenOk(ConnectionOpenOk {
+                known_hosts: res_s("host:5672"),
+            }),
             C::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         ),
         (
@@ -296,7 +325,9 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             C::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
         ),
         (
-            Method::ConnectionBlocked(ConnectionBlocked { reason: ss("low on memory") }),
+            Method::ConnectionBlocked(ConnectionBlocked {
+                reason: ss("low on memory"),
+            }),
             C::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
                 reason: ts("low on memory"),
             })),
@@ -310,22 +341,30 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
                 new_secret: ls("new-token"),
                 reason: ss("refresh"),
             }),
-            C::Connection(connection::AMQPMethod::UpdateSecret(connection::UpdateSecret {
-                new_secret: tl("new-token"),
-                reason: ts("refresh"),
-            })),
+            C::Connection(connection::AMQPMethod::UpdateSecret(
+                connection::UpdateSecret {
+                    new_secret: tl("new-token"),
+                    reason: ts("refresh"),
+                },
+            )),
         ),
         (
             Method::ConnectionUpdateSecretOk(ConnectionUpdateSecretOk {}),
-            C::Connection(connection::AMQPMethod::UpdateSecretOk(connection::UpdateSecretOk {})),
+            C::Connection(connection::AMQPMethod::UpdateSecretOk(
+                connection::UpdateSecretOk {},
+            )),
         ),
         // channel
         (
-            Method::ChannelOpen(ChannelOpen { out_of_band: res_s("oob") }),
+            Method::ChannelOpen(ChannelOpen {
+                out_of_band: res_s("oob"),
+            }),
             C::Channel(channel::AMQPMethod::Open(channel::Open {})),
         ),
         (
-            Method::ChannelOpenOk(ChannelOpenOk { channel_id: res_l("chan-id") }),
+            Method::ChannelOpenOk(ChannelOpenOk {
+                channel_id: res_l("chan-id"),
+            }),
             C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
         ),
         (
@@ -334,7 +373,9 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
         ),
         (
             Method::ChannelFlowOk(ChannelFlowOk { active: b(1) }),
-            C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: b(1) })),
+            C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                active: b(1),
+            })),
         ),
         (
             Method::ChannelClose(ChannelClose {
@@ -497,12 +538,21 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
         ),
         (
-            Method::QueuePurge(QueuePurge { ticket, queue: ss("q"), nowait: b(2) }),
-            C::Queue(queue::AMQPMethod::Purge(queue::Purge { queue: ts("q"), nowait: b(2) })),
+            Method::QueuePurge(QueuePurge {
+                ticket,
+                queue: ss("q"),
+                nowait: b(2),
+            }),
+            C::Queue(queue::AMQPMethod::Purge(queue::Purge {
+                queue: ts("q"),
+                nowait: b(2),
+            })),
         ),
         (
             Method::QueuePurgeOk(QueuePurgeOk { message_count: 99 }),
-            C::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: 99 })),
+            C::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                message_count: 99,
+            })),
         ),
         (
             Method::QueueDelete(QueueDelete {
@@ -521,7 +571,9 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
         ),
         (
             Method::QueueDeleteOk(QueueDeleteOk { message_count: 5 }),
-            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: 5 })),
+            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                message_count: 5,
+            })),
         ),
         (
             Method::QueueUnbind(QueueUnbind {
@@ -544,10 +596,20 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
         ),
         // basic
         (
-            Method::BasicQos(BasicQos { prefetch_size: 0, prefetch_count: 250, global: b(0) }),
-            C::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 250, global: b(0) })),
+            Method::BasicQos(BasicQos {
+                prefetch_size: 0,
+                prefetch_count: 250,
+                global: b(0),
+            }),
+            C::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: 250,
+                global: b(0),
+            })),
         ),
-        (Method::BasicQosOk(BasicQosOk {}), C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))),
+        (
+            Method::BasicQosOk(BasicQosOk {}),
+            C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+        ),
         (
             Method::BasicConsume(BasicConsume {
                 ticket,
@@ -570,21 +632,30 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             })),
         ),
         (
-            Method::BasicConsumeOk(BasicConsumeOk { consumer_tag: ss("ctag-1") }),
+            Method::BasicConsumeOk(BasicConsumeOk {
+                consumer_tag: ss("ctag-1"),
+            }),
             C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
                 consumer_tag: ts("ctag-1"),
             })),
         ),
         (
-            Method::BasicCancel(BasicCancel { consumer_tag: ss("ctag-2"), nowait: b(4) }),
+            Method::BasicCancel(BasicCancel {
+                consumer_tag: ss("ctag-2"),
+                nowait: b(4),
+            }),
             C::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
                 consumer_tag: ts("ctag-2"),
                 nowait: b(4),
             })),
         ),
         (
-            Method::BasicCancelOk(BasicCancelOk { consumer_tag: ss("ctag-2") }),
-            C::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk { consumer_tag: ts("ctag-2") })),
+            Method::BasicCancelOk(BasicCancelOk {
+                consumer_tag: ss("ctag-2"),
+            }),
+            C::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                consumer_tag: ts("ctag-2"),
+            })),
         ),
         (
             Method::BasicPublish(BasicPublish {
@@ -632,8 +703,15 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             })),
         ),
         (
-            Method::BasicGet(BasicGet { ticket, queue: ss("q"), no_ack: b(3) }),
-            C::Basic(basic::AMQPMethod::Get(basic::Get { queue: ts("q"), no_ack: b(3) })),
+            Method::BasicGet(BasicGet {
+                ticket,
+                queue: ss("q"),
+                no_ack: b(3),
+            }),
+            C::Basic(basic::AMQPMethod::Get(basic::Get {
+                queue: ts("q"),
+                no_ack: b(3),
+            })),
         ),
         (
             Method::BasicGetOk(BasicGetOk {
@@ -652,23 +730,36 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             })),
         ),
         (
-            Method::BasicGetEmpty(BasicGetEmpty { cluster_id: res_s("cluster") }),
+            Method::BasicGetEmpty(BasicGetEmpty {
+                cluster_id: res_s("cluster"),
+            }),
             C::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
         ),
         (
-            Method::BasicAck(BasicAck { delivery_tag: 1000 + n, multiple: b(0) }),
+            Method::BasicAck(BasicAck {
+                delivery_tag: 1000 + n,
+                multiple: b(0),
+            }),
             C::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: 1000 + n,
                 multiple: b(0),
             })),
         ),
         (
-            Method::BasicReject(BasicReject { delivery_tag: 77, requeue: b(1) }),
-            C::Basic(basic::AMQPMethod::Reject(basic::Reject { delivery_tag: 77, requeue: b(1) })),
+            Method::BasicReject(BasicReject {
+                delivery_tag: 77,
+                requeue: b(1),
+            }),
+            C::Basic(basic::AMQPMethod::Reject(basic::Reject {
+                delivery_tag: 77,
+                requeue: b(1),
+            })),
         ),
         (
             Method::BasicRecoverAsync(BasicRecoverAsync { requeue: b(2) }),
-            C::Basic(basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue: b(2) })),
+            C::Basic(basic::AMQPMethod::RecoverAsync(basic::RecoverAsync {
+                requeue: b(2),
+            })),
         ),
         (
             Method::BasicRecover(BasicRecover { requeue: b(3) }),
@@ -679,7 +770,11 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
             C::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
         ),
         (
-            Method::BasicNack(BasicNack { delivery_tag: 5 + n, multiple: b(0), requeue: b(1) }),
+            Method::BasicNack(BasicNack {
+                delivery_tag: 5 + n,
+                multiple: b(0),
+                requeue: b(1),
+            }),
             C::Basic(basic::AMQPMethod::Nack(basic::Nack {
                 delivery_tag: 5 + n,
                 multiple: b(0),
@@ -689,18 +784,35 @@ fn all_cases(reserved: bool, p: u32) -> Vec<(Method, AMQPClass)> {
         // confirm
         (
             Method::ConfirmSelect(ConfirmSelect { nowait: b(0) }),
-            C::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: b(0) })),
+            C::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: b(0),
+            })),
         ),
         (
             Method::ConfirmSelectOk(ConfirmSelectOk {}),
             C::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
         ),
         // tx
-        (Method::TxSelect(TxSelect {}), C::Tx(tx::AMQPMethod::Select(tx::Select {}))),
-        (Method::TxSelectOk(TxSelectOk {}), C::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {}))),
-        (Method::TxCommit(TxCommit {}), C::Tx(tx::AMQPMethod::Commit(tx::Commit {}))),
-        (Method::TxCommitOk(TxCommitOk {}), C::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}))),
-        (Method::TxRollback(TxRollback {}), C::Tx(tx::AMQPMethod::Rollback(tx::Rollback {}))),
+        (
+            Method::TxSelect(TxSelect {}),
+            C::Tx(tx::AMQPMethod::Select(tx::Select {})),
+        ),
+        (
+            Method::TxSelectOk(TxSelectOk {}),
+            C::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
+        ),
+        (
+            Method::TxCommit(TxCommit {}),
+            C::Tx(tx::AMQPMethod::Commit(tx::Commit {})),
+        ),
+        (
+            Method::TxCommitOk(TxCommitOk {}),
+            C::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+        ),
+        (
+            Method::TxRollback(TxRollback {}),
+            C::Tx(tx::AMQPMethod::Rollback(tx::Rollback {})),
+        ),
         (
             Method::TxRollbackOk(TxRollbackOk {}),
             C::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
@@ -720,7 +832,12 @@ fn cases_cover_every_method() {
     every.sort_unstable();
     assert_eq!(ours, every);
     for (m, t) in &cases {
-        assert_eq!(m.ids(), (t.get_amqp_class_id(), t.get_amqp_method_id()), "{}", m.name());
+        assert_eq!(
+            m.ids(),
+            (t.get_amqp_class_id(), t.get_amqp_method_id()),
+            "{}",
+            m.name()
+        );
     }
 }
 
@@ -814,9 +931,16 @@ fn header_cases() -> Vec<(ContentHeader, AMQPContentHeader)> {
             .with_app_id(ts("warren-test"))
             .with_cluster_id(ts("c-1")),
     };
-    let none = ContentHeader { class_id: 60, body_size: 0, properties: BasicProperties::default() };
-    let their_none =
-        AMQPContentHeader { class_id: 60, body_size: 0, properties: TheirProps::default() };
+    let none = ContentHeader {
+        class_id: 60,
+        body_size: 0,
+        properties: BasicProperties::default(),
+    };
+    let their_none = AMQPContentHeader {
+        class_id: 60,
+        body_size: 0,
+        properties: TheirProps::default(),
+    };
     // A sparse mix: alternate properties.
     let sparse = ContentHeader {
         class_id: 60,
@@ -879,7 +1003,9 @@ fn bodies_and_heartbeats() {
     let mut joined = Vec::new();
     while !bytes.is_empty() {
         let (rest, frame) = parse_frame(bytes).unwrap();
-        let AMQPFrame::Body(9, chunk) = frame else { panic!("not a body frame: {frame}") };
+        let AMQPFrame::Body(9, chunk) = frame else {
+            panic!("not a body frame: {frame}")
+        };
         assert!(chunk.len() + FRAME_OVERHEAD <= 4096);
         joined.extend_from_slice(&chunk);
         bytes = rest;
@@ -896,7 +1022,10 @@ fn bodies_and_heartbeats() {
     assert_eq!(&hb[..], &their_bytes(&AMQPFrame::Heartbeat)[..]);
     assert_eq!(their_parse(&hb), AMQPFrame::Heartbeat);
     let f = our_frame(&hb);
-    assert_eq!((f.kind, f.channel, f.payload.len()), (FrameKind::Heartbeat, 0, 0));
+    assert_eq!(
+        (f.kind, f.channel, f.payload.len()),
+        (FrameKind::Heartbeat, 0, 0)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -919,14 +1048,27 @@ fn hot_path_decoding_does_not_allocate() {
             exchange: ss("x"),
             routing_key: ss("rk"),
         }),
-        Method::BasicAck(BasicAck { delivery_tag: 1, multiple: true }),
-        Method::BasicNack(BasicNack { delivery_tag: 2, multiple: false, requeue: true }),
-        Method::BasicReject(BasicReject { delivery_tag: 3, requeue: false }),
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: true,
+        }),
+        Method::BasicNack(BasicNack {
+            delivery_tag: 2,
+            multiple: false,
+            requeue: true,
+        }),
+        Method::BasicReject(BasicReject {
+            delivery_tag: 3,
+            requeue: false,
+        }),
     ];
     let header = ContentHeader {
         class_id: 60,
         body_size: 3,
-        properties: BasicProperties { delivery_mode: Some(2), ..Default::default() },
+        properties: BasicProperties {
+            delivery_mode: Some(2),
+            ..Default::default()
+        },
     };
     let mut buf = BytesMut::with_capacity(4096);
     // A leading heartbeat: the first split of a fresh BytesMut allocates its shared header once.

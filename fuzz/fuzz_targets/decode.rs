@@ -25,7 +25,9 @@ fn check_error(e: &CodecError) {
 /// Splits exactly one frame out of `bytes`, which must hold exactly one frame.
 fn one_frame(bytes: BytesMut) -> RawFrame {
     let mut buf = bytes;
-    let f = decode_frame(&mut buf, 0).expect("re-encoded frame").expect("complete");
+    let f = decode_frame(&mut buf, 0)
+        .expect("re-encoded frame")
+        .expect("complete");
     assert!(buf.is_empty(), "re-encoded frame left bytes behind");
     f
 }
@@ -36,7 +38,15 @@ fn check_method(channel: u16, payload: &bytes::Bytes) {
         Err(e) => return check_error(&e),
     };
     let (class_id, method_id) = m1.ids();
-    assert_eq!(&payload[..4], &[(class_id >> 8) as u8, class_id as u8, (method_id >> 8) as u8, method_id as u8]);
+    assert_eq!(
+        &payload[..4],
+        &[
+            (class_id >> 8) as u8,
+            class_id as u8,
+            (method_id >> 8) as u8,
+            method_id as u8
+        ]
+    );
     assert!(!m1.name().is_empty());
 
     let mut b1 = BytesMut::new();
@@ -49,7 +59,10 @@ fn check_method(channel: u16, payload: &bytes::Bytes) {
     let mut b2 = BytesMut::new();
     write_method(&mut b2, channel, &m2);
     assert_eq!(b1, b2, "encoding is not stable");
-    assert!(b1.len() <= payload.len() + FRAME_OVERHEAD, "re-encoding grew the payload");
+    assert!(
+        b1.len() <= payload.len() + FRAME_OVERHEAD,
+        "re-encoding grew the payload"
+    );
 }
 
 fn check_header(channel: u16, payload: &bytes::Bytes) {

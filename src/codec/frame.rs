@@ -7,8 +7,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::method::Method;
 use super::properties::ContentHeader;
 use super::{
-    CodecError, FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD,
-    FRAME_OVERHEAD, syntax,
+    CodecError, FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_OVERHEAD,
+    syntax,
 };
 
 /// Size of the frame header: type, channel, payload size.
@@ -81,7 +81,10 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFr
         .and_then(|s| s.checked_add(FRAME_OVERHEAD))
         .unwrap_or(usize::MAX);
     if frame_max != 0 && total > frame_max {
-        return Err(CodecError::FrameTooLarge { size: total, max: frame_max });
+        return Err(CodecError::FrameTooLarge {
+            size: total,
+            max: frame_max,
+        });
     }
     if buf.len() < total {
         if frame_max != 0 {
@@ -97,7 +100,11 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFr
     let mut frame = buf.split_to(total);
     frame.truncate(total - 1);
     frame.advance(HEADER_LEN);
-    Ok(Some(RawFrame { kind, channel, payload: frame.freeze() }))
+    Ok(Some(RawFrame {
+        kind,
+        channel,
+        payload: frame.freeze(),
+    }))
 }
 
 /// Writes a frame header with a zero size and returns where the size goes.
@@ -151,7 +158,9 @@ pub fn write_body(out: &mut BytesMut, channel: u16, body: &[u8], frame_max: usiz
     let chunk = if frame_max == 0 {
         max_payload
     } else {
-        frame_max.saturating_sub(FRAME_OVERHEAD).clamp(1, max_payload)
+        frame_max
+            .saturating_sub(FRAME_OVERHEAD)
+            .clamp(1, max_payload)
     };
     let frames = body.len().div_ceil(chunk);
     out.reserve(body.len() + frames * FRAME_OVERHEAD);
@@ -193,7 +202,10 @@ mod tests {
         write_method(
             &mut out,
             7,
-            &Method::BasicAck(BasicAck { delivery_tag: 42, multiple: true }),
+            &Method::BasicAck(BasicAck {
+                delivery_tag: 42,
+                multiple: true,
+            }),
         );
         out
     }
@@ -203,7 +215,9 @@ mod tests {
         let f = ack_frame();
         assert_eq!(
             &f[..],
-            &[1, 0, 7, 0, 0, 0, 13, 0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 42, 1, 0xCE]
+            &[
+                1, 0, 7, 0, 0, 0, 13, 0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 42, 1, 0xCE
+            ]
         );
     }
 
@@ -228,13 +242,19 @@ mod tests {
         assert_eq!(&frames[0].payload[..], &whole[7..whole.len() - 1]);
         assert_eq!(
             Method::decode(frames[0].payload.clone()).unwrap(),
-            Method::BasicAck(BasicAck { delivery_tag: 42, multiple: true })
+            Method::BasicAck(BasicAck {
+                delivery_tag: 42,
+                multiple: true
+            })
         );
-        assert_eq!(frames[1], RawFrame {
-            kind: FrameKind::Heartbeat,
-            channel: 0,
-            payload: Bytes::new()
-        });
+        assert_eq!(
+            frames[1],
+            RawFrame {
+                kind: FrameKind::Heartbeat,
+                channel: 0,
+                payload: Bytes::new()
+            }
+        );
     }
 
     #[test]
@@ -264,7 +284,10 @@ mod tests {
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf9][..]);
         assert_eq!(
             decode_frame(&mut buf, 4096),
-            Err(CodecError::FrameTooLarge { size: 4097, max: 4096 })
+            Err(CodecError::FrameTooLarge {
+                size: 4097,
+                max: 4096
+            })
         );
         // Exactly frame_max is fine (and waits for the rest).
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf8][..]);
@@ -276,7 +299,10 @@ mod tests {
         assert!(buf.capacity() < 1 << 20);
         assert_eq!(
             decode_frame(&mut buf, 1 << 20),
-            Err(CodecError::FrameTooLarge { size: (1usize << 32) + 7, max: 1 << 20 })
+            Err(CodecError::FrameTooLarge {
+                size: (1usize << 32) + 7,
+                max: 1 << 20
+            })
         );
     }
 
@@ -309,7 +335,10 @@ mod tests {
             assert_eq!((f.kind, f.channel), (FrameKind::Body, 3));
             frames.push(f.payload);
         }
-        assert_eq!(frames.iter().map(Bytes::len).collect::<Vec<_>>(), [4088, 4088, 1824]);
+        assert_eq!(
+            frames.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [4088, 4088, 1824]
+        );
         assert_eq!(frames.concat(), body);
         // Unlimited: one frame; empty: none.
         write_body(&mut out, 3, &body, 0);
@@ -366,7 +395,12 @@ mod tests {
 
     #[test]
     fn kind_octets() {
-        for k in [FrameKind::Method, FrameKind::Header, FrameKind::Body, FrameKind::Heartbeat] {
+        for k in [
+            FrameKind::Method,
+            FrameKind::Header,
+            FrameKind::Body,
+            FrameKind::Heartbeat,
+        ] {
             assert_eq!(FrameKind::from_octet(k.octet()), Ok(k));
         }
     }

@@ -229,8 +229,20 @@ mod tests {
             assert_eq!(&b[..4], &[(c >> 8) as u8, c as u8, (i >> 8) as u8, i as u8]);
             assert_eq!(&Method::decode(b).unwrap(), m, "{}", m.name());
         }
-        let content: Vec<_> = all.iter().filter(|m| m.has_content()).map(Method::name).collect();
-        assert_eq!(content, ["basic.publish", "basic.return", "basic.deliver", "basic.get-ok"]);
+        let content: Vec<_> = all
+            .iter()
+            .filter(|m| m.has_content())
+            .map(Method::name)
+            .collect();
+        assert_eq!(
+            content,
+            [
+                "basic.publish",
+                "basic.return",
+                "basic.deliver",
+                "basic.get-ok"
+            ]
+        );
     }
 
     #[test]
@@ -243,7 +255,10 @@ mod tests {
             immediate: false,
         });
         let b = encode(&m);
-        assert_eq!(&b[..], &[0, 60, 0, 40, 0, 0, 2, b'e', b'x', 2, b'r', b'k', 0b01]);
+        assert_eq!(
+            &b[..],
+            &[0, 60, 0, 40, 0, 0, 2, b'e', b'x', 2, b'r', b'k', 0b01]
+        );
         assert_eq!(Method::decode(b).unwrap(), m);
         assert_eq!(m.name(), "basic.publish");
         assert_eq!(m.ids(), (BasicPublish::CLASS_ID, BasicPublish::METHOD_ID));
@@ -278,8 +293,17 @@ mod tests {
         assert_eq!(&b[4..], &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 7, 1, 0, 1, b'q']);
         assert_eq!(Method::decode(b).unwrap(), m);
         // basic.nack: two bits in one octet.
-        for (multiple, requeue, octet) in [(false, false, 0), (true, false, 1), (false, true, 2), (true, true, 3)] {
-            let m = Method::BasicNack(BasicNack { delivery_tag: 1, multiple, requeue });
+        for (multiple, requeue, octet) in [
+            (false, false, 0),
+            (true, false, 1),
+            (false, true, 2),
+            (true, true, 3),
+        ] {
+            let m = Method::BasicNack(BasicNack {
+                delivery_tag: 1,
+                multiple,
+                requeue,
+            });
             let b = encode(&m);
             assert_eq!(b.len(), 4 + 8 + 1);
             assert_eq!(b[12], octet);
@@ -292,7 +316,10 @@ mod tests {
         let b = Bytes::from_static(&[0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 9, 0b1111_1110]);
         assert_eq!(
             Method::decode(b).unwrap(),
-            Method::BasicAck(BasicAck { delivery_tag: 9, multiple: false })
+            Method::BasicAck(BasicAck {
+                delivery_tag: 9,
+                multiple: false
+            })
         );
     }
 
@@ -300,20 +327,35 @@ mod tests {
     fn errors() {
         assert_eq!(
             Method::decode(Bytes::from_static(&[0, 30, 0, 10, 0])),
-            Err(CodecError::UnknownMethod { class_id: 30, method_id: 10 })
+            Err(CodecError::UnknownMethod {
+                class_id: 30,
+                method_id: 10
+            })
         );
         assert!(matches!(
             Method::decode(Bytes::from_static(&[0, 60, 0])),
             Err(CodecError::Syntax { .. })
         ));
-        assert!(matches!(Method::decode(Bytes::new()), Err(CodecError::Syntax { .. })));
+        assert!(matches!(
+            Method::decode(Bytes::new()),
+            Err(CodecError::Syntax { .. })
+        ));
         // basic.ack with trailing garbage, and truncated.
-        let ack = encode(&Method::BasicAck(BasicAck { delivery_tag: 1, multiple: true }));
+        let ack = encode(&Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: true,
+        }));
         let mut long = BytesMut::from(&ack[..]);
         long.put_u8(0);
-        assert!(matches!(Method::decode(long.freeze()), Err(CodecError::Syntax { .. })));
+        assert!(matches!(
+            Method::decode(long.freeze()),
+            Err(CodecError::Syntax { .. })
+        ));
         for n in 4..ack.len() {
-            assert!(matches!(Method::decode(ack.slice(..n)), Err(CodecError::Syntax { .. })));
+            assert!(matches!(
+                Method::decode(ack.slice(..n)),
+                Err(CodecError::Syntax { .. })
+            ));
         }
         // An empty-argument method followed by a byte.
         assert!(Method::decode(Bytes::from_static(&[0, 90, 0, 10, 0])).is_err());
@@ -329,7 +371,10 @@ mod tests {
             exclusive: false,
             auto_delete: false,
             nowait: false,
-            arguments: FieldTable(vec![(s("x-queue-type"), FieldValue::LongStr("quorum".into()))]),
+            arguments: FieldTable(vec![(
+                s("x-queue-type"),
+                FieldValue::LongStr("quorum".into()),
+            )]),
         });
         let payload = encode(&m);
         let range = payload.as_ptr_range();

@@ -96,9 +96,9 @@ impl CodecError {
     ///   `connection.close`). 503 is the spec's closest code.
     pub fn reply_code(&self) -> u16 {
         match self {
-            CodecError::FrameType(_) | CodecError::FrameTooLarge { .. } | CodecError::FrameEnd(_) => {
-                REPLY_FRAME_ERROR
-            }
+            CodecError::FrameType(_)
+            | CodecError::FrameTooLarge { .. }
+            | CodecError::FrameEnd(_) => REPLY_FRAME_ERROR,
             CodecError::Syntax { .. } => REPLY_SYNTAX_ERROR,
             CodecError::UnknownMethod { .. } => REPLY_COMMAND_INVALID,
         }
@@ -117,10 +117,17 @@ mod tests {
     fn reply_codes() {
         assert_eq!(CodecError::FrameType(9).reply_code(), 501);
         assert_eq!(CodecError::FrameEnd(0).reply_code(), 501);
-        assert_eq!(CodecError::FrameTooLarge { size: 9, max: 8 }.reply_code(), 501);
+        assert_eq!(
+            CodecError::FrameTooLarge { size: 9, max: 8 }.reply_code(),
+            501
+        );
         assert_eq!(syntax("x").reply_code(), 502);
         assert_eq!(
-            CodecError::UnknownMethod { class_id: 30, method_id: 10 }.reply_code(),
+            CodecError::UnknownMethod {
+                class_id: 30,
+                method_id: 10
+            }
+            .reply_code(),
             503
         );
         assert_eq!(

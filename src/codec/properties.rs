@@ -135,7 +135,11 @@ impl ContentHeader {
         let body_size = r.u64()?;
         let properties = BasicProperties::read(&mut r)?;
         r.finish("content header")?;
-        Ok(ContentHeader { class_id, body_size, properties })
+        Ok(ContentHeader {
+            class_id,
+            body_size,
+            properties,
+        })
     }
 
     /// Appends the payload (not the frame) to `out`.
@@ -193,7 +197,11 @@ mod tests {
         assert_eq!(full.properties.flags(), 0xFFFC);
         let b = encode(&full);
         assert_eq!(ContentHeader::decode(b.clone()).unwrap(), full);
-        let empty = ContentHeader { class_id: 60, body_size: 0, properties: Default::default() };
+        let empty = ContentHeader {
+            class_id: 60,
+            body_size: 0,
+            properties: Default::default(),
+        };
         let b = encode(&empty);
         assert_eq!(&b[..], &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(ContentHeader::decode(b).unwrap(), empty);
@@ -208,7 +216,11 @@ mod tests {
                 let mut p = BasicProperties::default();
                 p.$f = full.$f.clone();
                 assert_eq!(p.flags(), bit, stringify!($f));
-                let h = ContentHeader { class_id: 60, body_size: 3, properties: p };
+                let h = ContentHeader {
+                    class_id: 60,
+                    body_size: 3,
+                    properties: p,
+                };
                 assert_eq!(ContentHeader::decode(encode(&h)).unwrap(), h);
                 bit >>= 1;
             };
@@ -225,8 +237,13 @@ mod tests {
         assert_eq!(h.body_size, 5);
         assert_eq!(h.properties.delivery_mode, Some(2));
         // Two continuation words.
-        let b = Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0x10, 0x01, 0, 1, 0, 0, 2]);
-        assert_eq!(ContentHeader::decode(b).unwrap().properties.delivery_mode, Some(2));
+        let b = Bytes::from_static(&[
+            0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0x10, 0x01, 0, 1, 0, 0, 2,
+        ]);
+        assert_eq!(
+            ContentHeader::decode(b).unwrap().properties.delivery_mode,
+            Some(2)
+        );
         // A continuation word naming an unknown property.
         let b = Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0x10, 0x01, 0x80, 0, 2]);
         assert!(ContentHeader::decode(b).is_err());
@@ -242,7 +259,10 @@ mod tests {
     fn malformed_headers_are_refused() {
         let good = encode(&all_set());
         for n in 0..good.len() {
-            assert!(ContentHeader::decode(good.slice(..n)).is_err(), "truncated to {n}");
+            assert!(
+                ContentHeader::decode(good.slice(..n)).is_err(),
+                "truncated to {n}"
+            );
         }
         let mut trailing = BytesMut::from(&good[..]);
         trailing.put_u8(0);

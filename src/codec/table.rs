@@ -264,7 +264,10 @@ mod tests {
             FieldValue::I64(-9_000_000_000_000),
             FieldValue::F32(1.5),
             FieldValue::F64(-2.25e100),
-            FieldValue::Decimal { scale: 2, value: 12345 },
+            FieldValue::Decimal {
+                scale: 2,
+                value: 12345,
+            },
             FieldValue::LongStr(LongStr::from("long \u{e9}")),
             FieldValue::ByteArray(Bytes::from_static(&[0, 1, 0xff])),
             FieldValue::Array(vec![FieldValue::I32(1), FieldValue::LongStr("a".into())]),
@@ -360,18 +363,21 @@ mod tests {
     #[test]
     fn malformed_tables_are_refused() {
         let cases: &[&[u8]] = &[
-            &[0, 0, 0, 5, 1, b'k', b'?'],           // length past the end
-            &[0, 0, 0, 3, 1, b'k', b'?'],           // unknown tag
-            &[0, 0, 0, 3, 1, b'k', b'I'],           // truncated value
-            &[0, 0, 0, 2, 5, b'k'],                 // truncated key
+            &[0, 0, 0, 5, 1, b'k', b'?'],             // length past the end
+            &[0, 0, 0, 3, 1, b'k', b'?'],             // unknown tag
+            &[0, 0, 0, 3, 1, b'k', b'I'],             // truncated value
+            &[0, 0, 0, 2, 5, b'k'],                   // truncated key
             &[0, 0, 0, 7, 1, b'k', b'S', 0, 0, 1, 0], // long string past the table
-            &[0, 0, 0, 3, 1, b'k', b'A'],           // truncated array length
-            &[0, 0],                                // truncated table length
-            &[0xff, 0xff, 0xff, 0xff],              // 4 GiB table, 0 bytes present
+            &[0, 0, 0, 3, 1, b'k', b'A'],             // truncated array length
+            &[0, 0],                                  // truncated table length
+            &[0xff, 0xff, 0xff, 0xff],                // 4 GiB table, 0 bytes present
         ];
         for c in cases {
             assert!(
-                matches!(decode_table(Bytes::from_static(c)), Err(CodecError::Syntax { .. })),
+                matches!(
+                    decode_table(Bytes::from_static(c)),
+                    Err(CodecError::Syntax { .. })
+                ),
                 "{c:?}"
             );
         }
@@ -383,7 +389,10 @@ mod tests {
             t = if i % 2 == 0 {
                 FieldTable(vec![(key("t"), FieldValue::Table(t))])
             } else {
-                FieldTable(vec![(key("a"), FieldValue::Array(vec![FieldValue::Table(t)]))])
+                FieldTable(vec![(
+                    key("a"),
+                    FieldValue::Array(vec![FieldValue::Table(t)]),
+                )])
             };
         }
         t

@@ -217,7 +217,11 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) fn new(buf: Bytes) -> Self {
-        Reader { buf, bits: 0, bit_pos: 8 }
+        Reader {
+            buf,
+            bits: 0,
+            bit_pos: 8,
+        }
     }
 
     pub(crate) fn remaining(&self) -> usize {
@@ -226,7 +230,11 @@ impl Reader {
 
     /// Fails unless every byte has been consumed.
     pub(crate) fn finish(&self, what: &'static str) -> Result<(), CodecError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(syntax(what)) }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(syntax(what))
+        }
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], CodecError> {
@@ -302,7 +310,11 @@ pub(crate) struct Writer<'a> {
 
 impl<'a> Writer<'a> {
     pub(crate) fn new(out: &'a mut BytesMut) -> Self {
-        Writer { out, bits: 0, nbits: 0 }
+        Writer {
+            out,
+            bits: 0,
+            nbits: 0,
+        }
     }
 
     fn flush_bits(&mut self) {

@@ -9,6 +9,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod io;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod upstream;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::codec::FieldTable;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::upstream::probe;
 
 /// State shared by every connection of one proxy.
@@ -24,11 +25,17 @@ pub struct Shared {
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
     next_id: AtomicU64,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
     pub fn new(config: Arc<Config>) -> Self {
-        Shared { config: ArcSwap::new(config), server_properties: ArcSwapOption::empty(), next_id: AtomicU64::new(1) }
+        Shared {
+            config: ArcSwap::new(config),
+            server_properties: ArcSwapOption::empty(),
+            next_id: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::default()),
+        }
     }
 
     /// The running configuration.
@@ -149,6 +156,7 @@ async fn accept_loop(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             warn!(%peer, "connection refused: max_connections reached");
+            shared.metrics.connections_refused.inc();
             drop(stream);
             continue;
         };

@@ -139,6 +139,8 @@ pub struct UpstreamAck {
     pub link: LinkId,
     pub upstream_tag: u64,
     pub multiple: bool,
+    /// How many deliveries this ack settles.
+    pub count: u32,
 }
 
 /// The tag the client named is not outstanding: RabbitMQ closes the channel with 406.
@@ -189,15 +191,21 @@ impl DeliveryTags {
                     Some(a) => {
                         a.upstream_tag = entry.upstream_tag;
                         a.multiple = true;
+                        a.count += 1;
                     }
-                    None => out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false }),
+                    None => out.push(UpstreamAck {
+                        link: entry.link,
+                        upstream_tag: entry.upstream_tag,
+                        multiple: false,
+                        count: 1,
+                    }),
                 }
             }
             return Ok(());
         }
         let i = self.position(tag).ok_or(UnknownTag(tag))?;
         let entry = self.unacked.remove(i).ok_or(UnknownTag(tag))?;
-        out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false });
+        out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false, count: 1 });
         Ok(())
     }
 
@@ -211,12 +219,17 @@ impl DeliveryTags {
 
     /// Forgets every outstanding delivery of `link` (recover, or the link's channel is gone: the
     /// broker requeues them, so their tags can never be acked).
-    pub fn forget_link(&mut self, link: LinkId) {
+    pub fn forget_link(&mut self, link: LinkId) -> usize {
+        let before = self.unacked.len();
         self.unacked.retain(|e| e.link != link);
+        before - self.unacked.len()
     }
 
-    pub fn forget_all(&mut self) {
-        self.unacked.clear();
+    /// Forgets every outstanding delivery, calling `each` with the link of each one.
+    pub fn forget_all(&mut self, mut each: impl FnMut(LinkId)) {
+        for e in self.unacked.drain(..) {
+            each(e.link);
+        }
     }
 }
 
@@ -272,14 +285,15 @@ impl ClientConfirms {
 #[derive(Debug, Default)]
 pub struct UpstreamConfirms {
     next: u64,
-    pending: VecDeque<(u64, u64)>,
+    /// (upstream seq, client seq, when published)
+    pending: VecDeque<(u64, u64, std::time::Instant)>,
 }
 
 impl UpstreamConfirms {
     /// Records a publish sent upstream for client sequence `client_seq`.
     pub fn record(&mut self, client_seq: u64) {
         self.next += 1;
-        self.pending.push_back((self.next, client_seq));
+        self.pending.push_back((self.next, client_seq, std::time::Instant::now()));
     }
 
     /// Counts a publish the client did not ask to be confirmed (the upstream channel still numbers it).
@@ -287,23 +301,28 @@ impl UpstreamConfirms {
         self.next += 1;
     }
 
-    /// Resolves an upstream ack or nack into client sequence numbers (ascending).
-    pub fn resolve(&mut self, upstream_seq: u64, multiple: bool, out: &mut Vec<u64>) {
+    /// Resolves an upstream ack or nack into client sequence numbers (ascending); returns when
+    /// the oldest of them was published.
+    pub fn resolve(&mut self, upstream_seq: u64, multiple: bool, out: &mut Vec<u64>) -> Option<std::time::Instant> {
         out.clear();
+        let mut oldest = None;
         if multiple {
-            while let Some(&(u, c)) = self.pending.front() {
+            while let Some(&(u, c, t)) = self.pending.front() {
                 if u > upstream_seq {
                     break;
                 }
                 self.pending.pop_front();
+                oldest.get_or_insert(t);
                 out.push(c);
             }
-        } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.0) {
-            if let Some((_, c)) = self.pending.remove(i) {
-                out.push(c);
-            }
+        } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.0)
+            && let Some((_, c, t)) = self.pending.remove(i)
+        {
+            oldest = Some(t);
+            out.push(c);
         }
         out.sort_unstable();
+        oldest
     }
 
     pub fn pending(&self) -> usize {
@@ -404,19 +423,19 @@ mod tests {
         assert_eq!(t.issue(0, 3, true), 5);
         let mut out = Vec::new();
         t.resolve(2, false, &mut out).unwrap();
-        assert_eq!(out, vec![UpstreamAck { link: 1, upstream_tag: 1, multiple: false }]);
+        assert_eq!(out, vec![UpstreamAck { link: 1, upstream_tag: 1, multiple: false, count: 1 }]);
         t.resolve(4, true, &mut out).unwrap();
         assert_eq!(
             out,
             vec![
-                UpstreamAck { link: 0, upstream_tag: 2, multiple: true },
-                UpstreamAck { link: 1, upstream_tag: 2, multiple: false },
+                UpstreamAck { link: 0, upstream_tag: 2, multiple: true, count: 2 },
+                UpstreamAck { link: 1, upstream_tag: 2, multiple: false, count: 1 },
             ]
         );
         assert_eq!(t.resolve(4, false, &mut out), Err(UnknownTag(4)));
         assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
         t.resolve(0, true, &mut out).unwrap();
-        assert_eq!(out, vec![UpstreamAck { link: 0, upstream_tag: 3, multiple: false }]);
+        assert_eq!(out, vec![UpstreamAck { link: 0, upstream_tag: 3, multiple: false, count: 1 }]);
         assert_eq!(t.outstanding(), 0);
     }
 

@@ -30,6 +30,7 @@ use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
 use crate::codec::{self, FrameKind, Method, ShortStr};
 use crate::config::{Config, Role};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError, run_writer};
+use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Shared;
 use crate::route::{Class, RoundRobin, Rules};
 use crate::upstream::{self, ConnectError, Link, LinkDown, LinkEvent, LinkId, LinkSpec};
@@ -55,10 +56,12 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
             }
             let _ = stream.shutdown().await;
             info!(conn = id, %peer, %reason, "connection refused during handshake");
+            shared.metrics.connections_refused.inc();
             return;
         }
         Err(Refusal::Close { code, text, class_id, method_id }) => {
             warn!(conn = id, %peer, code, %text, "connection refused during handshake");
+            shared.metrics.connections_refused.inc();
             handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
             return;
         }
@@ -79,17 +82,21 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         channel_max: greeting.channel_max,
         connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
         buffer_limit: config.limits.client_buffer_bytes,
+        metrics: None,
     };
     let (events_tx, events_rx) = mpsc::channel(LINK_EVENT_QUEUE * config.clusters.len().max(1));
-    let links = match open_links(&config, &base, &events_tx).await {
+    let metrics = shared.metrics.clone();
+    let links = match open_links(&config, &base, &events_tx, &metrics).await {
         Ok(links) => links,
         Err(ConnectError::Refused { node, code, text }) => {
             warn!(conn = id, %peer, user = %user, vhost = %vhost, %node, code, %text, "connection refused by the broker");
+            metrics.connections_refused.inc();
             handshake::refuse(&mut stream, &mut rbuf, code, &text, 10, 40).await;
             return;
         }
         Err(e @ ConnectError::Unreachable { .. }) => {
             warn!(conn = id, %peer, user = %user, vhost = %vhost, error = %e, "no upstream cluster available");
+            metrics.connections_refused.inc();
             let text = truncate(&format!("CONNECTION_FORCED - {e}"));
             handshake::refuse(&mut stream, &mut rbuf, 320, &text, 10, 40).await;
             return;
@@ -103,9 +110,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     let client_out = Outbox::new(config.limits.client_buffer_bytes);
     client_out.push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
     let heartbeat = (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
-    let writer = tokio::spawn(run_writer(client_out.clone(), wr, heartbeat.map(|h| h / 2)));
+    let writer = tokio::spawn(run_writer(client_out.clone(), wr, heartbeat.map(|h| h / 2), None));
     let clusters: Vec<String> = links.iter().map(|s| format!("{}@{}", s.link.cluster, s.link.node)).collect();
     info!(conn = id, %peer, user = %user, vhost = %vhost, links = ?clusters, "connection opened");
+    metrics.connections.inc();
+    metrics.connections_total.inc();
 
     let control = links.iter().position(|s| s.role == Role::Control);
     let mut session = Session {
@@ -127,9 +136,12 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
+        metrics: metrics.clone(),
     };
     let reason = session.run(rd, rbuf, events_rx, heartbeat, config.limits.max_message_size, force_close).await;
     drop(events_tx);
+    session.release_gauges();
+    metrics.connections.dec();
 
     client_out.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
@@ -147,11 +159,17 @@ async fn open_links(
     config: &Config,
     base: &LinkSpec,
     events: &mpsc::Sender<LinkEvent>,
+    metrics: &Metrics,
 ) -> Result<Vec<LinkSlot>, ConnectError> {
     let mut tasks = JoinSet::new();
     let clusters: Vec<_> = config.clusters.iter().take(LinkSet::CAPACITY).collect();
     for (i, cluster) in clusters.iter().enumerate() {
-        let spec = LinkSpec { cluster: Arc::from(cluster.name.as_str()), nodes: cluster.nodes.clone(), ..base.clone() };
+        let spec = LinkSpec {
+            cluster: Arc::from(cluster.name.as_str()),
+            nodes: cluster.nodes.clone(),
+            metrics: Some(metrics.cluster(&cluster.name)),
+            ..base.clone()
+        };
         let events = events.clone();
         tasks.spawn(async move { (i, upstream::link::connect(i, &spec, events).await) });
     }
@@ -165,6 +183,7 @@ async fn open_links(
             Err(e @ ConnectError::Refused { .. }) => refusal = Some(e),
             Err(e) => {
                 warn!(cluster = %clusters[i].name, error = %e, "cluster unreachable; continuing without it");
+                metrics.cluster(&clusters[i].name).link_failures.inc();
                 unreachable = Some(e);
             }
         }
@@ -179,7 +198,7 @@ async fn open_links(
     for (cluster, link) in clusters.iter().zip(opened) {
         let Some(link) = link else { continue };
         any_shard |= cluster.role == Role::Shard;
-        slots.push(LinkSlot::new(link, cluster.role, cluster.weight, cluster.drain));
+        slots.push(LinkSlot::new(link, cluster.role, cluster.weight, cluster.drain, metrics.cluster(&cluster.name)));
     }
     if !any_shard {
         return Err(unreachable.unwrap_or(ConnectError::Unreachable {
@@ -238,6 +257,7 @@ impl Default for UpChan {
 
 struct LinkSlot {
     link: Link,
+    m: ClusterMetrics,
     role: Role,
     weight: u32,
     drain: bool,
@@ -248,8 +268,29 @@ struct LinkSlot {
 }
 
 impl LinkSlot {
-    fn new(link: Link, role: Role, weight: u32, drain: bool) -> Self {
-        LinkSlot { link, role, weight, drain, chans: Vec::new(), done: false, blocked: false }
+    fn new(link: Link, role: Role, weight: u32, drain: bool, m: ClusterMetrics) -> Self {
+        m.links.inc();
+        LinkSlot { link, m, role, weight, drain, chans: Vec::new(), done: false, blocked: false }
+    }
+
+    /// Marks the link closed; returns whether it was open.
+    fn mark_done(&mut self) -> bool {
+        let was_live = !std::mem::replace(&mut self.done, true);
+        if was_live {
+            self.m.links.dec();
+        }
+        was_live
+    }
+
+    /// Resets an upstream channel that is gone, releasing its pending confirms; returns its
+    /// reopen flag and its first pending request.
+    fn reset_chan(&mut self, ch: u16) -> (bool, Option<Pending>) {
+        let m = self.m.confirms_pending.clone();
+        let up = self.chan(ch);
+        m.dec_by(up.confirms.pending() as i64);
+        let out = (up.reopen, up.pending.front().copied());
+        *up = UpChan::default();
+        out
     }
 
     fn chan(&mut self, ch: u16) -> &mut UpChan {
@@ -382,6 +423,7 @@ struct Session {
     scratch_acks: Vec<UpstreamAck>,
     scratch_seqs: Vec<u64>,
     scratch_confirms: Vec<ClientConfirm>,
+    metrics: Arc<Metrics>,
 }
 
 fn close_method(code: u16, text: &'static str) -> Method {
@@ -400,6 +442,12 @@ fn connection_close(code: u16, text: &'static str) -> Method {
         class_id: 0,
         method_id: 0,
     })
+}
+
+fn unacked_dec(links: &[LinkSlot], link: LinkId) {
+    if let Some(slot) = links.get(link) {
+        slot.m.unacked.dec();
+    }
 }
 
 /// Splits a prefetch window over the shard links: each gets its share, the remainder going to
@@ -600,8 +648,24 @@ impl Session {
     }
 
     fn free_channel(&mut self, ch: u16) {
-        if let Some(slot) = self.channels.get_mut(usize::from(ch)) {
-            *slot = None;
+        if let Some(slot) = self.channels.get_mut(usize::from(ch))
+            && let Some(mut channel) = slot.take()
+        {
+            channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+            self.metrics.channels.dec();
+        }
+    }
+
+    /// Gives back what this session added to the shared gauges.
+    fn release_gauges(&mut self) {
+        for ch in 0..self.channels.len() {
+            self.free_channel(ch as u16);
+        }
+        for slot in &mut self.links {
+            let pending: usize = slot.chans.iter().map(|c| c.confirms.pending()).sum();
+            slot.m.confirms_pending.dec_by(pending as i64);
+            slot.chans.clear();
+            slot.mark_done();
         }
     }
 
@@ -700,7 +764,7 @@ impl Session {
         if let Method::ChannelOpen(_) = method {
             return self.open_channel(ch, &method);
         }
-        let Some(channel) = self.channel_mut(ch) else {
+        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else {
             return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
         };
         match channel.state {
@@ -807,7 +871,7 @@ impl Session {
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 // The brokers redeliver everything unacknowledged with new tags.
-                channel.tags.forget_all();
+                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
                 self.fan_out(ch, &method, self.live_links())?;
             }
             Method::ConfirmSelect(_) => {
@@ -893,6 +957,7 @@ impl Session {
         let mut channel = Channel::new();
         let id = channel.push_rpc(targets.len(), Vec::new());
         self.channels[i] = Some(channel);
+        self.metrics.channels.inc();
         for link in targets.iter() {
             self.links[link].open(ch, Pending::Rpc(id));
         }
@@ -997,9 +1062,13 @@ impl Session {
         };
         let client_seq = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()).map(|c| c.next_seq());
         let slot = &mut self.links[link];
+        slot.m.publishes.inc();
         let up = slot.chan(ch);
         match client_seq {
-            Some(seq) => up.confirms.record(seq),
+            Some(seq) => {
+                up.confirms.record(seq);
+                slot.m.confirms_pending.inc();
+            }
             None if up.confirm_mode => up.confirms.skip(),
             None => {}
         }
@@ -1017,6 +1086,8 @@ impl Session {
             Ok(()) => {
                 for a in &acks {
                     if let Some(slot) = self.links.get(a.link) {
+                        slot.m.acks.inc();
+                        slot.m.unacked.dec_by(i64::from(a.count));
                         slot.send(ch, &make(a.upstream_tag, a.multiple));
                     }
                 }
@@ -1036,10 +1107,10 @@ impl Session {
         let (class_id, method_id) = method.ids();
         let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
         self.to_client(ch, &Method::ChannelClose(codec::ChannelClose { reply_code: code, reply_text, class_id, method_id }));
-        if let Some(channel) = self.channel_mut(ch) {
+        if let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) {
             channel.state = ChannelState::AwaitingCloseOk;
             channel.rpcs.clear();
-            channel.tags.forget_all();
+            channel.tags.forget_all(|l| unacked_dec(&self.links, l));
         }
         let close = close_method(200, "client channel closed by the proxy");
         for slot in &mut self.links {
@@ -1065,7 +1136,10 @@ impl Session {
 
     fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {
         let Some(slot) = self.links.get_mut(link) else { return };
-        let was_done = std::mem::replace(&mut slot.done, true);
+        let was_done = !slot.mark_done();
+        if !was_done && self.closing.is_none() {
+            slot.m.link_failures.inc();
+        }
         match &self.closing {
             Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
             Some(Closing::ByProxy { .. }) => {}
@@ -1092,28 +1166,22 @@ impl Session {
             Method::ChannelClose(_) => {
                 let slot = &mut self.links[link];
                 slot.send(ch, &Method::ChannelCloseOk(Default::default()));
-                let up = slot.chan(ch);
-                let (reopen, pending) = (up.reopen, std::mem::take(&mut up.pending));
-                *up = UpChan::default();
-                if reopen {
+                if let (true, pending) = slot.reset_chan(ch) {
                     // The client closed and reopened while this close was in flight.
-                    if let Some(p) = pending.front() {
-                        slot.open(ch, *p);
+                    if let Some(p) = pending {
+                        slot.open(ch, p);
                     }
                     return;
                 }
             }
             Method::ChannelCloseOk(_) => {
                 let slot = &mut self.links[link];
-                let up = slot.chan(ch);
-                if up.state != UpState::Closing {
+                if slot.chan(ch).state != UpState::Closing {
                     return;
                 }
-                let (reopen, pending) = (up.reopen, std::mem::take(&mut up.pending));
-                *up = UpChan::default();
-                if reopen {
-                    if let Some(p) = pending.front() {
-                        slot.open(ch, *p);
+                if let (true, pending) = slot.reset_chan(ch) {
+                    if let Some(p) = pending {
+                        slot.open(ch, p);
                     }
                     return;
                 }
@@ -1151,7 +1219,7 @@ impl Session {
                 // code and text; its parts on the other clusters are closed behind it.
                 channel.state = ChannelState::AwaitingCloseOk;
                 channel.rpcs.clear();
-                channel.tags.forget_all();
+                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
                 self.to_client(ch, &Method::ChannelClose(c));
                 let close = close_method(200, "sibling channel closed");
                 for slot in &mut self.links {
@@ -1162,6 +1230,11 @@ impl Session {
             Method::BasicDeliver(mut d) => {
                 let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
                 d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
+                let m = &self.links[link].m;
+                m.deliveries.inc();
+                if needs_ack {
+                    m.unacked.inc();
+                }
                 self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
             }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
@@ -1227,6 +1300,11 @@ impl Session {
                 Method::BasicGetOk(mut g) => {
                     let needs_ack = !channel.get_no_ack.take().unwrap_or(false);
                     g.delivery_tag = channel.tags.issue(reply.link, g.delivery_tag, needs_ack);
+                    let m = &self.links[reply.link].m;
+                    m.deliveries.inc();
+                    if needs_ack {
+                        m.unacked.inc();
+                    }
                     self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
                 }
                 Method::BasicGetEmpty(e) => {
@@ -1256,7 +1334,14 @@ impl Session {
     fn confirm(&mut self, link: LinkId, ch: u16, upstream_seq: u64, multiple: bool, ack: bool) {
         let mut seqs = std::mem::take(&mut self.scratch_seqs);
         let mut out = std::mem::take(&mut self.scratch_confirms);
-        self.links[link].chan(ch).confirms.resolve(upstream_seq, multiple, &mut seqs);
+        let oldest = self.links[link].chan(ch).confirms.resolve(upstream_seq, multiple, &mut seqs);
+        let m = &self.links[link].m;
+        if let Some(t) = oldest {
+            m.confirm_latency.observe(t.elapsed().as_secs_f64());
+        }
+        let n = seqs.len() as u64;
+        m.confirms_pending.dec_by(n as i64);
+        if ack { m.confirm_acks.inc_by(n) } else { m.confirm_nacks.inc_by(n) };
         if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
             confirms.settle(&seqs, &mut out);
             for c in &out {
@@ -1277,7 +1362,7 @@ impl Session {
             Method::ConnectionClose(c) => {
                 let slot = &mut self.links[link];
                 slot.send(0, &Method::ConnectionCloseOk(Default::default()));
-                slot.done = true;
+                slot.mark_done();
                 match &self.closing {
                     Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
                     Some(Closing::ByProxy { .. }) => {}
@@ -1296,7 +1381,7 @@ impl Session {
                 }
             }
             Method::ConnectionCloseOk(_) => {
-                self.links[link].done = true;
+                self.links[link].mark_done();
                 self.maybe_finish_client_close();
             }
             Method::ConnectionBlocked(b) => {

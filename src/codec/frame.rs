@@ -60,8 +60,8 @@ pub struct RawFrame {
 /// `frame_max` is the negotiated limit for the whole frame (payload + 8); 0 means no limit.
 /// The type octet is checked as soon as it is present and the size as soon as the 7-byte header
 /// is in, so an oversized frame is refused before it is buffered; the frame-end octet is checked
-/// once the whole frame is in. When `frame_max` is set and the frame is incomplete, `buf` is
-/// grown to hold the whole frame so the next read can complete it in one go.
+/// once the whole frame is in. Nothing is reserved from the announced size: memory is only
+/// committed for bytes the peer actually sent.
 ///
 /// A heartbeat frame is returned with whatever payload it carries: callers that follow
 /// RabbitMQ treat a non-empty heartbeat or one on a channel other than 0 as an error.
@@ -87,10 +87,6 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFr
         });
     }
     if buf.len() < total {
-        if frame_max != 0 {
-            // Bounded by frame_max, which was checked above.
-            buf.reserve(total - buf.len());
-        }
         return Ok(None);
     }
     let end = buf[total - 1];
@@ -292,8 +288,8 @@ mod tests {
         // Exactly frame_max is fine (and waits for the rest).
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf8][..]);
         assert_eq!(decode_frame(&mut buf, 4096), Ok(None));
-        assert!(buf.capacity() >= 4096);
-        // No limit: a 4 GiB announcement just waits, without reserving.
+        assert_eq!(buf.len(), 7);
+        // No limit: a 4 GiB announcement just waits, reserving nothing.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(decode_frame(&mut buf, 0), Ok(None));
         assert!(buf.capacity() < 1 << 20);

@@ -122,7 +122,12 @@ impl Outbox {
 /// When `heartbeat` is set, a heartbeat frame is written whenever nothing else was written for that
 /// long, which is exactly the AMQP rule ("any frame counts"), so a busy link never spends bytes on
 /// heartbeats and an idle one still proves it is alive.
-pub async fn run_writer<W>(outbox: Arc<Outbox>, mut sink: W, heartbeat: Option<Duration>) -> std::io::Result<()>
+pub async fn run_writer<W>(
+    outbox: Arc<Outbox>,
+    mut sink: W,
+    heartbeat: Option<Duration>,
+    written_bytes: Option<prometheus_client::metrics::counter::Counter>,
+) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -152,6 +157,9 @@ where
             continue;
         }
         let written = sink.write_all(&spare).await;
+        if let Some(c) = &written_bytes {
+            c.inc_by(spare.len() as u64);
+        }
         spare.clear();
         if spare.capacity() > KEEP_CAPACITY {
             spare = BytesMut::with_capacity(16 * 1024);

@@ -34,6 +34,8 @@ pub struct LinkSpec {
     pub channel_max: u16,
     pub connect_timeout: Duration,
     pub buffer_limit: usize,
+    /// Byte counters of this cluster.
+    pub metrics: Option<crate::metrics::ClusterMetrics>,
 }
 
 /// Why a link could not be opened.
@@ -266,13 +268,15 @@ fn spawn(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened, events: mpsc
     let outbox = Outbox::new(spec.buffer_limit);
     let heartbeat = (open.heartbeat > 0).then(|| Duration::from_secs(u64::from(open.heartbeat)));
     // Send at half the interval so the broker never sees a gap near its own deadline.
+    let bytes_to = spec.metrics.as_ref().map(|m| m.bytes_to.clone());
+    let bytes_from = spec.metrics.as_ref().map(|m| m.bytes_from.clone());
     let writer = tokio::spawn({
         let outbox = outbox.clone();
         async move {
-            let _ = run_writer(outbox, wr, heartbeat.map(|h| h / 2)).await;
+            let _ = run_writer(outbox, wr, heartbeat.map(|h| h / 2), bytes_to).await;
         }
     });
-    let reader = tokio::spawn(read_loop(id, rd, open.leftover, open.frame_max, heartbeat, events));
+    let reader = tokio::spawn(read_loop(id, rd, open.leftover, open.frame_max, heartbeat, events, bytes_from));
     Link {
         id,
         cluster: spec.cluster.clone(),
@@ -297,6 +301,7 @@ async fn read_loop(
     frame_max: usize,
     heartbeat: Option<Duration>,
     events: mpsc::Sender<LinkEvent>,
+    bytes_from: Option<prometheus_client::metrics::counter::Counter>,
 ) {
     // The broker enforces its own max message size; the proxy only needs whole contents.
     let mut assembler = Assembler::new(u64::MAX);
@@ -338,7 +343,12 @@ async fn read_loop(
         };
         match read {
             Ok(0) => break LinkDown::Eof,
-            Ok(_) => last_seen = Instant::now(),
+            Ok(n) => {
+                last_seen = Instant::now();
+                if let Some(c) = &bytes_from {
+                    c.inc_by(n as u64);
+                }
+            }
             Err(e) => break LinkDown::Io(e.to_string()),
         }
     };

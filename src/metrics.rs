@@ -1,0 +1,170 @@
+//! Metrics, kept as Prometheus counters, gauges and histograms (prometheus-client).
+//!
+//! The hot path never looks a metric up by label: each link resolves its per-cluster handles once
+//! ([`Metrics::cluster`]) and then only does atomic adds. The admin endpoint encodes the registry
+//! for `GET /metrics` and reads the same handles for `GET /clusters`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfirmLabel {
+    pub cluster: String,
+    /// `ack` or `nack`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 17))
+}
+
+/// All of the proxy's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub connections_refused: Counter,
+    pub channels: Gauge,
+    pub links: Family<ClusterLabel, Gauge>,
+    pub link_failures: Family<ClusterLabel, Counter>,
+    pub publishes: Family<ClusterLabel, Counter>,
+    pub deliveries: Family<ClusterLabel, Counter>,
+    pub acks: Family<ClusterLabel, Counter>,
+    pub confirms: Family<ConfirmLabel, Counter>,
+    pub confirms_pending: Family<ClusterLabel, Gauge>,
+    pub unacked: Family<ClusterLabel, Gauge>,
+    pub confirm_latency: Family<ClusterLabel, Histogram, fn() -> Histogram>,
+    pub bytes_to_cluster: Family<ClusterLabel, Counter>,
+    pub bytes_from_cluster: Family<ClusterLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub last_reload_ok: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The per-cluster handles one link updates.
+#[derive(Clone, Debug)]
+pub struct ClusterMetrics {
+    pub links: Gauge,
+    pub publishes: Counter,
+    pub deliveries: Counter,
+    pub acks: Counter,
+    pub confirm_acks: Counter,
+    pub confirm_nacks: Counter,
+    pub confirms_pending: Gauge,
+    pub unacked: Gauge,
+    pub confirm_latency: Histogram,
+    pub bytes_to: Counter,
+    pub bytes_from: Counter,
+    pub link_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("warren")),
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            connections_refused: Counter::default(),
+            channels: Gauge::default(),
+            links: Family::default(),
+            link_failures: Family::default(),
+            publishes: Family::default(),
+            deliveries: Family::default(),
+            acks: Family::default(),
+            confirms: Family::default(),
+            confirms_pending: Family::default(),
+            unacked: Family::default(),
+            confirm_latency: Family::new_with_constructor(latency_histogram),
+            bytes_to_cluster: Family::default(),
+            bytes_from_cluster: Family::default(),
+            reloads: Family::default(),
+            last_reload_ok: Gauge::default(),
+        };
+        m.last_reload_ok.set(1);
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register("client_connections", "Open client connections", m.connections.clone());
+            r.register("client_connections_opened", "Client connections accepted and opened", m.connections_total.clone());
+            r.register("client_connections_refused", "Client connections refused (limits, handshake, broker refusal)", m.connections_refused.clone());
+            r.register("client_channels", "Open client channels", m.channels.clone());
+            r.register("cluster_links", "Open upstream connections per cluster", m.links.clone());
+            r.register("cluster_link_failures", "Upstream connections lost or refused per cluster", m.link_failures.clone());
+            r.register("publishes", "Messages published to each cluster", m.publishes.clone());
+            r.register("deliveries", "Messages delivered from each cluster", m.deliveries.clone());
+            r.register("acks", "Client acks, nacks and rejects sent to each cluster", m.acks.clone());
+            r.register("confirms", "Publisher confirms received from each cluster", m.confirms.clone());
+            r.register("confirms_pending", "Publishes waiting for a confirm per cluster", m.confirms_pending.clone());
+            r.register("deliveries_unacked", "Deliveries the clients have not acknowledged yet per cluster", m.unacked.clone());
+            r.register("confirm_latency_seconds", "Time from publish to the cluster's confirm", m.confirm_latency.clone());
+            r.register("cluster_sent_bytes", "Bytes written to each cluster", m.bytes_to_cluster.clone());
+            r.register("cluster_received_bytes", "Bytes read from each cluster", m.bytes_from_cluster.clone());
+            r.register("config_reloads", "Configuration reloads by result", m.reloads.clone());
+            r.register("config_last_reload_success", "1 if the last reload succeeded", m.last_reload_ok.clone());
+        }
+        m
+    }
+
+    /// Resolves the handles of one cluster (once per link).
+    pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        let l = ClusterLabel { cluster: name.to_owned() };
+        let c = |outcome: &str| ConfirmLabel { cluster: name.to_owned(), outcome: outcome.to_owned() };
+        ClusterMetrics {
+            links: self.links.get_or_create(&l).clone(),
+            publishes: self.publishes.get_or_create(&l).clone(),
+            deliveries: self.deliveries.get_or_create(&l).clone(),
+            acks: self.acks.get_or_create(&l).clone(),
+            confirm_acks: self.confirms.get_or_create(&c("ack")).clone(),
+            confirm_nacks: self.confirms.get_or_create(&c("nack")).clone(),
+            confirms_pending: self.confirms_pending.get_or_create(&l).clone(),
+            unacked: self.unacked.get_or_create(&l).clone(),
+            confirm_latency: self.confirm_latency.get_or_create(&l).clone(),
+            bytes_to: self.bytes_to_cluster.get_or_create(&l).clone(),
+            bytes_from: self.bytes_from_cluster.get_or_create(&l).clone(),
+            link_failures: self.link_failures.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Records the outcome of a configuration reload.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+        self.last_reload_ok.set(i64::from(ok));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}

@@ -135,28 +135,39 @@ impl Metrics {
 
     /// Resolves the handles of one cluster (once per link).
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        // Each lookup in its own statement: `get_or_create` returns a read guard, and two guards
+        // of one family alive in one expression deadlock when the second has to insert.
+        fn get<M: Clone, L: Clone + std::hash::Hash + Eq, C: prometheus_client::metrics::family::MetricConstructor<M>>(
+            f: &Family<L, M, C>,
+            l: &L,
+        ) -> M {
+            f.get_or_create(l).clone()
+        }
         let l = ClusterLabel { cluster: name.to_owned() };
         let c = |outcome: &str| ConfirmLabel { cluster: name.to_owned(), outcome: outcome.to_owned() };
+        let confirm_acks = get(&self.confirms, &c("ack"));
+        let confirm_nacks = get(&self.confirms, &c("nack"));
         ClusterMetrics {
-            links: self.links.get_or_create(&l).clone(),
-            publishes: self.publishes.get_or_create(&l).clone(),
-            deliveries: self.deliveries.get_or_create(&l).clone(),
-            acks: self.acks.get_or_create(&l).clone(),
-            confirm_acks: self.confirms.get_or_create(&c("ack")).clone(),
-            confirm_nacks: self.confirms.get_or_create(&c("nack")).clone(),
-            confirms_pending: self.confirms_pending.get_or_create(&l).clone(),
-            unacked: self.unacked.get_or_create(&l).clone(),
-            confirm_latency: self.confirm_latency.get_or_create(&l).clone(),
-            bytes_to: self.bytes_to_cluster.get_or_create(&l).clone(),
-            bytes_from: self.bytes_from_cluster.get_or_create(&l).clone(),
-            link_failures: self.link_failures.get_or_create(&l).clone(),
+            links: get(&self.links, &l),
+            publishes: get(&self.publishes, &l),
+            deliveries: get(&self.deliveries, &l),
+            acks: get(&self.acks, &l),
+            confirm_acks,
+            confirm_nacks,
+            confirms_pending: get(&self.confirms_pending, &l),
+            unacked: get(&self.unacked, &l),
+            confirm_latency: get(&self.confirm_latency, &l),
+            bytes_to: get(&self.bytes_to_cluster, &l),
+            bytes_from: get(&self.bytes_from_cluster, &l),
+            link_failures: get(&self.link_failures, &l),
         }
     }
 
     /// Records the outcome of a configuration reload.
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+        let counter = self.reloads.get_or_create(&ResultLabel { result: result.into() }).clone();
+        counter.inc();
         self.last_reload_ok.set(i64::from(ok));
     }
 
@@ -166,5 +177,24 @@ impl Metrics {
         let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_handles_resolve_without_deadlock_and_encode() {
+        let m = Metrics::new();
+        let a = m.cluster("shard-a");
+        let again = m.cluster("shard-a");
+        a.publishes.inc();
+        again.publishes.inc();
+        a.confirm_latency.observe(0.001);
+        m.reloaded(false);
+        let text = m.encode();
+        assert!(text.contains("warren_publishes_total{cluster=\"shard-a\"} 2"), "{text}");
+        assert!(text.contains("warren_config_last_reload_success 0"), "{text}");
     }
 }

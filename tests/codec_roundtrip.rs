@@ -118,7 +118,7 @@ fn our_table(salt: u32) -> FieldTable {
         (ss("name"), FieldValue::LongStr(ls("inner"))),
     ]);
     FieldTable(vec![
-        (ss("a_bool"), FieldValue::Bool(salt % 2 == 0)),
+        (ss("a_bool"), FieldValue::Bool(salt.is_multiple_of(2))),
         (ss("b_i8"), FieldValue::I8(-7)),
         (ss("c_u8"), FieldValue::U8(200)),
         (ss("d_i16"), FieldValue::I16(-12_345)),

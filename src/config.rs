@@ -72,6 +72,9 @@ pub struct Timeouts {
     /// On shutdown, time clients get before they are closed with 320 CONNECTION_FORCED (ms).
     /// Default 5000; 0 closes them at once.
     pub shutdown_grace_ms: u64,
+    /// A shard cluster removed from the file keeps serving its consumers until its queues are
+    /// drained, at most this long (seconds). Default 300.
+    pub drain_deadline_secs: u64,
 }
 
 /// `[limits]`. All optional, see [`Limits::default`].
@@ -148,6 +151,7 @@ impl Default for Timeouts {
             connect_ms: 5000,
             handshake_ms: 10_000,
             shutdown_grace_ms: 5000,
+            drain_deadline_secs: 300,
         }
     }
 }
@@ -458,6 +462,7 @@ struct RawTimeouts {
     connect_ms: Option<Spanned<u64>>,
     handshake_ms: Option<Spanned<u64>>,
     shutdown_grace_ms: Option<Spanned<u64>>,
+    drain_deadline_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -699,6 +704,7 @@ impl RawTimeouts {
             connect_ms: value_or(&self.connect_ms, d.connect_ms),
             handshake_ms: value_or(&self.handshake_ms, d.handshake_ms),
             shutdown_grace_ms: value_or(&self.shutdown_grace_ms, d.shutdown_grace_ms),
+            drain_deadline_secs: value_or(&self.drain_deadline_secs, d.drain_deadline_secs),
         })
     }
 }
@@ -1109,6 +1115,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
                 connect_ms: 100,
                 handshake_ms: 200,
                 shutdown_grace_ms: 0,
+                drain_deadline_secs: 300,
             }
         );
         assert_eq!(c.timeouts.connect(), Duration::from_millis(100));

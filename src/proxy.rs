@@ -1,13 +1,15 @@
 //! The listener: accepts client sockets, spawns one session each, and shuts down gracefully.
 
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,10 +20,30 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::upstream::probe;
 
+/// The outcome of the last configuration reload, for the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadStatus {
+    pub at: SystemTime,
+    pub ok: bool,
+    /// What changed, or why the new file was rejected (file:line:col: reason).
+    pub message: String,
+    /// Number of configurations applied so far (1 = the one the proxy started with).
+    pub generation: u64,
+}
+
 /// State shared by every connection of one proxy.
 #[derive(Debug)]
 pub struct Shared {
     config: ArcSwap<Config>,
+    /// Sessions watch this to apply a reloaded configuration to their links.
+    config_tx: watch::Sender<Arc<Config>>,
+    config_path: Mutex<Option<PathBuf>>,
+    last_reload: Mutex<Option<ReloadStatus>>,
+    generation: AtomicU64,
+    /// Clusters drained at run time (`POST /clusters/NAME/drain`), kept across reloads.
+    drained: Mutex<HashSet<String>>,
+    /// (vhost, queue) of the sharded queues clients declared, for the admin's queue depths.
+    queues: Mutex<BTreeSet<(String, String)>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
     next_id: AtomicU64,
@@ -30,7 +52,14 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Arc<Config>) -> Self {
+        let (config_tx, _) = watch::channel(config.clone());
         Shared {
+            config_tx,
+            config_path: Mutex::new(None),
+            last_reload: Mutex::new(None),
+            generation: AtomicU64::new(1),
+            drained: Mutex::new(HashSet::new()),
+            queues: Mutex::new(BTreeSet::new()),
             config: ArcSwap::new(config),
             server_properties: ArcSwapOption::empty(),
             next_id: AtomicU64::new(1),
@@ -41,6 +70,114 @@ impl Shared {
     /// The running configuration.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Sessions subscribe to configuration changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.config_tx.subscribe()
+    }
+
+    /// The file `reload` reads (set by the binary; tests may leave it unset).
+    pub fn set_config_path(&self, path: &Path) {
+        *lock(&self.config_path) = Some(path.to_path_buf());
+    }
+
+    pub fn config_path(&self) -> Option<PathBuf> {
+        lock(&self.config_path).clone()
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadStatus> {
+        lock(&self.last_reload).clone()
+    }
+
+    /// Re-reads the configuration file. An invalid file changes nothing; either way the outcome
+    /// is logged, counted in the metrics and kept for the admin endpoint.
+    pub fn reload(&self) -> Result<ReloadStatus, ReloadStatus> {
+        let Some(path) = self.config_path() else {
+            return Err(self.record(false, "no configuration file to reload from".into()));
+        };
+        match Config::load(&path) {
+            Ok(config) => Ok(self.apply(config)),
+            Err(e) => {
+                warn!(error = %e, "configuration reload rejected; keeping the running configuration");
+                Err(self.record(false, e.to_string()))
+            }
+        }
+    }
+
+    /// Applies a validated configuration (runtime drains stay in force).
+    pub fn apply(&self, mut config: Config) -> ReloadStatus {
+        let old = self.config();
+        if config.listen != old.listen {
+            warn!(old = %old.listen, new = %config.listen, "listen address changes need a restart; keeping the old one");
+            config.listen = old.listen;
+        }
+        if config.admin.listen != old.admin.listen {
+            warn!("admin listen address changes need a restart; keeping the old one");
+            config.admin.listen = old.admin.listen;
+        }
+        let drained = lock(&self.drained).clone();
+        for c in &mut config.clusters {
+            c.drain |= drained.contains(&c.name);
+        }
+        let old_control = old.control_cluster().map(|c| c.name.clone());
+        let new_control = config.control_cluster().map(|c| c.name.clone());
+        if old_control != new_control {
+            warn!(old = ?old_control, new = ?new_control,
+                "the control cluster changed: connected clients keep their control link until they reconnect; \
+                 new connections use the new control cluster");
+        }
+        let message = describe_change(&old, &config);
+        if config == *old {
+            return self.record(true, "no change".into());
+        }
+        let config = Arc::new(config);
+        self.config.store(config.clone());
+        self.config_tx.send_replace(config);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        info!(change = %message, "configuration reloaded");
+        self.record(true, message)
+    }
+
+    /// Drains a shard cluster at run time: no new publishes go there.
+    pub fn drain(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        let mut config = (*self.config()).clone();
+        let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) else {
+            return Err(format!("no cluster named {cluster:?}"));
+        };
+        if c.role != crate::config::Role::Shard {
+            return Err(format!("{cluster:?} is not a shard cluster"));
+        }
+        c.drain = true;
+        if config.shard_clusters().all(|c| c.drain) {
+            return Err("refusing to drain the last shard cluster that takes publishes".into());
+        }
+        lock(&self.drained).insert(cluster.to_owned());
+        Ok(self.apply(config))
+    }
+
+    fn record(&self, ok: bool, message: String) -> ReloadStatus {
+        self.metrics.reloaded(ok);
+        let status = ReloadStatus { at: SystemTime::now(), ok, message, generation: self.generation.load(Ordering::Relaxed) };
+        *lock(&self.last_reload) = Some(status.clone());
+        status
+    }
+
+    /// Remembers a sharded queue a client declared (for the admin's queue depths).
+    pub fn note_queue(&self, vhost: &str, queue: &str) {
+        let mut q = lock(&self.queues);
+        if q.len() < 100_000 {
+            q.insert((vhost.to_owned(), queue.to_owned()));
+        }
+    }
+
+    pub fn forget_queue(&self, vhost: &str, queue: &str) {
+        lock(&self.queues).remove(&(vhost.to_owned(), queue.to_owned()));
+    }
+
+    /// The sharded queues clients declared, as (vhost, name).
+    pub fn known_queues(&self) -> Vec<(String, String)> {
+        lock(&self.queues).iter().cloned().collect()
     }
 
     pub fn next_connection_id(&self) -> u64 {
@@ -69,6 +206,31 @@ impl Shared {
             self.server_properties.store(Some(Arc::new(props.clone())));
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One line saying what a reload changes.
+fn describe_change(old: &Config, new: &Config) -> String {
+    let mut parts = Vec::new();
+    for c in &new.clusters {
+        match old.cluster(&c.name) {
+            None => parts.push(format!("added {} ({})", c.name, c.role.as_str())),
+            Some(o) if o != c => parts.push(format!("changed {}", c.name)),
+            Some(_) => {}
+        }
+    }
+    for c in &old.clusters {
+        if new.cluster(&c.name).is_none() {
+            parts.push(format!("removed {}", c.name));
+        }
+    }
+    if old.timeouts != new.timeouts || old.limits != new.limits || old.routing != new.routing {
+        parts.push("changed settings".into());
+    }
+    if parts.is_empty() { "no change".into() } else { parts.join(", ") }
 }
 
 /// A running proxy.

@@ -77,6 +77,8 @@ pub struct Rpc {
     /// back), and the request to send them.
     pub get_next: Vec<LinkId>,
     pub get_request: Option<Method>,
+    /// A topology change to remember once every cluster accepted it.
+    pub on_success: Option<Method>,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -219,6 +221,11 @@ impl DeliveryTags {
 
     /// Forgets every outstanding delivery of `link` (recover, or the link's channel is gone: the
     /// broker requeues them, so their tags can never be acked).
+    /// Deliveries of `link` the client has not acknowledged yet.
+    pub fn count_link(&self, link: LinkId) -> usize {
+        self.unacked.iter().filter(|e| e.link == link).count()
+    }
+
     pub fn forget_link(&mut self, link: LinkId) -> usize {
         let before = self.unacked.len();
         self.unacked.retain(|e| e.link != link);
@@ -342,6 +349,8 @@ pub struct Consumer {
     pub no_ack: bool,
     /// The links where this consumer is active; when the last one cancels it, the client is told.
     pub links: LinkSet,
+    /// The consume request of a consumer on a sharded queue, replayed on clusters added later.
+    pub request: Option<crate::codec::BasicConsume>,
 }
 
 /// Everything the proxy keeps for one client channel.
@@ -358,6 +367,8 @@ pub struct Channel {
     pub tx_link: Option<LinkId>,
     /// Synchronous requests waiting for replies, oldest first.
     pub rpcs: VecDeque<Rpc>,
+    /// The client's last basic.qos, re-split when the set of shard clusters changes.
+    pub qos: Option<crate::codec::BasicQos>,
     next_rpc: u64,
 }
 
@@ -372,6 +383,7 @@ impl Channel {
             tx: false,
             tx_link: None,
             rpcs: VecDeque::new(),
+            qos: None,
             next_rpc: 0,
         }
     }
@@ -379,7 +391,7 @@ impl Channel {
     /// Registers a request that waits for `waiting` replies; returns its id.
     pub fn push_rpc(&mut self, waiting: u32, get_next: Vec<LinkId>) -> u64 {
         self.next_rpc += 1;
-        self.rpcs.push_back(Rpc { id: self.next_rpc, waiting, reply: None, get_next, get_request: None });
+        self.rpcs.push_back(Rpc { id: self.next_rpc, waiting, reply: None, get_next, get_request: None, on_success: None });
         self.next_rpc
     }
 

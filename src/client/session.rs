@@ -117,7 +117,20 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     metrics.connections_total.inc();
 
     let control = links.iter().position(|s| s.role == Role::Control);
+    let mut event_ids = vec![None; config.clusters.len()];
+    for (i, slot) in links.iter().enumerate() {
+        event_ids[slot.link.id] = Some(i);
+    }
+    let (opened_tx, opened_rx) = mpsc::channel(4);
     let mut session = Session {
+        shared: shared.clone(),
+        vhost: vhost.as_str().into_owned(),
+        base_spec: base,
+        events_tx: events_tx.clone(),
+        event_ids,
+        opened_tx,
+        connecting: Vec::new(),
+        topology: Vec::new(),
         id,
         client_out: client_out.clone(),
         frame_max: greeting.frame_max as usize,
@@ -138,7 +151,10 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         scratch_confirms: Vec::new(),
         metrics: metrics.clone(),
     };
-    let reason = session.run(rd, rbuf, events_rx, heartbeat, config.limits.max_message_size, force_close).await;
+    let config_rx = shared.subscribe();
+    let reason = session
+        .run(rd, rbuf, events_rx, opened_rx, config_rx, heartbeat, config.limits.max_message_size, force_close)
+        .await;
     drop(events_tx);
     session.release_gauges();
     metrics.connections.dec();
@@ -196,6 +212,7 @@ async fn open_links(
     let mut slots = Vec::with_capacity(clusters.len());
     let mut any_shard = false;
     for (cluster, link) in clusters.iter().zip(opened) {
+        // `link.id` stays the id its reader tags events with; the session maps it to a slot.
         let Some(link) = link else { continue };
         any_shard |= cluster.role == Role::Shard;
         slots.push(LinkSlot::new(link, cluster.role, cluster.weight, cluster.drain, metrics.cluster(&cluster.name)));
@@ -205,9 +222,6 @@ async fn open_links(
             cluster: Arc::from("(all shard clusters)"),
             last: "no shard cluster answered".into(),
         }));
-    }
-    for (i, slot) in slots.iter_mut().enumerate() {
-        slot.link.id = i;
     }
     Ok(slots)
 }
@@ -230,6 +244,8 @@ enum Pending {
     Internal,
     /// Part of a client request.
     Rpc(u64),
+    /// Part of replaying the client's state on a link added by a reload.
+    Replay,
 }
 
 /// One upstream channel carrying (part of) a client channel of the same number.
@@ -265,12 +281,39 @@ struct LinkSlot {
     /// Closed (close-ok seen or the socket is gone): nothing more is sent.
     done: bool,
     blocked: bool,
+    /// Takes publishes only once the topology replay (after a reload added it) is confirmed.
+    ready: bool,
+    replay_left: usize,
+    /// The topology still has to be replayed on the next channel the client opens.
+    needs_topology: bool,
+    /// Removed from the configuration: draining, closed once quiet.
+    removed: bool,
+    /// connection.close sent on purpose; its end is not a failure.
+    retiring: bool,
+    last_delivery: Instant,
+    removed_at: Option<Instant>,
 }
 
 impl LinkSlot {
     fn new(link: Link, role: Role, weight: u32, drain: bool, m: ClusterMetrics) -> Self {
         m.links.inc();
-        LinkSlot { link, m, role, weight, drain, chans: Vec::new(), done: false, blocked: false }
+        LinkSlot {
+            link,
+            m,
+            role,
+            weight,
+            drain,
+            chans: Vec::new(),
+            done: false,
+            blocked: false,
+            ready: true,
+            replay_left: 0,
+            needs_topology: false,
+            removed: false,
+            retiring: false,
+            last_delivery: Instant::now(),
+            removed_at: None,
+        }
     }
 
     /// Marks the link closed; returns whether it was open.
@@ -341,6 +384,10 @@ impl LinkSlot {
                 if !done {
                     up.pending.push_back(pending);
                     self.link.send(ch, &Method::ChannelOpen(Default::default()));
+                    if let Pending::Replay = pending {
+                        self.replay_left += 1;
+                        self.ready = false;
+                    }
                 }
             }
             UpState::Closing => {
@@ -371,7 +418,17 @@ impl LinkSlot {
     }
 
     fn live(&self) -> bool {
-        !self.done
+        !self.done && !self.retiring
+    }
+
+    /// Sends a request whose reply only completes this link's replay.
+    fn replay(&mut self, ch: u16, method: &Method) {
+        if self.done {
+            return;
+        }
+        self.replay_left += 1;
+        self.ready = false;
+        self.request(ch, method, Pending::Replay);
     }
 }
 
@@ -424,7 +481,30 @@ struct Session {
     scratch_seqs: Vec<u64>,
     scratch_confirms: Vec<ClientConfirm>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    vhost: String,
+    /// What new links are opened with (the client's credentials and vhost).
+    base_spec: LinkSpec,
+    events_tx: mpsc::Sender<LinkEvent>,
+    /// Event id (given to a link's reader at connect) -> slot index.
+    event_ids: Vec<Option<LinkId>>,
+    opened_tx: mpsc::Sender<Opened>,
+    /// Clusters a link is being opened to (after a reload).
+    connecting: Vec<String>,
+    /// The sharded topology this client declared, in order, replayed on clusters added later.
+    topology: Vec<Method>,
 }
+
+/// A link opened after a reload added a cluster.
+struct Opened {
+    cluster: crate::config::ClusterConfig,
+    result: Result<Link, ConnectError>,
+}
+
+/// Topology entries kept per connection for replay; beyond this the oldest are not replayed.
+const MAX_TOPOLOGY: usize = 10_000;
+/// How long a removed cluster's link must have been quiet before it is closed.
+const RETIRE_QUIET: Duration = Duration::from_secs(3);
 
 fn close_method(code: u16, text: &'static str) -> Method {
     Method::ChannelClose(codec::ChannelClose {
@@ -522,6 +602,8 @@ impl Session {
         mut rd: OwnedReadHalf,
         mut rbuf: BytesMut,
         mut events: mpsc::Receiver<LinkEvent>,
+        mut opened: mpsc::Receiver<Opened>,
+        mut config_rx: tokio::sync::watch::Receiver<Arc<Config>>,
         heartbeat: Option<Duration>,
         max_message: u64,
         force_close: CancellationToken,
@@ -530,6 +612,8 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut forced = false;
         let client_out = self.client_out.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Frames pipelined behind connection.open are handled first.
         if !rbuf.is_empty() {
             self.on_client_bytes(&mut rbuf, &mut assembler);
@@ -557,6 +641,12 @@ impl Session {
                     let Some(ev) = ev else { return "link events ended".into() };
                     self.on_link_event(ev);
                 }
+                Some(o) = opened.recv() => self.on_opened(o),
+                Ok(()) = config_rx.changed(), if self.closing.is_none() => {
+                    let config = config_rx.borrow_and_update().clone();
+                    self.apply_config(&config);
+                }
+                _ = tick.tick() => self.retire_quiet_links(),
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
                         Ok(0) => return self.client_gone("client closed the TCP connection"),
@@ -735,6 +825,168 @@ impl Session {
         }
     }
 
+    // ----- reload ---------------------------------------------------------------------------
+
+    /// Applies a reloaded configuration: weights and drains take effect for the next publish,
+    /// removed clusters drain, added shard clusters get a link with this client's state.
+    fn apply_config(&mut self, config: &Config) {
+        self.rules = config.routing.clone();
+        for slot in &mut self.links {
+            if slot.done {
+                continue;
+            }
+            match config.cluster(&slot.link.cluster) {
+                Some(c) => {
+                    slot.weight = c.weight;
+                    slot.drain = c.drain;
+                    slot.removed = false;
+                    slot.removed_at = None;
+                }
+                None => {
+                    if !slot.removed {
+                        info!(conn = self.id, cluster = %slot.link.cluster, "cluster removed: draining its link");
+                        slot.removed = true;
+                        slot.removed_at = Some(Instant::now());
+                        slot.last_delivery = Instant::now();
+                    }
+                    slot.drain = true;
+                }
+            }
+        }
+        for cluster in config.shard_clusters() {
+            let have = self.links.iter().any(|s| !s.done && *s.link.cluster == *cluster.name);
+            if have || self.connecting.contains(&cluster.name) {
+                continue;
+            }
+            if self.event_ids.len() >= LinkSet::CAPACITY {
+                warn!(conn = self.id, cluster = %cluster.name, "too many links in this session; not adding");
+                continue;
+            }
+            let event_id = self.event_ids.len();
+            self.event_ids.push(None);
+            self.connecting.push(cluster.name.clone());
+            let spec = LinkSpec {
+                cluster: Arc::from(cluster.name.as_str()),
+                nodes: cluster.nodes.clone(),
+                metrics: Some(self.metrics.cluster(&cluster.name)),
+                ..self.base_spec.clone()
+            };
+            let (events, opened, cluster) = (self.events_tx.clone(), self.opened_tx.clone(), cluster.clone());
+            tokio::spawn(async move {
+                let result = upstream::link::connect(event_id, &spec, events).await;
+                let _ = opened.send(Opened { cluster, result }).await;
+            });
+        }
+    }
+
+    /// A link to an added cluster is open: replay what this client set up, then let publishes
+    /// go there (see [`LinkSlot::ready`]).
+    fn on_opened(&mut self, opened: Opened) {
+        self.connecting.retain(|c| *c != opened.cluster.name);
+        let link = match opened.result {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the added cluster");
+                self.metrics.cluster(&opened.cluster.name).link_failures.inc();
+                return;
+            }
+        };
+        if self.closing.is_some() {
+            return;
+        }
+        let index = self.links.len();
+        if let Some(e) = self.event_ids.get_mut(link.id) {
+            *e = Some(index);
+        }
+        let c = &opened.cluster;
+        let mut slot = LinkSlot::new(link, c.role, c.weight, c.drain, self.metrics.cluster(&c.name));
+        slot.ready = false;
+        slot.needs_topology = !self.topology.is_empty();
+        self.links.push(slot);
+        info!(conn = self.id, cluster = %c.name, "link opened to an added cluster; replaying topology");
+
+        let open: Vec<u16> = self
+            .channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening)))
+            .map(|(i, _)| i as u16)
+            .collect();
+        for &ch in &open {
+            self.links[index].open(ch, Pending::Replay);
+            let Some(channel) = self.channels[usize::from(ch)].as_ref() else { continue };
+            let (tx, confirm, qos) = (channel.tx, channel.confirms.is_some(), channel.qos.clone());
+            if tx {
+                self.links[index].replay(ch, &Method::TxSelect(Default::default()));
+            }
+            if confirm {
+                self.links[index].chan(ch).confirm_mode = true;
+                self.links[index].replay(ch, &Method::ConfirmSelect(codec::ConfirmSelect { nowait: false }));
+            }
+            if let Some(q) = qos {
+                // The split changed for every shard link; existing links get their new share too.
+                self.send_qos(ch, &q, Pending::Replay);
+            }
+        }
+        if let Some(&ch) = open.first() {
+            self.replay_topology(index, ch);
+        }
+        for &ch in &open {
+            let Some(channel) = self.channels[usize::from(ch)].as_mut() else { continue };
+            let mut requests = Vec::new();
+            for consumer in &mut channel.consumers {
+                if let Some(req) = &consumer.request {
+                    consumer.links.insert(index);
+                    requests.push(Method::BasicConsume(codec::BasicConsume { nowait: false, ..req.clone() }));
+                }
+            }
+            for m in requests {
+                self.links[index].replay(ch, &m);
+            }
+        }
+        let slot = &mut self.links[index];
+        if slot.replay_left == 0 && !slot.needs_topology {
+            slot.ready = true;
+        }
+    }
+
+    fn replay_topology(&mut self, link: LinkId, ch: u16) {
+        let topology = std::mem::take(&mut self.topology);
+        for m in &topology {
+            self.links[link].replay(ch, m);
+        }
+        self.topology = topology;
+        self.links[link].needs_topology = false;
+    }
+
+    /// Closes the links of removed clusters once nothing is in flight on them and their
+    /// consumers have been quiet for a while (their queues are drained), or at the deadline.
+    fn retire_quiet_links(&mut self) {
+        let deadline = Duration::from_secs(self.shared.config().timeouts.drain_deadline_secs);
+        for i in 0..self.links.len() {
+            let slot = &self.links[i];
+            if !slot.removed || slot.done || slot.retiring {
+                continue;
+            }
+            let unacked: usize = self.channels.iter().flatten().map(|c| c.tags.count_link(i)).sum();
+            let pending: usize = slot.chans.iter().map(|c| c.confirms.pending() + c.pending.len()).sum();
+            let quiet = slot.last_delivery.elapsed() >= RETIRE_QUIET;
+            let overdue = slot.removed_at.is_some_and(|t| t.elapsed() >= deadline);
+            if (unacked == 0 && pending == 0 && quiet) || overdue {
+                info!(conn = self.id, cluster = %slot.link.cluster, unacked, overdue, "closing the link of a removed cluster");
+                let slot = &mut self.links[i];
+                slot.retiring = true;
+                slot.link.send(0, &connection_close(200, "cluster removed from the proxy configuration"));
+                for channel in self.channels.iter_mut().flatten() {
+                    channel.tags.forget_link(i);
+                    for consumer in &mut channel.consumers {
+                        consumer.links.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
     // ----- client to upstream -------------------------------------------------------------
 
     fn on_client_command(&mut self, cmd: Command) -> Result<(), ConnError> {
@@ -829,8 +1081,10 @@ impl Session {
                     c.consumer_tag = ShortStr::try_from(format!("amq.ctag-warren-{}-{}", self.id, self.next_ctag))
                         .unwrap_or_default();
                 }
-                let targets = self.targets(self.rules.queue(c.queue.as_bytes()));
-                let consumer = Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets };
+                let class = self.rules.queue(c.queue.as_bytes());
+                let targets = self.targets(class);
+                let request = (class == Class::Sharded).then(|| c.clone());
+                let consumer = Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets, request };
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
                 }
@@ -853,21 +1107,11 @@ impl Session {
                 let class = self.rules.queue(g.queue.as_bytes());
                 self.get(ch, &method, class)?;
             }
-            Method::BasicQos(ref q) => {
-                // Split the window over the shard clusters so the client never holds more than
-                // it asked for (see docs/routing.md); a control consumer gets the whole window.
-                let shards: Vec<LinkId> = self.shard_links().iter().collect();
-                let n = shards.len() as u32;
+            Method::BasicQos(q) => {
+                channel.qos = Some(q.clone());
                 let targets = self.live_links();
                 let id = self.channel_mut(ch).expect("checked above").push_rpc(targets.len(), Vec::new());
-                for link in targets.iter() {
-                    let share = match shards.iter().position(|&s| s == link) {
-                        Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
-                        None => q.prefetch_count,
-                    };
-                    let m = Method::BasicQos(codec::BasicQos { prefetch_count: share, ..q.clone() });
-                    self.links[link].request(ch, &m, Pending::Rpc(id));
-                }
+                self.send_qos(ch, &q, Pending::Rpc(id));
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 // The brokers redeliver everything unacknowledged with new tags.
@@ -894,40 +1138,48 @@ impl Session {
             }
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => self.fan_out(ch, &method, self.live_links())?,
             Method::ExchangeDeclare(ref x) => {
-                let t = self.targets(self.rules.exchange(x.exchange.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.exchange(x.exchange.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::ExchangeDelete(ref x) => {
-                let t = self.targets(self.rules.exchange(x.exchange.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.exchange(x.exchange.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::ExchangeBind(ref x) => {
-                let t = self.targets(self.rules.exchange(x.destination.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.exchange(x.destination.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::ExchangeUnbind(ref x) => {
-                let t = self.targets(self.rules.exchange(x.destination.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.exchange(x.destination.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueueDeclare(ref x) => {
-                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.queue(x.queue.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueueBind(ref x) => {
-                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.queue(x.queue.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueueUnbind(ref x) => {
-                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.queue(x.queue.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueuePurge(ref x) => {
                 let t = self.targets(self.rules.queue(x.queue.as_bytes()));
                 self.fan_out(ch, &method, t)?;
             }
             Method::QueueDelete(ref x) => {
-                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
-                self.fan_out(ch, &method, t)?;
+                let class = self.rules.queue(x.queue.as_bytes());
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             // Anything else a client may send on a channel is for the broker to judge.
             other => {
@@ -961,6 +1213,11 @@ impl Session {
         for link in targets.iter() {
             self.links[link].open(ch, Pending::Rpc(id));
         }
+        for link in 0..self.links.len() {
+            if self.links[link].needs_topology && self.links[link].live() {
+                self.replay_topology(link, ch);
+            }
+        }
         Ok(())
     }
 
@@ -984,6 +1241,118 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Like [`fan_out`](Self::fan_out), and a sharded topology change is remembered once every
+    /// cluster accepted it, to be replayed on clusters added later.
+    fn fan_out_topology(&mut self, ch: u16, method: &Method, targets: LinkSet, sharded: bool) -> Result<(), ConnError> {
+        let passive = match method {
+            Method::ExchangeDeclare(x) => x.passive,
+            Method::QueueDeclare(x) => x.passive,
+            _ => false,
+        };
+        let record = sharded && !passive && !targets.is_empty();
+        if record && !expects_reply(method) {
+            self.record_topology(method.clone());
+        }
+        self.fan_out(ch, method, targets)?;
+        if record
+            && expects_reply(method)
+            && let Some(channel) = self.channel_mut(ch)
+            && let Some(rpc) = channel.rpcs.back_mut()
+        {
+            rpc.on_success = Some(method.clone());
+        }
+        Ok(())
+    }
+
+    /// Updates the replay log with a topology change every cluster accepted.
+    fn record_topology(&mut self, method: Method) {
+        fn same_binding(a: &Method, b: &Method) -> bool {
+            match (a, b) {
+                (Method::QueueBind(a), Method::QueueBind(b)) => {
+                    a.queue == b.queue && a.exchange == b.exchange && a.routing_key == b.routing_key && a.arguments == b.arguments
+                }
+                (Method::QueueBind(a), Method::QueueUnbind(b)) => {
+                    a.queue == b.queue && a.exchange == b.exchange && a.routing_key == b.routing_key && a.arguments == b.arguments
+                }
+                (Method::ExchangeBind(a), Method::ExchangeBind(b)) => {
+                    a.destination == b.destination && a.source == b.source && a.routing_key == b.routing_key && a.arguments == b.arguments
+                }
+                (Method::ExchangeBind(a), Method::ExchangeUnbind(b)) => {
+                    a.destination == b.destination && a.source == b.source && a.routing_key == b.routing_key && a.arguments == b.arguments
+                }
+                _ => false,
+            }
+        }
+        let t = &mut self.topology;
+        match method {
+            Method::ExchangeDeclare(mut x) => {
+                t.retain(|m| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange));
+                x.nowait = false;
+                t.push(Method::ExchangeDeclare(x));
+            }
+            Method::QueueDeclare(mut x) => {
+                if x.queue.is_empty() {
+                    return;
+                }
+                self.shared.note_queue(&self.vhost, &x.queue.as_str());
+                t.retain(|m| !matches!(m, Method::QueueDeclare(o) if o.queue == x.queue));
+                x.nowait = false;
+                t.push(Method::QueueDeclare(x));
+            }
+            Method::QueueBind(mut x) => {
+                let m = Method::QueueBind(x.clone());
+                t.retain(|o| !same_binding(o, &m));
+                x.nowait = false;
+                t.push(Method::QueueBind(x));
+            }
+            Method::ExchangeBind(mut x) => {
+                let m = Method::ExchangeBind(x.clone());
+                t.retain(|o| !same_binding(o, &m));
+                x.nowait = false;
+                t.push(Method::ExchangeBind(x));
+            }
+            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => t.retain(|o| !same_binding(o, &m)),
+            Method::ExchangeDelete(x) => t.retain(|m| match m {
+                Method::ExchangeDeclare(o) => o.exchange != x.exchange,
+                Method::QueueBind(o) => o.exchange != x.exchange,
+                Method::ExchangeBind(o) => o.source != x.exchange && o.destination != x.exchange,
+                _ => true,
+            }),
+            Method::QueueDelete(x) => {
+                self.shared.forget_queue(&self.vhost, &x.queue.as_str());
+                t.retain(|m| match m {
+                    Method::QueueDeclare(o) => o.queue != x.queue,
+                    Method::QueueBind(o) => o.queue != x.queue,
+                    _ => true,
+                })
+            }
+            _ => {}
+        }
+        if t.len() > MAX_TOPOLOGY {
+            let excess = t.len() - MAX_TOPOLOGY;
+            t.drain(..excess);
+        }
+    }
+
+    /// Sends the client's qos to every link of the channel, the window split over the shard
+    /// clusters so the client never holds more than it asked for (see docs/routing.md); a control
+    /// consumer gets the whole window.
+    fn send_qos(&mut self, ch: u16, q: &codec::BasicQos, pending: Pending) {
+        let shards: Vec<LinkId> = self.shard_links().iter().collect();
+        let n = shards.len() as u32;
+        for link in self.live_links().iter() {
+            let share = match shards.iter().position(|&s| s == link) {
+                Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
+                None => q.prefetch_count,
+            };
+            let m = Method::BasicQos(codec::BasicQos { prefetch_count: share, ..q.clone() });
+            match pending {
+                Pending::Replay => self.links[link].replay(ch, &m),
+                p => self.links[link].request(ch, &m, p),
+            }
+        }
     }
 
     /// basic.get: a control queue lives on one cluster; a sharded queue is tried cluster by
@@ -1043,7 +1412,7 @@ impl Session {
                         let candidates = links
                             .iter()
                             .enumerate()
-                            .filter(|(_, s)| s.live() && s.role == Role::Shard && !s.drain)
+                            .filter(|(_, s)| s.live() && s.ready && s.role == Role::Shard && !s.drain)
                             .map(|(i, s)| (i, s.weight));
                         let picked = self.rr.pick(candidates);
                         if let Some(channel) = self.channel_mut(ch)
@@ -1121,8 +1490,13 @@ impl Session {
     // ----- upstream to client -------------------------------------------------------------
 
     fn on_link_event(&mut self, ev: LinkEvent) {
+        let id = match &ev {
+            LinkEvent::Commands { link, .. } | LinkEvent::Down { link, .. } => *link,
+        };
+        let Some(Some(slot)) = self.event_ids.get(id).copied() else { return };
         match ev {
-            LinkEvent::Commands { link, commands } => {
+            LinkEvent::Commands { commands, .. } => {
+                let link = slot;
                 for cmd in commands {
                     if self.end.is_some() {
                         return;
@@ -1130,13 +1504,14 @@ impl Session {
                     self.on_link_command(link, cmd);
                 }
             }
-            LinkEvent::Down { link, reason } => self.on_link_down(link, reason),
+            LinkEvent::Down { reason, .. } => self.on_link_down(slot, reason),
         }
     }
 
     fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {
         let Some(slot) = self.links.get_mut(link) else { return };
-        let was_done = !slot.mark_done();
+        let retiring = slot.retiring;
+        let was_done = !slot.mark_done() || retiring;
         if !was_done && self.closing.is_none() {
             slot.m.link_failures.inc();
         }
@@ -1230,10 +1605,13 @@ impl Session {
             Method::BasicDeliver(mut d) => {
                 let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
                 d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
-                let m = &self.links[link].m;
-                m.deliveries.inc();
+                let slot = &mut self.links[link];
+                slot.m.deliveries.inc();
                 if needs_ack {
-                    m.unacked.inc();
+                    slot.m.unacked.inc();
+                }
+                if slot.removed {
+                    slot.last_delivery = Instant::now();
                 }
                 self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
             }
@@ -1264,6 +1642,15 @@ impl Session {
     /// the request is complete.
     fn on_reply(&mut self, link: LinkId, ch: u16, method: Method, content: Option<Content>) {
         let pending = self.links[link].chan(ch).pending.pop_front();
+        if let Some(Pending::Replay) = pending {
+            let slot = &mut self.links[link];
+            slot.replay_left = slot.replay_left.saturating_sub(1);
+            if slot.replay_left == 0 && !slot.needs_topology && !slot.ready {
+                slot.ready = true;
+                info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
+            }
+            return;
+        }
         let Some(Pending::Rpc(id)) = pending else { return };
         let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
         let Some(rpc) = channel.rpc_mut(id) else { return };
@@ -1290,6 +1677,10 @@ impl Session {
             }
             let Some(rpc) = channel.rpcs.pop_front() else { return };
             let Some(reply) = rpc.reply else { continue };
+            if let Some(m) = rpc.on_success {
+                self.record_topology(m);
+            }
+            let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
             match reply.method {
                 Method::ChannelOpenOk(ok) => {
                     if channel.state == ChannelState::Opening {

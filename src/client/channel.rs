@@ -78,7 +78,7 @@ pub struct Rpc {
     pub get_next: Vec<LinkId>,
     pub get_request: Option<Method>,
     /// A topology change to remember once every cluster accepted it.
-    pub on_success: Option<Method>,
+    pub on_success: Option<(crate::route::Class, Method)>,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -125,6 +125,9 @@ pub enum ChannelState {
     /// frame but close / close-ok is discarded until the client's close-ok.
     AwaitingCloseOk,
 }
+
+/// The link id given to deliveries whose link died: acks for them are dropped.
+pub const DEAD_LINK: LinkId = LinkId::MAX;
 
 /// One delivery the client has not acknowledged yet.
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +224,18 @@ impl DeliveryTags {
 
     /// Forgets every outstanding delivery of `link` (recover, or the link's channel is gone: the
     /// broker requeues them, so their tags can never be acked).
+    /// The link of a delivery is gone: the broker has requeued the message (it will be delivered
+    /// again, with `redelivered` set), so the client's ack for this tag must be swallowed, never
+    /// answered with 406. Returns how many entries were marked.
+    pub fn kill_link(&mut self, link: LinkId) -> usize {
+        let mut n = 0;
+        for e in self.unacked.iter_mut().filter(|e| e.link == link) {
+            e.link = DEAD_LINK;
+            n += 1;
+        }
+        n
+    }
+
     /// Deliveries of `link` the client has not acknowledged yet.
     pub fn count_link(&self, link: LinkId) -> usize {
         self.unacked.iter().filter(|e| e.link == link).count()
@@ -349,8 +364,9 @@ pub struct Consumer {
     pub no_ack: bool,
     /// The links where this consumer is active; when the last one cancels it, the client is told.
     pub links: LinkSet,
-    /// The consume request of a consumer on a sharded queue, replayed on clusters added later.
+    /// The consume request, replayed on links opened later (an added cluster, a failover).
     pub request: Option<crate::codec::BasicConsume>,
+    pub class: crate::route::Class,
 }
 
 /// Everything the proxy keeps for one client channel.

@@ -131,6 +131,8 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         opened_tx,
         connecting: Vec::new(),
         topology: Vec::new(),
+        retry_at: Default::default(),
+        free_event_ids: Vec::new(),
         id,
         client_out: client_out.clone(),
         frame_max: greeting.frame_max as usize,
@@ -491,13 +493,19 @@ struct Session {
     opened_tx: mpsc::Sender<Opened>,
     /// Clusters a link is being opened to (after a reload).
     connecting: Vec<String>,
-    /// The sharded topology this client declared, in order, replayed on clusters added later.
-    topology: Vec<Method>,
+    /// The topology this client declared, in order, with where it lives; replayed on links
+    /// opened later (a cluster added by a reload, a failover to the other node).
+    topology: Vec<(Class, Method)>,
+    /// When each cluster without a live link may be tried again (exponential backoff).
+    retry_at: std::collections::HashMap<String, (Instant, Duration)>,
+    /// Event ids whose link is gone, reusable.
+    free_event_ids: Vec<usize>,
 }
 
 /// A link opened after a reload added a cluster.
 struct Opened {
     cluster: crate::config::ClusterConfig,
+    event_id: usize,
     result: Result<Link, ConnectError>,
 }
 
@@ -646,7 +654,10 @@ impl Session {
                     let config = config_rx.borrow_and_update().clone();
                     self.apply_config(&config);
                 }
-                _ = tick.tick() => self.retire_quiet_links(),
+                _ = tick.tick() => {
+                    self.retire_quiet_links();
+                    self.ensure_links();
+                }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
                         Ok(0) => return self.client_gone("client closed the TCP connection"),
@@ -858,24 +869,11 @@ impl Session {
             if have || self.connecting.contains(&cluster.name) {
                 continue;
             }
-            if self.event_ids.len() >= LinkSet::CAPACITY {
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
                 warn!(conn = self.id, cluster = %cluster.name, "too many links in this session; not adding");
                 continue;
             }
-            let event_id = self.event_ids.len();
-            self.event_ids.push(None);
-            self.connecting.push(cluster.name.clone());
-            let spec = LinkSpec {
-                cluster: Arc::from(cluster.name.as_str()),
-                nodes: cluster.nodes.clone(),
-                metrics: Some(self.metrics.cluster(&cluster.name)),
-                ..self.base_spec.clone()
-            };
-            let (events, opened, cluster) = (self.events_tx.clone(), self.opened_tx.clone(), cluster.clone());
-            tokio::spawn(async move {
-                let result = upstream::link::connect(event_id, &spec, events).await;
-                let _ = opened.send(Opened { cluster, result }).await;
-            });
+            self.spawn_connect(cluster);
         }
     }
 
@@ -886,24 +884,42 @@ impl Session {
         let link = match opened.result {
             Ok(link) => link,
             Err(e) => {
-                warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the added cluster");
+                warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry");
                 self.metrics.cluster(&opened.cluster.name).link_failures.inc();
+                self.free_event_ids.push(opened.event_id);
+                self.backoff(&opened.cluster.name);
                 return;
             }
         };
-        if self.closing.is_some() {
+        if self.closing.is_some() || !self.shared.config().clusters.iter().any(|c| c.name == opened.cluster.name) {
+            // Closing, or the cluster was removed while connecting: drop the link.
             return;
         }
-        let index = self.links.len();
-        if let Some(e) = self.event_ids.get_mut(link.id) {
-            *e = Some(index);
-        }
         let c = &opened.cluster;
+        self.retry_at.remove(&c.name);
         let mut slot = LinkSlot::new(link, c.role, c.weight, c.drain, self.metrics.cluster(&c.name));
         slot.ready = false;
-        slot.needs_topology = !self.topology.is_empty();
-        self.links.push(slot);
-        info!(conn = self.id, cluster = %c.name, "link opened to an added cluster; replaying topology");
+        let class = if c.role == Role::Shard { Class::Sharded } else { Class::Control };
+        slot.needs_topology = self.topology.iter().any(|(k, _)| *k == class);
+        // Reuse the slot of this cluster's dead link: everything that pointed at it was released
+        // when it died, and link ids must stay below LinkSet::CAPACITY.
+        let index = match self.links.iter().position(|s| s.done && *s.link.cluster == *c.name) {
+            Some(i) => {
+                self.links[i] = slot;
+                i
+            }
+            None => {
+                self.links.push(slot);
+                self.links.len() - 1
+            }
+        };
+        if let Some(e) = self.event_ids.get_mut(self.links[index].link.id) {
+            *e = Some(index);
+        }
+        if c.role == Role::Control {
+            self.control = Some(index);
+        }
+        info!(conn = self.id, cluster = %c.name, node = %self.links[index].link.node, "link opened; replaying this client's topology, channels and consumers");
 
         let open: Vec<u16> = self
             .channels
@@ -934,8 +950,14 @@ impl Session {
         for &ch in &open {
             let Some(channel) = self.channels[usize::from(ch)].as_mut() else { continue };
             let mut requests = Vec::new();
+            let class = match self.links[index].role {
+                Role::Shard => Class::Sharded,
+                Role::Control => Class::Control,
+            };
             for consumer in &mut channel.consumers {
-                if let Some(req) = &consumer.request {
+                if let Some(req) = &consumer.request
+                    && consumer.class == class
+                {
                     consumer.links.insert(index);
                     requests.push(Method::BasicConsume(codec::BasicConsume { nowait: false, ..req.clone() }));
                 }
@@ -950,10 +972,80 @@ impl Session {
         }
     }
 
+    /// Which traffic a link carries.
+    fn link_class(&self, link: LinkId) -> Option<Class> {
+        self.links.get(link).map(|s| match s.role {
+            Role::Shard => Class::Sharded,
+            Role::Control => Class::Control,
+        })
+    }
+
+    /// Starts opening a link to `cluster` in the background; [`on_opened`](Self::on_opened)
+    /// gets the result.
+    fn spawn_connect(&mut self, cluster: &crate::config::ClusterConfig) {
+        let event_id = match self.free_event_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.event_ids.push(None);
+                self.event_ids.len() - 1
+            }
+        };
+        self.connecting.push(cluster.name.clone());
+        let spec = LinkSpec {
+            cluster: Arc::from(cluster.name.as_str()),
+            nodes: cluster.nodes.clone(),
+            metrics: Some(self.metrics.cluster(&cluster.name)),
+            ..self.base_spec.clone()
+        };
+        let (events, opened, cluster) = (self.events_tx.clone(), self.opened_tx.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let result = upstream::link::connect(event_id, &spec, events).await;
+            let _ = opened.send(Opened { cluster, event_id, result }).await;
+        });
+    }
+
+    /// Reopens links to configured clusters that have none (a failover, a cluster back from an
+    /// outage), each cluster with its own exponential backoff and jitter so a fleet of
+    /// sessions does not reconnect in lockstep.
+    fn ensure_links(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        let config = self.shared.config();
+        let now = Instant::now();
+        for cluster in &config.clusters {
+            let live = self.links.iter().any(|s| s.live() && *s.link.cluster == *cluster.name);
+            if live || self.connecting.contains(&cluster.name) {
+                continue;
+            }
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
+                continue;
+            }
+            if let Some((at, _)) = self.retry_at.get(&cluster.name)
+                && *at > now
+            {
+                continue;
+            }
+            self.spawn_connect(cluster);
+        }
+    }
+
+    fn backoff(&mut self, cluster: &str) {
+        let prev = self.retry_at.get(cluster).map_or(Duration::from_millis(500), |(_, d)| *d);
+        let next = (prev * 2).min(Duration::from_secs(30));
+        // Jitter: up to a quarter of the delay, from the clock and the connection id.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let jitter = next.mul_f64(f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0);
+        self.retry_at.insert(cluster.to_owned(), (Instant::now() + next + jitter, next));
+    }
+
     fn replay_topology(&mut self, link: LinkId, ch: u16) {
         let topology = std::mem::take(&mut self.topology);
-        for m in &topology {
-            self.links[link].replay(ch, m);
+        let class = self.link_class(link);
+        for (c, m) in &topology {
+            if Some(*c) == class {
+                self.links[link].replay(ch, m);
+            }
         }
         self.topology = topology;
         self.links[link].needs_topology = false;
@@ -1083,8 +1175,8 @@ impl Session {
                 }
                 let class = self.rules.queue(c.queue.as_bytes());
                 let targets = self.targets(class);
-                let request = (class == Class::Sharded).then(|| c.clone());
-                let consumer = Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets, request };
+                let consumer =
+                    Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets, request: Some(c.clone()), class };
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
                 }
@@ -1248,12 +1340,14 @@ impl Session {
     fn fan_out_topology(&mut self, ch: u16, method: &Method, targets: LinkSet, sharded: bool) -> Result<(), ConnError> {
         let passive = match method {
             Method::ExchangeDeclare(x) => x.passive,
-            Method::QueueDeclare(x) => x.passive,
+            // Server-named queues cannot be declared again by name (`amq.` is reserved).
+            Method::QueueDeclare(x) => x.passive || x.queue.is_empty(),
             _ => false,
         };
-        let record = sharded && !passive && !targets.is_empty();
+        let class = if sharded { Class::Sharded } else { Class::Control };
+        let record = !passive && !targets.is_empty();
         if record && !expects_reply(method) {
-            self.record_topology(method.clone());
+            self.record_topology(class, method.clone());
         }
         self.fan_out(ch, method, targets)?;
         if record
@@ -1261,13 +1355,13 @@ impl Session {
             && let Some(channel) = self.channel_mut(ch)
             && let Some(rpc) = channel.rpcs.back_mut()
         {
-            rpc.on_success = Some(method.clone());
+            rpc.on_success = Some((class, method.clone()));
         }
         Ok(())
     }
 
     /// Updates the replay log with a topology change every cluster accepted.
-    fn record_topology(&mut self, method: Method) {
+    fn record_topology(&mut self, class: Class, method: Method) {
         fn same_binding(a: &Method, b: &Method) -> bool {
             match (a, b) {
                 (Method::QueueBind(a), Method::QueueBind(b)) => {
@@ -1288,33 +1382,35 @@ impl Session {
         let t = &mut self.topology;
         match method {
             Method::ExchangeDeclare(mut x) => {
-                t.retain(|m| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange));
+                t.retain(|(_, m)| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange));
                 x.nowait = false;
-                t.push(Method::ExchangeDeclare(x));
+                t.push((class, Method::ExchangeDeclare(x)));
             }
             Method::QueueDeclare(mut x) => {
                 if x.queue.is_empty() {
                     return;
                 }
-                self.shared.note_queue(&self.vhost, &x.queue.as_str());
-                t.retain(|m| !matches!(m, Method::QueueDeclare(o) if o.queue == x.queue));
+                if class == Class::Sharded {
+                    self.shared.note_queue(&self.vhost, &x.queue.as_str());
+                }
+                t.retain(|(_, m)| !matches!(m, Method::QueueDeclare(o) if o.queue == x.queue));
                 x.nowait = false;
-                t.push(Method::QueueDeclare(x));
+                t.push((class, Method::QueueDeclare(x)));
             }
             Method::QueueBind(mut x) => {
                 let m = Method::QueueBind(x.clone());
-                t.retain(|o| !same_binding(o, &m));
+                t.retain(|(_, o)| !same_binding(o, &m));
                 x.nowait = false;
-                t.push(Method::QueueBind(x));
+                t.push((class, Method::QueueBind(x)));
             }
             Method::ExchangeBind(mut x) => {
                 let m = Method::ExchangeBind(x.clone());
-                t.retain(|o| !same_binding(o, &m));
+                t.retain(|(_, o)| !same_binding(o, &m));
                 x.nowait = false;
-                t.push(Method::ExchangeBind(x));
+                t.push((class, Method::ExchangeBind(x)));
             }
-            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => t.retain(|o| !same_binding(o, &m)),
-            Method::ExchangeDelete(x) => t.retain(|m| match m {
+            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => t.retain(|(_, o)| !same_binding(o, &m)),
+            Method::ExchangeDelete(x) => t.retain(|(_, m)| match m {
                 Method::ExchangeDeclare(o) => o.exchange != x.exchange,
                 Method::QueueBind(o) => o.exchange != x.exchange,
                 Method::ExchangeBind(o) => o.source != x.exchange && o.destination != x.exchange,
@@ -1322,7 +1418,7 @@ impl Session {
             }),
             Method::QueueDelete(x) => {
                 self.shared.forget_queue(&self.vhost, &x.queue.as_str());
-                t.retain(|m| match m {
+                t.retain(|(_, m)| match m {
                     Method::QueueDeclare(o) => o.queue != x.queue,
                     Method::QueueBind(o) => o.queue != x.queue,
                     _ => true,
@@ -1521,10 +1617,98 @@ impl Session {
             None if was_done => {}
             None => {
                 let slot = &self.links[link];
-                warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost");
-                let text = format!("upstream connection to cluster '{}' lost: {reason}", slot.link.cluster);
-                self.begin_proxy_close(ConnError::new(320, &text), &text);
+                warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over");
+                self.fail_link(link);
             }
+        }
+    }
+
+    /// Releases everything that depended on a dead link, so the client sees no error: its
+    /// unacknowledged deliveries become dead tags (the broker requeues the messages; acks for
+    /// the old tags are swallowed), its consumers and pending replies are settled by the other
+    /// links, publishes it had not confirmed are nacked to confirm-mode clients. The tick then
+    /// reconnects the cluster (the other node, if this one is down) and replays this client's
+    /// state on the new link.
+    fn fail_link(&mut self, link: LinkId) {
+        let slot = &mut self.links[link];
+        slot.mark_done();
+        let cluster = slot.link.cluster.to_string();
+        let event_id = slot.link.id;
+        if let Some(e) = self.event_ids.get_mut(event_id) {
+            *e = None;
+        }
+        self.free_event_ids.push(event_id);
+        let chans = std::mem::take(&mut slot.chans);
+        let m = slot.m.clone();
+        for (ch, up) in chans.into_iter().enumerate() {
+            let ch = ch as u16;
+            m.confirms_pending.dec_by(up.confirms.pending() as i64);
+            let mut up = up;
+            let lost = up.confirms.drain();
+            for pending in up.pending {
+                if let Pending::Rpc(id) = pending {
+                    self.settle_dead_rpc(ch, id);
+                }
+            }
+            if !lost.is_empty() {
+                self.nack_lost(ch, &lost);
+            }
+            self.flush_rpcs(ch);
+        }
+        for channel in self.channels.iter_mut().flatten() {
+            let n = channel.tags.kill_link(link);
+            m.unacked.dec_by(n as i64);
+            for consumer in &mut channel.consumers {
+                consumer.links.remove(link);
+            }
+        }
+        // `control` keeps pointing at the dead control slot: control traffic fails with a clear
+        // channel error (not a hang, and never silently on a shard) until the link is back.
+        self.retry_at.insert(cluster, (Instant::now(), Duration::from_millis(250)));
+        if self.shard_links().is_empty() {
+            let text = "no shard cluster is reachable";
+            warn!(conn = self.id, "{text}; closing the client");
+            self.begin_proxy_close(ConnError::new(320, text), text);
+        }
+    }
+
+    /// A request was waiting for a link that died: count it as answered by that link (the
+    /// other links' replies make the answer), or try the next cluster for a basic.get.
+    fn settle_dead_rpc(&mut self, ch: u16, id: u64) {
+        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
+        let Some(rpc) = channel.rpc_mut(id) else { return };
+        if let Some(get) = rpc.get_request.clone() {
+            while let Some(next) = rpc.get_next.pop() {
+                if self.links[next].live() {
+                    self.links[next].request(ch, &get, Pending::Rpc(id));
+                    return;
+                }
+            }
+            if rpc.reply.is_none() {
+                rpc.reply = Some(super::channel::Reply {
+                    method: Method::BasicGetEmpty(Default::default()),
+                    content: None,
+                    link: LinkId::MAX,
+                });
+            }
+        }
+        rpc.waiting = rpc.waiting.saturating_sub(1);
+    }
+
+    /// Publishes that were in flight on a dead link: a confirm-mode client gets a nack (kombu
+    /// and most clients republish on nack), as the broker may or may not have taken them.
+    fn nack_lost(&mut self, ch: u16, client_seqs: &[u64]) {
+        let mut sorted = client_seqs.to_vec();
+        sorted.sort_unstable();
+        let mut out = Vec::new();
+        if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
+            confirms.settle(&sorted, &mut out);
+        }
+        for c in out {
+            self.to_client(
+                ch,
+                &Method::BasicNack(codec::BasicNack { delivery_tag: c.seq, multiple: c.multiple, requeue: false }),
+            );
         }
     }
 
@@ -1676,9 +1860,14 @@ impl Session {
                 return;
             }
             let Some(rpc) = channel.rpcs.pop_front() else { return };
-            let Some(reply) = rpc.reply else { continue };
-            if let Some(m) = rpc.on_success {
-                self.record_topology(m);
+            let Some(reply) = rpc.reply else {
+                // Every cluster this request went to died before answering.
+                let m = Method::ChannelOpen(Default::default());
+                self.close_channel(ch, 541, "INTERNAL_ERROR - the cluster(s) for this request became unavailable", &m);
+                return;
+            };
+            if let Some((class, m)) = rpc.on_success {
+                self.record_topology(class, m);
             }
             let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
             match reply.method {

@@ -94,6 +94,11 @@ pub struct Limits {
     /// Bound of each per-connection write buffer, in bytes (>= `frame_max`, so one full frame
     /// always fits). Default 4 MiB.
     pub client_buffer_bytes: usize,
+    /// Publishes one client connection may have waiting for their cluster's confirm, in bytes;
+    /// at the bound the proxy stops reading that client (back-pressure). Default 64 MiB.
+    pub max_held_bytes_per_connection: usize,
+    /// The same bound over all connections. Default 1 GiB.
+    pub max_held_bytes: usize,
 }
 
 /// One `[[clusters]]` entry: a RabbitMQ cluster of one or more nodes.
@@ -183,6 +188,8 @@ impl Default for Limits {
             frame_max: 131_072,
             max_message_size: 134_217_728,
             client_buffer_bytes: 4 * 1024 * 1024,
+            max_held_bytes_per_connection: 64 * 1024 * 1024,
+            max_held_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -428,7 +435,9 @@ impl RawRouting {
     fn validate(&self) -> Result<crate::route::Rules, Problem> {
         use crate::route::{Pattern, Rules};
         let defaults = Rules::default();
-        let patterns = |list: &Option<Vec<Spanned<String>>>, default: Vec<Pattern>| -> Result<Vec<Pattern>, Problem> {
+        let patterns = |list: &Option<Vec<Spanned<String>>>,
+                        default: Vec<Pattern>|
+         -> Result<Vec<Pattern>, Problem> {
             let Some(list) = list else { return Ok(default) };
             let mut out = Vec::with_capacity(list.len());
             for p in list {
@@ -442,7 +451,9 @@ impl RawRouting {
         Ok(Rules {
             control_exchanges: patterns(&self.control_exchanges, defaults.control_exchanges)?,
             control_queues: patterns(&self.control_queues, defaults.control_queues)?,
-            uuid_queues_are_control: self.uuid_queues_are_control.unwrap_or(defaults.uuid_queues_are_control),
+            uuid_queues_are_control: self
+                .uuid_queues_are_control
+                .unwrap_or(defaults.uuid_queues_are_control),
         })
     }
 }
@@ -474,6 +485,8 @@ struct RawLimits {
     frame_max: Option<Spanned<u32>>,
     max_message_size: Option<Spanned<u64>>,
     client_buffer_bytes: Option<Spanned<usize>>,
+    max_held_bytes_per_connection: Option<Spanned<usize>>,
+    max_held_bytes: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -753,6 +766,11 @@ impl RawLimits {
             frame_max: value_or(&self.frame_max, d.frame_max),
             max_message_size: value_or(&self.max_message_size, d.max_message_size),
             client_buffer_bytes: value_or(&self.client_buffer_bytes, d.client_buffer_bytes),
+            max_held_bytes_per_connection: value_or(
+                &self.max_held_bytes_per_connection,
+                d.max_held_bytes_per_connection,
+            ),
+            max_held_bytes: value_or(&self.max_held_bytes, d.max_held_bytes),
         };
         if (limits.client_buffer_bytes as u64) < u64::from(limits.frame_max) {
             let span = span_or(
@@ -1128,6 +1146,8 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
                 frame_max: 4096,
                 max_message_size: 1000,
                 client_buffer_bytes: 4096,
+                max_held_bytes_per_connection: 64 * 1024 * 1024,
+                max_held_bytes: 1024 * 1024 * 1024,
             }
         );
         let s1 = &c.clusters[0];

@@ -33,7 +33,9 @@ pub struct ResultLabel {
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~3.3 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 17))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 17,
+    ))
 }
 
 /// All of the proxy's metrics.
@@ -55,6 +57,9 @@ pub struct Metrics {
     pub bytes_to_cluster: Family<ClusterLabel, Counter>,
     pub bytes_from_cluster: Family<ClusterLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
+    pub republished: Counter,
+    pub dropped: Counter,
+    pub held_bytes: Gauge,
     pub last_reload_ok: Gauge,
 }
 
@@ -107,28 +112,114 @@ impl Metrics {
             bytes_to_cluster: Family::default(),
             bytes_from_cluster: Family::default(),
             reloads: Family::default(),
+            republished: Counter::default(),
+            dropped: Counter::default(),
+            held_bytes: Gauge::default(),
             last_reload_ok: Gauge::default(),
         };
         m.last_reload_ok.set(1);
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
-            r.register("client_connections", "Open client connections", m.connections.clone());
-            r.register("client_connections_opened", "Client connections accepted and opened", m.connections_total.clone());
-            r.register("client_connections_refused", "Client connections refused (limits, handshake, broker refusal)", m.connections_refused.clone());
-            r.register("client_channels", "Open client channels", m.channels.clone());
-            r.register("cluster_links", "Open upstream connections per cluster", m.links.clone());
-            r.register("cluster_link_failures", "Upstream connections lost or refused per cluster", m.link_failures.clone());
-            r.register("publishes", "Messages published to each cluster", m.publishes.clone());
-            r.register("deliveries", "Messages delivered from each cluster", m.deliveries.clone());
-            r.register("acks", "Client acks, nacks and rejects sent to each cluster", m.acks.clone());
-            r.register("confirms", "Publisher confirms received from each cluster", m.confirms.clone());
-            r.register("confirms_pending", "Publishes waiting for a confirm per cluster", m.confirms_pending.clone());
-            r.register("deliveries_unacked", "Deliveries the clients have not acknowledged yet per cluster", m.unacked.clone());
-            r.register("confirm_latency_seconds", "Time from publish to the cluster's confirm", m.confirm_latency.clone());
-            r.register("cluster_sent_bytes", "Bytes written to each cluster", m.bytes_to_cluster.clone());
-            r.register("cluster_received_bytes", "Bytes read from each cluster", m.bytes_from_cluster.clone());
-            r.register("config_reloads", "Configuration reloads by result", m.reloads.clone());
-            r.register("config_last_reload_success", "1 if the last reload succeeded", m.last_reload_ok.clone());
+            r.register(
+                "client_connections",
+                "Open client connections",
+                m.connections.clone(),
+            );
+            r.register(
+                "client_connections_opened",
+                "Client connections accepted and opened",
+                m.connections_total.clone(),
+            );
+            r.register(
+                "client_connections_refused",
+                "Client connections refused (limits, handshake, broker refusal)",
+                m.connections_refused.clone(),
+            );
+            r.register(
+                "client_channels",
+                "Open client channels",
+                m.channels.clone(),
+            );
+            r.register(
+                "cluster_links",
+                "Open upstream connections per cluster",
+                m.links.clone(),
+            );
+            r.register(
+                "cluster_link_failures",
+                "Upstream connections lost or refused per cluster",
+                m.link_failures.clone(),
+            );
+            r.register(
+                "publishes",
+                "Messages published to each cluster",
+                m.publishes.clone(),
+            );
+            r.register(
+                "deliveries",
+                "Messages delivered from each cluster",
+                m.deliveries.clone(),
+            );
+            r.register(
+                "acks",
+                "Client acks, nacks and rejects sent to each cluster",
+                m.acks.clone(),
+            );
+            r.register(
+                "confirms",
+                "Publisher confirms received from each cluster",
+                m.confirms.clone(),
+            );
+            r.register(
+                "confirms_pending",
+                "Publishes waiting for a confirm per cluster",
+                m.confirms_pending.clone(),
+            );
+            r.register(
+                "deliveries_unacked",
+                "Deliveries the clients have not acknowledged yet per cluster",
+                m.unacked.clone(),
+            );
+            r.register(
+                "confirm_latency_seconds",
+                "Time from publish to the cluster's confirm",
+                m.confirm_latency.clone(),
+            );
+            r.register(
+                "cluster_sent_bytes",
+                "Bytes written to each cluster",
+                m.bytes_to_cluster.clone(),
+            );
+            r.register(
+                "cluster_received_bytes",
+                "Bytes read from each cluster",
+                m.bytes_from_cluster.clone(),
+            );
+            r.register(
+                "republished",
+                "Publishes sent again to another cluster after a nack or a lost link (possible duplicates)",
+                m.republished.clone(),
+            );
+            r.register(
+                "dropped",
+                "Publishes that could not be delivered to any cluster",
+                m.dropped.clone(),
+            );
+            r.register(
+                "held_bytes",
+                "Bytes of publishes held until their cluster confirms them",
+                m.held_bytes.clone(),
+            );
+            r.register(
+                "config_reloads",
+                "Configuration reloads by result",
+                m.reloads.clone(),
+            );
+            r.register(
+                "config_last_reload_success",
+                "1 if the last reload succeeded",
+                m.last_reload_ok.clone(),
+            );
         }
         m
     }
@@ -137,14 +228,23 @@ impl Metrics {
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
         // Each lookup in its own statement: `get_or_create` returns a read guard, and two guards
         // of one family alive in one expression deadlock when the second has to insert.
-        fn get<M: Clone, L: Clone + std::hash::Hash + Eq, C: prometheus_client::metrics::family::MetricConstructor<M>>(
+        fn get<
+            M: Clone,
+            L: Clone + std::hash::Hash + Eq,
+            C: prometheus_client::metrics::family::MetricConstructor<M>,
+        >(
             f: &Family<L, M, C>,
             l: &L,
         ) -> M {
             f.get_or_create(l).clone()
         }
-        let l = ClusterLabel { cluster: name.to_owned() };
-        let c = |outcome: &str| ConfirmLabel { cluster: name.to_owned(), outcome: outcome.to_owned() };
+        let l = ClusterLabel {
+            cluster: name.to_owned(),
+        };
+        let c = |outcome: &str| ConfirmLabel {
+            cluster: name.to_owned(),
+            outcome: outcome.to_owned(),
+        };
         let confirm_acks = get(&self.confirms, &c("ack"));
         let confirm_nacks = get(&self.confirms, &c("nack"));
         ClusterMetrics {
@@ -166,7 +266,12 @@ impl Metrics {
     /// Records the outcome of a configuration reload.
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        let counter = self.reloads.get_or_create(&ResultLabel { result: result.into() }).clone();
+        let counter = self
+            .reloads
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .clone();
         counter.inc();
         self.last_reload_ok.set(i64::from(ok));
     }
@@ -194,7 +299,13 @@ mod tests {
         a.confirm_latency.observe(0.001);
         m.reloaded(false);
         let text = m.encode();
-        assert!(text.contains("warren_publishes_total{cluster=\"shard-a\"} 2"), "{text}");
-        assert!(text.contains("warren_config_last_reload_success 0"), "{text}");
+        assert!(
+            text.contains("warren_publishes_total{cluster=\"shard-a\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warren_config_last_reload_success 0"),
+            "{text}"
+        );
     }
 }

@@ -158,7 +158,12 @@ impl Shared {
 
     fn record(&self, ok: bool, message: String) -> ReloadStatus {
         self.metrics.reloaded(ok);
-        let status = ReloadStatus { at: SystemTime::now(), ok, message, generation: self.generation.load(Ordering::Relaxed) };
+        let status = ReloadStatus {
+            at: SystemTime::now(),
+            ok,
+            message,
+            generation: self.generation.load(Ordering::Relaxed),
+        };
         *lock(&self.last_reload) = Some(status.clone());
         status
     }
@@ -230,7 +235,11 @@ fn describe_change(old: &Config, new: &Config) -> String {
     if old.timeouts != new.timeouts || old.limits != new.limits || old.routing != new.routing {
         parts.push("changed settings".into());
     }
-    if parts.is_empty() { "no change".into() } else { parts.join(", ") }
+    if parts.is_empty() {
+        "no change".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// A running proxy.
@@ -241,6 +250,7 @@ pub struct ProxyHandle {
     force_close: CancellationToken,
     sessions: TaskTracker,
     acceptor: JoinHandle<()>,
+    admin: Option<crate::admin::AdminServer>,
 }
 
 impl ProxyHandle {
@@ -253,20 +263,41 @@ impl ProxyHandle {
         &self.shared
     }
 
+    /// The admin endpoint's address, when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
     /// Stops accepting, gives connected clients the configured grace period, then closes the
     /// remaining ones with 320 CONNECTION_FORCED and waits for their sessions to end.
     pub async fn shutdown(self) {
         let grace = Duration::from_millis(self.shared.config().timeouts.shutdown_grace_ms);
+        if let Some(admin) = &self.admin {
+            admin.set_shutting_down();
+        }
         self.stop_accepting.cancel();
         let _ = self.acceptor.await;
         self.sessions.close();
         if !self.sessions.is_empty() {
-            info!(connections = self.sessions.len(), grace_ms = grace.as_millis() as u64, "waiting for clients before closing them");
-            if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
-                info!(connections = self.sessions.len(), "closing remaining clients with 320 CONNECTION_FORCED");
+            info!(
+                connections = self.sessions.len(),
+                grace_ms = grace.as_millis() as u64,
+                "waiting for clients before closing them"
+            );
+            if tokio::time::timeout(grace, self.sessions.wait())
+                .await
+                .is_err()
+            {
+                info!(
+                    connections = self.sessions.len(),
+                    "closing remaining clients with 320 CONNECTION_FORCED"
+                );
                 self.force_close.cancel();
                 let _ = tokio::time::timeout(Duration::from_secs(10), self.sessions.wait()).await;
             }
+        }
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
         }
         info!("proxy stopped");
     }
@@ -274,11 +305,15 @@ impl ProxyHandle {
 
 /// Binds the listeners and starts serving.
 pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+    })?;
     let amqp_addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(config.clone()));
+    let admin = match config.admin.listen {
+        Some(listen) => Some(crate::admin::AdminServer::start(listen, shared.clone()).await?),
+        None => None,
+    };
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -292,7 +327,15 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         sessions.clone(),
         limit,
     ));
-    Ok(ProxyHandle { amqp_addr, shared, stop_accepting, force_close, sessions, acceptor })
+    Ok(ProxyHandle {
+        amqp_addr,
+        shared,
+        stop_accepting,
+        force_close,
+        sessions,
+        acceptor,
+        admin,
+    })
 }
 
 async fn accept_loop(

@@ -94,7 +94,11 @@ impl Rpc {
     pub fn merge(&mut self, method: Method, content: Option<Content>, link: LinkId) {
         self.waiting = self.waiting.saturating_sub(1);
         let Some(acc) = &mut self.reply else {
-            self.reply = Some(Reply { method, content, link });
+            self.reply = Some(Reply {
+                method,
+                content,
+                link,
+            });
             return;
         };
         match (&mut acc.method, method) {
@@ -169,7 +173,11 @@ impl DeliveryTags {
     pub fn issue(&mut self, link: LinkId, upstream_tag: u64, needs_ack: bool) -> u64 {
         self.last += 1;
         if needs_ack {
-            self.unacked.push_back(Unacked { tag: self.last, link, upstream_tag });
+            self.unacked.push_back(Unacked {
+                tag: self.last,
+                link,
+                upstream_tag,
+            });
         }
         self.last
     }
@@ -180,7 +188,12 @@ impl DeliveryTags {
 
     /// Resolves a client ack / nack (`multiple` allowed) or reject into upstream acks, removing the
     /// covered entries. Tag 0 with `multiple` means every outstanding delivery.
-    pub fn resolve(&mut self, tag: u64, multiple: bool, out: &mut Vec<UpstreamAck>) -> Result<(), UnknownTag> {
+    pub fn resolve(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+        out: &mut Vec<UpstreamAck>,
+    ) -> Result<(), UnknownTag> {
         out.clear();
         if multiple {
             let end = if tag == 0 {
@@ -210,7 +223,12 @@ impl DeliveryTags {
         }
         let i = self.position(tag).ok_or(UnknownTag(tag))?;
         let entry = self.unacked.remove(i).ok_or(UnknownTag(tag))?;
-        out.push(UpstreamAck { link: entry.link, upstream_tag: entry.upstream_tag, multiple: false, count: 1 });
+        out.push(UpstreamAck {
+            link: entry.link,
+            upstream_tag: entry.upstream_tag,
+            multiple: false,
+            count: 1,
+        });
         Ok(())
     }
 
@@ -291,69 +309,88 @@ impl ClientConfirms {
         let k = seqs.len();
         if self.outstanding.len() >= k && self.outstanding.iter().take(k).eq(seqs.iter()) {
             self.outstanding.drain(..k);
-            out.push(ClientConfirm { seq: seqs[k - 1], multiple: k > 1 });
+            out.push(ClientConfirm {
+                seq: seqs[k - 1],
+                multiple: k > 1,
+            });
             return;
         }
         for &s in seqs {
             if let Ok(i) = self.outstanding.binary_search(&s) {
                 self.outstanding.remove(i);
-                out.push(ClientConfirm { seq: s, multiple: false });
+                out.push(ClientConfirm {
+                    seq: s,
+                    multiple: false,
+                });
             }
         }
     }
 }
 
-/// Publisher confirms of one upstream channel: which client sequence number each upstream one is.
+/// A publish the proxy keeps until its cluster confirms it, so it can be published again on
+/// another cluster if that one nacks it or dies first. The header and body are the `Bytes` read
+/// from the client: shared, not copied.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub publish: crate::codec::BasicPublish,
+    pub content: Content,
+}
+
+impl Held {
+    /// Memory this publish holds.
+    pub fn size(&self) -> usize {
+        self.content.len() + self.publish.exchange.len() + self.publish.routing_key.len() + 64
+    }
+}
+
+/// A publish waiting for its cluster's confirm.
+#[derive(Debug)]
+pub struct InFlight {
+    pub seq: u64,
+    /// The client's sequence number, when the client asked for confirms.
+    pub client: Option<u64>,
+    pub at: std::time::Instant,
+    pub held: Held,
+}
+
+/// Publisher confirms of one upstream channel: which publish each upstream sequence number is.
 #[derive(Debug, Default)]
 pub struct UpstreamConfirms {
     next: u64,
-    /// (upstream seq, client seq, when published)
-    pending: VecDeque<(u64, u64, std::time::Instant)>,
+    pending: VecDeque<InFlight>,
 }
 
 impl UpstreamConfirms {
-    /// Records a publish sent upstream for client sequence `client_seq`.
-    pub fn record(&mut self, client_seq: u64) {
+    /// Records a publish sent upstream; every publish on a channel in confirm mode is numbered.
+    pub fn record(&mut self, client: Option<u64>, held: Held) {
         self.next += 1;
-        self.pending.push_back((self.next, client_seq, std::time::Instant::now()));
+        self.pending.push_back(InFlight {
+            seq: self.next,
+            client,
+            at: std::time::Instant::now(),
+            held,
+        });
     }
 
-    /// Counts a publish the client did not ask to be confirmed (the upstream channel still numbers it).
-    pub fn skip(&mut self) {
-        self.next += 1;
-    }
-
-    /// Resolves an upstream ack or nack into client sequence numbers (ascending); returns when
-    /// the oldest of them was published.
-    pub fn resolve(&mut self, upstream_seq: u64, multiple: bool, out: &mut Vec<u64>) -> Option<std::time::Instant> {
+    /// Resolves an upstream ack or nack into the publishes it settles, oldest first.
+    pub fn resolve(&mut self, upstream_seq: u64, multiple: bool, out: &mut Vec<InFlight>) {
         out.clear();
-        let mut oldest = None;
         if multiple {
-            while let Some(&(u, c, t)) = self.pending.front() {
-                if u > upstream_seq {
-                    break;
-                }
-                self.pending.pop_front();
-                oldest.get_or_insert(t);
-                out.push(c);
+            while self.pending.front().is_some_and(|p| p.seq <= upstream_seq) {
+                out.extend(self.pending.pop_front());
             }
-        } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.0)
-            && let Some((_, c, t)) = self.pending.remove(i)
-        {
-            oldest = Some(t);
-            out.push(c);
+        } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.seq) {
+            out.extend(self.pending.remove(i));
         }
-        out.sort_unstable();
-        oldest
     }
 
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
 
-    /// Client sequence numbers still waiting on this upstream channel (when it is lost).
-    pub fn drain(&mut self) -> Vec<u64> {
-        self.pending.drain(..).map(|p| p.1).collect()
+    /// Every publish still waiting (when the channel or its link is lost).
+    pub fn drain(&mut self) -> Vec<InFlight> {
+        self.pending.drain(..).collect()
     }
 }
 
@@ -407,7 +444,14 @@ impl Channel {
     /// Registers a request that waits for `waiting` replies; returns its id.
     pub fn push_rpc(&mut self, waiting: u32, get_next: Vec<LinkId>) -> u64 {
         self.next_rpc += 1;
-        self.rpcs.push_back(Rpc { id: self.next_rpc, waiting, reply: None, get_next, get_request: None, on_success: None });
+        self.rpcs.push_back(Rpc {
+            id: self.next_rpc,
+            waiting,
+            reply: None,
+            get_next,
+            get_request: None,
+            on_success: None,
+        });
         self.next_rpc
     }
 
@@ -451,19 +495,45 @@ mod tests {
         assert_eq!(t.issue(0, 3, true), 5);
         let mut out = Vec::new();
         t.resolve(2, false, &mut out).unwrap();
-        assert_eq!(out, vec![UpstreamAck { link: 1, upstream_tag: 1, multiple: false, count: 1 }]);
+        assert_eq!(
+            out,
+            vec![UpstreamAck {
+                link: 1,
+                upstream_tag: 1,
+                multiple: false,
+                count: 1
+            }]
+        );
         t.resolve(4, true, &mut out).unwrap();
         assert_eq!(
             out,
             vec![
-                UpstreamAck { link: 0, upstream_tag: 2, multiple: true, count: 2 },
-                UpstreamAck { link: 1, upstream_tag: 2, multiple: false, count: 1 },
+                UpstreamAck {
+                    link: 0,
+                    upstream_tag: 2,
+                    multiple: true,
+                    count: 2
+                },
+                UpstreamAck {
+                    link: 1,
+                    upstream_tag: 2,
+                    multiple: false,
+                    count: 1
+                },
             ]
         );
         assert_eq!(t.resolve(4, false, &mut out), Err(UnknownTag(4)));
         assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
         t.resolve(0, true, &mut out).unwrap();
-        assert_eq!(out, vec![UpstreamAck { link: 0, upstream_tag: 3, multiple: false, count: 1 }]);
+        assert_eq!(
+            out,
+            vec![UpstreamAck {
+                link: 0,
+                upstream_tag: 3,
+                multiple: false,
+                count: 1
+            }]
+        );
         assert_eq!(t.outstanding(), 0);
     }
 
@@ -479,23 +549,61 @@ mod tests {
 
     #[test]
     fn confirms_coalesce_only_when_contiguous() {
+        let held = || Held {
+            publish: Default::default(),
+            content: Content {
+                header: bytes::Bytes::new(),
+                body_size: 0,
+                body: Default::default(),
+            },
+        };
         let mut c = ClientConfirms::default();
         let mut up0 = UpstreamConfirms::default();
         let mut up1 = UpstreamConfirms::default();
         for i in 0..6 {
             let s = c.next_seq();
-            if i % 2 == 0 { up0.record(s) } else { up1.record(s) }
+            if i % 2 == 0 {
+                up0.record(Some(s), held())
+            } else {
+                up1.record(Some(s), held())
+            }
         }
-        let (mut seqs, mut out) = (Vec::new(), Vec::new());
-        up1.resolve(2, true, &mut seqs); // client 2, 4
-        assert_eq!(seqs, vec![2, 4]);
-        c.settle(&seqs, &mut out);
-        assert_eq!(out, vec![ClientConfirm { seq: 2, multiple: false }, ClientConfirm { seq: 4, multiple: false }]);
-        up0.resolve(2, true, &mut seqs); // client 1, 3
-        c.settle(&seqs, &mut out);
-        assert_eq!(out, vec![ClientConfirm { seq: 3, multiple: true }]);
+        let (mut settled, mut out) = (Vec::new(), Vec::new());
+        let seqs = |v: &Vec<InFlight>| v.iter().filter_map(|p| p.client).collect::<Vec<_>>();
+        up1.resolve(2, true, &mut settled); // client 2, 4
+        assert_eq!(seqs(&settled), vec![2, 4]);
+        c.settle(&seqs(&settled), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                ClientConfirm {
+                    seq: 2,
+                    multiple: false
+                },
+                ClientConfirm {
+                    seq: 4,
+                    multiple: false
+                }
+            ]
+        );
+        up0.resolve(2, true, &mut settled); // client 1, 3
+        c.settle(&seqs(&settled), &mut out);
+        assert_eq!(
+            out,
+            vec![ClientConfirm {
+                seq: 3,
+                multiple: true
+            }]
+        );
         c.settle(&[5], &mut out);
-        assert_eq!(out, vec![ClientConfirm { seq: 5, multiple: false }]);
+        assert_eq!(
+            out,
+            vec![ClientConfirm {
+                seq: 5,
+                multiple: false
+            }]
+        );
         assert_eq!(c.outstanding(), 1);
+        assert_eq!(up0.pending() + up1.pending(), 2);
     }
 }

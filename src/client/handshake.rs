@@ -36,9 +36,17 @@ pub struct ClientCaps {
 #[derive(Debug)]
 pub enum Refusal {
     /// Drop the socket (after writing `reply`, if any): wrong protocol header, silence, EOF.
-    Drop { reason: String, reply: Option<&'static [u8]> },
+    Drop {
+        reason: String,
+        reply: Option<&'static [u8]>,
+    },
     /// Send connection.close with this code and text, then wait for close-ok.
-    Close { code: u16, text: String, class_id: u16, method_id: u16 },
+    Close {
+        code: u16,
+        text: String,
+        class_id: u16,
+        method_id: u16,
+    },
 }
 
 /// The capabilities RabbitMQ 3.x advertises, minus direct reply-to: `amq.rabbitmq.reply-to` is a
@@ -67,7 +75,10 @@ pub fn server_properties(upstream: Option<&FieldTable>) -> FieldTable {
             }
         }
         None => {
-            props.insert(ShortStr::from_static("product"), FieldValue::LongStr(LongStr::from_static("warren")));
+            props.insert(
+                ShortStr::from_static("product"),
+                FieldValue::LongStr(LongStr::from_static("warren")),
+            );
             props.insert(
                 ShortStr::from_static("version"),
                 FieldValue::LongStr(LongStr::from_static(env!("CARGO_PKG_VERSION"))),
@@ -78,7 +89,10 @@ pub fn server_properties(upstream: Option<&FieldTable>) -> FieldTable {
     for cap in CAPABILITIES {
         caps.insert(ShortStr::from_static(cap), FieldValue::Bool(true));
     }
-    props.insert(ShortStr::from_static("capabilities"), FieldValue::Table(caps));
+    props.insert(
+        ShortStr::from_static("capabilities"),
+        FieldValue::Table(caps),
+    );
     props.insert(
         ShortStr::from_static("information"),
         FieldValue::LongStr(LongStr::from_static("warren AMQP proxy")),
@@ -96,7 +110,10 @@ impl Conn<'_> {
     async fn send(&mut self, method: &Method) -> Result<(), Refusal> {
         let mut out = BytesMut::with_capacity(512);
         codec::write_method(&mut out, 0, method);
-        self.stream.write_all(&out).await.map_err(|e| drop_with(format!("write failed: {e}")))
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| drop_with(format!("write failed: {e}")))
     }
 
     /// Next method on channel 0; heartbeats are skipped, anything else is a protocol error.
@@ -108,10 +125,19 @@ impl Conn<'_> {
                         continue;
                     }
                     if frame.channel != 0 {
-                        return Err(close(504, format!("CHANNEL_ERROR - frame on channel {} during handshake", frame.channel)));
+                        return Err(close(
+                            504,
+                            format!(
+                                "CHANNEL_ERROR - frame on channel {} during handshake",
+                                frame.channel
+                            ),
+                        ));
                     }
                     if frame.kind != FrameKind::Method {
-                        return Err(close(505, "UNEXPECTED_FRAME - content frame during handshake".into()));
+                        return Err(close(
+                            505,
+                            "UNEXPECTED_FRAME - content frame during handshake".into(),
+                        ));
                     }
                     return Method::decode(frame.payload).map_err(|e| {
                         let code = e.reply_code();
@@ -124,7 +150,11 @@ impl Conn<'_> {
             self.buf.reserve(4096);
             match tokio::time::timeout_at(self.deadline, self.stream.read_buf(self.buf)).await {
                 Err(_) => return Err(drop_with("handshake timeout".into())),
-                Ok(Ok(0)) => return Err(drop_with("client closed the connection during the handshake".into())),
+                Ok(Ok(0)) => {
+                    return Err(drop_with(
+                        "client closed the connection during the handshake".into(),
+                    ));
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
             }
@@ -133,11 +163,19 @@ impl Conn<'_> {
 }
 
 fn drop_with(reason: String) -> Refusal {
-    Refusal::Drop { reason, reply: None }
+    Refusal::Drop {
+        reason,
+        reply: None,
+    }
 }
 
 fn close(code: u16, text: String) -> Refusal {
-    Refusal::Close { code, text, class_id: 0, method_id: 0 }
+    Refusal::Close {
+        code,
+        text,
+        class_id: 0,
+        method_id: 0,
+    }
 }
 
 /// The symbolic name RabbitMQ puts in front of a reply text.
@@ -175,12 +213,24 @@ pub async fn greet(
     server_props: FieldTable,
 ) -> Result<(Greeting, ShortStr), Refusal> {
     let timeout = Duration::from_millis(config.timeouts.handshake_ms);
-    let mut conn = Conn { stream, buf, deadline: tokio::time::Instant::now() + timeout };
+    let mut conn = Conn {
+        stream,
+        buf,
+        deadline: tokio::time::Instant::now() + timeout,
+    };
 
     while conn.buf.len() < 8 {
         match tokio::time::timeout_at(conn.deadline, conn.stream.read_buf(conn.buf)).await {
-            Err(_) => return Err(drop_with("no protocol header before the handshake timeout".into())),
-            Ok(Ok(0)) => return Err(drop_with("client closed the connection before the protocol header".into())),
+            Err(_) => {
+                return Err(drop_with(
+                    "no protocol header before the handshake timeout".into(),
+                ));
+            }
+            Ok(Ok(0)) => {
+                return Err(drop_with(
+                    "client closed the connection before the protocol header".into(),
+                ));
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
         }
@@ -188,7 +238,10 @@ pub async fn greet(
     if &conn.buf[..8] != codec::PROTOCOL_HEADER {
         // What RabbitMQ does: answer with the header of the protocol it speaks, then close.
         return Err(Refusal::Drop {
-            reason: format!("bad protocol header {:?}", Bytes::copy_from_slice(&conn.buf[..8])),
+            reason: format!(
+                "bad protocol header {:?}",
+                Bytes::copy_from_slice(&conn.buf[..8])
+            ),
             reply: Some(codec::PROTOCOL_HEADER),
         });
     }
@@ -207,8 +260,18 @@ pub async fn greet(
     let min_frame = codec::FRAME_MIN_SIZE as usize;
     let start_ok = match conn.recv(min_frame).await? {
         Method::ConnectionStartOk(s) => s,
-        Method::ConnectionClose(_) => return Err(drop_with("client closed during the handshake".into())),
-        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.start-ok, got {}", other.name()))),
+        Method::ConnectionClose(_) => {
+            return Err(drop_with("client closed during the handshake".into()));
+        }
+        other => {
+            return Err(close(
+                503,
+                format!(
+                    "COMMAND_INVALID - expected connection.start-ok, got {}",
+                    other.name()
+                ),
+            ));
+        }
     };
     let (user, password) = match start_ok.mechanism.as_bytes() {
         b"PLAIN" => parse_plain(start_ok.response.as_bytes()),
@@ -216,7 +279,10 @@ pub async fn greet(
         other => {
             return Err(close(
                 503,
-                format!("COMMAND_INVALID - unknown authentication mechanism '{}'", String::from_utf8_lossy(other)),
+                format!(
+                    "COMMAND_INVALID - unknown authentication mechanism '{}'",
+                    String::from_utf8_lossy(other)
+                ),
             ));
         }
     }
@@ -241,23 +307,59 @@ pub async fn greet(
     .await?;
     let tune_ok = match conn.recv(min_frame).await? {
         Method::ConnectionTuneOk(t) => t,
-        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.tune-ok, got {}", other.name()))),
+        other => {
+            return Err(close(
+                503,
+                format!(
+                    "COMMAND_INVALID - expected connection.tune-ok, got {}",
+                    other.name()
+                ),
+            ));
+        }
     };
-    let frame_max = if tune_ok.frame_max == 0 { ours_frame_max } else { tune_ok.frame_max };
+    let frame_max = if tune_ok.frame_max == 0 {
+        ours_frame_max
+    } else {
+        tune_ok.frame_max
+    };
     if frame_max < codec::FRAME_MIN_SIZE {
-        return Err(close(530, format!("NOT_ALLOWED - frame_max={frame_max} < {} min size", codec::FRAME_MIN_SIZE)));
+        return Err(close(
+            530,
+            format!(
+                "NOT_ALLOWED - frame_max={frame_max} < {} min size",
+                codec::FRAME_MIN_SIZE
+            ),
+        ));
     }
     if frame_max > ours_frame_max {
-        return Err(close(530, format!("NOT_ALLOWED - frame_max={frame_max} > {ours_frame_max} max size")));
+        return Err(close(
+            530,
+            format!("NOT_ALLOWED - frame_max={frame_max} > {ours_frame_max} max size"),
+        ));
     }
-    let channel_max = if tune_ok.channel_max == 0 { ours_channel_max } else { tune_ok.channel_max };
+    let channel_max = if tune_ok.channel_max == 0 {
+        ours_channel_max
+    } else {
+        tune_ok.channel_max
+    };
     if channel_max > ours_channel_max {
-        return Err(close(530, format!("NOT_ALLOWED - channel_max={channel_max} > {ours_channel_max} max")));
+        return Err(close(
+            530,
+            format!("NOT_ALLOWED - channel_max={channel_max} > {ours_channel_max} max"),
+        ));
     }
 
     let open = match conn.recv(frame_max as usize).await? {
         Method::ConnectionOpen(o) => o,
-        other => return Err(close(503, format!("COMMAND_INVALID - expected connection.open, got {}", other.name()))),
+        other => {
+            return Err(close(
+                503,
+                format!(
+                    "COMMAND_INVALID - expected connection.open, got {}",
+                    other.name()
+                ),
+            ));
+        }
     };
     Ok((
         Greeting {
@@ -313,23 +415,42 @@ fn client_caps(props: &FieldTable) -> ClientCaps {
         return ClientCaps::default();
     };
     let on = |k: &str| matches!(caps.get(k), Some(FieldValue::Bool(true)));
-    ClientCaps { consumer_cancel_notify: on("consumer_cancel_notify"), connection_blocked: on("connection.blocked") }
+    ClientCaps {
+        consumer_cancel_notify: on("consumer_cancel_notify"),
+        connection_blocked: on("connection.blocked"),
+    }
 }
 
 /// Writes connection.close during or right after the handshake and waits (bounded) for close-ok.
-pub async fn refuse(stream: &mut TcpStream, buf: &mut BytesMut, code: u16, text: &str, class_id: u16, method_id: u16) {
+pub async fn refuse(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    code: u16,
+    text: &str,
+    class_id: u16,
+    method_id: u16,
+) {
     let mut out = BytesMut::new();
     let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
     codec::write_method(
         &mut out,
         0,
-        &Method::ConnectionClose(codec::ConnectionClose { reply_code: code, reply_text, class_id, method_id }),
+        &Method::ConnectionClose(codec::ConnectionClose {
+            reply_code: code,
+            reply_text,
+            class_id,
+            method_id,
+        }),
     );
     if stream.write_all(&out).await.is_err() {
         return;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut conn = Conn { stream, buf, deadline };
+    let mut conn = Conn {
+        stream,
+        buf,
+        deadline,
+    };
     loop {
         match conn.recv(0).await {
             Ok(Method::ConnectionCloseOk(_)) | Err(_) => return,
@@ -356,7 +477,10 @@ mod tests {
 
     #[test]
     fn plain_and_amqplain() {
-        assert_eq!(parse_plain(b"\0guest\0secret"), Some((Bytes::from("guest"), Bytes::from("secret"))));
+        assert_eq!(
+            parse_plain(b"\0guest\0secret"),
+            Some((Bytes::from("guest"), Bytes::from("secret")))
+        );
         assert_eq!(parse_plain(b"guest"), None);
         let mut t = Vec::new();
         for (k, v) in [("LOGIN", "u"), ("PASSWORD", "p")] {
@@ -366,7 +490,10 @@ mod tests {
             t.extend_from_slice(&(v.len() as u32).to_be_bytes());
             t.extend_from_slice(v.as_bytes());
         }
-        assert_eq!(parse_amqplain(&t), Some((Bytes::from("u"), Bytes::from("p"))));
+        assert_eq!(
+            parse_amqplain(&t),
+            Some((Bytes::from("u"), Bytes::from("p")))
+        );
         assert_eq!(parse_amqplain(&t[..t.len() - 1]), None);
     }
 }

@@ -25,7 +25,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::channel::{Channel, ChannelState, ClientConfirm, Consumer, LinkSet, UpstreamAck, UpstreamConfirms};
+use super::channel::{
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, UpstreamAck,
+    UpstreamConfirms,
+};
 use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
 use crate::codec::{self, FrameKind, Method, ShortStr};
 use crate::config::{Config, Role};
@@ -41,31 +44,43 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const LINK_EVENT_QUEUE: usize = 16;
 
 /// Serves one accepted client socket until it closes.
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, force_close: CancellationToken) {
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    force_close: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let config = shared.config();
     let id = shared.next_connection_id();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
 
-    let server_props = handshake::server_properties(shared.server_properties(&config).await.as_ref());
-    let (greeting, vhost) = match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
-        Ok(g) => g,
-        Err(Refusal::Drop { reason, reply }) => {
-            if let Some(bytes) = reply {
-                let _ = stream.write_all(bytes).await;
+    let server_props =
+        handshake::server_properties(shared.server_properties(&config).await.as_ref());
+    let (greeting, vhost) =
+        match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
+            Ok(g) => g,
+            Err(Refusal::Drop { reason, reply }) => {
+                if let Some(bytes) = reply {
+                    let _ = stream.write_all(bytes).await;
+                }
+                let _ = stream.shutdown().await;
+                info!(conn = id, %peer, %reason, "connection refused during handshake");
+                shared.metrics.connections_refused.inc();
+                return;
             }
-            let _ = stream.shutdown().await;
-            info!(conn = id, %peer, %reason, "connection refused during handshake");
-            shared.metrics.connections_refused.inc();
-            return;
-        }
-        Err(Refusal::Close { code, text, class_id, method_id }) => {
-            warn!(conn = id, %peer, code, %text, "connection refused during handshake");
-            shared.metrics.connections_refused.inc();
-            handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
-            return;
-        }
-    };
+            Err(Refusal::Close {
+                code,
+                text,
+                class_id,
+                method_id,
+            }) => {
+                warn!(conn = id, %peer, code, %text, "connection refused during handshake");
+                shared.metrics.connections_refused.inc();
+                handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
+                return;
+            }
+        };
     let user = String::from_utf8_lossy(&greeting.user).into_owned();
 
     // Open the upstream links before answering open-ok, so the broker's own verdict on the
@@ -76,7 +91,10 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         user: greeting.user.clone(),
         password: greeting.password.clone(),
         vhost: vhost.clone(),
-        client_properties: upstream::link::upstream_client_properties(&greeting.client_properties, peer),
+        client_properties: upstream::link::upstream_client_properties(
+            &greeting.client_properties,
+            peer,
+        ),
         heartbeat_secs: config.timeouts.upstream_heartbeat_secs,
         frame_max: config.limits.frame_max,
         channel_max: greeting.channel_max,
@@ -108,10 +126,20 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
 
     let (rd, wr) = stream.into_split();
     let client_out = Outbox::new(config.limits.client_buffer_bytes);
-    client_out.push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
-    let heartbeat = (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
-    let writer = tokio::spawn(run_writer(client_out.clone(), wr, heartbeat.map(|h| h / 2), None));
-    let clusters: Vec<String> = links.iter().map(|s| format!("{}@{}", s.link.cluster, s.link.node)).collect();
+    client_out
+        .push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
+    let heartbeat =
+        (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
+    let writer = tokio::spawn(run_writer(
+        client_out.clone(),
+        wr,
+        heartbeat.map(|h| h / 2),
+        None,
+    ));
+    let clusters: Vec<String> = links
+        .iter()
+        .map(|s| format!("{}@{}", s.link.cluster, s.link.node))
+        .collect();
     info!(conn = id, %peer, user = %user, vhost = %vhost, links = ?clusters, "connection opened");
     metrics.connections.inc();
     metrics.connections_total.inc();
@@ -151,11 +179,25 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
+        scratch_inflight: Vec::new(),
+        held_bytes: 0,
+        held_limit: config.limits.max_held_bytes_per_connection,
+        held_limit_total: config.limits.max_held_bytes,
+        pending_release: Vec::new(),
         metrics: metrics.clone(),
     };
     let config_rx = shared.subscribe();
     let reason = session
-        .run(rd, rbuf, events_rx, opened_rx, config_rx, heartbeat, config.limits.max_message_size, force_close)
+        .run(
+            rd,
+            rbuf,
+            events_rx,
+            opened_rx,
+            config_rx,
+            heartbeat,
+            config.limits.max_message_size,
+            force_close,
+        )
         .await;
     drop(events_tx);
     session.release_gauges();
@@ -217,7 +259,13 @@ async fn open_links(
         // `link.id` stays the id its reader tags events with; the session maps it to a slot.
         let Some(link) = link else { continue };
         any_shard |= cluster.role == Role::Shard;
-        slots.push(LinkSlot::new(link, cluster.role, cluster.weight, cluster.drain, metrics.cluster(&cluster.name)));
+        slots.push(LinkSlot::new(
+            link,
+            cluster.role,
+            cluster.weight,
+            cluster.drain,
+            metrics.cluster(&cluster.name),
+        ));
     }
     if !any_shard {
         return Err(unreachable.unwrap_or(ConnectError::Unreachable {
@@ -294,6 +342,8 @@ struct LinkSlot {
     retiring: bool,
     last_delivery: Instant,
     removed_at: Option<Instant>,
+    /// Held bytes released by `reset_chan`, for the session to subtract.
+    released_held: usize,
 }
 
 impl LinkSlot {
@@ -315,6 +365,7 @@ impl LinkSlot {
             retiring: false,
             last_delivery: Instant::now(),
             removed_at: None,
+            released_held: 0,
         }
     }
 
@@ -333,8 +384,11 @@ impl LinkSlot {
         let m = self.m.confirms_pending.clone();
         let up = self.chan(ch);
         m.dec_by(up.confirms.pending() as i64);
+        // The channel is gone: the broker processed or refused what was published on it.
+        let released: usize = up.confirms.drain().iter().map(|p| p.held.size()).sum();
         let out = (up.reopen, up.pending.front().copied());
         *up = UpChan::default();
+        self.released_held += released;
         out
     }
 
@@ -347,7 +401,9 @@ impl LinkSlot {
     }
 
     fn chan_state(&self, ch: u16) -> UpState {
-        self.chans.get(usize::from(ch)).map_or(UpState::Closed, |c| c.state)
+        self.chans
+            .get(usize::from(ch))
+            .map_or(UpState::Closed, |c| c.state)
     }
 
     fn send(&self, ch: u16, method: &Method) {
@@ -382,7 +438,10 @@ impl LinkSlot {
         let up = self.chan(ch);
         match up.state {
             UpState::Closed => {
-                *up = UpChan { state: UpState::Opening, ..UpChan::default() };
+                *up = UpChan {
+                    state: UpState::Opening,
+                    ..UpChan::default()
+                };
                 if !done {
                     up.pending.push_back(pending);
                     self.link.send(ch, &Method::ChannelOpen(Default::default()));
@@ -452,7 +511,12 @@ struct ConnError {
 
 impl ConnError {
     fn new(code: u16, detail: impl std::fmt::Display) -> Self {
-        ConnError { code, text: format!("{} - {detail}", reply_name(code)), class_id: 0, method_id: 0 }
+        ConnError {
+            code,
+            text: format!("{} - {detail}", reply_name(code)),
+            class_id: 0,
+            method_id: 0,
+        }
     }
 
     fn on(mut self, method: &Method) -> Self {
@@ -482,6 +546,13 @@ struct Session {
     scratch_acks: Vec<UpstreamAck>,
     scratch_seqs: Vec<u64>,
     scratch_confirms: Vec<ClientConfirm>,
+    scratch_inflight: Vec<InFlight>,
+    /// Bytes of publishes this connection holds until their clusters confirm them.
+    held_bytes: usize,
+    held_limit: usize,
+    held_limit_total: usize,
+    /// Links whose channel resets released held bytes to account for.
+    pending_release: Vec<LinkId>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     vhost: String,
@@ -620,6 +691,7 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut forced = false;
         let client_out = self.client_out.clone();
+        let mut was_reading = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Frames pipelined behind connection.open are handled first.
@@ -630,11 +702,32 @@ impl Session {
             if let Some(reason) = self.end.take() {
                 return reason;
             }
+            for link in std::mem::take(&mut self.pending_release) {
+                let released = std::mem::take(&mut self.links[link].released_held);
+                self.held_bytes = self.held_bytes.saturating_sub(released);
+                self.metrics.held_bytes.dec_by(released as i64);
+            }
             let client_room = client_out.has_room();
-            let full_link = self.links.iter().find(|s| s.live() && !s.link.outbox.has_room()).map(|s| s.link.outbox.clone());
-            let read_client = full_link.is_none();
+            let full_link = self
+                .links
+                .iter()
+                .find(|s| s.live() && !s.link.outbox.has_room())
+                .map(|s| s.link.outbox.clone());
+            // Held publishes are bounded per connection and in total: at the bound, stop reading
+            // the client until confirms free memory (they arrive as link events, or by the tick
+            // when another connection frees the total).
+            let held_ok = self.held_bytes < self.held_limit
+                && (self.metrics.held_bytes.get() as usize) < self.held_limit_total;
+            let read_client = full_link.is_none() && held_ok;
+            if read_client && !was_reading {
+                // Time spent not reading is not the client's silence.
+                last_seen = Instant::now();
+            }
+            was_reading = read_client;
             let deadline = match &self.closing {
-                Some(Closing::ByClient { deadline } | Closing::ByProxy { deadline, .. }) => Some(*deadline),
+                Some(Closing::ByClient { deadline } | Closing::ByProxy { deadline, .. }) => {
+                    Some(*deadline)
+                }
                 None => heartbeat.filter(|_| read_client).map(|h| last_seen + 2 * h),
             };
             rbuf.reserve(8 * 1024);
@@ -669,7 +762,7 @@ impl Session {
                     }
                 }
                 _ = client_out.room(), if !client_room => {}
-                _ = async { if let Some(o) = &full_link { o.room().await } }, if !read_client => {
+                _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
                     // Time spent not reading is not the client's silence.
                     last_seen = Instant::now();
                 }
@@ -708,7 +801,10 @@ impl Session {
             };
             if frame.kind == FrameKind::Heartbeat {
                 if frame.channel != 0 {
-                    return self.protocol_error(ConnError::new(501, "heartbeat frame on a non-zero channel"));
+                    return self.protocol_error(ConnError::new(
+                        501,
+                        "heartbeat frame on a non-zero channel",
+                    ));
                 }
                 continue;
             }
@@ -720,10 +816,22 @@ impl Session {
                     }
                 }
                 Err(AssembleError::Connection { code, text }) => {
-                    return self.protocol_error(ConnError { code, text, class_id: 0, method_id: 0 });
+                    return self.protocol_error(ConnError {
+                        code,
+                        text,
+                        class_id: 0,
+                        method_id: 0,
+                    });
                 }
-                Err(AssembleError::TooLarge { channel, method, size, max }) => {
-                    let text = format!("PRECONDITION_FAILED - message size {size} is larger than configured max size {max}");
+                Err(AssembleError::TooLarge {
+                    channel,
+                    method,
+                    size,
+                    max,
+                }) => {
+                    let text = format!(
+                        "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
+                    );
                     self.close_channel(channel, 406, &text, &method);
                 }
             }
@@ -741,11 +849,14 @@ impl Session {
     }
 
     fn to_client(&self, ch: u16, method: &Method) {
-        self.client_out.push(|buf| codec::write_method(buf, ch, method));
+        self.client_out
+            .push(|buf| codec::write_method(buf, ch, method));
     }
 
     fn channel_mut(&mut self, ch: u16) -> Option<&mut Channel> {
-        self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut)
+        self.channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
     }
 
     fn free_channel(&mut self, ch: u16) {
@@ -759,6 +870,15 @@ impl Session {
 
     /// Gives back what this session added to the shared gauges.
     fn release_gauges(&mut self) {
+        for slot in &mut self.links {
+            for up in &mut slot.chans {
+                let drained = up.confirms.drain();
+                slot.m.confirms_pending.dec_by(drained.len() as i64);
+                let held: usize = drained.iter().map(|p| p.held.size()).sum();
+                self.held_bytes = self.held_bytes.saturating_sub(held);
+                self.metrics.held_bytes.dec_by(held as i64);
+            }
+        }
         for ch in 0..self.channels.len() {
             self.free_channel(ch as u16);
         }
@@ -785,7 +905,10 @@ impl Session {
         for slot in &self.links {
             slot.send(0, &connection_close(200, "client connection closing"));
         }
-        self.closing = Some(Closing::ByProxy { deadline: Instant::now() + CLOSE_TIMEOUT, reason: reason.to_owned() });
+        self.closing = Some(Closing::ByProxy {
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+            reason: reason.to_owned(),
+        });
     }
 
     /// Ends a client-initiated close once every link has closed.
@@ -865,7 +988,10 @@ impl Session {
             }
         }
         for cluster in config.shard_clusters() {
-            let have = self.links.iter().any(|s| !s.done && *s.link.cluster == *cluster.name);
+            let have = self
+                .links
+                .iter()
+                .any(|s| !s.done && *s.link.cluster == *cluster.name);
             if have || self.connecting.contains(&cluster.name) {
                 continue;
             }
@@ -885,25 +1011,49 @@ impl Session {
             Ok(link) => link,
             Err(e) => {
                 warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry");
-                self.metrics.cluster(&opened.cluster.name).link_failures.inc();
+                self.metrics
+                    .cluster(&opened.cluster.name)
+                    .link_failures
+                    .inc();
                 self.free_event_ids.push(opened.event_id);
                 self.backoff(&opened.cluster.name);
                 return;
             }
         };
-        if self.closing.is_some() || !self.shared.config().clusters.iter().any(|c| c.name == opened.cluster.name) {
+        if self.closing.is_some()
+            || !self
+                .shared
+                .config()
+                .clusters
+                .iter()
+                .any(|c| c.name == opened.cluster.name)
+        {
             // Closing, or the cluster was removed while connecting: drop the link.
             return;
         }
         let c = &opened.cluster;
         self.retry_at.remove(&c.name);
-        let mut slot = LinkSlot::new(link, c.role, c.weight, c.drain, self.metrics.cluster(&c.name));
+        let mut slot = LinkSlot::new(
+            link,
+            c.role,
+            c.weight,
+            c.drain,
+            self.metrics.cluster(&c.name),
+        );
         slot.ready = false;
-        let class = if c.role == Role::Shard { Class::Sharded } else { Class::Control };
+        let class = if c.role == Role::Shard {
+            Class::Sharded
+        } else {
+            Class::Control
+        };
         slot.needs_topology = self.topology.iter().any(|(k, _)| *k == class);
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
         // when it died, and link ids must stay below LinkSet::CAPACITY.
-        let index = match self.links.iter().position(|s| s.done && *s.link.cluster == *c.name) {
+        let index = match self
+            .links
+            .iter()
+            .position(|s| s.done && *s.link.cluster == *c.name)
+        {
             Some(i) => {
                 self.links[i] = slot;
                 i
@@ -925,19 +1075,27 @@ impl Session {
             .channels
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.as_ref().is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening)))
+            .filter(|(_, c)| {
+                c.as_ref()
+                    .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
+            })
             .map(|(i, _)| i as u16)
             .collect();
         for &ch in &open {
             self.links[index].open(ch, Pending::Replay);
-            let Some(channel) = self.channels[usize::from(ch)].as_ref() else { continue };
+            let Some(channel) = self.channels[usize::from(ch)].as_ref() else {
+                continue;
+            };
             let (tx, confirm, qos) = (channel.tx, channel.confirms.is_some(), channel.qos.clone());
             if tx {
                 self.links[index].replay(ch, &Method::TxSelect(Default::default()));
             }
             if confirm {
                 self.links[index].chan(ch).confirm_mode = true;
-                self.links[index].replay(ch, &Method::ConfirmSelect(codec::ConfirmSelect { nowait: false }));
+                self.links[index].replay(
+                    ch,
+                    &Method::ConfirmSelect(codec::ConfirmSelect { nowait: false }),
+                );
             }
             if let Some(q) = qos {
                 // The split changed for every shard link; existing links get their new share too.
@@ -948,7 +1106,9 @@ impl Session {
             self.replay_topology(index, ch);
         }
         for &ch in &open {
-            let Some(channel) = self.channels[usize::from(ch)].as_mut() else { continue };
+            let Some(channel) = self.channels[usize::from(ch)].as_mut() else {
+                continue;
+            };
             let mut requests = Vec::new();
             let class = match self.links[index].role {
                 Role::Shard => Class::Sharded,
@@ -959,7 +1119,10 @@ impl Session {
                     && consumer.class == class
                 {
                     consumer.links.insert(index);
-                    requests.push(Method::BasicConsume(codec::BasicConsume { nowait: false, ..req.clone() }));
+                    requests.push(Method::BasicConsume(codec::BasicConsume {
+                        nowait: false,
+                        ..req.clone()
+                    }));
                 }
             }
             for m in requests {
@@ -997,10 +1160,20 @@ impl Session {
             metrics: Some(self.metrics.cluster(&cluster.name)),
             ..self.base_spec.clone()
         };
-        let (events, opened, cluster) = (self.events_tx.clone(), self.opened_tx.clone(), cluster.clone());
+        let (events, opened, cluster) = (
+            self.events_tx.clone(),
+            self.opened_tx.clone(),
+            cluster.clone(),
+        );
         tokio::spawn(async move {
             let result = upstream::link::connect(event_id, &spec, events).await;
-            let _ = opened.send(Opened { cluster, event_id, result }).await;
+            let _ = opened
+                .send(Opened {
+                    cluster,
+                    event_id,
+                    result,
+                })
+                .await;
         });
     }
 
@@ -1014,7 +1187,10 @@ impl Session {
         let config = self.shared.config();
         let now = Instant::now();
         for cluster in &config.clusters {
-            let live = self.links.iter().any(|s| s.live() && *s.link.cluster == *cluster.name);
+            let live = self
+                .links
+                .iter()
+                .any(|s| s.live() && *s.link.cluster == *cluster.name);
             if live || self.connecting.contains(&cluster.name) {
                 continue;
             }
@@ -1031,12 +1207,20 @@ impl Session {
     }
 
     fn backoff(&mut self, cluster: &str) {
-        let prev = self.retry_at.get(cluster).map_or(Duration::from_millis(500), |(_, d)| *d);
+        let prev = self
+            .retry_at
+            .get(cluster)
+            .map_or(Duration::from_millis(500), |(_, d)| *d);
         let next = (prev * 2).min(Duration::from_secs(30));
         // Jitter: up to a quarter of the delay, from the clock and the connection id.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let jitter = next.mul_f64(f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0);
-        self.retry_at.insert(cluster.to_owned(), (Instant::now() + next + jitter, next));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = next.mul_f64(
+            f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0,
+        );
+        self.retry_at
+            .insert(cluster.to_owned(), (Instant::now() + next + jitter, next));
     }
 
     fn replay_topology(&mut self, link: LinkId, ch: u16) {
@@ -1060,15 +1244,27 @@ impl Session {
             if !slot.removed || slot.done || slot.retiring {
                 continue;
             }
-            let unacked: usize = self.channels.iter().flatten().map(|c| c.tags.count_link(i)).sum();
-            let pending: usize = slot.chans.iter().map(|c| c.confirms.pending() + c.pending.len()).sum();
+            let unacked: usize = self
+                .channels
+                .iter()
+                .flatten()
+                .map(|c| c.tags.count_link(i))
+                .sum();
+            let pending: usize = slot
+                .chans
+                .iter()
+                .map(|c| c.confirms.pending() + c.pending.len())
+                .sum();
             let quiet = slot.last_delivery.elapsed() >= RETIRE_QUIET;
             let overdue = slot.removed_at.is_some_and(|t| t.elapsed() >= deadline);
             if (unacked == 0 && pending == 0 && quiet) || overdue {
                 info!(conn = self.id, cluster = %slot.link.cluster, unacked, overdue, "closing the link of a removed cluster");
                 let slot = &mut self.links[i];
                 slot.retiring = true;
-                slot.link.send(0, &connection_close(200, "cluster removed from the proxy configuration"));
+                slot.link.send(
+                    0,
+                    &connection_close(200, "cluster removed from the proxy configuration"),
+                );
                 for channel in self.channels.iter_mut().flatten() {
                     channel.tags.forget_link(i);
                     for consumer in &mut channel.consumers {
@@ -1082,7 +1278,11 @@ impl Session {
     // ----- client to upstream -------------------------------------------------------------
 
     fn on_client_command(&mut self, cmd: Command) -> Result<(), ConnError> {
-        let Command { channel: ch, method, content } = cmd;
+        let Command {
+            channel: ch,
+            method,
+            content,
+        } = cmd;
         if let Some(closing) = &self.closing {
             match (closing, &method) {
                 (Closing::ByProxy { .. }, Method::ConnectionCloseOk(_)) => {
@@ -1103,12 +1303,23 @@ impl Session {
             return self.on_client_connection_method(method);
         }
         if ch > self.channel_max {
-            return Err(ConnError::new(504, format!("channel {ch} is above the negotiated channel_max {}", self.channel_max)).on(&method));
+            return Err(ConnError::new(
+                504,
+                format!(
+                    "channel {ch} is above the negotiated channel_max {}",
+                    self.channel_max
+                ),
+            )
+            .on(&method));
         }
         if let Method::ChannelOpen(_) = method {
             return self.open_channel(ch, &method);
         }
-        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else {
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
             return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
         };
         match channel.state {
@@ -1128,7 +1339,9 @@ impl Session {
         }
         match method {
             Method::BasicPublish(ref p) => {
-                let class = self.rules.publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
+                let class = self
+                    .rules
+                    .publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
                 // The assembler only completes a publish together with its content.
                 if let Some(content) = content {
                     self.publish(ch, class, &method, &content);
@@ -1136,19 +1349,29 @@ impl Session {
             }
             Method::BasicAck(ref a) => {
                 self.ack(ch, a.delivery_tag, a.multiple, &method, |t, m| {
-                    Method::BasicAck(codec::BasicAck { delivery_tag: t, multiple: m })
+                    Method::BasicAck(codec::BasicAck {
+                        delivery_tag: t,
+                        multiple: m,
+                    })
                 });
             }
             Method::BasicNack(ref n) => {
                 let requeue = n.requeue;
                 self.ack(ch, n.delivery_tag, n.multiple, &method, |t, m| {
-                    Method::BasicNack(codec::BasicNack { delivery_tag: t, multiple: m, requeue })
+                    Method::BasicNack(codec::BasicNack {
+                        delivery_tag: t,
+                        multiple: m,
+                        requeue,
+                    })
                 });
             }
             Method::BasicReject(ref r) => {
                 let requeue = r.requeue;
                 self.ack(ch, r.delivery_tag, false, &method, |t, _| {
-                    Method::BasicReject(codec::BasicReject { delivery_tag: t, requeue })
+                    Method::BasicReject(codec::BasicReject {
+                        delivery_tag: t,
+                        requeue,
+                    })
                 });
             }
             Method::ChannelClose(_) => {
@@ -1170,13 +1393,21 @@ impl Session {
                 if c.consumer_tag.is_empty() {
                     // Generated here, not by a broker, so the tag is the same on every cluster.
                     self.next_ctag += 1;
-                    c.consumer_tag = ShortStr::try_from(format!("amq.ctag-warren-{}-{}", self.id, self.next_ctag))
-                        .unwrap_or_default();
+                    c.consumer_tag = ShortStr::try_from(format!(
+                        "amq.ctag-warren-{}-{}",
+                        self.id, self.next_ctag
+                    ))
+                    .unwrap_or_default();
                 }
                 let class = self.rules.queue(c.queue.as_bytes());
                 let targets = self.targets(class);
-                let consumer =
-                    Consumer { tag: c.consumer_tag.clone(), no_ack: c.no_ack, links: targets, request: Some(c.clone()), class };
+                let consumer = Consumer {
+                    tag: c.consumer_tag.clone(),
+                    no_ack: c.no_ack,
+                    links: targets,
+                    request: Some(c.clone()),
+                    class,
+                };
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
                 }
@@ -1184,13 +1415,20 @@ impl Session {
             }
             Method::BasicCancel(ref c) => {
                 let channel = self.channel_mut(ch).expect("checked above");
-                let mut targets = channel.consumer_mut(&c.consumer_tag).map(|k| k.links).unwrap_or_default();
+                let mut targets = channel
+                    .consumer_mut(&c.consumer_tag)
+                    .map(|k| k.links)
+                    .unwrap_or_default();
                 if c.nowait {
                     channel.remove_consumer(&c.consumer_tag);
                 }
                 if targets.is_empty() {
                     // Unknown tag: a broker answers cancel-ok anyway; let one do so.
-                    targets = self.live_links().first().map(LinkSet::one).unwrap_or_default();
+                    targets = self
+                        .live_links()
+                        .first()
+                        .map(LinkSet::one)
+                        .unwrap_or_default();
                 }
                 self.fan_out(ch, &method, targets)?;
             }
@@ -1202,7 +1440,10 @@ impl Session {
             Method::BasicQos(q) => {
                 channel.qos = Some(q.clone());
                 let targets = self.live_links();
-                let id = self.channel_mut(ch).expect("checked above").push_rpc(targets.len(), Vec::new());
+                let id = self
+                    .channel_mut(ch)
+                    .expect("checked above")
+                    .push_rpc(targets.len(), Vec::new());
                 self.send_qos(ch, &q, Pending::Rpc(id));
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
@@ -1228,7 +1469,9 @@ impl Session {
                 channel.tx_link = None;
                 self.fan_out(ch, &method, self.live_links())?;
             }
-            Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => self.fan_out(ch, &method, self.live_links())?,
+            Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
+                self.fan_out(ch, &method, self.live_links())?
+            }
             Method::ExchangeDeclare(ref x) => {
                 let class = self.rules.exchange(x.exchange.as_bytes());
                 let t = self.targets(class);
@@ -1275,7 +1518,11 @@ impl Session {
             }
             // Anything else a client may send on a channel is for the broker to judge.
             other => {
-                let t = self.shard_links().first().map(LinkSet::one).unwrap_or_default();
+                let t = self
+                    .shard_links()
+                    .first()
+                    .map(LinkSet::one)
+                    .unwrap_or_default();
                 match content {
                     Some(content) => {
                         if let Some(link) = t.first() {
@@ -1322,7 +1569,9 @@ impl Session {
             return Ok(());
         }
         if expects_reply(method) {
-            let Some(channel) = self.channel_mut(ch) else { return Ok(()) };
+            let Some(channel) = self.channel_mut(ch) else {
+                return Ok(());
+            };
             let id = channel.push_rpc(targets.len(), Vec::new());
             for link in targets.iter() {
                 self.links[link].request(ch, method, Pending::Rpc(id));
@@ -1337,14 +1586,24 @@ impl Session {
 
     /// Like [`fan_out`](Self::fan_out), and a sharded topology change is remembered once every
     /// cluster accepted it, to be replayed on clusters added later.
-    fn fan_out_topology(&mut self, ch: u16, method: &Method, targets: LinkSet, sharded: bool) -> Result<(), ConnError> {
+    fn fan_out_topology(
+        &mut self,
+        ch: u16,
+        method: &Method,
+        targets: LinkSet,
+        sharded: bool,
+    ) -> Result<(), ConnError> {
         let passive = match method {
             Method::ExchangeDeclare(x) => x.passive,
             // Server-named queues cannot be declared again by name (`amq.` is reserved).
             Method::QueueDeclare(x) => x.passive || x.queue.is_empty(),
             _ => false,
         };
-        let class = if sharded { Class::Sharded } else { Class::Control };
+        let class = if sharded {
+            Class::Sharded
+        } else {
+            Class::Control
+        };
         let record = !passive && !targets.is_empty();
         if record && !expects_reply(method) {
             self.record_topology(class, method.clone());
@@ -1365,16 +1624,28 @@ impl Session {
         fn same_binding(a: &Method, b: &Method) -> bool {
             match (a, b) {
                 (Method::QueueBind(a), Method::QueueBind(b)) => {
-                    a.queue == b.queue && a.exchange == b.exchange && a.routing_key == b.routing_key && a.arguments == b.arguments
+                    a.queue == b.queue
+                        && a.exchange == b.exchange
+                        && a.routing_key == b.routing_key
+                        && a.arguments == b.arguments
                 }
                 (Method::QueueBind(a), Method::QueueUnbind(b)) => {
-                    a.queue == b.queue && a.exchange == b.exchange && a.routing_key == b.routing_key && a.arguments == b.arguments
+                    a.queue == b.queue
+                        && a.exchange == b.exchange
+                        && a.routing_key == b.routing_key
+                        && a.arguments == b.arguments
                 }
                 (Method::ExchangeBind(a), Method::ExchangeBind(b)) => {
-                    a.destination == b.destination && a.source == b.source && a.routing_key == b.routing_key && a.arguments == b.arguments
+                    a.destination == b.destination
+                        && a.source == b.source
+                        && a.routing_key == b.routing_key
+                        && a.arguments == b.arguments
                 }
                 (Method::ExchangeBind(a), Method::ExchangeUnbind(b)) => {
-                    a.destination == b.destination && a.source == b.source && a.routing_key == b.routing_key && a.arguments == b.arguments
+                    a.destination == b.destination
+                        && a.source == b.source
+                        && a.routing_key == b.routing_key
+                        && a.arguments == b.arguments
                 }
                 _ => false,
             }
@@ -1382,7 +1653,9 @@ impl Session {
         let t = &mut self.topology;
         match method {
             Method::ExchangeDeclare(mut x) => {
-                t.retain(|(_, m)| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange));
+                t.retain(
+                    |(_, m)| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange),
+                );
                 x.nowait = false;
                 t.push((class, Method::ExchangeDeclare(x)));
             }
@@ -1409,7 +1682,9 @@ impl Session {
                 x.nowait = false;
                 t.push((class, Method::ExchangeBind(x)));
             }
-            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => t.retain(|(_, o)| !same_binding(o, &m)),
+            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => {
+                t.retain(|(_, o)| !same_binding(o, &m))
+            }
             Method::ExchangeDelete(x) => t.retain(|(_, m)| match m {
                 Method::ExchangeDeclare(o) => o.exchange != x.exchange,
                 Method::QueueBind(o) => o.exchange != x.exchange,
@@ -1443,7 +1718,10 @@ impl Session {
                 Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
                 None => q.prefetch_count,
             };
-            let m = Method::BasicQos(codec::BasicQos { prefetch_count: share, ..q.clone() });
+            let m = Method::BasicQos(codec::BasicQos {
+                prefetch_count: share,
+                ..q.clone()
+            });
             match pending {
                 Pending::Replay => self.links[link].replay(ch, &m),
                 p => self.links[link].request(ch, &m, p),
@@ -1464,7 +1742,9 @@ impl Session {
         order.rotate_left(r);
         let first = order.remove(0);
         order.reverse(); // popped from the back
-        let Some(channel) = self.channel_mut(ch) else { return Ok(()) };
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
         let id = channel.push_rpc(1, order);
         if let Some(rpc) = channel.rpc_mut(id) {
             rpc.get_request = Some(method.clone());
@@ -1479,7 +1759,9 @@ impl Session {
                 for slot in &self.links {
                     slot.send(0, &connection_close(200, "client closed the connection"));
                 }
-                self.closing = Some(Closing::ByClient { deadline: Instant::now() + CLOSE_TIMEOUT });
+                self.closing = Some(Closing::ByClient {
+                    deadline: Instant::now() + CLOSE_TIMEOUT,
+                });
                 self.maybe_finish_client_close();
                 Ok(())
             }
@@ -1491,57 +1773,158 @@ impl Session {
                 self.to_client(0, &Method::ConnectionUpdateSecretOk(Default::default()));
                 Ok(())
             }
-            other => Err(ConnError::new(503, format!("unexpected {} on channel 0", other.name())).on(&other)),
+            other => Err(
+                ConnError::new(503, format!("unexpected {} on channel 0", other.name())).on(&other),
+            ),
         }
     }
 
     /// Forwards a publish whole to the cluster it is routed to.
     fn publish(&mut self, ch: u16, class: Class, method: &Method, content: &Content) {
+        let Method::BasicPublish(publish) = method else {
+            return;
+        };
+        let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
         let link = match class {
             Class::Control => self.control_link(),
-            Class::Sharded => {
-                let tx_link = self.channel_mut(ch).and_then(|c| if c.tx { Some(c.tx_link) } else { None });
+            Class::Sharded if tx => {
+                let tx_link = self.channel_mut(ch).and_then(|c| c.tx_link);
                 match tx_link {
-                    Some(Some(link)) if self.links[link].live() => Some(link),
+                    Some(link) if self.links[link].live() => Some(link),
                     _ => {
-                        let links = &self.links;
-                        let candidates = links
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, s)| s.live() && s.ready && s.role == Role::Shard && !s.drain)
-                            .map(|(i, s)| (i, s.weight));
-                        let picked = self.rr.pick(candidates);
-                        if let Some(channel) = self.channel_mut(ch)
-                            && channel.tx
-                        {
+                        let picked = self.pick_shard(None);
+                        if let Some(channel) = self.channel_mut(ch) {
                             channel.tx_link = picked;
                         }
                         picked
                     }
                 }
             }
+            Class::Sharded => self.pick_shard(None),
         };
         let Some(link) = link else {
-            self.close_channel(ch, 541, "INTERNAL_ERROR - no cluster available for basic.publish", method);
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - no cluster available for basic.publish",
+                method,
+            );
             return;
         };
-        let client_seq = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()).map(|c| c.next_seq());
+        let client_seq = self
+            .channel_mut(ch)
+            .and_then(|c| c.confirms.as_mut())
+            .map(|c| c.next_seq());
+        self.send_publish(
+            ch,
+            link,
+            client_seq,
+            Held {
+                publish: publish.clone(),
+                content: content.clone(),
+            },
+            tx,
+        );
+    }
+
+    /// The next shard link by smooth weighted round-robin over the live, ready, non-draining
+    /// ones; `avoid` is skipped unless it is the only one.
+    fn pick_shard(&mut self, avoid: Option<LinkId>) -> Option<LinkId> {
+        let eligible = |i: usize, s: &LinkSlot| {
+            s.live() && s.ready && s.role == Role::Shard && !s.drain && Some(i) != avoid
+        };
+        let links = &self.links;
+        let picked = self.rr.pick(
+            links
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| eligible(*i, s))
+                .map(|(i, s)| (i, s.weight)),
+        );
+        picked.or_else(|| avoid.filter(|&a| self.links.get(a).is_some_and(|s| s.live())))
+    }
+
+    /// Writes a publish to a link. Outside transactions the upstream channel is in confirm mode
+    /// and the publish is held until the cluster confirms it, so a nack or a lost link gets it
+    /// published again elsewhere instead of lost.
+    fn send_publish(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        client_seq: Option<u64>,
+        held: Held,
+        tx: bool,
+    ) {
         let slot = &mut self.links[link];
         slot.m.publishes.inc();
-        let up = slot.chan(ch);
-        match client_seq {
-            Some(seq) => {
-                up.confirms.record(seq);
-                slot.m.confirms_pending.inc();
-            }
-            None if up.confirm_mode => up.confirms.skip(),
-            None => {}
+        if matches!(slot.chan_state(ch), UpState::Closed | UpState::Closing) {
+            slot.open(ch, Pending::Internal);
         }
-        slot.send_content(ch, method, content);
+        let done = slot.done;
+        let up = slot.chan(ch);
+        if !tx && !up.confirm_mode && !done {
+            up.confirm_mode = true;
+            slot.link.send(
+                ch,
+                &Method::ConfirmSelect(codec::ConfirmSelect { nowait: true }),
+            );
+        }
+        let method = Method::BasicPublish(held.publish.clone());
+        slot.send_content(ch, &method, &held.content);
+        let up = slot.chan(ch);
+        if up.confirm_mode {
+            let size = held.size();
+            up.confirms.record(client_seq, held);
+            slot.m.confirms_pending.inc();
+            self.held_bytes += size;
+            self.metrics.held_bytes.inc_by(size as i64);
+        }
+    }
+
+    /// Publishes again a message a cluster nacked or lost. A duplicate is possible when the
+    /// cluster took the message and died before confirming it: counted in `warren_republished`.
+    fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight) {
+        self.metrics.republished.inc();
+        let InFlight { client, held, .. } = inflight;
+        let class = self.rules.publish(
+            held.publish.exchange.as_bytes(),
+            held.publish.routing_key.as_bytes(),
+        );
+        let open = self
+            .channel_mut(ch)
+            .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+        let target = match class {
+            Class::Control => self.control_link().filter(|&l| l != failed),
+            Class::Sharded => self
+                .pick_shard(Some(failed))
+                .filter(|&l| self.links[l].live()),
+        };
+        match target {
+            Some(link) if open => {
+                debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
+                self.send_publish(ch, link, client, held, false);
+            }
+            _ => {
+                if let Some(seq) = client {
+                    self.nack_lost(ch, &[seq]);
+                } else {
+                    self.metrics.dropped.inc();
+                    warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
+                        "publish lost: no cluster can take it and the client did not ask for confirms");
+                }
+            }
+        }
     }
 
     /// Maps a client ack / nack / reject to the links that delivered the messages.
-    fn ack(&mut self, ch: u16, tag: u64, multiple: bool, method: &Method, make: impl Fn(u64, bool) -> Method) {
+    fn ack(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        method: &Method,
+        make: impl Fn(u64, bool) -> Method,
+    ) {
         let mut acks = std::mem::take(&mut self.scratch_acks);
         let resolved = match self.channel_mut(ch) {
             Some(channel) => channel.tags.resolve(tag, multiple, &mut acks),
@@ -1571,8 +1954,20 @@ impl Session {
         debug!(conn = self.id, channel = ch, code, text, "closing channel");
         let (class_id, method_id) = method.ids();
         let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
-        self.to_client(ch, &Method::ChannelClose(codec::ChannelClose { reply_code: code, reply_text, class_id, method_id }));
-        if let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) {
+        self.to_client(
+            ch,
+            &Method::ChannelClose(codec::ChannelClose {
+                reply_code: code,
+                reply_text,
+                class_id,
+                method_id,
+            }),
+        );
+        if let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        {
             channel.state = ChannelState::AwaitingCloseOk;
             channel.rpcs.clear();
             channel.tags.forget_all(|l| unacked_dec(&self.links, l));
@@ -1589,7 +1984,9 @@ impl Session {
         let id = match &ev {
             LinkEvent::Commands { link, .. } | LinkEvent::Down { link, .. } => *link,
         };
-        let Some(Some(slot)) = self.event_ids.get(id).copied() else { return };
+        let Some(Some(slot)) = self.event_ids.get(id).copied() else {
+            return;
+        };
         match ev {
             LinkEvent::Commands { commands, .. } => {
                 let link = slot;
@@ -1605,7 +2002,9 @@ impl Session {
     }
 
     fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {
-        let Some(slot) = self.links.get_mut(link) else { return };
+        let Some(slot) = self.links.get_mut(link) else {
+            return;
+        };
         let retiring = slot.retiring;
         let was_done = !slot.mark_done() || retiring;
         if !was_done && self.closing.is_none() {
@@ -1621,6 +2020,15 @@ impl Session {
                 self.fail_link(link);
             }
         }
+    }
+
+    /// Makes the held bytes a channel reset will release count after this command is handled.
+    fn release_held_later(&mut self, link: LinkId) {
+        let slot = &mut self.links[link];
+        let released = std::mem::take(&mut slot.released_held);
+        self.held_bytes = self.held_bytes.saturating_sub(released);
+        self.metrics.held_bytes.dec_by(released as i64);
+        self.pending_release.push(link);
     }
 
     /// Releases everything that depended on a dead link, so the client sees no error: its
@@ -1650,8 +2058,11 @@ impl Session {
                     self.settle_dead_rpc(ch, id);
                 }
             }
-            if !lost.is_empty() {
-                self.nack_lost(ch, &lost);
+            let freed: usize = lost.iter().map(|p| p.held.size()).sum();
+            self.held_bytes -= freed.min(self.held_bytes);
+            self.metrics.held_bytes.dec_by(freed as i64);
+            for inflight in lost {
+                self.republish(ch, link, inflight);
             }
             self.flush_rpcs(ch);
         }
@@ -1664,7 +2075,8 @@ impl Session {
         }
         // `control` keeps pointing at the dead control slot: control traffic fails with a clear
         // channel error (not a hang, and never silently on a shard) until the link is back.
-        self.retry_at.insert(cluster, (Instant::now(), Duration::from_millis(250)));
+        self.retry_at
+            .insert(cluster, (Instant::now(), Duration::from_millis(250)));
         if self.shard_links().is_empty() {
             let text = "no shard cluster is reachable";
             warn!(conn = self.id, "{text}; closing the client");
@@ -1675,8 +2087,16 @@ impl Session {
     /// A request was waiting for a link that died: count it as answered by that link (the
     /// other links' replies make the answer), or try the next cluster for a basic.get.
     fn settle_dead_rpc(&mut self, ch: u16, id: u64) {
-        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
-        let Some(rpc) = channel.rpc_mut(id) else { return };
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(rpc) = channel.rpc_mut(id) else {
+            return;
+        };
         if let Some(get) = rpc.get_request.clone() {
             while let Some(next) = rpc.get_next.pop() {
                 if self.links[next].live() {
@@ -1707,13 +2127,21 @@ impl Session {
         for c in out {
             self.to_client(
                 ch,
-                &Method::BasicNack(codec::BasicNack { delivery_tag: c.seq, multiple: c.multiple, requeue: false }),
+                &Method::BasicNack(codec::BasicNack {
+                    delivery_tag: c.seq,
+                    multiple: c.multiple,
+                    requeue: false,
+                }),
             );
         }
     }
 
     fn on_link_command(&mut self, link: LinkId, cmd: Command) {
-        let Command { channel: ch, method, content } = cmd;
+        let Command {
+            channel: ch,
+            method,
+            content,
+        } = cmd;
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }
@@ -1721,6 +2149,9 @@ impl Session {
             return;
         }
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.
+        if matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
+            self.release_held_later(link);
+        }
         match &method {
             Method::ChannelClose(_) => {
                 let slot = &mut self.links[link];
@@ -1753,14 +2184,21 @@ impl Session {
             }
             _ => {}
         }
-        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else {
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         match channel.state {
             ChannelState::AwaitingCloseOk => return,
             ChannelState::ClientClosing => {
                 if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
-                    && self.links.iter().all(|s| s.done || s.chan_state(ch) != UpState::Closing)
+                    && self
+                        .links
+                        .iter()
+                        .all(|s| s.done || s.chan_state(ch) != UpState::Closing)
                 {
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
                     self.free_channel(ch);
@@ -1835,9 +2273,19 @@ impl Session {
             }
             return;
         }
-        let Some(Pending::Rpc(id)) = pending else { return };
-        let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
-        let Some(rpc) = channel.rpc_mut(id) else { return };
+        let Some(Pending::Rpc(id)) = pending else {
+            return;
+        };
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(rpc) = channel.rpc_mut(id) else {
+            return;
+        };
         if let Method::BasicGetEmpty(_) = method
             && let Some(get) = rpc.get_request.clone()
         {
@@ -1855,21 +2303,40 @@ impl Session {
     /// Answers completed requests at the head of the channel's queue, in request order.
     fn flush_rpcs(&mut self, ch: u16) {
         loop {
-            let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
+            let Some(channel) = self
+                .channels
+                .get_mut(usize::from(ch))
+                .and_then(Option::as_mut)
+            else {
+                return;
+            };
             if !channel.rpcs.front().is_some_and(|r| r.waiting == 0) {
                 return;
             }
-            let Some(rpc) = channel.rpcs.pop_front() else { return };
+            let Some(rpc) = channel.rpcs.pop_front() else {
+                return;
+            };
             let Some(reply) = rpc.reply else {
                 // Every cluster this request went to died before answering.
                 let m = Method::ChannelOpen(Default::default());
-                self.close_channel(ch, 541, "INTERNAL_ERROR - the cluster(s) for this request became unavailable", &m);
+                self.close_channel(
+                    ch,
+                    541,
+                    "INTERNAL_ERROR - the cluster(s) for this request became unavailable",
+                    &m,
+                );
                 return;
             };
             if let Some((class, m)) = rpc.on_success {
                 self.record_topology(class, m);
             }
-            let Some(channel) = self.channels.get_mut(usize::from(ch)).and_then(Option::as_mut) else { return };
+            let Some(channel) = self
+                .channels
+                .get_mut(usize::from(ch))
+                .and_then(Option::as_mut)
+            else {
+                return;
+            };
             match reply.method {
                 Method::ChannelOpenOk(ok) => {
                     if channel.state == ChannelState::Opening {
@@ -1910,29 +2377,51 @@ impl Session {
         });
     }
 
-    /// Maps a broker's publisher confirm back to the client's sequence numbers.
+    /// Maps a broker's publisher confirm back to the client's sequence numbers. A nack gets
+    /// the publish sent again to another cluster; the client hears only the final outcome.
     fn confirm(&mut self, link: LinkId, ch: u16, upstream_seq: u64, multiple: bool, ack: bool) {
+        let mut settled = std::mem::take(&mut self.scratch_inflight);
         let mut seqs = std::mem::take(&mut self.scratch_seqs);
         let mut out = std::mem::take(&mut self.scratch_confirms);
-        let oldest = self.links[link].chan(ch).confirms.resolve(upstream_seq, multiple, &mut seqs);
-        let m = &self.links[link].m;
-        if let Some(t) = oldest {
-            m.confirm_latency.observe(t.elapsed().as_secs_f64());
+        self.links[link]
+            .chan(ch)
+            .confirms
+            .resolve(upstream_seq, multiple, &mut settled);
+        let m = self.links[link].m.clone();
+        if let Some(first) = settled.first() {
+            m.confirm_latency.observe(first.at.elapsed().as_secs_f64());
         }
-        let n = seqs.len() as u64;
+        let n = settled.len() as u64;
         m.confirms_pending.dec_by(n as i64);
-        if ack { m.confirm_acks.inc_by(n) } else { m.confirm_nacks.inc_by(n) };
-        if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
-            confirms.settle(&seqs, &mut out);
-            for c in &out {
-                let m = if ack {
-                    Method::BasicAck(codec::BasicAck { delivery_tag: c.seq, multiple: c.multiple })
-                } else {
-                    Method::BasicNack(codec::BasicNack { delivery_tag: c.seq, multiple: c.multiple, requeue: false })
-                };
-                self.to_client(ch, &m);
+        let freed: usize = settled.iter().map(|p| p.held.size()).sum();
+        self.held_bytes -= freed.min(self.held_bytes);
+        self.metrics.held_bytes.dec_by(freed as i64);
+        if ack {
+            m.confirm_acks.inc_by(n);
+            seqs.clear();
+            seqs.extend(settled.iter().filter_map(|p| p.client));
+            seqs.sort_unstable();
+            if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
+                confirms.settle(&seqs, &mut out);
+                for c in &out {
+                    self.to_client(
+                        ch,
+                        &Method::BasicAck(codec::BasicAck {
+                            delivery_tag: c.seq,
+                            multiple: c.multiple,
+                        }),
+                    );
+                }
+            }
+            settled.clear();
+        } else {
+            m.confirm_nacks.inc_by(n);
+            warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, "cluster nacked publishes; publishing them again elsewhere");
+            for inflight in settled.drain(..) {
+                self.republish(ch, link, inflight);
             }
         }
+        self.scratch_inflight = settled;
         self.scratch_seqs = seqs;
         self.scratch_confirms = out;
     }
@@ -1949,7 +2438,10 @@ impl Session {
                     None => {
                         let slot = &self.links[link];
                         warn!(conn = self.id, cluster = %slot.link.cluster, code = c.reply_code, text = %c.reply_text, "broker closed the connection");
-                        let reason = format!("broker closed the connection: {} {}", c.reply_code, c.reply_text);
+                        let reason = format!(
+                            "broker closed the connection: {} {}",
+                            c.reply_code, c.reply_text
+                        );
                         let e = ConnError {
                             code: c.reply_code,
                             text: c.reply_text.as_str().into_owned(),

@@ -10,10 +10,16 @@
 use std::fmt;
 
 /// The Celery preset: exchanges whose traffic is control traffic.
-pub const CELERY_CONTROL_EXCHANGES: [&str; 3] = ["celery.pidbox", "reply.celery.pidbox", "celeryev"];
+pub const CELERY_CONTROL_EXCHANGES: [&str; 3] =
+    ["celery.pidbox", "reply.celery.pidbox", "celeryev"];
 /// The Celery preset: queues that live on the control cluster. `amq.gen-*` are server-named
 /// queues, which the proxy always declares on the control cluster.
-pub const CELERY_CONTROL_QUEUES: [&str; 4] = ["*.celery.pidbox", "*.reply.celery.pidbox", "celeryev.*", "amq.gen-*"];
+pub const CELERY_CONTROL_QUEUES: [&str; 4] = [
+    "*.celery.pidbox",
+    "*.reply.celery.pidbox",
+    "celeryev.*",
+    "amq.gen-*",
+];
 
 /// Where a name's traffic belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +99,14 @@ impl Default for Rules {
     /// The Celery preset.
     fn default() -> Self {
         Rules {
-            control_exchanges: CELERY_CONTROL_EXCHANGES.iter().map(|p| Pattern::new(*p)).collect(),
-            control_queues: CELERY_CONTROL_QUEUES.iter().map(|p| Pattern::new(*p)).collect(),
+            control_exchanges: CELERY_CONTROL_EXCHANGES
+                .iter()
+                .map(|p| Pattern::new(*p))
+                .collect(),
+            control_queues: CELERY_CONTROL_QUEUES
+                .iter()
+                .map(|p| Pattern::new(*p))
+                .collect(),
             uuid_queues_are_control: true,
         }
     }
@@ -102,7 +114,11 @@ impl Default for Rules {
 
 impl Rules {
     pub fn exchange(&self, name: &[u8]) -> Class {
-        if self.control_exchanges.iter().any(|p| p.matches(name)) { Class::Control } else { Class::Sharded }
+        if self.control_exchanges.iter().any(|p| p.matches(name)) {
+            Class::Control
+        } else {
+            Class::Sharded
+        }
     }
 
     /// An empty name is a server-named queue: it is created on the control cluster.
@@ -119,7 +135,11 @@ impl Rules {
 
     /// A publish to the default exchange is addressed to the queue its routing key names.
     pub fn publish(&self, exchange: &[u8], routing_key: &[u8]) -> Class {
-        if exchange.is_empty() { self.queue(routing_key) } else { self.exchange(exchange) }
+        if exchange.is_empty() {
+            self.queue(routing_key)
+        } else {
+            self.exchange(exchange)
+        }
     }
 }
 
@@ -164,14 +184,26 @@ mod tests {
         assert_eq!(r.exchange(b"celeryev"), Class::Control);
         assert_eq!(r.exchange(b"celery"), Class::Sharded);
         assert_eq!(r.queue(b"w1@host.celery.pidbox"), Class::Control);
-        assert_eq!(r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab.reply.celery.pidbox"), Class::Control);
-        assert_eq!(r.queue(b"celeryev.5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
-        assert_eq!(r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
+        assert_eq!(
+            r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab.reply.celery.pidbox"),
+            Class::Control
+        );
+        assert_eq!(
+            r.queue(b"celeryev.5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"),
+            Class::Control
+        );
+        assert_eq!(
+            r.queue(b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"),
+            Class::Control
+        );
         assert_eq!(r.queue(b""), Class::Control);
         assert_eq!(r.queue(b"amq.gen-JzTY20BRgKO-HjmUJj0wLg"), Class::Control);
         assert_eq!(r.queue(b"celery"), Class::Sharded);
         assert_eq!(r.publish(b"", b"celery"), Class::Sharded);
-        assert_eq!(r.publish(b"", b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"), Class::Control);
+        assert_eq!(
+            r.publish(b"", b"5f0c3b1e-aaaa-bbbb-cccc-0123456789ab"),
+            Class::Control
+        );
         assert_eq!(r.publish(b"celeryev", b"worker.heartbeat"), Class::Control);
     }
 
@@ -189,7 +221,9 @@ mod tests {
     #[test]
     fn round_robin_is_proportional_and_smooth() {
         let mut rr = RoundRobin::default();
-        let picks: Vec<_> = (0..6).map(|_| rr.pick([(0, 1), (1, 1)].into_iter()).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| rr.pick([(0, 1), (1, 1)].into_iter()).unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 1, 0, 1, 0, 1]);
         let mut rr = RoundRobin::default();
         let mut counts = [0; 2];

@@ -100,12 +100,20 @@ pub enum AssembleError {
     /// The content is larger than the configured maximum: the channel is closed with 406 and the
     /// rest of this content is discarded.
     #[error("message size {size} is larger than configured max size {max}")]
-    TooLarge { channel: u16, method: Box<Method>, size: u64, max: u64 },
+    TooLarge {
+        channel: u16,
+        method: Box<Method>,
+        size: u64,
+        max: u64,
+    },
 }
 
 impl AssembleError {
     fn unexpected(text: String) -> Self {
-        AssembleError::Connection { code: 505, text: format!("UNEXPECTED_FRAME - {text}") }
+        AssembleError::Connection {
+            code: 505,
+            text: format!("UNEXPECTED_FRAME - {text}"),
+        }
     }
 }
 
@@ -118,16 +126,26 @@ impl From<CodecError> for AssembleError {
             540 => "NOT_IMPLEMENTED",
             _ => "INTERNAL_ERROR",
         };
-        AssembleError::Connection { code: e.reply_code(), text: format!("{name} - {e}") }
+        AssembleError::Connection {
+            code: e.reply_code(),
+            text: format!("{name} - {e}"),
+        }
     }
 }
 
 #[derive(Debug)]
 enum Stage {
     AwaitHeader,
-    AwaitBody { header: Bytes, body_size: u64, received: u64, body: Body },
+    AwaitBody {
+        header: Bytes,
+        body_size: u64,
+        received: u64,
+        body: Body,
+    },
     /// Swallowing the rest of a content that was refused.
-    Discard { remaining: u64 },
+    Discard {
+        remaining: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -148,7 +166,10 @@ pub struct Assembler {
 
 impl Assembler {
     pub fn new(max_message: u64) -> Self {
-        Assembler { partial: Vec::new(), max_message }
+        Assembler {
+            partial: Vec::new(),
+            max_message,
+        }
     }
 
     /// Feeds one non-heartbeat frame; returns a command once it is complete.
@@ -177,7 +198,11 @@ impl Assembler {
                     });
                     Ok(None)
                 } else {
-                    Ok(Some(Command { channel: frame.channel, method, content: None }))
+                    Ok(Some(Command {
+                        channel: frame.channel,
+                        method,
+                        content: None,
+                    }))
                 }
             }
             FrameKind::Header => {
@@ -206,7 +231,9 @@ impl Assembler {
                     if body_size == 0 {
                         self.partial.swap_remove(i);
                     } else {
-                        p.stage = Stage::Discard { remaining: body_size };
+                        p.stage = Stage::Discard {
+                            remaining: body_size,
+                        };
                     }
                     return Err(AssembleError::TooLarge {
                         channel: frame.channel,
@@ -220,11 +247,19 @@ impl Assembler {
                     return Ok(Some(Command {
                         channel: p.channel,
                         method: p.method,
-                        content: Some(Content { header: frame.payload, body_size, body: Body::Empty }),
+                        content: Some(Content {
+                            header: frame.payload,
+                            body_size,
+                            body: Body::Empty,
+                        }),
                     }));
                 }
-                self.partial[i].stage =
-                    Stage::AwaitBody { header: frame.payload, body_size, received: 0, body: Body::Empty };
+                self.partial[i].stage = Stage::AwaitBody {
+                    header: frame.payload,
+                    body_size,
+                    received: 0,
+                    body: Body::Empty,
+                };
                 Ok(None)
             }
             FrameKind::Body => {
@@ -249,7 +284,12 @@ impl Assembler {
                         }
                         return Ok(None);
                     }
-                    Stage::AwaitBody { body_size, received, body, .. } => {
+                    Stage::AwaitBody {
+                        body_size,
+                        received,
+                        body,
+                        ..
+                    } => {
                         if *received + len > *body_size {
                             return Err(AssembleError::unexpected(format!(
                                 "content body on channel {} overruns its declared size {}",
@@ -267,13 +307,23 @@ impl Assembler {
                     return Ok(None);
                 }
                 let p = self.partial.swap_remove(i);
-                let Stage::AwaitBody { header, body_size, body, .. } = p.stage else {
+                let Stage::AwaitBody {
+                    header,
+                    body_size,
+                    body,
+                    ..
+                } = p.stage
+                else {
                     unreachable!("stage checked above")
                 };
                 Ok(Some(Command {
                     channel: p.channel,
                     method: p.method,
-                    content: Some(Content { header, body_size, body }),
+                    content: Some(Content {
+                        header,
+                        body_size,
+                        body,
+                    }),
                 }))
             }
             FrameKind::Heartbeat => Ok(None),

@@ -44,7 +44,11 @@ pub enum ConnectError {
     /// The broker answered the handshake with connection.close: wrong credentials (403), unknown
     /// vhost (530)... The client gets the same code and text.
     #[error("{node} refused the connection: {code} {text}")]
-    Refused { node: NodeAddr, code: u16, text: String },
+    Refused {
+        node: NodeAddr,
+        code: u16,
+        text: String,
+    },
     /// No node of the cluster completed a handshake.
     #[error("no node of cluster {cluster} is reachable ({last})")]
     Unreachable { cluster: Arc<str>, last: String },
@@ -67,8 +71,14 @@ pub enum LinkDown {
 #[derive(Debug)]
 pub enum LinkEvent {
     /// Commands decoded from one read, in order.
-    Commands { link: LinkId, commands: Vec<Command> },
-    Down { link: LinkId, reason: LinkDown },
+    Commands {
+        link: LinkId,
+        commands: Vec<Command>,
+    },
+    Down {
+        link: LinkId,
+        reason: LinkDown,
+    },
 }
 
 /// An open link. Dropping it aborts its tasks; close it politely first with connection.close.
@@ -96,7 +106,8 @@ impl Drop for Link {
 impl Link {
     /// Appends one method frame.
     pub fn send(&self, channel: u16, method: &Method) {
-        self.outbox.push(|buf| codec::write_method(buf, channel, method));
+        self.outbox
+            .push(|buf| codec::write_method(buf, channel, method));
     }
 
     /// Waits (bounded) until everything queued has been written, then stops the writer.
@@ -110,13 +121,21 @@ impl Link {
 ///
 /// A refusal by the broker (credentials, vhost) is final: trying the other node would only repeat
 /// it. A node that refuses the TCP connection or does not answer in time is skipped.
-pub async fn connect(id: LinkId, spec: &LinkSpec, events: mpsc::Sender<LinkEvent>) -> Result<Link, ConnectError> {
+pub async fn connect(
+    id: LinkId,
+    spec: &LinkSpec,
+    events: mpsc::Sender<LinkEvent>,
+) -> Result<Link, ConnectError> {
     let mut last = String::from("no nodes configured");
     for node in &spec.nodes {
         match tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await {
             Ok(Ok(open)) => return Ok(spawn(id, spec, node.clone(), open, events)),
             Ok(Err(HandshakeError::Refused { code, text })) => {
-                return Err(ConnectError::Refused { node: node.clone(), code, text });
+                return Err(ConnectError::Refused {
+                    node: node.clone(),
+                    code,
+                    text,
+                });
             }
             Ok(Err(HandshakeError::Failed(e))) => {
                 debug!(cluster = %spec.cluster, %node, error = %e, "node unavailable");
@@ -128,7 +147,10 @@ pub async fn connect(id: LinkId, spec: &LinkSpec, events: mpsc::Sender<LinkEvent
             }
         }
     }
-    Err(ConnectError::Unreachable { cluster: spec.cluster.clone(), last })
+    Err(ConnectError::Unreachable {
+        cluster: spec.cluster.clone(),
+        last,
+    })
 }
 
 enum HandshakeError {
@@ -158,21 +180,30 @@ async fn read_method(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Metho
             Ok(Some(frame)) => match frame.kind {
                 FrameKind::Heartbeat => continue,
                 FrameKind::Method => {
-                    return Method::decode(frame.payload).map_err(|e| HandshakeError::Failed(e.to_string()));
+                    return Method::decode(frame.payload)
+                        .map_err(|e| HandshakeError::Failed(e.to_string()));
                 }
-                _ => return Err(HandshakeError::Failed("content frame during handshake".into())),
+                _ => {
+                    return Err(HandshakeError::Failed(
+                        "content frame during handshake".into(),
+                    ));
+                }
             },
             Ok(None) => {}
             Err(e) => {
                 if buf.starts_with(b"AMQP") {
-                    return Err(HandshakeError::Failed("broker does not speak AMQP 0-9-1".into()));
+                    return Err(HandshakeError::Failed(
+                        "broker does not speak AMQP 0-9-1".into(),
+                    ));
                 }
                 return Err(HandshakeError::Failed(e.to_string()));
             }
         }
         buf.reserve(4096);
         if stream.read_buf(buf).await? == 0 {
-            return Err(HandshakeError::Failed("connection closed during handshake".into()));
+            return Err(HandshakeError::Failed(
+                "connection closed during handshake".into(),
+            ));
         }
     }
 }
@@ -187,7 +218,10 @@ async fn send(stream: &mut TcpStream, method: &Method) -> Result<(), HandshakeEr
 /// Answers a connection.close received during the handshake and turns it into a refusal.
 async fn refused(stream: &mut TcpStream, close: codec::ConnectionClose) -> HandshakeError {
     let _ = send(stream, &Method::ConnectionCloseOk(Default::default())).await;
-    HandshakeError::Refused { code: close.reply_code, text: close.reply_text.as_str().into_owned() }
+    HandshakeError::Refused {
+        code: close.reply_code,
+        text: close.reply_text.as_str().into_owned(),
+    }
 }
 
 async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, HandshakeError> {
@@ -198,7 +232,12 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
 
     let start = match read_method(&mut stream, &mut buf).await? {
         Method::ConnectionStart(s) => s,
-        other => return Err(HandshakeError::Failed(format!("expected connection.start, got {}", other.name()))),
+        other => {
+            return Err(HandshakeError::Failed(format!(
+                "expected connection.start, got {}",
+                other.name()
+            )));
+        }
     };
     let mut response = BytesMut::with_capacity(2 + spec.user.len() + spec.password.len());
     response.extend_from_slice(b"\0");
@@ -219,7 +258,12 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     let tune = match read_method(&mut stream, &mut buf).await {
         Ok(Method::ConnectionTune(t)) => t,
         Ok(Method::ConnectionClose(c)) => return Err(refused(&mut stream, c).await),
-        Ok(other) => return Err(HandshakeError::Failed(format!("expected connection.tune, got {}", other.name()))),
+        Ok(other) => {
+            return Err(HandshakeError::Failed(format!(
+                "expected connection.tune, got {}",
+                other.name()
+            )));
+        }
         // RabbitMQ drops the socket on a failed login when the client did not ask for
         // authentication_failure_close; we always ask, but treat a drop the same way.
         Err(HandshakeError::Failed(_)) => {
@@ -236,7 +280,11 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     let heartbeat = spec.heartbeat_secs;
     send(
         &mut stream,
-        &Method::ConnectionTuneOk(codec::ConnectionTuneOk { channel_max, frame_max, heartbeat }),
+        &Method::ConnectionTuneOk(codec::ConnectionTuneOk {
+            channel_max,
+            frame_max,
+            heartbeat,
+        }),
     )
     .await?;
     send(
@@ -251,7 +299,12 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     match read_method(&mut stream, &mut buf).await? {
         Method::ConnectionOpenOk(_) => {}
         Method::ConnectionClose(c) => return Err(refused(&mut stream, c).await),
-        other => return Err(HandshakeError::Failed(format!("expected connection.open-ok, got {}", other.name()))),
+        other => {
+            return Err(HandshakeError::Failed(format!(
+                "expected connection.open-ok, got {}",
+                other.name()
+            )));
+        }
     }
     Ok(Opened {
         stream,
@@ -263,7 +316,13 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     })
 }
 
-fn spawn(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened, events: mpsc::Sender<LinkEvent>) -> Link {
+fn spawn(
+    id: LinkId,
+    spec: &LinkSpec,
+    node: NodeAddr,
+    open: Opened,
+    events: mpsc::Sender<LinkEvent>,
+) -> Link {
     let (rd, wr) = open.stream.into_split();
     let outbox = Outbox::new(spec.buffer_limit);
     let heartbeat = (open.heartbeat > 0).then(|| Duration::from_secs(u64::from(open.heartbeat)));
@@ -276,7 +335,15 @@ fn spawn(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened, events: mpsc
             let _ = run_writer(outbox, wr, heartbeat.map(|h| h / 2), bytes_to).await;
         }
     });
-    let reader = tokio::spawn(read_loop(id, rd, open.leftover, open.frame_max, heartbeat, events, bytes_from));
+    let reader = tokio::spawn(read_loop(
+        id,
+        rd,
+        open.leftover,
+        open.frame_max,
+        heartbeat,
+        events,
+        bytes_from,
+    ));
     Link {
         id,
         cluster: spec.cluster.clone(),
@@ -325,7 +392,14 @@ async fn read_loop(
             }
         }
         if !batch.is_empty() {
-            if events.send(LinkEvent::Commands { link: id, commands: batch }).await.is_err() {
+            if events
+                .send(LinkEvent::Commands {
+                    link: id,
+                    commands: batch,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
             // Time spent waiting for the session is not the broker's silence.
@@ -335,10 +409,12 @@ async fn read_loop(
             buf.reserve(64 * 1024);
         }
         let read = match heartbeat {
-            Some(h) => match tokio::time::timeout_at(last_seen + 2 * h, rd.read_buf(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => break LinkDown::HeartbeatTimeout(2 * h),
-            },
+            Some(h) => {
+                match tokio::time::timeout_at(last_seen + 2 * h, rd.read_buf(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => break LinkDown::HeartbeatTimeout(2 * h),
+                }
+            }
             None => rd.read_buf(&mut buf).await,
         };
         match read {
@@ -372,8 +448,14 @@ pub fn upstream_client_properties(client: &FieldTable, peer: std::net::SocketAdd
     ] {
         caps.insert(ShortStr::from_static(cap), FieldValue::Bool(true));
     }
-    props.insert(ShortStr::from_static("capabilities"), FieldValue::Table(caps));
-    props.insert(ShortStr::from_static("client_address"), FieldValue::LongStr(LongStr::from(peer.to_string())));
+    props.insert(
+        ShortStr::from_static("capabilities"),
+        FieldValue::Table(caps),
+    );
+    props.insert(
+        ShortStr::from_static("client_address"),
+        FieldValue::LongStr(LongStr::from(peer.to_string())),
+    );
     if props.get("connection_name").is_none() {
         props.insert(
             ShortStr::from_static("connection_name"),

@@ -346,6 +346,10 @@ async fn accept_loop(
     sessions: TaskTracker,
     limit: Arc<Semaphore>,
 ) {
+    // Refusals still answer in AMQP (530 at connection.open, as RabbitMQ does for its own
+    // connection limits), but only this many at once; beyond that the socket is just closed.
+    let refusals = Arc::new(Semaphore::new(64));
+    let per_ip: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -359,17 +363,76 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!(%peer, "connection refused: max_connections reached");
+        let config = shared.config();
+        let per_ip_max = config.limits.max_connections_per_ip;
+        let ip_ok = {
+            let mut map = lock(&per_ip);
+            let n = map.entry(peer.ip()).or_insert(0);
+            if per_ip_max == 0 || *n < per_ip_max {
+                *n += 1;
+                true
+            } else {
+                false
+            }
+        };
+        let permit = if ip_ok {
+            limit.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        let Some(permit) = permit else {
+            if ip_ok {
+                // Counted above, refused on the total: give the slot back.
+                release_ip(&per_ip, peer.ip());
+            }
+            let reason = if ip_ok {
+                format!(
+                    "connection limit ({}) reached",
+                    config.limits.max_connections
+                )
+            } else {
+                format!(
+                    "connection limit per client address ({per_ip_max}) reached for {}",
+                    peer.ip()
+                )
+            };
+            warn!(%peer, %reason, "connection refused");
             shared.metrics.connections_refused.inc();
-            drop(stream);
+            if let Ok(p) = refusals.clone().try_acquire_owned() {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::client::session::refuse_at_open(
+                        stream,
+                        &shared,
+                        530,
+                        &format!("NOT_ALLOWED - {reason}"),
+                    )
+                    .await;
+                    drop(p);
+                });
+            }
             continue;
         };
         let shared = shared.clone();
         let force_close = force_close.clone();
+        let per_ip = per_ip.clone();
         sessions.spawn(async move {
             crate::client::serve(stream, peer, shared, force_close).await;
+            release_ip(&per_ip, peer.ip());
             drop(permit);
         });
+    }
+}
+
+fn release_ip(
+    map: &Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    ip: std::net::IpAddr,
+) {
+    let mut map = lock(map);
+    if let Some(n) = map.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&ip);
+        }
     }
 }

@@ -213,6 +213,32 @@ pub async fn serve(
     info!(conn = id, %peer, user = %user, vhost = %vhost, reason = %reason, "connection closed");
 }
 
+/// Runs the handshake and answers connection.open with connection.close `code`: how a refused
+/// connection (limits) is told why, in AMQP, as RabbitMQ tells it.
+pub async fn refuse_at_open(mut stream: TcpStream, shared: &Shared, code: u16, text: &str) {
+    let _ = stream.set_nodelay(true);
+    let config = shared.config();
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let server_props =
+        handshake::server_properties(shared.server_properties(&config).await.as_ref());
+    match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
+        Ok(_) => handshake::refuse(&mut stream, &mut rbuf, code, text, 10, 40).await,
+        Err(Refusal::Close {
+            code,
+            text,
+            class_id,
+            method_id,
+        }) => {
+            handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
+        }
+        Err(Refusal::Drop { reply, .. }) => {
+            if let Some(bytes) = reply {
+                let _ = stream.write_all(bytes).await;
+            }
+        }
+    }
+}
+
 /// Opens one link per cluster, concurrently. A refusal (credentials, vhost) from any cluster is
 /// the client's answer; an unreachable cluster is left out as long as one shard cluster answers.
 async fn open_links(
@@ -1303,10 +1329,11 @@ impl Session {
             return self.on_client_connection_method(method);
         }
         if ch > self.channel_max {
+            // RabbitMQ's answer to a channel beyond channel_max.
             return Err(ConnError::new(
-                504,
+                530,
                 format!(
-                    "channel {ch} is above the negotiated channel_max {}",
+                    "number of channels opened ({ch}) has reached the negotiated channel_max ({})",
                     self.channel_max
                 ),
             )

@@ -1857,8 +1857,23 @@ impl Session {
     /// The next shard link by smooth weighted round-robin over the live, ready, non-draining
     /// ones; `avoid` is skipped unless it is the only one.
     fn pick_shard(&mut self, avoid: Option<LinkId>) -> Option<LinkId> {
+        // A cluster under a resource alarm (connection.blocked) gets publishes only when every
+        // other one is blocked too: publishes move rather than pause.
+        let any_unblocked = self.links.iter().enumerate().any(|(i, s)| {
+            s.live()
+                && s.ready
+                && s.role == Role::Shard
+                && !s.drain
+                && !s.blocked
+                && Some(i) != avoid
+        });
         let eligible = |i: usize, s: &LinkSlot| {
-            s.live() && s.ready && s.role == Role::Shard && !s.drain && Some(i) != avoid
+            s.live()
+                && s.ready
+                && s.role == Role::Shard
+                && !s.drain
+                && Some(i) != avoid
+                && (!any_unblocked || !s.blocked)
         };
         let links = &self.links;
         let picked = self.rr.pick(

@@ -1,7 +1,12 @@
 //! The `warren` binary: command-line parsing, logging setup, signals and exit codes.
 //!
 //! Exit codes: 0 success, 1 the proxy failed to start or to stop, 2 invalid configuration or
-//! command line.
+//! command line. `check-queues` uses the monitoring-plugin codes instead: 0 OK, 1 WARNING,
+//! 2 CRITICAL, 3 UNKNOWN (bad arguments included).
+//!
+//! While running, the configuration file is re-read on SIGHUP, when the file changes on disk
+//! (polled every second, applied once it has been stable for 500 ms) and on `POST /reload` of the
+//! admin endpoint. An invalid file is rejected and the running configuration stays in force.
 //!
 //! Adding a subcommand: add a variant to [`Command`] (its doc comment becomes the help text),
 //! a function `fn name(cli: &Cli, ...) -> ExitCode`, and an arm in [`main`]. The global
@@ -13,13 +18,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
+use warren::admin::check::{self, AdminUrl, Thresholds};
 use warren::config::Config;
+use warren::proxy::Shared;
 
 /// Configuration is invalid, or the command line is.
 const EXIT_CONFIG: u8 = 2;
@@ -41,12 +48,16 @@ several RabbitMQ clusters: published messages are spread over the `shard` cluste
 traffic goes to the `control` cluster.\n\n\
 Without a subcommand, warren runs the proxy until SIGTERM or SIGINT, then shuts down \
 gracefully: it stops accepting, and closes the remaining clients after \
-timeouts.shutdown_grace_ms. A second signal during shutdown exits at once.",
+timeouts.shutdown_grace_ms. A second signal during shutdown exits at once. SIGHUP, a change of \
+the configuration file and POST /reload on the admin endpoint reload the configuration; an \
+invalid file is rejected and the running configuration stays in force.",
     after_help = "Examples:\n  warren --config proxy.toml          run the proxy\n  \
-warren check --config proxy.toml    validate a configuration file\n\n\
+warren check --config proxy.toml    validate a configuration file\n  \
+warren check-queues -c proxy.toml -w 500 -C 1000   queue depths, as a Nagios/Sensu check\n\n\
 Logging goes to stdout; set the filter with RUST_LOG (default: info), e.g. \
 RUST_LOG=warren=debug.\n\
-Exit codes: 0 ok, 1 start-up or shutdown failure, 2 invalid configuration or usage."
+Exit codes: 0 ok, 1 start-up or shutdown failure, 2 invalid configuration or usage \
+(check-queues: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)."
 )]
 struct Cli {
     /// Configuration file (TOML), see proxy.toml for a documented example
@@ -61,12 +72,35 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Run the proxy (the default when no subcommand is given)
     Run,
     /// Validate the configuration file and exit: 0 if valid, 2 if not
     Check,
+    /// Check the depths of the sharded queues (a Nagios/Sensu plugin: one line, exit 0 OK,
+    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+    CheckQueues(CheckQueuesArgs),
+}
+
+/// Arguments of `warren check-queues`.
+#[derive(Args, Debug, Clone)]
+struct CheckQueuesArgs {
+    /// WARNING when a queue holds at least N messages (summed over the shard clusters)
+    #[arg(short, long, value_name = "N")]
+    warning: u64,
+    /// CRITICAL when a queue holds at least M messages
+    #[arg(short = 'C', long, value_name = "M")]
+    critical: u64,
+    /// Only queues whose name matches PATTERN (`*` matches any run of characters)
+    #[arg(short, long, value_name = "PATTERN")]
+    queue: Option<String>,
+    /// Admin endpoint, e.g. http://127.0.0.1:15673 (default: `[admin] listen` of --config)
+    #[arg(short, long, value_name = "URL")]
+    admin: Option<String>,
+    /// Give up (UNKNOWN) after this many seconds
+    #[arg(short, long, value_name = "SECS", default_value_t = 10.0)]
+    timeout: f64,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +112,38 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A monitoring plugin must answer UNKNOWN (3) in one line, even to bad arguments.
+            let help = matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            );
+            if !help && std::env::args().any(|a| a == "check-queues") {
+                let text = e.render().to_string();
+                let message: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| {
+                        !l.starts_with("Usage:") && !l.starts_with("For more information")
+                    })
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let message = message.join(" ");
+                println!(
+                    "{}",
+                    check::Outcome::unknown(message.trim_start_matches("error: ")).line
+                );
+                return ExitCode::from(check::Status::Unknown.exit_code());
+            }
+            e.exit()
+        }
+    };
+    match cli.command.clone().unwrap_or(Command::Run) {
         Command::Run => run(&cli),
         Command::Check => check(&cli),
+        Command::CheckQueues(args) => check_queues(&cli, &args),
     }
 }
 
@@ -115,6 +177,74 @@ fn check(cli: &Cli) -> ExitCode {
     };
     println!("{}: ok ({})", config_path(cli).display(), summary(&config));
     ExitCode::SUCCESS
+}
+
+/// `warren check-queues`: one plugin line on stdout, the plugin exit code.
+fn check_queues(cli: &Cli, args: &CheckQueuesArgs) -> ExitCode {
+    let outcome = check_queues_outcome(cli, args);
+    println!("{}", outcome.line);
+    ExitCode::from(outcome.status.exit_code())
+}
+
+fn check_queues_outcome(cli: &Cli, args: &CheckQueuesArgs) -> check::Outcome {
+    let admin = match (&args.admin, &cli.config) {
+        (Some(url), _) => match AdminUrl::parse(url) {
+            Ok(a) => a,
+            Err(e) => return check::Outcome::unknown(e),
+        },
+        (None, Some(path)) => match admin_listen_of(path) {
+            Ok(Some(listen)) => AdminUrl::from_listen(listen),
+            Ok(None) => {
+                return check::Outcome::unknown(format!(
+                    "{} has no [admin] listen address; pass --admin URL",
+                    path.display()
+                ));
+            }
+            Err(e) => {
+                return check::Outcome::unknown(format!("cannot read the configuration: {e}"));
+            }
+        },
+        (None, None) => return check::Outcome::unknown("pass --admin URL or --config FILE"),
+    };
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        return check::Outcome::unknown("--timeout must be between 0 and 3600 seconds");
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return check::Outcome::unknown(format!("cannot start the async runtime: {e}")),
+    };
+    let thresholds = Thresholds {
+        warning: args.warning,
+        critical: args.critical,
+    };
+    runtime.block_on(check::check_queues(
+        &admin,
+        args.queue.as_deref(),
+        thresholds,
+        Duration::from_secs_f64(args.timeout),
+    ))
+}
+
+/// `[admin] listen` of a configuration file. A file the proxy would reject (it keeps running
+/// with its last valid configuration then) still yields its admin address if that part reads.
+fn admin_listen_of(path: &Path) -> Result<Option<std::net::SocketAddr>, String> {
+    match Config::load(path) {
+        Ok(config) => Ok(config.admin.listen),
+        Err(e) => {
+            let text = std::fs::read_to_string(path).map_err(|_| e.to_string())?;
+            let table: toml::Table = toml::from_str(&text).map_err(|_| e.to_string())?;
+            table
+                .get("admin")
+                .and_then(|a| a.get("listen"))
+                .and_then(|l| l.as_str())
+                .and_then(|l| l.parse().ok())
+                .map(Some)
+                .ok_or_else(|| e.to_string())
+        }
+    }
 }
 
 /// `2 shard clusters, control: control` (or where control traffic goes when there is no
@@ -190,16 +320,34 @@ async fn serve(config: Config, path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    handle.shared().set_config_path(&path);
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %path.display(),
         amqp = %handle.amqp_addr(),
-        admin = %config.admin.listen.map_or("disabled".to_owned(), |a| a.to_string()),
+        admin = %handle.admin_addr().map_or("disabled".to_owned(), |a| a.to_string()),
         clusters = summary(&config).as_str(),
         "warren started"
     );
 
-    let name = signals.recv().await;
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(watch_config_file(
+        Arc::clone(handle.shared()),
+        path.clone(),
+        stop_watching.clone(),
+    ));
+    let name = loop {
+        match signals.next().await {
+            Some(name) => break name,
+            None => {
+                info!(signal = "SIGHUP", config = %path.display(), "reloading the configuration");
+                reload(handle.shared(), "SIGHUP").await;
+            }
+        }
+    };
+    stop_watching.cancel();
+    let _ = watcher.await;
     info!(
         signal = name,
         grace_ms = config.timeouts.shutdown_grace_ms,
@@ -227,10 +375,87 @@ async fn serve(config: Config, path: &Path) -> ExitCode {
     }
 }
 
-/// The process signals warren reacts to. (SIGHUP for reloading belongs here too.)
+/// Re-reads the configuration file and logs the outcome (the rejection reason is
+/// `file:line:col: reason`); the running configuration stays in force when the file is invalid.
+async fn reload(shared: &Arc<Shared>, trigger: &'static str) {
+    let shared = Arc::clone(shared);
+    // Reading and parsing the file is blocking work.
+    match tokio::task::spawn_blocking(move || shared.reload()).await {
+        Ok(Ok(status)) => {
+            info!(trigger, change = %status.message, generation = status.generation, "configuration reloaded")
+        }
+        Ok(Err(status)) => error!(
+            trigger,
+            error = %status.message,
+            "configuration reload rejected; the running configuration stays in force"
+        ),
+        Err(e) => error!(trigger, error = %e, "configuration reload failed"),
+    }
+}
+
+/// How often the configuration file is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a changed file must stay unchanged before it is reloaded (editors write in steps).
+const WATCH_SETTLE: Duration = Duration::from_millis(500);
+
+/// What identifies one version of the file: modification time, length and inode (an editor that
+/// saves by renaming a new file over the old one changes the inode). `None` while it is missing.
+type FileSignature = (std::time::SystemTime, u64, u64);
+
+fn file_signature(path: &Path) -> Option<FileSignature> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Reloads the configuration when the file changes on disk, once it has been stable for
+/// [`WATCH_SETTLE`]. A missing file (in the middle of an editor's save) is waited for.
+async fn watch_config_file(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut applied = file_signature(&path);
+    // A change seen but not yet stable: its signature and since when it has not changed.
+    let mut pending: Option<(Option<FileSignature>, tokio::time::Instant)> = None;
+    loop {
+        let wait = if pending.is_some() {
+            WATCH_SETTLE / 2
+        } else {
+            WATCH_INTERVAL
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let path2 = path.clone();
+        let current = tokio::task::spawn_blocking(move || file_signature(&path2))
+            .await
+            .unwrap_or(None);
+        if current == applied {
+            pending = None;
+            continue;
+        }
+        match &pending {
+            Some((sig, since)) if *sig == current => {
+                if since.elapsed() >= WATCH_SETTLE && current.is_some() {
+                    info!(config = %path.display(), "configuration file changed on disk, reloading");
+                    reload(&shared, "file change").await;
+                    applied = current;
+                    pending = None;
+                }
+            }
+            _ => pending = Some((current, tokio::time::Instant::now())),
+        }
+    }
+}
+
+/// The process signals warren reacts to.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    /// SIGHUP: reload the configuration.
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -238,7 +463,17 @@ impl Signals {
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// Waits for SIGTERM or SIGINT (returns its name) or SIGHUP (returns `None`).
+    async fn next(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            _ = self.terminate.recv() => Some("SIGTERM"),
+            _ = self.interrupt.recv() => Some("SIGINT"),
+            _ = self.hangup.recv() => None,
+        }
     }
 
     /// Waits for SIGTERM or SIGINT and returns its name.

@@ -1,0 +1,379 @@
+//! Reachability of every node of every cluster, probed in the background.
+//!
+//! A probe opens a TCP connection, sends the AMQP protocol header and reads `connection.start`
+//! (no credentials are needed for that). A node that answers is `up`; one that refuses, times out
+//! or does not speak AMQP 0-9-1 is `down`, with the reason kept as its `last_error`. Up nodes are
+//! probed every [`UP_INTERVAL`]; down nodes with exponential backoff ([`DOWN_FIRST`] doubling up to
+//! [`DOWN_MAX`]), both with ±20 % jitter so that many proxies do not probe in lockstep.
+//!
+//! The set of nodes follows the running configuration: a reload that adds or removes a node adds
+//! or forgets its state on the next tick.
+
+use std::collections::BTreeMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{self, FieldTable, FieldValue, FrameKind, Method};
+use crate::config::{ClusterConfig, Config, NodeAddr};
+use crate::proxy::Shared;
+
+/// Time between two probes of a node that is up.
+pub const UP_INTERVAL: Duration = Duration::from_secs(5);
+/// First retry of a node that went down.
+pub const DOWN_FIRST: Duration = Duration::from_secs(1);
+/// Longest time between two probes of a node that stays down.
+pub const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Longest a probe may take (the configured `timeouts.connect_ms` if shorter).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the task looks for nodes due for a probe.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What the last probe of a node said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Not probed yet.
+    Unknown,
+    Up,
+    Down,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Unknown => "unknown",
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// The probe state of one node.
+#[derive(Debug, Clone)]
+pub struct NodeHealth {
+    pub state: NodeState,
+    /// Why the last failed probe failed (kept after the node comes back, see `last_change`).
+    pub last_error: Option<String>,
+    /// When `state` last changed (`None` while unknown).
+    pub last_change: Option<SystemTime>,
+    /// When the node was last probed.
+    pub last_check: Option<SystemTime>,
+    /// Consecutive failed probes.
+    pub failures: u32,
+    /// `product` and `version` from the node's connection.start.
+    pub product: Option<String>,
+    pub version: Option<String>,
+    next_due: Instant,
+    in_flight: bool,
+}
+
+impl NodeHealth {
+    fn new(now: Instant) -> Self {
+        NodeHealth {
+            state: NodeState::Unknown,
+            last_error: None,
+            last_change: None,
+            last_check: None,
+            failures: 0,
+            product: None,
+            version: None,
+            next_due: now,
+            in_flight: false,
+        }
+    }
+}
+
+/// The probe state of every configured node, keyed by (cluster name, node address).
+#[derive(Debug, Default)]
+pub struct Health {
+    nodes: Mutex<BTreeMap<(String, String), NodeHealth>>,
+    /// Completed probe rounds (for tests and `/ready` before the first answer).
+    probes: AtomicU64,
+    jitter: Jitter,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), NodeHealth>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state of one node (`Unknown` if it was never probed).
+    pub fn node(&self, cluster: &str, node: &NodeAddr) -> NodeHealth {
+        self.lock()
+            .get(&(cluster.to_owned(), node.to_string()))
+            .cloned()
+            .unwrap_or_else(|| NodeHealth::new(Instant::now()))
+    }
+
+    /// Whether at least one node of the cluster answered its last probe; `None` while no node of
+    /// it has been probed yet.
+    pub fn cluster_reachable(&self, cluster: &ClusterConfig) -> Option<bool> {
+        let nodes = self.lock();
+        let mut known = false;
+        for n in &cluster.nodes {
+            match nodes
+                .get(&(cluster.name.clone(), n.to_string()))
+                .map(|h| h.state)
+            {
+                Some(NodeState::Up) => return Some(true),
+                Some(NodeState::Down) => known = true,
+                _ => {}
+            }
+        }
+        known.then_some(false)
+    }
+
+    /// Number of probes completed so far.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
+    }
+
+    /// Adds the nodes of `config` that are new, forgets the ones it no longer has, and returns
+    /// (marking them in flight) the nodes due for a probe.
+    fn take_due(&self, config: &Config, now: Instant) -> Vec<(String, NodeAddr)> {
+        let mut nodes = self.lock();
+        let wanted: BTreeMap<(String, String), &NodeAddr> = config
+            .clusters
+            .iter()
+            .flat_map(|c| {
+                c.nodes
+                    .iter()
+                    .map(move |n| ((c.name.clone(), n.to_string()), n))
+            })
+            .collect();
+        nodes.retain(|k, _| wanted.contains_key(k));
+        let mut due = Vec::new();
+        for (key, addr) in wanted {
+            let h = nodes
+                .entry(key.clone())
+                .or_insert_with(|| NodeHealth::new(now));
+            if !h.in_flight && h.next_due <= now {
+                h.in_flight = true;
+                due.push((key.0, addr.clone()));
+            }
+        }
+        due
+    }
+
+    /// Records the outcome of one probe and schedules the next.
+    fn record(&self, cluster: &str, node: &NodeAddr, result: Result<FieldTable, String>) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut nodes = self.lock();
+        // The node may have been removed by a reload while it was probed.
+        let Some(h) = nodes.get_mut(&(cluster.to_owned(), node.to_string())) else {
+            return;
+        };
+        h.in_flight = false;
+        h.last_check = Some(wall);
+        let new_state = match result {
+            Ok(props) => {
+                h.failures = 0;
+                h.product = text_property(&props, "product");
+                h.version = text_property(&props, "version");
+                h.next_due = now + self.jitter.spread(UP_INTERVAL);
+                NodeState::Up
+            }
+            Err(e) => {
+                h.failures = h.failures.saturating_add(1);
+                h.last_error = Some(e.clone());
+                let backoff = DOWN_FIRST
+                    .saturating_mul(1 << (h.failures - 1).min(16))
+                    .min(DOWN_MAX);
+                h.next_due = now + self.jitter.spread(backoff);
+                if h.state != NodeState::Down {
+                    tracing::warn!(cluster, %node, error = %e, "admin health probe: node is down");
+                }
+                NodeState::Down
+            }
+        };
+        if h.state != new_state {
+            if new_state == NodeState::Up && h.state == NodeState::Down {
+                tracing::info!(cluster, %node, "admin health probe: node is up again");
+            }
+            h.state = new_state;
+            h.last_change = Some(wall);
+        }
+        drop(nodes);
+        self.probes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn text_property(props: &FieldTable, key: &str) -> Option<String> {
+    match props.get(key)? {
+        FieldValue::LongStr(s) => Some(s.as_str().chars().take(200).collect()),
+        _ => None,
+    }
+}
+
+/// Cheap jitter without a random-number crate: each `RandomState` is seeded randomly by std.
+#[derive(Debug)]
+struct Jitter(RandomState, AtomicU64);
+
+impl Default for Jitter {
+    fn default() -> Self {
+        Jitter(RandomState::new(), AtomicU64::new(0))
+    }
+}
+
+impl Jitter {
+    /// `d` scaled by a factor in [0.8, 1.2).
+    fn spread(&self, d: Duration) -> Duration {
+        let mut h = self.0.build_hasher();
+        h.write_u64(self.1.fetch_add(1, Ordering::Relaxed));
+        let r = (h.finish() % 4000) as f64 / 10_000.0; // [0, 0.4)
+        d.mul_f64(0.8 + r)
+    }
+}
+
+/// Probes the nodes of the running configuration until `stop` is cancelled.
+pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut probes = JoinSet::new();
+    let mut seen: Option<Arc<Config>> = None;
+    loop {
+        let config = shared.config();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &config)) {
+            // Every configured cluster gets its series in /metrics (at 0) before any traffic,
+            // so alerts on them have something to evaluate.
+            for c in &config.clusters {
+                shared.metrics.cluster(&c.name);
+            }
+            seen = Some(config.clone());
+        }
+        let timeout = config.timeouts.connect().min(PROBE_TIMEOUT);
+        for (cluster, node) in health.take_due(&config, Instant::now()) {
+            let health = health.clone();
+            probes.spawn(async move {
+                let result = match tokio::time::timeout(timeout, read_start(&node)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!(
+                        "no connection.start within {} ms",
+                        timeout.as_millis()
+                    )),
+                };
+                health.record(&cluster, &node, result);
+            });
+        }
+        while probes.try_join_next().is_some() {}
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+    probes.abort_all();
+}
+
+/// Connects, sends the protocol header and reads the server properties of connection.start.
+pub async fn read_start(node: &NodeAddr) -> Result<FieldTable, String> {
+    let mut stream = TcpStream::connect((node.host.as_str(), node.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(codec::PROTOCOL_HEADER)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        match codec::decode_frame(&mut buf, 0) {
+            Ok(Some(frame)) if frame.kind == FrameKind::Method => {
+                return match Method::decode(frame.payload) {
+                    Ok(Method::ConnectionStart(start)) => Ok(start.server_properties),
+                    Ok(other) => Err(format!("expected connection.start, got {}", other.name())),
+                    Err(e) => Err(format!("undecodable connection.start: {e}")),
+                };
+            }
+            Ok(Some(_)) => return Err("expected connection.start, got a non-method frame".into()),
+            Ok(None) => {}
+            Err(_) if buf.starts_with(b"AMQP") => {
+                return Err("the server does not speak AMQP 0-9-1".into());
+            }
+            Err(e) => return Err(format!("not an AMQP server: {e}")),
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("connection.start larger than 64 KiB".into());
+        }
+        buf.reserve(4096);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err("connection closed before connection.start".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(nodes: &[&str]) -> Config {
+        let nodes = nodes
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Config::parse(
+            &format!("listen = \"127.0.0.1:0\"\n[[clusters]]\nname = \"a\"\nrole = \"shard\"\nnodes = [{nodes}]\n"),
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn states_backoff_and_pruning() {
+        let h = Health::new();
+        let c = config(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let now = Instant::now();
+        let due = h.take_due(&c, now);
+        assert_eq!(due.len(), 2);
+        // In flight: not handed out twice.
+        assert!(h.take_due(&c, now).is_empty());
+        assert_eq!(h.cluster_reachable(&c.clusters[0]), None);
+        h.record("a", &due[0].1, Err("connect: refused".into()));
+        assert_eq!(h.cluster_reachable(&c.clusters[0]), Some(false));
+        h.record("a", &due[1].1, Ok(FieldTable::default()));
+        assert_eq!(h.cluster_reachable(&c.clusters[0]), Some(true));
+        let n = h.node("a", &due[0].1);
+        assert_eq!(n.state, NodeState::Down);
+        assert_eq!(n.last_error.as_deref(), Some("connect: refused"));
+        assert!(n.next_due > now);
+        // Backoff grows and is capped.
+        for _ in 0..40 {
+            h.lock()
+                .get_mut(&("a".into(), due[0].1.to_string()))
+                .unwrap()
+                .in_flight = true;
+            h.record("a", &due[0].1, Err("x".into()));
+        }
+        let n = h.node("a", &due[0].1);
+        assert!(n.next_due <= Instant::now() + DOWN_MAX.mul_f64(1.21));
+        // A reload that drops a node forgets it.
+        let c2 = config(&["127.0.0.1:2"]);
+        h.take_due(&c2, Instant::now());
+        assert_eq!(h.lock().len(), 1);
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let j = Jitter::default();
+        for _ in 0..1000 {
+            let d = j.spread(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(8) && d < Duration::from_secs(12),
+                "{d:?}"
+            );
+        }
+    }
+}

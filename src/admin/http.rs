@@ -1,0 +1,813 @@
+//! The admin routes on hyper (HTTP/1.1).
+//!
+//! Every answer is JSON except `GET /` (HTML) and `GET /metrics` (Prometheus text). Request
+//! heads are bounded by hyper (`max_buf_size`, header read timeout), request bodies by
+//! [`MAX_BODY`]; nothing a client sends can make a handler panic (no indexing, no unwrap on
+//! request data).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::health::NodeState;
+use super::queues::{self, Depth};
+use super::{AdminState, page, rfc3339, unix_ms};
+use crate::config::{Config, Role};
+use crate::proxy::ReloadStatus;
+use crate::route::Pattern;
+
+/// Largest request body accepted (POST bodies are not used; this only bounds what is read).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (request line + headers).
+const MAX_HEAD: usize = 32 * 1024;
+/// hyper's read buffer bound (at least its minimum of 8 KiB, and room for a whole head).
+const MAX_BUF: usize = 64 * 1024;
+/// Time a client has to send a request head, and a POST body.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `/queues` answer is reused.
+pub const QUEUES_CACHE: Duration = Duration::from_secs(1);
+/// Longest `?queue=` pattern.
+const MAX_PATTERN: usize = 1024;
+
+/// A `/queues` answer kept for [`QUEUES_CACHE`].
+pub(crate) struct CachedQueues {
+    at: Instant,
+    filter: Option<String>,
+    body: Bytes,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+    connections: TaskTracker,
+    max_connections: usize,
+) {
+    let limit = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            state.clone(),
+            stop.clone(),
+            permit,
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_BUF)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "admin: connection ended with an error");
+    }
+}
+
+/// What a request path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Page,
+    Health,
+    Ready,
+    Clusters,
+    Queues,
+    Metrics,
+    Reload,
+    Drain(String),
+}
+
+impl Route {
+    fn parse(path: &str) -> Option<Route> {
+        let trimmed = if path.len() > 1 {
+            path.trim_end_matches('/')
+        } else {
+            path
+        };
+        Some(match trimmed {
+            "/" | "" | "/index.html" => Route::Page,
+            "/health" => Route::Health,
+            "/ready" => Route::Ready,
+            "/clusters" => Route::Clusters,
+            "/queues" => Route::Queues,
+            "/metrics" => Route::Metrics,
+            "/reload" => Route::Reload,
+            p => {
+                let name = p.strip_prefix("/clusters/")?.strip_suffix("/drain")?;
+                let name = percent_decode(name)?;
+                if name.is_empty() || name.contains('/') {
+                    return None;
+                }
+                Route::Drain(name)
+            }
+        })
+    }
+
+    fn is_post(&self) -> bool {
+        matches!(self, Route::Reload | Route::Drain(_))
+    }
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
+    let Some(route) = Route::parse(req.uri().path()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no route {}", req.uri().path()),
+        );
+    };
+    let method = req.method().clone();
+    let allowed = if route.is_post() { "POST" } else { "GET, HEAD" };
+    let method_ok = if route.is_post() {
+        method == Method::POST
+    } else {
+        method == Method::GET || method == Method::HEAD
+    };
+    if !method_ok {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here (allowed: {allowed})"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allowed));
+        return r;
+    }
+    if route.is_post() {
+        let config = state.shared.config();
+        if let Some(token) = &config.admin.token
+            && let Some(r) = unauthorized(&req, token)
+        {
+            return r;
+        }
+        // The body is not used, but it is read (bounded) so that the connection stays usable.
+        let body = Limited::new(req.into_body(), MAX_BODY);
+        match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY} bytes"),
+                );
+            }
+            Ok(Err(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                );
+            }
+        }
+        return match route {
+            Route::Reload => reload(state).await,
+            Route::Drain(name) => drain(state, name).await,
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
+        };
+    }
+    match route {
+        Route::Page => page::response(),
+        Route::Health => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        Route::Ready => {
+            let (ok, reasons) = readiness(state);
+            if ok {
+                json_response(StatusCode::OK, &json!({"status": "ready"}))
+            } else {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "reason": reasons.join("; "), "reasons": reasons}),
+                )
+            }
+        }
+        Route::Clusters => json_response(StatusCode::OK, &clusters(state)),
+        Route::Queues => {
+            let filter = query_param(req.uri().query(), "queue");
+            if filter.as_ref().is_some_and(|f| f.len() > MAX_PATTERN) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("queue pattern longer than {MAX_PATTERN} bytes"),
+                );
+            }
+            queues_response(state, filter).await
+        }
+        Route::Metrics => {
+            let openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            metrics(state, openmetrics)
+        }
+        Route::Reload | Route::Drain(_) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+fn json_response(status: StatusCode, value: &Value) -> Resp {
+    let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json_bytes(status: StatusCode, body: Bytes) -> Resp {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    json_response(
+        status,
+        &json!({"error": message.into(), "status": status.as_u16()}),
+    )
+}
+
+/// Checks `Authorization: Bearer TOKEN` (scheme case-insensitive, constant-time comparison);
+/// the 401 answer when it does not match.
+fn unauthorized(req: &Request<Incoming>, token: &str) -> Option<Resp> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let (message, challenge) = match given {
+        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => return None,
+        Some(_) => (
+            "invalid bearer token",
+            "Bearer realm=\"warren\", error=\"invalid_token\"",
+        ),
+        None => (
+            "this route needs an Authorization: Bearer <token> header",
+            "Bearer realm=\"warren\"",
+        ),
+    };
+    let mut r = error(StatusCode::UNAUTHORIZED, message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    Some(r)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health and readiness
+
+/// The state a cluster is shown in: `draining`, `up`, `down` or (before its first probe)
+/// `unknown`.
+fn cluster_state(state: &AdminState, cluster: &crate::config::ClusterConfig) -> &'static str {
+    if cluster.drain {
+        return "draining";
+    }
+    match state.health.cluster_reachable(cluster) {
+        Some(true) => "up",
+        Some(false) => "down",
+        None => "unknown",
+    }
+}
+
+/// Why a cluster is not reachable: each node's last error.
+fn unreachable_because(state: &AdminState, cluster: &crate::config::ClusterConfig) -> String {
+    let errors: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let h = state.health.node(&cluster.name, n);
+            match (h.state, h.last_error) {
+                (NodeState::Unknown, _) => format!("{n}: not probed yet"),
+                (_, Some(e)) => format!("{n}: {e}"),
+                (_, None) => format!("{n}: down"),
+            }
+        })
+        .collect();
+    errors.join(", ")
+}
+
+/// Ready when not shutting down, at least one shard cluster that takes publishes (not draining)
+/// is reachable, and the control cluster (if any) is reachable.
+fn readiness(state: &AdminState) -> (bool, Vec<String>) {
+    let config = state.shared.config();
+    let mut reasons = Vec::new();
+    if state.shutting_down.load(Ordering::Relaxed) {
+        reasons.push("shutting down".to_owned());
+    }
+    if let Some(control) = config.control_cluster()
+        && state.health.cluster_reachable(control) != Some(true)
+    {
+        reasons.push(format!(
+            "control cluster {} is not reachable ({})",
+            control.name,
+            unreachable_because(state, control)
+        ));
+    }
+    let publishable: Vec<_> = config.shard_clusters().filter(|c| !c.drain).collect();
+    if !publishable
+        .iter()
+        .any(|c| state.health.cluster_reachable(c) == Some(true))
+    {
+        let detail: Vec<String> = publishable
+            .iter()
+            .map(|c| format!("{}: {}", c.name, unreachable_because(state, c)))
+            .collect();
+        reasons.push(format!(
+            "no shard cluster that takes publishes is reachable ({})",
+            detail.join("; ")
+        ));
+    }
+    (reasons.is_empty(), reasons)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /clusters
+
+fn reload_json(s: &ReloadStatus) -> Value {
+    json!({
+        "ok": s.ok,
+        "at": rfc3339(s.at),
+        "at_unix_ms": unix_ms(s.at),
+        "message": s.message,
+        "generation": s.generation,
+    })
+}
+
+fn clusters(state: &AdminState) -> Value {
+    let config = state.shared.config();
+    let metrics = &state.shared.metrics;
+    let now = SystemTime::now();
+    let clusters: Vec<Value> = config
+        .clusters
+        .iter()
+        .map(|c| {
+            let nodes: Vec<Value> = c
+                .nodes
+                .iter()
+                .map(|n| {
+                    let h = state.health.node(&c.name, n);
+                    json!({
+                        "address": n.to_string(),
+                        "state": h.state.as_str(),
+                        "last_error": h.last_error,
+                        "last_change": h.last_change.map(rfc3339),
+                        "last_check": h.last_check.map(rfc3339),
+                        "failures": h.failures,
+                        "product": h.product,
+                        "version": h.version,
+                    })
+                })
+                .collect();
+            let m = metrics.cluster(&c.name);
+            let st = cluster_state(state, c);
+            json!({
+                "name": c.name,
+                "role": c.role.as_str(),
+                "weight": (c.role == Role::Shard).then_some(c.weight),
+                "drain": c.drain,
+                "state": st,
+                "reachable": state.health.cluster_reachable(c),
+                "nodes": nodes,
+                "metrics": {
+                    "links": m.links.get(),
+                    "publishes": m.publishes.get(),
+                    "deliveries": m.deliveries.get(),
+                    "acks": m.acks.get(),
+                    "confirms_acked": m.confirm_acks.get(),
+                    "confirms_nacked": m.confirm_nacks.get(),
+                    "confirms_pending": m.confirms_pending.get(),
+                    "unacked": m.unacked.get(),
+                    "link_failures": m.link_failures.get(),
+                    "bytes_sent": m.bytes_to.get(),
+                    "bytes_received": m.bytes_from.get(),
+                },
+            })
+        })
+        .collect();
+    let (ready, reasons) = readiness(state);
+    json!({
+        "time": rfc3339(now),
+        "time_unix_ms": unix_ms(now),
+        "ready": ready,
+        "not_ready_reasons": reasons,
+        "client_connections": metrics.connections.get(),
+        "client_channels": metrics.channels.get(),
+        "republished": metrics.republished.get(),
+        "dropped": metrics.dropped.get(),
+        "held_bytes": metrics.held_bytes.get(),
+        "config_path": state.shared.config_path().map(|p| p.display().to_string()),
+        "reload": state.shared.last_reload().as_ref().map(reload_json),
+        "clusters": clusters,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// /queues
+
+async fn queues_response(state: &AdminState, filter: Option<String>) -> Resp {
+    let mut cache = state.queues_cache.lock().await;
+    if let Some(c) = cache.as_ref()
+        && c.filter == filter
+        && c.at.elapsed() < QUEUES_CACHE
+    {
+        return json_bytes(StatusCode::OK, c.body.clone());
+    }
+    let config = state.shared.config();
+    let value = queues_json(&config, state.shared.known_queues(), filter.as_deref()).await;
+    let mut body = serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let body = Bytes::from(body);
+    *cache = Some(CachedQueues {
+        at: Instant::now(),
+        filter,
+        body: body.clone(),
+    });
+    json_bytes(StatusCode::OK, body)
+}
+
+async fn queues_json(
+    config: &Config,
+    mut known: Vec<(String, String)>,
+    filter: Option<&str>,
+) -> Value {
+    if let Some(f) = filter {
+        let p = Pattern::new(f);
+        known.retain(|(_, name)| p.matches(name.as_bytes()));
+    }
+    let truncated = known.len() > queues::MAX_QUEUES;
+    known.truncate(queues::MAX_QUEUES);
+    let depths = queues::depths(config, &known).await;
+    let shard_names: Vec<&str> = config.shard_clusters().map(|c| c.name.as_str()).collect();
+    let mut total_messages: u64 = 0;
+    let queues: Vec<Value> = known
+        .iter()
+        .enumerate()
+        .map(|(i, (vhost, name))| {
+            let mut messages: u64 = 0;
+            let mut consumers: u32 = 0;
+            let mut complete = true;
+            let split: Vec<Value> = shard_names
+                .iter()
+                .map(|cluster| {
+                    let d = depths.get(*cluster).and_then(|v| v.get(i)).cloned();
+                    match d {
+                        Some(Depth::Found { messages: m, consumers: c }) => {
+                            messages += u64::from(m);
+                            consumers = consumers.max(c);
+                            json!({"cluster": cluster, "status": "ok", "messages": m, "consumers": c})
+                        }
+                        Some(Depth::Missing) => {
+                            json!({"cluster": cluster, "status": "missing", "messages": 0, "consumers": 0})
+                        }
+                        Some(Depth::Error(e)) => {
+                            complete = false;
+                            json!({"cluster": cluster, "status": "error", "error": e, "messages": null, "consumers": null})
+                        }
+                        None => {
+                            complete = false;
+                            json!({"cluster": cluster, "status": "error", "error": "not asked", "messages": null, "consumers": null})
+                        }
+                    }
+                })
+                .collect();
+            total_messages += messages;
+            json!({
+                "vhost": vhost,
+                "name": name,
+                "messages": messages,
+                "consumers": consumers,
+                "complete": complete,
+                "clusters": split,
+            })
+        })
+        .collect();
+    let now = SystemTime::now();
+    json!({
+        "time": rfc3339(now),
+        "time_unix_ms": unix_ms(now),
+        "clusters": shard_names,
+        "filter": filter,
+        "truncated": truncated,
+        "total_messages": total_messages,
+        "queues": queues,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics
+
+fn metrics(state: &AdminState, openmetrics: bool) -> Resp {
+    let mut text = state.shared.metrics.encode();
+    let extra = health_metrics(state);
+    // prometheus-client ends its exposition with "# EOF"; ours goes before it.
+    match text.rfind("# EOF") {
+        Some(at) => text.insert_str(at, &extra),
+        None => text.push_str(&extra),
+    }
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Gauges of the health checks, which the admin endpoint owns.
+fn health_metrics(state: &AdminState) -> String {
+    use std::fmt::Write;
+    let config = state.shared.config();
+    let mut out = String::new();
+    out.push_str(
+        "# HELP warren_cluster_node_up 1 if the node answered its last health probe, 0 if not.\n",
+    );
+    out.push_str("# TYPE warren_cluster_node_up gauge\n");
+    for c in &config.clusters {
+        for n in &c.nodes {
+            let up = match state.health.node(&c.name, n).state {
+                NodeState::Up => 1,
+                NodeState::Down => 0,
+                NodeState::Unknown => continue,
+            };
+            let _ = writeln!(
+                out,
+                "warren_cluster_node_up{{cluster=\"{}\",node=\"{}\"}} {up}",
+                label(&c.name),
+                label(&n.to_string())
+            );
+        }
+    }
+    out.push_str("# HELP warren_cluster_up 1 if at least one node of the cluster answered its last health probe.\n");
+    out.push_str("# TYPE warren_cluster_up gauge\n");
+    for c in &config.clusters {
+        if let Some(up) = state.health.cluster_reachable(c) {
+            let _ = writeln!(
+                out,
+                "warren_cluster_up{{cluster=\"{}\"}} {}",
+                label(&c.name),
+                u8::from(up)
+            );
+        }
+    }
+    out.push_str("# HELP warren_cluster_draining 1 if the shard cluster is draining (takes no new publishes).\n");
+    out.push_str("# TYPE warren_cluster_draining gauge\n");
+    for c in config.shard_clusters() {
+        let _ = writeln!(
+            out,
+            "warren_cluster_draining{{cluster=\"{}\"}} {}",
+            label(&c.name),
+            u8::from(c.drain)
+        );
+    }
+    out.push_str("# HELP warren_ready 1 if GET /ready answers 200.\n");
+    out.push_str("# TYPE warren_ready gauge\n");
+    let _ = writeln!(out, "warren_ready {}", u8::from(readiness(state).0));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST routes
+
+async fn reload(state: &AdminState) -> Resp {
+    let shared = state.shared.clone();
+    // Reading and parsing the file is blocking work.
+    let result = match tokio::task::spawn_blocking(move || shared.reload()).await {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reload task failed: {e}"),
+            );
+        }
+    };
+    match result {
+        Ok(s) => {
+            info!(change = %s.message, "admin: configuration reloaded");
+            json_response(StatusCode::OK, &reload_json(&s))
+        }
+        Err(s) => {
+            warn!(error = %s.message, "admin: configuration reload rejected");
+            let mut v = reload_json(&s);
+            v["error"] = Value::String(s.message.clone());
+            json_response(StatusCode::UNPROCESSABLE_ENTITY, &v)
+        }
+    }
+}
+
+async fn drain(state: &AdminState, name: String) -> Resp {
+    if state.shared.config().cluster(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
+    }
+    match state.shared.drain(&name) {
+        Ok(s) => {
+            info!(cluster = %name, "admin: cluster drained");
+            json_response(
+                StatusCode::OK,
+                &json!({"cluster": name, "state": "draining", "reload": reload_json(&s)}),
+            )
+        }
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// URL helpers
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes `%XX` escapes (and, in query strings, `+` as a space); `None` for invalid UTF-8.
+fn decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    decode(s, false)
+}
+
+/// The first value of `key` in a query string.
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (decode(k, true).as_deref() == Some(key))
+            .then(|| decode(v, true))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("/"), Some(Route::Page));
+        assert_eq!(Route::parse("/health/"), Some(Route::Health));
+        assert_eq!(
+            Route::parse("/clusters/shard-a/drain"),
+            Some(Route::Drain("shard-a".into()))
+        );
+        assert_eq!(
+            Route::parse("/clusters/a%2Db/drain"),
+            Some(Route::Drain("a-b".into()))
+        );
+        assert_eq!(Route::parse("/clusters//drain"), None);
+        assert_eq!(Route::parse("/clusters/a/b/drain"), None);
+        assert_eq!(Route::parse("/clusters/%2F/drain"), None);
+        assert_eq!(Route::parse("/clusters/%ff/drain"), None);
+        assert_eq!(Route::parse("/nope"), None);
+    }
+
+    #[test]
+    fn query_strings() {
+        assert_eq!(
+            query_param(Some("queue=cel*"), "queue").as_deref(),
+            Some("cel*")
+        );
+        assert_eq!(
+            query_param(Some("a=1&queue=a%2Ab+c"), "queue").as_deref(),
+            Some("a*b c")
+        );
+        assert_eq!(query_param(Some("queue"), "queue").as_deref(), Some(""));
+        assert_eq!(query_param(Some("x=1"), "queue"), None);
+        assert_eq!(query_param(None, "queue"), None);
+        for s in ["%", "%4", "%zz", "a%", "%%%"] {
+            let _ = decode(s, true);
+        }
+        assert_eq!(decode("%41%", false).as_deref(), Some("A%"));
+        assert_eq!(decode("%4", false).as_deref(), Some("%4"));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -44,6 +44,8 @@ pub struct Shared {
     drained: Mutex<HashSet<String>>,
     /// (vhost, queue) of the sharded queues clients declared, for the admin's queue depths.
     queues: Mutex<BTreeSet<(String, String)>>,
+    /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
+    topology: Mutex<std::collections::HashMap<String, crate::client::topology::Topology>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
     next_id: AtomicU64,
@@ -60,6 +62,7 @@ impl Shared {
             generation: AtomicU64::new(1),
             drained: Mutex::new(HashSet::new()),
             queues: Mutex::new(BTreeSet::new()),
+            topology: Mutex::default(),
             config: ArcSwap::new(config),
             server_properties: ArcSwapOption::empty(),
             next_id: AtomicU64::new(1),
@@ -174,6 +177,19 @@ impl Shared {
         if q.len() < 100_000 {
             q.insert((vhost.to_owned(), queue.to_owned()));
         }
+    }
+
+    /// Records a sharded topology change (see [`crate::client::topology`]).
+    pub fn record_topology(&self, vhost: &str, method: crate::codec::Method) {
+        lock(&self.topology)
+            .entry(vhost.to_owned())
+            .or_default()
+            .record(crate::route::Class::Sharded, method);
+    }
+
+    /// The shared sharded topology of a vhost.
+    pub fn topology_of(&self, vhost: &str) -> crate::client::topology::Topology {
+        lock(&self.topology).get(vhost).cloned().unwrap_or_default()
     }
 
     pub fn forget_queue(&self, vhost: &str, queue: &str) {

@@ -7,5 +7,6 @@
 pub mod channel;
 pub mod handshake;
 pub mod session;
+pub mod topology;
 
 pub use session::serve;

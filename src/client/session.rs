@@ -30,6 +30,7 @@ use super::channel::{
     UpstreamConfirms,
 };
 use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
+use super::topology::Topology;
 use crate::codec::{self, FrameKind, Method, ShortStr};
 use crate::config::{Config, Role};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError, run_writer};
@@ -158,7 +159,7 @@ pub async fn serve(
         event_ids,
         opened_tx,
         connecting: Vec::new(),
-        topology: Vec::new(),
+        topology: Topology::default(),
         retry_at: Default::default(),
         free_event_ids: Vec::new(),
         id,
@@ -370,6 +371,8 @@ struct LinkSlot {
     removed_at: Option<Instant>,
     /// Held bytes released by `reset_chan`, for the session to subtract.
     released_held: usize,
+    /// Opened to a cluster this session had no link to before (added by a reload).
+    new_cluster: bool,
 }
 
 impl LinkSlot {
@@ -392,6 +395,7 @@ impl LinkSlot {
             last_delivery: Instant::now(),
             removed_at: None,
             released_held: 0,
+            new_cluster: false,
         }
     }
 
@@ -592,7 +596,7 @@ struct Session {
     connecting: Vec<String>,
     /// The topology this client declared, in order, with where it lives; replayed on links
     /// opened later (a cluster added by a reload, a failover to the other node).
-    topology: Vec<(Class, Method)>,
+    topology: Topology,
     /// When each cluster without a live link may be tried again (exponential backoff).
     retry_at: std::collections::HashMap<String, (Instant, Duration)>,
     /// Event ids whose link is gone, reusable.
@@ -606,8 +610,6 @@ struct Opened {
     result: Result<Link, ConnectError>,
 }
 
-/// Topology entries kept per connection for replay; beyond this the oldest are not replayed.
-const MAX_TOPOLOGY: usize = 10_000;
 /// How long a removed cluster's link must have been quiet before it is closed.
 const RETIRE_QUIET: Duration = Duration::from_secs(3);
 
@@ -1072,7 +1074,11 @@ impl Session {
         } else {
             Class::Control
         };
-        slot.needs_topology = self.topology.iter().any(|(k, _)| *k == class);
+        slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name);
+        slot.needs_topology = self.topology.has(class)
+            || (slot.new_cluster
+                && class == Class::Sharded
+                && self.shared.topology_of(&self.vhost).has(Class::Sharded));
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
         // when it died, and link ids must stay below LinkSet::CAPACITY.
         let index = match self
@@ -1125,7 +1131,7 @@ impl Session {
             }
             if let Some(q) = qos {
                 // The split changed for every shard link; existing links get their new share too.
-                self.send_qos(ch, &q, Pending::Replay);
+                self.send_qos(ch, &q, Pending::Internal, Some(index));
             }
         }
         if let Some(&ch) = open.first() {
@@ -1249,15 +1255,30 @@ impl Session {
             .insert(cluster.to_owned(), (Instant::now() + next + jitter, next));
     }
 
+    /// Declares this client's topology of the link's class again on `link`; on a cluster new to
+    /// this session, first the proxy's shared sharded topology of the vhost (declared by any
+    /// client, maybe long gone), so no publish routed there finds its queue missing.
     fn replay_topology(&mut self, link: LinkId, ch: u16) {
-        let topology = std::mem::take(&mut self.topology);
         let class = self.link_class(link);
-        for (c, m) in &topology {
-            if Some(*c) == class {
-                self.links[link].replay(ch, m);
-            }
+        let slot = &self.links[link];
+        let mut methods: Vec<Method> = Vec::new();
+        if slot.new_cluster && class == Some(Class::Sharded) {
+            methods.extend(
+                self.shared
+                    .topology_of(&self.vhost)
+                    .entries()
+                    .map(|(_, m)| m.clone()),
+            );
         }
-        self.topology = topology;
+        methods.extend(
+            self.topology
+                .entries()
+                .filter(|(c, _)| Some(*c) == class)
+                .map(|(_, m)| m.clone()),
+        );
+        for m in &methods {
+            self.links[link].replay(ch, m);
+        }
         self.links[link].needs_topology = false;
     }
 
@@ -1471,7 +1492,7 @@ impl Session {
                     .channel_mut(ch)
                     .expect("checked above")
                     .push_rpc(targets.len(), Vec::new());
-                self.send_qos(ch, &q, Pending::Rpc(id));
+                self.send_qos(ch, &q, Pending::Rpc(id), None);
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 // The brokers redeliver everything unacknowledged with new tags.
@@ -1646,98 +1667,34 @@ impl Session {
         Ok(())
     }
 
-    /// Updates the replay log with a topology change every cluster accepted.
+    /// Updates the replay logs with a topology change every cluster accepted: this session's
+    /// own, and the proxy's shared one for sharded, non-exclusive entries.
     fn record_topology(&mut self, class: Class, method: Method) {
-        fn same_binding(a: &Method, b: &Method) -> bool {
-            match (a, b) {
-                (Method::QueueBind(a), Method::QueueBind(b)) => {
-                    a.queue == b.queue
-                        && a.exchange == b.exchange
-                        && a.routing_key == b.routing_key
-                        && a.arguments == b.arguments
-                }
-                (Method::QueueBind(a), Method::QueueUnbind(b)) => {
-                    a.queue == b.queue
-                        && a.exchange == b.exchange
-                        && a.routing_key == b.routing_key
-                        && a.arguments == b.arguments
-                }
-                (Method::ExchangeBind(a), Method::ExchangeBind(b)) => {
-                    a.destination == b.destination
-                        && a.source == b.source
-                        && a.routing_key == b.routing_key
-                        && a.arguments == b.arguments
-                }
-                (Method::ExchangeBind(a), Method::ExchangeUnbind(b)) => {
-                    a.destination == b.destination
-                        && a.source == b.source
-                        && a.routing_key == b.routing_key
-                        && a.arguments == b.arguments
-                }
-                _ => false,
+        match &method {
+            Method::QueueDeclare(x) if class == Class::Sharded && !x.queue.is_empty() => {
+                self.shared.note_queue(&self.vhost, &x.queue.as_str());
             }
-        }
-        let t = &mut self.topology;
-        match method {
-            Method::ExchangeDeclare(mut x) => {
-                t.retain(
-                    |(_, m)| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange),
-                );
-                x.nowait = false;
-                t.push((class, Method::ExchangeDeclare(x)));
-            }
-            Method::QueueDeclare(mut x) => {
-                if x.queue.is_empty() {
-                    return;
-                }
-                if class == Class::Sharded {
-                    self.shared.note_queue(&self.vhost, &x.queue.as_str());
-                }
-                t.retain(|(_, m)| !matches!(m, Method::QueueDeclare(o) if o.queue == x.queue));
-                x.nowait = false;
-                t.push((class, Method::QueueDeclare(x)));
-            }
-            Method::QueueBind(mut x) => {
-                let m = Method::QueueBind(x.clone());
-                t.retain(|(_, o)| !same_binding(o, &m));
-                x.nowait = false;
-                t.push((class, Method::QueueBind(x)));
-            }
-            Method::ExchangeBind(mut x) => {
-                let m = Method::ExchangeBind(x.clone());
-                t.retain(|(_, o)| !same_binding(o, &m));
-                x.nowait = false;
-                t.push((class, Method::ExchangeBind(x)));
-            }
-            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => {
-                t.retain(|(_, o)| !same_binding(o, &m))
-            }
-            Method::ExchangeDelete(x) => t.retain(|(_, m)| match m {
-                Method::ExchangeDeclare(o) => o.exchange != x.exchange,
-                Method::QueueBind(o) => o.exchange != x.exchange,
-                Method::ExchangeBind(o) => o.source != x.exchange && o.destination != x.exchange,
-                _ => true,
-            }),
-            Method::QueueDelete(x) => {
-                self.shared.forget_queue(&self.vhost, &x.queue.as_str());
-                t.retain(|(_, m)| match m {
-                    Method::QueueDeclare(o) => o.queue != x.queue,
-                    Method::QueueBind(o) => o.queue != x.queue,
-                    _ => true,
-                })
+            Method::QueueDelete(x) if class == Class::Sharded => {
+                self.shared.forget_queue(&self.vhost, &x.queue.as_str())
             }
             _ => {}
         }
-        if t.len() > MAX_TOPOLOGY {
-            let excess = t.len() - MAX_TOPOLOGY;
-            t.drain(..excess);
+        if class == Class::Sharded && self.topology.shareable(&method) {
+            self.shared.record_topology(&self.vhost, method.clone());
         }
+        self.topology.record(class, method);
     }
 
     /// Sends the client's qos to every link of the channel, the window split over the shard
     /// clusters so the client never holds more than it asked for (see docs/routing.md); a control
     /// consumer gets the whole window.
-    fn send_qos(&mut self, ch: u16, q: &codec::BasicQos, pending: Pending) {
+    fn send_qos(
+        &mut self,
+        ch: u16,
+        q: &codec::BasicQos,
+        pending: Pending,
+        replay_on: Option<LinkId>,
+    ) {
         let shards: Vec<LinkId> = self.shard_links().iter().collect();
         let n = shards.len() as u32;
         for link in self.live_links().iter() {
@@ -1749,9 +1706,10 @@ impl Session {
                 prefetch_count: share,
                 ..q.clone()
             });
-            match pending {
-                Pending::Replay => self.links[link].replay(ch, &m),
-                p => self.links[link].request(ch, &m, p),
+            if Some(link) == replay_on {
+                self.links[link].replay(ch, &m);
+            } else {
+                self.links[link].request(ch, &m, pending);
             }
         }
     }

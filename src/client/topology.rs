@@ -1,0 +1,196 @@
+//! The topology a client declared, kept to be declared again on links opened later.
+//!
+//! A session keeps its own (including exclusive queues, which belong to its connection); the
+//! proxy keeps, per vhost, the shared sharded topology every session declared, so a cluster
+//! added by a reload gets every durable queue, exchange and binding before any publish is routed
+//! there, even those declared by clients that have since disconnected.
+
+use crate::codec::Method;
+use crate::route::Class;
+
+/// Entries kept; beyond this the oldest are forgotten (and not replayed).
+const MAX_ENTRIES: usize = 10_000;
+
+/// Declarations and bindings in the order they were made, with where they live.
+#[derive(Debug, Default, Clone)]
+pub struct Topology {
+    entries: Vec<(Class, Method)>,
+}
+
+fn same_binding(a: &Method, b: &Method) -> bool {
+    match (a, b) {
+        (Method::QueueBind(a), Method::QueueBind(b)) => {
+            a.queue == b.queue
+                && a.exchange == b.exchange
+                && a.routing_key == b.routing_key
+                && a.arguments == b.arguments
+        }
+        (Method::QueueBind(a), Method::QueueUnbind(b)) => {
+            a.queue == b.queue
+                && a.exchange == b.exchange
+                && a.routing_key == b.routing_key
+                && a.arguments == b.arguments
+        }
+        (Method::ExchangeBind(a), Method::ExchangeBind(b)) => {
+            a.destination == b.destination
+                && a.source == b.source
+                && a.routing_key == b.routing_key
+                && a.arguments == b.arguments
+        }
+        (Method::ExchangeBind(a), Method::ExchangeUnbind(b)) => {
+            a.destination == b.destination
+                && a.source == b.source
+                && a.routing_key == b.routing_key
+                && a.arguments == b.arguments
+        }
+        _ => false,
+    }
+}
+
+impl Topology {
+    pub fn entries(&self) -> impl Iterator<Item = &(Class, Method)> {
+        self.entries.iter()
+    }
+
+    pub fn has(&self, class: Class) -> bool {
+        self.entries.iter().any(|(c, _)| *c == class)
+    }
+
+    /// Whether `queue` was declared exclusive here.
+    pub fn is_exclusive(&self, queue: &crate::codec::ShortStr) -> bool {
+        self.entries
+            .iter()
+            .any(|(_, m)| matches!(m, Method::QueueDeclare(q) if &q.queue == queue && q.exclusive))
+    }
+
+    /// Applies a declaration, binding, unbinding or deletion every cluster accepted.
+    pub fn record(&mut self, class: Class, method: Method) {
+        let t = &mut self.entries;
+        match method {
+            Method::ExchangeDeclare(mut x) => {
+                t.retain(
+                    |(_, m)| !matches!(m, Method::ExchangeDeclare(o) if o.exchange == x.exchange),
+                );
+                x.nowait = false;
+                t.push((class, Method::ExchangeDeclare(x)));
+            }
+            Method::QueueDeclare(mut x) => {
+                if x.queue.is_empty() {
+                    return;
+                }
+                t.retain(|(_, m)| !matches!(m, Method::QueueDeclare(o) if o.queue == x.queue));
+                x.nowait = false;
+                t.push((class, Method::QueueDeclare(x)));
+            }
+            Method::QueueBind(mut x) => {
+                let m = Method::QueueBind(x.clone());
+                t.retain(|(_, o)| !same_binding(o, &m));
+                x.nowait = false;
+                t.push((class, Method::QueueBind(x)));
+            }
+            Method::ExchangeBind(mut x) => {
+                let m = Method::ExchangeBind(x.clone());
+                t.retain(|(_, o)| !same_binding(o, &m));
+                x.nowait = false;
+                t.push((class, Method::ExchangeBind(x)));
+            }
+            m @ (Method::QueueUnbind(_) | Method::ExchangeUnbind(_)) => {
+                t.retain(|(_, o)| !same_binding(o, &m))
+            }
+            Method::ExchangeDelete(x) => t.retain(|(_, m)| match m {
+                Method::ExchangeDeclare(o) => o.exchange != x.exchange,
+                Method::QueueBind(o) => o.exchange != x.exchange,
+                Method::ExchangeBind(o) => o.source != x.exchange && o.destination != x.exchange,
+                _ => true,
+            }),
+            Method::QueueDelete(x) => t.retain(|(_, m)| match m {
+                Method::QueueDeclare(o) => o.queue != x.queue,
+                Method::QueueBind(o) => o.queue != x.queue,
+                _ => true,
+            }),
+            _ => {}
+        }
+        if t.len() > MAX_ENTRIES {
+            let excess = t.len() - MAX_ENTRIES;
+            t.drain(..excess);
+        }
+    }
+
+    /// The part other connections may declare again: no exclusive queue, nor bindings of one.
+    pub fn shareable(&self, method: &Method) -> bool {
+        match method {
+            Method::QueueDeclare(q) => !q.exclusive,
+            Method::QueueBind(b) => !self.is_exclusive(&b.queue),
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{self, ShortStr};
+
+    fn s(x: &'static str) -> ShortStr {
+        ShortStr::from_static(x)
+    }
+
+    #[test]
+    fn deletes_and_unbinds_remove_what_they_undo() {
+        let mut t = Topology::default();
+        t.record(
+            Class::Sharded,
+            Method::ExchangeDeclare(codec::ExchangeDeclare {
+                exchange: s("x"),
+                ..Default::default()
+            }),
+        );
+        t.record(
+            Class::Sharded,
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: s("q"),
+                nowait: true,
+                ..Default::default()
+            }),
+        );
+        let bind = codec::QueueBind {
+            queue: s("q"),
+            exchange: s("x"),
+            routing_key: s("k"),
+            ..Default::default()
+        };
+        t.record(Class::Sharded, Method::QueueBind(bind.clone()));
+        t.record(Class::Sharded, Method::QueueBind(bind));
+        assert_eq!(t.entries().count(), 3, "a repeated bind is kept once");
+        assert!(
+            t.entries()
+                .all(|(_, m)| !matches!(m, Method::QueueDeclare(q) if q.nowait)),
+            "replays wait for replies"
+        );
+        t.record(
+            Class::Sharded,
+            Method::QueueUnbind(codec::QueueUnbind {
+                queue: s("q"),
+                exchange: s("x"),
+                routing_key: s("k"),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(t.entries().count(), 2);
+        t.record(
+            Class::Sharded,
+            Method::QueueDelete(codec::QueueDelete {
+                queue: s("q"),
+                ..Default::default()
+            }),
+        );
+        t.record(
+            Class::Sharded,
+            Method::ExchangeDelete(codec::ExchangeDelete {
+                exchange: s("x"),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(t.entries().count(), 0);
+    }
+}

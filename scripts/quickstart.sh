@@ -42,14 +42,18 @@ if [ "$rc" != 0 ]; then
     exit 1
 fi
 
+DOWN="scripts/rabbit.sh down-all"
+[ -z "${WARREN_RABBIT_DIR:-}" ] || DOWN="WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR $DOWN"
 cat >&2 <<EOF
 
 clusters are up. Starting warren with $CONFIG (Ctrl-C stops warren).
-When done, stop the clusters with:   scripts/rabbit.sh down-all
+When done, stop the clusters with:   $DOWN
 
 EOF
+# Ctrl-C goes to warren (which shuts down gracefully); this script survives it to print the hint.
+trap ':' INT
 status=0
 cargo run --release --bin warren -- --config "$CONFIG" || status=$?
 echo >&2
-echo "warren stopped (status $status). The clusters are still running; stop them with: scripts/rabbit.sh down-all" >&2
+echo "warren stopped (status $status). The clusters are still running; stop them with: $DOWN" >&2
 exit "$status"

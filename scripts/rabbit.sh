@@ -18,14 +18,21 @@
 #
 # Ports given as "auto" are picked at random in [6000,12700] so that the distribution port
 # (port + 20000) stays below the kernel's ephemeral range (32768+) and away from the CLI's
-# 35672-35682. Picked ports are reserved machine-wide in /tmp/warren-rabbit-ports/ (one file per
+# 35672-35871. Picked ports are reserved machine-wide in /tmp/warren-rabbit-ports/ (one file per
 # port naming the state dir) so parallel callers do not pick the same ones.
 #
-# Measured on the 2-core Debian 12 box (RabbitMQ 3.10.8, OTP 25):
-#   one node from cold start to await_startup ......... ~5-6 s
-#   `up NAME auto auto` (2 nodes in parallel + join + policy) ... ~11-12 s
-#   three `up` in parallel (what scripts/test.sh does) ............ ~20-25 s
-#   `kill-node` + `start-node` of the second node (rejoins) ........ ~6 s
+# Measured on the 2-core Debian 12 box (RabbitMQ 3.10.8, OTP 25), machine otherwise idle:
+#   `up NAME auto auto` (2 nodes booting in parallel + join + policy) ...... ~13 s
+#       (boot of both nodes ~10.5 s, join_cluster ~2.5 s, set_policy <1 s)
+#   three `up` in parallel (what scripts/test.sh does, 6 nodes) ............ ~21 s
+#   `up` of a cluster that is already up ..................................... ~1 s
+#   `kill-node` ~1.5 s; `start-node` (restart, rejoins its cluster) ......... ~7 s
+#   `stop-node` ~3.5 s; `down NAME` ~3 s; `wipe NAME` ~1 s
+# With other sessions compiling Rust on the same 2 cores (load ~10), three parallel `up`s took
+# 35-65 s: hence the generous default startup timeout.
+#
+# Environment: WARREN_RABBIT_DIR (state dir), WARREN_RABBIT_TIMEOUT (s per node start, default
+# 120), WARREN_RABBIT_ERL_ARGS (extra VM flags for started nodes, e.g. "-kernel net_ticktime 10").
 set -euo pipefail
 
 RABBIT_BIN=${RABBIT_BIN:-/usr/lib/rabbitmq/bin}
@@ -129,16 +136,43 @@ ctl_node() { # NODE must be loaded
     with_node_env "$RABBIT_BIN/rabbitmqctl" -n "$ERLNAME" "$@"
 }
 
-# Pid of the node's beam.smp if it is alive, else nothing.
+# Pid of the node's beam.smp if it is alive, else nothing. The pid file is written only some way
+# into the boot, so a node that is still booting is found by the RABBITMQ_NODENAME in its
+# environment instead (needed so that `down` right after `up` started does not orphan it).
 beam_pid() {
-    local f pid
+    local f pid p
     f="$(node_dir "$NODE")/pid"
-    [ -s "$f" ] || return 0
-    pid=$(tr -dc '0-9' <"$f")
-    [ -n "$pid" ] || return 0
-    if [ -r "/proc/$pid/comm" ] && grep -q '^beam' "/proc/$pid/comm"; then
-        echo "$pid"
+    if [ -s "$f" ]; then
+        pid=$(tr -dc '0-9' <"$f")
+        if [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && grep -q '^beam' "/proc/$pid/comm" \
+            && ! is_zombie "$pid"; then
+            echo "$pid"
+            return 0
+        fi
     fi
+    for p in $(pgrep -x beam.smp 2>/dev/null || true); do
+        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$ERLNAME" \
+            && ! is_zombie "$p"; then
+            echo "$p"
+            return 0
+        fi
+    done
+}
+
+is_zombie() { # PID: exited but not reaped yet (counts as dead)
+    local st
+    st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null || true)
+    [ "$st" = Z ]
+}
+
+# Wait until PID is gone (or a zombie); at most SECS seconds. Returns 1 if it is still alive.
+wait_gone() {
+    local pid=$1 secs=$2 i
+    for i in $(seq 1 $((secs * 10))); do
+        if ! kill -0 "$pid" 2>/dev/null || is_zombie "$pid"; then return 0; fi
+        sleep 0.1
+    done
+    return 1
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +282,14 @@ await_node() {
         if ctl_node await_startup --timeout "$STARTUP_TIMEOUT" >/dev/null 2>&1; then
             return 0
         fi
+        # The pid file is written early in the boot: if it is there but the VM is gone, the node
+        # died (port taken, bad config, ...): fail now instead of at the timeout.
+        if [ -s "$dir/pid" ] && [ -z "$(beam_pid)" ]; then
+            log "$NODE died during startup; last log lines:"
+            tail -n 20 "$dir/log/$ERLNAME.log" >&2 2>/dev/null || true
+            tail -n 20 "$dir/log/start.out" >&2 2>/dev/null || true
+            return 1
+        fi
         if [ "$(date +%s)" -ge "$deadline" ]; then
             log "$NODE did not start within ${STARTUP_TIMEOUT}s; last log lines:"
             tail -n 20 "$dir/log/$ERLNAME.log" >&2 2>/dev/null || true
@@ -279,16 +321,15 @@ all_clusters() {
 }
 
 stop_node_hard() { # NODE loaded: SIGTERM (graceful in OTP >= 20), then SIGKILL after 20 s
-    local pid i
+    local pid
     pid=$(beam_pid)
     [ -n "$pid" ] || return 0
     kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 1 200); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
+    kill -CONT "$pid" 2>/dev/null || true # a paused node must run to handle SIGTERM
+    wait_gone "$pid" 20 && return 0
     log "$NODE did not stop on SIGTERM; killing"
     kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || log "$NODE (pid $pid) still there after SIGKILL"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +409,10 @@ do_up() {
     done
     reg_unlock
 
+    # From here on a failure stops and removes the half-made cluster (keeping its logs), so that
+    # the next `up` starts from scratch instead of finding a broken cluster.
+    UP_CLEANUP=$name
+    trap up_failed EXIT
     for i in $(seq 1 "$count"); do
         create_node "$name-$i" "$name" "${ports[$((i - 1))]}"
     done
@@ -395,8 +440,25 @@ do_up() {
     fi
     NODE="$name-1"; load_node "$NODE"
     ctl_node set_policy ha-all '.*' '{"ha-mode":"all","ha-sync-mode":"automatic"}' >/dev/null
+    trap - EXIT
+    UP_CLEANUP=
     log "cluster $name up in $(($(now_ms) - t0))ms"
     print_cluster "$name" "${ports[@]}"
+}
+
+UP_CLEANUP=
+up_failed() {
+    local rc=$? keep node
+    if [ "$rc" != 0 ] && [ -n "$UP_CLEANUP" ]; then
+        keep="$STATE_DIR/failed-$UP_CLEANUP-$(date +%s)"
+        for node in $(cluster_nodes "$UP_CLEANUP"); do
+            mkdir -p "$keep/$node"
+            cp -r "$(node_dir "$node")/log/." "$keep/$node/" 2>/dev/null || true
+        done
+        cmd_down "$UP_CLEANUP" >/dev/null 2>&1 || true
+        log "up $UP_CLEANUP failed: its nodes were stopped and removed; their logs are in $keep"
+    fi
+    exit "$rc"
 }
 
 print_cluster() {
@@ -501,16 +563,12 @@ main() {
         ;;
     stop-node)
         need_node_arg "$@"
-        local pid i
+        local pid
         pid=$(beam_pid)
         if [ -z "$pid" ]; then log "$NODE is not running"; return 0; fi
         ctl_node stop >&2
         # rabbitmqctl stop returns before the VM has exited: wait for it (and its port).
-        for i in $(seq 1 600); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -0 "$pid" 2>/dev/null && die "$NODE (pid $pid) still running 60 s after stop"
+        wait_gone "$pid" 60 || die "$NODE (pid $pid) still running 60 s after stop"
         log "$NODE stopped"
         ;;
     kill-node)
@@ -519,7 +577,7 @@ main() {
         pid=$(beam_pid)
         [ -n "$pid" ] || { log "$NODE is not running"; return 0; }
         kill -KILL "$pid"
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+        wait_gone "$pid" 10 || die "$NODE (pid $pid) still alive 10 s after SIGKILL"
         log "$NODE killed (pid $pid)"
         ;;
     start-node)

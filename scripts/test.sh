@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
 #
-#   scripts/test.sh [all|rust|python|celery]      (default: all)
+#   scripts/test.sh [all|rust|python|celery ...]      (default: all; several parts may be given)
 #
 #   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
 #      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
@@ -10,7 +10,7 @@
 #        WARREN_RABBIT_DIR     the state dir (tests may `scripts/rabbit.sh up` private clusters there)
 #        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
 #      everything is torn down on exit, failures and Ctrl-C included;
-#   3. rust:   cargo test --all-targets
+#   3. rust:   cargo test --all-targets --no-fail-fast (every test binary runs even if one fails)
 #   4. python: builds and starts target/debug/warren on a free port in front of the test clusters,
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
@@ -42,16 +42,21 @@ usage() {
     sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
-PART=${1:-all}
-case "$PART" in
-all | rust | python | celery) ;;
--h | --help | help) usage; exit 0 ;;
-*) usage >&2; exit 2 ;;
-esac
+PARTS=("$@")
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
+for p in "${PARTS[@]}"; do
+    case "$p" in
+    all | rust | python | celery) ;;
+    -h | --help | help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+    esac
+done
+PART="${PARTS[*]}"
+
 case "$TOPOLOGY" in single | sharded) ;; *) echo "WARREN_PY_TOPOLOGY must be single or sharded" >&2; exit 2 ;; esac
 case "$TARGET" in proxy | direct) ;; *) echo "WARREN_TEST_TARGET must be proxy or direct" >&2; exit 2 ;; esac
 
-want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+want() { [[ " $PART " == *" all "* || " $PART " == *" $1 "* ]]; }
 
 T_START=$(date +%s)
 say() { printf '\n==> [test.sh +%ss] %s\n' "$(($(date +%s) - T_START))" "$*"; }
@@ -89,6 +94,7 @@ export WARREN_RABBIT_DIR="$STATE"
 LOGS="$STATE/logs"
 mkdir -p "$LOGS"
 PROXY_PID=
+CLUSTERS_PID=
 KEEP_LOGS=0
 
 teardown() {
@@ -99,6 +105,12 @@ teardown() {
         for _ in $(seq 1 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$PROXY_PID" 2>/dev/null
     fi
+    # A cluster start still running in the background (Ctrl-C during boot) must finish first, or
+    # a node it launches after down-all would outlive the run.
+    if [ -n "$CLUSTERS_PID" ] && kill -0 "$CLUSTERS_PID" 2>/dev/null; then
+        echo "waiting for the cluster start to finish before tearing down..." >&2
+        wait "$CLUSTERS_PID" 2>/dev/null
+    fi
     if [ "${WARREN_KEEP_CLUSTERS:-0}" = 1 ]; then
         echo "clusters left running; stop them with: WARREN_RABBIT_DIR=$STATE scripts/rabbit.sh down-all && rm -rf $STATE" >&2
         exit "$rc"
@@ -107,11 +119,13 @@ teardown() {
         # Keep the logs (ours, the proxy's, the nodes') outside the state dir that goes away.
         local keep
         keep=$(mktemp -d /tmp/warren-test-logs.XXXX)
+        mkdir -p "$keep/rabbit"
         cp -r "$LOGS"/. "$keep"/ 2>/dev/null
         for d in "$STATE"/nodes/*/log; do
             [ -d "$d" ] && mkdir -p "$keep/rabbit/$(basename "$(dirname "$d")")" \
                 && cp "$d"/*.log "$keep/rabbit/$(basename "$(dirname "$d")")/" 2>/dev/null
         done
+        for d in "$STATE"/failed-*; do [ -d "$d" ] && cp -r "$d" "$keep/rabbit/" 2>/dev/null; done
         echo "logs kept in $keep" >&2
     fi
     "$RABBIT" down-all >/dev/null 2>&1
@@ -124,6 +138,9 @@ trap 'exit 143' TERM
 
 start_clusters() { # runs in the background; writes $STATE/<name>.addr
     local name pids=() rc=0
+    # Survive Ctrl-C (it reaches the whole process group): teardown waits for this to finish and
+    # only then stops the nodes, so that none is launched after down-all has looked.
+    trap '' INT
     for name in shard-a shard-b control; do
         "$RABBIT" up "$name" auto auto >"$STATE/$name.addr" 2>"$LOGS/rabbit-up-$name.log" &
         pids+=($!)
@@ -185,9 +202,9 @@ echo "WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR"
 # 3. Rust
 
 if want rust; then
-    say "cargo test --all-targets"
+    say "cargo test --all-targets --no-fail-fast"
     t0=$(date +%s)
-    if [ "$BUILD_OK" = 1 ] && cargo test --all-targets; then
+    if [ "$BUILD_OK" = 1 ] && cargo test --all-targets --no-fail-fast; then
         record rust PASS $(($(date +%s) - t0))
     else
         record rust FAIL $(($(date +%s) - t0))
@@ -266,8 +283,12 @@ if want python || want celery; then
     PROXY_ADDR=
     PROXY_UP=0
     if [ "$TARGET" = proxy ]; then
-        say "starting warren ($TOPOLOGY topology)"
-        if [ "$PROXY_BUILD_OK" = 1 ] && start_proxy; then PROXY_UP=1; fi
+        if [ "$PROXY_BUILD_OK" = 1 ]; then
+            say "starting warren ($TOPOLOGY topology)"
+            if start_proxy; then PROXY_UP=1; fi
+        else
+            say "not starting warren: cargo build --bin warren failed (see above)"
+        fi
     fi
     RESET="scripts/rabbit.sh wipe shard-a"
     [ "$TOPOLOGY" = sharded ] && RESET="$RESET && scripts/rabbit.sh wipe shard-b && scripts/rabbit.sh wipe control"

@@ -349,9 +349,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if proxy:
             print(f"proxy  ({args.proxy}): {fmt_counts(proxy['counts'])}  [{proxy['secs']}s]")
         if excluded:
-            print("excluded:")
+            by_reason: dict[str, list[str]] = {}
             for t, r in sorted(excluded.items()):
-                print(f"  {t}: {r}")
+                by_reason.setdefault(r, []).append(t.split("::", 1)[1])
+            print("excluded:")
+            for r, ts in by_reason.items():
+                print(f"  {len(ts)} x {r}: {', '.join(ts)}")
         dr = direct["results"]
         not_passing = sorted(t for t, (o, _) in dr.items() if o != "passed")
         if not_passing:

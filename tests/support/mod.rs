@@ -6,7 +6,9 @@
 //!   `scripts/rabbit.sh up` under `target/test-rabbit` and reused by later runs (its addresses are
 //!   kept in `target/test-rabbit/clusters`). Stop it with
 //!   `WARREN_RABBIT_DIR=target/test-rabbit scripts/rabbit.sh down-all`.
-//! * **Proxy.** [`start_proxy`] runs a proxy in-process on `127.0.0.1:0` in front of `shard-a`.
+//! * **Proxy.** [`start_proxy`] runs a proxy in-process (on a runtime of its own) on
+//!   `127.0.0.1:0` in front of `shard-a`; `against_proxy_and_rabbitmq!` runs a scenario both through
+//!   a proxy and against RabbitMQ directly.
 //! * **amqprs.** [`connect`], [`open_channel`] (with an [`Events`] stream of the channel's
 //!   asynchronous methods: close, confirms, returns, cancels), publish/consume helpers.
 //! * **Raw AMQP.** [`RawClient`] speaks frames through `warren::codec`, for tests that need exact
@@ -29,8 +31,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, Channel, ConsumerMessage, QueueDeclareArguments,
-    QueueDeleteArguments,
+    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicPublishArguments, Channel,
+    ConsumerMessage, QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
@@ -39,12 +41,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use warren::ProxyHandle;
 use warren::codec::{
-    self, BasicProperties as WireProperties, CodecError, ContentHeader, FieldTable, FieldValue, FrameKind, LongStr,
-    Method, RawFrame, ShortStr,
+    self, BasicProperties as WireProperties, CodecError, ContentHeader, FieldTable, FieldValue,
+    FrameKind, LongStr, Method, RawFrame, ShortStr,
 };
 use warren::config::Config;
-use warren::ProxyHandle;
 
 /// Deadline for one step of a test (a round trip, a delivery, a close...). Generous: the test
 /// machine is small and RabbitMQ mirrors every queue to a second node.
@@ -86,7 +88,11 @@ where
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() % 1_000_000_000;
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
+        % 1_000_000_000;
     format!("warren-test.{prefix}.{}.{t}.{n}", std::process::id())
 }
 
@@ -97,7 +103,10 @@ pub fn init_tracing() {
     ONCE.get_or_init(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warren=info"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -125,13 +134,23 @@ pub fn parse_clusters(spec: &str) -> Vec<Cluster> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|entry| {
-            let (name, nodes) = entry
-                .split_once('=')
-                .unwrap_or_else(|| panic!("bad cluster entry {entry:?}: expected name=host:port,host:port"));
-            let nodes: Vec<String> =
-                nodes.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-            assert!(!nodes.is_empty(), "cluster {name:?} has no nodes in {spec:?}");
-            Cluster { name: name.trim().to_owned(), nodes }
+            let (name, nodes) = entry.split_once('=').unwrap_or_else(|| {
+                panic!("bad cluster entry {entry:?}: expected name=host:port,host:port")
+            });
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            assert!(
+                !nodes.is_empty(),
+                "cluster {name:?} has no nodes in {spec:?}"
+            );
+            Cluster {
+                name: name.trim().to_owned(),
+                nodes,
+            }
         })
         .collect()
 }
@@ -154,9 +173,15 @@ pub fn clusters() -> &'static [Cluster] {
 
 /// The cluster called `name`.
 pub fn cluster(name: &str) -> &'static Cluster {
-    clusters().iter().find(|c| c.name == name).unwrap_or_else(|| {
-        panic!("no cluster {name:?} among {:?} (WARREN_TEST_CLUSTERS)", clusters().iter().map(|c| &c.name).collect::<Vec<_>>())
-    })
+    clusters()
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no cluster {name:?} among {:?} (WARREN_TEST_CLUSTERS)",
+                clusters().iter().map(|c| &c.name).collect::<Vec<_>>()
+            )
+        })
 }
 
 /// The cluster the test proxies put behind them.
@@ -189,7 +214,8 @@ fn reachable(nodes: &[String]) -> bool {
 /// Starts (or reuses) the developer's shard-a cluster under `target/test-rabbit`.
 fn local_clusters() -> Vec<Cluster> {
     let dir = repo_dir().join("target/test-rabbit");
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     // Several test binaries (or cargo invocations) may get here at once: one starts the cluster.
     let lock = std::fs::File::create(dir.join("lock")).expect("create lock file");
     lock.lock().expect("lock target/test-rabbit/lock");
@@ -222,7 +248,10 @@ fn local_clusters() -> Vec<Cluster> {
     let mut words = line.split_whitespace();
     let name = words.next().unwrap_or_default();
     let nodes: Vec<&str> = words.collect();
-    assert!(name == "shard-a" && !nodes.is_empty(), "unexpected output of rabbit.sh up: {stdout:?}");
+    assert!(
+        name == "shard-a" && !nodes.is_empty(),
+        "unexpected output of rabbit.sh up: {stdout:?}"
+    );
     let spec = format!("shard-a={}", nodes.join(","));
     std::fs::write(&spec_file, &spec).expect("write target/test-rabbit/clusters");
     parse_clusters(&spec)
@@ -236,20 +265,41 @@ pub struct PrivateCluster {
 }
 
 impl PrivateCluster {
-    /// `scripts/rabbit.sh up NAME auto auto` in a fresh state dir under `target/`.
+    /// `scripts/rabbit.sh up NAME auto auto` in a fresh state dir of its own.
     pub fn start(name: &str) -> PrivateCluster {
-        let dir = repo_dir().join(format!(
-            "target/test-rabbit-{name}-{}-{}",
+        // Under scripts/test.sh's state dir when there is one (its cleanup then removes what a
+        // killed test leaves), else under target/. Always a state dir of its own: `down-all` in the Drop must not reach anything
+        // else.
+        let base = match std::env::var_os("WARREN_RABBIT_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => repo_dir().join("target"),
+        };
+        let dir = base.join(format!(
+            "private-{name}-{}-{}",
             std::process::id(),
-            SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() % 1_000_000
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis()
+                % 1_000_000
         ));
         std::fs::create_dir_all(&dir).expect("create private rabbit dir");
         // From here on the guard cleans up, whatever happens.
-        let mut guard = PrivateCluster { dir, cluster: Cluster { name: name.to_owned(), nodes: Vec::new() } };
+        let mut guard = PrivateCluster {
+            dir,
+            cluster: Cluster {
+                name: name.to_owned(),
+                nodes: Vec::new(),
+            },
+        };
         let stdout = guard.rabbit(&["up", name, "auto", "auto"]);
         let line = stdout.lines().last().unwrap_or_default().to_owned();
         let nodes: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
-        assert_eq!(nodes.len(), 2, "unexpected output of rabbit.sh up: {stdout:?}");
+        assert_eq!(
+            nodes.len(),
+            2,
+            "unexpected output of rabbit.sh up: {stdout:?}"
+        );
         guard.cluster.nodes = nodes;
         guard
     }
@@ -264,7 +314,11 @@ impl PrivateCluster {
             .output()
             .unwrap_or_else(|e| panic!("cannot run rabbit.sh: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "rabbit.sh {args:?} failed ({}): {stdout}", out.status);
+        assert!(
+            out.status.success(),
+            "rabbit.sh {args:?} failed ({}): {stdout}",
+            out.status
+        );
         stdout
     }
 
@@ -282,7 +336,10 @@ impl Drop for PrivateCluster {
             .stdout(Stdio::null())
             .status();
         if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("warning: rabbit.sh down-all failed for {}: {status:?}", self.dir.display());
+            eprintln!(
+                "warning: rabbit.sh down-all failed for {}: {status:?}",
+                self.dir.display()
+            );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -303,7 +360,26 @@ pub async fn start_proxy_on(nodes: &[String], extra_toml: &str) -> ProxyHandle {
     init_tracing();
     let config = Config::parse(&proxy_toml(nodes, extra_toml), "test-proxy.toml")
         .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"));
-    warren::start(Arc::new(config)).await.expect("start the proxy")
+    // The proxy runs on its own runtime: should it ever stall its threads, the test's own timeouts
+    // still fire and the test fails instead of hanging.
+    let started = proxy_runtime().spawn(async move { warren::start(Arc::new(config)).await });
+    within("the proxy to start", started)
+        .await
+        .expect("proxy start task")
+        .expect("start the proxy")
+}
+
+/// The runtime every test proxy of this test binary runs on.
+pub fn proxy_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("proxy-under-test")
+            .enable_all()
+            .build()
+            .expect("proxy runtime")
+    })
 }
 
 /// The configuration text [`start_proxy_on`] uses.
@@ -316,8 +392,14 @@ pub fn proxy_toml(nodes: &[String], extra_toml: &str) -> String {
             extra.push_str("\n[timeouts]\nshutdown_grace_ms = 100\n");
         }
     }
-    let nodes = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
-    format!("listen = \"127.0.0.1:0\"\n{extra}\n\n[[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{nodes}]\n")
+    let nodes = nodes
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "listen = \"127.0.0.1:0\"\n{extra}\n\n[[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{nodes}]\n"
+    )
 }
 
 /// Generates, for each `async fn NAME(addr: SocketAddr)` listed, a test `through_proxy::NAME`
@@ -354,9 +436,12 @@ macro_rules! against_proxy_and_rabbitmq {
 /// Opens an amqprs connection as guest/guest on vhost "/".
 pub async fn connect(addr: SocketAddr) -> Connection {
     let args = OpenConnectionArguments::new(&addr.ip().to_string(), addr.port(), "guest", "guest");
-    within(&format!("amqprs connection to {addr}"), Connection::open(&args))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+    within(
+        &format!("amqprs connection to {addr}"),
+        Connection::open(&args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
 }
 
 /// Opens an amqprs connection with the arguments adjusted by `f`; returns the error as is.
@@ -364,19 +449,40 @@ pub async fn try_connect(
     addr: SocketAddr,
     f: impl FnOnce(&mut OpenConnectionArguments),
 ) -> Result<Connection, amqprs::error::Error> {
-    let mut args = OpenConnectionArguments::new(&addr.ip().to_string(), addr.port(), "guest", "guest");
+    let mut args =
+        OpenConnectionArguments::new(&addr.ip().to_string(), addr.port(), "guest", "guest");
     f(&mut args);
-    within(&format!("amqprs connection to {addr}"), Connection::open(&args)).await
+    within(
+        &format!("amqprs connection to {addr}"),
+        Connection::open(&args),
+    )
+    .await
 }
 
 /// Something the broker sent on a channel on its own initiative.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Close { code: u16, text: String },
-    Ack { tag: u64, multiple: bool },
-    Nack { tag: u64, multiple: bool },
-    Return { code: u16, text: String, routing_key: String, body: Vec<u8> },
-    Cancel { consumer_tag: String },
+    Close {
+        code: u16,
+        text: String,
+    },
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Nack {
+        tag: u64,
+        multiple: bool,
+    },
+    Return {
+        code: u16,
+        text: String,
+        routing_key: String,
+        body: Vec<u8>,
+    },
+    Cancel {
+        consumer_tag: String,
+    },
 }
 
 /// The asynchronous methods of one channel, in the order they arrived.
@@ -387,9 +493,12 @@ pub struct Events {
 impl Events {
     /// The next event, failing the test after [`STEP`].
     pub async fn next(&mut self) -> Event {
-        within("a channel event (close, confirm, return, cancel)", self.rx.recv())
-            .await
-            .expect("channel event stream ended")
+        within(
+            "a channel event (close, confirm, return, cancel)",
+            self.rx.recv(),
+        )
+        .await
+        .expect("channel event stream ended")
     }
 
     /// An event already received, if any (never waits).
@@ -415,27 +524,44 @@ type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 // amqprs's callback traits are `#[async_trait]`; this is the expanded form (no extra dependency).
 impl ChannelCallback for EventCallback {
-    fn close<'s, 'c, 'a>(&'s mut self, _channel: &'c Channel, close: CloseChannel) -> BoxFut<'a, Result<(), amqprs::error::Error>>
+    fn close<'s, 'c, 'a>(
+        &'s mut self,
+        _channel: &'c Channel,
+        close: CloseChannel,
+    ) -> BoxFut<'a, Result<(), amqprs::error::Error>>
     where
         's: 'a,
         'c: 'a,
         Self: 'a,
     {
-        let _ = self.tx.send(Event::Close { code: close.reply_code(), text: close.reply_text().clone() });
+        let _ = self.tx.send(Event::Close {
+            code: close.reply_code(),
+            text: close.reply_text().clone(),
+        });
         Box::pin(async { Ok(()) })
     }
 
-    fn cancel<'s, 'c, 'a>(&'s mut self, _channel: &'c Channel, cancel: Cancel) -> BoxFut<'a, Result<(), amqprs::error::Error>>
+    fn cancel<'s, 'c, 'a>(
+        &'s mut self,
+        _channel: &'c Channel,
+        cancel: Cancel,
+    ) -> BoxFut<'a, Result<(), amqprs::error::Error>>
     where
         's: 'a,
         'c: 'a,
         Self: 'a,
     {
-        let _ = self.tx.send(Event::Cancel { consumer_tag: cancel.consumer_tag().clone() });
+        let _ = self.tx.send(Event::Cancel {
+            consumer_tag: cancel.consumer_tag().clone(),
+        });
         Box::pin(async { Ok(()) })
     }
 
-    fn flow<'s, 'c, 'a>(&'s mut self, _channel: &'c Channel, active: bool) -> BoxFut<'a, Result<bool, amqprs::error::Error>>
+    fn flow<'s, 'c, 'a>(
+        &'s mut self,
+        _channel: &'c Channel,
+        active: bool,
+    ) -> BoxFut<'a, Result<bool, amqprs::error::Error>>
     where
         's: 'a,
         'c: 'a,
@@ -450,7 +576,10 @@ impl ChannelCallback for EventCallback {
         'c: 'a,
         Self: 'a,
     {
-        let _ = self.tx.send(Event::Ack { tag: ack.delivery_tag(), multiple: ack.mutiple() });
+        let _ = self.tx.send(Event::Ack {
+            tag: ack.delivery_tag(),
+            multiple: ack.mutiple(),
+        });
         Box::pin(async {})
     }
 
@@ -460,7 +589,10 @@ impl ChannelCallback for EventCallback {
         'c: 'a,
         Self: 'a,
     {
-        let _ = self.tx.send(Event::Nack { tag: nack.delivery_tag(), multiple: nack.multiple() });
+        let _ = self.tx.send(Event::Nack {
+            tag: nack.delivery_tag(),
+            multiple: nack.multiple(),
+        });
         Box::pin(async {})
     }
 
@@ -488,17 +620,29 @@ impl ChannelCallback for EventCallback {
 
 /// Opens a channel with a callback that turns the broker's asynchronous methods into [`Events`].
 pub async fn open_channel(conn: &Connection) -> (Channel, Events) {
-    let ch = within("channel.open", conn.open_channel(None)).await.expect("channel.open failed");
+    open_channel_numbered(conn, None).await
+}
+
+/// [`open_channel`] with a chosen channel number.
+pub async fn open_channel_numbered(conn: &Connection, id: Option<u16>) -> (Channel, Events) {
+    let ch = within("channel.open", conn.open_channel(id))
+        .await
+        .expect("channel.open failed");
     let (tx, rx) = mpsc::unbounded_channel();
-    ch.register_callback(EventCallback { tx }).await.expect("register channel callback");
+    ch.register_callback(EventCallback { tx })
+        .await
+        .expect("register channel callback");
     (ch, Events { rx })
 }
 
 /// Declares a transient, non-exclusive queue.
 pub async fn declare_queue(ch: &Channel, name: &str) {
-    within(&format!("queue.declare {name}"), ch.queue_declare(QueueDeclareArguments::new(name)))
-        .await
-        .unwrap_or_else(|e| panic!("queue.declare {name} failed: {e}"));
+    within(
+        &format!("queue.declare {name}"),
+        ch.queue_declare(QueueDeclareArguments::new(name)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue.declare {name} failed: {e}"));
 }
 
 /// (ready messages, consumers) of a queue, by passive declare.
@@ -532,14 +676,23 @@ pub async fn publish(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8
 }
 
 pub async fn publish_with(ch: &Channel, args: BasicPublishArguments, body: &[u8]) {
-    within("basic.publish", ch.basic_publish(BasicProperties::default(), body.to_vec(), args))
-        .await
-        .unwrap_or_else(|e| panic!("basic.publish failed: {e}"));
+    within(
+        "basic.publish",
+        ch.basic_publish(BasicProperties::default(), body.to_vec(), args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.publish failed: {e}"));
 }
 
 /// basic.consume; `manual_ack` false means no-ack (auto-ack) mode.
-pub async fn consume(ch: &Channel, queue: &str, manual_ack: bool) -> (String, mpsc::UnboundedReceiver<ConsumerMessage>) {
-    let args = BasicConsumeArguments::new(queue, "").manual_ack(manual_ack).finish();
+pub async fn consume(
+    ch: &Channel,
+    queue: &str,
+    manual_ack: bool,
+) -> (String, mpsc::UnboundedReceiver<ConsumerMessage>) {
+    let args = BasicConsumeArguments::new(queue, "")
+        .manual_ack(manual_ack)
+        .finish();
     within(&format!("basic.consume {queue}"), ch.basic_consume_rx(args))
         .await
         .unwrap_or_else(|e| panic!("basic.consume {queue} failed: {e}"))
@@ -556,7 +709,9 @@ pub struct Delivery {
 
 /// The next delivery of a consumer, failing the test after [`STEP`].
 pub async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<ConsumerMessage>) -> Delivery {
-    let m = within("basic.deliver", rx.recv()).await.expect("consumer stream ended (channel closed?)");
+    let m = within("basic.deliver", rx.recv())
+        .await
+        .expect("consumer stream ended (channel closed?)");
     let d = m.deliver.expect("deliver");
     Delivery {
         tag: d.delivery_tag(),
@@ -568,7 +723,9 @@ pub async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<ConsumerMessage>) ->
 
 /// Closes an amqprs connection politely, failing the test if that does not work.
 pub async fn close_connection(conn: Connection) {
-    within("connection.close", conn.close()).await.expect("connection.close failed");
+    within("connection.close", conn.close())
+        .await
+        .expect("connection.close failed");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,7 +745,9 @@ impl Ending {
     pub fn code(&self) -> u16 {
         match self {
             Ending::Close(c) => c.code,
-            Ending::Eof => panic!("expected connection.close, the peer closed the socket without one"),
+            Ending::Eof => {
+                panic!("expected connection.close, the peer closed the socket without one")
+            }
         }
     }
 }
@@ -655,7 +814,12 @@ impl RawClient {
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
         let _ = stream.set_nodelay(true);
-        RawClient { stream, rbuf: BytesMut::with_capacity(64 * 1024), frame_max: 0, heartbeats: 0 }
+        RawClient {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            frame_max: 0,
+            heartbeats: 0,
+        }
     }
 
     /// Connects and completes the handshake as guest with the given tune-ok values.
@@ -668,7 +832,9 @@ impl RawClient {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
-        within("socket write", self.stream.write_all(bytes)).await.expect("socket write failed");
+        within("socket write", self.stream.write_all(bytes))
+            .await
+            .expect("socket write failed");
     }
 
     pub async fn send_method(&mut self, channel: u16, method: &Method) {
@@ -678,7 +844,14 @@ impl RawClient {
     }
 
     /// basic.publish with its content, body frames split to `frame_max`.
-    pub async fn publish(&mut self, channel: u16, exchange: &str, routing_key: &str, body: &[u8], frame_max: usize) {
+    pub async fn publish(
+        &mut self,
+        channel: u16,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        frame_max: usize,
+    ) {
         let mut out = BytesMut::with_capacity(body.len() + body.len() / 1000 + 256);
         codec::write_method(
             &mut out,
@@ -694,7 +867,11 @@ impl RawClient {
         codec::write_header(
             &mut out,
             channel,
-            &ContentHeader { class_id: 60, body_size: body.len() as u64, properties: WireProperties::default() },
+            &ContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties: WireProperties::default(),
+            },
         );
         codec::write_body(&mut out, channel, body, frame_max);
         self.send(&out).await;
@@ -713,7 +890,9 @@ impl RawClient {
                 }
                 Ok(None) => {}
                 Err(CodecError::FrameTooLarge { size, max }) => {
-                    panic!("the server sent a frame of {size} bytes, above the negotiated frame_max {max}")
+                    panic!(
+                        "the server sent a frame of {size} bytes, above the negotiated frame_max {max}"
+                    )
                 }
                 Err(e) => return Err(e),
             }
@@ -729,8 +908,13 @@ impl RawClient {
     /// on a connection.close (unless `allow_close`, which returns it).
     pub async fn read_method(&mut self) -> (u16, Method) {
         loop {
-            let f = self.read_frame().await.expect("undecodable frame from the server");
-            let Some(f) = f else { panic!("the server closed the connection while a method was expected") };
+            let f = self
+                .read_frame()
+                .await
+                .expect("undecodable frame from the server");
+            let Some(f) = f else {
+                panic!("the server closed the connection while a method was expected")
+            };
             match f.kind {
                 FrameKind::Heartbeat => continue,
                 FrameKind::Method => {
@@ -743,7 +927,10 @@ impl RawClient {
                     }
                     return (f.channel, m);
                 }
-                other => panic!("expected a method frame, got a {other:?} frame on channel {}", f.channel),
+                other => panic!(
+                    "expected a method frame, got a {other:?} frame on channel {}",
+                    f.channel
+                ),
             }
         }
     }
@@ -754,21 +941,24 @@ impl RawClient {
             let f = match self.read_frame().await {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ending::Eof,
-                Err(e) => panic!("undecodable frame from the server while waiting for connection.close: {e}"),
+                Err(e) => panic!(
+                    "undecodable frame from the server while waiting for connection.close: {e}"
+                ),
             };
-            if f.kind == FrameKind::Method && f.channel == 0 {
-                if let Ok(Method::ConnectionClose(c)) = Method::decode(f.payload) {
-                    // The peer may already be gone: ignore write errors.
-                    let mut out = BytesMut::new();
-                    codec::write_method(&mut out, 0, &Method::ConnectionCloseOk(Default::default()));
-                    let _ = self.stream.write_all(&out).await;
-                    return Ending::Close(CloseInfo {
-                        code: c.reply_code,
-                        text: c.reply_text.as_str().into_owned(),
-                        class_id: c.class_id,
-                        method_id: c.method_id,
-                    });
-                }
+            if f.kind == FrameKind::Method
+                && f.channel == 0
+                && let Ok(Method::ConnectionClose(c)) = Method::decode(f.payload)
+            {
+                // The peer may already be gone: ignore write errors.
+                let mut out = BytesMut::new();
+                codec::write_method(&mut out, 0, &Method::ConnectionCloseOk(Default::default()));
+                let _ = self.stream.write_all(&out).await;
+                return Ending::Close(CloseInfo {
+                    code: c.reply_code,
+                    text: c.reply_text.as_str().into_owned(),
+                    class_id: c.class_id,
+                    method_id: c.method_id,
+                });
             }
         }
     }
@@ -788,7 +978,11 @@ impl RawClient {
     /// Reads the next frame that is not a heartbeat; `None` on EOF.
     async fn next_non_heartbeat(&mut self) -> Option<RawFrame> {
         loop {
-            match self.read_frame().await.expect("undecodable frame from the server") {
+            match self
+                .read_frame()
+                .await
+                .expect("undecodable frame from the server")
+            {
                 Some(f) if f.kind == FrameKind::Heartbeat => continue,
                 other => return other,
             }
@@ -797,8 +991,14 @@ impl RawClient {
 
     /// Next method during the handshake; a connection.close ends the handshake as an error.
     async fn handshake_method(&mut self) -> Result<Method, Ending> {
-        let Some(f) = self.next_non_heartbeat().await else { return Err(Ending::Eof) };
-        assert_eq!(f.kind, FrameKind::Method, "expected a method frame during the handshake");
+        let Some(f) = self.next_non_heartbeat().await else {
+            return Err(Ending::Eof);
+        };
+        assert_eq!(
+            f.kind,
+            FrameKind::Method,
+            "expected a method frame during the handshake"
+        );
         let m = Method::decode(f.payload).expect("undecodable method from the server");
         if let Method::ConnectionClose(c) = m {
             let mut out = BytesMut::new();
@@ -822,11 +1022,20 @@ impl RawClient {
             other => panic!("expected connection.start, got {}", other.name()),
         }
         let mut caps = FieldTable::default();
-        for cap in ["authentication_failure_close", "consumer_cancel_notify", "connection.blocked", "basic.nack", "publisher_confirms"] {
+        for cap in [
+            "authentication_failure_close",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "basic.nack",
+            "publisher_confirms",
+        ] {
             caps.insert(ss(cap), FieldValue::Bool(true));
         }
         let mut props = FieldTable::default();
-        props.insert(ss("product"), FieldValue::LongStr(LongStr::from("warren raw test client")));
+        props.insert(
+            ss("product"),
+            FieldValue::LongStr(LongStr::from("warren raw test client")),
+        );
         props.insert(ss("capabilities"), FieldValue::Table(caps));
         let response = format!("\0{}\0{}", login.user, login.password);
         self.send_method(
@@ -840,14 +1049,30 @@ impl RawClient {
         )
         .await;
         let tune = match self.handshake_method().await? {
-            Method::ConnectionTune(t) => Tune { channel_max: t.channel_max, frame_max: t.frame_max, heartbeat: t.heartbeat },
+            Method::ConnectionTune(t) => Tune {
+                channel_max: t.channel_max,
+                frame_max: t.frame_max,
+                heartbeat: t.heartbeat,
+            },
             other => panic!("expected connection.tune, got {}", other.name()),
         };
-        let frame_max = if login.frame_max == 0 { tune.frame_max } else { login.frame_max };
-        let channel_max = if login.channel_max == 0 { tune.channel_max } else { login.channel_max };
+        let frame_max = if login.frame_max == 0 {
+            tune.frame_max
+        } else {
+            login.frame_max
+        };
+        let channel_max = if login.channel_max == 0 {
+            tune.channel_max
+        } else {
+            login.channel_max
+        };
         self.send_method(
             0,
-            &Method::ConnectionTuneOk(codec::ConnectionTuneOk { channel_max, frame_max, heartbeat: login.heartbeat }),
+            &Method::ConnectionTuneOk(codec::ConnectionTuneOk {
+                channel_max,
+                frame_max,
+                heartbeat: login.heartbeat,
+            }),
         )
         .await;
         self.send_method(
@@ -869,10 +1094,14 @@ impl RawClient {
 
     /// channel.open, waiting for open-ok.
     pub async fn open_channel(&mut self, channel: u16) {
-        self.send_method(channel, &Method::ChannelOpen(Default::default())).await;
+        self.send_method(channel, &Method::ChannelOpen(Default::default()))
+            .await;
         match self.read_method().await {
             (ch, Method::ChannelOpenOk(_)) if ch == channel => {}
-            (ch, m) => panic!("expected channel.open-ok on {channel}, got {} on {ch}", m.name()),
+            (ch, m) => panic!(
+                "expected channel.open-ok on {channel}, got {} on {ch}",
+                m.name()
+            ),
         }
     }
 
@@ -891,23 +1120,154 @@ impl RawClient {
     /// method, the body, and the largest frame seen (whole frame, overhead included).
     pub async fn read_delivery(&mut self) -> (Method, Vec<u8>, usize) {
         let (channel, method) = self.read_method().await;
-        assert!(method.has_content(), "expected a method with content, got {}", method.name());
+        assert!(
+            method.has_content(),
+            "expected a method with content, got {}",
+            method.name()
+        );
         let mut largest = 0;
-        let header = self.next_non_heartbeat().await.expect("content header expected, got EOF");
-        assert_eq!(header.kind, FrameKind::Header, "expected a content header frame");
+        let header = self
+            .next_non_heartbeat()
+            .await
+            .expect("content header expected, got EOF");
+        assert_eq!(
+            header.kind,
+            FrameKind::Header,
+            "expected a content header frame"
+        );
         assert_eq!(header.channel, channel, "content header on another channel");
         largest = largest.max(header.payload.len() + codec::FRAME_OVERHEAD);
         let (_, size) = codec::peek_content_header(&header.payload).expect("content header");
         let mut body = Vec::with_capacity(size as usize);
         while (body.len() as u64) < size {
-            let f = self.next_non_heartbeat().await.expect("body frame expected, got EOF");
-            assert_eq!(f.kind, FrameKind::Body, "expected a body frame ({} of {size} bytes so far)", body.len());
+            let f = self
+                .next_non_heartbeat()
+                .await
+                .expect("body frame expected, got EOF");
+            assert_eq!(
+                f.kind,
+                FrameKind::Body,
+                "expected a body frame ({} of {size} bytes so far)",
+                body.len()
+            );
             assert_eq!(f.channel, channel, "body frame on another channel");
             largest = largest.max(f.payload.len() + codec::FRAME_OVERHEAD);
             body.extend_from_slice(&f.payload);
         }
-        assert_eq!(body.len() as u64, size, "body longer than the header's body_size");
+        assert_eq!(
+            body.len() as u64,
+            size,
+            "body longer than the header's body_size"
+        );
         (method, body, largest)
+    }
+
+    /// Closes the connection politely: connection.close 200, waits for close-ok, then closes the
+    /// socket (after close-ok it is the client's to close: RabbitMQ waits for it).
+    pub async fn close(mut self) {
+        let close = codec::ConnectionClose {
+            reply_code: 200,
+            reply_text: ss("bye"),
+            class_id: 0,
+            method_id: 0,
+        };
+        self.send_method(0, &Method::ConnectionClose(close)).await;
+        loop {
+            match self
+                .read_frame()
+                .await
+                .expect("undecodable frame from the server")
+            {
+                None => panic!("the server closed the socket without connection.close-ok"),
+                Some(f) if f.kind == FrameKind::Method && f.channel == 0 => {
+                    if let Ok(Method::ConnectionCloseOk(_)) = Method::decode(f.payload) {
+                        break;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Declares a queue, publishes to it, gets the message back (no-ack) and deletes the queue, all
+    /// on `channel` (which must be open): proof that the connection does real work.
+    pub async fn round_trip(&mut self, channel: u16) {
+        let q = unique("raw");
+        let declare = codec::QueueDeclare {
+            queue: ss(&q),
+            ..Default::default()
+        };
+        match self.call(channel, &Method::QueueDeclare(declare)).await {
+            Method::QueueDeclareOk(ok) => assert_eq!(ok.queue, q.as_str()),
+            m => panic!("expected queue.declare-ok, got {}", m.name()),
+        }
+        let frame_max = self.frame_max;
+        self.publish(channel, "", &q, b"raw round trip", frame_max)
+            .await;
+        self.send_method(
+            channel,
+            &Method::BasicGet(codec::BasicGet {
+                queue: ss(&q),
+                no_ack: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+        let (m, body, _) = self.read_delivery().await;
+        assert!(
+            matches!(m, Method::BasicGetOk(_)),
+            "expected basic.get-ok, got {}",
+            m.name()
+        );
+        assert_eq!(body, b"raw round trip");
+        match self
+            .call(
+                channel,
+                &Method::QueueDelete(codec::QueueDelete {
+                    queue: ss(&q),
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Method::QueueDeleteOk(_) => {}
+            m => panic!("expected queue.delete-ok, got {}", m.name()),
+        }
+    }
+
+    /// Stays connected and idle for `dur`, sending a heartbeat every `every` (`None`: sends nothing
+    /// at all). Returns the number of heartbeats received meanwhile. Fails the test if the server
+    /// sends anything but heartbeats, or closes the connection.
+    pub async fn idle(&mut self, dur: Duration, every: Option<Duration>) -> usize {
+        let end = tokio::time::Instant::now() + dur;
+        let mut tick = tokio::time::interval(every.unwrap_or(dur + Duration::from_secs(1)));
+        tick.tick().await;
+        let before = self.heartbeats;
+        loop {
+            let mut beat = false;
+            tokio::select! {
+                _ = tokio::time::sleep_until(end) => return self.heartbeats - before,
+                _ = tick.tick(), if every.is_some() => beat = true,
+                f = self.read_frame() => match f {
+                    Ok(Some(f)) if f.kind == FrameKind::Heartbeat => {}
+                    Ok(Some(f)) => {
+                        let what = match Method::decode(f.payload.clone()) {
+                            Ok(m) if f.kind == FrameKind::Method => format!("{m:?}"),
+                            _ => format!("a {:?} frame", f.kind),
+                        };
+                        panic!("the server sent {what} on channel {} to an idle client", f.channel);
+                    }
+                    Ok(None) => panic!("the server dropped the idle client after {} heartbeats", self.heartbeats - before),
+                    Err(e) => panic!("undecodable frame from the server: {e}"),
+                },
+            }
+            if beat {
+                let mut out = BytesMut::new();
+                codec::write_heartbeat(&mut out);
+                self.send(&out).await;
+            }
+        }
     }
 
     /// Drops the socket with an RST (SO_LINGER 0): the peer sees the client vanish.
@@ -946,7 +1306,7 @@ impl Bystander {
         let (ch, _events) = open_channel(&conn).await;
         let queue = unique("bystander");
         declare_queue(&ch, &queue).await;
-        let (_tag, mut rx) = consume(&ch, &queue, true).await;
+        let (ctag, mut rx) = consume(&ch, &queue, true).await;
         let (done_tx, done) = watch::channel(0u64);
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -957,17 +1317,30 @@ impl Bystander {
                     break Ok(());
                 }
                 let body = format!("bystander message {n}").into_bytes();
-                let sent = ch.basic_publish(BasicProperties::default(), body.clone(), BasicPublishArguments::new("", &queue));
-                if let Err(e) = tokio::time::timeout(STEP, sent).await.map_err(|_| "publish timed out".to_string()) {
+                let sent = ch.basic_publish(
+                    BasicProperties::default(),
+                    body.clone(),
+                    BasicPublishArguments::new("", &queue),
+                );
+                if let Err(e) = tokio::time::timeout(STEP, sent)
+                    .await
+                    .map_err(|_| "publish timed out".to_string())
+                {
                     break Err(e);
                 }
                 let got = match tokio::time::timeout(STEP, rx.recv()).await {
                     Ok(Some(m)) => m,
                     Ok(None) => break Err(format!("consumer stream ended after {n} round trips")),
-                    Err(_) => break Err(format!("no delivery within {STEP:?} after {n} round trips")),
+                    Err(_) => {
+                        break Err(format!("no delivery within {STEP:?} after {n} round trips"));
+                    }
                 };
                 if got.content.as_deref() != Some(&body[..]) {
-                    break Err(format!("round trip {n}: got {:?}", got.content.map(|c| String::from_utf8_lossy(&c).into_owned())));
+                    break Err(format!(
+                        "round trip {n}: got {:?}",
+                        got.content
+                            .map(|c| String::from_utf8_lossy(&c).into_owned())
+                    ));
                 }
                 let tag = got.deliver.map(|d| d.delivery_tag()).unwrap_or_default();
                 if let Err(e) = ch.basic_ack(BasicAckArguments::new(tag, false)).await {
@@ -976,6 +1349,10 @@ impl Bystander {
                 n += 1;
                 let _ = done_tx.send(n);
             };
+            // Cancel first: a broker-side cancel (queue deleted under the consumer) races
+            // amqprs's connection.close.
+            let cancel = BasicCancelArguments::new(&ctag);
+            let _ = tokio::time::timeout(STEP, ch.basic_cancel(cancel)).await;
             delete_queue(&ch, &queue).await;
             let closed = tokio::time::timeout(STEP, conn.close()).await;
             match (result, closed) {
@@ -984,7 +1361,11 @@ impl Bystander {
                 (Ok(()), other) => Err(format!("connection.close failed: {other:?}")),
             }
         });
-        let mut b = Bystander { done, stop: Some(stop_tx), task };
+        let mut b = Bystander {
+            done,
+            stop: Some(stop_tx),
+            task,
+        };
         b.assert_progress(1).await;
         b
     }
@@ -1000,7 +1381,9 @@ impl Bystander {
                 let res = task.await;
                 panic!("the well-behaved client stopped: {res:?}");
             }
-            Err(_) => panic!("the well-behaved client made no progress ({n} round trips) within {STEP:?}"),
+            Err(_) => {
+                panic!("the well-behaved client made no progress ({n} round trips) within {STEP:?}")
+            }
         }
     }
 
@@ -1015,4 +1398,30 @@ impl Bystander {
             Err(e) => panic!("the well-behaved client panicked: {e}"),
         }
     }
+}
+
+/// One basic.get result, simplified.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub tag: u64,
+    pub redelivered: bool,
+    /// Messages left in the queue, as get-ok reports it.
+    pub message_count: u32,
+    pub body: Vec<u8>,
+}
+
+/// basic.get; `None` for get-empty.
+pub async fn get(ch: &Channel, queue: &str, no_ack: bool) -> Option<Got> {
+    let args = amqprs::channel::BasicGetArguments::new(queue)
+        .no_ack(no_ack)
+        .finish();
+    within(&format!("basic.get {queue}"), ch.basic_get(args))
+        .await
+        .unwrap_or_else(|e| panic!("basic.get {queue} failed: {e}"))
+        .map(|(ok, _props, body)| Got {
+            tag: ok.delivery_tag(),
+            redelivered: ok.redelivered(),
+            message_count: ok.message_count(),
+            body,
+        })
 }

@@ -1,0 +1,781 @@
+//! The everyday AMQP surface through the proxy: topology, publish/consume and acknowledgements,
+//! flow control, confirms, transactions and returns.
+//!
+//! Every scenario is an `async fn(addr)` run twice by `against_proxy_and_rabbitmq!`: through a
+//! fresh proxy (`through_proxy::NAME`) and against RabbitMQ itself (`direct_rabbitmq::NAME`), so
+//! what is asserted of the proxy is RabbitMQ's own behaviour.
+
+#[macro_use]
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use amqprs::channel::{
+    BasicAckArguments, BasicCancelArguments, BasicNackArguments, BasicPublishArguments,
+    BasicQosArguments, BasicRejectArguments, ConfirmSelectArguments, ExchangeBindArguments,
+    ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeUnbindArguments, QueueBindArguments,
+    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments, QueueUnbindArguments,
+};
+use support::*;
+
+against_proxy_and_rabbitmq!(
+    declare_bind_unbind_delete_exchanges_and_queues,
+    consume_and_ack_removes_messages,
+    nack_requeues_or_drops,
+    reject_requeues_or_drops,
+    prefetch_limits_unacked_deliveries,
+    get_returns_messages_then_get_empty,
+    purge_returns_the_purged_count,
+    recover_redelivers_unacked_messages,
+    cancel_stops_deliveries,
+    confirms_ack_every_publish_exactly_once,
+    tx_rollback_discards_and_commit_publishes,
+    mandatory_unroutable_publish_is_returned_before_its_confirm,
+    legacy_access_request_is_answered_with_access_request_ok,
+);
+
+async fn declare_bind_unbind_delete_exchanges_and_queues(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let src = unique("src");
+    let dst = unique("dst");
+    let q = unique("q");
+
+    within(
+        "exchange.declare",
+        ch.exchange_declare(ExchangeDeclareArguments::new(&src, "direct")),
+    )
+    .await
+    .unwrap();
+    within(
+        "exchange.declare",
+        ch.exchange_declare(ExchangeDeclareArguments::new(&dst, "fanout")),
+    )
+    .await
+    .unwrap();
+    // Passive declares of what exists succeed.
+    let passive = ExchangeDeclareArguments::new(&src, "direct")
+        .passive(true)
+        .finish();
+    within("passive exchange.declare", ch.exchange_declare(passive))
+        .await
+        .unwrap();
+    let declared = within(
+        "queue.declare",
+        ch.queue_declare(QueueDeclareArguments::new(&q)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        declared,
+        Some((q.clone(), 0, 0)),
+        "declare-ok of a new queue"
+    );
+
+    // src --"route"--> dst --fanout--> q
+    within(
+        "queue.bind",
+        ch.queue_bind(QueueBindArguments::new(&q, &dst, "")),
+    )
+    .await
+    .unwrap();
+    within(
+        "exchange.bind",
+        ch.exchange_bind(ExchangeBindArguments::new(&dst, &src, "route")),
+    )
+    .await
+    .unwrap();
+    publish(&ch, &src, "route", b"through two exchanges").await;
+    publish(&ch, &src, "elsewhere", b"not routed").await;
+    let got = get(&ch, &q, true)
+        .await
+        .expect("the message routed src -> dst -> q");
+    assert_eq!(got.body, b"through two exchanges");
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "a message with another routing key was routed"
+    );
+
+    // Without the exchange-to-exchange binding nothing from src reaches q.
+    within(
+        "exchange.unbind",
+        ch.exchange_unbind(ExchangeUnbindArguments::new(&dst, &src, "route")),
+    )
+    .await
+    .unwrap();
+    publish(&ch, &src, "route", b"after exchange.unbind").await;
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "routed through an exchange binding that was removed"
+    );
+
+    // The queue binding still works, until it is removed too.
+    publish(&ch, &dst, "", b"straight to dst").await;
+    assert_eq!(
+        get(&ch, &q, true).await.expect("message via dst").body,
+        b"straight to dst"
+    );
+    within(
+        "queue.unbind",
+        ch.queue_unbind(QueueUnbindArguments::new(&q, &dst, "")),
+    )
+    .await
+    .unwrap();
+    publish(&ch, &dst, "", b"after queue.unbind").await;
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "routed through a queue binding that was removed"
+    );
+
+    // Deletes report the messages deleted with the queue, and the objects are gone.
+    publish(&ch, "", &q, b"left in the queue").await;
+    let deleted = within(
+        "queue.delete",
+        ch.queue_delete(QueueDeleteArguments::new(&q)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, Some(1), "delete-ok message count");
+    within(
+        "exchange.delete",
+        ch.exchange_delete(ExchangeDeleteArguments::new(&src)),
+    )
+    .await
+    .unwrap();
+    within(
+        "exchange.delete",
+        ch.exchange_delete(ExchangeDeleteArguments::new(&dst)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        events.try_next().is_none(),
+        "unexpected channel event: {:?}",
+        events.try_next()
+    );
+
+    let (ch2, mut events2) = open_channel(&conn).await;
+    let gone = ch2
+        .queue_declare(QueueDeclareArguments::new(&q).passive(true).finish())
+        .await;
+    assert!(
+        gone.is_err(),
+        "passive declare of a deleted queue succeeded"
+    );
+    assert_eq!(
+        events2.expect_close().await.0,
+        404,
+        "passive declare of a deleted queue"
+    );
+    let (ch3, mut events3) = open_channel(&conn).await;
+    let gone = ch3
+        .exchange_declare(
+            ExchangeDeclareArguments::new(&src, "direct")
+                .passive(true)
+                .finish(),
+        )
+        .await;
+    assert!(
+        gone.is_err(),
+        "passive declare of a deleted exchange succeeded"
+    );
+    assert_eq!(
+        events3.expect_close().await.0,
+        404,
+        "passive declare of a deleted exchange"
+    );
+    close_connection(conn).await;
+}
+
+async fn consume_and_ack_removes_messages(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    for i in 0..20 {
+        publish(&ch, "", &q, format!("message {i}").as_bytes()).await;
+    }
+    let (ctag, mut rx) = consume(&ch, &q, true).await;
+    let mut tags = Vec::new();
+    for i in 0..20 {
+        let d = next_delivery(&mut rx).await;
+        assert_eq!(
+            d.body,
+            format!("message {i}").as_bytes(),
+            "deliveries out of order"
+        );
+        assert!(!d.redelivered);
+        assert_eq!(d.routing_key, q);
+        tags.push(d.tag);
+    }
+    let distinct: BTreeSet<_> = tags.iter().collect();
+    assert_eq!(distinct.len(), 20, "delivery tags are not unique: {tags:?}");
+    // Ack the first ten one by one, the rest with one multiple ack.
+    for &tag in &tags[..10] {
+        ch.basic_ack(BasicAckArguments::new(tag, false))
+            .await
+            .unwrap();
+    }
+    ch.basic_ack(BasicAckArguments::new(tags[19], true))
+        .await
+        .unwrap();
+    within(
+        "basic.cancel",
+        ch.basic_cancel(BasicCancelArguments::new(&ctag)),
+    )
+    .await
+    .unwrap();
+    // Closing the channel would requeue anything still unacknowledged: nothing is.
+    within("channel.close", ch.close()).await.unwrap();
+    let (ch, _events2) = open_channel(&conn).await;
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (0, 0),
+        "(ready, consumers) after acking everything"
+    );
+    assert!(events.try_next().is_none(), "unexpected channel event");
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn nack_requeues_or_drops(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+
+    publish(&ch, "", &q, b"nack me").await;
+    let first = get(&ch, &q, false).await.expect("message");
+    assert!(!first.redelivered);
+    ch.basic_nack(BasicNackArguments::new(first.tag, false, true))
+        .await
+        .unwrap();
+    let again = get(&ch, &q, false)
+        .await
+        .expect("nack with requeue=true puts the message back");
+    assert_eq!(again.body, b"nack me");
+    assert!(
+        again.redelivered,
+        "a requeued message is flagged redelivered"
+    );
+    ch.basic_nack(BasicNackArguments::new(again.tag, false, false))
+        .await
+        .unwrap();
+    assert!(
+        get(&ch, &q, false).await.is_none(),
+        "nack with requeue=false must drop the message"
+    );
+
+    // multiple=true covers every outstanding delivery up to the tag.
+    for i in 0..3 {
+        publish(&ch, "", &q, format!("batch {i}").as_bytes()).await;
+    }
+    let (_ctag, mut rx) = consume(&ch, &q, true).await;
+    let mut last = 0;
+    for i in 0..3 {
+        let d = next_delivery(&mut rx).await;
+        assert_eq!(d.body, format!("batch {i}").as_bytes());
+        last = d.tag;
+    }
+    ch.basic_nack(BasicNackArguments::new(last, true, false))
+        .await
+        .unwrap();
+    within("channel.close", ch.close()).await.unwrap();
+    let (ch, _events) = open_channel(&conn).await;
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (0, 0),
+        "multiple nack with requeue=false left messages behind"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn reject_requeues_or_drops(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+
+    publish(&ch, "", &q, b"reject me").await;
+    let first = get(&ch, &q, false).await.expect("message");
+    ch.basic_reject(BasicRejectArguments::new(first.tag, true))
+        .await
+        .unwrap();
+    let again = get(&ch, &q, false)
+        .await
+        .expect("reject with requeue=true puts the message back");
+    assert_eq!(again.body, b"reject me");
+    assert!(
+        again.redelivered,
+        "a requeued message is flagged redelivered"
+    );
+    ch.basic_reject(BasicRejectArguments::new(again.tag, false))
+        .await
+        .unwrap();
+    assert!(
+        get(&ch, &q, false).await.is_none(),
+        "reject with requeue=false must drop the message"
+    );
+
+    // Same through a consumer.
+    publish(&ch, "", &q, b"consumed then rejected").await;
+    let (_ctag, mut rx) = consume(&ch, &q, true).await;
+    let d = next_delivery(&mut rx).await;
+    ch.basic_reject(BasicRejectArguments::new(d.tag, true))
+        .await
+        .unwrap();
+    let d = next_delivery(&mut rx).await;
+    assert_eq!(d.body, b"consumed then rejected");
+    assert!(d.redelivered);
+    ch.basic_reject(BasicRejectArguments::new(d.tag, false))
+        .await
+        .unwrap();
+    within("channel.close", ch.close()).await.unwrap();
+    let (ch, _events) = open_channel(&conn).await;
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (0, 0),
+        "reject with requeue=false left the message behind"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn prefetch_limits_unacked_deliveries(addr: SocketAddr) {
+    const PREFETCH: usize = 3;
+    const TOTAL: usize = 10;
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    for i in 0..TOTAL {
+        publish(&ch, "", &q, format!("m{i}").as_bytes()).await;
+    }
+    within(
+        "basic.qos",
+        ch.basic_qos(BasicQosArguments::new(0, PREFETCH as u16, false)),
+    )
+    .await
+    .unwrap();
+    let (ctag, mut rx) = consume(&ch, &q, true).await;
+
+    let mut received = 0;
+    while received < TOTAL {
+        // Exactly PREFETCH (or what is left) arrive; the broker holds the rest back as ready.
+        let batch = PREFETCH.min(TOTAL - received);
+        let mut last = 0;
+        for _ in 0..batch {
+            let d = next_delivery(&mut rx).await;
+            assert_eq!(d.body, format!("m{received}").as_bytes());
+            received += 1;
+            last = d.tag;
+        }
+        let (ready, consumers) = queue_counts(&ch, &q).await;
+        assert_eq!(
+            ready as usize,
+            TOTAL - received,
+            "with prefetch {PREFETCH} and {received} delivered, the rest must still be ready"
+        );
+        assert_eq!(consumers, 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "more than {PREFETCH} unacknowledged deliveries"
+        );
+        ch.basic_ack(BasicAckArguments::new(last, true))
+            .await
+            .unwrap();
+    }
+    // Cancel before deleting the queue: a broker-side cancel races amqprs's own close.
+    within(
+        "basic.cancel",
+        ch.basic_cancel(BasicCancelArguments::new(&ctag)),
+    )
+    .await
+    .unwrap();
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn get_returns_messages_then_get_empty(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    assert!(get(&ch, &q, false).await.is_none(), "get on an empty queue");
+    publish(&ch, "", &q, b"first").await;
+    publish(&ch, "", &q, b"second").await;
+    let a = get(&ch, &q, false).await.expect("first message");
+    assert_eq!((a.body.as_slice(), a.message_count), (&b"first"[..], 1));
+    let b = get(&ch, &q, false).await.expect("second message");
+    assert_eq!((b.body.as_slice(), b.message_count), (&b"second"[..], 0));
+    assert_ne!(a.tag, b.tag);
+    assert!(
+        get(&ch, &q, false).await.is_none(),
+        "get-empty once the queue is drained"
+    );
+    ch.basic_ack(BasicAckArguments::new(a.tag, false))
+        .await
+        .unwrap();
+    ch.basic_ack(BasicAckArguments::new(b.tag, false))
+        .await
+        .unwrap();
+    // A no-ack get needs no ack.
+    publish(&ch, "", &q, b"third").await;
+    assert_eq!(get(&ch, &q, true).await.expect("third").body, b"third");
+    within("channel.close", ch.close()).await.unwrap();
+    let (ch, _events) = open_channel(&conn).await;
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (0, 0),
+        "acked gets must not come back"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn purge_returns_the_purged_count(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    for i in 0..5 {
+        publish(&ch, "", &q, format!("m{i}").as_bytes()).await;
+    }
+    let purged = within("queue.purge", ch.queue_purge(QueuePurgeArguments::new(&q)))
+        .await
+        .unwrap();
+    assert_eq!(purged, Some(5), "purge-ok message count");
+    assert_eq!(queue_counts(&ch, &q).await, (0, 0));
+    assert!(get(&ch, &q, true).await.is_none());
+    let purged = within("queue.purge", ch.queue_purge(QueuePurgeArguments::new(&q)))
+        .await
+        .unwrap();
+    assert_eq!(purged, Some(0), "purge of an empty queue");
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn recover_redelivers_unacked_messages(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    for i in 0..3 {
+        publish(&ch, "", &q, format!("m{i}").as_bytes()).await;
+    }
+    let (_ctag, mut rx) = consume(&ch, &q, true).await;
+    let mut first = BTreeSet::new();
+    for _ in 0..3 {
+        let d = next_delivery(&mut rx).await;
+        assert!(!d.redelivered);
+        first.insert(d.body);
+    }
+    within("basic.recover", ch.basic_recover(true))
+        .await
+        .unwrap();
+    let mut again = BTreeSet::new();
+    let mut tags = Vec::new();
+    for _ in 0..3 {
+        let d = next_delivery(&mut rx).await;
+        assert!(d.redelivered, "a recovered message is flagged redelivered");
+        again.insert(d.body);
+        tags.push(d.tag);
+    }
+    assert_eq!(
+        first, again,
+        "recover must redeliver exactly the unacked messages"
+    );
+    // The new delivery tags are the ones to ack.
+    for tag in tags {
+        ch.basic_ack(BasicAckArguments::new(tag, false))
+            .await
+            .unwrap();
+    }
+    assert_eq!(queue_counts(&ch, &q).await, (0, 1));
+    assert!(
+        events.try_next().is_none(),
+        "acking recovered deliveries failed: {:?}",
+        events.try_next()
+    );
+    within("channel.close", ch.close()).await.unwrap();
+    let (ch, _events) = open_channel(&conn).await;
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (0, 0),
+        "acked recovered messages came back"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn cancel_stops_deliveries(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    // Confirms tell when a publish has reached the queue (a passive declare may overtake it).
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .unwrap();
+    let (ctag, mut rx) = consume(&ch, &q, false).await;
+    publish(&ch, "", &q, b"before cancel").await;
+    assert_eq!(
+        events.next().await,
+        Event::Ack {
+            tag: 1,
+            multiple: false
+        }
+    );
+    assert_eq!(next_delivery(&mut rx).await.body, b"before cancel");
+    assert_eq!(queue_counts(&ch, &q).await, (0, 1));
+    let cancelled = within(
+        "basic.cancel",
+        ch.basic_cancel(BasicCancelArguments::new(&ctag)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cancelled, ctag, "cancel-ok names the consumer");
+    publish(&ch, "", &q, b"after cancel").await;
+    assert_eq!(
+        events.next().await,
+        Event::Ack {
+            tag: 2,
+            multiple: false
+        }
+    );
+    assert_eq!(
+        queue_counts(&ch, &q).await,
+        (1, 0),
+        "a cancelled consumer still got a message"
+    );
+    assert!(rx.try_recv().is_err(), "delivery after cancel");
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+/// Records publisher confirms and checks that none acknowledges a message twice.
+#[derive(Default)]
+struct Confirms {
+    acked: BTreeSet<u64>,
+}
+
+impl Confirms {
+    fn apply(&mut self, tag: u64, multiple: bool, published: u64) {
+        assert!(
+            tag >= 1 && tag <= published,
+            "confirm for tag {tag}, only {published} published"
+        );
+        let newly: Vec<u64> = if multiple {
+            (1..=tag).filter(|t| !self.acked.contains(t)).collect()
+        } else {
+            assert!(!self.acked.contains(&tag), "tag {tag} acknowledged twice");
+            vec![tag]
+        };
+        assert!(
+            !newly.is_empty(),
+            "multiple ack up to {tag} acknowledges nothing new (duplicate)"
+        );
+        self.acked.extend(newly);
+    }
+}
+
+async fn confirms_ack_every_publish_exactly_once(addr: SocketAddr) {
+    const N: u64 = 200;
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .unwrap();
+    for i in 1..=N {
+        publish(&ch, "", &q, format!("confirmed {i}").as_bytes()).await;
+    }
+    let mut confirms = Confirms::default();
+    while confirms.acked.len() < N as usize {
+        match events.next().await {
+            Event::Ack { tag, multiple } => confirms.apply(tag, multiple, N),
+            other => panic!("unexpected event in confirm mode: {other:?}"),
+        }
+    }
+    assert_eq!(confirms.acked, (1..=N).collect::<BTreeSet<_>>());
+    // One more publish: its confirm is the next event, so no stray confirm for 1..=N was pending.
+    publish(&ch, "", &q, b"sentinel").await;
+    match events.next().await {
+        Event::Ack { tag, .. } => assert_eq!(tag, N + 1, "confirm after the sentinel publish"),
+        other => panic!("expected the sentinel's ack, got {other:?}"),
+    }
+    assert_eq!(queue_counts(&ch, &q).await.0 as u64, N + 1);
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn tx_rollback_discards_and_commit_publishes(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    within("tx.select", ch.tx_select()).await.unwrap();
+    for i in 0..3 {
+        publish(&ch, "", &q, format!("rolled back {i}").as_bytes()).await;
+    }
+    assert_eq!(
+        queue_counts(&ch, &q).await.0,
+        0,
+        "uncommitted publishes are visible"
+    );
+    within("tx.rollback", ch.tx_rollback()).await.unwrap();
+    assert_eq!(
+        queue_counts(&ch, &q).await.0,
+        0,
+        "rolled back publishes reached the queue"
+    );
+
+    publish(&ch, "", &q, b"committed 1").await;
+    publish(&ch, "", &q, b"committed 2").await;
+    within("tx.commit", ch.tx_commit()).await.unwrap();
+    assert_eq!(
+        queue_counts(&ch, &q).await.0,
+        2,
+        "committed publishes are missing"
+    );
+    assert_eq!(
+        get(&ch, &q, true).await.expect("committed 1").body,
+        b"committed 1"
+    );
+    assert_eq!(
+        get(&ch, &q, true).await.expect("committed 2").body,
+        b"committed 2"
+    );
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "a rolled back publish was delivered"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+async fn mandatory_unroutable_publish_is_returned_before_its_confirm(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let nowhere = unique("no-such-queue");
+    let mandatory = BasicPublishArguments::new("", &nowhere)
+        .mandatory(true)
+        .finish();
+
+    // Without confirms: the message comes back with basic.return.
+    let (ch, mut events) = open_channel(&conn).await;
+    publish_with(&ch, mandatory.clone(), b"returned").await;
+    match events.next().await {
+        Event::Return {
+            code,
+            text,
+            routing_key,
+            body,
+        } => {
+            assert_eq!((code, text.as_str()), (312, "NO_ROUTE"));
+            assert_eq!(routing_key, nowhere);
+            assert_eq!(body, b"returned");
+        }
+        other => panic!("expected basic.return, got {other:?}"),
+    }
+
+    // With confirms: the return comes first, then the ack of the same publish.
+    let (ch, mut events) = open_channel(&conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .unwrap();
+    publish_with(&ch, mandatory.clone(), b"returned then acked").await;
+    match events.next().await {
+        Event::Return { code, body, .. } => {
+            assert_eq!(code, 312);
+            assert_eq!(body, b"returned then acked");
+        }
+        other => panic!("expected basic.return before the confirm, got {other:?}"),
+    }
+    assert_eq!(
+        events.next().await,
+        Event::Ack {
+            tag: 1,
+            multiple: false
+        }
+    );
+
+    // Not mandatory: silently dropped, just acked. Routable and mandatory: delivered, acked.
+    publish(&ch, "", &nowhere, b"dropped").await;
+    assert_eq!(
+        events.next().await,
+        Event::Ack {
+            tag: 2,
+            multiple: false
+        }
+    );
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    publish_with(
+        &ch,
+        BasicPublishArguments::new("", &q).mandatory(true).finish(),
+        b"routed",
+    )
+    .await;
+    assert_eq!(
+        events.next().await,
+        Event::Ack {
+            tag: 3,
+            multiple: false
+        }
+    );
+    assert_eq!(
+        get(&ch, &q, true)
+            .await
+            .expect("routed mandatory message")
+            .body,
+        b"routed"
+    );
+    assert!(
+        events.try_next().is_none(),
+        "unexpected event: {:?}",
+        events.try_next()
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+/// access.request (class 30, deprecated but still in RabbitMQ's 0-9-1 framing) is answered by
+/// RabbitMQ with access.request-ok (ticket 1); old clients send it after channel.open.
+async fn legacy_access_request_is_answered_with_access_request_ok(addr: SocketAddr) {
+    let mut raw = RawClient::open(addr, Login::default()).await;
+    raw.open_channel(1).await;
+    // realm "/data"; bits: exclusive 0, passive 1, active 1, write 1, read 1
+    let mut args = vec![0, 30, 0, 10, 5];
+    args.extend_from_slice(b"/data");
+    args.push(0b1_1110);
+    raw.send(&frame(warren::codec::FRAME_METHOD, 1, &args))
+        .await;
+    let reply = within("the reply to access.request", raw.read_frame())
+        .await
+        .expect("decodable frame")
+        .expect("a reply, not EOF");
+    assert_eq!(
+        (reply.kind, reply.channel, &reply.payload[..]),
+        (
+            warren::codec::FrameKind::Method,
+            1,
+            &[0u8, 30, 0, 11, 0, 1][..]
+        ),
+        "expected access.request-ok (30.11, ticket 1) on channel 1; got {:?}",
+        warren::codec::Method::decode(reply.payload.clone())
+    );
+    raw.round_trip(1).await;
+    raw.close().await;
+}

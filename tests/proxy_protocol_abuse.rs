@@ -1,0 +1,224 @@
+//! Clients that break the protocol: each gets the connection.close RabbitMQ would send (the code
+//! is asserted through the proxy and, in `direct_rabbitmq::*`, of RabbitMQ itself), the proxy
+//! closes the socket afterwards, and a well-behaved client using the same proxy at the same time
+//! carries on undisturbed.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use support::*;
+use tokio::io::AsyncReadExt;
+use warren::codec::{self, Method};
+
+#[derive(Debug, Clone, Copy)]
+enum Abuse {
+    /// Bytes that are not a frame (type octet 'G').
+    Garbage,
+    /// A well-formed method frame whose frame-end octet is not 0xCE.
+    BadFrameEnd,
+    /// A body frame larger than the frame_max the client negotiated (4096).
+    OversizedFrame,
+    /// A method on a channel that was never opened.
+    UnopenedChannel,
+    /// A content header frame with no basic.publish before it.
+    HeaderWithoutMethod,
+    /// A content body frame with no basic.publish before it.
+    BodyWithoutMethod,
+    /// A method frame with a method id no AMQP 0-9-1 class has (basic, method 99).
+    UnknownMethod,
+}
+
+/// Opens a connection (frame_max 4096) and channel 1, misbehaves, and returns how the server
+/// ended the connection. Also checks that the socket is closed afterwards.
+async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
+    let mut raw = RawClient::open(
+        addr,
+        Login {
+            frame_max: 4096,
+            ..Default::default()
+        },
+    )
+    .await;
+    raw.open_channel(1).await;
+    match abuse {
+        Abuse::Garbage => raw.send(b"GARBAGE, NOT A FRAME AT ALL").await,
+        Abuse::BadFrameEnd => {
+            let mut qos = BytesMut::new();
+            Method::BasicQos(codec::BasicQos {
+                prefetch_size: 0,
+                prefetch_count: 1,
+                global: false,
+            })
+            .encode(&mut qos);
+            let mut f = frame(codec::FRAME_METHOD, 1, &qos);
+            *f.last_mut().unwrap() = 0xAB;
+            raw.send(&f).await;
+        }
+        Abuse::OversizedFrame => {
+            let mut out = BytesMut::new();
+            let publish = codec::BasicPublish {
+                routing_key: "nowhere".try_into().unwrap(),
+                ..Default::default()
+            };
+            codec::write_method(&mut out, 1, &Method::BasicPublish(publish));
+            let header = codec::ContentHeader {
+                class_id: 60,
+                body_size: 8000,
+                properties: Default::default(),
+            };
+            codec::write_header(&mut out, 1, &header);
+            out.extend_from_slice(&frame(codec::FRAME_BODY, 1, &[7u8; 8000]));
+            raw.send(&out).await;
+        }
+        Abuse::UnopenedChannel => {
+            let declare = codec::QueueDeclare {
+                queue: unique("q").as_str().try_into().unwrap(),
+                ..Default::default()
+            };
+            raw.send_method(5, &Method::QueueDeclare(declare)).await;
+        }
+        Abuse::HeaderWithoutMethod => {
+            // class 60, weight 0, body size 5, no properties
+            raw.send(&frame(
+                codec::FRAME_HEADER,
+                1,
+                &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0],
+            ))
+            .await;
+        }
+        Abuse::BodyWithoutMethod => raw.send(&frame(codec::FRAME_BODY, 1, b"hello")).await,
+        Abuse::UnknownMethod => {
+            raw.send(&frame(codec::FRAME_METHOD, 1, &[0, 60, 0, 99]))
+                .await
+        }
+    }
+    let ending = within(
+        &format!("the reaction to {abuse:?}"),
+        raw.read_until_close(),
+    )
+    .await;
+    // After close-ok, the server closes the socket.
+    let eof = within(
+        &format!("the socket to close after {abuse:?}"),
+        raw.read_until_eof(),
+    )
+    .await;
+    assert_eq!(eof, None, "a second connection.close after {abuse:?}");
+    ending
+}
+
+/// [`commit`] through a fresh proxy while a well-behaved client publishes and consumes through
+/// it; that client must keep going, and a new client must still be served afterwards.
+async fn through_proxy(abuse: Abuse) -> Ending {
+    let proxy = start_proxy("").await;
+    let mut bystander = Bystander::start(proxy.amqp_addr()).await;
+    let ending = commit(proxy.amqp_addr(), abuse).await;
+    bystander.assert_progress(20).await;
+    let mut fresh = RawClient::open(proxy.amqp_addr(), Login::default()).await;
+    fresh.open_channel(1).await;
+    fresh.round_trip(1).await;
+    fresh.close().await;
+    bystander.finish().await;
+    within("proxy shutdown", proxy.shutdown()).await;
+    ending
+}
+
+macro_rules! abuse_tests {
+    ($($name:ident: $abuse:expr => $code:expr;)*) => {
+        mod through_proxy {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ending = through_proxy($abuse).await;
+                    assert_eq!(ending.code(), $code, "{ending:?}");
+                }
+            )*
+        }
+        mod direct_rabbitmq {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ending = commit(rabbit_addr(), $abuse).await;
+                    assert_eq!(ending.code(), $code, "{ending:?}");
+                }
+            )*
+        }
+    };
+}
+
+abuse_tests! {
+    garbage_instead_of_a_frame_is_501_frame_error: Abuse::Garbage => 501;
+    bad_frame_end_octet_is_501_frame_error: Abuse::BadFrameEnd => 501;
+    frame_larger_than_frame_max_is_501_frame_error: Abuse::OversizedFrame => 501;
+    method_on_unopened_channel_is_504_channel_error: Abuse::UnopenedChannel => 504;
+    content_header_without_method_is_505_unexpected_frame: Abuse::HeaderWithoutMethod => 505;
+    content_body_without_method_is_505_unexpected_frame: Abuse::BodyWithoutMethod => 505;
+}
+
+/// The close for a method on an unopened channel names the offending method, as RabbitMQ's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_on_unopened_channel_close_matches_rabbitmq() {
+    let direct = commit(rabbit_addr(), Abuse::UnopenedChannel).await;
+    let proxied = through_proxy(Abuse::UnopenedChannel).await;
+    assert_eq!(proxied, direct);
+}
+
+/// RabbitMQ has no reply code for an unknown method id: its connection process exits and the
+/// socket is closed without a connection.close. The proxy must end the connection the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_method_id_ends_the_connection_as_rabbitmq_does() {
+    let direct = commit(rabbit_addr(), Abuse::UnknownMethod).await;
+    let proxied = through_proxy(Abuse::UnknownMethod).await;
+    let kind = |e: &Ending| match e {
+        Ending::Eof => "socket closed without connection.close".to_owned(),
+        Ending::Close(c) => format!("connection.close {}", c.code),
+    };
+    assert_eq!(
+        kind(&proxied),
+        kind(&direct),
+        "proxy: {proxied:?}, RabbitMQ: {direct:?}"
+    );
+}
+
+/// Sends a protocol header other than AMQP 0-9-1's; returns everything the server sent until it
+/// closed the socket.
+async fn wrong_header(addr: SocketAddr) -> Vec<u8> {
+    let mut raw = RawClient::connect(addr).await;
+    raw.send(b"AMQP\x01\x01\x00\x0a").await; // AMQP 0-10
+    let mut got = Vec::new();
+    // RabbitMQ resets the socket after writing its header: keep what arrived before the error.
+    let mut buf = [0u8; 64];
+    loop {
+        match within(
+            "the server to close after a wrong protocol header",
+            raw.stream.read(&mut buf),
+        )
+        .await
+        {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_header_is_answered_with_amqp_0_9_1_header_then_closed() {
+    let direct = wrong_header(rabbit_addr()).await;
+    assert_eq!(direct, codec::PROTOCOL_HEADER, "RabbitMQ's answer");
+    let proxy = start_proxy("").await;
+    let mut bystander = Bystander::start(proxy.amqp_addr()).await;
+    let proxied = wrong_header(proxy.amqp_addr()).await;
+    assert_eq!(
+        proxied,
+        codec::PROTOCOL_HEADER,
+        "the proxy's answer: {:?}",
+        String::from_utf8_lossy(&proxied)
+    );
+    bystander.assert_progress(20).await;
+    bystander.finish().await;
+    within("proxy shutdown", proxy.shutdown()).await;
+}

@@ -188,6 +188,11 @@ impl DeliveryTags {
 
     /// Resolves a client ack / nack (`multiple` allowed) or reject into upstream acks, removing the
     /// covered entries. Tag 0 with `multiple` means every outstanding delivery.
+    ///
+    /// A tag the proxy issued but no longer tracks (a no-ack delivery, one whose link died and was
+    /// requeued by its broker, one already settled) is settled silently: a client must never see
+    /// 406 for a tag the proxy gave it, since a Celery worker treats that as fatal. Only a tag
+    /// the proxy never issued gets 406, as RabbitMQ answers.
     pub fn resolve(
         &mut self,
         tag: u64,
@@ -196,13 +201,13 @@ impl DeliveryTags {
     ) -> Result<(), UnknownTag> {
         out.clear();
         if multiple {
+            if tag > self.last {
+                return Err(UnknownTag(tag));
+            }
             let end = if tag == 0 {
                 self.unacked.len()
             } else {
-                match self.position(tag) {
-                    Some(i) => i + 1,
-                    None => return Err(UnknownTag(tag)),
-                }
+                self.unacked.partition_point(|e| e.tag <= tag)
             };
             for entry in self.unacked.drain(..end) {
                 match out.iter_mut().find(|a| a.link == entry.link) {
@@ -221,8 +226,12 @@ impl DeliveryTags {
             }
             return Ok(());
         }
-        let i = self.position(tag).ok_or(UnknownTag(tag))?;
-        let entry = self.unacked.remove(i).ok_or(UnknownTag(tag))?;
+        if tag == 0 || tag > self.last {
+            return Err(UnknownTag(tag));
+        }
+        let Some(entry) = self.position(tag).and_then(|i| self.unacked.remove(i)) else {
+            return Ok(());
+        };
         out.push(UpstreamAck {
             link: entry.link,
             upstream_tag: entry.upstream_tag,
@@ -522,7 +531,8 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(t.resolve(4, false, &mut out), Err(UnknownTag(4)));
+        assert_eq!(t.resolve(4, false, &mut out), Ok(()), "an issued, settled tag is swallowed");
+        assert!(out.is_empty());
         assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
         t.resolve(0, true, &mut out).unwrap();
         assert_eq!(
@@ -544,7 +554,9 @@ mod tests {
         assert_eq!(t.issue(0, 2, true), 2);
         assert_eq!(t.outstanding(), 1);
         let mut out = Vec::new();
-        assert_eq!(t.resolve(1, false, &mut out), Err(UnknownTag(1)));
+        assert_eq!(t.resolve(1, false, &mut out), Ok(()), "a no-ack tag is swallowed, not 406");
+        assert!(out.is_empty());
+        assert_eq!(t.resolve(3, false, &mut out), Err(UnknownTag(3)), "never issued");
     }
 
     #[test]

@@ -653,6 +653,7 @@ fn is_reply(m: &Method) -> bool {
     matches!(
         m,
         Method::ChannelOpenOk(_)
+            | Method::AccessRequestOk(_)
             | Method::ChannelFlowOk(_)
             | Method::ExchangeDeclareOk(_)
             | Method::ExchangeDeleteOk(_)
@@ -698,6 +699,7 @@ fn expects_reply(m: &Method) -> bool {
         | Method::TxCommit(_)
         | Method::TxRollback(_)
         | Method::ChannelFlow(_)
+        | Method::AccessRequest(_)
         | Method::ChannelOpen(_) => true,
         _ => false,
     }
@@ -2146,6 +2148,12 @@ impl Session {
             return self.on_link_connection_method(link, method);
         }
         if self.closing.is_some() {
+            return;
+        }
+        // After sending channel.close a peer discards everything on that channel but close and
+        // close-ok (a late reply must not be taken for the reply to a reopened channel).
+        let closing = self.links[link].chan_state(ch) == UpState::Closing;
+        if closing && !matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
             return;
         }
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.

@@ -149,6 +149,10 @@ methods! {
     ChannelClose(20, 40, "channel.close", content: false) { reply_code: u16, reply_text: ShortStr, class_id: u16, method_id: u16 }
     ChannelCloseOk(20, 41, "channel.close-ok", content: false) {}
 
+    // Deprecated in 0-9-1 but still understood by RabbitMQ, and sent by some old clients.
+    AccessRequest(30, 10, "access.request", content: false) { realm: ShortStr, exclusive: bool, passive: bool, active: bool, write: bool, read: bool }
+    AccessRequestOk(30, 11, "access.request-ok", content: false) { ticket: u16 }
+
     ExchangeDeclare(40, 10, "exchange.declare", content: false) { ticket: u16, exchange: ShortStr, kind: ShortStr, passive: bool, durable: bool, auto_delete: bool, internal: bool, nowait: bool, arguments: FieldTable }
     ExchangeDeclareOk(40, 11, "exchange.declare-ok", content: false) {}
     ExchangeDelete(40, 20, "exchange.delete", content: false) { ticket: u16, exchange: ShortStr, if_unused: bool, nowait: bool }
@@ -217,7 +221,7 @@ mod tests {
     #[test]
     fn table_is_complete_and_unique() {
         let all = all_methods_default();
-        assert_eq!(all.len(), 64);
+        assert_eq!(all.len(), 66);
         let mut ids: Vec<_> = all.iter().map(Method::ids).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -326,10 +330,10 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(
-            Method::decode(Bytes::from_static(&[0, 30, 0, 10, 0])),
+            Method::decode(Bytes::from_static(&[0, 30, 0, 99, 0])),
             Err(CodecError::UnknownMethod {
                 class_id: 30,
-                method_id: 10
+                method_id: 99
             })
         );
         assert!(matches!(
@@ -393,6 +397,7 @@ mod tests {
         let m: Method = TxSelect {}.into();
         assert_eq!(m, Method::TxSelect(TxSelect {}));
         assert_eq!(m.name(), "tx.select");
-        assert_eq!(method_name(30, 10), None);
+        assert_eq!(method_name(30, 10), Some("access.request"));
+        assert_eq!(method_name(30, 99), None);
     }
 }

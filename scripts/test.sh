@@ -15,14 +15,16 @@
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
+#      reload: hot reload under load: add then drain a shard cluster (tests/e2e/reload_e2e.py);
+#      fault:  no-loss fault tests on private clusters (tests/fault/fault_e2e.py --quick);
 #   5. prints a summary and exits non-zero if any part failed.
 #
 # Environment knobs:
-#   WARREN_PY_TOPOLOGY=single|sharded  clusters behind the proxy for python/celery (default single:
-#                                      only shard-a; sharded: shard-a + shard-b shards, control)
+#   WARREN_PY_TOPOLOGY=single|sharded  clusters behind the proxy for python/celery (default sharded:
+#                                      shard-a + shard-b shards and control; single: only shard-a)
 #   WARREN_TEST_TARGET=proxy|direct    direct: no proxy; the suites run directly only and the Celery
 #                                      test talks to shard-a itself (checks the harness, not warren)
-#   WARREN_E2E_TASKS (1000), WARREN_E2E_WORKERS (2), WARREN_E2E_ARGS (e.g. --management)
+#   WARREN_E2E_TASKS (10000), WARREN_E2E_WORKERS (3), WARREN_E2E_ARGS (default --management)
 #   WARREN_KEEP_CLUSTERS=1             leave the clusters running at exit (prints how to stop them)
 #   RUST_LOG                           passed to the proxy (default info)
 #
@@ -35,7 +37,7 @@ cd "$ROOT"
 RABBIT="$ROOT/scripts/rabbit.sh"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-TOPOLOGY=${WARREN_PY_TOPOLOGY:-single}
+TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
@@ -46,7 +48,7 @@ PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
 for p in "${PARTS[@]}"; do
     case "$p" in
-    all | rust | python | celery) ;;
+    all | rust | python | celery | reload | fault) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
@@ -161,7 +163,11 @@ free_port() {
 
 say "installing what is missing (cached)"
 "$RABBIT" install
-if want python || want celery; then
+if want rust && [ ! -x /usr/bin/chromium ]; then
+    # tests/admin_page.rs renders the admin status page in headless Chromium.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+if want python || want celery || want reload || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi
@@ -179,7 +185,7 @@ if want rust; then
 fi
 WARREN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/warren"
 PROXY_BUILD_OK=1
-if [ "$TARGET" = proxy ] && { want python || want celery; }; then
+if [ "$TARGET" = proxy ] && { want python || want celery || want reload || want fault; }; then
     say "cargo build --bin warren"
     cargo build --bin warren || PROXY_BUILD_OK=0
 fi
@@ -297,6 +303,7 @@ if want python || want celery; then
         say "python: py-amqp and kombu integration suites ($TARGET)"
         t0=$(date +%s)
         args=(run --direct "$DIRECT" --out "$LOGS/suites" --reset-cmd "$RESET")
+        [ "$TOPOLOGY" = sharded ] && args+=(--sharded)
         ok=1
         if [ "$TARGET" = proxy ]; then
             if [ "$PROXY_UP" = 1 ]; then
@@ -320,7 +327,7 @@ if want python || want celery; then
         fi
         # shellcheck disable=SC2086
         if { [ "$TARGET" = direct ] || [ "$PROXY_UP" = 1 ]; } &&
-            "$PY" tests/e2e/celery_e2e.py "$broker" "${WARREN_E2E_TASKS:-1000}" "${WARREN_E2E_WORKERS:-2}" ${WARREN_E2E_ARGS:-}; then
+            "$PY" tests/e2e/celery_e2e.py "$broker" "${WARREN_E2E_TASKS:-10000}" "${WARREN_E2E_WORKERS:-3}" ${WARREN_E2E_ARGS:---management}; then
             record celery PASS $(($(date +%s) - t0))
         else
             [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 0 ] && echo "warren is not running: celery part fails" >&2
@@ -336,6 +343,32 @@ if want python || want celery; then
             PROXY_PID=
         fi
         stop_proxy
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 4b. reload and fault tests (each starts its own proxy)
+
+if want reload; then
+    say "reload: add and drain a shard cluster under load"
+    t0=$(date +%s)
+    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/e2e/reload_e2e.py "$WARREN_BIN" \
+        --shard-a "$(addr_of shard-a 1),$(addr_of shard-a 2)" \
+        --shard-b "$(addr_of shard-b 1),$(addr_of shard-b 2)" \
+        --control "$(addr_of control 1),$(addr_of control 2)"; then
+        record reload PASS $(($(date +%s) - t0))
+    else
+        record reload FAIL $(($(date +%s) - t0))
+    fi
+fi
+
+if want fault && [ -f tests/fault/fault_e2e.py ]; then
+    say "fault: no-loss fault tests (quick)"
+    t0=$(date +%s)
+    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/fault/fault_e2e.py --warren "$WARREN_BIN" --quick; then
+        record fault PASS $(($(date +%s) - t0))
+    else
+        record fault FAIL $(($(date +%s) - t0))
     fi
 fi
 

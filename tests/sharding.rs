@@ -1830,63 +1830,6 @@ async fn basic_get_finds_messages_on_either_shard() {
     direct.close().await;
 }
 
-/// basic.get-ok's `message_count` is the number of messages left in the queue (AMQP 0-9-1:
-/// "the number of messages in the queue"; RabbitMQ reports the ready messages left after the
-/// get). A sharded queue is one queue to the client, so that is the count over every shard.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic_get_ok_counts_the_messages_left_on_every_shard() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("get-count"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
-    direct.publish(Cl::A, &queue, &["msg-1", "msg-2"]).await;
-    direct
-        .publish(Cl::B, &queue, &["msg-3", "msg-4", "msg-5"])
-        .await;
-    direct.wait_depth(Cl::A, &queue, 2).await;
-    direct.wait_depth(Cl::B, &queue, 3).await;
-
-    let mut counts = Vec::new();
-    let mut bodies = BTreeSet::new();
-    for _ in 0..5 {
-        let got = within(
-            "basic.get",
-            ch.basic_get(BasicGetArguments::new(&queue).no_ack(true).finish()),
-        )
-        .await
-        .expect("basic.get through the proxy");
-        let (ok, _props, body) =
-            got.expect("basic.get found no message with messages left on the shards");
-        counts.push(ok.message_count());
-        bodies.insert(index_of(&body));
-    }
-    assert_eq!(
-        bodies,
-        (1..=5).collect::<BTreeSet<_>>(),
-        "every message gotten once"
-    );
-    events.assert_no_close("client");
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&queue)),
-    )
-    .await
-    .expect("queue.delete");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
-    assert_eq!(
-        counts,
-        vec![4, 3, 2, 1, 0],
-        "get-ok message_count after each of 5 gets from a queue holding 2 messages on shard-a and 3 on shard-b \
-         (RabbitMQ with one queue reports the messages left: 4, 3, 2, 1, 0)"
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // 9. A consumer is cancelled only when every cluster cancelled it
 

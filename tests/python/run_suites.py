@@ -67,6 +67,24 @@ SUITES = {
 }
 
 
+# Through a proxy with two shard clusters, messages of one queue live on two brokers: order holds
+# per cluster, not globally. These tests assert a global order (priority order across all
+# messages of a queue) and may differ from a single broker; any other difference fails the run.
+SHARDED_ORDER_DEPENDENT = {
+    "test_PyAMQPPriority::test_publish_consume":
+        "asserts priority order over all messages; priorities are ordered per shard cluster",
+    "test_PyAMQPPriority::test_simple_queue_publish_consume":
+        "asserts priority order over all messages; priorities are ordered per shard cluster",
+}
+
+
+def order_dependent(test_id: str) -> str | None:
+    for key, why in SHARDED_ORDER_DEPENDENT.items():
+        if key in test_id:
+            return why
+    return None
+
+
 def excluded_reason(suite: str, test_id: str) -> str | None:
     """Why a collected test is deselected, or None to run it."""
     if suite == "py-amqp":
@@ -380,7 +398,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if do != po:
                     rows.append((t, do, po))
                     if do == "passed":
-                        regressions.append(t)
+                        why = order_dependent(t) if args.sharded else None
+                        if why:
+                            print(f"  expected with shard clusters: {t}: {why}")
+                        else:
+                            regressions.append(t)
             if rows:
                 print("differences (direct -> proxy):")
                 print_table(rows, ("test", "direct", "proxy"))
@@ -424,6 +446,8 @@ def main() -> int:
     r.add_argument("--out", default="/tmp/warren-suites", help="junit/log/summary dir")
     r.add_argument("--suite", action="append", choices=list(SUITES))
     r.add_argument("--timeout", type=int, default=30, help="per-test timeout (s)")
+    r.add_argument("--sharded", action="store_true",
+                   help="the proxy has several shard clusters: tolerate the global-order tests")
     r.add_argument("--suite-timeout", type=int, default=600, help="per pytest run (s)")
     r.add_argument("--reset-cmd",
                    help="shell command run (from the repo root) before every pytest run to give "

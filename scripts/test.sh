@@ -165,7 +165,8 @@ say "installing what is missing (cached)"
 "$RABBIT" install
 if want rust && [ ! -x /usr/bin/chromium ]; then
     # tests/admin_page.rs renders the admin status page in headless Chromium.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 fi
 if want python || want celery || want reload || want fault; then
     setup_venv

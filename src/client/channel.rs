@@ -531,7 +531,11 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(t.resolve(4, false, &mut out), Ok(()), "an issued, settled tag is swallowed");
+        assert_eq!(
+            t.resolve(4, false, &mut out),
+            Ok(()),
+            "an issued, settled tag is swallowed"
+        );
         assert!(out.is_empty());
         assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
         t.resolve(0, true, &mut out).unwrap();
@@ -554,9 +558,17 @@ mod tests {
         assert_eq!(t.issue(0, 2, true), 2);
         assert_eq!(t.outstanding(), 1);
         let mut out = Vec::new();
-        assert_eq!(t.resolve(1, false, &mut out), Ok(()), "a no-ack tag is swallowed, not 406");
+        assert_eq!(
+            t.resolve(1, false, &mut out),
+            Ok(()),
+            "a no-ack tag is swallowed, not 406"
+        );
         assert!(out.is_empty());
-        assert_eq!(t.resolve(3, false, &mut out), Err(UnknownTag(3)), "never issued");
+        assert_eq!(
+            t.resolve(3, false, &mut out),
+            Err(UnknownTag(3)),
+            "never issued"
+        );
     }
 
     #[test]

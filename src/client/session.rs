@@ -189,16 +189,16 @@ pub async fn serve(
     };
     let config_rx = shared.subscribe();
     let reason = session
-        .run(
+        .run(Inputs {
             rd,
             rbuf,
-            events_rx,
-            opened_rx,
+            events: events_rx,
+            opened: opened_rx,
             config_rx,
             heartbeat,
-            config.limits.max_message_size,
+            max_message: config.limits.max_message_size,
             force_close,
-        )
+        })
         .await;
     drop(events_tx);
     session.release_gauges();
@@ -705,18 +705,31 @@ fn expects_reply(m: &Method) -> bool {
     }
 }
 
+/// What a session's event loop waits on, besides its own state.
+struct Inputs {
+    rd: OwnedReadHalf,
+    /// Bytes already read from the client (pipelined behind connection.open).
+    rbuf: BytesMut,
+    events: mpsc::Receiver<LinkEvent>,
+    opened: mpsc::Receiver<Opened>,
+    config_rx: tokio::sync::watch::Receiver<Arc<Config>>,
+    heartbeat: Option<Duration>,
+    max_message: u64,
+    force_close: CancellationToken,
+}
+
 impl Session {
-    async fn run(
-        &mut self,
-        mut rd: OwnedReadHalf,
-        mut rbuf: BytesMut,
-        mut events: mpsc::Receiver<LinkEvent>,
-        mut opened: mpsc::Receiver<Opened>,
-        mut config_rx: tokio::sync::watch::Receiver<Arc<Config>>,
-        heartbeat: Option<Duration>,
-        max_message: u64,
-        force_close: CancellationToken,
-    ) -> String {
+    async fn run(&mut self, inputs: Inputs) -> String {
+        let Inputs {
+            mut rd,
+            mut rbuf,
+            mut events,
+            mut opened,
+            mut config_rx,
+            heartbeat,
+            max_message,
+            force_close,
+        } = inputs;
         let mut assembler = Assembler::new(max_message);
         let mut last_seen = Instant::now();
         let mut forced = false;
@@ -2318,7 +2331,7 @@ impl Session {
             else {
                 return;
             };
-            if !channel.rpcs.front().is_some_and(|r| r.waiting == 0) {
+            if channel.rpcs.front().is_none_or(|r| r.waiting != 0) {
                 return;
             }
             let Some(rpc) = channel.rpcs.pop_front() else {

@@ -413,6 +413,8 @@ pub struct Consumer {
     /// The consume request, replayed on links opened later (an added cluster, a failover).
     pub request: Option<crate::codec::BasicConsume>,
     pub class: crate::route::Class,
+    /// The client has its consume-ok (or asked for none).
+    pub ready: bool,
 }
 
 /// Everything the proxy keeps for one client channel.
@@ -429,6 +431,8 @@ pub struct Channel {
     pub tx_link: Option<LinkId>,
     /// Synchronous requests waiting for replies, oldest first.
     pub rpcs: VecDeque<Rpc>,
+    /// Deliveries waiting for a consume-ok to reach the client first.
+    pub held: Vec<(Method, Option<Content>)>,
     /// The client's last basic.qos, re-split when the set of shard clusters changes.
     pub qos: Option<crate::codec::BasicQos>,
     next_rpc: u64,
@@ -446,6 +450,7 @@ impl Channel {
             tx_link: None,
             rpcs: VecDeque::new(),
             qos: None,
+            held: Vec::new(),
             next_rpc: 0,
         }
     }

@@ -1470,6 +1470,9 @@ impl Session {
                     links: targets,
                     request: Some(c.clone()),
                     class,
+                    // A broker sends consume-ok before any delivery; with several clusters the
+                    // first one may deliver before the last one answers, so deliveries wait.
+                    ready: c.nowait,
                 };
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
@@ -2256,6 +2259,19 @@ impl Session {
                 if slot.removed {
                     slot.last_delivery = Instant::now();
                 }
+                let Some(channel) = self
+                    .channels
+                    .get_mut(usize::from(ch))
+                    .and_then(Option::as_mut)
+                else {
+                    return;
+                };
+                if !channel.held.is_empty() || channel.consumers.iter().any(|c| !c.ready) {
+                    // Until the client has its consume-ok, deliveries of the channel wait, in
+                    // order (their tags are already issued, in arrival order).
+                    channel.held.push((Method::BasicDeliver(d), content));
+                    return;
+                }
                 self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
             }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
@@ -2382,6 +2398,21 @@ impl Session {
                 Method::BasicCancelOk(c) => {
                     channel.remove_consumer(&c.consumer_tag);
                     self.to_client(ch, &Method::BasicCancelOk(c));
+                }
+                Method::BasicConsumeOk(ok) => {
+                    if let Some(c) = channel.consumer_mut(&ok.consumer_tag) {
+                        c.ready = true;
+                    }
+                    let release = channel.consumers.iter().all(|c| c.ready);
+                    let held = if release {
+                        std::mem::take(&mut channel.held)
+                    } else {
+                        Vec::new()
+                    };
+                    self.to_client(ch, &Method::BasicConsumeOk(ok));
+                    for (m, content) in held {
+                        self.deliver(ch, &m, content.as_ref());
+                    }
                 }
                 other => self.to_client(ch, &other),
             }

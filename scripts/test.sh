@@ -263,6 +263,7 @@ start_proxy() { # sets PROXY_ADDR; returns non-zero if the proxy does not come u
         fi
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             PROXY_ADDR="127.0.0.1:$port"
+            ADMIN_ADDR="127.0.0.1:$admin"
             echo "warren (pid $PROXY_PID) accepts on $PROXY_ADDR, admin 127.0.0.1:$admin; log $LOGS/warren.log"
             return 0
         fi
@@ -330,6 +331,18 @@ if want python || want celery; then
         if { [ "$TARGET" = direct ] || [ "$PROXY_UP" = 1 ]; } &&
             "$PY" tests/e2e/celery_e2e.py "$broker" "${WARREN_E2E_TASKS:-10000}" "${WARREN_E2E_WORKERS:-3}" ${WARREN_E2E_ARGS:---management}; then
             record celery PASS $(($(date +%s) - t0))
+            if [ "$TARGET" = proxy ] && [ "$TOPOLOGY" = sharded ]; then
+                # Both shard clusters must have carried tasks (warren's own per-cluster counters).
+                metrics=$(python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$ADMIN_ADDR/metrics').read().decode())")
+                a=$(echo "$metrics" | awk '/^warren_publishes_total\{cluster="shard-a"\}/ {print $2}')
+                b=$(echo "$metrics" | awk '/^warren_publishes_total\{cluster="shard-b"\}/ {print $2}')
+                echo "publishes through warren: shard-a ${a:-0}, shard-b ${b:-0}"
+                if [ "${a%.*}" -gt 1000 ] 2>/dev/null && [ "${b%.*}" -gt 1000 ] 2>/dev/null; then
+                    record celery-spread PASS 0
+                else
+                    record celery-spread FAIL 0
+                fi
+            fi
         else
             [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 0 ] && echo "warren is not running: celery part fails" >&2
             record celery FAIL $(($(date +%s) - t0))

@@ -829,7 +829,11 @@ fn cases_cover_every_method() {
     let mut ours: Vec<(u16, u16)> = cases.iter().map(|(m, _)| m.ids()).collect();
     // The deprecated access class (30) is checked by the unit tests and against RabbitMQ in
     // tests/proxy_basic.rs, not here.
-    let mut every: Vec<(u16, u16)> = all_methods_default().iter().map(Method::ids).filter(|&(c, _)| c != 30).collect();
+    let mut every: Vec<(u16, u16)> = all_methods_default()
+        .iter()
+        .map(Method::ids)
+        .filter(|&(c, _)| c != 30)
+        .collect();
     ours.sort_unstable();
     every.sort_unstable();
     assert_eq!(ours, every);

@@ -174,7 +174,10 @@ async fn unknown_method_id_is_answered_with_503_command_invalid() {
     // RabbitMQ's connection process crashes on an unknown method and drops the socket without a
     // reason; the proxy names the problem with the spec's code instead (503 COMMAND_INVALID).
     let direct = commit(rabbit_addr(), Abuse::UnknownMethod).await;
-    assert!(matches!(direct, Ending::Eof | Ending::Close(_)), "RabbitMQ: {direct:?}");
+    assert!(
+        matches!(direct, Ending::Eof | Ending::Close(_)),
+        "RabbitMQ: {direct:?}"
+    );
     let proxied = through_proxy(Abuse::UnknownMethod).await;
     match proxied {
         Ending::Close(c) => assert_eq!(c.code, 503, "proxy: {c:?}"),

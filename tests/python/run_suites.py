@@ -75,6 +75,11 @@ SHARDED_ORDER_DEPENDENT = {
         "asserts priority order over all messages; priorities are ordered per shard cluster",
     "test_PyAMQPPriority::test_simple_queue_publish_consume":
         "asserts priority order over all messages; priorities are ordered per shard cluster",
+    "test_PyAMQPPriority::test_simple_buffer_publish_consume":
+        "asserts priority order over all messages; priorities are ordered per shard cluster",
+    "test_PyAMQPEventLoop::test_ack_from_another_thread":
+        "asserts that message 0 is consumed before message 1; the two land on different shard "
+        "clusters (round-robin), each consumed with its own prefetch share",
 }
 
 

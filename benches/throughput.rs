@@ -14,9 +14,10 @@
 //! through a warren process in front of that same node:
 //!
 //! * **publish**: one connection pipelines `count` basic.publish (no confirms) in large writes;
-//!   the clock stops when a passive queue.declare on the same channel reports every message in
-//!   the queue (a channel's commands are handled in order, so this round trip cannot overtake a
-//!   publish, also not through the proxy).
+//!   the clock stops when passive queue.declares on the same channel report every message in
+//!   the queue. (Writing the last byte is not the end: the proxy and the kernel buffer megabytes,
+//!   and RabbitMQ may answer a declare before its queue process has taken in every routed
+//!   message, so the count is polled until it is complete.)
 //! * **confirm**: the same with publisher confirms and a window of `confirm-window` messages in
 //!   flight; the clock stops at the last confirm.
 //! * **consume**: drains the queue the publish phase filled, prefetch `prefetch`, one
@@ -29,7 +30,8 @@
 //!
 //! * Direct and proxied runs alternate phase by phase, and which goes first alternates round by
 //!   round, so the noise of a shared machine (other builds, other RabbitMQ nodes) hits both
-//!   sides alike; the report gives medians over the rounds.
+//!   sides alike. The report gives medians over the rounds and compares the two sides round by
+//!   round (median of the per-round ratios), since only a round's two runs saw the same load.
 //! * The client is written on `warren::codec` and tokio's current-thread runtime: it sends
 //!   prebuilt frames and only decodes the few fields it needs (delivery tags, confirm tags, body
 //!   size, a timestamp), so it is cheap next to the broker. Its own CPU time is reported so that
@@ -121,7 +123,15 @@ async fn run(opts: &Options) -> Res<()> {
     for &size in &opts.sizes {
         let count = opts.count.unwrap_or_else(|| default_count(size));
         for ep in &endpoints {
-            warm_up(ep, size, count).await?;
+            eprintln!("  size {size:>5} warming up {}", ep.target.name());
+            tokio::time::timeout(PHASE_TIMEOUT, warm_up(ep, size, count))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "warm-up via {} took more than {PHASE_TIMEOUT:?}",
+                        ep.target.name()
+                    )
+                })??;
         }
         for round in 0..opts.rounds {
             // Alternate who goes first, so neither side always runs right after the other.
@@ -176,7 +186,10 @@ usage: cargo bench --bench throughput -- --nodes HOST:PORT[,HOST:PORT] [options]
   --latency-secs S        length of the latency phase in seconds; default 3
   --work-dir DIR          where the proxy config and log go; default $TMPDIR/warren-bench-<pid>
 
-Every option can also be set as WARREN_BENCH_<NAME> (e.g. WARREN_BENCH_SIZES=100,4096).";
+Every option can also be set as WARREN_BENCH_<NAME> (e.g. WARREN_BENCH_SIZES=100,4096).
+WARREN_BENCH_PROXY_LOG sets the proxy's RUST_LOG (default warn); its log is in the work dir.
+WARREN_BENCH_SOURCE, if set, is printed in the report header (scripts/bench.sh: the git commit).
+WARREN_BENCH_PROXY_BIN runs that warren binary instead of the one built with the benchmark.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Topology {
@@ -393,10 +406,11 @@ fn list<T: std::str::FromStr>(value: Option<String>, name: &str) -> Res<Option<V
         .transpose()
 }
 
-/// Messages per throughput phase: about 20 MB of bodies, at most 200k messages, which is a few
-/// seconds per phase against RabbitMQ 3.10 on the 2-core development machine.
+/// Messages per throughput phase: 400 MB of bodies, between 20k and 200k messages. Against
+/// RabbitMQ 3.10 on the 2-core development machine that is 3 to 8 seconds per phase (100-byte
+/// messages go at 30-60k msg/s, 4 KiB ones at 25-45k msg/s).
 fn default_count(size: usize) -> u64 {
-    (20_000_000 / size as u64).clamp(5_000, 200_000)
+    (400_000_000 / size as u64).clamp(20_000, 200_000)
 }
 
 fn queue_name(size: usize, round: usize, target: Target) -> String {
@@ -501,8 +515,12 @@ async fn run_phase(
         })
 }
 
-/// A phase that has not finished by then is stuck (a lost message, a dead broker).
-const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A queue length that has not moved for this long will not reach the count (lost messages).
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A phase that has not finished by then is stuck (a lost message, a dead broker, a deadlocked
+/// proxy). Phases take 3 to 15 seconds even on a loaded machine.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A short unrecorded publish + consume, so the first measured round does not pay for the
 /// broker's and the proxy's first allocations and connections.
@@ -529,16 +547,9 @@ async fn publish_phase(ep: &Endpoint, queue: &str, size: usize, count: u64) -> R
     let message = publish_frames(queue, &vec![b'x'; size], conn.frame_max());
     let span = ep.meter.start();
     conn.publish_copies(&message, count).await?;
-    // The broker handles a channel's commands in order: once this passive declare is answered,
-    // every publish before it has been routed to the queue.
-    let in_queue = conn.message_count(queue).await?;
+    conn.await_queue_length(queue, count).await?;
     let cpu = ep.meter.stop(&span);
     conn.close().await?;
-    if in_queue != count {
-        return Err(
-            format!("queue {queue} holds {in_queue} messages, {count} were published").into(),
-        );
-    }
     Ok(Sample {
         messages: count,
         secs: span.secs(),
@@ -864,6 +875,27 @@ impl Conn {
         self.reader.method().await
     }
 
+    /// Polls the queue's message count until it reaches `expected`.
+    ///
+    /// One passive declare is not enough: RabbitMQ may answer it before its queue process has
+    /// taken in every delivery the channel already routed (seen: 1840 of 2000 right after the
+    /// last publish).
+    async fn await_queue_length(&mut self, queue: &str, expected: u64) -> Res<()> {
+        let mut last = (0, Instant::now());
+        loop {
+            let n = self.message_count(queue).await?;
+            if n >= expected {
+                return Ok(());
+            }
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() > STALL_TIMEOUT {
+                return Err(format!("queue {queue} stuck at {n} of {expected} messages").into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     async fn message_count(&mut self, queue: &str) -> Res<u64> {
         let passive = QueueDeclare {
             queue: short(queue),
@@ -1018,7 +1050,7 @@ impl Deliveries {
 
     fn message_done(&mut self) {
         self.received += 1;
-        if self.received % self.ack_every == 0 {
+        if self.received.is_multiple_of(self.ack_every) {
             self.ack(self.last_tag);
         }
     }
@@ -1122,10 +1154,14 @@ impl ProxyProcess {
         let log_path = opts.work_dir.join("proxy.log");
         std::fs::write(&config_path, proxy_config(addr, opts.topology, &opts.nodes))?;
         let log = File::create(&log_path)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        let child = Command::new(proxy_binary())
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "warn")
+            // Quiet by default; WARREN_BENCH_PROXY_LOG=debug helps when a phase hangs.
+            .env(
+                "RUST_LOG",
+                std::env::var("WARREN_BENCH_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1184,6 +1220,15 @@ impl Drop for ProxyProcess {
             }
         }
     }
+}
+
+/// The warren built together with this benchmark (same profile), unless
+/// WARREN_BENCH_PROXY_BIN names another one: an older build for an A/B comparison, or a build
+/// with debug info for profiling.
+fn proxy_binary() -> PathBuf {
+    std::env::var_os("WARREN_BENCH_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_warren")))
 }
 
 /// A loopback address with a port nobody listens on right now (the OS picks it).
@@ -1318,6 +1363,12 @@ impl Results {
             .push(sample);
     }
 
+    fn rounds(&self, size: usize, phase: Phase, target: Target) -> &[Sample] {
+        self.samples
+            .get(&(size, phase, target))
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// Median over the rounds of `f` of each sample.
     fn median(
         &self,
@@ -1326,29 +1377,61 @@ impl Results {
         target: Target,
         f: impl Fn(&Sample) -> Option<f64>,
     ) -> Option<f64> {
-        let values: Vec<f64> = self
-            .samples
-            .get(&(size, phase, target))?
-            .iter()
-            .filter_map(f)
-            .collect();
-        median(values)
+        median(
+            self.rounds(size, phase, target)
+                .iter()
+                .filter_map(f)
+                .collect(),
+        )
     }
 
-    /// Per-round proxy/direct ratios of `f` (rounds pair up in order), as min and max.
-    fn ratio_range(
+    /// The proxy against direct, round by round: `cmp(proxy, direct)` of `f` for the two runs
+    /// of each round, which ran back to back and so saw about the same machine load. On a busy
+    /// machine this is far steadier than comparing the two medians.
+    fn paired(
         &self,
         size: usize,
         phase: Phase,
         f: impl Fn(&Sample) -> f64,
-    ) -> Option<(f64, f64)> {
-        let direct = self.samples.get(&(size, phase, Target::Direct))?;
-        let proxy = self.samples.get(&(size, phase, Target::Proxy))?;
-        let ratios: Vec<f64> = direct.iter().zip(proxy).map(|(d, p)| f(p) / f(d)).collect();
-        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (!ratios.is_empty()).then_some((min, max))
+        cmp: impl Fn(f64, f64) -> f64,
+    ) -> Option<Spread> {
+        let direct = self.rounds(size, phase, Target::Direct);
+        let proxy = self.rounds(size, phase, Target::Proxy);
+        Spread::of(
+            direct
+                .iter()
+                .zip(proxy)
+                .map(|(d, p)| cmp(f(p), f(d)))
+                .collect(),
+        )
     }
+}
+
+/// Median, minimum and maximum of per-round values.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: Vec<f64>) -> Option<Spread> {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(Spread {
+            median: median(values)?,
+            min,
+            max,
+        })
+    }
+}
+
+fn ratio(proxy: f64, direct: f64) -> f64 {
+    proxy / direct
+}
+
+fn difference(proxy: f64, direct: f64) -> f64 {
+    proxy - direct
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -1365,7 +1448,10 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 }
 
 fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> String {
-    let build = if cfg!(debug_assertions) {
+    // The proxy is built with the benchmark's profile, unless another binary was named.
+    let build = if std::env::var_os("WARREN_BENCH_PROXY_BIN").is_some() {
+        "given by WARREN_BENCH_PROXY_BIN"
+    } else if cfg!(debug_assertions) {
         "debug (unoptimized!)"
     } else {
         "release"
@@ -1389,13 +1475,17 @@ fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> 
     );
     let _ = writeln!(
         s,
-        "- warren build: {build}; config {}; log {}",
+        "- warren build: {build} ({}); config {}; log {}",
+        proxy_binary().display(),
         proxy.config_path.display(),
         proxy.log_path.display()
     );
+    if let Ok(source) = std::env::var("WARREN_BENCH_SOURCE") {
+        let _ = writeln!(s, "- source: {source}");
+    }
     let _ = writeln!(
         s,
-        "- machine: {cpus} CPUs visible; {} rounds, direct and proxy alternating; medians",
+        "- machine: {cpus} CPUs visible; {} rounds, direct and proxy alternating",
         opts.rounds
     );
     let _ = writeln!(
@@ -1406,7 +1496,8 @@ fn report_header(opts: &Options, rabbit_version: &str, proxy: &ProxyProcess) -> 
     s
 }
 
-/// One Markdown table per message size: medians, the ratio, and CPU time per message.
+/// One Markdown table per message size: medians per side, the per-round comparison, and CPU
+/// time per message.
 fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -1415,22 +1506,31 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
     );
     let _ = writeln!(
         s,
-        "| phase | direct | proxy | proxy/direct | per-round ratios |"
+        "Medians over the rounds; \"proxy vs direct\" is the median of the per-round \
+         comparisons (each round's two runs were back to back), with their range.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| phase | direct | proxy | proxy vs direct | range over rounds |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
     for &phase in &opts.phases {
         if phase == Phase::Latency {
-            for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
-                let pick = |x: &Sample| if q == 0.5 { x.p50_us } else { x.p99_us };
+            let p50 = |x: &Sample| x.p50_us;
+            let p99 = |x: &Sample| x.p99_us;
+            for (label, pick) in [("p50", &p50 as &dyn Fn(&Sample) -> f64), ("p99", &p99)] {
                 let d = results.median(size, phase, Target::Direct, |x| Some(pick(x)));
                 let p = results.median(size, phase, Target::Proxy, |x| Some(pick(x)));
-                let added = match (d, p) {
-                    (Some(d), Some(p)) => format!("{:+.0} µs", p - d),
-                    _ => "-".into(),
+                let (cmp, range) = match results.paired(size, phase, pick, difference) {
+                    Some(c) => (
+                        format!("{:+.0} µs", c.median),
+                        format!("{:+.0} to {:+.0} µs", c.min, c.max),
+                    ),
+                    None => ("-".into(), "-".into()),
                 };
                 let _ = writeln!(
                     s,
-                    "| latency {label} (µs) | {} | {} | {added} | |",
+                    "| latency {label} (µs) | {} | {} | {cmp} | {range} |",
                     num(d),
                     num(p)
                 );
@@ -1439,23 +1539,23 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
         }
         let d = results.median(size, phase, Target::Direct, |x| Some(x.rate()));
         let p = results.median(size, phase, Target::Proxy, |x| Some(x.rate()));
-        let ratio = match (d, p) {
-            (Some(d), Some(p)) => format!("{:.2}", p / d),
-            _ => "-".into(),
+        let (cmp, range) = match results.paired(size, phase, Sample::rate, ratio) {
+            Some(c) => (
+                format!("{:.2}x", c.median),
+                format!("{:.2}x - {:.2}x", c.min, c.max),
+            ),
+            None => ("-".into(), "-".into()),
         };
-        let range = results
-            .ratio_range(size, phase, Sample::rate)
-            .map_or("-".into(), |(lo, hi)| format!("{lo:.2} - {hi:.2}"));
         let _ = writeln!(
             s,
-            "| {} (msg/s) | {} | {} | {ratio} | {range} |",
+            "| {} (msg/s) | {} | {} | {cmp} | {range} |",
             phase.name(),
             num(d),
             num(p)
         );
     }
 
-    let _ = writeln!(s, "\nCPU time per message (µs; medians):\n");
+    let _ = writeln!(s, "\nCPU time per message, µs (medians over the rounds):\n");
     let _ = writeln!(
         s,
         "| phase | warren | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |"
@@ -1481,38 +1581,30 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
     s
 }
 
-/// The issue's targets: proxied throughput >= 0.9x direct, added p50 latency < 100 µs.
+/// The issue's targets: proxied throughput >= 0.9x direct, added p50 latency < 100 µs, judged on
+/// the per-round comparisons.
 fn report_targets(opts: &Options, results: &Results) -> String {
     let mut s = String::from("\n## Targets\n\n");
     for &size in &opts.sizes {
         for &phase in &opts.phases {
-            let d = results.median(size, phase, Target::Direct, |x| {
-                Some(if phase == Phase::Latency {
-                    x.p50_us
-                } else {
-                    x.rate()
-                })
-            });
-            let p = results.median(size, phase, Target::Proxy, |x| {
-                Some(if phase == Phase::Latency {
-                    x.p50_us
-                } else {
-                    x.rate()
-                })
-            });
-            let (Some(d), Some(p)) = (d, p) else { continue };
             let line = if phase == Phase::Latency {
-                let added = p - d;
+                let Some(added) = results.paired(size, phase, |x| x.p50_us, difference) else {
+                    continue;
+                };
                 format!(
-                    "added p50 latency {added:+.0} µs (target < 100 µs): {}",
-                    verdict(added < 100.0)
+                    "added p50 latency {:+.0} µs (target < 100 µs): {}",
+                    added.median,
+                    verdict(added.median < 100.0)
                 )
             } else {
+                let Some(r) = results.paired(size, phase, Sample::rate, ratio) else {
+                    continue;
+                };
                 format!(
-                    "{} throughput {:.2}x direct (target >= 0.90x): {}",
+                    "{} throughput {:.3}x direct (target >= 0.90x): {}",
                     phase.name(),
-                    p / d,
-                    verdict(p / d >= 0.9)
+                    r.median,
+                    verdict(r.median >= 0.9)
                 )
             };
             let _ = writeln!(s, "- {size} B, {line}");
@@ -1541,32 +1633,4 @@ fn num(v: Option<f64>) -> String {
 
 fn num1(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn confirms_settle_in_any_order() {
-        let mut c = Confirms::default();
-        assert_eq!(c.settle(2, false), 1);
-        assert_eq!(c.upto, 0);
-        assert_eq!(c.settle(1, false), 1);
-        assert_eq!(c.upto, 2);
-        assert_eq!(c.settle(5, false), 1);
-        assert_eq!(c.settle(6, true), 3); // 3, 4 and 6; 5 was already settled
-        assert_eq!(c.upto, 6);
-        assert_eq!(c.settle(4, true), 0);
-    }
-
-    #[test]
-    fn percentiles_and_numbers() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 0.5), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(num(Some(1234567.4)), "1,234,567");
-        assert_eq!(num(Some(-999.0)), "-999");
-    }
 }

@@ -99,6 +99,11 @@ pub struct Limits {
     pub max_held_bytes_per_connection: usize,
     /// The same bound over all connections. Default 1 GiB.
     pub max_held_bytes: usize,
+    /// Hold every publish until its cluster confirms it (upstream channels in confirm mode), to
+    /// publish it again elsewhere on a nack or a lost link. Default true. With false, only
+    /// clients that ask for confirms get them, and a link lost mid-publish can lose what a
+    /// non-confirm client published: cheaper for the brokers, no no-loss guarantee.
+    pub hold_publishes: bool,
 }
 
 /// One `[[clusters]]` entry: a RabbitMQ cluster of one or more nodes.
@@ -190,6 +195,7 @@ impl Default for Limits {
             client_buffer_bytes: 4 * 1024 * 1024,
             max_held_bytes_per_connection: 64 * 1024 * 1024,
             max_held_bytes: 1024 * 1024 * 1024,
+            hold_publishes: true,
         }
     }
 }
@@ -487,6 +493,7 @@ struct RawLimits {
     client_buffer_bytes: Option<Spanned<usize>>,
     max_held_bytes_per_connection: Option<Spanned<usize>>,
     max_held_bytes: Option<Spanned<usize>>,
+    hold_publishes: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -771,6 +778,7 @@ impl RawLimits {
                 d.max_held_bytes_per_connection,
             ),
             max_held_bytes: value_or(&self.max_held_bytes, d.max_held_bytes),
+            hold_publishes: value_or(&self.hold_publishes, d.hold_publishes),
         };
         if (limits.client_buffer_bytes as u64) < u64::from(limits.frame_max) {
             let span = span_or(
@@ -1148,6 +1156,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
                 client_buffer_bytes: 4096,
                 max_held_bytes_per_connection: 64 * 1024 * 1024,
                 max_held_bytes: 1024 * 1024 * 1024,
+                hold_publishes: true,
             }
         );
         let s1 = &c.clusters[0];

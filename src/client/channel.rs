@@ -388,6 +388,9 @@ impl UpstreamConfirms {
             while self.pending.front().is_some_and(|p| p.seq <= upstream_seq) {
                 out.extend(self.pending.pop_front());
             }
+        } else if self.pending.front().is_some_and(|p| p.seq == upstream_seq) {
+            // Brokers confirm nearly in order: the oldest is the usual one.
+            out.extend(self.pending.pop_front());
         } else if let Ok(i) = self.pending.binary_search_by_key(&upstream_seq, |p| p.seq) {
             out.extend(self.pending.remove(i));
         }

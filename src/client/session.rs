@@ -170,6 +170,7 @@ pub async fn serve(
         links,
         control,
         rules: config.routing.clone(),
+        last_route: None,
         rr: RoundRobin::default(),
         get_rotation: 0,
         channels: Vec::new(),
@@ -183,6 +184,7 @@ pub async fn serve(
         scratch_inflight: Vec::new(),
         held_bytes: 0,
         held_limit: config.limits.max_held_bytes_per_connection,
+        hold_publishes: config.limits.hold_publishes,
         held_limit_total: config.limits.max_held_bytes,
         pending_release: Vec::new(),
         metrics: metrics.clone(),
@@ -565,6 +567,8 @@ struct Session {
     /// The control cluster's link; control traffic goes to the first shard link without one.
     control: Option<LinkId>,
     rules: Rules,
+    /// The last publish destination and its class (see `on_client_command`).
+    last_route: Option<(ShortStr, ShortStr, Class)>,
     rr: RoundRobin,
     get_rotation: usize,
     channels: Vec<Option<Channel>>,
@@ -580,6 +584,8 @@ struct Session {
     /// Bytes of publishes this connection holds until their clusters confirm them.
     held_bytes: usize,
     held_limit: usize,
+    /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
+    hold_publishes: bool,
     held_limit_total: usize,
     /// Links whose channel resets released held bytes to account for.
     pending_release: Vec<LinkId>,
@@ -1008,6 +1014,7 @@ impl Session {
     /// removed clusters drain, added shard clusters get a link with this client's state.
     fn apply_config(&mut self, config: &Config) {
         self.rules = config.routing.clone();
+        self.last_route = None;
         for slot in &mut self.links {
             if slot.done {
                 continue;
@@ -1402,9 +1409,18 @@ impl Session {
         }
         match method {
             Method::BasicPublish(ref p) => {
-                let class = self
-                    .rules
-                    .publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
+                // Producers publish to the same destination over and over: remember the last
+                // classification instead of matching the patterns for every message.
+                let class = match &self.last_route {
+                    Some((x, k, c)) if *x == p.exchange && *k == p.routing_key => *c,
+                    _ => {
+                        let c = self
+                            .rules
+                            .publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
+                        self.last_route = Some((p.exchange.clone(), p.routing_key.clone(), c));
+                        c
+                    }
+                };
                 // The assembler only completes a publish together with its content.
                 if let Some(content) = content {
                     self.publish(ch, class, &method, &content);
@@ -1880,7 +1896,7 @@ impl Session {
         }
         let done = slot.done;
         let up = slot.chan(ch);
-        if !tx && !up.confirm_mode && !done {
+        if !tx && !up.confirm_mode && !done && self.hold_publishes {
             up.confirm_mode = true;
             slot.link.send(
                 ch,

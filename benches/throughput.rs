@@ -74,6 +74,19 @@ type BoxError = Box<dyn Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets as tests, without `--bench` and without
+    // RabbitMQ nodes: there is nothing to measure then, and that is not a failure.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args
+        .iter()
+        .any(|a| a == "--bench" || a.starts_with("--nodes") || a == "--help" || a == "-h")
+        && std::env::var_os("WARREN_BENCH_NODES").is_none()
+    {
+        eprintln!(
+            "throughput: not run as a benchmark (use scripts/bench.sh or cargo bench); skipping"
+        );
+        return;
+    }
     let opts = match Options::parse() {
         Ok(Some(opts)) => opts,
         Ok(None) => return, // --help

@@ -692,8 +692,10 @@ class Workload:
         errors = [e for p in self.producers for e in p.errors] + [e for c in self.consumers for e in c.errors]
         res.check("lost = 0", not lost, f"{len(lost)} lost, e.g. {sorted(lost)[:5]}" if lost else "")
         res.check("unexpected = 0", not unexpected, f"e.g. {sorted(unexpected)[:5]}" if unexpected else "")
+        failed = {e.split(":", 1)[0] for e in errors}
         res.check("no client saw a channel or connection error", not errors,
-                  ("; ".join(e.splitlines()[0] for e in errors[:6])) if errors else "")
+                  (f"{len(failed)} of {len(self.producers) + len(self.consumers)} clients failed: "
+                   + "; ".join(e.splitlines()[0] for e in errors[:6])) if errors else "")
         for e in errors[:6]:
             res.notes.append("client error: " + e.strip().replace("\n", " | "))
         res.check("every publish call returned (none in doubt)", not in_doubt,

@@ -133,6 +133,25 @@ impl Rules {
         }
     }
 
+    /// Where a topology method (declare, delete, bind, unbind of an exchange or a queue) goes: by
+    /// the exchange it names (the destination, for exchange bindings) or by the queue. `None`
+    /// for any other method.
+    pub fn topology(&self, method: &crate::codec::Method) -> Option<Class> {
+        use crate::codec::Method;
+        Some(match method {
+            Method::ExchangeDeclare(x) => self.exchange(x.exchange.as_bytes()),
+            Method::ExchangeDelete(x) => self.exchange(x.exchange.as_bytes()),
+            Method::ExchangeBind(x) => self.exchange(x.destination.as_bytes()),
+            Method::ExchangeUnbind(x) => self.exchange(x.destination.as_bytes()),
+            Method::QueueDeclare(x) => self.queue(x.queue.as_bytes()),
+            Method::QueueBind(x) => self.queue(x.queue.as_bytes()),
+            Method::QueueUnbind(x) => self.queue(x.queue.as_bytes()),
+            Method::QueuePurge(x) => self.queue(x.queue.as_bytes()),
+            Method::QueueDelete(x) => self.queue(x.queue.as_bytes()),
+            _ => return None,
+        })
+    }
+
     /// A publish to the default exchange is addressed to the queue its routing key names.
     pub fn publish(&self, exchange: &[u8], routing_key: &[u8]) -> Class {
         if exchange.is_empty() {
@@ -205,6 +224,26 @@ mod tests {
             Class::Control
         );
         assert_eq!(r.publish(b"celeryev", b"worker.heartbeat"), Class::Control);
+    }
+
+    #[test]
+    fn topology_methods_follow_their_exchange_or_queue() {
+        use crate::codec::{self, Method, ShortStr};
+        let r = Rules::default();
+        let q = |name: &'static str| {
+            Method::QueueBind(codec::QueueBind {
+                queue: ShortStr::from_static(name),
+                ..Default::default()
+            })
+        };
+        assert_eq!(r.topology(&q("celery")), Some(Class::Sharded));
+        assert_eq!(r.topology(&q("w1@h.celery.pidbox")), Some(Class::Control));
+        let e = Method::ExchangeBind(codec::ExchangeBind {
+            destination: ShortStr::from_static("celeryev"),
+            ..Default::default()
+        });
+        assert_eq!(r.topology(&e), Some(Class::Control));
+        assert_eq!(r.topology(&Method::TxSelect(Default::default())), None);
     }
 
     #[test]

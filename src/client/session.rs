@@ -1554,49 +1554,21 @@ impl Session {
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
                 self.fan_out(ch, &method, self.live_links())?
             }
-            Method::ExchangeDeclare(ref x) => {
-                let class = self.rules.exchange(x.exchange.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::ExchangeDelete(ref x) => {
-                let class = self.rules.exchange(x.exchange.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::ExchangeBind(ref x) => {
-                let class = self.rules.exchange(x.destination.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::ExchangeUnbind(ref x) => {
-                let class = self.rules.exchange(x.destination.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::QueueDeclare(ref x) => {
-                let class = self.rules.queue(x.queue.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::QueueBind(ref x) => {
-                let class = self.rules.queue(x.queue.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
-            }
-            Method::QueueUnbind(ref x) => {
-                let class = self.rules.queue(x.queue.as_bytes());
+            Method::ExchangeDeclare(_)
+            | Method::ExchangeDelete(_)
+            | Method::ExchangeBind(_)
+            | Method::ExchangeUnbind(_)
+            | Method::QueueDeclare(_)
+            | Method::QueueBind(_)
+            | Method::QueueUnbind(_)
+            | Method::QueueDelete(_) => {
+                let class = self.rules.topology(&method).unwrap_or(Class::Sharded);
                 let t = self.targets(class);
                 self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueuePurge(ref x) => {
                 let t = self.targets(self.rules.queue(x.queue.as_bytes()));
                 self.fan_out(ch, &method, t)?;
-            }
-            Method::QueueDelete(ref x) => {
-                let class = self.rules.queue(x.queue.as_bytes());
-                let t = self.targets(class);
-                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             // Anything else a client may send on a channel is for the broker to judge.
             other => {

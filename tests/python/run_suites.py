@@ -77,6 +77,9 @@ SHARDED_ORDER_DEPENDENT = {
         "asserts priority order over all messages; priorities are ordered per shard cluster",
     "test_PyAMQPPriority::test_simple_buffer_publish_consume":
         "asserts priority order over all messages; priorities are ordered per shard cluster",
+    "test_PyAMQPPriority::test_publish_requeue_consume":
+        "asserts that the max-priority message published last is delivered before requeued "
+        "ones; it lands on one shard cluster while the requeued ones sit on both",
     "test_PyAMQPEventLoop::test_ack_from_another_thread":
         "asserts that message 0 is consumed before message 1; the two land on different shard "
         "clusters (round-robin), each consumed with its own prefetch share",

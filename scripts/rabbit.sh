@@ -27,6 +27,7 @@
 #   three `up` in parallel (what scripts/test.sh does, 6 nodes) ............ ~21 s
 #   `up` of a cluster that is already up ..................................... ~1 s
 #   `kill-node` ~1.5 s; `start-node` (restart, rejoins its cluster) ......... ~7 s
+#       (also right after `kill-node`: TIME_WAIT sockets on the node's ports do not delay it)
 #   `stop-node` ~3.5 s; `down NAME` ~3 s; `wipe NAME` ~1 s
 # With other sessions compiling Rust on the same 2 cores (load ~10), three parallel `up`s took
 # 35-65 s: hence the generous default startup timeout.
@@ -51,6 +52,12 @@ usage: scripts/rabbit.sh COMMAND [ARGS]
   up NAME PORT1 PORT2          two-node cluster NAME-1/NAME-2 (ports may be 'auto'), ha-all policy;
                                prints "NAME 127.0.0.1:P1 127.0.0.1:P2" on stdout
   up-single NAME PORT          one-node "cluster" NAME-1; prints "NAME 127.0.0.1:P"
+  up-single-tls NAME PORT CERTDIR [verify-peer]
+                               one-node "cluster" NAME-1 that speaks only amqps on PORT (no plain
+                               listener), with CERTDIR/ca.pem, server.pem, server.key (PEM, copied
+                               into the node's dir); verify-peer: clients must present a
+                               certificate signed by ca.pem (default: client certificates are
+                               not asked for); prints "NAME 127.0.0.1:P"
   stop-node NODE               clean stop (rabbitmqctl stop)
   kill-node NODE               kill -9 the node's beam.smp
   start-node NODE              start a stopped/killed node again with its data dir and port
@@ -151,7 +158,7 @@ beam_pid() {
         fi
     fi
     for p in $(pgrep -x beam.smp 2>/dev/null || true); do
-        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$ERLNAME" \
+        if tr '\0' '\n' 2>/dev/null <"/proc/$p/environ" | grep -qx "RABBITMQ_NODENAME=$ERLNAME" \
             && ! is_zombie "$p"; then
             echo "$p"
             return 0
@@ -184,6 +191,29 @@ import socket, sys
 p = int(sys.argv[1])
 for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET, "127.0.0.1")):
     s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        s.bind((addr, p))
+    except OSError:
+        sys.exit(1)
+    finally:
+        s.close()
+PY
+}
+
+# PORT can be listened on by a node that binds it itself: no socket LISTENs on it (any address).
+# Unlike port_free, sockets in TIME_WAIT do not count: RabbitMQ's AMQP listener and the Erlang
+# distribution listener both bind with SO_REUSEADDR, which Linux allows next to TIME_WAIT sockets
+# on the port, so the test bind does the same. Used when (re)starting a node on the port it owns:
+# after `kill-node` its AMQP and distribution ports keep TIME_WAIT sockets for up to 60 s, and a
+# bind without SO_REUSEADDR (port_free) would refuse the restart that long. pick_port keeps the
+# stricter port_free for fresh ports.
+port_listenable() {
+    python3 - "$1" <<'PY'
+import socket, sys
+p = int(sys.argv[1])
+for addr in ("0.0.0.0", "127.0.0.1"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((addr, p))
     except OSError:
@@ -233,20 +263,45 @@ pick_port() {
 # ---------------------------------------------------------------------------------------------
 # node lifecycle
 
-# create_node NODE CLUSTER PORT: write the node's dir and config (does not start it).
+# For up-single-tls: the certificate dir and the client verification mode of new nodes.
+TLS_CERTDIR=
+TLS_VERIFY=verify_none
+
+# create_node NODE CLUSTER PORT: write the node's dir and config (does not start it). With
+# TLS_CERTDIR set, PORT is an amqps listener and there is no plain one.
 create_node() {
     local node=$1 cluster=$2 port=$3 dir
     dir=$(node_dir "$node")
     mkdir -p "$dir/mnesia" "$dir/log"
     : >"$dir/rabbitmq-env.conf"
     printf '[].\n' >"$dir/enabled_plugins"
-    cat >"$dir/rabbitmq.conf" <<EOF
+    if [ -n "$TLS_CERTDIR" ]; then
+        mkdir -p "$dir/tls"
+        cp "$TLS_CERTDIR/ca.pem" "$TLS_CERTDIR/server.pem" "$TLS_CERTDIR/server.key" "$dir/tls/"
+        local fail_if_no_cert=false
+        [ "$TLS_VERIFY" = verify_peer ] && fail_if_no_cert=true
+        cat >"$dir/rabbitmq.conf" <<EOF
+loopback_users = none
+cluster_name = $cluster
+listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:$port
+ssl_options.cacertfile = $dir/tls/ca.pem
+ssl_options.certfile = $dir/tls/server.pem
+ssl_options.keyfile = $dir/tls/server.key
+ssl_options.verify = $TLS_VERIFY
+ssl_options.fail_if_no_peer_cert = $fail_if_no_cert
+log.console = false
+log.file.level = info
+EOF
+    else
+        cat >"$dir/rabbitmq.conf" <<EOF
 loopback_users = none
 cluster_name = $cluster
 listeners.tcp.default = 127.0.0.1:$port
 log.console = false
 log.file.level = info
 EOF
+    fi
     cat >"$dir/node.env" <<EOF
 ERLNAME=$(name_prefix)-$node@localhost
 PORT=$port
@@ -264,8 +319,10 @@ launch_node() {
         log "$NODE already running (pid $pid)"
         return 0
     fi
-    port_free "$PORT" || die "$NODE: port $PORT is in use by something else"
-    port_free "$DIST_PORT" || die "$NODE: dist port $DIST_PORT is in use by something else"
+    # The node owns these ports: only a listener on them is in the way, not TIME_WAIT sockets a
+    # killed instance left behind (see port_listenable).
+    port_listenable "$PORT" || die "$NODE: port $PORT is in use by something else (a socket listens on it)"
+    port_listenable "$DIST_PORT" || die "$NODE: dist port $DIST_PORT is in use by something else (a socket listens on it)"
     rm -f "$dir/pid"
     log "starting $NODE ($ERLNAME) on 127.0.0.1:$PORT"
     with_node_env "$RABBIT_BIN/rabbitmq-server" -detached >>"$dir/log/start.out" 2>&1 \
@@ -559,6 +616,20 @@ main() {
         ;;
     up-single)
         [ $# -eq 2 ] || { usage >&2; exit 2; }
+        do_up "$1" 1 "$2"
+        ;;
+    up-single-tls)
+        [ $# -eq 3 ] || [ $# -eq 4 ] || { usage >&2; exit 2; }
+        local f
+        for f in ca.pem server.pem server.key; do
+            [ -r "$3/$f" ] || die "up-single-tls: $3/$f is missing or unreadable"
+        done
+        TLS_CERTDIR=$(cd "$3" && pwd -P)
+        case "${4:-}" in
+        '') TLS_VERIFY=verify_none ;;
+        verify-peer) TLS_VERIFY=verify_peer ;;
+        *) usage >&2; exit 2 ;;
+        esac
         do_up "$1" 1 "$2"
         ;;
     stop-node)

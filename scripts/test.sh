@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
 #
-#   scripts/test.sh [all|rust|python|celery ...]      (default: all; several parts may be given)
+#   scripts/test.sh [all|rust|python|celery|reload|fault ...]   (default: all; several may be given)
 #
 #   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
 #      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
-#   2. starts three two-node RabbitMQ clusters (shard-a, shard-b, control) on free ports in a fresh
-#      state dir and exports for the Rust tests:
+#   2. starts three two-node RabbitMQ clusters (shard-a, shard-b, control; plus shard-c when the
+#      reload part runs) on free ports in a fresh state dir (not for the fault part alone, which
+#      starts its own) and exports for the Rust tests:
 #        WARREN_RABBIT_DIR     the state dir (tests may `scripts/rabbit.sh up` private clusters there)
 #        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
 #      everything is torn down on exit, failures and Ctrl-C included;
@@ -15,10 +16,13 @@
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
-#      reload: hot reload under load: add then drain a shard cluster (tests/e2e/reload_e2e.py);
-#      fault:  no-loss fault tests on private clusters (tests/fault/fault_e2e.py --quick); only when
-#              asked for by name, not part of `all` yet;
-#   5. prints a summary and exits non-zero if any part failed.
+#      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
+#              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
+#      fault:  no-loss fault tests with a ledger, on private clusters of their own: all eight
+#              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~8 min); the
+#              test clusters above are stopped first to free the machine;
+#   5. prints a summary (and the fault tests' table, with the ledger of any failed scenario) and
+#      exits non-zero if any part failed.
 #
 # Environment knobs:
 #   WARREN_PY_TOPOLOGY=single|sharded  clusters behind the proxy for python/celery (default sharded:
@@ -26,11 +30,16 @@
 #   WARREN_TEST_TARGET=proxy|direct    direct: no proxy; the suites run directly only and the Celery
 #                                      test talks to shard-a itself (checks the harness, not warren)
 #   WARREN_E2E_TASKS (10000), WARREN_E2E_WORKERS (3), WARREN_E2E_ARGS (default --management)
+#   WARREN_FAULT_ARGS (default --quick) arguments of tests/fault/fault_e2e.py; "" gives the full
+#                                      run (100,000 messages, ~15 min), see docs/reliability.md
+#   WARREN_TEST_BIN=PATH               run the python/celery/reload/fault parts against this proxy
+#                                      binary instead of building target/debug/warren
 #   WARREN_KEEP_CLUSTERS=1             leave the clusters running at exit (prints how to stop them)
 #   RUST_LOG                           passed to the proxy (default info)
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
-# per target, Celery e2e (1000 tasks) ~15 s per target; see .ci/run for whole-run numbers.
+# per target, Celery e2e (1000 tasks) ~15 s per target, reload ~1.5 min, fault ~8 min; see .ci/run
+# for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +51,7 @@ TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
-    sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,42p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PARTS=("$@")
@@ -132,6 +141,8 @@ teardown() {
         echo "logs kept in $keep" >&2
     fi
     "$RABBIT" down-all >/dev/null 2>&1
+    # The fault harness removes its own clusters; this is in case it was killed.
+    [ -d "$STATE/fault-rabbit/nodes" ] && WARREN_RABBIT_DIR="$STATE/fault-rabbit" "$RABBIT" down-all >/dev/null 2>&1
     rm -rf "$STATE"
     exit "$rc"
 }
@@ -139,12 +150,18 @@ trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The reload part adds a third shard cluster to a running proxy: it needs shard-c too.
+CLUSTER_NAMES=(shard-a shard-b control)
+if want reload; then CLUSTER_NAMES+=(shard-c); fi
+NEED_CLUSTERS=0
+if want rust || want python || want celery || want reload; then NEED_CLUSTERS=1; fi
+
 start_clusters() { # runs in the background; writes $STATE/<name>.addr
     local name pids=() rc=0
     # Survive Ctrl-C (it reaches the whole process group): teardown waits for this to finish and
     # only then stops the nodes, so that none is launched after down-all has looked.
     trap '' INT
-    for name in shard-a shard-b control; do
+    for name in "${CLUSTER_NAMES[@]}"; do
         "$RABBIT" up "$name" auto auto >"$STATE/$name.addr" 2>"$LOGS/rabbit-up-$name.log" &
         pids+=($!)
     done
@@ -174,10 +191,12 @@ if want python || want celery || want reload || want fault; then
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi
 
-say "starting clusters shard-a, shard-b, control in $STATE (in the background)"
 T_CL=$(date +%s)
-start_clusters &
-CLUSTERS_PID=$!
+if [ "$NEED_CLUSTERS" = 1 ]; then
+    say "starting clusters ${CLUSTER_NAMES[*]} in $STATE (in the background)"
+    start_clusters &
+    CLUSTERS_PID=$!
+fi
 
 # Compile while the nodes boot.
 BUILD_OK=1
@@ -187,24 +206,31 @@ if want rust; then
 fi
 WARREN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/warren"
 PROXY_BUILD_OK=1
-if [ "$TARGET" = proxy ] && { want python || want celery || want reload || want fault; }; then
+if [ -n "${WARREN_TEST_BIN:-}" ]; then
+    WARREN_BIN=$(realpath "$WARREN_TEST_BIN")
+    say "using WARREN_TEST_BIN=$WARREN_BIN (not building the proxy)"
+    [ -x "$WARREN_BIN" ] || { echo "WARREN_TEST_BIN: $WARREN_BIN is not executable" >&2; PROXY_BUILD_OK=0; }
+elif [ "$TARGET" = proxy ] && { want python || want celery || want reload || want fault; }; then
     say "cargo build --bin warren"
     cargo build --bin warren || PROXY_BUILD_OK=0
 fi
 
-if ! wait "$CLUSTERS_PID"; then
-    echo "starting the clusters failed:" >&2
-    tail -n 30 "$LOGS"/rabbit-up-*.log >&2
-    exit 1
+if [ "$NEED_CLUSTERS" = 1 ]; then
+    if ! wait "$CLUSTERS_PID"; then
+        echo "starting the clusters failed:" >&2
+        tail -n 30 "$LOGS"/rabbit-up-*.log >&2
+        exit 1
+    fi
+    say "clusters up after $(($(date +%s) - T_CL))s: $(for n in "${CLUSTER_NAMES[@]}"; do cat "$STATE/$n.addr"; done | tr '\n' ';')"
+    WARREN_TEST_CLUSTERS=""
+    # shard-c (reload part only) is left out: the Rust tests use shard-a, shard-b and control.
+    for name in shard-a shard-b control; do
+        WARREN_TEST_CLUSTERS+="${WARREN_TEST_CLUSTERS:+;}$name=$(addr_of "$name" 1),$(addr_of "$name" 2)"
+    done
+    export WARREN_TEST_CLUSTERS
+    echo "WARREN_TEST_CLUSTERS=$WARREN_TEST_CLUSTERS"
+    echo "WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR"
 fi
-say "clusters up after $(($(date +%s) - T_CL))s: $(cat "$STATE"/shard-a.addr "$STATE"/shard-b.addr "$STATE"/control.addr | tr '\n' ';')"
-WARREN_TEST_CLUSTERS=""
-for name in shard-a shard-b control; do
-    WARREN_TEST_CLUSTERS+="${WARREN_TEST_CLUSTERS:+;}$name=$(addr_of "$name" 1),$(addr_of "$name" 2)"
-done
-export WARREN_TEST_CLUSTERS
-echo "WARREN_TEST_CLUSTERS=$WARREN_TEST_CLUSTERS"
-echo "WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR"
 
 # ------------------------------------------------------------------------------------------------
 # 3. Rust
@@ -365,11 +391,12 @@ fi
 # 4b. reload and fault tests (each starts its own proxy)
 
 if want reload; then
-    say "reload: add and drain a shard cluster under load"
+    say "reload: add and drain a third shard cluster under load; invalid files"
     t0=$(date +%s)
     if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/e2e/reload_e2e.py "$WARREN_BIN" \
         --shard-a "$(addr_of shard-a 1),$(addr_of shard-a 2)" \
         --shard-b "$(addr_of shard-b 1),$(addr_of shard-b 2)" \
+        --shard-c "$(addr_of shard-c 1),$(addr_of shard-c 2)" \
         --control "$(addr_of control 1),$(addr_of control 2)"; then
         record reload PASS $(($(date +%s) - t0))
     else
@@ -377,11 +404,24 @@ if want reload; then
     fi
 fi
 
-# Not part of `all` yet: run `scripts/test.sh fault` (see docs/reliability.md).
-if [[ " $PART " == *" fault "* ]] && [ -f tests/fault/fault_e2e.py ]; then
-    say "fault: no-loss fault tests (quick)"
+FAULT_SUMMARY="$LOGS/fault-summary.txt"
+if want fault; then
+    # The fault tests start clusters of their own and are timing-sensitive (heartbeat detection,
+    # failover): stop the test clusters first (their logs are kept for a failed run).
+    if [ "$NEED_CLUSTERS" = 1 ] && [ "${WARREN_KEEP_CLUSTERS:-0}" != 1 ]; then
+        for d in "$STATE"/nodes/*/log; do
+            [ -d "$d" ] && mkdir -p "$LOGS/rabbit/$(basename "$(dirname "$d")")" \
+                && cp "$d"/*.log "$LOGS/rabbit/$(basename "$(dirname "$d")")/" 2>/dev/null
+        done
+        say "stopping the test clusters before the fault tests"
+        "$RABBIT" down-all >/dev/null 2>&1 || true
+    fi
+    FAULT_ARGS=${WARREN_FAULT_ARGS---quick}
+    say "fault: no-loss fault tests (tests/fault/fault_e2e.py ${FAULT_ARGS:-<full run>})"
     t0=$(date +%s)
-    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/fault/fault_e2e.py --warren "$WARREN_BIN" --quick; then
+    # shellcheck disable=SC2086
+    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/fault/fault_e2e.py --warren "$WARREN_BIN" $FAULT_ARGS \
+        --rabbit-dir "$STATE/fault-rabbit" --summary-file "$FAULT_SUMMARY"; then
         record fault PASS $(($(date +%s) - t0))
     else
         record fault FAIL $(($(date +%s) - t0))
@@ -400,6 +440,11 @@ for i in "${!RESULT_NAMES[@]}"; do
     if [ "${RESULT_STATUS[$i]}" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 done
 echo "  total time $(($(date +%s) - T_START))s"
+if [ -s "$FAULT_SUMMARY" ]; then
+    echo
+    echo "fault tests (tests/fault/fault_e2e.py; details and every check above):"
+    sed 's/^/  /' "$FAULT_SUMMARY"
+fi
 [ "$failed" = 0 ] || KEEP_LOGS=1
 echo "test.sh: $passed passed, $failed failed"
 [ "$failed" = 0 ]

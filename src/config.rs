@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ pub struct Config {
     pub routing: crate::route::Rules,
     /// In file order.
     pub clusters: Vec<ClusterConfig>,
+    /// `[tls]`: the amqps listener, beside the plain `listen`. `None` when the section is absent.
+    /// Its certificate and key are loaded (and checked) when the file is parsed.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// `[admin]`: the HTTP admin endpoint.
@@ -75,6 +78,10 @@ pub struct Timeouts {
     /// A shard cluster removed from the file keeps serving its consumers until its queues are
     /// drained, at most this long (seconds). Default 300.
     pub drain_deadline_secs: u64,
+    /// When no shard cluster is reachable (a node failover inside the only live one, or every
+    /// cluster down), publishes wait this long for one to come back before confirm-mode clients
+    /// get nacks and connections close with 320 (seconds). Default 30.
+    pub failover_wait_secs: u64,
 }
 
 /// `[limits]`. All optional, see [`Limits::default`].
@@ -122,6 +129,9 @@ pub struct ClusterConfig {
     pub drain: bool,
     /// Credentials used to probe the cluster (health checks, queue checks). Optional.
     pub probe: Option<ProbeCredentials>,
+    /// `tls = { ca_file = ..., ... }`: every connection to the cluster's nodes (links, health
+    /// probes, queue depths) uses amqps. `None`: plain AMQP.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// What a cluster is used for.
@@ -162,6 +172,7 @@ impl Default for Timeouts {
             handshake_ms: 10_000,
             shutdown_grace_ms: 5000,
             drain_deadline_secs: 300,
+            failover_wait_secs: 30,
         }
     }
 }
@@ -374,6 +385,7 @@ impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads, parses and validates the file at `path`. Error messages name the file as given.
+    /// Relative TLS file paths are relative to the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -381,11 +393,17 @@ impl Config {
             location: None,
             message: format!("cannot read configuration file: {e}"),
         })?;
-        Config::parse(&text, &origin)
+        Config::parse_at(&text, &origin, path.parent())
     }
 
     /// Parses and validates `text`; `origin` names it in error messages (usually the file name).
+    /// Relative TLS file paths are relative to the working directory. TLS certificates and keys
+    /// are read here.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_at(text, origin, None)
+    }
+
+    fn parse_at(text: &str, origin: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             Problem {
@@ -394,7 +412,8 @@ impl Config {
             }
             .into_error(text, origin)
         })?;
-        raw.validate(text).map_err(|p| p.into_error(text, origin))
+        raw.validate(text, base)
+            .map_err(|p| p.into_error(text, origin))
     }
 
     /// The clusters that get published messages, in file order. Never empty for a validated
@@ -427,6 +446,7 @@ struct RawConfig {
     limits: Option<Spanned<RawLimits>>,
     routing: Option<Spanned<RawRouting>>,
     clusters: Option<Spanned<Vec<Spanned<RawCluster>>>>,
+    tls: Option<Spanned<RawServerTls>>,
 }
 
 #[derive(Deserialize)]
@@ -480,6 +500,7 @@ struct RawTimeouts {
     handshake_ms: Option<Spanned<u64>>,
     shutdown_grace_ms: Option<Spanned<u64>>,
     drain_deadline_secs: Option<Spanned<u64>>,
+    failover_wait_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -505,6 +526,27 @@ struct RawCluster {
     weight: Option<Spanned<u32>>,
     drain: Option<Spanned<bool>>,
     probe: Option<Spanned<RawProbe>>,
+    tls: Option<Spanned<RawClientTls>>,
+}
+
+/// `[tls]`: the amqps listener.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    listen: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    client_ca_file: Option<Spanned<String>>,
+}
+
+/// A cluster's `tls = { ... }`: amqps to its nodes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientTls {
+    ca_file: Option<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -615,7 +657,7 @@ where
 }
 
 impl RawConfig {
-    fn validate(self, text: &str) -> Result<Config, Problem> {
+    fn validate(self, text: &str, base: Option<&Path>) -> Result<Config, Problem> {
         let Some(listen) = &self.listen else {
             return problem(
                 0..0,
@@ -649,7 +691,11 @@ impl RawConfig {
             );
         };
         let clusters_span = clusters.span();
-        let clusters = validate_clusters(clusters.get_ref(), clusters_span, text)?;
+        let clusters = validate_clusters(clusters.get_ref(), clusters_span, text, base)?;
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => Some(t.get_ref().validate(t.span(), listen, &admin, base)?),
+        };
 
         Ok(Config {
             listen,
@@ -658,6 +704,7 @@ impl RawConfig {
             limits,
             routing,
             clusters,
+            tls,
         })
     }
 }
@@ -725,6 +772,7 @@ impl RawTimeouts {
             handshake_ms: value_or(&self.handshake_ms, d.handshake_ms),
             shutdown_grace_ms: value_or(&self.shutdown_grace_ms, d.shutdown_grace_ms),
             drain_deadline_secs: value_or(&self.drain_deadline_secs, d.drain_deadline_secs),
+            failover_wait_secs: value_or(&self.failover_wait_secs, d.failover_wait_secs),
         })
     }
 }
@@ -798,6 +846,187 @@ impl RawLimits {
     }
 }
 
+/// A TLS file path: relative paths are taken from `base` (the configuration file's directory).
+fn tls_path(value: &Spanned<String>, key: &str, base: Option<&Path>) -> Result<PathBuf, Problem> {
+    if value.get_ref().is_empty() {
+        return problem(
+            value.span(),
+            format!("{key} is empty: give the path of a PEM file"),
+        );
+    }
+    let path = Path::new(value.get_ref());
+    Ok(match base {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
+    })
+}
+
+/// The span of the key a TLS load error is about.
+fn tls_problem<T>(
+    e: crate::tls::LoadError,
+    prefix: &str,
+    spans: [Option<Range<usize>>; 4],
+    fallback: Range<usize>,
+) -> Result<T, Problem> {
+    use crate::tls::Setting;
+    let [cert, key, ca, name] = spans;
+    let (span, key_name) = match e.setting {
+        Setting::Cert => (cert, "cert_file"),
+        Setting::Key => (key, "key_file"),
+        Setting::Ca => (ca, if prefix == "tls." { "client_ca_file" } else { "ca_file" }),
+        Setting::ServerName => (name, "server_name"),
+    };
+    problem(
+        span.unwrap_or(fallback),
+        format!("{prefix}{key_name}: {}", e.message),
+    )
+}
+
+impl RawServerTls {
+    fn validate(
+        &self,
+        table: Range<usize>,
+        amqp_listen: SocketAddr,
+        admin: &AdminConfig,
+        base: Option<&Path>,
+    ) -> Result<crate::tls::ServerTls, Problem> {
+        fn required<'a>(
+            key: &'a Option<Spanned<String>>,
+            table: &Range<usize>,
+            name: &str,
+            what: &str,
+        ) -> Result<&'a Spanned<String>, Problem> {
+            match key {
+                Some(v) => Ok(v),
+                None => problem(
+                    table.clone(),
+                    format!("[tls] is missing required key `{name}` ({what})"),
+                ),
+            }
+        }
+        let listen_raw = required(
+            &self.listen,
+            &table,
+            "listen",
+            "the amqps listen address, e.g. \"127.0.0.1:5671\"",
+        )?;
+        let cert_raw = required(&self.cert_file, &table, "cert_file", "PEM certificate chain")?;
+        let key_raw = required(&self.key_file, &table, "key_file", "PEM private key")?;
+        let listen = parse_socket_addr(listen_raw, "tls.listen")?;
+        if listen.port() != 0 {
+            if listen == amqp_listen {
+                return problem(
+                    listen_raw.span(),
+                    format!("tls.listen {listen} is the same address as listen"),
+                );
+            }
+            if admin.listen == Some(listen) {
+                return problem(
+                    listen_raw.span(),
+                    format!("tls.listen {listen} is the same address as admin.listen"),
+                );
+            }
+        }
+        let cert_file = tls_path(cert_raw, "tls.cert_file", base)?;
+        let key_file = tls_path(key_raw, "tls.key_file", base)?;
+        let client_ca_file = match &self.client_ca_file {
+            None => None,
+            Some(v) => Some(tls_path(v, "tls.client_ca_file", base)?),
+        };
+        crate::tls::ServerTls::load(listen, cert_file, key_file, client_ca_file).or_else(|e| {
+            tls_problem(
+                e,
+                "tls.",
+                [
+                    Some(cert_raw.span()),
+                    Some(key_raw.span()),
+                    self.client_ca_file.as_ref().map(|v| v.span()),
+                    None,
+                ],
+                table.clone(),
+            )
+        })
+    }
+}
+
+impl RawClientTls {
+    fn validate(
+        &self,
+        table: Range<usize>,
+        which: &str,
+        nodes: &[NodeAddr],
+        base: Option<&Path>,
+    ) -> Result<crate::tls::ClientTls, Problem> {
+        let Some(ca_raw) = &self.ca_file else {
+            return problem(
+                table,
+                format!(
+                    "{which}: tls is missing required key `ca_file` (PEM CA certificates that \
+                     sign the nodes' certificates)"
+                ),
+            );
+        };
+        let ca_file = tls_path(ca_raw, "tls.ca_file", base)?;
+        let client_cert = match (&self.cert_file, &self.key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((
+                tls_path(c, "tls.cert_file", base)?,
+                tls_path(k, "tls.key_file", base)?,
+            )),
+            (Some(c), None) => {
+                return problem(
+                    c.span(),
+                    format!("{which}: tls.cert_file needs tls.key_file (the client certificate's key)"),
+                );
+            }
+            (None, Some(k)) => {
+                return problem(
+                    k.span(),
+                    format!("{which}: tls.key_file needs tls.cert_file (the client certificate)"),
+                );
+            }
+        };
+        let server_name = match &self.server_name {
+            Some(n) if n.get_ref().is_empty() => {
+                return problem(
+                    n.span(),
+                    format!("{which}: tls.server_name is empty: remove it to check each node's host"),
+                );
+            }
+            Some(n) => Some(n.get_ref().clone()),
+            None => {
+                if let Some(node) = nodes
+                    .iter()
+                    .find(|n| !crate::tls::valid_server_name(&n.host))
+                {
+                    return problem(
+                        table,
+                        format!(
+                            "{which}: node host \"{}\" cannot be checked against a certificate: \
+                             set tls.server_name",
+                            node.host
+                        ),
+                    );
+                }
+                None
+            }
+        };
+        crate::tls::ClientTls::load(ca_file, server_name, client_cert).or_else(|e| {
+            tls_problem(
+                e,
+                &format!("{which}: tls."),
+                [
+                    self.cert_file.as_ref().map(|v| v.span()),
+                    self.key_file.as_ref().map(|v| v.span()),
+                    Some(ca_raw.span()),
+                    self.server_name.as_ref().map(|v| v.span()),
+                ],
+                table.clone(),
+            )
+        })
+    }
+}
+
 fn valid_cluster_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -809,6 +1038,7 @@ fn validate_clusters(
     raw: &[Spanned<RawCluster>],
     clusters_span: Range<usize>,
     text: &str,
+    base: Option<&Path>,
 ) -> Result<Vec<ClusterConfig>, Problem> {
     let line_of = |span: &Range<usize>| locate(text, span.start).line;
     // name -> span of its first definition
@@ -955,6 +1185,11 @@ fn validate_clusters(
             }
         };
 
+        let tls = match &c.tls {
+            None => None,
+            Some(t) => Some(t.get_ref().validate(t.span(), &which, &nodes, base)?),
+        };
+
         clusters.push(ClusterConfig {
             name: name.get_ref().clone(),
             role,
@@ -962,6 +1197,7 @@ fn validate_clusters(
             weight: value_or(&c.weight, 1),
             drain: value_or(&c.drain, false),
             probe,
+            tls,
         });
     }
 
@@ -1142,6 +1378,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
                 handshake_ms: 200,
                 shutdown_grace_ms: 0,
                 drain_deadline_secs: 300,
+                failover_wait_secs: 30,
             }
         );
         assert_eq!(c.timeouts.connect(), Duration::from_millis(100));
@@ -1695,3 +1932,7 @@ nodes = [\"h:2\"]
         );
     }
 }
+
+#[cfg(test)]
+#[path = "config_doc_drift.rs"]
+mod doc_drift;

@@ -13,6 +13,7 @@ pub mod io;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod tls;
 pub mod upstream;
 
 pub use proxy::{ProxyHandle, start};

@@ -1,4 +1,5 @@
-//! The listener: accepts client sockets, spawns one session each, and shuts down gracefully.
+//! The listeners (plain `listen` and the optional amqps `[tls] listen`): accept client sockets,
+//! spawn one session each, and shut down gracefully.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::codec::FieldTable;
 use crate::config::Config;
+use crate::io::Stream;
 use crate::metrics::Metrics;
 use crate::upstream::probe;
 
@@ -119,6 +121,24 @@ impl Shared {
             warn!("admin listen address changes need a restart; keeping the old one");
             config.admin.listen = old.admin.listen;
         }
+        // New certificates apply to the next TLS handshake; the listener itself stays as started.
+        match (&old.tls, &mut config.tls) {
+            (Some(old_tls), Some(new_tls)) if new_tls.listen != old_tls.listen => {
+                warn!(old = %old_tls.listen, new = %new_tls.listen,
+                    "tls.listen changes need a restart; keeping the old address");
+                new_tls.listen = old_tls.listen;
+            }
+            (None, Some(new_tls)) => {
+                warn!(listen = %new_tls.listen, "a new [tls] section needs a restart; not listening for amqps");
+                config.tls = None;
+            }
+            (Some(old_tls), None) => {
+                warn!(listen = %old_tls.listen,
+                    "removing [tls] needs a restart; the amqps listener keeps its certificates");
+                config.tls = old.tls.clone();
+            }
+            _ => {}
+        }
         let drained = lock(&self.drained).clone();
         for c in &mut config.clusters {
             c.drain |= drained.contains(&c.name);
@@ -212,7 +232,9 @@ impl Shared {
         }
         let timeout = Duration::from_millis(config.timeouts.connect_ms);
         for cluster in config.shard_clusters().chain(config.control_cluster()) {
-            if let Some(props) = probe::server_properties(&cluster.nodes, timeout).await {
+            if let Some(props) =
+                probe::server_properties(&cluster.nodes, cluster.tls.as_ref(), timeout).await
+            {
                 self.server_properties.store(Some(Arc::new(props.clone())));
                 return Some(props);
             }
@@ -251,6 +273,9 @@ fn describe_change(old: &Config, new: &Config) -> String {
     if old.timeouts != new.timeouts || old.limits != new.limits || old.routing != new.routing {
         parts.push("changed settings".into());
     }
+    if old.tls != new.tls {
+        parts.push("changed tls".into());
+    }
     if parts.is_empty() {
         "no change".into()
     } else {
@@ -261,6 +286,7 @@ fn describe_change(old: &Config, new: &Config) -> String {
 /// A running proxy.
 pub struct ProxyHandle {
     amqp_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
@@ -273,6 +299,11 @@ impl ProxyHandle {
     /// The address clients connect to (useful when the config asked for port 0).
     pub fn amqp_addr(&self) -> SocketAddr {
         self.amqp_addr
+    }
+
+    /// The address of the amqps listener, when `[tls]` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -325,6 +356,16 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
     })?;
     let amqp_addr = listener.local_addr()?;
+    let tls_listener = match &config.tls {
+        None => None,
+        Some(tls) => Some(TcpListener::bind(tls.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (tls.listen): {e}", tls.listen),
+            )
+        })?),
+    };
+    let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let shared = Arc::new(Shared::new(config.clone()));
     let admin = match config.admin.listen {
         Some(listen) => Some(crate::admin::AdminServer::start(listen, shared.clone()).await?),
@@ -334,9 +375,15 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     let force_close = CancellationToken::new();
     let sessions = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
-    info!(listen = %amqp_addr, clusters = config.clusters.len(), "warren listening");
+    match tls_addr {
+        Some(tls) => {
+            info!(listen = %amqp_addr, tls_listen = %tls, clusters = config.clusters.len(), "warren listening")
+        }
+        None => info!(listen = %amqp_addr, clusters = config.clusters.len(), "warren listening"),
+    }
     let acceptor = tokio::spawn(accept_loop(
         listener,
+        tls_listener,
         shared.clone(),
         stop_accepting.clone(),
         force_close.clone(),
@@ -345,6 +392,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     ));
     Ok(ProxyHandle {
         amqp_addr,
+        tls_addr,
         shared,
         stop_accepting,
         force_close,
@@ -354,8 +402,38 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     })
 }
 
+/// Accepts on one listener, or waits forever when there is none.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Turns an accepted socket into a [`Stream`]: TLS sockets go through the TLS handshake first,
+/// bounded by the handshake timeout, with the certificates of the running configuration.
+async fn open_stream(tcp: TcpStream, tls: bool, shared: &Shared, peer: SocketAddr) -> Option<Stream> {
+    if !tls {
+        return Some(Stream::Plain(tcp));
+    }
+    let config = shared.config();
+    let Some(server_tls) = &config.tls else {
+        return None;
+    };
+    let _ = tcp.set_nodelay(true);
+    match Stream::accept(tcp, server_tls, config.timeouts.handshake()).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            info!(%peer, error = %e, "amqps connection refused");
+            shared.metrics.connections_refused.inc();
+            None
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     shared: Arc<Shared>,
     stop: CancellationToken,
     force_close: CancellationToken,
@@ -367,17 +445,19 @@ async fn accept_loop(
     let refusals = Arc::new(Semaphore::new(64));
     let per_ip: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
-        let (stream, peer) = tokio::select! {
+        let (accepted, tls) = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            r = listener.accept() => (r, false),
+            r = accept_on(tls_listener.as_ref()) => (r, true),
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, tls, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let config = shared.config();
         let per_ip_max = config.limits.max_connections_per_ip;
@@ -417,13 +497,15 @@ async fn accept_loop(
             if let Ok(p) = refusals.clone().try_acquire_owned() {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    crate::client::session::refuse_at_open(
-                        stream,
-                        &shared,
-                        530,
-                        &format!("NOT_ALLOWED - {reason}"),
-                    )
-                    .await;
+                    if let Some(stream) = open_stream(stream, tls, &shared, peer).await {
+                        crate::client::session::refuse_at_open(
+                            stream,
+                            &shared,
+                            530,
+                            &format!("NOT_ALLOWED - {reason}"),
+                        )
+                        .await;
+                    }
                     drop(p);
                 });
             }
@@ -433,7 +515,9 @@ async fn accept_loop(
         let force_close = force_close.clone();
         let per_ip = per_ip.clone();
         sessions.spawn(async move {
-            crate::client::serve(stream, peer, shared, force_close).await;
+            if let Some(stream) = open_stream(stream, tls, &shared, peer).await {
+                crate::client::serve(stream, peer, shared, force_close).await;
+            }
             release_ip(&per_ip, peer.ip());
             drop(permit);
         });

@@ -18,14 +18,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, Method};
 use crate::config::{ClusterConfig, Config, NodeAddr};
+use crate::io::Stream;
 use crate::proxy::Shared;
+use crate::tls::ClientTls;
 
 /// Time between two probes of a node that is up.
 pub const UP_INTERVAL: Duration = Duration::from_secs(5);
@@ -256,8 +257,11 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
         let timeout = config.timeouts.connect().min(PROBE_TIMEOUT);
         for (cluster, node) in health.take_due(&config, Instant::now()) {
             let health = health.clone();
+            let tls = config.cluster(&cluster).and_then(|c| c.tls.clone());
             probes.spawn(async move {
-                let result = match tokio::time::timeout(timeout, read_start(&node)).await {
+                let result = match tokio::time::timeout(timeout, read_start(&node, tls.as_ref()))
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(format!(
                         "no connection.start within {} ms",
@@ -276,9 +280,10 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
     probes.abort_all();
 }
 
-/// Connects, sends the protocol header and reads the server properties of connection.start.
-pub async fn read_start(node: &NodeAddr) -> Result<FieldTable, String> {
-    let mut stream = TcpStream::connect((node.host.as_str(), node.port))
+/// Connects (over amqps when `tls` is set), sends the protocol header and reads the server
+/// properties of connection.start.
+pub async fn read_start(node: &NodeAddr, tls: Option<&ClientTls>) -> Result<FieldTable, String> {
+    let mut stream = Stream::connect(node, tls)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     stream

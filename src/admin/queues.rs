@@ -128,6 +128,7 @@ async fn ask_cluster(
         connect_timeout,
         buffer_limit: 1024 * 1024,
         metrics: None,
+        tls: cluster.tls.clone(),
     };
     let (tx, rx) = mpsc::channel(16);
     let link = match tokio::time::timeout_at(deadline, link::connect(0, &spec, tx)).await {

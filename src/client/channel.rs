@@ -420,6 +420,50 @@ pub struct Consumer {
     pub ready: bool,
 }
 
+/// The publishes of a channel's open transaction (shared `Bytes`, not copies).
+///
+/// A transaction lives on one cluster's channel; if that link dies before the commit is
+/// answered, the broker forgets the uncommitted publishes. The log lets the proxy publish them
+/// again on another link and commit there, so a commit-ok always means every publish of the
+/// transaction was committed somewhere. A transaction larger than the log's bound is not kept:
+/// losing its link fails the commit with a channel error instead (as RabbitMQ would fail it).
+#[derive(Debug, Default)]
+pub struct TxLog {
+    pub publishes: Vec<Held>,
+    pub bytes: usize,
+    /// The log overflowed its bound and was dropped: this transaction cannot be redone.
+    pub overflowed: bool,
+    /// The transaction's link died with publishes of this transaction on it.
+    pub lost: bool,
+    /// The commit sent and not yet answered: its rpc id, the link that had the transaction's
+    /// publishes, and those publishes (None when the log had overflowed).
+    pub committing: Option<(u64, LinkId, Option<Vec<Held>>)>,
+}
+
+impl TxLog {
+    /// Remembers a publish of the transaction, up to `limit` bytes in all.
+    pub fn record(&mut self, held: &Held, limit: usize) {
+        if self.overflowed {
+            return;
+        }
+        self.bytes += held.size();
+        if self.bytes > limit {
+            self.publishes = Vec::new();
+            self.overflowed = true;
+        } else {
+            self.publishes.push(held.clone());
+        }
+    }
+
+    /// Starts the next transaction (after a commit or rollback is sent).
+    pub fn reset(&mut self) {
+        self.publishes = Vec::new();
+        self.bytes = 0;
+        self.overflowed = false;
+        self.lost = false;
+    }
+}
+
 /// Everything the proxy keeps for one client channel.
 #[derive(Debug)]
 pub struct Channel {
@@ -432,6 +476,8 @@ pub struct Channel {
     pub tx: bool,
     /// In a transaction every publish goes to one cluster, chosen at the first publish.
     pub tx_link: Option<LinkId>,
+    /// The sharded publishes of the open transaction, kept until its commit is answered.
+    pub tx_log: TxLog,
     /// Synchronous requests waiting for replies, oldest first.
     pub rpcs: VecDeque<Rpc>,
     /// Deliveries waiting for a consume-ok to reach the client first.
@@ -451,6 +497,7 @@ impl Channel {
             confirms: None,
             tx: false,
             tx_link: None,
+            tx_log: TxLog::default(),
             rpcs: VecDeque::new(),
             qos: None,
             held: Vec::new(),

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 use crate::config::Config;
+use crate::io::Stream;
 
 /// What the client told us during the handshake.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub fn server_properties(upstream: Option<&FieldTable>) -> FieldTable {
 }
 
 struct Conn<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Stream,
     buf: &'a mut BytesMut,
     deadline: tokio::time::Instant,
 }
@@ -205,14 +205,15 @@ pub fn reply_name(code: u16) -> &'static str {
 
 /// Runs the handshake up to and including connection.open; returns the greeting and the vhost.
 /// The caller opens the upstream links and then answers open-ok (or closes with the broker's
-/// refusal).
+/// refusal). The time a TLS handshake took before counts against the handshake timeout.
 pub async fn greet(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     config: &Config,
     server_props: FieldTable,
 ) -> Result<(Greeting, ShortStr), Refusal> {
-    let timeout = Duration::from_millis(config.timeouts.handshake_ms);
+    let timeout = Duration::from_millis(config.timeouts.handshake_ms)
+        .saturating_sub(stream.tls_handshake_time());
     let mut conn = Conn {
         stream,
         buf,
@@ -423,7 +424,7 @@ fn client_caps(props: &FieldTable) -> ClientCaps {
 
 /// Writes connection.close during or right after the handshake and waits (bounded) for close-ok.
 pub async fn refuse(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     code: u16,
     text: &str,

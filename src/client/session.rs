@@ -11,14 +11,13 @@
 //! replies of fanned-out requests are merged by [`Rpc`]; tags and confirms are translated by the
 //! maps in [`super::channel`].
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -33,6 +32,7 @@ use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
 use super::topology::Topology;
 use crate::codec::{self, FrameKind, Method, ShortStr};
 use crate::config::{Config, Role};
+use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError, run_writer};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Shared;
@@ -46,7 +46,7 @@ const LINK_EVENT_QUEUE: usize = 16;
 
 /// Serves one accepted client socket until it closes.
 pub async fn serve(
-    mut stream: TcpStream,
+    mut stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     force_close: CancellationToken,
@@ -102,6 +102,7 @@ pub async fn serve(
         connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
         buffer_limit: config.limits.client_buffer_bytes,
         metrics: None,
+        tls: None,
     };
     let (events_tx, events_rx) = mpsc::channel(LINK_EVENT_QUEUE * config.clusters.len().max(1));
     let metrics = shared.metrics.clone();
@@ -188,6 +189,8 @@ pub async fn serve(
         held_limit_total: config.limits.max_held_bytes,
         pending_release: Vec::new(),
         metrics: metrics.clone(),
+        parked: VecDeque::new(),
+        no_shard_since: None,
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -218,7 +221,7 @@ pub async fn serve(
 
 /// Runs the handshake and answers connection.open with connection.close `code`: how a refused
 /// connection (limits) is told why, in AMQP, as RabbitMQ tells it.
-pub async fn refuse_at_open(mut stream: TcpStream, shared: &Shared, code: u16, text: &str) {
+pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: u16, text: &str) {
     let _ = stream.set_nodelay(true);
     let config = shared.config();
     let mut rbuf = BytesMut::with_capacity(4096);
@@ -257,6 +260,7 @@ async fn open_links(
             cluster: Arc::from(cluster.name.as_str()),
             nodes: cluster.nodes.clone(),
             metrics: Some(metrics.cluster(&cluster.name)),
+            tls: cluster.tls.clone(),
             ..base.clone()
         };
         let events = events.clone();
@@ -607,6 +611,20 @@ struct Session {
     retry_at: std::collections::HashMap<String, (Instant, Duration)>,
     /// Event ids whose link is gone, reusable.
     free_event_ids: Vec<usize>,
+    /// Publishes waiting for a shard link, oldest first: none was ready when they came (or when
+    /// their link died), typically while the only live shard cluster's link fails over to its
+    /// other node. Counted in `held_bytes`, so they are bounded like every held publish.
+    parked: VecDeque<Parked>,
+    /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
+    /// publishes are given up (nacked) and the client is closed with 320.
+    no_shard_since: Option<Instant>,
+}
+
+/// A publish waiting for a shard link (see [`Session::parked`]).
+struct Parked {
+    ch: u16,
+    client: Option<u64>,
+    held: Held,
 }
 
 /// A link opened after a reload added a cluster.
@@ -713,7 +731,7 @@ fn expects_reply(m: &Method) -> bool {
 
 /// What a session's event loop waits on, besides its own state.
 struct Inputs {
-    rd: OwnedReadHalf,
+    rd: ReadHalf,
     /// Bytes already read from the client (pipelined behind connection.open).
     rbuf: BytesMut,
     events: mpsc::Receiver<LinkEvent>,
@@ -799,6 +817,7 @@ impl Session {
                 _ = tick.tick() => {
                     self.retire_quiet_links();
                     self.ensure_links();
+                    self.check_no_shard();
                 }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
@@ -1186,6 +1205,7 @@ impl Session {
         let slot = &mut self.links[index];
         if slot.replay_left == 0 && !slot.needs_topology {
             slot.ready = true;
+            self.unpark();
         }
     }
 
@@ -1212,6 +1232,7 @@ impl Session {
             cluster: Arc::from(cluster.name.as_str()),
             nodes: cluster.nodes.clone(),
             metrics: Some(self.metrics.cluster(&cluster.name)),
+            tls: cluster.tls.clone(),
             ..self.base_spec.clone()
         };
         let (events, opened, cluster) = (
@@ -1547,10 +1568,7 @@ impl Session {
                 channel.tx = true;
                 self.fan_out(ch, &method, self.live_links())?;
             }
-            Method::TxCommit(_) | Method::TxRollback(_) => {
-                channel.tx_link = None;
-                self.fan_out(ch, &method, self.live_links())?;
-            }
+            Method::TxCommit(_) | Method::TxRollback(_) => self.end_transaction(ch, &method)?,
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
                 self.fan_out(ch, &method, self.live_links())?
             }
@@ -1776,23 +1794,36 @@ impl Session {
             return;
         };
         let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
+        let held = Held {
+            publish: publish.clone(),
+            content: content.clone(),
+        };
         let link = match class {
             Class::Control => self.control_link(),
-            Class::Sharded if tx => {
-                let tx_link = self.channel_mut(ch).and_then(|c| c.tx_link);
-                match tx_link {
-                    Some(link) if self.links[link].live() => Some(link),
-                    _ => {
-                        let picked = self.pick_shard(None);
-                        if let Some(channel) = self.channel_mut(ch) {
-                            channel.tx_link = picked;
-                        }
-                        picked
+            Class::Sharded if tx => match self.tx_link(ch) {
+                Ok(link) => {
+                    let limit = self.held_limit;
+                    if let Some(channel) = self.channel_mut(ch) {
+                        channel.tx_log.record(&held, limit);
                     }
+                    Some(link)
                 }
-            }
+                Err(text) => {
+                    self.close_channel(ch, 541, text, method);
+                    return;
+                }
+            },
             Class::Sharded => self.pick_shard(None),
         };
+        if link.is_none() && class == Class::Sharded && !tx && self.closing.is_none() {
+            // No shard link is ready (a failover in progress): wait for one.
+            let client_seq = self
+                .channel_mut(ch)
+                .and_then(|c| c.confirms.as_mut())
+                .map(|c| c.next_seq());
+            self.park(ch, client_seq, held);
+            return;
+        }
         let Some(link) = link else {
             self.close_channel(
                 ch,
@@ -1806,16 +1837,197 @@ impl Session {
             .channel_mut(ch)
             .and_then(|c| c.confirms.as_mut())
             .map(|c| c.next_seq());
-        self.send_publish(
-            ch,
-            link,
-            client_seq,
-            Held {
-                publish: publish.clone(),
-                content: content.clone(),
-            },
-            tx,
-        );
+        self.send_publish(ch, link, client_seq, held, tx);
+    }
+
+    /// The link of the channel's open transaction, chosen at its first publish. When that link
+    /// died under the transaction, the transaction's publishes are published again on the new
+    /// link first, so the commit covers all of them.
+    fn tx_link(&mut self, ch: u16) -> Result<LinkId, &'static str> {
+        let current = self.channel_mut(ch).and_then(|c| c.tx_link);
+        if let Some(link) = current
+            && self.links[link].live()
+        {
+            return Ok(link);
+        }
+        let Some(picked) = self.pick_shard(None) else {
+            return Err("INTERNAL_ERROR - no shard cluster available for this transaction");
+        };
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(picked);
+        };
+        channel.tx_link = Some(picked);
+        if channel.tx_log.lost {
+            if channel.tx_log.overflowed {
+                return Err("INTERNAL_ERROR - the cluster of this transaction failed; \
+                            the transaction is too large to publish again");
+            }
+            channel.tx_log.lost = false;
+            let redo = channel.tx_log.publishes.clone();
+            debug!(conn = self.id, channel = ch, publishes = redo.len(), to = %self.links[picked].link.cluster,
+                "the transaction's cluster failed; publishing its messages again");
+            for held in redo {
+                self.metrics.republished.inc();
+                self.send_publish(ch, picked, None, held, true);
+            }
+        }
+        Ok(picked)
+    }
+
+    /// tx.commit / tx.rollback: answered by every live link (the transaction's publishes are
+    /// on one of them). A commit keeps the transaction's publishes until it is answered, to
+    /// commit them elsewhere if their link dies first.
+    fn end_transaction(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let commit = matches!(method, Method::TxCommit(_));
+        if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
+            // The transaction's link died: publish its messages again before committing.
+            if let Err(text) = self.tx_link(ch) {
+                self.close_channel(ch, 541, text, method);
+                return Ok(());
+            }
+        }
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
+        let link = channel.tx_link.take();
+        let publishes = std::mem::take(&mut channel.tx_log.publishes);
+        let overflowed = channel.tx_log.overflowed;
+        channel.tx_log.reset();
+        channel.tx_log.committing = None;
+        self.fan_out(ch, method, self.live_links())?;
+        if commit
+            && let Some(link) = link
+            && let Some(channel) = self.channel_mut(ch)
+            && let Some(rpc) = channel.rpcs.back()
+        {
+            let kept = (!overflowed).then_some(publishes);
+            channel.tx_log.committing = Some((rpc.id, link, kept));
+        }
+        Ok(())
+    }
+
+    /// The link that had a transaction's publishes died while its commit was unanswered: the
+    /// broker may or may not have committed. Publish the transaction again on another link and
+    /// commit there (a duplicate is possible, counted in `warren_republished`); the new link's
+    /// answer stands in for the dead one's. Returns false when `id` is not such a commit.
+    fn redo_commit(&mut self, ch: u16, dead: LinkId, id: u64) -> bool {
+        let Some(channel) = self.channel_mut(ch) else {
+            return false;
+        };
+        match &channel.tx_log.committing {
+            Some((cid, link, _)) if *cid == id && *link == dead => {}
+            _ => return false,
+        }
+        let Some((_, _, kept)) = channel.tx_log.committing.take() else {
+            return false;
+        };
+        let commit = Method::TxCommit(Default::default());
+        let Some(publishes) = kept else {
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit; \
+                 the transaction was too large to publish again",
+                &commit,
+            );
+            return true;
+        };
+        let Some(target) = self.pick_shard(Some(dead)).filter(|&l| l != dead) else {
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit \
+                 and no other shard cluster is available",
+                &commit,
+            );
+            return true;
+        };
+        warn!(conn = self.id, channel = ch, from = %self.links[dead].link.cluster, to = %self.links[target].link.cluster,
+            publishes = publishes.len(), "transaction's cluster failed during tx.commit; committing it again elsewhere");
+        for held in &publishes {
+            self.metrics.republished.inc();
+            self.send_publish(ch, target, None, held.clone(), true);
+        }
+        self.links[target].request(ch, &commit, Pending::Rpc(id));
+        if let Some(channel) = self.channel_mut(ch) {
+            channel.tx_log.committing = Some((id, target, Some(publishes)));
+        }
+        true
+    }
+
+    /// Keeps a publish until a shard link is ready (see [`Session::parked`]).
+    fn park(&mut self, ch: u16, client: Option<u64>, held: Held) {
+        let size = held.size();
+        self.held_bytes += size;
+        self.metrics.held_bytes.inc_by(size as i64);
+        if self.parked.is_empty() {
+            info!(conn = self.id, "no shard cluster ready; holding publishes until one is");
+        }
+        self.parked.push_back(Parked { ch, client, held });
+        self.no_shard_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A shard link became ready: send the parked publishes, in order.
+    fn unpark(&mut self) {
+        if self.shard_links().is_empty() {
+            return;
+        }
+        self.no_shard_since = None;
+        while let Some(p) = self.parked.pop_front() {
+            let Some(link) = self.pick_shard(None) else {
+                self.parked.push_front(p);
+                return;
+            };
+            let size = p.held.size();
+            self.held_bytes = self.held_bytes.saturating_sub(size);
+            self.metrics.held_bytes.dec_by(size as i64);
+            let open = self
+                .channel_mut(p.ch)
+                .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+            if open {
+                self.send_publish(p.ch, link, p.client, p.held, false);
+            } else {
+                self.metrics.dropped.inc();
+                warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
+                    "publish lost: its channel was closed while it waited for a shard cluster");
+            }
+        }
+    }
+
+    /// On the tick: no shard cluster for longer than `timeouts.failover_wait_secs` gives up the
+    /// parked publishes (nacks to confirm-mode clients) and closes the client with 320, so it
+    /// reconnects (maybe to another warren) instead of waiting forever.
+    fn check_no_shard(&mut self) {
+        if !self.parked.is_empty() && self.pick_shard(None).is_some() {
+            self.unpark();
+        }
+        let Some(since) = self.no_shard_since else {
+            return;
+        };
+        if !self.shard_links().is_empty() && self.parked.is_empty() {
+            self.no_shard_since = None;
+            return;
+        }
+        let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+        if since.elapsed() < wait || self.closing.is_some() {
+            return;
+        }
+        for p in std::mem::take(&mut self.parked) {
+            let size = p.held.size();
+            self.held_bytes = self.held_bytes.saturating_sub(size);
+            self.metrics.held_bytes.dec_by(size as i64);
+            match p.client {
+                Some(seq) => self.nack_lost(p.ch, &[seq]),
+                None => {
+                    self.metrics.dropped.inc();
+                    warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
+                        "publish lost: no shard cluster came back in time and the client did not ask for confirms");
+                }
+            }
+        }
+        let text = "no shard cluster is reachable";
+        warn!(conn = self.id, waited_secs = wait.as_secs(), "{text}; closing the client");
+        self.begin_proxy_close(ConnError::new(320, text), text);
     }
 
     /// The next shard link by smooth weighted round-robin over the live, ready, non-draining
@@ -1909,6 +2121,10 @@ impl Session {
             Some(link) if open => {
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
                 self.send_publish(ch, link, client, held, false);
+            }
+            None if open && class == Class::Sharded && self.closing.is_none() => {
+                // The only shard cluster is failing over: wait for its link to come back.
+                self.park(ch, client, held);
             }
             _ => {
                 if let Some(seq) = client {
@@ -2059,8 +2275,17 @@ impl Session {
             m.confirms_pending.dec_by(up.confirms.pending() as i64);
             let mut up = up;
             let lost = up.confirms.drain();
+            if let Some(channel) = self.channel_mut(ch)
+                && channel.tx_link == Some(link)
+            {
+                channel.tx_link = None;
+                channel.tx_log.lost =
+                    !channel.tx_log.publishes.is_empty() || channel.tx_log.overflowed;
+            }
             for pending in up.pending {
-                if let Pending::Rpc(id) = pending {
+                if let Pending::Rpc(id) = pending
+                    && !self.redo_commit(ch, link, id)
+                {
                     self.settle_dead_rpc(ch, id);
                 }
             }
@@ -2083,10 +2308,10 @@ impl Session {
         // channel error (not a hang, and never silently on a shard) until the link is back.
         self.retry_at
             .insert(cluster, (Instant::now(), Duration::from_millis(250)));
-        if self.shard_links().is_empty() {
-            let text = "no shard cluster is reachable";
-            warn!(conn = self.id, "{text}; closing the client");
-            self.begin_proxy_close(ConnError::new(320, text), text);
+        if self.shard_links().is_empty() && self.no_shard_since.is_none() {
+            self.no_shard_since = Some(Instant::now());
+            warn!(conn = self.id, wait_secs = self.shared.config().timeouts.failover_wait_secs,
+                "no shard cluster is reachable; holding publishes until one is back");
         }
     }
 
@@ -2295,6 +2520,7 @@ impl Session {
             if slot.replay_left == 0 && !slot.needs_topology && !slot.ready {
                 slot.ready = true;
                 info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
+                self.unpark();
             }
             return;
         }
@@ -2401,6 +2627,10 @@ impl Session {
                     for (m, content) in held {
                         self.deliver(ch, &m, content.as_ref());
                     }
+                }
+                Method::TxCommitOk(ok) => {
+                    channel.tx_log.committing = None;
+                    self.to_client(ch, &Method::TxCommitOk(ok));
                 }
                 other => self.to_client(ch, &other),
             }

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -14,7 +12,9 @@ use tracing::debug;
 
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 use crate::config::NodeAddr;
+use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Outbox, run_writer};
+use crate::tls::ClientTls;
 
 /// Index of a link within one client session.
 pub type LinkId = usize;
@@ -36,6 +36,8 @@ pub struct LinkSpec {
     pub buffer_limit: usize,
     /// Byte counters of this cluster.
     pub metrics: Option<crate::metrics::ClusterMetrics>,
+    /// amqps to the nodes (the cluster's `tls`); `None`: plain AMQP.
+    pub tls: Option<ClientTls>,
 }
 
 /// Why a link could not be opened.
@@ -165,7 +167,7 @@ impl From<std::io::Error> for HandshakeError {
 }
 
 struct Opened {
-    stream: TcpStream,
+    stream: Stream,
     leftover: BytesMut,
     frame_max: usize,
     channel_max: u16,
@@ -174,7 +176,7 @@ struct Opened {
 }
 
 /// Reads the next method on channel 0, skipping heartbeats.
-async fn read_method(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Method, HandshakeError> {
+async fn read_method(stream: &mut Stream, buf: &mut BytesMut) -> Result<Method, HandshakeError> {
     loop {
         match codec::decode_frame(buf, 0) {
             Ok(Some(frame)) => match frame.kind {
@@ -208,7 +210,7 @@ async fn read_method(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Metho
     }
 }
 
-async fn send(stream: &mut TcpStream, method: &Method) -> Result<(), HandshakeError> {
+async fn send(stream: &mut Stream, method: &Method) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(512);
     codec::write_method(&mut out, 0, method);
     stream.write_all(&out).await?;
@@ -216,7 +218,7 @@ async fn send(stream: &mut TcpStream, method: &Method) -> Result<(), HandshakeEr
 }
 
 /// Answers a connection.close received during the handshake and turns it into a refusal.
-async fn refused(stream: &mut TcpStream, close: codec::ConnectionClose) -> HandshakeError {
+async fn refused(stream: &mut Stream, close: codec::ConnectionClose) -> HandshakeError {
     let _ = send(stream, &Method::ConnectionCloseOk(Default::default())).await;
     HandshakeError::Refused {
         code: close.reply_code,
@@ -225,8 +227,7 @@ async fn refused(stream: &mut TcpStream, close: codec::ConnectionClose) -> Hands
 }
 
 async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, HandshakeError> {
-    let mut stream = TcpStream::connect((node.host.as_str(), node.port)).await?;
-    stream.set_nodelay(true)?;
+    let mut stream = Stream::connect(node, spec.tls.as_ref()).await?;
     stream.write_all(codec::PROTOCOL_HEADER).await?;
     let mut buf = BytesMut::with_capacity(4096);
 
@@ -363,7 +364,7 @@ fn spawn(
 /// slowly), this loop stops reading the socket and TCP pushes back on the broker.
 async fn read_loop(
     id: LinkId,
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf,
     mut buf: BytesMut,
     frame_max: usize,
     heartbeat: Option<Duration>,

@@ -9,23 +9,28 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::codec::{self, FieldTable, FrameKind, Method};
 use crate::config::NodeAddr;
+use crate::io::Stream;
+use crate::tls::ClientTls;
 
-/// Reads the server properties of the first node that answers.
-pub async fn server_properties(nodes: &[NodeAddr], timeout: Duration) -> Option<FieldTable> {
+/// Reads the server properties of the first node that answers (over amqps when `tls` is set).
+pub async fn server_properties(
+    nodes: &[NodeAddr],
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Option<FieldTable> {
     for node in nodes {
-        if let Ok(Ok(props)) = tokio::time::timeout(timeout, read_start(node)).await {
+        if let Ok(Ok(props)) = tokio::time::timeout(timeout, read_start(node, tls)).await {
             return Some(props);
         }
     }
     None
 }
 
-async fn read_start(node: &NodeAddr) -> std::io::Result<FieldTable> {
-    let mut stream = TcpStream::connect((node.host.as_str(), node.port)).await?;
+async fn read_start(node: &NodeAddr, tls: Option<&ClientTls>) -> std::io::Result<FieldTable> {
+    let mut stream = Stream::connect(node, tls).await?;
     stream.write_all(codec::PROTOCOL_HEADER).await?;
     let mut buf = BytesMut::with_capacity(4096);
     loop {

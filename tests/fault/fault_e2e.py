@@ -22,9 +22,12 @@ the proxy (a copy of --warren) with upstream_heartbeat_secs = 2 and runs the sce
                    message-size refusals with the right AMQP codes, and held-publish
                    back-pressure against a node that stops confirming
 
-Opt-in scenarios (run only when named in --scenarios; they document known weaknesses):
-  kill-node-one-shard  kill-node against a proxy whose only shard cluster is shard-a
-  kill-node-tx         shard-a-1 killed between a transaction's publish and its tx.commit
+  kill-node-one-shard  kill-node against a proxy whose only shard cluster is shard-a: the cluster
+                   stays up on shard-a-2, so clients must see nothing
+  kill-node-tx     shard-a-1 killed between a transaction's publish and its tx.commit: the commit
+                   must not succeed without that publish
+(All eight run by default, in this order; the last two reproduce weaknesses 1 and 2 of
+docs/reliability.md and fail until the proxy fixes them.)
 
 Workloads: P producers with py-amqp confirm_publish=True (one publish in flight), P without
 confirms, and one pipelined confirm producer (up to --window publishes in flight, acks handled as
@@ -70,9 +73,8 @@ import rawamqp as raw  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RABBIT_SH = os.path.join(REPO, "scripts", "rabbit.sh")
-ALL_SCENARIOS = ["kill-node", "kill-cluster", "partial-publish", "memory-alarm", "sigstop", "limits"]
-# Run only when named: documents a known weakness (see docs/reliability.md).
-OPT_IN = ["kill-node-one-shard", "kill-node-tx"]
+ALL_SCENARIOS = ["kill-node", "kill-cluster", "partial-publish", "memory-alarm", "sigstop", "limits",
+                 "kill-node-one-shard", "kill-node-tx"]
 T0 = time.monotonic()
 
 
@@ -155,11 +157,13 @@ class Rabbit:
         return self.clusters[cluster][int(idx) - 1]
 
     def ports_free(self, node: str) -> bool:
-        """What rabbit.sh checks before starting a node: its AMQP and distribution ports can be
-        bound without SO_REUSEADDR (a TIME_WAIT socket left by the killed node fails this)."""
+        """What rabbit.sh checks before starting a node: nothing listens on its AMQP and
+        distribution ports (a bind with SO_REUSEADDR, as RabbitMQ's own listeners do; sockets in
+        TIME_WAIT left by the killed node do not count)."""
         port = int(self.node_addr(node).rsplit(":", 1)[1])
         for p in (port, port + 20000):
             s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", p))
             except OSError:
@@ -172,8 +176,9 @@ class Rabbit:
         self.run("kill-node", node, timeout=60)
 
     def start(self, node: str) -> None:
-        # rabbit.sh checks the node's ports with a bind() without SO_REUSEADDR, so a socket of the
-        # killed node still in TIME_WAIT (up to 60 s) reads as "in use": retry until it expires.
+        # rabbit.sh refuses to start a node while something listens on its ports (TIME_WAIT
+        # sockets of the killed node do not count any more): retry for a while in case the old VM
+        # is still letting go of its listeners.
         end = time.monotonic() + 90
         while True:
             try:
@@ -182,7 +187,7 @@ class Rabbit:
             except RuntimeError as e:
                 if "in use" not in str(e) or time.monotonic() > end:
                     raise
-                log(f"start-node {node}: a port is still in TIME_WAIT; retrying in 5s")
+                log(f"start-node {node}: a port is still in use; retrying in 5s")
                 time.sleep(5)
 
     def pause(self, node: str) -> None:
@@ -523,6 +528,7 @@ class Result:
     lost: int | None = None
     duplicates: int | None = None
     unexpected: int | None = None
+    in_doubt: int | None = None
     duration: float = 0.0
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -622,10 +628,16 @@ class Workload:
         res.check("producers finished", not stuck, f"still publishing: {stuck}" if stuck else
                   f"after {time.monotonic() - self.started:.1f}s")
         must = self.must_have()
+        # A consumer that died (its connection was closed) receives nothing more: do not wait
+        # for it (a failing run must not take minutes longer than a passing one).
+        consumers_dead = lambda: not any(c.is_alive() for c in self.consumers)  # noqa: E731
         wait_for(f"{self.name}: every confirmed/returned message received",
-                 lambda: not (must - set(self.received())), drain_timeout, interval=0.5)
+                 lambda: not (must - set(self.received())) or consumers_dead(), drain_timeout, interval=0.5)
+        if consumers_dead():
+            log(f"{self.name}: every consumer stopped ({'; '.join(e.splitlines()[0] for c in self.consumers for e in c.errors)[:300]})")
         depth_zero = wait_for(f"{self.name}: queue empty on every shard cluster",
-                              lambda: all(v == 0 for v in self.depths().values()), 60, interval=1)
+                              lambda: all(v == 0 for v in self.depths().values()),
+                              5 if consumers_dead() else 60, interval=1)
         # A short settle, so late duplicates are counted too.
         last, stable_since = -1, time.monotonic()
         while time.monotonic() - stable_since < 2.0 and time.monotonic() < end:
@@ -664,6 +676,7 @@ class Workload:
         in_doubt = attempted - must  # publish call raised or never returned
         res.published, res.confirmed, res.received = len(attempted), len(confirmed), len(received)
         res.lost, res.duplicates, res.unexpected = len(lost), sum(n - 1 for n in dups.values()), len(unexpected)
+        res.in_doubt = len(in_doubt)
         redeliv = sum(n - 1 for m, n in dups.items() if redelivered[m] > 0)
         republ = res.duplicates - redeliv
         m1 = self.proxy.metrics()
@@ -1476,6 +1489,7 @@ def scenario_kill_node_tx(ctx: Ctx) -> Result:
         pass
     res.published, res.confirmed, res.received = 2, (2 if committed else 0), len(got)
     res.lost = len({first, second} - set(got)) if committed else 0
+    res.duplicates, res.unexpected = len(got) - len(set(got)), len(set(got) - {first, second})
     res.check("tx.commit-ok only when every publish of the transaction reached a cluster",
               not committed or {first, second} <= set(got),
               f"commit {'ok' if committed else 'failed: ' + err}; in the queue afterwards: {got}")
@@ -1505,16 +1519,7 @@ def fmt(v) -> str:
 
 
 def summary(results: list[Result]) -> str:
-    hdr = ["scenario", "published", "confirmed", "received", "lost", "dups", "unexpected", "duration", "checks"]
-    rows = []
-    for r in results:
-        passed = sum(c.ok for c in r.checks)
-        rows.append([r.scenario, fmt(r.published), fmt(r.confirmed), fmt(r.received), fmt(r.lost),
-                     fmt(r.duplicates), fmt(r.unexpected), f"{r.duration:.0f}s",
-                     f"{'PASS' if r.ok else 'FAIL'} {passed}/{len(r.checks)}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(hdr)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    out = [line(hdr), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out = [table(results)]
     for r in results:
         out.append("")
         out.append(f"{r.scenario}:")
@@ -1525,13 +1530,50 @@ def summary(results: list[Result]) -> str:
     return "\n".join(out)
 
 
+def table(results: list[Result]) -> str:
+    hdr = ["scenario", "published", "confirmed", "received", "lost", "dups", "unexpected", "in doubt",
+           "duration", "checks"]
+    rows = []
+    for r in results:
+        passed = sum(c.ok for c in r.checks)
+        rows.append([r.scenario, fmt(r.published), fmt(r.confirmed), fmt(r.received), fmt(r.lost),
+                     fmt(r.duplicates), fmt(r.unexpected), fmt(r.in_doubt), f"{r.duration:.0f}s",
+                     f"{'PASS' if r.ok else 'FAIL'} {passed}/{len(r.checks)}"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(hdr)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(hdr), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def failure_report(results: list[Result], missing: list[str]) -> str:
+    """For every failed scenario: its ledger, the checks that failed and the first client errors."""
+    out = []
+    for r in results:
+        if r.ok:
+            continue
+        out.append(f"FAIL {r.scenario}: ledger published {fmt(r.published)}, confirmed {fmt(r.confirmed)}, "
+                   f"received {fmt(r.received)}, LOST {fmt(r.lost)}, DUPLICATES {fmt(r.duplicates)}, "
+                   f"UNEXPECTED {fmt(r.unexpected)}, in doubt {fmt(r.in_doubt)}")
+        for c in r.checks:
+            if not c.ok:
+                out.append(f"    failed: {c.name}{': ' + c.detail.splitlines()[0][:400] if c.detail else ''}")
+        for n in r.notes:
+            if n.startswith(("ledger:", "duplicates", "proxy:", "client error:", "lost messages:")):
+                out.append(f"    {n[:400]}")
+    for name in missing:
+        out.append(f"FAIL {name}: did not run (an earlier scenario stopped the run)")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warren", required=True, help="the proxy binary (copied for the run)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run: 20,000 messages per workload")
     ap.add_argument("--messages", type=int, help="messages of the kill-node / kill-cluster workloads "
                     "(sigstop and memory-alarm use --small-fraction of it); default 100,000, 20,000 with --quick")
-    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help=f"comma-separated, of {ALL_SCENARIOS}")
+    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help=f"comma-separated, of {ALL_SCENARIOS} "
+                    "(default: all)")
+    ap.add_argument("--summary-file", help="also write the result table and the failure report to this file "
+                    "(scripts/test.sh prints it under its summary)")
     ap.add_argument("--keep", action="store_true", help="leave the clusters running and keep the work dir")
     ap.add_argument("--rabbit-dir", help="RabbitMQ state dir (default /tmp/warren-fault-<random>); an existing "
                     "one with running clusters is reused")
@@ -1568,7 +1610,7 @@ def main() -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
-        ap.error(f"unknown scenario(s) {bad}; choose from {ALL_SCENARIOS} (+ opt-in {OPT_IN})")
+        ap.error(f"unknown scenario(s) {bad}; choose from {ALL_SCENARIOS}")
 
     workdir = tempfile.mkdtemp(prefix="warren-fault-run-")
     binary = os.path.join(workdir, "warren")
@@ -1631,6 +1673,22 @@ def main() -> int:
     print(summary(results))
     print(f"\nproxy logs: {workdir}" + ("" if args.keep else " (kept only on failure)"))
     all_ok = bool(results) and all(r.ok for r in results) and len(results) == len(scenarios)
+    ran = {r.scenario for r in results}
+    report = failure_report(results, [s for s in scenarios if s not in ran])
+    total = time.monotonic() - T0
+    if report:
+        print("\n" + report)
+    if args.summary_file:
+        try:
+            with open(args.summary_file, "w") as f:
+                f.write(table(results) + "\n")
+                f.write(f"total {total:.0f}s; {sum(r.ok for r in results)} of {len(scenarios)} scenarios passed; "
+                        f"{args.messages} messages per node-failure workload; proxy logs {workdir}"
+                        + ("\n" if all_ok else " (kept)\n"))
+                if report:
+                    f.write(report + "\n")
+        except OSError as e:
+            log(f"could not write {args.summary_file}: {e}")
     if all_ok and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     print("RESULT:", "PASS" if all_ok else "FAIL")

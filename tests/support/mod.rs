@@ -1433,3 +1433,51 @@ pub async fn get(ch: &Channel, queue: &str, no_ack: bool) -> Option<Got> {
             body,
         })
 }
+
+// ---------------------------------------------------------------------------------------------
+// A RabbitMQ node that speaks only amqps (tests/tls.rs)
+
+impl PrivateCluster {
+    /// `scripts/rabbit.sh up-single-tls NAME auto CERT_DIR [verify-peer]` in a fresh state dir of
+    /// its own: a one-node cluster whose only listener is amqps, with `CERT_DIR/ca.pem`,
+    /// `server.pem` and `server.key`. With `verify_peer`, clients must present a certificate
+    /// signed by `ca.pem`. Torn down when the guard is dropped.
+    pub fn start_tls(name: &str, cert_dir: &Path, verify_peer: bool) -> PrivateCluster {
+        let base = match std::env::var_os("WARREN_RABBIT_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => repo_dir().join("target"),
+        };
+        let dir = base.join(format!(
+            "private-{name}-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis()
+                % 1_000_000
+        ));
+        std::fs::create_dir_all(&dir).expect("create private rabbit dir");
+        let mut guard = PrivateCluster {
+            dir,
+            cluster: Cluster {
+                name: name.to_owned(),
+                nodes: Vec::new(),
+            },
+        };
+        let cert_dir = cert_dir.to_str().expect("UTF-8 certificate dir");
+        let mut args = vec!["up-single-tls", name, "auto", cert_dir];
+        if verify_peer {
+            args.push("verify-peer");
+        }
+        let stdout = guard.rabbit(&args);
+        let line = stdout.lines().last().unwrap_or_default().to_owned();
+        let nodes: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
+        assert_eq!(
+            nodes.len(),
+            1,
+            "unexpected output of rabbit.sh up-single-tls: {stdout:?}"
+        );
+        guard.cluster.nodes = nodes;
+        guard
+    }
+}

@@ -127,7 +127,8 @@ pub struct ClusterConfig {
     /// A draining shard cluster gets no new publishes but keeps serving consumers.
     /// Default false. Rejected on the control cluster.
     pub drain: bool,
-    /// Credentials used to probe the cluster (health checks, queue checks). Optional.
+    /// Credentials for the admin queue-depth checks on this cluster (`GET /queues`); without
+    /// them the checks log in as guest/guest. The health probes need none.
     pub probe: Option<ProbeCredentials>,
     /// `tls = { ca_file = ..., ... }`: every connection to the cluster's nodes (links, health
     /// probes, queue depths) uses amqps. `None`: plain AMQP.
@@ -798,6 +799,15 @@ impl RawLimits {
             1,
             "use 1 or more bytes",
         )?;
+        let held_why = "warren stops reading a client at this bound, so 0 would never read one; \
+                        use 1 or more bytes";
+        at_least(
+            &self.max_held_bytes_per_connection,
+            "max_held_bytes_per_connection",
+            1,
+            held_why,
+        )?;
+        at_least(&self.max_held_bytes, "max_held_bytes", 1, held_why)?;
         if let Some(v) = &self.max_message_size
             && *v.get_ref() > MAX_MESSAGE_SIZE_LIMIT
         {
@@ -1930,6 +1940,122 @@ nodes = [\"h:2\"]
                 .starts_with("/nonexistent/warren.toml: cannot read"),
             "{e}"
         );
+    }
+
+    // --- tls ------------------------------------------------------------------------------
+
+    #[test]
+    fn rejects_incomplete_or_misplaced_tls_settings() {
+        let tls = |body: &str| with_cluster(&format!("\n[tls]\n{body}\n"));
+        rejects(
+            &tls("cert_file = \"c.pem\"\nkey_file = \"k.pem\""),
+            8,
+            Some(1),
+            "[tls] is missing required key `listen`",
+        );
+        rejects(
+            &tls("listen = \"127.0.0.1:5671\"\nkey_file = \"k.pem\""),
+            8,
+            Some(1),
+            "[tls] is missing required key `cert_file`",
+        );
+        rejects(
+            &tls("listen = \"127.0.0.1:5671\"\ncert_file = \"c.pem\""),
+            8,
+            Some(1),
+            "[tls] is missing required key `key_file`",
+        );
+        rejects(
+            &tls("listen = \"127.0.0.1:5673\"\ncert_file = \"c\"\nkey_file = \"k\""),
+            9,
+            Some(10),
+            "tls.listen 127.0.0.1:5673 is the same address as listen",
+        );
+        rejects(
+            &tls("listen = \"127.0.0.1:5671\"\ncert_file = \"\"\nkey_file = \"k\""),
+            10,
+            Some(13),
+            "tls.cert_file is empty",
+        );
+        rejects(
+            &tls("listen = \"127.0.0.1:5671\"\ncertfile = \"c\""),
+            10,
+            Some(1),
+            "unknown key `certfile`",
+        );
+        rejects(
+            &with_cluster("tls = { server_name = \"rabbit\" }\n"),
+            7,
+            Some(7),
+            "cluster \"shard-a\": tls is missing required key `ca_file`",
+        );
+        rejects(
+            &with_cluster("tls = { ca_file = \"ca.pem\", key_file = \"k.pem\" }\n"),
+            7,
+            Some(40),
+            "tls.key_file needs tls.cert_file",
+        );
+        // A node host that is no DNS name cannot be checked against a certificate.
+        rejects(
+            &with_cluster("tls = { ca_file = \"ca.pem\" }\n")
+                .replace("127.0.0.1:5702", "a..b:5702"),
+            7,
+            Some(7),
+            "node host \"a..b\" cannot be checked against a certificate: set tls.server_name",
+        );
+    }
+
+    /// A self-signed certificate and its key, PEM.
+    fn self_signed() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_files_are_read_relative_to_the_config_file_and_compared_by_content() {
+        let dir = std::env::temp_dir().join(format!("warren-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        let (cert, key) = self_signed();
+        std::fs::write(dir.join("certs/server.pem"), &cert).unwrap();
+        std::fs::write(dir.join("certs/server.key"), &key).unwrap();
+        let text = format!(
+            "{MINIMAL}tls = {{ ca_file = \"certs/server.pem\", server_name = \"localhost\" }}\n\
+             \n[tls]\nlisten = \"127.0.0.1:5671\"\ncert_file = \"certs/server.pem\"\n\
+             key_file = \"certs/server.key\"\nclient_ca_file = \"certs/server.pem\"\n"
+        );
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, &text).unwrap();
+
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, "127.0.0.1:5671".parse().unwrap());
+        assert_eq!(tls.cert_file, dir.join("certs/server.pem"));
+        assert!(tls.verifies_clients());
+        let up = c.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(up.ca_file, dir.join("certs/server.pem"));
+        assert_eq!(up.server_name.as_deref(), Some("localhost"));
+        assert_eq!((up.cert_file.as_ref(), up.key_file.as_ref()), (None, None));
+        // Paths only in Debug, never the key.
+        let debug = format!("{c:?}");
+        assert!(debug.contains("server.key") && !debug.contains("PRIVATE KEY"), "{debug}");
+
+        // Config::parse reads relative paths from the working directory instead.
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("cannot read certs/server.pem"), "{e}");
+
+        // Same files: equal. A renewed certificate at the same path: a change to reload.
+        assert_eq!(Config::load(&path).unwrap(), c);
+        let (cert2, key2) = self_signed();
+        std::fs::write(dir.join("certs/server.pem"), &cert2).unwrap();
+        std::fs::write(dir.join("certs/server.key"), &key2).unwrap();
+        let renewed = Config::load(&path).unwrap();
+        assert_ne!(renewed.tls, c.tls);
+        assert_ne!(renewed.clusters[0], c.clusters[0]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -50,6 +50,10 @@ pub struct Shared {
     topology: Mutex<std::collections::HashMap<String, crate::client::topology::Topology>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
+    /// Per cluster, how many times the admin health probes saw one of its nodes come back.
+    /// Sessions waiting to reconnect to the cluster retry at once when it changes, instead of
+    /// waiting out their backoff.
+    nodes_back: Mutex<std::collections::HashMap<String, u64>>,
     next_id: AtomicU64,
     pub metrics: Arc<Metrics>,
 }
@@ -67,9 +71,22 @@ impl Shared {
             topology: Mutex::default(),
             config: ArcSwap::new(config),
             server_properties: ArcSwapOption::empty(),
+            nodes_back: Mutex::default(),
             next_id: AtomicU64::new(1),
             metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// A health probe saw a node of `cluster` come back.
+    pub fn node_came_up(&self, cluster: &str) {
+        let mut back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        *back.entry(cluster.to_owned()).or_default() += 1;
+    }
+
+    /// How many times a node of `cluster` was seen coming back (see [`Shared::node_came_up`]).
+    pub fn nodes_back(&self, cluster: &str) -> u64 {
+        let back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        back.get(cluster).copied().unwrap_or(0)
     }
 
     /// The running configuration.

@@ -200,16 +200,21 @@ async fn amqps(addr: SocketAddr, connector: TlsConnector) -> Result<Connection, 
     .map_err(|e| e.to_string())
 }
 
-/// Declare, publish, consume on a fresh queue.
+/// Declare, publish (a small and a 3 MiB message), consume on a fresh queue.
 async fn round_trip(conn: &Connection, label: &str) {
     let (ch, _events) = open_channel(conn).await;
     let queue = unique(label);
     declare_queue(&ch, &queue).await;
     let body = format!("over tls: {label}");
     publish(&ch, "", &queue, body.as_bytes()).await;
+    // Several TLS records and frames each way, through both legs' write buffers.
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    publish(&ch, "", &queue, &big).await;
     let (_tag, mut rx) = consume(&ch, &queue, false).await;
     let d = next_delivery(&mut rx).await;
     assert_eq!(d.body, body.as_bytes(), "{label}");
+    let d = next_delivery(&mut rx).await;
+    assert!(d.body == big, "{label}: the 3 MiB message came back changed");
     delete_queue(&ch, &queue).await;
 }
 

@@ -32,8 +32,9 @@ use crate::tls::ClientTls;
 pub const UP_INTERVAL: Duration = Duration::from_secs(5);
 /// First retry of a node that went down.
 pub const DOWN_FIRST: Duration = Duration::from_secs(1);
-/// Longest time between two probes of a node that stays down.
-pub const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Longest time between two probes of a node that stays down. Short, because a node seen up
+/// again wakes the sessions waiting to reconnect to its cluster (they back off much longer).
+pub const DOWN_MAX: Duration = Duration::from_secs(5);
 /// Longest a probe may take (the configured `timeouts.connect_ms` if shorter).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the task looks for nodes due for a probe.
@@ -169,14 +170,15 @@ impl Health {
         due
     }
 
-    /// Records the outcome of one probe and schedules the next.
-    fn record(&self, cluster: &str, node: &NodeAddr, result: Result<FieldTable, String>) {
+    /// Records the outcome of one probe and schedules the next. True when the node was down
+    /// and is up again.
+    fn record(&self, cluster: &str, node: &NodeAddr, result: Result<FieldTable, String>) -> bool {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut nodes = self.lock();
         // The node may have been removed by a reload while it was probed.
         let Some(h) = nodes.get_mut(&(cluster.to_owned(), node.to_string())) else {
-            return;
+            return false;
         };
         h.in_flight = false;
         h.last_check = Some(wall);
@@ -201,15 +203,17 @@ impl Health {
                 NodeState::Down
             }
         };
+        let came_up = new_state == NodeState::Up && h.state == NodeState::Down;
+        if came_up {
+            tracing::info!(cluster, %node, "admin health probe: node is up again");
+        }
         if h.state != new_state {
-            if new_state == NodeState::Up && h.state == NodeState::Down {
-                tracing::info!(cluster, %node, "admin health probe: node is up again");
-            }
             h.state = new_state;
             h.last_change = Some(wall);
         }
         drop(nodes);
         self.probes.fetch_add(1, Ordering::Relaxed);
+        came_up
     }
 }
 
@@ -257,6 +261,7 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
         let timeout = config.timeouts.connect().min(PROBE_TIMEOUT);
         for (cluster, node) in health.take_due(&config, Instant::now()) {
             let health = health.clone();
+            let shared = shared.clone();
             let tls = config.cluster(&cluster).and_then(|c| c.tls.clone());
             probes.spawn(async move {
                 let result = match tokio::time::timeout(timeout, read_start(&node, tls.as_ref()))
@@ -268,7 +273,9 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
                         timeout.as_millis()
                     )),
                 };
-                health.record(&cluster, &node, result);
+                if health.record(&cluster, &node, result) {
+                    shared.node_came_up(&cluster);
+                }
             });
         }
         while probes.try_join_next().is_some() {}

@@ -608,7 +608,7 @@ struct Session {
     /// opened later (a cluster added by a reload, a failover to the other node).
     topology: Topology,
     /// When each cluster without a live link may be tried again (exponential backoff).
-    retry_at: std::collections::HashMap<String, (Instant, Duration)>,
+    retry_at: std::collections::HashMap<String, Retry>,
     /// Event ids whose link is gone, reusable.
     free_event_ids: Vec<usize>,
     /// Publishes waiting for a shard link, oldest first: none was ready when they came (or when
@@ -618,6 +618,16 @@ struct Session {
     /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
     /// publishes are given up (nacked) and the client is closed with 320.
     no_shard_since: Option<Instant>,
+}
+
+/// When a cluster without a live link is tried again.
+struct Retry {
+    at: Instant,
+    /// The current backoff delay, doubled on each failed attempt.
+    delay: Duration,
+    /// [`Shared::nodes_back`] of the cluster when the delay started: a node seen back by the
+    /// health probes since then cuts the wait short.
+    nodes_back: u64,
 }
 
 /// A publish waiting for a shard link (see [`Session::parked`]).
@@ -1272,9 +1282,16 @@ impl Session {
             if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
                 continue;
             }
-            if let Some((at, _)) = self.retry_at.get(&cluster.name)
-                && *at > now
+            if let Some(retry) = self.retry_at.get_mut(&cluster.name)
+                && retry.at > now
             {
+                let back = self.shared.nodes_back(&cluster.name);
+                if back != retry.nodes_back {
+                    // A node of the cluster is back: retry within a second (spread by
+                    // connection so a fleet of sessions does not reconnect at once).
+                    retry.nodes_back = back;
+                    retry.at = now + Duration::from_millis(self.id.wrapping_mul(7919) % 1000);
+                }
                 continue;
             }
             self.spawn_connect(cluster);
@@ -1285,7 +1302,7 @@ impl Session {
         let prev = self
             .retry_at
             .get(cluster)
-            .map_or(Duration::from_millis(500), |(_, d)| *d);
+            .map_or(Duration::from_millis(500), |r| r.delay);
         let next = (prev * 2).min(Duration::from_secs(30));
         // Jitter: up to a quarter of the delay, from the clock and the connection id.
         let nanos = std::time::SystemTime::now()
@@ -1294,8 +1311,12 @@ impl Session {
         let jitter = next.mul_f64(
             f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0,
         );
-        self.retry_at
-            .insert(cluster.to_owned(), (Instant::now() + next + jitter, next));
+        let retry = Retry {
+            at: Instant::now() + next + jitter,
+            delay: next,
+            nodes_back: self.shared.nodes_back(cluster),
+        };
+        self.retry_at.insert(cluster.to_owned(), retry);
     }
 
     /// Declares this client's topology of the link's class again on `link`; on a cluster new to
@@ -2306,8 +2327,12 @@ impl Session {
         }
         // `control` keeps pointing at the dead control slot: control traffic fails with a clear
         // channel error (not a hang, and never silently on a shard) until the link is back.
-        self.retry_at
-            .insert(cluster, (Instant::now(), Duration::from_millis(250)));
+        let retry = Retry {
+            at: Instant::now(),
+            delay: Duration::from_millis(250),
+            nodes_back: self.shared.nodes_back(&cluster),
+        };
+        self.retry_at.insert(cluster, retry);
         if self.shard_links().is_empty() && self.no_shard_since.is_none() {
             self.no_shard_since = Some(Instant::now());
             warn!(conn = self.id, wait_secs = self.shared.config().timeouts.failover_wait_secs,

@@ -883,7 +883,14 @@ fn tls_problem<T>(
     let (span, key_name) = match e.setting {
         Setting::Cert => (cert, "cert_file"),
         Setting::Key => (key, "key_file"),
-        Setting::Ca => (ca, if prefix == "tls." { "client_ca_file" } else { "ca_file" }),
+        Setting::Ca => (
+            ca,
+            if prefix == "tls." {
+                "client_ca_file"
+            } else {
+                "ca_file"
+            },
+        ),
         Setting::ServerName => (name, "server_name"),
     };
     problem(
@@ -920,7 +927,12 @@ impl RawServerTls {
             "listen",
             "the amqps listen address, e.g. \"127.0.0.1:5671\"",
         )?;
-        let cert_raw = required(&self.cert_file, &table, "cert_file", "PEM certificate chain")?;
+        let cert_raw = required(
+            &self.cert_file,
+            &table,
+            "cert_file",
+            "PEM certificate chain",
+        )?;
         let key_raw = required(&self.key_file, &table, "key_file", "PEM private key")?;
         let listen = parse_socket_addr(listen_raw, "tls.listen")?;
         if listen.port() != 0 {
@@ -986,7 +998,9 @@ impl RawClientTls {
             (Some(c), None) => {
                 return problem(
                     c.span(),
-                    format!("{which}: tls.cert_file needs tls.key_file (the client certificate's key)"),
+                    format!(
+                        "{which}: tls.cert_file needs tls.key_file (the client certificate's key)"
+                    ),
                 );
             }
             (None, Some(k)) => {
@@ -1000,7 +1014,9 @@ impl RawClientTls {
             Some(n) if n.get_ref().is_empty() => {
                 return problem(
                     n.span(),
-                    format!("{which}: tls.server_name is empty: remove it to check each node's host"),
+                    format!(
+                        "{which}: tls.server_name is empty: remove it to check each node's host"
+                    ),
                 );
             }
             Some(n) => Some(n.get_ref().clone()),
@@ -2041,7 +2057,10 @@ nodes = [\"h:2\"]
         assert_eq!((up.cert_file.as_ref(), up.key_file.as_ref()), (None, None));
         // Paths only in Debug, never the key.
         let debug = format!("{c:?}");
-        assert!(debug.contains("server.key") && !debug.contains("PRIVATE KEY"), "{debug}");
+        assert!(
+            debug.contains("server.key") && !debug.contains("PRIVATE KEY"),
+            "{debug}"
+        );
 
         // Config::parse reads relative paths from the working directory instead.
         let e = Config::parse(&text, "t.toml").unwrap_err().to_string();

@@ -429,7 +429,12 @@ async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream
 
 /// Turns an accepted socket into a [`Stream`]: TLS sockets go through the TLS handshake first,
 /// bounded by the handshake timeout, with the certificates of the running configuration.
-async fn open_stream(tcp: TcpStream, tls: bool, shared: &Shared, peer: SocketAddr) -> Option<Stream> {
+async fn open_stream(
+    tcp: TcpStream,
+    tls: bool,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> Option<Stream> {
     if !tls {
         return Some(Stream::Plain(tcp));
     }

@@ -185,7 +185,9 @@ impl ClientTls {
                 Err(_) => {
                     return fail(
                         Setting::ServerName,
-                        format!("invalid server_name \"{n}\": expected a DNS name or an IP address"),
+                        format!(
+                            "invalid server_name \"{n}\": expected a DNS name or an IP address"
+                        ),
                     );
                 }
             },

@@ -214,7 +214,10 @@ async fn round_trip(conn: &Connection, label: &str) {
     let d = next_delivery(&mut rx).await;
     assert_eq!(d.body, body.as_bytes(), "{label}");
     let d = next_delivery(&mut rx).await;
-    assert!(d.body == big, "{label}: the 3 MiB message came back changed");
+    assert!(
+        d.body == big,
+        "{label}: the 3 MiB message came back changed"
+    );
     delete_queue(&ch, &queue).await;
 }
 
@@ -246,9 +249,11 @@ async fn amqp_header_over_tls(addr: SocketAddr, connector: &TlsConnector) -> Res
 async fn admin_get(addr: SocketAddr, path: &str) -> Value {
     within(&format!("GET {path}"), async {
         let mut s = TcpStream::connect(addr).await.expect("connect to admin");
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.unwrap();
         let text = String::from_utf8_lossy(&buf).into_owned();
@@ -477,14 +482,20 @@ async fn reload_picks_up_new_certificate_files() {
 
     // Renewed files at the same paths: a reload serves them to the next clients.
     install("other-server");
-    let status = proxy.shared().reload().expect("reload with new certificates");
+    let status = proxy
+        .shared()
+        .reload()
+        .expect("reload with new certificates");
     assert!(status.message.contains("changed tls"), "{status:?}");
     amqp_header_over_tls(addr, &trusts_other).await.unwrap();
     assert!(amqp_header_over_tls(addr, &trusts_first).await.is_err());
 
     // A broken file is rejected; the running certificates stay.
     std::fs::write(live.join("server.key"), "not a key\n").unwrap();
-    let rejected = proxy.shared().reload().expect_err("reload with a broken key");
+    let rejected = proxy
+        .shared()
+        .reload()
+        .expect_err("reload with a broken key");
     assert!(
         rejected.message.contains("tls.key_file") && rejected.message.contains("no private key"),
         "{rejected:?}"

@@ -264,15 +264,14 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
             let shared = shared.clone();
             let tls = config.cluster(&cluster).and_then(|c| c.tls.clone());
             probes.spawn(async move {
-                let result = match tokio::time::timeout(timeout, read_start(&node, tls.as_ref()))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(format!(
-                        "no connection.start within {} ms",
-                        timeout.as_millis()
-                    )),
-                };
+                let result =
+                    match tokio::time::timeout(timeout, read_start(&node, tls.as_ref())).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!(
+                            "no connection.start within {} ms",
+                            timeout.as_millis()
+                        )),
+                    };
                 if health.record(&cluster, &node, result) {
                     shared.node_came_up(&cluster);
                 }

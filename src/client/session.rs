@@ -1982,7 +1982,10 @@ impl Session {
         self.held_bytes += size;
         self.metrics.held_bytes.inc_by(size as i64);
         if self.parked.is_empty() {
-            info!(conn = self.id, "no shard cluster ready; holding publishes until one is");
+            info!(
+                conn = self.id,
+                "no shard cluster ready; holding publishes until one is"
+            );
         }
         self.parked.push_back(Parked { ch, client, held });
         self.no_shard_since.get_or_insert_with(Instant::now);
@@ -2047,7 +2050,11 @@ impl Session {
             }
         }
         let text = "no shard cluster is reachable";
-        warn!(conn = self.id, waited_secs = wait.as_secs(), "{text}; closing the client");
+        warn!(
+            conn = self.id,
+            waited_secs = wait.as_secs(),
+            "{text}; closing the client"
+        );
         self.begin_proxy_close(ConnError::new(320, text), text);
     }
 
@@ -2335,8 +2342,11 @@ impl Session {
         self.retry_at.insert(cluster, retry);
         if self.shard_links().is_empty() && self.no_shard_since.is_none() {
             self.no_shard_since = Some(Instant::now());
-            warn!(conn = self.id, wait_secs = self.shared.config().timeouts.failover_wait_secs,
-                "no shard cluster is reachable; holding publishes until one is back");
+            warn!(
+                conn = self.id,
+                wait_secs = self.shared.config().timeouts.failover_wait_secs,
+                "no shard cluster is reachable; holding publishes until one is back"
+            );
         }
     }
 

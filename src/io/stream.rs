@@ -70,11 +70,7 @@ impl Stream {
     }
 
     /// Runs the server side of the TLS handshake on an accepted socket, within `timeout`.
-    pub async fn accept(
-        tcp: TcpStream,
-        tls: &ServerTls,
-        timeout: Duration,
-    ) -> io::Result<Stream> {
+    pub async fn accept(tcp: TcpStream, tls: &ServerTls, timeout: Duration) -> io::Result<Stream> {
         let started = Instant::now();
         let io = match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
             Ok(Ok(io)) => io,

@@ -1558,7 +1558,7 @@ def failure_report(results: list[Result], missing: list[str]) -> str:
                 out.append(f"    failed: {c.name}{': ' + c.detail.splitlines()[0][:400] if c.detail else ''}")
         for n in r.notes:
             if n.startswith(("ledger:", "duplicates", "proxy:", "client error:", "lost messages:")):
-                out.append(f"    {n[:400]}")
+                out.append(f"    {n.split(' | Traceback', 1)[0][:400]}")
     for name in missing:
         out.append(f"FAIL {name}: did not run (an earlier scenario stopped the run)")
     return "\n".join(out)

@@ -11,31 +11,38 @@
 //!
 //! Tests run in parallel against the same clusters, so every queue (and non-preset exchange) has
 //! a unique name, and a guard deletes them on every cluster when the test ends, pass or fail.
+//!
+//! The amqprs plumbing (connections, channels with their [`Events`], publish and consume, waits
+//! with deadlines) and the raw AMQP client come from `tests/support`.
+
+mod support;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
-    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicGetArguments,
-    BasicNackArguments, BasicPublishArguments, BasicQosArguments, BasicRejectArguments, Channel,
-    ConfirmSelectArguments, ConsumerMessage, ExchangeDeclareArguments, ExchangeDeleteArguments,
-    QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
+    BasicAckArguments, BasicCancelArguments, BasicNackArguments, BasicPublishArguments,
+    BasicQosArguments, BasicRejectArguments, Channel, ConfirmSelectArguments, ConsumerMessage,
+    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments, QueuePurgeArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
+use amqprs::{BasicProperties, FieldTable, FieldValue};
+use bytes::BytesMut;
 use tokio::sync::mpsc;
 use warren::ProxyHandle;
+use warren::codec::{self, Method, ShortStr};
 use warren::config::Config;
 
-/// Deadline for one step (a round trip, a delivery, a close). Generous: the machine is small and
-/// every queue is mirrored to a second node.
-const STEP: Duration = Duration::from_secs(20);
+use support::{
+    Cluster, Delivery, Event, Events, Login, RawClient, STEP, connect, consume, declare_queue,
+    eventually_for, get, init_tracing, open_channel, parse_clusters, publish, publish_with,
+    queue_counts, unique, within,
+};
+
 /// Deadline for bulk work (thousands of messages reaching the queues).
 const BULK: Duration = Duration::from_secs(120);
 /// How long "nothing happens" is watched for.
@@ -46,37 +53,17 @@ const CLEANUP: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Clusters
 
-struct Clusters {
-    shard_a: Vec<String>,
-    shard_b: Vec<String>,
-    control: Vec<String>,
-}
-
-/// The three clusters, from `WARREN_TEST_CLUSTERS`; fails naming any that is missing.
-fn clusters() -> &'static Clusters {
-    static CLUSTERS: OnceLock<Clusters> = OnceLock::new();
+/// The three clusters, from `WARREN_TEST_CLUSTERS`; fails naming any that is missing. (Unlike
+/// `support::clusters`, never falls back to starting a local shard-a alone.)
+fn clusters() -> &'static [Cluster] {
+    static CLUSTERS: OnceLock<Vec<Cluster>> = OnceLock::new();
     CLUSTERS.get_or_init(|| {
         let spec = std::env::var("WARREN_TEST_CLUSTERS").unwrap_or_default();
-        let mut found: Vec<(String, Vec<String>)> = Vec::new();
-        for entry in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            let Some((name, nodes)) = entry.split_once('=') else {
-                panic!("bad WARREN_TEST_CLUSTERS entry {entry:?}: expected name=host:port,...")
-            };
-            let nodes: Vec<String> = nodes
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
-            assert!(
-                !nodes.is_empty(),
-                "cluster {name:?} has no nodes in {spec:?}"
-            );
-            found.push((name.trim().to_owned(), nodes));
-        }
-        let missing: Vec<&str> = ["shard-a", "shard-b", "control"]
+        let found = parse_clusters(&spec);
+        let missing: Vec<&str> = Cl::ALL
             .into_iter()
-            .filter(|n| !found.iter().any(|(f, _)| f == n))
+            .map(Cl::name)
+            .filter(|n| !found.iter().any(|f| f.name == *n))
             .collect();
         assert!(
             missing.is_empty(),
@@ -85,26 +72,8 @@ fn clusters() -> &'static Clusters {
              or start each with `scripts/rabbit.sh up NAME auto auto` and export \
              WARREN_TEST_CLUSTERS=\"shard-a=H:P,H:P;shard-b=H:P,H:P;control=H:P,H:P\""
         );
-        let take = |name: &str| {
-            found
-                .iter()
-                .find(|(f, _)| f == name)
-                .map(|(_, n)| n.clone())
-                .unwrap_or_default()
-        };
-        Clusters {
-            shard_a: take("shard-a"),
-            shard_b: take("shard-b"),
-            control: take("control"),
-        }
+        found
     })
-}
-
-fn resolve(addr: &str) -> SocketAddr {
-    addr.to_socket_addrs()
-        .unwrap_or_else(|e| panic!("cannot resolve {addr}: {e}"))
-        .next()
-        .unwrap_or_else(|| panic!("{addr} resolves to nothing"))
 }
 
 /// The three clusters by name, for direct checks.
@@ -126,66 +95,29 @@ impl Cl {
         }
     }
 
+    fn cluster(self) -> &'static Cluster {
+        clusters()
+            .iter()
+            .find(|c| c.name == self.name())
+            .expect("clusters() checked that all three are there")
+    }
+
     fn addr(self) -> SocketAddr {
-        let c = clusters();
-        let nodes = match self {
-            Cl::A => &c.shard_a,
-            Cl::B => &c.shard_b,
-            Cl::Control => &c.control,
-        };
-        resolve(&nodes[0])
+        self.cluster().first_node()
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small utilities
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    within_for(STEP, what, fut).await
-}
-
-async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?} waiting for: {what}"),
-    }
-}
-
-fn init_tracing() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warren=info"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    });
-}
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos()
-}
-
-/// A name no other test (nor an earlier run) uses.
-fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "warren-test.sharding.{prefix}.{}.{}.{n}",
-        std::process::id(),
-        nanos() % 1_000_000_000_000
-    )
-}
+// Names
 
 /// A fresh UUID-shaped name (8-4-4-4-12 lowercase hex).
 fn uuid() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
-    let t = nanos();
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let pid = u128::from(std::process::id());
     let v = t ^ (pid << 64) ^ (n << 100) ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) << 20);
     let h = format!("{v:032x}");
@@ -201,14 +133,6 @@ fn uuid() -> String {
 
 // ---------------------------------------------------------------------------------------------
 // The proxy
-
-fn toml_nodes(nodes: &[String]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// A proxy running on a runtime of its own (two threads), as it would in its own process: a proxy
 /// task that never yields cannot stall the test's clients and timeouts, so such a bug fails the
@@ -246,16 +170,22 @@ impl Drop for Proxy {
 /// A proxy on 127.0.0.1:0 in front of shard-a, shard-b (shards) and control, Celery preset.
 async fn start_proxy() -> Proxy {
     init_tracing();
-    let c = clusters();
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n\n\
-         [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{}]\n\n\
-         [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [{}]\n\n\
-         [[clusters]]\nname = \"control\"\nrole = \"control\"\nnodes = [{}]\n",
-        toml_nodes(&c.shard_a),
-        toml_nodes(&c.shard_b),
-        toml_nodes(&c.control)
-    );
+    let mut text =
+        String::from("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n");
+    for c in Cl::ALL {
+        let role = if c == Cl::Control { "control" } else { "shard" };
+        let nodes = c
+            .cluster()
+            .nodes
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n",
+            c.name()
+        ));
+    }
     let config = Config::parse(&text, "sharding-test.toml")
         .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -277,183 +207,52 @@ async fn start_proxy() -> Proxy {
     proxy
 }
 
-// ---------------------------------------------------------------------------------------------
-// amqprs helpers
-
-async fn connect(addr: SocketAddr) -> Connection {
-    let args = OpenConnectionArguments::new(&addr.ip().to_string(), addr.port(), "guest", "guest");
-    within(
-        &format!("amqprs connection to {addr}"),
-        Connection::open(&args),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+/// What most tests start with: a proxy, direct connections to every cluster, and a client
+/// connection to the proxy with one channel (and its events).
+async fn start() -> (Proxy, Direct, Connection, Channel, Events) {
+    let proxy = start_proxy().await;
+    let direct = Direct::open().await;
+    let (conn, ch, events) = client(&proxy).await;
+    (proxy, direct, conn, ch, events)
 }
 
+/// [`start`], then declares `queue` (transient) through the proxy.
+async fn start_with_queue(queue: &str) -> (Proxy, Direct, Connection, Channel, Events) {
+    let started = start().await;
+    declare_queue(&started.3, queue).await;
+    started
+}
+
+/// A client connection to the proxy, with one channel.
+async fn client(proxy: &Proxy) -> (Connection, Channel, Events) {
+    let conn = connect(proxy.amqp_addr()).await;
+    let (ch, events) = open_channel(&conn).await;
+    (conn, ch, events)
+}
+
+/// Shuts the proxy down, then closes the direct connections.
+async fn shutdown(proxy: Proxy, direct: Direct) {
+    within("proxy shutdown", proxy.shutdown()).await;
+    direct.close().await;
+}
+
+/// The usual end of a test: the client's connection closed, then [`shutdown`].
+async fn finish(conn: Connection, proxy: Proxy, direct: Direct) {
+    close_connection(conn).await;
+    shutdown(proxy, direct).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// amqprs helpers (each step has a deadline; any error fails the test)
+
+/// Closes an amqprs connection; unlike `support::close_connection`, every error fails the test.
 async fn close_connection(conn: Connection) {
     within("connection.close", conn.close())
         .await
         .expect("connection.close failed");
 }
 
-/// Something the broker sent on a channel on its own initiative.
-#[derive(Debug, Clone, PartialEq)]
-enum Event {
-    Close { code: u16, text: String },
-    Ack { tag: u64, multiple: bool },
-    Nack { tag: u64, multiple: bool },
-    Return { code: u16, body: Vec<u8> },
-    Cancel { consumer_tag: String },
-}
-
-struct Events {
-    rx: mpsc::UnboundedReceiver<Event>,
-}
-
-impl Events {
-    async fn next(&mut self) -> Event {
-        within(
-            "a channel event (close, confirm, return, cancel)",
-            self.rx.recv(),
-        )
-        .await
-        .expect("channel event stream ended")
-    }
-
-    fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
-    }
-
-    async fn expect_close(&mut self) -> (u16, String) {
-        loop {
-            if let Event::Close { code, text } = self.next().await {
-                return (code, text);
-            }
-        }
-    }
-
-    /// Fails if the channel was closed by the server (events other than close are dropped).
-    fn assert_no_close(&mut self, who: &str) {
-        while let Some(e) = self.try_next() {
-            assert!(
-                !matches!(e, Event::Close { .. }),
-                "{who}: unexpected channel close: {e:?}"
-            );
-        }
-    }
-}
-
-struct EventCallback {
-    tx: mpsc::UnboundedSender<Event>,
-}
-
-type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-// amqprs's callback traits are `#[async_trait]`; this is the expanded form.
-impl ChannelCallback for EventCallback {
-    fn close<'s, 'c, 'a>(
-        &'s mut self,
-        _channel: &'c Channel,
-        close: CloseChannel,
-    ) -> BoxFut<'a, Result<(), amqprs::error::Error>>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        let _ = self.tx.send(Event::Close {
-            code: close.reply_code(),
-            text: close.reply_text().clone(),
-        });
-        Box::pin(async { Ok(()) })
-    }
-
-    fn cancel<'s, 'c, 'a>(
-        &'s mut self,
-        _channel: &'c Channel,
-        cancel: Cancel,
-    ) -> BoxFut<'a, Result<(), amqprs::error::Error>>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        let _ = self.tx.send(Event::Cancel {
-            consumer_tag: cancel.consumer_tag().clone(),
-        });
-        Box::pin(async { Ok(()) })
-    }
-
-    fn flow<'s, 'c, 'a>(
-        &'s mut self,
-        _channel: &'c Channel,
-        active: bool,
-    ) -> BoxFut<'a, Result<bool, amqprs::error::Error>>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        Box::pin(async move { Ok(active) })
-    }
-
-    fn publish_ack<'s, 'c, 'a>(&'s mut self, _channel: &'c Channel, ack: Ack) -> BoxFut<'a, ()>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        let _ = self.tx.send(Event::Ack {
-            tag: ack.delivery_tag(),
-            multiple: ack.mutiple(),
-        });
-        Box::pin(async {})
-    }
-
-    fn publish_nack<'s, 'c, 'a>(&'s mut self, _channel: &'c Channel, nack: Nack) -> BoxFut<'a, ()>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        let _ = self.tx.send(Event::Nack {
-            tag: nack.delivery_tag(),
-            multiple: nack.multiple(),
-        });
-        Box::pin(async {})
-    }
-
-    fn publish_return<'s, 'c, 'a>(
-        &'s mut self,
-        _channel: &'c Channel,
-        ret: Return,
-        _basic_properties: BasicProperties,
-        content: Vec<u8>,
-    ) -> BoxFut<'a, ()>
-    where
-        's: 'a,
-        'c: 'a,
-        Self: 'a,
-    {
-        let _ = self.tx.send(Event::Return {
-            code: ret.reply_code(),
-            body: content,
-        });
-        Box::pin(async {})
-    }
-}
-
-async fn open_channel(conn: &Connection) -> (Channel, Events) {
-    let ch = within("channel.open", conn.open_channel(None))
-        .await
-        .expect("channel.open failed");
-    let (tx, rx) = mpsc::unbounded_channel();
-    ch.register_callback(EventCallback { tx })
-        .await
-        .expect("register channel callback");
-    (ch, Events { rx })
-}
-
+/// queue.declare; returns the (ready messages, consumers) of the declare-ok.
 async fn declare(ch: &Channel, args: QueueDeclareArguments) -> (u32, u32) {
     let what = format!("queue.declare {args:?}");
     let r = within(&what, ch.queue_declare(args))
@@ -463,63 +262,168 @@ async fn declare(ch: &Channel, args: QueueDeclareArguments) -> (u32, u32) {
     (messages, consumers)
 }
 
-/// Declares a transient, non-exclusive queue.
-async fn declare_queue(ch: &Channel, name: &str) {
-    declare(ch, QueueDeclareArguments::new(name)).await;
-}
-
-/// Ready messages of a queue on a cluster (passive declare on a fresh channel), or `None` when
-/// the cluster does not have the queue (404). Any other failure fails the test.
-async fn depth_on(conn: &Connection, name: &str) -> Option<u32> {
-    let (ch, mut events) = open_channel(conn).await;
-    let args = QueueDeclareArguments::new(name).passive(true).finish();
-    match within(
-        &format!("passive queue.declare {name}"),
-        ch.queue_declare(args),
+/// queue.delete; returns the message count of the delete-ok.
+async fn queue_delete(ch: &Channel, queue: &str) -> Option<u32> {
+    within(
+        &format!("queue.delete {queue}"),
+        ch.queue_delete(QueueDeleteArguments::new(queue)),
     )
     .await
-    {
-        Ok(r) => {
+    .unwrap_or_else(|e| panic!("queue.delete {queue} failed: {e}"))
+}
+
+async fn exchange_declare(ch: &Channel, exchange: &str, kind: &str, durable: bool) {
+    let args = ExchangeDeclareArguments::new(exchange, kind)
+        .durable(durable)
+        .finish();
+    within(
+        &format!("exchange.declare {exchange}"),
+        ch.exchange_declare(args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("exchange.declare {exchange} failed: {e}"));
+}
+
+async fn exchange_delete(ch: &Channel, exchange: &str) {
+    within(
+        &format!("exchange.delete {exchange}"),
+        ch.exchange_delete(ExchangeDeleteArguments::new(exchange)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("exchange.delete {exchange} failed: {e}"));
+}
+
+async fn confirm_select(ch: &Channel) {
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .expect("confirm.select");
+}
+
+async fn qos(ch: &Channel, prefetch_count: u16, global: bool) {
+    within(
+        "basic.qos",
+        ch.basic_qos(BasicQosArguments::new(0, prefetch_count, global)),
+    )
+    .await
+    .expect("basic.qos");
+}
+
+async fn ack(ch: &Channel, tag: u64, multiple: bool) {
+    within(
+        "basic.ack",
+        ch.basic_ack(BasicAckArguments::new(tag, multiple)),
+    )
+    .await
+    .expect("basic.ack");
+}
+
+/// basic.nack with requeue.
+async fn nack(ch: &Channel, tag: u64, multiple: bool) {
+    within(
+        "basic.nack",
+        ch.basic_nack(BasicNackArguments::new(tag, multiple, true)),
+    )
+    .await
+    .expect("basic.nack");
+}
+
+/// basic.reject with requeue.
+async fn reject(ch: &Channel, tag: u64) {
+    within(
+        "basic.reject",
+        ch.basic_reject(BasicRejectArguments::new(tag, true)),
+    )
+    .await
+    .expect("basic.reject");
+}
+
+/// Publishes `msg-{i}` for i in `range` (message id = i) to the default exchange.
+async fn publish_numbered(ch: &Channel, queue: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        let props = BasicProperties::default()
+            .with_message_id(&i.to_string())
+            .finish();
+        let body = format!("msg-{i}").into_bytes();
+        within(
+            "basic.publish",
+            ch.basic_publish(props, body, BasicPublishArguments::new("", queue)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("basic.publish {i} failed: {e}"));
+    }
+}
+
+/// Publishes `msg-0`..`msg-{n-1}` to `queue` through the proxy, then waits (up to `limit`) until
+/// the shard clusters hold all `n`; returns their depths (shard-a, shard-b).
+async fn publish_all(
+    ch: &Channel,
+    direct: &Direct,
+    queue: &str,
+    n: usize,
+    limit: Duration,
+) -> (u32, u32) {
+    publish_numbered(ch, queue, 0..n).await;
+    let what = format!("all {n} messages in {queue}");
+    direct.wait_shard_total(queue, limit, &what, n).await
+}
+
+fn index_of(body: &[u8]) -> usize {
+    let s = std::str::from_utf8(body).unwrap_or_else(|_| panic!("non-UTF-8 body {body:?}"));
+    s.strip_prefix("msg-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected body {s:?}"))
+}
+
+fn delivery(m: ConsumerMessage) -> Delivery {
+    let d = m.deliver.expect("deliver");
+    Delivery {
+        tag: d.delivery_tag(),
+        redelivered: d.redelivered(),
+        routing_key: d.routing_key().clone(),
+        body: m.content.unwrap_or_default(),
+    }
+}
+
+/// Waits for the broker's basic.cancel of consumer `ctag`; `after` says what should cause it.
+async fn expect_cancel(events: &mut Events, ctag: &str, after: &str) {
+    match events.next().await {
+        Event::Cancel { consumer_tag } => {
+            assert_eq!(consumer_tag, ctag, "basic.cancel {after}")
+        }
+        other => panic!("expected basic.cancel for {ctag} {after}, got {other:?}"),
+    }
+}
+
+/// The outcome of a passive declaration `what` on a channel of its own: `Some` (and the channel
+/// closed) when the cluster has the entity, `None` when it answers 404. Any other failure fails
+/// the test.
+async fn passive_outcome<T>(
+    ch: Channel,
+    events: &mut Events,
+    what: &str,
+    r: Result<T, amqprs::error::Error>,
+) -> Option<T> {
+    match r {
+        Ok(v) => {
             let _ = within("channel.close", ch.close()).await;
-            Some(r.expect("declare-ok").1)
+            Some(v)
         }
         Err(e) => {
             let (code, text) = events.expect_close().await;
             assert_eq!(
                 code, 404,
-                "passive queue.declare {name}: expected 404 or success, got {code} {text} ({e})"
+                "{what}: expected 404 or success, got {code} {text} ({e})"
             );
             None
         }
     }
 }
 
-/// Whether an exchange exists on a cluster (passive declare on a fresh channel).
-async fn exchange_exists(conn: &Connection, name: &str, kind: &str) -> bool {
-    let (ch, mut events) = open_channel(conn).await;
-    let args = ExchangeDeclareArguments::new(name, kind)
-        .passive(true)
-        .finish();
-    match within(
-        &format!("passive exchange.declare {name}"),
-        ch.exchange_declare(args),
-    )
-    .await
-    {
-        Ok(()) => {
-            let _ = within("channel.close", ch.close()).await;
-            true
-        }
-        Err(e) => {
-            let (code, text) = events.expect_close().await;
-            assert_eq!(
-                code, 404,
-                "passive exchange.declare {name}: expected 404 or success, got {code} {text} ({e})"
-            );
-            false
-        }
-    }
-}
+// ---------------------------------------------------------------------------------------------
+// Direct connections
 
 /// Direct connections to the first node of each cluster.
 struct Direct {
@@ -545,8 +449,32 @@ impl Direct {
         }
     }
 
+    /// Ready messages of a queue on a cluster (passive declare on a fresh channel), or `None`
+    /// when the cluster does not have the queue (404).
     async fn depth(&self, c: Cl, queue: &str) -> Option<u32> {
-        depth_on(self.conn(c), queue).await
+        let (ch, mut events) = open_channel(self.conn(c)).await;
+        let what = format!("passive queue.declare {queue}");
+        let args = QueueDeclareArguments::new(queue).passive(true).finish();
+        let r = within(&what, ch.queue_declare(args)).await;
+        passive_outcome(ch, &mut events, &what, r)
+            .await
+            .map(|ok| ok.expect("declare-ok").1)
+    }
+
+    /// Fails with `why` if cluster `c` has `queue`.
+    async fn assert_no_queue(&self, c: Cl, queue: &str, why: &str) {
+        assert_eq!(self.depth(c, queue).await, None, "{why}");
+    }
+
+    /// Whether an exchange exists on a cluster (passive declare on a fresh channel).
+    async fn exchange_exists(&self, c: Cl, exchange: &str, kind: &str) -> bool {
+        let (ch, mut events) = open_channel(self.conn(c)).await;
+        let what = format!("passive exchange.declare {exchange}");
+        let args = ExchangeDeclareArguments::new(exchange, kind)
+            .passive(true)
+            .finish();
+        let r = within(&what, ch.exchange_declare(args)).await;
+        passive_outcome(ch, &mut events, &what, r).await.is_some()
     }
 
     /// Ready messages of a queue that must exist on both shard clusters.
@@ -562,55 +490,43 @@ impl Direct {
         (a, b)
     }
 
-    /// Polls the shard depths until `done` holds, failing after `limit` with the last depths.
-    async fn wait_shard_depths(
+    /// Polls the shard depths until they add up to at least `total`, failing after `limit` with
+    /// the last depths.
+    async fn wait_shard_total(
         &self,
         queue: &str,
         limit: Duration,
         what: &str,
-        done: impl Fn(u32, u32) -> bool,
+        total: usize,
     ) -> (u32, u32) {
-        let deadline = Instant::now() + limit;
-        loop {
+        eventually_for(limit, what, || async move {
             let (a, b) = self.shard_depths(queue).await;
-            if done(a, b) {
-                return (a, b);
+            if a as usize + b as usize >= total {
+                Ok((a, b))
+            } else {
+                Err(format!("shard-a has {a}, shard-b has {b} in {queue}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not reached within {limit:?}; shard-a has {a}, shard-b has {b} in {queue}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Polls one cluster's depth of a queue until it is `expected`.
     async fn wait_depth(&self, c: Cl, queue: &str, expected: u32) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let d = self.depth(c, queue).await;
-            if d == Some(expected) {
-                return;
+        let what = format!("{} should have {expected} messages in {queue}", c.name());
+        eventually_for(STEP, &what, || async move {
+            match self.depth(c, queue).await {
+                Some(d) if d == expected => Ok(()),
+                d => Err(format!("has {d:?}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} should have {expected} messages in {queue}, has {d:?}",
-                c.name()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Publishes `bodies` directly to one cluster, to the default exchange, waiting for the
     /// broker's confirms.
     async fn publish(&self, c: Cl, queue: &str, bodies: &[&str]) {
         let (ch, mut events) = open_channel(self.conn(c)).await;
-        within(
-            "confirm.select",
-            ch.confirm_select(ConfirmSelectArguments::default()),
-        )
-        .await
-        .expect("confirm.select");
+        confirm_select(&ch).await;
         for body in bodies {
             publish(&ch, "", queue, body.as_bytes()).await;
         }
@@ -636,6 +552,13 @@ impl Direct {
         let _ = within("channel.close", ch.close()).await;
     }
 
+    /// [`Direct::publish`] to a queue that is empty on that cluster, then waits until the cluster
+    /// holds all of `bodies`.
+    async fn fill(&self, c: Cl, queue: &str, bodies: &[&str]) {
+        self.publish(c, queue, bodies).await;
+        self.wait_depth(c, queue, bodies.len() as u32).await;
+    }
+
     /// Deletes a queue directly on one cluster.
     async fn delete_queue(&self, c: Cl, queue: &str) {
         let (ch, _events) = open_channel(self.conn(c)).await;
@@ -648,84 +571,25 @@ impl Direct {
         let _ = within("channel.close", ch.close()).await;
     }
 
+    /// Declares `queue` on shard-b only, with x-max-length = 10: a declaration without arguments
+    /// through the proxy then conflicts on that one cluster.
+    async fn declare_limited_on_shard_b(&self, queue: &str) {
+        let (ch, _events) = open_channel(&self.b).await;
+        let mut args = FieldTable::new();
+        args.insert("x-max-length".try_into().unwrap(), FieldValue::l(10));
+        declare(
+            &ch,
+            QueueDeclareArguments::new(queue).arguments(args).finish(),
+        )
+        .await;
+        let _ = within("channel.close", ch.close()).await;
+    }
+
     async fn close(self) {
         for conn in [self.a, self.b, self.control] {
             let _ = tokio::time::timeout(STEP, conn.close()).await;
         }
     }
-}
-
-async fn publish(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
-    publish_with(ch, BasicPublishArguments::new(exchange, routing_key), body).await;
-}
-
-async fn publish_with(ch: &Channel, args: BasicPublishArguments, body: &[u8]) {
-    within(
-        "basic.publish",
-        ch.basic_publish(BasicProperties::default(), body.to_vec(), args),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("basic.publish failed: {e}"));
-}
-
-/// Publishes `msg-{i}` for i in `range` (message id = i) to the default exchange.
-async fn publish_numbered(ch: &Channel, queue: &str, range: std::ops::Range<usize>) {
-    for i in range {
-        let props = BasicProperties::default()
-            .with_message_id(&i.to_string())
-            .finish();
-        let body = format!("msg-{i}").into_bytes();
-        within(
-            "basic.publish",
-            ch.basic_publish(props, body, BasicPublishArguments::new("", queue)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("basic.publish {i} failed: {e}"));
-    }
-}
-
-fn index_of(body: &[u8]) -> usize {
-    let s = std::str::from_utf8(body).unwrap_or_else(|_| panic!("non-UTF-8 body {body:?}"));
-    s.strip_prefix("msg-")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected body {s:?}"))
-}
-
-async fn consume(
-    ch: &Channel,
-    queue: &str,
-    manual_ack: bool,
-) -> (String, mpsc::UnboundedReceiver<ConsumerMessage>) {
-    let args = BasicConsumeArguments::new(queue, "")
-        .manual_ack(manual_ack)
-        .finish();
-    within(&format!("basic.consume {queue}"), ch.basic_consume_rx(args))
-        .await
-        .unwrap_or_else(|e| panic!("basic.consume {queue} failed: {e}"))
-}
-
-struct Delivery {
-    tag: u64,
-    redelivered: bool,
-    body: Vec<u8>,
-}
-
-fn delivery(m: ConsumerMessage) -> Delivery {
-    let d = m.deliver.expect("deliver");
-    Delivery {
-        tag: d.delivery_tag(),
-        redelivered: d.redelivered(),
-        body: m.content.unwrap_or_default(),
-    }
-}
-
-async fn ack(ch: &Channel, tag: u64, multiple: bool) {
-    within(
-        "basic.ack",
-        ch.basic_ack(BasicAckArguments::new(tag, multiple)),
-    )
-    .await
-    .expect("basic.ack");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,6 +604,13 @@ struct Cleanup {
 }
 
 impl Cleanup {
+    /// A guard for one queue of a unique name (returned with it), to which more may be added.
+    fn with_queue(prefix: &str) -> (Cleanup, String) {
+        let mut cleanup = Cleanup::default();
+        let queue = cleanup.queue(&unique(prefix));
+        (cleanup, queue)
+    }
+
     fn queue(&mut self, name: &str) -> String {
         self.queues.push(name.to_owned());
         name.to_owned()
@@ -816,21 +687,10 @@ impl Drop for Cleanup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_spread_evenly_over_the_shard_clusters() {
     const N: usize = 10_000;
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("spread"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
+    let (_cleanup, queue) = Cleanup::with_queue("spread");
+    let (proxy, direct, conn, ch, mut events) = start().await;
     declare(&ch, QueueDeclareArguments::durable_client_named(&queue)).await;
-    publish_numbered(&ch, &queue, 0..N).await;
-
-    let (a, b) = direct
-        .wait_shard_depths(&queue, BULK, "all 10,000 messages in the queues", |a, b| {
-            a as usize + b as usize >= N
-        })
-        .await;
+    let (a, b) = publish_all(&ch, &direct, &queue, N, BULK).await;
     println!("10,000 publishes on one channel: shard-a {a}, shard-b {b}");
     assert_eq!(
         a as usize + b as usize,
@@ -843,22 +703,17 @@ async fn publishes_spread_evenly_over_the_shard_clusters() {
             "{name} got {d} of {N} messages: not within 2% of 5,000 (shard-a {a}, shard-b {b})"
         );
     }
-    assert_eq!(
-        direct.depth(Cl::Control, &queue).await,
-        None,
-        "the control cluster must not have the sharded queue {queue}"
-    );
+    direct
+        .assert_no_queue(
+            Cl::Control,
+            &queue,
+            &format!("the control cluster must not have the sharded queue {queue}"),
+        )
+        .await;
     events.assert_no_close("publisher");
 
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&queue)),
-    )
-    .await
-    .expect("queue.delete through the proxy");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    queue_delete(&ch, &queue).await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -874,23 +729,68 @@ struct AckStats {
     redeliveries: u32,
 }
 
+/// What the consumer of the mixed-acks test knows of each message (indexed by message number).
+struct Consumed {
+    deliveries: Vec<u32>,
+    requeues: Vec<u32>,
+    acked: Vec<bool>,
+    acked_count: usize,
+    /// Deliveries whose settlement is deferred to one `multiple` ack or nack: (tag, message).
+    batch: Vec<(u64, usize)>,
+    stats: AckStats,
+}
+
+impl Consumed {
+    fn new(n: usize) -> Consumed {
+        Consumed {
+            deliveries: vec![0; n],
+            requeues: vec![0; n],
+            acked: vec![false; n],
+            acked_count: 0,
+            batch: Vec::new(),
+            stats: AckStats::default(),
+        }
+    }
+
+    /// Acks message `i` (delivery `tag`) alone.
+    async fn ack_one(&mut self, ch: &Channel, tag: u64, i: usize) {
+        ack(ch, tag, false).await;
+        self.stats.single_acks += 1;
+        self.acked[i] = true;
+        self.acked_count += 1;
+    }
+
+    fn batch_tag(&self) -> u64 {
+        self.batch.last().map(|b| b.0).unwrap_or_default()
+    }
+
+    /// Acks the whole batch with one `multiple` ack of its last tag.
+    async fn ack_batch(&mut self, ch: &Channel) {
+        ack(ch, self.batch_tag(), true).await;
+        self.stats.multiple_acks += 1;
+        for (_, i) in self.batch.drain(..) {
+            self.acked[i] = true;
+            self.acked_count += 1;
+        }
+    }
+
+    /// Requeues the whole batch with one `multiple` nack of its last tag.
+    async fn nack_batch(&mut self, ch: &Channel) {
+        nack(ch, self.batch_tag(), true).await;
+        self.stats.multiple_nacks += 1;
+        for (_, i) in self.batch.drain(..) {
+            self.requeues[i] += 1;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
     const N: usize = 10_000;
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("consume-all"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (pub_ch, mut pub_events) = open_channel(&conn).await;
+    let (_cleanup, queue) = Cleanup::with_queue("consume-all");
+    let (proxy, direct, conn, pub_ch, mut pub_events) = start().await;
     declare(&pub_ch, QueueDeclareArguments::durable_client_named(&queue)).await;
-    publish_numbered(&pub_ch, &queue, 0..N).await;
-    let (a, b) = direct
-        .wait_shard_depths(&queue, BULK, "all 10,000 messages in the queues", |a, b| {
-            a as usize + b as usize >= N
-        })
-        .await;
+    let (a, b) = publish_all(&pub_ch, &direct, &queue, N, BULK).await;
     assert_eq!(a as usize + b as usize, N);
     assert!(
         a > 0 && b > 0,
@@ -898,50 +798,39 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
     );
 
     let (ch, mut events) = open_channel(&conn).await;
-    within(
-        "basic.qos",
-        ch.basic_qos(BasicQosArguments::new(0, 300, false)),
-    )
-    .await
-    .expect("basic.qos");
+    qos(&ch, 300, false).await;
     let (_ctag, mut rx) = consume(&ch, &queue, true).await;
 
-    let mut deliveries = vec![0u32; N];
-    let mut requeues = vec![0u32; N];
-    let mut acked = vec![false; N];
-    let mut acked_count = 0usize;
-    let mut batch: Vec<(u64, usize)> = Vec::new();
+    let mut c = Consumed::new(N);
     let mut batches = 0u32;
-    let mut stats = AckStats::default();
     let mut last_progress = Instant::now();
 
-    while acked_count < N {
+    while c.acked_count < N {
         let m = match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
             Ok(Some(m)) => m,
             Ok(None) => panic!(
-                "consumer stream ended after {acked_count} acks ({stats:?}); channel events: {:?}",
+                "consumer stream ended after {} acks ({:?}); channel events: {:?}",
+                c.acked_count,
+                c.stats,
                 events.try_next()
             ),
             Err(_) => {
                 // Nothing more for now: settle the deferred batch, or give up after a while.
-                if let Some(&(tag, _)) = batch.last() {
-                    ack(&ch, tag, true).await;
-                    stats.multiple_acks += 1;
-                    for (_, i) in batch.drain(..) {
-                        acked[i] = true;
-                        acked_count += 1;
-                    }
-                    last_progress = Instant::now();
-                } else {
+                if c.batch.is_empty() {
                     assert!(
                         last_progress.elapsed() < STEP,
-                        "no delivery for {STEP:?} with {acked_count} of {N} acked ({stats:?}); \
+                        "no delivery for {STEP:?} with {} of {N} acked ({:?}); \
                          never delivered: {:?}",
+                        c.acked_count,
+                        c.stats,
                         (0..N)
-                            .filter(|&i| deliveries[i] == 0)
+                            .filter(|&i| c.deliveries[i] == 0)
                             .take(20)
                             .collect::<Vec<_>>()
                     );
+                } else {
+                    c.ack_batch(&ch).await;
+                    last_progress = Instant::now();
                 }
                 continue;
             }
@@ -950,87 +839,62 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
         let d = delivery(m);
         let i = index_of(&d.body);
         assert!(
-            !acked[i],
+            !c.acked[i],
             "message {i} delivered again (tag {}, redelivered {}) after it was acked",
             d.tag, d.redelivered
         );
-        deliveries[i] += 1;
+        c.deliveries[i] += 1;
         assert_eq!(
-            deliveries[i],
-            requeues[i] + 1,
+            c.deliveries[i],
+            c.requeues[i] + 1,
             "message {i} delivered {} times but requeued only {} times (redelivered flag {})",
-            deliveries[i],
-            requeues[i],
+            c.deliveries[i],
+            c.requeues[i],
             d.redelivered
         );
         assert_eq!(
             d.redelivered,
-            requeues[i] > 0,
+            c.requeues[i] > 0,
             "message {i}: redelivered flag {} after {} requeues",
             d.redelivered,
-            requeues[i]
+            c.requeues[i]
         );
         if d.redelivered {
-            stats.redeliveries += 1;
+            c.stats.redeliveries += 1;
             if i % 2 == 1 {
-                ack(&ch, d.tag, false).await;
-                stats.single_acks += 1;
-                acked[i] = true;
-                acked_count += 1;
+                c.ack_one(&ch, d.tag, i).await;
             } else {
-                batch.push((d.tag, i));
+                c.batch.push((d.tag, i));
             }
         } else if i.is_multiple_of(13) {
-            within(
-                "basic.nack",
-                ch.basic_nack(BasicNackArguments::new(d.tag, false, true)),
-            )
-            .await
-            .expect("basic.nack");
-            stats.nacks += 1;
-            requeues[i] += 1;
+            nack(&ch, d.tag, false).await;
+            c.stats.nacks += 1;
+            c.requeues[i] += 1;
         } else if i.is_multiple_of(17) {
-            within(
-                "basic.reject",
-                ch.basic_reject(BasicRejectArguments::new(d.tag, true)),
-            )
-            .await
-            .expect("basic.reject");
-            stats.rejects += 1;
-            requeues[i] += 1;
+            reject(&ch, d.tag).await;
+            c.stats.rejects += 1;
+            c.requeues[i] += 1;
         } else if i.is_multiple_of(5) {
-            ack(&ch, d.tag, false).await;
-            stats.single_acks += 1;
-            acked[i] = true;
-            acked_count += 1;
+            c.ack_one(&ch, d.tag, i).await;
         } else {
-            batch.push((d.tag, i));
+            c.batch.push((d.tag, i));
         }
         // Everything older than the batch is settled, so a `multiple` covers exactly the batch.
-        if batch.len() as u32 > batches % 40 {
+        if c.batch.len() as u32 > batches % 40 {
             batches += 1;
-            let tag = batch.last().map(|b| b.0).unwrap_or_default();
             if batches.is_multiple_of(7) {
-                within(
-                    "basic.nack",
-                    ch.basic_nack(BasicNackArguments::new(tag, true, true)),
-                )
-                .await
-                .expect("basic.nack");
-                stats.multiple_nacks += 1;
-                for (_, i) in batch.drain(..) {
-                    requeues[i] += 1;
-                }
+                c.nack_batch(&ch).await;
             } else {
-                ack(&ch, tag, true).await;
-                stats.multiple_acks += 1;
-                for (_, i) in batch.drain(..) {
-                    acked[i] = true;
-                    acked_count += 1;
-                }
+                c.ack_batch(&ch).await;
             }
         }
     }
+    let Consumed {
+        acked,
+        requeues,
+        stats,
+        ..
+    } = c;
     println!("consumed {N} messages: {stats:?}");
 
     // Nothing more comes, nothing failed.
@@ -1063,13 +927,8 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
     );
 
     // Through the proxy and on each cluster: nothing left.
-    let (ready, consumers) = declare(
-        &ch,
-        QueueDeclareArguments::new(&queue).passive(true).finish(),
-    )
-    .await;
     assert_eq!(
-        (ready, consumers),
+        queue_counts(&ch, &queue).await,
         (0, 1),
         "passive declare through the proxy after all acks"
     );
@@ -1082,11 +941,13 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
         (0, 0),
         "queues must be empty on both shard clusters after all acks (shard-a {a}, shard-b {b})"
     );
-    assert_eq!(
-        direct.depth(Cl::Control, &queue).await,
-        None,
-        "the control cluster must not have the sharded queue"
-    );
+    direct
+        .assert_no_queue(
+            Cl::Control,
+            &queue,
+            "the control cluster must not have the sharded queue",
+        )
+        .await;
 
     within("proxy shutdown", proxy.shutdown()).await;
     for c in [Cl::A, Cl::B] {
@@ -1101,24 +962,13 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_publish_is_confirmed_exactly_once() {
     const N: u64 = 2_000;
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("confirms"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
+    let (mut cleanup, queue) = Cleanup::with_queue("confirms");
     // Every tenth publish goes to an rpc reply queue (a UUID: control traffic), so the client's
     // sequence numbers are spread over three upstream channels.
     let rpc_queue = cleanup.queue(&uuid());
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     declare_queue(&ch, &rpc_queue).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .expect("confirm.select");
+    confirm_select(&ch).await;
     for i in 0..N as usize {
         let target = if i % 10 == 9 { &rpc_queue } else { &queue };
         publish_numbered(&ch, target, i..i + 1).await;
@@ -1128,10 +978,7 @@ async fn every_publish_is_confirmed_exactly_once() {
     let mut confirmed: BTreeSet<u64> = BTreeSet::new();
     let (mut singles, mut multiples) = (0u32, 0u32);
     while !outstanding.is_empty() {
-        let e = within_for(BULK, "publisher confirms", events.rx.recv())
-            .await
-            .expect("event stream ended");
-        match e {
+        match events.next_for(BULK, "publisher confirms").await {
             Event::Ack { tag, multiple } => {
                 assert!(
                     (1..=N).contains(&tag),
@@ -1172,11 +1019,11 @@ async fn every_publish_is_confirmed_exactly_once() {
     }
     let sharded = N - N / 10;
     let (a, b) = direct
-        .wait_shard_depths(
+        .wait_shard_total(
             &queue,
             STEP,
             "all confirmed messages in the queues",
-            |a, b| u64::from(a + b) >= sharded,
+            sharded as usize,
         )
         .await;
     assert_eq!(u64::from(a + b), sharded, "shard-a {a} + shard-b {b}");
@@ -1189,16 +1036,9 @@ async fn every_publish_is_confirmed_exactly_once() {
         .await;
 
     for q in [&queue, &rpc_queue] {
-        within(
-            "queue.delete",
-            ch.queue_delete(QueueDeleteArguments::new(q)),
-        )
-        .await
-        .expect("queue.delete");
+        queue_delete(&ch, q).await;
     }
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1206,32 +1046,22 @@ async fn every_publish_is_confirmed_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_arguments_on_one_cluster_give_406() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("conflict"));
+    let (mut cleanup, queue) = Cleanup::with_queue("conflict");
     let other = cleanup.queue(&unique("conflict-after"));
     let proxy = start_proxy().await;
     let direct = Direct::open().await;
 
     // Only shard-b has the queue, with x-max-length = 10.
-    {
-        let (ch, _events) = open_channel(&direct.b).await;
-        let mut args = FieldTable::new();
-        args.insert("x-max-length".try_into().unwrap(), FieldValue::l(10));
-        declare(
-            &ch,
-            QueueDeclareArguments::new(&queue).arguments(args).finish(),
+    direct.declare_limited_on_shard_b(&queue).await;
+    direct
+        .assert_no_queue(
+            Cl::A,
+            &queue,
+            &format!("precondition: shard-a has no {queue}"),
         )
         .await;
-        let _ = within("channel.close", ch.close()).await;
-    }
-    assert_eq!(
-        direct.depth(Cl::A, &queue).await,
-        None,
-        "precondition: shard-a has no {queue}"
-    );
 
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
+    let (conn, ch, mut events) = client(&proxy).await;
     let r = within(
         "queue.declare with conflicting arguments",
         ch.queue_declare(QueueDeclareArguments::new(&queue)),
@@ -1264,20 +1094,13 @@ async fn conflicting_arguments_on_one_cluster_give_406() {
     declare_queue(&ch2, &other).await;
     publish(&ch2, "", &other, b"after the 406").await;
     let (a, b) = direct
-        .wait_shard_depths(&other, STEP, "the message after the 406", |a, b| a + b >= 1)
+        .wait_shard_total(&other, STEP, "the message after the 406", 1)
         .await;
     assert_eq!(a + b, 1);
     events2.assert_no_close("second channel");
-    within(
-        "queue.delete",
-        ch2.queue_delete(QueueDeleteArguments::new(&other)),
-    )
-    .await
-    .expect("queue.delete");
+    queue_delete(&ch2, &other).await;
 
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1285,32 +1108,20 @@ async fn conflicting_arguments_on_one_cluster_give_406() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_declare_and_purge_sum_the_clusters() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("counts"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
+    let (_cleanup, queue) = Cleanup::with_queue("counts");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     assert_eq!(
         direct.shard_depths(&queue).await,
         (0, 0),
         "declared through the proxy: empty on both shard clusters"
     );
 
-    direct.publish(Cl::A, &queue, &["a1", "a2", "a3"]).await;
+    direct.fill(Cl::A, &queue, &["a1", "a2", "a3"]).await;
     direct
-        .publish(Cl::B, &queue, &["b1", "b2", "b3", "b4", "b5"])
+        .fill(Cl::B, &queue, &["b1", "b2", "b3", "b4", "b5"])
         .await;
-    direct.wait_depth(Cl::A, &queue, 3).await;
-    direct.wait_depth(Cl::B, &queue, 5).await;
 
-    let (ready, consumers) = declare(
-        &ch,
-        QueueDeclareArguments::new(&queue).passive(true).finish(),
-    )
-    .await;
+    let (ready, consumers) = queue_counts(&ch, &queue).await;
     assert_eq!(
         ready, 8,
         "passive queue.declare through the proxy: 3 on shard-a + 5 on shard-b"
@@ -1339,46 +1150,31 @@ async fn passive_declare_and_purge_sum_the_clusters() {
         (0, 0),
         "after the purge both shard clusters are empty"
     );
-    let (ready, _) = declare(
-        &ch,
-        QueueDeclareArguments::new(&queue).passive(true).finish(),
-    )
-    .await;
-    assert_eq!(ready, 0);
+    assert_eq!(queue_counts(&ch, &queue).await.0, 0);
     events.assert_no_close("client");
 
     // queue.delete reports the sum too.
-    direct.publish(Cl::A, &queue, &["a4", "a5"]).await;
-    direct
-        .publish(Cl::B, &queue, &["b6", "b7", "b8", "b9"])
-        .await;
-    direct.wait_depth(Cl::A, &queue, 2).await;
-    direct.wait_depth(Cl::B, &queue, 4).await;
-    let deleted = within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&queue)),
-    )
-    .await
-    .expect("queue.delete");
+    direct.fill(Cl::A, &queue, &["a4", "a5"]).await;
+    direct.fill(Cl::B, &queue, &["b6", "b7", "b8", "b9"]).await;
     assert_eq!(
-        deleted,
+        queue_delete(&ch, &queue).await,
         Some(6),
         "queue.delete through the proxy: 2 on shard-a + 4 on shard-b"
     );
-    assert_eq!(
-        direct.depth(Cl::A, &queue).await,
-        None,
-        "queue.delete through the proxy removes the queue from shard-a"
-    );
-    assert_eq!(
-        direct.depth(Cl::B, &queue).await,
-        None,
-        "queue.delete through the proxy removes the queue from shard-b"
-    );
+    for c in [Cl::A, Cl::B] {
+        direct
+            .assert_no_queue(
+                c,
+                &queue,
+                &format!(
+                    "queue.delete through the proxy removes the queue from {}",
+                    c.name()
+                ),
+            )
+            .await;
+    }
     events.assert_no_close("client");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1458,18 +1254,8 @@ async fn hold_and_ack(
 /// amqprs race (its connection.close fails with "channel closed" when a basic.cancel is in
 /// flight; seen against RabbitMQ directly too).
 async fn delete_consumed_queue(ch: &Channel, events: &mut Events, queue: &str, ctag: &str) {
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(queue)),
-    )
-    .await
-    .expect("queue.delete");
-    match events.next().await {
-        Event::Cancel { consumer_tag } => {
-            assert_eq!(consumer_tag, ctag, "basic.cancel after queue.delete")
-        }
-        other => panic!("expected basic.cancel for {ctag} after deleting {queue}, got {other:?}"),
-    }
+    queue_delete(ch, queue).await;
+    expect_cancel(events, ctag, &format!("after deleting {queue}")).await;
 }
 
 /// Forwards several consumers' deliveries into one stream (with their consumer tags).
@@ -1498,31 +1284,15 @@ fn merge(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_bounds_unacked_deliveries_across_shards() {
     const N: usize = 200;
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("prefetch"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
-    publish_numbered(&ch, &queue, 0..N).await;
-    let (a, b) = direct
-        .wait_shard_depths(&queue, STEP, "200 messages", |a, b| {
-            a as usize + b as usize >= N
-        })
-        .await;
+    let (_cleanup, queue) = Cleanup::with_queue("prefetch");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
+    let (a, b) = publish_all(&ch, &direct, &queue, N, STEP).await;
     assert!(
         a > 0 && b > 0,
         "messages on both shard clusters (shard-a {a}, shard-b {b})"
     );
 
-    within(
-        "basic.qos",
-        ch.basic_qos(BasicQosArguments::new(0, 10, false)),
-    )
-    .await
-    .expect("basic.qos");
+    qos(&ch, 10, false).await;
     let (ctag, rx) = consume(&ch, &queue, true).await;
     let mut rx = merge(vec![rx]);
     let max = hold_and_ack(&ch, &mut rx, N, 10).await;
@@ -1532,9 +1302,7 @@ async fn prefetch_bounds_unacked_deliveries_across_shards() {
     assert_eq!(direct.shard_depths(&queue).await, (0, 0));
 
     delete_consumed_queue(&ch, &mut events, &queue, &ctag).await;
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1543,30 +1311,14 @@ async fn global_prefetch_bounds_unacked_deliveries_of_the_channel() {
     let mut cleanup = Cleanup::default();
     let q1 = cleanup.queue(&unique("prefetch-global-1"));
     let q2 = cleanup.queue(&unique("prefetch-global-2"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
+    let (proxy, direct, conn, ch, mut events) = start().await;
     for q in [&q1, &q2] {
         declare_queue(&ch, q).await;
-        publish_numbered(&ch, q, 0..PER_QUEUE).await;
-    }
-    for q in [&q1, &q2] {
-        direct
-            .wait_shard_depths(q, STEP, "100 messages", |a, b| {
-                a as usize + b as usize >= PER_QUEUE
-            })
-            .await;
+        publish_all(&ch, &direct, q, PER_QUEUE, STEP).await;
     }
 
     // global = true: one window shared by both consumers of the channel.
-    within(
-        "basic.qos",
-        ch.basic_qos(BasicQosArguments::new(0, 10, true)),
-    )
-    .await
-    .expect("basic.qos global");
+    qos(&ch, 10, true).await;
     let (t1, rx1) = consume(&ch, &q1, true).await;
     let (t2, rx2) = consume(&ch, &q2, true).await;
     let mut rx = merge(vec![rx1, rx2]);
@@ -1578,9 +1330,7 @@ async fn global_prefetch_bounds_unacked_deliveries_of_the_channel() {
         assert_eq!(direct.shard_depths(q).await, (0, 0));
         delete_consumed_queue(&ch, &mut events, q, tag).await;
     }
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1608,32 +1358,17 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
     // of another suite against a single shard may have left them there).
     for (x, kind, _) in exchanges {
         for c in [Cl::A, Cl::B] {
-            if exchange_exists(direct.conn(c), x, kind).await {
+            if direct.exchange_exists(c, x, kind).await {
                 let (ch, _e) = open_channel(direct.conn(c)).await;
-                within(
-                    "exchange.delete",
-                    ch.exchange_delete(ExchangeDeleteArguments::new(x)),
-                )
-                .await
-                .expect("exchange.delete");
+                exchange_delete(&ch, x).await;
                 let _ = within("channel.close", ch.close()).await;
             }
         }
     }
 
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
+    let (conn, ch, mut events) = client(&proxy).await;
     for (x, kind, durable) in exchanges {
-        within(
-            &format!("exchange.declare {x}"),
-            ch.exchange_declare(
-                ExchangeDeclareArguments::new(x, kind)
-                    .durable(durable)
-                    .finish(),
-            ),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("exchange.declare {x} through the proxy failed: {e}"));
+        exchange_declare(&ch, x, kind, durable).await;
     }
     for q in [&pidbox_q, &reply_q, &events_q, &rpc_q, &task_q] {
         declare_queue(&ch, q).await;
@@ -1651,35 +1386,28 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         server_named.starts_with("amq.gen-"),
         "server-named queue {server_named:?}"
     );
-    let bind = |q: &str, x: &str, rk: &str| QueueBindArguments::new(q, x, rk);
-    within(
-        "queue.bind",
-        ch.queue_bind(bind(&pidbox_q, "celery.pidbox", "")),
-    )
-    .await
-    .expect("bind pidbox queue");
-    within(
-        "queue.bind",
-        ch.queue_bind(bind(&events_q, "celeryev", "worker.#")),
-    )
-    .await
-    .expect("bind celeryev queue");
-    within(
-        "queue.bind",
-        ch.queue_bind(bind(&reply_q, "reply.celery.pidbox", &reply_q)),
-    )
-    .await
-    .expect("bind reply queue");
+    for (q, x, rk) in [
+        (&pidbox_q, "celery.pidbox", ""),
+        (&events_q, "celeryev", "worker.#"),
+        (&reply_q, "reply.celery.pidbox", reply_q.as_str()),
+    ] {
+        within(
+            &format!("queue.bind {q} to {x}"),
+            ch.queue_bind(QueueBindArguments::new(q, x, rk)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("bind {q} to {x} failed: {e}"));
+    }
 
     // Where everything is, asked of each cluster directly.
     for (x, kind, _) in exchanges {
         assert!(
-            exchange_exists(&direct.control, x, kind).await,
+            direct.exchange_exists(Cl::Control, x, kind).await,
             "exchange {x} must exist on the control cluster"
         );
         for c in [Cl::A, Cl::B] {
             assert!(
-                !exchange_exists(direct.conn(c), x, kind).await,
+                !direct.exchange_exists(c, x, kind).await,
                 "control exchange {x} must not exist on {}",
                 c.name()
             );
@@ -1692,12 +1420,13 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
             "control queue {q} must exist on the control cluster"
         );
         for c in [Cl::A, Cl::B] {
-            assert_eq!(
-                direct.depth(c, q).await,
-                None,
-                "control queue {q} must not exist on {}",
-                c.name()
-            );
+            direct
+                .assert_no_queue(
+                    c,
+                    q,
+                    &format!("control queue {q} must not exist on {}", c.name()),
+                )
+                .await;
         }
     }
     assert_eq!(
@@ -1705,11 +1434,13 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         (0, 0),
         "the task queue exists on both shard clusters"
     );
-    assert_eq!(
-        direct.depth(Cl::Control, &task_q).await,
-        None,
-        "the task queue must not exist on the control cluster"
-    );
+    direct
+        .assert_no_queue(
+            Cl::Control,
+            &task_q,
+            "the task queue must not exist on the control cluster",
+        )
+        .await;
 
     // Publishes follow the same rules.
     publish(&ch, "", &rpc_q, b"rpc reply").await;
@@ -1718,13 +1449,11 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
     publish(&ch, "celeryev", "worker.heartbeat", b"heartbeat").await;
     publish(&ch, "reply.celery.pidbox", &reply_q, b"pong").await;
     publish(&ch, "", &server_named, b"to the server-named queue").await;
-    direct.wait_depth(Cl::Control, &server_named, 1).await;
-    direct.wait_depth(Cl::Control, &rpc_q, 1).await;
-    direct.wait_depth(Cl::Control, &pidbox_q, 1).await;
-    direct.wait_depth(Cl::Control, &events_q, 1).await;
-    direct.wait_depth(Cl::Control, &reply_q, 1).await;
+    for q in [&server_named, &rpc_q, &pidbox_q, &events_q, &reply_q] {
+        direct.wait_depth(Cl::Control, q, 1).await;
+    }
     let (a, b) = direct
-        .wait_shard_depths(&task_q, STEP, "the task message", |a, b| a + b >= 1)
+        .wait_shard_total(&task_q, STEP, "the task message", 1)
         .await;
     assert_eq!(
         a + b,
@@ -1742,31 +1471,21 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         &task_q,
         &server_named,
     ] {
-        within(
-            "queue.delete",
-            ch.queue_delete(QueueDeleteArguments::new(q)),
-        )
-        .await
-        .expect("queue.delete through the proxy");
+        queue_delete(&ch, q).await;
     }
     for q in [&pidbox_q, &reply_q, &events_q, &rpc_q, &server_named] {
-        assert_eq!(
-            direct.depth(Cl::Control, q).await,
-            None,
-            "queue.delete through the proxy removes {q} from control"
-        );
+        direct
+            .assert_no_queue(
+                Cl::Control,
+                q,
+                &format!("queue.delete through the proxy removes {q} from control"),
+            )
+            .await;
     }
     for (x, _, _) in exchanges {
-        within(
-            "exchange.delete",
-            ch.exchange_delete(ExchangeDeleteArguments::new(x)),
-        )
-        .await
-        .expect("exchange.delete");
+        exchange_delete(&ch, x).await;
     }
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1774,44 +1493,31 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_get_finds_messages_on_either_shard() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("get"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
-    let get = || ch.basic_get(BasicGetArguments::new(&queue));
+    let (_cleanup, queue) = Cleanup::with_queue("get");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
 
     for (c, body) in [
         (Cl::B, "only on shard-b"),
         (Cl::A, "only on shard-a"),
         (Cl::B, "shard-b again"),
     ] {
-        direct.publish(c, &queue, &[body]).await;
-        direct.wait_depth(c, &queue, 1).await;
-        let got = within("basic.get", get())
-            .await
-            .expect("basic.get through the proxy");
-        let (ok, _props, content) = got.unwrap_or_else(|| {
+        direct.fill(c, &queue, &[body]).await;
+        let got = get(&ch, &queue, false).await.unwrap_or_else(|| {
             panic!(
                 "basic.get returned get-empty with one message on {}",
                 c.name()
             )
         });
-        assert_eq!(content, body.as_bytes(), "basic.get body");
-        assert!(!ok.redelivered());
-        ack(&ch, ok.delivery_tag(), false).await;
+        assert_eq!(got.body, body.as_bytes(), "basic.get body");
+        assert!(!got.redelivered);
+        ack(&ch, got.tag, false).await;
         // Empty everywhere now, whichever cluster the proxy asks first.
         for _ in 0..3 {
-            let got = within("basic.get", get())
-                .await
-                .expect("basic.get through the proxy");
+            let got = get(&ch, &queue, false).await;
             assert!(
                 got.is_none(),
                 "basic.get on an empty queue should be get-empty, got {:?}",
-                got.map(|g| g.2)
+                got.map(|g| g.body)
             );
         }
     }
@@ -1826,8 +1532,7 @@ async fn basic_get_finds_messages_on_either_shard() {
         "the gotten messages were acked, not requeued"
     );
 
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    shutdown(proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1835,14 +1540,8 @@ async fn basic_get_finds_messages_on_either_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("cancel"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
+    let (mut cleanup, queue) = Cleanup::with_queue("cancel");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     let (ctag, mut rx) = consume(&ch, &queue, true).await;
 
     // shard-a cancels the consumer: the client must not hear of it, and keeps getting shard-b's.
@@ -1863,14 +1562,12 @@ async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
 
     // shard-b cancels too: now the client hears basic.cancel.
     direct.delete_queue(Cl::B, &queue).await;
-    match events.next().await {
-        Event::Cancel { consumer_tag } => {
-            assert_eq!(consumer_tag, ctag, "basic.cancel for our consumer")
-        }
-        other => {
-            panic!("expected basic.cancel once the queue is gone from every cluster, got {other:?}")
-        }
-    }
+    expect_cancel(
+        &mut events,
+        &ctag,
+        "once the queue is gone from every cluster",
+    )
+    .await;
     let end = within("the consumer stream to end after basic.cancel", rx.recv()).await;
     assert!(
         end.is_none(),
@@ -1887,16 +1584,9 @@ async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
     // The channel is still usable.
     let other = cleanup.queue(&unique("cancel-after"));
     declare_queue(&ch, &other).await;
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&other)),
-    )
-    .await
-    .expect("queue.delete");
+    queue_delete(&ch, &other).await;
 
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1907,35 +1597,23 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
     const N: u64 = 6;
     let mut cleanup = Cleanup::default();
     let exchange = cleanup.exchange(&unique("unroutable-x"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    within(
-        "exchange.declare",
-        ch.exchange_declare(ExchangeDeclareArguments::new(&exchange, "direct")),
-    )
-    .await
-    .expect("exchange.declare");
+    let (proxy, direct, conn, ch, mut events) = start().await;
+    exchange_declare(&ch, &exchange, "direct", false).await;
     for c in [Cl::A, Cl::B] {
         assert!(
-            exchange_exists(direct.conn(c), &exchange, "direct").await,
+            direct.exchange_exists(c, &exchange, "direct").await,
             "sharded exchange {exchange} must exist on {}",
             c.name()
         );
     }
     assert!(
-        !exchange_exists(&direct.control, &exchange, "direct").await,
+        !direct
+            .exchange_exists(Cl::Control, &exchange, "direct")
+            .await,
         "sharded exchange {exchange} must not exist on control"
     );
 
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .expect("confirm.select");
+    confirm_select(&ch).await;
     for i in 0..N {
         let args = BasicPublishArguments::new(&exchange, "nowhere")
             .mandatory(true)
@@ -1950,7 +1628,7 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
         let e = events.next().await;
         log.push(e.clone());
         match e {
-            Event::Return { code, body } => {
+            Event::Return { code, body, .. } => {
                 assert_eq!(code, 312, "NO_ROUTE");
                 let seq = index_of(&body) as u64 + 1;
                 assert!(
@@ -1980,15 +1658,8 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
         }
     }
     assert_eq!(returned.len(), N as usize);
-    within(
-        "exchange.delete",
-        ch.exchange_delete(ExchangeDeleteArguments::new(&exchange)),
-    )
-    .await
-    .expect("exchange.delete");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    exchange_delete(&ch, &exchange).await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1996,14 +1667,8 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("tx"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
+    let (_cleanup, queue) = Cleanup::with_queue("tx");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     within("tx.select", ch.tx_select())
         .await
         .expect("tx.select");
@@ -2056,18 +1721,9 @@ async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
 
     // The committed messages are the right ones.
     let mut got = BTreeSet::new();
-    while let Some((_, _, body)) = within(
-        "basic.get",
-        ch.basic_get(BasicGetArguments::new(&queue).no_ack(true).finish()),
-    )
-    .await
-    .expect("basic.get")
-    {
-        assert!(
-            got.insert(index_of(&body)),
-            "message {} twice",
-            index_of(&body)
-        );
+    while let Some(m) = get(&ch, &queue, true).await {
+        let i = index_of(&m.body);
+        assert!(got.insert(i), "message {i} twice");
     }
     assert_eq!(
         got,
@@ -2076,15 +1732,8 @@ async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
     );
     events.assert_no_close("client");
 
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&queue)),
-    )
-    .await
-    .expect("queue.delete");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    queue_delete(&ch, &queue).await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2092,25 +1741,10 @@ async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_cancel_stops_deliveries_from_every_shard() {
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("explicit-cancel"));
-    let proxy = start_proxy().await;
-    let direct = Direct::open().await;
-
-    let conn = connect(proxy.amqp_addr()).await;
-    let (ch, mut events) = open_channel(&conn).await;
-    declare_queue(&ch, &queue).await;
+    let (_cleanup, queue) = Cleanup::with_queue("explicit-cancel");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     let (ctag, mut rx) = consume(&ch, &queue, false).await;
-    assert_eq!(
-        declare(
-            &ch,
-            QueueDeclareArguments::new(&queue).passive(true).finish()
-        )
-        .await
-        .1,
-        1,
-        "one consumer"
-    );
+    assert_eq!(queue_counts(&ch, &queue).await.1, 1, "one consumer");
     let cancelled = within(
         "basic.cancel",
         ch.basic_cancel(BasicCancelArguments::new(&ctag)),
@@ -2118,16 +1752,7 @@ async fn explicit_cancel_stops_deliveries_from_every_shard() {
     .await
     .expect("basic.cancel");
     assert_eq!(cancelled, ctag);
-    assert_eq!(
-        declare(
-            &ch,
-            QueueDeclareArguments::new(&queue).passive(true).finish()
-        )
-        .await
-        .1,
-        0,
-        "no consumer left"
-    );
+    assert_eq!(queue_counts(&ch, &queue).await.1, 0, "no consumer left");
     direct.publish(Cl::A, &queue, &["msg-1"]).await;
     direct.publish(Cl::B, &queue, &["msg-2"]).await;
     tokio::time::sleep(QUIET).await;
@@ -2138,15 +1763,8 @@ async fn explicit_cancel_stops_deliveries_from_every_shard() {
         "the messages stay in the queues"
     );
     events.assert_no_close("client");
-    within(
-        "queue.delete",
-        ch.queue_delete(QueueDeleteArguments::new(&queue)),
-    )
-    .await
-    .expect("queue.delete");
-    close_connection(conn).await;
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    queue_delete(&ch, &queue).await;
+    finish(conn, proxy, direct).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2154,7 +1772,7 @@ async fn explicit_cancel_stops_deliveries_from_every_shard() {
 //
 // Clients such as py-amqp reuse a channel number as soon as its close handshake is done. amqprs
 // does not release the number of a channel the server closed, so this one speaks raw frames
-// through `warren::codec`.
+// through `warren::codec` (`support::RawClient`).
 
 // What must happen: when shard-b refuses the declaration, the proxy closes the channel's parts on
 // shard-a and control behind it. Until their close-ok, anything those clusters still send on the
@@ -2163,165 +1781,32 @@ async fn explicit_cancel_stops_deliveries_from_every_shard() {
 // close / close-ok), and the reopened channel must really be reopened on every cluster before
 // the client gets its open-ok.
 
-/// A minimal raw AMQP client: handshake as guest, methods in and out.
-struct Raw {
-    stream: tokio::net::TcpStream,
-    rbuf: bytes::BytesMut,
+fn ss(s: &str) -> ShortStr {
+    ShortStr::try_from(s).expect("short string")
 }
 
-fn ss(s: &str) -> warren::codec::ShortStr {
-    warren::codec::ShortStr::try_from(s).expect("short string")
-}
-
-impl Raw {
-    async fn open(addr: SocketAddr) -> Raw {
-        use warren::codec::{self, FieldTable as Table, FieldValue as Value, LongStr, Method};
-        let stream = within("TCP connect", tokio::net::TcpStream::connect(addr))
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
-        let mut raw = Raw {
-            stream,
-            rbuf: bytes::BytesMut::with_capacity(64 * 1024),
-        };
-        raw.write(codec::PROTOCOL_HEADER).await;
-        match raw.read().await {
-            (0, Method::ConnectionStart(_)) => {}
-            (ch, m) => panic!("expected connection.start, got {} on {ch}", m.name()),
-        }
-        let mut caps = Table::default();
-        caps.insert(ss("consumer_cancel_notify"), Value::Bool(true));
-        let mut props = Table::default();
-        props.insert(ss("capabilities"), Value::Table(caps));
-        let start_ok = codec::ConnectionStartOk {
-            client_properties: props,
-            mechanism: ss("PLAIN"),
-            response: LongStr::from("\0guest\0guest"),
-            locale: ss("en_US"),
-        };
-        raw.send(&[(0, Method::ConnectionStartOk(start_ok))]).await;
-        let tune = match raw.read().await {
-            (0, Method::ConnectionTune(t)) => t,
-            (ch, m) => panic!("expected connection.tune, got {} on {ch}", m.name()),
-        };
-        let tune_ok = codec::ConnectionTuneOk {
-            channel_max: tune.channel_max,
-            frame_max: tune.frame_max,
-            heartbeat: 0,
-        };
-        let open = codec::ConnectionOpen {
-            virtual_host: ss("/"),
-            capabilities: ss(""),
-            insist: false,
-        };
-        raw.send(&[
-            (0, Method::ConnectionTuneOk(tune_ok)),
-            (0, Method::ConnectionOpen(open)),
-        ])
-        .await;
-        match raw.read().await {
-            (0, Method::ConnectionOpenOk(_)) => {}
-            (ch, m) => panic!("expected connection.open-ok, got {} on {ch}", m.name()),
-        }
-        raw
-    }
-
-    async fn write(&mut self, bytes: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        within("socket write", self.stream.write_all(bytes))
-            .await
-            .expect("socket write");
-    }
-
-    /// Sends several methods in one write (pipelined).
-    async fn send(&mut self, methods: &[(u16, warren::codec::Method)]) {
-        let mut out = bytes::BytesMut::new();
-        for (ch, m) in methods {
-            warren::codec::write_method(&mut out, *ch, m);
-        }
-        self.write(&out).await;
-    }
-
-    /// The next method frame (heartbeats and content frames skipped).
-    async fn read(&mut self) -> (u16, warren::codec::Method) {
-        use tokio::io::AsyncReadExt;
-        use warren::codec::{self, FrameKind, Method};
-        loop {
-            match codec::decode_frame(&mut self.rbuf, 1 << 20) {
-                Ok(Some(f)) if f.kind == FrameKind::Method => {
-                    let m = Method::decode(f.payload).expect("decodable method");
-                    return (f.channel, m);
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) => {}
-                Err(e) => panic!("undecodable frame from the proxy: {e}"),
-            }
-            let n = within("data from the proxy", self.stream.read_buf(&mut self.rbuf))
-                .await
-                .expect("socket read");
-            assert!(n > 0, "the proxy closed the connection");
-        }
-    }
-
-    /// Sends a method and returns the next method on that channel.
-    async fn call(&mut self, ch: u16, m: warren::codec::Method) -> warren::codec::Method {
-        use warren::codec::Method;
-        self.send(&[(ch, m)]).await;
-        loop {
-            let (c, reply) = self.read().await;
-            if c == ch {
-                return reply;
-            }
-            if let Method::ConnectionClose(close) = &reply {
-                panic!(
-                    "the proxy closed the connection: {} {} (class {} method {})",
-                    close.reply_code, close.reply_text, close.class_id, close.method_id
-                );
-            }
-            assert_ne!(c, 0, "unexpected {} on channel 0", reply.name());
-        }
-    }
-}
-
-fn raw_declare(queue: &str, passive: bool) -> warren::codec::Method {
-    warren::codec::Method::QueueDeclare(warren::codec::QueueDeclare {
-        ticket: 0,
+fn raw_declare(queue: &str) -> Method {
+    Method::QueueDeclare(codec::QueueDeclare {
         queue: ss(queue),
-        passive,
-        durable: false,
-        exclusive: false,
-        auto_delete: false,
-        nowait: false,
-        arguments: warren::codec::FieldTable::default(),
+        ..Default::default()
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_406_the_same_channel_number_reopens_on_every_cluster() {
-    use warren::codec::{self, Method};
-    let mut cleanup = Cleanup::default();
-    let queue = cleanup.queue(&unique("reopen-conflict"));
+    let (mut cleanup, queue) = Cleanup::with_queue("reopen-conflict");
     let other = cleanup.queue(&unique("reopen-after"));
     let proxy = start_proxy().await;
     let direct = Direct::open().await;
-    {
-        let (ch, _events) = open_channel(&direct.b).await;
-        let mut args = FieldTable::new();
-        args.insert("x-max-length".try_into().unwrap(), FieldValue::l(10));
-        declare(
-            &ch,
-            QueueDeclareArguments::new(&queue).arguments(args).finish(),
-        )
-        .await;
-        let _ = within("channel.close", ch.close()).await;
-    }
+    direct.declare_limited_on_shard_b(&queue).await;
 
-    let mut raw = Raw::open(proxy.amqp_addr()).await;
+    let mut raw = RawClient::open(proxy.amqp_addr(), Login::default()).await;
     for round in 0..3 {
-        match raw.call(1, Method::ChannelOpen(Default::default())).await {
+        match raw.call(1, &Method::ChannelOpen(Default::default())).await {
             Method::ChannelOpenOk(_) => {}
             m => panic!("round {round}: expected channel.open-ok, got {}", m.name()),
         }
-        match raw.call(1, raw_declare(&queue, false)).await {
+        match raw.call(1, &raw_declare(&queue)).await {
             Method::ChannelClose(c) => {
                 assert_eq!(c.reply_code, 406, "round {round}: {}", c.reply_text);
                 assert_eq!(
@@ -2337,12 +1822,11 @@ async fn after_a_406_the_same_channel_number_reopens_on_every_cluster() {
         }
         // close-ok and the reopening in one write: the proxy is most likely still closing the
         // channel's part on shard-a and control.
-        raw.send(&[
-            (1, Method::ChannelCloseOk(Default::default())),
-            (1, Method::ChannelOpen(Default::default())),
-        ])
-        .await;
-        match raw.read().await {
+        let mut out = BytesMut::new();
+        codec::write_method(&mut out, 1, &Method::ChannelCloseOk(Default::default()));
+        codec::write_method(&mut out, 1, &Method::ChannelOpen(Default::default()));
+        raw.send(&out).await;
+        match raw.read_method().await {
             (1, Method::ChannelOpenOk(_)) => {}
             (ch, m) => panic!(
                 "round {round}: expected channel.open-ok on 1 right after the 406, got {} on {ch}",
@@ -2350,75 +1834,42 @@ async fn after_a_406_the_same_channel_number_reopens_on_every_cluster() {
             ),
         }
         // The reopened channel works on every cluster: a declare fans out to both shards...
-        match raw.call(1, raw_declare(&other, false)).await {
+        match raw.call(1, &raw_declare(&other)).await {
             Method::QueueDeclareOk(ok) => assert_eq!(ok.queue.as_str(), other.as_str()),
             m => panic!("round {round}: expected queue.declare-ok, got {}", m.name()),
         }
         // ...and publishes alternate between them.
-        let mut out = bytes::BytesMut::new();
+        let frame_max = raw.frame_max;
         for i in 0..4 {
-            codec::write_method(
-                &mut out,
-                1,
-                &Method::BasicPublish(codec::BasicPublish {
-                    ticket: 0,
-                    exchange: ss(""),
-                    routing_key: ss(&other),
-                    mandatory: false,
-                    immediate: false,
-                }),
-            );
-            let body = format!("msg-{i}");
-            codec::write_header(
-                &mut out,
-                1,
-                &codec::ContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties: codec::BasicProperties::default(),
-                },
-            );
-            codec::write_body(&mut out, 1, body.as_bytes(), 4096);
+            raw.publish(1, "", &other, format!("msg-{i}").as_bytes(), frame_max)
+                .await;
         }
-        raw.write(&out).await;
         let expected = 4 * (round + 1);
         let (a, b) = direct
-            .wait_shard_depths(&other, STEP, "the publishes after the reopen", |a, b| {
-                a + b >= expected
-            })
+            .wait_shard_total(&other, STEP, "the publishes after the reopen", expected)
             .await;
-        assert_eq!(a + b, expected, "round {round}: shard-a {a} + shard-b {b}");
         assert_eq!(
-            (a, b),
+            a as usize + b as usize,
+            expected,
+            "round {round}: shard-a {a} + shard-b {b}"
+        );
+        assert_eq!(
+            (a as usize, b as usize),
             (expected / 2, expected / 2),
             "round {round}: publishes alternate over both shards after the reopen"
         );
-        match raw
-            .call(
-                1,
-                Method::ChannelClose(codec::ChannelClose {
-                    reply_code: 200,
-                    reply_text: ss("bye"),
-                    class_id: 0,
-                    method_id: 0,
-                }),
-            )
-            .await
-        {
+        let close = Method::ChannelClose(codec::ChannelClose {
+            reply_code: 200,
+            reply_text: ss("bye"),
+            class_id: 0,
+            method_id: 0,
+        });
+        match raw.call(1, &close).await {
             Method::ChannelCloseOk(_) => {}
             m => panic!("round {round}: expected channel.close-ok, got {}", m.name()),
         }
     }
-    let close = Method::ConnectionClose(codec::ConnectionClose {
-        reply_code: 200,
-        reply_text: ss("bye"),
-        class_id: 0,
-        method_id: 0,
-    });
-    match raw.call(0, close).await {
-        Method::ConnectionCloseOk(_) => {}
-        m => panic!("expected connection.close-ok, got {}", m.name()),
-    }
-    within("proxy shutdown", proxy.shutdown()).await;
-    direct.close().await;
+    // connection.close, waiting for close-ok.
+    raw.close().await;
+    shutdown(proxy, direct).await;
 }

@@ -1481,3 +1481,76 @@ impl PrivateCluster {
         guard
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waits with a deadline of their own (tests/sharding.rs)
+
+impl Events {
+    /// The next event, failing the test with `what` after `limit` (for bulk work that outlasts
+    /// [`STEP`]).
+    pub async fn next_for(&mut self, limit: Duration, what: &str) -> Event {
+        within_for(limit, what, self.rx.recv())
+            .await
+            .expect("channel event stream ended")
+    }
+
+    /// Fails the test if the broker closed the channel; the other events received so far are
+    /// dropped.
+    pub fn assert_no_close(&mut self, who: &str) {
+        while let Some(e) = self.try_next() {
+            assert!(
+                !matches!(e, Event::Close { .. }),
+                "{who}: unexpected channel close: {e:?}"
+            );
+        }
+    }
+}
+
+/// Polls `check` until it returns `Ok`, or fails the test after `limit` with `what` and the last
+/// `Err` it returned (what it saw: a depth, a count). [`eventually`] with a deadline of one's own
+/// and the last state in the failure.
+pub async fn eventually_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut seen = String::from("nothing yet");
+    let polled = tokio::time::timeout(limit, async {
+        loop {
+            match check().await {
+                Ok(v) => return v,
+                Err(s) => seen = s,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("not reached within {limit:?}: {what}; last seen: {seen}"))
+}
+
+/// Runs `scripts/rabbit.sh ctl NODE ARGS...`, i.e. `rabbitmqctl -n <node> ARGS...` against a node
+/// of the test clusters (`shard-a-1`, `shard-a-2`, ...), and returns its stdout; fails the test on
+/// a non-zero exit. The state dir is the one [`clusters`] got its clusters from: the caller's
+/// `WARREN_RABBIT_DIR` (scripts/test.sh's) when `WARREN_TEST_CLUSTERS` is set, else
+/// `target/test-rabbit`. Blocking: in an async test call it inside `tokio::task::block_in_place`.
+pub fn rabbit_ctl(node: &str, args: &[&str]) -> String {
+    let external = std::env::var("WARREN_TEST_CLUSTERS").is_ok_and(|s| !s.trim().is_empty());
+    // Starts the local cluster when there is none yet.
+    let _ = clusters();
+    let mut cmd = ProcessCommand::new(rabbit_script());
+    cmd.arg("ctl").arg(node).args(args);
+    if !external {
+        cmd.env("WARREN_RABBIT_DIR", repo_dir().join("target/test-rabbit"));
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbit.sh ctl {node}: {e}"));
+    assert!(
+        out.status.success(),
+        "rabbit.sh ctl {node} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -196,6 +196,25 @@ impl Shared {
         Ok(self.apply(config))
     }
 
+    /// Undoes a run-time drain ([`Shared::drain`]): the cluster takes publishes again, unless
+    /// the file itself marks it `drain = true` (the file is read again when there is one).
+    pub fn undrain(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        if !lock(&self.drained).remove(cluster) {
+            return Err(format!(
+                "{cluster:?} was not drained at run time (POST /clusters/NAME/drain); \
+                 a drain set in the file is undone by editing the file"
+            ));
+        }
+        if self.config_path().is_some() {
+            return self.reload().map_err(|s| s.message);
+        }
+        let mut config = (*self.config()).clone();
+        if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
+            c.drain = false;
+        }
+        Ok(self.apply(config))
+    }
+
     fn record(&self, ok: bool, message: String) -> ReloadStatus {
         self.metrics.reloaded(ok);
         let status = ReloadStatus {

@@ -939,7 +939,11 @@ async fn reload_rejects_invalid_files_and_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_routes_need_the_token() {
     let p = TestProxy::standard("auth").await;
-    for path in ["/reload", "/clusters/shard-b/drain"] {
+    for path in [
+        "/reload",
+        "/clusters/shard-b/drain",
+        "/clusters/shard-b/undrain",
+    ] {
         let r = p.post(path, None).await;
         assert_eq!(r.status, 401, "{path} without a token: {}", r.body);
         assert!(
@@ -1031,6 +1035,20 @@ async fn drain_marks_the_cluster_draining() {
     assert_eq!(
         cluster(&p.get_json("/clusters").await, "shard-b")["state"],
         "draining"
+    );
+    // Undoing the run-time drain: shard-b takes publishes again; a second undrain conflicts.
+    assert_eq!(p.post("/clusters/shard-b/undrain", None).await.status, 401);
+    let r = p.post("/clusters/shard-b/undrain", Some(TOKEN)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "taking publishes");
+    let c = p.get_json("/clusters").await;
+    assert_eq!(cluster(&c, "shard-b")["drain"], false);
+    assert_ne!(cluster(&c, "shard-b")["state"], "draining");
+    let r = p.post("/clusters/shard-b/undrain", Some(TOKEN)).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        p.post("/clusters/nope/undrain", Some(TOKEN)).await.status,
+        404
     );
     p.stop().await;
 }

@@ -136,6 +136,7 @@ enum Route {
     Metrics,
     Reload,
     Drain(String),
+    Undrain(String),
 }
 
 impl Route {
@@ -154,18 +155,26 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/reload" => Route::Reload,
             p => {
-                let name = p.strip_prefix("/clusters/")?.strip_suffix("/drain")?;
+                let rest = p.strip_prefix("/clusters/")?;
+                let (name, undrain) = match rest.strip_suffix("/undrain") {
+                    Some(name) => (name, true),
+                    None => (rest.strip_suffix("/drain")?, false),
+                };
                 let name = percent_decode(name)?;
                 if name.is_empty() || name.contains('/') {
                     return None;
                 }
-                Route::Drain(name)
+                if undrain {
+                    Route::Undrain(name)
+                } else {
+                    Route::Drain(name)
+                }
             }
         })
     }
 
     fn is_post(&self) -> bool {
-        matches!(self, Route::Reload | Route::Drain(_))
+        matches!(self, Route::Reload | Route::Drain(_) | Route::Undrain(_))
     }
 }
 
@@ -228,6 +237,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         return match route {
             Route::Reload => reload(state).await,
             Route::Drain(name) => drain(state, name).await,
+            Route::Undrain(name) => undrain(state, name).await,
             _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
         };
     }
@@ -264,7 +274,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
                 .is_some_and(|a| a.contains("application/openmetrics-text"));
             metrics(state, openmetrics)
         }
-        Route::Reload | Route::Drain(_) => {
+        Route::Reload | Route::Drain(_) | Route::Undrain(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route")
         }
     }
@@ -710,6 +720,32 @@ async fn drain(state: &AdminState, name: String) -> Resp {
     }
 }
 
+async fn undrain(state: &AdminState, name: String) -> Resp {
+    if state.shared.config().cluster(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
+    }
+    match state.shared.undrain(&name) {
+        Ok(s) => {
+            info!(cluster = %name, "admin: run-time drain undone");
+            let drain = state
+                .shared
+                .config()
+                .cluster(&name)
+                .is_some_and(|c| c.drain);
+            let st = if drain {
+                "draining"
+            } else {
+                "taking publishes"
+            };
+            json_response(
+                StatusCode::OK,
+                &json!({"cluster": name, "state": st, "reload": reload_json(&s)}),
+            )
+        }
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // URL helpers
 
@@ -776,6 +812,10 @@ mod tests {
             Some(Route::Drain("a-b".into()))
         );
         assert_eq!(Route::parse("/clusters//drain"), None);
+        assert_eq!(
+            Route::parse("/clusters/shard-a/undrain"),
+            Some(Route::Undrain("shard-a".into()))
+        );
         assert_eq!(Route::parse("/clusters/a/b/drain"), None);
         assert_eq!(Route::parse("/clusters/%2F/drain"), None);
         assert_eq!(Route::parse("/clusters/%ff/drain"), None);

@@ -19,7 +19,7 @@
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
 #      fault:  no-loss fault tests with a ledger, on private clusters of their own: all eight
-#              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~8 min); the
+#              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~7 min); the
 #              test clusters above are stopped first to free the machine;
 #   5. prints a summary (and the fault tests' table, with the ledger of any failed scenario) and
 #      exits non-zero if any part failed.
@@ -28,7 +28,8 @@
 #   WARREN_PY_TOPOLOGY=single|sharded  clusters behind the proxy for python/celery (default sharded:
 #                                      shard-a + shard-b shards and control; single: only shard-a)
 #   WARREN_TEST_TARGET=proxy|direct    direct: no proxy; the suites run directly only and the Celery
-#                                      test talks to shard-a itself (checks the harness, not warren)
+#                                      test talks to shard-a itself (checks the harness, not warren);
+#                                      reload and fault are skipped
 #   WARREN_E2E_TASKS (10000), WARREN_E2E_WORKERS (3), WARREN_E2E_ARGS (default --management)
 #   WARREN_FAULT_ARGS (default --quick) arguments of tests/fault/fault_e2e.py; "" gives the full
 #                                      run (100,000 messages, ~15 min), see docs/reliability.md
@@ -38,7 +39,7 @@
 #   RUST_LOG                           passed to the proxy (default info)
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
-# per target, Celery e2e (1000 tasks) ~15 s per target, reload ~1.5 min, fault ~8 min; see .ci/run
+# per target, Celery e2e (1000 tasks) ~15 s per target, reload ~30 s, fault ~7 min; see .ci/run
 # for whole-run numbers.
 set -euo pipefail
 
@@ -51,7 +52,7 @@ TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
-    sed -n '2,42p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,43p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PARTS=("$@")
@@ -390,7 +391,11 @@ fi
 # ------------------------------------------------------------------------------------------------
 # 4b. reload and fault tests (each starts its own proxy)
 
-if want reload; then
+if [ "$TARGET" = direct ] && { want reload || want fault; }; then
+    say "reload, fault: skipped (WARREN_TEST_TARGET=direct; they test the proxy)"
+fi
+
+if want reload && [ "$TARGET" = proxy ]; then
     say "reload: add and drain a third shard cluster under load; invalid files"
     t0=$(date +%s)
     if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/e2e/reload_e2e.py "$WARREN_BIN" \
@@ -405,7 +410,7 @@ if want reload; then
 fi
 
 FAULT_SUMMARY="$LOGS/fault-summary.txt"
-if want fault; then
+if want fault && [ "$TARGET" = proxy ]; then
     # The fault tests start clusters of their own and are timing-sensitive (heartbeat detection,
     # failover): stop the test clusters first (their logs are kept for a failed run).
     if [ "$NEED_CLUSTERS" = 1 ] && [ "${WARREN_KEEP_CLUSTERS:-0}" != 1 ]; then

@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -525,10 +526,11 @@ def main() -> int:
     if checks.failed:
         for _, name, detail in checks.failed:
             print(f"  FAIL {name}{': ' + detail if detail else ''}")
-        print(f"\nproxy log {proxy.log_path} (last 4000 characters):")
+        print(f"\nproxy log {proxy.log_path} (kept; last 4000 characters):")
         print(proxy.log_text()[-4000:])
         return 1
     print("reload_e2e: OK")
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

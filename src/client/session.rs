@@ -644,6 +644,10 @@ struct Opened {
     result: Result<Link, ConnectError>,
 }
 
+/// When the health probes see a cluster come back, the sessions waiting for it reconnect
+/// spread over time so that the proxy opens at most about this many links per second.
+const RECONNECTS_PER_SEC: u64 = 500;
+
 /// How long a removed cluster's link must have been quiet before it is closed.
 const RETIRE_QUIET: Duration = Duration::from_secs(3);
 
@@ -1287,10 +1291,12 @@ impl Session {
             {
                 let back = self.shared.nodes_back(&cluster.name);
                 if back != retry.nodes_back {
-                    // A node of the cluster is back: retry within a second (spread by
-                    // connection so a fleet of sessions does not reconnect at once).
+                    // A node of the cluster is back: retry soon, spread by connection over a
+                    // window that keeps the whole proxy under RECONNECTS_PER_SEC.
                     retry.nodes_back = back;
-                    retry.at = now + Duration::from_millis(self.id.wrapping_mul(7919) % 1000);
+                    let conns = self.metrics.connections.get().max(1) as u64;
+                    let window_ms = (conns * 1000 / RECONNECTS_PER_SEC).max(1000);
+                    retry.at = now + Duration::from_millis(self.id.wrapping_mul(7919) % window_ms);
                 }
                 continue;
             }

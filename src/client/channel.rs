@@ -454,14 +454,6 @@ impl TxLog {
             self.publishes.push(held.clone());
         }
     }
-
-    /// Starts the next transaction (after a commit or rollback is sent).
-    pub fn reset(&mut self) {
-        self.publishes = Vec::new();
-        self.bytes = 0;
-        self.overflowed = false;
-        self.lost = false;
-    }
 }
 
 /// Everything the proxy keeps for one client channel.

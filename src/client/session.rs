@@ -785,8 +785,7 @@ impl Session {
             }
             for link in std::mem::take(&mut self.pending_release) {
                 let released = std::mem::take(&mut self.links[link].released_held);
-                self.held_bytes = self.held_bytes.saturating_sub(released);
-                self.metrics.held_bytes.dec_by(released as i64);
+                self.release_held(released);
             }
             let client_room = client_out.has_room();
             let full_link = self
@@ -952,15 +951,15 @@ impl Session {
 
     /// Gives back what this session added to the shared gauges.
     fn release_gauges(&mut self) {
+        let mut held = 0;
         for slot in &mut self.links {
             for up in &mut slot.chans {
                 let drained = up.confirms.drain();
                 slot.m.confirms_pending.dec_by(drained.len() as i64);
-                let held: usize = drained.iter().map(|p| p.held.size()).sum();
-                self.held_bytes = self.held_bytes.saturating_sub(held);
-                self.metrics.held_bytes.dec_by(held as i64);
+                held += drained.iter().map(|p| p.held.size()).sum::<usize>();
             }
         }
+        self.release_held(held);
         for ch in 0..self.channels.len() {
             self.free_channel(ch as u16);
         }
@@ -1890,12 +1889,12 @@ impl Session {
                             the transaction is too large to publish again");
             }
             channel.tx_log.lost = false;
-            let redo = channel.tx_log.publishes.clone();
+            let redo = std::mem::take(&mut channel.tx_log.publishes);
             debug!(conn = self.id, channel = ch, publishes = redo.len(), to = %self.links[picked].link.cluster,
                 "the transaction's cluster failed; publishing its messages again");
-            for held in redo {
-                self.metrics.republished.inc();
-                self.send_publish(ch, picked, None, held, true);
+            self.redo_transaction(ch, picked, redo.iter());
+            if let Some(channel) = self.channel_mut(ch) {
+                channel.tx_log.publishes = redo;
             }
         }
         Ok(picked)
@@ -1917,17 +1916,18 @@ impl Session {
             return Ok(());
         };
         let link = channel.tx_link.take();
-        let publishes = std::mem::take(&mut channel.tx_log.publishes);
-        let overflowed = channel.tx_log.overflowed;
-        channel.tx_log.reset();
-        channel.tx_log.committing = None;
-        self.fan_out(ch, method, self.live_links())?;
+        // The next transaction starts empty; this one's publishes go with its commit.
+        let log = std::mem::take(&mut channel.tx_log);
+        let targets = self.live_links();
+        self.fan_out(ch, method, targets)?;
+        // With no target, fan_out closed the channel and sent nothing to wait for.
         if commit
+            && !targets.is_empty()
             && let Some(link) = link
             && let Some(channel) = self.channel_mut(ch)
             && let Some(rpc) = channel.rpcs.back()
         {
-            let kept = (!overflowed).then_some(publishes);
+            let kept = (!log.overflowed).then_some(log.publishes);
             channel.tx_log.committing = Some((rpc.id, link, kept));
         }
         Ok(())
@@ -1971,10 +1971,7 @@ impl Session {
         };
         warn!(conn = self.id, channel = ch, from = %self.links[dead].link.cluster, to = %self.links[target].link.cluster,
             publishes = publishes.len(), "transaction's cluster failed during tx.commit; committing it again elsewhere");
-        for held in &publishes {
-            self.metrics.republished.inc();
-            self.send_publish(ch, target, None, held.clone(), true);
-        }
+        self.redo_transaction(ch, target, publishes.iter());
         self.links[target].request(ch, &commit, Pending::Rpc(id));
         if let Some(channel) = self.channel_mut(ch) {
             channel.tx_log.committing = Some((id, target, Some(publishes)));
@@ -1982,11 +1979,35 @@ impl Session {
         true
     }
 
+    /// Counts bytes of publishes this connection holds (per connection and in the total).
+    fn add_held(&mut self, size: usize) {
+        self.held_bytes += size;
+        self.metrics.held_bytes.inc_by(size as i64);
+    }
+
+    /// Releases bytes counted by [`add_held`](Self::add_held).
+    fn release_held(&mut self, size: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(size);
+        self.metrics.held_bytes.dec_by(size as i64);
+    }
+
+    /// Publishes a transaction's messages again on `link` (its first link died).
+    fn redo_transaction<'a>(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        publishes: impl Iterator<Item = &'a Held>,
+    ) {
+        for held in publishes {
+            self.metrics.republished.inc();
+            self.send_publish(ch, link, None, held.clone(), true);
+        }
+    }
+
     /// Keeps a publish until a shard link is ready (see [`Session::parked`]).
     fn park(&mut self, ch: u16, client: Option<u64>, held: Held) {
         let size = held.size();
-        self.held_bytes += size;
-        self.metrics.held_bytes.inc_by(size as i64);
+        self.add_held(size);
         if self.parked.is_empty() {
             info!(
                 conn = self.id,
@@ -1999,18 +2020,13 @@ impl Session {
 
     /// A shard link became ready: send the parked publishes, in order.
     fn unpark(&mut self) {
-        if self.shard_links().is_empty() {
-            return;
-        }
-        self.no_shard_since = None;
         while let Some(p) = self.parked.pop_front() {
             let Some(link) = self.pick_shard(None) else {
                 self.parked.push_front(p);
                 return;
             };
             let size = p.held.size();
-            self.held_bytes = self.held_bytes.saturating_sub(size);
-            self.metrics.held_bytes.dec_by(size as i64);
+            self.release_held(size);
             let open = self
                 .channel_mut(p.ch)
                 .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
@@ -2022,13 +2038,17 @@ impl Session {
                     "publish lost: its channel was closed while it waited for a shard cluster");
             }
         }
+        if !self.shard_links().is_empty() {
+            self.no_shard_since = None;
+        }
     }
 
     /// On the tick: no shard cluster for longer than `timeouts.failover_wait_secs` gives up the
     /// parked publishes (nacks to confirm-mode clients) and closes the client with 320, so it
     /// reconnects (maybe to another warren) instead of waiting forever.
     fn check_no_shard(&mut self) {
-        if !self.parked.is_empty() && self.pick_shard(None).is_some() {
+        if !self.parked.is_empty() {
+            // A failed pick changes no round-robin state; unpark keeps what it cannot send.
             self.unpark();
         }
         let Some(since) = self.no_shard_since else {
@@ -2044,8 +2064,7 @@ impl Session {
         }
         for p in std::mem::take(&mut self.parked) {
             let size = p.held.size();
-            self.held_bytes = self.held_bytes.saturating_sub(size);
-            self.metrics.held_bytes.dec_by(size as i64);
+            self.release_held(size);
             match p.client {
                 Some(seq) => self.nack_lost(p.ch, &[seq]),
                 None => {
@@ -2128,8 +2147,7 @@ impl Session {
             let size = held.size();
             up.confirms.record(client_seq, held);
             slot.m.confirms_pending.inc();
-            self.held_bytes += size;
-            self.metrics.held_bytes.inc_by(size as i64);
+            self.add_held(size);
         }
     }
 
@@ -2282,8 +2300,7 @@ impl Session {
     fn release_held_later(&mut self, link: LinkId) {
         let slot = &mut self.links[link];
         let released = std::mem::take(&mut slot.released_held);
-        self.held_bytes = self.held_bytes.saturating_sub(released);
-        self.metrics.held_bytes.dec_by(released as i64);
+        self.release_held(released);
         self.pending_release.push(link);
     }
 
@@ -2324,8 +2341,7 @@ impl Session {
                 }
             }
             let freed: usize = lost.iter().map(|p| p.held.size()).sum();
-            self.held_bytes -= freed.min(self.held_bytes);
-            self.metrics.held_bytes.dec_by(freed as i64);
+            self.release_held(freed);
             for inflight in lost {
                 self.republish(ch, link, inflight);
             }
@@ -2705,8 +2721,7 @@ impl Session {
         let n = settled.len() as u64;
         m.confirms_pending.dec_by(n as i64);
         let freed: usize = settled.iter().map(|p| p.held.size()).sum();
-        self.held_bytes -= freed.min(self.held_bytes);
-        self.metrics.held_bytes.dec_by(freed as i64);
+        self.release_held(freed);
         if ack {
             m.confirm_acks.inc_by(n);
             seqs.clear();

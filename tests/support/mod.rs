@@ -265,11 +265,11 @@ pub struct PrivateCluster {
 }
 
 impl PrivateCluster {
-    /// `scripts/rabbit.sh up NAME auto auto` in a fresh state dir of its own.
-    pub fn start(name: &str) -> PrivateCluster {
-        // Under scripts/test.sh's state dir when there is one (its cleanup then removes what a
-        // killed test leaves), else under target/. Always a state dir of its own: `down-all` in the Drop must not reach anything
-        // else.
+    /// A guard over a new, empty state dir for cluster `name`, not started yet. The dir is under
+    /// scripts/test.sh's state dir when there is one (its cleanup then removes what a killed
+    /// test leaves), else under target/; always a dir of its own, so `down-all` in the Drop
+    /// reaches nothing else. From here on the guard cleans up, whatever happens.
+    fn fresh(name: &str) -> PrivateCluster {
         let base = match std::env::var_os("WARREN_RABBIT_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => repo_dir().join("target"),
@@ -284,14 +284,18 @@ impl PrivateCluster {
                 % 1_000_000
         ));
         std::fs::create_dir_all(&dir).expect("create private rabbit dir");
-        // From here on the guard cleans up, whatever happens.
-        let mut guard = PrivateCluster {
+        PrivateCluster {
             dir,
             cluster: Cluster {
                 name: name.to_owned(),
                 nodes: Vec::new(),
             },
-        };
+        }
+    }
+
+    /// `scripts/rabbit.sh up NAME auto auto` in a fresh state dir of its own.
+    pub fn start(name: &str) -> PrivateCluster {
+        let mut guard = PrivateCluster::fresh(name);
         let stdout = guard.rabbit(&["up", name, "auto", "auto"]);
         let line = stdout.lines().last().unwrap_or_default().to_owned();
         let nodes: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
@@ -1443,27 +1447,7 @@ impl PrivateCluster {
     /// `server.pem` and `server.key`. With `verify_peer`, clients must present a certificate
     /// signed by `ca.pem`. Torn down when the guard is dropped.
     pub fn start_tls(name: &str, cert_dir: &Path, verify_peer: bool) -> PrivateCluster {
-        let base = match std::env::var_os("WARREN_RABBIT_DIR") {
-            Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => repo_dir().join("target"),
-        };
-        let dir = base.join(format!(
-            "private-{name}-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis()
-                % 1_000_000
-        ));
-        std::fs::create_dir_all(&dir).expect("create private rabbit dir");
-        let mut guard = PrivateCluster {
-            dir,
-            cluster: Cluster {
-                name: name.to_owned(),
-                nodes: Vec::new(),
-            },
-        };
+        let mut guard = PrivateCluster::fresh(name);
         let cert_dir = cert_dir.to_str().expect("UTF-8 certificate dir");
         let mut args = vec!["up-single-tls", name, "auto", cert_dir];
         if verify_peer {

@@ -77,6 +77,9 @@ fn main() {
     // `cargo test --all-targets` runs bench targets as tests, without `--bench` and without
     // RabbitMQ nodes: there is nothing to measure then, and that is not a failure.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--relay") {
+        return relay_main(&args[1..]);
+    }
     if !args
         .iter()
         .any(|a| a == "--bench" || a.starts_with("--nodes") || a == "--help" || a == "-h")
@@ -108,12 +111,18 @@ fn main() {
 
 async fn run(opts: &Options) -> Res<()> {
     let proxy = ProxyProcess::start(opts)?;
+    let relay = RelayProcess::start(opts.nodes[0])?;
     let brokers = opts.broker_pids.clone();
     let endpoints = [
         Endpoint {
             target: Target::Direct,
             addr: opts.nodes[0],
             meter: Meter::new(None, brokers.clone()),
+        },
+        Endpoint {
+            target: Target::Relay,
+            addr: relay.addr,
+            meter: Meter::new(Some(relay.child.id()), brokers.clone()),
         },
         Endpoint {
             target: Target::Proxy,
@@ -173,6 +182,7 @@ async fn run(opts: &Options) -> Res<()> {
     }
     println!("{}", report_targets(opts, &results));
     drop(proxy);
+    drop(relay);
     Ok(())
 }
 
@@ -191,7 +201,9 @@ usage: cargo bench --bench throughput -- --nodes HOST:PORT[,HOST:PORT] [options]
                           seconds per phase on a 2-core machine)
   --rounds N              direct/proxy rounds; the report shows medians; default 5
   --phases P[,P]          publish,confirm,consume,latency (default: all, in that order)
-  --targets T[,T]         direct,proxy (default both; one side alone is handy for profiling)
+  --targets T[,T]         direct,relay,proxy (default all three; relay is a plain TCP relay
+                          process in front of the first node, the cost of any user-space hop;
+                          one side alone is handy for profiling)
   --confirm-window N      publishes in flight in the confirm phase; default 256
   --prefetch N            basic.qos prefetch of the consumers; default 500
   --ack-every N           consumers ack with multiple=true every N deliveries; default 100
@@ -239,13 +251,18 @@ impl Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Direct,
+    /// A plain TCP relay process (no AMQP): what one more user-space hop costs on this machine.
+    Relay,
     Proxy,
 }
 
 impl Target {
+    const ALL: [Target; 3] = [Target::Direct, Target::Relay, Target::Proxy];
+
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::Relay => "relay",
             Target::Proxy => "proxy",
         }
     }
@@ -363,13 +380,11 @@ impl Options {
             }
         };
         let targets = match get("targets") {
-            None => vec![Target::Direct, Target::Proxy],
+            None => Target::ALL.to_vec(),
             Some(s) => {
                 let mut v = Vec::new();
                 for name in s.split(',') {
-                    let t = [Target::Direct, Target::Proxy]
-                        .into_iter()
-                        .find(|t| t.name() == name.trim());
+                    let t = Target::ALL.into_iter().find(|t| t.name() == name.trim());
                     v.push(t.ok_or_else(|| format!("unknown target '{name}'"))?);
                 }
                 v
@@ -1244,6 +1259,88 @@ fn proxy_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_warren")))
 }
 
+/// A plain TCP relay in front of one node, run as a child process (this same executable with
+/// `--relay`): the reference for what one more user-space hop costs, so that warren's own cost
+/// can be told apart from the hop's.
+struct RelayProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl RelayProcess {
+    fn start(upstream: SocketAddr) -> Res<RelayProcess> {
+        let addr = free_local_port()?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--relay")
+            .arg(addr.to_string())
+            .arg(upstream.to_string())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut relay = RelayProcess { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if relay.child.try_wait()?.is_some() || Instant::now() > deadline {
+                return Err(format!("the TCP relay is not listening on {addr}").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The probe connections above are relayed and dropped at once; that is harmless.
+        Ok(relay)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--relay LISTEN UPSTREAM`: copies bytes both ways between each accepted connection and a
+/// connection to UPSTREAM, nothing else. Same runtime as warren (tokio, one worker per core),
+/// TCP_NODELAY on both legs, 64 KiB buffers.
+fn relay_main(args: &[String]) {
+    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: throughput --relay LISTEN UPSTREAM");
+        std::process::exit(2);
+    };
+    let (listen, upstream): (SocketAddr, SocketAddr) = match (listen.parse(), upstream.parse()) {
+        (Ok(l), Ok(u)) => (l, u),
+        _ => {
+            eprintln!("throughput --relay: bad address");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("relay listen");
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut server,
+                    64 * 1024,
+                    64 * 1024,
+                )
+                .await;
+            });
+        }
+    });
+}
+
 /// A loopback address with a port nobody listens on right now (the OS picks it).
 fn free_local_port() -> Res<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -1265,6 +1362,11 @@ fn proxy_config(listen: SocketAddr, topology: Topology, nodes: &[SocketAddr]) ->
             toml,
             "\n[[clusters]]\nname = \"{name}\"\nrole = \"shard\"\nnodes = [\"{node}\"]\n"
         );
+    }
+    // Extra settings for experiments (e.g. "[limits]\nhold_publishes = false").
+    if let Ok(extra) = std::env::var("WARREN_BENCH_PROXY_TOML") {
+        let at = toml.find("\n[[clusters]]").unwrap_or(toml.len());
+        toml.insert_str(at, &format!("\n{}\n", extra.replace("\\n", "\n")));
     }
     toml
 }
@@ -1408,8 +1510,20 @@ impl Results {
         f: impl Fn(&Sample) -> f64,
         cmp: impl Fn(f64, f64) -> f64,
     ) -> Option<Spread> {
+        self.paired_with(size, phase, Target::Proxy, f, cmp)
+    }
+
+    /// [`paired`](Self::paired) for any side against direct.
+    fn paired_with(
+        &self,
+        size: usize,
+        phase: Phase,
+        side: Target,
+        f: impl Fn(&Sample) -> f64,
+        cmp: impl Fn(f64, f64) -> f64,
+    ) -> Option<Spread> {
         let direct = self.rounds(size, phase, Target::Direct);
-        let proxy = self.rounds(size, phase, Target::Proxy);
+        let proxy = self.rounds(size, phase, side);
         Spread::of(
             direct
                 .iter()
@@ -1520,19 +1634,22 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
     let _ = writeln!(
         s,
         "Medians over the rounds; \"proxy vs direct\" is the median of the per-round \
-         comparisons (each round's two runs were back to back), with their range.\n"
+         comparisons (each round's runs were back to back), with their range. \"relay\" is a \
+         plain TCP relay process in front of the same node: the floor any proxy pays for one \
+         more user-space hop on this machine.\n"
     );
     let _ = writeln!(
         s,
-        "| phase | direct | proxy | proxy vs direct | range over rounds |"
+        "| phase | direct | relay | proxy | proxy vs direct | range over rounds | relay vs direct |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for &phase in &opts.phases {
         if phase == Phase::Latency {
             let p50 = |x: &Sample| x.p50_us;
             let p99 = |x: &Sample| x.p99_us;
             for (label, pick) in [("p50", &p50 as &dyn Fn(&Sample) -> f64), ("p99", &p99)] {
                 let d = results.median(size, phase, Target::Direct, |x| Some(pick(x)));
+                let r = results.median(size, phase, Target::Relay, |x| Some(pick(x)));
                 let p = results.median(size, phase, Target::Proxy, |x| Some(pick(x)));
                 let (cmp, range) = match results.paired(size, phase, pick, difference) {
                     Some(c) => (
@@ -1541,16 +1658,21 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
                     ),
                     None => ("-".into(), "-".into()),
                 };
+                let relay = results
+                    .paired_with(size, phase, Target::Relay, pick, difference)
+                    .map_or("-".into(), |c| format!("{:+.0} µs", c.median));
                 let _ = writeln!(
                     s,
-                    "| latency {label} (µs) | {} | {} | {cmp} | {range} |",
+                    "| latency {label} (µs) | {} | {} | {} | {cmp} | {range} | {relay} |",
                     num(d),
+                    num(r),
                     num(p)
                 );
             }
             continue;
         }
         let d = results.median(size, phase, Target::Direct, |x| Some(x.rate()));
+        let r = results.median(size, phase, Target::Relay, |x| Some(x.rate()));
         let p = results.median(size, phase, Target::Proxy, |x| Some(x.rate()));
         let (cmp, range) = match results.paired(size, phase, Sample::rate, ratio) {
             Some(c) => (
@@ -1559,11 +1681,15 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
             ),
             None => ("-".into(), "-".into()),
         };
+        let relay = results
+            .paired_with(size, phase, Target::Relay, Sample::rate, ratio)
+            .map_or("-".into(), |c| format!("{:.2}x", c.median));
         let _ = writeln!(
             s,
-            "| {} (msg/s) | {} | {} | {cmp} | {range} |",
+            "| {} (msg/s) | {} | {} | {} | {cmp} | {range} | {relay} |",
             phase.name(),
             num(d),
+            num(r),
             num(p)
         );
     }
@@ -1571,9 +1697,9 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
     let _ = writeln!(s, "\nCPU time per message, µs (medians over the rounds):\n");
     let _ = writeln!(
         s,
-        "| phase | warren | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |"
+        "| phase | warren | relay | RabbitMQ, direct | RabbitMQ, via proxy | client, direct | client, via proxy |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for &phase in &opts.phases {
         let cpu = |target, f: fn(&CpuUse) -> Option<f64>| {
             results.median(size, phase, target, |x| {
@@ -1582,9 +1708,10 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             phase.name(),
             num1(cpu(Target::Proxy, |c| c.proxy)),
+            num1(cpu(Target::Relay, |c| c.proxy)),
             num1(cpu(Target::Direct, |c| c.broker)),
             num1(cpu(Target::Proxy, |c| c.broker)),
             num1(cpu(Target::Direct, |c| Some(c.client))),
@@ -1604,8 +1731,13 @@ fn report_targets(opts: &Options, results: &Results) -> String {
                 let Some(added) = results.paired(size, phase, |x| x.p50_us, difference) else {
                     continue;
                 };
+                let relay = results
+                    .paired_with(size, phase, Target::Relay, |x| x.p50_us, difference)
+                    .map_or(String::new(), |r| {
+                        format!(" (a plain TCP relay adds {:+.0} µs)", r.median)
+                    });
                 format!(
-                    "added p50 latency {:+.0} µs (target < 100 µs): {}",
+                    "added p50 latency {:+.0} µs (target < 100 µs): {}{relay}",
                     added.median,
                     verdict(added.median < 100.0)
                 )

@@ -10,19 +10,18 @@
 //! 404, which is answered with `channel.close-ok` before the channel is opened again for the next
 //! queue.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::codec::{self, FieldTable, FieldValue, LongStr, Method, ShortStr};
 use crate::config::{ClusterConfig, Config};
 use crate::io::Command;
-use crate::upstream::link::{self, Link, LinkEvent, LinkSpec};
+use crate::upstream::link::{self, Link, LinkSpec};
 
 /// Longest time one cluster gets to answer all its queues.
 pub const CLUSTER_DEADLINE: Duration = Duration::from_secs(10);
@@ -130,16 +129,13 @@ async fn ask_cluster(
         metrics: None,
         tls: cluster.tls.clone(),
     };
-    let (tx, rx) = mpsc::channel(16);
-    let link = match tokio::time::timeout_at(deadline, link::connect(0, &spec, tx)).await {
+    let link = match tokio::time::timeout_at(deadline, link::connect(0, &spec)).await {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => return vec![Depth::Error(e.to_string()); names.len()],
         Err(_) => return vec![Depth::Error("no answer in time".into()); names.len()],
     };
     let mut conn = ProbeConn {
         link,
-        rx,
-        pending: VecDeque::new(),
         deadline,
         channel: 1,
         open: false,
@@ -166,8 +162,6 @@ struct Fatal(String);
 
 struct ProbeConn {
     link: Link,
-    rx: mpsc::Receiver<LinkEvent>,
-    pending: VecDeque<Command>,
     deadline: Instant,
     channel: u16,
     open: bool,
@@ -176,27 +170,26 @@ struct ProbeConn {
 impl ProbeConn {
     /// The next command from the broker (connection-level closes are fatal).
     async fn next(&mut self) -> Result<Command, Fatal> {
-        loop {
-            if let Some(cmd) = self.pending.pop_front() {
-                if let Method::ConnectionClose(c) = &cmd.method {
-                    self.link
-                        .send(0, &Method::ConnectionCloseOk(Default::default()));
-                    return Err(Fatal(format!(
-                        "connection closed by the broker: {} {}",
-                        c.reply_code, c.reply_text
-                    )));
-                }
-                return Ok(cmd);
-            }
-            match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
-                Ok(Some(LinkEvent::Commands { commands, .. })) => self.pending.extend(commands),
-                Ok(Some(LinkEvent::Down { reason, .. })) => {
-                    return Err(Fatal(format!("connection lost: {reason}")));
-                }
-                Ok(None) => return Err(Fatal("connection lost".into())),
-                Err(_) => return Err(Fatal("no answer in time".into())),
-            }
+        // What was sent goes out before waiting for its answer.
+        self.link.outbox.flush();
+        let Some(reader) = self.link.reader.as_mut() else {
+            return Err(Fatal("connection lost".into()));
+        };
+        let cmd = match tokio::time::timeout_at(self.deadline, reader.recv()).await {
+            Ok(Ok(cmd)) => cmd,
+            Ok(Err(reason)) => return Err(Fatal(format!("connection lost: {reason}"))),
+            Err(_) => return Err(Fatal("no answer in time".into())),
+        };
+        if let Method::ConnectionClose(c) = &cmd.method {
+            self.link
+                .send(0, &Method::ConnectionCloseOk(Default::default()));
+            self.link.outbox.flush();
+            return Err(Fatal(format!(
+                "connection closed by the broker: {} {}",
+                c.reply_code, c.reply_text
+            )));
         }
+        Ok(cmd)
     }
 
     /// The next command on the current channel (others, and connection.blocked, are skipped).

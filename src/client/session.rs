@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -33,16 +34,14 @@ use super::topology::Topology;
 use crate::codec::{self, FrameKind, Method, ShortStr};
 use crate::config::{Config, Role};
 use crate::io::stream::{ReadHalf, Stream};
-use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError, run_writer};
+use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Shared;
 use crate::route::{Class, RoundRobin, Rules};
-use crate::upstream::{self, ConnectError, Link, LinkDown, LinkEvent, LinkId, LinkSpec};
+use crate::upstream::{self, ConnectError, Link, LinkDown, LinkId, LinkSpec};
 
 /// How long a closing handshake may take before the proxy just drops the socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Link events buffered per link; each is one read's worth of commands.
-const LINK_EVENT_QUEUE: usize = 16;
 
 /// Serves one accepted client socket until it closes.
 pub async fn serve(
@@ -104,9 +103,8 @@ pub async fn serve(
         metrics: None,
         tls: None,
     };
-    let (events_tx, events_rx) = mpsc::channel(LINK_EVENT_QUEUE * config.clusters.len().max(1));
     let metrics = shared.metrics.clone();
-    let links = match open_links(&config, &base, &events_tx, &metrics).await {
+    let links = match open_links(&config, &base, &metrics).await {
         Ok(links) => links,
         Err(ConnectError::Refused { node, code, text }) => {
             warn!(conn = id, %peer, user = %user, vhost = %vhost, %node, code, %text, "connection refused by the broker");
@@ -127,17 +125,16 @@ pub async fn serve(
     }
 
     let (rd, wr) = stream.into_split();
-    let client_out = Outbox::new(config.limits.client_buffer_bytes);
-    client_out
-        .push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
     let heartbeat =
         (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
-    let writer = tokio::spawn(run_writer(
-        client_out.clone(),
+    let (client_out, writer) = Outbox::start(
+        config.limits.client_buffer_bytes,
         wr,
         heartbeat.map(|h| h / 2),
         None,
-    ));
+    );
+    client_out
+        .push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
     let clusters: Vec<String> = links
         .iter()
         .map(|s| format!("{}@{}", s.link.cluster, s.link.node))
@@ -147,22 +144,15 @@ pub async fn serve(
     metrics.connections_total.inc();
 
     let control = links.iter().position(|s| s.role == Role::Control);
-    let mut event_ids = vec![None; config.clusters.len()];
-    for (i, slot) in links.iter().enumerate() {
-        event_ids[slot.link.id] = Some(i);
-    }
     let (opened_tx, opened_rx) = mpsc::channel(4);
     let mut session = Session {
         shared: shared.clone(),
         vhost: vhost.as_str().into_owned(),
         base_spec: base,
-        events_tx: events_tx.clone(),
-        event_ids,
         opened_tx,
         connecting: Vec::new(),
         topology: Topology::default(),
         retry_at: Default::default(),
-        free_event_ids: Vec::new(),
         id,
         client_out: client_out.clone(),
         frame_max: greeting.frame_max as usize,
@@ -191,13 +181,13 @@ pub async fn serve(
         metrics: metrics.clone(),
         parked: VecDeque::new(),
         no_shard_since: None,
+        next_read: 0,
     };
     let config_rx = shared.subscribe();
     let reason = session
         .run(Inputs {
             rd,
             rbuf,
-            events: events_rx,
             opened: opened_rx,
             config_rx,
             heartbeat,
@@ -205,7 +195,6 @@ pub async fn serve(
             force_close,
         })
         .await;
-    drop(events_tx);
     session.release_gauges();
     metrics.connections.dec();
 
@@ -250,7 +239,6 @@ pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: u16, text
 async fn open_links(
     config: &Config,
     base: &LinkSpec,
-    events: &mpsc::Sender<LinkEvent>,
     metrics: &Metrics,
 ) -> Result<Vec<LinkSlot>, ConnectError> {
     let mut tasks = JoinSet::new();
@@ -263,8 +251,7 @@ async fn open_links(
             tls: cluster.tls.clone(),
             ..base.clone()
         };
-        let events = events.clone();
-        tasks.spawn(async move { (i, upstream::link::connect(i, &spec, events).await) });
+        tasks.spawn(async move { (i, upstream::link::connect(i, &spec).await) });
     }
     let mut opened: Vec<Option<Link>> = (0..clusters.len()).map(|_| None).collect();
     let mut refusal = None;
@@ -284,12 +271,9 @@ async fn open_links(
     if let Some(e) = refusal {
         return Err(e);
     }
-    // Link ids are positions in this vector, so clusters that did not answer keep their slot
-    // (marked done) and ids stay stable.
     let mut slots = Vec::with_capacity(clusters.len());
     let mut any_shard = false;
     for (cluster, link) in clusters.iter().zip(opened) {
-        // `link.id` stays the id its reader tags events with; the session maps it to a slot.
         let Some(link) = link else { continue };
         any_shard |= cluster.role == Role::Shard;
         slots.push(LinkSlot::new(
@@ -598,9 +582,6 @@ struct Session {
     vhost: String,
     /// What new links are opened with (the client's credentials and vhost).
     base_spec: LinkSpec,
-    events_tx: mpsc::Sender<LinkEvent>,
-    /// Event id (given to a link's reader at connect) -> slot index.
-    event_ids: Vec<Option<LinkId>>,
     opened_tx: mpsc::Sender<Opened>,
     /// Clusters a link is being opened to (after a reload).
     connecting: Vec<String>,
@@ -609,8 +590,6 @@ struct Session {
     topology: Topology,
     /// When each cluster without a live link may be tried again (exponential backoff).
     retry_at: std::collections::HashMap<String, Retry>,
-    /// Event ids whose link is gone, reusable.
-    free_event_ids: Vec<usize>,
     /// Publishes waiting for a shard link, oldest first: none was ready when they came (or when
     /// their link died), typically while the only live shard cluster's link fails over to its
     /// other node. Counted in `held_bytes`, so they are bounded like every held publish.
@@ -618,6 +597,8 @@ struct Session {
     /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
     /// publishes are given up (nacked) and the client is closed with 320.
     no_shard_since: Option<Instant>,
+    /// The link [`poll_links`](Self::poll_links) tries first.
+    next_read: usize,
 }
 
 /// When a cluster without a live link is tried again.
@@ -640,7 +621,6 @@ struct Parked {
 /// A link opened after a reload added a cluster.
 struct Opened {
     cluster: crate::config::ClusterConfig,
-    event_id: usize,
     result: Result<Link, ConnectError>,
 }
 
@@ -748,7 +728,6 @@ struct Inputs {
     rd: ReadHalf,
     /// Bytes already read from the client (pipelined behind connection.open).
     rbuf: BytesMut,
-    events: mpsc::Receiver<LinkEvent>,
     opened: mpsc::Receiver<Opened>,
     config_rx: tokio::sync::watch::Receiver<Arc<Config>>,
     heartbeat: Option<Duration>,
@@ -761,7 +740,6 @@ impl Session {
         let Inputs {
             mut rd,
             mut rbuf,
-            mut events,
             mut opened,
             mut config_rx,
             heartbeat,
@@ -787,7 +765,18 @@ impl Session {
                 let released = std::mem::take(&mut self.links[link].released_held);
                 self.release_held(released);
             }
+            // One write per socket for everything the last turn produced.
+            self.flush_all();
             let client_room = client_out.has_room();
+            if !client_room {
+                // The links are not read while the client is slow: not their silence.
+                let now = std::time::Instant::now();
+                for slot in &mut self.links {
+                    if let Some(r) = slot.link.reader.as_mut() {
+                        r.not_reading(now);
+                    }
+                }
+            }
             let full_link = self
                 .links
                 .iter()
@@ -818,9 +807,8 @@ impl Session {
                         self.begin_proxy_close(ConnError::new(320, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
                     }
                 }
-                ev = events.recv(), if client_room => {
-                    let Some(ev) = ev else { return "link events ended".into() };
-                    self.on_link_event(ev);
+                (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
+                    self.on_link_readable(link, read);
                 }
                 Some(o) = opened.recv() => self.on_opened(o),
                 Ok(()) = config_rx.changed(), if self.closing.is_none() => {
@@ -828,6 +816,7 @@ impl Session {
                     self.apply_config(&config);
                 }
                 _ = tick.tick() => {
+                    self.check_link_heartbeats();
                     self.retire_quiet_links();
                     self.ensure_links();
                     self.check_no_shard();
@@ -1097,7 +1086,6 @@ impl Session {
                     .cluster(&opened.cluster.name)
                     .link_failures
                     .inc();
-                self.free_event_ids.push(opened.event_id);
                 self.backoff(&opened.cluster.name);
                 return;
             }
@@ -1149,9 +1137,6 @@ impl Session {
                 self.links.len() - 1
             }
         };
-        if let Some(e) = self.event_ids.get_mut(self.links[index].link.id) {
-            *e = Some(index);
-        }
         if c.role == Role::Control {
             self.control = Some(index);
         }
@@ -1233,13 +1218,6 @@ impl Session {
     /// Starts opening a link to `cluster` in the background; [`on_opened`](Self::on_opened)
     /// gets the result.
     fn spawn_connect(&mut self, cluster: &crate::config::ClusterConfig) {
-        let event_id = match self.free_event_ids.pop() {
-            Some(id) => id,
-            None => {
-                self.event_ids.push(None);
-                self.event_ids.len() - 1
-            }
-        };
         self.connecting.push(cluster.name.clone());
         let spec = LinkSpec {
             cluster: Arc::from(cluster.name.as_str()),
@@ -1248,20 +1226,11 @@ impl Session {
             tls: cluster.tls.clone(),
             ..self.base_spec.clone()
         };
-        let (events, opened, cluster) = (
-            self.events_tx.clone(),
-            self.opened_tx.clone(),
-            cluster.clone(),
-        );
+        let (opened, cluster) = (self.opened_tx.clone(), cluster.clone());
+        let id = self.links.len();
         tokio::spawn(async move {
-            let result = upstream::link::connect(event_id, &spec, events).await;
-            let _ = opened
-                .send(Opened {
-                    cluster,
-                    event_id,
-                    result,
-                })
-                .await;
+            let result = upstream::link::connect(id, &spec).await;
+            let _ = opened.send(Opened { cluster, result }).await;
         });
     }
 
@@ -2254,24 +2223,63 @@ impl Session {
 
     // ----- upstream to client -------------------------------------------------------------
 
-    fn on_link_event(&mut self, ev: LinkEvent) {
-        let id = match &ev {
-            LinkEvent::Commands { link, .. } | LinkEvent::Down { link, .. } => *link,
-        };
-        let Some(Some(slot)) = self.event_ids.get(id).copied() else {
-            return;
-        };
-        match ev {
-            LinkEvent::Commands { commands, .. } => {
-                let link = slot;
-                for cmd in commands {
-                    if self.end.is_some() {
-                        return;
-                    }
-                    self.on_link_command(link, cmd);
+    /// A link's socket gave bytes (or ended): handle every whole command they complete.
+    fn on_link_readable(&mut self, link: LinkId, read: Result<(), LinkDown>) {
+        if let Err(reason) = read {
+            self.links[link].link.reader = None;
+            return self.on_link_down(link, reason);
+        }
+        while self.end.is_none() {
+            let Some(reader) = self.links[link].link.reader.as_mut() else {
+                return;
+            };
+            match reader.next_command() {
+                Ok(Some(cmd)) => self.on_link_command(link, cmd),
+                Ok(None) => return,
+                Err(reason) => {
+                    self.links[link].link.reader = None;
+                    return self.on_link_down(link, reason);
                 }
             }
-            LinkEvent::Down { reason, .. } => self.on_link_down(slot, reason),
+        }
+    }
+
+    /// Polls the links' sockets, starting after the one read last so none starves the others.
+    fn poll_links(&mut self, cx: &mut Context<'_>) -> Poll<(LinkId, Result<(), LinkDown>)> {
+        let n = self.links.len();
+        for i in 0..n {
+            let link = (self.next_read + i) % n;
+            if let Some(reader) = self.links[link].link.reader.as_mut()
+                && let Poll::Ready(r) = reader.poll_read(cx)
+            {
+                self.next_read = link + 1;
+                return Poll::Ready((link, r));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Links silent for two heartbeat intervals are dead (checked by the tick).
+    fn check_link_heartbeats(&mut self) {
+        let now = std::time::Instant::now();
+        for link in 0..self.links.len() {
+            let missed = self.links[link]
+                .link
+                .reader
+                .as_ref()
+                .and_then(|r| r.heartbeat_missed(now));
+            if let Some(reason) = missed {
+                self.links[link].link.reader = None;
+                self.on_link_down(link, reason);
+            }
+        }
+    }
+
+    /// Sends what this turn of the event loop wrote, one write per socket.
+    fn flush_all(&self) {
+        self.client_out.flush();
+        for slot in &self.links {
+            slot.link.outbox.flush();
         }
     }
 
@@ -2314,11 +2322,8 @@ impl Session {
         let slot = &mut self.links[link];
         slot.mark_done();
         let cluster = slot.link.cluster.to_string();
-        let event_id = slot.link.id;
-        if let Some(e) = self.event_ids.get_mut(event_id) {
-            *e = None;
-        }
-        self.free_event_ids.push(event_id);
+        // Whatever it still had to say is moot: stop reading it.
+        slot.link.reader = None;
         let chans = std::mem::take(&mut slot.chans);
         let m = slot.m.clone();
         for (ch, up) in chans.into_iter().enumerate() {

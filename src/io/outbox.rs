@@ -1,54 +1,104 @@
 //! A bounded, batching write buffer for one socket.
 //!
 //! Why not an mpsc of frames: the session encodes frames straight into the outbox's `BytesMut`, so a
-//! batch of deliveries becomes one `write` syscall and no per-frame allocation happens. The writer
-//! task swaps the filled buffer with an empty spare (two buffers, reused forever) and writes it while
-//! producers keep appending to the other one.
+//! batch of deliveries becomes one `write` syscall and no per-frame allocation happens.
+//!
+//! Why the session writes the socket itself: handing every batch to a writer task costs a
+//! cross-task wake-up per batch, which at low rates is most of the latency a proxy adds. So
+//! [`push`](Outbox::push) only appends, and the session calls [`flush`](Outbox::flush) once per
+//! turn of its event loop (after it has handled everything one socket read brought): on plain
+//! TCP that is a non-blocking write straight from the buffer, and the writer task is woken only
+//! for what the socket did not take (a full socket: back-pressure), for heartbeats and for the
+//! close. TLS goes through the writer task (rustls keeps one state for both directions), which
+//! swaps the filled buffer with a spare and writes it while the session keeps appending.
 
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::codec;
+use crate::io::stream::WriteHalf;
 
 /// Capacity a buffer keeps after a large write; anything bigger is released so one 10 MiB message
 /// does not pin 10 MiB per connection forever.
 const KEEP_CAPACITY: usize = 256 * 1024;
+const INITIAL_CAPACITY: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the writer when bytes arrive or the outbox is closed.
+    /// Wakes the writer when bytes are left for it or the outbox is closed.
     writer_wake: Notify,
     /// Wakes a producer waiting for room.
     room_wake: Notify,
     limit: usize,
+    written_bytes: Option<Counter>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     buf: BytesMut,
-    /// Bytes handed to the writer and not yet written: they still count against the limit.
+    /// TLS only: bytes handed to the writer and not yet written; they still count against the
+    /// limit.
     in_flight: usize,
+    /// Plain TCP: the socket, written under this lock by whoever flushes. `None` for TLS, and
+    /// once the writer has finished.
+    sock: Option<Arc<OwnedWriteHalf>>,
+    /// Last time bytes went out (heartbeats are due only after a quiet half interval).
+    last_write: Instant,
     closed: bool,
     failed: bool,
 }
 
+/// The writer task of an outbox; its result is the socket's fate.
+pub type Writer = JoinHandle<io::Result<()>>;
+
 impl Outbox {
+    /// An outbox for `sink`, with its writer task running.
+    ///
     /// `limit` is the number of buffered bytes above which [`has_room`](Self::has_room) is false.
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Outbox {
+    /// When `heartbeat` is set, a heartbeat frame is written whenever nothing else was written for
+    /// that long, which is exactly the AMQP rule ("any frame counts"), so a busy socket never
+    /// spends bytes on heartbeats and an idle one still proves it is alive.
+    pub fn start(
+        limit: usize,
+        sink: WriteHalf,
+        heartbeat: Option<Duration>,
+        written_bytes: Option<Counter>,
+    ) -> (Arc<Outbox>, Writer) {
+        let (sock, tls) = match sink {
+            WriteHalf::Plain(w) => (Some(Arc::new(w)), None),
+            WriteHalf::Tls(w) => (None, Some(w)),
+        };
+        let outbox = Arc::new(Outbox {
             state: Mutex::new(State {
-                buf: BytesMut::with_capacity(16 * 1024),
-                ..State::default()
+                buf: BytesMut::with_capacity(INITIAL_CAPACITY),
+                in_flight: 0,
+                sock: sock.clone(),
+                last_write: Instant::now(),
+                closed: false,
+                failed: false,
             }),
             writer_wake: Notify::new(),
             room_wake: Notify::new(),
             limit: limit.max(codec::FRAME_MIN_SIZE as usize),
-        })
+            written_bytes,
+        });
+        let writer = match (sock, tls) {
+            (Some(sock), _) => tokio::spawn(run_direct(outbox.clone(), sock, heartbeat)),
+            (None, Some(tls)) => {
+                tokio::spawn(run_swapping(outbox.clone(), WriteHalf::Tls(tls), heartbeat))
+            }
+            (None, None) => unreachable!("a write half is plain or TLS"),
+        };
+        (outbox, writer)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -57,20 +107,65 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends bytes with `f` and wakes the writer. Bytes pushed after [`close`](Self::close) are
-    /// dropped.
+    /// Appends bytes with `f`. They go out at the next [`flush`](Self::flush). Bytes pushed
+    /// after [`close`](Self::close) are dropped.
     pub fn push<R>(&self, f: impl FnOnce(&mut BytesMut) -> R) -> R {
-        let r;
-        {
-            let mut st = self.lock();
-            if st.closed {
-                let mut scratch = BytesMut::new();
-                return f(&mut scratch);
-            }
-            r = f(&mut st.buf);
+        let mut st = self.lock();
+        if st.closed {
+            let mut scratch = BytesMut::new();
+            return f(&mut scratch);
         }
+        f(&mut st.buf)
+    }
+
+    /// Sends what was pushed: written right here when the socket takes it (plain TCP), else
+    /// left to the writer task.
+    pub fn flush(&self) {
+        let mut st = self.lock();
+        if st.buf.is_empty() {
+            return;
+        }
+        if !st.closed && self.write_direct(&mut st) {
+            return;
+        }
+        drop(st);
         self.writer_wake.notify_one();
-        r
+    }
+
+    /// Writes as much of the buffer as the socket takes without blocking; true when all of it
+    /// went. Errors are left for the writer task to meet and report.
+    fn write_direct(&self, st: &mut State) -> bool {
+        let Some(sock) = st.sock.as_ref() else {
+            return false;
+        };
+        if st.failed {
+            return false;
+        }
+        let mut wrote = 0;
+        while !st.buf.is_empty() {
+            match sock.try_write(&st.buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    st.buf.advance(n);
+                    wrote += n;
+                }
+                Err(_) => break,
+            }
+        }
+        if wrote > 0 {
+            st.last_write = Instant::now();
+            if let Some(c) = &self.written_bytes {
+                c.inc_by(wrote as u64);
+            }
+        }
+        if st.buf.is_empty() {
+            if st.buf.capacity() > KEEP_CAPACITY {
+                st.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
+            }
+            true
+        } else {
+            false
+        }
     }
 
     /// True while buffered plus in-flight bytes are under the limit.
@@ -96,14 +191,15 @@ impl Outbox {
         st.buf.len() + st.in_flight
     }
 
-    /// Asks the writer to flush what is buffered and then shut the socket down.
+    /// Asks the writer to write what is buffered and then shut the socket down.
     pub fn close(&self) {
         self.lock().closed = true;
         self.writer_wake.notify_one();
     }
 
-    /// Waits until everything pushed so far is written (or the writer failed).
+    /// Waits until everything pushed so far is written (or the writer failed). Flushes first.
     pub async fn flushed(&self) {
+        self.flush();
         loop {
             let notified = self.room_wake.notified();
             {
@@ -115,23 +211,125 @@ impl Outbox {
             notified.await;
         }
     }
+
+    /// The writer is done (closed or failed): nothing more will be written.
+    fn finish(&self, failed: bool) {
+        {
+            let mut st = self.lock();
+            st.failed = failed;
+            st.closed = true;
+            st.buf = BytesMut::new();
+            st.in_flight = 0;
+            // The last reference to a plain socket's write half goes with the writer's: dropping
+            // it shuts the write side down.
+            st.sock = None;
+        }
+        self.room_wake.notify_waiters();
+    }
+
+    /// Appends a heartbeat frame when nothing was written for `period`; returns when one is due
+    /// next.
+    fn heartbeat_due(&self, period: Duration) -> Instant {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if now.duration_since(st.last_write) >= period && st.buf.is_empty() {
+            codec::write_heartbeat(&mut st.buf);
+            return now + period;
+        }
+        st.last_write + period
+    }
 }
 
-/// Drains `outbox` into `sink` until the outbox is closed or a write fails.
-///
-/// When `heartbeat` is set, a heartbeat frame is written whenever nothing else was written for that
-/// long, which is exactly the AMQP rule ("any frame counts"), so a busy link never spends bytes on
-/// heartbeats and an idle one still proves it is alive.
-pub async fn run_writer<W>(
-    outbox: Arc<Outbox>,
-    mut sink: W,
+/// Waits for `notified` or until the next heartbeat is due, appending the heartbeat then.
+async fn idle_wait(
+    outbox: &Outbox,
+    notified: tokio::sync::futures::Notified<'_>,
     heartbeat: Option<Duration>,
-    written_bytes: Option<prometheus_client::metrics::counter::Counter>,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut spare = BytesMut::with_capacity(16 * 1024);
+) {
+    match heartbeat {
+        Some(period) => {
+            let due = {
+                let st = outbox.lock();
+                st.last_write + period
+            };
+            let due = tokio::time::Instant::from_std(due);
+            if tokio::time::timeout_at(due, notified).await.is_err() {
+                outbox.heartbeat_due(period);
+            }
+        }
+        None => notified.await,
+    }
+}
+
+/// The writer of a plain TCP socket: writes what [`Outbox::flush`] could not (the socket was
+/// full), heartbeats, and the final flush and shutdown after [`Outbox::close`].
+async fn run_direct(
+    outbox: Arc<Outbox>,
+    sock: Arc<OwnedWriteHalf>,
+    heartbeat: Option<Duration>,
+) -> io::Result<()> {
+    let result = loop {
+        let notified = outbox.writer_wake.notified();
+        let (closed, empty, error) = {
+            let mut st = outbox.lock();
+            let mut error = None;
+            let mut wrote = 0;
+            while !st.buf.is_empty() {
+                match sock.try_write(&st.buf) {
+                    Ok(0) => {
+                        error = Some(io::Error::from(io::ErrorKind::WriteZero));
+                        break;
+                    }
+                    Ok(n) => {
+                        st.buf.advance(n);
+                        wrote += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if wrote > 0 {
+                st.last_write = Instant::now();
+                if let Some(c) = &outbox.written_bytes {
+                    c.inc_by(wrote as u64);
+                }
+                if st.buf.is_empty() && st.buf.capacity() > KEEP_CAPACITY {
+                    st.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
+                }
+            }
+            (st.closed, st.buf.is_empty(), error)
+        };
+        if let Some(e) = error {
+            break Err(e);
+        }
+        // Room may have appeared, whether the bytes went here or in a flush.
+        outbox.room_wake.notify_waiters();
+        if !empty {
+            if let Err(e) = sock.writable().await {
+                break Err(e);
+            }
+            continue;
+        }
+        if closed {
+            break Ok(());
+        }
+        idle_wait(&outbox, notified, heartbeat).await;
+    };
+    outbox.finish(result.is_err());
+    drop(sock);
+    result
+}
+
+/// The writer of a TLS socket: swaps the filled buffer with a spare and writes it.
+async fn run_swapping(
+    outbox: Arc<Outbox>,
+    mut sink: WriteHalf,
+    heartbeat: Option<Duration>,
+) -> io::Result<()> {
+    let mut spare = BytesMut::with_capacity(INITIAL_CAPACITY);
     let result = loop {
         let notified = outbox.writer_wake.notified();
         let closed = {
@@ -146,38 +344,28 @@ where
             if closed {
                 break Ok(());
             }
-            match heartbeat {
-                Some(period) => {
-                    if tokio::time::timeout(period, notified).await.is_err() {
-                        codec::write_heartbeat(&mut outbox.lock().buf);
-                    }
-                }
-                None => notified.await,
-            }
+            idle_wait(&outbox, notified, heartbeat).await;
             continue;
         }
         let written = sink.write_all(&spare).await;
-        if let Some(c) = &written_bytes {
+        if let Some(c) = &outbox.written_bytes {
             c.inc_by(spare.len() as u64);
         }
         spare.clear();
         if spare.capacity() > KEEP_CAPACITY {
-            spare = BytesMut::with_capacity(16 * 1024);
+            spare = BytesMut::with_capacity(INITIAL_CAPACITY);
         }
-        outbox.lock().in_flight = 0;
+        {
+            let mut st = outbox.lock();
+            st.in_flight = 0;
+            st.last_write = Instant::now();
+        }
         outbox.room_wake.notify_waiters();
         if let Err(e) = written {
             break Err(e);
         }
     };
-    {
-        let mut st = outbox.lock();
-        st.failed = result.is_err();
-        st.closed = true;
-        st.buf = BytesMut::new();
-        st.in_flight = 0;
-    }
-    outbox.room_wake.notify_waiters();
+    outbox.finish(result.is_err());
     let _ = sink.shutdown().await;
     result
 }

@@ -1,19 +1,20 @@
 //! One AMQP connection to one node of a cluster.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tracing::debug;
 
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 use crate::config::NodeAddr;
+use crate::io::outbox::Writer;
 use crate::io::stream::{ReadHalf, Stream};
-use crate::io::{Assembler, Command, Outbox, run_writer};
+use crate::io::{Assembler, Command, Outbox};
 use crate::tls::ClientTls;
 
 /// Index of a link within one client session.
@@ -69,21 +70,10 @@ pub enum LinkDown {
     Protocol(String),
 }
 
-/// What a link reports to its session.
-#[derive(Debug)]
-pub enum LinkEvent {
-    /// Commands decoded from one read, in order.
-    Commands {
-        link: LinkId,
-        commands: Vec<Command>,
-    },
-    Down {
-        link: LinkId,
-        reason: LinkDown,
-    },
-}
-
-/// An open link. Dropping it aborts its tasks; close it politely first with connection.close.
+/// An open link. Dropping it aborts its writer; close it politely first with connection.close.
+///
+/// Its reading side, [`LinkReader`], is polled by the session that owns the link (no task of its
+/// own): a delivery or a confirm reaches the session without a cross-task hand-off.
 #[derive(Debug)]
 pub struct Link {
     pub id: LinkId,
@@ -94,13 +84,13 @@ pub struct Link {
     pub frame_max: usize,
     pub channel_max: u16,
     pub server_properties: FieldTable,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+    /// `None` once the session stopped reading it (the link failed over, or the socket ended).
+    pub reader: Option<LinkReader>,
+    writer: Writer,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.reader.abort();
         self.writer.abort();
     }
 }
@@ -123,15 +113,11 @@ impl Link {
 ///
 /// A refusal by the broker (credentials, vhost) is final: trying the other node would only repeat
 /// it. A node that refuses the TCP connection or does not answer in time is skipped.
-pub async fn connect(
-    id: LinkId,
-    spec: &LinkSpec,
-    events: mpsc::Sender<LinkEvent>,
-) -> Result<Link, ConnectError> {
+pub async fn connect(id: LinkId, spec: &LinkSpec) -> Result<Link, ConnectError> {
     let mut last = String::from("no nodes configured");
     for node in &spec.nodes {
         match tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await {
-            Ok(Ok(open)) => return Ok(spawn(id, spec, node.clone(), open, events)),
+            Ok(Ok(opened)) => return Ok(open(id, spec, node.clone(), opened)),
             Ok(Err(HandshakeError::Refused { code, text })) => {
                 return Err(ConnectError::Refused {
                     node: node.clone(),
@@ -317,34 +303,13 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     })
 }
 
-fn spawn(
-    id: LinkId,
-    spec: &LinkSpec,
-    node: NodeAddr,
-    open: Opened,
-    events: mpsc::Sender<LinkEvent>,
-) -> Link {
+fn open(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
     let (rd, wr) = open.stream.into_split();
-    let outbox = Outbox::new(spec.buffer_limit);
     let heartbeat = (open.heartbeat > 0).then(|| Duration::from_secs(u64::from(open.heartbeat)));
-    // Send at half the interval so the broker never sees a gap near its own deadline.
     let bytes_to = spec.metrics.as_ref().map(|m| m.bytes_to.clone());
     let bytes_from = spec.metrics.as_ref().map(|m| m.bytes_from.clone());
-    let writer = tokio::spawn({
-        let outbox = outbox.clone();
-        async move {
-            let _ = run_writer(outbox, wr, heartbeat.map(|h| h / 2), bytes_to).await;
-        }
-    });
-    let reader = tokio::spawn(read_loop(
-        id,
-        rd,
-        open.leftover,
-        open.frame_max,
-        heartbeat,
-        events,
-        bytes_from,
-    ));
+    // Send at half the interval so the broker never sees a gap near its own deadline.
+    let (outbox, writer) = Outbox::start(spec.buffer_limit, wr, heartbeat.map(|h| h / 2), bytes_to);
     Link {
         id,
         cluster: spec.cluster.clone(),
@@ -353,83 +318,95 @@ fn spawn(
         frame_max: open.frame_max,
         channel_max: open.channel_max,
         server_properties: open.server_properties,
-        reader,
+        reader: Some(LinkReader {
+            rd,
+            buf: open.leftover,
+            // The broker enforces its own max message size; the proxy only needs whole contents.
+            assembler: Assembler::new(u64::MAX),
+            frame_max: open.frame_max,
+            heartbeat,
+            last_seen: Instant::now(),
+            bytes_from,
+        }),
         writer,
     }
 }
 
-/// Reads frames from the broker, assembles commands and hands them to the session in batches.
+/// The reading side of a link: frames from the broker, assembled into commands.
 ///
-/// The channel to the session is bounded: when the session stops taking (its client reads
-/// slowly), this loop stops reading the socket and TCP pushes back on the broker.
-async fn read_loop(
-    id: LinkId,
-    mut rd: ReadHalf,
-    mut buf: BytesMut,
+/// The session polls it only while its client's outbox has room, so a slow client stops the
+/// proxy reading this socket and TCP pushes back on the broker.
+#[derive(Debug)]
+pub struct LinkReader {
+    rd: ReadHalf,
+    buf: BytesMut,
+    assembler: Assembler,
     frame_max: usize,
     heartbeat: Option<Duration>,
-    events: mpsc::Sender<LinkEvent>,
-    bytes_from: Option<prometheus_client::metrics::counter::Counter>,
-) {
-    // The broker enforces its own max message size; the proxy only needs whole contents.
-    let mut assembler = Assembler::new(u64::MAX);
-    let mut last_seen = Instant::now();
-    let reason = 'outer: loop {
-        let mut batch = Vec::new();
-        loop {
-            match codec::decode_frame(&mut buf, frame_max) {
-                Ok(Some(frame)) => {
-                    if frame.kind == FrameKind::Heartbeat {
-                        continue;
-                    }
-                    match assembler.push(frame) {
-                        Ok(Some(cmd)) => batch.push(cmd),
-                        Ok(None) => {}
-                        Err(e) => break 'outer LinkDown::Protocol(e.to_string()),
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => break 'outer LinkDown::Protocol(e.to_string()),
-            }
+    last_seen: Instant,
+    bytes_from: Option<Counter>,
+}
+
+impl LinkReader {
+    /// Reads once from the socket into the buffer; take the commands with
+    /// [`next_command`](Self::next_command).
+    pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LinkDown>> {
+        if self.buf.capacity() - self.buf.len() < 8 * 1024 {
+            self.buf.reserve(64 * 1024);
         }
-        if !batch.is_empty() {
-            if events
-                .send(LinkEvent::Commands {
-                    link: id,
-                    commands: batch,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-            // Time spent waiting for the session is not the broker's silence.
-            last_seen = Instant::now();
-        }
-        if buf.capacity() - buf.len() < 8 * 1024 {
-            buf.reserve(64 * 1024);
-        }
-        let read = match heartbeat {
-            Some(h) => {
-                match tokio::time::timeout_at(last_seen + 2 * h, rd.read_buf(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => break LinkDown::HeartbeatTimeout(2 * h),
-                }
-            }
-            None => rd.read_buf(&mut buf).await,
-        };
-        match read {
-            Ok(0) => break LinkDown::Eof,
-            Ok(n) => {
-                last_seen = Instant::now();
-                if let Some(c) = &bytes_from {
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.rd), cx, &mut self.buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkDown::Eof)),
+            Poll::Ready(Ok(n)) => {
+                self.last_seen = Instant::now();
+                if let Some(c) = &self.bytes_from {
                     c.inc_by(n as u64);
                 }
+                Poll::Ready(Ok(()))
             }
-            Err(e) => break LinkDown::Io(e.to_string()),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(LinkDown::Io(e.to_string()))),
         }
-    };
-    let _ = events.send(LinkEvent::Down { link: id, reason }).await;
+    }
+
+    /// The next whole command in what was read (heartbeats are skipped).
+    pub fn next_command(&mut self) -> Result<Option<Command>, LinkDown> {
+        loop {
+            let frame = match codec::decode_frame(&mut self.buf, self.frame_max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(LinkDown::Protocol(e.to_string())),
+            };
+            if frame.kind == FrameKind::Heartbeat {
+                continue;
+            }
+            match self.assembler.push(frame) {
+                Ok(Some(cmd)) => return Ok(Some(cmd)),
+                Ok(None) => {}
+                Err(e) => return Err(LinkDown::Protocol(e.to_string())),
+            }
+        }
+    }
+
+    /// Waits for the next command (for users without an event loop of their own).
+    pub async fn recv(&mut self) -> Result<Command, LinkDown> {
+        loop {
+            if let Some(cmd) = self.next_command()? {
+                return Ok(cmd);
+            }
+            std::future::poll_fn(|cx| self.poll_read(cx)).await?;
+        }
+    }
+
+    /// The broker has been silent for two heartbeat intervals.
+    pub fn heartbeat_missed(&self, now: Instant) -> Option<LinkDown> {
+        let h = self.heartbeat?;
+        (now.duration_since(self.last_seen) > 2 * h).then_some(LinkDown::HeartbeatTimeout(2 * h))
+    }
+
+    /// Time the session spent not reading is not the broker's silence.
+    pub fn not_reading(&mut self, now: Instant) {
+        self.last_seen = now;
+    }
 }
 
 /// The client properties sent upstream: the client's own, with the capabilities the proxy needs

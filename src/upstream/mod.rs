@@ -9,4 +9,4 @@
 pub mod link;
 pub mod probe;
 
-pub use link::{ConnectError, Link, LinkDown, LinkEvent, LinkId, LinkSpec};
+pub use link::{ConnectError, Link, LinkDown, LinkId, LinkReader, LinkSpec};

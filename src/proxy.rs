@@ -472,6 +472,37 @@ async fn open_stream(
     }
 }
 
+/// `limits.max_connections` as the semaphore of connection slots currently enforces it; a reload
+/// changes it for the next accepted connection.
+struct MaxConnections {
+    value: usize,
+    /// Slots still to take away after a reload lowered the limit while they were in use: taken
+    /// as connections close, so the open ones are never cut.
+    debt: usize,
+}
+
+impl MaxConnections {
+    fn new(value: usize) -> Self {
+        MaxConnections { value, debt: 0 }
+    }
+
+    /// Makes `slots` enforce `want`.
+    fn follow(&mut self, slots: &Semaphore, want: usize) {
+        if want > self.value {
+            let more = want - self.value;
+            let repaid = self.debt.min(more);
+            self.debt -= repaid;
+            slots.add_permits(more - repaid);
+        } else {
+            self.debt += self.value - want;
+        }
+        self.value = want;
+        if self.debt > 0 {
+            self.debt -= slots.forget_permits(self.debt);
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls_listener: Option<TcpListener>,
@@ -485,6 +516,7 @@ async fn accept_loop(
     // connection limits), but only this many at once; beyond that the socket is just closed.
     let refusals = Arc::new(Semaphore::new(64));
     let per_ip: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let mut max = MaxConnections::new(shared.config().limits.max_connections);
     loop {
         let (accepted, tls) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -501,6 +533,7 @@ async fn accept_loop(
             }
         };
         let config = shared.config();
+        max.follow(&limit, config.limits.max_connections);
         let per_ip_max = config.limits.max_connections_per_ip;
         let ip_ok = {
             let mut map = lock(&per_ip);
@@ -523,10 +556,7 @@ async fn accept_loop(
                 release_ip(&per_ip, peer.ip());
             }
             let reason = if ip_ok {
-                format!(
-                    "connection limit ({}) reached",
-                    config.limits.max_connections
-                )
+                format!("connection limit ({}) reached", max.value)
             } else {
                 format!(
                     "connection limit per client address ({per_ip_max}) reached for {}",

@@ -990,6 +990,64 @@ async fn post_routes_need_the_token() {
     p.stop().await;
 }
 
+/// `limits.max_connections` follows a reload: lowered below what is open, it closes nothing and
+/// refuses the next connection with 530 naming the limit in force; the slots of connections that
+/// close are taken away first; raised, it admits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_follows_a_reload() {
+    let (_, _, control) = three_clusters();
+    let limited = |n: usize| {
+        config_text(&control, 1).replacen(
+            "[[clusters]]",
+            &format!("[limits]\nmax_connections = {n}\n\n[[clusters]]"),
+            1,
+        )
+    };
+    let p = TestProxy::start("max-connections", &limited(3)).await;
+    let addr = p.handle.amqp_addr();
+    let reload = |n: usize| {
+        std::fs::write(&p.path, limited(n)).unwrap();
+        p.post("/reload", Some(TOKEN))
+    };
+    let refused = |n: usize| async move {
+        let text = match support::try_connect(addr, |_| {}).await {
+            Ok(_) => panic!("a connection over the limit ({n}) must be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            text.contains("530") && text.contains(&format!("connection limit ({n}) reached")),
+            "refused with the limit in force ({n}): {text}"
+        );
+    };
+    let a = support::connect(addr).await;
+    let b = support::connect(addr).await;
+
+    assert_eq!(reload(1).await.status, 200);
+    refused(1).await;
+    assert!(
+        a.is_open() && b.is_open(),
+        "lowering the limit closes nothing"
+    );
+
+    // Two slots are in use and one is allowed: the first slot freed is taken away.
+    support::close_connection(a).await;
+    support::close_connection(b).await;
+    let c = support::eventually("a connection once both closed", || async {
+        support::try_connect(addr, |_| {}).await.ok()
+    })
+    .await;
+    refused(1).await;
+
+    assert_eq!(reload(3).await.status, 200);
+    let d = support::connect(addr).await;
+    let e = support::connect(addr).await;
+    refused(3).await;
+    for conn in [c, d, e] {
+        support::close_connection(conn).await;
+    }
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_marks_the_cluster_draining() {
     let p = TestProxy::standard("drain").await;

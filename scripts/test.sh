@@ -187,6 +187,11 @@ if want rust && [ ! -x /usr/bin/chromium ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
         { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 fi
+if want rust && ! command -v systemd-analyze >/dev/null 2>&1; then
+    # tests/systemd.rs checks deploy/systemd/warren.service with `systemd-analyze verify`.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd ||
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd; }
+fi
 if want python || want celery || want reload || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi

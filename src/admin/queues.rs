@@ -129,7 +129,7 @@ async fn ask_cluster(
         metrics: None,
         tls: cluster.tls.clone(),
     };
-    let link = match tokio::time::timeout_at(deadline, link::connect(0, &spec)).await {
+    let link = match tokio::time::timeout_at(deadline, link::connect(&spec)).await {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => return vec![Depth::Error(e.to_string()); names.len()],
         Err(_) => return vec![Depth::Error("no answer in time".into()); names.len()],

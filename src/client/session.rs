@@ -251,7 +251,7 @@ async fn open_links(
             tls: cluster.tls.clone(),
             ..base.clone()
         };
-        tasks.spawn(async move { (i, upstream::link::connect(i, &spec).await) });
+        tasks.spawn(async move { (i, upstream::link::connect(&spec).await) });
     }
     let mut opened: Vec<Option<Link>> = (0..clusters.len()).map(|_| None).collect();
     let mut refusal = None;
@@ -1227,9 +1227,8 @@ impl Session {
             ..self.base_spec.clone()
         };
         let (opened, cluster) = (self.opened_tx.clone(), cluster.clone());
-        let id = self.links.len();
         tokio::spawn(async move {
-            let result = upstream::link::connect(id, &spec).await;
+            let result = upstream::link::connect(&spec).await;
             let _ = opened.send(Opened { cluster, result }).await;
         });
     }

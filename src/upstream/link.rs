@@ -76,7 +76,6 @@ pub enum LinkDown {
 /// own): a delivery or a confirm reaches the session without a cross-task hand-off.
 #[derive(Debug)]
 pub struct Link {
-    pub id: LinkId,
     pub cluster: Arc<str>,
     pub node: NodeAddr,
     pub outbox: Arc<Outbox>,
@@ -113,11 +112,11 @@ impl Link {
 ///
 /// A refusal by the broker (credentials, vhost) is final: trying the other node would only repeat
 /// it. A node that refuses the TCP connection or does not answer in time is skipped.
-pub async fn connect(id: LinkId, spec: &LinkSpec) -> Result<Link, ConnectError> {
+pub async fn connect(spec: &LinkSpec) -> Result<Link, ConnectError> {
     let mut last = String::from("no nodes configured");
     for node in &spec.nodes {
         match tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await {
-            Ok(Ok(opened)) => return Ok(open(id, spec, node.clone(), opened)),
+            Ok(Ok(opened)) => return Ok(open(spec, node.clone(), opened)),
             Ok(Err(HandshakeError::Refused { code, text })) => {
                 return Err(ConnectError::Refused {
                     node: node.clone(),
@@ -303,7 +302,7 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     })
 }
 
-fn open(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
+fn open(spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
     let (rd, wr) = open.stream.into_split();
     let heartbeat = (open.heartbeat > 0).then(|| Duration::from_secs(u64::from(open.heartbeat)));
     let bytes_to = spec.metrics.as_ref().map(|m| m.bytes_to.clone());
@@ -311,7 +310,6 @@ fn open(id: LinkId, spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
     // Send at half the interval so the broker never sees a gap near its own deadline.
     let (outbox, writer) = Outbox::start(spec.buffer_limit, wr, heartbeat.map(|h| h / 2), bytes_to);
     Link {
-        id,
         cluster: spec.cluster.clone(),
         node,
         outbox,

@@ -369,3 +369,125 @@ async fn run_swapping(
     let _ = sink.shutdown().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::stream::Stream;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    const HEARTBEAT: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, 0xCE];
+
+    /// An outbox on one end of a loopback connection, and the other end.
+    async fn pair(limit: usize, heartbeat: Option<Duration>) -> (Arc<Outbox>, Writer, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_rd, wr) = Stream::Plain(ours.unwrap()).into_split();
+        // The read half is dropped: only writing is under test (the socket stays open).
+        let (outbox, writer) = Outbox::start(limit, wr, heartbeat, None);
+        (outbox, writer, theirs.unwrap().0)
+    }
+
+    fn numbered(from: u32, n: u32) -> Vec<u8> {
+        (from..from + n).flat_map(u32::to_be_bytes).collect()
+    }
+
+    #[tokio::test]
+    async fn flush_sends_what_was_pushed_in_order() {
+        let (outbox, _writer, mut peer) = pair(1 << 20, None).await;
+        outbox.push(|b| b.extend_from_slice(b"one "));
+        outbox.push(|b| b.extend_from_slice(b"two"));
+        assert_eq!(outbox.pending(), 7, "nothing leaves before the flush");
+        outbox.flush();
+        let mut got = [0u8; 7];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"one two");
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    /// A peer that does not read: the socket fills, the rest waits in the outbox (counted
+    /// against the limit, so the producer stops), and everything arrives in order once the
+    /// peer reads, written by the writer task without another flush.
+    #[tokio::test]
+    async fn a_full_socket_leaves_the_rest_to_the_writer() {
+        let limit = 256 * 1024;
+        let (outbox, _writer, mut peer) = pair(limit, None).await;
+        let mut sent = 0u32;
+        let chunk = 16 * 1024;
+        // Until the socket buffers are full and the limit is reached (capped in case the
+        // kernel takes everything: then the test would prove nothing, and fails below).
+        while outbox.has_room() && sent < 64 * 1024 * 1024 / 4 {
+            let bytes = numbered(sent, chunk);
+            outbox.push(|b| b.extend_from_slice(&bytes));
+            outbox.flush();
+            sent += chunk;
+        }
+        assert!(!outbox.has_room(), "the limit stops the producer");
+        assert!(outbox.pending() >= limit);
+        let mut got = vec![0u8; sent as usize * 4];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
+            .await
+            .expect("the writer task writes the rest")
+            .unwrap();
+        assert_eq!(
+            got,
+            numbered(0, sent),
+            "bytes in order, none lost or repeated"
+        );
+        tokio::time::timeout(Duration::from_secs(5), outbox.room())
+            .await
+            .expect("room once written");
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_only_when_quiet() {
+        let period = Duration::from_millis(100);
+        let (outbox, _writer, mut peer) = pair(1 << 20, Some(period)).await;
+        // Busy: a frame every 30 ms for 600 ms, written by the flushes themselves.
+        let data = [1u8, 0, 1, 0, 0, 0, 0, 0xCE];
+        for _ in 0..20 {
+            outbox.push(|b| b.extend_from_slice(&data));
+            outbox.flush();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut got = vec![0u8; 20 * 8];
+        peer.read_exact(&mut got).await.unwrap();
+        assert!(
+            got.chunks(8).all(|f| f == data),
+            "no heartbeat while the socket is busy"
+        );
+        // Quiet: heartbeats at about the period.
+        let mut hb = [0u8; 8];
+        let started = Instant::now();
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(2), peer.read_exact(&mut hb))
+                .await
+                .expect("a heartbeat when quiet")
+                .unwrap();
+            assert_eq!(hb, HEARTBEAT);
+        }
+        assert!(started.elapsed() >= period * 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn close_writes_the_rest_then_shuts_down() {
+        let (outbox, writer, mut peer) = pair(1 << 20, None).await;
+        outbox.push(|b| b.extend_from_slice(b"last words"));
+        outbox.close();
+        outbox.push(|b| b.extend_from_slice(b" (dropped)"));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got))
+            .await
+            .expect("EOF after the close")
+            .unwrap();
+        assert_eq!(got, b"last words");
+        assert!(writer.await.unwrap().is_ok());
+        assert!(
+            outbox.has_room(),
+            "a finished outbox never blocks its producer"
+        );
+    }
+}

@@ -56,6 +56,9 @@ from collections import Counter
 
 import amqp
 
+import warren_admin
+from warren_admin import eventually, free_port, strip_ansi
+
 T0 = time.monotonic()
 
 
@@ -75,14 +78,6 @@ class Checks:
     @property
     def failed(self) -> list[tuple[bool, str, str]]:
         return [c for c in self.items if not c[0]]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 TOKEN = "reload-e2e-" + uuid.uuid4().hex[:12]
@@ -135,32 +130,18 @@ class Proxy:
                 return e.code, {"raw": body}
 
     def clusters(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/clusters", timeout=5) as r:
-            return json.loads(r.read().decode())
+        return json.loads(warren_admin.admin_get(self.admin, "/clusters"))
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5).read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            try:
-                k, v = line.rsplit(" ", 1)
-                out[k] = float(v)
-            except ValueError:
-                continue
-        return out
+        return warren_admin.metrics(self.admin)
 
     def metric(self, name: str, **labels: str) -> float:
-        key = name
-        if labels:
-            key += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-        return self.metrics().get(key, 0.0)
+        return warren_admin.metric(self.admin, name, **labels)
 
     def log_text(self) -> str:
         self.logf.flush()
         with open(self.log_path, errors="replace") as f:
-            return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+            return strip_ansi(f.read())
 
     def stop(self) -> int:
         if self.proc.poll() is not None:
@@ -182,19 +163,6 @@ def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"port {port} did not open")
-
-
-def eventually(check, timeout: float, interval: float = 0.2) -> bool:
-    end = time.time() + timeout
-    while True:
-        try:
-            if check():
-                return True
-        except Exception:  # noqa: BLE001 - a failing probe is "not yet"
-            pass
-        if time.time() >= end:
-            return False
-        time.sleep(interval)
 
 
 class Producer(threading.Thread):

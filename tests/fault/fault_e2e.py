@@ -66,14 +66,17 @@ import tempfile
 import threading
 import time
 import traceback
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 
 import amqp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# warren_admin (admin endpoint, /metrics) is shared with tests/e2e/reload_e2e.py.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e"))
 import rawamqp as raw  # noqa: E402
+import warren_admin  # noqa: E402
+from warren_admin import eventually, free_port, strip_ansi  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RABBIT_SH = os.path.join(REPO, "scripts", "rabbit.sh")
@@ -90,26 +93,12 @@ def rand_id(n: int = 6) -> str:
     return "".join(random.choice(string.ascii_lowercase + string.digits) for _ in range(n))
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def wait_for(what: str, check, timeout: float, interval: float = 0.25) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return True
-        except Exception:  # noqa: BLE001 - a failing probe is "not yet"
-            pass
-        if time.monotonic() >= end:
-            log(f"timed out after {timeout:.0f}s waiting for: {what}")
-            return False
-        time.sleep(interval)
+    """`eventually`, saying in the log what it gave up waiting for."""
+    if eventually(check, timeout, interval):
+        return True
+    log(f"timed out after {timeout:.0f}s waiting for: {what}")
+    return False
 
 
 # =============================================================================================
@@ -281,23 +270,10 @@ class Proxy:
         return self.proc.poll() is None
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5).read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            try:
-                k, v = line.rsplit(" ", 1)
-                out[k] = float(v)
-            except ValueError:
-                continue
-        return out
+        return warren_admin.metrics(self.admin)
 
     def metric(self, name: str, **labels: str) -> float:
-        key = name
-        if labels:
-            key += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-        return self.metrics().get(key, 0.0)
+        return warren_admin.metric(self.admin, name, **labels)
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -320,10 +296,6 @@ class Proxy:
                 self.proc.kill()
                 self.proc.wait()
         self.logf.close()
-
-
-def strip_ansi(s: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", s)
 
 
 # =============================================================================================
@@ -360,13 +332,8 @@ class Producer(threading.Thread):
             self.connected.set()
             if self.gate is not None:
                 self.gate.wait()
-            pad = "x" * max(0, self.size - len(self.prefix) - 12)
-            start = time.monotonic()
-            for i in range(self.count):
-                if self.rate > 0:
-                    ahead = start + i / self.rate - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+            pad = self.padding()
+            for i in self.paced():
                 mid = f"{self.prefix}-{i}"
                 self.attempted.append(mid)
                 self.sent_at.append(time.time())
@@ -382,6 +349,21 @@ class Producer(threading.Thread):
         finally:
             self.connected.set()
             self.done.set()
+
+    def padding(self) -> str:
+        """Filler after "<id>|" so that a body is about `size` bytes."""
+        return "x" * max(0, self.size - len(self.prefix) - 12)
+
+    def paced(self):
+        """0 .. count-1, each no earlier than its slot at `rate` a second from the first (0: no
+        pacing); a late publish does not push the later ones back."""
+        start = time.monotonic()
+        for i in range(self.count):
+            if self.rate > 0:
+                ahead = start + i / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            yield i
 
     def blocked_for(self) -> float:
         s = self.inflight_since
@@ -426,13 +408,8 @@ class PipelinedProducer(Producer):
             ch.events["basic_nack"].add(lambda tag, multiple: settle(tag, multiple, False))
             ch.confirm_select()
             self.connected.set()
-            pad = "x" * max(0, self.size - len(self.prefix) - 12)
-            start = time.monotonic()
-            for i in range(self.count):
-                if self.rate > 0:
-                    ahead = start + i / self.rate - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+            pad = self.padding()
+            for i in self.paced():
                 self.inflight_since = time.monotonic() if len(outstanding) >= self.window else None
                 while len(outstanding) >= self.window:
                     try:

@@ -753,6 +753,11 @@ impl Session {
         let mut was_reading = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires at the earliest time a link may have missed its heartbeats. Reset only when it
+        // fires (and by the tick, for links opened since), not on every read: the deadlines move
+        // with every byte, and the check at firing time sees where they are now.
+        let link_silence = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(link_silence);
         // Frames pipelined behind connection.open are handled first.
         if !rbuf.is_empty() {
             self.on_client_bytes(&mut rbuf, &mut assembler);
@@ -815,8 +820,16 @@ impl Session {
                     let config = config_rx.borrow_and_update().clone();
                     self.apply_config(&config);
                 }
+                _ = &mut link_silence => {
+                    self.check_link_heartbeats();
+                    link_silence.as_mut().reset(self.next_link_silence());
+                }
                 _ = tick.tick() => {
                     self.check_link_heartbeats();
+                    let next = self.next_link_silence();
+                    if next < link_silence.deadline() {
+                        link_silence.as_mut().reset(next);
+                    }
                     self.retire_quiet_links();
                     self.ensure_links();
                     self.check_no_shard();
@@ -2271,6 +2284,20 @@ impl Session {
                 self.links[link].link.reader = None;
                 self.on_link_down(link, reason);
             }
+        }
+    }
+
+    /// The earliest time a link may have been silent for two heartbeat intervals (an hour away
+    /// when no link has heartbeats).
+    fn next_link_silence(&self) -> tokio::time::Instant {
+        let earliest = self
+            .links
+            .iter()
+            .filter_map(|s| s.link.reader.as_ref()?.heartbeat_deadline())
+            .min();
+        match earliest {
+            Some(at) => tokio::time::Instant::from_std(at),
+            None => tokio::time::Instant::now() + Duration::from_secs(3600),
         }
     }
 

@@ -398,7 +398,12 @@ impl LinkReader {
     /// The broker has been silent for two heartbeat intervals.
     pub fn heartbeat_missed(&self, now: Instant) -> Option<LinkDown> {
         let h = self.heartbeat?;
-        (now.duration_since(self.last_seen) > 2 * h).then_some(LinkDown::HeartbeatTimeout(2 * h))
+        (now.duration_since(self.last_seen) >= 2 * h).then_some(LinkDown::HeartbeatTimeout(2 * h))
+    }
+
+    /// When the broker will have been silent for two heartbeat intervals, unless it speaks.
+    pub fn heartbeat_deadline(&self) -> Option<Instant> {
+        self.heartbeat.map(|h| self.last_seen + 2 * h)
     }
 
     /// Time the session spent not reading is not the broker's silence.

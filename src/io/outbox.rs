@@ -73,15 +73,31 @@ impl Outbox {
         heartbeat: Option<Duration>,
         written_bytes: Option<Counter>,
     ) -> (Arc<Outbox>, Writer) {
-        let (sock, tls) = match sink {
-            WriteHalf::Plain(w) => (Some(Arc::new(w)), None),
-            WriteHalf::Tls(w) => (None, Some(w)),
-        };
-        let outbox = Arc::new(Outbox {
+        match sink {
+            WriteHalf::Plain(w) => {
+                let sock = Arc::new(w);
+                let outbox = Outbox::new(limit, Some(sock.clone()), written_bytes);
+                let writer = tokio::spawn(run_direct(outbox.clone(), sock, heartbeat));
+                (outbox, writer)
+            }
+            tls @ WriteHalf::Tls(_) => {
+                let outbox = Outbox::new(limit, None, written_bytes);
+                let writer = tokio::spawn(run_swapping(outbox.clone(), tls, heartbeat));
+                (outbox, writer)
+            }
+        }
+    }
+
+    fn new(
+        limit: usize,
+        sock: Option<Arc<OwnedWriteHalf>>,
+        written_bytes: Option<Counter>,
+    ) -> Arc<Outbox> {
+        Arc::new(Outbox {
             state: Mutex::new(State {
                 buf: BytesMut::with_capacity(INITIAL_CAPACITY),
                 in_flight: 0,
-                sock: sock.clone(),
+                sock,
                 last_write: Instant::now(),
                 closed: false,
                 failed: false,
@@ -90,15 +106,7 @@ impl Outbox {
             room_wake: Notify::new(),
             limit: limit.max(codec::FRAME_MIN_SIZE as usize),
             written_bytes,
-        });
-        let writer = match (sock, tls) {
-            (Some(sock), _) => tokio::spawn(run_direct(outbox.clone(), sock, heartbeat)),
-            (None, Some(tls)) => {
-                tokio::spawn(run_swapping(outbox.clone(), WriteHalf::Tls(tls), heartbeat))
-            }
-            (None, None) => unreachable!("a write half is plain or TLS"),
-        };
-        (outbox, writer)
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -135,36 +143,29 @@ impl Outbox {
     /// Writes as much of the buffer as the socket takes without blocking; true when all of it
     /// went. Errors are left for the writer task to meet and report.
     fn write_direct(&self, st: &mut State) -> bool {
-        let Some(sock) = st.sock.as_ref() else {
-            return false;
-        };
         if st.failed {
             return false;
         }
-        let mut wrote = 0;
-        while !st.buf.is_empty() {
-            match sock.try_write(&st.buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    st.buf.advance(n);
-                    wrote += n;
-                }
-                Err(_) => break,
-            }
+        let State { buf, sock, .. } = st;
+        let Some(sock) = sock.as_deref() else {
+            return false;
+        };
+        let (wrote, _) = write_nonblocking(buf, sock);
+        self.wrote(st, wrote);
+        st.buf.is_empty()
+    }
+
+    /// Accounts for `n` bytes just written from the buffer.
+    fn wrote(&self, st: &mut State, n: usize) {
+        if n == 0 {
+            return;
         }
-        if wrote > 0 {
-            st.last_write = Instant::now();
-            if let Some(c) = &self.written_bytes {
-                c.inc_by(wrote as u64);
-            }
+        st.last_write = Instant::now();
+        if let Some(c) = &self.written_bytes {
+            c.inc_by(n as u64);
         }
-        if st.buf.is_empty() {
-            if st.buf.capacity() > KEEP_CAPACITY {
-                st.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
-            }
-            true
-        } else {
-            false
+        if st.buf.is_empty() && st.buf.capacity() > KEEP_CAPACITY {
+            st.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
         }
     }
 
@@ -240,6 +241,24 @@ impl Outbox {
     }
 }
 
+/// Writes from the front of `buf` what `sock` takes without blocking, and drops it from `buf`.
+/// Returns the bytes written, and the error that stopped it (a full socket is not one).
+fn write_nonblocking(buf: &mut BytesMut, sock: &OwnedWriteHalf) -> (usize, io::Result<()>) {
+    let mut wrote = 0;
+    while !buf.is_empty() {
+        match sock.try_write(buf) {
+            Ok(0) => return (wrote, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                buf.advance(n);
+                wrote += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return (wrote, Err(e)),
+        }
+    }
+    (wrote, Ok(()))
+}
+
 /// Waits for `notified` or until the next heartbeat is due, appending the heartbeat then.
 async fn idle_wait(
     outbox: &Outbox,
@@ -272,35 +291,9 @@ async fn run_direct(
         let notified = outbox.writer_wake.notified();
         let (closed, empty, error) = {
             let mut st = outbox.lock();
-            let mut error = None;
-            let mut wrote = 0;
-            while !st.buf.is_empty() {
-                match sock.try_write(&st.buf) {
-                    Ok(0) => {
-                        error = Some(io::Error::from(io::ErrorKind::WriteZero));
-                        break;
-                    }
-                    Ok(n) => {
-                        st.buf.advance(n);
-                        wrote += n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        error = Some(e);
-                        break;
-                    }
-                }
-            }
-            if wrote > 0 {
-                st.last_write = Instant::now();
-                if let Some(c) = &outbox.written_bytes {
-                    c.inc_by(wrote as u64);
-                }
-                if st.buf.is_empty() && st.buf.capacity() > KEEP_CAPACITY {
-                    st.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
-                }
-            }
-            (st.closed, st.buf.is_empty(), error)
+            let (wrote, result) = write_nonblocking(&mut st.buf, &sock);
+            outbox.wrote(&mut st, wrote);
+            (st.closed, st.buf.is_empty(), result.err())
         };
         if let Some(e) = error {
             break Err(e);

@@ -1,0 +1,495 @@
+//! What a client sends on its channels: each method's destination (`route.rs` decides control
+//! or sharded), fan-out of synchronous methods to their links, acks mapped to upstream tags, and
+//! the channel closes the proxy itself answers with.
+
+use super::*;
+
+impl Session {
+    pub(super) fn on_client_command(&mut self, cmd: Command) -> Result<(), ConnError> {
+        let Command {
+            channel: ch,
+            method,
+            content,
+        } = cmd;
+        if let Some(closing) = &self.closing {
+            match (closing, &method) {
+                (Closing::ByProxy { .. }, Method::ConnectionCloseOk(_)) => {
+                    self.end = Some(match closing {
+                        Closing::ByProxy { reason, .. } => reason.clone(),
+                        Closing::ByClient { .. } => String::new(),
+                    });
+                }
+                (Closing::ByProxy { .. }, Method::ConnectionClose(_)) => {
+                    self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+                    self.end = Some("connection closed by both sides".into());
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if ch == 0 {
+            return self.on_client_connection_method(method);
+        }
+        if ch > self.channel_max {
+            // RabbitMQ's answer to a channel beyond channel_max.
+            return Err(ConnError::new(
+                530,
+                format!(
+                    "number of channels opened ({ch}) has reached the negotiated channel_max ({})",
+                    self.channel_max
+                ),
+            )
+            .on(&method));
+        }
+        if let Method::ChannelOpen(_) = method {
+            return self.open_channel(ch, &method);
+        }
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
+        };
+        match channel.state {
+            ChannelState::AwaitingCloseOk => {
+                match method {
+                    Method::ChannelCloseOk(_) => self.free_channel(ch),
+                    Method::ChannelClose(_) => {
+                        self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
+                        self.free_channel(ch);
+                    }
+                    _ => {}
+                }
+                return Ok(());
+            }
+            ChannelState::ClientClosing => return Ok(()),
+            ChannelState::Opening | ChannelState::Open => {}
+        }
+        match method {
+            Method::BasicPublish(ref p) => {
+                // Producers publish to the same destination over and over: remember the last
+                // classification instead of matching the patterns for every message.
+                let class = match &self.last_route {
+                    Some((x, k, c)) if *x == p.exchange && *k == p.routing_key => *c,
+                    _ => {
+                        let c = self
+                            .rules
+                            .publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
+                        self.last_route = Some((p.exchange.clone(), p.routing_key.clone(), c));
+                        c
+                    }
+                };
+                // The assembler only completes a publish together with its content.
+                if let Some(content) = content {
+                    self.publish(ch, class, &method, &content);
+                }
+            }
+            Method::BasicAck(ref a) => {
+                self.ack(ch, a.delivery_tag, a.multiple, &method, |t, m| {
+                    Method::BasicAck(codec::BasicAck {
+                        delivery_tag: t,
+                        multiple: m,
+                    })
+                });
+            }
+            Method::BasicNack(ref n) => {
+                let requeue = n.requeue;
+                self.ack(ch, n.delivery_tag, n.multiple, &method, |t, m| {
+                    Method::BasicNack(codec::BasicNack {
+                        delivery_tag: t,
+                        multiple: m,
+                        requeue,
+                    })
+                });
+            }
+            Method::BasicReject(ref r) => {
+                let requeue = r.requeue;
+                self.ack(ch, r.delivery_tag, false, &method, |t, _| {
+                    Method::BasicReject(codec::BasicReject {
+                        delivery_tag: t,
+                        requeue,
+                    })
+                });
+            }
+            Method::ChannelClose(_) => {
+                if let Some(channel) = self.channel_mut(ch) {
+                    channel.state = ChannelState::ClientClosing;
+                    channel.rpcs.clear();
+                }
+                let mut waiting = false;
+                for slot in &mut self.links {
+                    waiting |= slot.close_chan(ch, &method);
+                }
+                if !waiting {
+                    self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
+                    self.free_channel(ch);
+                }
+            }
+            Method::ChannelCloseOk(_) => {}
+            Method::BasicConsume(mut c) => {
+                if c.consumer_tag.is_empty() {
+                    // Generated here, not by a broker, so the tag is the same on every cluster.
+                    self.next_ctag += 1;
+                    c.consumer_tag = ShortStr::try_from(format!(
+                        "amq.ctag-warren-{}-{}",
+                        self.id, self.next_ctag
+                    ))
+                    .unwrap_or_default();
+                }
+                let class = self.rules.queue(c.queue.as_bytes());
+                let targets = self.targets(class);
+                let consumer = Consumer {
+                    tag: c.consumer_tag.clone(),
+                    no_ack: c.no_ack,
+                    links: targets,
+                    request: Some(c.clone()),
+                    class,
+                    // A broker sends consume-ok before any delivery; with several clusters the
+                    // first one may deliver before the last one answers, so deliveries wait.
+                    ready: c.nowait,
+                };
+                if let Some(channel) = self.channel_mut(ch) {
+                    channel.consumers.push(consumer);
+                }
+                self.fan_out(ch, &Method::BasicConsume(c), targets)?;
+            }
+            Method::BasicCancel(ref c) => {
+                let channel = self.channel_mut(ch).expect("checked above");
+                let mut targets = channel
+                    .consumer_mut(&c.consumer_tag)
+                    .map(|k| k.links)
+                    .unwrap_or_default();
+                if c.nowait {
+                    channel.remove_consumer(&c.consumer_tag);
+                }
+                if targets.is_empty() {
+                    // Unknown tag: a broker answers cancel-ok anyway; let one do so.
+                    targets = self
+                        .live_links()
+                        .first()
+                        .map(LinkSet::one)
+                        .unwrap_or_default();
+                }
+                self.fan_out(ch, &method, targets)?;
+            }
+            Method::BasicGet(ref g) => {
+                channel.get_no_ack = Some(g.no_ack);
+                let class = self.rules.queue(g.queue.as_bytes());
+                self.get(ch, &method, class)?;
+            }
+            Method::BasicQos(q) => {
+                channel.qos = Some(q.clone());
+                let targets = self.live_links();
+                let id = self
+                    .channel_mut(ch)
+                    .expect("checked above")
+                    .push_rpc(targets.len(), Vec::new());
+                self.send_qos(ch, &q, Pending::Rpc(id), None);
+            }
+            Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
+                // The brokers redeliver everything unacknowledged with new tags.
+                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+                self.fan_out(ch, &method, self.live_links())?;
+            }
+            Method::ConfirmSelect(_) => {
+                if !channel.tx && channel.confirms.is_none() {
+                    channel.confirms = Some(Default::default());
+                }
+                let targets = self.live_links();
+                for link in targets.iter() {
+                    self.links[link].chan(ch).confirm_mode = true;
+                }
+                self.fan_out(ch, &method, targets)?;
+            }
+            Method::TxSelect(_) => {
+                channel.tx = true;
+                self.fan_out(ch, &method, self.live_links())?;
+            }
+            Method::TxCommit(_) | Method::TxRollback(_) => self.end_transaction(ch, &method)?,
+            Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
+                self.fan_out(ch, &method, self.live_links())?
+            }
+            Method::ExchangeDeclare(_)
+            | Method::ExchangeDelete(_)
+            | Method::ExchangeBind(_)
+            | Method::ExchangeUnbind(_)
+            | Method::QueueDeclare(_)
+            | Method::QueueBind(_)
+            | Method::QueueUnbind(_)
+            | Method::QueueDelete(_) => {
+                let class = self.rules.topology(&method).unwrap_or(Class::Sharded);
+                let t = self.targets(class);
+                self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
+            }
+            Method::QueuePurge(ref x) => {
+                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
+                self.fan_out(ch, &method, t)?;
+            }
+            // Anything else a client may send on a channel is for the broker to judge.
+            other => {
+                let t = self
+                    .shard_links()
+                    .first()
+                    .map(LinkSet::one)
+                    .unwrap_or_default();
+                match content {
+                    Some(content) => {
+                        if let Some(link) = t.first() {
+                            self.links[link].send_content(ch, &other, &content);
+                        }
+                    }
+                    None => self.fan_out(ch, &other, t)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn open_channel(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let i = usize::from(ch);
+        if self.channels.len() <= i {
+            self.channels.resize_with(i + 1, || None);
+        }
+        if self.channels[i].is_some() {
+            return Err(ConnError::new(504, "second 'channel.open' seen").on(method));
+        }
+        let targets = self.live_links();
+        let mut channel = Channel::new();
+        let id = channel.push_rpc(targets.len(), Vec::new());
+        self.channels[i] = Some(channel);
+        self.metrics.channels.inc();
+        for link in targets.iter() {
+            self.links[link].open(ch, Pending::Rpc(id));
+        }
+        for link in 0..self.links.len() {
+            if self.links[link].needs_topology && self.links[link].live() {
+                self.replay_topology(link, ch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a method to every target link; a synchronous one becomes an [`Rpc`] whose merged
+    /// reply goes to the client once every target has answered.
+    pub(super) fn fan_out(
+        &mut self,
+        ch: u16,
+        method: &Method,
+        targets: LinkSet,
+    ) -> Result<(), ConnError> {
+        if targets.is_empty() {
+            let text = format!("no cluster available for {}", method.name());
+            self.close_channel(ch, 541, &format!("INTERNAL_ERROR - {text}"), method);
+            return Ok(());
+        }
+        if expects_reply(method) {
+            let Some(channel) = self.channel_mut(ch) else {
+                return Ok(());
+            };
+            let id = channel.push_rpc(targets.len(), Vec::new());
+            for link in targets.iter() {
+                self.links[link].request(ch, method, Pending::Rpc(id));
+            }
+        } else {
+            for link in targets.iter() {
+                self.links[link].send(ch, method);
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`fan_out`](Self::fan_out), and a sharded topology change is remembered once every
+    /// cluster accepted it, to be replayed on clusters added later.
+    pub(super) fn fan_out_topology(
+        &mut self,
+        ch: u16,
+        method: &Method,
+        targets: LinkSet,
+        sharded: bool,
+    ) -> Result<(), ConnError> {
+        let passive = match method {
+            Method::ExchangeDeclare(x) => x.passive,
+            // Server-named queues cannot be declared again by name (`amq.` is reserved).
+            Method::QueueDeclare(x) => x.passive || x.queue.is_empty(),
+            _ => false,
+        };
+        let class = if sharded {
+            Class::Sharded
+        } else {
+            Class::Control
+        };
+        let record = !passive && !targets.is_empty();
+        if record && !expects_reply(method) {
+            self.record_topology(class, method.clone());
+        }
+        self.fan_out(ch, method, targets)?;
+        if record
+            && expects_reply(method)
+            && let Some(channel) = self.channel_mut(ch)
+            && let Some(rpc) = channel.rpcs.back_mut()
+        {
+            rpc.on_success = Some((class, method.clone()));
+        }
+        Ok(())
+    }
+
+    /// Updates the replay logs with a topology change every cluster accepted: this session's
+    /// own, and the proxy's shared one for sharded, non-exclusive entries.
+    pub(super) fn record_topology(&mut self, class: Class, method: Method) {
+        match &method {
+            Method::QueueDeclare(x) if class == Class::Sharded && !x.queue.is_empty() => {
+                self.shared.note_queue(&self.vhost, &x.queue.as_str());
+            }
+            Method::QueueDelete(x) if class == Class::Sharded => {
+                self.shared.forget_queue(&self.vhost, &x.queue.as_str())
+            }
+            _ => {}
+        }
+        if class == Class::Sharded && self.topology.shareable(&method) {
+            self.shared.record_topology(&self.vhost, method.clone());
+        }
+        self.topology.record(class, method);
+    }
+
+    /// Sends the client's qos to every link of the channel, the window split over the shard
+    /// clusters so the client never holds more than it asked for (see docs/routing.md); a control
+    /// consumer gets the whole window.
+    pub(super) fn send_qos(
+        &mut self,
+        ch: u16,
+        q: &codec::BasicQos,
+        pending: Pending,
+        replay_on: Option<LinkId>,
+    ) {
+        let shards: Vec<LinkId> = self.shard_links().iter().collect();
+        let n = shards.len() as u32;
+        for link in self.live_links().iter() {
+            let share = match shards.iter().position(|&s| s == link) {
+                Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
+                None => q.prefetch_count,
+            };
+            let m = Method::BasicQos(codec::BasicQos {
+                prefetch_count: share,
+                ..q.clone()
+            });
+            if Some(link) == replay_on {
+                self.links[link].replay(ch, &m);
+            } else {
+                self.links[link].request(ch, &m, pending);
+            }
+        }
+    }
+
+    /// basic.get: a control queue lives on one cluster; a sharded queue is tried cluster by
+    /// cluster (starting from a rotating one, so no cluster is always drained first) until one
+    /// has a message.
+    pub(super) fn get(&mut self, ch: u16, method: &Method, class: Class) -> Result<(), ConnError> {
+        let mut order: Vec<LinkId> = self.targets(class).iter().collect();
+        if order.is_empty() {
+            return self.fan_out(ch, method, LinkSet::default());
+        }
+        self.get_rotation = self.get_rotation.wrapping_add(1);
+        let r = self.get_rotation % order.len();
+        order.rotate_left(r);
+        let first = order.remove(0);
+        order.reverse(); // popped from the back
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
+        let id = channel.push_rpc(1, order);
+        if let Some(rpc) = channel.rpc_mut(id) {
+            rpc.get_request = Some(method.clone());
+        }
+        self.links[first].request(ch, method, Pending::Rpc(id));
+        Ok(())
+    }
+
+    pub(super) fn on_client_connection_method(&mut self, method: Method) -> Result<(), ConnError> {
+        match method {
+            Method::ConnectionClose(_) => {
+                for slot in &self.links {
+                    slot.send(0, &connection_close(200, "client closed the connection"));
+                }
+                self.closing = Some(Closing::ByClient {
+                    deadline: Instant::now() + CLOSE_TIMEOUT,
+                });
+                self.maybe_finish_client_close();
+                Ok(())
+            }
+            Method::ConnectionCloseOk(_) => Ok(()),
+            Method::ConnectionUpdateSecret(_) => {
+                for slot in &self.links {
+                    slot.send(0, &method);
+                }
+                self.to_client(0, &Method::ConnectionUpdateSecretOk(Default::default()));
+                Ok(())
+            }
+            other => Err(
+                ConnError::new(503, format!("unexpected {} on channel 0", other.name())).on(&other),
+            ),
+        }
+    }
+
+    /// Maps a client ack / nack / reject to the links that delivered the messages.
+    pub(super) fn ack(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        method: &Method,
+        make: impl Fn(u64, bool) -> Method,
+    ) {
+        let mut acks = std::mem::take(&mut self.scratch_acks);
+        let resolved = match self.channel_mut(ch) {
+            Some(channel) => channel.tags.resolve(tag, multiple, &mut acks),
+            None => Ok(()),
+        };
+        match resolved {
+            Ok(()) => {
+                for a in &acks {
+                    if let Some(slot) = self.links.get(a.link) {
+                        slot.m.acks.inc();
+                        slot.m.unacked.dec_by(i64::from(a.count));
+                        slot.send(ch, &make(a.upstream_tag, a.multiple));
+                    }
+                }
+            }
+            Err(unknown) => {
+                let text = format!("PRECONDITION_FAILED - unknown delivery tag {}", unknown.0);
+                self.close_channel(ch, 406, &text, method);
+            }
+        }
+        self.scratch_acks = acks;
+    }
+
+    /// Closes a client channel on the proxy's own initiative (as the broker would), and the
+    /// upstream channels behind it.
+    pub(super) fn close_channel(&mut self, ch: u16, code: u16, text: &str, method: &Method) {
+        debug!(conn = self.id, channel = ch, code, text, "closing channel");
+        let (class_id, method_id) = method.ids();
+        let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
+        self.to_client(
+            ch,
+            &Method::ChannelClose(codec::ChannelClose {
+                reply_code: code,
+                reply_text,
+                class_id,
+                method_id,
+            }),
+        );
+        if let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        {
+            channel.state = ChannelState::AwaitingCloseOk;
+            channel.rpcs.clear();
+            channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+        }
+        let close = close_method(200, "client channel closed by the proxy");
+        for slot in &mut self.links {
+            slot.close_chan(ch, &close);
+        }
+    }
+}

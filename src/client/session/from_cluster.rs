@@ -1,0 +1,406 @@
+//! What the clusters send back: deliveries (tags rewritten), publisher confirms mapped to the
+//! client's sequence numbers, replies merged into one per client request, and connection-level
+//! methods (close, blocked/unblocked) of each link.
+
+use super::*;
+
+impl Session {
+    pub(super) fn on_link_command(&mut self, link: LinkId, cmd: Command) {
+        let Command {
+            channel: ch,
+            method,
+            content,
+        } = cmd;
+        if ch == 0 {
+            return self.on_link_connection_method(link, method);
+        }
+        if self.closing.is_some() {
+            return;
+        }
+        // After sending channel.close a peer discards everything on that channel but close and
+        // close-ok (a late reply must not be taken for the reply to a reopened channel).
+        let closing = self.links[link].chan_state(ch) == UpState::Closing;
+        if closing && !matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
+            return;
+        }
+        // Upstream channel bookkeeping first: it is independent of the client channel's fate.
+        if matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
+            self.release_held_later(link);
+        }
+        match &method {
+            Method::ChannelClose(_) => {
+                let slot = &mut self.links[link];
+                slot.send(ch, &Method::ChannelCloseOk(Default::default()));
+                if let (true, pending) = slot.reset_chan(ch) {
+                    // The client closed and reopened while this close was in flight.
+                    if let Some(p) = pending {
+                        slot.open(ch, p);
+                    }
+                    return;
+                }
+            }
+            Method::ChannelCloseOk(_) => {
+                let slot = &mut self.links[link];
+                if slot.chan(ch).state != UpState::Closing {
+                    return;
+                }
+                if let (true, pending) = slot.reset_chan(ch) {
+                    if let Some(p) = pending {
+                        slot.open(ch, p);
+                    }
+                    return;
+                }
+            }
+            Method::ChannelOpenOk(_) => {
+                let up = self.links[link].chan(ch);
+                if up.state == UpState::Opening {
+                    up.state = UpState::Open;
+                }
+            }
+            _ => {}
+        }
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        match channel.state {
+            ChannelState::AwaitingCloseOk => return,
+            ChannelState::ClientClosing => {
+                if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
+                    && self
+                        .links
+                        .iter()
+                        .all(|s| s.done || s.chan_state(ch) != UpState::Closing)
+                {
+                    self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
+                    self.free_channel(ch);
+                }
+                return;
+            }
+            ChannelState::Opening | ChannelState::Open => {}
+        }
+        if is_reply(&method) {
+            return self.on_reply(link, ch, method, content);
+        }
+        match method {
+            Method::ChannelClose(c) => {
+                // One cluster refused: the client channel fails as a whole, with that cluster's
+                // code and text; its parts on the other clusters are closed behind it.
+                channel.state = ChannelState::AwaitingCloseOk;
+                channel.rpcs.clear();
+                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+                self.to_client(ch, &Method::ChannelClose(c));
+                let close = close_method(200, "sibling channel closed");
+                for slot in &mut self.links {
+                    slot.close_chan(ch, &close);
+                }
+            }
+            Method::ChannelCloseOk(_) => {}
+            Method::BasicDeliver(mut d) => {
+                let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
+                d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
+                let slot = &mut self.links[link];
+                slot.m.deliveries.inc();
+                if needs_ack {
+                    slot.m.unacked.inc();
+                }
+                if slot.removed {
+                    slot.last_delivery = Instant::now();
+                }
+                let Some(channel) = self
+                    .channels
+                    .get_mut(usize::from(ch))
+                    .and_then(Option::as_mut)
+                else {
+                    return;
+                };
+                if !channel.held.is_empty() || channel.consumers.iter().any(|c| !c.ready) {
+                    // Until the client has its consume-ok, deliveries of the channel wait, in
+                    // order (their tags are already issued, in arrival order).
+                    channel.held.push((Method::BasicDeliver(d), content));
+                    return;
+                }
+                self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
+            }
+            Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
+            Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
+            Method::BasicCancel(ref c) => {
+                // A cluster cancelled the consumer (its queue was deleted there). The client
+                // hears of it once no cluster is left feeding the consumer.
+                let gone = match channel.consumer_mut(&c.consumer_tag) {
+                    Some(consumer) => {
+                        consumer.links.remove(link);
+                        consumer.links.is_empty()
+                    }
+                    None => false,
+                };
+                if gone {
+                    channel.remove_consumer(&c.consumer_tag);
+                    if self.caps.consumer_cancel_notify {
+                        self.to_client(ch, &method);
+                    }
+                }
+            }
+            _ => self.deliver(ch, &method, content.as_ref()),
+        }
+    }
+
+    /// A reply to a synchronous request: pair it with its request and answer the client once
+    /// the request is complete.
+    pub(super) fn on_reply(
+        &mut self,
+        link: LinkId,
+        ch: u16,
+        method: Method,
+        content: Option<Content>,
+    ) {
+        let pending = self.links[link].chan(ch).pending.pop_front();
+        if let Some(Pending::Replay) = pending {
+            let slot = &mut self.links[link];
+            slot.replay_left = slot.replay_left.saturating_sub(1);
+            if slot.replay_left == 0 && !slot.needs_topology && !slot.ready {
+                slot.ready = true;
+                info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
+                self.unpark();
+            }
+            return;
+        }
+        let Some(Pending::Rpc(id)) = pending else {
+            return;
+        };
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(rpc) = channel.rpc_mut(id) else {
+            return;
+        };
+        if let Method::BasicGetEmpty(_) = method
+            && let Some(get) = rpc.get_request.clone()
+        {
+            while let Some(next) = rpc.get_next.pop() {
+                if self.links[next].live() {
+                    self.links[next].request(ch, &get, Pending::Rpc(id));
+                    return;
+                }
+            }
+        }
+        rpc.merge(method, content, link);
+        self.flush_rpcs(ch);
+    }
+
+    /// Answers completed requests at the head of the channel's queue, in request order.
+    pub(super) fn flush_rpcs(&mut self, ch: u16) {
+        loop {
+            let Some(channel) = self
+                .channels
+                .get_mut(usize::from(ch))
+                .and_then(Option::as_mut)
+            else {
+                return;
+            };
+            if channel.rpcs.front().is_none_or(|r| r.waiting != 0) {
+                return;
+            }
+            let Some(rpc) = channel.rpcs.pop_front() else {
+                return;
+            };
+            let Some(reply) = rpc.reply else {
+                // Every cluster this request went to died before answering.
+                let m = Method::ChannelOpen(Default::default());
+                self.close_channel(
+                    ch,
+                    541,
+                    "INTERNAL_ERROR - the cluster(s) for this request became unavailable",
+                    &m,
+                );
+                return;
+            };
+            if let Some((class, m)) = rpc.on_success {
+                self.record_topology(class, m);
+            }
+            let Some(channel) = self
+                .channels
+                .get_mut(usize::from(ch))
+                .and_then(Option::as_mut)
+            else {
+                return;
+            };
+            match reply.method {
+                Method::ChannelOpenOk(ok) => {
+                    if channel.state == ChannelState::Opening {
+                        channel.state = ChannelState::Open;
+                        self.to_client(ch, &Method::ChannelOpenOk(ok));
+                    }
+                }
+                Method::BasicGetOk(mut g) => {
+                    let needs_ack = !channel.get_no_ack.take().unwrap_or(false);
+                    g.delivery_tag = channel.tags.issue(reply.link, g.delivery_tag, needs_ack);
+                    let m = &self.links[reply.link].m;
+                    m.deliveries.inc();
+                    if needs_ack {
+                        m.unacked.inc();
+                    }
+                    self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
+                }
+                Method::BasicGetEmpty(e) => {
+                    channel.get_no_ack = None;
+                    self.to_client(ch, &Method::BasicGetEmpty(e));
+                }
+                Method::BasicCancelOk(c) => {
+                    channel.remove_consumer(&c.consumer_tag);
+                    self.to_client(ch, &Method::BasicCancelOk(c));
+                }
+                Method::BasicConsumeOk(ok) => {
+                    if let Some(c) = channel.consumer_mut(&ok.consumer_tag) {
+                        c.ready = true;
+                    }
+                    let release = channel.consumers.iter().all(|c| c.ready);
+                    let held = if release {
+                        std::mem::take(&mut channel.held)
+                    } else {
+                        Vec::new()
+                    };
+                    self.to_client(ch, &Method::BasicConsumeOk(ok));
+                    for (m, content) in held {
+                        self.deliver(ch, &m, content.as_ref());
+                    }
+                }
+                Method::TxCommitOk(ok) => {
+                    channel.tx_log.committing = None;
+                    self.to_client(ch, &Method::TxCommitOk(ok));
+                }
+                other => self.to_client(ch, &other),
+            }
+        }
+    }
+
+    pub(super) fn deliver(&self, ch: u16, method: &Method, content: Option<&Content>) {
+        let frame_max = self.frame_max;
+        self.client_out.push(|buf| {
+            codec::write_method(buf, ch, method);
+            if let Some(content) = content {
+                content.write(buf, ch, frame_max);
+            }
+        });
+    }
+
+    /// Maps a broker's publisher confirm back to the client's sequence numbers. A nack gets
+    /// the publish sent again to another cluster; the client hears only the final outcome.
+    pub(super) fn confirm(
+        &mut self,
+        link: LinkId,
+        ch: u16,
+        upstream_seq: u64,
+        multiple: bool,
+        ack: bool,
+    ) {
+        let mut settled = std::mem::take(&mut self.scratch_inflight);
+        let mut seqs = std::mem::take(&mut self.scratch_seqs);
+        let mut out = std::mem::take(&mut self.scratch_confirms);
+        self.links[link]
+            .chan(ch)
+            .confirms
+            .resolve(upstream_seq, multiple, &mut settled);
+        let n = settled.len() as u64;
+        {
+            // Borrowed, not cloned: a clone is a dozen atomic increments per confirm.
+            let m = &self.links[link].m;
+            if let Some(first) = settled.first() {
+                m.confirm_latency.observe(first.at.elapsed().as_secs_f64());
+            }
+            m.confirms_pending.dec_by(n as i64);
+            if ack {
+                m.confirm_acks.inc_by(n);
+            } else {
+                m.confirm_nacks.inc_by(n);
+            }
+        }
+        let freed: usize = settled.iter().map(|p| p.held.size()).sum();
+        self.release_held(freed);
+        if ack {
+            seqs.clear();
+            seqs.extend(settled.iter().filter_map(|p| p.client));
+            seqs.sort_unstable();
+            if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
+                confirms.settle(&seqs, &mut out);
+                for c in &out {
+                    self.to_client(
+                        ch,
+                        &Method::BasicAck(codec::BasicAck {
+                            delivery_tag: c.seq,
+                            multiple: c.multiple,
+                        }),
+                    );
+                }
+            }
+            settled.clear();
+        } else {
+            warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, "cluster nacked publishes; publishing them again elsewhere");
+            for inflight in settled.drain(..) {
+                self.republish(ch, link, inflight);
+            }
+        }
+        self.scratch_inflight = settled;
+        self.scratch_seqs = seqs;
+        self.scratch_confirms = out;
+    }
+
+    pub(super) fn on_link_connection_method(&mut self, link: LinkId, method: Method) {
+        match method {
+            Method::ConnectionClose(c) => {
+                let slot = &mut self.links[link];
+                slot.send(0, &Method::ConnectionCloseOk(Default::default()));
+                slot.mark_done();
+                match &self.closing {
+                    Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
+                    Some(Closing::ByProxy { .. }) => {}
+                    None => {
+                        let slot = &self.links[link];
+                        warn!(conn = self.id, cluster = %slot.link.cluster, code = c.reply_code, text = %c.reply_text, "broker closed the connection");
+                        let reason = format!(
+                            "broker closed the connection: {} {}",
+                            c.reply_code, c.reply_text
+                        );
+                        let e = ConnError {
+                            code: c.reply_code,
+                            text: c.reply_text.as_str().into_owned(),
+                            class_id: c.class_id,
+                            method_id: c.method_id,
+                        };
+                        self.begin_proxy_close(e, &reason);
+                    }
+                }
+            }
+            Method::ConnectionCloseOk(_) => {
+                self.links[link].mark_done();
+                self.maybe_finish_client_close();
+            }
+            Method::ConnectionBlocked(b) => {
+                let slot = &mut self.links[link];
+                if !std::mem::replace(&mut slot.blocked, true) {
+                    self.blocked_links += 1;
+                    if self.blocked_links == 1 && self.caps.connection_blocked {
+                        self.to_client(0, &Method::ConnectionBlocked(b));
+                    }
+                }
+            }
+            Method::ConnectionUnblocked(u) => {
+                let slot = &mut self.links[link];
+                if std::mem::replace(&mut slot.blocked, false) {
+                    self.blocked_links -= 1;
+                    if self.blocked_links == 0 && self.caps.connection_blocked {
+                        self.to_client(0, &Method::ConnectionUnblocked(u));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

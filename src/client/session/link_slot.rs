@@ -1,0 +1,225 @@
+//! The upstream side of one client connection: a link to a cluster (`LinkSlot`) and, on it, the
+//! upstream channel behind each client channel (`UpChan`): its state, its confirm mode and
+//! pending confirms, and who waits for its next synchronous reply.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpState {
+    Closed,
+    Opening,
+    Open,
+    Closing,
+}
+
+/// Who is waiting for the next synchronous reply on an upstream channel. AMQP answers
+/// synchronous requests on a channel in order, so a queue per upstream channel pairs each reply
+/// with its request.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pending {
+    /// A request the proxy made itself (replaying channel modes): swallow the reply.
+    #[allow(dead_code)] // made by the link replay of reload and failover
+    Internal,
+    /// Part of a client request.
+    Rpc(u64),
+    /// Part of replaying the client's state on a link added by a reload.
+    Replay,
+}
+
+/// One upstream channel carrying (part of) a client channel of the same number.
+#[derive(Debug)]
+pub(super) struct UpChan {
+    pub(super) state: UpState,
+    /// The client reopened the channel while this one was still closing.
+    pub(super) reopen: bool,
+    pub(super) confirm_mode: bool,
+    pub(super) confirms: UpstreamConfirms,
+    pub(super) pending: std::collections::VecDeque<Pending>,
+}
+
+impl Default for UpChan {
+    fn default() -> Self {
+        UpChan {
+            state: UpState::Closed,
+            reopen: false,
+            confirm_mode: false,
+            confirms: UpstreamConfirms::default(),
+            pending: Default::default(),
+        }
+    }
+}
+
+pub(super) struct LinkSlot {
+    pub(super) link: Link,
+    pub(super) m: ClusterMetrics,
+    pub(super) role: Role,
+    pub(super) weight: u32,
+    pub(super) drain: bool,
+    pub(super) chans: Vec<UpChan>,
+    /// Closed (close-ok seen or the socket is gone): nothing more is sent.
+    pub(super) done: bool,
+    pub(super) blocked: bool,
+    /// Takes publishes only once the topology replay (after a reload added it) is confirmed.
+    pub(super) ready: bool,
+    pub(super) replay_left: usize,
+    /// The topology still has to be replayed on the next channel the client opens.
+    pub(super) needs_topology: bool,
+    /// Removed from the configuration: draining, closed once quiet.
+    pub(super) removed: bool,
+    /// connection.close sent on purpose; its end is not a failure.
+    pub(super) retiring: bool,
+    pub(super) last_delivery: Instant,
+    pub(super) removed_at: Option<Instant>,
+    /// Held bytes released by `reset_chan`, for the session to subtract.
+    pub(super) released_held: usize,
+    /// Opened to a cluster this session had no link to before (added by a reload).
+    pub(super) new_cluster: bool,
+}
+
+impl LinkSlot {
+    pub(super) fn new(link: Link, role: Role, weight: u32, drain: bool, m: ClusterMetrics) -> Self {
+        m.links.inc();
+        LinkSlot {
+            link,
+            m,
+            role,
+            weight,
+            drain,
+            chans: Vec::new(),
+            done: false,
+            blocked: false,
+            ready: true,
+            replay_left: 0,
+            needs_topology: false,
+            removed: false,
+            retiring: false,
+            last_delivery: Instant::now(),
+            removed_at: None,
+            released_held: 0,
+            new_cluster: false,
+        }
+    }
+
+    /// Marks the link closed; returns whether it was open.
+    pub(super) fn mark_done(&mut self) -> bool {
+        let was_live = !std::mem::replace(&mut self.done, true);
+        if was_live {
+            self.m.links.dec();
+        }
+        was_live
+    }
+
+    /// Resets an upstream channel that is gone, releasing its pending confirms; returns its
+    /// reopen flag and its first pending request.
+    pub(super) fn reset_chan(&mut self, ch: u16) -> (bool, Option<Pending>) {
+        let m = self.m.confirms_pending.clone();
+        let up = self.chan(ch);
+        m.dec_by(up.confirms.pending() as i64);
+        // The channel is gone: the broker processed or refused what was published on it.
+        let released: usize = up.confirms.drain().iter().map(|p| p.held.size()).sum();
+        let out = (up.reopen, up.pending.front().copied());
+        *up = UpChan::default();
+        self.released_held += released;
+        out
+    }
+
+    pub(super) fn chan(&mut self, ch: u16) -> &mut UpChan {
+        let i = usize::from(ch);
+        if self.chans.len() <= i {
+            self.chans.resize_with(i + 1, UpChan::default);
+        }
+        &mut self.chans[i]
+    }
+
+    pub(super) fn chan_state(&self, ch: u16) -> UpState {
+        self.chans
+            .get(usize::from(ch))
+            .map_or(UpState::Closed, |c| c.state)
+    }
+
+    pub(super) fn send(&self, ch: u16, method: &Method) {
+        if !self.done {
+            self.link.send(ch, method);
+        }
+    }
+
+    /// Sends a synchronous request and remembers who waits for its reply.
+    pub(super) fn request(&mut self, ch: u16, method: &Method, pending: Pending) {
+        if self.done {
+            return;
+        }
+        self.chan(ch).pending.push_back(pending);
+        self.link.send(ch, method);
+    }
+
+    pub(super) fn send_content(&self, ch: u16, method: &Method, content: &Content) {
+        if self.done {
+            return;
+        }
+        let frame_max = self.link.frame_max;
+        self.link.outbox.push(|buf| {
+            codec::write_method(buf, ch, method);
+            content.write(buf, ch, frame_max);
+        });
+    }
+
+    /// Opens the upstream channel `ch` (or schedules it behind a close in progress).
+    pub(super) fn open(&mut self, ch: u16, pending: Pending) {
+        let done = self.done;
+        let up = self.chan(ch);
+        match up.state {
+            UpState::Closed => {
+                *up = UpChan {
+                    state: UpState::Opening,
+                    ..UpChan::default()
+                };
+                if !done {
+                    up.pending.push_back(pending);
+                    self.link.send(ch, &Method::ChannelOpen(Default::default()));
+                    if let Pending::Replay = pending {
+                        self.replay_left += 1;
+                        self.ready = false;
+                    }
+                }
+            }
+            UpState::Closing => {
+                up.reopen = true;
+                up.pending.push_back(pending);
+            }
+            UpState::Opening | UpState::Open => {}
+        }
+    }
+
+    /// Sends channel.close for the client channel's part on this link, if it is open.
+    pub(super) fn close_chan(&mut self, ch: u16, close: &Method) -> bool {
+        let done = self.done;
+        let up = self.chan(ch);
+        match up.state {
+            UpState::Open | UpState::Opening => {
+                up.state = UpState::Closing;
+                up.reopen = false;
+                up.pending.clear();
+                if !done {
+                    self.link.send(ch, close);
+                }
+                !done
+            }
+            UpState::Closing => !done,
+            UpState::Closed => false,
+        }
+    }
+
+    pub(super) fn live(&self) -> bool {
+        !self.done && !self.retiring
+    }
+
+    /// Sends a request whose reply only completes this link's replay.
+    pub(super) fn replay(&mut self, ch: u16, method: &Method) {
+        if self.done {
+            return;
+        }
+        self.replay_left += 1;
+        self.ready = false;
+        self.request(ch, method, Pending::Replay);
+    }
+}

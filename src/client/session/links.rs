@@ -1,0 +1,559 @@
+//! The session's links over their lifetime: opened after a reload or a failover (the client's
+//! topology, channels and consumers replayed first), read in the session's own loop, declared
+//! dead on a socket error or missed heartbeats (everything that depended on them released so the
+//! client sees no error), retired once a removed cluster is quiet.
+
+use super::*;
+
+impl Session {
+    /// Applies a reloaded configuration: weights and drains take effect for the next publish,
+    /// removed clusters drain, added shard clusters get a link with this client's state.
+    pub(super) fn apply_config(&mut self, config: &Config) {
+        self.rules = config.routing.clone();
+        self.last_route = None;
+        for slot in &mut self.links {
+            if slot.done {
+                continue;
+            }
+            match config.cluster(&slot.link.cluster) {
+                Some(c) => {
+                    slot.weight = c.weight;
+                    slot.drain = c.drain;
+                    slot.removed = false;
+                    slot.removed_at = None;
+                }
+                None => {
+                    if !slot.removed {
+                        info!(conn = self.id, cluster = %slot.link.cluster, "cluster removed: draining its link");
+                        slot.removed = true;
+                        slot.removed_at = Some(Instant::now());
+                        slot.last_delivery = Instant::now();
+                    }
+                    slot.drain = true;
+                }
+            }
+        }
+        for cluster in config.shard_clusters() {
+            let have = self
+                .links
+                .iter()
+                .any(|s| !s.done && *s.link.cluster == *cluster.name);
+            if have || self.connecting.contains(&cluster.name) {
+                continue;
+            }
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
+                warn!(conn = self.id, cluster = %cluster.name, "too many links in this session; not adding");
+                continue;
+            }
+            self.spawn_connect(cluster);
+        }
+    }
+
+    /// A link to an added cluster is open: replay what this client set up, then let publishes
+    /// go there (see [`LinkSlot::ready`]).
+    pub(super) fn on_opened(&mut self, opened: Opened) {
+        self.connecting.retain(|c| *c != opened.cluster.name);
+        let link = match opened.result {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry");
+                self.metrics
+                    .cluster(&opened.cluster.name)
+                    .link_failures
+                    .inc();
+                self.backoff(&opened.cluster.name);
+                return;
+            }
+        };
+        if self.closing.is_some()
+            || !self
+                .shared
+                .config()
+                .clusters
+                .iter()
+                .any(|c| c.name == opened.cluster.name)
+        {
+            // Closing, or the cluster was removed while connecting: drop the link.
+            return;
+        }
+        let c = &opened.cluster;
+        self.retry_at.remove(&c.name);
+        let mut slot = LinkSlot::new(
+            link,
+            c.role,
+            c.weight,
+            c.drain,
+            self.metrics.cluster(&c.name),
+        );
+        slot.ready = false;
+        let class = if c.role == Role::Shard {
+            Class::Sharded
+        } else {
+            Class::Control
+        };
+        slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name);
+        slot.needs_topology = self.topology.has(class)
+            || (slot.new_cluster
+                && class == Class::Sharded
+                && self.shared.topology_of(&self.vhost).has(Class::Sharded));
+        // Reuse the slot of this cluster's dead link: everything that pointed at it was released
+        // when it died, and link ids must stay below LinkSet::CAPACITY.
+        let index = match self
+            .links
+            .iter()
+            .position(|s| s.done && *s.link.cluster == *c.name)
+        {
+            Some(i) => {
+                self.links[i] = slot;
+                i
+            }
+            None => {
+                self.links.push(slot);
+                self.links.len() - 1
+            }
+        };
+        if c.role == Role::Control {
+            self.control = Some(index);
+        }
+        info!(conn = self.id, cluster = %c.name, node = %self.links[index].link.node, "link opened; replaying this client's topology, channels and consumers");
+
+        let open: Vec<u16> = self
+            .channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.as_ref()
+                    .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
+            })
+            .map(|(i, _)| i as u16)
+            .collect();
+        for &ch in &open {
+            self.links[index].open(ch, Pending::Replay);
+            let Some(channel) = self.channels[usize::from(ch)].as_ref() else {
+                continue;
+            };
+            let (tx, confirm, qos) = (channel.tx, channel.confirms.is_some(), channel.qos.clone());
+            if tx {
+                self.links[index].replay(ch, &Method::TxSelect(Default::default()));
+            }
+            if confirm {
+                self.links[index].chan(ch).confirm_mode = true;
+                self.links[index].replay(
+                    ch,
+                    &Method::ConfirmSelect(codec::ConfirmSelect { nowait: false }),
+                );
+            }
+            if let Some(q) = qos {
+                // The split changed for every shard link; existing links get their new share too.
+                self.send_qos(ch, &q, Pending::Internal, Some(index));
+            }
+        }
+        if let Some(&ch) = open.first() {
+            self.replay_topology(index, ch);
+        }
+        for &ch in &open {
+            let Some(channel) = self.channels[usize::from(ch)].as_mut() else {
+                continue;
+            };
+            let mut requests = Vec::new();
+            let class = match self.links[index].role {
+                Role::Shard => Class::Sharded,
+                Role::Control => Class::Control,
+            };
+            for consumer in &mut channel.consumers {
+                if let Some(req) = &consumer.request
+                    && consumer.class == class
+                {
+                    consumer.links.insert(index);
+                    requests.push(Method::BasicConsume(codec::BasicConsume {
+                        nowait: false,
+                        ..req.clone()
+                    }));
+                }
+            }
+            for m in requests {
+                self.links[index].replay(ch, &m);
+            }
+        }
+        let slot = &mut self.links[index];
+        if slot.replay_left == 0 && !slot.needs_topology {
+            slot.ready = true;
+            self.unpark();
+        }
+    }
+
+    /// Which traffic a link carries.
+    pub(super) fn link_class(&self, link: LinkId) -> Option<Class> {
+        self.links.get(link).map(|s| match s.role {
+            Role::Shard => Class::Sharded,
+            Role::Control => Class::Control,
+        })
+    }
+
+    /// Starts opening a link to `cluster` in the background; [`on_opened`](Self::on_opened)
+    /// gets the result.
+    pub(super) fn spawn_connect(&mut self, cluster: &crate::config::ClusterConfig) {
+        self.connecting.push(cluster.name.clone());
+        let spec = LinkSpec {
+            cluster: Arc::from(cluster.name.as_str()),
+            nodes: cluster.nodes.clone(),
+            metrics: Some(self.metrics.cluster(&cluster.name)),
+            tls: cluster.tls.clone(),
+            ..self.base_spec.clone()
+        };
+        let (opened, cluster) = (self.opened_tx.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let result = upstream::link::connect(&spec).await;
+            let _ = opened.send(Opened { cluster, result }).await;
+        });
+    }
+
+    /// Reopens links to configured clusters that have none (a failover, a cluster back from an
+    /// outage), each cluster with its own exponential backoff and jitter so a fleet of
+    /// sessions does not reconnect in lockstep.
+    pub(super) fn ensure_links(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        let config = self.shared.config();
+        let now = Instant::now();
+        for cluster in &config.clusters {
+            let live = self
+                .links
+                .iter()
+                .any(|s| s.live() && *s.link.cluster == *cluster.name);
+            if live || self.connecting.contains(&cluster.name) {
+                continue;
+            }
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
+                continue;
+            }
+            if let Some(retry) = self.retry_at.get_mut(&cluster.name)
+                && retry.at > now
+            {
+                let back = self.shared.nodes_back(&cluster.name);
+                if back != retry.nodes_back {
+                    // A node of the cluster is back: retry soon, spread by connection over a
+                    // window that keeps the whole proxy under RECONNECTS_PER_SEC.
+                    retry.nodes_back = back;
+                    let conns = self.metrics.connections.get().max(1) as u64;
+                    let window_ms = (conns * 1000 / RECONNECTS_PER_SEC).max(1000);
+                    retry.at = now + Duration::from_millis(self.id.wrapping_mul(7919) % window_ms);
+                }
+                continue;
+            }
+            self.spawn_connect(cluster);
+        }
+    }
+
+    pub(super) fn backoff(&mut self, cluster: &str) {
+        let prev = self
+            .retry_at
+            .get(cluster)
+            .map_or(Duration::from_millis(500), |r| r.delay);
+        let next = (prev * 2).min(Duration::from_secs(30));
+        // Jitter: up to a quarter of the delay, from the clock and the connection id.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = next.mul_f64(
+            f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0,
+        );
+        let retry = Retry {
+            at: Instant::now() + next + jitter,
+            delay: next,
+            nodes_back: self.shared.nodes_back(cluster),
+        };
+        self.retry_at.insert(cluster.to_owned(), retry);
+    }
+
+    /// Declares this client's topology of the link's class again on `link`; on a cluster new to
+    /// this session, first the proxy's shared sharded topology of the vhost (declared by any
+    /// client, maybe long gone), so no publish routed there finds its queue missing.
+    pub(super) fn replay_topology(&mut self, link: LinkId, ch: u16) {
+        let class = self.link_class(link);
+        let slot = &self.links[link];
+        let mut methods: Vec<Method> = Vec::new();
+        if slot.new_cluster && class == Some(Class::Sharded) {
+            methods.extend(
+                self.shared
+                    .topology_of(&self.vhost)
+                    .entries()
+                    .map(|(_, m)| m.clone()),
+            );
+        }
+        methods.extend(
+            self.topology
+                .entries()
+                .filter(|(c, _)| Some(*c) == class)
+                .map(|(_, m)| m.clone()),
+        );
+        for m in &methods {
+            self.links[link].replay(ch, m);
+        }
+        self.links[link].needs_topology = false;
+    }
+
+    /// Closes the links of removed clusters once nothing is in flight on them and their
+    /// consumers have been quiet for a while (their queues are drained), or at the deadline.
+    pub(super) fn retire_quiet_links(&mut self) {
+        let deadline = Duration::from_secs(self.shared.config().timeouts.drain_deadline_secs);
+        for i in 0..self.links.len() {
+            let slot = &self.links[i];
+            if !slot.removed || slot.done || slot.retiring {
+                continue;
+            }
+            let unacked: usize = self
+                .channels
+                .iter()
+                .flatten()
+                .map(|c| c.tags.count_link(i))
+                .sum();
+            let pending: usize = slot
+                .chans
+                .iter()
+                .map(|c| c.confirms.pending() + c.pending.len())
+                .sum();
+            let quiet = slot.last_delivery.elapsed() >= RETIRE_QUIET;
+            let overdue = slot.removed_at.is_some_and(|t| t.elapsed() >= deadline);
+            if (unacked == 0 && pending == 0 && quiet) || overdue {
+                info!(conn = self.id, cluster = %slot.link.cluster, unacked, overdue, "closing the link of a removed cluster");
+                let slot = &mut self.links[i];
+                slot.retiring = true;
+                slot.link.send(
+                    0,
+                    &connection_close(200, "cluster removed from the proxy configuration"),
+                );
+                for channel in self.channels.iter_mut().flatten() {
+                    channel.tags.forget_link(i);
+                    for consumer in &mut channel.consumers {
+                        consumer.links.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A link's socket gave bytes (or ended): handle every whole command they complete.
+    pub(super) fn on_link_readable(&mut self, link: LinkId, read: Result<(), LinkDown>) {
+        if let Err(reason) = read {
+            self.links[link].link.reader = None;
+            return self.on_link_down(link, reason);
+        }
+        while self.end.is_none() {
+            let Some(reader) = self.links[link].link.reader.as_mut() else {
+                return;
+            };
+            match reader.next_command() {
+                Ok(Some(cmd)) => self.on_link_command(link, cmd),
+                Ok(None) => return,
+                Err(reason) => {
+                    self.links[link].link.reader = None;
+                    return self.on_link_down(link, reason);
+                }
+            }
+        }
+    }
+
+    /// Polls the links' sockets, starting after the one read last so none starves the others.
+    pub(super) fn poll_links(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<(LinkId, Result<(), LinkDown>)> {
+        let n = self.links.len();
+        for i in 0..n {
+            let link = (self.next_read + i) % n;
+            if let Some(reader) = self.links[link].link.reader.as_mut()
+                && let Poll::Ready(r) = reader.poll_read(cx)
+            {
+                self.next_read = link + 1;
+                return Poll::Ready((link, r));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Links silent for two heartbeat intervals are dead (checked by the tick).
+    pub(super) fn check_link_heartbeats(&mut self) {
+        let now = std::time::Instant::now();
+        for link in 0..self.links.len() {
+            let missed = self.links[link]
+                .link
+                .reader
+                .as_ref()
+                .and_then(|r| r.heartbeat_missed(now));
+            if let Some(reason) = missed {
+                self.links[link].link.reader = None;
+                self.on_link_down(link, reason);
+            }
+        }
+    }
+
+    /// The earliest time a link may have been silent for two heartbeat intervals (an hour away
+    /// when no link has heartbeats).
+    pub(super) fn next_link_silence(&self) -> tokio::time::Instant {
+        let earliest = self
+            .links
+            .iter()
+            .filter_map(|s| s.link.reader.as_ref()?.heartbeat_deadline())
+            .min();
+        match earliest {
+            Some(at) => tokio::time::Instant::from_std(at),
+            None => tokio::time::Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// Sends what this turn of the event loop wrote, one write per socket.
+    pub(super) fn flush_all(&self) {
+        self.client_out.flush();
+        for slot in &self.links {
+            slot.link.outbox.flush();
+        }
+    }
+
+    pub(super) fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {
+        let Some(slot) = self.links.get_mut(link) else {
+            return;
+        };
+        let retiring = slot.retiring;
+        let was_done = !slot.mark_done() || retiring;
+        if !was_done && self.closing.is_none() {
+            slot.m.link_failures.inc();
+        }
+        match &self.closing {
+            Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
+            Some(Closing::ByProxy { .. }) => {}
+            None if was_done => {}
+            None => {
+                let slot = &self.links[link];
+                warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over");
+                self.fail_link(link);
+            }
+        }
+    }
+
+    /// Makes the held bytes a channel reset will release count after this command is handled.
+    pub(super) fn release_held_later(&mut self, link: LinkId) {
+        let slot = &mut self.links[link];
+        let released = std::mem::take(&mut slot.released_held);
+        self.release_held(released);
+        self.pending_release.push(link);
+    }
+
+    /// Releases everything that depended on a dead link, so the client sees no error: its
+    /// unacknowledged deliveries become dead tags (the broker requeues the messages; acks for
+    /// the old tags are swallowed), its consumers and pending replies are settled by the other
+    /// links, publishes it had not confirmed are nacked to confirm-mode clients. The tick then
+    /// reconnects the cluster (the other node, if this one is down) and replays this client's
+    /// state on the new link.
+    pub(super) fn fail_link(&mut self, link: LinkId) {
+        let slot = &mut self.links[link];
+        slot.mark_done();
+        let cluster = slot.link.cluster.to_string();
+        // Whatever it still had to say is moot: stop reading it.
+        slot.link.reader = None;
+        let chans = std::mem::take(&mut slot.chans);
+        let m = slot.m.clone();
+        for (ch, up) in chans.into_iter().enumerate() {
+            let ch = ch as u16;
+            m.confirms_pending.dec_by(up.confirms.pending() as i64);
+            let mut up = up;
+            let lost = up.confirms.drain();
+            if let Some(channel) = self.channel_mut(ch)
+                && channel.tx_link == Some(link)
+            {
+                channel.tx_link = None;
+                channel.tx_log.lost =
+                    !channel.tx_log.publishes.is_empty() || channel.tx_log.overflowed;
+            }
+            for pending in up.pending {
+                if let Pending::Rpc(id) = pending
+                    && !self.redo_commit(ch, link, id)
+                {
+                    self.settle_dead_rpc(ch, id);
+                }
+            }
+            let freed: usize = lost.iter().map(|p| p.held.size()).sum();
+            self.release_held(freed);
+            for inflight in lost {
+                self.republish(ch, link, inflight);
+            }
+            self.flush_rpcs(ch);
+        }
+        for channel in self.channels.iter_mut().flatten() {
+            let n = channel.tags.kill_link(link);
+            m.unacked.dec_by(n as i64);
+            for consumer in &mut channel.consumers {
+                consumer.links.remove(link);
+            }
+        }
+        // `control` keeps pointing at the dead control slot: control traffic fails with a clear
+        // channel error (not a hang, and never silently on a shard) until the link is back.
+        let retry = Retry {
+            at: Instant::now(),
+            delay: Duration::from_millis(250),
+            nodes_back: self.shared.nodes_back(&cluster),
+        };
+        self.retry_at.insert(cluster, retry);
+        if self.shard_links().is_empty() && self.no_shard_since.is_none() {
+            self.no_shard_since = Some(Instant::now());
+            warn!(
+                conn = self.id,
+                wait_secs = self.shared.config().timeouts.failover_wait_secs,
+                "no shard cluster is reachable; holding publishes until one is back"
+            );
+        }
+    }
+
+    /// A request was waiting for a link that died: count it as answered by that link (the
+    /// other links' replies make the answer), or try the next cluster for a basic.get.
+    pub(super) fn settle_dead_rpc(&mut self, ch: u16, id: u64) {
+        let Some(channel) = self
+            .channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(rpc) = channel.rpc_mut(id) else {
+            return;
+        };
+        if let Some(get) = rpc.get_request.clone() {
+            while let Some(next) = rpc.get_next.pop() {
+                if self.links[next].live() {
+                    self.links[next].request(ch, &get, Pending::Rpc(id));
+                    return;
+                }
+            }
+            if rpc.reply.is_none() {
+                rpc.reply = Some(crate::client::channel::Reply {
+                    method: Method::BasicGetEmpty(Default::default()),
+                    content: None,
+                    link: LinkId::MAX,
+                });
+            }
+        }
+        rpc.waiting = rpc.waiting.saturating_sub(1);
+    }
+
+    /// Publishes that were in flight on a dead link: a confirm-mode client gets a nack (kombu
+    /// and most clients republish on nack), as the broker may or may not have taken them.
+    pub(super) fn nack_lost(&mut self, ch: u16, client_seqs: &[u64]) {
+        let mut sorted = client_seqs.to_vec();
+        sorted.sort_unstable();
+        let mut out = Vec::new();
+        if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
+            confirms.settle(&sorted, &mut out);
+        }
+        for c in out {
+            self.to_client(
+                ch,
+                &Method::BasicNack(codec::BasicNack {
+                    delivery_tag: c.seq,
+                    multiple: c.multiple,
+                    requeue: false,
+                }),
+            );
+        }
+    }
+}

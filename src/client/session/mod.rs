@@ -1,0 +1,844 @@
+//! One client connection, from accept to close.
+//!
+//! A single task owns all of a connection's protocol state and does its socket I/O, so nothing on
+//! the hot path takes a lock other than the outboxes' short append and no message crosses a task
+//! boundary. It waits on the client socket, the sockets of its upstream links, and timers. It
+//! reads the client only while every upstream outbox has room, and reads the links only while the
+//! client's outbox has room: that is the whole of the back-pressure story, and it never blocks
+//! one direction on the other.
+//!
+//! A client channel N is carried by channel N on every link of the session (each link is its own
+//! connection, so the numbers never clash). Where a method goes is decided by [`crate::route`];
+//! replies of fanned-out requests are merged by [`crate::client::channel::Rpc`]; tags and confirms are
+//! translated by the maps in [`super::channel`].
+//!
+//! The files follow a message: [`from_client`] (what the client sends), [`publish`] (where a
+//! publish goes and how it is held), [`upstream`] (the links and their channels),
+//! [`from_cluster`] (deliveries, confirms, replies), [`links`] (links opened, failed over,
+//! retired); this file has the event loop and the connection's life.
+
+mod from_client;
+mod from_cluster;
+mod link_slot;
+mod links;
+mod publish;
+
+use link_slot::{LinkSlot, Pending, UpState};
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
+use super::topology::Topology;
+use crate::client::channel::{
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, UpstreamAck,
+    UpstreamConfirms,
+};
+use crate::codec::{self, FrameKind, Method, ShortStr};
+use crate::config::{Config, Role};
+use crate::io::stream::{ReadHalf, Stream};
+use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
+use crate::metrics::{ClusterMetrics, Metrics};
+use crate::proxy::Shared;
+use crate::route::{Class, RoundRobin, Rules};
+use crate::upstream::{self, ConnectError, Link, LinkDown, LinkId, LinkSpec};
+
+/// How long a closing handshake may take before the proxy just drops the socket.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Serves one accepted client socket until it closes.
+pub async fn serve(
+    mut stream: Stream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    force_close: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let config = shared.config();
+    let id = shared.next_connection_id();
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+
+    let server_props =
+        handshake::server_properties(shared.server_properties(&config).await.as_ref());
+    let (greeting, vhost) =
+        match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
+            Ok(g) => g,
+            Err(Refusal::Drop { reason, reply }) => {
+                if let Some(bytes) = reply {
+                    let _ = stream.write_all(bytes).await;
+                }
+                let _ = stream.shutdown().await;
+                info!(conn = id, %peer, %reason, "connection refused during handshake");
+                shared.metrics.connections_refused.inc();
+                return;
+            }
+            Err(Refusal::Close {
+                code,
+                text,
+                class_id,
+                method_id,
+            }) => {
+                warn!(conn = id, %peer, code, %text, "connection refused during handshake");
+                shared.metrics.connections_refused.inc();
+                handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
+                return;
+            }
+        };
+    let user = String::from_utf8_lossy(&greeting.user).into_owned();
+
+    // Open the upstream links before answering open-ok, so the broker's own verdict on the
+    // credentials and the vhost reaches the client as RabbitMQ would give it.
+    let base = LinkSpec {
+        cluster: Arc::from(""),
+        nodes: Vec::new(),
+        user: greeting.user.clone(),
+        password: greeting.password.clone(),
+        vhost: vhost.clone(),
+        client_properties: upstream::link::upstream_client_properties(
+            &greeting.client_properties,
+            peer,
+        ),
+        heartbeat_secs: config.timeouts.upstream_heartbeat_secs,
+        frame_max: config.limits.frame_max,
+        channel_max: greeting.channel_max,
+        connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
+        buffer_limit: config.limits.client_buffer_bytes,
+        metrics: None,
+        tls: None,
+    };
+    let metrics = shared.metrics.clone();
+    let links = match open_links(&config, &base, &metrics).await {
+        Ok(links) => links,
+        Err(ConnectError::Refused { node, code, text }) => {
+            warn!(conn = id, %peer, user = %user, vhost = %vhost, %node, code, %text, "connection refused by the broker");
+            metrics.connections_refused.inc();
+            handshake::refuse(&mut stream, &mut rbuf, code, &text, 10, 40).await;
+            return;
+        }
+        Err(e @ ConnectError::Unreachable { .. }) => {
+            warn!(conn = id, %peer, user = %user, vhost = %vhost, error = %e, "no upstream cluster available");
+            metrics.connections_refused.inc();
+            let text = truncate(&format!("CONNECTION_FORCED - {e}"));
+            handshake::refuse(&mut stream, &mut rbuf, 320, &text, 10, 40).await;
+            return;
+        }
+    };
+    if let Some(slot) = links.iter().find(|s| s.role == Role::Shard) {
+        shared.learn_server_properties(&slot.link.server_properties);
+    }
+
+    let (rd, wr) = stream.into_split();
+    let heartbeat =
+        (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
+    let (client_out, writer) = Outbox::start(
+        config.limits.client_buffer_bytes,
+        wr,
+        heartbeat.map(|h| h / 2),
+        None,
+    );
+    client_out
+        .push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
+    let clusters: Vec<String> = links
+        .iter()
+        .map(|s| format!("{}@{}", s.link.cluster, s.link.node))
+        .collect();
+    info!(conn = id, %peer, user = %user, vhost = %vhost, links = ?clusters, "connection opened");
+    metrics.connections.inc();
+    metrics.connections_total.inc();
+
+    let control = links.iter().position(|s| s.role == Role::Control);
+    let (opened_tx, opened_rx) = mpsc::channel(4);
+    let mut session = Session {
+        shared: shared.clone(),
+        vhost: vhost.as_str().into_owned(),
+        base_spec: base,
+        opened_tx,
+        connecting: Vec::new(),
+        topology: Topology::default(),
+        retry_at: Default::default(),
+        id,
+        client_out: client_out.clone(),
+        frame_max: greeting.frame_max as usize,
+        caps: greeting.caps,
+        channel_max: greeting.channel_max,
+        links,
+        control,
+        rules: config.routing.clone(),
+        last_route: None,
+        rr: RoundRobin::default(),
+        get_rotation: 0,
+        channels: Vec::new(),
+        closing: None,
+        end: None,
+        blocked_links: 0,
+        next_ctag: 0,
+        scratch_acks: Vec::new(),
+        scratch_seqs: Vec::new(),
+        scratch_confirms: Vec::new(),
+        scratch_inflight: Vec::new(),
+        held_bytes: 0,
+        held_limit: config.limits.max_held_bytes_per_connection,
+        hold_publishes: config.limits.hold_publishes,
+        held_limit_total: config.limits.max_held_bytes,
+        pending_release: Vec::new(),
+        metrics: metrics.clone(),
+        parked: VecDeque::new(),
+        no_shard_since: None,
+        next_read: 0,
+    };
+    let config_rx = shared.subscribe();
+    let reason = session
+        .run(Inputs {
+            rd,
+            rbuf,
+            opened: opened_rx,
+            config_rx,
+            heartbeat,
+            max_message: config.limits.max_message_size,
+            force_close,
+        })
+        .await;
+    session.release_gauges();
+    metrics.connections.dec();
+
+    client_out.close();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
+    for slot in &session.links {
+        if !slot.done {
+            slot.link.shutdown(Duration::from_millis(500)).await;
+        }
+    }
+    info!(conn = id, %peer, user = %user, vhost = %vhost, reason = %reason, "connection closed");
+}
+
+/// Runs the handshake and answers connection.open with connection.close `code`: how a refused
+/// connection (limits) is told why, in AMQP, as RabbitMQ tells it.
+pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: u16, text: &str) {
+    let _ = stream.set_nodelay(true);
+    let config = shared.config();
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let server_props =
+        handshake::server_properties(shared.server_properties(&config).await.as_ref());
+    match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
+        Ok(_) => handshake::refuse(&mut stream, &mut rbuf, code, text, 10, 40).await,
+        Err(Refusal::Close {
+            code,
+            text,
+            class_id,
+            method_id,
+        }) => {
+            handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
+        }
+        Err(Refusal::Drop { reply, .. }) => {
+            if let Some(bytes) = reply {
+                let _ = stream.write_all(bytes).await;
+            }
+        }
+    }
+}
+
+/// Opens one link per cluster, concurrently. A refusal (credentials, vhost) from any cluster is
+/// the client's answer; an unreachable cluster is left out as long as one shard cluster answers.
+async fn open_links(
+    config: &Config,
+    base: &LinkSpec,
+    metrics: &Metrics,
+) -> Result<Vec<LinkSlot>, ConnectError> {
+    let mut tasks = JoinSet::new();
+    let clusters: Vec<_> = config.clusters.iter().take(LinkSet::CAPACITY).collect();
+    for (i, cluster) in clusters.iter().enumerate() {
+        let spec = LinkSpec {
+            cluster: Arc::from(cluster.name.as_str()),
+            nodes: cluster.nodes.clone(),
+            metrics: Some(metrics.cluster(&cluster.name)),
+            tls: cluster.tls.clone(),
+            ..base.clone()
+        };
+        tasks.spawn(async move { (i, upstream::link::connect(&spec).await) });
+    }
+    let mut opened: Vec<Option<Link>> = (0..clusters.len()).map(|_| None).collect();
+    let mut refusal = None;
+    let mut unreachable = None;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((i, result)) = joined else { continue };
+        match result {
+            Ok(link) => opened[i] = Some(link),
+            Err(e @ ConnectError::Refused { .. }) => refusal = Some(e),
+            Err(e) => {
+                warn!(cluster = %clusters[i].name, error = %e, "cluster unreachable; continuing without it");
+                metrics.cluster(&clusters[i].name).link_failures.inc();
+                unreachable = Some(e);
+            }
+        }
+    }
+    if let Some(e) = refusal {
+        return Err(e);
+    }
+    let mut slots = Vec::with_capacity(clusters.len());
+    let mut any_shard = false;
+    for (cluster, link) in clusters.iter().zip(opened) {
+        let Some(link) = link else { continue };
+        any_shard |= cluster.role == Role::Shard;
+        slots.push(LinkSlot::new(
+            link,
+            cluster.role,
+            cluster.weight,
+            cluster.drain,
+            metrics.cluster(&cluster.name),
+        ));
+    }
+    if !any_shard {
+        return Err(unreachable.unwrap_or(ConnectError::Unreachable {
+            cluster: Arc::from("(all shard clusters)"),
+            last: "no shard cluster answered".into(),
+        }));
+    }
+    Ok(slots)
+}
+
+/// Why the connection is ending.
+enum Closing {
+    /// The client sent connection.close; waiting for the links to confirm theirs.
+    ByClient { deadline: Instant },
+    /// The proxy sent connection.close to the client; waiting for its close-ok.
+    ByProxy { deadline: Instant, reason: String },
+}
+
+/// A protocol error that ends the connection.
+struct ConnError {
+    code: u16,
+    text: String,
+    class_id: u16,
+    method_id: u16,
+}
+
+impl ConnError {
+    fn new(code: u16, detail: impl std::fmt::Display) -> Self {
+        ConnError {
+            code,
+            text: format!("{} - {detail}", reply_name(code)),
+            class_id: 0,
+            method_id: 0,
+        }
+    }
+
+    fn on(mut self, method: &Method) -> Self {
+        (self.class_id, self.method_id) = method.ids();
+        self
+    }
+}
+
+struct Session {
+    id: u64,
+    client_out: Arc<Outbox>,
+    frame_max: usize,
+    caps: ClientCaps,
+    channel_max: u16,
+    links: Vec<LinkSlot>,
+    /// The control cluster's link; control traffic goes to the first shard link without one.
+    control: Option<LinkId>,
+    rules: Rules,
+    /// The last publish destination and its class (see `on_client_command`).
+    last_route: Option<(ShortStr, ShortStr, Class)>,
+    rr: RoundRobin,
+    get_rotation: usize,
+    channels: Vec<Option<Channel>>,
+    closing: Option<Closing>,
+    /// Set when the session must end after the current event.
+    end: Option<String>,
+    blocked_links: usize,
+    next_ctag: u64,
+    scratch_acks: Vec<UpstreamAck>,
+    scratch_seqs: Vec<u64>,
+    scratch_confirms: Vec<ClientConfirm>,
+    scratch_inflight: Vec<InFlight>,
+    /// Bytes of publishes this connection holds until their clusters confirm them.
+    held_bytes: usize,
+    held_limit: usize,
+    /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
+    hold_publishes: bool,
+    held_limit_total: usize,
+    /// Links whose channel resets released held bytes to account for.
+    pending_release: Vec<LinkId>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    vhost: String,
+    /// What new links are opened with (the client's credentials and vhost).
+    base_spec: LinkSpec,
+    opened_tx: mpsc::Sender<Opened>,
+    /// Clusters a link is being opened to (after a reload).
+    connecting: Vec<String>,
+    /// The topology this client declared, in order, with where it lives; replayed on links
+    /// opened later (a cluster added by a reload, a failover to the other node).
+    topology: Topology,
+    /// When each cluster without a live link may be tried again (exponential backoff).
+    retry_at: std::collections::HashMap<String, Retry>,
+    /// Publishes waiting for a shard link, oldest first: none was ready when they came (or when
+    /// their link died), typically while the only live shard cluster's link fails over to its
+    /// other node. Counted in `held_bytes`, so they are bounded like every held publish.
+    parked: VecDeque<Parked>,
+    /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
+    /// publishes are given up (nacked) and the client is closed with 320.
+    no_shard_since: Option<Instant>,
+    /// The link [`poll_links`](Self::poll_links) tries first.
+    next_read: usize,
+}
+
+/// When a cluster without a live link is tried again.
+struct Retry {
+    at: Instant,
+    /// The current backoff delay, doubled on each failed attempt.
+    delay: Duration,
+    /// [`Shared::nodes_back`] of the cluster when the delay started: a node seen back by the
+    /// health probes since then cuts the wait short.
+    nodes_back: u64,
+}
+
+/// A publish waiting for a shard link (see [`Session::parked`]).
+struct Parked {
+    ch: u16,
+    client: Option<u64>,
+    held: Held,
+}
+
+/// A link opened after a reload added a cluster.
+struct Opened {
+    cluster: crate::config::ClusterConfig,
+    result: Result<Link, ConnectError>,
+}
+
+/// When the health probes see a cluster come back, the sessions waiting for it reconnect
+/// spread over time so that the proxy opens at most about this many links per second.
+const RECONNECTS_PER_SEC: u64 = 500;
+
+/// How long a removed cluster's link must have been quiet before it is closed.
+const RETIRE_QUIET: Duration = Duration::from_secs(3);
+
+fn close_method(code: u16, text: &'static str) -> Method {
+    Method::ChannelClose(codec::ChannelClose {
+        reply_code: code,
+        reply_text: ShortStr::from_static(text),
+        class_id: 0,
+        method_id: 0,
+    })
+}
+
+fn connection_close(code: u16, text: &'static str) -> Method {
+    Method::ConnectionClose(codec::ConnectionClose {
+        reply_code: code,
+        reply_text: ShortStr::from_static(text),
+        class_id: 0,
+        method_id: 0,
+    })
+}
+
+fn unacked_dec(links: &[LinkSlot], link: LinkId) {
+    if let Some(slot) = links.get(link) {
+        slot.m.unacked.dec();
+    }
+}
+
+/// Splits a prefetch window over the shard links: each gets its share, the remainder going to
+/// the first ones, and never less than one (0 stays "unlimited").
+fn split_prefetch(window: u16, shards: u32, index: u32) -> u16 {
+    if window == 0 || shards <= 1 {
+        return window;
+    }
+    let w = u32::from(window);
+    let share = w / shards + u32::from(index < w % shards);
+    share.max(1) as u16
+}
+
+/// Replies to synchronous requests (the proxy pairs them with their requests in order).
+fn is_reply(m: &Method) -> bool {
+    matches!(
+        m,
+        Method::ChannelOpenOk(_)
+            | Method::AccessRequestOk(_)
+            | Method::ChannelFlowOk(_)
+            | Method::ExchangeDeclareOk(_)
+            | Method::ExchangeDeleteOk(_)
+            | Method::ExchangeBindOk(_)
+            | Method::ExchangeUnbindOk(_)
+            | Method::QueueDeclareOk(_)
+            | Method::QueueBindOk(_)
+            | Method::QueueUnbindOk(_)
+            | Method::QueuePurgeOk(_)
+            | Method::QueueDeleteOk(_)
+            | Method::BasicQosOk(_)
+            | Method::BasicConsumeOk(_)
+            | Method::BasicCancelOk(_)
+            | Method::BasicGetOk(_)
+            | Method::BasicGetEmpty(_)
+            | Method::BasicRecoverOk(_)
+            | Method::ConfirmSelectOk(_)
+            | Method::TxSelectOk(_)
+            | Method::TxCommitOk(_)
+            | Method::TxRollbackOk(_)
+    )
+}
+
+/// Whether a client request expects a reply (false for `nowait` and asynchronous methods).
+fn expects_reply(m: &Method) -> bool {
+    match m {
+        Method::ExchangeDeclare(x) => !x.nowait,
+        Method::ExchangeDelete(x) => !x.nowait,
+        Method::ExchangeBind(x) => !x.nowait,
+        Method::ExchangeUnbind(x) => !x.nowait,
+        Method::QueueDeclare(x) => !x.nowait,
+        Method::QueueBind(x) => !x.nowait,
+        Method::QueuePurge(x) => !x.nowait,
+        Method::QueueDelete(x) => !x.nowait,
+        Method::BasicConsume(x) => !x.nowait,
+        Method::BasicCancel(x) => !x.nowait,
+        Method::ConfirmSelect(x) => !x.nowait,
+        Method::QueueUnbind(_)
+        | Method::BasicQos(_)
+        | Method::BasicGet(_)
+        | Method::BasicRecover(_)
+        | Method::TxSelect(_)
+        | Method::TxCommit(_)
+        | Method::TxRollback(_)
+        | Method::ChannelFlow(_)
+        | Method::AccessRequest(_)
+        | Method::ChannelOpen(_) => true,
+        _ => false,
+    }
+}
+
+/// What a session's event loop waits on, besides its own state.
+struct Inputs {
+    rd: ReadHalf,
+    /// Bytes already read from the client (pipelined behind connection.open).
+    rbuf: BytesMut,
+    opened: mpsc::Receiver<Opened>,
+    config_rx: tokio::sync::watch::Receiver<Arc<Config>>,
+    heartbeat: Option<Duration>,
+    max_message: u64,
+    force_close: CancellationToken,
+}
+
+impl Session {
+    async fn run(&mut self, inputs: Inputs) -> String {
+        let Inputs {
+            mut rd,
+            mut rbuf,
+            mut opened,
+            mut config_rx,
+            heartbeat,
+            max_message,
+            force_close,
+        } = inputs;
+        let mut assembler = Assembler::new(max_message);
+        let mut last_seen = Instant::now();
+        let mut forced = false;
+        let client_out = self.client_out.clone();
+        let mut was_reading = true;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires at the earliest time a link may have missed its heartbeats. Reset only when it
+        // fires (and by the tick, for links opened since), not on every read: the deadlines move
+        // with every byte, and the check at firing time sees where they are now.
+        let link_silence = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(link_silence);
+        // Frames pipelined behind connection.open are handled first.
+        if !rbuf.is_empty() {
+            self.on_client_bytes(&mut rbuf, &mut assembler);
+        }
+        loop {
+            if let Some(reason) = self.end.take() {
+                return reason;
+            }
+            for link in std::mem::take(&mut self.pending_release) {
+                let released = std::mem::take(&mut self.links[link].released_held);
+                self.release_held(released);
+            }
+            // One write per socket for everything the last turn produced.
+            self.flush_all();
+            let client_room = client_out.has_room();
+            if !client_room {
+                // The links are not read while the client is slow: not their silence.
+                let now = std::time::Instant::now();
+                for slot in &mut self.links {
+                    if let Some(r) = slot.link.reader.as_mut() {
+                        r.not_reading(now);
+                    }
+                }
+            }
+            let full_link = self
+                .links
+                .iter()
+                .find(|s| s.live() && !s.link.outbox.has_room())
+                .map(|s| s.link.outbox.clone());
+            // Held publishes are bounded per connection and in total: at the bound, stop reading
+            // the client until confirms free memory (they arrive as link events, or by the tick
+            // when another connection frees the total).
+            let held_ok = self.held_bytes < self.held_limit
+                && (self.metrics.held_bytes.get() as usize) < self.held_limit_total;
+            let read_client = full_link.is_none() && held_ok;
+            if read_client && !was_reading {
+                // Time spent not reading is not the client's silence.
+                last_seen = Instant::now();
+            }
+            was_reading = read_client;
+            let deadline = match &self.closing {
+                Some(Closing::ByClient { deadline } | Closing::ByProxy { deadline, .. }) => {
+                    Some(*deadline)
+                }
+                None => heartbeat.filter(|_| read_client).map(|h| last_seen + 2 * h),
+            };
+            rbuf.reserve(8 * 1024);
+            tokio::select! {
+                _ = force_close.cancelled(), if !forced => {
+                    forced = true;
+                    if self.closing.is_none() {
+                        self.begin_proxy_close(ConnError::new(320, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
+                    }
+                }
+                (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
+                    self.on_link_readable(link, read);
+                }
+                Some(o) = opened.recv() => self.on_opened(o),
+                Ok(()) = config_rx.changed(), if self.closing.is_none() => {
+                    let config = config_rx.borrow_and_update().clone();
+                    self.apply_config(&config);
+                }
+                _ = &mut link_silence => {
+                    self.check_link_heartbeats();
+                    link_silence.as_mut().reset(self.next_link_silence());
+                }
+                _ = tick.tick() => {
+                    self.check_link_heartbeats();
+                    let next = self.next_link_silence();
+                    if next < link_silence.deadline() {
+                        link_silence.as_mut().reset(next);
+                    }
+                    self.retire_quiet_links();
+                    self.ensure_links();
+                    self.check_no_shard();
+                }
+                r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
+                    match r {
+                        Ok(0) => return self.client_gone("client closed the TCP connection"),
+                        Ok(_) => {
+                            last_seen = Instant::now();
+                            self.on_client_bytes(&mut rbuf, &mut assembler);
+                        }
+                        Err(e) => return self.client_gone(&format!("client socket error: {e}")),
+                    }
+                }
+                _ = client_out.room(), if !client_room => {}
+                _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
+                    // Time spent not reading is not the client's silence.
+                    last_seen = Instant::now();
+                }
+                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
+                    match &self.closing {
+                        Some(Closing::ByClient { .. }) => {
+                            self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+                            return "client closed the connection (upstream close timed out)".into();
+                        }
+                        Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
+                        None => {
+                            let h = heartbeat.unwrap_or_default();
+                            return self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client socket is gone: release the upstream connections so the brokers requeue
+    /// whatever the client had not acknowledged.
+    fn client_gone(&mut self, reason: &str) -> String {
+        for slot in &self.links {
+            slot.send(0, &connection_close(200, "client connection lost"));
+        }
+        reason.to_owned()
+    }
+
+    fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
+        while self.end.is_none() {
+            let frame = match codec::decode_frame(rbuf, self.frame_max) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => return self.protocol_error(ConnError::new(e.reply_code(), e)),
+            };
+            if frame.kind == FrameKind::Heartbeat {
+                if frame.channel != 0 {
+                    return self.protocol_error(ConnError::new(
+                        501,
+                        "heartbeat frame on a non-zero channel",
+                    ));
+                }
+                continue;
+            }
+            match assembler.push(frame) {
+                Ok(None) => {}
+                Ok(Some(cmd)) => {
+                    if let Err(e) = self.on_client_command(cmd) {
+                        return self.protocol_error(e);
+                    }
+                }
+                Err(AssembleError::Connection { code, text }) => {
+                    return self.protocol_error(ConnError {
+                        code,
+                        text,
+                        class_id: 0,
+                        method_id: 0,
+                    });
+                }
+                Err(AssembleError::TooLarge {
+                    channel,
+                    method,
+                    size,
+                    max,
+                }) => {
+                    let text = format!(
+                        "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
+                    );
+                    self.close_channel(channel, 406, &text, &method);
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: ConnError) {
+        if self.closing.is_some() {
+            self.end = Some(format!("protocol error while closing: {}", e.text));
+            return;
+        }
+        warn!(conn = self.id, code = e.code, text = %e.text, "closing connection on a protocol error");
+        let reason = format!("protocol error: {}", e.text);
+        self.begin_proxy_close(e, &reason);
+    }
+
+    fn to_client(&self, ch: u16, method: &Method) {
+        self.client_out
+            .push(|buf| codec::write_method(buf, ch, method));
+    }
+
+    fn channel_mut(&mut self, ch: u16) -> Option<&mut Channel> {
+        self.channels
+            .get_mut(usize::from(ch))
+            .and_then(Option::as_mut)
+    }
+
+    fn free_channel(&mut self, ch: u16) {
+        if let Some(slot) = self.channels.get_mut(usize::from(ch))
+            && let Some(mut channel) = slot.take()
+        {
+            channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+            self.metrics.channels.dec();
+        }
+    }
+
+    /// Gives back what this session added to the shared gauges.
+    fn release_gauges(&mut self) {
+        let mut held = 0;
+        for slot in &mut self.links {
+            for up in &mut slot.chans {
+                let drained = up.confirms.drain();
+                slot.m.confirms_pending.dec_by(drained.len() as i64);
+                held += drained.iter().map(|p| p.held.size()).sum::<usize>();
+            }
+        }
+        self.release_held(held);
+        for ch in 0..self.channels.len() {
+            self.free_channel(ch as u16);
+        }
+        for slot in &mut self.links {
+            let pending: usize = slot.chans.iter().map(|c| c.confirms.pending()).sum();
+            slot.m.confirms_pending.dec_by(pending as i64);
+            slot.chans.clear();
+            slot.mark_done();
+        }
+    }
+
+    /// Sends connection.close to the client and to every link; waits for the client's close-ok.
+    fn begin_proxy_close(&mut self, e: ConnError, reason: &str) {
+        let reply_text = ShortStr::try_from(truncate(&e.text)).unwrap_or_default();
+        self.to_client(
+            0,
+            &Method::ConnectionClose(codec::ConnectionClose {
+                reply_code: e.code,
+                reply_text,
+                class_id: e.class_id,
+                method_id: e.method_id,
+            }),
+        );
+        for slot in &self.links {
+            slot.send(0, &connection_close(200, "client connection closing"));
+        }
+        self.closing = Some(Closing::ByProxy {
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Ends a client-initiated close once every link has closed.
+    fn maybe_finish_client_close(&mut self) {
+        if let Some(Closing::ByClient { .. }) = self.closing
+            && self.links.iter().all(|s| s.done)
+        {
+            self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+            self.end = Some("client closed the connection".into());
+        }
+    }
+
+    // ----- links by role -------------------------------------------------------------------
+
+    fn live_links(&self) -> LinkSet {
+        let mut set = LinkSet::default();
+        for (i, s) in self.links.iter().enumerate() {
+            if s.live() {
+                set.insert(i);
+            }
+        }
+        set
+    }
+
+    fn shard_links(&self) -> LinkSet {
+        let mut set = LinkSet::default();
+        for (i, s) in self.links.iter().enumerate() {
+            if s.live() && s.role == Role::Shard {
+                set.insert(i);
+            }
+        }
+        set
+    }
+
+    /// The link control traffic goes to.
+    fn control_link(&self) -> Option<LinkId> {
+        match self.control {
+            Some(c) if self.links[c].live() => Some(c),
+            Some(_) => None,
+            None => self.shard_links().first(),
+        }
+    }
+
+    fn targets(&self, class: Class) -> LinkSet {
+        match class {
+            Class::Sharded => self.shard_links(),
+            Class::Control => self.control_link().map(LinkSet::one).unwrap_or_default(),
+        }
+    }
+
+    // ----- reload ---------------------------------------------------------------------------
+
+    // ----- client to upstream -------------------------------------------------------------
+
+    // ----- upstream to client -------------------------------------------------------------
+}

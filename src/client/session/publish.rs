@@ -1,0 +1,384 @@
+//! The publish path: a client's publish goes to one shard link (round-robin, or the channel's
+//! transaction link), held until its cluster confirms it; parked while no shard link is ready;
+//! published again elsewhere when a cluster nacks it or its link dies; transactions redone on
+//! another link when theirs dies before the commit is answered.
+
+use super::*;
+
+impl Session {
+    /// Forwards a publish whole to the cluster it is routed to.
+    pub(super) fn publish(&mut self, ch: u16, class: Class, method: &Method, content: &Content) {
+        let Method::BasicPublish(publish) = method else {
+            return;
+        };
+        let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
+        let held = Held {
+            publish: publish.clone(),
+            content: content.clone(),
+        };
+        let link = match class {
+            Class::Control => self.control_link(),
+            Class::Sharded if tx => match self.tx_link(ch) {
+                Ok(link) => {
+                    let limit = self.held_limit;
+                    if let Some(channel) = self.channel_mut(ch) {
+                        channel.tx_log.record(&held, limit);
+                    }
+                    Some(link)
+                }
+                Err(text) => {
+                    self.close_channel(ch, 541, text, method);
+                    return;
+                }
+            },
+            Class::Sharded => self.pick_shard(None),
+        };
+        if link.is_none() && class == Class::Sharded && !tx && self.closing.is_none() {
+            // No shard link is ready (a failover in progress): wait for one.
+            let client_seq = self
+                .channel_mut(ch)
+                .and_then(|c| c.confirms.as_mut())
+                .map(|c| c.next_seq());
+            self.park(ch, client_seq, held);
+            return;
+        }
+        let Some(link) = link else {
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - no cluster available for basic.publish",
+                method,
+            );
+            return;
+        };
+        let client_seq = self
+            .channel_mut(ch)
+            .and_then(|c| c.confirms.as_mut())
+            .map(|c| c.next_seq());
+        self.send_publish(ch, link, client_seq, held, tx);
+    }
+
+    /// The link of the channel's open transaction, chosen at its first publish. When that link
+    /// died under the transaction, the transaction's publishes are published again on the new
+    /// link first, so the commit covers all of them.
+    pub(super) fn tx_link(&mut self, ch: u16) -> Result<LinkId, &'static str> {
+        let current = self.channel_mut(ch).and_then(|c| c.tx_link);
+        if let Some(link) = current
+            && self.links[link].live()
+        {
+            return Ok(link);
+        }
+        let Some(picked) = self.pick_shard(None) else {
+            return Err("INTERNAL_ERROR - no shard cluster available for this transaction");
+        };
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(picked);
+        };
+        channel.tx_link = Some(picked);
+        if channel.tx_log.lost {
+            if channel.tx_log.overflowed {
+                return Err("INTERNAL_ERROR - the cluster of this transaction failed; \
+                            the transaction is too large to publish again");
+            }
+            channel.tx_log.lost = false;
+            let redo = std::mem::take(&mut channel.tx_log.publishes);
+            debug!(conn = self.id, channel = ch, publishes = redo.len(), to = %self.links[picked].link.cluster,
+                "the transaction's cluster failed; publishing its messages again");
+            self.redo_transaction(ch, picked, redo.iter());
+            if let Some(channel) = self.channel_mut(ch) {
+                channel.tx_log.publishes = redo;
+            }
+        }
+        Ok(picked)
+    }
+
+    /// tx.commit / tx.rollback: answered by every live link (the transaction's publishes are
+    /// on one of them). A commit keeps the transaction's publishes until it is answered, to
+    /// commit them elsewhere if their link dies first.
+    pub(super) fn end_transaction(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let commit = matches!(method, Method::TxCommit(_));
+        if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
+            // The transaction's link died: publish its messages again before committing.
+            if let Err(text) = self.tx_link(ch) {
+                self.close_channel(ch, 541, text, method);
+                return Ok(());
+            }
+        }
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
+        let link = channel.tx_link.take();
+        // The next transaction starts empty; this one's publishes go with its commit.
+        let log = std::mem::take(&mut channel.tx_log);
+        let targets = self.live_links();
+        self.fan_out(ch, method, targets)?;
+        // With no target, fan_out closed the channel and sent nothing to wait for.
+        if commit
+            && !targets.is_empty()
+            && let Some(link) = link
+            && let Some(channel) = self.channel_mut(ch)
+            && let Some(rpc) = channel.rpcs.back()
+        {
+            let kept = (!log.overflowed).then_some(log.publishes);
+            channel.tx_log.committing = Some((rpc.id, link, kept));
+        }
+        Ok(())
+    }
+
+    /// The link that had a transaction's publishes died while its commit was unanswered: the
+    /// broker may or may not have committed. Publish the transaction again on another link and
+    /// commit there (a duplicate is possible, counted in `warren_republished`); the new link's
+    /// answer stands in for the dead one's. Returns false when `id` is not such a commit.
+    pub(super) fn redo_commit(&mut self, ch: u16, dead: LinkId, id: u64) -> bool {
+        let Some(channel) = self.channel_mut(ch) else {
+            return false;
+        };
+        match &channel.tx_log.committing {
+            Some((cid, link, _)) if *cid == id && *link == dead => {}
+            _ => return false,
+        }
+        let Some((_, _, kept)) = channel.tx_log.committing.take() else {
+            return false;
+        };
+        let commit = Method::TxCommit(Default::default());
+        let Some(publishes) = kept else {
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit; \
+                 the transaction was too large to publish again",
+                &commit,
+            );
+            return true;
+        };
+        let Some(target) = self.pick_shard(Some(dead)).filter(|&l| l != dead) else {
+            self.close_channel(
+                ch,
+                541,
+                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit \
+                 and no other shard cluster is available",
+                &commit,
+            );
+            return true;
+        };
+        warn!(conn = self.id, channel = ch, from = %self.links[dead].link.cluster, to = %self.links[target].link.cluster,
+            publishes = publishes.len(), "transaction's cluster failed during tx.commit; committing it again elsewhere");
+        self.redo_transaction(ch, target, publishes.iter());
+        self.links[target].request(ch, &commit, Pending::Rpc(id));
+        if let Some(channel) = self.channel_mut(ch) {
+            channel.tx_log.committing = Some((id, target, Some(publishes)));
+        }
+        true
+    }
+
+    /// Counts bytes of publishes this connection holds (per connection and in the total).
+    pub(super) fn add_held(&mut self, size: usize) {
+        self.held_bytes += size;
+        self.metrics.held_bytes.inc_by(size as i64);
+    }
+
+    /// Releases bytes counted by [`add_held`](Self::add_held).
+    pub(super) fn release_held(&mut self, size: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(size);
+        self.metrics.held_bytes.dec_by(size as i64);
+    }
+
+    /// Publishes a transaction's messages again on `link` (its first link died).
+    pub(super) fn redo_transaction<'a>(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        publishes: impl Iterator<Item = &'a Held>,
+    ) {
+        for held in publishes {
+            self.metrics.republished.inc();
+            self.send_publish(ch, link, None, held.clone(), true);
+        }
+    }
+
+    /// Keeps a publish until a shard link is ready (see [`Session::parked`]).
+    pub(super) fn park(&mut self, ch: u16, client: Option<u64>, held: Held) {
+        let size = held.size();
+        self.add_held(size);
+        if self.parked.is_empty() {
+            info!(
+                conn = self.id,
+                "no shard cluster ready; holding publishes until one is"
+            );
+        }
+        self.parked.push_back(Parked { ch, client, held });
+        self.no_shard_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A shard link became ready: send the parked publishes, in order.
+    pub(super) fn unpark(&mut self) {
+        while let Some(p) = self.parked.pop_front() {
+            let Some(link) = self.pick_shard(None) else {
+                self.parked.push_front(p);
+                return;
+            };
+            let size = p.held.size();
+            self.release_held(size);
+            let open = self
+                .channel_mut(p.ch)
+                .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+            if open {
+                self.send_publish(p.ch, link, p.client, p.held, false);
+            } else {
+                self.metrics.dropped.inc();
+                warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
+                    "publish lost: its channel was closed while it waited for a shard cluster");
+            }
+        }
+        if !self.shard_links().is_empty() {
+            self.no_shard_since = None;
+        }
+    }
+
+    /// On the tick: no shard cluster for longer than `timeouts.failover_wait_secs` gives up the
+    /// parked publishes (nacks to confirm-mode clients) and closes the client with 320, so it
+    /// reconnects (maybe to another warren) instead of waiting forever.
+    pub(super) fn check_no_shard(&mut self) {
+        if !self.parked.is_empty() {
+            // A failed pick changes no round-robin state; unpark keeps what it cannot send.
+            self.unpark();
+        }
+        let Some(since) = self.no_shard_since else {
+            return;
+        };
+        if !self.shard_links().is_empty() && self.parked.is_empty() {
+            self.no_shard_since = None;
+            return;
+        }
+        let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+        if since.elapsed() < wait || self.closing.is_some() {
+            return;
+        }
+        for p in std::mem::take(&mut self.parked) {
+            let size = p.held.size();
+            self.release_held(size);
+            match p.client {
+                Some(seq) => self.nack_lost(p.ch, &[seq]),
+                None => {
+                    self.metrics.dropped.inc();
+                    warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
+                        "publish lost: no shard cluster came back in time and the client did not ask for confirms");
+                }
+            }
+        }
+        let text = "no shard cluster is reachable";
+        warn!(
+            conn = self.id,
+            waited_secs = wait.as_secs(),
+            "{text}; closing the client"
+        );
+        self.begin_proxy_close(ConnError::new(320, text), text);
+    }
+
+    /// The next shard link by smooth weighted round-robin over the live, ready, non-draining
+    /// ones; `avoid` is skipped unless it is the only one.
+    pub(super) fn pick_shard(&mut self, avoid: Option<LinkId>) -> Option<LinkId> {
+        // A cluster under a resource alarm (connection.blocked) gets publishes only when every
+        // other one is blocked too: publishes move rather than pause.
+        let any_unblocked = self.links.iter().enumerate().any(|(i, s)| {
+            s.live()
+                && s.ready
+                && s.role == Role::Shard
+                && !s.drain
+                && !s.blocked
+                && Some(i) != avoid
+        });
+        let eligible = |i: usize, s: &LinkSlot| {
+            s.live()
+                && s.ready
+                && s.role == Role::Shard
+                && !s.drain
+                && Some(i) != avoid
+                && (!any_unblocked || !s.blocked)
+        };
+        let links = &self.links;
+        let picked = self.rr.pick(
+            links
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| eligible(*i, s))
+                .map(|(i, s)| (i, s.weight)),
+        );
+        picked.or_else(|| avoid.filter(|&a| self.links.get(a).is_some_and(|s| s.live())))
+    }
+
+    /// Writes a publish to a link. Outside transactions the upstream channel is in confirm mode
+    /// and the publish is held until the cluster confirms it, so a nack or a lost link gets it
+    /// published again elsewhere instead of lost.
+    pub(super) fn send_publish(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        client_seq: Option<u64>,
+        held: Held,
+        tx: bool,
+    ) {
+        let slot = &mut self.links[link];
+        slot.m.publishes.inc();
+        if matches!(slot.chan_state(ch), UpState::Closed | UpState::Closing) {
+            slot.open(ch, Pending::Internal);
+        }
+        let done = slot.done;
+        let up = slot.chan(ch);
+        if !tx && !up.confirm_mode && !done && self.hold_publishes {
+            up.confirm_mode = true;
+            slot.link.send(
+                ch,
+                &Method::ConfirmSelect(codec::ConfirmSelect { nowait: true }),
+            );
+        }
+        let method = Method::BasicPublish(held.publish.clone());
+        slot.send_content(ch, &method, &held.content);
+        let up = slot.chan(ch);
+        if up.confirm_mode {
+            let size = held.size();
+            up.confirms.record(client_seq, held);
+            slot.m.confirms_pending.inc();
+            self.add_held(size);
+        }
+    }
+
+    /// Publishes again a message a cluster nacked or lost. A duplicate is possible when the
+    /// cluster took the message and died before confirming it: counted in `warren_republished`.
+    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight) {
+        self.metrics.republished.inc();
+        let InFlight { client, held, .. } = inflight;
+        let class = self.rules.publish(
+            held.publish.exchange.as_bytes(),
+            held.publish.routing_key.as_bytes(),
+        );
+        let open = self
+            .channel_mut(ch)
+            .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+        let target = match class {
+            Class::Control => self.control_link().filter(|&l| l != failed),
+            Class::Sharded => self
+                .pick_shard(Some(failed))
+                .filter(|&l| self.links[l].live()),
+        };
+        match target {
+            Some(link) if open => {
+                debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
+                self.send_publish(ch, link, client, held, false);
+            }
+            None if open && class == Class::Sharded && self.closing.is_none() => {
+                // The only shard cluster is failing over: wait for its link to come back.
+                self.park(ch, client, held);
+            }
+            _ => {
+                if let Some(seq) = client {
+                    self.nack_lost(ch, &[seq]);
+                } else {
+                    self.metrics.dropped.inc();
+                    warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
+                        "publish lost: no cluster can take it and the client did not ask for confirms");
+                }
+            }
+        }
+    }
+}

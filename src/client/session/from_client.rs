@@ -44,11 +44,7 @@ impl Session {
         if let Method::ChannelOpen(_) = method {
             return self.open_channel(ch, &method);
         }
-        let Some(channel) = self
-            .channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
-        else {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
         };
         match channel.state {
@@ -478,11 +474,7 @@ impl Session {
                 method_id,
             }),
         );
-        if let Some(channel) = self
-            .channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
-        {
+        if let Some(channel) = channel_in(&mut self.channels, ch) {
             channel.state = ChannelState::AwaitingCloseOk;
             channel.rpcs.clear();
             channel.tags.forget_all(|l| unacked_dec(&self.links, l));

@@ -59,11 +59,7 @@ impl Session {
             }
             _ => {}
         }
-        let Some(channel) = self
-            .channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
-        else {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
         match channel.state {
@@ -110,11 +106,7 @@ impl Session {
                 if slot.removed {
                     slot.last_delivery = Instant::now();
                 }
-                let Some(channel) = self
-                    .channels
-                    .get_mut(usize::from(ch))
-                    .and_then(Option::as_mut)
-                else {
+                let Some(channel) = channel_in(&mut self.channels, ch) else {
                     return;
                 };
                 if !channel.held.is_empty() || channel.consumers.iter().any(|c| !c.ready) {
@@ -171,11 +163,7 @@ impl Session {
         let Some(Pending::Rpc(id)) = pending else {
             return;
         };
-        let Some(channel) = self
-            .channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
-        else {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
         let Some(rpc) = channel.rpc_mut(id) else {
@@ -198,11 +186,7 @@ impl Session {
     /// Answers completed requests at the head of the channel's queue, in request order.
     pub(super) fn flush_rpcs(&mut self, ch: u16) {
         loop {
-            let Some(channel) = self
-                .channels
-                .get_mut(usize::from(ch))
-                .and_then(Option::as_mut)
-            else {
+            let Some(channel) = channel_in(&mut self.channels, ch) else {
                 return;
             };
             if channel.rpcs.front().is_none_or(|r| r.waiting != 0) {
@@ -225,11 +209,7 @@ impl Session {
             if let Some((class, m)) = rpc.on_success {
                 self.record_topology(class, m);
             }
-            let Some(channel) = self
-                .channels
-                .get_mut(usize::from(ch))
-                .and_then(Option::as_mut)
-            else {
+            let Some(channel) = channel_in(&mut self.channels, ch) else {
                 return;
             };
             match reply.method {

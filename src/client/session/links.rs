@@ -508,11 +508,7 @@ impl Session {
     /// A request was waiting for a link that died: count it as answered by that link (the
     /// other links' replies make the answer), or try the next cluster for a basic.get.
     pub(super) fn settle_dead_rpc(&mut self, ch: u16, id: u64) {
-        let Some(channel) = self
-            .channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
-        else {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
         let Some(rpc) = channel.rpc_mut(id) else {

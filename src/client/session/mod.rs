@@ -425,6 +425,12 @@ const RECONNECTS_PER_SEC: u64 = 500;
 /// How long a removed cluster's link must have been quiet before it is closed.
 const RETIRE_QUIET: Duration = Duration::from_secs(3);
 
+/// The open client channel `ch`. A free function rather than a method so that a caller can keep
+/// it while it uses other parts of the session, such as the links.
+fn channel_in(channels: &mut [Option<Channel>], ch: u16) -> Option<&mut Channel> {
+    channels.get_mut(usize::from(ch)).and_then(Option::as_mut)
+}
+
 fn close_method(code: u16, text: &'static str) -> Method {
     Method::ChannelClose(codec::ChannelClose {
         reply_code: code,
@@ -731,9 +737,7 @@ impl Session {
     }
 
     fn channel_mut(&mut self, ch: u16) -> Option<&mut Channel> {
-        self.channels
-            .get_mut(usize::from(ch))
-            .and_then(Option::as_mut)
+        channel_in(&mut self.channels, ch)
     }
 
     fn free_channel(&mut self, ch: u16) {

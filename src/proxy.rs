@@ -410,7 +410,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let sessions = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(config.limits.max_connections));
+    let slots = ConnectionSlots::new(config.limits.max_connections);
     match tls_addr {
         Some(tls) => {
             info!(listen = %amqp_addr, tls_listen = %tls, clusters = config.clusters.len(), "warren listening")
@@ -424,7 +424,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         stop_accepting.clone(),
         force_close.clone(),
         sessions.clone(),
-        limit,
+        slots,
     ));
     Ok(ProxyHandle {
         amqp_addr,
@@ -472,34 +472,45 @@ async fn open_stream(
     }
 }
 
-/// `limits.max_connections` as the semaphore of connection slots currently enforces it; a reload
-/// changes it for the next accepted connection.
-struct MaxConnections {
-    value: usize,
+/// One slot per client connection, `limits.max_connections` of them; a reload changes the count
+/// for the next accepted connection.
+struct ConnectionSlots {
+    slots: Arc<Semaphore>,
+    /// The limit the slots enforce.
+    max: usize,
     /// Slots still to take away after a reload lowered the limit while they were in use: taken
     /// as connections close, so the open ones are never cut.
     debt: usize,
 }
 
-impl MaxConnections {
-    fn new(value: usize) -> Self {
-        MaxConnections { value, debt: 0 }
+impl ConnectionSlots {
+    fn new(max: usize) -> Self {
+        ConnectionSlots {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            debt: 0,
+        }
     }
 
-    /// Makes `slots` enforce `want`.
-    fn follow(&mut self, slots: &Semaphore, want: usize) {
-        if want > self.value {
-            let more = want - self.value;
+    /// Makes the slots enforce `want`.
+    fn follow(&mut self, want: usize) {
+        if want > self.max {
+            let more = want - self.max;
             let repaid = self.debt.min(more);
             self.debt -= repaid;
-            slots.add_permits(more - repaid);
+            self.slots.add_permits(more - repaid);
         } else {
-            self.debt += self.value - want;
+            self.debt += self.max - want;
         }
-        self.value = want;
+        self.max = want;
         if self.debt > 0 {
-            self.debt -= slots.forget_permits(self.debt);
+            self.debt -= self.slots.forget_permits(self.debt);
         }
+    }
+
+    /// A slot for a new connection, held until the connection ends; `None` at the limit.
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
     }
 }
 
@@ -510,13 +521,12 @@ async fn accept_loop(
     stop: CancellationToken,
     force_close: CancellationToken,
     sessions: TaskTracker,
-    limit: Arc<Semaphore>,
+    mut slots: ConnectionSlots,
 ) {
     // Refusals still answer in AMQP (530 at connection.open, as RabbitMQ does for its own
     // connection limits), but only this many at once; beyond that the socket is just closed.
     let refusals = Arc::new(Semaphore::new(64));
     let per_ip: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
-    let mut max = MaxConnections::new(shared.config().limits.max_connections);
     loop {
         let (accepted, tls) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -533,7 +543,7 @@ async fn accept_loop(
             }
         };
         let config = shared.config();
-        max.follow(&limit, config.limits.max_connections);
+        slots.follow(config.limits.max_connections);
         let per_ip_max = config.limits.max_connections_per_ip;
         let ip_ok = {
             let mut map = lock(&per_ip);
@@ -545,18 +555,14 @@ async fn accept_loop(
                 false
             }
         };
-        let permit = if ip_ok {
-            limit.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
+        let permit = if ip_ok { slots.take() } else { None };
         let Some(permit) = permit else {
             if ip_ok {
                 // Counted above, refused on the total: give the slot back.
                 release_ip(&per_ip, peer.ip());
             }
             let reason = if ip_ok {
-                format!("connection limit ({}) reached", max.value)
+                format!("connection limit ({}) reached", slots.max)
             } else {
                 format!(
                     "connection limit per client address ({per_ip_max}) reached for {}",

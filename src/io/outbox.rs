@@ -228,16 +228,12 @@ impl Outbox {
         self.room_wake.notify_waiters();
     }
 
-    /// Appends a heartbeat frame when nothing was written for `period`; returns when one is due
-    /// next.
-    fn heartbeat_due(&self, period: Duration) -> Instant {
+    /// Appends a heartbeat frame when nothing was written for `period` and nothing waits.
+    fn heartbeat_if_quiet(&self, period: Duration) {
         let mut st = self.lock();
-        let now = Instant::now();
-        if now.duration_since(st.last_write) >= period && st.buf.is_empty() {
+        if st.last_write.elapsed() >= period && st.buf.is_empty() {
             codec::write_heartbeat(&mut st.buf);
-            return now + period;
         }
-        st.last_write + period
     }
 }
 
@@ -273,7 +269,7 @@ async fn idle_wait(
             };
             let due = tokio::time::Instant::from_std(due);
             if tokio::time::timeout_at(due, notified).await.is_err() {
-                outbox.heartbeat_due(period);
+                outbox.heartbeat_if_quiet(period);
             }
         }
         None => notified.await,

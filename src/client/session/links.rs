@@ -337,7 +337,6 @@ impl Session {
     /// A link's socket gave bytes (or ended): handle every whole command they complete.
     pub(super) fn on_link_readable(&mut self, link: LinkId, read: Result<(), LinkDown>) {
         if let Err(reason) = read {
-            self.links[link].link.reader = None;
             return self.on_link_down(link, reason);
         }
         while self.end.is_none() {
@@ -347,10 +346,7 @@ impl Session {
             match reader.next_command() {
                 Ok(Some(cmd)) => self.on_link_command(link, cmd),
                 Ok(None) => return,
-                Err(reason) => {
-                    self.links[link].link.reader = None;
-                    return self.on_link_down(link, reason);
-                }
+                Err(reason) => return self.on_link_down(link, reason),
             }
         }
     }
@@ -373,7 +369,8 @@ impl Session {
         Poll::Pending
     }
 
-    /// Links silent for two heartbeat intervals are dead (checked by the tick).
+    /// Links silent for two heartbeat intervals are dead (checked when the earliest deadline
+    /// passes).
     pub(super) fn check_link_heartbeats(&mut self) {
         let now = std::time::Instant::now();
         for link in 0..self.links.len() {
@@ -383,7 +380,6 @@ impl Session {
                 .as_ref()
                 .and_then(|r| r.heartbeat_missed(now));
             if let Some(reason) = missed {
-                self.links[link].link.reader = None;
                 self.on_link_down(link, reason);
             }
         }
@@ -415,6 +411,8 @@ impl Session {
         let Some(slot) = self.links.get_mut(link) else {
             return;
         };
+        // Whatever it still had to say is moot: stop reading it.
+        slot.link.reader = None;
         let retiring = slot.retiring;
         let was_done = !slot.mark_done() || retiring;
         if !was_done && self.closing.is_none() {
@@ -450,8 +448,6 @@ impl Session {
         let slot = &mut self.links[link];
         slot.mark_done();
         let cluster = slot.link.cluster.to_string();
-        // Whatever it still had to say is moot: stop reading it.
-        slot.link.reader = None;
         let chans = std::mem::take(&mut slot.chans);
         let m = slot.m.clone();
         for (ch, up) in chans.into_iter().enumerate() {

@@ -625,7 +625,7 @@ impl Session {
                     link_silence.as_mut().reset(self.next_link_silence());
                 }
                 _ = tick.tick() => {
-                    self.check_link_heartbeats();
+                    // Links opened since the timer was armed may be due sooner.
                     let next = self.next_link_silence();
                     if next < link_silence.deadline() {
                         link_silence.as_mut().reset(next);

@@ -28,6 +28,14 @@ pub const MIN_FRAME_MAX: u32 = 4096;
 /// Largest message RabbitMQ accepts at all (its own `max_message_size` cannot go higher).
 pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 * 1024 * 1024;
 
+/// `[runtime] worker_threads` ceiling: far above any useful count, low enough that a typo
+/// (an extra zero or two) is caught instead of starting thousands of threads.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// `[runtime] busy_poll_us` ceiling: spinning longer than a second after the last frame is
+/// burning a core, not lowering latency.
+const MAX_BUSY_POLL_US: u64 = 1_000_000;
+
 /// The whole, validated configuration.
 ///
 /// Invariants established by [`Config::parse`]: at least one `shard` cluster, at most one
@@ -41,6 +49,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `[runtime]`: threads and busy polling. Read at start; a reload cannot change them.
+    pub runtime: Runtime,
     /// `[routing]`: which exchanges and queues are control traffic. Defaults to the Celery preset.
     pub routing: crate::route::Rules,
     /// In file order.
@@ -111,6 +121,24 @@ pub struct Limits {
     /// clients that ask for confirms get them, and a link lost mid-publish can lose what a
     /// non-confirm client published: cheaper for the brokers, no no-loss guarantee.
     pub hold_publishes: bool,
+}
+
+/// `[runtime]`. All optional, see [`Runtime::default`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Runtime {
+    /// Worker threads of the async runtime; 0 (the default) means one per CPU core, or
+    /// `TOKIO_WORKER_THREADS` when that is set.
+    pub worker_threads: usize,
+    /// After traffic, keep the workers polling the sockets this long before they sleep
+    /// (microseconds, at most 1 s). Default 0: off. Trades CPU for latency (see
+    /// `crate::io::busy_poll`).
+    pub busy_poll_us: u64,
+}
+
+impl Runtime {
+    pub fn busy_poll(&self) -> Duration {
+        Duration::from_micros(self.busy_poll_us)
+    }
 }
 
 /// One `[[clusters]]` entry: a RabbitMQ cluster of one or more nodes.
@@ -445,6 +473,7 @@ struct RawConfig {
     admin: Option<Spanned<RawAdmin>>,
     timeouts: Option<Spanned<RawTimeouts>>,
     limits: Option<Spanned<RawLimits>>,
+    runtime: Option<Spanned<RawRuntime>>,
     routing: Option<Spanned<RawRouting>>,
     clusters: Option<Spanned<Vec<Spanned<RawCluster>>>>,
     tls: Option<Spanned<RawServerTls>>,
@@ -502,6 +531,45 @@ struct RawTimeouts {
     shutdown_grace_ms: Option<Spanned<u64>>,
     drain_deadline_secs: Option<Spanned<u64>>,
     failover_wait_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<Spanned<usize>>,
+    busy_poll_us: Option<Spanned<u64>>,
+}
+
+impl RawRuntime {
+    fn validate(&self) -> Result<Runtime, Problem> {
+        if let Some(v) = &self.worker_threads
+            && *v.get_ref() > MAX_WORKER_THREADS
+        {
+            return problem(
+                v.span(),
+                format!(
+                    "worker_threads = {} is too many: use 0 (one per core) to {MAX_WORKER_THREADS}",
+                    v.get_ref()
+                ),
+            );
+        }
+        if let Some(v) = &self.busy_poll_us
+            && *v.get_ref() > MAX_BUSY_POLL_US
+        {
+            return problem(
+                v.span(),
+                format!(
+                    "busy_poll_us = {} is too long: use 0 (off) to {MAX_BUSY_POLL_US} (1 s)",
+                    v.get_ref()
+                ),
+            );
+        }
+        let d = Runtime::default();
+        Ok(Runtime {
+            worker_threads: value_or(&self.worker_threads, d.worker_threads),
+            busy_poll_us: value_or(&self.busy_poll_us, d.busy_poll_us),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -680,6 +748,10 @@ impl RawConfig {
             None => Limits::default(),
             Some(l) => l.get_ref().validate(l.span())?,
         };
+        let runtime = match &self.runtime {
+            None => Runtime::default(),
+            Some(r) => r.get_ref().validate()?,
+        };
         let routing = match &self.routing {
             None => crate::route::Rules::default(),
             Some(r) => r.get_ref().validate()?,
@@ -703,6 +775,7 @@ impl RawConfig {
             admin,
             timeouts,
             limits,
+            runtime,
             routing,
             clusters,
             tls,
@@ -1923,6 +1996,32 @@ nodes = [\"h:2\"]
             9,
             Some(13),
             "client_buffer_bytes (4194304) is smaller than frame_max (8388608)",
+        );
+    }
+
+    #[test]
+    fn runtime_section() {
+        let c = Config::parse(&with_cluster(""), "t.toml").unwrap();
+        assert_eq!(c.runtime, Runtime::default());
+        assert!(c.runtime.busy_poll().is_zero());
+        let c = Config::parse(
+            &with_cluster("\n[runtime]\nworker_threads = 3\nbusy_poll_us = 2500\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.runtime.worker_threads, 3);
+        assert_eq!(c.runtime.busy_poll(), Duration::from_micros(2500));
+        rejects(
+            &with_cluster("\n[runtime]\nworker_threads = 100000\n"),
+            9,
+            Some(18),
+            "worker_threads = 100000 is too many",
+        );
+        rejects(
+            &with_cluster("\n[runtime]\nbusy_poll_us = 5000000\n"),
+            9,
+            Some(16),
+            "busy_poll_us = 5000000 is too long",
         );
     }
 

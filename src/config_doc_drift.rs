@@ -32,7 +32,7 @@ const DOC: &str = include_str!("../docs/configuration.md");
 const DOC_NAME: &str = "docs/configuration.md";
 
 /// Sections whose every key must have a literal default in the doc, checked against the code.
-const DEFAULTS_REQUIRED_IN: [&str; 2] = ["timeouts", "limits"];
+const DEFAULTS_REQUIRED_IN: [&str; 3] = ["timeouts", "limits", "runtime"];
 
 /// The smallest valid file, in two parts so keys can be put in between.
 const BASE_LISTEN: &str = "listen = \"127.0.0.1:5673\"\n";

@@ -282,17 +282,28 @@ fn run(cli: &Cli) -> ExitCode {
     };
     init_logging(cli.log_format);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("warren")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("warren");
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("warren: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let busy_poll = config.runtime.busy_poll();
+    if !busy_poll.is_zero() {
+        let workers = runtime.metrics().num_workers();
+        runtime.block_on(async { warren::io::busy_poll::start(busy_poll, workers) });
+        tracing::info!(
+            window_us = busy_poll.as_micros() as u64,
+            workers,
+            "busy polling on: workers spin after traffic instead of sleeping"
+        );
+    }
     let code = runtime.block_on(serve(config, config_path(cli)));
     // Do not let a stuck task hold the process after shutdown.
     runtime.shutdown_timeout(Duration::from_secs(1));

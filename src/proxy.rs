@@ -138,6 +138,10 @@ impl Shared {
             warn!("admin listen address changes need a restart; keeping the old one");
             config.admin.listen = old.admin.listen;
         }
+        if config.runtime != old.runtime {
+            warn!("[runtime] changes need a restart; keeping the running values");
+            config.runtime = old.runtime.clone();
+        }
         // New certificates apply to the next TLS handshake; the listener itself stays as started.
         match (&old.tls, &mut config.tls) {
             (Some(old_tls), Some(new_tls)) if new_tls.listen != old_tls.listen => {

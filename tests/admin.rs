@@ -1209,6 +1209,9 @@ async fn unknown_routes_methods_and_bad_requests() {
 struct Running {
     child: std::process::Child,
     admin: SocketAddr,
+    amqp: SocketAddr,
+    /// The log lines up to and including "warren started".
+    early: Vec<String>,
     _lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -1239,24 +1242,30 @@ fn run_binary(path: &Path) -> Running {
             }
         }
     });
+    let mut early = Vec::new();
     let started = loop {
         match lines.recv_timeout(STEP) {
             Ok(line) if line.contains("warren started") => break line,
-            Ok(_) => continue,
+            Ok(line) => early.push(line),
             Err(e) => {
                 let _ = child.kill();
                 panic!("no \"warren started\" line: {e}");
             }
         }
     };
+    early.push(started.clone());
     let v: Value = serde_json::from_str(&started).unwrap();
-    let admin: SocketAddr = v["fields"]["admin"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("admin address in {started}"));
+    let addr = |field: &str| -> SocketAddr {
+        v["fields"][field]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{field} address in {started}"))
+    };
     Running {
+        admin: addr("admin"),
+        amqp: addr("amqp"),
         child,
-        admin,
+        early,
         _lines: lines,
     }
 }
@@ -1356,4 +1365,64 @@ async fn binary_reloads_on_sighup_and_on_file_change() {
     };
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_file(&path);
+}
+
+/// CPU time (user + system) the process has used, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// `[runtime] worker_threads = 1` and `busy_poll_us`: the binary starts with them, says so,
+/// carries traffic, and stops spinning once the traffic stops (an idle proxy must not burn a
+/// core).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_with_one_worker_and_busy_polling_carries_traffic_and_idles() {
+    let (_, _, control) = three_clusters();
+    let text = config_text(&control, 1).replace(
+        "[timeouts]",
+        "[runtime]\nworker_threads = 1\nbusy_poll_us = 2000\n\n[timeouts]",
+    );
+    let path = temp_file("busy-poll", &text);
+    let running = run_binary(&path);
+    assert!(
+        running
+            .early
+            .iter()
+            .any(|l| l.contains("busy polling on") && l.contains("\"workers\":1")),
+        "no busy-polling line with one worker in {:#?}",
+        running.early
+    );
+
+    let conn = support::connect(running.amqp).await;
+    let (ch, _events) = support::open_channel(&conn).await;
+    let queue = support::unique("busy-poll");
+    support::declare_queue(&ch, &queue).await;
+    let (_tag, mut rx) = support::consume(&ch, &queue, false).await;
+    for i in 0..200u32 {
+        support::publish(&ch, "", &queue, &i.to_be_bytes()).await;
+        let d = support::next_delivery(&mut rx).await;
+        assert_eq!(d.body, i.to_be_bytes(), "delivery {i}");
+        ch.basic_ack(amqprs::channel::BasicAckArguments::new(d.tag, false))
+            .await
+            .unwrap();
+    }
+
+    // Traffic has stopped (the window is 2 ms): the spinner must go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = running.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 40,
+        "an idle warren with busy polling used {used} ticks of CPU in 200 (it should sleep)"
+    );
+
+    support::delete_queue(&ch, &queue).await;
+    support::close_connection(conn).await;
 }

@@ -6,6 +6,7 @@
 //! [`Outbox::has_room`] before they read more input, which is how back-pressure travels from a slow
 //! peer on one leg to the socket of the other leg. A socket is plain TCP or TLS ([`Stream`]).
 
+pub mod busy_poll;
 pub mod command;
 pub mod outbox;
 pub mod stream;

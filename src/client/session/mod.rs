@@ -613,6 +613,7 @@ impl Session {
                     }
                 }
                 (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
+                    crate::io::busy_poll::touch();
                     self.on_link_readable(link, read);
                 }
                 Some(o) = opened.recv() => self.on_opened(o),
@@ -638,6 +639,7 @@ impl Session {
                     match r {
                         Ok(0) => return self.client_gone("client closed the TCP connection"),
                         Ok(_) => {
+                            crate::io::busy_poll::touch();
                             last_seen = Instant::now();
                             self.on_client_bytes(&mut rbuf, &mut assembler);
                         }

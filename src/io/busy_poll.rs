@@ -73,6 +73,9 @@ impl BusyPoll {
             // blocking) before it runs this task again.
             loop {
                 tokio::task::yield_now().await;
+                // And to the kernel: a broker or client thread waiting for this core runs now
+                // instead of at the end of the time slice.
+                std::thread::yield_now();
                 let now = Instant::now();
                 let traffic = self.traffic.load(Ordering::Relaxed);
                 if traffic != seen {

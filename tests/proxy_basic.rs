@@ -31,6 +31,7 @@ against_proxy_and_rabbitmq!(
     cancel_stops_deliveries,
     confirms_ack_every_publish_exactly_once,
     tx_rollback_discards_and_commit_publishes,
+    tx_select_after_publishing_on_the_channel,
     mandatory_unroutable_publish_is_returned_before_its_confirm,
     legacy_access_request_is_answered_with_access_request_ok,
 );
@@ -658,6 +659,57 @@ async fn tx_rollback_discards_and_commit_publishes(addr: SocketAddr) {
     assert!(
         get(&ch, &q, true).await.is_none(),
         "a rolled back publish was delivered"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+/// A channel that published without a transaction may still select one (warren had put its
+/// upstream channel in confirm mode, which RabbitMQ would refuse to switch to tx mode).
+async fn tx_select_after_publishing_on_the_channel(addr: SocketAddr) {
+    const N: u32 = 500;
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch, &q).await;
+    within(
+        "basic.qos",
+        ch.basic_qos(BasicQosArguments::new(0, 5, false)),
+    )
+    .await
+    .unwrap();
+    // Many publishes right before tx.select: some are still unconfirmed upstream when it comes.
+    for i in 0..N {
+        publish(&ch, "", &q, format!("plain {i}").as_bytes()).await;
+    }
+    within("tx.select", ch.tx_select())
+        .await
+        .expect("tx.select after publishing without a transaction");
+    publish(&ch, "", &q, b"rolled back").await;
+    within("tx.rollback", ch.tx_rollback()).await.unwrap();
+    publish(&ch, "", &q, b"committed 1").await;
+    publish(&ch, "", &q, b"committed 2").await;
+    within("tx.commit", ch.tx_commit()).await.unwrap();
+    assert_eq!(
+        queue_counts(&ch, &q).await.0,
+        N + 2,
+        "the plain publishes and the committed ones, not the rolled back one"
+    );
+    for i in 0..N {
+        let m = get(&ch, &q, true).await.expect("a plain publish");
+        assert_eq!(m.body, format!("plain {i}").as_bytes());
+    }
+    assert_eq!(
+        get(&ch, &q, true).await.expect("committed 1").body,
+        b"committed 1"
+    );
+    assert_eq!(
+        get(&ch, &q, true).await.expect("committed 2").body,
+        b"committed 2"
+    );
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "the rolled back publish was delivered"
     );
     delete_queue(&ch, &q).await;
     close_connection(conn).await;

@@ -1736,6 +1736,80 @@ async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
     finish(conn, proxy, direct).await;
 }
 
+/// tx.select on a channel that has published without a transaction: both shard clusters had
+/// that channel's publishes (and warren had put it in confirm mode on both); the transaction
+/// then commits on one of them, and nothing published before it is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_select_after_plain_publishes_spread_over_both_shards() {
+    let (_cleanup, queue) = Cleanup::with_queue("tx-after-publish");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
+    publish_numbered(&ch, &queue, 0..200).await;
+    within("tx.select", ch.tx_select())
+        .await
+        .expect("tx.select after plain publishes");
+    let (a0, b0) = direct.shard_depths(&queue).await;
+    assert_eq!(
+        a0 + b0,
+        200,
+        "every plain publish is in, before the transaction"
+    );
+    assert!(
+        a0 > 0 && b0 > 0,
+        "plain publishes on both shards: {a0} + {b0}"
+    );
+    publish_numbered(&ch, &queue, 200..210).await;
+    within("tx.commit", ch.tx_commit())
+        .await
+        .expect("tx.commit");
+    let (a1, b1) = direct.shard_depths(&queue).await;
+    assert!(
+        (a1 - a0, b1 - b0) == (10, 0) || (a1 - a0, b1 - b0) == (0, 10),
+        "the transaction lands on one cluster: +{} +{}",
+        a1 - a0,
+        b1 - b0
+    );
+    let mut got = BTreeSet::new();
+    while let Some(m) = get(&ch, &queue, true).await {
+        let i = index_of(&m.body);
+        assert!(got.insert(i), "message {i} twice");
+    }
+    assert_eq!(got, (0..210).collect::<BTreeSet<_>>());
+    events.assert_no_close("client");
+    queue_delete(&ch, &queue).await;
+    finish(conn, proxy, direct).await;
+}
+
+/// The one case warren cannot switch to tx mode: a channel that has published and has
+/// deliveries unacknowledged. Reopening its upstream channels would requeue those deliveries
+/// (the client would see them twice), so it is refused with a 406 that says why, and the
+/// connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_select_after_publishing_with_unacked_deliveries_is_refused_with_406() {
+    let (_cleanup, queue) = Cleanup::with_queue("tx-refused");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
+    publish_numbered(&ch, &queue, 0..4).await;
+    let (_ctag, mut rx) = consume(&ch, &queue, true).await;
+    let _unacked = within("a delivery", rx.recv()).await.expect("a delivery");
+    let err = within("tx.select", ch.tx_select())
+        .await
+        .expect_err("tx.select must be refused");
+    println!("tx.select refused: {err}");
+    let (code, text) = events.expect_close().await;
+    assert_eq!(code, 406, "{text}");
+    assert!(
+        text.contains("tx.select before the first publish"),
+        "{text}"
+    );
+    // The connection carries on, and the unacknowledged deliveries went back to the queue.
+    let (ch2, _events2) = open_channel(&conn).await;
+    support::eventually("all four messages back in the queue", || async {
+        (queue_counts(&ch2, &queue).await.0 == 4).then_some(())
+    })
+    .await;
+    queue_delete(&ch2, &queue).await;
+    finish(conn, proxy, direct).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // An explicit basic.cancel stops the consumer on every shard cluster.
 

@@ -198,10 +198,7 @@ impl Session {
                 }
                 self.fan_out(ch, &method, targets)?;
             }
-            Method::TxSelect(_) => {
-                channel.tx = true;
-                self.fan_out(ch, &method, self.live_links())?;
-            }
+            Method::TxSelect(_) => self.select_tx(ch, &method)?,
             Method::TxCommit(_) | Method::TxRollback(_) => self.end_transaction(ch, &method)?,
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
                 self.fan_out(ch, &method, self.live_links())?
@@ -358,22 +355,106 @@ impl Session {
         pending: Pending,
         replay_on: Option<LinkId>,
     ) {
-        let shards: Vec<LinkId> = self.shard_links().iter().collect();
-        let n = shards.len() as u32;
         for link in self.live_links().iter() {
-            let share = match shards.iter().position(|&s| s == link) {
-                Some(k) => split_prefetch(q.prefetch_count, n, k as u32),
-                None => q.prefetch_count,
-            };
-            let m = Method::BasicQos(codec::BasicQos {
-                prefetch_count: share,
-                ..q.clone()
-            });
+            let m = self.qos_share(link, q);
             if Some(link) == replay_on {
                 self.links[link].replay(ch, &m);
             } else {
                 self.links[link].request(ch, &m, pending);
             }
+        }
+    }
+
+    /// The basic.qos `link` gets for the client's `q`: its share of the prefetch on a shard link
+    /// (see docs/routing.md), all of it on the control link.
+    pub(super) fn qos_share(&self, link: LinkId, q: &codec::BasicQos) -> Method {
+        let shards = self.shard_links();
+        let share = match shards.iter().position(|s| s == link) {
+            Some(k) => split_prefetch(q.prefetch_count, shards.len(), k as u32),
+            None => q.prefetch_count,
+        };
+        Method::BasicQos(codec::BasicQos {
+            prefetch_count: share,
+            ..q.clone()
+        })
+    }
+
+    /// tx.select. warren puts an upstream channel in confirm mode at its first publish (to hold
+    /// publishes until confirmed), and RabbitMQ refuses tx.select on a confirm channel, while
+    /// the client, which never asked for confirms, may select a transaction at any time. So
+    /// the upstream channels already in confirm mode are closed and opened again without it,
+    /// each once its publishes are confirmed, and get the tx.select then; the client's input
+    /// waits meanwhile (see [`LinkSlot::start_tx_swap_if_settled`] and the close-ok handler).
+    ///
+    /// Closing an upstream channel would requeue what its consumers have not acknowledged, and
+    /// the client would see those messages again: a channel with consumers or unacknowledged
+    /// deliveries on such a link is refused with 406 instead. A client that asked for confirms
+    /// itself gets the broker's own 406, as from RabbitMQ.
+    pub(super) fn select_tx(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let targets = self.live_links();
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return Ok(());
+        };
+        channel.tx = true;
+        let swaps = if channel.confirms.is_some() {
+            LinkSet::default()
+        } else {
+            let mut swaps = LinkSet::default();
+            for link in targets.iter() {
+                let slot = &self.links[link];
+                if slot.chan_state(ch) == UpState::Open
+                    && slot
+                        .chans
+                        .get(usize::from(ch))
+                        .is_some_and(|u| u.confirm_mode)
+                {
+                    swaps.insert(link);
+                }
+            }
+            swaps
+        };
+        if swaps.is_empty() || targets.is_empty() {
+            return self.fan_out(ch, method, targets);
+        }
+        if let Some(link) = swaps.iter().find(|&l| {
+            channel.tags.count_link(l) > 0 || channel.consumers.iter().any(|c| c.links.contains(l))
+        }) {
+            warn!(conn = self.id, channel = ch, cluster = %self.links[link].link.cluster,
+                "tx.select refused: the channel has published and consumes, and switching its upstream channel to tx mode would requeue its unacknowledged deliveries");
+            self.close_channel(
+                ch,
+                406,
+                "PRECONDITION_FAILED - warren cannot switch a channel that has published and \
+                 consumes to tx mode; call tx.select before the first publish, or use another channel",
+                method,
+            );
+            return Ok(());
+        }
+        let id = channel.push_rpc(targets.len(), Vec::new());
+        for link in targets.iter() {
+            if swaps.contains(link) {
+                debug!(conn = self.id, channel = ch, cluster = %self.links[link].link.cluster,
+                    "tx.select: reopening the upstream channel without confirm mode");
+                self.tx_swaps += 1;
+                let slot = &mut self.links[link];
+                slot.chan(ch).tx_swap = Some(id);
+                slot.start_tx_swap_if_settled(ch);
+            } else {
+                self.links[link].request(ch, method, Pending::Rpc(id));
+            }
+        }
+        Ok(())
+    }
+
+    /// An upstream channel reopened for a tx.select ([`select_tx`](Self::select_tx)) is open
+    /// again (its channel.open is on the wire): select tx on it, answering the client's request
+    /// `id`, and give it the channel's prefetch again.
+    pub(super) fn finish_tx_swap(&mut self, link: LinkId, ch: u16, id: u64) {
+        self.links[link].request(ch, &Method::TxSelect(Default::default()), Pending::Rpc(id));
+        let qos = channel_in(&mut self.channels, ch).and_then(|c| c.qos.clone());
+        if let Some(q) = qos {
+            let m = self.qos_share(link, &q);
+            self.links[link].request(ch, &m, Pending::Internal);
         }
     }
 

@@ -24,17 +24,30 @@ impl Session {
             return;
         }
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.
+        let mut tx_swap = None;
         if matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
             self.release_held_later(link);
+            if matches!(method, Method::ChannelClose(_))
+                || self.links[link].chan_state(ch) == UpState::Closing
+            {
+                tx_swap = self.links[link].chan(ch).tx_swap.take();
+                if tx_swap.is_some() {
+                    self.tx_swaps -= 1;
+                }
+            }
         }
         match &method {
             Method::ChannelClose(_) => {
                 let slot = &mut self.links[link];
                 slot.send(ch, &Method::ChannelCloseOk(Default::default()));
                 if let (true, pending) = slot.reset_chan(ch) {
-                    // The client closed and reopened while this close was in flight.
+                    // The client closed and reopened while this close was in flight, or
+                    // warren closed it to reopen it for a tx.select.
                     if let Some(p) = pending {
                         slot.open(ch, p);
+                    }
+                    if let Some(id) = tx_swap {
+                        self.finish_tx_swap(link, ch, id);
                     }
                     return;
                 }
@@ -47,6 +60,9 @@ impl Session {
                 if let (true, pending) = slot.reset_chan(ch) {
                     if let Some(p) = pending {
                         slot.open(ch, p);
+                    }
+                    if let Some(id) = tx_swap {
+                        self.finish_tx_swap(link, ch, id);
                     }
                     return;
                 }
@@ -150,6 +166,8 @@ impl Session {
         content: Option<Content>,
     ) {
         let pending = self.links[link].chan(ch).pending.pop_front();
+        // A tx.select may be waiting for this channel to have no request outstanding.
+        self.links[link].start_tx_swap_if_settled(ch);
         if let Some(Pending::Replay) = pending {
             let slot = &mut self.links[link];
             slot.replay_left = slot.replay_left.saturating_sub(1);
@@ -284,10 +302,12 @@ impl Session {
         let mut settled = std::mem::take(&mut self.scratch_inflight);
         let mut seqs = std::mem::take(&mut self.scratch_seqs);
         let mut out = std::mem::take(&mut self.scratch_confirms);
-        self.links[link]
-            .chan(ch)
+        let slot = &mut self.links[link];
+        slot.chan(ch)
             .confirms
             .resolve(upstream_seq, multiple, &mut settled);
+        // A tx.select may be waiting for this channel's confirms.
+        slot.start_tx_swap_if_settled(ch);
         let n = settled.len() as u64;
         {
             // Borrowed, not cloned: a clone is a dozen atomic increments per confirm.

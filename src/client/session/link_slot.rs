@@ -18,7 +18,6 @@ pub(super) enum UpState {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Pending {
     /// A request the proxy made itself (replaying channel modes): swallow the reply.
-    #[allow(dead_code)] // made by the link replay of reload and failover
     Internal,
     /// Part of a client request.
     Rpc(u64),
@@ -35,6 +34,10 @@ pub(super) struct UpChan {
     pub(super) confirm_mode: bool,
     pub(super) confirms: UpstreamConfirms,
     pub(super) pending: std::collections::VecDeque<Pending>,
+    /// The client's tx.select (its request id) that this channel answers once it has been
+    /// closed and opened again without the confirm mode warren gave it: RabbitMQ refuses
+    /// tx.select on a confirm channel. See `Session::select_tx`.
+    pub(super) tx_swap: Option<u64>,
 }
 
 impl Default for UpChan {
@@ -45,6 +48,7 @@ impl Default for UpChan {
             confirm_mode: false,
             confirms: UpstreamConfirms::default(),
             pending: Default::default(),
+            tx_swap: None,
         }
     }
 }
@@ -204,8 +208,39 @@ impl LinkSlot {
                 }
                 !done
             }
-            UpState::Closing => !done,
+            UpState::Closing => {
+                // A reopen planned behind the close in flight (the client's, or a tx.select's)
+                // is off: the channel is being closed for good.
+                up.reopen = false;
+                up.pending.clear();
+                !done
+            }
             UpState::Closed => false,
+        }
+    }
+
+    /// Closes `ch` to open it again without confirm mode, once it owes nothing: every publish
+    /// on it confirmed (closing earlier would leave their fate unknown) and every request
+    /// answered. Does nothing unless a tx.select waits for this (`tx_swap`). The close-ok
+    /// handler reopens it and sends the tx.select.
+    pub(super) fn start_tx_swap_if_settled(&mut self, ch: u16) {
+        let done = self.done;
+        let up = self.chan(ch);
+        if up.tx_swap.is_none()
+            || up.state != UpState::Open
+            || up.confirms.pending() > 0
+            || !up.pending.is_empty()
+        {
+            return;
+        }
+        up.state = UpState::Closing;
+        up.reopen = true;
+        up.pending.push_back(Pending::Internal);
+        if !done {
+            self.link.send(
+                ch,
+                &close_method(200, "reopened without confirm mode for tx.select"),
+            );
         }
     }
 

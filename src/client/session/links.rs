@@ -462,6 +462,12 @@ impl Session {
                 channel.tx_log.lost =
                     !channel.tx_log.publishes.is_empty() || channel.tx_log.overflowed;
             }
+            if let Some(id) = up.tx_swap.take() {
+                // A link that replaces this one selects tx when it replays the channel
+                // (`channel.tx` is set); the client's request is answered by the others.
+                self.tx_swaps -= 1;
+                self.settle_dead_rpc(ch, id);
+            }
             for pending in up.pending {
                 if let Pending::Rpc(id) = pending
                     && !self.redo_commit(ch, link, id)

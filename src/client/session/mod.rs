@@ -196,6 +196,8 @@ pub async fn serve(
         parked: VecDeque::new(),
         no_shard_since: None,
         next_read: 0,
+        tx_swaps: 0,
+        input_stalled: false,
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -393,6 +395,12 @@ struct Session {
     no_shard_since: Option<Instant>,
     /// The link [`poll_links`](Self::poll_links) tries first.
     next_read: usize,
+    /// Upstream channels being reopened without confirm mode for a tx.select
+    /// ([`select_tx`](Self::select_tx)). While any is, the client's input waits: what it sends
+    /// after tx.select must reach those channels after their tx.select.
+    tx_swaps: usize,
+    /// Client frames are buffered but were left unprocessed because of `tx_swaps`.
+    input_stalled: bool,
 }
 
 /// When a cluster without a live link is tried again.
@@ -570,6 +578,11 @@ impl Session {
                 let released = std::mem::take(&mut self.links[link].released_held);
                 self.release_held(released);
             }
+            if self.input_stalled && !self.input_paused() {
+                self.input_stalled = false;
+                self.on_client_bytes(&mut rbuf, &mut assembler);
+                continue;
+            }
             // One write per socket for everything the last turn produced.
             self.flush_all();
             let client_room = client_out.has_room();
@@ -592,7 +605,7 @@ impl Session {
             // when another connection frees the total).
             let held_ok = self.held_bytes < self.held_limit
                 && (self.metrics.held_bytes.get() as usize) < self.held_limit_total;
-            let read_client = full_link.is_none() && held_ok;
+            let read_client = full_link.is_none() && held_ok && !self.input_paused();
             if read_client && !was_reading {
                 // Time spent not reading is not the client's silence.
                 last_seen = Instant::now();
@@ -677,8 +690,18 @@ impl Session {
         reason.to_owned()
     }
 
+    /// The client's input waits while a tx.select reopens upstream channels (but not while the
+    /// connection closes: the client's close-ok must be read).
+    fn input_paused(&self) -> bool {
+        self.tx_swaps > 0 && self.closing.is_none()
+    }
+
     fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
         while self.end.is_none() {
+            if self.input_paused() {
+                self.input_stalled = true;
+                return;
+            }
             let frame = match codec::decode_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,

@@ -542,28 +542,18 @@ struct RawRuntime {
 
 impl RawRuntime {
     fn validate(&self) -> Result<Runtime, Problem> {
-        if let Some(v) = &self.worker_threads
-            && *v.get_ref() > MAX_WORKER_THREADS
-        {
-            return problem(
-                v.span(),
-                format!(
-                    "worker_threads = {} is too many: use 0 (one per core) to {MAX_WORKER_THREADS}",
-                    v.get_ref()
-                ),
-            );
-        }
-        if let Some(v) = &self.busy_poll_us
-            && *v.get_ref() > MAX_BUSY_POLL_US
-        {
-            return problem(
-                v.span(),
-                format!(
-                    "busy_poll_us = {} is too long: use 0 (off) to {MAX_BUSY_POLL_US} (1 s)",
-                    v.get_ref()
-                ),
-            );
-        }
+        at_most(
+            &self.worker_threads,
+            "worker_threads",
+            MAX_WORKER_THREADS,
+            "use 0 (one per core) to 1024",
+        )?;
+        at_most(
+            &self.busy_poll_us,
+            "busy_poll_us",
+            MAX_BUSY_POLL_US,
+            "use 0 (off) to 1000000 (1 s)",
+        )?;
         let d = Runtime::default();
         Ok(Runtime {
             worker_threads: value_or(&self.worker_threads, d.worker_threads),
@@ -720,6 +710,19 @@ where
         Some(v) if *v.get_ref() < min => problem(
             v.span(),
             format!("{name} = {} is too small: {why}", v.get_ref()),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn at_most<T>(key: &Option<Spanned<T>>, name: &str, max: T, why: &str) -> Result<(), Problem>
+where
+    T: PartialOrd + fmt::Display,
+{
+    match key {
+        Some(v) if *v.get_ref() > max => problem(
+            v.span(),
+            format!("{name} = {} is too large: {why}", v.get_ref()),
         ),
         _ => Ok(()),
     }
@@ -2015,13 +2018,13 @@ nodes = [\"h:2\"]
             &with_cluster("\n[runtime]\nworker_threads = 100000\n"),
             9,
             Some(18),
-            "worker_threads = 100000 is too many",
+            "worker_threads = 100000 is too large",
         );
         rejects(
             &with_cluster("\n[runtime]\nbusy_poll_us = 5000000\n"),
             9,
             Some(16),
-            "busy_poll_us = 5000000 is too long",
+            "busy_poll_us = 5000000 is too large",
         );
     }
 

@@ -625,41 +625,7 @@ async fn tx_rollback_discards_and_commit_publishes(addr: SocketAddr) {
     let q = unique("q");
     declare_queue(&ch, &q).await;
     within("tx.select", ch.tx_select()).await.unwrap();
-    for i in 0..3 {
-        publish(&ch, "", &q, format!("rolled back {i}").as_bytes()).await;
-    }
-    assert_eq!(
-        queue_counts(&ch, &q).await.0,
-        0,
-        "uncommitted publishes are visible"
-    );
-    within("tx.rollback", ch.tx_rollback()).await.unwrap();
-    assert_eq!(
-        queue_counts(&ch, &q).await.0,
-        0,
-        "rolled back publishes reached the queue"
-    );
-
-    publish(&ch, "", &q, b"committed 1").await;
-    publish(&ch, "", &q, b"committed 2").await;
-    within("tx.commit", ch.tx_commit()).await.unwrap();
-    assert_eq!(
-        queue_counts(&ch, &q).await.0,
-        2,
-        "committed publishes are missing"
-    );
-    assert_eq!(
-        get(&ch, &q, true).await.expect("committed 1").body,
-        b"committed 1"
-    );
-    assert_eq!(
-        get(&ch, &q, true).await.expect("committed 2").body,
-        b"committed 2"
-    );
-    assert!(
-        get(&ch, &q, true).await.is_none(),
-        "a rolled back publish was delivered"
-    );
+    rollback_three_then_commit_two(&ch, &q, 0).await;
     delete_queue(&ch, &q).await;
     close_connection(conn).await;
 }
@@ -685,34 +651,45 @@ async fn tx_select_after_publishing_on_the_channel(addr: SocketAddr) {
     within("tx.select", ch.tx_select())
         .await
         .expect("tx.select after publishing without a transaction");
-    publish(&ch, "", &q, b"rolled back").await;
-    within("tx.rollback", ch.tx_rollback()).await.unwrap();
-    publish(&ch, "", &q, b"committed 1").await;
-    publish(&ch, "", &q, b"committed 2").await;
-    within("tx.commit", ch.tx_commit()).await.unwrap();
-    assert_eq!(
-        queue_counts(&ch, &q).await.0,
-        N + 2,
-        "the plain publishes and the committed ones, not the rolled back one"
-    );
-    for i in 0..N {
-        let m = get(&ch, &q, true).await.expect("a plain publish");
-        assert_eq!(m.body, format!("plain {i}").as_bytes());
-    }
-    assert_eq!(
-        get(&ch, &q, true).await.expect("committed 1").body,
-        b"committed 1"
-    );
-    assert_eq!(
-        get(&ch, &q, true).await.expect("committed 2").body,
-        b"committed 2"
-    );
-    assert!(
-        get(&ch, &q, true).await.is_none(),
-        "the rolled back publish was delivered"
-    );
+    rollback_three_then_commit_two(&ch, &q, N).await;
     delete_queue(&ch, &q).await;
     close_connection(conn).await;
+}
+
+/// On a channel in tx mode whose queue `q` holds `before` messages ("plain 0", "plain 1", ...):
+/// three publishes rolled back are never seen, two committed are, in order, after the others.
+async fn rollback_three_then_commit_two(ch: &amqprs::channel::Channel, q: &str, before: u32) {
+    for i in 0..3 {
+        publish(ch, "", q, format!("rolled back {i}").as_bytes()).await;
+    }
+    // At most `before`: RabbitMQ may still be enqueueing the earlier publishes.
+    let n = queue_counts(ch, q).await.0;
+    assert!(n <= before, "uncommitted publishes are visible: {n}");
+    within("tx.rollback", ch.tx_rollback()).await.unwrap();
+    let n = queue_counts(ch, q).await.0;
+    assert!(n <= before, "rolled back publishes reached the queue: {n}");
+    publish(ch, "", q, b"committed 1").await;
+    publish(ch, "", q, b"committed 2").await;
+    within("tx.commit", ch.tx_commit()).await.unwrap();
+    assert_eq!(
+        queue_counts(ch, q).await.0,
+        before + 2,
+        "committed publishes are missing"
+    );
+    for i in 0..before {
+        let m = get(ch, q, true).await.expect("a message published before");
+        assert_eq!(m.body, format!("plain {i}").as_bytes());
+    }
+    for body in [&b"committed 1"[..], b"committed 2"] {
+        assert_eq!(
+            get(ch, q, true).await.expect("a committed publish").body,
+            body
+        );
+    }
+    assert!(
+        get(ch, q, true).await.is_none(),
+        "a rolled back publish was delivered"
+    );
 }
 
 async fn mandatory_unroutable_publish_is_returned_before_its_confirm(addr: SocketAddr) {

@@ -24,40 +24,25 @@ impl Session {
             return;
         }
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.
-        let mut tx_swap = None;
-        if matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
-            self.release_held_later(link);
-            if matches!(method, Method::ChannelClose(_))
-                || self.links[link].chan_state(ch) == UpState::Closing
-            {
-                tx_swap = self.links[link].chan(ch).tx_swap.take();
+        match &method {
+            Method::ChannelClose(_) | Method::ChannelCloseOk(_) => {
+                let by_broker = matches!(method, Method::ChannelClose(_));
+                if !by_broker && !closing {
+                    return;
+                }
+                self.release_held_later(link);
+                let slot = &mut self.links[link];
+                if by_broker {
+                    slot.send(ch, &Method::ChannelCloseOk(Default::default()));
+                }
+                let tx_swap = slot.chan(ch).tx_swap.take();
                 if tx_swap.is_some() {
                     self.tx_swaps -= 1;
                 }
-            }
-        }
-        match &method {
-            Method::ChannelClose(_) => {
                 let slot = &mut self.links[link];
-                slot.send(ch, &Method::ChannelCloseOk(Default::default()));
                 if let (true, pending) = slot.reset_chan(ch) {
-                    // The client closed and reopened while this close was in flight, or
-                    // warren closed it to reopen it for a tx.select.
-                    if let Some(p) = pending {
-                        slot.open(ch, p);
-                    }
-                    if let Some(id) = tx_swap {
-                        self.finish_tx_swap(link, ch, id);
-                    }
-                    return;
-                }
-            }
-            Method::ChannelCloseOk(_) => {
-                let slot = &mut self.links[link];
-                if slot.chan(ch).state != UpState::Closing {
-                    return;
-                }
-                if let (true, pending) = slot.reset_chan(ch) {
+                    // The client closed and reopened while this close was in flight, or warren
+                    // closed it to reopen it for a tx.select.
                     if let Some(p) = pending {
                         slot.open(ch, p);
                     }

@@ -1425,4 +1425,20 @@ async fn binary_with_one_worker_and_busy_polling_carries_traffic_and_idles() {
 
     support::delete_queue(&ch, &queue).await;
     support::close_connection(conn).await;
+
+    // The spinners do not hold up a graceful shutdown.
+    let mut running = running;
+    kill(&running.child, "TERM");
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "warren did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
 }

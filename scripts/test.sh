@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
 #
-#   scripts/test.sh [all|rust|python|celery|reload|fault ...]   (default: all; several may be given)
+#   scripts/test.sh [all|rust|python|clients|celery|reload|fault ...]   (default: all; several may be given)
 #
 #   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
 #      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
@@ -15,6 +15,10 @@
 #   4. python: builds and starts target/debug/warren on a free port in front of the test clusters,
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
+#      clients: pika, Node's amqplib and the RabbitMQ Java client, each a scenario of its own
+#              (confirms, returns, qos and acks, tx, big messages through 4096-byte frames),
+#              directly and through it (tests/clients/run.sh; installs nodejs, npm's amqplib,
+#              Debian's librabbitmq-client-java and a JDK when missing);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
@@ -39,8 +43,8 @@
 #   RUST_LOG                           passed to the proxy (default info)
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
-# per target, Celery e2e (1000 tasks) ~15 s per target, reload ~30 s, fault ~7 min; see .ci/run
-# for whole-run numbers.
+# per target, clients ~10 s, Celery e2e (1000 tasks) ~15 s per target, reload ~30 s, fault ~7 min;
+# see .ci/run for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,14 +56,14 @@ TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
-    sed -n '2,43p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,47p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
 for p in "${PARTS[@]}"; do
     case "$p" in
-    all | rust | python | celery | reload | fault) ;;
+    all | rust | python | clients | celery | reload | fault) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
@@ -155,7 +159,7 @@ trap 'exit 143' TERM
 CLUSTER_NAMES=(shard-a shard-b control)
 if want reload; then CLUSTER_NAMES+=(shard-c); fi
 NEED_CLUSTERS=0
-if want rust || want python || want celery || want reload; then NEED_CLUSTERS=1; fi
+if want rust || want python || want clients || want celery || want reload; then NEED_CLUSTERS=1; fi
 
 start_clusters() { # runs in the background; writes $STATE/<name>.addr
     local name pids=() rc=0
@@ -192,7 +196,22 @@ if want rust && ! command -v systemd-analyze >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd ||
         { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd; }
 fi
-if want python || want celery || want reload || want fault; then
+if want clients; then
+    apt_install() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" ||
+            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; }
+    }
+    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    # `java File.java` compiles the source in memory: it needs a JDK, not only a JRE.
+    command -v javac >/dev/null 2>&1 || apt_install default-jdk-headless
+    [ -f /usr/share/java/amqp-client.jar ] || apt_install librabbitmq-client-java
+    lock_sum=$(sha256sum tests/clients/package-lock.json | cut -d' ' -f1)
+    if [ "$(cat tests/clients/node_modules/.warren-lock.sha256 2>/dev/null)" != "$lock_sum" ]; then
+        say "npm ci in tests/clients (amqplib)"
+        (cd tests/clients && npm ci --no-audit --no-fund) && echo "$lock_sum" >tests/clients/node_modules/.warren-lock.sha256
+    fi
+fi
+if want python || want clients || want celery || want reload || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi
@@ -216,7 +235,7 @@ if [ -n "${WARREN_TEST_BIN:-}" ]; then
     WARREN_BIN=$(realpath "$WARREN_TEST_BIN")
     say "using WARREN_TEST_BIN=$WARREN_BIN (not building the proxy)"
     [ -x "$WARREN_BIN" ] || { echo "WARREN_TEST_BIN: $WARREN_BIN is not executable" >&2; PROXY_BUILD_OK=0; }
-elif [ "$TARGET" = proxy ] && { want python || want celery || want reload || want fault; }; then
+elif [ "$TARGET" = proxy ] && { want python || want clients || want celery || want reload || want fault; }; then
     say "cargo build --bin warren"
     cargo build --bin warren || PROXY_BUILD_OK=0
 fi
@@ -319,7 +338,7 @@ stop_proxy() {
     PROXY_PID=
 }
 
-if want python || want celery; then
+if want python || want clients || want celery; then
     DIRECT="$(addr_of shard-a 1)"
     PROXY_ADDR=
     PROXY_UP=0
@@ -350,6 +369,20 @@ if want python || want celery; then
         fi
         "$PY" tests/python/run_suites.py "${args[@]}" || ok=0
         if [ "$ok" = 1 ]; then record python PASS $(($(date +%s) - t0)); else record python FAIL $(($(date +%s) - t0)); fi
+    fi
+
+    if want clients; then
+        say "clients: pika, amqplib, Java ($TARGET)"
+        t0=$(date +%s)
+        ok=1
+        if [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 0 ]; then
+            echo "warren is not running: the clients run directly only and the part fails" >&2
+            ok=0
+        fi
+        proxy_arg=()
+        [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 1 ] && proxy_arg=("$PROXY_ADDR")
+        WARREN_VENV_PY="$PY" tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
+        if [ "$ok" = 1 ]; then record clients PASS $(($(date +%s) - t0)); else record clients FAIL $(($(date +%s) - t0)); fi
     fi
 
     if want celery; then

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
+# each running its scenario (tests/clients/*) directly against RabbitMQ and then through warren.
+#
+# Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
+# `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
+# scenario itself; the proxied run is the test. Without PROXY_ADDR only the direct runs happen.
+# Exits non-zero if any run fails.
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PY="${WARREN_VENV_PY:-$ROOT/.venv/bin/python}"
+JAVA_CP=/usr/share/java/amqp-client.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar
+
+direct=${1:?usage: run.sh DIRECT_ADDR [PROXY_ADDR]}
+proxy=${2:-}
+targets=("direct=$direct")
+[ -n "$proxy" ] && targets+=("proxy=$proxy")
+
+fails=0
+summary=()
+for t in "${targets[@]}"; do
+    name=${t%%=*}
+    addr=${t#*=}
+    for client in pika amqplib java; do
+        echo "--- $client, $name ($addr)"
+        t0=$(date +%s)
+        case $client in
+        pika) "$PY" "$HERE/pika_client.py" "amqp://guest:guest@$addr/%2F" ;;
+        amqplib) node "$HERE/amqplib_client.js" "amqp://guest:guest@$addr/" ;;
+        java) java -cp "$JAVA_CP" "$HERE/JavaClient.java" "amqp://guest:guest@$addr" ;;
+        esac
+        rc=$?
+        status=PASS
+        [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
+        summary+=("$(printf '  %-8s %-7s %s %3ss' "$client" "$name" "$status" $(($(date +%s) - t0)))")
+    done
+done
+echo "clients:"
+printf '%s\n' "${summary[@]}"
+[ $fails = 0 ]

@@ -389,67 +389,29 @@ pub(crate) trait Field: Sized {
     fn write(&self, w: &mut Writer<'_>);
 }
 
-impl Field for u8 {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.u8()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.u8(*self)
-    }
+/// `Field` for types the reader and writer handle with a method of the same name: by value for
+/// the numbers and bits, by reference for the strings.
+macro_rules! fields {
+    ($($ty:ty => $name:ident($($by:tt)*);)*) => {$(
+        impl Field for $ty {
+            fn read(r: &mut Reader) -> Result<Self, CodecError> {
+                r.$name()
+            }
+            fn write(&self, w: &mut Writer<'_>) {
+                w.$name($($by)* self)
+            }
+        }
+    )*};
 }
 
-impl Field for u16 {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.u16()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.u16(*self)
-    }
-}
-
-impl Field for u32 {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.u32()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.u32(*self)
-    }
-}
-
-impl Field for u64 {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.u64()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.u64(*self)
-    }
-}
-
-impl Field for bool {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.bit()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.bit(*self)
-    }
-}
-
-impl Field for ShortStr {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.short_str()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.short_str(self)
-    }
-}
-
-impl Field for LongStr {
-    fn read(r: &mut Reader) -> Result<Self, CodecError> {
-        r.long_str()
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.long_str(self)
-    }
+fields! {
+    u8 => u8(*);
+    u16 => u16(*);
+    u32 => u32(*);
+    u64 => u64(*);
+    bool => bit(*);
+    ShortStr => short_str();
+    LongStr => long_str();
 }
 
 #[cfg(test)]

@@ -287,12 +287,10 @@ impl Session {
         let mut settled = std::mem::take(&mut self.scratch_inflight);
         let mut seqs = std::mem::take(&mut self.scratch_seqs);
         let mut out = std::mem::take(&mut self.scratch_confirms);
-        let slot = &mut self.links[link];
-        slot.chan(ch)
+        self.links[link]
+            .chan(ch)
             .confirms
             .resolve(upstream_seq, multiple, &mut settled);
-        // A tx.select may be waiting for this channel's confirms.
-        slot.start_tx_swap_if_settled(ch);
         let n = settled.len() as u64;
         {
             // Borrowed, not cloned: a clone is a dozen atomic increments per confirm.
@@ -335,6 +333,9 @@ impl Session {
         self.scratch_inflight = settled;
         self.scratch_seqs = seqs;
         self.scratch_confirms = out;
+        // A tx.select may be waiting for this channel's confirms (checked after the nacked
+        // publishes went out again: they may have gone back to this channel).
+        self.links[link].start_tx_swap_if_settled(ch);
     }
 
     pub(super) fn on_link_connection_method(&mut self, link: LinkId, method: Method) {

@@ -352,21 +352,33 @@ impl Session {
             held.publish.exchange.as_bytes(),
             held.publish.routing_key.as_bytes(),
         );
-        let open = self
-            .channel_mut(ch)
-            .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+        let (open, tx) = self.channel_mut(ch).map_or((false, false), |c| {
+            (
+                matches!(c.state, ChannelState::Open | ChannelState::Opening),
+                c.tx,
+            )
+        });
         let target = match class {
             Class::Control => self.control_link().filter(|&l| l != failed),
             Class::Sharded => self
                 .pick_shard(Some(failed))
                 .filter(|&l| self.links[l].live()),
         };
+        // The channel has selected tx since this was published: only an upstream channel still
+        // in confirm mode may take it again (elsewhere it would join the client's transaction,
+        // or vanish in a channel being reopened for it).
+        let target = target.filter(|&l| {
+            !tx || self.links[l]
+                .chans
+                .get(usize::from(ch))
+                .is_some_and(|u| u.confirm_mode && u.state == UpState::Open)
+        });
         match target {
             Some(link) if open => {
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
                 self.send_publish(ch, link, client, held, false);
             }
-            None if open && class == Class::Sharded && self.closing.is_none() => {
+            None if open && class == Class::Sharded && self.closing.is_none() && !tx => {
                 // The only shard cluster is failing over: wait for its link to come back.
                 self.park(ch, client, held);
             }

@@ -64,37 +64,26 @@ pub async fn serve(
     shared: Arc<Shared>,
     force_close: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
     let config = shared.config();
     let id = shared.next_connection_id();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
 
-    let server_props =
-        handshake::server_properties(shared.server_properties(&config).await.as_ref());
-    let (greeting, vhost) =
-        match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
-            Ok(g) => g,
-            Err(Refusal::Drop { reason, reply }) => {
-                if let Some(bytes) = reply {
-                    let _ = stream.write_all(bytes).await;
+    let (greeting, vhost) = match greet(&mut stream, &mut rbuf, &shared, &config).await {
+        Ok(g) => g,
+        Err(refusal) => {
+            match &refusal {
+                Refusal::Drop { reason, .. } => {
+                    info!(conn = id, %peer, %reason, "connection refused during handshake")
                 }
-                let _ = stream.shutdown().await;
-                info!(conn = id, %peer, %reason, "connection refused during handshake");
-                shared.metrics.connections_refused.inc();
-                return;
+                Refusal::Close { code, text, .. } => {
+                    warn!(conn = id, %peer, code, %text, "connection refused during handshake")
+                }
             }
-            Err(Refusal::Close {
-                code,
-                text,
-                class_id,
-                method_id,
-            }) => {
-                warn!(conn = id, %peer, code, %text, "connection refused during handshake");
-                shared.metrics.connections_refused.inc();
-                handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
-                return;
-            }
-        };
+            shared.metrics.connections_refused.inc();
+            answer_refusal(&mut stream, &mut rbuf, refusal).await;
+            return;
+        }
+    };
     let user = String::from_utf8_lossy(&greeting.user).into_owned();
 
     // Open the upstream links before answering open-ok, so the broker's own verdict on the
@@ -227,25 +216,44 @@ pub async fn serve(
 /// Runs the handshake and answers connection.open with connection.close `code`: how a refused
 /// connection (limits) is told why, in AMQP, as RabbitMQ tells it.
 pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: u16, text: &str) {
-    let _ = stream.set_nodelay(true);
     let config = shared.config();
     let mut rbuf = BytesMut::with_capacity(4096);
-    let server_props =
-        handshake::server_properties(shared.server_properties(&config).await.as_ref());
-    match handshake::greet(&mut stream, &mut rbuf, &config, server_props).await {
+    match greet(&mut stream, &mut rbuf, shared, &config).await {
         Ok(_) => handshake::refuse(&mut stream, &mut rbuf, code, text, 10, 40).await,
-        Err(Refusal::Close {
+        Err(refusal) => answer_refusal(&mut stream, &mut rbuf, refusal).await,
+    }
+}
+
+/// The handshake up to connection.open, with the clusters' product and version in
+/// connection.start.
+async fn greet(
+    stream: &mut Stream,
+    rbuf: &mut BytesMut,
+    shared: &Shared,
+    config: &Config,
+) -> Result<(handshake::Greeting, ShortStr), Refusal> {
+    let _ = stream.set_nodelay(true);
+    let server_props =
+        handshake::server_properties(shared.server_properties(config).await.as_ref());
+    handshake::greet(stream, rbuf, config, server_props).await
+}
+
+/// Tells the client why its handshake failed: connection.close with the code (and waits for
+/// close-ok), or the bytes of a dropped connection (the protocol header RabbitMQ answers a wrong
+/// one with), then the end of the stream.
+async fn answer_refusal(stream: &mut Stream, rbuf: &mut BytesMut, refusal: Refusal) {
+    match refusal {
+        Refusal::Close {
             code,
             text,
             class_id,
             method_id,
-        }) => {
-            handshake::refuse(&mut stream, &mut rbuf, code, &text, class_id, method_id).await;
-        }
-        Err(Refusal::Drop { reply, .. }) => {
+        } => handshake::refuse(stream, rbuf, code, &text, class_id, method_id).await,
+        Refusal::Drop { reply, .. } => {
             if let Some(bytes) = reply {
                 let _ = stream.write_all(bytes).await;
             }
+            let _ = stream.shutdown().await;
         }
     }
 }

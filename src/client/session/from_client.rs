@@ -400,16 +400,8 @@ impl Session {
             LinkSet::default()
         } else {
             let mut swaps = LinkSet::default();
-            for link in targets.iter() {
-                let slot = &self.links[link];
-                if slot.chan_state(ch) == UpState::Open
-                    && slot
-                        .chans
-                        .get(usize::from(ch))
-                        .is_some_and(|u| u.confirm_mode)
-                {
-                    swaps.insert(link);
-                }
+            for link in targets.iter().filter(|&l| self.links[l].confirming(ch)) {
+                swaps.insert(link);
             }
             swaps
         };

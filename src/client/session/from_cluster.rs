@@ -152,7 +152,9 @@ impl Session {
     ) {
         let pending = self.links[link].chan(ch).pending.pop_front();
         // A tx.select may be waiting for this channel to have no request outstanding.
-        self.links[link].start_tx_swap_if_settled(ch);
+        if self.tx_swaps > 0 {
+            self.links[link].start_tx_swap_if_settled(ch);
+        }
         if let Some(Pending::Replay) = pending {
             let slot = &mut self.links[link];
             slot.replay_left = slot.replay_left.saturating_sub(1);
@@ -335,7 +337,9 @@ impl Session {
         self.scratch_confirms = out;
         // A tx.select may be waiting for this channel's confirms (checked after the nacked
         // publishes went out again: they may have gone back to this channel).
-        self.links[link].start_tx_swap_if_settled(ch);
+        if self.tx_swaps > 0 {
+            self.links[link].start_tx_swap_if_settled(ch);
+        }
     }
 
     pub(super) fn on_link_connection_method(&mut self, link: LinkId, method: Method) {

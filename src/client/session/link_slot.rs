@@ -135,6 +135,14 @@ impl LinkSlot {
         &mut self.chans[i]
     }
 
+    /// Whether `ch` is open here in confirm mode (so held publishes may go on it, and a
+    /// tx.select needs it reopened first).
+    pub(super) fn confirming(&self, ch: u16) -> bool {
+        self.chans
+            .get(usize::from(ch))
+            .is_some_and(|u| u.state == UpState::Open && u.confirm_mode)
+    }
+
     pub(super) fn chan_state(&self, ch: u16) -> UpState {
         self.chans
             .get(usize::from(ch))

@@ -367,12 +367,7 @@ impl Session {
         // The channel has selected tx since this was published: only an upstream channel still
         // in confirm mode may take it again (elsewhere it would join the client's transaction,
         // or vanish in a channel being reopened for it).
-        let target = target.filter(|&l| {
-            !tx || self.links[l]
-                .chans
-                .get(usize::from(ch))
-                .is_some_and(|u| u.confirm_mode && u.state == UpState::Open)
-        });
+        let target = target.filter(|&l| !tx || self.links[l].confirming(ch));
         match target {
             Some(link) if open => {
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");

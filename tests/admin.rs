@@ -1351,20 +1351,24 @@ async fn binary_reloads_on_sighup_and_on_file_change() {
     );
     assert_eq!(weight_b(&v), Some(5));
 
+    assert_eq!(terminate(&mut running).await.code(), Some(0));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Sends SIGTERM and waits (at most [`STEP`]) for warren to exit.
+async fn terminate(running: &mut Running) -> std::process::ExitStatus {
     kill(&running.child, "TERM");
     let deadline = Instant::now() + STEP;
-    let status = loop {
-        if let Some(s) = running.child.try_wait().unwrap() {
-            break s;
+    loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            return status;
         }
         assert!(
             Instant::now() < deadline,
             "warren did not exit after SIGTERM"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(0));
-    let _ = std::fs::remove_file(&path);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// CPU time (user + system) the process has used, in clock ticks (1/100 s on Linux).
@@ -1388,7 +1392,7 @@ async fn binary_with_one_worker_and_busy_polling_carries_traffic_and_idles() {
         "[runtime]\nworker_threads = 1\nbusy_poll_us = 2000\n\n[timeouts]",
     );
     let path = temp_file("busy-poll", &text);
-    let running = run_binary(&path);
+    let mut running = run_binary(&path);
     assert!(
         running
             .early
@@ -1427,18 +1431,6 @@ async fn binary_with_one_worker_and_busy_polling_carries_traffic_and_idles() {
     support::close_connection(conn).await;
 
     // The spinners do not hold up a graceful shutdown.
-    let mut running = running;
-    kill(&running.child, "TERM");
-    let deadline = Instant::now() + STEP;
-    let status = loop {
-        if let Some(status) = running.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "warren did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = terminate(&mut running).await;
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
 }

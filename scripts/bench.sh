@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/bench.sh — warren's throughput and latency benchmark (benches/throughput.rs), end to end.
 #
-#   scripts/bench.sh [--topology single|sharded] [--keep] [-- BENCH-ARGS...]
+#   scripts/bench.sh [--topology single|sharded] [--pin] [--keep] [-- BENCH-ARGS...]
 #
 # 1. builds the benchmark and the warren binary in the release (bench) profile, before any
 #    broker runs, so the build does not compete with the measurement;
@@ -14,6 +14,11 @@
 # BENCH-ARGS go to the benchmark after the defaults (--sizes 100,4096), so they override them,
 # e.g.  scripts/bench.sh -- --rounds 3 --sizes 100     (see `cargo bench --bench throughput -- --help`)
 #
+# --pin puts the RabbitMQ nodes on CPU 0 and everything else (the benchmark client, the relay,
+# warren) on CPU 1 (taskset), so that the broker has a core to itself on both sides of the
+# comparison, as it would on its own host: direct, the client talks to a broker alone on its core;
+# proxied, warren's CPU is taken from the client's core, not the broker's. Needs 2 or more CPUs.
+#
 # Environment: WARREN_RABBIT_DIR (default /tmp/warren-bench) is the RabbitMQ state dir; it is
 # separate from the test suite's so both can run on one machine.
 set -euo pipefail
@@ -23,14 +28,16 @@ export WARREN_RABBIT_DIR=${WARREN_RABBIT_DIR:-/tmp/warren-bench}
 
 topology=single
 keep=0
+pin=0
 bench_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --topology) topology=${2:?--topology needs single or sharded}; shift 2 ;;
     --topology=*) topology=${1#*=}; shift ;;
     --keep) keep=1; shift ;;
+    --pin) pin=1; shift ;;
     --) shift; bench_args=("$@"); break ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (benchmark options go after --)" >&2; exit 2 ;;
     esac
 done
@@ -39,6 +46,14 @@ single) clusters=(bench-a) ;;
 sharded) clusters=(bench-a bench-b) ;;
 *) echo "bench.sh: --topology must be single or sharded" >&2; exit 2 ;;
 esac
+
+# Without --pin both prefixes are empty and everything shares every CPU.
+pin_broker=() pin_rest=()
+if [ "$pin" = 1 ]; then
+    command -v taskset >/dev/null 2>&1 || { echo "bench.sh: --pin needs taskset (util-linux)" >&2; exit 2; }
+    [ "$(nproc --all)" -ge 2 ] || { echo "bench.sh: --pin needs at least 2 CPUs" >&2; exit 2; }
+    pin_broker=(taskset -c 0) pin_rest=(taskset -c 1)
+fi
 
 log() { printf '[bench.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -61,7 +76,7 @@ log "starting RabbitMQ: ${clusters[*]}"
 tmp=$(mktemp -d)
 pids=()
 for c in "${clusters[@]}"; do
-    scripts/rabbit.sh up-single "$c" auto >"$tmp/$c" &
+    "${pin_broker[@]}" scripts/rabbit.sh up-single "$c" auto >"$tmp/$c" &
     pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
@@ -75,10 +90,12 @@ rm -rf "$tmp"
 join() { local IFS=,; echo "$*"; }
 source_desc="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || source_desc="$source_desc + uncommitted changes in src/ or Cargo.toml"
+[ "$pin" = 1 ] && source_desc="$source_desc; --pin: RabbitMQ on CPU 0, client, relay and warren on CPU 1"
 export WARREN_BENCH_SOURCE=$source_desc
 mkdir -p target/bench
 out="target/bench/throughput-$topology-$(date +%Y%m%d-%H%M%S).md"
 log "running the benchmark; report goes to $out"
-cargo bench --bench throughput -- \
+# The benchmark starts the relay and warren itself; they inherit its CPU affinity.
+"${pin_rest[@]}" cargo bench --bench throughput -- \
     --topology "$topology" --nodes "$(join "${nodes[@]}")" --broker-pids "$(join "${beams[@]}")" \
     --sizes 100,4096 "${bench_args[@]}" | tee "$out"

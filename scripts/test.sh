@@ -12,6 +12,7 @@
 #        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
 #      everything is torn down on exit, failures and Ctrl-C included;
 #   3. rust:   cargo test --all-targets --no-fail-fast (every test binary runs even if one fails)
+#              (needs the venv too: tests/compose.rs runs check-jsonschema on docker-compose.yml)
 #   4. python: builds and starts target/debug/warren on a free port in front of the test clusters,
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
@@ -56,7 +57,7 @@ TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
-    sed -n '2,47p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,48p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PARTS=("$@")
@@ -211,7 +212,8 @@ if want clients; then
         (cd tests/clients && npm ci --no-audit --no-fund) && echo "$lock_sum" >tests/clients/node_modules/.warren-lock.sha256
     fi
 fi
-if want python || want clients || want celery || want reload || want fault; then
+# The Rust part needs the venv too: tests/compose.rs runs its check-jsonschema.
+if want rust || want python || want clients || want celery || want reload || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi

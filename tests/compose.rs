@@ -300,7 +300,41 @@ fn conf_value(conf: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_owned())
 }
 
+/// The `check-jsonschema` command of the test venv (tests/python/requirements.txt), or the one
+/// `WARREN_CHECK_JSONSCHEMA` names.
+fn check_jsonschema() -> PathBuf {
+    if let Some(p) = std::env::var_os("WARREN_CHECK_JSONSCHEMA") {
+        return PathBuf::from(p);
+    }
+    let venv = repo().join(".venv/bin/check-jsonschema");
+    assert!(
+        venv.exists(),
+        "{} is missing: run the tests with scripts/test.sh (it installs \
+         tests/python/requirements.txt into .venv), or set WARREN_CHECK_JSONSCHEMA",
+        venv.display()
+    );
+    venv
+}
+
 // ---------------------------------------------------------------------------------------------
+
+/// The whole file against the Compose Specification's own JSON schema (the copy check-jsonschema
+/// vendors): a misspelt or misplaced key anywhere, which the checks below would not look at, is
+/// what `docker compose up` would reject first.
+#[test]
+fn compose_file_validates_against_the_compose_specification_schema() {
+    let out = Command::new(check_jsonschema())
+        .args(["--builtin-schema", "vendor.compose-spec"])
+        .arg(repo().join("docker-compose.yml"))
+        .output()
+        .expect("run check-jsonschema");
+    assert!(
+        out.status.success(),
+        "docker-compose.yml does not validate against the compose-spec schema:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 #[test]
 fn every_service_exists_with_a_healthcheck() {

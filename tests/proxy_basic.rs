@@ -33,6 +33,7 @@ against_proxy_and_rabbitmq!(
     tx_rollback_discards_and_commit_publishes,
     tx_select_after_publishing_on_the_channel,
     mandatory_unroutable_publish_is_returned_before_its_confirm,
+    publishes_refused_by_a_full_queue_are_nacked_once,
     legacy_access_request_is_answered_with_access_request_ok,
 );
 
@@ -690,6 +691,44 @@ async fn rollback_three_then_commit_two(ch: &amqprs::channel::Channel, q: &str, 
         get(ch, q, true).await.is_none(),
         "a rolled back publish was delivered"
     );
+}
+
+/// A queue at its length limit with `x-overflow = reject-publish` refuses publishes with
+/// basic.nack, RabbitMQ's way of pushing back on producers: a confirm-mode client gets exactly
+/// that nack, once (not a retry inside the proxy for as long as the queue stays full), and a
+/// client without confirms loses the message as it would directly.
+async fn publishes_refused_by_a_full_queue_are_nacked_once(addr: SocketAddr) {
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let q = unique("full");
+    declare_reject_publish_queue(&ch, &q, 1).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .unwrap();
+    for body in ["kept", "refused 1", "refused 2"] {
+        publish(&ch, "", &q, body.as_bytes()).await;
+    }
+    assert_eq!(events.confirms(3).await, [true, false, false]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(events.try_next(), None, "nothing after the three confirms");
+
+    // Without confirms the refused publish is simply gone.
+    let (plain, _plain_events) = open_channel(&conn).await;
+    publish(&plain, "", &q, b"refused 3").await;
+    assert_eq!(queue_counts(&plain, &q).await.0, 1);
+    assert_eq!(
+        get(&ch, &q, true).await.expect("the kept message").body,
+        b"kept"
+    );
+    assert!(
+        get(&ch, &q, true).await.is_none(),
+        "a refused publish was enqueued"
+    );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
 }
 
 async fn mandatory_unroutable_publish_is_returned_before_its_confirm(addr: SocketAddr) {

@@ -147,6 +147,15 @@ impl Proxy {
         self.handle.as_ref().expect("proxy running").amqp_addr()
     }
 
+    fn metrics(&self) -> &warren::metrics::Metrics {
+        &self
+            .handle
+            .as_ref()
+            .expect("proxy running")
+            .shared()
+            .metrics
+    }
+
     async fn shutdown(mut self) {
         let handle = self.handle.take().expect("proxy running");
         let done = self
@@ -1038,6 +1047,49 @@ async fn every_publish_is_confirmed_exactly_once() {
     for q in [&queue, &rpc_queue] {
         queue_delete(&ch, q).await;
     }
+    finish(conn, proxy, direct).await;
+}
+
+/// A sharded queue full on every shard cluster (`x-overflow = reject-publish`): a nacked
+/// publish is offered to the other shard cluster once, and when that one refuses too the client
+/// gets its nack. Nothing circles between the clusters while the queue stays full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_every_shard_refuses_is_nacked_after_one_try_on_each() {
+    let (_cleanup, queue) = Cleanup::with_queue("full");
+    let (proxy, direct, conn, ch, mut events) = start().await;
+    support::declare_reject_publish_queue(&ch, &queue, 1).await;
+    confirm_select(&ch).await;
+    // Round-robin puts the first two on different clusters (one message each fills both); the
+    // other three are refused wherever they go first, then by the other cluster.
+    publish_numbered(&ch, &queue, 0..5).await;
+    assert_eq!(events.confirms(5).await, [true, true, false, false, false]);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(events.try_next(), None, "nothing after the five confirms");
+    assert_eq!(direct.shard_depths(&queue).await, (1, 1));
+    let republished = proxy.metrics().republished.get();
+    assert_eq!(
+        republished, 3,
+        "each refused publish is offered to the other shard cluster exactly once"
+    );
+
+    // A client without confirms: the refused publish is dropped (as RabbitMQ drops it) and
+    // counted, after the same single try elsewhere.
+    let dropped = proxy.metrics().dropped.get();
+    let (plain, _plain_events) = open_channel(&conn).await;
+    publish_numbered(&plain, &queue, 5..7).await;
+    eventually_for(STEP, "two refused publishes counted as dropped", || async {
+        match proxy.metrics().dropped.get() - dropped {
+            2 => Ok(()),
+            n => Err(format!("{n} dropped")),
+        }
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(proxy.metrics().republished.get(), republished + 2);
+    assert_eq!(proxy.metrics().dropped.get(), dropped + 2);
+    assert_eq!(direct.shard_depths(&queue).await, (1, 1));
+
+    queue_delete(&ch, &queue).await;
     finish(conn, proxy, direct).await;
 }
 

@@ -343,6 +343,11 @@ impl ClientConfirms {
 pub struct Held {
     pub publish: crate::codec::BasicPublish,
     pub content: Content,
+    /// The links whose cluster refused this publish (basic.nack: a full queue with
+    /// `x-overflow = reject-publish`, a queue process that failed). A refusal is the broker's
+    /// answer, not an accident: the publish is offered to each cluster at most once more, and
+    /// when every shard cluster has refused it the client hears the nack.
+    pub nacked_by: LinkSet,
 }
 
 impl Held {
@@ -627,6 +632,7 @@ mod tests {
                 body_size: 0,
                 body: Default::default(),
             },
+            nacked_by: LinkSet::default(),
         };
         let mut c = ClientConfirms::default();
         let mut up0 = UpstreamConfirms::default();

@@ -510,6 +510,37 @@ impl Events {
         self.rx.try_recv().ok()
     }
 
+    /// Waits until publisher confirms have settled the sequence numbers `1..=n`, each exactly
+    /// once (a `multiple` one settles every earlier number not settled yet); returns, in order,
+    /// whether each was acked (true) or nacked (false). Fails on any other event, on a number
+    /// settled twice and on one above `n`.
+    pub async fn confirms(&mut self, n: u64) -> Vec<bool> {
+        let mut settled = std::collections::BTreeMap::new();
+        while (settled.len() as u64) < n {
+            let (tag, multiple, ack) = match self.next().await {
+                Event::Ack { tag, multiple } => (tag, multiple, true),
+                Event::Nack { tag, multiple } => (tag, multiple, false),
+                other => panic!("expected a publisher confirm, got {other:?}"),
+            };
+            assert!(
+                (1..=n).contains(&tag),
+                "confirm of {tag}: only 1..={n} were published"
+            );
+            let tags: Vec<u64> = if multiple {
+                (1..=tag).filter(|t| !settled.contains_key(t)).collect()
+            } else {
+                vec![tag]
+            };
+            for t in tags {
+                assert!(
+                    settled.insert(t, ack).is_none(),
+                    "sequence number {t} confirmed twice"
+                );
+            }
+        }
+        settled.into_values().collect()
+    }
+
     /// Waits for channel.close from the broker; returns its code and text.
     pub async fn expect_close(&mut self) -> (u16, String) {
         loop {
@@ -644,6 +675,26 @@ pub async fn declare_queue(ch: &Channel, name: &str) {
     within(
         &format!("queue.declare {name}"),
         ch.queue_declare(QueueDeclareArguments::new(name)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue.declare {name} failed: {e}"));
+}
+
+/// Declares `name` with room for `max_length` messages, past which RabbitMQ refuses publishes
+/// with basic.nack (`x-overflow = reject-publish`) instead of dropping the oldest.
+pub async fn declare_reject_publish_queue(ch: &Channel, name: &str, max_length: i64) {
+    let mut args = amqprs::FieldTable::new();
+    args.insert(
+        "x-max-length".try_into().unwrap(),
+        amqprs::FieldValue::l(max_length),
+    );
+    args.insert(
+        "x-overflow".try_into().unwrap(),
+        amqprs::FieldValue::S("reject-publish".try_into().unwrap()),
+    );
+    within(
+        &format!("queue.declare {name} (reject-publish)"),
+        ch.queue_declare(QueueDeclareArguments::new(name).arguments(args).finish()),
     )
     .await
     .unwrap_or_else(|e| panic!("queue.declare {name} failed: {e}"));

@@ -327,9 +327,10 @@ impl Session {
             }
             settled.clear();
         } else {
-            warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, "cluster nacked publishes; publishing them again elsewhere");
-            for inflight in settled.drain(..) {
-                self.republish(ch, link, inflight);
+            warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, "cluster nacked publishes; offering them to the shard clusters that have not refused them");
+            for mut inflight in settled.drain(..) {
+                inflight.held.nacked_by.insert(link);
+                self.republish(ch, link, inflight, Resend::Nacked);
             }
         }
         self.scratch_inflight = settled;

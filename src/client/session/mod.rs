@@ -421,6 +421,15 @@ struct Retry {
     nodes_back: u64,
 }
 
+/// Why a held publish is sent again (see [`Session::republish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Its cluster refused it (basic.nack).
+    Nacked,
+    /// Its link died before the cluster confirmed it.
+    LinkLost,
+}
+
 /// A publish waiting for a shard link (see [`Session::parked`]).
 struct Parked {
     ch: u16,

@@ -15,6 +15,7 @@ impl Session {
         let held = Held {
             publish: publish.clone(),
             content: content.clone(),
+            nacked_by: LinkSet::default(),
         };
         let link = match class {
             Class::Control => self.control_link(),
@@ -278,33 +279,30 @@ impl Session {
     /// The next shard link by smooth weighted round-robin over the live, ready, non-draining
     /// ones; `avoid` is skipped unless it is the only one.
     pub(super) fn pick_shard(&mut self, avoid: Option<LinkId>) -> Option<LinkId> {
+        self.pick_shard_where(|l| Some(l) == avoid)
+            .or_else(|| avoid.filter(|&a| self.links.get(a).is_some_and(|s| s.live())))
+    }
+
+    /// [`Self::pick_shard`] among the links `skip` does not name, with no fallback.
+    pub(super) fn pick_shard_where(&mut self, skip: impl Fn(LinkId) -> bool) -> Option<LinkId> {
+        let usable = |i: usize, s: &LinkSlot| {
+            s.live() && s.ready && s.role == Role::Shard && !s.drain && !skip(i)
+        };
         // A cluster under a resource alarm (connection.blocked) gets publishes only when every
         // other one is blocked too: publishes move rather than pause.
-        let any_unblocked = self.links.iter().enumerate().any(|(i, s)| {
-            s.live()
-                && s.ready
-                && s.role == Role::Shard
-                && !s.drain
-                && !s.blocked
-                && Some(i) != avoid
-        });
-        let eligible = |i: usize, s: &LinkSlot| {
-            s.live()
-                && s.ready
-                && s.role == Role::Shard
-                && !s.drain
-                && Some(i) != avoid
-                && (!any_unblocked || !s.blocked)
-        };
+        let any_unblocked = self
+            .links
+            .iter()
+            .enumerate()
+            .any(|(i, s)| usable(i, s) && !s.blocked);
         let links = &self.links;
-        let picked = self.rr.pick(
+        self.rr.pick(
             links
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| eligible(*i, s))
+                .filter(|&(i, s)| usable(i, s) && (!any_unblocked || !s.blocked))
                 .map(|(i, s)| (i, s.weight)),
-        );
-        picked.or_else(|| avoid.filter(|&a| self.links.get(a).is_some_and(|s| s.live())))
+        )
     }
 
     /// Writes a publish to a link. Outside transactions the upstream channel is in confirm mode
@@ -345,8 +343,18 @@ impl Session {
 
     /// Publishes again a message a cluster nacked or lost. A duplicate is possible when the
     /// cluster took the message and died before confirming it: counted in `warren_republished`.
-    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight) {
-        self.metrics.republished.inc();
+    ///
+    /// A lost link's publishes go to any other shard cluster, or wait for one. A nacked publish
+    /// goes only to a cluster that has not refused it yet, and when none is left the refusal is
+    /// final: the client's nack, or for a client without confirms a drop (what RabbitMQ does
+    /// with a refused publish of such a client). Without that bound a queue that refuses
+    /// publishes on every cluster (`x-overflow = reject-publish`) would have the proxy send the
+    /// same message round the clusters for as long as it stays full.
+    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight, why: Resend) {
+        if why == Resend::LinkLost {
+            // Parked ones included: they go out again once a shard link is back.
+            self.metrics.republished.inc();
+        }
         let InFlight { client, held, .. } = inflight;
         let class = self.rules.publish(
             held.publish.exchange.as_bytes(),
@@ -358,11 +366,14 @@ impl Session {
                 c.tx,
             )
         });
-        let target = match class {
-            Class::Control => self.control_link().filter(|&l| l != failed),
-            Class::Sharded => self
+        let target = match (class, why) {
+            (Class::Control, _) => self.control_link().filter(|&l| l != failed),
+            (Class::Sharded, Resend::LinkLost) => self
                 .pick_shard(Some(failed))
                 .filter(|&l| self.links[l].live()),
+            (Class::Sharded, Resend::Nacked) => {
+                self.pick_shard_where(|l| held.nacked_by.contains(l))
+            }
         };
         // The channel has selected tx since this was published: only an upstream channel still
         // in confirm mode may take it again (elsewhere it would join the client's transaction,
@@ -370,16 +381,29 @@ impl Session {
         let target = target.filter(|&l| !tx || self.links[l].confirming(ch));
         match target {
             Some(link) if open => {
+                if why == Resend::Nacked {
+                    self.metrics.republished.inc();
+                }
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
                 self.send_publish(ch, link, client, held, false);
             }
-            None if open && class == Class::Sharded && self.closing.is_none() && !tx => {
+            None if open
+                && class == Class::Sharded
+                && why == Resend::LinkLost
+                && self.closing.is_none()
+                && !tx =>
+            {
                 // The only shard cluster is failing over: wait for its link to come back.
                 self.park(ch, client, held);
             }
             _ => {
                 if let Some(seq) = client {
                     self.nack_lost(ch, &[seq]);
+                } else if why == Resend::Nacked {
+                    self.metrics.dropped.inc();
+                    warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
+                        refused_by = held.nacked_by.len(),
+                        "publish refused (basic.nack) by every cluster that could take it and the client did not ask for confirms: dropped, as RabbitMQ drops it");
                 } else {
                     self.metrics.dropped.inc();
                     warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,

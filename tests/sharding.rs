@@ -1831,6 +1831,53 @@ async fn tx_select_after_plain_publishes_spread_over_both_shards() {
     finish(conn, proxy, direct).await;
 }
 
+/// tx.select while publishes from before it are being refused: a queue full on both shard
+/// clusters (`x-overflow = reject-publish`) nacks them while warren waits to switch the channel
+/// to tx mode. They are never published into the client's transaction: each is dropped and
+/// counted (the client asked for no confirms: RabbitMQ alone drops them too), the switch
+/// completes, and the transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_select_while_earlier_publishes_are_nacked() {
+    let (mut cleanup, full) = Cleanup::with_queue("tx-full");
+    let queue = cleanup.queue(&unique("tx-after-nacks"));
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
+    support::declare_reject_publish_queue(&ch, &full, 1).await;
+    publish_numbered(&ch, &full, 0..6).await;
+    within("tx.select", ch.tx_select())
+        .await
+        .expect("tx.select after refused publishes");
+    eventually_for(
+        STEP,
+        "four refused publishes counted as dropped",
+        || async {
+            match proxy.metrics().dropped.get() {
+                4 => Ok(()),
+                n => Err(format!("{n} dropped")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(direct.shard_depths(&full).await, (1, 1));
+    publish_numbered(&ch, &queue, 100..103).await;
+    within("tx.commit", ch.tx_commit())
+        .await
+        .expect("tx.commit");
+    let (a, b) = direct.shard_depths(&queue).await;
+    assert_eq!(a + b, 3, "the committed publishes: {a} + {b}");
+    assert!(
+        proxy.metrics().republished.get() <= 4,
+        "each refused publish offered elsewhere at most once"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(proxy.metrics().dropped.get(), 4);
+    assert_eq!(direct.shard_depths(&full).await, (1, 1));
+    events.assert_no_close("client");
+    for q in [&full, &queue] {
+        queue_delete(&ch, q).await;
+    }
+    finish(conn, proxy, direct).await;
+}
+
 /// The one case warren cannot switch to tx mode: a channel that has published and has
 /// deliveries unacknowledged. Reopening its upstream channels would requeue those deliveries
 /// (the client would see them twice), so it is refused with a 406 that says why, and the

@@ -327,7 +327,10 @@ impl Session {
             }
             settled.clear();
         } else {
-            warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, "cluster nacked publishes; offering them to the shard clusters that have not refused them");
+            if let Some(held_back) = self.nacks_log.allow() {
+                warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, not_logged_since_last = held_back,
+                    "cluster nacked publishes (a queue full with x-overflow = reject-publish, or a failed queue); offering them to the shard clusters that have not refused them");
+            }
             for mut inflight in settled.drain(..) {
                 inflight.held.nacked_by.insert(link);
                 self.republish(ch, link, inflight, Resend::Nacked);

@@ -183,6 +183,8 @@ pub async fn serve(
         pending_release: Vec::new(),
         metrics: metrics.clone(),
         parked: VecDeque::new(),
+        nacks_log: LogThrottle::default(),
+        refused_drops_log: LogThrottle::default(),
         no_shard_since: None,
         next_read: 0,
         tx_swaps: 0,
@@ -398,6 +400,11 @@ struct Session {
     /// their link died), typically while the only live shard cluster's link fails over to its
     /// other node. Counted in `held_bytes`, so they are bounded like every held publish.
     parked: VecDeque<Parked>,
+    /// Nacks from clusters, and refused publishes dropped, are each logged at most every
+    /// [`LogThrottle::EVERY`]: a full `reject-publish` queue refuses every publish for as long
+    /// as it stays full.
+    nacks_log: LogThrottle,
+    refused_drops_log: LogThrottle,
     /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
     /// publishes are given up (nacked) and the client is closed with 320.
     no_shard_since: Option<Instant>,
@@ -419,6 +426,34 @@ struct Retry {
     /// [`Shared::nodes_back`] of the cluster when the delay started: a node seen back by the
     /// health probes since then cuts the wait short.
     nodes_back: u64,
+}
+
+/// Lets a repeated warning through once per [`Self::EVERY`], counting what it held back, so a
+/// condition that lasts (a full queue refusing publishes) is one log line every few seconds
+/// per connection, not one per message.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogThrottle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(n)` when this occurrence should be logged, `n` being how many were not since the
+    /// last one that was.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 /// Why a held publish is sent again (see [`Session::republish`]).

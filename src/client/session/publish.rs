@@ -401,9 +401,11 @@ impl Session {
                     self.nack_lost(ch, &[seq]);
                 } else if why == Resend::Nacked {
                     self.metrics.dropped.inc();
-                    warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
-                        refused_by = held.nacked_by.len(),
-                        "publish refused (basic.nack) by every cluster that could take it and the client did not ask for confirms: dropped, as RabbitMQ drops it");
+                    if let Some(held_back) = self.refused_drops_log.allow() {
+                        warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
+                            refused_by = held.nacked_by.len(), not_logged_since_last = held_back,
+                            "publish refused (basic.nack) by every cluster that could take it and the client did not ask for confirms: dropped, as RabbitMQ drops it (counted in warren_dropped_total)");
+                    }
                 } else {
                     self.metrics.dropped.inc();
                     warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,

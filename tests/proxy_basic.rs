@@ -34,6 +34,7 @@ against_proxy_and_rabbitmq!(
     tx_select_after_publishing_on_the_channel,
     mandatory_unroutable_publish_is_returned_before_its_confirm,
     publishes_refused_by_a_full_queue_are_nacked_once,
+    direct_reply_to_round_trip_with_confirmed_replies,
     legacy_access_request_is_answered_with_access_request_ok,
 );
 
@@ -727,6 +728,71 @@ async fn publishes_refused_by_a_full_queue_are_nacked_once(addr: SocketAddr) {
         get(&ch, &q, true).await.is_none(),
         "a refused publish was enqueued"
     );
+    delete_queue(&ch, &q).await;
+    close_connection(conn).await;
+}
+
+/// RabbitMQ's direct reply-to: requests carry `reply_to = amq.rabbitmq.reply-to`, the server
+/// sees a routable `amq.rabbitmq.reply-to.*` name and replies to it in confirm mode (each reply
+/// acked), and the caller gets every reply once.
+async fn direct_reply_to_round_trip_with_confirmed_replies(addr: SocketAddr) {
+    const N: u64 = 5;
+    let conn = connect(addr).await;
+    let (ch, _events) = open_channel(&conn).await;
+    let q = unique("rpc");
+    declare_queue(&ch, &q).await;
+    let (_ctag, mut replies) = consume(&ch, "amq.rabbitmq.reply-to", false).await;
+    let server = connect(addr).await;
+    let (sch, mut server_events) = open_channel(&server).await;
+    within(
+        "confirm.select",
+        sch.confirm_select(ConfirmSelectArguments::default()),
+    )
+    .await
+    .unwrap();
+    let (_stag, mut requests) = consume(&sch, &q, false).await;
+    for i in 0..N {
+        let props = amqprs::BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string())
+            .finish();
+        within(
+            "basic.publish (request)",
+            ch.basic_publish(props, b"ping".to_vec(), BasicPublishArguments::new("", &q)),
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..N {
+        let m = within("a request", requests.recv())
+            .await
+            .expect("requests");
+        let props = m.basic_properties.expect("properties");
+        let reply_to = props.reply_to().expect("reply_to").clone();
+        assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
+        let corr = props.correlation_id().expect("correlation_id").clone();
+        within(
+            "basic.publish (reply)",
+            sch.basic_publish(
+                amqprs::BasicProperties::default()
+                    .with_correlation_id(&corr)
+                    .finish(),
+                b"pong".to_vec(),
+                BasicPublishArguments::new("", &reply_to),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(server_events.confirms(N).await, vec![true; N as usize]);
+    let mut got = BTreeSet::new();
+    for _ in 0..N {
+        let m = within("a reply", replies.recv()).await.expect("replies");
+        assert_eq!(m.content.as_deref(), Some(&b"pong"[..]));
+        let corr = m.basic_properties.and_then(|p| p.correlation_id().cloned());
+        assert!(got.insert(corr.expect("correlation_id")), "a reply twice");
+    }
+    close_connection(server).await;
     delete_queue(&ch, &q).await;
     close_connection(conn).await;
 }

@@ -1050,6 +1050,99 @@ async fn every_publish_is_confirmed_exactly_once() {
     finish(conn, proxy, direct).await;
 }
 
+/// RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`), the RPC pattern of the pika, Java and
+/// amqplib tutorials: the caller consumes from the pseudo-queue and publishes requests with it
+/// as `reply_to`; the cluster that takes a request rewrites `reply_to` into a name only it can
+/// route, and the server publishes its reply to that name. Through warren the requests spread
+/// over both shard clusters, and every reply must still reach the caller, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_replies_reach_the_caller_from_every_shard() {
+    const N: usize = 20;
+    let (_cleanup, queue) = Cleanup::with_queue("rpc");
+    let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
+    let (server_conn, server_ch, _server_events) = client(&proxy).await;
+    let (_server_tag, mut requests) = consume(&server_ch, &queue, false).await;
+    let (_caller_tag, mut replies) = consume(&ch, "amq.rabbitmq.reply-to", false).await;
+    for i in 0..N {
+        let props = BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string())
+            .finish();
+        within(
+            "basic.publish (request)",
+            ch.basic_publish(
+                props,
+                format!("request {i}").into_bytes(),
+                BasicPublishArguments::new("", &queue),
+            ),
+        )
+        .await
+        .expect("publish a request");
+    }
+    for _ in 0..N {
+        let m = within("a request", requests.recv())
+            .await
+            .expect("request stream");
+        let props = m.basic_properties.expect("request properties");
+        let reply_to = props.reply_to().expect("reply_to").clone();
+        assert!(
+            reply_to.starts_with("amq.rabbitmq.reply-to."),
+            "the server sees a routable reply-to name, got {reply_to:?}"
+        );
+        let corr = props.correlation_id().expect("correlation_id").clone();
+        within(
+            "basic.publish (reply)",
+            server_ch.basic_publish(
+                BasicProperties::default()
+                    .with_correlation_id(&corr)
+                    .finish(),
+                format!("reply {corr}").into_bytes(),
+                BasicPublishArguments::new("", &reply_to),
+            ),
+        )
+        .await
+        .expect("publish a reply");
+    }
+    let mut answered = BTreeSet::new();
+    for _ in 0..N {
+        let m = within("a reply", replies.recv())
+            .await
+            .expect("reply stream");
+        let corr = m
+            .basic_properties
+            .and_then(|p| p.correlation_id().cloned())
+            .expect("reply correlation_id");
+        assert_eq!(
+            m.content.as_deref(),
+            Some(format!("reply {corr}").as_bytes())
+        );
+        assert!(answered.insert(corr.clone()), "reply {corr} twice");
+    }
+    assert_eq!(answered.len(), N);
+    tokio::time::sleep(QUIET).await;
+    assert!(replies.try_recv().is_err(), "a reply more than once");
+    let published = proxy.metrics();
+    let spread: Vec<u64> = [Cl::A, Cl::B]
+        .iter()
+        .map(|c| {
+            published
+                .publishes
+                .get_or_create(&warren::metrics::ClusterLabel {
+                    cluster: c.name().to_owned(),
+                })
+                .get()
+        })
+        .collect();
+    assert!(
+        spread.iter().all(|&n| n > 0),
+        "requests and replies on both shard clusters: {spread:?}"
+    );
+    events.assert_no_close("caller");
+    close_connection(server_conn).await;
+    queue_delete(&ch, &queue).await;
+    finish(conn, proxy, direct).await;
+}
+
 /// A sharded queue full on every shard cluster (`x-overflow = reject-publish`): a nacked
 /// publish is offered to the other shard cluster once, and when that one refuses too the client
 /// gets its nack. Nothing circles between the clusters while the queue stays full.

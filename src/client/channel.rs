@@ -348,6 +348,9 @@ pub struct Held {
     /// answer, not an accident: the publish is offered to each cluster at most once more, and
     /// when every shard cluster has refused it the client hears the nack.
     pub nacked_by: LinkSet,
+    /// Only the cluster it was sent to can take it (a reply to a direct reply-to address): it is
+    /// never published again elsewhere.
+    pub pinned: bool,
 }
 
 impl Held {
@@ -633,6 +636,7 @@ mod tests {
                 body: Default::default(),
             },
             nacked_by: LinkSet::default(),
+            pinned: false,
         };
         let mut c = ClientConfirms::default();
         let mut up0 = UpstreamConfirms::default();

@@ -49,9 +49,10 @@ pub enum Refusal {
     },
 }
 
-/// The capabilities RabbitMQ 3.x advertises, minus direct reply-to: `amq.rabbitmq.reply-to` is a
-/// per-connection pseudo-queue on one node and cannot span the clusters behind the proxy.
-const CAPABILITIES: [&str; 8] = [
+/// The capabilities RabbitMQ 3.x advertises. Direct reply-to spans the clusters through
+/// `session::reply_to`.
+const CAPABILITIES: [&str; 9] = [
+    "direct_reply_to",
     "publisher_confirms",
     "exchange_exchange_bindings",
     "basic.nack",

@@ -122,6 +122,59 @@ impl BasicProperties {
     }
 }
 
+/// Where the reply-to property's value lies in a content header payload, found without decoding
+/// the properties before it (the headers table is skipped by its length): the one property the
+/// proxy rewrites on deliveries (see `client::session::reply_to`). `None` when the message has
+/// no reply-to or the payload is malformed (then it is passed on as it is).
+pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
+    const FLAGS_AT: usize = 12; // class id, weight, body size
+    const REPLY_TO: u16 = FIRST_FLAG >> 6;
+    let flags = u16::from_be_bytes(payload.get(FLAGS_AT..FLAGS_AT + 2)?.try_into().ok()?);
+    if flags & REPLY_TO == 0 {
+        return None;
+    }
+    let mut at = FLAGS_AT + 2;
+    let mut word = flags;
+    while word & CONTINUATION != 0 {
+        word = u16::from_be_bytes(payload.get(at..at + 2)?.try_into().ok()?);
+        at += 2;
+    }
+    let short_str = |at: usize| Some(at + 1 + usize::from(*payload.get(at)?));
+    let mut bit = FIRST_FLAG;
+    // content-type, content-encoding, headers, delivery-mode, priority, correlation-id.
+    for kind in [b's', b's', b'F', b'o', b'o', b's'] {
+        if flags & bit != 0 {
+            at = match kind {
+                b's' => short_str(at)?,
+                b'F' => {
+                    let len = u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?);
+                    at.checked_add(4)?.checked_add(usize::try_from(len).ok()?)?
+                }
+                _ => at + 1,
+            };
+        }
+        bit >>= 1;
+    }
+    let end = short_str(at)?;
+    (end <= payload.len()).then_some(at + 1..end)
+}
+
+/// A copy of `payload` with the short string whose value is at `span` (from
+/// [`reply_to_span`]) replaced by `value`; `None` when `value` is too long for a short string.
+pub fn replace_short_str(
+    payload: &[u8],
+    span: std::ops::Range<usize>,
+    value: &[u8],
+) -> Option<Bytes> {
+    let len = u8::try_from(value.len()).ok()?;
+    let mut out = BytesMut::with_capacity(payload.len() + value.len() - span.len());
+    out.extend_from_slice(&payload[..span.start - 1]);
+    out.put_u8(len);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&payload[span.end..]);
+    Some(out.freeze())
+}
+
 impl ContentHeader {
     /// Decodes a content header frame payload. The weight must be 0 (as RabbitMQ requires),
     /// and nothing may follow the properties. The properties are read with the basic class's
@@ -253,6 +306,55 @@ mod tests {
         // Continuation announced but missing.
         let b = Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0x00, 0x01]);
         assert!(ContentHeader::decode(b).is_err());
+    }
+
+    #[test]
+    fn reply_to_is_found_and_replaced_without_decoding() {
+        let mut h = all_set();
+        h.properties.reply_to = Some(ShortStr::try_from("amq.rabbitmq.reply-to.abc").unwrap());
+        let payload = encode(&h);
+        let span = reply_to_span(&payload).expect("reply-to present");
+        assert_eq!(&payload[span.clone()], b"amq.rabbitmq.reply-to.abc");
+        let replaced = replace_short_str(&payload, span, b"somewhere-else").unwrap();
+        let mut expected = h.clone();
+        expected.properties.reply_to = Some(ShortStr::try_from("somewhere-else").unwrap());
+        assert_eq!(ContentHeader::decode(replaced).unwrap(), expected);
+        // Each property before it present or not.
+        for i in 0..6 {
+            let mut h = ContentHeader {
+                class_id: 60,
+                body_size: 3,
+                properties: BasicProperties {
+                    reply_to: Some(ShortStr::try_from("r").unwrap()),
+                    ..Default::default()
+                },
+            };
+            let full = all_set().properties;
+            match i {
+                0 => h.properties.content_type = full.content_type,
+                1 => h.properties.content_encoding = full.content_encoding,
+                2 => h.properties.headers = full.headers,
+                3 => h.properties.delivery_mode = full.delivery_mode,
+                4 => h.properties.priority = full.priority,
+                _ => h.properties.correlation_id = full.correlation_id,
+            }
+            let payload = encode(&h);
+            let span = reply_to_span(&payload).unwrap();
+            assert_eq!(&payload[span], b"r", "with property {i} before it");
+        }
+        let mut none = all_set();
+        none.properties.reply_to = None;
+        assert_eq!(reply_to_span(&encode(&none)), None);
+        // Truncated payloads are not read past their end.
+        for cut in 0..payload.len() {
+            if let Some(span) = reply_to_span(&payload[..cut]) {
+                assert!(span.end <= cut);
+            }
+        }
+        assert_eq!(
+            replace_short_str(&payload, reply_to_span(&payload).unwrap(), &[b'x'; 256]),
+            None
+        );
     }
 
     #[test]

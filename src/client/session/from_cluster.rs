@@ -11,6 +11,12 @@ impl Session {
             method,
             content,
         } = cmd;
+        let content = match (&method, content) {
+            (Method::BasicDeliver(_) | Method::BasicGetOk(_) | Method::BasicReturn(_), Some(c)) => {
+                Some(self.mark_reply_to(link, c))
+            }
+            (_, c) => c,
+        };
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }

@@ -15,13 +15,15 @@
 //! The files follow a message: [`from_client`] (what the client sends), [`publish`] (where a
 //! publish goes and how it is held), [`upstream`] (the links and their channels),
 //! [`from_cluster`] (deliveries, confirms, replies), [`links`] (links opened, failed over,
-//! retired); this file has the event loop and the connection's life.
+//! retired), [`reply_to`] (direct reply-to across clusters); this file has the event loop and
+//! the connection's life.
 
 mod from_client;
 mod from_cluster;
 mod link_slot;
 mod links;
 mod publish;
+mod reply_to;
 
 use link_slot::{LinkSlot, Pending, UpState};
 

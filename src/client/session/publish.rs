@@ -11,11 +11,18 @@ impl Session {
         let Method::BasicPublish(publish) = method else {
             return;
         };
+        if publish.exchange.is_empty()
+            && let Some((cluster, name)) = reply_to::parse(publish.routing_key.as_bytes())
+        {
+            let cluster = cluster.to_vec();
+            return self.publish_reply(ch, &cluster, name, method, content);
+        }
         let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
         let held = Held {
             publish: publish.clone(),
             content: content.clone(),
             nacked_by: LinkSet::default(),
+            pinned: false,
         };
         let link = match class {
             Class::Control => self.control_link(),
@@ -367,6 +374,7 @@ impl Session {
             )
         });
         let target = match (class, why) {
+            _ if held.pinned => None,
             (Class::Control, _) => self.control_link().filter(|&l| l != failed),
             (Class::Sharded, Resend::LinkLost) => self
                 .pick_shard(Some(failed))
@@ -390,6 +398,7 @@ impl Session {
             None if open
                 && class == Class::Sharded
                 && why == Resend::LinkLost
+                && !held.pinned
                 && self.closing.is_none()
                 && !tx =>
             {

@@ -6,19 +6,22 @@ What a pika user relies on, with BlockingConnection (the way most pika code is w
 confirmed publishes, a mandatory unroutable publish raising UnroutableError, a consumer with
 basic.qos and manual acks receiving every message exactly once (a basic.reject with requeue
 gives one back once), basic.get, a transaction (rollback discards, commit publishes), a 2 MiB
-message through 4096-byte frames, and passive declare / purge / delete counts. Order is not
+message through 4096-byte frames, RPC over direct reply-to (amq.rabbitmq.reply-to), and
+passive declare / purge / delete counts. Order is not
 asserted: through warren with two shard clusters a queue's messages live on both, each in
 order. Exits 0 when every check holds; prints one line per check.
 """
 
 import os
 import sys
+import time
 import uuid
 
 import pika
 import pika.exceptions
 
 N = 500
+RPC_CALLS = 20
 FAILED = 0
 
 
@@ -130,6 +133,48 @@ def main(url):
         f"after rollback and commit the queue holds the 2 committed (got {declared.method.message_count})",
     )
     tx.close()
+
+    # RPC over direct reply-to, as in pika's RPC examples: the caller consumes from the
+    # pseudo-queue, a server on its own connection answers each request to its reply_to (through
+    # warren the requests, and so the replies' routes, spread over the shard clusters).
+    rpc_queue = f"clients-pika-rpc-{uuid.uuid4().hex[:12]}"
+    ch.queue_declare(rpc_queue, durable=False, auto_delete=False)
+    replies = {}
+    caller = conn.channel()
+    caller.basic_consume(
+        "amq.rabbitmq.reply-to",
+        lambda _c, _m, p, body: replies.setdefault(p.correlation_id, body),
+        auto_ack=True,
+    )
+    for i in range(RPC_CALLS):
+        caller.basic_publish(
+            "",
+            rpc_queue,
+            f"request-{i}".encode(),
+            pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=str(i)),
+        )
+    server_conn = pika.BlockingConnection(params)
+    server = server_conn.channel()
+    served, deadline = 0, time.monotonic() + 20
+    while served < RPC_CALLS and time.monotonic() < deadline:
+        method, props, body = server.basic_get(rpc_queue, auto_ack=True)
+        if method is None:
+            server_conn.sleep(0.05)
+            continue
+        server.basic_publish(
+            "", props.reply_to, b"reply-" + body, pika.BasicProperties(correlation_id=props.correlation_id)
+        )
+        served += 1
+    while len(replies) < RPC_CALLS and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    expected = {str(i): f"reply-request-{i}".encode() for i in range(RPC_CALLS)}
+    check(
+        served == RPC_CALLS and replies == expected,
+        f"direct reply-to: {served} of {RPC_CALLS} requests served, {len(replies)} replies back",
+    )
+    server_conn.close()
+    caller.close()
+    ch.queue_delete(rpc_queue)
 
     purged = ch.queue_purge(queue)
     check(purged.method.message_count == 2, f"purge reports 2 (got {purged.method.message_count})")

@@ -5,7 +5,7 @@
 //!   frame_max check refuses exactly the frames that are too large;
 //! * whatever decodes re-encodes, decodes again to the same value, and re-encodes to the same
 //!   bytes (encode ∘ decode is stable after one step);
-//! * `peek_content_header` agrees with `ContentHeader::decode`;
+//! * `peek_content_header` agrees with `ContentHeader::decode`, and so does `reply_to_span`;
 //! * body frames written by `write_body` split and join back to the payload;
 //! * every error maps to a hard-error reply code.
 
@@ -14,7 +14,7 @@
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use warren::codec::{
-    CodecError, ContentHeader, FRAME_OVERHEAD, FrameKind, Method, RawFrame, decode_frame,
+    CodecError, properties, ContentHeader, FRAME_OVERHEAD, FrameKind, Method, RawFrame, decode_frame,
     peek_content_header, write_body, write_header, write_method,
 };
 
@@ -67,11 +67,30 @@ fn check_method(channel: u16, payload: &bytes::Bytes) {
 
 fn check_header(channel: u16, payload: &bytes::Bytes) {
     let peeked = peek_content_header(payload);
+    // Read on every delivery, decoded or not: never past the end.
+    let span = properties::reply_to_span(payload);
+    if let Some(s) = &span {
+        assert!(s.start <= s.end && s.end <= payload.len(), "{s:?}");
+    }
     let h1 = match ContentHeader::decode(payload.clone()) {
         Ok(h) => h,
         Err(e) => return check_error(&e),
     };
     assert_eq!(peeked, Ok((h1.class_id, h1.body_size)));
+    // ...and on a header that decodes, it finds exactly the decoded reply-to, and replacing it
+    // changes nothing else.
+    match (&h1.properties.reply_to, span) {
+        (Some(r), Some(s)) => {
+            assert_eq!(&payload[s.clone()], r.as_bytes());
+            let replaced = properties::replace_short_str(payload, s, b"x").expect("short");
+            let mut expected = h1.clone();
+            expected.properties.reply_to = Some("x".try_into().expect("short str"));
+            let got = ContentHeader::decode(replaced).expect("replaced header decodes");
+            assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+        }
+        (None, None) => {}
+        (r, s) => panic!("reply_to {r:?} but span {s:?}"),
+    }
 
     let mut b1 = BytesMut::new();
     write_header(&mut b1, channel, &h1);

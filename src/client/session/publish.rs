@@ -43,10 +43,7 @@ impl Session {
         };
         if link.is_none() && class == Class::Sharded && !tx && self.closing.is_none() {
             // No shard link is ready (a failover in progress): wait for one.
-            let client_seq = self
-                .channel_mut(ch)
-                .and_then(|c| c.confirms.as_mut())
-                .map(|c| c.next_seq());
+            let client_seq = self.next_confirm_seq(ch);
             self.park(ch, client_seq, held);
             return;
         }
@@ -59,10 +56,7 @@ impl Session {
             );
             return;
         };
-        let client_seq = self
-            .channel_mut(ch)
-            .and_then(|c| c.confirms.as_mut())
-            .map(|c| c.next_seq());
+        let client_seq = self.next_confirm_seq(ch);
         self.send_publish(ch, link, client_seq, held, tx);
     }
 
@@ -202,6 +196,14 @@ impl Session {
             self.metrics.republished.inc();
             self.send_publish(ch, link, None, held.clone(), true);
         }
+    }
+
+    /// The client's sequence number for its next publish on `ch`, if the channel is in confirm
+    /// mode.
+    pub(super) fn next_confirm_seq(&mut self, ch: u16) -> Option<u64> {
+        self.channel_mut(ch)
+            .and_then(|c| c.confirms.as_mut())
+            .map(|c| c.next_seq())
     }
 
     /// Keeps a publish until a shard link is ready (see [`Session::parked`]).

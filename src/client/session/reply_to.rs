@@ -83,10 +83,7 @@ impl Session {
             );
             return;
         }
-        let client_seq = self
-            .channel_mut(ch)
-            .and_then(|c| c.confirms.as_mut())
-            .map(|c| c.next_seq());
+        let client_seq = self.next_confirm_seq(ch);
         let link = self
             .links
             .iter()

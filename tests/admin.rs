@@ -600,12 +600,7 @@ async fn fill(addr: SocketAddr, queue: &str, n: usize) {
     let conn = support::connect(addr).await;
     let (ch, _events) = support::open_channel(&conn).await;
     support::declare_queue(&ch, queue).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(amqprs::channel::ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    support::confirm_select(&ch).await;
     for i in 0..n {
         support::publish(&ch, "", queue, format!("m{i}").as_bytes()).await;
     }

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicNackArguments, BasicPublishArguments,
-    BasicQosArguments, BasicRejectArguments, ConfirmSelectArguments, ExchangeBindArguments,
-    ExchangeDeclareArguments, ExchangeDeleteArguments, ExchangeUnbindArguments, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments, QueueUnbindArguments,
+    BasicQosArguments, BasicRejectArguments, ExchangeBindArguments, ExchangeDeclareArguments,
+    ExchangeDeleteArguments, ExchangeUnbindArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments, QueuePurgeArguments, QueueUnbindArguments,
 };
 use support::*;
 
@@ -519,12 +519,7 @@ async fn cancel_stops_deliveries(addr: SocketAddr) {
     let q = unique("q");
     declare_queue(&ch, &q).await;
     // Confirms tell when a publish has reached the queue (a passive declare may overtake it).
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    confirm_select(&ch).await;
     let (ctag, mut rx) = consume(&ch, &q, false).await;
     publish(&ch, "", &q, b"before cancel").await;
     assert_eq!(
@@ -593,12 +588,7 @@ async fn confirms_ack_every_publish_exactly_once(addr: SocketAddr) {
     let (ch, mut events) = open_channel(&conn).await;
     let q = unique("q");
     declare_queue(&ch, &q).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    confirm_select(&ch).await;
     for i in 1..=N {
         publish(&ch, "", &q, format!("confirmed {i}").as_bytes()).await;
     }
@@ -703,12 +693,7 @@ async fn publishes_refused_by_a_full_queue_are_nacked_once(addr: SocketAddr) {
     let (ch, mut events) = open_channel(&conn).await;
     let q = unique("full");
     declare_reject_publish_queue(&ch, &q, 1).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    confirm_select(&ch).await;
     for body in ["kept", "refused 1", "refused 2"] {
         publish(&ch, "", &q, body.as_bytes()).await;
     }
@@ -736,7 +721,7 @@ async fn publishes_refused_by_a_full_queue_are_nacked_once(addr: SocketAddr) {
 /// sees a routable `amq.rabbitmq.reply-to.*` name and replies to it in confirm mode (each reply
 /// acked), and the caller gets every reply once.
 async fn direct_reply_to_round_trip_with_confirmed_replies(addr: SocketAddr) {
-    const N: u64 = 5;
+    const N: usize = 5;
     let conn = connect(addr).await;
     let (ch, _events) = open_channel(&conn).await;
     let q = unique("rpc");
@@ -744,54 +729,12 @@ async fn direct_reply_to_round_trip_with_confirmed_replies(addr: SocketAddr) {
     let (_ctag, mut replies) = consume(&ch, "amq.rabbitmq.reply-to", false).await;
     let server = connect(addr).await;
     let (sch, mut server_events) = open_channel(&server).await;
-    within(
-        "confirm.select",
-        sch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    confirm_select(&sch).await;
     let (_stag, mut requests) = consume(&sch, &q, false).await;
-    for i in 0..N {
-        let props = amqprs::BasicProperties::default()
-            .with_reply_to("amq.rabbitmq.reply-to")
-            .with_correlation_id(&i.to_string())
-            .finish();
-        within(
-            "basic.publish (request)",
-            ch.basic_publish(props, b"ping".to_vec(), BasicPublishArguments::new("", &q)),
-        )
-        .await
-        .unwrap();
-    }
-    for _ in 0..N {
-        let m = within("a request", requests.recv())
-            .await
-            .expect("requests");
-        let props = m.basic_properties.expect("properties");
-        let reply_to = props.reply_to().expect("reply_to").clone();
-        assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
-        let corr = props.correlation_id().expect("correlation_id").clone();
-        within(
-            "basic.publish (reply)",
-            sch.basic_publish(
-                amqprs::BasicProperties::default()
-                    .with_correlation_id(&corr)
-                    .finish(),
-                b"pong".to_vec(),
-                BasicPublishArguments::new("", &reply_to),
-            ),
-        )
-        .await
-        .unwrap();
-    }
-    assert_eq!(server_events.confirms(N).await, vec![true; N as usize]);
-    let mut got = BTreeSet::new();
-    for _ in 0..N {
-        let m = within("a reply", replies.recv()).await.expect("replies");
-        assert_eq!(m.content.as_deref(), Some(&b"pong"[..]));
-        let corr = m.basic_properties.and_then(|p| p.correlation_id().cloned());
-        assert!(got.insert(corr.expect("correlation_id")), "a reply twice");
-    }
+    send_rpc_requests(&ch, &q, N).await;
+    answer_rpc_requests(&sch, &mut requests, N).await;
+    assert_eq!(server_events.confirms(N as u64).await, vec![true; N]);
+    receive_rpc_replies(&mut replies, N).await;
     close_connection(server).await;
     delete_queue(&ch, &q).await;
     close_connection(conn).await;
@@ -823,12 +766,7 @@ async fn mandatory_unroutable_publish_is_returned_before_its_confirm(addr: Socke
 
     // With confirms: the return comes first, then the ack of the same publish.
     let (ch, mut events) = open_channel(&conn).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .unwrap();
+    confirm_select(&ch).await;
     publish_with(&ch, mandatory.clone(), b"returned then acked").await;
     match events.next().await {
         Event::Return { code, body, .. } => {

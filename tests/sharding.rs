@@ -25,9 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicNackArguments, BasicPublishArguments,
-    BasicQosArguments, BasicRejectArguments, Channel, ConfirmSelectArguments, ConsumerMessage,
-    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
-    QueueDeleteArguments, QueuePurgeArguments,
+    BasicQosArguments, BasicRejectArguments, Channel, ConsumerMessage, ExchangeDeclareArguments,
+    ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+    QueuePurgeArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
@@ -38,9 +38,10 @@ use warren::codec::{self, Method, ShortStr};
 use warren::config::Config;
 
 use support::{
-    Cluster, Delivery, Event, Events, Login, RawClient, STEP, connect, consume, declare_queue,
-    eventually_for, get, init_tracing, open_channel, parse_clusters, publish, publish_with,
-    queue_counts, unique, within,
+    Cluster, Delivery, Event, Events, Login, RawClient, STEP, answer_rpc_requests, confirm_select,
+    connect, consume, declare_queue, eventually_for, get, init_tracing, open_channel,
+    parse_clusters, publish, publish_with, queue_counts, receive_rpc_replies, send_rpc_requests,
+    unique, within,
 };
 
 /// Deadline for bulk work (thousands of messages reaching the queues).
@@ -300,15 +301,6 @@ async fn exchange_delete(ch: &Channel, exchange: &str) {
     )
     .await
     .unwrap_or_else(|e| panic!("exchange.delete {exchange} failed: {e}"));
-}
-
-async fn confirm_select(ch: &Channel) {
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .expect("confirm.select");
 }
 
 async fn qos(ch: &Channel, prefetch_count: u16, global: bool) {
@@ -1063,62 +1055,9 @@ async fn direct_reply_to_replies_reach_the_caller_from_every_shard() {
     let (server_conn, server_ch, _server_events) = client(&proxy).await;
     let (_server_tag, mut requests) = consume(&server_ch, &queue, false).await;
     let (_caller_tag, mut replies) = consume(&ch, "amq.rabbitmq.reply-to", false).await;
-    for i in 0..N {
-        let props = BasicProperties::default()
-            .with_reply_to("amq.rabbitmq.reply-to")
-            .with_correlation_id(&i.to_string())
-            .finish();
-        within(
-            "basic.publish (request)",
-            ch.basic_publish(
-                props,
-                format!("request {i}").into_bytes(),
-                BasicPublishArguments::new("", &queue),
-            ),
-        )
-        .await
-        .expect("publish a request");
-    }
-    for _ in 0..N {
-        let m = within("a request", requests.recv())
-            .await
-            .expect("request stream");
-        let props = m.basic_properties.expect("request properties");
-        let reply_to = props.reply_to().expect("reply_to").clone();
-        assert!(
-            reply_to.starts_with("amq.rabbitmq.reply-to."),
-            "the server sees a routable reply-to name, got {reply_to:?}"
-        );
-        let corr = props.correlation_id().expect("correlation_id").clone();
-        within(
-            "basic.publish (reply)",
-            server_ch.basic_publish(
-                BasicProperties::default()
-                    .with_correlation_id(&corr)
-                    .finish(),
-                format!("reply {corr}").into_bytes(),
-                BasicPublishArguments::new("", &reply_to),
-            ),
-        )
-        .await
-        .expect("publish a reply");
-    }
-    let mut answered = BTreeSet::new();
-    for _ in 0..N {
-        let m = within("a reply", replies.recv())
-            .await
-            .expect("reply stream");
-        let corr = m
-            .basic_properties
-            .and_then(|p| p.correlation_id().cloned())
-            .expect("reply correlation_id");
-        assert_eq!(
-            m.content.as_deref(),
-            Some(format!("reply {corr}").as_bytes())
-        );
-        assert!(answered.insert(corr.clone()), "reply {corr} twice");
-    }
-    assert_eq!(answered.len(), N);
+    send_rpc_requests(&ch, &queue, N).await;
+    answer_rpc_requests(&server_ch, &mut requests, N).await;
+    receive_rpc_replies(&mut replies, N).await;
     tokio::time::sleep(QUIET).await;
     assert!(replies.try_recv().is_err(), "a reply more than once");
     let published = proxy.metrics();

@@ -680,6 +680,91 @@ pub async fn declare_queue(ch: &Channel, name: &str) {
     .unwrap_or_else(|e| panic!("queue.declare {name} failed: {e}"));
 }
 
+/// Direct reply-to, the caller: `n` requests to `queue` with `reply_to = amq.rabbitmq.reply-to`
+/// and correlation ids "0", "1", ...
+pub async fn send_rpc_requests(ch: &Channel, queue: &str, n: usize) {
+    for i in 0..n {
+        let props = BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string())
+            .finish();
+        within(
+            "basic.publish (request)",
+            ch.basic_publish(
+                props,
+                format!("request {i}").into_bytes(),
+                BasicPublishArguments::new("", queue),
+            ),
+        )
+        .await
+        .expect("publish a request");
+    }
+}
+
+/// Direct reply-to, the server: answers `n` requests from `requests`, each to the reply-to name
+/// it carries (which must be a routable `amq.rabbitmq.reply-to.*` one), with the body
+/// "reply <correlation id>".
+pub async fn answer_rpc_requests(
+    ch: &Channel,
+    requests: &mut mpsc::UnboundedReceiver<ConsumerMessage>,
+    n: usize,
+) {
+    for _ in 0..n {
+        let m = within("a request", requests.recv())
+            .await
+            .expect("request stream");
+        let props = m.basic_properties.expect("request properties");
+        let reply_to = props.reply_to().expect("reply_to").clone();
+        assert!(
+            reply_to.starts_with("amq.rabbitmq.reply-to."),
+            "the server sees a routable reply-to name, got {reply_to:?}"
+        );
+        let corr = props.correlation_id().expect("correlation_id").clone();
+        within(
+            "basic.publish (reply)",
+            ch.basic_publish(
+                BasicProperties::default()
+                    .with_correlation_id(&corr)
+                    .finish(),
+                format!("reply {corr}").into_bytes(),
+                BasicPublishArguments::new("", &reply_to),
+            ),
+        )
+        .await
+        .expect("publish a reply");
+    }
+}
+
+/// Direct reply-to, the caller again: `n` replies, each "reply <its correlation id>", none twice.
+pub async fn receive_rpc_replies(replies: &mut mpsc::UnboundedReceiver<ConsumerMessage>, n: usize) {
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let m = within("a reply", replies.recv())
+            .await
+            .expect("reply stream");
+        let corr = m
+            .basic_properties
+            .and_then(|p| p.correlation_id().cloned())
+            .expect("reply correlation_id");
+        assert_eq!(
+            m.content.as_deref(),
+            Some(format!("reply {corr}").as_bytes())
+        );
+        assert!(answered.insert(corr.clone()), "reply {corr} twice");
+    }
+    assert_eq!(answered.len(), n);
+}
+
+/// confirm.select (the channel's publishes are acked or nacked from then on).
+pub async fn confirm_select(ch: &Channel) {
+    within(
+        "confirm.select",
+        ch.confirm_select(amqprs::channel::ConfirmSelectArguments::default()),
+    )
+    .await
+    .expect("confirm.select");
+}
+
 /// Declares `name` with room for `max_length` messages, past which RabbitMQ refuses publishes
 /// with basic.nack (`x-overflow = reject-publish`) instead of dropping the oldest.
 pub async fn declare_reject_publish_queue(ch: &Channel, name: &str, max_length: i64) {

@@ -14,8 +14,7 @@ impl Session {
         if publish.exchange.is_empty()
             && let Some((cluster, name)) = reply_to::parse(publish.routing_key.as_bytes())
         {
-            let cluster = cluster.to_vec();
-            return self.publish_reply(ch, &cluster, name, method, content);
+            return self.publish_reply(ch, cluster, name, method, content);
         }
         let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
         let held = Held {

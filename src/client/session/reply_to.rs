@@ -87,7 +87,7 @@ impl Session {
         let link = self
             .links
             .iter()
-            .position(|s| s.link.cluster.as_bytes() == cluster && s.live() && !s.done);
+            .position(|s| s.link.cluster.as_bytes() == cluster && s.live());
         let Some(link) = link else {
             match client_seq {
                 Some(seq) => self.nack_lost(ch, &[seq]),

@@ -28,6 +28,28 @@ enum Abuse {
     BodyWithoutMethod,
     /// A method frame with a method id no AMQP 0-9-1 class has (basic, method 99).
     UnknownMethod,
+    /// A publish whose body frames carry more bytes than its content header announced.
+    BodyOverflow,
+    /// A method frame between a publish's content header and its body.
+    MethodInsideContent,
+    /// A content header of class queue (50) after a basic.publish.
+    HeaderOfWrongClass,
+    /// A heartbeat frame on channel 1 (heartbeats belong to channel 0).
+    HeartbeatOnChannel,
+    /// channel.open on a channel that is already open.
+    ChannelOpenTwice,
+    /// channel.open above the channel_max the client negotiated (10).
+    ChannelAboveMax,
+    /// A queue.declare whose arguments end before its fields do.
+    TruncatedMethod,
+    /// A queue.declare whose arguments table holds a value of an unknown type ('Z').
+    UnknownFieldType,
+    /// A basic.qos on channel 0, which carries only connection methods.
+    ChannelMethodOnChannelZero,
+    /// A connection.tune-ok on channel 1.
+    ConnectionMethodOnChannel,
+    /// A frame of a type AMQP 0-9-1 does not define (type 4).
+    UnknownFrameType,
 }
 
 /// Opens a connection (frame_max 4096) and channel 1, misbehaves, and returns how the server
@@ -37,6 +59,7 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
         addr,
         Login {
             frame_max: 4096,
+            channel_max: 10,
             ..Default::default()
         },
     )
@@ -93,6 +116,82 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
             raw.send(&frame(codec::FRAME_METHOD, 1, &[0, 60, 0, 99]))
                 .await
         }
+        Abuse::BodyOverflow => {
+            let mut out = publish_start(5);
+            out.extend_from_slice(&frame(codec::FRAME_BODY, 1, b"hello, world"));
+            raw.send(&out).await;
+        }
+        Abuse::MethodInsideContent => {
+            let mut out = publish_start(5);
+            let mut qos = BytesMut::new();
+            Method::BasicQos(codec::BasicQos {
+                prefetch_size: 0,
+                prefetch_count: 1,
+                global: false,
+            })
+            .encode(&mut qos);
+            out.extend_from_slice(&frame(codec::FRAME_METHOD, 1, &qos));
+            raw.send(&out).await;
+        }
+        Abuse::HeaderOfWrongClass => {
+            let mut out = BytesMut::new();
+            codec::write_method(&mut out, 1, &Method::BasicPublish(publish_to_nowhere()));
+            out.extend_from_slice(&frame(
+                codec::FRAME_HEADER,
+                1,
+                &[0, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0],
+            ));
+            raw.send(&out).await;
+        }
+        Abuse::HeartbeatOnChannel => raw.send(&frame(codec::FRAME_HEARTBEAT, 1, &[])).await,
+        Abuse::ChannelOpenTwice => {
+            raw.send_method(1, &Method::ChannelOpen(Default::default()))
+                .await
+        }
+        Abuse::ChannelAboveMax => {
+            raw.send_method(11, &Method::ChannelOpen(Default::default()))
+                .await
+        }
+        Abuse::TruncatedMethod => {
+            // queue.declare: reserved short, then a queue name of 200 bytes of which 3 arrive.
+            raw.send(&frame(
+                codec::FRAME_METHOD,
+                1,
+                &[0, 50, 0, 10, 0, 0, 200, b'a', b'b', b'c'],
+            ))
+            .await
+        }
+        Abuse::UnknownFieldType => {
+            // queue.declare "q", no flags, arguments {"x": 'Z' ...}
+            let mut args = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+            let table = [1, b'x', b'Z', 0, 0, 0, 0];
+            args.extend_from_slice(&(table.len() as u32).to_be_bytes());
+            args.extend_from_slice(&table);
+            raw.send(&frame(codec::FRAME_METHOD, 1, &args)).await
+        }
+        Abuse::ChannelMethodOnChannelZero => {
+            raw.send_method(
+                0,
+                &Method::BasicQos(codec::BasicQos {
+                    prefetch_size: 0,
+                    prefetch_count: 1,
+                    global: false,
+                }),
+            )
+            .await
+        }
+        Abuse::ConnectionMethodOnChannel => {
+            raw.send_method(
+                1,
+                &Method::ConnectionTuneOk(codec::ConnectionTuneOk {
+                    channel_max: 10,
+                    frame_max: 4096,
+                    heartbeat: 0,
+                }),
+            )
+            .await
+        }
+        Abuse::UnknownFrameType => raw.send(&frame(4, 1, b"what")).await,
     }
     let ending = within(
         &format!("the reaction to {abuse:?}"),
@@ -107,6 +206,26 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
     .await;
     assert_eq!(eof, None, "a second connection.close after {abuse:?}");
     ending
+}
+
+fn publish_to_nowhere() -> codec::BasicPublish {
+    codec::BasicPublish {
+        routing_key: "nowhere".try_into().unwrap(),
+        ..Default::default()
+    }
+}
+
+/// A basic.publish and its content header announcing `body_size` bytes, on channel 1.
+fn publish_start(body_size: u64) -> BytesMut {
+    let mut out = BytesMut::new();
+    codec::write_method(&mut out, 1, &Method::BasicPublish(publish_to_nowhere()));
+    let header = codec::ContentHeader {
+        class_id: 60,
+        body_size,
+        properties: Default::default(),
+    };
+    codec::write_header(&mut out, 1, &header);
+    out
 }
 
 /// [`commit`] through a fresh proxy while a well-behaved client publishes and consumes through
@@ -157,6 +276,43 @@ abuse_tests! {
     method_on_unopened_channel_is_504_channel_error: Abuse::UnopenedChannel => 504;
     content_header_without_method_is_505_unexpected_frame: Abuse::HeaderWithoutMethod => 505;
     content_body_without_method_is_505_unexpected_frame: Abuse::BodyWithoutMethod => 505;
+    method_inside_content_is_505_unexpected_frame: Abuse::MethodInsideContent => 505;
+    content_header_of_wrong_class_is_505_unexpected_frame: Abuse::HeaderOfWrongClass => 505;
+    channel_open_twice_is_504_channel_error: Abuse::ChannelOpenTwice => 504;
+    channel_method_on_channel_zero_is_504_channel_error: Abuse::ChannelMethodOnChannelZero => 504;
+    connection_method_on_a_channel_is_503_command_invalid: Abuse::ConnectionMethodOnChannel => 503;
+    unknown_frame_type_is_501_frame_error: Abuse::UnknownFrameType => 501;
+}
+
+/// Abuses where RabbitMQ 3.10 does not answer with the spec's code (or at all); the proxy does.
+mod spec_codes_where_rabbitmq_differs {
+    use super::*;
+
+    macro_rules! proxy_only {
+        ($($(#[$doc:meta])* $name:ident: $abuse:expr => $code:expr;)*) => {$(
+            $(#[$doc])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let ending = through_proxy($abuse).await;
+                assert_eq!(ending.code(), $code, "{ending:?}");
+            }
+        )*};
+    }
+
+    proxy_only! {
+        /// RabbitMQ takes no notice; a body longer than its header announced is an unexpected frame.
+        body_longer_than_its_header_is_505_unexpected_frame: Abuse::BodyOverflow => 505;
+        /// The spec (4.2.7): "a peer that receives an invalid heartbeat frame MUST raise a
+        /// connection exception with reply code 501"; RabbitMQ answers 505.
+        heartbeat_on_a_channel_is_501_frame_error: Abuse::HeartbeatOnChannel => 501;
+        /// channel-max is "the highest channel number" allowed; RabbitMQ counts open channels
+        /// instead and opens channel 11 of a connection that negotiated 10.
+        channel_above_channel_max_is_530_not_allowed: Abuse::ChannelAboveMax => 530;
+        /// RabbitMQ answers 501 ("cannot decode"); see `CodecError::reply_code`.
+        truncated_method_arguments_are_502_syntax_error: Abuse::TruncatedMethod => 502;
+        /// RabbitMQ's connection process exits and drops the socket without a close.
+        unknown_field_value_type_is_502_syntax_error: Abuse::UnknownFieldType => 502;
+    }
 }
 
 /// The close for a method on an unopened channel names the offending method, as RabbitMQ's does.

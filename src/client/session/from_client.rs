@@ -31,11 +31,12 @@ impl Session {
             return self.on_client_connection_method(method);
         }
         if ch > self.channel_max {
-            // RabbitMQ's answer to a channel beyond channel_max.
+            // RabbitMQ's code for too many channels (530), for a channel number the spec forbids:
+            // the proxy's per-channel tables are sized by channel_max.
             return Err(ConnError::new(
                 530,
                 format!(
-                    "number of channels opened ({ch}) has reached the negotiated channel_max ({})",
+                    "channel {ch} is above the negotiated channel_max ({})",
                     self.channel_max
                 ),
             )
@@ -494,8 +495,10 @@ impl Session {
                 self.to_client(0, &Method::ConnectionUpdateSecretOk(Default::default()));
                 Ok(())
             }
+            // RabbitMQ answers 504 for any other method on channel 0 of an open connection
+            // ("unexpected method in connection state running").
             other => Err(
-                ConnError::new(503, format!("unexpected {} on channel 0", other.name())).on(&other),
+                ConnError::new(504, format!("unexpected {} on channel 0", other.name())).on(&other),
             ),
         }
     }

@@ -105,7 +105,8 @@ pub struct Limits {
     pub max_channels: u16,
     /// `frame_max` proposed to clients, in bytes (>= 4096). Default 131072.
     pub frame_max: u32,
-    /// Largest message body accepted from a publisher, in bytes (1 ..= 512 MiB).
+    /// Largest message body accepted from a publisher, in bytes (1 ..= 512 MiB), and the bound
+    /// on the bodies one connection has in progress at once over all its channels.
     /// Default 134217728 (128 MiB).
     pub max_message_size: u64,
     /// Bound of each per-connection write buffer, in bytes (>= `frame_max`, so one full frame

@@ -379,3 +379,113 @@ async fn wrong_protocol_header_is_answered_with_amqp_0_9_1_header_then_closed() 
     bystander.finish().await;
     within("proxy shutdown", proxy.shutdown()).await;
 }
+
+/// A content is buffered until it is complete, and AMQP lets a client interleave contents of
+/// several channels: their sum is bounded by `max_message_size` too, or 2047 channels could each
+/// hold a maximal message in the proxy. The content that would cross the bound is refused on its
+/// channel (406, as for one message too large), and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() {
+    const MAX: usize = 1 << 20;
+    const SIZE: usize = 700 * 1024;
+    let proxy = start_proxy(&format!("[limits]\nmax_message_size = {MAX}\n")).await;
+    let mut raw = RawClient::open(proxy.amqp_addr(), Login::default()).await;
+    let queue = unique("interleaved");
+    raw.open_channel(1).await;
+    raw.open_channel(2).await;
+    let declared = raw
+        .call(
+            1,
+            &Method::QueueDeclare(codec::QueueDeclare {
+                queue: queue.as_str().try_into().unwrap(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(declared, Method::QueueDeclareOk(_)),
+        "{declared:?}"
+    );
+
+    let start = |ch: u16| {
+        let mut out = BytesMut::new();
+        codec::write_method(
+            &mut out,
+            ch,
+            &Method::BasicPublish(codec::BasicPublish {
+                routing_key: queue.as_str().try_into().unwrap(),
+                ..Default::default()
+            }),
+        );
+        codec::write_header(
+            &mut out,
+            ch,
+            &codec::ContentHeader {
+                class_id: 60,
+                body_size: SIZE as u64,
+                properties: Default::default(),
+            },
+        );
+        out
+    };
+    let body = |ch: u16| {
+        let mut out = BytesMut::new();
+        codec::write_body(&mut out, ch, &vec![ch as u8; SIZE], 131_072);
+        out
+    };
+    // Both messages are on the wire in full (as a client writes them) before any answer.
+    raw.send(&start(1)).await;
+    raw.send(&start(2)).await;
+    raw.send(&body(2)).await;
+    match raw.read_method().await {
+        (2, Method::ChannelClose(c)) => {
+            assert_eq!(c.reply_code, 406, "{c:?}");
+            assert!(
+                c.reply_text.as_str().contains("in progress"),
+                "{}",
+                c.reply_text.as_str()
+            );
+        }
+        (ch, m) => panic!("expected channel.close 406 on channel 2, got {m:?} on {ch}"),
+    }
+    raw.send_method(2, &Method::ChannelCloseOk(Default::default()))
+        .await;
+    // Channel 1's message completes and is published whole.
+    raw.send(&body(1)).await;
+    let got = raw
+        .call(
+            1,
+            &Method::BasicGet(codec::BasicGet {
+                queue: queue.as_str().try_into().unwrap(),
+                no_ack: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(got, Method::BasicGetOk(_)),
+        "channel 1's message is in the queue: {got:?}"
+    );
+    let header = raw.read_frame().await.unwrap().expect("content header");
+    let (_, size) = codec::peek_content_header(&header.payload).unwrap();
+    assert_eq!(size as usize, SIZE);
+    let mut left = SIZE;
+    while left > 0 {
+        let f = raw.read_frame().await.unwrap().expect("body frame");
+        left -= f.payload.len();
+    }
+    // The channel that was refused opens again and may publish a maximal message now.
+    raw.open_channel(2).await;
+    let deleted = raw
+        .call(
+            2,
+            &Method::QueueDelete(codec::QueueDelete {
+                queue: queue.as_str().try_into().unwrap(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(matches!(deleted, Method::QueueDeleteOk(_)), "{deleted:?}");
+    raw.close().await;
+    within("proxy shutdown", proxy.shutdown()).await;
+}

@@ -97,13 +97,15 @@ pub enum AssembleError {
     /// A protocol error that ends the connection (501, 502, 503, 505).
     #[error("{text}")]
     Connection { code: u16, text: String },
-    /// The content is larger than the configured maximum: the channel is closed with 406 and the
-    /// rest of this content is discarded.
-    #[error("message size {size} is larger than configured max size {max}")]
+    /// The content is larger than the configured maximum, alone or together with the contents
+    /// in progress on the connection's other channels (`others` bytes): the channel is closed
+    /// with 406 and the rest of this content is discarded.
+    #[error("message size {size} (+{others} in progress) is larger than configured max size {max}")]
     TooLarge {
         channel: u16,
         method: Box<Method>,
         size: u64,
+        others: u64,
         max: u64,
     },
 }
@@ -156,12 +158,20 @@ struct Partial {
 }
 
 /// Turns frames into commands for one connection.
+///
+/// A content is passed on only once it is complete (nothing partial may reach a cluster), so
+/// its body is buffered here meanwhile. AMQP lets a client interleave contents of different
+/// channels; each is at most `max_message` bytes, and so is their sum (`receiving`, counted
+/// from the sizes the headers declare): otherwise a client with 2047 channels could make the
+/// proxy buffer 2047 maximal messages at once.
 #[derive(Debug)]
 pub struct Assembler {
     /// At most one partial content per channel; a connection rarely has more than a few in
     /// progress at once, so a small vector beats a map.
     partial: Vec<Partial>,
     max_message: u64,
+    /// Sum of the declared body sizes of the contents in [`Stage::AwaitBody`].
+    receiving: u64,
 }
 
 impl Assembler {
@@ -169,6 +179,7 @@ impl Assembler {
         Assembler {
             partial: Vec::new(),
             max_message,
+            receiving: 0,
         }
     }
 
@@ -225,7 +236,8 @@ impl Assembler {
                         frame.channel
                     )));
                 }
-                if body_size > self.max_message {
+                let others = self.receiving;
+                if body_size > self.max_message - others.min(self.max_message) {
                     let p = &mut self.partial[i];
                     let method = p.method.clone();
                     if body_size == 0 {
@@ -239,6 +251,7 @@ impl Assembler {
                         channel: frame.channel,
                         method: Box::new(method),
                         size: body_size,
+                        others,
                         max: self.max_message,
                     });
                 }
@@ -254,6 +267,7 @@ impl Assembler {
                         }),
                     }));
                 }
+                self.receiving += body_size;
                 self.partial[i].stage = Stage::AwaitBody {
                     header: frame.payload,
                     body_size,
@@ -316,6 +330,7 @@ impl Assembler {
                 else {
                     unreachable!("stage checked above")
                 };
+                self.receiving -= body_size;
                 Ok(Some(Command {
                     channel: p.channel,
                     method: p.method,
@@ -337,17 +352,86 @@ impl Assembler {
 
     /// Forgets a partial content, e.g. when its channel is closed.
     pub fn abandon(&mut self, channel: u16) {
-        self.partial.retain(|p| p.channel != channel);
+        let receiving = &mut self.receiving;
+        self.partial.retain(|p| {
+            if p.channel != channel {
+                return true;
+            }
+            if let Stage::AwaitBody { body_size, .. } = p.stage {
+                *receiving -= body_size;
+            }
+            false
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn frames(channel: u16, body_size: u64) -> (RawFrame, RawFrame) {
+        let mut out = BytesMut::new();
+        codec::write_method(
+            &mut out,
+            channel,
+            &Method::BasicPublish(codec::BasicPublish::default()),
+        );
+        codec::write_header(
+            &mut out,
+            channel,
+            &codec::ContentHeader {
+                class_id: 60,
+                body_size,
+                properties: Default::default(),
+            },
+        );
+        let method = codec::decode_frame(&mut out, 1 << 20).unwrap().unwrap();
+        let header = codec::decode_frame(&mut out, 1 << 20).unwrap().unwrap();
+        (method, header)
     }
 
-    /// Bytes held in partial contents.
-    pub fn held_bytes(&self) -> usize {
-        self.partial
-            .iter()
-            .map(|p| match &p.stage {
-                Stage::AwaitBody { received, .. } => *received as usize,
-                _ => 0,
-            })
-            .sum()
+    fn body(channel: u16, len: usize) -> RawFrame {
+        RawFrame {
+            kind: FrameKind::Body,
+            channel,
+            payload: vec![7u8; len].into(),
+        }
+    }
+
+    /// Contents interleaved on several channels may not add up to more than one maximal message:
+    /// the one that would is refused, the others complete, and a completed one frees its share.
+    #[test]
+    fn interleaved_contents_share_one_max_message() {
+        let mut a = Assembler::new(1000);
+        for (ch, size) in [(1, 600), (2, 600)] {
+            let (m, _) = frames(ch, size);
+            assert!(a.push(m).unwrap().is_none());
+        }
+        assert!(a.push(frames(1, 600).1).unwrap().is_none());
+        match a.push(frames(2, 600).1) {
+            Err(AssembleError::TooLarge {
+                channel: 2,
+                size: 600,
+                others: 600,
+                max: 1000,
+                ..
+            }) => {}
+            other => panic!("expected TooLarge on channel 2, got {other:?}"),
+        }
+        // Channel 2's body is swallowed; channel 1's completes.
+        assert!(a.push(body(2, 600)).unwrap().is_none());
+        let cmd = a.push(body(1, 600)).unwrap().expect("channel 1 complete");
+        assert_eq!((cmd.channel, cmd.content.unwrap().body_size), (1, 600));
+        // Now a 1000-byte message fits again; an abandoned one gives its share back too.
+        let (m, h) = frames(3, 1000);
+        assert!(a.push(m).unwrap().is_none());
+        assert!(a.push(h).unwrap().is_none());
+        a.abandon(3);
+        let (m, h) = frames(4, 1000);
+        assert!(a.push(m).unwrap().is_none());
+        assert!(a.push(h).unwrap().is_none());
+        assert!(a.push(body(4, 1000)).unwrap().is_some());
+        assert_eq!(a.receiving, 0);
     }
 }

@@ -789,11 +789,21 @@ impl Session {
                     channel,
                     method,
                     size,
+                    others,
                     max,
                 }) => {
-                    let text = format!(
-                        "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
-                    );
+                    let text = if others == 0 {
+                        // RabbitMQ's words for the same refusal.
+                        format!(
+                            "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
+                        )
+                    } else {
+                        format!(
+                            "PRECONDITION_FAILED - message size {size} with {others} bytes of \
+                             messages in progress on other channels is larger than configured \
+                             max size {max}"
+                        )
+                    };
                     self.close_channel(channel, 406, &text, &method);
                 }
             }

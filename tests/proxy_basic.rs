@@ -36,6 +36,7 @@ against_proxy_and_rabbitmq!(
     publishes_refused_by_a_full_queue_are_nacked_once,
     direct_reply_to_round_trip_with_confirmed_replies,
     legacy_access_request_is_answered_with_access_request_ok,
+    pipelined_declares_are_all_answered_in_order,
 );
 
 async fn declare_bind_unbind_delete_exchanges_and_queues(addr: SocketAddr) {
@@ -849,5 +850,67 @@ async fn legacy_access_request_is_answered_with_access_request_ok(addr: SocketAd
         warren::codec::Method::decode(reply.payload.clone())
     );
     raw.round_trip(1).await;
+    raw.close().await;
+}
+
+/// A client may send synchronous requests without waiting for each reply (RabbitMQ answers them
+/// in order). warren stops reading a channel's requests at 256 unanswered and goes on as replies
+/// come: 2,000 pipelined declares, written before any reply is read, are all answered, in order.
+async fn pipelined_declares_are_all_answered_in_order(addr: SocketAddr) {
+    const N: usize = 2000;
+    let mut raw = RawClient::open(addr, Login::default()).await;
+    raw.open_channel(1).await;
+    let prefix = unique("pipelined");
+    let mut out = bytes::BytesMut::new();
+    for i in 0..N {
+        let declare = warren::codec::QueueDeclare {
+            queue: format!("{prefix}-{i}").as_str().try_into().unwrap(),
+            exclusive: true,
+            ..Default::default()
+        };
+        warren::codec::write_method(&mut out, 1, &warren::codec::Method::QueueDeclare(declare));
+    }
+    // Written by another task: the server may stop reading until replies are read.
+    let (mut rd, mut wr) = raw.stream.split();
+    let (written, replies) = tokio::join!(
+        async {
+            use tokio::io::AsyncWriteExt;
+            wr.write_all(&out).await.expect("write the declares");
+        },
+        async {
+            let mut rbuf = bytes::BytesMut::new();
+            let mut names = Vec::with_capacity(N);
+            while names.len() < N {
+                while let Some(f) = warren::codec::decode_frame(&mut rbuf, 0).expect("frame") {
+                    match warren::codec::Method::decode(f.payload).expect("method") {
+                        warren::codec::Method::QueueDeclareOk(ok) => {
+                            names.push(ok.queue.to_string())
+                        }
+                        other => panic!("expected queue.declare-ok, got {other:?}"),
+                    }
+                }
+                if names.len() == N {
+                    break;
+                }
+                rbuf.reserve(64 * 1024);
+                let n = within(
+                    "declare-ok replies",
+                    tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf),
+                )
+                .await
+                .expect("read");
+                assert!(
+                    n > 0,
+                    "the server closed the connection after {} replies",
+                    names.len()
+                );
+            }
+            names
+        }
+    );
+    let () = written;
+    for (i, name) in replies.iter().enumerate() {
+        assert_eq!(name, &format!("{prefix}-{i}"), "reply {i} out of order");
+    }
     raw.close().await;
 }

@@ -190,6 +190,7 @@ pub async fn serve(
         no_shard_since: None,
         next_read: 0,
         tx_swaps: 0,
+        rpc_stall: None,
         input_stalled: false,
     };
     let config_rx = shared.subscribe();
@@ -416,9 +417,18 @@ struct Session {
     /// ([`select_tx`](Self::select_tx)). While any is, the client's input waits: what it sends
     /// after tx.select must reach those channels after their tx.select.
     tx_swaps: usize,
-    /// Client frames are buffered but were left unprocessed because of `tx_swaps`.
+    /// A channel with [`MAX_PIPELINED_RPCS`] requests unanswered: the client's input waits
+    /// until it has fewer.
+    rpc_stall: Option<u16>,
+    /// Client frames are buffered but were left unprocessed because of `tx_swaps` or
+    /// `rpc_stall`.
     input_stalled: bool,
 }
+
+/// Synchronous requests one channel may have outstanding before warren stops reading the client
+/// (each is remembered until its reply). Clients wait for each reply, or pipeline a few
+/// declares; this bounds what one that never reads its replies can make warren keep.
+const MAX_PIPELINED_RPCS: usize = 256;
 
 /// When a cluster without a live link is tried again.
 struct Retry {
@@ -634,6 +644,7 @@ impl Session {
             }
             if self.input_stalled && !self.input_paused() {
                 self.input_stalled = false;
+                self.rpc_stall = None;
                 self.on_client_bytes(&mut rbuf, &mut assembler);
                 continue;
             }
@@ -747,7 +758,16 @@ impl Session {
     /// The client's input waits while a tx.select reopens upstream channels (but not while the
     /// connection closes: the client's close-ok must be read).
     fn input_paused(&self) -> bool {
-        self.tx_swaps > 0 && self.closing.is_none()
+        if self.closing.is_some() {
+            return false;
+        }
+        self.tx_swaps > 0
+            || self.rpc_stall.is_some_and(|ch| {
+                self.channels
+                    .get(ch as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.rpcs.len() >= MAX_PIPELINED_RPCS)
+            })
     }
 
     fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
@@ -773,8 +793,22 @@ impl Session {
             match assembler.push(frame) {
                 Ok(None) => {}
                 Ok(Some(cmd)) => {
+                    let ch = cmd.channel;
                     if let Err(e) = self.on_client_command(cmd) {
                         return self.protocol_error(e);
+                    }
+                    if self
+                        .channels
+                        .get(ch as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|c| c.rpcs.len() >= MAX_PIPELINED_RPCS)
+                    {
+                        debug!(
+                            conn = self.id,
+                            channel = ch,
+                            "{MAX_PIPELINED_RPCS} requests unanswered: reading the client waits for replies"
+                        );
+                        self.rpc_stall = Some(ch);
                     }
                 }
                 Err(AssembleError::Connection { code, text }) => {

@@ -7,12 +7,17 @@
 //!   bytes (encode ∘ decode is stable after one step);
 //! * `peek_content_header` agrees with `ContentHeader::decode`, and so does `reply_to_span`;
 //! * body frames written by `write_body` split and join back to the payload;
-//! * every error maps to a hard-error reply code.
+//! * every error maps to a hard-error reply code;
+//! * the frames, fed to a connection's `Assembler` (with a small max message size), give
+//!   commands whose bodies are exactly the size their headers declared, and errors with the
+//!   spec's connection codes (501-505) or a per-channel refusal within the bound.
 
 #![no_main]
 
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
+use warren::io::command::AssembleError;
+use warren::io::Assembler;
 use warren::codec::{
     CodecError, properties, ContentHeader, FRAME_OVERHEAD, FrameKind, Method, RawFrame, decode_frame,
     peek_content_header, write_body, write_header, write_method,
@@ -118,9 +123,38 @@ fn check_body(channel: u16, payload: &bytes::Bytes) {
     assert_eq!(joined, &payload[..]);
 }
 
+/// Feeds one frame to the assembler; false once the connection would be closed.
+fn assemble(assembler: &mut Assembler, frame: RawFrame) -> bool {
+    match assembler.push(frame) {
+        Ok(None) => true,
+        Ok(Some(cmd)) => {
+            if let Some(content) = &cmd.content {
+                let got: usize = content.body.chunks().iter().map(|c| c.len()).sum();
+                assert_eq!(got as u64, content.body_size);
+                assert!(content.body_size <= MAX_MESSAGE);
+            }
+            true
+        }
+        Err(AssembleError::Connection { code, .. }) => {
+            assert!(matches!(code, 501..=505), "{code}");
+            false
+        }
+        Err(AssembleError::TooLarge {
+            size, others, max, ..
+        }) => {
+            assert_eq!(max, MAX_MESSAGE);
+            assert!(size + others > max);
+            true
+        }
+    }
+}
+
+const MAX_MESSAGE: u64 = 1000;
+
 fn run(data: &[u8], frame_max: usize) {
     let mut buf = BytesMut::from(data);
     let mut offset = 0;
+    let mut assembler = Some(Assembler::new(MAX_MESSAGE));
     loop {
         let before = buf.len();
         match decode_frame(&mut buf, frame_max) {
@@ -148,6 +182,11 @@ fn run(data: &[u8], frame_max: usize) {
                     FrameKind::Header => check_header(frame.channel, &frame.payload),
                     FrameKind::Body => check_body(frame.channel, &frame.payload),
                     FrameKind::Heartbeat => {}
+                }
+                if let Some(a) = assembler.as_mut()
+                    && !assemble(a, frame)
+                {
+                    assembler = None;
                 }
             }
             Ok(None) => {

@@ -16,12 +16,12 @@
 
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use warren::io::command::AssembleError;
-use warren::io::Assembler;
 use warren::codec::{
-    CodecError, properties, ContentHeader, FRAME_OVERHEAD, FrameKind, Method, RawFrame, decode_frame,
-    peek_content_header, write_body, write_header, write_method,
+    CodecError, ContentHeader, FRAME_OVERHEAD, FrameKind, Method, RawFrame, decode_frame,
+    peek_content_header, properties, write_body, write_header, write_method,
 };
+use warren::io::Assembler;
+use warren::io::command::AssembleError;
 
 fn check_error(e: &CodecError) {
     assert!(matches!(e.reply_code(), 501..=503), "{e:?}");

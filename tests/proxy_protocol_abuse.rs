@@ -407,7 +407,7 @@ async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() 
         "{declared:?}"
     );
 
-    let start = |ch: u16| {
+    let start = |ch: u16, size: usize| {
         let mut out = BytesMut::new();
         codec::write_method(
             &mut out,
@@ -422,21 +422,26 @@ async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() 
             ch,
             &codec::ContentHeader {
                 class_id: 60,
-                body_size: SIZE as u64,
+                body_size: size as u64,
                 properties: Default::default(),
             },
         );
         out
     };
-    let body = |ch: u16| {
+    let body = |ch: u16, size: usize| {
         let mut out = BytesMut::new();
-        codec::write_body(&mut out, ch, &vec![ch as u8; SIZE], 131_072);
+        codec::write_body(&mut out, ch, &vec![ch as u8; size], 131_072);
         out
     };
+    let get = Method::BasicGet(codec::BasicGet {
+        queue: queue.as_str().try_into().unwrap(),
+        no_ack: true,
+        ..Default::default()
+    });
     // Both messages are on the wire in full (as a client writes them) before any answer.
-    raw.send(&start(1)).await;
-    raw.send(&start(2)).await;
-    raw.send(&body(2)).await;
+    raw.send(&start(1, SIZE)).await;
+    raw.send(&start(2, SIZE)).await;
+    raw.send(&body(2, SIZE)).await;
     match raw.read_method().await {
         (2, Method::ChannelClose(c)) => {
             assert_eq!(c.reply_code, 406, "{c:?}");
@@ -451,31 +456,17 @@ async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() 
     raw.send_method(2, &Method::ChannelCloseOk(Default::default()))
         .await;
     // Channel 1's message completes and is published whole.
-    raw.send(&body(1)).await;
-    let got = raw
-        .call(
-            1,
-            &Method::BasicGet(codec::BasicGet {
-                queue: queue.as_str().try_into().unwrap(),
-                no_ack: true,
-                ..Default::default()
-            }),
-        )
-        .await;
-    assert!(
-        matches!(got, Method::BasicGetOk(_)),
-        "channel 1's message is in the queue: {got:?}"
-    );
-    let header = raw.read_frame().await.unwrap().expect("content header");
-    let (_, size) = codec::peek_content_header(&header.payload).unwrap();
-    assert_eq!(size as usize, SIZE);
-    let mut left = SIZE;
-    while left > 0 {
-        let f = raw.read_frame().await.unwrap().expect("body frame");
-        left -= f.payload.len();
-    }
-    // The channel that was refused opens again and may publish a maximal message now.
+    raw.send(&body(1, SIZE)).await;
+    raw.send_method(1, &get).await;
+    let (_, got, _) = raw.read_delivery().await;
+    assert_eq!(got, vec![1u8; SIZE], "channel 1's message");
+    // Its share is free again: the refused channel, reopened, publishes a maximal message.
     raw.open_channel(2).await;
+    raw.send(&start(2, MAX)).await;
+    raw.send(&body(2, MAX)).await;
+    raw.send_method(2, &get).await;
+    let (_, got, _) = raw.read_delivery().await;
+    assert_eq!(got.len(), MAX, "channel 2's maximal message");
     let deleted = raw
         .call(
             2,

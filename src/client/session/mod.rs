@@ -755,8 +755,9 @@ impl Session {
         reason.to_owned()
     }
 
-    /// The client's input waits while a tx.select reopens upstream channels (but not while the
-    /// connection closes: the client's close-ok must be read).
+    /// The client's input waits while a tx.select reopens upstream channels, and while a channel
+    /// has [`MAX_PIPELINED_RPCS`] requests unanswered (but not while the connection closes: the
+    /// client's close-ok must be read).
     fn input_paused(&self) -> bool {
         if self.closing.is_some() {
             return false;

@@ -237,7 +237,7 @@ impl Assembler {
                     )));
                 }
                 let others = self.receiving;
-                if body_size > self.max_message - others.min(self.max_message) {
+                if body_size.saturating_add(others) > self.max_message {
                     let p = &mut self.partial[i];
                     let method = p.method.clone();
                     if body_size == 0 {

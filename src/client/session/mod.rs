@@ -762,13 +762,15 @@ impl Session {
         if self.closing.is_some() {
             return false;
         }
-        self.tx_swaps > 0
-            || self.rpc_stall.is_some_and(|ch| {
-                self.channels
-                    .get(ch as usize)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| c.rpcs.len() >= MAX_PIPELINED_RPCS)
-            })
+        self.tx_swaps > 0 || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
+    }
+
+    /// True if channel `ch` has [`MAX_PIPELINED_RPCS`] requests unanswered.
+    fn rpcs_full(&self, ch: u16) -> bool {
+        self.channels
+            .get(ch as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.rpcs.len() >= MAX_PIPELINED_RPCS)
     }
 
     fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
@@ -798,12 +800,7 @@ impl Session {
                     if let Err(e) = self.on_client_command(cmd) {
                         return self.protocol_error(e);
                     }
-                    if self
-                        .channels
-                        .get(ch as usize)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|c| c.rpcs.len() >= MAX_PIPELINED_RPCS)
-                    {
+                    if self.rpcs_full(ch) {
                         debug!(
                             conn = self.id,
                             channel = ch,

@@ -6,10 +6,10 @@
 
 mod support;
 
-use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
+use amqprs::channel::BasicPublishArguments;
 use std::time::Duration;
 use support::*;
-use warren::codec::{self, FrameKind, Method};
+use warren::codec::{self, Method};
 
 const MESSAGES: usize = 1500;
 const BODY: usize = 64 * 1024;
@@ -32,12 +32,7 @@ async fn fill(queue: &str) {
     let conn = connect(rabbit_addr()).await;
     let (ch, _events) = open_channel(&conn).await;
     declare_queue(&ch, queue).await;
-    within(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectArguments::default()),
-    )
-    .await
-    .expect("confirm.select");
+    confirm_select(&ch).await;
     for i in 0..MESSAGES {
         let mut body = vec![0u8; BODY];
         body[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -98,33 +93,22 @@ async fn a_consumer_that_stops_reading_leaves_its_queue_on_the_broker() {
     );
 
     // Now it reads: every message arrives, whole and in order.
-    let mut next = 0usize;
+    match slow.read_method().await {
+        (1, Method::BasicConsumeOk(_)) => {}
+        (ch, m) => panic!(
+            "expected basic.consume-ok on channel 1, got {} on {ch}",
+            m.name()
+        ),
+    }
     let mut body_bytes = 0usize;
-    let mut current = Vec::new();
-    while next < MESSAGES {
-        let frame = slow
-            .read_frame()
-            .await
-            .expect("undecodable frame from the proxy")
-            .expect("the proxy closed the connection");
-        match frame.kind {
-            FrameKind::Method => match Method::decode(frame.payload).expect("method") {
-                Method::BasicDeliver(_) | Method::BasicConsumeOk(_) => {}
-                other => panic!("unexpected {} while consuming", other.name()),
-            },
-            FrameKind::Header | FrameKind::Heartbeat => {}
-            FrameKind::Body => {
-                current.extend_from_slice(&frame.payload);
-                body_bytes += frame.payload.len();
-                if current.len() == BODY {
-                    let index = u64::from_be_bytes(current[..8].try_into().unwrap()) as usize;
-                    assert_eq!(index, next, "message order");
-                    assert!(current[8..].iter().all(|&b| b == 0), "body {index} intact");
-                    current.clear();
-                    next += 1;
-                }
-            }
-        }
+    for next in 0..MESSAGES {
+        let (method, body, _) = slow.read_delivery().await;
+        assert!(matches!(method, Method::BasicDeliver(_)), "{method:?}");
+        assert_eq!(body.len(), BODY, "body {next} size");
+        let index = u64::from_be_bytes(body[..8].try_into().unwrap()) as usize;
+        assert_eq!(index, next, "message order");
+        assert!(body[8..].iter().all(|&b| b == 0), "body {index} intact");
+        body_bytes += body.len();
     }
     assert_eq!(body_bytes as u64, total_bytes);
     eventually("the queue to be empty", || async {

@@ -68,30 +68,12 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
     match abuse {
         Abuse::Garbage => raw.send(b"GARBAGE, NOT A FRAME AT ALL").await,
         Abuse::BadFrameEnd => {
-            let mut qos = BytesMut::new();
-            Method::BasicQos(codec::BasicQos {
-                prefetch_size: 0,
-                prefetch_count: 1,
-                global: false,
-            })
-            .encode(&mut qos);
-            let mut f = frame(codec::FRAME_METHOD, 1, &qos);
+            let mut f = frame(codec::FRAME_METHOD, 1, &qos_one());
             *f.last_mut().unwrap() = 0xAB;
             raw.send(&f).await;
         }
         Abuse::OversizedFrame => {
-            let mut out = BytesMut::new();
-            let publish = codec::BasicPublish {
-                routing_key: "nowhere".try_into().unwrap(),
-                ..Default::default()
-            };
-            codec::write_method(&mut out, 1, &Method::BasicPublish(publish));
-            let header = codec::ContentHeader {
-                class_id: 60,
-                body_size: 8000,
-                properties: Default::default(),
-            };
-            codec::write_header(&mut out, 1, &header);
+            let mut out = publish_start(1, "nowhere", 8000);
             out.extend_from_slice(&frame(codec::FRAME_BODY, 1, &[7u8; 8000]));
             raw.send(&out).await;
         }
@@ -117,25 +99,18 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
                 .await
         }
         Abuse::BodyOverflow => {
-            let mut out = publish_start(5);
+            let mut out = publish_start(1, "nowhere", 5);
             out.extend_from_slice(&frame(codec::FRAME_BODY, 1, b"hello, world"));
             raw.send(&out).await;
         }
         Abuse::MethodInsideContent => {
-            let mut out = publish_start(5);
-            let mut qos = BytesMut::new();
-            Method::BasicQos(codec::BasicQos {
-                prefetch_size: 0,
-                prefetch_count: 1,
-                global: false,
-            })
-            .encode(&mut qos);
-            out.extend_from_slice(&frame(codec::FRAME_METHOD, 1, &qos));
+            let mut out = publish_start(1, "nowhere", 5);
+            out.extend_from_slice(&frame(codec::FRAME_METHOD, 1, &qos_one()));
             raw.send(&out).await;
         }
         Abuse::HeaderOfWrongClass => {
             let mut out = BytesMut::new();
-            codec::write_method(&mut out, 1, &Method::BasicPublish(publish_to_nowhere()));
+            codec::write_method(&mut out, 1, &publish_to("nowhere"));
             out.extend_from_slice(&frame(
                 codec::FRAME_HEADER,
                 1,
@@ -170,15 +145,7 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
             raw.send(&frame(codec::FRAME_METHOD, 1, &args)).await
         }
         Abuse::ChannelMethodOnChannelZero => {
-            raw.send_method(
-                0,
-                &Method::BasicQos(codec::BasicQos {
-                    prefetch_size: 0,
-                    prefetch_count: 1,
-                    global: false,
-                }),
-            )
-            .await
+            raw.send(&frame(codec::FRAME_METHOD, 0, &qos_one())).await
         }
         Abuse::ConnectionMethodOnChannel => {
             raw.send_method(
@@ -208,23 +175,37 @@ async fn commit(addr: SocketAddr, abuse: Abuse) -> Ending {
     ending
 }
 
-fn publish_to_nowhere() -> codec::BasicPublish {
-    codec::BasicPublish {
-        routing_key: "nowhere".try_into().unwrap(),
-        ..Default::default()
-    }
+/// The payload of a basic.qos (prefetch 1): a method valid on an open channel.
+fn qos_one() -> BytesMut {
+    let mut qos = BytesMut::new();
+    Method::BasicQos(codec::BasicQos {
+        prefetch_size: 0,
+        prefetch_count: 1,
+        global: false,
+    })
+    .encode(&mut qos);
+    qos
 }
 
-/// A basic.publish and its content header announcing `body_size` bytes, on channel 1.
-fn publish_start(body_size: u64) -> BytesMut {
+/// basic.publish to the default exchange with `routing_key`.
+fn publish_to(routing_key: &str) -> Method {
+    Method::BasicPublish(codec::BasicPublish {
+        routing_key: routing_key.try_into().unwrap(),
+        ..Default::default()
+    })
+}
+
+/// A basic.publish to `routing_key` and its content header announcing `body_size` bytes, on
+/// `channel`: a content started, its body still to come.
+fn publish_start(channel: u16, routing_key: &str, body_size: u64) -> BytesMut {
     let mut out = BytesMut::new();
-    codec::write_method(&mut out, 1, &Method::BasicPublish(publish_to_nowhere()));
+    codec::write_method(&mut out, channel, &publish_to(routing_key));
     let header = codec::ContentHeader {
         class_id: 60,
         body_size,
         properties: Default::default(),
     };
-    codec::write_header(&mut out, 1, &header);
+    codec::write_header(&mut out, channel, &header);
     out
 }
 
@@ -407,27 +388,7 @@ async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() 
         "{declared:?}"
     );
 
-    let start = |ch: u16, size: usize| {
-        let mut out = BytesMut::new();
-        codec::write_method(
-            &mut out,
-            ch,
-            &Method::BasicPublish(codec::BasicPublish {
-                routing_key: queue.as_str().try_into().unwrap(),
-                ..Default::default()
-            }),
-        );
-        codec::write_header(
-            &mut out,
-            ch,
-            &codec::ContentHeader {
-                class_id: 60,
-                body_size: size as u64,
-                properties: Default::default(),
-            },
-        );
-        out
-    };
+    let start = |ch: u16, size: usize| publish_start(ch, &queue, size as u64);
     let body = |ch: u16, size: usize| {
         let mut out = BytesMut::new();
         codec::write_body(&mut out, ch, &vec![ch as u8; size], 131_072);

@@ -143,7 +143,7 @@ fn assemble(assembler: &mut Assembler, frame: RawFrame) -> bool {
             size, others, max, ..
         }) => {
             assert_eq!(max, MAX_MESSAGE);
-            assert!(size + others > max);
+            assert!(size.saturating_add(others) > max);
             true
         }
     }

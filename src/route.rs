@@ -1,11 +1,12 @@
 //! Routing: which cluster(s) each client method goes to.
 //!
-//! Two kinds of traffic cross the proxy. **Control** traffic (Celery's remote control, events and
-//! rpc replies) must meet in one place, so it lives on the control cluster. Everything else is
-//! **sharded**: topology (declare, bind, delete, purge) is mirrored on every shard cluster, each
-//! publish goes to one shard cluster chosen by smooth weighted round-robin, and consumers read
-//! from all of them. The decision depends only on names, never on state shared between
-//! connections, so any number of proxies can run side by side.
+//! Topology (exchanges, queues, bindings) is declared on **every** cluster, and consumers and
+//! basic.get read every cluster, so wherever a message is published it is routed as one broker
+//! would route it and reaches its queues' consumers. What this module decides is where each
+//! *publish* goes: **control** traffic (Celery's remote control, events and rpc replies) to the
+//! control cluster, keeping it away from task load; everything else (**sharded**) to one shard
+//! cluster chosen by smooth weighted round-robin. The decision depends only on names, never on
+//! state shared between connections, so any number of proxies can run side by side.
 
 use std::fmt;
 
@@ -20,6 +21,11 @@ pub const CELERY_CONTROL_QUEUES: [&str; 4] = [
     "celeryev.*",
     "amq.gen-*",
 ];
+
+/// The prefix of the names warren gives server-named queues (queue.declare with an empty name):
+/// one broker's `amq.gen-` names are reserved and cannot be declared on the other clusters.
+/// Publishes to them are control traffic (they are reply queues, as in RPC).
+pub const SERVER_NAMED_PREFIX: &str = "warren.gen-";
 
 /// Where a name's traffic belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +130,7 @@ impl Rules {
     /// An empty name is a server-named queue: it is created on the control cluster.
     pub fn queue(&self, name: &[u8]) -> Class {
         if name.is_empty()
+            || name.starts_with(SERVER_NAMED_PREFIX.as_bytes())
             || (self.uuid_queues_are_control && is_uuid(name))
             || self.control_queues.iter().any(|p| p.matches(name))
         {

@@ -704,13 +704,11 @@ async fn publishes_spread_evenly_over_the_shard_clusters() {
             "{name} got {d} of {N} messages: not within 2% of 5,000 (shard-a {a}, shard-b {b})"
         );
     }
-    direct
-        .assert_no_queue(
-            Cl::Control,
-            &queue,
-            &format!("the control cluster must not have the sharded queue {queue}"),
-        )
-        .await;
+    assert_eq!(
+        direct.depth(Cl::Control, &queue).await,
+        Some(0),
+        "the control cluster has the queue (topology lives everywhere) but no task message"
+    );
     events.assert_no_close("publisher");
 
     queue_delete(&ch, &queue).await;
@@ -942,13 +940,11 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
         (0, 0),
         "queues must be empty on both shard clusters after all acks (shard-a {a}, shard-b {b})"
     );
-    direct
-        .assert_no_queue(
-            Cl::Control,
-            &queue,
-            "the control cluster must not have the sharded queue",
-        )
-        .await;
+    assert_eq!(
+        direct.depth(Cl::Control, &queue).await,
+        Some(0),
+        "the control cluster has the queue (topology lives everywhere), empty"
+    );
 
     within("proxy shutdown", proxy.shutdown()).await;
     for c in [Cl::A, Cl::B] {
@@ -1421,7 +1417,7 @@ async fn global_prefetch_bounds_unacked_deliveries_of_the_channel() {
 // 7. Control routing (the Celery preset)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn celery_control_names_live_on_the_control_cluster_only() {
+async fn celery_control_traffic_is_published_to_the_control_cluster_only() {
     let mut cleanup = Cleanup::default();
     let host = unique("host").replace('.', "-");
     let pidbox_q = cleanup.queue(&format!("w1@{host}.celery.pidbox"));
@@ -1457,7 +1453,7 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
     for q in [&pidbox_q, &reply_q, &events_q, &rpc_q, &task_q] {
         declare_queue(&ch, q).await;
     }
-    // A server-named queue (amq.gen-*) is created on the control cluster.
+    // A server-named queue gets warren's name, the same on every cluster.
     let (server_named, _, _) = within(
         "queue.declare \"\"",
         ch.queue_declare(QueueDeclareArguments::new("")),
@@ -1467,7 +1463,7 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
     .expect("declare-ok");
     let server_named = cleanup.queue(&server_named);
     assert!(
-        server_named.starts_with("amq.gen-"),
+        server_named.starts_with("warren.gen-"),
         "server-named queue {server_named:?}"
     );
     for (q, x, rk) in [
@@ -1483,48 +1479,33 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         .unwrap_or_else(|e| panic!("bind {q} to {x} failed: {e}"));
     }
 
-    // Where everything is, asked of each cluster directly.
+    // Topology lives on every cluster, asked of each cluster directly.
     for (x, kind, _) in exchanges {
-        assert!(
-            direct.exchange_exists(Cl::Control, x, kind).await,
-            "exchange {x} must exist on the control cluster"
-        );
-        for c in [Cl::A, Cl::B] {
+        for c in Cl::ALL {
             assert!(
-                !direct.exchange_exists(c, x, kind).await,
-                "control exchange {x} must not exist on {}",
+                direct.exchange_exists(c, x, kind).await,
+                "exchange {x} must exist on {}",
                 c.name()
             );
         }
     }
-    for q in [&pidbox_q, &reply_q, &events_q, &rpc_q, &server_named] {
-        assert_eq!(
-            direct.depth(Cl::Control, q).await,
-            Some(0),
-            "control queue {q} must exist on the control cluster"
-        );
-        for c in [Cl::A, Cl::B] {
-            direct
-                .assert_no_queue(
-                    c,
-                    q,
-                    &format!("control queue {q} must not exist on {}", c.name()),
-                )
-                .await;
+    for q in [
+        &pidbox_q,
+        &reply_q,
+        &events_q,
+        &rpc_q,
+        &server_named,
+        &task_q,
+    ] {
+        for c in Cl::ALL {
+            assert_eq!(
+                direct.depth(c, q).await,
+                Some(0),
+                "queue {q} must exist on {}",
+                c.name()
+            );
         }
     }
-    assert_eq!(
-        direct.shard_depths(&task_q).await,
-        (0, 0),
-        "the task queue exists on both shard clusters"
-    );
-    direct
-        .assert_no_queue(
-            Cl::Control,
-            &task_q,
-            "the task queue must not exist on the control cluster",
-        )
-        .await;
 
     // Publishes follow the same rules.
     publish(&ch, "", &rpc_q, b"rpc reply").await;
@@ -1535,6 +1516,13 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
     publish(&ch, "", &server_named, b"to the server-named queue").await;
     for q in [&server_named, &rpc_q, &pidbox_q, &events_q, &reply_q] {
         direct.wait_depth(Cl::Control, q, 1).await;
+        for c in [Cl::A, Cl::B] {
+            assert_eq!(
+                direct.depth(c, q).await,
+                Some(0),
+                "control traffic for {q} is published to the control cluster only"
+            );
+        }
     }
     let (a, b) = direct
         .wait_shard_total(&task_q, STEP, "the task message", 1)
@@ -1544,7 +1532,7 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         1,
         "the task message lands on exactly one shard cluster (shard-a {a}, shard-b {b})"
     );
-    assert_eq!(direct.depth(Cl::Control, &task_q).await, None);
+    assert_eq!(direct.depth(Cl::Control, &task_q).await, Some(0));
     events.assert_no_close("client");
 
     for q in [
@@ -1558,13 +1546,18 @@ async fn celery_control_names_live_on_the_control_cluster_only() {
         queue_delete(&ch, q).await;
     }
     for q in [&pidbox_q, &reply_q, &events_q, &rpc_q, &server_named] {
-        direct
-            .assert_no_queue(
-                Cl::Control,
-                q,
-                &format!("queue.delete through the proxy removes {q} from control"),
-            )
-            .await;
+        for c in Cl::ALL {
+            direct
+                .assert_no_queue(
+                    c,
+                    q,
+                    &format!(
+                        "queue.delete through the proxy removes {q} from {}",
+                        c.name()
+                    ),
+                )
+                .await;
+        }
     }
     for (x, _, _) in exchanges {
         exchange_delete(&ch, x).await;
@@ -1644,8 +1637,9 @@ async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
     assert_eq!(d.body, b"msg-1");
     ack(&ch, d.tag, false).await;
 
-    // shard-b cancels too: now the client hears basic.cancel.
+    // shard-b and control cancel too: now the client hears basic.cancel.
     direct.delete_queue(Cl::B, &queue).await;
+    direct.delete_queue(Cl::Control, &queue).await;
     expect_cancel(
         &mut events,
         &ctag,
@@ -1691,10 +1685,10 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
         );
     }
     assert!(
-        !direct
+        direct
             .exchange_exists(Cl::Control, &exchange, "direct")
             .await,
-        "sharded exchange {exchange} must not exist on control"
+        "exchange {exchange} exists on control too (topology lives everywhere)"
     );
 
     confirm_select(&ch).await;

@@ -189,10 +189,12 @@ impl DeliveryTags {
     /// Resolves a client ack / nack (`multiple` allowed) or reject into upstream acks, removing the
     /// covered entries. Tag 0 with `multiple` means every outstanding delivery.
     ///
-    /// A tag the proxy issued but no longer tracks (a no-ack delivery, one whose link died and was
-    /// requeued by its broker, one already settled) is settled silently: a client must never see
-    /// 406 for a tag the proxy gave it, since a Celery worker treats that as fatal. Only a tag
-    /// the proxy never issued gets 406, as RabbitMQ answers.
+    /// As on RabbitMQ, a tag that is not outstanding (never issued, already settled, or given to
+    /// a no-ack delivery or get) is an error: the channel is closed with 406, and `multiple`
+    /// must name an outstanding tag too (or 0). A delivery whose link died stays outstanding as
+    /// a *dead* entry ([`kill_link`](Self::kill_link)): its broker requeued the message, and the
+    /// client's ack for it is swallowed, never answered with 406, since the client could not
+    /// have known.
     pub fn resolve(
         &mut self,
         tag: u64,
@@ -201,15 +203,18 @@ impl DeliveryTags {
     ) -> Result<(), UnknownTag> {
         out.clear();
         if multiple {
-            if tag > self.last {
-                return Err(UnknownTag(tag));
-            }
             let end = if tag == 0 {
                 self.unacked.len()
             } else {
-                self.unacked.partition_point(|e| e.tag <= tag)
+                match self.position(tag) {
+                    Some(i) => i + 1,
+                    None => return Err(UnknownTag(tag)),
+                }
             };
             for entry in self.unacked.drain(..end) {
+                if entry.link == DEAD_LINK {
+                    continue;
+                }
                 match out.iter_mut().find(|a| a.link == entry.link) {
                     Some(a) => {
                         a.upstream_tag = entry.upstream_tag;
@@ -230,8 +235,11 @@ impl DeliveryTags {
             return Err(UnknownTag(tag));
         }
         let Some(entry) = self.position(tag).and_then(|i| self.unacked.remove(i)) else {
-            return Ok(());
+            return Err(UnknownTag(tag));
         };
+        if entry.link == DEAD_LINK {
+            return Ok(());
+        }
         out.push(UpstreamAck {
             link: entry.link,
             upstream_tag: entry.upstream_tag,
@@ -268,10 +276,10 @@ impl DeliveryTags {
         self.unacked.iter().filter(|e| e.link == link).count()
     }
 
+    /// The link of these deliveries is being closed on purpose (a removed cluster): the same as
+    /// [`kill_link`](Self::kill_link) for the client.
     pub fn forget_link(&mut self, link: LinkId) -> usize {
-        let before = self.unacked.len();
-        self.unacked.retain(|e| e.link != link);
-        before - self.unacked.len()
+        self.kill_link(link)
     }
 
     /// Forgets every outstanding delivery, calling `each` with the link of each one.
@@ -423,7 +431,6 @@ pub struct Consumer {
     pub links: LinkSet,
     /// The consume request, replayed on links opened later (an added cluster, a failover).
     pub request: Option<crate::codec::BasicConsume>,
-    pub class: crate::route::Class,
     /// The client has its consume-ok (or asked for none).
     pub ready: bool,
 }
@@ -470,8 +477,9 @@ pub struct Channel {
     pub state: ChannelState,
     pub tags: DeliveryTags,
     pub consumers: Vec<Consumer>,
-    /// basic.get is synchronous: at most one outstanding, remembered for its no_ack flag.
-    pub get_no_ack: Option<bool>,
+    /// The queue last declared on this channel: what an empty queue name means in bind,
+    /// unbind, purge, delete, consume, get and a passive declare (AMQP 0-9-1, 1.7.2.1).
+    pub last_queue: Option<ShortStr>,
     pub confirms: Option<ClientConfirms>,
     pub tx: bool,
     /// In a transaction every publish goes to one cluster, chosen at the first publish.
@@ -493,7 +501,7 @@ impl Channel {
             state: ChannelState::Opening,
             tags: DeliveryTags::default(),
             consumers: Vec::new(),
-            get_no_ack: None,
+            last_queue: None,
             confirms: None,
             tx: false,
             tx_link: None,
@@ -588,10 +596,14 @@ mod tests {
         );
         assert_eq!(
             t.resolve(4, false, &mut out),
-            Ok(()),
-            "an issued, settled tag is swallowed"
+            Err(UnknownTag(4)),
+            "an issued, settled tag is 406, as on RabbitMQ"
         );
-        assert!(out.is_empty());
+        assert_eq!(
+            t.resolve(4, true, &mut out),
+            Err(UnknownTag(4)),
+            "so is a multiple ack naming a settled tag"
+        );
         assert_eq!(t.resolve(9, true, &mut out), Err(UnknownTag(9)));
         t.resolve(0, true, &mut out).unwrap();
         assert_eq!(
@@ -607,6 +619,22 @@ mod tests {
     }
 
     #[test]
+    fn acks_for_deliveries_of_a_dead_link_are_swallowed() {
+        let mut t = DeliveryTags::default();
+        t.issue(0, 1, true);
+        t.issue(1, 1, true);
+        t.issue(0, 2, true);
+        assert_eq!(t.kill_link(0), 2);
+        let mut out = Vec::new();
+        t.resolve(1, false, &mut out).unwrap();
+        assert!(out.is_empty(), "nothing goes to a dead link");
+        t.resolve(3, true, &mut out).unwrap();
+        assert_eq!(out.len(), 1, "only link 1's delivery is acked upstream");
+        assert_eq!(out[0].link, 1);
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
     fn no_ack_deliveries_take_a_tag_but_no_memory() {
         let mut t = DeliveryTags::default();
         assert_eq!(t.issue(0, 1, false), 1);
@@ -615,10 +643,9 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             t.resolve(1, false, &mut out),
-            Ok(()),
-            "a no-ack tag is swallowed, not 406"
+            Err(UnknownTag(1)),
+            "a no-ack tag is 406, as on RabbitMQ"
         );
-        assert!(out.is_empty());
         assert_eq!(
             t.resolve(3, false, &mut out),
             Err(UnknownTag(3)),

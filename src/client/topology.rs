@@ -52,6 +52,10 @@ impl Topology {
         self.entries.iter()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn has(&self, class: Class) -> bool {
         self.entries.iter().any(|(c, _)| *c == class)
     }

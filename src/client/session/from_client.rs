@@ -45,6 +45,12 @@ impl Session {
         if let Method::ChannelOpen(_) = method {
             return self.open_channel(ch, &method);
         }
+        // An empty queue name means the queue last declared on this channel (AMQP 0-9-1), and
+        // a server-named queue gets its name here, so every cluster declares the same one.
+        let method = match self.expand_queue_name(ch, method) {
+            Some(m) => m,
+            None => return Ok(()),
+        };
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
         };
@@ -134,14 +140,13 @@ impl Session {
                     ))
                     .unwrap_or_default();
                 }
-                let class = self.rules.queue(c.queue.as_bytes());
-                let targets = self.targets(class);
+                // A queue exists on every cluster; its messages may be on any of them.
+                let targets = self.live_links();
                 let consumer = Consumer {
                     tag: c.consumer_tag.clone(),
                     no_ack: c.no_ack,
                     links: targets,
                     request: Some(c.clone()),
-                    class,
                     // A broker sends consume-ok before any delivery; with several clusters the
                     // first one may deliver before the last one answers, so deliveries wait.
                     ready: c.nowait,
@@ -170,11 +175,7 @@ impl Session {
                 }
                 self.fan_out(ch, &method, targets)?;
             }
-            Method::BasicGet(ref g) => {
-                channel.get_no_ack = Some(g.no_ack);
-                let class = self.rules.queue(g.queue.as_bytes());
-                self.get(ch, &method, class)?;
-            }
+            Method::BasicGet(_) => self.get(ch, &method)?,
             Method::BasicQos(q) => {
                 channel.qos = Some(q.clone());
                 let targets = self.live_links();
@@ -212,14 +213,13 @@ impl Session {
             | Method::QueueBind(_)
             | Method::QueueUnbind(_)
             | Method::QueueDelete(_) => {
+                // Topology lives on every cluster, so whichever cluster a publish goes to
+                // routes it as one broker would (see docs/routing.md).
                 let class = self.rules.topology(&method).unwrap_or(Class::Sharded);
-                let t = self.targets(class);
+                let t = self.live_links();
                 self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
-            Method::QueuePurge(ref x) => {
-                let t = self.targets(self.rules.queue(x.queue.as_bytes()));
-                self.fan_out(ch, &method, t)?;
-            }
+            Method::QueuePurge(_) => self.fan_out(ch, &method, self.live_links())?,
             // Anything else a client may send on a channel is for the broker to judge.
             other => {
                 let t = self
@@ -304,8 +304,7 @@ impl Session {
     ) -> Result<(), ConnError> {
         let passive = match method {
             Method::ExchangeDeclare(x) => x.passive,
-            // Server-named queues cannot be declared again by name (`amq.` is reserved).
-            Method::QueueDeclare(x) => x.passive || x.queue.is_empty(),
+            Method::QueueDeclare(x) => x.passive,
             _ => false,
         };
         let class = if sharded {
@@ -369,9 +368,9 @@ impl Session {
     /// The basic.qos `link` gets for the client's `q`: its share of the prefetch on a shard link
     /// (see docs/routing.md), all of it on the control link.
     pub(super) fn qos_share(&self, link: LinkId, q: &codec::BasicQos) -> Method {
-        let shards = self.shard_links();
-        let share = match shards.iter().position(|s| s == link) {
-            Some(k) => split_prefetch(q.prefetch_count, shards.len(), k as u32),
+        let live = self.live_links();
+        let share = match live.iter().position(|s| s == link) {
+            Some(k) => split_prefetch(q.prefetch_count, live.len(), k as u32),
             None => q.prefetch_count,
         };
         Method::BasicQos(codec::BasicQos {
@@ -451,11 +450,11 @@ impl Session {
         }
     }
 
-    /// basic.get: a control queue lives on one cluster; a sharded queue is tried cluster by
-    /// cluster (starting from a rotating one, so no cluster is always drained first) until one
-    /// has a message.
-    pub(super) fn get(&mut self, ch: u16, method: &Method, class: Class) -> Result<(), ConnError> {
-        let mut order: Vec<LinkId> = self.targets(class).iter().collect();
+    /// basic.get: the queue's messages may be on any cluster, so they are tried one by one
+    /// (starting from a rotating one, so no cluster is always drained first) until one has a
+    /// message.
+    pub(super) fn get(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
+        let mut order: Vec<LinkId> = self.live_links().iter().collect();
         if order.is_empty() {
             return self.fan_out(ch, method, LinkSet::default());
         }
@@ -535,6 +534,73 @@ impl Session {
         self.scratch_acks = acks;
     }
 
+    /// Applies AMQP's queue-name shortcut: an empty queue name in bind, unbind, purge, delete,
+    /// consume, get and a passive declare means the queue last declared on the channel (and
+    /// an empty routing key in a bind with it, that queue's name); none declared yet is 404, as
+    /// from RabbitMQ. A non-passive declare with an empty name gets a warren-generated name
+    /// (one broker's `amq.gen-` names cannot be declared on the other clusters). Returns `None`
+    /// when the channel was closed.
+    fn expand_queue_name(&mut self, ch: u16, method: Method) -> Option<Method> {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return Some(method);
+        };
+        if !matches!(channel.state, ChannelState::Open | ChannelState::Opening) {
+            return Some(method);
+        }
+        let last = channel.last_queue.clone();
+        let fill = |q: &mut ShortStr| -> bool {
+            if !q.is_empty() {
+                return true;
+            }
+            match &last {
+                Some(l) => {
+                    *q = l.clone();
+                    true
+                }
+                None => false,
+            }
+        };
+        let mut method = method;
+        let ok = match &mut method {
+            Method::QueueDeclare(x) => {
+                if x.queue.is_empty() && !x.passive {
+                    x.queue = server_named_queue(self.id);
+                }
+                let ok = fill(&mut x.queue);
+                if ok {
+                    channel.last_queue = Some(x.queue.clone());
+                }
+                ok
+            }
+            Method::QueueBind(x) => {
+                let shortcut = x.queue.is_empty() && x.routing_key.is_empty();
+                let ok = fill(&mut x.queue);
+                if ok && shortcut {
+                    x.routing_key = x.queue.clone();
+                }
+                ok
+            }
+            Method::QueueUnbind(x) => {
+                let shortcut = x.queue.is_empty() && x.routing_key.is_empty();
+                let ok = fill(&mut x.queue);
+                if ok && shortcut {
+                    x.routing_key = x.queue.clone();
+                }
+                ok
+            }
+            Method::QueuePurge(x) => fill(&mut x.queue),
+            Method::QueueDelete(x) => fill(&mut x.queue),
+            Method::BasicConsume(x) => fill(&mut x.queue),
+            Method::BasicGet(x) => fill(&mut x.queue),
+            _ => true,
+        };
+        if ok {
+            return Some(method);
+        }
+        self.close_channel(ch, 404, "NOT_FOUND - no previously declared queue", &method);
+        None
+    }
+
     /// Closes a client channel on the proxy's own initiative (as the broker would), and the
     /// upstream channels behind it.
     pub(super) fn close_channel(&mut self, ch: u16, code: u16, text: &str, method: &Method) {
@@ -561,3 +627,47 @@ impl Session {
         }
     }
 }
+
+/// The name warren gives a server-named queue: unique over warren instances and connections, in
+/// the shape of RabbitMQ's (`amq.gen-` is reserved to brokers: a client may not declare it, and
+/// the queue is declared on every cluster).
+pub(super) fn server_named_queue(conn: u64) -> ShortStr {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS once per process; with the connection id, a counter and
+    // the clock, two instances or two connections never meet.
+    let state = std::collections::hash_map::RandomState::new();
+    let mut bytes = [0u8; 16];
+    for (i, half) in bytes.chunks_mut(8).enumerate() {
+        let mut h = state.build_hasher();
+        h.write_u64(conn);
+        h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_usize(i);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut name = String::with_capacity(SERVER_NAMED_PREFIX.len() + 22);
+    name.push_str(SERVER_NAMED_PREFIX);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            name.push(ALPHABET[((acc >> bits) & 63) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        name.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
+    }
+    ShortStr::try_from(name).unwrap_or_default()
+}
+
+pub(super) use crate::route::SERVER_NAMED_PREFIX;

@@ -231,7 +231,9 @@ impl Session {
                     }
                 }
                 Method::BasicGetOk(mut g) => {
-                    let needs_ack = !channel.get_no_ack.take().unwrap_or(false);
+                    // Each get carries its own no_ack (two pipelined gets may differ).
+                    let needs_ack =
+                        !matches!(&rpc.get_request, Some(Method::BasicGet(r)) if r.no_ack);
                     g.delivery_tag = channel.tags.issue(reply.link, g.delivery_tag, needs_ack);
                     let m = &self.links[reply.link].m;
                     m.deliveries.inc();
@@ -241,7 +243,6 @@ impl Session {
                     self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
                 }
                 Method::BasicGetEmpty(e) => {
-                    channel.get_no_ack = None;
                     self.to_client(ch, &Method::BasicGetEmpty(e));
                 }
                 Method::BasicCancelOk(c) => {

@@ -92,7 +92,7 @@ impl Session {
             Class::Control
         };
         slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name);
-        slot.needs_topology = self.topology.has(class)
+        slot.needs_topology = !self.topology.is_empty()
             || (slot.new_cluster
                 && class == Class::Sharded
                 && self.shared.topology_of(&self.vhost).has(Class::Sharded));
@@ -156,14 +156,8 @@ impl Session {
                 continue;
             };
             let mut requests = Vec::new();
-            let class = match self.links[index].role {
-                Role::Shard => Class::Sharded,
-                Role::Control => Class::Control,
-            };
             for consumer in &mut channel.consumers {
-                if let Some(req) = &consumer.request
-                    && consumer.class == class
-                {
+                if let Some(req) = &consumer.request {
                     consumer.links.insert(index);
                     requests.push(Method::BasicConsume(codec::BasicConsume {
                         nowait: false,
@@ -282,12 +276,8 @@ impl Session {
                     .map(|(_, m)| m.clone()),
             );
         }
-        methods.extend(
-            self.topology
-                .entries()
-                .filter(|(c, _)| Some(*c) == class)
-                .map(|(_, m)| m.clone()),
-        );
+        // Every cluster carries all of this client's topology (see crate::route).
+        methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
         for m in &methods {
             self.links[link].replay(ch, m);
         }

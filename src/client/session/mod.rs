@@ -192,6 +192,8 @@ pub async fn serve(
         tx_swaps: 0,
         rpc_stall: None,
         input_stalled: false,
+        eof_drain: None,
+        eof_reason: None,
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -322,6 +324,13 @@ async fn open_links(
     Ok(slots)
 }
 
+/// The client's socket ended without connection.close; publishes read before are still held
+/// until confirmed (see [`Session::client_gone`]).
+struct EofDrain {
+    deadline: Instant,
+    reason: String,
+}
+
 /// Why the connection is ending.
 enum Closing {
     /// The client sent connection.close; waiting for the links to confirm theirs.
@@ -423,6 +432,10 @@ struct Session {
     /// Client frames are buffered but were left unprocessed because of `tx_swaps` or
     /// `rpc_stall`.
     input_stalled: bool,
+    /// The client's socket ended; waiting for its publishes' confirms before closing links.
+    eof_drain: Option<EofDrain>,
+    /// Why the session ends once the links closed after an [`EofDrain`].
+    eof_reason: Option<String>,
 }
 
 /// Synchronous requests one channel may have outstanding before warren stops reading the client
@@ -634,8 +647,27 @@ impl Session {
         if !rbuf.is_empty() {
             self.on_client_bytes(&mut rbuf, &mut assembler);
         }
+        // False once the client's socket ended (EOF or an error).
+        let mut client_open = true;
         loop {
+            self.maybe_finish_eof_drain();
             if let Some(reason) = self.end.take() {
+                if client_open {
+                    // As RabbitMQ does: read (and discard) until the client hangs up, so a
+                    // client still writing what it queued before its connection.close reads
+                    // our close-ok instead of a reset.
+                    self.client_out.flush();
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        let mut scratch = [0u8; 8192];
+                        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut rd, &mut scratch).await
+                        {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
                 return reason;
             }
             for link in std::mem::take(&mut self.pending_release) {
@@ -670,7 +702,11 @@ impl Session {
             // when another connection frees the total).
             let held_ok = self.held_bytes < self.held_limit
                 && (self.metrics.held_bytes.get() as usize) < self.held_limit_total;
-            let read_client = full_link.is_none() && held_ok && !self.input_paused();
+            let read_client = client_open
+                && self.eof_drain.is_none()
+                && full_link.is_none()
+                && held_ok
+                && !self.input_paused();
             if read_client && !was_reading {
                 // Time spent not reading is not the client's silence.
                 last_seen = Instant::now();
@@ -715,13 +751,19 @@ impl Session {
                 }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
-                        Ok(0) => return self.client_gone("client closed the TCP connection"),
+                        Ok(0) => {
+                            client_open = false;
+                            self.client_gone("client closed the TCP connection");
+                        }
                         Ok(_) => {
                             crate::io::busy_poll::touch();
                             last_seen = Instant::now();
                             self.on_client_bytes(&mut rbuf, &mut assembler);
                         }
-                        Err(e) => return self.client_gone(&format!("client socket error: {e}")),
+                        Err(e) => {
+                            client_open = false;
+                            self.client_gone(&format!("client socket error: {e}"));
+                        }
                     }
                 }
                 _ = client_out.room(), if !client_room => {}
@@ -738,7 +780,8 @@ impl Session {
                         Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
                         None => {
                             let h = heartbeat.unwrap_or_default();
-                            return self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
+                            client_open = false;
+                            self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
                         }
                     }
                 }
@@ -746,13 +789,61 @@ impl Session {
         }
     }
 
-    /// The client socket is gone: release the upstream connections so the brokers requeue
-    /// whatever the client had not acknowledged.
-    fn client_gone(&mut self, reason: &str) -> String {
+    /// The client socket ended without connection.close (a process that exits): every whole
+    /// publish read before the end still goes to its cluster and is held until confirmed, as
+    /// any other (RabbitMQ, too, routes what it read before the end). Nothing more can reach
+    /// the client, so its outbox is closed (deliveries meanwhile stay unacknowledged upstream
+    /// and are requeued when the links close); once nothing is held, or after
+    /// `timeouts.failover_wait_secs`, the links are closed, so the brokers requeue whatever
+    /// the client had not acknowledged.
+    fn client_gone(&mut self, reason: &str) {
+        if self.closing.is_some() {
+            // Already closing: the close handshake ends the connection.
+            self.end = Some(reason.to_owned());
+            return;
+        }
+        self.client_out.close();
+        let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+        self.eof_drain = Some(EofDrain {
+            deadline: Instant::now() + wait,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Ends an [`EofDrain`] once no publish is held any more (or at its deadline): the links
+    /// are closed and the session ends when they are.
+    fn maybe_finish_eof_drain(&mut self) {
+        let Some(drain) = &self.eof_drain else {
+            return;
+        };
+        let holding = !self.parked.is_empty()
+            || self
+                .links
+                .iter()
+                .any(|s| s.live() && s.chans.iter().any(|c| c.confirms.pending() > 0));
+        let overdue = Instant::now() >= drain.deadline;
+        if holding && !overdue {
+            return;
+        }
+        if holding {
+            warn!(
+                conn = self.id,
+                "client gone; publishes still unconfirmed at the deadline"
+            );
+        }
+        let reason = drain.reason.clone();
+        self.eof_drain = None;
         for slot in &self.links {
             slot.send(0, &connection_close(200, "client connection lost"));
         }
-        reason.to_owned()
+        self.closing = Some(Closing::ByClient {
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+        });
+        if self.links.iter().all(|s| s.done) {
+            self.end = Some(reason);
+        } else {
+            self.eof_reason = Some(reason);
+        }
     }
 
     /// The client's input waits while a tx.select reopens upstream channels, and while a channel
@@ -918,6 +1009,10 @@ impl Session {
         if let Some(Closing::ByClient { .. }) = self.closing
             && self.links.iter().all(|s| s.done)
         {
+            if let Some(reason) = self.eof_reason.take() {
+                self.end = Some(reason);
+                return;
+            }
             self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
             self.end = Some("client closed the connection".into());
         }
@@ -951,13 +1046,6 @@ impl Session {
             Some(c) if self.links[c].live() => Some(c),
             Some(_) => None,
             None => self.shard_links().first(),
-        }
-    }
-
-    fn targets(&self, class: Class) -> LinkSet {
-        match class {
-            Class::Sharded => self.shard_links(),
-            Class::Control => self.control_link().map(LinkSet::one).unwrap_or_default(),
         }
     }
 

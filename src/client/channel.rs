@@ -77,6 +77,9 @@ pub struct Rpc {
     /// back), and the request to send them.
     pub get_next: Vec<LinkId>,
     pub get_request: Option<Method>,
+    /// The client's request, sent again on a cluster's new link when the link it was sent on
+    /// died before answering (see `Session::orphan_rpc`).
+    pub request: Method,
     /// A topology change to remember once every cluster accepted it.
     pub on_success: Option<(crate::route::Class, Method)>,
 }
@@ -514,7 +517,7 @@ impl Channel {
     }
 
     /// Registers a request that waits for `waiting` replies; returns its id.
-    pub fn push_rpc(&mut self, waiting: u32, get_next: Vec<LinkId>) -> u64 {
+    pub fn push_rpc(&mut self, waiting: u32, get_next: Vec<LinkId>, request: &Method) -> u64 {
         self.next_rpc += 1;
         self.rpcs.push_back(Rpc {
             id: self.next_rpc,
@@ -522,6 +525,7 @@ impl Channel {
             reply: None,
             get_next,
             get_request: None,
+            request: request.clone(),
             on_success: None,
         });
         self.next_rpc

@@ -16,6 +16,8 @@ use crate::io::Stream;
 /// What the client told us during the handshake.
 #[derive(Debug, Clone)]
 pub struct Greeting {
+    /// The client logged in with AMQPLAIN (warren itself logs in to the clusters with PLAIN).
+    pub amqplain: bool,
     pub user: Bytes,
     pub password: Bytes,
     pub client_properties: FieldTable,
@@ -319,37 +321,20 @@ pub async fn greet(
             ));
         }
     };
-    let frame_max = if tune_ok.frame_max == 0 {
-        ours_frame_max
-    } else {
-        tune_ok.frame_max
-    };
-    if frame_max < codec::FRAME_MIN_SIZE {
-        return Err(close(
-            530,
-            format!(
-                "NOT_ALLOWED - frame_max={frame_max} < {} min size",
-                codec::FRAME_MIN_SIZE
-            ),
-        ));
-    }
-    if frame_max > ours_frame_max {
-        return Err(close(
-            530,
-            format!("NOT_ALLOWED - frame_max={frame_max} > {ours_frame_max} max size"),
-        ));
-    }
-    let channel_max = if tune_ok.channel_max == 0 {
-        ours_channel_max
-    } else {
-        tune_ok.channel_max
-    };
-    if channel_max > ours_channel_max {
-        return Err(close(
-            530,
-            format!("NOT_ALLOWED - channel_max={channel_max} > {ours_channel_max} max"),
-        ));
-    }
+    // RabbitMQ's rules and words (rabbit_reader's validate_negotiated_integer_value): 0 means
+    // "no limit", which is above ours; below the minimum or above ours is 530.
+    let frame_max = negotiated(
+        "frame_max",
+        tune_ok.frame_max,
+        codec::FRAME_MIN_SIZE,
+        ours_frame_max,
+    )?;
+    let channel_max = negotiated(
+        "channel_max",
+        u32::from(tune_ok.channel_max),
+        1,
+        u32::from(ours_channel_max),
+    )? as u16;
 
     let open = match conn.recv(frame_max as usize).await? {
         Method::ConnectionOpen(o) => o,
@@ -365,6 +350,7 @@ pub async fn greet(
     };
     Ok((
         Greeting {
+            amqplain: start_ok.mechanism.as_bytes() == b"AMQPLAIN",
             user,
             password,
             client_properties: start_ok.client_properties,
@@ -498,4 +484,27 @@ mod tests {
         );
         assert_eq!(parse_amqplain(&t[..t.len() - 1]), None);
     }
+}
+
+/// Checks a client's tune-ok value as RabbitMQ does: below `min` (when not 0), or 0 ("no
+/// limit") or above `ours` when we have a limit, refuses the connection with 530.
+fn negotiated(field: &str, client: u32, min: u32, ours: u32) -> Result<u32, Refusal> {
+    let detail = if client == 0 { " (no limit)" } else { "" };
+    if client != 0 && client < min {
+        return Err(close(
+            530,
+            format!(
+                "NOT_ALLOWED - negotiated {field} = {client}{detail} is lower than the minimum allowed value ({min})"
+            ),
+        ));
+    }
+    if ours != 0 && (client == 0 || client > ours) {
+        return Err(close(
+            530,
+            format!(
+                "NOT_ALLOWED - negotiated {field} = {client}{detail} is higher than the maximum allowed value ({ours})"
+            ),
+        ));
+    }
+    Ok(if client == 0 { ours } else { client })
 }

@@ -197,9 +197,10 @@ impl Assembler {
                 let method = Method::decode(frame.payload)?;
                 if method.has_content() {
                     if frame.channel == 0 {
+                        // RabbitMQ's answer to a content method on channel 0.
                         return Err(AssembleError::Connection {
-                            code: 503,
-                            text: format!("COMMAND_INVALID - {} on channel 0", method.name()),
+                            code: 504,
+                            text: format!("CHANNEL_ERROR - {} on channel 0", method.name()),
                         });
                     }
                     self.partial.push(Partial {

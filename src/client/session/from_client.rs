@@ -176,13 +176,14 @@ impl Session {
                 self.fan_out(ch, &method, targets)?;
             }
             Method::BasicGet(_) => self.get(ch, &method)?,
-            Method::BasicQos(q) => {
+            Method::BasicQos(ref q) => {
                 channel.qos = Some(q.clone());
                 let targets = self.live_links();
-                let id = self
-                    .channel_mut(ch)
-                    .expect("checked above")
-                    .push_rpc(targets.len(), Vec::new());
+                let id = self.channel_mut(ch).expect("checked above").push_rpc(
+                    targets.len(),
+                    Vec::new(),
+                    &method,
+                );
                 self.send_qos(ch, &q, Pending::Rpc(id), None);
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
@@ -250,7 +251,7 @@ impl Session {
         }
         let targets = self.live_links();
         let mut channel = Channel::new();
-        let id = channel.push_rpc(targets.len(), Vec::new());
+        let id = channel.push_rpc(targets.len(), Vec::new(), method);
         self.channels[i] = Some(channel);
         self.metrics.channels.inc();
         for link in targets.iter() {
@@ -281,7 +282,7 @@ impl Session {
             let Some(channel) = self.channel_mut(ch) else {
                 return Ok(());
             };
-            let id = channel.push_rpc(targets.len(), Vec::new());
+            let id = channel.push_rpc(targets.len(), Vec::new(), method);
             for link in targets.iter() {
                 self.links[link].request(ch, method, Pending::Rpc(id));
             }
@@ -313,6 +314,17 @@ impl Session {
             Class::Control
         };
         let record = !passive && !targets.is_empty();
+        if !passive {
+            for cluster in &self.shared.config().clusters {
+                if !self
+                    .links
+                    .iter()
+                    .any(|s| s.live() && *s.link.cluster == *cluster.name)
+                {
+                    self.stale_topology.insert(cluster.name.clone());
+                }
+            }
+        }
         if record && !expects_reply(method) {
             self.record_topology(class, method.clone());
         }
@@ -422,7 +434,7 @@ impl Session {
             );
             return Ok(());
         }
-        let id = channel.push_rpc(targets.len(), Vec::new());
+        let id = channel.push_rpc(targets.len(), Vec::new(), method);
         for link in targets.iter() {
             if swaps.contains(link) {
                 debug!(conn = self.id, channel = ch, cluster = %self.links[link].link.cluster,
@@ -466,7 +478,7 @@ impl Session {
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(());
         };
-        let id = channel.push_rpc(1, order);
+        let id = channel.push_rpc(1, order, method);
         if let Some(rpc) = channel.rpc_mut(id) {
             rpc.get_request = Some(method.clone());
         }

@@ -36,6 +36,26 @@ impl Session {
                 if !by_broker && !closing {
                     return;
                 }
+                if let Method::ChannelClose(c) = &method
+                    && matches!(
+                        self.links[link].chan(ch).pending.front(),
+                        Some(Pending::Replay)
+                    )
+                {
+                    // The cluster refused part of the replay after a failover: a queue or
+                    // exchange of this client is gone there (deleted meanwhile, or dropped by
+                    // RabbitMQ with the old link). It cannot be brought back without creating
+                    // an empty stand-in on one cluster: the client is told, as one broker
+                    // would tell it by closing its connection.
+                    let cluster = self.links[link].link.cluster.clone();
+                    let text = format!(
+                        "link to cluster {cluster} failed over and the client's state is gone there ({} {})",
+                        c.reply_code, c.reply_text
+                    );
+                    warn!(conn = self.id, %cluster, "{text}; closing the client connection");
+                    self.begin_proxy_close(ConnError::new(320, &text), &text);
+                    return;
+                }
                 self.release_held_later(link);
                 let slot = &mut self.links[link];
                 if by_broker {

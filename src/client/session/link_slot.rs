@@ -78,6 +78,11 @@ pub(super) struct LinkSlot {
     pub(super) released_held: usize,
     /// Opened to a cluster this session had no link to before (added by a reload).
     pub(super) new_cluster: bool,
+    /// The cluster may lack some of this client's topology (new to the session, or down while
+    /// the client declared): the replay declares it. Otherwise the cluster kept what the old
+    /// link declared, and the replay only checks that the queues and exchanges are still there
+    /// (passive declares), so it never re-creates what another client deleted meanwhile.
+    pub(super) replay_active: bool,
 }
 
 impl LinkSlot {
@@ -101,6 +106,7 @@ impl LinkSlot {
             removed_at: None,
             released_held: 0,
             new_cluster: false,
+            replay_active: false,
         }
     }
 

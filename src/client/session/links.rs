@@ -92,6 +92,7 @@ impl Session {
             Class::Control
         };
         slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name);
+        slot.replay_active = slot.new_cluster || self.stale_topology.remove(&c.name);
         slot.needs_topology = !self.topology.is_empty()
             || (slot.new_cluster
                 && class == Class::Sharded
@@ -169,6 +170,7 @@ impl Session {
                 self.links[index].replay(ch, &m);
             }
         }
+        self.resend_orphans(index);
         let slot = &mut self.links[index];
         if slot.replay_left == 0 && !slot.needs_topology {
             slot.ready = true;
@@ -278,8 +280,27 @@ impl Session {
         }
         // Every cluster carries all of this client's topology (see crate::route).
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
+        let active = slot.replay_active;
         for m in &methods {
-            self.links[link].replay(ch, m);
+            if active {
+                self.links[link].replay(ch, m);
+                continue;
+            }
+            // A failover: the cluster kept its topology; check the parts that can vanish.
+            let check = match m {
+                Method::QueueDeclare(q) => Method::QueueDeclare(codec::QueueDeclare {
+                    passive: true,
+                    nowait: false,
+                    ..q.clone()
+                }),
+                Method::ExchangeDeclare(x) => Method::ExchangeDeclare(codec::ExchangeDeclare {
+                    passive: true,
+                    nowait: false,
+                    ..x.clone()
+                }),
+                _ => continue,
+            };
+            self.links[link].replay(ch, &check);
         }
         self.links[link].needs_topology = false;
     }
@@ -435,6 +456,7 @@ impl Session {
     /// reconnects the cluster (the other node, if this one is down) and replays this client's
     /// state on the new link.
     pub(super) fn fail_link(&mut self, link: LinkId) {
+        let lost = self.state_lost_with(link);
         let slot = &mut self.links[link];
         slot.mark_done();
         let cluster = slot.link.cluster.to_string();
@@ -461,6 +483,7 @@ impl Session {
             for pending in up.pending {
                 if let Pending::Rpc(id) = pending
                     && !self.redo_commit(ch, link, id)
+                    && !self.orphan_rpc(ch, id, &cluster)
                 {
                     self.settle_dead_rpc(ch, id);
                 }
@@ -486,7 +509,16 @@ impl Session {
             delay: Duration::from_millis(250),
             nodes_back: self.shared.nodes_back(&cluster),
         };
-        self.retry_at.insert(cluster, retry);
+        self.retry_at.insert(cluster.clone(), retry);
+        if let Some(what) = lost {
+            // RabbitMQ dropped this with the link's connection; replaying would create an empty
+            // stand-in and the client would wait for messages that are gone. One broker would
+            // have closed the client's connection: so does warren, saying why.
+            let text = format!("link to cluster {cluster} lost; RabbitMQ deleted {what} with it");
+            warn!(conn = self.id, %cluster, "{text}; closing the client connection");
+            self.begin_proxy_close(ConnError::new(320, &text), &text);
+            return;
+        }
         if self.shard_links().is_empty() && self.no_shard_since.is_none() {
             self.no_shard_since = Some(Instant::now());
             warn!(
@@ -494,6 +526,134 @@ impl Session {
                 wait_secs = self.shared.config().timeouts.failover_wait_secs,
                 "no shard cluster is reachable; holding publishes until one is back"
             );
+        }
+    }
+
+    /// What this client had on `link` that RabbitMQ deletes with the link's connection and a
+    /// new link cannot bring back: an exclusive queue (every queue lives on every cluster), an
+    /// auto-delete queue this client consumes from, or a consumer of a single-active-consumer
+    /// queue (re-subscribing would queue it behind another consumer while it stays active on
+    /// the other clusters). Queue arguments are known from this connection's declares.
+    pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
+        let declared = |queue: &ShortStr| {
+            self.topology.entries().find_map(|(_, m)| match m {
+                Method::QueueDeclare(q) if &q.queue == queue => Some(q),
+                _ => None,
+            })
+        };
+        for (_, m) in self.topology.entries() {
+            if let Method::QueueDeclare(q) = m
+                && q.exclusive
+            {
+                return Some(format!("exclusive queue '{}'", q.queue.as_str()));
+            }
+        }
+        for channel in self.channels.iter().flatten() {
+            for consumer in channel.consumers.iter().filter(|c| c.links.contains(link)) {
+                let Some(req) = &consumer.request else {
+                    continue;
+                };
+                let Some(q) = declared(&req.queue) else {
+                    continue;
+                };
+                if q.auto_delete {
+                    return Some(format!(
+                        "auto-delete queue '{}' (its consumer was on that link)",
+                        q.queue.as_str()
+                    ));
+                }
+                if matches!(
+                    q.arguments.get("x-single-active-consumer"),
+                    Some(codec::FieldValue::Bool(true))
+                ) {
+                    return Some(format!(
+                        "the consumer of single-active-consumer queue '{}'",
+                        q.queue.as_str()
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// A request was in flight on a link that died: it waits for the cluster's next link and is
+    /// sent again there (see [`resend_orphans`](Self::resend_orphans)), so its answer covers
+    /// every cluster, as from one broker. basic.get (which tries the next cluster) and
+    /// requests whose link is gone for good are not kept. Returns whether it was kept.
+    pub(super) fn orphan_rpc(&mut self, ch: u16, id: u64, cluster: &str) -> bool {
+        let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
+            return false;
+        };
+        if rpc.get_request.is_some() {
+            return false;
+        }
+        let removed = self.shared.config().cluster(cluster).is_none();
+        if removed {
+            return false;
+        }
+        self.orphans.push(Orphan {
+            cluster: cluster.to_owned(),
+            ch,
+            id,
+            since: Instant::now(),
+        });
+        true
+    }
+
+    /// A link to `cluster` is open again (its channels, modes and consumers replayed): the
+    /// requests that were in flight on the old one are answered from it.
+    pub(super) fn resend_orphans(&mut self, link: LinkId) {
+        let cluster = self.links[link].link.cluster.to_string();
+        let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|o| o.cluster == cluster);
+        self.orphans = rest;
+        for o in mine {
+            let Some(rpc) = channel_in(&mut self.channels, o.ch).and_then(|c| c.rpc_mut(o.id))
+            else {
+                continue;
+            };
+            // What the replay already re-established on the new link is answered for it;
+            // anything else is asked again.
+            let done = match &rpc.request {
+                Method::ChannelOpen(_) => Some(Method::ChannelOpenOk(Default::default())),
+                Method::BasicQos(_) => Some(Method::BasicQosOk(Default::default())),
+                Method::ConfirmSelect(_) => Some(Method::ConfirmSelectOk(Default::default())),
+                Method::TxSelect(_) => Some(Method::TxSelectOk(Default::default())),
+                Method::BasicConsume(c) => Some(Method::BasicConsumeOk(codec::BasicConsumeOk {
+                    consumer_tag: c.consumer_tag.clone(),
+                })),
+                _ => None,
+            };
+            match done {
+                Some(reply) => {
+                    rpc.merge(reply, None, link);
+                    self.flush_rpcs(o.ch);
+                }
+                None => {
+                    let request = rpc.request.clone();
+                    self.links[link].request(o.ch, &request, Pending::Rpc(o.id));
+                }
+            }
+        }
+    }
+
+    /// On the tick: requests whose cluster has not come back within
+    /// `timeouts.failover_wait_secs` are answered by the other clusters' replies (or fail
+    /// with 541 when they went to that cluster alone).
+    pub(super) fn expire_orphans(&mut self) {
+        let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+        if self.orphans.iter().all(|o| o.since.elapsed() < wait) {
+            return;
+        }
+        let (old, young): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|o| o.since.elapsed() >= wait);
+        self.orphans = young;
+        for o in old {
+            warn!(conn = self.id, cluster = %o.cluster, channel = o.ch, "cluster not back in time for a request in flight when its link died");
+            self.settle_dead_rpc(o.ch, o.id);
+            self.flush_rpcs(o.ch);
         }
     }
 

@@ -111,7 +111,16 @@ pub async fn serve(
     let metrics = shared.metrics.clone();
     let links = match open_links(&config, &base, &metrics).await {
         Ok(links) => links,
-        Err(ConnectError::Refused { node, code, text }) => {
+        Err(ConnectError::Refused {
+            node,
+            code,
+            mut text,
+        }) => {
+            // warren logs in to the clusters with PLAIN; the client should read its own
+            // mechanism in RabbitMQ's "Login was refused using authentication mechanism ...".
+            if greeting.amqplain {
+                text = text.replace("mechanism PLAIN", "mechanism AMQPLAIN");
+            }
             warn!(conn = id, %peer, user = %user, vhost = %vhost, %node, code, %text, "connection refused by the broker");
             metrics.connections_refused.inc();
             handshake::refuse(&mut stream, &mut rbuf, code, &text, 10, 40).await;
@@ -194,6 +203,8 @@ pub async fn serve(
         input_stalled: false,
         eof_drain: None,
         eof_reason: None,
+        orphans: Vec::new(),
+        stale_topology: Default::default(),
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -331,6 +342,14 @@ struct EofDrain {
     reason: String,
 }
 
+/// A client request that was in flight on a link that died (see [`Session::orphan_rpc`]).
+struct Orphan {
+    cluster: String,
+    ch: u16,
+    id: u64,
+    since: Instant,
+}
+
 /// Why the connection is ending.
 enum Closing {
     /// The client sent connection.close; waiting for the links to confirm theirs.
@@ -432,6 +451,11 @@ struct Session {
     /// Client frames are buffered but were left unprocessed because of `tx_swaps` or
     /// `rpc_stall`.
     input_stalled: bool,
+    /// Requests in flight on links that died, waiting for their clusters' next links.
+    orphans: Vec<Orphan>,
+    /// Clusters without a live link when this client changed its topology: their next link
+    /// declares the whole topology again (see `LinkSlot::replay_active`).
+    stale_topology: std::collections::HashSet<String>,
     /// The client's socket ended; waiting for its publishes' confirms before closing links.
     eof_drain: Option<EofDrain>,
     /// Why the session ends once the links closed after an [`EofDrain`].
@@ -747,6 +771,7 @@ impl Session {
                     }
                     self.retire_quiet_links();
                     self.ensure_links();
+                    self.expire_orphans();
                     self.check_no_shard();
                 }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {

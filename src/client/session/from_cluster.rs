@@ -261,6 +261,9 @@ impl Session {
                         m.unacked.inc();
                     }
                     self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
+                    if let Some(Method::BasicGet(get)) = &rpc.get_request {
+                        self.renew_lease(ch, &get.queue, &rpc.get_next);
+                    }
                 }
                 Method::BasicGetEmpty(e) => {
                     self.to_client(ch, &Method::BasicGetEmpty(e));
@@ -370,6 +373,33 @@ impl Session {
         // publishes went out again: they may have gone back to this channel).
         if self.tx_swaps > 0 {
             self.links[link].start_tx_swap_if_settled(ch);
+        }
+    }
+
+    /// A basic.get renews an `x-expires` queue's lease on RabbitMQ; a get answered before the
+    /// other clusters were asked would let the queue's copies there expire with their messages.
+    /// A passive declare renews it too (RabbitMQ's `stat` resets the expiry timer), so the
+    /// clusters not asked get one. The queue's arguments are known from this connection's
+    /// declares.
+    pub(super) fn renew_lease(&mut self, ch: u16, queue: &ShortStr, untried: &[LinkId]) {
+        if untried.is_empty() {
+            return;
+        }
+        let expires = self.topology.entries().any(|(_, m)| {
+            matches!(m, Method::QueueDeclare(q) if &q.queue == queue && q.arguments.get("x-expires").is_some())
+        });
+        if !expires {
+            return;
+        }
+        let check = Method::QueueDeclare(codec::QueueDeclare {
+            queue: queue.clone(),
+            passive: true,
+            ..Default::default()
+        });
+        for &link in untried {
+            if self.links[link].live() {
+                self.links[link].request(ch, &check, Pending::Internal);
+            }
         }
     }
 

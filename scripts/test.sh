@@ -17,9 +17,10 @@
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
 #      clients: pika, Node's amqplib and the RabbitMQ Java client, each a scenario of its own
-#              (confirms, returns, qos and acks, tx, big messages through 4096-byte frames),
-#              directly and through it (tests/clients/run.sh; installs nodejs, npm's amqplib,
-#              Debian's librabbitmq-client-java and a JDK when missing);
+#              (confirms, returns, qos and acks, tx, big messages through 4096-byte frames), and
+#              RabbitMQ's tutorials 1-6 in pika, directly and through it (tests/clients/run.sh;
+#              installs nodejs, npm's amqplib, Debian's librabbitmq-client-java and a JDK when
+#              missing);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
@@ -44,8 +45,8 @@
 #   RUST_LOG                           passed to the proxy (default info)
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
-# per target, clients ~10 s, Celery e2e (1000 tasks) ~15 s per target, reload ~30 s, fault ~7 min;
-# see .ci/run for whole-run numbers.
+# per target, clients ~10 s plus ~7 s per target for the tutorials, Celery e2e (1000 tasks) ~15 s
+# per target, reload ~30 s, fault ~7 min; see .ci/run for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -374,7 +375,7 @@ if want python || want clients || want celery; then
     fi
 
     if want clients; then
-        say "clients: pika, amqplib, Java ($TARGET)"
+        say "clients: pika, amqplib, Java, tutorials ($TARGET)"
         t0=$(date +%s)
         ok=1
         if [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 0 ]; then

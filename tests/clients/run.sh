@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
-# each running its scenario (tests/clients/*) directly against RabbitMQ and then through warren.
+# each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
+# (tutorials.py), directly against RabbitMQ and then through warren.
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
 # `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
@@ -22,18 +23,19 @@ summary=()
 for t in "${targets[@]}"; do
     name=${t%%=*}
     addr=${t#*=}
-    for client in pika amqplib java; do
+    for client in pika amqplib java tutorials; do
         echo "--- $client, $name ($addr)"
         t0=$(date +%s)
         case $client in
         pika) "$PY" "$HERE/pika_client.py" "amqp://guest:guest@$addr/%2F" ;;
         amqplib) node "$HERE/amqplib_client.js" "amqp://guest:guest@$addr/" ;;
         java) java -cp "$JAVA_CP" "$HERE/JavaClient.java" "amqp://guest:guest@$addr" ;;
+        tutorials) "$PY" "$HERE/tutorials.py" "amqp://guest:guest@$addr/%2F" ;;
         esac
         rc=$?
         status=PASS
         [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
-        summary+=("$(printf '  %-8s %-7s %s %3ss' "$client" "$name" "$status" $(($(date +%s) - t0)))")
+        summary+=("$(printf '  %-9s %-7s %s %3ss' "$client" "$name" "$status" $(($(date +%s) - t0)))")
     done
 done
 echo "clients:"

@@ -82,6 +82,9 @@ pub struct Rpc {
     pub request: Method,
     /// A topology change to remember once every cluster accepted it.
     pub on_success: Option<(crate::route::Class, Method)>,
+    /// A queue.delete with `if_empty` or `if_unused`: this request is the passive declare on
+    /// every cluster that checks the condition over the whole queue; the delete follows.
+    pub then_delete: Option<crate::codec::QueueDelete>,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -527,6 +530,7 @@ impl Channel {
             get_request: None,
             request: request.clone(),
             on_success: None,
+            then_delete: None,
         });
         self.next_rpc
     }

@@ -459,6 +459,29 @@ pub fn truncate(text: &str) -> String {
     text[..end].to_owned()
 }
 
+/// Checks a client's tune-ok value as RabbitMQ does: below `min` (when not 0), or 0 ("no
+/// limit") or above `ours` when we have a limit, refuses the connection with 530.
+fn negotiated(field: &str, client: u32, min: u32, ours: u32) -> Result<u32, Refusal> {
+    let detail = if client == 0 { " (no limit)" } else { "" };
+    if client != 0 && client < min {
+        return Err(close(
+            530,
+            format!(
+                "NOT_ALLOWED - negotiated {field} = {client}{detail} is lower than the minimum allowed value ({min})"
+            ),
+        ));
+    }
+    if ours != 0 && (client == 0 || client > ours) {
+        return Err(close(
+            530,
+            format!(
+                "NOT_ALLOWED - negotiated {field} = {client}{detail} is higher than the maximum allowed value ({ours})"
+            ),
+        ));
+    }
+    Ok(if client == 0 { ours } else { client })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,27 +507,4 @@ mod tests {
         );
         assert_eq!(parse_amqplain(&t[..t.len() - 1]), None);
     }
-}
-
-/// Checks a client's tune-ok value as RabbitMQ does: below `min` (when not 0), or 0 ("no
-/// limit") or above `ours` when we have a limit, refuses the connection with 530.
-fn negotiated(field: &str, client: u32, min: u32, ours: u32) -> Result<u32, Refusal> {
-    let detail = if client == 0 { " (no limit)" } else { "" };
-    if client != 0 && client < min {
-        return Err(close(
-            530,
-            format!(
-                "NOT_ALLOWED - negotiated {field} = {client}{detail} is lower than the minimum allowed value ({min})"
-            ),
-        ));
-    }
-    if ours != 0 && (client == 0 || client > ours) {
-        return Err(close(
-            530,
-            format!(
-                "NOT_ALLOWED - negotiated {field} = {client}{detail} is higher than the maximum allowed value ({ours})"
-            ),
-        ));
-    }
-    Ok(if client == 0 { ours } else { client })
 }

@@ -184,7 +184,7 @@ impl Session {
                     Vec::new(),
                     &method,
                 );
-                self.send_qos(ch, &q, Pending::Rpc(id), None);
+                self.send_qos(ch, q, Pending::Rpc(id), None);
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 // The brokers redeliver everything unacknowledged with new tags.
@@ -205,6 +205,9 @@ impl Session {
             Method::TxCommit(_) | Method::TxRollback(_) => self.end_transaction(ch, &method)?,
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
                 self.fan_out(ch, &method, self.live_links())?
+            }
+            Method::QueueDelete(ref d) if d.if_empty || d.if_unused => {
+                self.checked_delete(ch, d.clone())?
             }
             Method::ExchangeDeclare(_)
             | Method::ExchangeDelete(_)
@@ -544,6 +547,32 @@ impl Session {
             }
         }
         self.scratch_acks = acks;
+    }
+
+    /// queue.delete with `if_empty` / `if_unused`: each cluster would judge only its own part of
+    /// the queue, and the clusters where it is empty would delete their copies while another
+    /// refuses: the queue would live on only there, and publishes routed to the others would be
+    /// dropped. So the condition is checked first over the whole queue (a passive declare on
+    /// every cluster, counts summed) and the delete follows only if it holds; the client's
+    /// input waits meanwhile, so nothing it sends later overtakes the delete.
+    pub(super) fn checked_delete(
+        &mut self,
+        ch: u16,
+        delete: codec::QueueDelete,
+    ) -> Result<(), ConnError> {
+        let check = Method::QueueDeclare(codec::QueueDeclare {
+            queue: delete.queue.clone(),
+            passive: true,
+            ..Default::default()
+        });
+        self.fan_out(ch, &check, self.live_links())?;
+        if let Some(channel) = self.channel_mut(ch)
+            && let Some(rpc) = channel.rpcs.back_mut()
+        {
+            rpc.then_delete = Some(delete);
+            self.delete_check = Some((ch, rpc.id));
+        }
+        Ok(())
     }
 
     /// Applies AMQP's queue-name shortcut: an empty queue name in bind, unbind, purge, delete,

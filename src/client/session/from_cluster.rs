@@ -237,6 +237,10 @@ impl Session {
                 );
                 return;
             };
+            if let Some(delete) = rpc.then_delete {
+                self.finish_checked_delete(ch, delete, reply.method);
+                continue;
+            }
             if let Some((class, m)) = rpc.on_success {
                 self.record_topology(class, m);
             }
@@ -374,6 +378,46 @@ impl Session {
         if self.tx_swaps > 0 {
             self.links[link].start_tx_swap_if_settled(ch);
         }
+    }
+
+    /// The whole-queue check of a queue.delete with `if_empty` / `if_unused` is in (see
+    /// [`checked_delete`](Self::checked_delete)): refuse as RabbitMQ would, or delete
+    /// everywhere.
+    fn finish_checked_delete(&mut self, ch: u16, delete: codec::QueueDelete, check: Method) {
+        self.delete_check = None;
+        let request = Method::QueueDelete(delete.clone());
+        let Method::QueueDeclareOk(ok) = check else {
+            let text = format!(
+                "INTERNAL_ERROR - unexpected {} to a passive declare",
+                check.name()
+            );
+            self.close_channel(ch, 541, &text, &request);
+            return;
+        };
+        let queue = delete.queue.as_str();
+        let refusal = if delete.if_empty && ok.message_count > 0 {
+            Some(format!(
+                "PRECONDITION_FAILED - queue '{queue}' in vhost '{}' not empty",
+                self.vhost
+            ))
+        } else if delete.if_unused && ok.consumer_count > 0 {
+            Some(format!(
+                "PRECONDITION_FAILED - queue '{queue}' in vhost '{}' in use",
+                self.vhost
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = refusal {
+            self.close_channel(ch, 406, &text, &request);
+            return;
+        }
+        let unconditional = Method::QueueDelete(codec::QueueDelete {
+            if_empty: false,
+            if_unused: false,
+            ..delete
+        });
+        let _ = self.fan_out_topology(ch, &unconditional, self.live_links(), true);
     }
 
     /// A basic.get renews an `x-expires` queue's lease on RabbitMQ; a get answered before the

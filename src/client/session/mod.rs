@@ -204,6 +204,7 @@ pub async fn serve(
         eof_drain: None,
         eof_reason: None,
         orphans: Vec::new(),
+        delete_check: None,
         stale_topology: Default::default(),
     };
     let config_rx = shared.subscribe();
@@ -453,6 +454,9 @@ struct Session {
     input_stalled: bool,
     /// Requests in flight on links that died, waiting for their clusters' next links.
     orphans: Vec<Orphan>,
+    /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
+    /// client's input waits until it is answered (see `checked_delete`).
+    delete_check: Option<(u16, u64)>,
     /// Clusters without a live link when this client changed its topology: their next link
     /// declares the whole topology again (see `LinkSlot::replay_active`).
     stale_topology: std::collections::HashSet<String>,
@@ -878,7 +882,14 @@ impl Session {
         if self.closing.is_some() {
             return false;
         }
-        self.tx_swaps > 0 || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
+        self.tx_swaps > 0
+            || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
+            || self.delete_check.is_some_and(|(ch, id)| {
+                self.channels
+                    .get(usize::from(ch))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.rpcs.iter().any(|r| r.id == id))
+            })
     }
 
     /// True if channel `ch` has [`MAX_PIPELINED_RPCS`] requests unanswered.

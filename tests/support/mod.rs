@@ -20,6 +20,8 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ use warren::codec::{
     FrameKind, LongStr, Method, RawFrame, ShortStr,
 };
 use warren::config::Config;
+
+pub mod sharded;
 
 /// Deadline for one step of a test (a round trip, a delivery, a close...). Generous: the test
 /// machine is small and RabbitMQ mirrors every queue to a second node.

@@ -152,6 +152,21 @@ impl Session {
         if let Some(&ch) = open.first() {
             self.replay_topology(index, ch);
         }
+        // Topology changes still waiting for the other clusters' replies are recorded only
+        // once complete, after this replay was built: they go to the new link too.
+        for &ch in &open {
+            let Some(channel) = self.channels[usize::from(ch)].as_ref() else {
+                continue;
+            };
+            let in_flight: Vec<Method> = channel
+                .rpcs
+                .iter()
+                .filter_map(|r| r.on_success.as_ref().map(|(_, m)| m.clone()))
+                .collect();
+            for m in &in_flight {
+                self.links[index].replay(ch, m);
+            }
+        }
         for &ch in &open {
             let Some(channel) = self.channels[usize::from(ch)].as_mut() else {
                 continue;

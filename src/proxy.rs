@@ -48,6 +48,11 @@ pub struct Shared {
     queues: Mutex<BTreeSet<(String, String)>>,
     /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
     topology: Mutex<std::collections::HashMap<String, crate::client::topology::Topology>>,
+    /// (vhost, cluster) pairs that missed a shared topology change: some client declared while
+    /// that cluster was unreachable. The next link any session opens there replays the shared
+    /// topology, so a queue declared by a client gone since still exists there before a
+    /// publish is routed to it.
+    stale: Mutex<std::collections::HashSet<(String, String)>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
     /// Per cluster, how many times the admin health probes saw one of its nodes come back.
@@ -69,6 +74,7 @@ impl Shared {
             drained: Mutex::new(HashSet::new()),
             queues: Mutex::new(BTreeSet::new()),
             topology: Mutex::default(),
+            stale: Mutex::default(),
             config: ArcSwap::new(config),
             server_properties: ArcSwapOption::empty(),
             nodes_back: Mutex::default(),
@@ -250,6 +256,24 @@ impl Shared {
     /// The shared sharded topology of a vhost.
     pub fn topology_of(&self, vhost: &str) -> crate::client::topology::Topology {
         lock(&self.topology).get(vhost).cloned().unwrap_or_default()
+    }
+
+    /// Notes that `cluster` missed a shared topology change of `vhost` (see `stale`).
+    pub fn mark_stale(&self, vhost: &str, cluster: &str) {
+        let mut stale = lock(&self.stale);
+        if stale.len() < 10_000 {
+            stale.insert((vhost.to_owned(), cluster.to_owned()));
+        }
+    }
+
+    /// Whether `cluster` missed a shared topology change of `vhost`.
+    pub fn is_stale(&self, vhost: &str, cluster: &str) -> bool {
+        lock(&self.stale).contains(&(vhost.to_owned(), cluster.to_owned()))
+    }
+
+    /// Clears the flag: the caller is replaying the shared topology there.
+    pub fn take_stale(&self, vhost: &str, cluster: &str) -> bool {
+        lock(&self.stale).remove(&(vhost.to_owned(), cluster.to_owned()))
     }
 
     pub fn forget_queue(&self, vhost: &str, queue: &str) {

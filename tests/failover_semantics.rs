@@ -1370,6 +1370,67 @@ async fn g_extra_queue_declared_during_the_outage_reaches_the_returning_cluster(
     rig.finish().await;
 }
 
+/// Not a row of the table either: a queue declared by a client while shard-a was unreachable
+/// for it, by a client that is gone before shard-a is back, must still exist on shard-a before
+/// another client's publishes are routed there (else every message placed on shard-a would be
+/// dropped as unroutable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_fleet_queue_declared_by_a_client_gone_before_the_cluster_returned_reaches_it() {
+    let cleanup = Cleanup::default();
+    let mut rig = Rig::start(&cleanup).await;
+    let x = Client::connect(&rig.proxy, "fs-g-fleet-declarer").await;
+    let (xch, _xe) = open_channel(&x.conn).await;
+    let queue = cleanup.queue("fs-g-fleet");
+
+    rig.injector.refuse_cluster(SHARD_A, Duration::from_secs(3));
+    rig.injector.reset(&x.name, SHARD_A);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    declare(&xch, QueueDeclareArguments::durable_client_named(&queue)).await;
+    rig.direct
+        .wait_where(
+            &queue,
+            &[SHARD_B, CONTROL],
+            "declared while shard-a was away",
+        )
+        .await;
+    x.close().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let y = Client::connect(&rig.proxy, "fs-g-fleet-publisher").await;
+    let (ych, mut yevents) = open_channel(&y.conn).await;
+    confirm_select(&ych).await;
+    const N: usize = 20;
+    for i in 0..N {
+        publish(&ych, &queue, &format!("m-{i}")).await;
+    }
+    let confirms = yevents.confirms(N as u64).await;
+    assert!(
+        confirms.iter().all(|&ack| ack),
+        "every publish acked: {confirms:?}"
+    );
+    rig.direct
+        .wait_where(
+            &queue,
+            &ALL,
+            "replayed on shard-a before a publish went there",
+        )
+        .await;
+    let mut total = 0;
+    for c in ALL {
+        if let Found::Yes { ready, .. } = rig.direct.queue(c, &queue).await {
+            total += ready;
+        }
+    }
+    assert_eq!(total as usize, N, "every confirmed publish is in the queue");
+    let _ = within(
+        "queue.delete",
+        ych.queue_delete(QueueDeleteArguments::new(&queue)),
+    )
+    .await;
+    y.close().await;
+    rig.finish().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // h. Topology deleted while the owner's link was stalled
 

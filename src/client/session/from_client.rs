@@ -318,6 +318,7 @@ impl Session {
         };
         let record = !passive && !targets.is_empty();
         if !passive {
+            let shared = sharded && self.topology.shareable(method);
             for cluster in &self.shared.config().clusters {
                 if !self
                     .links
@@ -325,6 +326,9 @@ impl Session {
                     .any(|s| s.live() && *s.link.cluster == *cluster.name)
                 {
                     self.stale_topology.insert(cluster.name.clone());
+                    if shared {
+                        self.shared.mark_stale(&self.vhost, &cluster.name);
+                    }
                 }
             }
         }

@@ -76,7 +76,8 @@ pub(super) struct LinkSlot {
     pub(super) removed_at: Option<Instant>,
     /// Held bytes released by `reset_chan`, for the session to subtract.
     pub(super) released_held: usize,
-    /// Opened to a cluster this session had no link to before (added by a reload).
+    /// Opened to a cluster that may lack the shared topology of the vhost (added by a reload,
+    /// or unreachable while some client declared): the replay starts with it.
     pub(super) new_cluster: bool,
     /// The cluster may lack some of this client's topology (new to the session, or down while
     /// the client declared): the replay declares it. Otherwise the cluster kept what the old

@@ -86,17 +86,11 @@ impl Session {
             self.metrics.cluster(&c.name),
         );
         slot.ready = false;
-        let class = if c.role == Role::Shard {
-            Class::Sharded
-        } else {
-            Class::Control
-        };
-        slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name);
+        slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name)
+            || self.shared.is_stale(&self.vhost, &c.name);
         slot.replay_active = slot.new_cluster || self.stale_topology.remove(&c.name);
         slot.needs_topology = !self.topology.is_empty()
-            || (slot.new_cluster
-                && class == Class::Sharded
-                && self.shared.topology_of(&self.vhost).has(Class::Sharded));
+            || (slot.new_cluster && self.shared.topology_of(&self.vhost).has(Class::Sharded));
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
         // when it died, and link ids must stay below LinkSet::CAPACITY.
         let index = match self
@@ -193,14 +187,6 @@ impl Session {
         }
     }
 
-    /// Which traffic a link carries.
-    pub(super) fn link_class(&self, link: LinkId) -> Option<Class> {
-        self.links.get(link).map(|s| match s.role {
-            Role::Shard => Class::Sharded,
-            Role::Control => Class::Control,
-        })
-    }
-
     /// Starts opening a link to `cluster` in the background; [`on_opened`](Self::on_opened)
     /// gets the result.
     pub(super) fn spawn_connect(&mut self, cluster: &crate::config::ClusterConfig) {
@@ -278,14 +264,14 @@ impl Session {
         self.retry_at.insert(cluster.to_owned(), retry);
     }
 
-    /// Declares this client's topology of the link's class again on `link`; on a cluster new to
-    /// this session, first the proxy's shared sharded topology of the vhost (declared by any
-    /// client, maybe long gone), so no publish routed there finds its queue missing.
+    /// Declares this client's topology again on `link`; on a cluster that may lack it, first the
+    /// proxy's shared topology of the vhost (declared by any client, maybe long gone), so no
+    /// publish routed there finds its queue missing.
     pub(super) fn replay_topology(&mut self, link: LinkId, ch: u16) {
-        let class = self.link_class(link);
         let slot = &self.links[link];
         let mut methods: Vec<Method> = Vec::new();
-        if slot.new_cluster && class == Some(Class::Sharded) {
+        if slot.new_cluster {
+            self.shared.take_stale(&self.vhost, &slot.link.cluster);
             methods.extend(
                 self.shared
                     .topology_of(&self.vhost)

@@ -157,6 +157,19 @@ pub async fn serve(
     metrics.connections.inc();
     metrics.connections_total.inc();
 
+    let mut links = links;
+    for slot in &mut links {
+        // A cluster that missed a shared topology change (unreachable while a client declared)
+        // gets the shared topology before this client publishes there.
+        if shared.is_stale(&vhost.as_str(), &slot.link.cluster)
+            && shared.topology_of(&vhost.as_str()).has(Class::Sharded)
+        {
+            slot.new_cluster = true;
+            slot.replay_active = true;
+            slot.needs_topology = true;
+            slot.ready = false;
+        }
+    }
     let control = links.iter().position(|s| s.role == Role::Control);
     let (opened_tx, opened_rx) = mpsc::channel(4);
     let mut session = Session {

@@ -1137,6 +1137,10 @@ fn valid_cluster_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// The most clusters a configuration may list: a client connection holds one link per cluster,
+/// and the session tracks them in 64-bit sets.
+pub const MAX_CLUSTERS: usize = 64;
+
 fn validate_clusters(
     raw: &[Spanned<RawCluster>],
     clusters_span: Range<usize>,
@@ -1150,6 +1154,15 @@ fn validate_clusters(
     let mut seen_nodes: HashMap<NodeAddr, (String, Range<usize>)> = HashMap::new();
     let mut control: Option<(&str, Range<usize>)> = None;
     let mut clusters = Vec::with_capacity(raw.len());
+    if raw.len() > MAX_CLUSTERS {
+        return problem(
+            clusters_span,
+            format!(
+                "{} clusters configured: a client connection holds one link per cluster, at most {MAX_CLUSTERS}",
+                raw.len()
+            ),
+        );
+    }
 
     for (index, entry) in raw.iter().enumerate() {
         let c = entry.get_ref();
@@ -1523,6 +1536,25 @@ clusters = [{ name = \"a\", role = \"shard\", nodes = [\"h:1\"] }]
     }
 
     // --- syntax, unknown keys, types -----------------------------------------------------
+
+    #[test]
+    fn rejects_more_clusters_than_a_connection_holds_links_for() {
+        let mut text = String::from("listen = \"127.0.0.1:5673\"\n");
+        for i in 0..=MAX_CLUSTERS {
+            text.push_str(&format!(
+                "[[clusters]]\nname = \"s{i}\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:{}\"]\n",
+                6000 + i
+            ));
+        }
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("65 clusters configured"), "{err}");
+        let at_most: String = text
+            .split("[[clusters]]")
+            .take(MAX_CLUSTERS + 1)
+            .collect::<Vec<_>>()
+            .join("[[clusters]]");
+        Config::parse(&at_most, "t.toml").expect("64 clusters are fine");
+    }
 
     #[test]
     fn rejects_syntax_error() {

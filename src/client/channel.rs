@@ -17,7 +17,7 @@ use crate::upstream::LinkId;
 pub struct LinkSet(u64);
 
 impl LinkSet {
-    pub const CAPACITY: usize = 64;
+    pub const CAPACITY: usize = crate::config::MAX_CLUSTERS;
 
     pub fn one(link: LinkId) -> Self {
         let mut s = LinkSet::default();
@@ -25,13 +25,19 @@ impl LinkSet {
         s
     }
 
+    /// Adds `link`. Ids are below [`Self::CAPACITY`] (the configuration refuses more clusters
+    /// and the session reuses dead links' slots); one above is never aliased onto another.
     pub fn insert(&mut self, link: LinkId) {
         debug_assert!(link < Self::CAPACITY);
-        self.0 |= 1u64 << (link % Self::CAPACITY);
+        if link < Self::CAPACITY {
+            self.0 |= 1u64 << link;
+        }
     }
 
     pub fn remove(&mut self, link: LinkId) {
-        self.0 &= !(1u64 << (link % Self::CAPACITY));
+        if link < Self::CAPACITY {
+            self.0 &= !(1u64 << link);
+        }
     }
 
     pub fn contains(&self, link: LinkId) -> bool {

@@ -298,7 +298,8 @@ async fn open_links(
     metrics: &Metrics,
 ) -> Result<Vec<LinkSlot>, ConnectError> {
     let mut tasks = JoinSet::new();
-    let clusters: Vec<_> = config.clusters.iter().take(LinkSet::CAPACITY).collect();
+    // The configuration holds at most LinkSet::CAPACITY clusters (config::MAX_CLUSTERS).
+    let clusters: Vec<_> = config.clusters.iter().collect();
     for (i, cluster) in clusters.iter().enumerate() {
         let spec = LinkSpec {
             cluster: Arc::from(cluster.name.as_str()),

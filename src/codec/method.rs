@@ -12,9 +12,30 @@ use super::table::FieldTable;
 use super::wire::{Field, LongStr, Reader, ShortStr, Writer};
 use super::{CodecError, syntax};
 
+/// The `sync` column of the [`methods!`] table: `request` (the sender waits for the reply),
+/// `request_nowait` (the same unless its `nowait` bit is set), `reply`, or `none`
+/// (asynchronous).
+macro_rules! sync_kind {
+    (is_reply reply) => {
+        true
+    };
+    (is_reply $other:ident) => {
+        false
+    };
+    (expects request $m:ident) => {
+        true
+    };
+    (expects request_nowait $m:ident) => {
+        !$m.nowait
+    };
+    (expects $other:ident $m:ident) => {
+        false
+    };
+}
+
 macro_rules! methods {
     ($(
-        $variant:ident($class:literal, $method:literal, $name:literal, content: $content:literal)
+        $variant:ident($class:literal, $method:literal, $name:literal, content: $content:literal, sync: $sync:ident)
             { $($field:ident: $ty:ty),* $(,)? }
     )*) => {
         $(
@@ -108,6 +129,22 @@ macro_rules! methods {
                     $(Method::$variant(_) => $content,)*
                 }
             }
+
+            /// Whether the method is the spec's reply to a synchronous request (`-ok`,
+            /// basic.get-empty), from the table's `sync` column.
+            pub fn is_reply(&self) -> bool {
+                match self {
+                    $(Method::$variant(_) => sync_kind!(is_reply $sync),)*
+                }
+            }
+
+            /// Whether the sender waits for a reply: a synchronous request, unless it set
+            /// `nowait` (from the table's `sync` column).
+            pub fn expects_reply(&self) -> bool {
+                match self {
+                    $(Method::$variant(_m) => sync_kind!(expects $sync _m),)*
+                }
+            }
         }
 
         /// The name of a method by its ids, if this codec knows it.
@@ -127,84 +164,108 @@ macro_rules! methods {
 }
 
 methods! {
-    ConnectionStart(10, 10, "connection.start", content: false) { version_major: u8, version_minor: u8, server_properties: FieldTable, mechanisms: LongStr, locales: LongStr }
-    ConnectionStartOk(10, 11, "connection.start-ok", content: false) { client_properties: FieldTable, mechanism: ShortStr, response: LongStr, locale: ShortStr }
-    ConnectionSecure(10, 20, "connection.secure", content: false) { challenge: LongStr }
-    ConnectionSecureOk(10, 21, "connection.secure-ok", content: false) { response: LongStr }
-    ConnectionTune(10, 30, "connection.tune", content: false) { channel_max: u16, frame_max: u32, heartbeat: u16 }
-    ConnectionTuneOk(10, 31, "connection.tune-ok", content: false) { channel_max: u16, frame_max: u32, heartbeat: u16 }
-    ConnectionOpen(10, 40, "connection.open", content: false) { virtual_host: ShortStr, capabilities: ShortStr, insist: bool }
-    ConnectionOpenOk(10, 41, "connection.open-ok", content: false) { known_hosts: ShortStr }
-    ConnectionClose(10, 50, "connection.close", content: false) { reply_code: u16, reply_text: ShortStr, class_id: u16, method_id: u16 }
-    ConnectionCloseOk(10, 51, "connection.close-ok", content: false) {}
-    ConnectionBlocked(10, 60, "connection.blocked", content: false) { reason: ShortStr }
-    ConnectionUnblocked(10, 61, "connection.unblocked", content: false) {}
-    ConnectionUpdateSecret(10, 70, "connection.update-secret", content: false) { new_secret: LongStr, reason: ShortStr }
-    ConnectionUpdateSecretOk(10, 71, "connection.update-secret-ok", content: false) {}
+    ConnectionStart(10, 10, "connection.start", content: false, sync: request) { version_major: u8, version_minor: u8, server_properties: FieldTable, mechanisms: LongStr, locales: LongStr }
+    ConnectionStartOk(10, 11, "connection.start-ok", content: false, sync: reply) { client_properties: FieldTable, mechanism: ShortStr, response: LongStr, locale: ShortStr }
+    ConnectionSecure(10, 20, "connection.secure", content: false, sync: request) { challenge: LongStr }
+    ConnectionSecureOk(10, 21, "connection.secure-ok", content: false, sync: reply) { response: LongStr }
+    ConnectionTune(10, 30, "connection.tune", content: false, sync: request) { channel_max: u16, frame_max: u32, heartbeat: u16 }
+    ConnectionTuneOk(10, 31, "connection.tune-ok", content: false, sync: reply) { channel_max: u16, frame_max: u32, heartbeat: u16 }
+    ConnectionOpen(10, 40, "connection.open", content: false, sync: request) { virtual_host: ShortStr, capabilities: ShortStr, insist: bool }
+    ConnectionOpenOk(10, 41, "connection.open-ok", content: false, sync: reply) { known_hosts: ShortStr }
+    ConnectionClose(10, 50, "connection.close", content: false, sync: request) { reply_code: u16, reply_text: ShortStr, class_id: u16, method_id: u16 }
+    ConnectionCloseOk(10, 51, "connection.close-ok", content: false, sync: reply) {}
+    ConnectionBlocked(10, 60, "connection.blocked", content: false, sync: none) { reason: ShortStr }
+    ConnectionUnblocked(10, 61, "connection.unblocked", content: false, sync: none) {}
+    ConnectionUpdateSecret(10, 70, "connection.update-secret", content: false, sync: request) { new_secret: LongStr, reason: ShortStr }
+    ConnectionUpdateSecretOk(10, 71, "connection.update-secret-ok", content: false, sync: reply) {}
 
-    ChannelOpen(20, 10, "channel.open", content: false) { out_of_band: ShortStr }
-    ChannelOpenOk(20, 11, "channel.open-ok", content: false) { channel_id: LongStr }
-    ChannelFlow(20, 20, "channel.flow", content: false) { active: bool }
-    ChannelFlowOk(20, 21, "channel.flow-ok", content: false) { active: bool }
-    ChannelClose(20, 40, "channel.close", content: false) { reply_code: u16, reply_text: ShortStr, class_id: u16, method_id: u16 }
-    ChannelCloseOk(20, 41, "channel.close-ok", content: false) {}
+    ChannelOpen(20, 10, "channel.open", content: false, sync: request) { out_of_band: ShortStr }
+    ChannelOpenOk(20, 11, "channel.open-ok", content: false, sync: reply) { channel_id: LongStr }
+    ChannelFlow(20, 20, "channel.flow", content: false, sync: request) { active: bool }
+    ChannelFlowOk(20, 21, "channel.flow-ok", content: false, sync: reply) { active: bool }
+    ChannelClose(20, 40, "channel.close", content: false, sync: request) { reply_code: u16, reply_text: ShortStr, class_id: u16, method_id: u16 }
+    ChannelCloseOk(20, 41, "channel.close-ok", content: false, sync: reply) {}
 
     // Deprecated in 0-9-1 but still understood by RabbitMQ, and sent by some old clients.
-    AccessRequest(30, 10, "access.request", content: false) { realm: ShortStr, exclusive: bool, passive: bool, active: bool, write: bool, read: bool }
-    AccessRequestOk(30, 11, "access.request-ok", content: false) { ticket: u16 }
+    AccessRequest(30, 10, "access.request", content: false, sync: request) { realm: ShortStr, exclusive: bool, passive: bool, active: bool, write: bool, read: bool }
+    AccessRequestOk(30, 11, "access.request-ok", content: false, sync: reply) { ticket: u16 }
 
-    ExchangeDeclare(40, 10, "exchange.declare", content: false) { ticket: u16, exchange: ShortStr, kind: ShortStr, passive: bool, durable: bool, auto_delete: bool, internal: bool, nowait: bool, arguments: FieldTable }
-    ExchangeDeclareOk(40, 11, "exchange.declare-ok", content: false) {}
-    ExchangeDelete(40, 20, "exchange.delete", content: false) { ticket: u16, exchange: ShortStr, if_unused: bool, nowait: bool }
-    ExchangeDeleteOk(40, 21, "exchange.delete-ok", content: false) {}
-    ExchangeBind(40, 30, "exchange.bind", content: false) { ticket: u16, destination: ShortStr, source: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
-    ExchangeBindOk(40, 31, "exchange.bind-ok", content: false) {}
-    ExchangeUnbind(40, 40, "exchange.unbind", content: false) { ticket: u16, destination: ShortStr, source: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
-    ExchangeUnbindOk(40, 51, "exchange.unbind-ok", content: false) {}
+    ExchangeDeclare(40, 10, "exchange.declare", content: false, sync: request_nowait) { ticket: u16, exchange: ShortStr, kind: ShortStr, passive: bool, durable: bool, auto_delete: bool, internal: bool, nowait: bool, arguments: FieldTable }
+    ExchangeDeclareOk(40, 11, "exchange.declare-ok", content: false, sync: reply) {}
+    ExchangeDelete(40, 20, "exchange.delete", content: false, sync: request_nowait) { ticket: u16, exchange: ShortStr, if_unused: bool, nowait: bool }
+    ExchangeDeleteOk(40, 21, "exchange.delete-ok", content: false, sync: reply) {}
+    ExchangeBind(40, 30, "exchange.bind", content: false, sync: request_nowait) { ticket: u16, destination: ShortStr, source: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
+    ExchangeBindOk(40, 31, "exchange.bind-ok", content: false, sync: reply) {}
+    ExchangeUnbind(40, 40, "exchange.unbind", content: false, sync: request_nowait) { ticket: u16, destination: ShortStr, source: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
+    ExchangeUnbindOk(40, 51, "exchange.unbind-ok", content: false, sync: reply) {}
 
-    QueueDeclare(50, 10, "queue.declare", content: false) { ticket: u16, queue: ShortStr, passive: bool, durable: bool, exclusive: bool, auto_delete: bool, nowait: bool, arguments: FieldTable }
-    QueueDeclareOk(50, 11, "queue.declare-ok", content: false) { queue: ShortStr, message_count: u32, consumer_count: u32 }
-    QueueBind(50, 20, "queue.bind", content: false) { ticket: u16, queue: ShortStr, exchange: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
-    QueueBindOk(50, 21, "queue.bind-ok", content: false) {}
-    QueuePurge(50, 30, "queue.purge", content: false) { ticket: u16, queue: ShortStr, nowait: bool }
-    QueuePurgeOk(50, 31, "queue.purge-ok", content: false) { message_count: u32 }
-    QueueDelete(50, 40, "queue.delete", content: false) { ticket: u16, queue: ShortStr, if_unused: bool, if_empty: bool, nowait: bool }
-    QueueDeleteOk(50, 41, "queue.delete-ok", content: false) { message_count: u32 }
-    QueueUnbind(50, 50, "queue.unbind", content: false) { ticket: u16, queue: ShortStr, exchange: ShortStr, routing_key: ShortStr, arguments: FieldTable }
-    QueueUnbindOk(50, 51, "queue.unbind-ok", content: false) {}
+    QueueDeclare(50, 10, "queue.declare", content: false, sync: request_nowait) { ticket: u16, queue: ShortStr, passive: bool, durable: bool, exclusive: bool, auto_delete: bool, nowait: bool, arguments: FieldTable }
+    QueueDeclareOk(50, 11, "queue.declare-ok", content: false, sync: reply) { queue: ShortStr, message_count: u32, consumer_count: u32 }
+    QueueBind(50, 20, "queue.bind", content: false, sync: request_nowait) { ticket: u16, queue: ShortStr, exchange: ShortStr, routing_key: ShortStr, nowait: bool, arguments: FieldTable }
+    QueueBindOk(50, 21, "queue.bind-ok", content: false, sync: reply) {}
+    QueuePurge(50, 30, "queue.purge", content: false, sync: request_nowait) { ticket: u16, queue: ShortStr, nowait: bool }
+    QueuePurgeOk(50, 31, "queue.purge-ok", content: false, sync: reply) { message_count: u32 }
+    QueueDelete(50, 40, "queue.delete", content: false, sync: request_nowait) { ticket: u16, queue: ShortStr, if_unused: bool, if_empty: bool, nowait: bool }
+    QueueDeleteOk(50, 41, "queue.delete-ok", content: false, sync: reply) { message_count: u32 }
+    QueueUnbind(50, 50, "queue.unbind", content: false, sync: request) { ticket: u16, queue: ShortStr, exchange: ShortStr, routing_key: ShortStr, arguments: FieldTable }
+    QueueUnbindOk(50, 51, "queue.unbind-ok", content: false, sync: reply) {}
 
-    BasicQos(60, 10, "basic.qos", content: false) { prefetch_size: u32, prefetch_count: u16, global: bool }
-    BasicQosOk(60, 11, "basic.qos-ok", content: false) {}
-    BasicConsume(60, 20, "basic.consume", content: false) { ticket: u16, queue: ShortStr, consumer_tag: ShortStr, no_local: bool, no_ack: bool, exclusive: bool, nowait: bool, arguments: FieldTable }
-    BasicConsumeOk(60, 21, "basic.consume-ok", content: false) { consumer_tag: ShortStr }
-    BasicCancel(60, 30, "basic.cancel", content: false) { consumer_tag: ShortStr, nowait: bool }
-    BasicCancelOk(60, 31, "basic.cancel-ok", content: false) { consumer_tag: ShortStr }
-    BasicPublish(60, 40, "basic.publish", content: true) { ticket: u16, exchange: ShortStr, routing_key: ShortStr, mandatory: bool, immediate: bool }
-    BasicReturn(60, 50, "basic.return", content: true) { reply_code: u16, reply_text: ShortStr, exchange: ShortStr, routing_key: ShortStr }
-    BasicDeliver(60, 60, "basic.deliver", content: true) { consumer_tag: ShortStr, delivery_tag: u64, redelivered: bool, exchange: ShortStr, routing_key: ShortStr }
-    BasicGet(60, 70, "basic.get", content: false) { ticket: u16, queue: ShortStr, no_ack: bool }
-    BasicGetOk(60, 71, "basic.get-ok", content: true) { delivery_tag: u64, redelivered: bool, exchange: ShortStr, routing_key: ShortStr, message_count: u32 }
-    BasicGetEmpty(60, 72, "basic.get-empty", content: false) { cluster_id: ShortStr }
-    BasicAck(60, 80, "basic.ack", content: false) { delivery_tag: u64, multiple: bool }
-    BasicReject(60, 90, "basic.reject", content: false) { delivery_tag: u64, requeue: bool }
-    BasicRecoverAsync(60, 100, "basic.recover-async", content: false) { requeue: bool }
-    BasicRecover(60, 110, "basic.recover", content: false) { requeue: bool }
-    BasicRecoverOk(60, 111, "basic.recover-ok", content: false) {}
-    BasicNack(60, 120, "basic.nack", content: false) { delivery_tag: u64, multiple: bool, requeue: bool }
+    BasicQos(60, 10, "basic.qos", content: false, sync: request) { prefetch_size: u32, prefetch_count: u16, global: bool }
+    BasicQosOk(60, 11, "basic.qos-ok", content: false, sync: reply) {}
+    BasicConsume(60, 20, "basic.consume", content: false, sync: request_nowait) { ticket: u16, queue: ShortStr, consumer_tag: ShortStr, no_local: bool, no_ack: bool, exclusive: bool, nowait: bool, arguments: FieldTable }
+    BasicConsumeOk(60, 21, "basic.consume-ok", content: false, sync: reply) { consumer_tag: ShortStr }
+    BasicCancel(60, 30, "basic.cancel", content: false, sync: request_nowait) { consumer_tag: ShortStr, nowait: bool }
+    BasicCancelOk(60, 31, "basic.cancel-ok", content: false, sync: reply) { consumer_tag: ShortStr }
+    BasicPublish(60, 40, "basic.publish", content: true, sync: none) { ticket: u16, exchange: ShortStr, routing_key: ShortStr, mandatory: bool, immediate: bool }
+    BasicReturn(60, 50, "basic.return", content: true, sync: none) { reply_code: u16, reply_text: ShortStr, exchange: ShortStr, routing_key: ShortStr }
+    BasicDeliver(60, 60, "basic.deliver", content: true, sync: none) { consumer_tag: ShortStr, delivery_tag: u64, redelivered: bool, exchange: ShortStr, routing_key: ShortStr }
+    BasicGet(60, 70, "basic.get", content: false, sync: request) { ticket: u16, queue: ShortStr, no_ack: bool }
+    BasicGetOk(60, 71, "basic.get-ok", content: true, sync: reply) { delivery_tag: u64, redelivered: bool, exchange: ShortStr, routing_key: ShortStr, message_count: u32 }
+    BasicGetEmpty(60, 72, "basic.get-empty", content: false, sync: reply) { cluster_id: ShortStr }
+    BasicAck(60, 80, "basic.ack", content: false, sync: none) { delivery_tag: u64, multiple: bool }
+    BasicReject(60, 90, "basic.reject", content: false, sync: none) { delivery_tag: u64, requeue: bool }
+    BasicRecoverAsync(60, 100, "basic.recover-async", content: false, sync: none) { requeue: bool }
+    BasicRecover(60, 110, "basic.recover", content: false, sync: request) { requeue: bool }
+    BasicRecoverOk(60, 111, "basic.recover-ok", content: false, sync: reply) {}
+    BasicNack(60, 120, "basic.nack", content: false, sync: none) { delivery_tag: u64, multiple: bool, requeue: bool }
 
-    ConfirmSelect(85, 10, "confirm.select", content: false) { nowait: bool }
-    ConfirmSelectOk(85, 11, "confirm.select-ok", content: false) {}
+    ConfirmSelect(85, 10, "confirm.select", content: false, sync: request_nowait) { nowait: bool }
+    ConfirmSelectOk(85, 11, "confirm.select-ok", content: false, sync: reply) {}
 
-    TxSelect(90, 10, "tx.select", content: false) {}
-    TxSelectOk(90, 11, "tx.select-ok", content: false) {}
-    TxCommit(90, 20, "tx.commit", content: false) {}
-    TxCommitOk(90, 21, "tx.commit-ok", content: false) {}
-    TxRollback(90, 30, "tx.rollback", content: false) {}
-    TxRollbackOk(90, 31, "tx.rollback-ok", content: false) {}
+    TxSelect(90, 10, "tx.select", content: false, sync: request) {}
+    TxSelectOk(90, 11, "tx.select-ok", content: false, sync: reply) {}
+    TxCommit(90, 20, "tx.commit", content: false, sync: request) {}
+    TxCommitOk(90, 21, "tx.commit-ok", content: false, sync: reply) {}
+    TxRollback(90, 30, "tx.rollback", content: false, sync: request) {}
+    TxRollbackOk(90, 31, "tx.rollback-ok", content: false, sync: reply) {}
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sync_column_matches_the_spec_names() {
+        for m in all_methods_default() {
+            let name = m.name();
+            let reply_name = name.ends_with("-ok") || name == "basic.get-empty";
+            assert_eq!(m.is_reply(), reply_name, "{name}");
+            if m.is_reply() {
+                assert!(!m.expects_reply(), "{name}");
+            }
+        }
+        // nowait decides for the methods that have it.
+        let nowait = Method::QueueDeclare(QueueDeclare {
+            nowait: true,
+            ..Default::default()
+        });
+        assert!(!nowait.expects_reply());
+        assert!(Method::QueueDeclare(QueueDeclare::default()).expects_reply());
+        assert!(Method::QueueUnbind(QueueUnbind::default()).expects_reply());
+        assert!(Method::BasicGet(BasicGet::default()).expects_reply());
+        assert!(!Method::BasicPublish(BasicPublish::default()).expects_reply());
+        assert!(!Method::BasicRecoverAsync(BasicRecoverAsync::default()).expects_reply());
+    }
+
     use super::*;
     use crate::codec::table::FieldValue;
 

@@ -593,61 +593,16 @@ fn split_prefetch(window: u16, shards: u32, index: u32) -> u16 {
     share.max(1) as u16
 }
 
-/// Replies to synchronous requests (the proxy pairs them with their requests in order).
+/// Replies the proxy pairs with the requests waiting on an upstream channel, in order (the
+/// spec's replies, from the codec's method table). channel.close-ok is left out: it answers a
+/// close, which the upstream channel's state tracks instead.
 fn is_reply(m: &Method) -> bool {
-    matches!(
-        m,
-        Method::ChannelOpenOk(_)
-            | Method::AccessRequestOk(_)
-            | Method::ChannelFlowOk(_)
-            | Method::ExchangeDeclareOk(_)
-            | Method::ExchangeDeleteOk(_)
-            | Method::ExchangeBindOk(_)
-            | Method::ExchangeUnbindOk(_)
-            | Method::QueueDeclareOk(_)
-            | Method::QueueBindOk(_)
-            | Method::QueueUnbindOk(_)
-            | Method::QueuePurgeOk(_)
-            | Method::QueueDeleteOk(_)
-            | Method::BasicQosOk(_)
-            | Method::BasicConsumeOk(_)
-            | Method::BasicCancelOk(_)
-            | Method::BasicGetOk(_)
-            | Method::BasicGetEmpty(_)
-            | Method::BasicRecoverOk(_)
-            | Method::ConfirmSelectOk(_)
-            | Method::TxSelectOk(_)
-            | Method::TxCommitOk(_)
-            | Method::TxRollbackOk(_)
-    )
+    m.is_reply() && !matches!(m, Method::ChannelCloseOk(_))
 }
 
 /// Whether a client request expects a reply (false for `nowait` and asynchronous methods).
 fn expects_reply(m: &Method) -> bool {
-    match m {
-        Method::ExchangeDeclare(x) => !x.nowait,
-        Method::ExchangeDelete(x) => !x.nowait,
-        Method::ExchangeBind(x) => !x.nowait,
-        Method::ExchangeUnbind(x) => !x.nowait,
-        Method::QueueDeclare(x) => !x.nowait,
-        Method::QueueBind(x) => !x.nowait,
-        Method::QueuePurge(x) => !x.nowait,
-        Method::QueueDelete(x) => !x.nowait,
-        Method::BasicConsume(x) => !x.nowait,
-        Method::BasicCancel(x) => !x.nowait,
-        Method::ConfirmSelect(x) => !x.nowait,
-        Method::QueueUnbind(_)
-        | Method::BasicQos(_)
-        | Method::BasicGet(_)
-        | Method::BasicRecover(_)
-        | Method::TxSelect(_)
-        | Method::TxCommit(_)
-        | Method::TxRollback(_)
-        | Method::ChannelFlow(_)
-        | Method::AccessRequest(_)
-        | Method::ChannelOpen(_) => true,
-        _ => false,
-    }
+    m.expects_reply()
 }
 
 /// What a session's event loop waits on, besides its own state.

@@ -606,8 +606,8 @@ async fn accept_loop(
                         crate::client::session::refuse_at_open(
                             stream,
                             &shared,
-                            530,
-                            &format!("NOT_ALLOWED - {reason}"),
+                            crate::codec::ReplyCode::NotAllowed,
+                            &reason,
                         )
                         .await;
                     }

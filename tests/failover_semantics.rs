@@ -1377,7 +1377,7 @@ async fn g_extra_queue_declared_during_the_outage_reaches_the_returning_cluster(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_fleet_queue_declared_by_a_client_gone_before_the_cluster_returned_reaches_it() {
     let cleanup = Cleanup::default();
-    let mut rig = Rig::start(&cleanup).await;
+    let rig = Rig::start(&cleanup).await;
     let x = Client::connect(&rig.proxy, "fs-g-fleet-declarer").await;
     let (xch, _xe) = open_channel(&x.conn).await;
     let queue = cleanup.queue("fs-g-fleet");

@@ -24,7 +24,7 @@ use warren::io::Assembler;
 use warren::io::command::AssembleError;
 
 fn check_error(e: &CodecError) {
-    assert!(matches!(e.reply_code(), 501..=503), "{e:?}");
+    assert!(matches!(e.reply_code().code(), 501..=503), "{e:?}");
 }
 
 /// Splits exactly one frame out of `bytes`, which must hold exactly one frame.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
+use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ReplyCode, ShortStr};
 use crate::config::Config;
 use crate::io::Stream;
 
@@ -129,26 +129,20 @@ impl Conn<'_> {
                     }
                     if frame.channel != 0 {
                         return Err(close(
-                            504,
-                            format!(
-                                "CHANNEL_ERROR - frame on channel {} during handshake",
-                                frame.channel
-                            ),
+                            ReplyCode::ChannelError,
+                            format!("frame on channel {} during handshake", frame.channel),
                         ));
                     }
                     if frame.kind != FrameKind::Method {
                         return Err(close(
-                            505,
-                            "UNEXPECTED_FRAME - content frame during handshake".into(),
+                            ReplyCode::UnexpectedFrame,
+                            "content frame during handshake",
                         ));
                     }
-                    return Method::decode(frame.payload).map_err(|e| {
-                        let code = e.reply_code();
-                        close(code, format!("{} - {e}", reply_name(code)))
-                    });
+                    return Method::decode(frame.payload).map_err(|e| close(e.reply_code(), e));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(close(501, format!("FRAME_ERROR - {e}"))),
+                Err(e) => return Err(close(ReplyCode::FrameError, format!("{e}"))),
             }
             self.buf.reserve(4096);
             match tokio::time::timeout_at(self.deadline, self.stream.read_buf(self.buf)).await {
@@ -172,37 +166,13 @@ fn drop_with(reason: String) -> Refusal {
     }
 }
 
-fn close(code: u16, text: String) -> Refusal {
+/// A refusal with `code` and RabbitMQ's form of reply text (`"NAME - detail"`).
+fn close(code: ReplyCode, detail: impl std::fmt::Display) -> Refusal {
     Refusal::Close {
-        code,
-        text,
+        code: code.code(),
+        text: code.text(detail),
         class_id: 0,
         method_id: 0,
-    }
-}
-
-/// The symbolic name RabbitMQ puts in front of a reply text.
-pub fn reply_name(code: u16) -> &'static str {
-    match code {
-        200 => "OK",
-        311 => "CONTENT_TOO_LARGE",
-        312 => "NO_ROUTE",
-        313 => "NO_CONSUMERS",
-        320 => "CONNECTION_FORCED",
-        402 => "INVALID_PATH",
-        403 => "ACCESS_REFUSED",
-        404 => "NOT_FOUND",
-        405 => "RESOURCE_LOCKED",
-        406 => "PRECONDITION_FAILED",
-        501 => "FRAME_ERROR",
-        502 => "SYNTAX_ERROR",
-        503 => "COMMAND_INVALID",
-        504 => "CHANNEL_ERROR",
-        505 => "UNEXPECTED_FRAME",
-        506 => "RESOURCE_ERROR",
-        530 => "NOT_ALLOWED",
-        540 => "NOT_IMPLEMENTED",
-        _ => "INTERNAL_ERROR",
     }
 }
 
@@ -269,11 +239,8 @@ pub async fn greet(
         }
         other => {
             return Err(close(
-                503,
-                format!(
-                    "COMMAND_INVALID - expected connection.start-ok, got {}",
-                    other.name()
-                ),
+                ReplyCode::CommandInvalid,
+                format!("expected connection.start-ok, got {}", other.name()),
             ));
         }
     };
@@ -282,9 +249,9 @@ pub async fn greet(
         b"AMQPLAIN" => parse_amqplain(start_ok.response.as_bytes()),
         other => {
             return Err(close(
-                503,
+                ReplyCode::CommandInvalid,
                 format!(
-                    "COMMAND_INVALID - unknown authentication mechanism '{}'",
+                    "unknown authentication mechanism '{}'",
                     String::from_utf8_lossy(other)
                 ),
             ));
@@ -292,9 +259,9 @@ pub async fn greet(
     }
     .ok_or_else(|| {
         close(
-            403,
+            ReplyCode::AccessRefused,
             format!(
-                "ACCESS_REFUSED - malformed {} response",
+                "malformed {} response",
                 String::from_utf8_lossy(start_ok.mechanism.as_bytes())
             ),
         )
@@ -313,11 +280,8 @@ pub async fn greet(
         Method::ConnectionTuneOk(t) => t,
         other => {
             return Err(close(
-                503,
-                format!(
-                    "COMMAND_INVALID - expected connection.tune-ok, got {}",
-                    other.name()
-                ),
+                ReplyCode::CommandInvalid,
+                format!("expected connection.tune-ok, got {}", other.name()),
             ));
         }
     };
@@ -340,11 +304,8 @@ pub async fn greet(
         Method::ConnectionOpen(o) => o,
         other => {
             return Err(close(
-                503,
-                format!(
-                    "COMMAND_INVALID - expected connection.open, got {}",
-                    other.name()
-                ),
+                ReplyCode::CommandInvalid,
+                format!("expected connection.open, got {}", other.name()),
             ));
         }
     };
@@ -465,17 +426,17 @@ fn negotiated(field: &str, client: u32, min: u32, ours: u32) -> Result<u32, Refu
     let detail = if client == 0 { " (no limit)" } else { "" };
     if client != 0 && client < min {
         return Err(close(
-            530,
+            ReplyCode::NotAllowed,
             format!(
-                "NOT_ALLOWED - negotiated {field} = {client}{detail} is lower than the minimum allowed value ({min})"
+                "negotiated {field} = {client}{detail} is lower than the minimum allowed value ({min})"
             ),
         ));
     }
     if ours != 0 && (client == 0 || client > ours) {
         return Err(close(
-            530,
+            ReplyCode::NotAllowed,
             format!(
-                "NOT_ALLOWED - negotiated {field} = {client}{detail} is higher than the maximum allowed value ({ours})"
+                "negotiated {field} = {client}{detail} is higher than the maximum allowed value ({ours})"
             ),
         ));
     }

@@ -26,12 +26,14 @@
 pub mod frame;
 pub mod method;
 pub mod properties;
+pub mod reply_code;
 pub mod table;
 pub mod wire;
 
 pub use frame::*;
 pub use method::*;
 pub use properties::{BasicProperties, ContentHeader};
+pub use reply_code::ReplyCode;
 pub use table::{FieldTable, FieldValue};
 pub use wire::{LongStr, ShortStr, ShortStrTooLong};
 
@@ -73,13 +75,6 @@ pub enum CodecError {
     Syntax { what: &'static str },
 }
 
-/// AMQP reply code frame-error.
-pub const REPLY_FRAME_ERROR: u16 = 501;
-/// AMQP reply code syntax-error.
-pub const REPLY_SYNTAX_ERROR: u16 = 502;
-/// AMQP reply code command-invalid.
-pub const REPLY_COMMAND_INVALID: u16 = 503;
-
 impl CodecError {
     /// The AMQP 0-9-1 reply code (all of them hard errors: the connection must be closed).
     ///
@@ -94,13 +89,13 @@ impl CodecError {
     ///   `exit({unknown_method_id, Id})`, which is not an `#amqp_error{}`, is not caught by
     ///   `rabbit_reader`, and so kills the connection process (the socket is closed without a
     ///   `connection.close`). 503 is the spec's closest code.
-    pub fn reply_code(&self) -> u16 {
+    pub fn reply_code(&self) -> ReplyCode {
         match self {
             CodecError::FrameType(_)
             | CodecError::FrameTooLarge { .. }
-            | CodecError::FrameEnd(_) => REPLY_FRAME_ERROR,
-            CodecError::Syntax { .. } => REPLY_SYNTAX_ERROR,
-            CodecError::UnknownMethod { .. } => REPLY_COMMAND_INVALID,
+            | CodecError::FrameEnd(_) => ReplyCode::FrameError,
+            CodecError::Syntax { .. } => ReplyCode::SyntaxError,
+            CodecError::UnknownMethod { .. } => ReplyCode::CommandInvalid,
         }
     }
 }
@@ -115,19 +110,22 @@ mod tests {
 
     #[test]
     fn reply_codes() {
-        assert_eq!(CodecError::FrameType(9).reply_code(), 501);
-        assert_eq!(CodecError::FrameEnd(0).reply_code(), 501);
+        assert_eq!(CodecError::FrameType(9).reply_code().code(), 501);
+        assert_eq!(CodecError::FrameEnd(0).reply_code().code(), 501);
         assert_eq!(
-            CodecError::FrameTooLarge { size: 9, max: 8 }.reply_code(),
+            CodecError::FrameTooLarge { size: 9, max: 8 }
+                .reply_code()
+                .code(),
             501
         );
-        assert_eq!(syntax("x").reply_code(), 502);
+        assert_eq!(syntax("x").reply_code().code(), 502);
         assert_eq!(
             CodecError::UnknownMethod {
                 class_id: 30,
                 method_id: 10
             }
-            .reply_code(),
+            .reply_code()
+            .code(),
             503
         );
         assert_eq!(

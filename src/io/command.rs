@@ -8,7 +8,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{self, CodecError, FrameKind, Method, RawFrame};
+use crate::codec::{self, CodecError, FrameKind, Method, RawFrame, ReplyCode};
 
 /// A method with its content, if the method carries one.
 #[derive(Debug, Clone)]
@@ -96,7 +96,7 @@ impl Content {
 pub enum AssembleError {
     /// A protocol error that ends the connection (501, 502, 503, 505).
     #[error("{text}")]
-    Connection { code: u16, text: String },
+    Connection { code: ReplyCode, text: String },
     /// The content is larger than the configured maximum, alone or together with the contents
     /// in progress on the connection's other channels (`others` bytes): the channel is closed
     /// with 406 and the rest of this content is discarded.
@@ -113,24 +113,18 @@ pub enum AssembleError {
 impl AssembleError {
     fn unexpected(text: String) -> Self {
         AssembleError::Connection {
-            code: 505,
-            text: format!("UNEXPECTED_FRAME - {text}"),
+            code: ReplyCode::UnexpectedFrame,
+            text: ReplyCode::UnexpectedFrame.text(text),
         }
     }
 }
 
 impl From<CodecError> for AssembleError {
     fn from(e: CodecError) -> Self {
-        let name = match e.reply_code() {
-            501 => "FRAME_ERROR",
-            502 => "SYNTAX_ERROR",
-            503 => "COMMAND_INVALID",
-            540 => "NOT_IMPLEMENTED",
-            _ => "INTERNAL_ERROR",
-        };
+        let code = e.reply_code();
         AssembleError::Connection {
-            code: e.reply_code(),
-            text: format!("{name} - {e}"),
+            code,
+            text: code.text(e),
         }
     }
 }
@@ -199,8 +193,9 @@ impl Assembler {
                     if frame.channel == 0 {
                         // RabbitMQ's answer to a content method on channel 0.
                         return Err(AssembleError::Connection {
-                            code: 504,
-                            text: format!("CHANNEL_ERROR - {} on channel 0", method.name()),
+                            code: ReplyCode::ChannelError,
+                            text: ReplyCode::ChannelError
+                                .text(format_args!("{} on channel 0", method.name())),
                         });
                     }
                     self.partial.push(Partial {

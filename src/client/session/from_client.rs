@@ -34,7 +34,7 @@ impl Session {
             // RabbitMQ's code for too many channels (530), for a channel number the spec forbids:
             // the proxy's per-channel tables are sized by channel_max.
             return Err(ConnError::new(
-                530,
+                ReplyCode::NotAllowed,
                 format!(
                     "channel {ch} is above the negotiated channel_max ({})",
                     self.channel_max
@@ -52,7 +52,9 @@ impl Session {
             None => return Ok(()),
         };
         let Some(channel) = channel_in(&mut self.channels, ch) else {
-            return Err(ConnError::new(504, "expected 'channel.open'").on(&method));
+            return Err(
+                ConnError::new(ReplyCode::ChannelError, "expected 'channel.open'").on(&method),
+            );
         };
         match channel.state {
             ChannelState::AwaitingCloseOk => {
@@ -250,7 +252,9 @@ impl Session {
             self.channels.resize_with(i + 1, || None);
         }
         if self.channels[i].is_some() {
-            return Err(ConnError::new(504, "second 'channel.open' seen").on(method));
+            return Err(
+                ConnError::new(ReplyCode::ChannelError, "second 'channel.open' seen").on(method),
+            );
         }
         let targets = self.live_links();
         let mut channel = Channel::new();
@@ -278,7 +282,7 @@ impl Session {
     ) -> Result<(), ConnError> {
         if targets.is_empty() {
             let text = format!("no cluster available for {}", method.name());
-            self.close_channel(ch, 541, &format!("INTERNAL_ERROR - {text}"), method);
+            self.close_channel(ch, ReplyCode::InternalError, &text, method);
             return Ok(());
         }
         if expects_reply(method) {
@@ -434,8 +438,8 @@ impl Session {
                 "tx.select refused: the channel has published and consumes, and switching its upstream channel to tx mode would requeue its unacknowledged deliveries");
             self.close_channel(
                 ch,
-                406,
-                "PRECONDITION_FAILED - warren cannot switch a channel that has published and \
+                ReplyCode::PreconditionFailed,
+                "warren cannot switch a channel that has published and \
                  consumes to tx mode; call tx.select before the first publish, or use another channel",
                 method,
             );
@@ -515,9 +519,11 @@ impl Session {
             }
             // RabbitMQ answers 504 for any other method on channel 0 of an open connection
             // ("unexpected method in connection state running").
-            other => Err(
-                ConnError::new(504, format!("unexpected {} on channel 0", other.name())).on(&other),
-            ),
+            other => Err(ConnError::new(
+                ReplyCode::ChannelError,
+                format!("unexpected {} on channel 0", other.name()),
+            )
+            .on(&other)),
         }
     }
 
@@ -546,8 +552,8 @@ impl Session {
                 }
             }
             Err(unknown) => {
-                let text = format!("PRECONDITION_FAILED - unknown delivery tag {}", unknown.0);
-                self.close_channel(ch, 406, &text, method);
+                let text = format!("unknown delivery tag {}", unknown.0);
+                self.close_channel(ch, ReplyCode::PreconditionFailed, &text, method);
             }
         }
         self.scratch_acks = acks;
@@ -642,16 +648,31 @@ impl Session {
         if ok {
             return Some(method);
         }
-        self.close_channel(ch, 404, "NOT_FOUND - no previously declared queue", &method);
+        self.close_channel(
+            ch,
+            ReplyCode::NotFound,
+            "no previously declared queue",
+            &method,
+        );
         None
     }
 
     /// Closes a client channel on the proxy's own initiative (as the broker would), and the
     /// upstream channels behind it.
-    pub(super) fn close_channel(&mut self, ch: u16, code: u16, text: &str, method: &Method) {
+    /// `detail` follows the code's name in the reply text, as in RabbitMQ's
+    /// ("NOT_FOUND - no queue 'x'").
+    pub(super) fn close_channel(
+        &mut self,
+        ch: u16,
+        code: ReplyCode,
+        detail: &str,
+        method: &Method,
+    ) {
+        let text = code.text(detail);
+        let code = code.code();
         debug!(conn = self.id, channel = ch, code, text, "closing channel");
         let (class_id, method_id) = method.ids();
-        let reply_text = ShortStr::try_from(truncate(text)).unwrap_or_default();
+        let reply_text = ShortStr::try_from(truncate(&text)).unwrap_or_default();
         self.to_client(
             ch,
             &Method::ChannelClose(codec::ChannelClose {

@@ -53,7 +53,10 @@ impl Session {
                         c.reply_code, c.reply_text
                     );
                     warn!(conn = self.id, %cluster, "{text}; closing the client connection");
-                    self.begin_proxy_close(ConnError::new(320, &text), &text);
+                    self.begin_proxy_close(
+                        ConnError::new(ReplyCode::ConnectionForced, &text),
+                        &text,
+                    );
                     return;
                 }
                 self.release_held_later(link);
@@ -231,8 +234,8 @@ impl Session {
                 let m = Method::ChannelOpen(Default::default());
                 self.close_channel(
                     ch,
-                    541,
-                    "INTERNAL_ERROR - the cluster(s) for this request became unavailable",
+                    ReplyCode::InternalError,
+                    "the cluster(s) for this request became unavailable",
                     &m,
                 );
                 return;
@@ -387,29 +390,23 @@ impl Session {
         self.delete_check = None;
         let request = Method::QueueDelete(delete.clone());
         let Method::QueueDeclareOk(ok) = check else {
-            let text = format!(
-                "INTERNAL_ERROR - unexpected {} to a passive declare",
-                check.name()
-            );
-            self.close_channel(ch, 541, &text, &request);
+            let text = format!("unexpected {} to a passive declare", check.name());
+            self.close_channel(ch, ReplyCode::InternalError, &text, &request);
             return;
         };
         let queue = delete.queue.as_str();
         let refusal = if delete.if_empty && ok.message_count > 0 {
             Some(format!(
-                "PRECONDITION_FAILED - queue '{queue}' in vhost '{}' not empty",
+                "queue '{queue}' in vhost '{}' not empty",
                 self.vhost
             ))
         } else if delete.if_unused && ok.consumer_count > 0 {
-            Some(format!(
-                "PRECONDITION_FAILED - queue '{queue}' in vhost '{}' in use",
-                self.vhost
-            ))
+            Some(format!("queue '{queue}' in vhost '{}' in use", self.vhost))
         } else {
             None
         };
         if let Some(text) = refusal {
-            self.close_channel(ch, 406, &text, &request);
+            self.close_channel(ch, ReplyCode::PreconditionFailed, &text, &request);
             return;
         }
         let unconditional = Method::QueueDelete(codec::QueueDelete {

@@ -517,7 +517,7 @@ impl Session {
             // have closed the client's connection: so does warren, saying why.
             let text = format!("link to cluster {cluster} lost; RabbitMQ deleted {what} with it");
             warn!(conn = self.id, %cluster, "{text}; closing the client connection");
-            self.begin_proxy_close(ConnError::new(320, &text), &text);
+            self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
             return;
         }
         if self.shard_links().is_empty() && self.no_shard_since.is_none() {

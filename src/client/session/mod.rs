@@ -41,13 +41,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::handshake::{self, ClientCaps, Refusal, reply_name, truncate};
+use super::handshake::{self, ClientCaps, Refusal, truncate};
 use super::topology::Topology;
 use crate::client::channel::{
     Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, UpstreamAck,
     UpstreamConfirms,
 };
-use crate::codec::{self, FrameKind, Method, ShortStr};
+use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
@@ -129,8 +129,9 @@ pub async fn serve(
         Err(e @ ConnectError::Unreachable { .. }) => {
             warn!(conn = id, %peer, user = %user, vhost = %vhost, error = %e, "no upstream cluster available");
             metrics.connections_refused.inc();
-            let text = truncate(&format!("CONNECTION_FORCED - {e}"));
-            handshake::refuse(&mut stream, &mut rbuf, 320, &text, 10, 40).await;
+            let code = ReplyCode::ConnectionForced;
+            let text = truncate(&code.text(&e));
+            handshake::refuse(&mut stream, &mut rbuf, code.code(), &text, 10, 40).await;
             return;
         }
     };
@@ -247,11 +248,12 @@ pub async fn serve(
 
 /// Runs the handshake and answers connection.open with connection.close `code`: how a refused
 /// connection (limits) is told why, in AMQP, as RabbitMQ tells it.
-pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: u16, text: &str) {
+pub async fn refuse_at_open(mut stream: Stream, shared: &Shared, code: ReplyCode, detail: &str) {
     let config = shared.config();
     let mut rbuf = BytesMut::with_capacity(4096);
+    let text = code.text(detail);
     match greet(&mut stream, &mut rbuf, shared, &config).await {
-        Ok(_) => handshake::refuse(&mut stream, &mut rbuf, code, text, 10, 40).await,
+        Ok(_) => handshake::refuse(&mut stream, &mut rbuf, code.code(), &text, 10, 40).await,
         Err(refusal) => answer_refusal(&mut stream, &mut rbuf, refusal).await,
     }
 }
@@ -382,10 +384,10 @@ struct ConnError {
 }
 
 impl ConnError {
-    fn new(code: u16, detail: impl std::fmt::Display) -> Self {
+    fn new(code: ReplyCode, detail: impl std::fmt::Display) -> Self {
         ConnError {
-            code,
-            text: format!("{} - {detail}", reply_name(code)),
+            code: code.code(),
+            text: code.text(detail),
             class_id: 0,
             method_id: 0,
         }
@@ -720,7 +722,7 @@ impl Session {
                 _ = force_close.cancelled(), if !forced => {
                     forced = true;
                     if self.closing.is_none() {
-                        self.begin_proxy_close(ConnError::new(320, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
+                        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
                     }
                 }
                 (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
@@ -883,7 +885,7 @@ impl Session {
             if frame.kind == FrameKind::Heartbeat {
                 if frame.channel != 0 {
                     return self.protocol_error(ConnError::new(
-                        501,
+                        ReplyCode::FrameError,
                         "heartbeat frame on a non-zero channel",
                     ));
                 }
@@ -907,7 +909,7 @@ impl Session {
                 }
                 Err(AssembleError::Connection { code, text }) => {
                     return self.protocol_error(ConnError {
-                        code,
+                        code: code.code(),
                         text,
                         class_id: 0,
                         method_id: 0,
@@ -922,17 +924,15 @@ impl Session {
                 }) => {
                     let text = if others == 0 {
                         // RabbitMQ's words for the same refusal.
-                        format!(
-                            "PRECONDITION_FAILED - message size {size} is larger than configured max size {max}"
-                        )
+                        format!("message size {size} is larger than configured max size {max}")
                     } else {
                         format!(
-                            "PRECONDITION_FAILED - message size {size} with {others} bytes of \
+                            "message size {size} with {others} bytes of \
                              messages in progress on other channels is larger than configured \
                              max size {max}"
                         )
                     };
-                    self.close_channel(channel, 406, &text, &method);
+                    self.close_channel(channel, ReplyCode::PreconditionFailed, &text, &method);
                 }
             }
         }

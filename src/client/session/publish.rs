@@ -34,7 +34,7 @@ impl Session {
                     Some(link)
                 }
                 Err(text) => {
-                    self.close_channel(ch, 541, text, method);
+                    self.close_channel(ch, ReplyCode::InternalError, text, method);
                     return;
                 }
             },
@@ -49,8 +49,8 @@ impl Session {
         let Some(link) = link else {
             self.close_channel(
                 ch,
-                541,
-                "INTERNAL_ERROR - no cluster available for basic.publish",
+                ReplyCode::InternalError,
+                "no cluster available for basic.publish",
                 method,
             );
             return;
@@ -70,7 +70,7 @@ impl Session {
             return Ok(link);
         }
         let Some(picked) = self.pick_shard(None) else {
-            return Err("INTERNAL_ERROR - no shard cluster available for this transaction");
+            return Err("no shard cluster available for this transaction");
         };
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(picked);
@@ -78,7 +78,7 @@ impl Session {
         channel.tx_link = Some(picked);
         if channel.tx_log.lost {
             if channel.tx_log.overflowed {
-                return Err("INTERNAL_ERROR - the cluster of this transaction failed; \
+                return Err("the cluster of this transaction failed; \
                             the transaction is too large to publish again");
             }
             channel.tx_log.lost = false;
@@ -101,7 +101,7 @@ impl Session {
         if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
             // The transaction's link died: publish its messages again before committing.
             if let Err(text) = self.tx_link(ch) {
-                self.close_channel(ch, 541, text, method);
+                self.close_channel(ch, ReplyCode::InternalError, text, method);
                 return Ok(());
             }
         }
@@ -145,8 +145,8 @@ impl Session {
         let Some(publishes) = kept else {
             self.close_channel(
                 ch,
-                541,
-                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit; \
+                ReplyCode::InternalError,
+                "the cluster of this transaction failed during tx.commit; \
                  the transaction was too large to publish again",
                 &commit,
             );
@@ -155,8 +155,8 @@ impl Session {
         let Some(target) = self.pick_shard(Some(dead)).filter(|&l| l != dead) else {
             self.close_channel(
                 ch,
-                541,
-                "INTERNAL_ERROR - the cluster of this transaction failed during tx.commit \
+                ReplyCode::InternalError,
+                "the cluster of this transaction failed during tx.commit \
                  and no other shard cluster is available",
                 &commit,
             );
@@ -281,7 +281,7 @@ impl Session {
             waited_secs = wait.as_secs(),
             "{text}; closing the client"
         );
-        self.begin_proxy_close(ConnError::new(320, text), text);
+        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, text), text);
     }
 
     /// The next shard link by smooth weighted round-robin over the live, ready, non-draining

@@ -77,8 +77,8 @@ impl Session {
         if self.channel_mut(ch).is_some_and(|c| c.tx) {
             self.close_channel(
                 ch,
-                540,
-                "NOT_IMPLEMENTED - warren does not carry a reply to a direct reply-to address inside a transaction",
+                ReplyCode::NotImplemented,
+                "warren does not carry a reply to a direct reply-to address inside a transaction",
                 method,
             );
             return;

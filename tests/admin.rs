@@ -287,6 +287,9 @@ async fn clusters_until(p: &TestProxy, what: &str, check: impl Fn(&Value) -> boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_and_clusters() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("clusters").await;
     let r = p.get("/health").await;
     assert_eq!(r.status, 200);
@@ -385,6 +388,9 @@ async fn health_ready_and_clusters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_503_when_the_control_cluster_is_unreachable() {
+    if support::skip_live() {
+        return;
+    }
     let dead = format!("127.0.0.1:{}", closed_port());
     let p = TestProxy::start("unready", &config_text(std::slice::from_ref(&dead), 1)).await;
     let r = p.wait_ready(503).await;
@@ -436,6 +442,9 @@ async fn ready_is_503_when_the_control_cluster_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_503_while_shutting_down() {
+    if support::skip_live() {
+        return;
+    }
     let (_, _, control) = three_clusters();
     let text =
         config_text(&control, 1).replace("shutdown_grace_ms = 100", "shutdown_grace_ms = 10000");
@@ -483,6 +492,9 @@ async fn ready_is_503_while_shutting_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_traffic_through_the_proxy() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("metrics").await;
     let queue = support::unique("admin-metrics");
     const N: usize = 10;
@@ -648,6 +660,9 @@ fn check_queues(args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depths_and_check_queues() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("queues").await;
     let base = support::unique("admin-depth");
     let queue = format!("{base}.b-real");
@@ -827,6 +842,9 @@ async fn queue_depths_and_check_queues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_rejects_invalid_files_and_keeps_serving() {
+    if support::skip_live() {
+        return;
+    }
     let (_, _, control) = three_clusters();
     let p = TestProxy::standard("reload").await;
     let valid = config_text(&control, 1);
@@ -933,6 +951,9 @@ async fn reload_rejects_invalid_files_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_routes_need_the_token() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("auth").await;
     for path in [
         "/reload",
@@ -990,6 +1011,9 @@ async fn post_routes_need_the_token() {
 /// close are taken away first; raised, it admits again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_follows_a_reload() {
+    if support::skip_live() {
+        return;
+    }
     let (_, _, control) = three_clusters();
     let limited = |n: usize| {
         config_text(&control, 1).replacen(
@@ -1045,6 +1069,9 @@ async fn max_connections_follows_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_marks_the_cluster_draining() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("drain").await;
     p.wait_ready(200).await;
     let r = p.post("/clusters/shard-b/drain", Some(TOKEN)).await;
@@ -1108,6 +1135,9 @@ async fn drain_marks_the_cluster_draining() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_routes_methods_and_bad_requests() {
+    if support::skip_live() {
+        return;
+    }
     let p = TestProxy::standard("routes").await;
     let r = p.get("/nope").await;
     assert_eq!(r.status, 404);
@@ -1295,6 +1325,9 @@ async fn binary_clusters_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_on_sighup_and_on_file_change() {
+    if support::skip_live() {
+        return;
+    }
     let (_, _, control) = three_clusters();
     let path = temp_file("binary", &config_text(&control, 1));
     let mut running = run_binary(&path);
@@ -1381,6 +1414,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// core).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_with_one_worker_and_busy_polling_carries_traffic_and_idles() {
+    if support::skip_live() {
+        return;
+    }
     let (_, _, control) = three_clusters();
     let text = config_text(&control, 1).replace(
         "[timeouts]",

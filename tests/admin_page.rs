@@ -39,6 +39,9 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_shows_clusters_and_states_in_chromium() {
+    if support::skip_live() {
+        return;
+    }
     assert!(
         Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: the status page test renders the page in headless Chromium. \

@@ -706,6 +706,9 @@ impl Drop for Cleanup {
 /// slowdown aimed at it leaves another connection of the same proxy alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injector_faults_hit_only_the_chosen_client_connection() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let x = Client::connect(&rig.proxy, "fi-x").await;
@@ -852,6 +855,9 @@ fn id_of(body: &[u8]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_link_reset_mid_stream_loses_no_confirmed_message() {
+    if support::skip_live() {
+        return;
+    }
     const N: usize = 3000;
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
@@ -1046,6 +1052,9 @@ async fn lost_with_the_link(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_exclusive_queue_lost_with_its_link_closes_the_client_with_320() {
+    if support::skip_live() {
+        return;
+    }
     lost_with_the_link(
         "fs-b-exclusive",
         |q| QueueDeclareArguments::new(q).exclusive(true).finish(),
@@ -1056,6 +1065,9 @@ async fn b_exclusive_queue_lost_with_its_link_closes_the_client_with_320() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_auto_delete_queue_lost_with_its_link_closes_the_client_with_320() {
+    if support::skip_live() {
+        return;
+    }
     lost_with_the_link(
         "fs-c-autodelete",
         QueueDeclareArguments::transient_autodelete,
@@ -1069,6 +1081,9 @@ async fn c_auto_delete_queue_lost_with_its_link_closes_the_client_with_320() {
 /// the link; its name cannot be declared again, `amq.` being reserved.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_server_named_queue_lost_with_its_link_closes_the_client_with_320() {
+    if support::skip_live() {
+        return;
+    }
     lost_with_the_link(
         "fs-d-server-named",
         |_| QueueDeclareArguments::exclusive_server_named(),
@@ -1079,6 +1094,9 @@ async fn d_server_named_queue_lost_with_its_link_closes_the_client_with_320() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_single_active_consumer_lost_with_its_link_closes_the_client_with_320() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let queue = cleanup.queue("fs-e-sac");
@@ -1155,6 +1173,9 @@ async fn assert_quiet(rx: &mut mpsc::UnboundedReceiver<ConsumerMessage>, who: &s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_queue_declare_in_flight_when_the_link_dies_is_answered() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let a = Client::connect(&rig.proxy, "fs-f").await;
@@ -1241,6 +1262,9 @@ async fn f_queue_declare_in_flight_when_the_link_dies_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_channel_open_while_a_link_is_reestablished_gets_open_ok() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let a = Client::connect(&rig.proxy, "fs-g").await;
@@ -1316,6 +1340,9 @@ async fn g_channel_open_while_a_link_is_reestablished_gets_open_ok() {
 /// missing on shard-a.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_extra_queue_declared_during_the_outage_reaches_the_returning_cluster() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let a = Client::connect(&rig.proxy, "fs-g-extra").await;
@@ -1376,6 +1403,9 @@ async fn g_extra_queue_declared_during_the_outage_reaches_the_returning_cluster(
 /// dropped as unroutable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_fleet_queue_declared_by_a_client_gone_before_the_cluster_returned_reaches_it() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let rig = Rig::start(&cleanup).await;
     let x = Client::connect(&rig.proxy, "fs-g-fleet-declarer").await;
@@ -1436,6 +1466,9 @@ async fn g_fleet_queue_declared_by_a_client_gone_before_the_cluster_returned_rea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_queue_deleted_meanwhile_is_not_recreated_on_one_cluster_only() {
+    if support::skip_live() {
+        return;
+    }
     let cleanup = Cleanup::default();
     let mut rig = Rig::start(&cleanup).await;
     let queue = cleanup.queue("fs-h");

@@ -28,6 +28,9 @@ const COLUMNS: [&str; 4] = ["name", "client_properties", "peer_host", "peer_port
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_connections_shows_a_proxied_clients_connection_name_and_address() {
+    if support::skip_live() {
+        return;
+    }
     let proxy = start_proxy("").await;
     let name = unique("identity");
     let conn = try_connect(proxy.amqp_addr(), |args| {
@@ -65,6 +68,9 @@ async fn list_connections_shows_a_proxied_clients_connection_name_and_address() 
 /// address, so it can still be told apart from the others in `list_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_a_connection_name_is_listed_under_its_address() {
+    if support::skip_live() {
+        return;
+    }
     let proxy = start_proxy("").await;
     // RawClient's start-ok carries `product` and `capabilities` only, as py-amqp's does.
     let raw = RawClient::open(proxy.amqp_addr(), Login::default()).await;

@@ -47,6 +47,9 @@ async fn fill(queue: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_reading_leaves_its_queue_on_the_broker() {
+    if support::skip_live() {
+        return;
+    }
     let queue = unique("slow-consumer");
     fill(&queue).await;
     let total_bytes = (MESSAGES * BODY) as u64;

@@ -28,6 +28,9 @@ async fn refusal(addr: SocketAddr, login: Login) -> CloseInfo {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_refused_with_403_access_refused() {
+    if support::skip_live() {
+        return;
+    }
     let proxy = start_proxy("").await;
     let login = || Login {
         password: "not-the-password".into(),
@@ -59,6 +62,9 @@ async fn wrong_password_is_refused_with_403_access_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_vhost_is_refused_with_530_not_allowed() {
+    if support::skip_live() {
+        return;
+    }
     let proxy = start_proxy("").await;
     let vhost = unique("no-such-vhost");
     let login = || Login {

@@ -14,6 +14,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_clients_connect_through_the_second_node_when_the_first_is_stopped() {
+    if support::skip_live() {
+        return;
+    }
     let cluster = tokio::task::block_in_place(|| PrivateCluster::start("failover"));
     let nodes = cluster.cluster.nodes.clone();
     let proxy = start_proxy_on(&nodes, "[timeouts]\nconnect_ms = 3000\n").await;

@@ -82,6 +82,9 @@ async fn vanished_client_unacked_messages_become_ready_again_fin(addr: SocketAdd
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_remaining_clients_with_320_after_the_grace_period() {
+    if support::skip_live() {
+        return;
+    }
     const GRACE: Duration = Duration::from_millis(1500);
     let proxy = start_proxy(&format!(
         "[timeouts]\nshutdown_grace_ms = {}\n",
@@ -134,6 +137,9 @@ async fn shutdown_closes_remaining_clients_with_320_after_the_grace_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_completes_early_when_clients_leave_within_the_grace_period() {
+    if support::skip_live() {
+        return;
+    }
     let proxy = start_proxy("[timeouts]\nshutdown_grace_ms = 30000\n").await;
     let addr = proxy.amqp_addr();
     let conn = connect(addr).await;

@@ -232,6 +232,9 @@ macro_rules! abuse_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+    if support::skip_live() {
+        return;
+    }
                     let ending = through_proxy($abuse).await;
                     assert_eq!(ending.code(), $code, "{ending:?}");
                 }
@@ -242,6 +245,9 @@ macro_rules! abuse_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+    if support::skip_live() {
+        return;
+    }
                     let ending = commit(rabbit_addr(), $abuse).await;
                     assert_eq!(ending.code(), $code, "{ending:?}");
                 }
@@ -274,6 +280,9 @@ mod spec_codes_where_rabbitmq_differs {
             $(#[$doc])*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
+    if support::skip_live() {
+        return;
+    }
                 let ending = through_proxy($abuse).await;
                 assert_eq!(ending.code(), $code, "{ending:?}");
             }
@@ -299,6 +308,9 @@ mod spec_codes_where_rabbitmq_differs {
 /// The close for a method on an unopened channel names the offending method, as RabbitMQ's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_on_unopened_channel_close_matches_rabbitmq() {
+    if support::skip_live() {
+        return;
+    }
     let direct = commit(rabbit_addr(), Abuse::UnopenedChannel).await;
     let proxied = through_proxy(Abuse::UnopenedChannel).await;
     assert_eq!(proxied, direct);
@@ -308,6 +320,9 @@ async fn method_on_unopened_channel_close_matches_rabbitmq() {
 /// socket is closed without a connection.close. The proxy must end the connection the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_method_id_is_answered_with_503_command_invalid() {
+    if support::skip_live() {
+        return;
+    }
     // RabbitMQ's connection process crashes on an unknown method and drops the socket without a
     // reason; the proxy names the problem with the spec's code instead (503 COMMAND_INVALID).
     let direct = commit(rabbit_addr(), Abuse::UnknownMethod).await;
@@ -345,6 +360,9 @@ async fn wrong_header(addr: SocketAddr) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_protocol_header_is_answered_with_amqp_0_9_1_header_then_closed() {
+    if support::skip_live() {
+        return;
+    }
     let direct = wrong_header(rabbit_addr()).await;
     assert_eq!(direct, codec::PROTOCOL_HEADER, "RabbitMQ's answer");
     let proxy = start_proxy("").await;
@@ -367,6 +385,9 @@ async fn wrong_protocol_header_is_answered_with_amqp_0_9_1_header_then_closed() 
 /// channel (406, as for one message too large), and the others go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_contents_above_max_message_size_refuse_the_later_channel() {
+    if support::skip_live() {
+        return;
+    }
     const MAX: usize = 1 << 20;
     const SIZE: usize = 700 * 1024;
     let proxy = start_proxy(&format!("[limits]\nmax_message_size = {MAX}\n")).await;

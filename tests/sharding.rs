@@ -687,6 +687,9 @@ impl Drop for Cleanup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_spread_evenly_over_the_shard_clusters() {
+    if support::skip_live() {
+        return;
+    }
     const N: usize = 10_000;
     let (_cleanup, queue) = Cleanup::with_queue("spread");
     let (proxy, direct, conn, ch, mut events) = start().await;
@@ -785,6 +788,9 @@ impl Consumed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
+    if support::skip_live() {
+        return;
+    }
     const N: usize = 10_000;
     let (_cleanup, queue) = Cleanup::with_queue("consume-all");
     let (proxy, direct, conn, pub_ch, mut pub_events) = start().await;
@@ -958,6 +964,9 @@ async fn consumer_gets_every_message_exactly_once_with_mixed_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_publish_is_confirmed_exactly_once() {
+    if support::skip_live() {
+        return;
+    }
     const N: u64 = 2_000;
     let (mut cleanup, queue) = Cleanup::with_queue("confirms");
     // Every tenth publish goes to an rpc reply queue (a UUID: control traffic), so the client's
@@ -1045,6 +1054,9 @@ async fn every_publish_is_confirmed_exactly_once() {
 /// over both shard clusters, and every reply must still reach the caller, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_reply_to_replies_reach_the_caller_from_every_shard() {
+    if support::skip_live() {
+        return;
+    }
     const N: usize = 20;
     let (_cleanup, queue) = Cleanup::with_queue("rpc");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
@@ -1083,6 +1095,9 @@ async fn direct_reply_to_replies_reach_the_caller_from_every_shard() {
 /// gets its nack. Nothing circles between the clusters while the queue stays full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_every_shard_refuses_is_nacked_after_one_try_on_each() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("full");
     let (proxy, direct, conn, ch, mut events) = start().await;
     support::declare_reject_publish_queue(&ch, &queue, 1).await;
@@ -1126,6 +1141,9 @@ async fn a_publish_every_shard_refuses_is_nacked_after_one_try_on_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_arguments_on_one_cluster_give_406() {
+    if support::skip_live() {
+        return;
+    }
     let (mut cleanup, queue) = Cleanup::with_queue("conflict");
     let other = cleanup.queue(&unique("conflict-after"));
     let proxy = start_proxy().await;
@@ -1188,6 +1206,9 @@ async fn conflicting_arguments_on_one_cluster_give_406() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_declare_and_purge_sum_the_clusters() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("counts");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     assert_eq!(
@@ -1363,6 +1384,9 @@ fn merge(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_bounds_unacked_deliveries_across_shards() {
+    if support::skip_live() {
+        return;
+    }
     const N: usize = 200;
     let (_cleanup, queue) = Cleanup::with_queue("prefetch");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
@@ -1387,6 +1411,9 @@ async fn prefetch_bounds_unacked_deliveries_across_shards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_prefetch_bounds_unacked_deliveries_of_the_channel() {
+    if support::skip_live() {
+        return;
+    }
     const PER_QUEUE: usize = 100;
     let mut cleanup = Cleanup::default();
     let q1 = cleanup.queue(&unique("prefetch-global-1"));
@@ -1418,6 +1445,9 @@ async fn global_prefetch_bounds_unacked_deliveries_of_the_channel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn celery_control_traffic_is_published_to_the_control_cluster_only() {
+    if support::skip_live() {
+        return;
+    }
     let mut cleanup = Cleanup::default();
     let host = unique("host").replace('.', "-");
     let pidbox_q = cleanup.queue(&format!("w1@{host}.celery.pidbox"));
@@ -1570,6 +1600,9 @@ async fn celery_control_traffic_is_published_to_the_control_cluster_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_get_finds_messages_on_either_shard() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("get");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
 
@@ -1617,6 +1650,9 @@ async fn basic_get_finds_messages_on_either_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
+    if support::skip_live() {
+        return;
+    }
     let (mut cleanup, queue) = Cleanup::with_queue("cancel");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     let (ctag, mut rx) = consume(&ch, &queue, true).await;
@@ -1672,6 +1708,9 @@ async fn consumer_cancel_reaches_the_client_once_every_cluster_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
+    if support::skip_live() {
+        return;
+    }
     const N: u64 = 6;
     let mut cleanup = Cleanup::default();
     let exchange = cleanup.exchange(&unique("unroutable-x"));
@@ -1745,6 +1784,9 @@ async fn mandatory_unroutable_publish_is_returned_before_its_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("tx");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     within("tx.select", ch.tx_select())
@@ -1819,6 +1861,9 @@ async fn a_transaction_commits_on_one_cluster_and_rollback_discards() {
 /// then commits on one of them, and nothing published before it is lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_select_after_plain_publishes_spread_over_both_shards() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("tx-after-publish");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     publish_numbered(&ch, &queue, 0..200).await;
@@ -1864,6 +1909,9 @@ async fn tx_select_after_plain_publishes_spread_over_both_shards() {
 /// completes, and the transaction commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_select_while_earlier_publishes_are_nacked() {
+    if support::skip_live() {
+        return;
+    }
     let (mut cleanup, full) = Cleanup::with_queue("tx-full");
     let queue = cleanup.queue(&unique("tx-after-nacks"));
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
@@ -1910,6 +1958,9 @@ async fn tx_select_while_earlier_publishes_are_nacked() {
 /// connection goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_select_after_publishing_with_unacked_deliveries_is_refused_with_406() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("tx-refused");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     publish_numbered(&ch, &queue, 0..4).await;
@@ -1940,6 +1991,9 @@ async fn tx_select_after_publishing_with_unacked_deliveries_is_refused_with_406(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_cancel_stops_deliveries_from_every_shard() {
+    if support::skip_live() {
+        return;
+    }
     let (_cleanup, queue) = Cleanup::with_queue("explicit-cancel");
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     let (ctag, mut rx) = consume(&ch, &queue, false).await;
@@ -1993,6 +2047,9 @@ fn raw_declare(queue: &str) -> Method {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_406_the_same_channel_number_reopens_on_every_cluster() {
+    if support::skip_live() {
+        return;
+    }
     let (mut cleanup, queue) = Cleanup::with_queue("reopen-conflict");
     let other = cleanup.queue(&unique("reopen-after"));
     let proxy = start_proxy().await;

@@ -268,6 +268,9 @@ async fn admin_get(addr: SocketAddr, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_on_both_legs() {
+    if support::skip_live() {
+        return;
+    }
     init_tracing();
     let pki = Pki::new("both-legs");
     // The node wants a client certificate: links, health probes and queue depths all show theirs.
@@ -380,6 +383,9 @@ const NO_BROKER: &str = "[[clusters]]\nname = \"a\"\nrole = \"shard\"\nnodes = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_are_checked_at_the_tls_handshake() {
+    if support::skip_live() {
+        return;
+    }
     let pki = Pki::new("client-certs");
     let proxy = start_proxy_toml(&format!(
         "listen = \"127.0.0.1:0\"\n{}\n[timeouts]\nshutdown_grace_ms = 100\nconnect_ms = 500\n\n{NO_BROKER}",
@@ -406,6 +412,9 @@ async fn client_certificates_are_checked_at_the_tls_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_counts_against_the_handshake_timeout() {
+    if support::skip_live() {
+        return;
+    }
     let pki = Pki::new("timeout");
     let proxy = start_proxy_toml(&format!(
         "listen = \"127.0.0.1:0\"\n{}\n[timeouts]\nshutdown_grace_ms = 100\nhandshake_ms = 300\n\n{NO_BROKER}",

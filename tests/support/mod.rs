@@ -2,7 +2,9 @@
 //!
 //! * **RabbitMQ.** [`clusters`] reads `WARREN_TEST_CLUSTERS`
 //!   (`shard-a=127.0.0.1:P1,127.0.0.1:P2;shard-b=...;control=...`, exported by `scripts/test.sh`).
-//!   When it is absent (a plain `cargo test`), a two-node `shard-a` cluster is started with
+//!   When it is absent (a plain `cargo test`), every test that needs RabbitMQ returns at once
+//!   ([`skip_live`]), so `cargo test` passes without a broker. With `WARREN_TEST_LOCAL_RABBIT=1`
+//!   instead, a two-node `shard-a` cluster is started with
 //!   `scripts/rabbit.sh up` under `target/test-rabbit` and reused by later runs (its addresses are
 //!   kept in `target/test-rabbit/clusters`). Stop it with
 //!   `WARREN_RABBIT_DIR=target/test-rabbit scripts/rabbit.sh down-all`.
@@ -164,6 +166,26 @@ fn resolve(addr: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("cannot resolve {addr}: {e}"))
         .next()
         .unwrap_or_else(|| panic!("{addr} resolves to nothing"))
+}
+
+/// True when this test needs RabbitMQ and none is configured: it should return at once (the
+/// caller does). Live tests run when `WARREN_TEST_CLUSTERS` is set (scripts/test.sh exports it)
+/// or when `WARREN_TEST_LOCAL_RABBIT=1` asks for a local shard-a under `target/test-rabbit`; so
+/// `cargo test` alone passes on a machine without RabbitMQ, running every test that needs none.
+pub fn skip_live() -> bool {
+    static SKIP: OnceLock<bool> = OnceLock::new();
+    *SKIP.get_or_init(|| {
+        let configured = std::env::var("WARREN_TEST_CLUSTERS").is_ok_and(|s| !s.trim().is_empty())
+            || std::env::var("WARREN_TEST_LOCAL_RABBIT").is_ok_and(|v| v == "1");
+        if !configured {
+            eprintln!(
+                "skipping the tests that need RabbitMQ: WARREN_TEST_CLUSTERS is not set. \
+                 Run scripts/test.sh (it starts the clusters), or export WARREN_TEST_CLUSTERS, or \
+                 WARREN_TEST_LOCAL_RABBIT=1 for a local shard-a."
+            );
+        }
+        !configured
+    })
 }
 
 /// The clusters the tests may use (see the module docs).
@@ -420,6 +442,9 @@ macro_rules! against_proxy_and_rabbitmq {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    if crate::support::skip_live() {
+                        return;
+                    }
                     let proxy = crate::support::start_proxy("").await;
                     super::$name(proxy.amqp_addr()).await;
                     crate::support::within("proxy shutdown", proxy.shutdown()).await;
@@ -430,6 +455,9 @@ macro_rules! against_proxy_and_rabbitmq {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    if crate::support::skip_live() {
+                        return;
+                    }
                     crate::support::init_tracing();
                     super::$name(crate::support::rabbit_addr()).await;
                 }

@@ -13,7 +13,9 @@ pub mod io;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod state;
 pub mod tls;
+pub mod topology;
 pub mod upstream;
 
 pub use proxy::{ProxyHandle, start};

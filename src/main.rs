@@ -26,7 +26,7 @@ use tracing_subscriber::filter::LevelFilter;
 
 use warren::admin::check::{self, AdminUrl, Thresholds};
 use warren::config::Config;
-use warren::proxy::Shared;
+use warren::state::Shared;
 
 /// Configuration is invalid, or the command line is.
 const EXIT_CONFIG: u8 = 2;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, Method};
 use crate::config::{ClusterConfig, Config, NodeAddr};
 use crate::io::Stream;
-use crate::proxy::Shared;
+use crate::state::Shared;
 use crate::tls::ClientTls;
 
 /// Time between two probes of a node that is up.

@@ -31,8 +31,8 @@ use super::health::NodeState;
 use super::queues::{self, Depth};
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
-use crate::proxy::ReloadStatus;
 use crate::route::Pattern;
+use crate::state::ReloadStatus;
 
 /// Largest request body accepted (POST bodies are not used; this only bounds what is read).
 pub const MAX_BODY: usize = 64 * 1024;

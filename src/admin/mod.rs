@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 pub use health::{Health, NodeHealth, NodeState};
 

@@ -7,6 +7,5 @@
 pub mod channel;
 pub mod handshake;
 pub mod session;
-pub mod topology;
 
 pub use session::serve;

@@ -42,7 +42,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
-use super::topology::Topology;
 use crate::client::channel::{
     Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, UpstreamAck,
     UpstreamConfirms,
@@ -52,8 +51,9 @@ use crate::config::{Config, Role};
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::proxy::Shared;
 use crate::route::{Class, RoundRobin, Rules};
+use crate::state::Shared;
+use crate::topology::Topology;
 use crate::upstream::{self, ConnectError, Link, LinkDown, LinkId, LinkSpec};
 
 /// How long a closing handshake may take before the proxy just drops the socket.

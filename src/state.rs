@@ -1,0 +1,348 @@
+//! State shared by the proxy's parts: the running configuration (and its reloads), metrics,
+//! what the clusters told about themselves, and what sessions leave for each other (the shared
+//! topology log, clusters that missed a change, nodes seen back).
+//!
+//! It sits below the listeners ([`crate::proxy`]), the sessions ([`crate::client`]) and the
+//! admin endpoint ([`crate::admin`]), and imports none of them: each of those reads and updates
+//! this state, never another's internals.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::codec::FieldTable;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::topology::Topology;
+use crate::upstream::probe;
+
+/// The outcome of the last configuration reload, for the admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadStatus {
+    pub at: SystemTime,
+    pub ok: bool,
+    /// What changed, or why the new file was rejected (file:line:col: reason).
+    pub message: String,
+    /// Number of configurations applied so far (1 = the one the proxy started with).
+    pub generation: u64,
+}
+
+/// State shared by every connection of one proxy.
+#[derive(Debug)]
+pub struct Shared {
+    config: ArcSwap<Config>,
+    /// Sessions watch this to apply a reloaded configuration to their links.
+    config_tx: watch::Sender<Arc<Config>>,
+    config_path: Mutex<Option<PathBuf>>,
+    last_reload: Mutex<Option<ReloadStatus>>,
+    generation: AtomicU64,
+    /// Clusters drained at run time (`POST /clusters/NAME/drain`), kept across reloads.
+    drained: Mutex<HashSet<String>>,
+    /// (vhost, queue) of the sharded queues clients declared, for the admin's queue depths.
+    queues: Mutex<BTreeSet<(String, String)>>,
+    /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
+    topology: Mutex<std::collections::HashMap<String, Topology>>,
+    /// (vhost, cluster) pairs that missed a shared topology change: some client declared while
+    /// that cluster was unreachable. The next link any session opens there replays the shared
+    /// topology, so a queue declared by a client gone since still exists there before a
+    /// publish is routed to it.
+    stale: Mutex<std::collections::HashSet<(String, String)>>,
+    /// What the clusters said about themselves in connection.start (product, version...).
+    server_properties: ArcSwapOption<FieldTable>,
+    /// Per cluster, how many times the admin health probes saw one of its nodes come back.
+    /// Sessions waiting to reconnect to the cluster retry at once when it changes, instead of
+    /// waiting out their backoff.
+    nodes_back: Mutex<std::collections::HashMap<String, u64>>,
+    next_id: AtomicU64,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>) -> Self {
+        let (config_tx, _) = watch::channel(config.clone());
+        Shared {
+            config_tx,
+            config_path: Mutex::new(None),
+            last_reload: Mutex::new(None),
+            generation: AtomicU64::new(1),
+            drained: Mutex::new(HashSet::new()),
+            queues: Mutex::new(BTreeSet::new()),
+            topology: Mutex::default(),
+            stale: Mutex::default(),
+            config: ArcSwap::new(config),
+            server_properties: ArcSwapOption::empty(),
+            nodes_back: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// A health probe saw a node of `cluster` come back.
+    pub fn node_came_up(&self, cluster: &str) {
+        let mut back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        *back.entry(cluster.to_owned()).or_default() += 1;
+    }
+
+    /// How many times a node of `cluster` was seen coming back (see [`Shared::node_came_up`]).
+    pub fn nodes_back(&self, cluster: &str) -> u64 {
+        let back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        back.get(cluster).copied().unwrap_or(0)
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Sessions subscribe to configuration changes.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.config_tx.subscribe()
+    }
+
+    /// The file `reload` reads (set by the binary; tests may leave it unset).
+    pub fn set_config_path(&self, path: &Path) {
+        *lock(&self.config_path) = Some(path.to_path_buf());
+    }
+
+    pub fn config_path(&self) -> Option<PathBuf> {
+        lock(&self.config_path).clone()
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadStatus> {
+        lock(&self.last_reload).clone()
+    }
+
+    /// Re-reads the configuration file. An invalid file changes nothing; either way the outcome
+    /// is logged, counted in the metrics and kept for the admin endpoint.
+    pub fn reload(&self) -> Result<ReloadStatus, ReloadStatus> {
+        let Some(path) = self.config_path() else {
+            return Err(self.record(false, "no configuration file to reload from".into()));
+        };
+        match Config::load(&path) {
+            Ok(config) => Ok(self.apply(config)),
+            Err(e) => {
+                warn!(error = %e, "configuration reload rejected; keeping the running configuration");
+                Err(self.record(false, e.to_string()))
+            }
+        }
+    }
+
+    /// Applies a validated configuration (runtime drains stay in force).
+    pub fn apply(&self, mut config: Config) -> ReloadStatus {
+        let old = self.config();
+        if config.listen != old.listen {
+            warn!(old = %old.listen, new = %config.listen, "listen address changes need a restart; keeping the old one");
+            config.listen = old.listen;
+        }
+        if config.admin.listen != old.admin.listen {
+            warn!("admin listen address changes need a restart; keeping the old one");
+            config.admin.listen = old.admin.listen;
+        }
+        if config.runtime != old.runtime {
+            warn!("[runtime] changes need a restart; keeping the running values");
+            config.runtime = old.runtime.clone();
+        }
+        // New certificates apply to the next TLS handshake; the listener itself stays as started.
+        match (&old.tls, &mut config.tls) {
+            (Some(old_tls), Some(new_tls)) if new_tls.listen != old_tls.listen => {
+                warn!(old = %old_tls.listen, new = %new_tls.listen,
+                    "tls.listen changes need a restart; keeping the old address");
+                new_tls.listen = old_tls.listen;
+            }
+            (None, Some(new_tls)) => {
+                warn!(listen = %new_tls.listen, "a new [tls] section needs a restart; not listening for amqps");
+                config.tls = None;
+            }
+            (Some(old_tls), None) => {
+                warn!(listen = %old_tls.listen,
+                    "removing [tls] needs a restart; the amqps listener keeps its certificates");
+                config.tls = old.tls.clone();
+            }
+            _ => {}
+        }
+        let drained = lock(&self.drained).clone();
+        for c in &mut config.clusters {
+            c.drain |= drained.contains(&c.name);
+        }
+        let old_control = old.control_cluster().map(|c| c.name.clone());
+        let new_control = config.control_cluster().map(|c| c.name.clone());
+        if old_control != new_control {
+            warn!(old = ?old_control, new = ?new_control,
+                "the control cluster changed: connected clients keep their control link until they reconnect; \
+                 new connections use the new control cluster");
+        }
+        let message = describe_change(&old, &config);
+        if config == *old {
+            return self.record(true, "no change".into());
+        }
+        let config = Arc::new(config);
+        self.config.store(config.clone());
+        self.config_tx.send_replace(config);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        info!(change = %message, "configuration reloaded");
+        self.record(true, message)
+    }
+
+    /// Drains a shard cluster at run time: no new publishes go there.
+    pub fn drain(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        let mut config = (*self.config()).clone();
+        let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) else {
+            return Err(format!("no cluster named {cluster:?}"));
+        };
+        if c.role != crate::config::Role::Shard {
+            return Err(format!("{cluster:?} is not a shard cluster"));
+        }
+        c.drain = true;
+        if config.shard_clusters().all(|c| c.drain) {
+            return Err("refusing to drain the last shard cluster that takes publishes".into());
+        }
+        lock(&self.drained).insert(cluster.to_owned());
+        Ok(self.apply(config))
+    }
+
+    /// Undoes a run-time drain ([`Shared::drain`]): the cluster takes publishes again, unless
+    /// the file itself marks it `drain = true` (the file is read again when there is one).
+    pub fn undrain(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        if !lock(&self.drained).remove(cluster) {
+            return Err(format!(
+                "{cluster:?} was not drained at run time (POST /clusters/NAME/drain); \
+                 a drain set in the file is undone by editing the file"
+            ));
+        }
+        if self.config_path().is_some() {
+            return self.reload().map_err(|s| s.message);
+        }
+        let mut config = (*self.config()).clone();
+        if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
+            c.drain = false;
+        }
+        Ok(self.apply(config))
+    }
+
+    fn record(&self, ok: bool, message: String) -> ReloadStatus {
+        self.metrics.reloaded(ok);
+        let status = ReloadStatus {
+            at: SystemTime::now(),
+            ok,
+            message,
+            generation: self.generation.load(Ordering::Relaxed),
+        };
+        *lock(&self.last_reload) = Some(status.clone());
+        status
+    }
+
+    /// Remembers a sharded queue a client declared (for the admin's queue depths).
+    pub fn note_queue(&self, vhost: &str, queue: &str) {
+        let mut q = lock(&self.queues);
+        if q.len() < 100_000 {
+            q.insert((vhost.to_owned(), queue.to_owned()));
+        }
+    }
+
+    /// Records a sharded topology change (see [`crate::topology`]).
+    pub fn record_topology(&self, vhost: &str, method: crate::codec::Method) {
+        lock(&self.topology)
+            .entry(vhost.to_owned())
+            .or_default()
+            .record(crate::route::Class::Sharded, method);
+    }
+
+    /// The shared sharded topology of a vhost.
+    pub fn topology_of(&self, vhost: &str) -> Topology {
+        lock(&self.topology).get(vhost).cloned().unwrap_or_default()
+    }
+
+    /// Notes that `cluster` missed a shared topology change of `vhost` (see `stale`).
+    pub fn mark_stale(&self, vhost: &str, cluster: &str) {
+        let mut stale = lock(&self.stale);
+        if stale.len() < 10_000 {
+            stale.insert((vhost.to_owned(), cluster.to_owned()));
+        }
+    }
+
+    /// Whether `cluster` missed a shared topology change of `vhost`.
+    pub fn is_stale(&self, vhost: &str, cluster: &str) -> bool {
+        lock(&self.stale).contains(&(vhost.to_owned(), cluster.to_owned()))
+    }
+
+    /// Clears the flag: the caller is replaying the shared topology there.
+    pub fn take_stale(&self, vhost: &str, cluster: &str) -> bool {
+        lock(&self.stale).remove(&(vhost.to_owned(), cluster.to_owned()))
+    }
+
+    pub fn forget_queue(&self, vhost: &str, queue: &str) {
+        lock(&self.queues).remove(&(vhost.to_owned(), queue.to_owned()));
+    }
+
+    /// The sharded queues clients declared, as (vhost, name).
+    pub fn known_queues(&self) -> Vec<(String, String)> {
+        lock(&self.queues).iter().cloned().collect()
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The clusters' server properties, probing a node the first time they are needed.
+    pub async fn server_properties(&self, config: &Config) -> Option<FieldTable> {
+        if let Some(p) = self.server_properties.load_full() {
+            return Some((*p).clone());
+        }
+        let timeout = Duration::from_millis(config.timeouts.connect_ms);
+        for cluster in config.shard_clusters().chain(config.control_cluster()) {
+            if let Some(props) =
+                probe::server_properties(&cluster.nodes, cluster.tls.as_ref(), timeout).await
+            {
+                self.server_properties.store(Some(Arc::new(props.clone())));
+                return Some(props);
+            }
+        }
+        None
+    }
+
+    /// Refreshes the cached server properties from a link's handshake.
+    pub fn learn_server_properties(&self, props: &FieldTable) {
+        let current = self.server_properties.load();
+        if current.as_deref() != Some(props) {
+            self.server_properties.store(Some(Arc::new(props.clone())));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One line saying what a reload changes.
+fn describe_change(old: &Config, new: &Config) -> String {
+    let mut parts = Vec::new();
+    for c in &new.clusters {
+        match old.cluster(&c.name) {
+            None => parts.push(format!("added {} ({})", c.name, c.role.as_str())),
+            Some(o) if o != c => parts.push(format!("changed {}", c.name)),
+            Some(_) => {}
+        }
+    }
+    for c in &old.clusters {
+        if new.cluster(&c.name).is_none() {
+            parts.push(format!("removed {}", c.name));
+        }
+    }
+    if old.timeouts != new.timeouts || old.limits != new.limits || old.routing != new.routing {
+        parts.push("changed settings".into());
+    }
+    if old.tls != new.tls {
+        parts.push("changed tls".into());
+    }
+    if parts.is_empty() {
+        "no change".into()
+    } else {
+        parts.join(", ")
+    }
+}

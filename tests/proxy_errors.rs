@@ -200,3 +200,38 @@ async fn broker_channel_close_reaches_the_client_with_code_and_text(addr: Socket
     raw.round_trip(1).await;
     raw.close().await;
 }
+
+/// A stream (x-queue-type=stream) cannot be spread over clusters: its offsets would differ per
+/// cluster. warren refuses the declare with 540 saying so, and the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declaring_a_stream_is_refused_with_540_saying_why() {
+    if support::skip_live() {
+        return;
+    }
+    let proxy = start_proxy("").await;
+    let conn = connect(proxy.amqp_addr()).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    let mut args = amqprs::FieldTable::new();
+    args.insert(
+        "x-queue-type".try_into().expect("key"),
+        amqprs::FieldValue::S("stream".try_into().expect("value")),
+    );
+    let name = unique("stream");
+    let r = ch
+        .queue_declare(
+            QueueDeclareArguments::new(&name)
+                .durable(true)
+                .arguments(args)
+                .finish(),
+        )
+        .await;
+    assert!(r.is_err(), "a stream was declared through warren: {r:?}");
+    let (code, text) = events.expect_close().await;
+    assert_eq!(code, 540, "{text}");
+    assert!(text.contains("x-queue-type=stream"), "{text}");
+    let (ch2, _e2) = open_channel(&conn).await;
+    let q = unique("q");
+    declare_queue(&ch2, &q).await;
+    delete_queue(&ch2, &q).await;
+    within("proxy shutdown", proxy.shutdown()).await;
+}

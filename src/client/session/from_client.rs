@@ -211,6 +211,21 @@ impl Session {
             Method::QueueDelete(ref d) if d.if_empty || d.if_unused => {
                 self.checked_delete(ch, d.clone())?
             }
+            Method::QueueDeclare(ref q)
+                if !q.passive
+                    && matches!(q.arguments.get("x-queue-type"),
+                        Some(codec::FieldValue::LongStr(t)) if t.as_bytes() == b"stream") =>
+            {
+                // A stream's offsets would be per cluster: a consumer resuming at an offset
+                // would silently read another cluster's messages. Refused, saying why.
+                self.close_channel(
+                    ch,
+                    ReplyCode::NotImplemented,
+                    "warren does not spread streams (x-queue-type=stream) over clusters: \
+                     their offsets would differ per cluster; declare the stream on one cluster directly",
+                    &method,
+                );
+            }
             Method::ExchangeDeclare(_)
             | Method::ExchangeDelete(_)
             | Method::ExchangeBind(_)

@@ -250,14 +250,11 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
                 other.name()
             )));
         }
-        // RabbitMQ drops the socket on a failed login when the client did not ask for
-        // authentication_failure_close; we always ask, but treat a drop the same way.
-        Err(HandshakeError::Failed(_)) => {
-            return Err(HandshakeError::Refused {
-                code: 403,
-                text: "ACCESS_REFUSED - login refused by the broker".into(),
-            });
-        }
+        // RabbitMQ drops the socket on a failed login only for clients that did not ask for
+        // authentication_failure_close, and warren always asks (a refusal comes as
+        // connection.close 403 above). A drop here is the node failing mid-handshake (killed,
+        // shutting down): the next node is tried, and the client is never told its login was
+        // refused when it was not.
         Err(e) => return Err(e),
     };
     let limit = |ours: u32, theirs: u32| if theirs == 0 { ours } else { ours.min(theirs) };

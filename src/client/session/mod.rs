@@ -444,17 +444,19 @@ struct Session {
     topology: Topology,
     /// When each cluster without a live link may be tried again (exponential backoff).
     retry_at: std::collections::HashMap<String, Retry>,
-    /// Publishes waiting for a shard link, oldest first: none was ready when they came (or when
-    /// their link died), typically while the only live shard cluster's link fails over to its
-    /// other node. Counted in `held_bytes`, so they are bounded like every held publish.
+    /// Publishes waiting for a link, oldest first: none was ready for their class when they
+    /// came (or when their link died), typically while the control cluster's link, or the only
+    /// live shard cluster's, fails over to its other node. Counted in `held_bytes`, so they are
+    /// bounded like every held publish.
     parked: VecDeque<Parked>,
     /// Nacks from clusters, and refused publishes dropped, are each logged at most every
     /// [`LogThrottle::EVERY`]: a full `reject-publish` queue refuses every publish for as long
     /// as it stays full.
     nacks_log: LogThrottle,
     refused_drops_log: LogThrottle,
-    /// Since when no shard link has been live; after `timeouts.failover_wait_secs` the parked
-    /// publishes are given up (nacked) and the client is closed with 320.
+    /// Since when publishes have been parked (or no shard link has been live); after
+    /// `timeouts.failover_wait_secs` the parked publishes are given up (nacked) and the client
+    /// is closed with 320.
     no_shard_since: Option<Instant>,
     /// The link [`poll_links`](Self::poll_links) tries first.
     next_read: usize,
@@ -534,8 +536,9 @@ enum Resend {
     LinkLost,
 }
 
-/// A publish waiting for a shard link (see [`Session::parked`]).
+/// A publish waiting for a link of its class (see [`Session::parked`]).
 struct Parked {
+    class: Class,
     ch: u16,
     client: Option<u64>,
     held: Held,

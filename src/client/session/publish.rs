@@ -40,10 +40,10 @@ impl Session {
             },
             Class::Sharded => self.pick_shard(None),
         };
-        if link.is_none() && class == Class::Sharded && !tx && self.closing.is_none() {
-            // No shard link is ready (a failover in progress): wait for one.
+        if link.is_none() && !tx && self.closing.is_none() {
+            // No link of its class is ready (a failover in progress): wait for one.
             let client_seq = self.next_confirm_seq(ch);
-            self.park(ch, client_seq, held);
+            self.park(class, ch, client_seq, held);
             return;
         }
         let Some(link) = link else {
@@ -205,24 +205,35 @@ impl Session {
             .map(|c| c.next_seq())
     }
 
-    /// Keeps a publish until a shard link is ready (see [`Session::parked`]).
-    pub(super) fn park(&mut self, ch: u16, client: Option<u64>, held: Held) {
+    /// Keeps a publish until a link of its class is ready (see [`Session::parked`]).
+    pub(super) fn park(&mut self, class: Class, ch: u16, client: Option<u64>, held: Held) {
         let size = held.size();
         self.add_held(size);
         if self.parked.is_empty() {
             info!(
                 conn = self.id,
-                "no shard cluster ready; holding publishes until one is"
+                ?class,
+                "no cluster ready for a publish; holding publishes until one is"
             );
         }
-        self.parked.push_back(Parked { ch, client, held });
+        self.parked.push_back(Parked {
+            class,
+            ch,
+            client,
+            held,
+        });
         self.no_shard_since.get_or_insert_with(Instant::now);
     }
 
-    /// A shard link became ready: send the parked publishes, in order.
+    /// A link became ready: send the parked publishes, in order (one that still has no link
+    /// keeps the ones behind it waiting).
     pub(super) fn unpark(&mut self) {
         while let Some(p) = self.parked.pop_front() {
-            let Some(link) = self.pick_shard(None) else {
+            let target = match p.class {
+                Class::Control => self.control_link(),
+                Class::Sharded => self.pick_shard(None),
+            };
+            let Some(link) = target else {
                 self.parked.push_front(p);
                 return;
             };
@@ -236,16 +247,16 @@ impl Session {
             } else {
                 self.metrics.dropped.inc();
                 warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
-                    "publish lost: its channel was closed while it waited for a shard cluster");
+                    "publish lost: its channel was closed while it waited for a cluster");
             }
         }
-        if !self.shard_links().is_empty() {
+        if !self.shard_links().is_empty() && self.parked.is_empty() {
             self.no_shard_since = None;
         }
     }
 
-    /// On the tick: no shard cluster for longer than `timeouts.failover_wait_secs` gives up the
-    /// parked publishes (nacks to confirm-mode clients) and closes the client with 320, so it
+    /// On the tick: no shard cluster, or publishes parked, for longer than
+    /// `timeouts.failover_wait_secs` gives up the parked publishes (nacks to confirm-mode clients) and closes the client with 320, so it
     /// reconnects (maybe to another warren) instead of waiting forever.
     pub(super) fn check_no_shard(&mut self) {
         if !self.parked.is_empty() {
@@ -271,11 +282,15 @@ impl Session {
                 None => {
                     self.metrics.dropped.inc();
                     warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
-                        "publish lost: no shard cluster came back in time and the client did not ask for confirms");
+                        "publish lost: its cluster did not come back in time and the client did not ask for confirms");
                 }
             }
         }
-        let text = "no shard cluster is reachable";
+        let text = if self.shard_links().is_empty() {
+            "no shard cluster is reachable"
+        } else {
+            "the cluster for held publishes (control) is not reachable"
+        };
         warn!(
             conn = self.id,
             waited_secs = wait.as_secs(),
@@ -397,14 +412,14 @@ impl Session {
                 self.send_publish(ch, link, client, held, false);
             }
             None if open
-                && class == Class::Sharded
                 && why == Resend::LinkLost
                 && !held.pinned
                 && self.closing.is_none()
                 && !tx =>
             {
-                // The only shard cluster is failing over: wait for its link to come back.
-                self.park(ch, client, held);
+                // Its cluster (the control cluster, or the only shard cluster) is failing
+                // over: wait for its link to come back.
+                self.park(class, ch, client, held);
             }
             _ => {
                 if let Some(seq) = client {

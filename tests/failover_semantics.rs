@@ -1092,6 +1092,56 @@ async fn d_server_named_queue_lost_with_its_link_closes_the_client_with_320() {
     .await;
 }
 
+/// Not every exclusive or auto-delete queue loses messages with a shard link: a queue with a
+/// control name and no sharded binding (Celery's rpc:// result queue, named by a UUID) only
+/// ever gets messages on the control cluster. Its shard-a copy is declared again by the replay
+/// and the client stays connected, its replies flowing (before, warren closed it and the
+/// replies published while Celery reconnected were dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_rpc_reply_queue_survives_a_shard_link_loss() {
+    if support::skip_live() {
+        return;
+    }
+    let cleanup = Cleanup::default();
+    let mut rig = Rig::start(&cleanup).await;
+    let a = Client::connect(&rig.proxy, "fs-c-rpc").await;
+    let (ch, mut events) = open_channel(&a.conn).await;
+    let queue = uuid_name();
+    cleanup.add(&queue);
+    let queue = declare(&ch, QueueDeclareArguments::transient_autodelete(&queue)).await;
+    let (_ctag, mut rx) = consume(&ch, &queue, true).await;
+    round_trip(&ch, &ch, &mut rx, &queue, "before", 6).await;
+    let others = rig.others(&a);
+
+    let old = rig.injector.reset(&a.name, SHARD_A);
+    rig.injector.wait_new_link(&a.name, SHARD_A, &old).await;
+    rig.direct
+        .wait_where(&queue, &ALL, "declared again on shard-a by the replay")
+        .await;
+    round_trip(&ch, &ch, &mut rx, &queue, "after", 6).await;
+    events.assert_no_close("the channel");
+    a.assert_open("a shard link of a reply queue's client failed over");
+    rig.assert_unaffected(&others).await;
+    a.close().await;
+    rig.finish().await;
+}
+
+/// A UUID, the name Celery's rpc:// backend gives its result queues.
+fn uuid_name() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let h = format!("{:032x}", n ^ (u128::from(std::process::id()) << 64));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_single_active_consumer_lost_with_its_link_closes_the_client_with_320() {
     if support::skip_live() {

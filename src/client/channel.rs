@@ -501,7 +501,10 @@ pub struct Channel {
     /// Synchronous requests waiting for replies, oldest first.
     pub rpcs: VecDeque<Rpc>,
     /// Deliveries waiting for a consume-ok to reach the client first.
-    pub held: Vec<(Method, Option<Content>)>,
+    /// Deliveries waiting, with the link they came from and their upstream tag still in place:
+    /// their client tags are issued when they are released, after what they wait for, so that
+    /// on every link the client's tags keep growing with the upstream ones.
+    pub held: Vec<(LinkId, Method, Option<Content>)>,
     /// The client's last basic.qos, re-split when the set of shard clusters changes.
     pub qos: Option<crate::codec::BasicQos>,
     next_rpc: u64,

@@ -125,27 +125,17 @@ impl Session {
                 }
             }
             Method::ChannelCloseOk(_) => {}
-            Method::BasicDeliver(mut d) => {
-                let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
-                d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
-                let slot = &mut self.links[link];
-                slot.m.deliveries.inc();
-                if needs_ack {
-                    slot.m.unacked.inc();
+            Method::BasicDeliver(d) => {
+                if self.links[link].removed {
+                    self.links[link].last_delivery = Instant::now();
                 }
-                if slot.removed {
-                    slot.last_delivery = Instant::now();
-                }
-                let Some(channel) = channel_in(&mut self.channels, ch) else {
-                    return;
-                };
-                if !channel.held.is_empty() || channel.consumers.iter().any(|c| !c.ready) {
-                    // Until the client has its consume-ok, deliveries of the channel wait, in
-                    // order (their tags are already issued, in arrival order).
-                    channel.held.push((Method::BasicDeliver(d), content));
+                if must_hold(channel) {
+                    // Until the client has its consume-ok, and while a get-ok waits for its
+                    // turn, deliveries of the channel wait, in order, without a client tag yet.
+                    channel.held.push((link, Method::BasicDeliver(d), content));
                     return;
                 }
-                self.deliver(ch, &Method::BasicDeliver(d), content.as_ref());
+                self.deliver_tagged(ch, link, d, content.as_ref());
             }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
@@ -271,6 +261,7 @@ impl Session {
                     if let Some(Method::BasicGet(get)) = &rpc.get_request {
                         self.renew_lease(ch, &get.queue, &rpc.get_next);
                     }
+                    self.release_held_deliveries(ch);
                 }
                 Method::BasicGetEmpty(e) => {
                     self.to_client(ch, &Method::BasicGetEmpty(e));
@@ -283,22 +274,51 @@ impl Session {
                     if let Some(c) = channel.consumer_mut(&ok.consumer_tag) {
                         c.ready = true;
                     }
-                    let release = channel.consumers.iter().all(|c| c.ready);
-                    let held = if release {
-                        std::mem::take(&mut channel.held)
-                    } else {
-                        Vec::new()
-                    };
                     self.to_client(ch, &Method::BasicConsumeOk(ok));
-                    for (m, content) in held {
-                        self.deliver(ch, &m, content.as_ref());
-                    }
+                    self.release_held_deliveries(ch);
                 }
                 Method::TxCommitOk(ok) => {
                     channel.tx_log.committing = None;
                     self.to_client(ch, &Method::TxCommitOk(ok));
                 }
                 other => self.to_client(ch, &other),
+            }
+        }
+    }
+
+    /// Gives a delivery of `link` its client tag and sends it.
+    pub(super) fn deliver_tagged(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        mut d: codec::BasicDeliver,
+        content: Option<&Content>,
+    ) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
+        d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
+        let m = &self.links[link].m;
+        m.deliveries.inc();
+        if needs_ack {
+            m.unacked.inc();
+        }
+        self.deliver(ch, &Method::BasicDeliver(d), content);
+    }
+
+    /// Sends the channel's held deliveries, in arrival order, once nothing they wait for is
+    /// left (see [`must_hold`]).
+    pub(super) fn release_held_deliveries(&mut self, ch: u16) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        if channel.held.is_empty() || waiting_for_client_order(channel) {
+            return;
+        }
+        for (link, m, content) in std::mem::take(&mut channel.held) {
+            if let Method::BasicDeliver(d) = m {
+                self.deliver_tagged(ch, link, d, content.as_ref());
             }
         }
     }
@@ -495,4 +515,27 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// Whether a delivery arriving on the channel now must wait (see [`Session::release_held_deliveries`]).
+fn must_hold(channel: &Channel) -> bool {
+    !channel.held.is_empty() || waiting_for_client_order(channel)
+}
+
+/// What deliveries wait for: a consumer's consume-ok (a broker sends it before any delivery),
+/// or a get-ok already here but waiting for its turn among the channel's replies. A delivery
+/// numbered before such a get-ok would break the order of the client's tags against the
+/// upstream ones on that link, and a `multiple` ack could then settle the get-ok's message
+/// upstream before the client has it.
+fn waiting_for_client_order(channel: &Channel) -> bool {
+    channel.consumers.iter().any(|c| !c.ready)
+        || channel.rpcs.iter().any(|r| {
+            matches!(
+                r.reply,
+                Some(crate::client::channel::Reply {
+                    method: Method::BasicGetOk(_),
+                    ..
+                })
+            )
+        })
 }

@@ -287,7 +287,26 @@ impl Session {
                 self.links[link].replay(ch, m);
                 continue;
             }
-            // A failover: the cluster kept its topology; check the parts that can vanish.
+            // A failover: the cluster kept its topology; check the parts that can vanish. An
+            // exclusive or auto-delete queue that went with the old link but never holds
+            // messages there is declared (and bound) again: nothing was lost with it.
+            let recreate = |q: &ShortStr| -> bool {
+                methods.iter().any(|d| {
+                    matches!(d, Method::QueueDeclare(x)
+                    if &x.queue == q && (x.exclusive || x.auto_delete))
+                }) && !self.may_hold_messages(q, link)
+            };
+            match m {
+                Method::QueueDeclare(q) if recreate(&q.queue) => {
+                    self.links[link].replay(ch, m);
+                    continue;
+                }
+                Method::QueueBind(b) if recreate(&b.queue) => {
+                    self.links[link].replay(ch, m);
+                    continue;
+                }
+                _ => {}
+            }
             let check = match m {
                 Method::QueueDeclare(q) => Method::QueueDeclare(codec::QueueDeclare {
                     passive: true,
@@ -499,6 +518,9 @@ impl Session {
         for channel in self.channels.iter_mut().flatten() {
             let n = channel.tags.kill_link(link);
             m.unacked.dec_by(n as i64);
+            // Held deliveries of the dead link have no client tag yet; the broker requeues them
+            // (and the slot may be reused by the next link, whose upstream tags they would hit).
+            channel.held.retain(|(l, _, _)| *l != link);
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
             }
@@ -545,6 +567,7 @@ impl Session {
         for (_, m) in self.topology.entries() {
             if let Method::QueueDeclare(q) = m
                 && q.exclusive
+                && self.may_hold_messages(&q.queue, link)
             {
                 return Some(format!("exclusive queue '{}'", q.queue.as_str()));
             }
@@ -557,7 +580,7 @@ impl Session {
                 let Some(q) = declared(&req.queue) else {
                     continue;
                 };
-                if q.auto_delete {
+                if q.auto_delete && self.may_hold_messages(&q.queue, link) {
                     return Some(format!(
                         "auto-delete queue '{}' (its consumer was on that link)",
                         q.queue.as_str()
@@ -575,6 +598,37 @@ impl Session {
             }
         }
         None
+    }
+
+    /// Whether `queue`'s copy on `link`'s cluster can hold messages: a publish lands on a shard
+    /// cluster only when sharded (a sharded exchange, or the default exchange with a sharded
+    /// queue name), on the control cluster only when control. A queue with a control name and
+    /// only control bindings (Celery's rpc:// result queues, pidbox and reply queues) never
+    /// gets a message on a shard cluster, so losing its copy there loses nothing: the replay
+    /// declares it again instead of closing the client. Bindings are known from this
+    /// connection's declares; with any exchange-to-exchange binding, every copy counts.
+    pub(super) fn may_hold_messages(&self, queue: &ShortStr, link: LinkId) -> bool {
+        let Some(slot) = self.links.get(link) else {
+            return true;
+        };
+        let takes_control = slot.role == Role::Control
+            || (self.control.is_none() && self.shard_links().first() == Some(link));
+        let takes_sharded = slot.role == Role::Shard;
+        let mut sharded = self.rules.queue(queue.as_bytes()) == Class::Sharded;
+        let mut control = !sharded;
+        for (_, m) in self.topology.entries() {
+            match m {
+                Method::ExchangeBind(_) => return true,
+                Method::QueueBind(b) if &b.queue == queue => {
+                    match self.rules.exchange(b.exchange.as_bytes()) {
+                        Class::Sharded => sharded = true,
+                        Class::Control => control = true,
+                    }
+                }
+                _ => {}
+            }
+        }
+        (takes_sharded && sharded) || (takes_control && control)
     }
 
     /// A request was in flight on a link that died: it waits for the cluster's next link and is

@@ -24,8 +24,8 @@
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
-#      fault:  no-loss fault tests with a ledger, on private clusters of their own: all eight
-#              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~7 min); the
+#      fault:  no-loss fault tests with a ledger, on private clusters of their own: all nine
+#              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~8.5 min); the
 #              test clusters above are stopped first to free the machine;
 #   5. prints a summary (and the fault tests' table, with the ledger of any failed scenario) and
 #      exits non-zero if any part failed.
@@ -46,7 +46,7 @@
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
 # per target, clients ~10 s plus ~7 s per target for the tutorials, Celery e2e (1000 tasks) ~15 s
-# per target, reload ~30 s, fault ~7 min; see .ci/run for whole-run numbers.
+# per target, reload ~30 s, fault ~8.5 min; see .ci/run for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

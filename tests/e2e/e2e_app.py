@@ -8,6 +8,7 @@ see the same settings:
   WARREN_E2E_HEARTBEAT  AMQP heartbeat of the worker's consumer connection (s)
 """
 import os
+import time
 
 from celery import Celery
 
@@ -31,8 +32,11 @@ OUT = os.environ.get("WARREN_E2E_OUT", "/tmp/warren-e2e-out.txt")
 
 
 @app.task(name="e2e.double", bind=True)
-def double(self, x):
-    """Append "<task id> <pid> <x> <redelivered>" to OUT with one O_APPEND write; return 2x."""
+def double(self, x, ms=0):
+    """Append "<task id> <pid> <x> <redelivered>" to OUT with one O_APPEND write; return 2x.
+    `ms`: milliseconds the task takes first (tests/fault/fault_e2e.py's celery-kill-node)."""
+    if ms:
+        time.sleep(ms / 1000)
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     line = f"{self.request.id} {os.getpid()} {x} {int(redelivered)}\n".encode()
     fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

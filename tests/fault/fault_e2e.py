@@ -6,7 +6,8 @@
 
 Starts its own RabbitMQ nodes (scripts/rabbit.sh, state dir /tmp/warren-fault-<random> unless
 --rabbit-dir is given): shard-a and shard-b are two-node ha-all clusters, control is a single
-node (it carries no traffic in these scenarios; one node saves ~150 MB and ~10 s). Then starts
+node (it carries no traffic in the other scenarios; one node saves ~150 MB and ~10 s), and
+control-ha, a two-node control cluster, when celery-kill-node is selected. Then starts
 the proxy (a copy of --warren) with upstream_heartbeat_secs = 2 and runs the scenarios:
 
   kill-node        kill -9 shard-a-1, restart it, wait for the mirrors to resync, kill -9
@@ -26,8 +27,15 @@ the proxy (a copy of --warren) with upstream_heartbeat_secs = 2 and runs the sce
                    stays up on shard-a-2, so clients must see nothing
   kill-node-tx     shard-a-1 killed between a transaction's publish and its tx.commit: the commit
                    must not succeed without that publish
-(All eight run by default, in this order; the last two reproduce weaknesses 1 and 2 of
-docs/reliability.md and fail until the proxy fixes them.)
+  celery-kill-node Celery through a proxy whose control cluster is control-ha (a two-node cluster
+                   started for this scenario only): prefork workers, acks_late, confirm_publish,
+                   rpc:// results; shard-a-1 and control-ha-1 (the nodes under the links) killed
+                   while tasks flow, then restarted. Every task must run, every result must reach
+                   the producer, and delay()/get() must raise nothing. The same workload then runs
+                   directly against shard-b (a kombu failover URL of its two nodes, shard-b-1
+                   killed) as the reference; both ledgers are printed side by side
+(All nine run by default, in this order; kill-node-one-shard and kill-node-tx reproduced
+weaknesses 1 and 2 of docs/reliability.md and failed until the proxy fixed them.)
 
 Workloads: P producers with py-amqp confirm_publish=True (one publish in flight), P without
 confirms, and one pipelined confirm producer (up to --window publishes in flight, acks handled as
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import re
@@ -66,7 +75,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import amqp
@@ -81,7 +90,10 @@ from warren_admin import eventually, free_port, strip_ansi  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RABBIT_SH = os.path.join(REPO, "scripts", "rabbit.sh")
 ALL_SCENARIOS = ["kill-node", "kill-cluster", "partial-publish", "memory-alarm", "sigstop", "limits",
-                 "kill-node-one-shard", "kill-node-tx"]
+                 "kill-node-one-shard", "kill-node-tx", "celery-kill-node"]
+# The two-node control cluster of celery-kill-node (started only when that scenario is selected;
+# the other scenarios send no control traffic and use the single-node `control`).
+HA_CONTROL = "control-ha"
 T0 = time.monotonic()
 
 
@@ -119,9 +131,13 @@ class Rabbit:
             raise RuntimeError(f"rabbit.sh {' '.join(args)} failed ({p.returncode}): {p.stderr[-2000:]}")
         return p.stdout
 
-    def up_all(self) -> None:
+    def up_all(self, ha_control: bool = False) -> None:
+        """shard-a, shard-b (two nodes each) and control (one node); with `ha_control` also
+        control-ha, a two-node control cluster for celery-kill-node (started in parallel)."""
         specs = [("shard-a", ["up", "shard-a", "auto", "auto"]), ("shard-b", ["up", "shard-b", "auto", "auto"]),
                  ("control", ["up-single", "control", "auto"])]
+        if ha_control:
+            specs.append((HA_CONTROL, ["up", HA_CONTROL, "auto", "auto"]))
         results: dict[str, str] = {}
         errors: list[str] = []
 
@@ -1529,6 +1545,482 @@ def scenario_kill_node_tx(ctx: Ctx) -> Result:
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# celery-kill-node
+
+E2E_DIR = os.path.join(REPO, "tests", "e2e")
+
+
+def celery_app(broker_url: str, queue: str):
+    """The producer side of tests/e2e/e2e_app.py (the workers' app): the same settings and task
+    name, for one broker URL (warren's address, or a kombu failover list of RabbitMQ nodes)."""
+    from celery import Celery  # noqa: PLC0415 - only this scenario needs Celery
+
+    app = Celery(f"fault-{queue}", set_as_current=False)
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend="rpc://",
+        task_acks_late=True,
+        broker_transport_options={"confirm_publish": True},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=queue,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+    )
+
+    @app.task(name="e2e.double")
+    def double(x, ms=0):  # executed by the workers (tests/e2e/e2e_app.py); here only for delay()
+        return x * 2
+
+    return app, double
+
+
+class CeleryProducer(threading.Thread):
+    """An application thread: delay() for its share of the tasks (paced), and get() of each result,
+    oldest first, with at most `window` results outstanding. Whatever either call raises is
+    recorded (it would have reached the application) and the thread goes on with the next task."""
+
+    def __init__(self, task, xs: list[int], rate: float, window: int, deadline: float, t_ref: list[float],
+                 name: str, task_ms: int = 0):
+        super().__init__(daemon=True, name=name)
+        self.task_ms = task_ms  # each task sleeps a random 0..task_ms ms in the worker
+        self.task, self.xs, self.rate, self.window, self.deadline = task, xs, rate, window, deadline
+        self.t_ref = t_ref  # [time of the kill] once it happened, for the error timestamps
+        self.attempts = 0
+        self.sent: dict[str, int] = {}  # task id -> argument, for every delay() that returned
+        self.results: dict[str, object] = {}
+        self.errors: list[str] = []
+        self.longest_delay = 0.0  # seconds, the slowest delay() call (a failover holds its publish)
+        self.done = threading.Event()
+
+    def stamp(self) -> str:
+        return f"kill{time.monotonic() - self.t_ref[0]:+.1f}s" if self.t_ref else "before the kill"
+
+    def run(self) -> None:
+        pending: deque = deque()
+        start = time.monotonic()
+        try:
+            for k, x in enumerate(self.xs):
+                ahead = start + k / self.rate - time.monotonic() if self.rate > 0 else 0
+                if ahead > 0:
+                    time.sleep(ahead)
+                self.attempts += 1
+                t = time.monotonic()
+                try:
+                    r = self.task.delay(x, random.randint(0, self.task_ms)) if self.task_ms else self.task.delay(x)
+                except Exception as e:  # noqa: BLE001 - reached the application
+                    self.errors.append(f"{self.name} delay({x}) at {self.stamp()}: {e!r}")
+                else:
+                    self.longest_delay = max(self.longest_delay, time.monotonic() - t)
+                    self.sent[r.id] = x
+                    pending.append((r, x))
+                while len(pending) > self.window:
+                    self.collect(*pending.popleft())
+            while pending:
+                self.collect(*pending.popleft())
+        except Exception as e:  # noqa: BLE001
+            self.errors.append(f"{self.name}: {e!r}\n{traceback.format_exc(limit=3)}")
+        finally:
+            try:  # the rpc:// result consumer of this thread (the backend is per thread)
+                self.task.app.backend.result_consumer.stop()
+            except Exception:  # noqa: BLE001
+                pass
+            self.done.set()
+
+    def collect(self, r, x: int) -> None:
+        try:
+            self.results[r.id] = r.get(timeout=max(1.0, self.deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - reached the application
+            self.errors.append(f"{self.name} get() of task {x} ({r.id}) at {self.stamp()}: {e!r}")
+
+
+class _LogRecords(logging.Handler):
+    """Warnings and errors the producer's Celery and kombu log (reconnects, retries)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}"[:300])
+
+
+@dataclass
+class CeleryLedger:
+    label: str
+    ok_setup: bool = True
+    setup_error: str = ""
+    calls: int = 0
+    sent: int = 0
+    delay_errors: int = 0
+    ran: int = 0
+    never_ran: int = 0
+    executions: int = 0
+    reruns: int = 0
+    reruns_redelivered: int = 0
+    first_runs_redelivered: int = 0
+    results: int = 0
+    results_missing: int = 0
+    wrong_results: int = 0
+    get_errors: int = 0
+    unknown: int = 0
+    worker_conn_lost: int = 0
+    worker_lost_why: Counter = field(default_factory=Counter)
+    worker_task_errors: int = 0  # "raised unexpected" (e.g. the result publish failed)
+    worker_fatal: list[str] = field(default_factory=list)  # "Unrecoverable error" (the worker exited)
+    worker_exit: list = field(default_factory=list)
+    producer_warnings: int = 0
+    longest_delay: float = 0.0
+    sent_at_kill: int = 0
+    sent_when_back: int = 0
+    restart_secs: float = 0.0
+    duration: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def celery_run(ctx: Ctx, label: str, broker_url: str, kill: list[str], before_kill=None) -> CeleryLedger:
+    """Celery workers (prefork) and producer threads on `broker_url`; the `kill` nodes are killed
+    with SIGKILL once 30% of the tasks are sent, and restarted 3 s later, while tasks flow."""
+    a = ctx.args
+    led = CeleryLedger(label)
+    queue = f"fault-celery-{label}-{rand_id()}"
+    out = os.path.join(ctx.workdir, f"celery-{label}-executions.txt")
+    env = dict(os.environ, WARREN_E2E_BROKER=broker_url, WARREN_E2E_OUT=out, WARREN_E2E_QUEUE=queue,
+               WARREN_E2E_HEARTBEAT="10", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (E2E_DIR, os.environ.get("PYTHONPATH")) if p))
+    workers: list[tuple[str, subprocess.Popen, str]] = []
+    handler = _LogRecords()
+    loggers = [logging.getLogger(n) for n in ("celery", "kombu", "amqp")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    app = None
+    t0 = time.monotonic()
+    try:
+        for i in range(1, a.celery_workers + 1):
+            name = f"w{i}-{label}"
+            logp = os.path.join(ctx.workdir, f"celery-{name}.log")
+            with open(logp, "w") as lf:
+                p = subprocess.Popen([sys.executable, "-m", "celery", "-A", "e2e_app", "worker", "--pool", "prefork",
+                                      "-c", str(a.celery_concurrency), "-n", f"{name}@%h", "-Q", queue,
+                                      "--loglevel", "INFO"],
+                                     cwd=E2E_DIR, env=env, stdout=lf, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            workers.append((name, p, logp))
+        app, task = celery_app(broker_url, queue)
+        want = {n for n, _, _ in workers}
+        seen: set[str] = set()
+
+        def all_answer() -> bool:
+            for r in app.control.ping(timeout=1.0):
+                seen.update(node.split("@", 1)[0] for node in r)
+            return want <= seen or any(p.poll() is not None for _, p, _ in workers)
+
+        if not wait_for(f"{label}: every Celery worker answers ping", all_answer, 120, interval=0.5) \
+                or not want <= seen:
+            led.ok_setup = False
+            led.setup_error = f"workers not ready: answered {sorted(seen)} of {sorted(want)}; " \
+                              f"exited {[n for n, p, _ in workers if p.poll() is not None]}"
+            return led
+        log(f"{label}: {len(workers)} workers x {a.celery_concurrency} prefork children ready after "
+            f"{time.monotonic() - t0:.1f}s; {a.celery_tasks} tasks over {a.celery_duration:.0f}s, "
+            f"{a.celery_producers} producer threads, queue {queue}")
+
+        n, k = a.celery_tasks, a.celery_producers
+        t_ref: list[float] = []
+        start = time.monotonic()
+        deadline = start + a.celery_duration + a.celery_result_grace
+        producers = [CeleryProducer(task, list(range(i, n, k)), len(range(i, n, k)) / a.celery_duration,
+                                    a.celery_window, deadline, t_ref, f"producer-{label}-{i}", a.celery_task_ms)
+                     for i in range(k)]
+        for p in producers:
+            p.start()
+        sent = lambda: sum(p.attempts for p in producers)  # noqa: E731
+        wait_for(f"{label}: 30% of the tasks sent", lambda: sent() >= n * 0.3 or all(p.done.is_set() for p in producers),
+                 a.celery_duration * 3)
+        led.sent_at_kill = sent()
+        log(f"{label}: kill -9 {', '.join(kill)} ({led.sent_at_kill} of {n} tasks sent)")
+        if before_kill:
+            before_kill()
+        threads = [threading.Thread(target=ctx.rabbit.kill, args=(node,)) for node in kill]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_ref.append(time.monotonic())
+        time.sleep(3)
+        log(f"{label}: restarting {', '.join(kill)}")
+        t = time.monotonic()
+        threads = [threading.Thread(target=ctx.rabbit.start, args=(node,)) for node in kill]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        led.restart_secs = time.monotonic() - t
+        led.sent_when_back = sent()
+        log(f"{label}: {', '.join(kill)} back after {led.restart_secs:.1f}s ({led.sent_when_back} tasks sent)")
+        for p in producers:
+            p.join(max(1.0, deadline + 30 - time.monotonic()))
+        stuck = [p.name for p in producers if p.is_alive()]
+        if stuck:
+            led.errors.append(f"producer threads still running at the deadline: {stuck}")
+
+        def lines() -> list[str]:
+            try:
+                with open(out) as f:
+                    return f.read().splitlines()
+            except FileNotFoundError:
+                return []
+
+        # Late executions (a redelivery racing the producer's last get()) are counted too.
+        last, since = -1, time.monotonic()
+        end = time.monotonic() + 20
+        while time.monotonic() - since < 3 and time.monotonic() < end:
+            cur = len(lines())
+            if cur != last:
+                last, since = cur, time.monotonic()
+            time.sleep(0.5)
+        led.duration = time.monotonic() - start
+
+        sent_ids = {tid: x for p in producers for tid, x in p.sent.items()}
+        results = {tid: v for p in producers for tid, v in p.results.items()}
+        led.calls = sum(p.attempts for p in producers)
+        led.sent = len(sent_ids)
+        led.delay_errors = led.calls - led.sent
+        led.longest_delay = max(p.longest_delay for p in producers)
+        runs: dict[str, list[int]] = {}
+        for ln in lines():
+            parts = ln.split()
+            if len(parts) == 4:
+                runs.setdefault(parts[0], []).append(int(parts[3]))
+        led.executions = sum(len(v) for v in runs.values())
+        led.ran = len(set(runs) & set(sent_ids))
+        led.never_ran = len(set(sent_ids) - set(runs))
+        led.unknown = len(set(runs) - set(sent_ids))
+        for flags in runs.values():
+            extra = len(flags) - 1
+            led.reruns += extra
+            led.reruns_redelivered += min(extra, sum(flags))
+            led.first_runs_redelivered += extra == 0 and flags[0] == 1
+        led.results = sum(1 for tid in sent_ids if tid in results)
+        led.results_missing = led.sent - led.results
+        led.wrong_results = sum(1 for tid, v in results.items() if v != 2 * sent_ids.get(tid, -1))
+        errors = [e for p in producers for e in p.errors]
+        led.get_errors = sum(" get() " in e for e in errors)
+        led.errors += errors
+        if led.never_ran:
+            missing = sorted(set(sent_ids) - set(runs))
+            led.errors.append(f"never ran: {len(missing)} tasks, e.g. args {[sent_ids[m] for m in missing[:8]]}")
+    except Exception as e:  # noqa: BLE001
+        led.ok_setup = False
+        led.setup_error = f"{e!r}"
+        led.errors.append(traceback.format_exc(limit=4))
+    finally:
+        for _, p, _ in workers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 30
+        for name, p, _ in workers:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                led.errors.append(f"worker {name} did not stop within 30 s of SIGTERM")
+        for name, p, logp in workers:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # strays of the pool (the worker is the session leader)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(timeout=10)
+            led.worker_exit.append(p.returncode)
+            try:
+                with open(logp, errors="replace") as f:
+                    text = f.read()
+                for m in re.finditer(r"[Cc]onnection to broker lost\.[^(\n]*\(?([^\n]*)", text):
+                    led.worker_conn_lost += 1
+                    why = re.match(r"(\w+)\((\d+), ['\"]([^'\"]*)", m.group(1))
+                    led.worker_lost_why[f"{why.group(1)}({why.group(2)}, {why.group(3)[:60]!r})" if why
+                                        else m.group(1)[:80]] += 1
+                led.worker_task_errors += len(re.findall(r"\] Task \S+ raised unexpected", text))
+                led.worker_fatal += [f"{name}: {ln.split('] ', 1)[-1][:200]}" for ln in text.splitlines()
+                                     if "Unrecoverable error" in ln]
+            except OSError:
+                pass
+        for lg in loggers:
+            lg.removeHandler(handler)
+        led.warnings = handler.lines
+        led.producer_warnings = len(handler.lines)
+        if app is not None:
+            try:
+                with app.connection_for_write() as conn:
+                    conn.default_channel.queue_delete(queue)
+            except Exception as e:  # noqa: BLE001
+                log(f"{label}: could not delete {queue}: {e!r}")
+            try:
+                app.close()
+            except Exception:  # noqa: BLE001
+                pass
+    return led
+
+
+def celery_side_by_side(ledgers: list[CeleryLedger]) -> str:
+    rows = [
+        ("tasks: delay() calls", lambda l: l.calls),
+        ("  delay() raised", lambda l: l.delay_errors),
+        ("  longest delay() call", lambda l: f"{l.longest_delay:.2f}s"),
+        ("ran at least once", lambda l: l.ran),
+        ("  never ran", lambda l: l.never_ran),
+        ("executions", lambda l: l.executions),
+        ("  re-runs (redelivered / not)", lambda l: f"{l.reruns} ({l.reruns_redelivered} / {l.reruns - l.reruns_redelivered})"),
+        ("  first runs marked redelivered", lambda l: l.first_runs_redelivered),
+        ("  unknown task ids", lambda l: l.unknown),
+        ("results received by get()", lambda l: l.results),
+        ("  results missing", lambda l: l.results_missing),
+        ("  get() raised", lambda l: l.get_errors),
+        ("  wrong results", lambda l: l.wrong_results),
+        ("worker 'connection to broker lost'", lambda l: l.worker_conn_lost),
+        ("worker 'Task ... raised unexpected'", lambda l: l.worker_task_errors),
+        ("worker 'Unrecoverable error' (exited)", lambda l: len(l.worker_fatal)),
+        ("producer warnings (celery/kombu log)", lambda l: l.producer_warnings),
+        ("kill at / back at (tasks sent)", lambda l: f"{l.sent_at_kill} / {l.sent_when_back}"),
+        ("node restart", lambda l: f"{l.restart_secs:.1f}s"),
+        ("duration (first delay() to settled)", lambda l: f"{l.duration:.0f}s"),
+    ]
+    cells = [[name] + [("setup failed" if not l.ok_setup and i == 0 else str(f(l))) for l in ledgers]
+             for i, (name, f) in enumerate(rows)]
+    head = ["ledger"] + [l.label for l in ledgers]
+    widths = [max(len(r[i]) for r in cells + [head]) for i in range(len(head))]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in cells])
+
+
+def scenario_celery_kill_node(ctx: Ctx) -> Result:
+    """Celery (prefork workers, acks_late, confirm_publish, rpc:// results) through warren with
+    shard-a, shard-b and the two-node control-ha as its control cluster; shard-a-1 and
+    control-ha-1, the nodes under the links, killed with SIGKILL while tasks flow, then
+    restarted. Every task must run, every result must reach the producer, and no exception may
+    reach the application. Then the same workload directly against shard-b through a kombu
+    failover URL of its two nodes, shard-b-1 killed: the reference, reported only."""
+    res = Result("celery-kill-node")
+    a = ctx.args
+    t0 = time.monotonic()
+    ensure_whole(ctx, "shard-a", res)
+    ensure_whole(ctx, HA_CONTROL, res)
+    nodes = ctx.rabbit.nodes
+    proxy = Proxy(ctx.binary, ctx.workdir, "celery-proxy", [("shard-a", "shard", nodes("shard-a")),
+                                                              ("shard-b", "shard", nodes("shard-b")),
+                                                              ("control", "control", nodes(HA_CONTROL))])
+    killed_at: list[int] = []  # proxy log offset just before the kill
+    try:
+        m0 = proxy.metrics()
+        led = celery_run(ctx, "warren", f"amqp://guest:guest@{proxy.addr}//", ["shard-a-1", f"{HA_CONTROL}-1"],
+                         before_kill=lambda: killed_at.append(len(strip_ansi(proxy.log_text()))))
+        m1 = proxy.metrics()
+        text = strip_ansi(proxy.log_text())
+    finally:
+        proxy.stop()
+    before, after = (text[:killed_at[0]], text[killed_at[0]:]) if killed_at else (text, "")
+
+    def links(part: str, cluster: str) -> Counter:
+        out: Counter = Counter()
+        for line in part.splitlines():
+            if "link opened" in line and f"cluster={cluster}" in line:
+                m = re.search(r"node=(\S+)", line)
+                if m:
+                    out[m.group(1)] += 1
+            elif "connection opened" in line:
+                out.update(re.findall(rf'"{re.escape(cluster)}@([^"]+)"', line))
+        return out
+
+    a1, c1 = ctx.rabbit.node_addr("shard-a-1"), ctx.rabbit.node_addr(f"{HA_CONTROL}-1")
+    a2, c2 = ctx.rabbit.node_addr("shard-a-2"), ctx.rabbit.node_addr(f"{HA_CONTROL}-2")
+    la, lc = links(before, "shard-a"), links(before, "control")
+    closes = [ln for ln in after.splitlines() if "closing the client connection" in ln]
+    lost_lines = [ln for ln in after.splitlines() if "upstream link lost" in ln]
+    unavailable = [ln for ln in text.splitlines() if "became unavailable" in ln]
+    la2, lc2 = links(after, "shard-a"), links(after, "control")
+
+    def delta(k: str) -> float:
+        return m1.get(k, 0) - m0.get(k, 0)
+
+    if not led.ok_setup:
+        res.check("the Celery run through warren ran", False, led.setup_error)
+    res.check("before the kill, the links were on the nodes killed (shard-a-1, control-ha-1)",
+              bool(la) and bool(lc) and set(la) == {a1} and set(lc) == {c1},
+              f"shard-a links {dict(la)}, control links {dict(lc)}")
+    res.check("after the kill, links reopened on the other nodes", la2[a2] > 0 and lc2[c2] > 0,
+              f"shard-a {dict(la2)}, control {dict(lc2)}")
+    res.check("the kill happened while tasks were flowing",
+              0 < led.sent_at_kill < led.calls and led.sent_when_back > led.sent_at_kill,
+              f"{led.sent_at_kill} sent at the kill, {led.sent_when_back} when the nodes were back, of {led.calls}")
+    res.check("every task ran at least once", led.ok_setup and led.never_ran == 0 and led.ran == a.celery_tasks,
+              f"{led.ran} of {a.celery_tasks} ran; {led.reruns} re-runs ({led.reruns_redelivered} marked redelivered)")
+    res.check("every result reached the producer (get() returned 2x)",
+              led.ok_setup and led.results == a.celery_tasks and led.wrong_results == 0,
+              f"{led.results} of {a.celery_tasks}; wrong {led.wrong_results}")
+    app_errors = [e for e in led.errors if " delay(" in e or " get() " in e]
+    res.check("no exception reached the application (delay() and get())",
+              led.ok_setup and led.delay_errors == 0 and led.get_errors == 0 and not app_errors,
+              f"delay() raised {led.delay_errors}, get() raised {led.get_errors}" +
+              (": " + "; ".join(app_errors[:3]) if app_errors else ""))
+    res.check("no execution of an unknown task id", led.unknown == 0, str(led.unknown))
+    res.check("workers stopped cleanly (warm shutdown, exit 0)", all(rc == 0 for rc in led.worker_exit),
+              str(led.worker_exit))
+    res.check("no 541 'cluster(s) for this request became unavailable' in the proxy log", not unavailable,
+              unavailable[0][:300] if unavailable else "")
+    res.published, res.confirmed = led.calls, led.sent
+    res.received = led.ran
+    res.lost = led.never_ran + led.results_missing
+    res.duplicates, res.unexpected, res.in_doubt = led.reruns, led.unknown, led.delay_errors
+    res.notes.append(
+        f"ledger: {led.calls} delay() calls, {led.sent} returned, {led.ran} ran, {led.never_ran} never ran, "
+        f"{led.results} results, {led.results_missing} missing, get() raised {led.get_errors}")
+    res.notes.append(f"duplicates {led.reruns}: {led.reruns_redelivered} re-runs marked redelivered (acks_late "
+                     f"tasks requeued when a connection died), {led.reruns - led.reruns_redelivered} not marked")
+    res.notes.append(
+        "proxy: {} 'upstream link lost', {} client connections closed with 320 (state RabbitMQ deleted), link "
+        "failures shard-a {:.0f} control {:.0f}, republished {:.0f}, dropped {:.0f}".format(
+            len(lost_lines), len(closes), delta('warren_cluster_link_failures_total{cluster="shard-a"}'),
+            delta('warren_cluster_link_failures_total{cluster="control"}'), delta("warren_republished_total"),
+            delta("warren_dropped_total")))
+    for ln in closes[:3]:
+        res.notes.append("proxy log: " + ln.strip()[:300])
+    for e in led.errors[:6]:
+        res.notes.append("client error: " + e.strip().replace("\n", " | ")[:400])
+
+    ledgers = [led]
+    if a.celery_direct:
+        ok, detail = cluster_whole(ctx, "shard-b")
+        if not ok:
+            res.notes.append(f"reference: shard-b not whole before the direct run ({detail})")
+        url = ";".join(f"amqp://guest:guest@{n}//" for n in nodes("shard-b"))
+        ref = celery_run(ctx, "direct", url, ["shard-b-1"])
+        ref.label = "direct (failover URL)"
+        ledgers.append(ref)
+        if not ref.ok_setup:
+            res.notes.append(f"reference run did not complete: {ref.setup_error}")
+        for e in ref.errors[:4]:
+            res.notes.append("reference (direct) client error: " + e.strip().replace("\n", " | ")[:400])
+        for w in ref.warnings[:3]:
+            res.notes.append("reference (direct) producer log: " + w)
+    led.label = "through warren"
+    table_text = celery_side_by_side(ledgers)
+    log("celery-kill-node ledgers (through warren: the test; direct: the reference, informational):\n" + table_text)
+    res.notes.append("ledgers side by side (through warren: the test; direct: reference, informational):\n"
+                     + "\n".join("      " + ln for ln in table_text.splitlines()))
+    for w in led.warnings[:3]:
+        res.notes.append("through warren, producer log: " + w)
+    for lg in ledgers:
+        if lg.worker_lost_why:
+            res.notes.append(f"{lg.label}: the workers' connections lost: "
+                             + "; ".join(f"{n} x {why}" for why, n in lg.worker_lost_why.most_common()))
+        for ln in lg.worker_fatal[:2]:
+            res.notes.append(f"{lg.label}: worker died: {ln}")
+    res.duration = time.monotonic() - t0
+    return res
+
+
 SCENARIOS = {
     "kill-node-tx": scenario_kill_node_tx,
     "kill-node-one-shard": scenario_kill_node_one_shard,
@@ -1538,6 +2030,7 @@ SCENARIOS = {
     "memory-alarm": scenario_memory_alarm,
     "sigstop": scenario_sigstop,
     "limits": scenario_limits,
+    "celery-kill-node": scenario_celery_kill_node,
 }
 
 
@@ -1627,6 +2120,23 @@ def main() -> int:
                     help="limits: keep py-amqp's TCP_USER_TIMEOUT (1 s) on the back-pressured producer "
                     "(reproduces the connection loss and the lost held publishes described in docs/reliability.md)")
     ap.add_argument("--partial-watch", type=float, default=4.0)
+    ap.add_argument("--celery-tasks", type=int, help="celery-kill-node: tasks per run (default 4,000; 1,000 with --quick)")
+    ap.add_argument("--celery-duration", type=float,
+                    help="celery-kill-node: seconds the tasks are paced over (default 60; 25 with --quick)")
+    ap.add_argument("--celery-workers", type=int, default=2, help="celery-kill-node: prefork workers")
+    ap.add_argument("--celery-concurrency", type=int, default=2, help="celery-kill-node: pool processes per worker")
+    ap.add_argument("--celery-producers", type=int, default=2,
+                    help="celery-kill-node: application threads calling delay() and get()")
+    ap.add_argument("--celery-window", type=int, default=50,
+                    help="celery-kill-node: results a producer thread leaves outstanding before it get()s the oldest")
+    ap.add_argument("--celery-result-grace", type=float, default=30.0,
+                    help="celery-kill-node: seconds after the paced duration that get() waits for the last results")
+    ap.add_argument("--celery-task-ms", type=int, default=50,
+                    help="celery-kill-node: each task takes a random 0..N ms in the worker, so that tasks are "
+                    "running, and their results being published, when the nodes die (default 50; 0: instant)")
+    ap.add_argument("--celery-direct", type=int, default=1, choices=(0, 1),
+                    help="celery-kill-node: also run the workload directly against shard-b (failover URL of its two "
+                    "nodes, shard-b-1 killed) as the reference (default 1)")
     ap.add_argument("--net-ticktime", type=int, default=10,
                     help="Erlang net_ticktime of the nodes (RabbitMQ default 60): how fast shard-a-2 notices a "
                     "SIGSTOPped shard-a-1")
@@ -1637,6 +2147,10 @@ def main() -> int:
         args.producers = 3 if args.quick else 4
     if args.duration is None:
         args.duration = 45.0 if args.quick else 120.0
+    if args.celery_tasks is None:
+        args.celery_tasks = 1_000 if args.quick else 4_000
+    if args.celery_duration is None:
+        args.celery_duration = 25.0 if args.quick else 60.0
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
@@ -1658,7 +2172,7 @@ def main() -> int:
         f"{args.messages} messages; {args.producers}+{args.producers} producers; paced >= {args.duration:.0f}s")
     try:
         t = time.monotonic()
-        rabbit.up_all()
+        rabbit.up_all(ha_control="celery-kill-node" in scenarios)
         log(f"clusters up in {time.monotonic() - t:.0f}s: {rabbit.clusters}")
         proxy = Proxy(binary, workdir, "proxy", [("shard-a", "shard", rabbit.nodes("shard-a")),
                                                   ("shard-b", "shard", rabbit.nodes("shard-b")),

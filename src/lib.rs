@@ -5,6 +5,7 @@
 //! `upstream` owns the links to the RabbitMQ clusters, `codec` turns bytes into frames and back,
 //! and `io` holds the bounded write buffers that give back-pressure in both directions.
 
+pub mod addr;
 pub mod admin;
 pub mod client;
 pub mod codec;

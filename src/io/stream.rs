@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_rustls::TlsStream;
 
-use crate::config::NodeAddr;
+use crate::addr::NodeAddr;
 use crate::tls::{ClientTls, ServerTls};
 
 /// One connected socket.

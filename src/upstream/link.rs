@@ -10,8 +10,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
+use crate::addr::NodeAddr;
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
-use crate::config::NodeAddr;
 use crate::io::outbox::Writer;
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Outbox};

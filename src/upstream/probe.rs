@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::addr::NodeAddr;
 use crate::codec::{self, FieldTable, FrameKind, Method};
-use crate::config::NodeAddr;
 use crate::io::Stream;
 use crate::tls::ClientTls;
 

@@ -2129,3 +2129,66 @@ async fn after_a_406_the_same_channel_number_reopens_on_every_cluster() {
     raw.close().await;
     shutdown(proxy, direct).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Several warren instances side by side
+
+/// Routing depends on names only, never on what one process saw: a server-named queue declared
+/// and bound to a fanout exchange through one warren gets what a client publishes to that
+/// exchange through another, each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_route_alike_declare_through_one_publish_through_the_other() {
+    if support::skip_live() {
+        return;
+    }
+    let mut cleanup = Cleanup::default();
+    let exchange = cleanup.exchange(&unique("two-instances"));
+    let first = start_proxy().await;
+    let second = start_proxy().await;
+    let direct = Direct::open().await;
+    let (c1, ch1, mut e1) = client(&first).await;
+    let (c2, ch2, mut e2) = client(&second).await;
+    exchange_declare(&ch1, &exchange, "fanout", false).await;
+    let (queue, _, _) = within(
+        "queue.declare \"\" through the first instance",
+        ch1.queue_declare(QueueDeclareArguments::exclusive_server_named()),
+    )
+    .await
+    .expect("queue.declare")
+    .expect("declare-ok");
+    cleanup.queue(&queue);
+    within(
+        "queue.bind through the first instance",
+        ch1.queue_bind(QueueBindArguments::new(&queue, &exchange, "")),
+    )
+    .await
+    .expect("queue.bind");
+    let (_tag, mut rx) = consume(&ch1, &queue, true).await;
+    const N: usize = 20;
+    confirm_select(&ch2).await;
+    for i in 0..N {
+        publish(&ch2, &exchange, "", format!("m-{i}").as_bytes()).await;
+    }
+    assert!(
+        e2.confirms(N as u64).await.iter().all(|&a| a),
+        "every publish acked"
+    );
+    let mut got = BTreeSet::new();
+    for _ in 0..N {
+        let d = delivery(
+            within("a delivery through the first instance", rx.recv())
+                .await
+                .expect("consumer open"),
+        );
+        assert!(got.insert(d.body.clone()), "delivered twice: {:?}", d.body);
+        ack(&ch1, d.tag, false).await;
+    }
+    tokio::time::sleep(QUIET).await;
+    assert!(rx.try_recv().is_err(), "a message arrived twice");
+    e1.assert_no_close("first instance's client");
+    e2.assert_no_close("second instance's client");
+    close_connection(c2).await;
+    close_connection(c1).await;
+    within("second proxy shutdown", second.shutdown()).await;
+    shutdown(first, direct).await;
+}

@@ -12,7 +12,8 @@
 #        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
 #      everything is torn down on exit, failures and Ctrl-C included;
 #   3. rust:   cargo test --all-targets --no-fail-fast (every test binary runs even if one fails)
-#              (needs the venv too: tests/compose.rs runs check-jsonschema on docker-compose.yml)
+#              (needs the venv too: tests/compose.rs runs check-jsonschema on docker-compose.yml;
+#              and promtool, from Debian's prometheus package, for tests/admin_metrics.rs)
 #   4. python: builds and starts target/debug/warren on a free port in front of the test clusters,
 #              runs py-amqp's and kombu's integration suites directly and through it and compares
 #              (tests/python/run_suites.py);
@@ -197,6 +198,19 @@ if want rust && ! command -v systemd-analyze >/dev/null 2>&1; then
     # tests/systemd.rs checks deploy/systemd/warren.service with `systemd-analyze verify`.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd ||
         { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd; }
+fi
+if want rust && ! command -v promtool >/dev/null 2>&1; then
+    # tests/admin_metrics.rs runs `promtool check metrics` on /metrics and `promtool check rules`
+    # on deploy/prometheus/warren-alerts.yml; Debian's prometheus package has promtool. Its
+    # service is not wanted: stopped if the install started it.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus ||
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        systemctl disable --now prometheus || true
+    fi
+fi
+if want rust; then
+    export WARREN_REQUIRE_PROMTOOL=1 # installed above: tests/admin_metrics.rs must run it, not skip
 fi
 if want clients; then
     apt_install() {

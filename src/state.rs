@@ -66,6 +66,11 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Arc<Config>) -> Self {
         let (config_tx, _) = watch::channel(config.clone());
+        let metrics = Arc::new(Metrics::default());
+        // Every configured cluster has its series in /metrics, at 0, before any traffic.
+        for c in &config.clusters {
+            metrics.cluster(&c.name);
+        }
         Shared {
             config_tx,
             config_path: Mutex::new(None),
@@ -79,7 +84,7 @@ impl Shared {
             server_properties: ArcSwapOption::empty(),
             nodes_back: Mutex::default(),
             next_id: AtomicU64::new(1),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         }
     }
 
@@ -180,6 +185,9 @@ impl Shared {
         let message = describe_change(&old, &config);
         if config == *old {
             return self.record(true, "no change".into());
+        }
+        for c in &config.clusters {
+            self.metrics.cluster(&c.name);
         }
         let config = Arc::new(config);
         self.config.store(config.clone());

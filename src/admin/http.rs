@@ -1,9 +1,9 @@
 //! The admin routes on hyper (HTTP/1.1).
 //!
-//! Every answer is JSON except `GET /` (HTML) and `GET /metrics` (Prometheus text). Request
-//! heads are bounded by hyper (`max_buf_size`, header read timeout), request bodies by
-//! [`MAX_BODY`]; nothing a client sends can make a handler panic (no indexing, no unwrap on
-//! request data).
+//! Every answer is JSON except `GET /` (HTML) and `GET /metrics` (Prometheus text 0.0.4, or
+//! OpenMetrics when the scraper asks for it). Request heads are bounded by hyper
+//! (`max_buf_size`, header read timeout), request bodies by [`MAX_BODY`]; nothing a client sends
+//! can make a handler panic (no indexing, no unwrap on request data).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +31,7 @@ use super::health::NodeState;
 use super::queues::{self, Depth};
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
+use crate::metrics::{Format, Metrics};
 use crate::route::Pattern;
 use crate::state::ReloadStatus;
 
@@ -267,12 +268,11 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             queues_response(state, filter).await
         }
         Route::Metrics => {
-            let openmetrics = req
+            let accept = req
                 .headers()
                 .get(header::ACCEPT)
-                .and_then(|a| a.to_str().ok())
-                .is_some_and(|a| a.contains("application/openmetrics-text"));
-            metrics(state, openmetrics)
+                .and_then(|a| a.to_str().ok());
+            metrics(state, Format::from_accept(accept))
         }
         Route::Reload | Route::Drain(_) | Route::Undrain(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route")
@@ -596,24 +596,22 @@ async fn queues_json(
 // ---------------------------------------------------------------------------------------------
 // /metrics
 
-fn metrics(state: &AdminState, openmetrics: bool) -> Resp {
-    let mut text = state.shared.metrics.encode();
-    let extra = health_metrics(state);
-    // prometheus-client ends its exposition with "# EOF"; ours goes before it.
-    match text.rfind("# EOF") {
-        Some(at) => text.insert_str(at, &extra),
-        None => text.push_str(&extra),
-    }
-    let content_type = if openmetrics {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    } else {
-        "text/plain; version=0.0.4; charset=utf-8"
-    };
+/// `GET /metrics` in the format the scraper asked for ([`Format::from_accept`]): the registry's
+/// series, then the health gauges the admin endpoint owns.
+fn metrics(state: &AdminState, format: Format) -> Resp {
+    let mut text = state.shared.metrics.encode(format);
+    text.push_str(&health_metrics(state));
+    Metrics::finish(format, &mut text);
     let mut r = Response::new(Full::new(Bytes::from(text)));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The answer depends on Accept.
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
     r
 }
 

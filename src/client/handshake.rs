@@ -41,6 +41,9 @@ pub enum Refusal {
     Drop {
         reason: String,
         reply: Option<&'static [u8]>,
+        /// The client closed (or reset) the connection without sending a byte: a bare TCP
+        /// connect, such as a load balancer's health check, rather than a refused client.
+        silent: bool,
     },
     /// Send connection.close with this code and text, then wait for close-ok.
     Close {
@@ -163,6 +166,7 @@ fn drop_with(reason: String) -> Refusal {
     Refusal::Drop {
         reason,
         reply: None,
+        silent: false,
     }
 }
 
@@ -200,12 +204,28 @@ pub async fn greet(
                     "no protocol header before the handshake timeout".into(),
                 ));
             }
+            Ok(Ok(0)) if conn.buf.is_empty() => {
+                return Err(Refusal::Drop {
+                    reason: "client closed the connection without sending a byte".into(),
+                    reply: None,
+                    silent: true,
+                });
+            }
             Ok(Ok(0)) => {
                 return Err(drop_with(
                     "client closed the connection before the protocol header".into(),
                 ));
             }
             Ok(Ok(_)) => {}
+            Ok(Err(e))
+                if conn.buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return Err(Refusal::Drop {
+                    reason: format!("client reset the connection without sending a byte: {e}"),
+                    reply: None,
+                    silent: true,
+                });
+            }
             Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
         }
     }
@@ -217,6 +237,7 @@ pub async fn greet(
                 Bytes::copy_from_slice(&conn.buf[..8])
             ),
             reply: Some(codec::PROTOCOL_HEADER),
+            silent: false,
         });
     }
     conn.buf.advance(8);

@@ -74,14 +74,24 @@ pub async fn serve(
         Ok(g) => g,
         Err(refusal) => {
             match &refusal {
+                // A bare TCP connect (a load balancer's health check): not a refused client.
+                Refusal::Drop {
+                    reason,
+                    silent: true,
+                    ..
+                } => {
+                    debug!(conn = id, %peer, %reason, "TCP probe: connection closed before the handshake");
+                    shared.metrics.probes.inc();
+                }
                 Refusal::Drop { reason, .. } => {
-                    info!(conn = id, %peer, %reason, "connection refused during handshake")
+                    info!(conn = id, %peer, %reason, "connection refused during handshake");
+                    shared.metrics.connections_refused.inc();
                 }
                 Refusal::Close { code, text, .. } => {
-                    warn!(conn = id, %peer, code, %text, "connection refused during handshake")
+                    warn!(conn = id, %peer, code, %text, "connection refused during handshake");
+                    shared.metrics.connections_refused.inc();
                 }
             }
-            shared.metrics.connections_refused.inc();
             answer_refusal(&mut stream, &mut rbuf, refusal).await;
             return;
         }

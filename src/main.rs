@@ -11,6 +11,9 @@
 //! Adding a subcommand: add a variant to [`Command`] (its doc comment becomes the help text),
 //! a function `fn name(cli: &Cli, ...) -> ExitCode`, and an arm in [`main`]. The global
 //! options (`--config`, `--log-format`) are available to every subcommand through [`Cli`].
+//! `check-queues` declares its own `--config` (short `-f`, same id, so the value is shared): there
+//! `-c` is `--critical`, as in every Nagios plugin; clap does not hand a global option to a
+//! subcommand that has one of the same id.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -53,7 +56,8 @@ the configuration file and POST /reload on the admin endpoint reload the configu
 invalid file is rejected and the running configuration stays in force.",
     after_help = "Examples:\n  warren --config proxy.toml          run the proxy\n  \
 warren check --config proxy.toml    validate a configuration file\n  \
-warren check-queues -c proxy.toml -w 500 -C 1000   queue depths, as a Nagios/Sensu check\n\n\
+warren check-queues --config proxy.toml -q celery -w 500 -c 1000\n\
+                                      depth of a queue, as a Nagios/Sensu check\n\n\
 Logging goes to stdout; set the filter with RUST_LOG (default: info), e.g. \
 RUST_LOG=warren=debug.\n\
 Exit codes: 0 ok, 1 start-up or shutdown failure, 2 invalid configuration or usage \
@@ -80,21 +84,79 @@ enum Command {
     Check,
     /// Check the depths of the sharded queues (a Nagios/Sensu plugin: one line, exit 0 OK,
     /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+    #[command(after_help = CHECK_QUEUES_HELP)]
     CheckQueues(CheckQueuesArgs),
+}
+
+/// `warren check-queues --help`, after the options.
+const CHECK_QUEUES_HELP: &str = "\
+Queues:
+  -q NAME (no `*`) is asked on every shard cluster of --config with a passive queue.declare, so
+  every warren instance, even one started a second ago, answers the same; a named queue that no
+  shard cluster has is CRITICAL. Without --config, names are looked up on --admin, which knows
+  only the queues declared through that warren (UNKNOWN if it does not list one).
+  -q PATTERN (with `*`) and no -q at all cover only the queues declared through the warren of
+  the admin endpoint since it started; the OK line says so.
+
+Output: one status line, then performance data: each queue's total (with the thresholds) and
+its share on each shard cluster:
+  QUEUES CRITICAL - celery=1869 (>= 1000) | 'celery'=1869;500;1000;0; 'celery@shard-a'=935;;;0; 'celery@shard-b'=934;;;0;
+Exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (cannot ask, partial depths, bad arguments).
+The configuration file is --config FILE or -f FILE here: -c is --critical.
+
+Sensu Go check (YAML):
+  type: CheckConfig
+  api_version: core/v2
+  metadata:
+    name: warren-queue-celery
+  spec:
+    command: warren check-queues --config /etc/warren/proxy.toml -q celery -w 500 -c 1000
+    interval: 60
+    subscriptions: [warren]
+    output_metric_format: nagios_perfdata
+
+Nagios (run on the warren host, e.g. through NRPE):
+  define command {
+    command_name  check_warren_queue
+    command_line  /usr/bin/warren check-queues --config /etc/warren/proxy.toml -q '$ARG1$' -w $ARG2$ -c $ARG3$
+  }
+  define service {
+    use                  generic-service
+    host_name            warren-1
+    service_description  queue celery
+    check_command        check_warren_queue!celery!500!1000
+  }";
+
+/// A message count of `--warning` / `--critical`.
+fn threshold(s: &str) -> Result<u64, String> {
+    s.trim().parse::<u64>().map_err(|_| {
+        format!(
+            "expected a number of messages, got {s:?} (-c is --critical, as in every Nagios \
+             plugin; the configuration file is --config FILE or -f FILE)"
+        )
+    })
 }
 
 /// Arguments of `warren check-queues`.
 #[derive(Args, Debug, Clone)]
 struct CheckQueuesArgs {
     /// WARNING when a queue holds at least N messages (summed over the shard clusters)
-    #[arg(short, long, value_name = "N")]
+    #[arg(short, long, value_name = "N", value_parser = threshold)]
     warning: u64,
-    /// CRITICAL when a queue holds at least M messages
-    #[arg(short = 'C', long, value_name = "M")]
+    /// CRITICAL when a queue holds at least M messages, or a named queue is missing
+    #[arg(short, long, value_name = "M", value_parser = threshold, short_alias = 'C')]
     critical: u64,
-    /// Only queues whose name matches PATTERN (`*` matches any run of characters)
-    #[arg(short, long, value_name = "PATTERN")]
-    queue: Option<String>,
+    /// A queue NAME, asked on the clusters (repeatable); with `*`, a PATTERN over the queues
+    /// declared through the admin endpoint's warren. Default: all of those
+    #[arg(short, long, value_name = "NAME|PATTERN")]
+    queue: Vec<String>,
+    /// Vhost of the named queues
+    #[arg(long, value_name = "VHOST", default_value = "/")]
+    vhost: String,
+    /// Configuration file: its shard clusters are asked about named queues, and its
+    /// `[admin] listen` is the default --admin (-f, not -c: -c is --critical)
+    #[arg(short = 'f', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Admin endpoint, e.g. http://127.0.0.1:15673 (default: `[admin] listen` of --config)
     #[arg(short, long, value_name = "URL")]
     admin: Option<String>,
@@ -187,25 +249,28 @@ fn check_queues(cli: &Cli, args: &CheckQueuesArgs) -> ExitCode {
 }
 
 fn check_queues_outcome(cli: &Cli, args: &CheckQueuesArgs) -> check::Outcome {
-    let admin = match (&args.admin, &cli.config) {
+    // `--config` after `check-queues` is its own option (the value is shared with the global
+    // one, also when given before the subcommand).
+    let path = args.config.as_deref().or(cli.config.as_deref());
+    let admin = match (&args.admin, path) {
         (Some(url), _) => match AdminUrl::parse(url) {
-            Ok(a) => a,
+            Ok(a) => Ok(a),
             Err(e) => return check::Outcome::unknown(e),
         },
         (None, Some(path)) => match admin_listen_of(path) {
-            Ok(Some(listen)) => AdminUrl::from_listen(listen),
-            Ok(None) => {
-                return check::Outcome::unknown(format!(
-                    "{} has no [admin] listen address; pass --admin URL",
-                    path.display()
-                ));
-            }
-            Err(e) => {
-                return check::Outcome::unknown(format!("cannot read the configuration: {e}"));
-            }
+            Ok(Some(listen)) => Ok(AdminUrl::from_listen(listen)),
+            Ok(None) => Err(format!(
+                "{} has no [admin] listen address; pass --admin URL",
+                path.display()
+            )),
+            Err(e) => Err(format!("cannot read the configuration: {e}")),
         },
-        (None, None) => return check::Outcome::unknown("pass --admin URL or --config FILE"),
+        (None, None) => {
+            Err("pass --config FILE (named queues are asked on its clusters) or --admin URL".into())
+        }
     };
+    let clusters = path
+        .map(|path| Config::load(path).map_err(|e| format!("cannot read the configuration: {e}")));
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
         return check::Outcome::unknown("--timeout must be between 0 and 3600 seconds");
     }
@@ -216,15 +281,18 @@ fn check_queues_outcome(cli: &Cli, args: &CheckQueuesArgs) -> check::Outcome {
         Ok(r) => r,
         Err(e) => return check::Outcome::unknown(format!("cannot start the async runtime: {e}")),
     };
-    let thresholds = Thresholds {
-        warning: args.warning,
-        critical: args.critical,
+    let request = check::Request {
+        thresholds: Thresholds {
+            warning: args.warning,
+            critical: args.critical,
+        },
+        queues: args.queue.clone(),
+        vhost: args.vhost.clone(),
+        timeout: Duration::from_secs_f64(args.timeout),
     };
     runtime.block_on(check::check_queues(
-        &admin,
-        args.queue.as_deref(),
-        thresholds,
-        Duration::from_secs_f64(args.timeout),
+        &request,
+        &check::Sources { admin, clusters },
     ))
 }
 
@@ -519,5 +587,81 @@ mod tests {
         let cli = Cli::try_parse_from(["warren", "-c", "p.toml", "--log-format", "json"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.log_format, LogFormat::Json);
+    }
+
+    fn check_queues_args(args: &[&str]) -> Result<(Cli, CheckQueuesArgs), clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command.clone() {
+            Some(Command::CheckQueues(a)) => Ok((cli, a)),
+            other => panic!("not check-queues: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn check_queues_takes_nagios_options() {
+        let (_, a) = check_queues_args(&[
+            "warren",
+            "check-queues",
+            "-f",
+            "p.toml",
+            "-q",
+            "ux-w",
+            "-q",
+            "celery*",
+            "-w",
+            "10",
+            "-c",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!((a.warning, a.critical), (10, 100));
+        assert_eq!(a.queue, ["ux-w", "celery*"]);
+        assert_eq!(a.config.as_deref(), Some(Path::new("p.toml")));
+        assert_eq!(a.vhost, "/");
+        // --config after the subcommand, or before it.
+        for args in [
+            &[
+                "warren",
+                "check-queues",
+                "--config",
+                "p.toml",
+                "-w",
+                "1",
+                "-c",
+                "2",
+            ][..],
+            &[
+                "warren",
+                "--config",
+                "p.toml",
+                "check-queues",
+                "-w",
+                "1",
+                "-c",
+                "2",
+            ],
+            &[
+                "warren",
+                "-c",
+                "p.toml",
+                "check-queues",
+                "-w",
+                "1",
+                "--critical",
+                "2",
+            ],
+        ] {
+            let (cli, a) = check_queues_args(args).unwrap();
+            assert_eq!(a.critical, 2, "{args:?}");
+            let path = a.config.as_deref().or(cli.config.as_deref());
+            assert_eq!(path, Some(Path::new("p.toml")), "{args:?}");
+        }
+        // The old -C still works; -c with a file name says what -c is now.
+        let (_, a) = check_queues_args(&["warren", "check-queues", "-w", "1", "-C", "5"]).unwrap();
+        assert_eq!(a.critical, 5);
+        let e = check_queues_args(&["warren", "check-queues", "-c", "p.toml", "-w", "1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("-c is --critical"), "{e}");
     }
 }

@@ -1,19 +1,29 @@
-//! `warren check-queues`: one Nagios/Sensu plugin line from the admin endpoint's `/queues`.
+//! `warren check-queues`: one Nagios/Sensu plugin line about queue depths.
 //!
 //! ```text
-//! QUEUES CRITICAL - celery=1200 (>= 1000) | celery=1200;500;1000
+//! QUEUES CRITICAL - celery=1200 (>= 1000) | 'celery'=1200;500;1000;0; 'celery@shard-a'=610;;;0; 'celery@shard-b'=590;;;0;
 //! ```
 //!
-//! Exit codes follow the plugin convention: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (the admin
-//! endpoint cannot be reached or answers something else than depths, a depth could not be read on
-//! every shard cluster, bad arguments, a `--queue` pattern that matches nothing).
+//! A queue named with `--queue NAME` is asked on every shard cluster of the configuration with a
+//! passive `queue.declare` (no matter which warren declared it, or whether one runs); patterns
+//! and the default set come from the admin endpoint's `/queues`, which lists only the queues
+//! declared through that warren since it started (the OK line says so).
+//!
+//! Exit codes follow the plugin convention: 0 OK, 1 WARNING, 2 CRITICAL (a queue at or above
+//! `--critical`, or a named queue that no shard cluster has), 3 UNKNOWN (the admin endpoint or
+//! the clusters cannot be asked, a depth could not be read on every shard cluster, bad
+//! arguments, a `--queue` pattern that matches nothing).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::queues;
+use crate::config::Config;
 
 /// Plugin status, in the order of its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,50 +146,208 @@ impl AdminUrl {
     }
 }
 
-/// Asks `GET /queues[?queue=PATTERN]` and evaluates the answer.
-pub async fn check_queues(
-    admin: &AdminUrl,
-    pattern: Option<&str>,
-    t: Thresholds,
-    timeout: Duration,
-) -> Outcome {
+/// What `warren check-queues` is asked.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub thresholds: Thresholds,
+    /// The `--queue` values. One without `*` is a queue name, asked on the shard clusters
+    /// themselves; one with `*` is a pattern over the queues declared through the warren of the
+    /// admin endpoint. None: every queue declared through that warren since it started.
+    pub queues: Vec<String>,
+    /// The vhost of the named queues.
+    pub vhost: String,
+    /// The whole check's time limit.
+    pub timeout: Duration,
+}
+
+/// Where the answers come from.
+#[derive(Debug)]
+pub struct Sources {
+    /// The admin endpoint (patterns, the default set, and named queues when no configuration
+    /// was given), or why there is none.
+    pub admin: Result<AdminUrl, String>,
+    /// The configuration whose shard clusters are asked about named queues: `None` when no
+    /// `--config` was given, the reason when it cannot be loaded.
+    pub clusters: Option<Result<Config, String>>,
+}
+
+/// What was asked, for the verdict's wording.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Queues asked by name, as (vhost, name): one that no shard cluster has is CRITICAL.
+    pub named: Vec<(String, String)>,
+    /// `--queue` patterns (matched against the declared queues).
+    pub patterns: Vec<String>,
+    /// Whether the set includes the queues declared through the warren (no `--queue`, or a
+    /// pattern): the OK line says so, so that nobody reads it as "all queues".
+    pub declared: bool,
+    /// The admin endpoint the named queues were looked up on, when no clusters were asked.
+    pub via_admin: Option<String>,
+}
+
+/// Words of the OK line when the set is the declared queues.
+pub const DECLARED: &str = "queues declared through this warren since it started";
+
+/// Asks for the depths and evaluates them against the thresholds.
+///
+/// Named queues are asked on every shard cluster of `sources.clusters` with a passive
+/// `queue.declare` ([`queues::report`]), so any warren instance, even one started a second ago,
+/// answers the same; without a configuration they are looked up on the admin endpoint, which
+/// knows only the queues declared through it. Patterns and the default set come from the admin
+/// endpoint's `GET /queues[?queue=PATTERN]`.
+pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
+    let t = req.thresholds;
     if t.warning > t.critical {
         return Outcome::unknown(format!(
             "--warning ({}) must not be above --critical ({})",
             t.warning, t.critical
         ));
     }
+    let deadline = Instant::now() + req.timeout;
+    let mut scope = Scope::default();
+    for q in &req.queues {
+        if q.contains('*') {
+            if !scope.patterns.contains(q) {
+                scope.patterns.push(q.clone());
+            }
+        } else {
+            let key = (req.vhost.clone(), q.clone());
+            if !scope.named.contains(&key) {
+                scope.named.push(key);
+            }
+        }
+    }
+    scope.declared = scope.named.is_empty() || !scope.patterns.is_empty();
+    if scope.named.len() > queues::MAX_QUEUES {
+        return Outcome::unknown(format!(
+            "at most {} queues can be named",
+            queues::MAX_QUEUES
+        ));
+    }
+
+    let mut entries: Vec<Value> = Vec::new();
+    if !scope.named.is_empty() {
+        match &sources.clusters {
+            Some(Ok(config)) => {
+                match tokio::time::timeout_at(deadline, queues::report(config, &scope.named)).await
+                {
+                    Ok(list) => entries.extend(list),
+                    Err(_) => {
+                        return Outcome::unknown(format!(
+                            "the shard clusters did not answer within {} s",
+                            req.timeout.as_secs_f64()
+                        ));
+                    }
+                }
+            }
+            Some(Err(e)) => return Outcome::unknown(e),
+            None => {
+                let admin = match &sources.admin {
+                    Ok(a) => a,
+                    Err(e) => return Outcome::unknown(e),
+                };
+                for (vhost, name) in &scope.named {
+                    let listed = match fetch(admin, Some(name), deadline, req.timeout).await {
+                        Ok(l) => l,
+                        Err(o) => return o,
+                    };
+                    let found = listed.into_iter().find(|q| {
+                        q.get("name").and_then(Value::as_str) == Some(name.as_str())
+                            && q.get("vhost").and_then(Value::as_str) == Some(vhost.as_str())
+                    });
+                    entries.push(found.unwrap_or_else(
+                        || json!({"vhost": vhost, "name": name, "messages": null, "unlisted": true}),
+                    ));
+                }
+                scope.via_admin = Some(admin.host_header());
+            }
+        }
+    }
+    if scope.declared {
+        let admin = match &sources.admin {
+            Ok(a) => a,
+            Err(e) => return Outcome::unknown(e),
+        };
+        let patterns: Vec<Option<&str>> = if scope.patterns.is_empty() {
+            vec![None]
+        } else {
+            scope.patterns.iter().map(|p| Some(p.as_str())).collect()
+        };
+        for p in patterns {
+            match fetch(admin, p, deadline, req.timeout).await {
+                Ok(l) => entries.extend(l),
+                Err(o) => return o,
+            }
+        }
+    }
+    // A queue both named and matched by a pattern is reported once (the named answer first).
+    let mut seen = std::collections::HashSet::new();
+    entries.retain(|q| {
+        seen.insert((
+            q.get("vhost")
+                .and_then(Value::as_str)
+                .unwrap_or("/")
+                .to_owned(),
+            q.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_owned(),
+        ))
+    });
+    evaluate(&entries, &scope, t)
+}
+
+/// `GET /queues[?queue=PATTERN]` of the admin endpoint: its `queues` list.
+async fn fetch(
+    admin: &AdminUrl,
+    pattern: Option<&str>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<Value>, Outcome> {
     let mut path = format!("{}/queues", admin.prefix);
     if let Some(p) = pattern {
         path.push_str("?queue=");
         path.push_str(&percent_encode(p));
     }
-    let (status, body) = match tokio::time::timeout(timeout, http_get(admin, &path)).await {
+    let (status, body) = match tokio::time::timeout_at(deadline, http_get(admin, &path)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return Outcome::unknown(format!("admin endpoint {}: {e}", admin.host_header()));
+            return Err(Outcome::unknown(format!(
+                "admin endpoint {}: {e}",
+                admin.host_header()
+            )));
         }
         Err(_) => {
-            return Outcome::unknown(format!(
+            return Err(Outcome::unknown(format!(
                 "admin endpoint {} did not answer within {} s",
                 admin.host_header(),
                 timeout.as_secs_f64()
-            ));
+            )));
         }
     };
     if status != 200 {
         let text = String::from_utf8_lossy(&body);
-        return Outcome::unknown(format!(
+        return Err(Outcome::unknown(format!(
             "admin endpoint answered HTTP {status}: {}",
             text.trim()
-        ));
+        )));
     }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(v) => evaluate(&v, pattern, t),
-        Err(e) => Outcome::unknown(format!(
+    let v = serde_json::from_slice::<Value>(&body).map_err(|e| {
+        Outcome::unknown(format!(
             "admin endpoint answered something that is not JSON: {e}"
+        ))
+    })?;
+    match v.get("queues").and_then(Value::as_array) {
+        Some(list) => Ok(list.clone()),
+        None => Err(Outcome::unknown(
+            "the admin endpoint's /queues answer has no \"queues\" list",
         )),
     }
+}
+
+/// The `status` of a `/queues` cluster entry (`ok`, `missing`, `error`).
+fn status_of(c: &Value) -> &str {
+    c.get("status").and_then(Value::as_str).unwrap_or("?")
 }
 
 /// How many offending queues the summary names before "and N more".
@@ -187,73 +355,144 @@ const SUMMARY_QUEUES: usize = 10;
 /// How many queues get performance data.
 const PERFDATA_QUEUES: usize = 200;
 
-/// Evaluates a `/queues` answer against the thresholds.
-pub fn evaluate(v: &Value, pattern: Option<&str>, t: Thresholds) -> Outcome {
-    let Some(queues) = v.get("queues").and_then(Value::as_array) else {
-        return Outcome::unknown("the admin endpoint's /queues answer has no \"queues\" list");
-    };
+/// Evaluates `/queues` entries (see [`queues::report`]) against the thresholds.
+///
+/// A queue at or above a threshold makes the check WARNING or CRITICAL, and so does (CRITICAL)
+/// a queue asked by name that no shard cluster has. Otherwise a depth that could not be read on
+/// every cluster makes it UNKNOWN. A declared (not named) queue that no shard cluster has any
+/// more (deleted through another instance or directly) is left out and counted in the OK line.
+pub fn evaluate(queues: &[Value], scope: &Scope, t: Thresholds) -> Outcome {
     struct Q {
         label: String,
-        messages: u64,
+        /// The total, `None` when it could not be read at all.
+        messages: Option<u64>,
         status: Status,
-        incomplete: Option<String>,
+        /// No shard cluster has this named queue.
+        missing: bool,
+        /// Why the depth is not (fully) known.
+        problem: Option<String>,
+        /// (cluster, messages) of the clusters that answered.
+        split: Vec<(String, u64)>,
     }
-    let mut list = Vec::with_capacity(queues.len());
-    for q in queues {
-        let name = q.get("name").and_then(Value::as_str).unwrap_or("?");
-        let vhost = q.get("vhost").and_then(Value::as_str).unwrap_or("/");
-        let Some(messages) = q.get("messages").and_then(Value::as_u64) else {
-            return Outcome::unknown(format!("queue {name:?} has no message count"));
-        };
-        let label = sanitize(&if vhost == "/" {
-            name.to_owned()
-        } else {
-            format!("{vhost}/{name}")
-        });
-        let status = if messages >= t.critical {
+    let level = |messages: u64| {
+        if messages >= t.critical {
             Status::Critical
         } else if messages >= t.warning {
             Status::Warning
         } else {
             Status::Ok
-        };
-        let incomplete = (q.get("complete").and_then(Value::as_bool) == Some(false)).then(|| {
-            let errors: Vec<String> = q
-                .get("clusters")
-                .and_then(Value::as_array)
-                .map(|cs| {
-                    cs.iter()
-                        .filter(|c| c.get("status").and_then(Value::as_str) == Some("error"))
-                        .map(|c| {
-                            format!(
-                                "{}: {}",
-                                c.get("cluster").and_then(Value::as_str).unwrap_or("?"),
-                                c.get("error").and_then(Value::as_str).unwrap_or("error")
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            errors.join(", ")
+        }
+    };
+    let mut list = Vec::with_capacity(queues.len());
+    let mut gone: Vec<String> = Vec::new();
+    for q in queues {
+        let name = q.get("name").and_then(Value::as_str).unwrap_or("?");
+        let vhost = q.get("vhost").and_then(Value::as_str).unwrap_or("/");
+        let label = sanitize(&if vhost == "/" {
+            name.to_owned()
+        } else {
+            format!("{vhost}/{name}")
         });
+        let named = scope.named.iter().any(|(v, n)| v == vhost && n == name);
+        if q.get("unlisted").and_then(Value::as_bool) == Some(true) {
+            let via = scope.via_admin.as_deref().unwrap_or("the admin endpoint");
+            list.push(Q {
+                problem: Some(format!(
+                    "{label} is not among the queues declared through the warren at {via} since \
+                     it started; pass --config FILE to ask the clusters"
+                )),
+                label,
+                messages: None,
+                status: Status::Unknown,
+                missing: false,
+                split: Vec::new(),
+            });
+            continue;
+        }
+        let clusters: &[Value] = q
+            .get("clusters")
+            .and_then(Value::as_array)
+            .map_or(&[], Vec::as_slice);
+        if !clusters.is_empty() && clusters.iter().all(|c| status_of(c) == "missing") {
+            if named {
+                list.push(Q {
+                    label,
+                    messages: None,
+                    status: Status::Critical,
+                    missing: true,
+                    problem: None,
+                    split: Vec::new(),
+                });
+            } else {
+                gone.push(label);
+            }
+            continue;
+        }
+        let Some(messages) = q.get("messages").and_then(Value::as_u64) else {
+            return Outcome::unknown(format!("queue {name:?} has no message count"));
+        };
+        let cluster_name =
+            |c: &Value| sanitize(c.get("cluster").and_then(Value::as_str).unwrap_or("?"));
+        let split = clusters
+            .iter()
+            .filter(|c| matches!(status_of(c), "ok" | "missing"))
+            .map(|c| {
+                (
+                    cluster_name(c),
+                    c.get("messages").and_then(Value::as_u64).unwrap_or(0),
+                )
+            })
+            .collect();
+        let problem = (q.get("complete").and_then(Value::as_bool) == Some(false)).then(|| {
+            let errors: Vec<String> = clusters
+                .iter()
+                .filter(|c| status_of(c) == "error")
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        cluster_name(c),
+                        c.get("error").and_then(Value::as_str).unwrap_or("error")
+                    )
+                })
+                .collect();
+            format!(
+                "depth of {label} unknown on some clusters ({})",
+                errors.join(", ")
+            )
+        });
+        let status = match level(messages) {
+            Status::Ok if problem.is_some() => Status::Unknown,
+            s => s,
+        };
         list.push(Q {
             label,
-            messages,
+            messages: Some(messages),
             status,
-            incomplete,
+            missing: false,
+            problem,
+            split,
         });
     }
 
+    // Performance data: the total with the thresholds, then each cluster's share.
     let mut perf = String::new();
     for q in list.iter().take(PERFDATA_QUEUES) {
-        let _ = write!(
-            perf,
-            " {}={};{};{}",
-            perf_label(&q.label),
-            q.messages,
-            t.warning,
-            t.critical
-        );
+        if let (Some(m), None) = (q.messages, &q.problem) {
+            let _ = write!(
+                perf,
+                " {}={m};{};{};0;",
+                perf_label(&q.label),
+                t.warning,
+                t.critical
+            );
+        }
+        for (cluster, n) in &q.split {
+            let _ = write!(
+                perf,
+                " {}={n};;;0;",
+                perf_label(&format!("{}@{cluster}", q.label))
+            );
+        }
     }
     let finish = |status: Status, summary: String| {
         let line = if perf.is_empty() {
@@ -264,29 +503,36 @@ pub fn evaluate(v: &Value, pattern: Option<&str>, t: Thresholds) -> Outcome {
         Outcome { status, line }
     };
 
-    let worst = list.iter().map(|q| q.status).max().unwrap_or(Status::Ok);
-    if worst >= Status::Warning {
-        let mut offending: Vec<&Q> = list
-            .iter()
-            .filter(|q| q.status >= Status::Warning)
-            .collect();
-        // Critical first, then the deepest.
-        offending.sort_by(|a, b| b.status.cmp(&a.status).then(b.messages.cmp(&a.messages)));
+    let mut offending: Vec<&Q> = list
+        .iter()
+        .filter(|q| matches!(q.status, Status::Warning | Status::Critical))
+        .collect();
+    if let Some(worst) = offending.iter().map(|q| q.status).max() {
+        // Missing first, then critical, then the deepest.
+        offending.sort_by(|a, b| {
+            b.missing
+                .cmp(&a.missing)
+                .then(b.status.cmp(&a.status))
+                .then(b.messages.cmp(&a.messages))
+        });
         let mut parts: Vec<String> = offending
             .iter()
             .take(SUMMARY_QUEUES)
             .map(|q| {
+                if q.missing {
+                    return format!("{} missing on every shard cluster", q.label);
+                }
                 let limit = if q.status == Status::Critical {
                     t.critical
                 } else {
                     t.warning
                 };
-                let partial = if q.incomplete.is_some() {
-                    ", partial"
-                } else {
-                    ""
-                };
-                format!("{}={} (>= {limit}{partial})", q.label, q.messages)
+                let partial = if q.problem.is_some() { ", partial" } else { "" };
+                format!(
+                    "{}={} (>= {limit}{partial})",
+                    q.label,
+                    q.messages.unwrap_or_default()
+                )
             })
             .collect();
         if offending.len() > SUMMARY_QUEUES {
@@ -294,38 +540,81 @@ pub fn evaluate(v: &Value, pattern: Option<&str>, t: Thresholds) -> Outcome {
         }
         return finish(worst, parts.join(", "));
     }
-    let incomplete: Vec<&Q> = list.iter().filter(|q| q.incomplete.is_some()).collect();
-    if let Some(first) = incomplete.first() {
-        let more = if incomplete.len() > 1 {
-            format!(" (and {} more queues)", incomplete.len() - 1)
+    let unknown: Vec<&Q> = list
+        .iter()
+        .filter(|q| q.status == Status::Unknown)
+        .collect();
+    if let Some(first) = unknown.first() {
+        let more = if unknown.len() > 1 {
+            format!(" (and {} more queues)", unknown.len() - 1)
         } else {
             String::new()
         };
         return finish(
             Status::Unknown,
-            format!(
-                "depth of {} unknown on some clusters ({}){more}",
-                first.label,
-                first.incomplete.as_deref().unwrap_or_default()
-            ),
+            format!("{}{more}", first.problem.as_deref().unwrap_or("unknown")),
         );
     }
-    if list.is_empty() {
-        return match pattern {
-            Some(p) => finish(Status::Unknown, format!("no sharded queue matches {p:?}")),
-            None => finish(Status::Ok, "no sharded queues".into()),
+    let gone_note = if gone.is_empty() {
+        String::new()
+    } else {
+        let n = gone.len();
+        let mut names: Vec<&str> = gone
+            .iter()
+            .take(SUMMARY_QUEUES)
+            .map(String::as_str)
+            .collect();
+        let more = format!("and {} more", n.saturating_sub(SUMMARY_QUEUES));
+        if n > SUMMARY_QUEUES {
+            names.push(&more);
+        }
+        let (queues, exist) = if n == 1 {
+            ("queue", "exists")
+        } else {
+            ("queues", "exist")
         };
+        format!(
+            "; {n} declared {queues} no longer {exist} on any shard cluster: {}",
+            names.join(", ")
+        )
+    };
+    if list.is_empty() {
+        if scope.patterns.is_empty() {
+            return finish(
+                Status::Ok,
+                format!(
+                    "no sharded {DECLARED} (name queues with --queue to ask the clusters){gone_note}"
+                ),
+            );
+        }
+        let patterns: Vec<String> = scope.patterns.iter().map(|p| format!("{p:?}")).collect();
+        return finish(
+            Status::Unknown,
+            format!(
+                "no sharded queue matches {} among the {DECLARED} (name queues with --queue to \
+                 ask the clusters){gone_note}",
+                patterns.join(" or ")
+            ),
+        );
     }
     let deepest = list
         .iter()
         .max_by_key(|q| q.messages)
-        .map(|q| format!("{}={}", q.label, q.messages))
+        .map(|q| format!("{}={}", q.label, q.messages.unwrap_or_default()))
         .unwrap_or_default();
     let n = list.len();
     let plural = if n == 1 { "" } else { "s" };
+    let declared = if scope.declared {
+        format!(" ({DECLARED})")
+    } else {
+        String::new()
+    };
     finish(
         Status::Ok,
-        format!("{n} queue{plural} below {}, deepest {deepest}", t.warning),
+        format!(
+            "{n} queue{plural} below {}, deepest {deepest}{declared}{gone_note}",
+            t.warning
+        ),
     )
 }
 
@@ -340,13 +629,10 @@ fn one_line(s: &str) -> String {
     sanitize(&s.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
-/// A perfdata label: quoted with single quotes when it has spaces, `=` or quotes.
+/// A perfdata label, in single quotes (a quote in it doubled), as the plugin guidelines allow
+/// for any label.
 fn perf_label(label: &str) -> String {
-    if label.chars().any(|c| c == ' ' || c == '=' || c == '\'') {
-        format!("'{}'", label.replace('\'', "''"))
-    } else {
-        label.to_owned()
-    }
+    format!("'{}'", label.replace('\'', "''"))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -476,17 +762,31 @@ mod tests {
         json!({"vhost": "/", "name": name, "messages": messages, "complete": true, "clusters": []})
     }
 
+    /// The default set: the queues declared through the warren.
+    fn declared() -> Scope {
+        Scope {
+            declared: true,
+            ..Scope::default()
+        }
+    }
+
+    fn named(names: &[&str]) -> Scope {
+        Scope {
+            named: names.iter().map(|n| ("/".into(), (*n).into())).collect(),
+            ..Scope::default()
+        }
+    }
+
     #[test]
     fn statuses_and_lines() {
-        let v = json!({"queues": [q("celery", 1200), q("other", 3)]});
-        let o = evaluate(&v, None, T);
+        let o = evaluate(&[q("celery", 1200), q("other", 3)], &declared(), T);
         assert_eq!(o.status, Status::Critical);
         assert_eq!(
             o.line,
-            "QUEUES CRITICAL - celery=1200 (>= 1000) | celery=1200;500;1000 other=3;500;1000"
+            "QUEUES CRITICAL - celery=1200 (>= 1000) | 'celery'=1200;500;1000;0; 'other'=3;500;1000;0;"
         );
 
-        let o = evaluate(&json!({"queues": [q("a", 600), q("b", 1000)]}), None, T);
+        let o = evaluate(&[q("a", 600), q("b", 1000)], &declared(), T);
         assert_eq!(o.status, Status::Critical);
         assert!(
             o.line
@@ -495,51 +795,131 @@ mod tests {
             o.line
         );
 
-        let o = evaluate(&json!({"queues": [q("a", 500)]}), None, T);
+        let o = evaluate(&[q("a", 500)], &named(&["a"]), T);
         assert_eq!(
             (o.status, o.line.as_str()),
             (
                 Status::Warning,
-                "QUEUES WARNING - a=500 (>= 500) | a=500;500;1000"
+                "QUEUES WARNING - a=500 (>= 500) | 'a'=500;500;1000;0;"
             )
         );
 
-        let o = evaluate(&json!({"queues": [q("a", 499), q("b", 7)]}), None, T);
+        let o = evaluate(&[q("a", 499), q("b", 7)], &declared(), T);
         assert_eq!(o.status, Status::Ok);
         assert_eq!(
             o.line,
-            "QUEUES OK - 2 queues below 500, deepest a=499 | a=499;500;1000 b=7;500;1000"
+            "QUEUES OK - 2 queues below 500, deepest a=499 (queues declared through this warren \
+             since it started) | 'a'=499;500;1000;0; 'b'=7;500;1000;0;"
+        );
+        let o = evaluate(&[q("a", 499)], &named(&["a"]), T);
+        assert_eq!(
+            o.line,
+            "QUEUES OK - 1 queue below 500, deepest a=499 | 'a'=499;500;1000;0;"
         );
 
-        assert_eq!(evaluate(&json!({"queues": []}), None, T).status, Status::Ok);
-        assert_eq!(
-            evaluate(&json!({"queues": []}), Some("x*"), T).status,
-            Status::Unknown
+        let o = evaluate(&[], &declared(), T);
+        assert_eq!(o.status, Status::Ok);
+        assert!(
+            o.line.starts_with(
+                "QUEUES OK - no sharded queues declared through this warren since it started"
+            ),
+            "{}",
+            o.line
         );
+        let pattern = Scope {
+            patterns: vec!["x*".into()],
+            declared: true,
+            ..Scope::default()
+        };
+        let o = evaluate(&[], &pattern, T);
+        assert_eq!(o.status, Status::Unknown, "{}", o.line);
+        assert!(o.line.contains("\"x*\""), "{}", o.line);
+    }
+
+    fn split(name: &str, clusters: &[(&str, Option<u64>)]) -> Value {
+        let total: u64 = clusters.iter().filter_map(|c| c.1).sum();
+        let cs: Vec<Value> = clusters
+            .iter()
+            .map(|(c, m)| match m {
+                Some(m) => json!({"cluster": c, "status": "ok", "messages": m, "consumers": 1}),
+                None => json!({"cluster": c, "status": "missing", "messages": 0, "consumers": 0}),
+            })
+            .collect();
+        json!({"vhost": "/", "name": name, "messages": total, "consumers": 1, "complete": true, "clusters": cs})
+    }
+
+    #[test]
+    fn perfdata_per_cluster() {
+        let v = split("ux-w", &[("shard-a", Some(935)), ("shard-b", Some(934))]);
+        let o = evaluate(&[v], &named(&["ux-w"]), T);
         assert_eq!(
-            evaluate(&json!({"nope": 1}), None, T).status,
-            Status::Unknown
+            o.line,
+            "QUEUES CRITICAL - ux-w=1869 (>= 1000) | 'ux-w'=1869;500;1000;0; \
+             'ux-w@shard-a'=935;;;0; 'ux-w@shard-b'=934;;;0;"
         );
+        // Missing on one cluster only: counts as empty there.
+        let v = split("half", &[("shard-a", Some(3)), ("shard-b", None)]);
+        let o = evaluate(&[v], &named(&["half"]), T);
+        assert_eq!(o.status, Status::Ok);
+        assert!(
+            o.line
+                .ends_with("| 'half'=3;500;1000;0; 'half@shard-a'=3;;;0; 'half@shard-b'=0;;;0;"),
+            "{}",
+            o.line
+        );
+    }
+
+    #[test]
+    fn missing_queues() {
+        let gone = split("gone", &[("shard-a", None), ("shard-b", None)]);
+        // Named: CRITICAL, whatever the thresholds.
+        let o = evaluate(&[gone.clone(), q("fine", 1)], &named(&["gone", "fine"]), T);
+        assert_eq!(o.status, Status::Critical);
+        assert_eq!(
+            o.line,
+            "QUEUES CRITICAL - gone missing on every shard cluster | 'fine'=1;500;1000;0;"
+        );
+        // Declared through the warren, deleted since: left out, and said.
+        let o = evaluate(&[gone.clone(), q("fine", 1)], &declared(), T);
+        assert_eq!(o.status, Status::Ok);
+        assert!(
+            o.line
+                .contains("1 declared queue no longer exists on any shard cluster: gone"),
+            "{}",
+            o.line
+        );
+        assert!(!o.line.contains("'gone'"), "{}", o.line);
+        // Not listed by the admin endpoint (no --config to ask the clusters).
+        let unlisted = json!({"vhost": "/", "name": "ux-w", "messages": null, "unlisted": true});
+        let mut scope = named(&["ux-w"]);
+        scope.via_admin = Some("127.0.0.1:15673".into());
+        let o = evaluate(&[unlisted], &scope, T);
+        assert_eq!(o.status, Status::Unknown);
+        assert!(o.line.contains("--config"), "{}", o.line);
     }
 
     #[test]
     fn incomplete_depths_are_unknown_unless_already_over() {
         let partial = json!({"vhost": "/", "name": "p", "messages": 10, "complete": false,
             "clusters": [{"cluster": "b", "status": "error", "error": "connection refused"}]});
-        let o = evaluate(&json!({"queues": [partial.clone()]}), None, T);
+        let o = evaluate(std::slice::from_ref(&partial), &declared(), T);
         assert_eq!(o.status, Status::Unknown);
         assert!(o.line.contains("b: connection refused"), "{}", o.line);
-        let o = evaluate(&json!({"queues": [partial, q("c", 2000)]}), None, T);
+        let o = evaluate(&[partial, q("c", 2000)], &declared(), T);
         assert_eq!(o.status, Status::Critical);
     }
 
     #[test]
     fn labels_are_safe() {
-        let v = json!({"queues": [{"vhost": "v", "name": "a b|c\nd", "messages": 1, "complete": true}]});
-        let o = evaluate(&v, None, T);
+        let v = json!({"vhost": "v", "name": "a b|c\nd", "messages": 1, "complete": true});
+        let o = evaluate(&[v], &declared(), T);
         assert_eq!(o.line.matches('|').count(), 1, "{}", o.line);
         assert!(!o.line.contains('\n'));
-        assert!(o.line.ends_with("| 'v/a b_c_d'=1;500;1000"), "{}", o.line);
+        assert!(
+            o.line.ends_with("| 'v/a b_c_d'=1;500;1000;0;"),
+            "{}",
+            o.line
+        );
         assert_eq!(perf_label("it's"), "'it''s'");
     }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -79,6 +80,65 @@ pub async fn depths(config: &Config, queues: &[(String, String)]) -> BTreeMap<St
         }
     }
     out
+}
+
+/// One `/queues` entry per queue of `queues` (vhost, name), in their order, asked on every shard
+/// cluster of `config` now (whether or not a client declared them through this process):
+///
+/// ```json
+/// {"vhost": "/", "name": "celery", "messages": 1200, "consumers": 4, "complete": true,
+///  "clusters": [{"cluster": "shard-a", "status": "ok", "messages": 610, "consumers": 4}, ...]}
+/// ```
+///
+/// `messages` is the sum over the clusters, `consumers` the largest per-cluster count (every
+/// client consumer consumes from every shard cluster); a cluster without the queue is
+/// `"status": "missing"` (0 messages), one that could not be asked `"status": "error"` with the
+/// reason, and makes the entry `"complete": false`. `warren check-queues --queue NAME` builds
+/// its answer with this, so every instance answers the same for a named queue.
+pub async fn report(config: &Config, queues: &[(String, String)]) -> Vec<Value> {
+    let depths = depths(config, queues).await;
+    let shard_names: Vec<&str> = config.shard_clusters().map(|c| c.name.as_str()).collect();
+    queues
+        .iter()
+        .enumerate()
+        .map(|(i, (vhost, name))| {
+            let mut messages: u64 = 0;
+            let mut consumers: u32 = 0;
+            let mut complete = true;
+            let split: Vec<Value> = shard_names
+                .iter()
+                .map(|cluster| match depths.get(*cluster).and_then(|v| v.get(i)) {
+                    Some(Depth::Found {
+                        messages: m,
+                        consumers: c,
+                    }) => {
+                        messages += u64::from(*m);
+                        consumers = consumers.max(*c);
+                        json!({"cluster": cluster, "status": "ok", "messages": m, "consumers": c})
+                    }
+                    Some(Depth::Missing) => {
+                        json!({"cluster": cluster, "status": "missing", "messages": 0, "consumers": 0})
+                    }
+                    Some(Depth::Error(e)) => {
+                        complete = false;
+                        json!({"cluster": cluster, "status": "error", "error": e, "messages": null, "consumers": null})
+                    }
+                    None => {
+                        complete = false;
+                        json!({"cluster": cluster, "status": "error", "error": "not asked", "messages": null, "consumers": null})
+                    }
+                })
+                .collect();
+            json!({
+                "vhost": vhost,
+                "name": name,
+                "messages": messages,
+                "consumers": consumers,
+                "complete": complete,
+                "clusters": split,
+            })
+        })
+        .collect()
 }
 
 /// Asks one cluster about `names` in `vhost`; always returns one [`Depth`] per name.

@@ -19,7 +19,7 @@ RABBIT="$ROOT/scripts/rabbit.sh"
 CONFIG=${WARREN_CONFIG:-proxy.toml}
 
 case "${1:-}" in
--h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+-h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 if [ ! -f "$CONFIG" ]; then

@@ -5,7 +5,11 @@
 #       -p 5672:5672 -p 15673:15673 warren                      # run the proxy
 #   docker run ... warren --log-format json                    # JSON logs (one object a line)
 #   docker run ... warren check                                # validate the mounted config
-#   docker run ... warren check-queues -w 500 -C 1000          # Nagios/Sensu queue-depth check
+#   docker exec <container> warren check-queues -w 500 -c 1000 \
+#       -f /etc/warren/warren.toml -q celery                   # Nagios/Sensu queue-depth check,
+#                                                               # inside the running container
+#   docker build --build-arg WARREN_GIT_REVISION=$(git rev-parse --short HEAD) -t warren .
+#                                                               # revision in warren_build_info
 #
 # The configuration is not baked in: mount it at /etc/warren/warren.toml (mount the directory
 # rather than the file if it is edited in place, so that warren's file watcher sees an editor's
@@ -29,7 +33,11 @@ RUN mkdir src \
         target/release/deps/libwarren-* target/release/.fingerprint/warren-*
 
 # The real sources. The stub's fingerprints are gone, so cargo rebuilds the warren crate whatever
-# the modification times of the copied files are (COPY keeps them).
+# the modification times of the copied files are (COPY keeps them). build.rs records the revision
+# for warren_build_info: there is no .git here, so it comes from the build argument.
+ARG WARREN_GIT_REVISION=
+ENV WARREN_GIT_REVISION=$WARREN_GIT_REVISION
+COPY build.rs ./
 COPY src ./src
 RUN cargo build --release --locked --bin warren \
     && install -m 0755 target/release/warren /usr/local/bin/warren \

@@ -1269,7 +1269,13 @@ def scenario_limits(ctx: Ctx) -> Result:
         time.sleep(0.5)
 
         # -- channels -------------------------------------------------------------------------
-        for chmax, label in ((4, "channel_max 4"), (0, "channel_max 0 = no limit from the client")):
+        # tune-ok channel_max 0 ("no limit") is above the server's limit: refused with 530, as
+        # RabbitMQ refuses it.
+        c0 = raw.RawClient("127.0.0.1", proxy.port)
+        ok, d = expect_close(c0.handshake(channel_max=0), 530)
+        c0.close()
+        res.check("tune-ok channel_max 0 (no limit) is refused with 530, as by RabbitMQ", ok, d)
+        for chmax, label in ((4, "channel_max 4"),):
             c = raw.RawClient("127.0.0.1", proxy.port).open(channel_max=chmax)
             opens = []
             for ch in range(1, 5):

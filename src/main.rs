@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
@@ -460,6 +460,10 @@ async fn reload(shared: &Arc<Shared>, trigger: &'static str) {
     let shared = Arc::clone(shared);
     // Reading and parsing the file is blocking work.
     match tokio::task::spawn_blocking(move || shared.reload()).await {
+        // One line per reload; one that changed nothing is not news.
+        Ok(Ok(status)) if status.message == "no change" => {
+            debug!(trigger, "configuration reloaded: no change")
+        }
         Ok(Ok(status)) => {
             info!(trigger, change = %status.message, generation = status.generation, "configuration reloaded")
         }
@@ -518,7 +522,7 @@ async fn watch_config_file(
         match &pending {
             Some((sig, since)) if *sig == current => {
                 if since.elapsed() >= WATCH_SETTLE && current.is_some() {
-                    info!(config = %path.display(), "configuration file changed on disk, reloading");
+                    debug!(config = %path.display(), "configuration file changed on disk, reloading");
                     reload(&shared, "file change").await;
                     applied = current;
                     pending = None;

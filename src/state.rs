@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::codec::FieldTable;
 use crate::config::Config;
@@ -131,10 +131,8 @@ impl Shared {
         };
         match Config::load(&path) {
             Ok(config) => Ok(self.apply(config)),
-            Err(e) => {
-                warn!(error = %e, "configuration reload rejected; keeping the running configuration");
-                Err(self.record(false, e.to_string()))
-            }
+            // The caller logs the outcome, once.
+            Err(e) => Err(self.record(false, e.to_string())),
         }
     }
 
@@ -184,7 +182,7 @@ impl Shared {
         }
         let message = describe_change(&old, &config);
         if config == *old {
-            return self.record(true, "no change".into());
+            return self.record_no_change();
         }
         for c in &config.clusters {
             self.metrics.cluster(&c.name);
@@ -193,7 +191,6 @@ impl Shared {
         self.config.store(config.clone());
         self.config_tx.send_replace(config);
         self.generation.fetch_add(1, Ordering::Relaxed);
-        info!(change = %message, "configuration reloaded");
         self.record(true, message)
     }
 
@@ -231,6 +228,25 @@ impl Shared {
             c.drain = false;
         }
         Ok(self.apply(config))
+    }
+
+    /// A reload that changes nothing (a file watcher's second look at a file already applied,
+    /// a SIGHUP with nothing new): it counts as a successful reload, but the status keeps saying
+    /// what the last real reload did, unless that one failed (the failure is over then).
+    fn record_no_change(&self) -> ReloadStatus {
+        let mut last = lock(&self.last_reload);
+        self.metrics.reloaded(true);
+        let status = ReloadStatus {
+            at: SystemTime::now(),
+            ok: true,
+            message: "no change".into(),
+            generation: self.generation.load(Ordering::Relaxed),
+        };
+        match &*last {
+            Some(previous) if previous.ok => {}
+            _ => *last = Some(status.clone()),
+        }
+        status
     }
 
     fn record(&self, ok: bool, message: String) -> ReloadStatus {
@@ -327,30 +343,104 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One line saying what a reload changes.
+/// One line saying what a reload changes, item by item: "shard-b: weight 1 -> 3, drained;
+/// added shard-c (shard); certificates reloaded".
 fn describe_change(old: &Config, new: &Config) -> String {
     let mut parts = Vec::new();
     for c in &new.clusters {
-        match old.cluster(&c.name) {
-            None => parts.push(format!("added {} ({})", c.name, c.role.as_str())),
-            Some(o) if o != c => parts.push(format!("changed {}", c.name)),
-            Some(_) => {}
+        let Some(o) = old.cluster(&c.name) else {
+            parts.push(format!("added {} ({})", c.name, c.role.as_str()));
+            continue;
+        };
+        if o == c {
+            continue;
         }
+        let mut what = Vec::new();
+        if o.role != c.role {
+            what.push(format!("role {} -> {}", o.role.as_str(), c.role.as_str()));
+        }
+        if o.weight != c.weight {
+            what.push(format!("weight {} -> {}", o.weight, c.weight));
+        }
+        if o.drain != c.drain {
+            what.push(if c.drain { "drained" } else { "undrained" }.to_owned());
+        }
+        if o.nodes != c.nodes {
+            let nodes: Vec<String> = c.nodes.iter().map(ToString::to_string).collect();
+            what.push(format!("nodes {}", nodes.join(" ")));
+        }
+        if o.tls != c.tls {
+            what.push("tls changed (certificates reloaded)".into());
+        }
+        if o.probe != c.probe {
+            what.push("probe credentials changed".into());
+        }
+        parts.push(format!("{}: {}", c.name, what.join(", ")));
     }
     for c in &old.clusters {
         if new.cluster(&c.name).is_none() {
             parts.push(format!("removed {}", c.name));
         }
     }
-    if old.timeouts != new.timeouts || old.limits != new.limits || old.routing != new.routing {
-        parts.push("changed settings".into());
+    for (changed, section) in [
+        (old.timeouts != new.timeouts, "[timeouts]"),
+        (old.limits != new.limits, "[limits]"),
+        (old.routing != new.routing, "[routing]"),
+    ] {
+        if changed {
+            parts.push(format!("changed {section}"));
+        }
     }
     if old.tls != new.tls {
-        parts.push("changed tls".into());
+        parts.push("changed tls: certificates reloaded".into());
     }
     if parts.is_empty() {
         "no change".into()
     } else {
-        parts.join(", ")
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:5673\"\n\
+        [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:5701\"]\n\
+        [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:5711\"]\n";
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, "t.toml").expect("valid test config")
+    }
+
+    #[test]
+    fn a_reload_says_what_changed() {
+        let old = config(BASE);
+        let new = config(&format!(
+            "{}\nweight = 3\ndrain = true\n[[clusters]]\nname = \"shard-c\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:5731\"]\n",
+            BASE.trim_end()
+        ));
+        assert_eq!(
+            describe_change(&old, &new),
+            "shard-b: weight 1 -> 3, drained; added shard-c (shard)"
+        );
+        assert_eq!(describe_change(&old, &old), "no change");
+    }
+
+    #[test]
+    fn a_reload_that_changes_nothing_keeps_the_last_status() {
+        let shared = Shared::new(Arc::new(config(BASE)));
+        let changed = config(&format!("{}\nweight = 2\n", BASE.trim_end()));
+        let applied = shared.apply(changed.clone());
+        assert_eq!(applied.message, "shard-b: weight 1 -> 2");
+        let again = shared.apply(changed.clone());
+        assert_eq!(again.message, "no change");
+        let last = shared.last_reload().expect("a status");
+        assert_eq!(last.message, "shard-b: weight 1 -> 2", "the no-op keeps it");
+        // After a failed reload, a no-op means the failure is over: it is the status then.
+        shared.record(false, "t.toml:1:1: bad".into());
+        shared.apply(changed);
+        let last = shared.last_reload().expect("a status");
+        assert!(last.ok && last.message == "no change", "{last:?}");
     }
 }

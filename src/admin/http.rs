@@ -690,7 +690,11 @@ async fn reload(state: &AdminState) -> Resp {
     };
     match result {
         Ok(s) => {
-            info!(change = %s.message, "admin: configuration reloaded");
+            if s.message == "no change" {
+                debug!("admin: configuration reloaded: no change");
+            } else {
+                info!(change = %s.message, "admin: configuration reloaded");
+            }
             json_response(StatusCode::OK, &reload_json(&s))
         }
         Err(s) => {

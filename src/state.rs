@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 use crate::topology::Topology;
 use crate::upstream::probe;
 
+/// How often one (cluster, event) is logged as a warning (see [`Shared::report_once`]).
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// The outcome of the last configuration reload, for the admin endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadStatus {
@@ -60,6 +63,8 @@ pub struct Shared {
     /// waiting out their backoff.
     nodes_back: Mutex<std::collections::HashMap<String, u64>>,
     next_id: AtomicU64,
+    /// When each (cluster, event) was last logged as a warning (see `report_once`).
+    reported: Mutex<std::collections::HashMap<(String, &'static str), std::time::Instant>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -84,7 +89,27 @@ impl Shared {
             server_properties: ArcSwapOption::empty(),
             nodes_back: Mutex::default(),
             next_id: AtomicU64::new(1),
+            reported: Mutex::default(),
             metrics,
+        }
+    }
+
+    /// Whether the caller is the first in [`REPORT_EVERY`] to report `event` for `cluster`:
+    /// that one logs a warning, the others (every client connection sees the same outage) log
+    /// at debug, so a cluster down is a few lines a minute, not a few per client connection.
+    pub fn report_once(&self, cluster: &str, event: &'static str) -> bool {
+        let now = std::time::Instant::now();
+        let mut reported = lock(&self.reported);
+        let key = (cluster.to_owned(), event);
+        match reported.get(&key) {
+            Some(at) if now.duration_since(*at) < REPORT_EVERY => false,
+            _ => {
+                if reported.len() > 10_000 {
+                    reported.clear();
+                }
+                reported.insert(key, now);
+                true
+            }
         }
     }
 
@@ -411,6 +436,24 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text, "t.toml").expect("valid test config")
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_per_cluster_and_window() {
+        let shared = Shared::new(Arc::new(config(BASE)));
+        assert!(shared.report_once("shard-a", "link lost"));
+        assert!(
+            !shared.report_once("shard-a", "link lost"),
+            "the second connection"
+        );
+        assert!(
+            shared.report_once("shard-b", "link lost"),
+            "another cluster"
+        );
+        assert!(
+            shared.report_once("shard-a", "cannot open a link"),
+            "another event"
+        );
     }
 
     #[test]

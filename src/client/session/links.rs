@@ -56,7 +56,14 @@ impl Session {
         let link = match opened.result {
             Ok(link) => link,
             Err(e) => {
-                warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry");
+                if self
+                    .shared
+                    .report_once(&opened.cluster.name, "cannot open a link")
+                {
+                    warn!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry (one line per cluster every 10 s; others at debug)");
+                } else {
+                    debug!(conn = self.id, cluster = %opened.cluster.name, error = %e, "cannot open a link to the cluster; will retry");
+                }
                 self.metrics
                     .cluster(&opened.cluster.name)
                     .link_failures
@@ -455,7 +462,11 @@ impl Session {
             None if was_done => {}
             None => {
                 let slot = &self.links[link];
-                warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over");
+                if self.shared.report_once(&slot.link.cluster, "link lost") {
+                    warn!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over (one line per cluster every 10 s; others at debug)");
+                } else {
+                    debug!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over");
+                }
                 self.fail_link(link);
             }
         }

@@ -222,6 +222,12 @@ async fn a_fresh_instance_answers_for_a_named_queue() {
         )
     );
 
+    // /queues with the exact name asks the clusters too.
+    let body = http_get(fresh.admin, &format!("/queues?queue={queue}")).await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("/queues JSON");
+    assert_eq!(v["total_messages"], 150, "{v:#}");
+    assert_eq!(v["queues"][0]["name"], queue.as_str(), "{v:#}");
+
     // Without a name, the instance's own declared queues, and the line says so.
     let (code, line) = check_queues(&["--config", fresh.config(), "-w", "10", "-c", "100"]).await;
     assert_eq!(code, 0, "{line}");
@@ -382,4 +388,22 @@ async fn nagios_options_parse() {
     ] {
         assert!(help.contains(needle), "{needle:?} in:\n{help}");
     }
+}
+
+/// GET `path` on an admin endpoint; the response body.
+async fn http_get(admin: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect admin");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: warren\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write request");
+    let mut buf = Vec::new();
+    support::within("the admin's answer", s.read_to_end(&mut buf))
+        .await
+        .expect("read response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }

@@ -533,6 +533,11 @@ async fn queues_json(
     if let Some(f) = filter {
         let p = Pattern::new(f);
         known.retain(|(_, name)| p.matches(name.as_bytes()));
+        // An exact name is asked of the clusters even when no client declared it through this
+        // process (a restarted warren, a second instance): every instance answers the same.
+        if !f.contains('*') && known.is_empty() {
+            known.push(("/".to_owned(), f.to_owned()));
+        }
     }
     let truncated = known.len() > queues::MAX_QUEUES;
     known.truncate(queues::MAX_QUEUES);

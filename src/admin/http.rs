@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::health::NodeState;
-use super::queues::{self, Depth};
+use super::queues;
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
 use crate::metrics::{Format, Metrics};
@@ -541,51 +541,9 @@ async fn queues_json(
     }
     let truncated = known.len() > queues::MAX_QUEUES;
     known.truncate(queues::MAX_QUEUES);
-    let depths = queues::depths(config, &known).await;
+    let queues = queues::report(config, &known).await;
+    let total_messages: u64 = queues.iter().filter_map(|q| q["messages"].as_u64()).sum();
     let shard_names: Vec<&str> = config.shard_clusters().map(|c| c.name.as_str()).collect();
-    let mut total_messages: u64 = 0;
-    let queues: Vec<Value> = known
-        .iter()
-        .enumerate()
-        .map(|(i, (vhost, name))| {
-            let mut messages: u64 = 0;
-            let mut consumers: u32 = 0;
-            let mut complete = true;
-            let split: Vec<Value> = shard_names
-                .iter()
-                .map(|cluster| {
-                    let d = depths.get(*cluster).and_then(|v| v.get(i)).cloned();
-                    match d {
-                        Some(Depth::Found { messages: m, consumers: c }) => {
-                            messages += u64::from(m);
-                            consumers = consumers.max(c);
-                            json!({"cluster": cluster, "status": "ok", "messages": m, "consumers": c})
-                        }
-                        Some(Depth::Missing) => {
-                            json!({"cluster": cluster, "status": "missing", "messages": 0, "consumers": 0})
-                        }
-                        Some(Depth::Error(e)) => {
-                            complete = false;
-                            json!({"cluster": cluster, "status": "error", "error": e, "messages": null, "consumers": null})
-                        }
-                        None => {
-                            complete = false;
-                            json!({"cluster": cluster, "status": "error", "error": "not asked", "messages": null, "consumers": null})
-                        }
-                    }
-                })
-                .collect();
-            total_messages += messages;
-            json!({
-                "vhost": vhost,
-                "name": name,
-                "messages": messages,
-                "consumers": consumers,
-                "complete": complete,
-                "clusters": split,
-            })
-        })
-        .collect();
     let now = SystemTime::now();
     json!({
         "time": rfc3339(now),

@@ -26,7 +26,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -39,13 +38,12 @@ use amqprs::channel::{
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, Close, FieldTable, FieldValue};
 use tokio::sync::{mpsc, oneshot, watch};
-use warren::ProxyHandle;
-use warren::config::Config;
 
 use support::fault::{FaultInjector, LinkInfo};
+use support::sharded::ShardedProxy;
 use support::{
-    Cluster, Event, Events, STEP, confirm_select, consume, eventually_for, init_tracing,
-    next_delivery, open_channel, parse_clusters, unique, within,
+    Cluster, Event, Events, STEP, confirm_select, consume, eventually_for, next_delivery,
+    open_channel, parse_clusters, unique, within,
 };
 
 const SHARD_A: &str = "shard-a";
@@ -99,86 +97,11 @@ fn real(name: &str) -> &'static Cluster {
         .expect("one of the three")
 }
 
-/// A proxy on a runtime of its own (as in `tests/sharding.rs`): a proxy bug that stalls its
-/// threads fails the test with a timeout instead of hanging the binary.
-struct Proxy {
-    handle: Option<ProxyHandle>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Proxy {
-    /// A proxy in front of the injector's forwarders: shard-a and shard-b as shards, control as
-    /// the control cluster, the default (Celery) routing rules.
-    async fn start(injector: &FaultInjector) -> Proxy {
-        init_tracing();
-        let mut text = String::from(
-            "listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\nconnect_ms = 3000\n",
-        );
-        for c in injector.clusters() {
-            let role = if c.name == CONTROL {
-                "control"
-            } else {
-                "shard"
-            };
-            let nodes: Vec<String> = c.nodes.iter().map(|n| format!("\"{n}\"")).collect();
-            text.push_str(&format!(
-                "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{}]\n",
-                c.name,
-                nodes.join(", ")
-            ));
-        }
-        let config = Config::parse(&text, "failover-semantics.toml")
-            .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("failover-proxy")
-            .enable_all()
-            .build()
-            .expect("proxy runtime");
-        let started = runtime.spawn(warren::start(Arc::new(config)));
-        let mut proxy = Proxy {
-            handle: None,
-            runtime: Some(runtime),
-        };
-        let handle = within("the proxy to start", started)
-            .await
-            .expect("proxy start task")
-            .expect("start the proxy");
-        proxy.handle = Some(handle);
-        proxy
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.handle.as_ref().expect("proxy running").amqp_addr()
-    }
-
-    async fn shutdown(mut self) {
-        let handle = self.handle.take().expect("proxy running");
-        let done = self
-            .runtime
-            .as_ref()
-            .expect("proxy runtime")
-            .spawn(handle.shutdown());
-        within("proxy shutdown", done)
-            .await
-            .expect("proxy shutdown task");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.handle = None;
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 /// What every test starts with: the injector, a proxy behind it, direct connections to the
 /// clusters for checks, and a bystander client.
 struct Rig {
     injector: FaultInjector,
-    proxy: Proxy,
+    proxy: ShardedProxy,
     direct: Direct,
     bystander: Bystander,
 }
@@ -186,7 +109,9 @@ struct Rig {
 impl Rig {
     async fn start(cleanup: &Cleanup) -> Rig {
         let injector = FaultInjector::start(clusters()).await;
-        let proxy = Proxy::start(&injector).await;
+        // shard-a and shard-b as shards, control as the control cluster, in front of the
+        // injector's forwarders.
+        let proxy = ShardedProxy::start_on(injector.clusters(), "connect_ms = 3000\n").await;
         let direct = Direct::open().await;
         let bystander = Bystander::start(&proxy, cleanup).await;
         Rig {
@@ -235,7 +160,7 @@ struct Bystander {
 
 impl Bystander {
     /// Connects, declares its queue and starts the round trips (returns after the first one).
-    async fn start(proxy: &Proxy, cleanup: &Cleanup) -> Bystander {
+    async fn start(proxy: &ShardedProxy, cleanup: &Cleanup) -> Bystander {
         let client = Client::connect(proxy, "fs-bystander").await;
         let (ch, events) = open_channel(&client.conn).await;
         let queue = cleanup.queue("fs-bystander");
@@ -386,9 +311,9 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(proxy: &Proxy, role: &str) -> Client {
+    async fn connect(proxy: &ShardedProxy, role: &str) -> Client {
         let name = unique(role);
-        let addr = proxy.addr();
+        let addr = proxy.amqp_addr();
         let args =
             OpenConnectionArguments::new(&addr.ip().to_string(), addr.port(), "guest", "guest")
                 .connection_name(&name)
@@ -1106,7 +1031,7 @@ async fn c_rpc_reply_queue_survives_a_shard_link_loss() {
     let mut rig = Rig::start(&cleanup).await;
     let a = Client::connect(&rig.proxy, "fs-c-rpc").await;
     let (ch, mut events) = open_channel(&a.conn).await;
-    let queue = uuid_name();
+    let queue = support::uuid();
     cleanup.add(&queue);
     let queue = declare(&ch, QueueDeclareArguments::transient_autodelete(&queue)).await;
     let (_ctag, mut rx) = consume(&ch, &queue, true).await;
@@ -1124,22 +1049,6 @@ async fn c_rpc_reply_queue_survives_a_shard_link_loss() {
     rig.assert_unaffected(&others).await;
     a.close().await;
     rig.finish().await;
-}
-
-/// A UUID, the name Celery's rpc:// backend gives its result queues.
-fn uuid_name() -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let h = format!("{:032x}", n ^ (u128::from(std::process::id()) << 64));
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

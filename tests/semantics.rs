@@ -14,8 +14,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicGetArguments,
@@ -120,27 +119,6 @@ const QUIET: Duration = Duration::from_millis(1000);
 
 fn ss(s: &str) -> ShortStr {
     ShortStr::try_from(s).expect("short string")
-}
-
-/// A fresh UUID-shaped name (8-4-4-4-12 lowercase hex), like an rpc:// result queue.
-fn uuid() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let pid = u128::from(std::process::id());
-    let v = t ^ (pid << 64) ^ (n << 100) ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) << 20);
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Unwraps an amqprs result; on an error, fails with the channel.close the broker sent (waited
@@ -626,7 +604,7 @@ async fn bind_queue_and_publish(addr: SocketAddr, kind: QueueKind, to: BindTo) {
             queue_declare(&ch, &mut events, args).await
         }
         QueueKind::Uuid => {
-            let args = QueueDeclareArguments::new(&uuid())
+            let args = QueueDeclareArguments::new(&support::uuid())
                 .auto_delete(true)
                 .finish();
             queue_declare(&ch, &mut events, args).await

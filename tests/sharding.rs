@@ -19,9 +19,8 @@ mod support;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicNackArguments, BasicPublishArguments,
@@ -29,27 +28,23 @@ use amqprs::channel::{
     ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
     QueuePurgeArguments,
 };
-use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::connection::Connection;
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 use bytes::BytesMut;
 use tokio::sync::mpsc;
-use warren::ProxyHandle;
 use warren::codec::{self, Method, ShortStr};
-use warren::config::Config;
 
+use support::sharded::{Cleanup, ShardedProxy as Proxy};
 use support::{
     Cluster, Delivery, Event, Events, Login, RawClient, STEP, answer_rpc_requests, confirm_select,
-    connect, consume, declare_queue, eventually_for, get, init_tracing, open_channel,
-    parse_clusters, publish, publish_with, queue_counts, receive_rpc_replies, send_rpc_requests,
-    unique, within,
+    connect, consume, declare_queue, eventually_for, get, open_channel, parse_clusters, publish,
+    publish_with, queue_counts, receive_rpc_replies, send_rpc_requests, unique, within,
 };
 
 /// Deadline for bulk work (thousands of messages reaching the queues).
 const BULK: Duration = Duration::from_secs(120);
 /// How long "nothing happens" is watched for.
 const QUIET: Duration = Duration::from_millis(1500);
-/// Upper bound of the end-of-test cleanup.
-const CLEANUP: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Clusters
@@ -111,110 +106,14 @@ impl Cl {
 // ---------------------------------------------------------------------------------------------
 // Names
 
-/// A fresh UUID-shaped name (8-4-4-4-12 lowercase hex).
-fn uuid() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let pid = u128::from(std::process::id());
-    let v = t ^ (pid << 64) ^ (n << 100) ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) << 20);
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // The proxy
 
-/// A proxy running on a runtime of its own (two threads), as it would in its own process: a proxy
-/// task that never yields cannot stall the test's clients and timeouts, so such a bug fails the
-/// test with a timeout instead of hanging the whole binary.
-struct Proxy {
-    handle: Option<ProxyHandle>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Proxy {
-    fn amqp_addr(&self) -> SocketAddr {
-        self.handle.as_ref().expect("proxy running").amqp_addr()
-    }
-
-    fn metrics(&self) -> &warren::metrics::Metrics {
-        &self
-            .handle
-            .as_ref()
-            .expect("proxy running")
-            .shared()
-            .metrics
-    }
-
-    async fn shutdown(mut self) {
-        let handle = self.handle.take().expect("proxy running");
-        let done = self
-            .runtime
-            .as_ref()
-            .expect("proxy runtime")
-            .spawn(handle.shutdown());
-        done.await.expect("proxy shutdown task");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.handle = None;
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// A proxy on 127.0.0.1:0 in front of shard-a, shard-b (shards) and control, Celery preset.
+/// A proxy on 127.0.0.1:0 in front of shard-a, shard-b (shards) and control, Celery preset, on a
+/// runtime of its own: a proxy task that never yields cannot stall the test's clients and
+/// timeouts, so such a bug fails the test with a timeout instead of hanging the whole binary.
 async fn start_proxy() -> Proxy {
-    init_tracing();
-    let mut text =
-        String::from("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n");
-    for c in Cl::ALL {
-        let role = if c == Cl::Control { "control" } else { "shard" };
-        let nodes = c
-            .cluster()
-            .nodes
-            .iter()
-            .map(|n| format!("\"{n}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        text.push_str(&format!(
-            "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n",
-            c.name()
-        ));
-    }
-    let config = Config::parse(&text, "sharding-test.toml")
-        .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("test-proxy")
-        .enable_all()
-        .build()
-        .expect("proxy runtime");
-    let started = runtime.spawn(warren::start(Arc::new(config)));
-    let mut proxy = Proxy {
-        handle: None,
-        runtime: Some(runtime),
-    };
-    let handle = within("the proxy to start", started)
-        .await
-        .expect("proxy start task")
-        .expect("start the proxy");
-    proxy.handle = Some(handle);
-    proxy
+    Proxy::start().await
 }
 
 /// What most tests start with: a proxy, direct connections to every cluster, and a client
@@ -594,95 +493,6 @@ impl Direct {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cleanup
-
-/// Deletes the test's queues and exchanges on every cluster when dropped, pass or fail (on a
-/// thread of its own: drop cannot await).
-#[derive(Default)]
-struct Cleanup {
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-}
-
-impl Cleanup {
-    /// A guard for one queue of a unique name (returned with it), to which more may be added.
-    fn with_queue(prefix: &str) -> (Cleanup, String) {
-        let mut cleanup = Cleanup::default();
-        let queue = cleanup.queue(&unique(prefix));
-        (cleanup, queue)
-    }
-
-    fn queue(&mut self, name: &str) -> String {
-        self.queues.push(name.to_owned());
-        name.to_owned()
-    }
-
-    fn exchange(&mut self, name: &str) -> String {
-        self.exchanges.push(name.to_owned());
-        name.to_owned()
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.queues);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        if queues.is_empty() && exchanges.is_empty() {
-            return;
-        }
-        // Bounded: a cleanup must never hang the test binary.
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let op = Duration::from_secs(5);
-            let work = async move {
-                for c in Cl::ALL {
-                    let addr = c.addr();
-                    let args = OpenConnectionArguments::new(
-                        &addr.ip().to_string(),
-                        addr.port(),
-                        "guest",
-                        "guest",
-                    );
-                    let Ok(Ok(conn)) = tokio::time::timeout(op, Connection::open(&args)).await
-                    else {
-                        continue;
-                    };
-                    // A fresh channel per deletion: a failure closes the channel.
-                    for q in &queues {
-                        if let Ok(Ok(ch)) = tokio::time::timeout(op, conn.open_channel(None)).await
-                        {
-                            let delete = ch.queue_delete(QueueDeleteArguments::new(q));
-                            let _ = tokio::time::timeout(op, delete).await;
-                            let _ = tokio::time::timeout(op, ch.close()).await;
-                        }
-                    }
-                    for x in &exchanges {
-                        if let Ok(Ok(ch)) = tokio::time::timeout(op, conn.open_channel(None)).await
-                        {
-                            let delete = ch.exchange_delete(ExchangeDeleteArguments::new(x));
-                            let _ = tokio::time::timeout(op, delete).await;
-                            let _ = tokio::time::timeout(op, ch.close()).await;
-                        }
-                    }
-                    let _ = tokio::time::timeout(op, conn.close()).await;
-                }
-            };
-            // The timeout is made inside the runtime (it needs its timer).
-            let _ = rt.block_on(async move { tokio::time::timeout(CLEANUP, work).await });
-            rt.shutdown_background();
-            let _ = done_tx.send(());
-        });
-        let _ = done_rx.recv_timeout(CLEANUP + Duration::from_secs(5));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // 1. Round-robin publishes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -971,7 +781,7 @@ async fn every_publish_is_confirmed_exactly_once() {
     let (mut cleanup, queue) = Cleanup::with_queue("confirms");
     // Every tenth publish goes to an rpc reply queue (a UUID: control traffic), so the client's
     // sequence numbers are spread over three upstream channels.
-    let rpc_queue = cleanup.queue(&uuid());
+    let rpc_queue = cleanup.queue(&support::uuid());
     let (proxy, direct, conn, ch, mut events) = start_with_queue(&queue).await;
     declare_queue(&ch, &rpc_queue).await;
     confirm_select(&ch).await;
@@ -1451,9 +1261,9 @@ async fn celery_control_traffic_is_published_to_the_control_cluster_only() {
     let mut cleanup = Cleanup::default();
     let host = unique("host").replace('.', "-");
     let pidbox_q = cleanup.queue(&format!("w1@{host}.celery.pidbox"));
-    let reply_q = cleanup.queue(&format!("{}.reply.celery.pidbox", uuid()));
-    let events_q = cleanup.queue(&format!("celeryev.{}", uuid()));
-    let rpc_q = cleanup.queue(&uuid());
+    let reply_q = cleanup.queue(&format!("{}.reply.celery.pidbox", support::uuid()));
+    let events_q = cleanup.queue(&format!("celeryev.{}", support::uuid()));
+    let rpc_q = cleanup.queue(&support::uuid());
     let task_q = cleanup.queue(&format!("celery-{}", unique("task")));
     // The preset's exchanges have fixed names; flags as Celery (kombu) declares them.
     let exchanges = [

@@ -188,6 +188,27 @@ pub fn skip_live() -> bool {
     })
 }
 
+/// A fresh UUID-shaped name (8-4-4-4-12 lowercase hex), like Celery's rpc:// result queues.
+pub fn uuid() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) as u128;
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let pid = u128::from(std::process::id());
+    let v = t ^ (pid << 64) ^ (n << 100) ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) << 20);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 /// The clusters the tests may use (see the module docs).
 pub fn clusters() -> &'static [Cluster] {
     static CLUSTERS: OnceLock<Vec<Cluster>> = OnceLock::new();

@@ -44,18 +44,35 @@ pub struct ShardedProxy {
 impl ShardedProxy {
     /// Starts a proxy on 127.0.0.1:0 in front of shard-a, shard-b (shards) and control.
     pub async fn start() -> ShardedProxy {
+        let clusters: Vec<Cluster> = SHARDED_CLUSTERS
+            .iter()
+            .map(|(name, _)| sharded_cluster(name).clone())
+            .collect();
+        ShardedProxy::start_on(&clusters, "").await
+    }
+
+    /// Starts a proxy on 127.0.0.1:0 in front of `clusters` (the one named `control` as the
+    /// control cluster, the others as shards; the default Celery routing rules), with
+    /// `timeouts` added to its `[timeouts]` section (lines of `key = value`).
+    pub async fn start_on(clusters: &[Cluster], timeouts: &str) -> ShardedProxy {
         init_tracing();
         let mut text =
-            String::from("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n");
-        for (name, role) in SHARDED_CLUSTERS {
-            let nodes = sharded_cluster(name)
+            format!("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n{timeouts}");
+        for c in clusters {
+            let role = if c.name == "control" {
+                "control"
+            } else {
+                "shard"
+            };
+            let nodes = c
                 .nodes
                 .iter()
                 .map(|n| format!("\"{n}\""))
                 .collect::<Vec<_>>()
                 .join(", ");
             text.push_str(&format!(
-                "\n[[clusters]]\nname = \"{name}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n"
+                "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n",
+                c.name
             ));
         }
         let config = Config::parse(&text, "sharded-test.toml")
@@ -77,6 +94,16 @@ impl ShardedProxy {
             .expect("start the proxy");
         proxy.handle = Some(handle);
         proxy
+    }
+
+    /// The proxy's counters, for tests that check what it republished or dropped.
+    pub fn metrics(&self) -> &warren::metrics::Metrics {
+        &self
+            .handle
+            .as_ref()
+            .expect("proxy running")
+            .shared()
+            .metrics
     }
 
     pub fn amqp_addr(&self) -> SocketAddr {
@@ -114,6 +141,13 @@ pub struct Cleanup {
 }
 
 impl Cleanup {
+    /// A guard for one queue of a unique name (returned with it), to which more may be added.
+    pub fn with_queue(prefix: &str) -> (Cleanup, String) {
+        let mut cleanup = Cleanup::default();
+        let queue = cleanup.queue(&super::unique(prefix));
+        (cleanup, queue)
+    }
+
     /// Adds a queue; returns its name.
     pub fn queue(&mut self, name: &str) -> String {
         self.queues.push(name.to_owned());

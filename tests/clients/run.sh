@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
-# (tutorials.py), directly against RabbitMQ and then through warren.
+# (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
+# edge_compare.py (py-amqp), run both ways and compared observation by observation.
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
 # `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
@@ -38,6 +39,15 @@ for t in "${targets[@]}"; do
         summary+=("$(printf '  %-9s %-7s %s %3ss' "$client" "$name" "$status" $(($(date +%s) - t0)))")
     done
 done
+if [ -n "$proxy" ]; then
+    echo "--- edge cases, rabbitmq ($direct) against warren ($proxy)"
+    t0=$(date +%s)
+    "$PY" "$HERE/edge_compare.py" "$direct" "$proxy"
+    rc=$?
+    status=PASS
+    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
+    summary+=("$(printf '  %-9s %-7s %s %3ss' edges compare "$status" $(($(date +%s) - t0)))")
+fi
 echo "clients:"
 printf '%s\n' "${summary[@]}"
 [ $fails = 0 ]

@@ -115,6 +115,10 @@ impl Session {
             Method::ChannelClose(c) => {
                 // One cluster refused: the client channel fails as a whole, with that cluster's
                 // code and text; its parts on the other clusters are closed behind it.
+                if c.class_id == 60 && c.method_id == 40 {
+                    // A refused publish: exchanges accepted before are checked again.
+                    self.proven_exchanges.clear();
+                }
                 channel.state = ChannelState::AwaitingCloseOk;
                 channel.rpcs.clear();
                 channel.tags.forget_all(|l| unacked_dec(&self.links, l));
@@ -183,6 +187,9 @@ impl Session {
                 self.unpark();
             }
             return;
+        }
+        if let Some(Pending::Barrier) = pending {
+            return self.barrier_passed();
         }
         let Some(Pending::Rpc(id)) = pending else {
             return;

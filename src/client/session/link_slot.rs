@@ -23,6 +23,8 @@ pub(super) enum Pending {
     Rpc(u64),
     /// Part of replaying the client's state on a link added by a reload.
     Replay,
+    /// The check behind a publish that a broker might refuse (see `barrier.rs`).
+    Barrier,
 }
 
 /// One upstream channel carrying (part of) a client channel of the same number.

@@ -18,6 +18,7 @@
 //! retired), [`reply_to`] (direct reply-to across clusters); this file has the event loop and
 //! the connection's life.
 
+mod barrier;
 mod from_client;
 mod from_cluster;
 mod link_slot;
@@ -229,6 +230,8 @@ pub async fn serve(
         eof_reason: None,
         orphans: Vec::new(),
         delete_check: None,
+        proven_exchanges: Default::default(),
+        barrier: None,
         stale_topology: Default::default(),
     };
     let config_rx = shared.subscribe();
@@ -488,6 +491,10 @@ struct Session {
     /// Clusters without a live link when this client changed its topology: their next link
     /// declares the whole topology again (see `LinkSlot::replay_active`).
     stale_topology: std::collections::HashSet<String>,
+    /// Exchanges a publish of this connection was accepted to (see `barrier.rs`).
+    proven_exchanges: std::collections::HashSet<ShortStr>,
+    /// A publish being checked before the client's next frames are read (see `barrier.rs`).
+    barrier: Option<barrier::Barrier>,
     /// The client's socket ended; waiting for its publishes' confirms before closing links.
     eof_drain: Option<EofDrain>,
     /// Why the session ends once the links closed after an [`EofDrain`].
@@ -867,6 +874,7 @@ impl Session {
             return false;
         }
         self.tx_swaps > 0
+            || self.barrier_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
             || self.delete_check.is_some_and(|(ch, id)| {
                 self.channels

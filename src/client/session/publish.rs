@@ -55,8 +55,12 @@ impl Session {
             );
             return;
         };
+        let barrier = self.needs_barrier(publish, content);
         let client_seq = self.next_confirm_seq(ch);
         self.send_publish(ch, link, client_seq, held, tx);
+        if barrier {
+            self.raise_barrier(link, ch, &publish.exchange);
+        }
     }
 
     /// The link of the channel's open transaction, chosen at its first publish. When that link

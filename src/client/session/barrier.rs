@@ -1,0 +1,194 @@
+//! The publish barrier: what one broker does for free with publishes pipelined behind one it
+//! refuses, done across clusters.
+//!
+//! RabbitMQ handles a channel's methods in order. When it refuses a publish (missing or internal
+//! exchange, no write permission, a `user_id` that is not the connection's user, an invalid
+//! `expiration`, `immediate`), it closes the channel (or the connection) and discards everything
+//! the client pipelined behind that publish: none of it is routed, and in confirm mode none of
+//! it is confirmed, so a client that publishes again what was not confirmed duplicates nothing.
+//!
+//! Through warren the next publishes of the channel go to other clusters, which would route
+//! them before the refusal comes back from the first: messages the client believes discarded
+//! (and publishes again) would be delivered. So a publish the broker might refuse is followed,
+//! on its link and channel, by a passive `exchange.declare` of its exchange, and warren reads
+//! nothing more from the client until the answer: declare-ok means the broker accepted the
+//! publish before it (a channel's methods are handled in order); a channel.close means it did
+//! not, and what the client sent behind it is discarded as one broker discards it.
+//!
+//! A publish "might be refused" the first time this connection publishes to an exchange (an
+//! exchange a publish was accepted to stays accepted, until a refusal on this connection
+//! forgets them all), and when its properties carry a `user_id` other than the connection's
+//! user or an `expiration` that is not a plain number. The default exchange always exists.
+//! Producers publish to a handful of exchanges, so this costs one round trip per exchange per
+//! connection, not one per message.
+
+use super::*;
+
+/// At most this many exchanges are remembered as accepted; past it the set starts again (a
+/// client publishing to ever new exchange names must not grow warren's memory).
+const MAX_PROVEN: usize = 4096;
+
+/// A publish whose acceptance is being checked: the client's input waits until the check on
+/// `link`'s channel `ch` is answered or the channel is gone.
+#[derive(Debug)]
+pub(super) struct Barrier {
+    link: LinkId,
+    ch: u16,
+    exchange: ShortStr,
+}
+
+impl Session {
+    /// Whether a publish must be followed by a barrier (see the module docs).
+    pub(super) fn needs_barrier(&self, publish: &codec::BasicPublish, content: &Content) -> bool {
+        publish.immediate
+            || (!publish.exchange.is_empty() && !self.proven_exchanges.contains(&publish.exchange))
+            || properties_need_check(&content.header, &self.base_spec.user)
+    }
+
+    /// Sends the check behind a publish just written to `link`'s channel `ch`.
+    pub(super) fn raise_barrier(&mut self, link: LinkId, ch: u16, exchange: &ShortStr) {
+        let slot = &mut self.links[link];
+        if slot.done {
+            return;
+        }
+        // The default exchange cannot be declared, even passively; amq.direct always exists.
+        let name = if exchange.is_empty() {
+            ShortStr::from_static("amq.direct")
+        } else {
+            exchange.clone()
+        };
+        let check = Method::ExchangeDeclare(codec::ExchangeDeclare {
+            exchange: name,
+            passive: true,
+            ..Default::default()
+        });
+        slot.request(ch, &check, Pending::Barrier);
+        self.barrier = Some(Barrier {
+            link,
+            ch,
+            exchange: exchange.clone(),
+        });
+    }
+
+    /// True while a barrier's check is unanswered on a live link.
+    pub(super) fn barrier_holds(&self) -> bool {
+        self.barrier.as_ref().is_some_and(|b| {
+            let slot = &self.links[b.link];
+            !slot.done
+                && slot
+                    .chans
+                    .get(usize::from(b.ch))
+                    .is_some_and(|up| up.pending.iter().any(|p| matches!(p, Pending::Barrier)))
+        })
+    }
+
+    /// The check came back: the publish before it was accepted.
+    pub(super) fn barrier_passed(&mut self) {
+        let Some(b) = self.barrier.take() else {
+            return;
+        };
+        if b.exchange.is_empty() {
+            return;
+        }
+        if self.proven_exchanges.len() >= MAX_PROVEN {
+            self.proven_exchanges.clear();
+        }
+        self.proven_exchanges.insert(b.exchange);
+    }
+}
+
+/// Whether a content header's properties are ones a broker may refuse: a `user_id` other than
+/// `user`, or an `expiration` that is not a plain non-negative integer. Decodes the properties
+/// only when one of the two is present (the flag word says so), so ordinary publishes pay one
+/// load. A header that does not decode is left to the broker, behind a barrier.
+pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
+    const FLAGS_AT: usize = 12; // class id, weight, body size
+    const EXPIRATION: u16 = 1 << (15 - 7);
+    const USER_ID: u16 = 1 << (15 - 11);
+    let Some(flags) = header
+        .get(FLAGS_AT..FLAGS_AT + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    else {
+        return true;
+    };
+    if flags & (EXPIRATION | USER_ID) == 0 {
+        return false;
+    }
+    let Ok(decoded) = codec::ContentHeader::decode(bytes::Bytes::copy_from_slice(header)) else {
+        return true;
+    };
+    let p = &decoded.properties;
+    let wrong_user = p.user_id.as_ref().is_some_and(|u| u.as_bytes() != user);
+    let odd_expiration = p
+        .expiration
+        .as_ref()
+        .is_some_and(|e| e.as_bytes().is_empty() || !e.as_bytes().iter().all(u8::is_ascii_digit));
+    wrong_user || odd_expiration
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{BasicProperties, ContentHeader};
+
+    fn header(p: BasicProperties) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        ContentHeader {
+            class_id: 60,
+            body_size: 3,
+            properties: p,
+        }
+        .encode(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn plain_properties_need_no_check() {
+        let h = header(BasicProperties {
+            content_type: Some(ShortStr::from_static("text/plain")),
+            delivery_mode: Some(2),
+            headers: Some(Default::default()),
+            ..Default::default()
+        });
+        assert!(!properties_need_check(&h, b"guest"));
+    }
+
+    #[test]
+    fn the_connections_own_user_id_needs_no_check() {
+        let h = header(BasicProperties {
+            user_id: Some(ShortStr::from_static("guest")),
+            ..Default::default()
+        });
+        assert!(!properties_need_check(&h, b"guest"));
+        assert!(properties_need_check(&h, b"celery"));
+    }
+
+    #[test]
+    fn a_numeric_expiration_needs_no_check_anything_else_does() {
+        for (value, check) in [
+            ("60000", false),
+            ("0", false),
+            ("", true),
+            ("-5", true),
+            ("1.5", true),
+            ("soon", true),
+        ] {
+            let h = header(BasicProperties {
+                expiration: Some(ShortStr::try_from(value.to_owned()).unwrap()),
+                ..Default::default()
+            });
+            assert_eq!(properties_need_check(&h, b"guest"), check, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_header_is_left_to_the_broker() {
+        assert!(properties_need_check(&[0, 60, 0], b"guest"));
+        let mut h = header(BasicProperties {
+            user_id: Some(ShortStr::from_static("guest")),
+            ..Default::default()
+        });
+        h.truncate(h.len() - 2);
+        assert!(properties_need_check(&h, b"guest"));
+    }
+}

@@ -22,7 +22,8 @@
 #              RabbitMQ's tutorials 1-6 in pika, directly and through it (tests/clients/run.sh;
 #              installs nodejs, npm's amqplib, Debian's librabbitmq-client-java and a JDK when
 #              missing);
-#      celery: Celery end to end through it (tests/e2e/celery_e2e.py);
+#      celery: Celery end to end through it (tests/e2e/celery_e2e.py), then GET /clients and
+#              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
 #      fault:  no-loss fault tests with a ledger, on private clusters of their own: all nine
@@ -414,6 +415,15 @@ if want python || want clients || want celery; then
         if { [ "$TARGET" = direct ] || [ "$PROXY_UP" = 1 ]; } &&
             "$PY" tests/e2e/celery_e2e.py "$broker" "${WARREN_E2E_TASKS:-10000}" "${WARREN_E2E_WORKERS:-3}" ${WARREN_E2E_ARGS:---management}; then
             record celery PASS $(($(date +%s) - t0))
+            if [ "$TARGET" = proxy ]; then
+                # GET /clients and POST /clients/ID/close with pika and a Celery connection.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/clients_e2e.py "$PROXY_ADDR" "$ADMIN_ADDR"; then
+                    record celery-clients PASS $(($(date +%s) - t1))
+                else
+                    record celery-clients FAIL $(($(date +%s) - t1))
+                fi
+            fi
             if [ "$TARGET" = proxy ] && [ "$TOPOLOGY" = sharded ]; then
                 # Both shard clusters must have carried tasks (warren's own per-cluster counters).
                 metrics=$(python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$ADMIN_ADDR/metrics').read().decode())")

@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod admin;
 pub mod client;
+pub mod clients;
 pub mod codec;
 pub mod config;
 pub mod io;

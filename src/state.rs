@@ -16,6 +16,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::clients::Clients;
 use crate::codec::FieldTable;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -66,6 +67,8 @@ pub struct Shared {
     /// When each (cluster, event) was last logged as a warning (see `report_once`).
     reported: Mutex<std::collections::HashMap<(String, &'static str), std::time::Instant>>,
     pub metrics: Arc<Metrics>,
+    /// The open client connections (`GET /clients`).
+    pub clients: Arc<Clients>,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             reported: Mutex::default(),
             metrics,
+            clients: Arc::default(),
         }
     }
 

@@ -74,6 +74,15 @@ async fn status_page_shows_clusters_and_states_in_chromium() {
     // A queue name a client chose: the page must show it as text.
     let evil = "<b id=\"evil\">q</b>&amp;";
     proxy.shared().note_queue("/", evil);
+    // A client connection, named by the client: listed with a close button, its name as text.
+    let identity = warren::clients::Identity {
+        name: Some("<i id=\"evil2\">w</i>".to_owned()),
+        user: "guest".to_owned(),
+        vhost: "/".to_owned(),
+        product: Some("pika".to_owned()),
+        ..Default::default()
+    };
+    let _client = proxy.shared().clients.register(4242, identity);
 
     // Wait for the health probes, so that the page shows settled states.
     let deadline = Instant::now() + support::STEP;
@@ -156,6 +165,14 @@ async fn status_page_shows_clusters_and_states_in_chromium() {
     assert!(
         !dom.contains("<b id=\"evil\">"),
         "queue name must not become markup:\n{dom}"
+    );
+
+    // The client from /clients, with its close action, its name escaped.
+    assert!(dom.contains("data-client=\"4242\""), "client row:\n{dom}");
+    assert!(dom.contains("data-close=\"4242\""), "close button:\n{dom}");
+    assert!(
+        dom.contains("&lt;i id=\"evil2\"&gt;w&lt;/i&gt;") && !dom.contains("<i id=\"evil2\">"),
+        "client name shown as text:\n{dom}"
     );
 
     proxy.shutdown().await;

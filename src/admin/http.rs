@@ -138,6 +138,8 @@ enum Route {
     Reload,
     Drain(String),
     Undrain(String),
+    Clients,
+    CloseClient(u64),
 }
 
 impl Route {
@@ -155,6 +157,11 @@ impl Route {
             "/queues" => Route::Queues,
             "/metrics" => Route::Metrics,
             "/reload" => Route::Reload,
+            "/clients" => Route::Clients,
+            p if p.starts_with("/clients/") => {
+                let id = p.strip_prefix("/clients/")?.strip_suffix("/close")?;
+                Route::CloseClient(id.parse().ok()?)
+            }
             p => {
                 let rest = p.strip_prefix("/clusters/")?;
                 let (name, undrain) = match rest.strip_suffix("/undrain") {
@@ -175,7 +182,10 @@ impl Route {
     }
 
     fn is_post(&self) -> bool {
-        matches!(self, Route::Reload | Route::Drain(_) | Route::Undrain(_))
+        matches!(
+            self,
+            Route::Reload | Route::Drain(_) | Route::Undrain(_) | Route::CloseClient(_)
+        )
     }
 }
 
@@ -187,6 +197,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         );
     };
     let method = req.method().clone();
+    let query = req.uri().query().map(str::to_owned);
     let allowed = if route.is_post() { "POST" } else { "GET, HEAD" };
     let method_ok = if route.is_post() {
         method == Method::POST
@@ -239,6 +250,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             Route::Reload => reload(state).await,
             Route::Drain(name) => drain(state, name).await,
             Route::Undrain(name) => undrain(state, name).await,
+            Route::CloseClient(id) => close_client(state, id, query.as_deref()),
             _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
         };
     }
@@ -274,7 +286,8 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
                 .and_then(|a| a.to_str().ok());
             metrics(state, Format::from_accept(accept))
         }
-        Route::Reload | Route::Drain(_) | Route::Undrain(_) => {
+        Route::Clients => json_response(StatusCode::OK, &clients(state)),
+        Route::Reload | Route::Drain(_) | Route::Undrain(_) | Route::CloseClient(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route")
         }
     }
@@ -669,6 +682,73 @@ async fn reload(state: &AdminState) -> Resp {
     }
 }
 
+/// `GET /clients`: every open client connection, oldest first.
+fn clients(state: &AdminState) -> Value {
+    let now = SystemTime::now();
+    let list: Vec<Value> = state
+        .shared
+        .clients
+        .list()
+        .iter()
+        .map(|c| {
+            let id = &c.identity;
+            let usage = c.usage();
+            let mut per_cluster = serde_json::Map::new();
+            for link in &usage.links {
+                let (cluster, node) = link.split_once('@').unwrap_or((link.as_str(), ""));
+                if let Value::Array(nodes) = per_cluster
+                    .entry(cluster.to_owned())
+                    .or_insert_with(|| Value::Array(Vec::new()))
+                {
+                    nodes.push(Value::String(node.to_owned()));
+                }
+            }
+            json!({
+                "id": c.id,
+                "peer": id.peer.map(|p| p.to_string()),
+                "user": id.user,
+                "vhost": id.vhost,
+                "connection_name": id.name,
+                "client_product": id.product,
+                "client_version": id.version,
+                "client_platform": id.platform,
+                "channels": usage.channels,
+                "links": per_cluster,
+                "upstream_connections": usage.links.len(),
+                "bytes_in": c.bytes_in.get(),
+                "bytes_out": c.bytes_out.get(),
+                "held_publish_bytes": usage.held_bytes,
+                "connected_since": rfc3339(c.since),
+                "connected_secs": now.duration_since(c.since).unwrap_or_default().as_secs(),
+            })
+        })
+        .collect();
+    json!({
+        "time": rfc3339(now),
+        "time_unix_ms": unix_ms(now),
+        "count": list.len(),
+        "clients": list,
+    })
+}
+
+/// `POST /clients/ID/close?reason=TEXT`: the client gets connection.close 320
+/// CONNECTION_FORCED with the reason; its other traffic and every other client carry on.
+fn close_client(state: &AdminState, id: u64, query: Option<&str>) -> Resp {
+    let reason = query_param(query, "reason")
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "closed by an operator through warren's admin endpoint".to_owned());
+    // The reason goes into a short string with the code's name in front.
+    let reason: String = reason.chars().take(200).collect();
+    if !state.shared.clients.close(id, &reason) {
+        return error(StatusCode::NOT_FOUND, format!("no client connection {id}"));
+    }
+    info!(conn = id, %reason, "admin: client connection close requested");
+    json_response(
+        StatusCode::OK,
+        &json!({"id": id, "state": "closing", "reason": reason}),
+    )
+}
+
 async fn drain(state: &AdminState, name: String) -> Resp {
     if state.shared.config().cluster(&name).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
@@ -785,6 +865,14 @@ mod tests {
         assert_eq!(Route::parse("/clusters/%2F/drain"), None);
         assert_eq!(Route::parse("/clusters/%ff/drain"), None);
         assert_eq!(Route::parse("/nope"), None);
+        assert_eq!(Route::parse("/clients"), Some(Route::Clients));
+        assert_eq!(
+            Route::parse("/clients/42/close"),
+            Some(Route::CloseClient(42))
+        );
+        assert_eq!(Route::parse("/clients/x/close"), None);
+        assert_eq!(Route::parse("/clients/42"), None);
+        assert!(Route::CloseClient(1).is_post());
     }
 
     #[test]

@@ -150,6 +150,14 @@ pub async fn serve(
         shared.learn_server_properties(&slot.link.server_properties);
     }
 
+    // Listed in GET /clients from here until the session ends.
+    let mut identity = crate::clients::Identity::from_properties(&greeting.client_properties);
+    identity.peer = Some(peer);
+    identity.user = user.clone();
+    identity.vhost = vhost.as_str().into_owned();
+    let registration = shared.clients.register(id, identity);
+    let info = registration.client().clone();
+
     let (rd, wr) = stream.into_split();
     let heartbeat =
         (greeting.heartbeat > 0).then(|| Duration::from_secs(u64::from(greeting.heartbeat)));
@@ -157,7 +165,7 @@ pub async fn serve(
         config.limits.client_buffer_bytes,
         wr,
         heartbeat.map(|h| h / 2),
-        None,
+        Some(info.bytes_out.clone()),
     );
     client_out
         .push(|buf| codec::write_method(buf, 0, &Method::ConnectionOpenOk(Default::default())));
@@ -185,6 +193,7 @@ pub async fn serve(
     let control = links.iter().position(|s| s.role == Role::Control);
     let (opened_tx, opened_rx) = mpsc::channel(4);
     let mut session = Session {
+        info,
         shared: shared.clone(),
         vhost: vhost.as_str().into_owned(),
         base_spec: base,
@@ -256,6 +265,7 @@ pub async fn serve(
             slot.link.shutdown(Duration::from_millis(500)).await;
         }
     }
+    drop(registration);
     info!(conn = id, %peer, user = %user, vhost = %vhost, reason = %reason, "connection closed");
 }
 
@@ -414,6 +424,8 @@ impl ConnError {
 
 struct Session {
     id: u64,
+    /// This connection's entry in `GET /clients` (see `crate::clients`).
+    info: Arc<crate::clients::Client>,
     client_out: Arc<Outbox>,
     frame_max: usize,
     caps: ClientCaps,
@@ -654,6 +666,8 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut forced = false;
         let client_out = self.client_out.clone();
+        let info = self.info.clone();
+        self.publish_usage();
         let mut was_reading = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -739,6 +753,14 @@ impl Session {
             };
             rbuf.reserve(8 * 1024);
             tokio::select! {
+                _ = info.close_requested(), if self.closing.is_none() => {
+                    let reason = info.close_reason().unwrap_or_default();
+                    info!(conn = self.id, %reason, "closing the connection at an operator's request");
+                    self.begin_proxy_close(
+                        ConnError::new(ReplyCode::ConnectionForced, &reason),
+                        &format!("closed by an operator: {reason}"),
+                    );
+                }
                 _ = force_close.cancelled(), if !forced => {
                     forced = true;
                     if self.closing.is_none() {
@@ -766,6 +788,7 @@ impl Session {
                     }
                     self.retire_quiet_links();
                     self.ensure_links();
+                    self.publish_usage();
                     self.expire_orphans();
                     self.check_no_shard();
                 }
@@ -775,8 +798,9 @@ impl Session {
                             client_open = false;
                             self.client_gone("client closed the TCP connection");
                         }
-                        Ok(_) => {
+                        Ok(n) => {
                             crate::io::busy_poll::touch();
+                            info.bytes_in.inc_by(n as u64);
                             last_seen = Instant::now();
                             self.on_client_bytes(&mut rbuf, &mut assembler);
                         }
@@ -957,6 +981,18 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Updates this connection's entry in `GET /clients` (on the tick, off the hot path).
+    fn publish_usage(&self) {
+        let channels = self.channels.iter().filter(|c| c.is_some()).count();
+        let links = self
+            .links
+            .iter()
+            .filter(|s| s.live())
+            .map(|s| format!("{}@{}", s.link.cluster, s.link.node))
+            .collect();
+        self.info.publish_usage(channels, self.held_bytes, links);
     }
 
     fn protocol_error(&mut self, e: ConnError) {

@@ -26,9 +26,10 @@ use serde::Deserialize;
 use serde::de::value::{BorrowedStrDeserializer, UsizeDeserializer};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::{Config, RawConfig};
+use super::Config;
+use super::raw::RawConfig;
 
-const DOC: &str = include_str!("../docs/configuration.md");
+const DOC: &str = include_str!("../../docs/configuration.md");
 const DOC_NAME: &str = "docs/configuration.md";
 
 /// Sections whose every key must have a literal default in the doc, checked against the code.
@@ -156,7 +157,7 @@ impl Walker<'_> {
 
     fn unsupported(&self, what: &str) -> WalkError {
         WalkError(format!(
-            "key `{}`: its type asks for {what}, which src/config_doc_drift.rs cannot describe; \
+            "key `{}`: its type asks for {what}, which src/config/doc_drift.rs cannot describe; \
              teach its Walker about it",
             self.path
         ))

@@ -758,6 +758,165 @@ def many_channels(t: Target) -> list:
     return obs
 
 
+def server_capabilities_and_tune(t: Target) -> list:
+    obs = []
+    c = t.connect()
+    caps = c.server_properties.get("capabilities", {})
+    obs.append(f"capabilities {sorted((k, v) for k, v in caps.items())}")
+    obs.append(f"channel_max {c.channel_max} frame_max {c.frame_max}")
+    return obs
+
+
+def default_exchange_is_untouchable(t: Target) -> list:
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    q = uid("defx")
+    declare(ch, q)
+    attempt(obs, "bind to default exchange", lambda: ch.queue_bind(q, "", "k"))
+    ch = c.channel()
+    attempt(obs, "declare default exchange", lambda: ch.exchange_declare("", "direct"))
+    ch = c.channel()
+    attempt(obs, "delete amq.direct", lambda: ch.exchange_delete("amq.direct"))
+    ch = c.channel()
+    attempt(obs, "unbind from default exchange", lambda: ch.queue_unbind(q, "", q))
+    c.channel().queue_delete(q)
+    return obs
+
+
+def deletes_of_missing_things(t: Target) -> list:
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    attempt(obs, "queue.delete missing", lambda: ch.queue_delete(uid("noq")))
+    ch = c.channel()
+    attempt(obs, "exchange.delete missing", lambda: ch.exchange_delete(uid("nox")))
+    ch = c.channel()
+    attempt(obs, "queue.purge missing", lambda: ch.queue_purge(uid("noq")))
+    ch = c.channel()
+    q = uid("unb")
+    declare(ch, q)
+    attempt(obs, "unbind missing binding", lambda: ch.queue_unbind(q, "amq.direct", "never-bound"))
+    attempt(obs, "unbind from missing exchange", lambda: ch.queue_unbind(q, uid("nox"), "k"))
+    ch = c.channel()
+    attempt(obs, "unbind missing queue", lambda: ch.queue_unbind(uid("noq"), "amq.direct", "k"))
+    c.channel().queue_delete(q)
+    return obs
+
+
+def single_active_consumer_two_connections(t: Target) -> list:
+    obs = []
+    c1 = t.connect()
+    c2 = t.connect()
+    q = uid("sac")
+    declare(c1.channel(), q, arguments={"x-single-active-consumer": True})
+    got1, got2 = [], []
+    ch1 = c1.channel()
+    ch1.basic_consume(q, no_ack=True, callback=lambda m: got1.append(m))
+    ch2 = c2.channel()
+    ch2.basic_consume(q, no_ack=True, callback=lambda m: got2.append(m))
+    p = t.connect().channel()
+    p.confirm_select()
+    publish_n(p, q, 20)
+    end = time.monotonic() + 3
+    while len(got1) + len(got2) < 20 and time.monotonic() < end:
+        drain(c1, 0.1)
+        drain(c2, 0.1)
+    obs.append(f"first consumer {len(got1)}, second {len(got2)}")
+    c1.close()
+    end = time.monotonic() + 3
+    publish_n(p, q, 10, "after")
+    while len(got2) < 10 and time.monotonic() < end:
+        drain(c2, 0.1)
+    obs.append(f"second after the first left {len(got2)}")
+    p.queue_delete(q)
+    return obs
+
+
+def consume_exclusive_queue_of_other_connection(t: Target) -> list:
+    obs = []
+    c1 = t.connect()
+    c2 = t.connect()
+    q = uid("exclc")
+    declare(c1.channel(), q, exclusive=True)
+    attempt(obs, "consume from other", lambda: c2.channel().basic_consume(q, callback=lambda m: None))
+    attempt(obs, "bind from other", lambda: c2.channel().queue_bind(q, "amq.fanout", ""))
+    attempt(obs, "purge from other", lambda: c2.channel().queue_purge(q))
+    attempt(obs, "owner consumes", lambda: c1.channel().basic_consume(q, callback=lambda m: None) and "ok")
+    return obs
+
+
+def auto_delete_exchange(t: Target) -> list:
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    x, q = uid("adx"), uid("adxq")
+    ch.exchange_declare(x, "direct", auto_delete=True)
+    declare(ch, q)
+    ch.queue_bind(q, x, "k")
+    attempt(obs, "exists while bound", lambda: ch.exchange_declare(x, "direct", passive=True))
+    ch.queue_unbind(q, x, "k")
+    time.sleep(0.2)
+    attempt(obs, "gone after last unbind", lambda: c.channel().exchange_declare(x, "direct", passive=True))
+    c.channel().queue_delete(q)
+    return obs
+
+
+def get_and_consume_on_one_channel(t: Target) -> list:
+    """basic.get and a consumer on the same channel share one tag sequence."""
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    qa, qb = uid("mixa"), uid("mixb")
+    declare(ch, qa)
+    declare(ch, qb)
+    publish_n(ch, qa, 5)
+    publish_n(ch, qb, 5)
+    settle(ch, qa, 5)
+    settle(ch, qb, 5)
+    ch.basic_qos(0, 100, False)
+    got = []
+    ch.basic_consume(qa, callback=lambda m: got.append(m))
+    drain(c, 0.5)
+    gets = get_all(ch, qb, no_ack=False)
+    drain(c, 0.3)
+    tags = sorted([m.delivery_tag for m in got] + [m.delivery_tag for m in gets])
+    obs.append(f"consumed {len(got)} got {len(gets)} tags {tags}")
+    attempt(obs, "ack all", lambda: ch.basic_ack(max(tags), multiple=True))
+    attempt(obs, "sync", lambda: ch.basic_qos(0, 100, False))
+    ch.close()
+    ch = c.channel()
+    obs.append(f"left {count(ch, qa)} {count(ch, qb)}")
+    ch.queue_delete(qa)
+    ch.queue_delete(qb)
+    return obs
+
+
+def exchange_to_exchange_chain(t: Target) -> list:
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    x1, x2, x3, q = uid("e2e1"), uid("e2e2"), uid("e2e3"), uid("e2eq")
+    ch.exchange_declare(x1, "topic", auto_delete=False)
+    ch.exchange_declare(x2, "fanout", auto_delete=False)
+    ch.exchange_declare(x3, "direct", auto_delete=False)
+    declare(ch, q)
+    ch.exchange_bind(x2, x1, "a.#")
+    ch.exchange_bind(x3, x2, "")
+    ch.queue_bind(q, x3, "a.b")
+    ch.confirm_select()
+    for key in ["a.b", "a.c", "b.b", "a.b"]:
+        ch.basic_publish(amqp.Message(key), x1, key)
+    obs.append(f"received {bodies(get_all(ch, q))}")
+    ch.exchange_unbind(x2, x1, "a.#")
+    ch.basic_publish(amqp.Message("late"), x1, "a.b")
+    obs.append(f"after unbind {bodies(get_all(ch, q))}")
+    for x in (x1, x2, x3):
+        ch.exchange_delete(x)
+    ch.queue_delete(q)
+    return obs
+
+
 SCENARIOS = [
     ack_all_with_tag_0,
     nack_all_with_tag_0,
@@ -795,6 +954,14 @@ SCENARIOS = [
     quorum_queue_basics,
     channel_close_requeues_unacked,
     many_channels,
+    server_capabilities_and_tune,
+    default_exchange_is_untouchable,
+    deletes_of_missing_things,
+    single_active_consumer_two_connections,
+    consume_exclusive_queue_of_other_connection,
+    auto_delete_exchange,
+    get_and_consume_on_one_channel,
+    exchange_to_exchange_chain,
 ]
 
 

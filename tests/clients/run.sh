@@ -2,7 +2,8 @@
 # tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
-# edge_compare.py (py-amqp), run both ways and compared observation by observation.
+# edge_compare.py (py-amqp), run both ways and compared observation by observation, and amqplib's
+# own test suite both ways (amqplib_suite.sh).
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
 # `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
@@ -47,6 +48,12 @@ if [ -n "$proxy" ]; then
     status=PASS
     [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
     summary+=("$(printf '  %-9s %-7s %s %3ss' edges compare "$status" $(($(date +%s) - t0)))")
+    t0=$(date +%s)
+    "$HERE/amqplib_suite.sh" "$direct" "$proxy"
+    rc=$?
+    status=PASS
+    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
+    summary+=("$(printf '  %-9s %-7s %s %3ss' amqplib suite "$status" $(($(date +%s) - t0)))")
 fi
 echo "clients:"
 printf '%s\n' "${summary[@]}"

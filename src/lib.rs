@@ -11,6 +11,7 @@ pub mod client;
 pub mod clients;
 pub mod codec;
 pub mod config;
+pub mod held;
 pub mod io;
 pub mod metrics;
 pub mod proxy;

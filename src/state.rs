@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::clients::Clients;
 use crate::codec::FieldTable;
 use crate::config::Config;
+use crate::held::HeldBudget;
 use crate::metrics::Metrics;
 use crate::topology::Topology;
 use crate::upstream::probe;
@@ -69,12 +70,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The open client connections (`GET /clients`).
     pub clients: Arc<Clients>,
+    /// Bytes of publishes held until confirmed, in the whole process (`limits.max_held_bytes`).
+    pub held: HeldBudget,
 }
 
 impl Shared {
     pub fn new(config: Arc<Config>) -> Self {
         let (config_tx, _) = watch::channel(config.clone());
         let metrics = Arc::new(Metrics::default());
+        let held_limit = config.limits.max_held_bytes;
         // Every configured cluster has its series in /metrics, at 0, before any traffic.
         for c in &config.clusters {
             metrics.cluster(&c.name);
@@ -93,6 +97,7 @@ impl Shared {
             nodes_back: Mutex::default(),
             next_id: AtomicU64::new(1),
             reported: Mutex::default(),
+            held: HeldBudget::new(held_limit, metrics.held_bytes.clone()),
             metrics,
             clients: Arc::default(),
         }
@@ -217,6 +222,7 @@ impl Shared {
             self.metrics.cluster(&c.name);
         }
         let config = Arc::new(config);
+        self.held.set_limit(config.limits.max_held_bytes);
         self.config.store(config.clone());
         self.config_tx.send_replace(config);
         self.generation.fetch_add(1, Ordering::Relaxed);

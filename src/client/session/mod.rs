@@ -224,7 +224,6 @@ pub async fn serve(
         held_bytes: 0,
         held_limit: config.limits.max_held_bytes_per_connection,
         hold_publishes: config.limits.hold_publishes,
-        held_limit_total: config.limits.max_held_bytes,
         pending_release: Vec::new(),
         metrics: metrics.clone(),
         parked: VecDeque::new(),
@@ -453,7 +452,6 @@ struct Session {
     held_limit: usize,
     /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
     hold_publishes: bool,
-    held_limit_total: usize,
     /// Links whose channel resets released held bytes to account for.
     pending_release: Vec<LinkId>,
     metrics: Arc<Metrics>,
@@ -667,6 +665,7 @@ impl Session {
         let mut forced = false;
         let client_out = self.client_out.clone();
         let info = self.info.clone();
+        let shared = self.shared.clone();
         self.publish_usage();
         let mut was_reading = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -731,10 +730,10 @@ impl Session {
                 .find(|s| s.live() && !s.link.outbox.has_room())
                 .map(|s| s.link.outbox.clone());
             // Held publishes are bounded per connection and in total: at the bound, stop reading
-            // the client until confirms free memory (they arrive as link events, or by the tick
-            // when another connection frees the total).
-            let held_ok = self.held_bytes < self.held_limit
-                && (self.metrics.held_bytes.get() as usize) < self.held_limit_total;
+            // the client until confirms free memory (this connection's arrive as link events;
+            // another connection freeing the total wakes `held.room()`).
+            let total_ok = self.shared.held.has_room();
+            let held_ok = self.held_bytes < self.held_limit && total_ok;
             let read_client = client_open
                 && self.eof_drain.is_none()
                 && full_link.is_none()
@@ -811,6 +810,7 @@ impl Session {
                     }
                 }
                 _ = client_out.room(), if !client_room => {}
+                _ = shared.held.room(), if !total_ok => {}
                 _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
                     // Time spent not reading is not the client's silence.
                     last_seen = Instant::now();

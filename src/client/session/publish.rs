@@ -179,13 +179,14 @@ impl Session {
     /// Counts bytes of publishes this connection holds (per connection and in the total).
     pub(super) fn add_held(&mut self, size: usize) {
         self.held_bytes += size;
-        self.metrics.held_bytes.inc_by(size as i64);
+        self.shared.held.add(size);
     }
 
     /// Releases bytes counted by [`add_held`](Self::add_held).
     pub(super) fn release_held(&mut self, size: usize) {
-        self.held_bytes = self.held_bytes.saturating_sub(size);
-        self.metrics.held_bytes.dec_by(size as i64);
+        let size = size.min(self.held_bytes);
+        self.held_bytes -= size;
+        self.shared.held.release(size);
     }
 
     /// Publishes a transaction's messages again on `link` (its first link died).

@@ -1,0 +1,150 @@
+//! The process-wide budget for publishes held until their clusters confirm them
+//! (`limits.max_held_bytes`).
+//!
+//! Every session holds its clients' publishes until a cluster confirms them (so a nack or a lost
+//! link gets them published again elsewhere). Each session bounds its own share, and this budget
+//! bounds the sum: at the bound, sessions stop reading their clients until confirms free bytes.
+//! A session that stopped on the total waits on [`HeldBudget::room`], which wakes it as soon as
+//! any session releases bytes below the bound, instead of polling.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
+
+/// Bytes of held publishes in the whole process, against a limit.
+#[derive(Debug)]
+pub struct HeldBudget {
+    used: AtomicUsize,
+    limit: AtomicUsize,
+    /// Woken when `used` drops below `limit` (or the limit is raised).
+    freed: Notify,
+    /// `warren_held_bytes`, kept equal to `used`.
+    gauge: Gauge,
+}
+
+impl HeldBudget {
+    pub fn new(limit: usize, gauge: Gauge) -> Self {
+        HeldBudget {
+            used: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+            freed: Notify::new(),
+            gauge,
+        }
+    }
+
+    /// Counts `n` more bytes held. Never refuses: the caller already read the publish; the
+    /// bound stops the next reads instead.
+    pub fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.gauge.inc_by(n as i64);
+    }
+
+    /// Releases `n` bytes counted by [`add`](Self::add), waking the sessions waiting for room
+    /// when this brings the total under the limit.
+    pub fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            })
+            .unwrap_or_else(|u| u);
+        self.gauge.dec_by(n.min(before) as i64);
+        let limit = self.limit.load(Ordering::Relaxed);
+        if before >= limit && before.saturating_sub(n) < limit {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Whether the total is under the limit.
+    pub fn has_room(&self) -> bool {
+        self.used.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// A reload changed `limits.max_held_bytes`.
+    pub fn set_limit(&self, limit: usize) {
+        let old = self.limit.swap(limit, Ordering::AcqRel);
+        if limit > old {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Resolves once the total is under the limit. The waiter registers before it checks, so
+    /// a release between the check and the wait is not missed.
+    pub async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn counts_and_the_gauge_agree() {
+        let g = Gauge::default();
+        let b = HeldBudget::new(100, g.clone());
+        b.add(60);
+        b.add(50);
+        assert!(!b.has_room());
+        assert_eq!((b.used(), g.get()), (110, 110));
+        b.release(20);
+        assert!(b.has_room());
+        // Over-release cannot wrap.
+        b.release(1000);
+        assert_eq!((b.used(), g.get()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_another_session_releases() {
+        let b = Arc::new(HeldBudget::new(100, Gauge::default()));
+        b.add(150);
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        b.release(10); // still at 140: no room
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        b.release(60); // 80 < 100
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken without polling")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn raising_the_limit_wakes_waiters() {
+        let b = Arc::new(HeldBudget::new(10, Gauge::default()));
+        b.add(50);
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        b.set_limit(100);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken by the new limit")
+            .unwrap();
+    }
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
 #
-#   scripts/test.sh [all|rust|python|clients|celery|reload|fault ...]   (default: all; several may be given)
+#   scripts/test.sh [all|rust|python|clients|celery|reload|haproxy|fault ...]   (default: all; several may be given)
 #
 #   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
 #      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
@@ -26,6 +26,10 @@
 #              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
+#      haproxy: two warren instances behind HAProxy configured as deploy/haproxy/haproxy.cfg:
+#              Celery through it while both instances reload, the same queue depth from either
+#              instance (/queues, check-queues), a rolling stop (tests/e2e/haproxy_e2e.py;
+#              installs Debian's haproxy when missing);
 #      fault:  no-loss fault tests with a ledger, on private clusters of their own: all nine
 #              scenarios with the CI workload (tests/fault/fault_e2e.py --quick, ~8.5 min); the
 #              test clusters above are stopped first to free the machine;
@@ -37,18 +41,18 @@
 #                                      shard-a + shard-b shards and control; single: only shard-a)
 #   WARREN_TEST_TARGET=proxy|direct    direct: no proxy; the suites run directly only and the Celery
 #                                      test talks to shard-a itself (checks the harness, not warren);
-#                                      reload and fault are skipped
+#                                      reload, haproxy and fault are skipped
 #   WARREN_E2E_TASKS (10000), WARREN_E2E_WORKERS (3), WARREN_E2E_ARGS (default --management)
 #   WARREN_FAULT_ARGS (default --quick) arguments of tests/fault/fault_e2e.py; "" gives the full
 #                                      run (100,000 messages, ~15 min), see docs/reliability.md
-#   WARREN_TEST_BIN=PATH               run the python/celery/reload/fault parts against this proxy
+#   WARREN_TEST_BIN=PATH               run the python/celery/reload/haproxy/fault parts against this proxy
 #                                      binary instead of building target/debug/warren
 #   WARREN_KEEP_CLUSTERS=1             leave the clusters running at exit (prints how to stop them)
 #   RUST_LOG                           passed to the proxy (default info)
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
 # per target, clients ~10 s plus ~7 s per target for the tutorials, Celery e2e (1000 tasks) ~15 s
-# per target, reload ~30 s, fault ~8.5 min; see .ci/run for whole-run numbers.
+# per target, reload ~30 s, haproxy ~25 s, fault ~8.5 min; see .ci/run for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,14 +64,15 @@ TOPOLOGY=${WARREN_PY_TOPOLOGY:-sharded}
 TARGET=${WARREN_TEST_TARGET:-proxy}
 
 usage() {
-    sed -n '2,48p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    # The header above, up to (not including) its "Measured on" paragraph.
+    sed -n '2,/^# Measured on/{/^# Measured on/!p;}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
 for p in "${PARTS[@]}"; do
     case "$p" in
-    all | rust | python | clients | celery | reload | fault) ;;
+    all | rust | python | clients | celery | reload | haproxy | fault) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
@@ -163,7 +168,7 @@ trap 'exit 143' TERM
 CLUSTER_NAMES=(shard-a shard-b control)
 if want reload; then CLUSTER_NAMES+=(shard-c); fi
 NEED_CLUSTERS=0
-if want rust || want python || want clients || want celery || want reload; then NEED_CLUSTERS=1; fi
+if want rust || want python || want clients || want celery || want reload || want haproxy; then NEED_CLUSTERS=1; fi
 
 start_clusters() { # runs in the background; writes $STATE/<name>.addr
     local name pids=() rc=0
@@ -228,8 +233,17 @@ if want clients; then
         (cd tests/clients && npm ci --no-audit --no-fund) && echo "$lock_sum" >tests/clients/node_modules/.warren-lock.sha256
     fi
 fi
+if want haproxy && [ "$TARGET" = proxy ] && ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    # tests/e2e/haproxy_e2e.py runs Debian's haproxy in front of two warren instances. Its
+    # service is not wanted (the test starts its own): stopped if the install started it.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy ||
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy; }
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet haproxy 2>/dev/null; then
+        systemctl disable --now haproxy || true
+    fi
+fi
 # The Rust part needs the venv too: tests/compose.rs runs its check-jsonschema.
-if want rust || want python || want clients || want celery || want reload || want fault; then
+if want rust || want python || want clients || want celery || want reload || want haproxy || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi
@@ -253,7 +267,7 @@ if [ -n "${WARREN_TEST_BIN:-}" ]; then
     WARREN_BIN=$(realpath "$WARREN_TEST_BIN")
     say "using WARREN_TEST_BIN=$WARREN_BIN (not building the proxy)"
     [ -x "$WARREN_BIN" ] || { echo "WARREN_TEST_BIN: $WARREN_BIN is not executable" >&2; PROXY_BUILD_OK=0; }
-elif [ "$TARGET" = proxy ] && { want python || want clients || want celery || want reload || want fault; }; then
+elif [ "$TARGET" = proxy ] && { want python || want clients || want celery || want reload || want haproxy || want fault; }; then
     say "cargo build --bin warren"
     cargo build --bin warren || PROXY_BUILD_OK=0
 fi
@@ -454,10 +468,10 @@ if want python || want clients || want celery; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# 4b. reload and fault tests (each starts its own proxy)
+# 4b. reload, haproxy and fault tests (each starts its own proxy)
 
-if [ "$TARGET" = direct ] && { want reload || want fault; }; then
-    say "reload, fault: skipped (WARREN_TEST_TARGET=direct; they test the proxy)"
+if [ "$TARGET" = direct ] && { want reload || want haproxy || want fault; }; then
+    say "reload, haproxy, fault: skipped (WARREN_TEST_TARGET=direct; they test the proxy)"
 fi
 
 if want reload && [ "$TARGET" = proxy ]; then
@@ -471,6 +485,19 @@ if want reload && [ "$TARGET" = proxy ]; then
         record reload PASS $(($(date +%s) - t0))
     else
         record reload FAIL $(($(date +%s) - t0))
+    fi
+fi
+
+if want haproxy && [ "$TARGET" = proxy ]; then
+    say "haproxy: two warren instances behind HAProxy (Celery with reloads, depths, rolling stop)"
+    t0=$(date +%s)
+    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/e2e/haproxy_e2e.py "$WARREN_BIN" \
+        --shard-a "$(addr_of shard-a 1),$(addr_of shard-a 2)" \
+        --shard-b "$(addr_of shard-b 1),$(addr_of shard-b 2)" \
+        --control "$(addr_of control 1),$(addr_of control 2)"; then
+        record haproxy PASS $(($(date +%s) - t0))
+    else
+        record haproxy FAIL $(($(date +%s) - t0))
     fi
 fi
 

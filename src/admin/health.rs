@@ -16,17 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{self, FieldTable, FieldValue, FrameKind, Method};
+use crate::codec::{FieldTable, FieldValue};
 use crate::config::{ClusterConfig, Config, NodeAddr};
-use crate::io::Stream;
 use crate::state::Shared;
-use crate::tls::ClientTls;
 
 /// Time between two probes of a node that is up.
 pub const UP_INTERVAL: Duration = Duration::from_secs(5);
@@ -287,43 +283,8 @@ pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationTok
 }
 
 /// Connects (over amqps when `tls` is set), sends the protocol header and reads the server
-/// properties of connection.start.
-pub async fn read_start(node: &NodeAddr, tls: Option<&ClientTls>) -> Result<FieldTable, String> {
-    let mut stream = Stream::connect(node, tls)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .write_all(codec::PROTOCOL_HEADER)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        match codec::decode_frame(&mut buf, 0) {
-            Ok(Some(frame)) if frame.kind == FrameKind::Method => {
-                return match Method::decode(frame.payload) {
-                    Ok(Method::ConnectionStart(start)) => Ok(start.server_properties),
-                    Ok(other) => Err(format!("expected connection.start, got {}", other.name())),
-                    Err(e) => Err(format!("undecodable connection.start: {e}")),
-                };
-            }
-            Ok(Some(_)) => return Err("expected connection.start, got a non-method frame".into()),
-            Ok(None) => {}
-            Err(_) if buf.starts_with(b"AMQP") => {
-                return Err("the server does not speak AMQP 0-9-1".into());
-            }
-            Err(e) => return Err(format!("not an AMQP server: {e}")),
-        }
-        if buf.len() > 64 * 1024 {
-            return Err("connection.start larger than 64 KiB".into());
-        }
-        buf.reserve(4096);
-        match stream.read_buf(&mut buf).await {
-            Ok(0) => return Err("connection closed before connection.start".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-}
+/// properties of connection.start (the same reader as links and the capability probe).
+pub use crate::upstream::reader::read_start;
 
 #[cfg(test)]
 mod tests {

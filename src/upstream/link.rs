@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use crate::addr::NodeAddr;
@@ -16,6 +16,7 @@ use crate::io::outbox::Writer;
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Outbox};
 use crate::tls::ClientTls;
+use super::reader::{MethodReader, ReadError};
 
 /// Index of a link within one client session.
 pub type LinkId = usize;
@@ -145,6 +146,12 @@ enum HandshakeError {
     Failed(String),
 }
 
+impl From<ReadError> for HandshakeError {
+    fn from(e: ReadError) -> Self {
+        HandshakeError::Failed(e.to_string())
+    }
+}
+
 impl From<std::io::Error> for HandshakeError {
     fn from(e: std::io::Error) -> Self {
         HandshakeError::Failed(e.to_string())
@@ -160,40 +167,6 @@ struct Opened {
     server_properties: FieldTable,
 }
 
-/// Reads the next method on channel 0, skipping heartbeats.
-async fn read_method(stream: &mut Stream, buf: &mut BytesMut) -> Result<Method, HandshakeError> {
-    loop {
-        match codec::decode_frame(buf, 0) {
-            Ok(Some(frame)) => match frame.kind {
-                FrameKind::Heartbeat => continue,
-                FrameKind::Method => {
-                    return Method::decode(frame.payload)
-                        .map_err(|e| HandshakeError::Failed(e.to_string()));
-                }
-                _ => {
-                    return Err(HandshakeError::Failed(
-                        "content frame during handshake".into(),
-                    ));
-                }
-            },
-            Ok(None) => {}
-            Err(e) => {
-                if buf.starts_with(b"AMQP") {
-                    return Err(HandshakeError::Failed(
-                        "broker does not speak AMQP 0-9-1".into(),
-                    ));
-                }
-                return Err(HandshakeError::Failed(e.to_string()));
-            }
-        }
-        buf.reserve(4096);
-        if stream.read_buf(buf).await? == 0 {
-            return Err(HandshakeError::Failed(
-                "connection closed during handshake".into(),
-            ));
-        }
-    }
-}
 
 async fn send(stream: &mut Stream, method: &Method) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(512);
@@ -214,9 +187,9 @@ async fn refused(stream: &mut Stream, close: codec::ConnectionClose) -> Handshak
 async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, HandshakeError> {
     let mut stream = Stream::connect(node, spec.tls.as_ref()).await?;
     stream.write_all(codec::PROTOCOL_HEADER).await?;
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut reader = MethodReader::default();
 
-    let start = match read_method(&mut stream, &mut buf).await? {
+    let start = match reader.next(&mut stream).await? {
         Method::ConnectionStart(s) => s,
         other => {
             return Err(HandshakeError::Failed(format!(
@@ -241,7 +214,7 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     )
     .await?;
 
-    let tune = match read_method(&mut stream, &mut buf).await {
+    let tune = match reader.next(&mut stream).await {
         Ok(Method::ConnectionTune(t)) => t,
         Ok(Method::ConnectionClose(c)) => return Err(refused(&mut stream, c).await),
         Ok(other) => {
@@ -255,7 +228,7 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
         // connection.close 403 above). A drop here is the node failing mid-handshake (killed,
         // shutting down): the next node is tried, and the client is never told its login was
         // refused when it was not.
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let limit = |ours: u32, theirs: u32| if theirs == 0 { ours } else { ours.min(theirs) };
     let frame_max = limit(spec.frame_max, tune.frame_max).max(codec::FRAME_MIN_SIZE);
@@ -279,7 +252,7 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
         }),
     )
     .await?;
-    match read_method(&mut stream, &mut buf).await? {
+    match reader.next(&mut stream).await? {
         Method::ConnectionOpenOk(_) => {}
         Method::ConnectionClose(c) => return Err(refused(&mut stream, c).await),
         other => {
@@ -291,7 +264,7 @@ async fn handshake(node: &NodeAddr, spec: &LinkSpec) -> Result<Opened, Handshake
     }
     Ok(Opened {
         stream,
-        leftover: buf,
+        leftover: reader.into_leftover(),
         frame_max: frame_max as usize,
         channel_max,
         heartbeat,

@@ -8,5 +8,6 @@
 
 pub mod link;
 pub mod probe;
+pub mod reader;
 
 pub use link::{ConnectError, Link, LinkDown, LinkId, LinkReader, LinkSpec};

@@ -7,12 +7,8 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::addr::NodeAddr;
-use crate::codec::{self, FieldTable, FrameKind, Method};
-use crate::io::Stream;
+use crate::codec::FieldTable;
 use crate::tls::ClientTls;
 
 /// Reads the server properties of the first node that answers (over amqps when `tls` is set).
@@ -22,26 +18,10 @@ pub async fn server_properties(
     timeout: Duration,
 ) -> Option<FieldTable> {
     for node in nodes {
-        if let Ok(Ok(props)) = tokio::time::timeout(timeout, read_start(node, tls)).await {
+        if let Ok(Ok(props)) = tokio::time::timeout(timeout, super::reader::read_start(node, tls)).await {
             return Some(props);
         }
     }
     None
 }
 
-async fn read_start(node: &NodeAddr, tls: Option<&ClientTls>) -> std::io::Result<FieldTable> {
-    let mut stream = Stream::connect(node, tls).await?;
-    stream.write_all(codec::PROTOCOL_HEADER).await?;
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        if let Ok(Some(frame)) = codec::decode_frame(&mut buf, 0)
-            && frame.kind == FrameKind::Method
-            && let Ok(Method::ConnectionStart(start)) = Method::decode(frame.payload)
-        {
-            return Ok(start.server_properties);
-        }
-        if buf.len() > 64 * 1024 || stream.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::Error::other("no connection.start"));
-        }
-    }
-}

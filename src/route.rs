@@ -99,6 +99,98 @@ pub struct Rules {
     pub control_queues: Vec<Pattern>,
     /// Queues named by a UUID (rpc:// result queues) are control traffic.
     pub uuid_queues_are_control: bool,
+    /// `[[routing.rules]]`, in order: where a sharded publish goes and how publishes spread.
+    pub rules: Vec<Rule>,
+}
+
+/// How the publishes a rule matches are spread over its clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Spread {
+    /// Each publish to the next cluster by smooth weighted round-robin: the most even load;
+    /// order is kept per cluster only.
+    #[default]
+    Message,
+    /// Every publish of one client channel to one cluster while it is up, so each publisher's
+    /// order is kept as on one broker; the channel moves on only when that cluster fails or is
+    /// drained.
+    Channel,
+    /// By a hash of the routing key: the same key always to the same cluster (while the group
+    /// stays the same), so order is kept per key.
+    Key,
+}
+
+impl Spread {
+    pub fn parse(s: &str) -> Option<Spread> {
+        Some(match s {
+            "message" => Spread::Message,
+            "channel" => Spread::Channel,
+            "key" => Spread::Key,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spread::Message => "message",
+            Spread::Channel => "channel",
+            Spread::Key => "key",
+        }
+    }
+}
+
+/// One `[[routing.rules]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Matched against the publish's exchange, or its routing key (the queue) for the default
+    /// exchange.
+    pub patterns: Vec<Pattern>,
+    /// The shard clusters the matched publishes go to; `None`: every shard cluster.
+    pub clusters: Option<Vec<String>>,
+    pub spread: Spread,
+}
+
+impl Rule {
+    /// Whether the rule lets a publish go to `cluster`.
+    pub fn allows(&self, cluster: &str) -> bool {
+        self.clusters
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|n| n == cluster))
+    }
+}
+
+/// The cluster a routing key goes to under [`Spread::Key`]: weighted rendezvous hashing over
+/// the candidates `(index, cluster name, weight)`, so a key keeps its cluster when other
+/// clusters join or leave the group, and every warren instance picks the same one.
+pub fn by_key<'a>(
+    key: &[u8],
+    candidates: impl Iterator<Item = (usize, &'a str, u32)>,
+) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, name, weight) in candidates {
+        let h = fnv1a(name.as_bytes(), fnv1a(key, FNV_OFFSET));
+        // Uniform in (0, 1); the score -w/ln(u) makes each cluster win in proportion to w.
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = f64::from(weight.max(1)) / -u.ln();
+        if best.is_none_or(|(_, b)| score > b) {
+            best = Some((i, score));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, continued from `state`: stable across processes and releases (unlike std's hasher),
+/// so instances side by side agree.
+fn fnv1a(bytes: &[u8], mut state: u64) -> u64 {
+    for &b in bytes {
+        state ^= u64::from(b);
+        state = state.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Mix the end, so names differing only in a last byte spread well.
+    state ^= state >> 29;
+    state = state.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    state ^ (state >> 32)
 }
 
 impl Default for Rules {
@@ -114,6 +206,7 @@ impl Default for Rules {
                 .map(|p| Pattern::new(*p))
                 .collect(),
             uuid_queues_are_control: true,
+            rules: Vec::new(),
         }
     }
 }
@@ -157,6 +250,19 @@ impl Rules {
             Method::QueueDelete(x) => self.queue(x.queue.as_bytes()),
             _ => return None,
         })
+    }
+
+    /// The first `[[routing.rules]]` entry matching a publish (by its exchange, or its routing
+    /// key for the default exchange), as an index into `rules`.
+    pub fn rule_for(&self, exchange: &[u8], routing_key: &[u8]) -> Option<usize> {
+        let name = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
+        self.rules
+            .iter()
+            .position(|r| r.patterns.iter().any(|p| p.matches(name)))
     }
 
     /// A publish to the default exchange is addressed to the queue its routing key names.
@@ -251,6 +357,65 @@ mod tests {
         });
         assert_eq!(r.topology(&e), Some(Class::Control));
         assert_eq!(r.topology(&Method::TxSelect(Default::default())), None);
+    }
+
+    #[test]
+    fn the_first_matching_rule_applies_by_exchange_or_queue() {
+        let rule = |p: &[&str], clusters: Option<&[&str]>, spread| Rule {
+            patterns: p.iter().map(|p| Pattern::new(*p)).collect(),
+            clusters: clusters.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            spread,
+        };
+        let r = Rules {
+            rules: vec![
+                rule(&["fast*"], Some(&["shard-a"]), Spread::Channel),
+                rule(&["*"], None, Spread::Key),
+            ],
+            ..Rules::default()
+        };
+        assert_eq!(r.rule_for(b"fast", b"fast"), Some(0));
+        assert_eq!(r.rule_for(b"", b"fast.high"), Some(0));
+        assert_eq!(r.rule_for(b"feed", b"fast"), Some(1));
+        assert!(r.rules[0].allows("shard-a") && !r.rules[0].allows("shard-b"));
+        assert!(r.rules[1].allows("anything"));
+        assert_eq!(Rules::default().rule_for(b"x", b"y"), None);
+        assert_eq!(Spread::parse("key"), Some(Spread::Key));
+        assert_eq!(Spread::parse("keys"), None);
+    }
+
+    #[test]
+    fn key_spread_is_stable_weighted_and_keeps_keys_when_a_cluster_joins() {
+        let two = [(0, "shard-a", 1), (1, "shard-b", 1)];
+        let three = [(0, "shard-a", 1), (1, "shard-b", 1), (2, "shard-c", 1)];
+        let mut counts = [0; 3];
+        let mut moved_elsewhere = 0;
+        for k in 0..3000 {
+            let key = format!("key-{k}");
+            let a = by_key(key.as_bytes(), two.iter().copied()).unwrap();
+            assert_eq!(
+                Some(a),
+                by_key(key.as_bytes(), two.iter().copied()),
+                "stable"
+            );
+            let b = by_key(key.as_bytes(), three.iter().copied()).unwrap();
+            counts[b] += 1;
+            // A key either stays or moves to the new cluster, never between the old ones.
+            if b != a && b != 2 {
+                moved_elsewhere += 1;
+            }
+        }
+        assert_eq!(moved_elsewhere, 0);
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        let mut weighted = [0; 2];
+        for k in 0..3000 {
+            let key = format!("w-{k}");
+            weighted[by_key(key.as_bytes(), [(0, "a", 3), (1, "b", 1)].into_iter()).unwrap()] += 1;
+        }
+        assert!((2000..2500).contains(&weighted[0]), "{weighted:?}");
+        assert_eq!(by_key(b"k", std::iter::empty()), None);
     }
 
     #[test]

@@ -507,6 +507,9 @@ pub struct Channel {
     pub held: Vec<(LinkId, Method, Option<Content>)>,
     /// The client's last basic.qos, re-split when the set of shard clusters changes.
     pub qos: Option<crate::codec::BasicQos>,
+    /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
+    /// to while it stays usable.
+    pub sticky: Vec<(usize, LinkId)>,
     next_rpc: u64,
 }
 
@@ -524,6 +527,7 @@ impl Channel {
             rpcs: VecDeque::new(),
             qos: None,
             held: Vec::new(),
+            sticky: Vec::new(),
             next_rpc: 0,
         }
     }

@@ -32,6 +32,17 @@ pub(super) struct RawRouting {
     pub(super) control_exchanges: Option<Vec<Spanned<String>>>,
     pub(super) control_queues: Option<Vec<Spanned<String>>>,
     pub(super) uuid_queues_are_control: Option<bool>,
+    pub(super) rules: Option<Vec<Spanned<RawRule>>>,
+}
+
+/// One `[[routing.rules]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    #[serde(rename = "match")]
+    pub(super) patterns: Option<Vec<Spanned<String>>>,
+    pub(super) clusters: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) spread: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

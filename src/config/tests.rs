@@ -870,3 +870,77 @@ fn tls_files_are_read_relative_to_the_config_file_and_compared_by_content() {
     assert_ne!(renewed.clusters[0], c.clusters[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const TWO_SHARDS: &str = "listen = \"127.0.0.1:5673\"
+
+[[clusters]]
+name = \"shard-a\"
+role = \"shard\"
+nodes = [\"127.0.0.1:5701\"]
+
+[[clusters]]
+name = \"shard-b\"
+role = \"shard\"
+nodes = [\"127.0.0.1:5711\"]
+
+[[clusters]]
+name = \"control\"
+role = \"control\"
+nodes = [\"127.0.0.1:5721\"]
+";
+
+#[test]
+fn routing_rules_parse_in_order_with_their_groups_and_spread() {
+    let text = format!(
+        "{TWO_SHARDS}
+[[routing.rules]]
+match = [\"fast.*\", \"fast\"]
+clusters = [\"shard-a\"]
+spread = \"channel\"
+
+[[routing.rules]]
+match = [\"*\"]
+spread = \"key\"
+"
+    );
+    let c = Config::parse(&text, "t.toml").unwrap();
+    let rules = &c.routing.rules;
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[0].clusters.as_deref(),
+        Some(&["shard-a".to_owned()][..])
+    );
+    assert_eq!(rules[0].spread, crate::route::Spread::Channel);
+    assert_eq!(rules[1].clusters, None);
+    assert_eq!(rules[1].spread, crate::route::Spread::Key);
+    assert_eq!(c.routing.rule_for(b"fast", b"fast"), Some(0));
+    // The Celery preset stays when only rules are given.
+    assert_eq!(
+        c.routing.control_exchanges,
+        crate::route::Rules::default().control_exchanges
+    );
+}
+
+#[test]
+fn routing_rules_are_checked() {
+    let rule = |body: &str| format!("{TWO_SHARDS}\n[[routing.rules]]\n{body}\n");
+    let e = fails(&rule("clusters = [\"shard-a\"]"));
+    assert!(e.to_string().contains("needs `match`"), "{e}");
+    let e = fails(&rule("match = [\"x\"]\nspread = \"round-robin\""));
+    assert!(
+        e.to_string()
+            .contains("not one of \"message\", \"channel\", \"key\""),
+        "{e}"
+    );
+    let e = fails(&rule("match = [\"x\"]\nclusters = [\"shard-z\"]"));
+    assert!(
+        e.to_string().contains("\"shard-z\", which is not defined"),
+        "{e}"
+    );
+    let e = fails(&rule("match = [\"x\"]\nclusters = [\"control\"]"));
+    assert!(e.to_string().contains("control cluster"), "{e}");
+    let e = fails(&rule("match = [\"x\"]\nclusters = []"));
+    assert!(e.to_string().contains("at least one shard cluster"), "{e}");
+    let e = fails(&rule("match = [\"x\"]\nweight = 3"));
+    assert!(e.to_string().contains("weight"), "{e}");
+}

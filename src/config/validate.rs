@@ -20,8 +20,8 @@ use toml::Spanned;
 
 use super::error::{ConfigError, locate};
 use super::raw::{
-    RawAdmin, RawClientTls, RawCluster, RawConfig, RawLimits, RawRouting, RawRuntime, RawServerTls,
-    RawTimeouts,
+    RawAdmin, RawClientTls, RawCluster, RawConfig, RawLimits, RawRouting, RawRule, RawRuntime,
+    RawServerTls, RawTimeouts,
 };
 use super::{
     AdminConfig, ClusterConfig, Config, Limits, MAX_CLUSTERS, MAX_MESSAGE_SIZE_LIMIT,
@@ -145,6 +145,9 @@ impl RawConfig {
         };
         let clusters_span = clusters.span();
         let clusters = validate_clusters(clusters.get_ref(), clusters_span, text, base)?;
+        if let Some(r) = &self.routing {
+            check_rule_clusters(r.get_ref(), &clusters)?;
+        }
         let tls = match &self.tls {
             None => None,
             Some(t) => Some(t.get_ref().validate(t.span(), listen, &admin, base)?),
@@ -255,29 +258,115 @@ impl RawRuntime {
 
 impl RawRouting {
     fn validate(&self) -> Result<crate::route::Rules, Problem> {
-        use crate::route::{Pattern, Rules};
+        use crate::route::Rules;
         let defaults = Rules::default();
-        let patterns = |list: &Option<Vec<Spanned<String>>>,
-                        default: Vec<Pattern>|
-         -> Result<Vec<Pattern>, Problem> {
-            let Some(list) = list else { return Ok(default) };
-            let mut out = Vec::with_capacity(list.len());
-            for p in list {
-                if p.get_ref().is_empty() || p.get_ref().len() > 255 {
-                    return problem(p.span(), "a routing pattern must be 1 to 255 bytes long");
-                }
-                out.push(Pattern::new(p.get_ref().clone()));
-            }
-            Ok(out)
-        };
+        let patterns = route_patterns;
+        let mut rules = Vec::new();
+        for raw in self.rules.iter().flatten() {
+            rules.push(raw.get_ref().validate(raw.span())?);
+        }
         Ok(Rules {
             control_exchanges: patterns(&self.control_exchanges, defaults.control_exchanges)?,
             control_queues: patterns(&self.control_queues, defaults.control_queues)?,
             uuid_queues_are_control: self
                 .uuid_queues_are_control
                 .unwrap_or(defaults.uuid_queues_are_control),
+            rules,
         })
     }
+}
+
+impl RawRule {
+    fn validate(
+        &self,
+        span: Range<usize>,
+    ) -> Result<crate::route::Rule, Problem> {
+        use crate::route::{Rule, Spread};
+        let matched = route_patterns(&self.patterns, Vec::new())?;
+        if matched.is_empty() {
+            return problem(
+                span,
+                "a [[routing.rules]] entry needs `match`: one or more exchange or queue name patterns",
+            );
+        }
+        let clusters = match &self.clusters {
+            None => None,
+            Some(list) if list.get_ref().is_empty() => {
+                return problem(
+                    list.span(),
+                    "`clusters` of a routing rule must name at least one shard cluster \
+                     (leave it out for all of them)",
+                );
+            }
+            Some(list) => Some(list.get_ref().iter().map(|c| c.get_ref().clone()).collect()),
+        };
+        let spread = match &self.spread {
+            None => Spread::default(),
+            Some(s) => Spread::parse(s.get_ref()).map_or_else(
+                || {
+                    problem(
+                        s.span(),
+                        format!(
+                            "spread = {:?} is not one of \"message\", \"channel\", \"key\"",
+                            s.get_ref()
+                        ),
+                    )
+                },
+                Ok,
+            )?,
+        };
+        Ok(Rule {
+            patterns: matched,
+            clusters,
+            spread,
+        })
+    }
+}
+
+/// A list of routing patterns, or `default` when the key is absent.
+fn route_patterns(
+    list: &Option<Vec<Spanned<String>>>,
+    default: Vec<crate::route::Pattern>,
+) -> Result<Vec<crate::route::Pattern>, Problem> {
+    let Some(list) = list else { return Ok(default) };
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        if p.get_ref().is_empty() || p.get_ref().len() > 255 {
+            return problem(p.span(), "a routing pattern must be 1 to 255 bytes long");
+        }
+        out.push(crate::route::Pattern::new(p.get_ref().clone()));
+    }
+    Ok(out)
+}
+
+/// Every cluster a routing rule names must be a shard cluster of the file.
+fn check_rule_clusters(raw: &RawRouting, clusters: &[ClusterConfig]) -> Result<(), Problem> {
+    for rule in raw.rules.iter().flatten() {
+        for name in rule.get_ref().clusters.iter().flat_map(|l| l.get_ref()) {
+            match clusters.iter().find(|c| c.name == *name.get_ref()) {
+                Some(c) if c.role == Role::Shard => {}
+                Some(_) => {
+                    return problem(
+                        name.span(),
+                        format!(
+                            "routing rule names cluster {:?}, which is the control cluster; rules place sharded publishes on shard clusters",
+                            name.get_ref()
+                        ),
+                    );
+                }
+                None => {
+                    return problem(
+                        name.span(),
+                        format!(
+                            "routing rule names cluster {:?}, which is not defined",
+                            name.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl RawLimits {

@@ -75,19 +75,19 @@ impl Session {
             Method::BasicPublish(ref p) => {
                 // Producers publish to the same destination over and over: remember the last
                 // classification instead of matching the patterns for every message.
-                let class = match &self.last_route {
-                    Some((x, k, c)) if *x == p.exchange && *k == p.routing_key => *c,
+                let (class, rule) = match &self.last_route {
+                    Some((x, k, c, r)) if *x == p.exchange && *k == p.routing_key => (*c, *r),
                     _ => {
-                        let c = self
-                            .rules
-                            .publish(p.exchange.as_bytes(), p.routing_key.as_bytes());
-                        self.last_route = Some((p.exchange.clone(), p.routing_key.clone(), c));
-                        c
+                        let (x, k) = (p.exchange.as_bytes(), p.routing_key.as_bytes());
+                        let c = self.rules.publish(x, k);
+                        let r = self.rules.rule_for(x, k);
+                        self.last_route = Some((p.exchange.clone(), p.routing_key.clone(), c, r));
+                        (c, r)
                     }
                 };
                 // The assembler only completes a publish together with its content.
                 if let Some(content) = content {
-                    self.publish(ch, class, &method, &content);
+                    self.publish(ch, class, rule, &method, &content);
                 }
             }
             Method::BasicAck(ref a) => {

@@ -9,6 +9,12 @@ impl Session {
     /// Applies a reloaded configuration: weights and drains take effect for the next publish,
     /// removed clusters drain, added shard clusters get a link with this client's state.
     pub(super) fn apply_config(&mut self, config: &Config) {
+        if self.rules != config.routing {
+            // Rule indices may mean other rules now: channels pick their cluster again.
+            for c in self.channels.iter_mut().flatten() {
+                c.sticky.clear();
+            }
+        }
         self.rules = config.routing.clone();
         self.last_route = None;
         for slot in &mut self.links {

@@ -434,7 +434,7 @@ struct Session {
     control: Option<LinkId>,
     rules: Rules,
     /// The last publish destination and its class (see `on_client_command`).
-    last_route: Option<(ShortStr, ShortStr, Class)>,
+    last_route: Option<(ShortStr, ShortStr, Class, Option<usize>)>,
     rr: RoundRobin,
     get_rotation: usize,
     channels: Vec<Option<Channel>>,

@@ -4,10 +4,19 @@
 //! another link when theirs dies before the commit is answered.
 
 use super::*;
+use crate::client::channel::LinkSet;
+use crate::route::Spread;
 
 impl Session {
     /// Forwards a publish whole to the cluster it is routed to.
-    pub(super) fn publish(&mut self, ch: u16, class: Class, method: &Method, content: &Content) {
+    pub(super) fn publish(
+        &mut self,
+        ch: u16,
+        class: Class,
+        rule: Option<usize>,
+        method: &Method,
+        content: &Content,
+    ) {
         let Method::BasicPublish(publish) = method else {
             return;
         };
@@ -38,7 +47,7 @@ impl Session {
                     return;
                 }
             },
-            Class::Sharded => self.pick_shard(None),
+            Class::Sharded => self.pick_by_rule(ch, rule, &publish.routing_key),
         };
         if link.is_none() && !tx && self.closing.is_none() {
             // No link of its class is ready (a failover in progress): wait for one.
@@ -309,6 +318,64 @@ impl Session {
     pub(super) fn pick_shard(&mut self, avoid: Option<LinkId>) -> Option<LinkId> {
         self.pick_shard_where(|l| Some(l) == avoid)
             .or_else(|| avoid.filter(|&a| self.links.get(a).is_some_and(|s| s.live())))
+    }
+
+    /// The shard link for a publish under routing rule `rule` (see `route::Rule`): among the
+    /// rule's clusters, spread per message, per channel or by routing key. When none of the
+    /// rule's clusters has a usable link, any shard cluster takes the publish rather than let it
+    /// wait (a rule is where publishes go while its clusters are up, not a reason to lose one).
+    pub(super) fn pick_by_rule(
+        &mut self,
+        ch: u16,
+        rule: Option<usize>,
+        routing_key: &ShortStr,
+    ) -> Option<LinkId> {
+        let Some((index, r)) = rule.and_then(|i| self.rules.rules.get(i).map(|r| (i, r))) else {
+            return self.pick_shard(None);
+        };
+        let spread = r.spread;
+        let mut allowed = LinkSet::default();
+        for (i, slot) in self.links.iter().enumerate() {
+            if self.shard_usable(i) && r.allows(&slot.link.cluster) {
+                allowed.insert(i);
+            }
+        }
+        let picked = match spread {
+            Spread::Message => self.pick_shard_where(|l| !allowed.contains(l)),
+            Spread::Channel => {
+                let kept = self.channel_mut(ch).and_then(|c| {
+                    c.sticky
+                        .iter()
+                        .find(|(ri, _)| *ri == index)
+                        .map(|&(_, l)| l)
+                });
+                match kept.filter(|&l| allowed.contains(l)) {
+                    Some(l) => Some(l),
+                    None => {
+                        let l = self.pick_shard_where(|l| !allowed.contains(l));
+                        if let (Some(l), Some(c)) = (l, self.channel_mut(ch)) {
+                            c.sticky.retain(|(ri, _)| *ri != index);
+                            c.sticky.push((index, l));
+                        }
+                        l
+                    }
+                }
+            }
+            Spread::Key => crate::route::by_key(
+                routing_key.as_bytes(),
+                allowed
+                    .iter()
+                    .map(|i| (i, &*self.links[i].link.cluster, self.links[i].weight)),
+            ),
+        };
+        picked.or_else(|| self.pick_shard(None))
+    }
+
+    /// Whether link `i` may take sharded publishes now.
+    fn shard_usable(&self, i: LinkId) -> bool {
+        self.links
+            .get(i)
+            .is_some_and(|s| s.live() && s.ready && s.role == Role::Shard && !s.drain)
     }
 
     /// [`Self::pick_shard`] among the links `skip` does not name, with no fallback.

@@ -38,6 +38,14 @@ pub struct ReloadStatus {
     pub generation: u64,
 }
 
+/// A shard cluster's weight set at run time ([`Shared::set_weight`]), and the weight the
+/// configuration file gives it (what a reload would apply without the override).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightOverride {
+    pub weight: u32,
+    pub file_weight: u32,
+}
+
 /// State shared by every connection of one proxy.
 #[derive(Debug)]
 pub struct Shared {
@@ -49,6 +57,11 @@ pub struct Shared {
     generation: AtomicU64,
     /// Clusters drained at run time (`POST /clusters/NAME/drain`), kept across reloads.
     drained: Mutex<HashSet<String>>,
+    /// Weights set at run time (`POST /clusters/NAME/weight`), kept across reloads while the
+    /// cluster stays in the file.
+    weights: Mutex<std::collections::HashMap<String, WeightOverride>>,
+    /// When this proxy started (`GET /clusters`: `started_at`, `uptime_secs`).
+    started_at: SystemTime,
     /// (vhost, queue) of the sharded queues clients declared, for the admin's queue depths.
     queues: Mutex<BTreeSet<(String, String)>>,
     /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
@@ -89,6 +102,8 @@ impl Shared {
             last_reload: Mutex::new(None),
             generation: AtomicU64::new(1),
             drained: Mutex::new(HashSet::new()),
+            weights: Mutex::default(),
+            started_at: SystemTime::now(),
             queues: Mutex::new(BTreeSet::new()),
             topology: Mutex::default(),
             stale: Mutex::default(),
@@ -153,6 +168,22 @@ impl Shared {
         lock(&self.config_path).clone()
     }
 
+    /// When this proxy started.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// Whether `cluster` was drained at run time (`POST /clusters/NAME/drain`): only such a
+    /// drain can be undone with [`Shared::undrain`].
+    pub fn drained_at_run_time(&self, cluster: &str) -> bool {
+        lock(&self.drained).contains(cluster)
+    }
+
+    /// The weight set at run time for `cluster`, if any, with the file's weight.
+    pub fn weight_override(&self, cluster: &str) -> Option<WeightOverride> {
+        lock(&self.weights).get(cluster).copied()
+    }
+
     pub fn last_reload(&self) -> Option<ReloadStatus> {
         lock(&self.last_reload).clone()
     }
@@ -170,8 +201,15 @@ impl Shared {
         }
     }
 
-    /// Applies a validated configuration (runtime drains stay in force).
-    pub fn apply(&self, mut config: Config) -> ReloadStatus {
+    /// Applies a validated configuration, as read from the file (run-time drains and weights
+    /// stay in force).
+    pub fn apply(&self, config: Config) -> ReloadStatus {
+        self.apply_with(config, true)
+    }
+
+    /// [`Shared::apply`]; `from_file`: the weights in `config` are the file's (a reload), not
+    /// the running ones with the run-time weights already in (a run-time change).
+    fn apply_with(&self, mut config: Config, from_file: bool) -> ReloadStatus {
         let old = self.config();
         if config.listen != old.listen {
             warn!(old = %old.listen, new = %config.listen, "listen address changes need a restart; keeping the old one");
@@ -206,6 +244,25 @@ impl Shared {
         let drained = lock(&self.drained).clone();
         for c in &mut config.clusters {
             c.drain |= drained.contains(&c.name);
+        }
+        {
+            let mut weights = lock(&self.weights);
+            // A cluster the file no longer has loses its run-time weight: added back later, it
+            // starts from the file's weight. So does one the file now gives that weight: the
+            // file rules again.
+            weights.retain(|name, w| {
+                config.cluster(name).is_some_and(|c| {
+                    c.role == crate::config::Role::Shard && !(from_file && c.weight == w.weight)
+                })
+            });
+            for c in &mut config.clusters {
+                if let Some(w) = weights.get_mut(&c.name) {
+                    if from_file {
+                        w.file_weight = c.weight;
+                    }
+                    c.weight = w.weight;
+                }
+            }
         }
         let old_control = old.control_cluster().map(|c| c.name.clone());
         let new_control = config.control_cluster().map(|c| c.name.clone());
@@ -243,7 +300,41 @@ impl Shared {
             return Err("refusing to drain the last shard cluster that takes publishes".into());
         }
         lock(&self.drained).insert(cluster.to_owned());
-        Ok(self.apply(config))
+        Ok(self.apply_with(config, false))
+    }
+
+    /// Sets a shard cluster's weight at run time. Like a run-time drain, it stays in force
+    /// across reloads (the file's weight is remembered and shown next to it) until it is set
+    /// back to the file's weight, or the cluster leaves the file. `weight` must be one the file
+    /// could give ([`check_weight`]).
+    pub fn set_weight(&self, cluster: &str, weight: u32) -> Result<ReloadStatus, String> {
+        check_weight(weight)?;
+        let mut config = (*self.config()).clone();
+        let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) else {
+            return Err(format!("no cluster named {cluster:?}"));
+        };
+        if c.role != crate::config::Role::Shard {
+            return Err(format!(
+                "{cluster:?} is not a shard cluster: weight only applies to shard clusters"
+            ));
+        }
+        {
+            let mut weights = lock(&self.weights);
+            let file_weight = weights.get(cluster).map_or(c.weight, |w| w.file_weight);
+            if weight == file_weight {
+                weights.remove(cluster);
+            } else {
+                weights.insert(
+                    cluster.to_owned(),
+                    WeightOverride {
+                        weight,
+                        file_weight,
+                    },
+                );
+            }
+        }
+        c.weight = weight;
+        Ok(self.apply_with(config, false))
     }
 
     /// Undoes a run-time drain ([`Shared::drain`]): the cluster takes publishes again, unless
@@ -262,7 +353,7 @@ impl Shared {
         if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
             c.drain = false;
         }
-        Ok(self.apply(config))
+        Ok(self.apply_with(config, false))
     }
 
     /// A reload that changes nothing (a file watcher's second look at a file already applied,
@@ -372,6 +463,17 @@ impl Shared {
             self.server_properties.store(Some(Arc::new(props.clone())));
         }
     }
+}
+
+/// The weights a shard cluster may have: those the configuration file accepts
+/// (`weight` is 1 to 4294967295; 0 is refused, `drain` stops publishing).
+pub fn check_weight(weight: u32) -> Result<u32, String> {
+    if weight == 0 {
+        return Err(
+            "weight must be at least 1 (drain the cluster to stop publishing to it)".to_owned(),
+        );
+    }
+    Ok(weight)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -495,5 +597,87 @@ mod tests {
         shared.apply(changed);
         let last = shared.last_reload().expect("a status");
         assert!(last.ok && last.message == "no change", "{last:?}");
+    }
+
+    #[test]
+    fn a_run_time_weight_stays_across_reloads_until_set_back() {
+        let shared = Shared::new(Arc::new(config(BASE)));
+        let weight = |name: &str| shared.config().cluster(name).map(|c| c.weight);
+        assert_eq!(shared.weight_override("shard-b"), None);
+        let s = shared.set_weight("shard-b", 3).expect("set");
+        assert_eq!(s.message, "shard-b: weight 1 -> 3");
+        assert_eq!(weight("shard-b"), Some(3));
+        let o = WeightOverride {
+            weight: 3,
+            file_weight: 1,
+        };
+        assert_eq!(shared.weight_override("shard-b"), Some(o));
+        // A reload of the same file keeps it; a file with another weight for the cluster keeps
+        // it too, and the file's weight is remembered.
+        shared.apply(config(BASE));
+        assert_eq!(weight("shard-b"), Some(3));
+        shared.apply(config(&format!(
+            "{}
+weight = 2
+",
+            BASE.trim_end()
+        )));
+        assert_eq!(weight("shard-b"), Some(3));
+        assert_eq!(
+            shared.weight_override("shard-b").map(|o| o.file_weight),
+            Some(2)
+        );
+        // A drain keeps it and does not take the running weight for the file's.
+        shared.drain("shard-b").expect("drain");
+        assert_eq!(weight("shard-b"), Some(3));
+        assert_eq!(
+            shared.weight_override("shard-b").map(|o| o.file_weight),
+            Some(2)
+        );
+        assert!(shared.drained_at_run_time("shard-b"));
+        shared.undrain("shard-b").expect("undrain");
+        assert_eq!(weight("shard-b"), Some(3));
+        // Set back to the file's weight: no override any more.
+        shared.set_weight("shard-b", 2).expect("set back");
+        assert_eq!(shared.weight_override("shard-b"), None);
+        assert_eq!(weight("shard-b"), Some(2));
+        // A file that comes to say the run-time weight ends the override too.
+        shared.set_weight("shard-b", 4).expect("set");
+        shared.apply(config(&format!("{}\nweight = 4\n", BASE.trim_end())));
+        assert_eq!(shared.weight_override("shard-b"), None);
+        assert_eq!(weight("shard-b"), Some(4));
+        shared.apply(config(&format!("{}\nweight = 2\n", BASE.trim_end())));
+        assert_eq!(weight("shard-b"), Some(2));
+        // Refused: 0, the control cluster, unknown clusters.
+        assert!(
+            shared
+                .set_weight("shard-a", 0)
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        assert!(
+            shared
+                .set_weight("nope", 2)
+                .unwrap_err()
+                .contains("no cluster")
+        );
+        let with_control = format!(
+            "{BASE}[[clusters]]\nname = \"ctl\"\nrole = \"control\"\nnodes = [\"127.0.0.1:5721\"]\n"
+        );
+        shared.apply(config(&with_control));
+        assert!(
+            shared
+                .set_weight("ctl", 2)
+                .unwrap_err()
+                .contains("not a shard")
+        );
+        // A cluster that leaves the file loses its run-time weight.
+        shared.set_weight("shard-a", 5).expect("set");
+        let only_b = "listen = \"127.0.0.1:5673\"\n\
+            [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:5711\"]\n";
+        shared.apply(config(only_b));
+        assert_eq!(shared.weight_override("shard-a"), None);
+        shared.apply(config(BASE));
+        assert_eq!(weight("shard-a"), Some(1));
     }
 }

@@ -346,7 +346,10 @@ async fn health_ready_and_clusters() {
             );
             assert_eq!(n["product"], "RabbitMQ", "{c:#}");
             assert_eq!(n["failures"], 0, "{c:#}");
+            assert!(n["down_since"].is_null(), "up: {c:#}");
         }
+        assert_eq!(c["weight_set_at_run_time"], false, "{c:#}");
+        assert_eq!(c["drained_at_run_time"], false, "{c:#}");
         for key in [
             "links",
             "publishes",
@@ -365,7 +368,26 @@ async fn health_ready_and_clusters() {
         }
     }
     assert_eq!(cluster(&v, "shard-a")["weight"], 1);
+    assert_eq!(cluster(&v, "shard-a")["file_weight"], 1);
     assert!(cluster(&v, "control")["weight"].is_null());
+    assert!(cluster(&v, "control")["file_weight"].is_null());
+    // The header of the status page: version, start time, uptime.
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["revision"].is_string(), "{v:#}");
+    assert!(
+        v["started_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{v:#}"
+    );
+    let started = v["started_at_unix_ms"]
+        .as_u64()
+        .expect("started_at_unix_ms");
+    let now = v["time_unix_ms"].as_u64().unwrap();
+    assert!(started <= now && now - started < 600_000, "{v:#}");
+    assert_eq!(
+        v["uptime_secs"].as_u64(),
+        Some((now - started) / 1000),
+        "{v:#}"
+    );
     assert_eq!(v["ready"], true);
     for key in [
         "client_connections",
@@ -412,6 +434,26 @@ async fn ready_is_503_when_the_control_cluster_is_unreachable() {
     .await;
     let node = &cluster(&v, "control")["nodes"][0];
     assert_eq!(node["state"], "down");
+    // Down since its first failed probe; checked again since, without moving that time.
+    assert!(
+        node["down_since"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{node:#}"
+    );
+    assert_eq!(node["down_since"], node["last_change"], "{node:#}");
+    let first_down = node["down_since"].clone();
+    let later = clusters_until(&p, "another probe of the control node", |v| {
+        let n = &cluster(v, "control")["nodes"][0];
+        n["last_check"] != node["last_check"] && n["failures"].as_u64() > node["failures"].as_u64()
+    })
+    .await;
+    let again = &cluster(&later, "control")["nodes"][0];
+    assert_eq!(again["down_since"], first_down, "{again:#}");
+    assert!(
+        again["last_check"].as_str() > first_down.as_str(),
+        "{again:#}"
+    );
     assert!(
         node["last_error"]
             .as_str()
@@ -984,6 +1026,8 @@ async fn post_routes_need_the_token() {
         "/reload",
         "/clusters/shard-b/drain",
         "/clusters/shard-b/undrain",
+        "/clusters/shard-b/weight?weight=3",
+        "/clusters/shard-b/weight?weight=0",
     ] {
         let r = p.post(path, None).await;
         assert_eq!(r.status, 401, "{path} without a token: {}", r.body);
@@ -1014,6 +1058,8 @@ async fn post_routes_need_the_token() {
     let c = p.get_json("/clusters").await;
     assert!(c["reload"].is_null(), "{c:#}");
     assert_eq!(cluster(&c, "shard-b")["drain"], false);
+    assert_eq!(cluster(&c, "shard-b")["weight"], 1);
+    assert_eq!(cluster(&c, "shard-b")["weight_set_at_run_time"], false);
     // GETs need no token.
     for path in ["/", "/health", "/clusters", "/queues", "/metrics"] {
         assert_eq!(p.get(path).await.status, 200, "GET {path}");
@@ -1154,6 +1200,170 @@ async fn drain_marks_the_cluster_draining() {
     assert_eq!(
         p.post("/clusters/nope/undrain", Some(TOKEN)).await.status,
         404
+    );
+    p.stop().await;
+}
+
+/// `POST /clusters/NAME/weight?weight=N`: token-protected, validated as the file's `weight`
+/// (1 to 4294967295), applied at once to new publishes, kept across reloads next to the file's
+/// weight until set back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_is_set_at_run_time_with_the_token() {
+    if support::skip_live() {
+        return;
+    }
+    let p = TestProxy::standard("weight").await;
+    p.wait_ready(200).await;
+    let weights = |c: &Value| {
+        let b = cluster(c, "shard-b");
+        (
+            b["weight"].as_u64(),
+            b["file_weight"].as_u64(),
+            b["weight_set_at_run_time"].as_bool(),
+        )
+    };
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(1), Some(1), Some(false))
+    );
+
+    // Without the token, or with a wrong one: 401, and nothing changes.
+    let r = p.post("/clusters/shard-b/weight?weight=3", None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer")),
+        "{r:?}"
+    );
+    let r = p
+        .post("/clusters/shard-b/weight?weight=3", Some("wrong-token"))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let c = p.get_json("/clusters").await;
+    assert_eq!(weights(&c), (Some(1), Some(1), Some(false)));
+    assert!(c["reload"].is_null(), "{c:#}");
+
+    // Outside what the file accepts: 400, saying why.
+    for (query, why) in [
+        ("weight=0", "at least 1"),
+        ("weight=4294967296", "too large"),
+        ("weight=-2", "whole number"),
+        ("weight=2.5", "whole number"),
+        ("weight=abc", "whole number"),
+        ("weight=", "whole number"),
+        ("", "missing"),
+    ] {
+        let r = p
+            .post(&format!("/clusters/shard-b/weight?{query}"), Some(TOKEN))
+            .await;
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        let e = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(e.contains(why), "{query}: {e}");
+    }
+    let r = p.post("/clusters/shard-b/weight", Some(TOKEN)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = p
+        .post("/clusters/control/weight?weight=2", Some(TOKEN))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("shard"));
+    let r = p.post("/clusters/nope/weight?weight=2", Some(TOKEN)).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = http(
+        p.admin,
+        "GET",
+        "/clusters/shard-b/weight?weight=2",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(1), Some(1), Some(false))
+    );
+
+    // With the token: 200, and /clusters shows the new weight next to the file's.
+    let r = p
+        .post("/clusters/shard-b/weight?weight=3", Some(TOKEN))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["cluster"], "shard-b");
+    assert_eq!(v["weight"], 3);
+    assert_eq!(v["file_weight"], 1);
+    assert_eq!(v["weight_set_at_run_time"], true);
+    assert_eq!(v["reload"]["message"], "shard-b: weight 1 -> 3");
+    let c = p.get_json("/clusters").await;
+    assert_eq!(weights(&c), (Some(3), Some(1), Some(true)));
+    assert_eq!(cluster(&c, "shard-a")["weight"], 1);
+
+    // Applied to the publishes of a new connection: 3 of every 4 go to shard-b.
+    let queue = support::unique("weight");
+    let conn = support::connect(p.handle.amqp_addr()).await;
+    let (ch, _events) = support::open_channel(&conn).await;
+    support::declare_queue(&ch, &queue).await;
+    support::confirm_select(&ch).await;
+    for i in 0..40 {
+        support::publish(&ch, "", &queue, format!("m{i}").as_bytes()).await;
+    }
+    let split = support::eventually("40 messages split 10 / 30", || async {
+        let v = p.get_json(&format!("/queues?queue={queue}")).await;
+        let q = v["queues"]
+            .as_array()?
+            .iter()
+            .find(|q| q["name"] == queue)?;
+        let per: Vec<(String, u64)> = q["clusters"]
+            .as_array()?
+            .iter()
+            .map(|c| {
+                (
+                    c["cluster"].as_str().unwrap_or("").to_owned(),
+                    c["messages"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        (q["messages"] == 40).then_some(per)
+    })
+    .await;
+    assert_eq!(
+        split,
+        [("shard-a".to_owned(), 10), ("shard-b".to_owned(), 30)],
+        "smooth weighted round-robin with weights 1 and 3"
+    );
+    support::delete_queue(&ch, &queue).await;
+    support::close_connection(conn).await;
+
+    // Kept across a reload of the same file, and of a file with another weight (remembered).
+    let r = p.post("/reload", Some(TOKEN)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(3), Some(1), Some(true))
+    );
+    let (_, _, control) = three_clusters();
+    std::fs::write(&p.path, config_text(&control, 2)).unwrap();
+    let r = p.post("/reload", Some(TOKEN)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(3), Some(2), Some(true))
+    );
+    // Set back to the file's weight: the override is gone, the file rules again.
+    let r = p
+        .post("/clusters/shard-b/weight?weight=2", Some(TOKEN))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["weight_set_at_run_time"], false);
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(2), Some(2), Some(false))
+    );
+    std::fs::write(&p.path, config_text(&control, 5)).unwrap();
+    assert_eq!(p.post("/reload", Some(TOKEN)).await.status, 200);
+    assert_eq!(
+        weights(&p.get_json("/clusters").await),
+        (Some(5), Some(5), Some(false))
     );
     p.stop().await;
 }

@@ -75,6 +75,15 @@ pub struct NodeHealth {
 }
 
 impl NodeHealth {
+    /// When the node went down, while it is down: the first failed probe after it was up (or
+    /// after the proxy started, for a node never seen up).
+    pub fn down_since(&self) -> Option<SystemTime> {
+        match self.state {
+            NodeState::Down => self.last_change,
+            _ => None,
+        }
+    }
+
     fn new(now: Instant) -> Self {
         NodeHealth {
             state: NodeState::Unknown,
@@ -321,6 +330,11 @@ mod tests {
         assert_eq!(n.state, NodeState::Down);
         assert_eq!(n.last_error.as_deref(), Some("connect: refused"));
         assert!(n.next_due > now);
+        let down_since = n.down_since().expect("down since its first failed probe");
+        assert_eq!(Some(down_since), n.last_change);
+        assert!(n.last_check.is_some_and(|t| t >= down_since));
+        assert_eq!(h.node("a", &due[1].1).down_since(), None, "up");
+        assert_eq!(NodeHealth::new(now).down_since(), None, "never probed");
         // Backoff grows and is capped.
         for _ in 0..40 {
             h.lock()
@@ -331,6 +345,23 @@ mod tests {
         }
         let n = h.node("a", &due[0].1);
         assert!(n.next_due <= Instant::now() + DOWN_MAX.mul_f64(1.21));
+        // Later failed probes move the last check, not the time it went down.
+        assert_eq!(n.down_since(), Some(down_since));
+        assert!(n.last_check >= Some(down_since));
+        // Back up: no longer down; down again: a new down_since.
+        h.lock()
+            .get_mut(&("a".into(), due[0].1.to_string()))
+            .unwrap()
+            .in_flight = true;
+        assert!(
+            h.record("a", &due[0].1, Ok(FieldTable::default())),
+            "came up"
+        );
+        assert_eq!(h.node("a", &due[0].1).down_since(), None);
+        std::thread::sleep(Duration::from_millis(2));
+        h.record("a", &due[0].1, Err("connect: refused".into()));
+        let again = h.node("a", &due[0].1).down_since().expect("down again");
+        assert!(again > down_since);
         // A reload that drops a node forgets it.
         let c2 = config(&["127.0.0.1:2"]);
         h.take_due(&c2, Instant::now());

@@ -138,6 +138,8 @@ enum Route {
     Reload,
     Drain(String),
     Undrain(String),
+    /// `POST /clusters/NAME/weight?weight=N`
+    Weight(String),
     Clients,
     CloseClient(u64),
 }
@@ -164,19 +166,19 @@ impl Route {
             }
             p => {
                 let rest = p.strip_prefix("/clusters/")?;
-                let (name, undrain) = match rest.strip_suffix("/undrain") {
-                    Some(name) => (name, true),
-                    None => (rest.strip_suffix("/drain")?, false),
-                };
+                let (name, action): (&str, fn(String) -> Route) =
+                    if let Some(name) = rest.strip_suffix("/undrain") {
+                        (name, Route::Undrain)
+                    } else if let Some(name) = rest.strip_suffix("/drain") {
+                        (name, Route::Drain)
+                    } else {
+                        (rest.strip_suffix("/weight")?, Route::Weight)
+                    };
                 let name = percent_decode(name)?;
                 if name.is_empty() || name.contains('/') {
                     return None;
                 }
-                if undrain {
-                    Route::Undrain(name)
-                } else {
-                    Route::Drain(name)
-                }
+                action(name)
             }
         })
     }
@@ -184,7 +186,11 @@ impl Route {
     fn is_post(&self) -> bool {
         matches!(
             self,
-            Route::Reload | Route::Drain(_) | Route::Undrain(_) | Route::CloseClient(_)
+            Route::Reload
+                | Route::Drain(_)
+                | Route::Undrain(_)
+                | Route::Weight(_)
+                | Route::CloseClient(_)
         )
     }
 }
@@ -250,6 +256,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             Route::Reload => reload(state).await,
             Route::Drain(name) => drain(state, name).await,
             Route::Undrain(name) => undrain(state, name).await,
+            Route::Weight(name) => set_weight(state, name, query.as_deref()),
             Route::CloseClient(id) => close_client(state, id, query.as_deref()),
             _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
         };
@@ -287,9 +294,11 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             metrics(state, Format::from_accept(accept))
         }
         Route::Clients => json_response(StatusCode::OK, &clients(state)),
-        Route::Reload | Route::Drain(_) | Route::Undrain(_) | Route::CloseClient(_) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route")
-        }
+        Route::Reload
+        | Route::Drain(_)
+        | Route::Undrain(_)
+        | Route::Weight(_)
+        | Route::CloseClient(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
     }
 }
 
@@ -465,6 +474,7 @@ fn clusters(state: &AdminState) -> Value {
                         "last_error": h.last_error,
                         "last_change": h.last_change.map(rfc3339),
                         "last_check": h.last_check.map(rfc3339),
+                        "down_since": h.down_since().map(rfc3339),
                         "failures": h.failures,
                         "product": h.product,
                         "version": h.version,
@@ -473,11 +483,16 @@ fn clusters(state: &AdminState) -> Value {
                 .collect();
             let m = metrics.cluster(&c.name);
             let st = cluster_state(state, c);
+            let shard = c.role == Role::Shard;
+            let run_time_weight = state.shared.weight_override(&c.name);
             json!({
                 "name": c.name,
                 "role": c.role.as_str(),
-                "weight": (c.role == Role::Shard).then_some(c.weight),
+                "weight": shard.then_some(c.weight),
+                "file_weight": shard.then(|| run_time_weight.map_or(c.weight, |w| w.file_weight)),
+                "weight_set_at_run_time": run_time_weight.is_some(),
                 "drain": c.drain,
+                "drained_at_run_time": state.shared.drained_at_run_time(&c.name),
                 "state": st,
                 "reachable": state.health.cluster_reachable(c),
                 "nodes": nodes,
@@ -498,9 +513,15 @@ fn clusters(state: &AdminState) -> Value {
         })
         .collect();
     let (ready, reasons) = readiness(state);
+    let started = state.shared.started_at();
     json!({
         "time": rfc3339(now),
         "time_unix_ms": unix_ms(now),
+        "version": crate::metrics::VERSION,
+        "revision": crate::metrics::REVISION,
+        "started_at": rfc3339(started),
+        "started_at_unix_ms": unix_ms(started),
+        "uptime_secs": now.duration_since(started).unwrap_or_default().as_secs(),
         "ready": ready,
         "not_ready_reasons": reasons,
         "client_connections": metrics.connections.get(),
@@ -791,6 +812,60 @@ async fn undrain(state: &AdminState, name: String) -> Resp {
     }
 }
 
+/// The weight of `POST /clusters/NAME/weight?weight=N`: a decimal integer the configuration
+/// file would accept ([`crate::state::check_weight`]: 1 to 4294967295).
+fn weight_param(query: Option<&str>) -> Result<u32, String> {
+    let Some(text) = query_param(query, "weight") else {
+        return Err("missing ?weight=N (N from 1 to 4294967295)".to_owned());
+    };
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "weight {text:?} is not a whole number from 1 to 4294967295"
+        ));
+    }
+    let weight: u32 = text
+        .parse()
+        .map_err(|_| format!("weight {text} is too large: at most {}", u32::MAX))?;
+    crate::state::check_weight(weight)
+}
+
+/// `POST /clusters/NAME/weight?weight=N`: the shard cluster's weight from now on, kept across
+/// reloads like a run-time drain (setting the file's weight again removes the override).
+fn set_weight(state: &AdminState, name: String, query: Option<&str>) -> Resp {
+    let Some(cluster) = state.shared.config().cluster(&name).cloned() else {
+        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
+    };
+    let weight = match weight_param(query) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if cluster.role != Role::Shard {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{name:?} is not a shard cluster: weight only applies to shard clusters"),
+        );
+    }
+    match state.shared.set_weight(&name, weight) {
+        Ok(s) => {
+            let o = state.shared.weight_override(&name);
+            info!(cluster = %name, weight, file_weight = o.map(|o| o.file_weight),
+                "admin: cluster weight set at run time");
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "cluster": name,
+                    "weight": weight,
+                    "file_weight": o.map_or(weight, |o| o.file_weight),
+                    "weight_set_at_run_time": o.is_some(),
+                    "reload": reload_json(&s),
+                }),
+            )
+        }
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // URL helpers
 
@@ -873,6 +948,54 @@ mod tests {
         assert_eq!(Route::parse("/clients/x/close"), None);
         assert_eq!(Route::parse("/clients/42"), None);
         assert!(Route::CloseClient(1).is_post());
+        assert_eq!(
+            Route::parse("/clusters/shard-a/weight"),
+            Some(Route::Weight("shard-a".into()))
+        );
+        assert_eq!(
+            Route::parse("/clusters/shard%2Da/weight/"),
+            Some(Route::Weight("shard-a".into()))
+        );
+        assert_eq!(Route::parse("/clusters//weight"), None);
+        assert_eq!(Route::parse("/clusters/a/b/weight"), None);
+        assert_eq!(Route::parse("/clusters/weight"), None);
+        assert_eq!(Route::parse("/clusters/a/weights"), None);
+        assert!(Route::Weight("a".into()).is_post());
+    }
+
+    #[test]
+    fn weight_parameter() {
+        for (query, weight) in [
+            ("weight=1", 1),
+            ("weight=3", 3),
+            ("weight=1000", 1000),
+            ("weight=%203%20", 3),
+            ("x=1&weight=07", 7),
+            ("weight=4294967295", u32::MAX),
+            ("weight=2&weight=5", 2),
+        ] {
+            assert_eq!(weight_param(Some(query)), Ok(weight), "{query}");
+        }
+        for (query, why) in [
+            ("weight=0", "at least 1"),
+            ("weight=00", "at least 1"),
+            ("weight=4294967296", "too large"),
+            ("weight=99999999999999999999999", "too large"),
+            ("weight=-1", "whole number"),
+            ("weight=%2B1", "whole number"),
+            ("weight=1.5", "whole number"),
+            ("weight=1e3", "whole number"),
+            ("weight=abc", "whole number"),
+            ("weight=", "whole number"),
+            ("weight", "whole number"),
+            ("weight=%ff", "missing"),
+            ("weights=3", "missing"),
+            ("", "missing"),
+        ] {
+            let e = weight_param(Some(query)).expect_err(query);
+            assert!(e.contains(why), "{query}: {e}");
+        }
+        assert!(weight_param(None).unwrap_err().contains("missing"));
     }
 
     #[test]

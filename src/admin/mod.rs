@@ -6,11 +6,15 @@
 //! | `GET /` | self-contained HTML status page |
 //! | `GET /health` | liveness |
 //! | `GET /ready` | 200 when a shard cluster taking publishes and the control cluster are reachable |
-//! | `GET /clusters` | clusters, node probe states, per-cluster counters, last reload |
+//! | `GET /clusters` | version and uptime, clusters, node probe states, per-cluster counters, last reload |
 //! | `GET /queues[?queue=GLOB]` | depths of the sharded queues, summed over the shard clusters |
 //! | `GET /metrics` | Prometheus exposition |
 //! | `POST /reload` | re-read the configuration file |
+//! | `GET /clients` | the open client connections |
+//! | `POST /clients/ID/close` | close one client connection |
 //! | `POST /clusters/NAME/drain` | stop publishing to a shard cluster |
+//! | `POST /clusters/NAME/undrain` | undo a run-time drain |
+//! | `POST /clusters/NAME/weight?weight=N` | set a shard cluster's weight at run time |
 //!
 //! See `docs/operations.md` for the JSON shapes and how to alert on them.
 

@@ -1,7 +1,14 @@
 //! `GET /`: a self-contained status page (inline CSS and JS, no external assets).
 //!
-//! The page fetches `/clusters` and `/queues` every 2 s, computes publish and delivery rates
-//! from two consecutive `/clusters` samples, and puts every server value in the DOM as text.
+//! The page fetches `/clusters`, `/queues` and `/clients` every 2 s and puts every server value
+//! in the DOM as text. Its header shows warren's version, uptime and configuration file; per
+//! node, the last health check and since when a down node is down. It computes publish and
+//! delivery rates from two consecutive `/clusters` samples and keeps the last 5 minutes of them
+//! in a ring buffer, drawn as inline SVG sparklines per cluster and in total. Its buttons drain,
+//! undrain and set the weight of shard clusters, and close client connections, through the POST
+//! routes, asking for the admin token when one answers 401 (kept in `sessionStorage` for the
+//! tab). Rows are rebuilt from each answer, so removed clusters and deleted queues disappear.
+//! See docs/operations.md ("The status page").
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -4,6 +4,10 @@
 //! command line. `check-queues` uses the monitoring-plugin codes instead: 0 OK, 1 WARNING,
 //! 2 CRITICAL, 3 UNKNOWN (bad arguments included).
 //!
+//! An error that stops the proxy before it serves (invalid configuration, a listen address
+//! already taken) is reported once: one plain line on stderr, or with `--log-format json` one
+//! JSON log line on stdout, like every other log line ([`startup_error`]).
+//!
 //! While running, the configuration file is re-read on SIGHUP, when the file changes on disk
 //! (polled every second, applied once it has been stable for 500 ms) and on `POST /reload` of the
 //! admin endpoint. An invalid file is rejected and the running configuration stays in force.
@@ -342,13 +346,37 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Reports an error that stops `warren [run]` before it serves, exactly once, in the log format:
+/// with `--log-format json`, one ERROR event on the log stream (stdout), shaped like every other
+/// log line, so that whatever parses the logs (`journalctl -o cat | jq`) reads it too; with
+/// `text`, one plain line on stderr, `warren: WHAT: ERROR`.
+fn startup_error(
+    format: LogFormat,
+    what: &str,
+    error: &dyn std::fmt::Display,
+    config: Option<&Path>,
+) {
+    match (format, config) {
+        (LogFormat::Text, _) => eprintln!("warren: {what}: {error}"),
+        (LogFormat::Json, Some(path)) => {
+            error!(error = %error, config = %path.display(), "{what}")
+        }
+        (LogFormat::Json, None) => error!(error = %error, "{what}"),
+    }
+}
+
 /// `warren [run]`: run the proxy until a shutdown signal.
 fn run(cli: &Cli) -> ExitCode {
-    let config = match load_config(cli) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+    // Logging first, so that a configuration error comes out in the chosen log format.
     init_logging(cli.log_format);
+    let path = config_path(cli);
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            startup_error(cli.log_format, "invalid configuration", &e, Some(path));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("warren");
@@ -358,7 +386,7 @@ fn run(cli: &Cli) -> ExitCode {
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("warren: cannot start the async runtime: {e}");
+            startup_error(cli.log_format, "cannot start the async runtime", &e, None);
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -372,19 +400,18 @@ fn run(cli: &Cli) -> ExitCode {
             "busy polling on: workers spin after traffic instead of sleeping"
         );
     }
-    let code = runtime.block_on(serve(config, config_path(cli)));
+    let code = runtime.block_on(serve(config, path, cli.log_format));
     // Do not let a stuck task hold the process after shutdown.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
-async fn serve(config: Config, path: &Path) -> ExitCode {
+async fn serve(config: Config, path: &Path, format: LogFormat) -> ExitCode {
     // Install the handlers before starting, so a signal during start-up is not lost.
     let mut signals = match Signals::new() {
         Ok(signals) => signals,
         Err(e) => {
-            error!(error = %e, "cannot install signal handlers");
-            eprintln!("warren: cannot install signal handlers: {e}");
+            startup_error(format, "cannot install signal handlers", &e, None);
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -394,8 +421,8 @@ async fn serve(config: Config, path: &Path) -> ExitCode {
     let handle = match warren::start(Arc::clone(&config)).await {
         Ok(handle) => handle,
         Err(e) => {
-            error!(error = %e, "warren failed to start");
-            eprintln!("warren: failed to start: {e}");
+            // The listener's error names the address (`cannot listen on ADDR: ...`).
+            startup_error(format, "failed to start", &e, None);
             return ExitCode::from(EXIT_FAILURE);
         }
     };

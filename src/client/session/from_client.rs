@@ -162,7 +162,12 @@ impl Session {
                 let channel = self.channel_mut(ch).expect("checked above");
                 let mut targets = channel
                     .consumer_mut(&c.consumer_tag)
-                    .map(|k| k.links)
+                    .map(|k| {
+                        // Being cancelled: a link opened before the cancel-oks are back must
+                        // not subscribe it again (the cancel never reaches that link).
+                        k.request = None;
+                        k.links
+                    })
                     .unwrap_or_default();
                 if c.nowait {
                     channel.remove_consumer(&c.consumer_tag);

@@ -32,9 +32,11 @@ impl Session {
             nacked_by: LinkSet::default(),
             pinned: false,
         };
+        // A transaction's publishes, control ones included, all go to its one cluster: a
+        // commit answered by one cluster then covers all of them, and the transaction's log
+        // can publish them again if that cluster's link dies before the commit is answered.
         let link = match class {
-            Class::Control => self.control_link(),
-            Class::Sharded if tx => match self.tx_link(ch) {
+            _ if tx => match self.tx_link(ch) {
                 Ok(link) => {
                     let limit = self.held_limit;
                     if let Some(channel) = self.channel_mut(ch) {
@@ -47,6 +49,7 @@ impl Session {
                     return;
                 }
             },
+            Class::Control => self.control_link(),
             Class::Sharded => self.pick_by_rule(ch, rule, &publish.routing_key),
         };
         if link.is_none() && !tx && self.closing.is_none() {

@@ -392,6 +392,13 @@ fn rejects_bad_listen_addresses() {
     );
     rejects(&bad("127.0.0.1"), 1, Some(10), "expected IP:port");
     rejects(
+        &bad("127.0.0.1:99999"),
+        1,
+        Some(10),
+        "port 99999 is out of range (1-65535",
+    );
+    rejects(&bad("[::1]:70000"), 1, Some(10), "port 70000 is out of range");
+    rejects(
         &with_cluster("\n[admin]\nlisten = \"127.0.0.1\"\n"),
         9,
         Some(10),

@@ -56,6 +56,26 @@ fn problem<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Probl
 }
 
 fn parse_socket_addr(value: &Spanned<String>, key: &str) -> Result<SocketAddr, Problem> {
+    // An IP with an all-digit port that does not fit: say so, not "host names are not allowed".
+    if let Some((host, port)) = value.get_ref().rsplit_once(':')
+        && host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_err()
+    {
+        return problem(
+            value.span(),
+            format!(
+                "invalid {key} address \"{}\": port {port} is out of range (1-65535, or 0 for \
+                 any free port)",
+                value.get_ref()
+            ),
+        );
+    }
     value.get_ref().parse().or_else(|_| {
         problem(
             value.span(),

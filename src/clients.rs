@@ -235,6 +235,7 @@ mod tests {
 
     fn futures_lite_ready(fut: tokio_util::sync::WaitForCancellationFuture<'_>) {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
         rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(1), fut).await })

@@ -1525,9 +1525,6 @@ fn basic_get(queue: &str) -> Method {
 /// client's tags must grow with shard-a's (docs/architecture.md: "each link's upstream tags
 /// grow with ours"), so that one `multiple` ack of the higher tag settles both on shard-a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a get-ok is tagged before deliveries of the same link held for a consume-ok \
-            (flush_rpcs issues the get-ok's tag, then releases the held deliveries), so a \
-            multiple ack leaves a message unacknowledged upstream"]
 async fn l_a_get_ok_and_held_deliveries_of_one_link_keep_its_tag_order() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
@@ -1587,9 +1584,6 @@ async fn l_a_get_ok_and_held_deliveries_of_one_link_keep_its_tag_order() {
 /// link, where the upstream tag names nothing (RabbitMQ closes the channel with 406) or
 /// another message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a get-ok waiting in the channel's reply queue keeps the id of the link that \
-            answered it; when that link dies and its slot is reused by the new link, the \
-            client's ack is sent to the new link (406 unknown delivery tag closes the channel)"]
 async fn m_the_ack_of_a_get_ok_whose_link_died_before_it_was_answered_is_swallowed() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));

@@ -258,11 +258,26 @@ impl Session {
                     // Each get carries its own no_ack (two pipelined gets may differ).
                     let needs_ack =
                         !matches!(&rpc.get_request, Some(Method::BasicGet(r)) if r.no_ack);
-                    g.delivery_tag = channel.tags.issue(reply.link, g.delivery_tag, needs_ack);
-                    let m = &self.links[reply.link].m;
-                    m.deliveries.inc();
-                    if needs_ack {
-                        m.unacked.inc();
+                    // Deliveries of the same link that arrived before this get-ok (lower
+                    // upstream tags) and wait in `held` are numbered first, so that on every
+                    // link the client's tags keep growing with the upstream ones.
+                    let earlier = take_held_before(channel, reply.link, g.delivery_tag);
+                    for (link, d, content) in earlier {
+                        self.deliver_tagged(ch, link, d, content.as_ref());
+                    }
+                    let Some(channel) = channel_in(&mut self.channels, ch) else {
+                        return;
+                    };
+                    // A get-ok whose link died meanwhile: the broker requeued the message, so
+                    // the client's ack of it is swallowed (never sent to another link).
+                    let live = self.links.get(reply.link).filter(|s| !s.done);
+                    let link = live.map_or(crate::client::channel::DEAD_LINK, |_| reply.link);
+                    g.delivery_tag = channel.tags.issue(link, g.delivery_tag, needs_ack);
+                    if let Some(slot) = live {
+                        slot.m.deliveries.inc();
+                        if needs_ack {
+                            slot.m.unacked.inc();
+                        }
                     }
                     self.deliver(ch, &Method::BasicGetOk(g), reply.content.as_ref());
                     if let Some(Method::BasicGet(get)) = &rpc.get_request {
@@ -525,6 +540,27 @@ impl Session {
 }
 
 /// Whether a delivery arriving on the channel now must wait (see [`Session::release_held_deliveries`]).
+/// Removes from `channel.held` the deliveries of `link` with an upstream tag below `upstream`
+/// (those its broker sent before the get-ok carrying `upstream`), in arrival order.
+fn take_held_before(
+    channel: &mut Channel,
+    link: LinkId,
+    upstream: u64,
+) -> Vec<(LinkId, codec::BasicDeliver, Option<Content>)> {
+    let mut earlier = Vec::new();
+    let mut kept = Vec::with_capacity(channel.held.len());
+    for (l, m, content) in std::mem::take(&mut channel.held) {
+        match m {
+            Method::BasicDeliver(d) if l == link && d.delivery_tag < upstream => {
+                earlier.push((l, d, content));
+            }
+            m => kept.push((l, m, content)),
+        }
+    }
+    channel.held = kept;
+    earlier
+}
+
 fn must_hold(channel: &Channel) -> bool {
     !channel.held.is_empty() || waiting_for_client_order(channel)
 }

@@ -533,6 +533,16 @@ impl Session {
             self.flush_rpcs(ch);
         }
         for channel in self.channels.iter_mut().flatten() {
+            // Replies of this link still waiting for their turn (a get-ok behind a slower
+            // request): their message is requeued with the link, and the slot may be reused by
+            // the next link, so their tags must be dead ones, not the next link's.
+            for rpc in channel.rpcs.iter_mut() {
+                if let Some(reply) = rpc.reply.as_mut()
+                    && reply.link == link
+                {
+                    reply.link = crate::client::channel::DEAD_LINK;
+                }
+            }
             let n = channel.tags.kill_link(link);
             m.unacked.dec_by(n as i64);
             // Held deliveries of the dead link have no client tag yet; the broker requeues them

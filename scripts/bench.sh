@@ -25,6 +25,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export WARREN_RABBIT_DIR=${WARREN_RABBIT_DIR:-/tmp/warren-bench}
+# The benchmark's brokers run without the management plugin (its statistics cost CPU).
+export WARREN_RABBIT_MANAGEMENT=0
 
 topology=single
 keep=0

@@ -3,10 +3,11 @@
 # front of them.
 #
 # Starts (or finds already running) the clusters on the fixed ports that proxy.toml names:
-#   shard-a  127.0.0.1:5701, 127.0.0.1:5702
-#   shard-b  127.0.0.1:5711, 127.0.0.1:5712
-#   control  127.0.0.1:5721, 127.0.0.1:5722
-# (state in ${WARREN_RABBIT_DIR:-/tmp/warren-rabbit}), then runs
+#   shard-a  127.0.0.1:5701, 127.0.0.1:5702   management API http://127.0.0.1:15701, :15702
+#   shard-b  127.0.0.1:5711, 127.0.0.1:5712   management API http://127.0.0.1:15711, :15712
+#   control  127.0.0.1:5721, 127.0.0.1:5722   management API http://127.0.0.1:15721, :15722
+# (state in ${WARREN_RABBIT_DIR:-/tmp/warren-rabbit}; the management APIs and UIs take
+# guest/guest, and proxy.toml gives each cluster's first one as its `management`), then runs
 #   cargo run --release -- --config proxy.toml
 # in the foreground. Ctrl-C stops warren; the clusters keep running until
 #   scripts/rabbit.sh down-all
@@ -19,7 +20,7 @@ RABBIT="$ROOT/scripts/rabbit.sh"
 CONFIG=${WARREN_CONFIG:-proxy.toml}
 
 case "${1:-}" in
--h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+-h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 if [ ! -f "$CONFIG" ]; then
@@ -44,6 +45,21 @@ fi
 
 DOWN="scripts/rabbit.sh down-all"
 [ -z "${WARREN_RABBIT_DIR:-}" ] || DOWN="WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR $DOWN"
+
+# The management APIs that proxy.toml's `management` keys point at (GET /queues?queue=PATTERN
+# lists the clusters' queues through them). Clusters made by an older rabbit.sh have none.
+for name in shard-a shard-b control; do
+    if urls=$("$RABBIT" management "$name" 2>/dev/null); then
+        echo "$name management API (guest/guest): ${urls#"$name" }" >&2
+    else
+        down_one="scripts/rabbit.sh down $name"
+        [ -z "${WARREN_RABBIT_DIR:-}" ] || down_one="WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR $down_one"
+        echo "quickstart: warning: cluster $name runs without the management plugin that $CONFIG's" \
+            "\`management\` points at (it was made by an older scripts/rabbit.sh), so" \
+            "GET /queues?queue=PATTERN cannot list its queues. Run '$down_one' and this script" \
+            "again to recreate it with the plugin." >&2
+    fi
+done
 cat >&2 <<EOF
 
 clusters are up. Starting warren with $CONFIG (Ctrl-C stops warren).

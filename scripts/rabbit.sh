@@ -4,8 +4,15 @@
 # Everything lives under one state dir (${WARREN_RABBIT_DIR:-/tmp/warren-rabbit}):
 #   .erlang.cookie          shared cookie (0400); the dir is HOME for the server and the CLI
 #   nodes/<NODE>/           one folder per node (NODE = <cluster>-1, <cluster>-2)
-#     node.env              ERLNAME, PORT, DIST_PORT, CLUSTER (written at creation, reused on restart)
-#     rabbitmq.conf, enabled_plugins (empty), mnesia/, log/, pid
+#     node.env              ERLNAME, PORT, DIST_PORT, MGMT_PORT, CLUSTER (written at creation,
+#                           reused on restart; MGMT_PORT is empty for a node without management)
+#     rabbitmq.conf, enabled_plugins ([rabbitmq_management] or empty), mnesia/, log/, pid
+#
+# Every node runs the management plugin (its HTTP API and UI, user guest/guest) on 127.0.0.1 at
+# its AMQP port + 10000 (5701 -> 15701, as 5672 -> 15672 for RabbitMQ's defaults), unless
+# WARREN_RABBIT_MANAGEMENT=0 when the node is created. `management NAME` prints a cluster's API
+# URLs. Queue statistics are collected every second (collect_statistics_interval = 1000, 5 s by
+# default) so that the API's queue depths follow the tests closely.
 #
 # Every rabbitmqctl call is a short-lived hidden Erlang node that must bind a port in
 # RABBITMQ_CTL_DIST_PORT_MIN..MAX (default 35672..35682: only 11 CLI calls at once machine-wide);
@@ -18,8 +25,9 @@
 #
 # Ports given as "auto" are picked at random in [6000,12700] so that the distribution port
 # (port + 20000) stays below the kernel's ephemeral range (32768+) and away from the CLI's
-# 35672-35871. Picked ports are reserved machine-wide in /tmp/warren-rabbit-ports/ (one file per
-# port naming the state dir) so parallel callers do not pick the same ones.
+# 35672-35871; the management port (port + 10000) is then in [16000,22700], clear of both. Picked
+# ports are reserved machine-wide in /tmp/warren-rabbit-ports/ (one file per AMQP port naming the
+# state dir; the other two ports go with it) so parallel callers do not pick the same ones.
 #
 # Measured on the 2-core Debian 12 box (RabbitMQ 3.10.8, OTP 25), machine otherwise idle:
 #   `up NAME auto auto` (2 nodes booting in parallel + join + policy) ...... ~13 s
@@ -33,7 +41,8 @@
 # 35-65 s: hence the generous default startup timeout.
 #
 # Environment: WARREN_RABBIT_DIR (state dir), WARREN_RABBIT_TIMEOUT (s per node start, default
-# 120), WARREN_RABBIT_ERL_ARGS (extra VM flags for started nodes, e.g. "-kernel net_ticktime 10").
+# 120), WARREN_RABBIT_ERL_ARGS (extra VM flags for started nodes, e.g. "-kernel net_ticktime 10"),
+# WARREN_RABBIT_MANAGEMENT (1, the default: new nodes run the management plugin; 0: they do not).
 set -euo pipefail
 
 RABBIT_BIN=${RABBIT_BIN:-/usr/lib/rabbitmq/bin}
@@ -43,6 +52,9 @@ PORT_REG=${WARREN_RABBIT_PORT_REGISTRY:-/tmp/warren-rabbit-ports}
 STARTUP_TIMEOUT=${WARREN_RABBIT_TIMEOUT:-120}
 # Extra Erlang VM flags for every node we start (e.g. "-kernel net_ticktime 10").
 EXTRA_ERL_ARGS=${WARREN_RABBIT_ERL_ARGS:-}
+# New nodes run the management plugin on their AMQP port + MGMT_OFFSET.
+MANAGEMENT=${WARREN_RABBIT_MANAGEMENT:-1}
+MGMT_OFFSET=10000
 
 usage() {
     cat <<EOF
@@ -50,7 +62,8 @@ usage: scripts/rabbit.sh COMMAND [ARGS]
 
   install                      apt-get install rabbitmq-server if rabbitmqctl is missing
   up NAME PORT1 PORT2          two-node cluster NAME-1/NAME-2 (ports may be 'auto'), ha-all policy;
-                               prints "NAME 127.0.0.1:P1 127.0.0.1:P2" on stdout
+                               prints "NAME 127.0.0.1:P1 127.0.0.1:P2" on stdout (the nodes'
+                               management APIs are on P1+10000 and P2+10000: see 'management')
   up-single NAME PORT          one-node "cluster" NAME-1; prints "NAME 127.0.0.1:P"
   up-single-tls NAME PORT CERTDIR [verify-peer]
                                one-node "cluster" NAME-1 that speaks only amqps on PORT (no plain
@@ -65,6 +78,11 @@ usage: scripts/rabbit.sh COMMAND [ARGS]
   pause-node NODE | resume-node NODE   SIGSTOP / SIGCONT the node's beam.smp
   ctl NODE ARGS...             rabbitmqctl -n <erlang name of NODE> ARGS...
   port NODE                    print the node's AMQP port
+  management-port NODE         print the node's management (HTTP API) port
+  management NAME              print "NAME http://127.0.0.1:M1 http://127.0.0.1:M2": the management
+                               API of each node of cluster NAME (user guest, password guest); fails
+                               for a cluster made without the plugin (WARREN_RABBIT_MANAGEMENT=0,
+                               or an older rabbit.sh): 'down NAME' and 'up' it again
   wipe NAME                    delete every queue and non-default exchange in vhost / of cluster
                                NAME (test isolation; prints "queues exchanges" deleted)
   down NAME                    stop the cluster's nodes and delete their dirs
@@ -112,7 +130,7 @@ load_node() {
     local node=$1 dir
     dir=$(node_dir "$node")
     [ -f "$dir/node.env" ] || die "unknown node '$node' (no $dir/node.env); see 'status'"
-    ERLNAME='' PORT='' DIST_PORT='' CLUSTER=''
+    ERLNAME='' PORT='' DIST_PORT='' MGMT_PORT='' CLUSTER=''
     : "$CLUSTER"
     # shellcheck disable=SC1091
     . "$dir/node.env"
@@ -243,7 +261,8 @@ release_port() {
     if [ -f "$f" ] && [ "$(cat "$f" 2>/dev/null)" = "$STATE_DIR" ]; then rm -f "$f"; fi
 }
 
-# Pick a free port P (P and P+20000 free, not reserved), reserve it, print it. Caller holds lock.
+# Pick a free port P (P, P+20000 and, with management, P+10000 free, not reserved), reserve it,
+# print it. Caller holds lock.
 pick_port() {
     local tries=0 p
     while [ $tries -lt 200 ]; do
@@ -253,6 +272,7 @@ pick_port() {
         [ -f "$PORT_REG/$p" ] && continue # reserved by us (another node of ours)
         port_free "$p" || continue
         port_free $((p + 20000)) || continue
+        if [ "$MANAGEMENT" = 1 ]; then port_free $((p + MGMT_OFFSET)) || continue; fi
         reserve_port "$p"
         echo "$p"
         return 0
@@ -268,13 +288,19 @@ TLS_CERTDIR=
 TLS_VERIFY=verify_none
 
 # create_node NODE CLUSTER PORT: write the node's dir and config (does not start it). With
-# TLS_CERTDIR set, PORT is an amqps listener and there is no plain one.
+# TLS_CERTDIR set, PORT is an amqps listener and there is no plain one. With MANAGEMENT=1 the
+# management plugin listens on 127.0.0.1:PORT+MGMT_OFFSET (plain HTTP).
 create_node() {
-    local node=$1 cluster=$2 port=$3 dir
+    local node=$1 cluster=$2 port=$3 dir mgmt_port=
     dir=$(node_dir "$node")
     mkdir -p "$dir/mnesia" "$dir/log"
     : >"$dir/rabbitmq-env.conf"
-    printf '[].\n' >"$dir/enabled_plugins"
+    if [ "$MANAGEMENT" = 1 ]; then
+        mgmt_port=$((port + MGMT_OFFSET))
+        printf '[rabbitmq_management].\n' >"$dir/enabled_plugins"
+    else
+        printf '[].\n' >"$dir/enabled_plugins"
+    fi
     if [ -n "$TLS_CERTDIR" ]; then
         mkdir -p "$dir/tls"
         cp "$TLS_CERTDIR/ca.pem" "$TLS_CERTDIR/server.pem" "$TLS_CERTDIR/server.key" "$dir/tls/"
@@ -302,10 +328,18 @@ log.console = false
 log.file.level = info
 EOF
     fi
+    if [ -n "$mgmt_port" ]; then
+        cat >>"$dir/rabbitmq.conf" <<EOF
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $mgmt_port
+collect_statistics_interval = 1000
+EOF
+    fi
     cat >"$dir/node.env" <<EOF
 ERLNAME=$(name_prefix)-$node@localhost
 PORT=$port
 DIST_PORT=$((port + 20000))
+MGMT_PORT=$mgmt_port
 CLUSTER=$cluster
 EOF
 }
@@ -323,6 +357,9 @@ launch_node() {
     # killed instance left behind (see port_listenable).
     port_listenable "$PORT" || die "$NODE: port $PORT is in use by something else (a socket listens on it)"
     port_listenable "$DIST_PORT" || die "$NODE: dist port $DIST_PORT is in use by something else (a socket listens on it)"
+    if [ -n "$MGMT_PORT" ]; then
+        port_listenable "$MGMT_PORT" || die "$NODE: management port $MGMT_PORT is in use by something else (a socket listens on it)"
+    fi
     rm -f "$dir/pid"
     log "starting $NODE ($ERLNAME) on 127.0.0.1:$PORT"
     with_node_env "$RABBIT_BIN/rabbitmq-server" -detached >>"$dir/log/start.out" 2>&1 \
@@ -447,6 +484,7 @@ do_up() {
             for i in $(seq 1 "$count"); do NODE="$name-$i"; load_node "$NODE"; await_node || die "$NODE failed to start"; done
         fi
         print_cluster "$name" "${ports[@]}"
+        log_management "$name"
         return 0
     fi
 
@@ -460,6 +498,10 @@ do_up() {
             if ! port_free "${ports[$i]}" || ! port_free $((ports[i] + 20000)); then
                 reg_unlock
                 die "port ${ports[$i]} or its dist port $((ports[i] + 20000)) is in use"
+            fi
+            if [ "$MANAGEMENT" = 1 ] && ! port_free $((ports[i] + MGMT_OFFSET)); then
+                reg_unlock
+                die "the management port $((ports[i] + MGMT_OFFSET)) of port ${ports[$i]} is in use (or set WARREN_RABBIT_MANAGEMENT=0)"
             fi
             reserve_port "${ports[$i]}"
         fi
@@ -501,6 +543,7 @@ do_up() {
     UP_CLEANUP=
     log "cluster $name up in $(($(now_ms) - t0))ms"
     print_cluster "$name" "${ports[@]}"
+    log_management "$name"
 }
 
 UP_CLEANUP=
@@ -524,6 +567,29 @@ print_cluster() {
     out=$name
     for p in "$@"; do out="$out 127.0.0.1:$p"; done
     echo "$out"
+}
+
+# "NAME http://127.0.0.1:M1 http://127.0.0.1:M2" for the nodes of cluster NAME; fails when a
+# node has no management plugin.
+management_urls() {
+    local name=$1 node out
+    out=$name
+    for node in $(cluster_nodes "$name"); do
+        NODE=$node; load_node "$NODE"
+        [ -n "$MGMT_PORT" ] || return 1
+        out="$out http://127.0.0.1:$MGMT_PORT"
+    done
+    [ "$out" != "$name" ] || return 1
+    echo "$out"
+}
+
+log_management() {
+    local urls
+    if urls=$(management_urls "$1"); then
+        log "cluster $1 management API (guest/guest): ${urls#"$1" }"
+    else
+        log "cluster $1 has no management plugin (made with WARREN_RABBIT_MANAGEMENT=0 or an older rabbit.sh; 'down $1' and 'up' it again to get one)"
+    fi
 }
 
 cmd_down() {
@@ -558,7 +624,7 @@ cmd_down_all() {
 
 cmd_status() {
     local d node pid state
-    printf '%-20s %-40s %-6s %-8s %s\n' NODE ERLANG-NAME PORT PID STATE
+    printf '%-20s %-40s %-6s %-6s %-8s %s\n' NODE ERLANG-NAME PORT MGMT PID STATE
     for d in "$STATE_DIR"/nodes/*/node.env; do
         [ -f "$d" ] || continue
         node=$(basename "$(dirname "$d")")
@@ -573,7 +639,7 @@ cmd_status() {
         else
             state=app-stopped
         fi
-        printf '%-20s %-40s %-6s %-8s %s\n' "$node" "$ERLNAME" "$PORT" "${pid:--}" "$state"
+        printf '%-20s %-40s %-6s %-6s %-8s %s\n' "$node" "$ERLNAME" "$PORT" "${MGMT_PORT:--}" "${pid:--}" "$state"
     done
 }
 
@@ -674,6 +740,17 @@ main() {
         ctl_node "$@"
         ;;
     port) need_node_arg "$@"; echo "$PORT" ;;
+    management-port)
+        need_node_arg "$@"
+        [ -n "$MGMT_PORT" ] || die "$NODE has no management plugin"
+        echo "$MGMT_PORT"
+        ;;
+    management)
+        [ $# -eq 1 ] || { usage >&2; exit 2; }
+        valid_name "$1"
+        [ -n "$(cluster_nodes "$1")" ] || die "no cluster $1 in $STATE_DIR"
+        management_urls "$1" || die "cluster $1 has no management plugin (made with WARREN_RABBIT_MANAGEMENT=0 or an older rabbit.sh): 'down $1' and 'up' it again"
+        ;;
     down)
         [ $# -eq 1 ] || { usage >&2; exit 2; }
         cmd_down "$1"

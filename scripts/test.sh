@@ -10,6 +10,8 @@
 #      starts its own) and exports for the Rust tests:
 #        WARREN_RABBIT_DIR     the state dir (tests may `scripts/rabbit.sh up` private clusters there)
 #        WARREN_TEST_CLUSTERS  "shard-a=127.0.0.1:P,127.0.0.1:P;shard-b=...;control=..."
+#        WARREN_TEST_MANAGEMENT "shard-a=http://127.0.0.1:M,http://127.0.0.1:M;..." (their
+#                              management APIs, guest/guest; tests/admin_queues_mgmt.rs)
 #      everything is torn down on exit, failures and Ctrl-C included;
 #   3. rust:   cargo test --all-targets --no-fail-fast (every test binary runs even if one fails)
 #              (needs the venv too: tests/compose.rs runs check-jsonschema on docker-compose.yml;
@@ -286,6 +288,13 @@ if [ "$NEED_CLUSTERS" = 1 ]; then
     done
     export WARREN_TEST_CLUSTERS
     echo "WARREN_TEST_CLUSTERS=$WARREN_TEST_CLUSTERS"
+    WARREN_TEST_MANAGEMENT=""
+    for name in shard-a shard-b control; do
+        urls=$("$RABBIT" management "$name" 2>/dev/null | cut -d' ' -f2- | tr ' ' ',') || urls=""
+        [ -z "$urls" ] || WARREN_TEST_MANAGEMENT+="${WARREN_TEST_MANAGEMENT:+;}$name=$urls"
+    done
+    export WARREN_TEST_MANAGEMENT
+    echo "WARREN_TEST_MANAGEMENT=$WARREN_TEST_MANAGEMENT"
     echo "WARREN_RABBIT_DIR=$WARREN_RABBIT_DIR"
 fi
 
@@ -517,7 +526,9 @@ if want fault && [ "$TARGET" = proxy ]; then
     say "fault: no-loss fault tests (tests/fault/fault_e2e.py ${FAULT_ARGS:-<full run>})"
     t0=$(date +%s)
     # shellcheck disable=SC2086
-    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/fault/fault_e2e.py --warren "$WARREN_BIN" $FAULT_ARGS \
+    # The fault clusters need no management API (and its statistics would only add load to
+    # the timings of kills and restarts).
+    if [ "$PROXY_BUILD_OK" = 1 ] && WARREN_RABBIT_MANAGEMENT=0 "$PY" tests/fault/fault_e2e.py --warren "$WARREN_BIN" $FAULT_ARGS \
         --rabbit-dir "$STATE/fault-rabbit" --summary-file "$FAULT_SUMMARY"; then
         record fault PASS $(($(date +%s) - t0))
     else

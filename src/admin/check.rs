@@ -5,9 +5,12 @@
 //! ```
 //!
 //! A queue named with `--queue NAME` is asked on every shard cluster of the configuration with a
-//! passive `queue.declare` (no matter which warren declared it, or whether one runs); patterns
-//! and the default set come from the admin endpoint's `/queues`, which lists only the queues
-//! declared through that warren since it started (the OK line says so).
+//! passive `queue.declare` (no matter which warren declared it, or whether one runs). A pattern
+//! is matched against every queue of the shard clusters when each of them has a `management`
+//! API in the configuration (the check lists them itself); otherwise patterns, like the default
+//! set, come from the admin endpoint's `/queues`, which lists the queues declared through that
+//! warren since it started, and those the clusters with `management` list (the OK line says
+//! which set it is).
 //!
 //! Exit codes follow the plugin convention: 0 OK, 1 WARNING, 2 CRITICAL (a queue at or above
 //! `--critical`, or a named queue that no shard cluster has), 3 UNKNOWN (the admin endpoint or
@@ -151,8 +154,9 @@ impl AdminUrl {
 pub struct Request {
     pub thresholds: Thresholds,
     /// The `--queue` values. One without `*` is a queue name, asked on the shard clusters
-    /// themselves; one with `*` is a pattern over the queues declared through the warren of the
-    /// admin endpoint. None: every queue declared through that warren since it started.
+    /// themselves; one with `*` is a pattern over the queues the clusters' management APIs list
+    /// (or those declared through the warren of the admin endpoint). None: every queue declared
+    /// through that warren since it started.
     pub queues: Vec<String>,
     /// The vhost of the named queues.
     pub vhost: String,
@@ -166,8 +170,9 @@ pub struct Sources {
     /// The admin endpoint (patterns, the default set, and named queues when no configuration
     /// was given), or why there is none.
     pub admin: Result<AdminUrl, String>,
-    /// The configuration whose shard clusters are asked about named queues: `None` when no
-    /// `--config` was given, the reason when it cannot be loaded.
+    /// The configuration whose shard clusters are asked about named queues (and about
+    /// patterns, when every shard cluster has `management`): `None` when no `--config` was
+    /// given, the reason when it cannot be loaded.
     pub clusters: Option<Result<Config, String>>,
 }
 
@@ -176,25 +181,34 @@ pub struct Sources {
 pub struct Scope {
     /// Queues asked by name, as (vhost, name): one that no shard cluster has is CRITICAL.
     pub named: Vec<(String, String)>,
-    /// `--queue` patterns (matched against the declared queues).
+    /// `--queue` patterns (matched against the listed or declared queues).
     pub patterns: Vec<String>,
     /// Whether the set includes the queues declared through the warren (no `--queue`, or a
-    /// pattern): the OK line says so, so that nobody reads it as "all queues".
+    /// pattern not answered from complete management lists): the OK line says so, so that
+    /// nobody reads it as "all queues".
     pub declared: bool,
+    /// Whether a pattern's queues were (also) listed by the clusters' management APIs.
+    pub listed: bool,
+    /// Management API lists that failed (`cluster/vhost: reason`): queues on those clusters
+    /// may be missing from the set.
+    pub listing_errors: Vec<String>,
     /// The admin endpoint the named queues were looked up on, when no clusters were asked.
     pub via_admin: Option<String>,
 }
 
 /// Words of the OK line when the set is the declared queues.
 pub const DECLARED: &str = "queues declared through this warren since it started";
+/// Words of the OK line when the set is the management APIs' lists and the declared queues.
+pub const LISTED_AND_DECLARED: &str = "queues the clusters' management APIs list and those declared through this warren since it started";
 
 /// Asks for the depths and evaluates them against the thresholds.
 ///
 /// Named queues are asked on every shard cluster of `sources.clusters` with a passive
 /// `queue.declare` ([`queues::report`]), so any warren instance, even one started a second ago,
 /// answers the same; without a configuration they are looked up on the admin endpoint, which
-/// knows only the queues declared through it. Patterns and the default set come from the admin
-/// endpoint's `GET /queues[?queue=PATTERN]`.
+/// knows only the queues declared through it. A pattern is answered with the configuration's
+/// clusters ([`queues::listing`]) when every shard cluster has `management`; otherwise patterns
+/// and the default set come from the admin endpoint's `GET /queues[?queue=PATTERN]`.
 pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
     let t = req.thresholds;
     if t.warning > t.critical {
@@ -217,7 +231,8 @@ pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
             }
         }
     }
-    scope.declared = scope.named.is_empty() || !scope.patterns.is_empty();
+    // The default set is the declared queues; a pattern's set is said once it is answered.
+    scope.declared = scope.named.is_empty() && scope.patterns.is_empty();
     if scope.named.len() > queues::MAX_QUEUES {
         return Outcome::unknown(format!(
             "at most {} queues can be named",
@@ -248,7 +263,7 @@ pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
                 };
                 for (vhost, name) in &scope.named {
                     let listed = match fetch(admin, Some(name), deadline, req.timeout).await {
-                        Ok(l) => l,
+                        Ok(v) => queue_list(&v),
                         Err(o) => return o,
                     };
                     let found = listed.into_iter().find(|q| {
@@ -263,22 +278,73 @@ pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
             }
         }
     }
-    if scope.declared {
-        let admin = match &sources.admin {
-            Ok(a) => a,
-            Err(e) => return Outcome::unknown(e),
-        };
-        let patterns: Vec<Option<&str>> = if scope.patterns.is_empty() {
+    // With every shard cluster's management API in the configuration, the check lists the
+    // queues itself: the same answer whichever warren runs, or whether one does.
+    let lists_all = match &sources.clusters {
+        Some(Ok(config)) if config.shard_clusters().all(|c| c.management.is_some()) => Some(config),
+        _ => None,
+    };
+    let patterns: Vec<Option<&str>> = if scope.patterns.is_empty() {
+        if scope.declared {
             vec![None]
         } else {
-            scope.patterns.iter().map(|p| Some(p.as_str())).collect()
+            Vec::new()
+        }
+    } else {
+        scope.patterns.iter().map(|p| Some(p.as_str())).collect()
+    };
+    for p in patterns {
+        let answer = match (p, lists_all) {
+            (Some(p), Some(config)) => {
+                match tokio::time::timeout_at(
+                    deadline,
+                    queues::listing(config, Vec::new(), Some(p)),
+                )
+                .await
+                {
+                    Ok(v) => v,
+                    Err(_) => {
+                        return Outcome::unknown(format!(
+                            "the shard clusters did not answer within {} s",
+                            req.timeout.as_secs_f64()
+                        ));
+                    }
+                }
+            }
+            _ => {
+                let admin = match &sources.admin {
+                    Ok(a) => a,
+                    Err(e) => return Outcome::unknown(e),
+                };
+                match fetch(admin, p, deadline, req.timeout).await {
+                    Ok(v) => v,
+                    Err(o) => return o,
+                }
+            }
         };
-        for p in patterns {
-            match fetch(admin, p, deadline, req.timeout).await {
-                Ok(l) => entries.extend(l),
-                Err(o) => return o,
+        let management = answer
+            .get("management")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        if !management.is_empty() {
+            scope.listed = true;
+        }
+        if answer.get("listing_complete").and_then(Value::as_bool) != Some(true) {
+            scope.declared = true;
+        }
+        for m in management.iter().filter(|m| status_of(m) == "error") {
+            let at = format!(
+                "{}/{}",
+                m.get("cluster").and_then(Value::as_str).unwrap_or("?"),
+                m.get("vhost").and_then(Value::as_str).unwrap_or("?")
+            );
+            let error = m.get("error").and_then(Value::as_str).unwrap_or("error");
+            let line = format!("{at}: {error}");
+            if !scope.listing_errors.contains(&line) {
+                scope.listing_errors.push(line);
             }
         }
+        entries.extend(queue_list(&answer));
     }
     // A queue both named and matched by a pattern is reported once (the named answer first).
     let mut seen = std::collections::HashSet::new();
@@ -297,13 +363,23 @@ pub async fn check_queues(req: &Request, sources: &Sources) -> Outcome {
     evaluate(&entries, &scope, t)
 }
 
-/// `GET /queues[?queue=PATTERN]` of the admin endpoint: its `queues` list.
+/// The `queues` list of a `/queues` answer.
+fn queue_list(answer: &Value) -> Vec<Value> {
+    answer
+        .get("queues")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `GET /queues[?queue=PATTERN]` of the admin endpoint: the whole answer, which has a `queues`
+/// list.
 async fn fetch(
     admin: &AdminUrl,
     pattern: Option<&str>,
     deadline: Instant,
     timeout: Duration,
-) -> Result<Vec<Value>, Outcome> {
+) -> Result<Value, Outcome> {
     let mut path = format!("{}/queues", admin.prefix);
     if let Some(p) = pattern {
         path.push_str("?queue=");
@@ -337,12 +413,12 @@ async fn fetch(
             "admin endpoint answered something that is not JSON: {e}"
         ))
     })?;
-    match v.get("queues").and_then(Value::as_array) {
-        Some(list) => Ok(list.clone()),
-        None => Err(Outcome::unknown(
+    if v.get("queues").and_then(Value::as_array).is_none() {
+        return Err(Outcome::unknown(
             "the admin endpoint's /queues answer has no \"queues\" list",
-        )),
+        ));
     }
+    Ok(v)
 }
 
 /// The `status` of a `/queues` cluster entry (`ok`, `missing`, `error`).
@@ -578,6 +654,16 @@ pub fn evaluate(queues: &[Value], scope: &Scope, t: Thresholds) -> Outcome {
             names.join(", ")
         )
     };
+    // A list that could not be read: queues on that cluster may be missing from the set.
+    if !scope.listing_errors.is_empty() {
+        return finish(
+            Status::Unknown,
+            format!(
+                "a management API did not list its queues, so some may be missing: {}",
+                scope.listing_errors.join(", ")
+            ),
+        );
+    }
     if list.is_empty() {
         if scope.patterns.is_empty() {
             return finish(
@@ -588,11 +674,17 @@ pub fn evaluate(queues: &[Value], scope: &Scope, t: Thresholds) -> Outcome {
             );
         }
         let patterns: Vec<String> = scope.patterns.iter().map(|p| format!("{p:?}")).collect();
+        let among = match (scope.declared, scope.listed) {
+            (true, false) => {
+                format!("among the {DECLARED} (name queues with --queue to ask the clusters)")
+            }
+            (true, true) => format!("among the {LISTED_AND_DECLARED}"),
+            (false, _) => "on the shard clusters".to_owned(),
+        };
         return finish(
             Status::Unknown,
             format!(
-                "no sharded queue matches {} among the {DECLARED} (name queues with --queue to \
-                 ask the clusters){gone_note}",
+                "no sharded queue matches {} {among}{gone_note}",
                 patterns.join(" or ")
             ),
         );
@@ -604,10 +696,10 @@ pub fn evaluate(queues: &[Value], scope: &Scope, t: Thresholds) -> Outcome {
         .unwrap_or_default();
     let n = list.len();
     let plural = if n == 1 { "" } else { "s" };
-    let declared = if scope.declared {
-        format!(" ({DECLARED})")
-    } else {
-        String::new()
+    let declared = match (scope.declared, scope.listed) {
+        (true, false) => format!(" ({DECLARED})"),
+        (true, true) => format!(" ({LISTED_AND_DECLARED})"),
+        (false, _) => String::new(),
     };
     finish(
         Status::Ok,
@@ -906,6 +998,56 @@ mod tests {
         assert_eq!(o.status, Status::Unknown);
         assert!(o.line.contains("b: connection refused"), "{}", o.line);
         let o = evaluate(&[partial, q("c", 2000)], &declared(), T);
+        assert_eq!(o.status, Status::Critical);
+    }
+
+    #[test]
+    fn listed_sets_are_worded_as_such() {
+        // Every shard cluster listed its queues: not "declared through this warren".
+        let listed = Scope {
+            patterns: vec!["celery*".into()],
+            listed: true,
+            ..Scope::default()
+        };
+        let o = evaluate(&[q("celery", 3)], &listed, T);
+        assert_eq!(
+            o.line,
+            "QUEUES OK - 1 queue below 500, deepest celery=3 | 'celery'=3;500;1000;0;"
+        );
+        let o = evaluate(&[], &listed, T);
+        assert_eq!(o.status, Status::Unknown);
+        assert_eq!(
+            o.line,
+            "QUEUES UNKNOWN - no sharded queue matches \"celery*\" on the shard clusters"
+        );
+        // Some clusters listed, the others only know the declared queues.
+        let both = Scope {
+            declared: true,
+            ..listed.clone()
+        };
+        let o = evaluate(&[q("celery", 3)], &both, T);
+        assert!(
+            o.line
+                .contains(&format!("deepest celery=3 ({LISTED_AND_DECLARED})")),
+            "{}",
+            o.line
+        );
+        // A list that failed: queues may be missing, so UNKNOWN unless a threshold is crossed.
+        let failed = Scope {
+            listing_errors: vec!["shard-b//: HTTP 401 Unauthorized".into()],
+            ..listed.clone()
+        };
+        let o = evaluate(&[q("celery", 3)], &failed, T);
+        assert_eq!(o.status, Status::Unknown);
+        assert!(
+            o.line.starts_with(
+                "QUEUES UNKNOWN - a management API did not list its queues, so some may be \
+                 missing: shard-b//: HTTP 401 Unauthorized |"
+            ),
+            "{}",
+            o.line
+        );
+        let o = evaluate(&[q("celery", 3000)], &failed, T);
         assert_eq!(o.status, Status::Critical);
     }
 

@@ -32,7 +32,6 @@ use super::queues;
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
 use crate::metrics::{Format, Metrics};
-use crate::route::Pattern;
 use crate::state::ReloadStatus;
 
 /// Largest request body accepted (POST bodies are not used; this only bounds what is read).
@@ -559,35 +558,8 @@ async fn queues_response(state: &AdminState, filter: Option<String>) -> Resp {
     json_bytes(StatusCode::OK, body)
 }
 
-async fn queues_json(
-    config: &Config,
-    mut known: Vec<(String, String)>,
-    filter: Option<&str>,
-) -> Value {
-    if let Some(f) = filter {
-        let p = Pattern::new(f);
-        known.retain(|(_, name)| p.matches(name.as_bytes()));
-        // An exact name is asked of the clusters even when no client declared it through this
-        // process (a restarted warren, a second instance): every instance answers the same.
-        if !f.contains('*') && known.is_empty() {
-            known.push(("/".to_owned(), f.to_owned()));
-        }
-    }
-    let truncated = known.len() > queues::MAX_QUEUES;
-    known.truncate(queues::MAX_QUEUES);
-    let queues = queues::report(config, &known).await;
-    let total_messages: u64 = queues.iter().filter_map(|q| q["messages"].as_u64()).sum();
-    let shard_names: Vec<&str> = config.shard_clusters().map(|c| c.name.as_str()).collect();
-    let now = SystemTime::now();
-    json!({
-        "time": rfc3339(now),
-        "time_unix_ms": unix_ms(now),
-        "clusters": shard_names,
-        "filter": filter,
-        "truncated": truncated,
-        "total_messages": total_messages,
-        "queues": queues,
-    })
+async fn queues_json(config: &Config, known: Vec<(String, String)>, filter: Option<&str>) -> Value {
+    queues::listing(config, known, filter).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -173,6 +173,65 @@ pub struct ClusterConfig {
     /// `tls = { ca_file = ..., ... }`: every connection to the cluster's nodes (links, health
     /// probes, queue depths) uses amqps. `None`: plain AMQP.
     pub tls: Option<crate::tls::ClientTls>,
+    /// `management = { url = ..., user = ..., password = ... }`: the cluster's RabbitMQ
+    /// management HTTP API, which `GET /queues?queue=PATTERN` lists the cluster's queues with.
+    /// `None`: patterns only match the queues declared through this process.
+    pub management: Option<ManagementConfig>,
+}
+
+/// `management = { url = "http://host:15672", user = "...", password = "...", ... }`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ManagementConfig {
+    /// Where the API is (`http` or `https`, host, port, path prefix).
+    pub url: ManagementUrl,
+    /// Never empty.
+    pub user: String,
+    pub password: String,
+    /// The vhosts whose queues are listed (besides those of queues declared through this
+    /// process). Default `["/"]`. Never empty, no empty name.
+    pub vhosts: Vec<String>,
+    /// `Some` exactly when the URL is https.
+    pub tls: Option<ManagementTls>,
+}
+
+/// How an https management URL's certificate is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManagementTls {
+    /// `ca_file`: the certificate must chain to these CAs and carry the URL's host.
+    Verify(crate::tls::ClientTls),
+    /// `insecure_skip_verify = true`: any certificate is accepted (the connection is encrypted,
+    /// not authenticated).
+    InsecureSkipVerify,
+}
+
+/// A management API base URL: `http[s]://host[:port][/prefix]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagementUrl {
+    pub https: bool,
+    /// Host name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    /// The URL's port, else 80 (http) or 443 (https).
+    pub port: u16,
+    /// Path prefix without a trailing slash (empty for the usual `http://host:15672`).
+    pub prefix: String,
+}
+
+impl ManagementUrl {
+    /// `host:port` as a `Host` header and in messages (`[v6]:port` for IPv6).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for ManagementUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.prefix)
+    }
 }
 
 /// What a cluster is used for.
@@ -259,6 +318,18 @@ impl fmt::Debug for ProbeCredentials {
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("vhost", &self.vhost)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ManagementConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagementConfig")
+            .field("url", &self.url.to_string())
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("vhosts", &self.vhosts)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -95,6 +95,20 @@ pub(super) struct RawCluster {
     pub(super) drain: Option<Spanned<bool>>,
     pub(super) probe: Option<Spanned<RawProbe>>,
     pub(super) tls: Option<Spanned<RawClientTls>>,
+    pub(super) management: Option<Spanned<RawManagement>>,
+}
+
+/// A cluster's `management = { url = ..., ... }`: its RabbitMQ management HTTP API, which
+/// `GET /queues?queue=PATTERN` lists queues with.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawManagement {
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) user: Option<Spanned<String>>,
+    pub(super) password: Option<Spanned<String>>,
+    pub(super) vhosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 /// `[tls]`: the amqps listener.

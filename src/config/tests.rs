@@ -951,3 +951,240 @@ fn routing_rules_are_checked() {
     let e = fails(&rule("match = [\"x\"]\nweight = 3"));
     assert!(e.to_string().contains("weight"), "{e}");
 }
+
+// --- clusters.management -----------------------------------------------------------------
+
+#[test]
+fn management_is_read_with_its_defaults() {
+    let c = Config::parse(
+        &with_cluster(
+            "management = { url = \"http://127.0.0.1:15701\", user = \"mon\", password = \"pw\" }\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let m = c.clusters[0].management.as_ref().unwrap();
+    assert_eq!(
+        m.url,
+        ManagementUrl {
+            https: false,
+            host: "127.0.0.1".into(),
+            port: 15701,
+            prefix: String::new(),
+        }
+    );
+    assert_eq!(m.url.to_string(), "http://127.0.0.1:15701");
+    assert_eq!((m.user.as_str(), m.password.as_str()), ("mon", "pw"));
+    assert_eq!(m.vhosts, ["/"]);
+    assert_eq!(m.tls, None);
+    // The password never shows in Debug (Config is logged).
+    let debug = format!("{c:?}");
+    assert!(
+        debug.contains("ManagementConfig") && debug.contains("\"mon\""),
+        "{debug}"
+    );
+    assert!(!debug.contains("pw\""), "{debug}");
+    // Without the key: none.
+    assert_eq!(
+        Config::parse(MINIMAL, "t.toml").unwrap().clusters[0].management,
+        None
+    );
+
+    // Every form of URL: default ports, IPv6, a path prefix behind a reverse proxy, more vhosts.
+    for (url, https, host, port, prefix) in [
+        ("http://rabbit-1", false, "rabbit-1", 80, ""),
+        ("http://rabbit-1:15672/", false, "rabbit-1", 15672, ""),
+        ("HTTP://[::1]:15672", false, "::1", 15672, ""),
+        (
+            "https://mq.example.com/rabbit/a/",
+            true,
+            "mq.example.com",
+            443,
+            "/rabbit/a",
+        ),
+    ] {
+        let tls = if https {
+            ", insecure_skip_verify = true"
+        } else {
+            ""
+        };
+        let text = with_cluster(&format!(
+            "management = {{ url = \"{url}\", user = \"u\", password = \"\", vhosts = [\"/\", \"b\"]{tls} }}\n"
+        ));
+        let c = Config::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{url}: {e}"));
+        let m = c.clusters[0].management.as_ref().unwrap();
+        assert_eq!(
+            (
+                m.url.https,
+                m.url.host.as_str(),
+                m.url.port,
+                m.url.prefix.as_str()
+            ),
+            (https, host, port, prefix),
+            "{url}"
+        );
+        assert_eq!(m.vhosts, ["/", "b"]);
+        assert_eq!(
+            m.tls,
+            https.then_some(ManagementTls::InsecureSkipVerify),
+            "{url}"
+        );
+    }
+    let c = Config::parse(
+        &with_cluster(
+            "management = { url = \"http://[::1]:9\", user = \"u\", password = \"p\" }\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let url = &c.clusters[0].management.as_ref().unwrap().url;
+    assert_eq!(
+        (url.authority(), url.to_string()),
+        ("[::1]:9".to_owned(), "http://[::1]:9".to_owned())
+    );
+}
+
+#[test]
+fn rejects_bad_management() {
+    let m = |body: &str| with_cluster(&format!("management = {{ {body} }}\n"));
+    // Required keys, reported at the table.
+    rejects(
+        &m("user = \"u\", password = \"p\""),
+        7,
+        Some(14),
+        "cluster \"shard-a\": management is missing required key `url`",
+    );
+    rejects(
+        &m("url = \"http://h:1\", password = \"p\""),
+        7,
+        Some(14),
+        "management is missing required key `user`",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\""),
+        7,
+        Some(14),
+        "management is missing required key `password`",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", pasword = \"p\""),
+        7,
+        None,
+        "unknown key `pasword`",
+    );
+    // The URL, reported at its value.
+    for (url, why) in [
+        ("ftp://h:21", "the scheme must be http or https"),
+        ("h:15672", "it needs http:// or https:// in front"),
+        ("/api", "it needs http:// or https:// in front"),
+        ("http://guest:guest@h:15672", "no credentials in the URL"),
+        ("http://h:15672/?x=1", "no query string or fragment"),
+        ("http://h:15672/#top", "no query string or fragment"),
+        ("http://h:0", "port 0"),
+        ("http://h:99999", "the port must be a number from 1 to 65535"),
+        ("http://h:", "the port must be a number"),
+        ("http://", "expected a URL"),
+        ("", "expected a URL"),
+    ] {
+        rejects(
+            &m(&format!("url = \"{url}\", user = \"u\", password = \"p\"")),
+            7,
+            Some(22),
+            why,
+        );
+    }
+    rejects(
+        &m("url = \"http://h:1\", user = \"\", password = \"p\""),
+        7,
+        Some(43),
+        "management.user is empty",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", vhosts = []"),
+        7,
+        Some(73),
+        "management.vhosts is empty",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", vhosts = [\"/\", \"\"]"),
+        7,
+        Some(79),
+        "an empty vhost name",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", vhosts = [\"/\", \"/\"]"),
+        7,
+        Some(79),
+        "vhost \"/\" is listed twice",
+    );
+    // TLS settings that do not fit the scheme.
+    rejects(
+        &m("url = \"https://h:1\", user = \"u\", password = \"p\""),
+        7,
+        Some(22),
+        "management.url is https: give management.ca_file",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", ca_file = \"ca.pem\""),
+        7,
+        Some(74),
+        "management.ca_file only applies to an https url",
+    );
+    rejects(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", insecure_skip_verify = true"),
+        7,
+        Some(87),
+        "insecure_skip_verify only applies to an https url",
+    );
+    rejects(
+        &m(
+            "url = \"https://h:1\", user = \"u\", password = \"p\", ca_file = \"ca.pem\", \
+             insecure_skip_verify = true",
+        ),
+        7,
+        None,
+        "contradict each other",
+    );
+    rejects(
+        &m(
+            "url = \"https://h:1\", user = \"u\", password = \"p\", ca_file = \"/nonexistent/ca.pem\"",
+        ),
+        7,
+        Some(75),
+        "cluster \"shard-a\": management.ca_file: cannot read /nonexistent/ca.pem",
+    );
+    // insecure_skip_verify = false is the default, fine with http.
+    Config::parse(
+        &m("url = \"http://h:1\", user = \"u\", password = \"p\", insecure_skip_verify = false"),
+        "t.toml",
+    )
+    .unwrap();
+}
+
+#[test]
+fn management_ca_file_is_read_relative_to_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("warren-config-mgmt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, _key) = self_signed();
+    std::fs::write(dir.join("mgmt-ca.pem"), &cert).unwrap();
+    let text = format!(
+        "{MINIMAL}management = {{ url = \"https://localhost:15671\", user = \"u\", password = \"p\", \
+         ca_file = \"mgmt-ca.pem\" }}\n"
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, &text).unwrap();
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let m = c.clusters[0].management.as_ref().unwrap();
+    match &m.tls {
+        Some(ManagementTls::Verify(tls)) => {
+            assert_eq!(tls.ca_file, dir.join("mgmt-ca.pem"));
+            assert_eq!(tls.server_name, None);
+        }
+        other => panic!("expected a verified TLS setting, got {other:?}"),
+    }
+    // A renewed CA at the same path is a change a reload picks up.
+    let (cert2, _) = self_signed();
+    std::fs::write(dir.join("mgmt-ca.pem"), &cert2).unwrap();
+    assert_ne!(Config::load(&path).unwrap().clusters[0], c.clusters[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,12 +20,13 @@ use toml::Spanned;
 
 use super::error::{ConfigError, locate};
 use super::raw::{
-    RawAdmin, RawClientTls, RawCluster, RawConfig, RawLimits, RawRouting, RawRule, RawRuntime,
-    RawServerTls, RawTimeouts,
+    RawAdmin, RawClientTls, RawCluster, RawConfig, RawLimits, RawManagement, RawRouting, RawRule,
+    RawRuntime, RawServerTls, RawTimeouts,
 };
 use super::{
     AdminConfig, ClusterConfig, Config, Limits, MAX_CLUSTERS, MAX_MESSAGE_SIZE_LIMIT,
-    MIN_FRAME_MAX, NodeAddr, NodeAddrError, ProbeCredentials, Role, Runtime, Timeouts,
+    MIN_FRAME_MAX, ManagementConfig, ManagementTls, ManagementUrl, NodeAddr, NodeAddrError,
+    ProbeCredentials, Role, Runtime, Timeouts,
 };
 
 /// `[runtime] worker_threads` ceiling: far above any useful count, low enough that a typo
@@ -664,6 +665,190 @@ impl RawClientTls {
     }
 }
 
+impl RawManagement {
+    fn validate(
+        &self,
+        table: Range<usize>,
+        which: &str,
+        base: Option<&Path>,
+    ) -> Result<ManagementConfig, Problem> {
+        let required = |key: &Option<Spanned<String>>, name: &str, what: &str| match key {
+            Some(v) => Ok(v.clone()),
+            None => problem(
+                table.clone(),
+                format!("{which}: management is missing required key `{name}` ({what})"),
+            ),
+        };
+        let url_raw = required(
+            &self.url,
+            "url",
+            "the management API's base URL, e.g. \"http://rabbit-1:15672\"",
+        )?;
+        let url = management_url(&url_raw, which)?;
+        let user = required(
+            &self.user,
+            "user",
+            "a management user allowed to list queues",
+        )?;
+        if user.get_ref().is_empty() {
+            return problem(user.span(), format!("{which}: management.user is empty"));
+        }
+        let password = required(&self.password, "password", "the user's password")?;
+        let vhosts = match &self.vhosts {
+            None => vec!["/".to_owned()],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return problem(
+                        list.span(),
+                        format!(
+                            "{which}: management.vhosts is empty: list at least one vhost \
+                             (leave the key out for [\"/\"])"
+                        ),
+                    );
+                }
+                let mut out: Vec<String> = Vec::with_capacity(list.get_ref().len());
+                for v in list.get_ref() {
+                    if v.get_ref().is_empty() {
+                        return problem(
+                            v.span(),
+                            format!(
+                                "{which}: an empty vhost name in management.vhosts (the default \
+                                 vhost is \"/\")"
+                            ),
+                        );
+                    }
+                    if out.contains(v.get_ref()) {
+                        return problem(
+                            v.span(),
+                            format!(
+                                "{which}: vhost {:?} is listed twice in management.vhosts",
+                                v.get_ref()
+                            ),
+                        );
+                    }
+                    out.push(v.get_ref().clone());
+                }
+                out
+            }
+        };
+        let insecure = self.insecure_skip_verify.as_ref().filter(|v| *v.get_ref());
+        let tls = match (url.https, &self.ca_file, insecure) {
+            (false, Some(ca), _) => {
+                return problem(
+                    ca.span(),
+                    format!(
+                        "{which}: management.ca_file only applies to an https url (the url is \
+                         {url})"
+                    ),
+                );
+            }
+            (false, None, Some(v)) => {
+                return problem(
+                    v.span(),
+                    format!(
+                        "{which}: management.insecure_skip_verify only applies to an https url \
+                         (the url is {url})"
+                    ),
+                );
+            }
+            (false, None, None) => None,
+            (true, Some(_), Some(v)) => {
+                return problem(
+                    v.span(),
+                    format!(
+                        "{which}: management.ca_file and insecure_skip_verify = true contradict \
+                         each other: keep one"
+                    ),
+                );
+            }
+            (true, Some(ca), None) => {
+                let path = tls_path(ca, "management.ca_file", base)?;
+                let tls = crate::tls::ClientTls::load(path, None, None).or_else(|e| {
+                    tls_problem(
+                        e,
+                        &format!("{which}: management."),
+                        [None, None, Some(ca.span()), None],
+                        ca.span(),
+                    )
+                })?;
+                Some(ManagementTls::Verify(tls))
+            }
+            (true, None, Some(_)) => Some(ManagementTls::InsecureSkipVerify),
+            (true, None, None) => {
+                return problem(
+                    url_raw.span(),
+                    format!(
+                        "{which}: management.url is https: give management.ca_file (PEM CA \
+                         certificates that sign the API's certificate), or set \
+                         insecure_skip_verify = true to accept any certificate"
+                    ),
+                );
+            }
+        };
+        Ok(ManagementConfig {
+            url,
+            user: user.get_ref().clone(),
+            password: password.get_ref().clone(),
+            vhosts,
+            tls,
+        })
+    }
+}
+
+/// `http[s]://host[:port][/prefix]`, without credentials, query or fragment.
+fn management_url(raw: &Spanned<String>, which: &str) -> Result<ManagementUrl, Problem> {
+    let text = raw.get_ref().as_str();
+    let bad = |why: &str| -> Result<ManagementUrl, Problem> {
+        problem(
+            raw.span(),
+            format!("{which}: invalid management.url {text:?}: {why}"),
+        )
+    };
+    let Ok(uri) = text.parse::<hyper::Uri>() else {
+        return bad("expected a URL such as \"http://rabbit-1:15672\"");
+    };
+    let https = match uri.scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("http") => false,
+        Some(s) if s.eq_ignore_ascii_case("https") => true,
+        Some(_) => return bad("the scheme must be http or https"),
+        None => return bad("it needs http:// or https:// in front"),
+    };
+    let Some(authority) = uri.authority() else {
+        return bad("no host");
+    };
+    if authority.as_str().contains('@') {
+        return bad("no credentials in the URL: use management.user and management.password");
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if host.is_empty() {
+        return bad("no host");
+    }
+    // The text after the host's last ':' (an IPv6 host is in brackets).
+    let after_host = authority.as_str().rsplit_once(']').map_or(authority.as_str(), |(_, p)| p);
+    let port = match after_host.rsplit_once(':').map(|(_, p)| p) {
+        None if https => 443,
+        None => 80,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) => return bad("port 0"),
+            Ok(p) => p,
+            Err(_) => return bad("the port must be a number from 1 to 65535"),
+        },
+    };
+    if uri.query().is_some() || text.contains('#') {
+        return bad("no query string or fragment: the base URL of the API only");
+    }
+    Ok(ManagementUrl {
+        https,
+        host,
+        port,
+        prefix: uri.path().trim_end_matches('/').to_owned(),
+    })
+}
+
 fn valid_cluster_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -835,6 +1020,10 @@ fn validate_clusters(
             None => None,
             Some(t) => Some(t.get_ref().validate(t.span(), &which, &nodes, base)?),
         };
+        let management = match &c.management {
+            None => None,
+            Some(m) => Some(m.get_ref().validate(m.span(), &which, base)?),
+        };
 
         clusters.push(ClusterConfig {
             name: name.get_ref().clone(),
@@ -844,6 +1033,7 @@ fn validate_clusters(
             drain: value_or(&c.drain, false),
             probe,
             tls,
+            management,
         });
     }
 

@@ -397,7 +397,12 @@ fn rejects_bad_listen_addresses() {
         Some(10),
         "port 99999 is out of range (1-65535",
     );
-    rejects(&bad("[::1]:70000"), 1, Some(10), "port 70000 is out of range");
+    rejects(
+        &bad("[::1]:70000"),
+        1,
+        Some(10),
+        "port 70000 is out of range",
+    );
     rejects(
         &with_cluster("\n[admin]\nlisten = \"127.0.0.1\"\n"),
         9,
@@ -1081,7 +1086,10 @@ fn rejects_bad_management() {
         ("http://h:15672/?x=1", "no query string or fragment"),
         ("http://h:15672/#top", "no query string or fragment"),
         ("http://h:0", "port 0"),
-        ("http://h:99999", "the port must be a number from 1 to 65535"),
+        (
+            "http://h:99999",
+            "the port must be a number from 1 to 65535",
+        ),
         ("http://h:", "the port must be a number"),
         ("http://", "expected a URL"),
         ("", "expected a URL"),

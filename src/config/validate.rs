@@ -298,10 +298,7 @@ impl RawRouting {
 }
 
 impl RawRule {
-    fn validate(
-        &self,
-        span: Range<usize>,
-    ) -> Result<crate::route::Rule, Problem> {
+    fn validate(&self, span: Range<usize>) -> Result<crate::route::Rule, Problem> {
         use crate::route::{Rule, Spread};
         let matched = route_patterns(&self.patterns, Vec::new())?;
         if matched.is_empty() {
@@ -828,7 +825,10 @@ fn management_url(raw: &Spanned<String>, which: &str) -> Result<ManagementUrl, P
         return bad("no host");
     }
     // The text after the host's last ':' (an IPv6 host is in brackets).
-    let after_host = authority.as_str().rsplit_once(']').map_or(authority.as_str(), |(_, p)| p);
+    let after_host = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, p)| p);
     let port = match after_host.rsplit_once(':').map(|(_, p)| p) {
         None if https => 443,
         None => 80,

@@ -10,13 +10,13 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
+use super::reader::{MethodReader, ReadError};
 use crate::addr::NodeAddr;
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 use crate::io::outbox::Writer;
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Outbox};
 use crate::tls::ClientTls;
-use super::reader::{MethodReader, ReadError};
 
 /// Index of a link within one client session.
 pub type LinkId = usize;
@@ -166,7 +166,6 @@ struct Opened {
     heartbeat: u16,
     server_properties: FieldTable,
 }
-
 
 async fn send(stream: &mut Stream, method: &Method) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(512);

@@ -18,10 +18,11 @@ pub async fn server_properties(
     timeout: Duration,
 ) -> Option<FieldTable> {
     for node in nodes {
-        if let Ok(Ok(props)) = tokio::time::timeout(timeout, super::reader::read_start(node, tls)).await {
+        if let Ok(Ok(props)) =
+            tokio::time::timeout(timeout, super::reader::read_start(node, tls)).await
+        {
             return Some(props);
         }
     }
     None
 }
-

@@ -300,11 +300,28 @@ pub fn entries(
                     "complete": complete,
                     "as_of": oldest.map(rfc3339),
                     "age_ms": age_ms,
+                    "rule": rule_json(config, name),
                     "clusters": split,
                 }),
             )
         })
         .collect()
+}
+
+/// The `[[routing.rules]]` entry publishes to `queue` by name take (through the default
+/// exchange, or an exchange named like the queue, as Celery publishes): its position, patterns,
+/// group and spread; `null` when none matches (round-robin over every shard cluster).
+fn rule_json(config: &Config, queue: &str) -> Value {
+    let Some(i) = config.routing.rule_for(b"", queue.as_bytes()) else {
+        return Value::Null;
+    };
+    let r = &config.routing.rules[i];
+    json!({
+        "index": i,
+        "match": r.patterns.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "clusters": r.clusters,
+        "spread": r.spread.as_str(),
+    })
 }
 
 /// The whole `GET /queues[?queue=FILTER]` answer.
@@ -1187,6 +1204,20 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn each_queue_names_the_routing_rule_its_publishes_take() {
+        let c = config(
+            "listen = \"127.0.0.1:5673\"\n\
+             [[routing.rules]]\nmatch = [\"fast*\"]\nclusters = [\"a\"]\nspread = \"channel\"\n\
+             [[clusters]]\nname = \"a\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:1\"]\n",
+        );
+        assert_eq!(
+            rule_json(&c, "fast.high"),
+            json!({"index": 0, "match": ["fast*"], "clusters": ["a"], "spread": "channel"})
+        );
+        assert_eq!(rule_json(&c, "feed"), Value::Null);
     }
 
     const TWO_SHARDS: &str = "listen = \"127.0.0.1:5673\"\n\

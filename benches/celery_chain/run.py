@@ -17,18 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str) -> float:
@@ -40,42 +32,19 @@ def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str) 
         [python, "-m", "celery", "-A", "chain_app", "worker", "--pool", "prefork",
          "-c", str(concurrency), "-Q", queue, "-n", f"{queue}@%h", "--without-gossip",
          "--without-mingle", "--without-heartbeat", "-l", "warning"],
-        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sys.path.insert(0, str(HERE))
-    os.environ.update(env)
-    import importlib
-
-    import chain_app
-    importlib.reload(chain_app)
+        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Warm-up: one short chain proves the worker consumes and its producer is connected.
-        chain_app.step.delay("warmup", 3)
-        deadline = time.monotonic() + 60
-        while lines(out) < 1:
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"worker did not start: {worker.stderr.read().decode()[-2000:] if worker.poll() is not None else 'timeout'}")
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        for c in range(chains):
-            chain_app.step.delay(f"c{c}", steps)
-        deadline = t0 + 600
-        while lines(out) < chains + 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {lines(out) - 1} of {chains} chains finished")
-            time.sleep(0.01)
-        return chains * (steps + 1) / (time.monotonic() - t0)
+        driver = subprocess.run([python, str(HERE / "drive.py"), str(chains), str(steps)],
+                                cwd=HERE, env=env, capture_output=True, text=True, timeout=700)
+        if driver.returncode != 0 or worker.poll() is not None:
+            raise RuntimeError(f"round failed: {driver.stderr[-2000:]}")
+        return float(driver.stdout.strip().splitlines()[-1])
     finally:
         worker.terminate()
         try:
             worker.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker.kill()
-        chain_app.app.pool.force_close_all()
-        try:
-            with chain_app.app.connection_for_write() as conn:
-                conn.default_channel.queue_delete(queue)
-        except Exception:
-            pass
 
 
 def main() -> int:

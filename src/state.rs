@@ -512,6 +512,13 @@ fn describe_change(old: &Config, new: &Config) -> String {
         if o.probe != c.probe {
             what.push("probe credentials changed".into());
         }
+        if o.management != c.management {
+            what.push("management API changed".into());
+        }
+        if what.is_empty() {
+            // A setting this summary has no words for yet: say so rather than print nothing.
+            what.push("settings changed".into());
+        }
         parts.push(format!("{}: {}", c.name, what.join(", ")));
     }
     for c in &old.clusters {
@@ -580,6 +587,14 @@ mod tests {
             "shard-b: weight 1 -> 3, drained; added shard-c (shard)"
         );
         assert_eq!(describe_change(&old, &old), "no change");
+        let with_api = config(&format!(
+            "{}\nmanagement = {{ url = \"http://127.0.0.1:15711\", user = \"u\", password = \"p\" }}\n",
+            BASE.trim_end()
+        ));
+        assert_eq!(
+            describe_change(&old, &with_api),
+            "shard-b: management API changed"
+        );
     }
 
     #[test]

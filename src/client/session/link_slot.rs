@@ -265,6 +265,11 @@ impl LinkSlot {
         !self.done && !self.retiring
     }
 
+    /// Whether this link may take sharded publishes now: live, replayed, a shard, not draining.
+    pub(super) fn takes_shard_publishes(&self) -> bool {
+        self.live() && self.ready && self.role == Role::Shard && !self.drain
+    }
+
     /// Sends a request whose reply only completes this link's replay.
     pub(super) fn replay(&mut self, ch: u16, method: &Method) {
         if self.done {

@@ -339,7 +339,7 @@ impl Session {
         let spread = r.spread;
         let mut allowed = LinkSet::default();
         for (i, slot) in self.links.iter().enumerate() {
-            if self.shard_usable(i) && r.allows(&slot.link.cluster) {
+            if slot.takes_shard_publishes() && r.allows(&slot.link.cluster) {
                 allowed.insert(i);
             }
         }
@@ -374,18 +374,9 @@ impl Session {
         picked.or_else(|| self.pick_shard(None))
     }
 
-    /// Whether link `i` may take sharded publishes now.
-    fn shard_usable(&self, i: LinkId) -> bool {
-        self.links
-            .get(i)
-            .is_some_and(|s| s.live() && s.ready && s.role == Role::Shard && !s.drain)
-    }
-
     /// [`Self::pick_shard`] among the links `skip` does not name, with no fallback.
     pub(super) fn pick_shard_where(&mut self, skip: impl Fn(LinkId) -> bool) -> Option<LinkId> {
-        let usable = |i: usize, s: &LinkSlot| {
-            s.live() && s.ready && s.role == Role::Shard && !s.drain && !skip(i)
-        };
+        let usable = |i: usize, s: &LinkSlot| s.takes_shard_publishes() && !skip(i);
         // A cluster under a resource alarm (connection.blocked) gets publishes only when every
         // other one is blocked too: publishes move rather than pause.
         let any_unblocked = self

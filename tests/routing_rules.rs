@@ -54,6 +54,23 @@ async fn per_cluster(queue: &str) -> [u32; 2] {
     out
 }
 
+/// Waits until the shard clusters hold `total` messages of `queue` between them; the split.
+async fn settled_split(queue: &str, total: u32) -> [u32; 2] {
+    eventually_for(
+        Duration::from_secs(30),
+        &format!("{total} messages of {queue} on the clusters"),
+        || async move {
+            let s = per_cluster(queue).await;
+            if s[0] + s[1] == total {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await
+}
+
 /// Bodies of every message of `queue` on one cluster, taken directly (no-ack gets).
 async fn drain_on(cluster: &str, queue: &str) -> Vec<String> {
     let conn = connect(sharded_cluster(cluster).first_node()).await;
@@ -84,22 +101,7 @@ async fn a_rules_group_keeps_its_publishes_on_its_clusters() {
             publish(&pc, "", &queue, format!("{c}-{i}").as_bytes()).await;
         }
     }
-    let split = eventually_for(
-        Duration::from_secs(30),
-        "100 messages on the clusters",
-        || {
-            let queue = queue.clone();
-            async move {
-                let s = per_cluster(&queue).await;
-                if s[0] + s[1] == 100 {
-                    Ok(s)
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    let split = settled_split(&queue, 100).await;
     assert_eq!(split, [100, 0], "every fast publish on shard-a only");
     proxy.shutdown().await;
 }
@@ -127,22 +129,7 @@ async fn channel_spread_keeps_each_publishers_order() {
     }
     // Each publisher's messages all on one cluster...
     let total = PUBLISHERS * EACH;
-    eventually_for(
-        Duration::from_secs(30),
-        "every message on the clusters",
-        || {
-            let queue = queue.clone();
-            async move {
-                let s = per_cluster(&queue).await;
-                if s[0] + s[1] == total as u32 {
-                    Ok(())
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    settled_split(&queue, total as u32).await;
     // ...and consumed through warren in publish order per publisher.
     let (cc, _cev) = open_channel(&conn).await;
     let (_tag, mut rx) = consume(&cc, &queue, false).await;
@@ -202,22 +189,7 @@ async fn key_spread_sends_each_key_to_one_cluster() {
         }
     }
     let total = (KEYS * EACH) as u32;
-    eventually_for(
-        Duration::from_secs(30),
-        "every message on the clusters",
-        || {
-            let queue = queue.clone();
-            async move {
-                let s = per_cluster(&queue).await;
-                if s[0] + s[1] == total {
-                    Ok(())
-                } else {
-                    Err(format!("{s:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    settled_split(&queue, total).await;
     let mut where_: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
     for cluster in ["shard-a", "shard-b"] {
         for body in drain_on(cluster, &queue).await {

@@ -14,7 +14,7 @@
 //! | `g_*` | tx.select after publishing reopens each upstream channel without confirm mode only once its publishes are confirmed; a publish nacked meanwhile never joins the transaction |
 //! | `h_*` | publishes pipelined behind one the broker refuses are routed nowhere (the publish barrier) |
 //! | `i_*` | a channel one cluster closes is closed for the client and on every cluster; the number can be reused at once |
-//! | `j_*` | a consumer cancelled by every cluster is cancelled once for the client |
+//! | `j_*` | a consumer cancelled by one cluster is cancelled on every cluster and once for the client; what another cluster still delivers for it goes back to its queue |
 //! | `k_*` | deliveries that come before the last consume-ok wait for it and keep their tag order |
 //! | `l_*`, `m_*`, `n_*`, `o_*` | bugs found by this file, `#[ignore]`d until fixed (each says why) |
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
@@ -1409,31 +1409,69 @@ async fn i_a_channel_closed_by_one_cluster_closes_the_client_channel_everywhere(
 // ---------------------------------------------------------------------------------------------
 // (j) Consumer cancel notifications
 
-/// The consumer's queue is deleted on each cluster in turn (by another client): the client
-/// hears basic.cancel once, when the last cluster cancelled it (docs/routing.md).
+/// The consumer's queue is deleted on one cluster (by a client or an operator there, or a
+/// mirrored queue failing over under `x-cancel-on-ha-failover`): one broker would end the
+/// consumer and tell the client, so warren does, at once and once, and cancels it on the other
+/// clusters. A delivery another cluster had already sent for it goes back to its queue instead
+/// of reaching a client that was told the consumer is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn j_a_consumer_is_cancelled_once_no_cluster_feeds_it_any_more() {
+async fn j_a_consumer_cancelled_by_one_cluster_is_cancelled_everywhere_and_the_client_told_once() {
     let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
     c.consume(1, Q, "ctag-j").await;
-    for name in [A, B] {
-        rig.get(name).delete_queue(Q);
-        c.sync(1).await;
-        assert!(
-            !c.log.iter().any(|(_, m)| *m == "basic.cancel"),
-            "cancelled while {name}'s copy was deleted, others still feed it"
-        );
-    }
-    rig.get(CONTROL).delete_queue(Q);
+    // shard-b delivers one message that waits in its socket until after the cancel.
+    let b_link = b.only_link().await;
+    b.stall(b_link, true);
+    b.enqueue(Q, b"straggler");
+    wait_for("shard-b to deliver", || {
+        (!b.unacked(b_link).is_empty()).then_some(())
+    })
+    .await;
+    a.delete_queue(Q);
     match c.reply(1).await {
         Method::BasicCancel(k) => assert_eq!(k.consumer_tag, "ctag-j"),
         other => panic!("expected basic.cancel, got {other:?}"),
     }
+    for cluster in [B, CONTROL] {
+        let cluster = rig.get(cluster);
+        let link = cluster.only_link().await;
+        wait_for(
+            "warren to cancel the consumer on the other clusters",
+            || {
+                let sent = cluster.ledger(link).received_named("basic.cancel");
+                sent.iter()
+                    .any(|(ch, m)| {
+                        *ch == 1
+                            && matches!(m, Method::BasicCancel(k) if k.consumer_tag == "ctag-j")
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    b.stall(b_link, false);
+    wait_for("the straggler back in shard-b's queue", || {
+        (b.ready(Q) == vec![Bytes::from_static(b"straggler")]).then_some(())
+    })
+    .await;
     c.sync(1).await;
+    assert!(
+        c.deliveries.is_empty(),
+        "delivered after basic.cancel: {:?}",
+        c.deliveries
+    );
     let cancels = c.log.iter().filter(|(_, m)| *m == "basic.cancel").count();
     assert_eq!(cancels, 1);
+    // As a client does after a cancel: declare the queue again and consume; the tag is free
+    // again and the new consumer gets what shard-b holds.
+    c.declare(1, Q).await;
+    c.consume(1, Q, "ctag-j").await;
+    let d = c.delivery().await;
+    assert_eq!(&d.body[..], b"straggler");
+    assert!(d.redelivered);
 }
 
 // ---------------------------------------------------------------------------------------------

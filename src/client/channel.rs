@@ -447,6 +447,19 @@ pub struct Consumer {
     pub ready: bool,
 }
 
+/// A consumer that one cluster cancelled on its own (its queue was deleted there, or its
+/// mirrored queue failed over under `x-cancel-on-ha-failover`). The client has been told, as
+/// one broker tells it; the other clusters' subscriptions are being cancelled, and what they
+/// still deliver for the tag before their cancel-ok goes back to the queue.
+#[derive(Debug)]
+pub struct Revoked {
+    pub tag: ShortStr,
+    /// Links whose cancel-ok has not come back yet.
+    pub links: LinkSet,
+    /// Deliveries of a no-ack consumer are already settled upstream: they are passed on.
+    pub no_ack: bool,
+}
+
 /// The publishes of a channel's open transaction (shared `Bytes`, not copies).
 ///
 /// A transaction lives on one cluster's channel; if that link dies before the commit is
@@ -510,6 +523,8 @@ pub struct Channel {
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
     /// to while it stays usable.
     pub sticky: Vec<(usize, LinkId)>,
+    /// Consumers a cluster cancelled, still being cancelled on the others.
+    pub revoked: Vec<Revoked>,
     next_rpc: u64,
 }
 
@@ -528,6 +543,7 @@ impl Channel {
             qos: None,
             held: Vec::new(),
             sticky: Vec::new(),
+            revoked: Vec::new(),
             next_rpc: 0,
         }
     }
@@ -558,6 +574,25 @@ impl Channel {
 
     pub fn consumer_no_ack(&self, tag: &ShortStr) -> bool {
         self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
+    }
+
+    /// Whether a delivery from `link` for consumer `tag` belongs to a revoked consumer that
+    /// must not reach the client (`Some(true)`: send it back to its queue).
+    pub fn revoked_requeue(&self, link: LinkId, tag: &ShortStr) -> Option<bool> {
+        self.revoked
+            .iter()
+            .find(|r| &r.tag == tag && r.links.contains(link))
+            .map(|r| !r.no_ack)
+    }
+
+    /// A link answered the cancel of a revoked consumer: nothing more comes from it.
+    pub fn revoke_done(&mut self, link: LinkId, tag: &ShortStr) {
+        for r in &mut self.revoked {
+            if &r.tag == tag {
+                r.links.remove(link);
+            }
+        }
+        self.revoked.retain(|r| !r.links.is_empty());
     }
 
     pub fn remove_consumer(&mut self, tag: &ShortStr) -> bool {

@@ -154,6 +154,9 @@ impl Session {
                     ready: c.nowait,
                 };
                 if let Some(channel) = self.channel_mut(ch) {
+                    // A tag used again after a cluster revoked it: its stragglers may go to
+                    // the new consumer (same channel, the client acks them).
+                    channel.revoked.retain(|r| r.tag != consumer.tag);
                     channel.consumers.push(consumer);
                 }
                 self.fan_out(ch, &Method::BasicConsume(c), targets)?;

@@ -144,20 +144,40 @@ impl Session {
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
             Method::BasicCancel(ref c) => {
-                // A cluster cancelled the consumer (its queue was deleted there). The client
-                // hears of it once no cluster is left feeding the consumer.
-                let gone = match channel.consumer_mut(&c.consumer_tag) {
-                    Some(consumer) => {
-                        consumer.links.remove(link);
-                        consumer.links.is_empty()
-                    }
-                    None => false,
+                // A cluster cancelled the consumer: its queue was deleted there, or its mirrored
+                // queue failed over under `x-cancel-on-ha-failover`. Keeping the consumer on the
+                // other clusters would leave the client a consumer that silently no longer reads
+                // this cluster's part of the queue; one broker ends the consumer and says so.
+                // So it ends on every cluster, and the client is told once.
+                let Some(consumer) = channel.consumer_mut(&c.consumer_tag) else {
+                    return;
                 };
-                if gone {
-                    channel.remove_consumer(&c.consumer_tag);
-                    if self.caps.consumer_cancel_notify {
-                        self.to_client(ch, &method);
+                consumer.links.remove(link);
+                let others = consumer.links;
+                if consumer.request.is_none() && !others.is_empty() {
+                    // The client is cancelling it already; its cancel-ok is on the way.
+                    return;
+                }
+                let no_ack = consumer.no_ack;
+                channel.remove_consumer(&c.consumer_tag);
+                if !others.is_empty() {
+                    channel.revoked.push(Revoked {
+                        tag: c.consumer_tag.clone(),
+                        links: others,
+                        no_ack,
+                    });
+                    let cluster = &self.links[link].link.cluster;
+                    info!(conn = self.id, %cluster, channel = ch, consumer = %c.consumer_tag.as_str(), "consumer cancelled by the cluster; cancelling it on the others");
+                    let cancel = Method::BasicCancel(codec::BasicCancel {
+                        consumer_tag: c.consumer_tag.clone(),
+                        nowait: false,
+                    });
+                    for other in others.iter() {
+                        self.links[other].request(ch, &cancel, Pending::Internal);
                     }
+                }
+                if self.caps.consumer_cancel_notify {
+                    self.to_client(ch, &method);
                 }
             }
             _ => self.deliver(ch, &method, content.as_ref()),
@@ -174,6 +194,11 @@ impl Session {
         content: Option<Content>,
     ) {
         let pending = self.links[link].chan(ch).pending.pop_front();
+        if let (Some(Pending::Internal), Method::BasicCancelOk(c)) = (&pending, &method)
+            && let Some(channel) = channel_in(&mut self.channels, ch)
+        {
+            channel.revoke_done(link, &c.consumer_tag);
+        }
         // A tx.select may be waiting for this channel to have no request outstanding.
         if self.tx_swaps > 0 {
             self.links[link].start_tx_swap_if_settled(ch);
@@ -319,6 +344,17 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
+        if let Some(requeue) = channel.revoked_requeue(link, &d.consumer_tag)
+            && requeue
+        {
+            // The client was told this consumer is gone: the message goes back to its queue.
+            let reject = Method::BasicReject(codec::BasicReject {
+                delivery_tag: d.delivery_tag,
+                requeue: true,
+            });
+            self.links[link].send(ch, &reject);
+            return;
+        }
         let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
         d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
         let m = &self.links[link].m;

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
-    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, UpstreamAck,
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, Revoked, UpstreamAck,
     UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};

@@ -7,10 +7,12 @@
 
 pub mod addr;
 pub mod admin;
+pub mod backoff;
 pub mod client;
 pub mod clients;
 pub mod codec;
 pub mod config;
+pub mod health;
 pub mod held;
 pub mod io;
 pub mod metrics;

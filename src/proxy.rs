@@ -26,6 +26,7 @@ pub struct ProxyHandle {
     sessions: TaskTracker,
     acceptor: JoinHandle<()>,
     admin: Option<crate::admin::AdminServer>,
+    prober: crate::health::Prober,
 }
 
 impl ProxyHandle {
@@ -79,6 +80,7 @@ impl ProxyHandle {
         if let Some(admin) = self.admin {
             admin.shutdown().await;
         }
+        self.prober.stop().await;
         info!("proxy stopped");
     }
 }
@@ -100,8 +102,12 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     };
     let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let shared = Arc::new(Shared::new(config.clone()));
+    let prober = crate::health::Prober::start(shared.clone());
     let admin = match config.admin.listen {
-        Some(listen) => Some(crate::admin::AdminServer::start(listen, shared.clone()).await?),
+        Some(listen) => Some(
+            crate::admin::AdminServer::start(listen, shared.clone(), prober.health().clone())
+                .await?,
+        ),
         None => None,
     };
     let stop_accepting = CancellationToken::new();
@@ -132,6 +138,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         sessions,
         acceptor,
         admin,
+        prober,
     })
 }
 

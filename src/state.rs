@@ -73,7 +73,7 @@ pub struct Shared {
     stale: Mutex<std::collections::HashSet<(String, String)>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
-    /// Per cluster, how many times the admin health probes saw one of its nodes come back.
+    /// Per cluster, how many times the health probes saw one of its nodes come back.
     /// Sessions waiting to reconnect to the cluster retry at once when it changes, instead of
     /// waiting out their backoff.
     nodes_back: Mutex<std::collections::HashMap<String, u64>>,

@@ -2,8 +2,9 @@
 //! under src/, collects which modules each one names (`crate::NAME`, `use crate::{NAME, ..}`),
 //! and fails on a cycle, printing it with the files that make each edge. No broker needed.
 //!
-//! The layers today, from the bottom: codec, metrics, tls; route, config; topology, io;
-//! upstream; state; client and admin (side by side, never importing each other); proxy.
+//! The layers today, from the bottom: codec, metrics, tls, backoff, addr; route, config;
+//! topology, io; upstream; state; health; client and admin (side by side, never importing each
+//! other); proxy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -130,6 +131,25 @@ fn top_level_modules_import_each_other_without_cycles() {
             }
             panic!("import cycle {} -> {m}:{why}", cycle.join(" -> "));
         }
+    }
+}
+
+/// The admin endpoint and the sessions meet only in `state` (and the admin reads the node probes
+/// of `health`): the admin never steers a session directly, and sessions know nothing of HTTP.
+#[test]
+fn admin_and_sessions_do_not_import_each_other() {
+    let g = graph();
+    for (from, to) in [
+        ("admin", "client"),
+        ("client", "admin"),
+        ("client", "health"),
+        ("health", "admin"),
+    ] {
+        assert!(
+            !g[from].contains_key(to),
+            "{from} imports {to}: {:?}",
+            g[from][to]
+        );
     }
 }
 

@@ -289,7 +289,7 @@ async fn amqps_on_both_legs() {
 
     // The node speaks only amqps: a plain probe gets nowhere.
     let node_addr: NodeAddr = node.parse().unwrap();
-    let plain = warren::admin::health::read_start(&node_addr, None).await;
+    let plain = warren::health::read_start(&node_addr, None).await;
     assert!(plain.is_err(), "plain AMQP to the TLS-only node: {plain:?}");
 
     // 1. No client certificates on the proxy's listener.

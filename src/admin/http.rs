@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::health::NodeState;
 use super::queues;
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
+use crate::health::NodeState;
 use crate::metrics::{Format, Metrics};
 use crate::state::ReloadStatus;
 

@@ -1,5 +1,6 @@
-//! The HTTP admin endpoint (`[admin] listen`), its background health checks, and the client side
-//! of `warren check-queues`.
+//! The HTTP admin endpoint (`[admin] listen`) and the client side of `warren check-queues`. It
+//! reads the proxy's state (`crate::state`, the node probes of `crate::health`) and changes only
+//! the running configuration (reload, drain, weights); it never steers sessions.
 //!
 //! | Route | |
 //! |---|---|
@@ -19,7 +20,6 @@
 //! See `docs/operations.md` for the JSON shapes and how to alert on them.
 
 pub mod check;
-pub mod health;
 mod http;
 mod page;
 pub mod queues;
@@ -37,7 +37,7 @@ use tracing::info;
 
 use crate::state::Shared;
 
-pub use health::{Health, NodeHealth, NodeState};
+pub use crate::health::{Health, NodeHealth, NodeState};
 
 /// State the admin routes share.
 pub(crate) struct AdminState {
@@ -57,20 +57,22 @@ pub struct AdminServer {
     stop: CancellationToken,
     connections: TaskTracker,
     acceptor: JoinHandle<()>,
-    health_task: JoinHandle<()>,
 }
 
 /// Most simultaneous admin connections; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
 
 impl AdminServer {
-    /// Binds `listen` and starts serving the admin routes and the health checks.
-    pub async fn start(listen: SocketAddr, shared: Arc<Shared>) -> std::io::Result<AdminServer> {
+    /// Binds `listen` and starts serving the admin routes, showing `health`'s node probes.
+    pub async fn start(
+        listen: SocketAddr,
+        shared: Arc<Shared>,
+        health: Arc<Health>,
+    ) -> std::io::Result<AdminServer> {
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {listen} (admin): {e}"))
         })?;
         let addr = listener.local_addr()?;
-        let health = Arc::new(Health::new());
         let state = Arc::new(AdminState {
             shared: shared.clone(),
             health: health.clone(),
@@ -79,7 +81,6 @@ impl AdminServer {
         });
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
-        let health_task = tokio::spawn(health::run(health, shared, stop.clone()));
         let acceptor = tokio::spawn(http::accept_loop(
             listener,
             state.clone(),
@@ -94,7 +95,6 @@ impl AdminServer {
             stop,
             connections,
             acceptor,
-            health_task,
         })
     }
 
@@ -114,12 +114,11 @@ impl AdminServer {
         self.state.shutting_down.store(true, Ordering::Relaxed);
     }
 
-    /// Stops accepting, lets requests in progress finish (1 s at most) and stops the health task.
+    /// Stops accepting and lets requests in progress finish (1 s at most).
     pub async fn shutdown(mut self) {
         self.set_shutting_down();
         self.stop.cancel();
         let _ = (&mut self.acceptor).await;
-        let _ = (&mut self.health_task).await;
         self.connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.connections.wait()).await;
     }

@@ -257,21 +257,14 @@ impl Session {
     }
 
     pub(super) fn backoff(&mut self, cluster: &str) {
-        let prev = self
+        let failures = self
             .retry_at
             .get(cluster)
-            .map_or(Duration::from_millis(500), |r| r.delay);
-        let next = (prev * 2).min(Duration::from_secs(30));
-        // Jitter: up to a quarter of the delay, from the clock and the connection id.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let jitter = next.mul_f64(
-            f64::from((nanos ^ (self.id as u32).wrapping_mul(2_654_435_761)) % 1000) / 4000.0,
-        );
+            .map_or(0, |r| r.failures)
+            .saturating_add(1);
         let retry = Retry {
-            at: Instant::now() + next + jitter,
-            delay: next,
+            at: Instant::now() + RECONNECT.after(failures),
+            failures,
             nodes_back: self.shared.nodes_back(cluster),
         };
         self.retry_at.insert(cluster.to_owned(), retry);
@@ -556,7 +549,7 @@ impl Session {
         // channel error (not a hang, and never silently on a shard) until the link is back.
         let retry = Retry {
             at: Instant::now(),
-            delay: Duration::from_millis(250),
+            failures: 0,
             nodes_back: self.shared.nodes_back(&cluster),
         };
         self.retry_at.insert(cluster.clone(), retry);

@@ -519,8 +519,8 @@ const MAX_PIPELINED_RPCS: usize = 256;
 /// When a cluster without a live link is tried again.
 struct Retry {
     at: Instant,
-    /// The current backoff delay, doubled on each failed attempt.
-    delay: Duration,
+    /// Failed attempts in a row since the link was lost ([`RECONNECT`] says how long each waits).
+    failures: u32,
     /// [`Shared::nodes_back`] of the cluster when the delay started: a node seen back by the
     /// health probes since then cuts the wait short.
     nodes_back: u64,
@@ -580,6 +580,10 @@ struct Opened {
 /// When the health probes see a cluster come back, the sessions waiting for it reconnect
 /// spread over time so that the proxy opens at most about this many links per second.
 const RECONNECTS_PER_SEC: u64 = 500;
+
+/// How long a session waits before trying a cluster again after a failed attempt to open a link.
+const RECONNECT: crate::backoff::Backoff =
+    crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// How long a removed cluster's link must have been quiet before it is closed.
 const RETIRE_QUIET: Duration = Duration::from_secs(3);

@@ -4,14 +4,17 @@
 //! (no credentials are needed for that). A node that answers is `up`; one that refuses, times out
 //! or does not speak AMQP 0-9-1 is `down`, with the reason kept as its `last_error`. Up nodes are
 //! probed every [`UP_INTERVAL`]; down nodes with exponential backoff ([`DOWN_FIRST`] doubling up to
-//! [`DOWN_MAX`]), both with ±20 % jitter so that many proxies do not probe in lockstep.
+//! [`DOWN_MAX`]), both with ±20 % jitter so that many proxies do not probe in lockstep
+//! ([`crate::backoff`], the schedule sessions reconnect links with).
 //!
 //! The set of nodes follows the running configuration: a reload that adds or removes a node adds
 //! or forgets its state on the next tick.
+//!
+//! The prober runs whether or not the admin endpoint is enabled: the admin endpoint reads
+//! [`Health`] (`/clusters`, `/ready`, the page), and sessions waiting to reconnect a cluster learn
+//! through [`Shared::node_came_up`] that one of its nodes is back, and retry at once.
 
 use std::collections::BTreeMap;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -20,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, jitter};
 use crate::codec::{FieldTable, FieldValue};
 use crate::config::{ClusterConfig, Config, NodeAddr};
 use crate::state::Shared;
@@ -105,7 +109,6 @@ pub struct Health {
     nodes: Mutex<BTreeMap<(String, String), NodeHealth>>,
     /// Completed probe rounds (for tests and `/ready` before the first answer).
     probes: AtomicU64,
-    jitter: Jitter,
 }
 
 impl Health {
@@ -192,25 +195,22 @@ impl Health {
                 h.failures = 0;
                 h.product = text_property(&props, "product");
                 h.version = text_property(&props, "version");
-                h.next_due = now + self.jitter.spread(UP_INTERVAL);
+                h.next_due = now + jitter(UP_INTERVAL);
                 NodeState::Up
             }
             Err(e) => {
                 h.failures = h.failures.saturating_add(1);
                 h.last_error = Some(e.clone());
-                let backoff = DOWN_FIRST
-                    .saturating_mul(1 << (h.failures - 1).min(16))
-                    .min(DOWN_MAX);
-                h.next_due = now + self.jitter.spread(backoff);
+                h.next_due = now + Backoff::new(DOWN_FIRST, DOWN_MAX).after(h.failures);
                 if h.state != NodeState::Down {
-                    tracing::warn!(cluster, %node, error = %e, "admin health probe: node is down");
+                    tracing::warn!(cluster, %node, error = %e, "health probe: node is down");
                 }
                 NodeState::Down
             }
         };
         let came_up = new_state == NodeState::Up && h.state == NodeState::Down;
         if came_up {
-            tracing::info!(cluster, %node, "admin health probe: node is up again");
+            tracing::info!(cluster, %node, "health probe: node is up again");
         }
         if h.state != new_state {
             h.state = new_state;
@@ -229,28 +229,48 @@ fn text_property(props: &FieldTable, key: &str) -> Option<String> {
     }
 }
 
-/// Cheap jitter without a random-number crate: each `RandomState` is seeded randomly by std.
-#[derive(Debug)]
-struct Jitter(RandomState, AtomicU64);
+/// The running prober: the probe state it keeps, and its task.
+pub struct Prober {
+    health: Arc<Health>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
 
-impl Default for Jitter {
-    fn default() -> Self {
-        Jitter(RandomState::new(), AtomicU64::new(0))
+impl Prober {
+    /// Starts probing the nodes of `shared`'s running configuration.
+    pub fn start(shared: Arc<Shared>) -> Prober {
+        let health = Arc::new(Health::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(health.clone(), shared, stop.clone()));
+        Prober {
+            health,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// The probe state of the clusters' nodes.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Stops probing and waits for the task to end.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
-impl Jitter {
-    /// `d` scaled by a factor in [0.8, 1.2).
-    fn spread(&self, d: Duration) -> Duration {
-        let mut h = self.0.build_hasher();
-        h.write_u64(self.1.fetch_add(1, Ordering::Relaxed));
-        let r = (h.finish() % 4000) as f64 / 10_000.0; // [0, 0.4)
-        d.mul_f64(0.8 + r)
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
 /// Probes the nodes of the running configuration until `stop` is cancelled.
-pub async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) {
+async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) {
     let mut probes = JoinSet::new();
     let mut seen: Option<Arc<Config>> = None;
     loop {
@@ -366,17 +386,5 @@ mod tests {
         let c2 = config(&["127.0.0.1:2"]);
         h.take_due(&c2, Instant::now());
         assert_eq!(h.lock().len(), 1);
-    }
-
-    #[test]
-    fn jitter_stays_in_range() {
-        let j = Jitter::default();
-        for _ in 0..1000 {
-            let d = j.spread(Duration::from_secs(10));
-            assert!(
-                d >= Duration::from_secs(8) && d < Duration::from_secs(12),
-                "{d:?}"
-            );
-        }
     }
 }

@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -742,108 +742,26 @@ fn percent_encode(s: &str) -> String {
 /// Most bytes read from the admin endpoint.
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
-/// A minimal HTTP/1.1 GET (`Connection: close`): returns the status code and the body.
+/// One HTTP/1.1 GET of `path` on the admin endpoint: the status code and the body.
 pub async fn http_get(admin: &AdminUrl, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let mut stream = TcpStream::connect((admin.host.as_str(), admin.port))
+    let tcp = TcpStream::connect((admin.host.as_str(), admin.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: warren-check-queues\r\nConnection: close\r\n\r\n",
-        admin.host_header()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_RESPONSE {
-            return Err("answer larger than 64 MiB".into());
-        }
-    }
-    parse_response(&buf)
-}
-
-/// Splits a whole HTTP/1.1 response into status code and (de-chunked) body.
-pub fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("incomplete HTTP answer")?;
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "HTTP head is not UTF-8")?;
-    let body = &buf[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut words = status_line.split_whitespace();
-    if !words.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err(format!(
-            "not an HTTP answer: {:?}",
-            status_line.chars().take(60).collect::<String>()
-        ));
-    }
-    let status: u16 = words
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad HTTP status line")?;
-    let mut chunked = false;
-    let mut length: Option<usize> = None;
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            let (k, v) = (k.trim(), v.trim());
-            if k.eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-            {
-                chunked = true;
-            } else if k.eq_ignore_ascii_case("content-length") {
-                length = v.parse().ok();
-            }
-        }
-    }
-    if chunked {
-        return dechunk(body).map(|b| (status, b));
-    }
-    match length {
-        Some(n) if body.len() < n => Err("HTTP answer cut short".into()),
-        Some(n) => Ok((status, body[..n].to_vec())),
-        None => Ok((status, body.to_vec())),
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("bad chunked body")?;
-        let size_text = std::str::from_utf8(&b[..eol]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            return Err("chunked body cut short".into());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, admin.host_header())
+        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::USER_AGENT, "warren-check-queues")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("cannot make the request: {e}"))?;
+    let (status, body) = super::http_client::send(tcp, request, MAX_RESPONSE).await?;
+    Ok((status.as_u16(), body.to_vec()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const T: Thresholds = Thresholds {
         warning: 500,
@@ -1098,21 +1016,36 @@ mod tests {
         assert_eq!(percent_encode("a b*/é"), "a%20b*%2F%C3%A9");
     }
 
-    #[test]
-    fn responses() {
+    /// The answer read by hyper: plain and chunked bodies, a status other than 200, and a peer
+    /// that is not an HTTP server.
+    #[tokio::test]
+    async fn http_get_reads_plain_and_chunked_answers() {
+        async fn serve(answer: &'static [u8]) -> AdminUrl {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head).await;
+                let _ = s.write_all(answer).await;
+            });
+            AdminUrl::from_listen(addr)
+        }
+        let plain = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
         assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap(),
+            http_get(&plain, "/queues").await.unwrap(),
             (200, b"{}".to_vec())
         );
+        let chunked =
+            serve(b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+                .await;
         assert_eq!(
-            parse_response(
-                b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
-            )
-            .unwrap(),
+            http_get(&chunked, "/queues").await.unwrap(),
             (503, b"{}".to_vec())
         );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}").is_err());
-        assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
-        assert!(parse_response(b"").is_err());
+        let short = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}").await;
+        assert!(http_get(&short, "/queues").await.is_err());
+        let ssh = serve(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+        assert!(http_get(&ssh, "/queues").await.is_err());
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod check;
 mod http;
+mod http_client;
 mod page;
 pub mod queues;
 

@@ -32,17 +32,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use hyper::header::{ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::http_client;
 use super::{rfc3339, unix_ms};
 use crate::codec::{self, FieldTable, FieldValue, LongStr, Method, ShortStr};
 use crate::config::{ClusterConfig, Config, ManagementConfig, ManagementTls};
@@ -719,7 +718,7 @@ async fn get(
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("{url}: cannot make the request: {e}"))?;
     let result = match &m.tls {
-        None => send(tcp, request, limit).await,
+        None => http_client::send(tcp, request, limit).await,
         Some(tls) => {
             let (connector, name) = match tls {
                 ManagementTls::Verify(t) => (
@@ -740,56 +739,10 @@ async fn get(
                     Ok(Err(e)) => return Err(format!("{url}: TLS handshake failed: {e}")),
                     Err(_) => return Err(format!("{url}: TLS handshake: no answer in time")),
                 };
-            send(stream, request, limit).await
+            http_client::send(stream, request, limit).await
         }
     };
     result.map_err(|e| format!("{url}: {e}"))
-}
-
-/// Sends `request` on a fresh HTTP/1.1 connection over `io` and reads the whole answer.
-async fn send<I>(
-    io: I,
-    request: Request<Empty<Bytes>>,
-    limit: usize,
-) -> Result<(StatusCode, Bytes), String>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    let exchange = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    format!("answer larger than {limit} bytes")
-                } else {
-                    format!("cannot read the answer: {e}")
-                }
-            })?
-            .to_bytes();
-        Ok((status, body))
-    };
-    tokio::pin!(exchange);
-    tokio::pin!(conn);
-    // The connection is driven here, beside the exchange; once it ends (the server closed it, or
-    // an error), the exchange ends too, with the answer or with the error.
-    let mut conn_done = false;
-    loop {
-        tokio::select! {
-            r = &mut exchange => return r,
-            _ = &mut conn, if !conn_done => conn_done = true,
-        }
-    }
 }
 
 /// Standard base64 with padding (RFC 4648), for HTTP basic authentication.
@@ -1316,7 +1269,7 @@ mod tests {
         head
     }
 
-    async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {

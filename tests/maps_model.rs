@@ -25,8 +25,7 @@
 //! back with a new upstream channel. The test plays the session's part the way
 //! `session/from_cluster.rs` (`confirm`) and `session/publish.rs` (`republish`) do: a broker ack
 //! settles the client sequence numbers (sorted) through `ClientConfirms::settle` as client acks;
-//! a broker nack offers the publish to a live link that has not refused it yet, and when there is
-//! none the client hears a nack (`nack_lost`); the publishes of a dead link go to any live link,
+//! a broker nack is final: the client hears a nack (`nack_lost`), nothing is published again; the publishes of a dead link go to any live link,
 //! and when none is left the client hears a nack. The session's other ways (parking a publish
 //! until its only shard cluster is back, pinned replies, transactions, the control cluster) are
 //! policy above the maps and left out. Checked after each step: each `resolve` and `drain` hands
@@ -43,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use warren::client::channel::{
-    ClientConfirm, ClientConfirms, DEAD_LINK, DeliveryTags, Held, InFlight, LinkSet, UnknownTag,
+    ClientConfirm, ClientConfirms, DEAD_LINK, DeliveryTags, Held, InFlight, UnknownTag,
     UpstreamAck, UpstreamConfirms,
 };
 use warren::io::Content;
@@ -514,13 +513,11 @@ enum ConfOp {
         nth: usize,
         multiple: bool,
     },
-    /// The same as a nack; a refused publish goes to the `to`-th live link that has not refused
-    /// it (the next ones of a `multiple` nack to the following ones).
+    /// The same as a nack: final, the client hears it.
     Nack {
         link: usize,
         nth: usize,
         multiple: bool,
-        to: usize,
     },
     /// The link dies; its unconfirmed publishes go to the `to`-th live link (and following).
     KillLink { link: usize, to: usize },
@@ -533,8 +530,8 @@ fn conf_op(links: usize) -> impl Strategy<Value = ConfOp> {
         12 => (0..links).prop_map(|link| ConfOp::Publish { link }),
         6 => (0..links, 0..4usize, any::<bool>())
             .prop_map(|(link, nth, multiple)| ConfOp::Ack { link, nth, multiple }),
-        3 => (0..links, 0..4usize, any::<bool>(), 0..4usize)
-            .prop_map(|(link, nth, multiple, to)| ConfOp::Nack { link, nth, multiple, to }),
+        3 => (0..links, 0..4usize, any::<bool>())
+            .prop_map(|(link, nth, multiple)| ConfOp::Nack { link, nth, multiple }),
         1 => (0..links, 0..4usize).prop_map(|(link, to)| ConfOp::KillLink { link, to }),
         1 => (0..links).prop_map(ConfOp::Revive),
         1 => Just(ConfOp::Select),
@@ -568,7 +565,6 @@ enum Fate {
 #[derive(Debug)]
 struct Pub {
     client: Option<u64>,
-    nacked_by: BTreeSet<usize>,
     fate: Fate,
 }
 
@@ -682,7 +678,6 @@ fn held(pid: usize) -> Held {
             body_size: pid as u64,
             body: Default::default(),
         },
-        nacked_by: LinkSet::default(),
         pinned: false,
     }
 }
@@ -773,7 +768,6 @@ impl ConfRun {
                 let pid = m.pubs.len();
                 m.pubs.push(Pub {
                     client,
-                    nacked_by: BTreeSet::new(),
                     fate: Fate::InFlight,
                 });
                 m.send(pid, link);
@@ -792,7 +786,6 @@ impl ConfRun {
                 link,
                 nth,
                 multiple,
-                ..
             } => {
                 let ack = matches!(op, ConfOp::Ack { .. });
                 let up = &mut m.links[link];
@@ -836,40 +829,15 @@ impl ConfRun {
                     seqs.sort_unstable();
                     p.settle(&seqs, true, &mut self.client, &mut heard)?;
                 } else {
-                    let ConfOp::Nack { to, .. } = op else {
-                        unreachable!()
-                    };
-                    // The model: offered to a live link that has not refused it, else nacked.
-                    for (i, &(_, pid)) in settled.iter().enumerate() {
-                        m.pubs[pid].nacked_by.insert(link);
-                        let open: Vec<usize> = m
-                            .live()
-                            .into_iter()
-                            .filter(|l| !m.pubs[pid].nacked_by.contains(l))
-                            .collect();
-                        if open.is_empty() {
-                            m.give_up(pid, &mut expect);
-                            what += &format!(", #{pid} refused everywhere");
-                        } else {
-                            let to = open[(to + i) % open.len()];
-                            m.send(pid, to);
-                            what += &format!(", #{pid} to link {to}");
-                        }
+                    // The model: refused, the client hears it.
+                    for &(_, pid) in &settled {
+                        m.give_up(pid, &mut expect);
                     }
-                    // The proxy: the same, from what the map gave back.
-                    let alive: Vec<bool> = m.links.iter().map(|l| l.alive).collect();
-                    for (i, mut f) in inflight.into_iter().enumerate() {
-                        f.held.nacked_by.insert(link);
-                        let open: Vec<usize> = (0..alive.len())
-                            .filter(|&l| alive[l] && !f.held.nacked_by.contains(l))
-                            .collect();
-                        if open.is_empty() {
-                            if let Some(s) = f.client {
-                                p.settle(&[s], false, &mut self.client, &mut heard)?;
-                            }
-                        } else {
-                            p.up[open[(to + i) % open.len()]].record(f.client, f.held);
-                        }
+                    // The proxy: as the session does, the client numbers sorted, nacked.
+                    let mut seqs: Vec<u64> = inflight.iter().filter_map(|f| f.client).collect();
+                    seqs.sort_unstable();
+                    if !seqs.is_empty() {
+                        p.settle(&seqs, false, &mut self.client, &mut heard)?;
                     }
                 }
                 what

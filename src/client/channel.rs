@@ -363,11 +363,6 @@ impl ClientConfirms {
 pub struct Held {
     pub publish: crate::codec::BasicPublish,
     pub content: Content,
-    /// The links whose cluster refused this publish (basic.nack: a full queue with
-    /// `x-overflow = reject-publish`, a queue process that failed). A refusal is the broker's
-    /// answer, not an accident: the publish is offered to each cluster at most once more, and
-    /// when every shard cluster has refused it the client hears the nack.
-    pub nacked_by: LinkSet,
     /// Only the cluster it was sent to can take it (a reply to a direct reply-to address): it is
     /// never published again elsewhere.
     pub pinned: bool,
@@ -525,6 +520,10 @@ pub struct Channel {
     pub sticky: Vec<(usize, LinkId)>,
     /// Consumers a cluster cancelled, still being cancelled on the others.
     pub revoked: Vec<Revoked>,
+    /// basic.cancel notifications waiting for the channel's outstanding replies: a cluster's
+    /// cancel may overtake the merged reply to the request that caused it (a queue.delete of
+    /// the consumed queue), which one broker answers first.
+    pub notices: Vec<Method>,
     next_rpc: u64,
 }
 
@@ -544,6 +543,7 @@ impl Channel {
             held: Vec::new(),
             sticky: Vec::new(),
             revoked: Vec::new(),
+            notices: Vec::new(),
             next_rpc: 0,
         }
     }
@@ -718,7 +718,6 @@ mod tests {
                 body_size: 0,
                 body: Default::default(),
             },
-            nacked_by: LinkSet::default(),
             pinned: false,
         };
         let mut c = ClientConfirms::default();

@@ -134,13 +134,9 @@ impl Session {
             Method::ChannelCloseOk(_) => {}
             Method::BasicConsume(mut c) => {
                 if c.consumer_tag.is_empty() {
-                    // Generated here, not by a broker, so the tag is the same on every cluster.
-                    self.next_ctag += 1;
-                    c.consumer_tag = ShortStr::try_from(format!(
-                        "amq.ctag-warren-{}-{}",
-                        self.id, self.next_ctag
-                    ))
-                    .unwrap_or_default();
+                    // Generated here, not by a broker, so the tag is the same on every cluster;
+                    // random in RabbitMQ's shape, so no tag a client picks can meet it.
+                    c.consumer_tag = generated_name(CONSUMER_TAG_PREFIX, self.id);
                 }
                 // A queue exists on every cluster; its messages may be on any of them.
                 let targets = self.live_links();
@@ -721,6 +717,15 @@ impl Session {
 /// the shape of RabbitMQ's (`amq.gen-` is reserved to brokers: a client may not declare it, and
 /// the queue is declared on every cluster).
 pub(super) fn server_named_queue(conn: u64) -> ShortStr {
+    generated_name(SERVER_NAMED_PREFIX, conn)
+}
+
+/// What RabbitMQ's generated consumer tags start with.
+const CONSUMER_TAG_PREFIX: &str = "amq.ctag-";
+
+/// `prefix` and 22 random characters (128 bits, URL-safe base64), as RabbitMQ makes its
+/// generated names.
+fn generated_name(prefix: &str, conn: u64) -> ShortStr {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -741,8 +746,8 @@ pub(super) fn server_named_queue(conn: u64) -> ShortStr {
         half.copy_from_slice(&h.finish().to_le_bytes());
     }
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut name = String::with_capacity(SERVER_NAMED_PREFIX.len() + 22);
-    name.push_str(SERVER_NAMED_PREFIX);
+    let mut name = String::with_capacity(prefix.len() + 22);
+    name.push_str(prefix);
     let mut acc: u32 = 0;
     let mut bits = 0;
     for b in bytes {

@@ -177,7 +177,11 @@ impl Session {
                     }
                 }
                 if self.caps.consumer_cancel_notify {
-                    self.to_client(ch, &method);
+                    if channel.rpcs.is_empty() {
+                        self.to_client(ch, &method);
+                    } else {
+                        channel.notices.push(method);
+                    }
                 }
             }
             _ => self.deliver(ch, &method, content.as_ref()),
@@ -246,6 +250,11 @@ impl Session {
                 return;
             };
             if channel.rpcs.front().is_none_or(|r| r.waiting != 0) {
+                if channel.rpcs.is_empty() && !channel.notices.is_empty() {
+                    for notice in std::mem::take(&mut channel.notices) {
+                        self.to_client(ch, &notice);
+                    }
+                }
                 return;
             }
             let Some(rpc) = channel.rpcs.pop_front() else {
@@ -442,13 +451,27 @@ impl Session {
             }
             settled.clear();
         } else {
+            // A nack is the cluster's final answer, passed on as one broker's: RabbitMQ nacks a
+            // publish when any one queue it was routed to refuses it, after the others took it,
+            // and `reject-publish-dlx` dead-letters what it refuses. Sending it to another
+            // cluster would duplicate it there.
             if let Some(held_back) = self.nacks_log.allow() {
                 warn!(conn = self.id, cluster = %self.links[link].link.cluster, count = n, not_logged_since_last = held_back,
-                    "cluster nacked publishes (a queue full with x-overflow = reject-publish, or a failed queue); offering them to the shard clusters that have not refused them");
+                    "cluster nacked publishes (a queue full with x-overflow = reject-publish, or a failed queue); the client gets the nack");
             }
-            for mut inflight in settled.drain(..) {
-                inflight.held.nacked_by.insert(link);
-                self.republish(ch, link, inflight, Resend::Nacked);
+            seqs.clear();
+            seqs.extend(settled.iter().filter_map(|p| p.client));
+            let unconfirmed = settled.len() - seqs.len();
+            settled.clear();
+            if unconfirmed > 0 {
+                self.metrics.dropped.inc_by(unconfirmed as u64);
+                if let Some(held_back) = self.refused_drops_log.allow() {
+                    warn!(conn = self.id, channel = ch, cluster = %self.links[link].link.cluster, count = unconfirmed, not_logged_since_last = held_back,
+                        "publish refused (basic.nack) and the client did not ask for confirms: dropped, as RabbitMQ drops it (counted in warren_dropped_total)");
+                }
+            }
+            if !seqs.is_empty() {
+                self.nack_lost(ch, &seqs);
             }
         }
         self.scratch_inflight = settled;

@@ -521,7 +521,7 @@ impl Session {
             let freed: usize = lost.iter().map(|p| p.held.size()).sum();
             self.release_held(freed);
             for inflight in lost {
-                self.republish(ch, link, inflight, Resend::LinkLost);
+                self.republish(ch, link, inflight);
             }
             self.flush_rpcs(ch);
         }

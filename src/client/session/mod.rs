@@ -216,7 +216,6 @@ pub async fn serve(
         closing: None,
         end: None,
         blocked_links: 0,
-        next_ctag: 0,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
@@ -442,7 +441,6 @@ struct Session {
     /// Set when the session must end after the current event.
     end: Option<String>,
     blocked_links: usize,
-    next_ctag: u64,
     scratch_acks: Vec<UpstreamAck>,
     scratch_seqs: Vec<u64>,
     scratch_confirms: Vec<ClientConfirm>,
@@ -552,15 +550,6 @@ impl LogThrottle {
         self.last = Some(now);
         Some(std::mem::take(&mut self.held_back))
     }
-}
-
-/// Why a held publish is sent again (see [`Session::republish`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resend {
-    /// Its cluster refused it (basic.nack).
-    Nacked,
-    /// Its link died before the cluster confirmed it.
-    LinkLost,
 }
 
 /// A publish waiting for a link of its class (see [`Session::parked`]).

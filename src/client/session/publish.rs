@@ -29,7 +29,6 @@ impl Session {
         let held = Held {
             publish: publish.clone(),
             content: content.clone(),
-            nacked_by: LinkSet::default(),
             pinned: false,
         };
         // A transaction's publishes, control ones included, all go to its one cluster: a
@@ -430,20 +429,13 @@ impl Session {
         }
     }
 
-    /// Publishes again a message a cluster nacked or lost. A duplicate is possible when the
-    /// cluster took the message and died before confirming it: counted in `warren_republished`.
-    ///
-    /// A lost link's publishes go to any other shard cluster, or wait for one. A nacked publish
-    /// goes only to a cluster that has not refused it yet, and when none is left the refusal is
-    /// final: the client's nack, or for a client without confirms a drop (what RabbitMQ does
-    /// with a refused publish of such a client). Without that bound a queue that refuses
-    /// publishes on every cluster (`x-overflow = reject-publish`) would have the proxy send the
-    /// same message round the clusters for as long as it stays full.
-    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight, why: Resend) {
-        if why == Resend::LinkLost {
-            // Parked ones included: they go out again once a shard link is back.
-            self.metrics.republished.inc();
-        }
+    /// Publishes again a message whose link died before its cluster confirmed it: to any other
+    /// shard cluster, or it waits for one. A duplicate is possible when the cluster took the
+    /// message and died before confirming it: counted in `warren_republished`. (A nacked
+    /// publish is never sent again: see `Session::confirm`.)
+    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight) {
+        // Parked ones included: they go out again once a shard link is back.
+        self.metrics.republished.inc();
         let InFlight { client, held, .. } = inflight;
         let class = self.rules.publish(
             held.publish.exchange.as_bytes(),
@@ -455,15 +447,12 @@ impl Session {
                 c.tx,
             )
         });
-        let target = match (class, why) {
+        let target = match class {
             _ if held.pinned => None,
-            (Class::Control, _) => self.control_link().filter(|&l| l != failed),
-            (Class::Sharded, Resend::LinkLost) => self
+            Class::Control => self.control_link().filter(|&l| l != failed),
+            Class::Sharded => self
                 .pick_shard(Some(failed))
                 .filter(|&l| self.links[l].live()),
-            (Class::Sharded, Resend::Nacked) => {
-                self.pick_shard_where(|l| held.nacked_by.contains(l))
-            }
         };
         // The channel has selected tx since this was published: only an upstream channel still
         // in confirm mode may take it again (elsewhere it would join the client's transaction,
@@ -471,18 +460,10 @@ impl Session {
         let target = target.filter(|&l| !tx || self.links[l].confirming(ch));
         match target {
             Some(link) if open => {
-                if why == Resend::Nacked {
-                    self.metrics.republished.inc();
-                }
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
                 self.send_publish(ch, link, client, held, false);
             }
-            None if open
-                && why == Resend::LinkLost
-                && !held.pinned
-                && self.closing.is_none()
-                && !tx =>
-            {
+            None if open && !held.pinned && self.closing.is_none() && !tx => {
                 // Its cluster (the control cluster, or the only shard cluster) is failing
                 // over: wait for its link to come back.
                 self.park(class, ch, client, held);
@@ -490,13 +471,6 @@ impl Session {
             _ => {
                 if let Some(seq) = client {
                     self.nack_lost(ch, &[seq]);
-                } else if why == Resend::Nacked {
-                    self.metrics.dropped.inc();
-                    if let Some(held_back) = self.refused_drops_log.allow() {
-                        warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,
-                            refused_by = held.nacked_by.len(), not_logged_since_last = held_back,
-                            "publish refused (basic.nack) by every cluster that could take it and the client did not ask for confirms: dropped, as RabbitMQ drops it (counted in warren_dropped_total)");
-                    }
                 } else {
                     self.metrics.dropped.inc();
                     warn!(conn = self.id, channel = ch, exchange = %held.publish.exchange, routing_key = %held.publish.routing_key,

@@ -104,7 +104,6 @@ impl Session {
         let held = Held {
             publish,
             content: content.clone(),
-            nacked_by: LinkSet::default(),
             pinned: true,
         };
         self.send_publish(ch, link, client_seq, held, false);

@@ -15,7 +15,7 @@ use amqprs::channel::{ExchangeDeclareArguments, QueueBindArguments};
 use support::sharded::{Cleanup, ShardedProxy, sharded_cluster};
 use support::{
     Cluster, confirm_select, connect, consume, declare_queue, eventually_for, get, next_delivery,
-    open_channel, publish, queue_counts, within,
+    open_channel, publish, queue_counts, within, within_for,
 };
 
 /// The rules under test (`support::unique` names start with `warren-test.`), added after the
@@ -206,5 +206,99 @@ async fn key_spread_sends_each_key_to_one_cluster() {
         on_a > 0 && on_a < KEYS,
         "keys spread over both clusters ({on_a} of {KEYS} on shard-a)"
     );
+    proxy.shutdown().await;
+}
+
+/// The rules with one more for `warren-test.rr-move*` (none when `rule` is `None`).
+fn rules_with(rule: Option<&str>) -> String {
+    match rule {
+        None => RULES.to_owned(),
+        Some(body) => {
+            format!("{RULES}\n[[routing.rules]]\nmatch = [\"warren-test.rr-move*\"]\n{body}\n")
+        }
+    }
+}
+
+/// The queue's rule changes three times while a confirm-mode publisher keeps publishing and a
+/// consumer takes everything: shard-a only by channel, then shard-b only by message, then every
+/// shard cluster by key, then no rule. Each reload lands while publishes are in flight. Every
+/// publish is acked, and the consumer gets each message exactly once: nothing is lost with a
+/// rule change, and what sits on a cluster the rule no longer names is still consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_reload_under_confirm_load_loses_nothing() {
+    if support::skip_live() {
+        return;
+    }
+    let stages = [
+        Some("clusters = [\"shard-a\"]\nspread = \"channel\""),
+        Some("clusters = [\"shard-b\"]\nspread = \"message\""),
+        Some("spread = \"key\""),
+        None,
+    ];
+    const EACH: usize = 500;
+    let clusters: Vec<Cluster> = ["shard-a", "shard-b", "control"]
+        .map(|n| sharded_cluster(n).clone())
+        .to_vec();
+    let proxy = ShardedProxy::start_on(&clusters, &rules_with(stages[0])).await;
+    let (_cleanup, queue) = Cleanup::with_queue("rr-move");
+
+    let consumer = connect(proxy.amqp_addr()).await;
+    let (cc, _cev) = open_channel(&consumer).await;
+    declare_queue(&cc, &queue).await;
+    let (_tag, mut rx) = consume(&cc, &queue, true).await;
+    let received = tokio::spawn({
+        let cc = cc.clone();
+        async move {
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            while seen.len() < stages.len() * EACH {
+                let d = within_for(
+                    Duration::from_secs(60),
+                    "a delivery",
+                    next_delivery(&mut rx),
+                )
+                .await;
+                *seen.entry(String::from_utf8(d.body).unwrap()).or_default() += 1;
+                within(
+                    "basic.ack",
+                    cc.basic_ack(amqprs::channel::BasicAckArguments::new(d.tag, false)),
+                )
+                .await
+                .expect("basic.ack");
+            }
+            // Anything more would be a duplicate.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            while let Ok(m) = rx.try_recv() {
+                let body = String::from_utf8(m.content.unwrap_or_default()).unwrap();
+                *seen.entry(body).or_default() += 1;
+            }
+            seen
+        }
+    });
+
+    let publisher = connect(proxy.amqp_addr()).await;
+    let (pc, mut pev) = open_channel(&publisher).await;
+    confirm_select(&pc).await;
+    for (s, _) in stages.iter().enumerate() {
+        for i in 0..EACH {
+            publish(&pc, "", &queue, format!("{s}-{i}").as_bytes()).await;
+        }
+        // The next rule while this stage's publishes are still being confirmed.
+        if let Some(next) = stages.get(s + 1) {
+            proxy.reload_with(&rules_with(*next));
+        }
+    }
+    let confirms = pev.confirms((stages.len() * EACH) as u64).await;
+    assert!(
+        confirms.iter().all(|&ok| ok),
+        "{} publishes nacked",
+        confirms.iter().filter(|&&ok| !ok).count()
+    );
+    let seen = within_for(Duration::from_secs(120), "the consumer", received)
+        .await
+        .expect("consumer task");
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicated.is_empty(), "delivered twice: {duplicated:?}");
+    assert_eq!(seen.len(), stages.len() * EACH, "every message delivered");
+    assert_eq!(per_cluster(&queue).await, [0, 0], "nothing left behind");
     proxy.shutdown().await;
 }

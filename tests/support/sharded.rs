@@ -38,6 +38,8 @@ pub fn sharded_cluster(name: &str) -> &'static Cluster {
 /// A proxy on a runtime of its own (two threads), as it would run in its own process.
 pub struct ShardedProxy {
     handle: Option<ProxyHandle>,
+    /// The clusters it was started with, for [`ShardedProxy::reload_with`].
+    clusters: Vec<Cluster>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -56,27 +58,7 @@ impl ShardedProxy {
     /// `timeouts` added to its `[timeouts]` section (lines of `key = value`).
     pub async fn start_on(clusters: &[Cluster], timeouts: &str) -> ShardedProxy {
         init_tracing();
-        let mut text =
-            format!("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n{timeouts}");
-        for c in clusters {
-            let role = if c.name == "control" {
-                "control"
-            } else {
-                "shard"
-            };
-            let nodes = c
-                .nodes
-                .iter()
-                .map(|n| format!("\"{n}\""))
-                .collect::<Vec<_>>()
-                .join(", ");
-            text.push_str(&format!(
-                "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n",
-                c.name
-            ));
-        }
-        let config = Config::parse(&text, "sharded-test.toml")
-            .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"));
+        let config = config_of(clusters, timeouts);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("sharded-proxy")
@@ -86,6 +68,7 @@ impl ShardedProxy {
         let started = runtime.spawn(warren::start(Arc::new(config)));
         let mut proxy = ShardedProxy {
             handle: None,
+            clusters: clusters.to_vec(),
             runtime: Some(runtime),
         };
         let handle = within("the proxy to start", started)
@@ -94,6 +77,20 @@ impl ShardedProxy {
             .expect("start the proxy");
         proxy.handle = Some(handle);
         proxy
+    }
+
+    /// Applies a new configuration as a reload does: the same clusters, `timeouts` in place of
+    /// the extra text given at start (rules included). Panics if the reload is refused.
+    pub fn reload_with(&self, timeouts: &str) -> warren::state::ReloadStatus {
+        let config = config_of(&self.clusters, timeouts);
+        let status = self
+            .handle
+            .as_ref()
+            .expect("proxy running")
+            .shared()
+            .apply(config);
+        assert!(status.ok, "reload refused: {}", status.message);
+        status
     }
 
     /// The proxy's counters, for tests that check what it republished or dropped.
@@ -121,6 +118,32 @@ impl ShardedProxy {
             .await
             .expect("proxy shutdown task");
     }
+}
+
+/// The test proxy's configuration: `clusters` (the one named `control` as the control cluster,
+/// the others shards) and `timeouts` appended to its `[timeouts]` section.
+fn config_of(clusters: &[Cluster], timeouts: &str) -> Config {
+    let mut text =
+        format!("listen = \"127.0.0.1:0\"\n\n[timeouts]\nshutdown_grace_ms = 100\n{timeouts}");
+    for c in clusters {
+        let role = if c.name == "control" {
+            "control"
+        } else {
+            "shard"
+        };
+        let nodes = c
+            .nodes
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "\n[[clusters]]\nname = \"{}\"\nrole = \"{role}\"\nnodes = [{nodes}]\n",
+            c.name
+        ));
+    }
+    Config::parse(&text, "sharded-test.toml")
+        .unwrap_or_else(|e| panic!("test proxy config rejected: {e}"))
 }
 
 impl Drop for ShardedProxy {

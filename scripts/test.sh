@@ -25,7 +25,9 @@
 #              installs nodejs, npm's amqplib, Debian's librabbitmq-client-java and a JDK when
 #              missing);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py), then GET /clients and
-#              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py);
+#              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py),
+#              and a routing rule keeping Celery's fast queue on shard-a
+#              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
 #      haproxy: two warren instances behind HAProxy configured as deploy/haproxy/haproxy.cfg:
@@ -333,6 +335,13 @@ write_config() { # FILE LISTEN_PORT ADMIN_PORT
             echo "role = \"$role\""
             echo "nodes = [\"$(addr_of "$name" 1)\", \"$(addr_of "$name" 2)\"]"
         done
+        if [ "$TOPOLOGY" = sharded ]; then
+            # tests/e2e/celery_rules_e2e.py: Celery's fast queue kept on shard-a.
+            echo
+            echo "[[routing.rules]]"
+            echo "match = [\"rules-fast.*\"]"
+            echo "clusters = [\"shard-a\"]"
+        fi
     } >"$1"
 }
 
@@ -457,6 +466,13 @@ if want python || want clients || want celery; then
                     record celery-spread PASS 0
                 else
                     record celery-spread FAIL 0
+                fi
+                # A routing rule: fast tasks only on shard-a, checked on each cluster directly.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/celery_rules_e2e.py "$broker" "$(addr_of shard-a 1)" "$(addr_of shard-b 1)"; then
+                    record celery-rules PASS $(($(date +%s) - t1))
+                else
+                    record celery-rules FAIL $(($(date +%s) - t1))
                 fi
             fi
         else

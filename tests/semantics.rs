@@ -87,6 +87,7 @@ differential!(
     no_ack_is_per_get,
     x_expires_renewed_by_get,
     double_ack_is_406,
+    acks_in_a_rolled_back_transaction_are_undone,
     ack_of_no_ack_get_tag_is_406,
     publish_on_channel_0_is_connection_error_504,
     tune_ok_channel_max_0_is_refused,
@@ -1000,6 +1001,58 @@ async fn ack(ch: &Channel, tag: u64) {
     )
     .await
     .expect("basic.ack (sending it)");
+}
+
+/// Acks in a transaction take effect at tx.commit; tx.rollback undoes them: the deliveries are
+/// unacknowledged again and may be acked again (no 406). Three gets, one `multiple` ack,
+/// rollback; the same single ack again (a 406 if warren had forgotten the tag) and the
+/// `multiple` ack again, commit: the queue is empty, nothing comes back when the channel closes.
+async fn acks_in_a_rolled_back_transaction_are_undone(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("txack"));
+    let conn = connect(addr).await;
+    let (ch, mut events) = open_channel(&conn).await;
+    queue_declare(&ch, &mut events, QueueDeclareArguments::new(&queue)).await;
+    let bodies: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    confirmed_publishes(&conn, "", &queue, &bodies).await;
+    within("tx.select", ch.tx_select())
+        .await
+        .expect("tx.select");
+    let mut tags = Vec::new();
+    for _ in 0..3 {
+        let got = try_get(&ch, &mut events, &queue, false)
+            .await
+            .unwrap_or_else(|e| panic!("basic.get {queue}: {e}"))
+            .expect("a message");
+        tags.push(got.tag);
+    }
+    let last = *tags.iter().max().expect("three tags");
+    let ack_multiple = |tag| ch.basic_ack(BasicAckArguments::new(tag, true));
+    within("basic.ack multiple", ack_multiple(last))
+        .await
+        .expect("basic.ack");
+    within("tx.rollback", ch.tx_rollback())
+        .await
+        .expect("tx.rollback");
+    ack(&ch, tags[0]).await;
+    within("basic.ack multiple", ack_multiple(last))
+        .await
+        .expect("basic.ack");
+    within("tx.commit", ch.tx_commit())
+        .await
+        .unwrap_or_else(|e| panic!("tx.commit after acking again: {e} ({})", ""));
+    if let Some(e) = events.try_next() {
+        panic!("acking again after the rollback: {e:?}");
+    }
+    within("channel.close", ch.close())
+        .await
+        .expect("channel.close");
+    assert_eq!(
+        depth(&conn, &queue).await,
+        Ok(0),
+        "the acks committed after the rollback stand"
+    );
+    close_connection(conn).await;
 }
 
 /// A delivery tag acked twice: RabbitMQ closes the channel with 406 PRECONDITION_FAILED

@@ -177,6 +177,10 @@ pub struct UnknownTag(pub u64);
 pub struct DeliveryTags {
     last: u64,
     unacked: VecDeque<Unacked>,
+    /// In a transaction (tx.select): the deliveries its acks, nacks and rejects settled. The
+    /// brokers apply them only at tx.commit; a tx.rollback undoes them, and the client may
+    /// settle those deliveries again, so they come back (see [`rollback`](Self::rollback)).
+    tx: Option<Vec<Unacked>>,
 }
 
 impl DeliveryTags {
@@ -224,6 +228,9 @@ impl DeliveryTags {
                 }
             };
             for entry in self.unacked.drain(..end) {
+                if let Some(log) = self.tx.as_mut() {
+                    log.push(entry);
+                }
                 if entry.link == DEAD_LINK {
                     continue;
                 }
@@ -249,6 +256,9 @@ impl DeliveryTags {
         let Some(entry) = self.position(tag).and_then(|i| self.unacked.remove(i)) else {
             return Err(UnknownTag(tag));
         };
+        if let Some(log) = self.tx.as_mut() {
+            log.push(entry);
+        }
         if entry.link == DEAD_LINK {
             return Ok(());
         }
@@ -280,7 +290,39 @@ impl DeliveryTags {
             e.link = DEAD_LINK;
             n += 1;
         }
+        // Settled in the open transaction but not committed: the broker requeued them too.
+        for e in self.tx.iter_mut().flatten().filter(|e| e.link == link) {
+            e.link = DEAD_LINK;
+        }
         n
+    }
+
+    /// The channel is transactional from now on: settlements wait for the commit.
+    pub fn select_tx(&mut self) {
+        self.tx.get_or_insert_with(Vec::new);
+    }
+
+    /// tx.commit: the transaction's settlements are final; the next transaction starts empty.
+    pub fn commit(&mut self) {
+        if let Some(log) = self.tx.as_mut() {
+            log.clear();
+        }
+    }
+
+    /// tx.rollback: the transaction's settlements are undone (the brokers keep those deliveries
+    /// unacknowledged), so their tags are outstanding again. Calls `each` with the link of each
+    /// delivery that comes back.
+    pub fn rollback(&mut self, mut each: impl FnMut(LinkId)) {
+        let Some(log) = self.tx.as_mut() else {
+            return;
+        };
+        for e in log.drain(..) {
+            if e.link != DEAD_LINK {
+                each(e.link);
+            }
+            let at = self.unacked.partition_point(|u| u.tag < e.tag);
+            self.unacked.insert(at, e);
+        }
     }
 
     /// Deliveries of `link` the client has not acknowledged yet.
@@ -298,6 +340,9 @@ impl DeliveryTags {
     pub fn forget_all(&mut self, mut each: impl FnMut(LinkId)) {
         for e in self.unacked.drain(..) {
             each(e.link);
+        }
+        if let Some(log) = self.tx.as_mut() {
+            log.clear();
         }
     }
 }
@@ -672,6 +717,33 @@ mod tests {
             }]
         );
         assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_rollback_makes_the_transactions_settlements_outstanding_again() {
+        let mut t = DeliveryTags::default();
+        t.select_tx();
+        for up in 1..=4 {
+            t.issue(up as usize % 2, up, true);
+        }
+        let mut out = Vec::new();
+        t.resolve(2, false, &mut out).unwrap();
+        t.resolve(4, true, &mut out).unwrap();
+        assert_eq!(t.outstanding(), 0);
+        let mut back = Vec::new();
+        t.rollback(|l| back.push(l));
+        back.sort_unstable();
+        assert_eq!(back, [0, 0, 1, 1]);
+        assert_eq!(t.outstanding(), 4, "every settlement undone");
+        // The same tags settle again, in tag order upstream.
+        t.resolve(1, false, &mut out).unwrap();
+        assert_eq!(out[0].upstream_tag, 1);
+        t.resolve(4, true, &mut out).unwrap();
+        assert_eq!(out.iter().map(|a| a.count).sum::<u32>(), 3);
+        // A commit makes them final: a rollback after it brings nothing back.
+        t.commit();
+        t.rollback(|_| panic!("nothing to undo after the commit"));
+        assert_eq!(t.resolve(4, false, &mut out), Err(UnknownTag(4)));
     }
 
     #[test]

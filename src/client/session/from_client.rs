@@ -438,6 +438,7 @@ impl Session {
             return Ok(());
         };
         channel.tx = true;
+        channel.tags.select_tx();
         let swaps = if channel.confirms.is_some() {
             LinkSet::default()
         } else {

@@ -120,12 +120,24 @@ impl Session {
                 return Ok(());
             }
         }
-        let Some(channel) = self.channel_mut(ch) else {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Ok(());
         };
         let link = channel.tx_link.take();
         // The next transaction starts empty; this one's publishes go with its commit.
         let log = std::mem::take(&mut channel.tx_log);
+        // Its acks too: final with the commit, undone by a rollback (the brokers keep those
+        // deliveries unacknowledged, and the client may ack them again).
+        if commit {
+            channel.tags.commit();
+        } else {
+            let links = &self.links;
+            channel.tags.rollback(|l| {
+                if let Some(slot) = links.get(l) {
+                    slot.m.unacked.inc();
+                }
+            });
+        }
         let targets = self.live_links();
         self.fan_out(ch, method, targets)?;
         // With no target, fan_out closed the channel and sent nothing to wait for.

@@ -431,7 +431,7 @@ if want python || want clients || want celery; then
         fi
         proxy_arg=()
         [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 1 ] && proxy_arg=("$PROXY_ADDR")
-        WARREN_VENV_PY="$PY" tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
+        WARREN_VENV_PY="$PY" WARREN_ADMIN="${ADMIN_ADDR:-}" tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
         if [ "$ok" = 1 ]; then record clients PASS $(($(date +%s) - t0)); else record clients FAIL $(($(date +%s) - t0)); fi
     fi
 

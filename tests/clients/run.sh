@@ -2,8 +2,11 @@
 # tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
-# edge_compare.py (py-amqp), run both ways and compared observation by observation, and amqplib's
-# own test suite both ways (amqplib_suite.sh).
+# edge_compare.py (py-amqp) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
+# ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
+# differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
+# both ways (amqplib_suite.sh). WARREN_ADMIN (host:port of warren's admin endpoint, default
+# 127.0.0.1:15673) lets JavaEdge close a client from the server side through warren.
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
 # `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
@@ -48,6 +51,25 @@ if [ -n "$proxy" ]; then
     status=PASS
     [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
     summary+=("$(printf '  %-9s %-7s %s %3ss' edges compare "$status" $(($(date +%s) - t0)))")
+    echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
+    t0=$(date +%s)
+    out=$(mktemp -d)
+    java -cp "$JAVA_CP" "$HERE/JavaEdge.java" "amqp://guest:guest@$direct" >"$out/rabbitmq.txt" 2>"$out/rabbitmq.err"
+    rc1=$?
+    WARREN_ADMIN=${WARREN_ADMIN:-127.0.0.1:15673} \
+        java -cp "$JAVA_CP" "$HERE/JavaEdge.java" "amqp://guest:guest@$proxy" >"$out/warren.txt" 2>"$out/warren.err"
+    rc2=$?
+    status=PASS
+    if [ $rc1 != 0 ] || [ $rc2 != 0 ] ||
+        ! diff <(grep -v '\[doc:' "$out/rabbitmq.txt") <(grep -v '\[doc:' "$out/warren.txt"); then
+        status=FAIL
+        fails=$((fails + 1))
+        echo "JavaEdge exit codes: rabbitmq $rc1, warren $rc2; stderr tails:"
+        tail -5 "$out/rabbitmq.err" "$out/warren.err"
+    fi
+    grep -h '\[doc:' "$out/warren.txt" | sed 's/^/  warren, documented: /'
+    rm -rf "$out"
+    summary+=("$(printf '  %-9s %-7s %s %3ss' java-edge compare "$status" $(($(date +%s) - t0)))")
     t0=$(date +%s)
     "$HERE/amqplib_suite.sh" "$direct" "$proxy"
     rc=$?

@@ -18,6 +18,7 @@
 //! | `k_*` | deliveries that come before the last consume-ok wait for it and keep their tag order |
 //! | `l_*`, `m_*`, `n_*`, `o_*` | bugs found by this file, `#[ignore]`d until fixed (each says why) |
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
+//! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. The ignored tests run
 //! with `cargo test --test session_core -- --ignored` (they fail until their bug is fixed).
@@ -1776,4 +1777,59 @@ async fn p_control_publishes_wait_for_the_control_links_replacement_and_keep_the
         ["e1", "e2", "e3"]
     );
     assert_eq!(bodies(&control.ready(EVENTS)), ["e1", "e2", "e3"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (q) connection.update-secret
+
+/// The client renews its secret (an OAuth token) with connection.update-secret: every link gets
+/// it, the client gets update-secret-ok, and a link opened afterwards (shard-a's replacement)
+/// logs in with the new secret, not the expired one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q_links_opened_after_update_secret_log_in_with_the_new_secret() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.send(
+        0,
+        Method::ConnectionUpdateSecret(codec::ConnectionUpdateSecret {
+            new_secret: "new-token".into(),
+            reason: ss("renewed"),
+        }),
+    )
+    .await;
+    match c.reply(0).await {
+        Method::ConnectionUpdateSecretOk(_) => {}
+        other => panic!("expected update-secret-ok, got {other:?}"),
+    }
+    let first = a.only_link().await;
+    wait_for("shard-a's link to get the new secret", || {
+        (!a.ledger(first)
+            .received_named("connection.update-secret")
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    a.kill(first, Kill::Rst);
+    let second = wait_for("shard-a's replacement link", || {
+        a.links().into_iter().find(|&l| l != first)
+    })
+    .await;
+    let login = wait_for("the replacement's login", || {
+        a.ledger(second)
+            .received_named("connection.start-ok")
+            .into_iter()
+            .next()
+    })
+    .await;
+    let Method::ConnectionStartOk(ok) = login.1 else {
+        unreachable!()
+    };
+    let response = ok.response.as_bytes().to_vec();
+    assert!(
+        response.ends_with(b"\0new-token"),
+        "the replacement logs in with {:?}",
+        String::from_utf8_lossy(&response)
+    );
 }

@@ -530,10 +530,13 @@ impl Session {
                 Ok(())
             }
             Method::ConnectionCloseOk(_) => Ok(()),
-            Method::ConnectionUpdateSecret(_) => {
+            Method::ConnectionUpdateSecret(ref u) => {
                 for slot in &self.links {
                     slot.send(0, &method);
                 }
+                // Links opened from now on (a failover, a cluster added) log in with the new
+                // secret: the old one may have expired.
+                self.base_spec.password = bytes::Bytes::copy_from_slice(u.new_secret.as_bytes());
                 self.to_client(0, &Method::ConnectionUpdateSecretOk(Default::default()));
                 Ok(())
             }

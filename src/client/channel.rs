@@ -426,7 +426,7 @@ pub struct InFlight {
     pub seq: u64,
     /// The client's sequence number, when the client asked for confirms.
     pub client: Option<u64>,
-    pub at: std::time::Instant,
+    pub at: tokio::time::Instant,
     pub held: Held,
 }
 
@@ -444,7 +444,7 @@ impl UpstreamConfirms {
         self.pending.push_back(InFlight {
             seq: self.next,
             client,
-            at: std::time::Instant::now(),
+            at: tokio::time::Instant::now(),
             held,
         });
     }

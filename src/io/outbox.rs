@@ -14,7 +14,9 @@
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use prometheus_client::metrics::counter::Counter;
@@ -267,7 +269,6 @@ async fn idle_wait(
                 let st = outbox.lock();
                 st.last_write + period
             };
-            let due = tokio::time::Instant::from_std(due);
             if tokio::time::timeout_at(due, notified).await.is_err() {
                 outbox.heartbeat_if_quiet(period);
             }

@@ -409,7 +409,7 @@ impl Session {
     /// Links silent for two heartbeat intervals are dead (checked when the earliest deadline
     /// passes).
     pub(super) fn check_link_heartbeats(&mut self) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         for link in 0..self.links.len() {
             let missed = self.links[link]
                 .link
@@ -431,7 +431,7 @@ impl Session {
             .filter_map(|s| s.link.reader.as_ref()?.heartbeat_deadline())
             .min();
         match earliest {
-            Some(at) => tokio::time::Instant::from_std(at),
+            Some(at) => at,
             None => tokio::time::Instant::now() + Duration::from_secs(3600),
         }
     }

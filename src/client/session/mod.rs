@@ -710,7 +710,7 @@ impl Session {
             let client_room = client_out.has_room();
             if !client_room {
                 // The links are not read while the client is slow: not their silence.
-                let now = std::time::Instant::now();
+                let now = Instant::now();
                 for slot in &mut self.links {
                     if let Some(r) = slot.link.reader.as_mut() {
                         r.not_reading(now);

@@ -283,7 +283,7 @@ impl Metrics {
             );
             r.register(
                 "republished",
-                "Publishes sent again to another cluster after a nack or a lost link (possible duplicates)",
+                "Publishes sent again to another cluster after their link was lost before the confirm (possible duplicates)",
                 m.republished.clone(),
             );
             r.register(

@@ -402,7 +402,7 @@ impl ClientConfirms {
 }
 
 /// A publish the proxy keeps until its cluster confirms it, so it can be published again on
-/// another cluster if that one nacks it or dies first. The header and body are the `Bytes` read
+/// another cluster if that one dies first. The header and body are the `Bytes` read
 /// from the client: shared, not copied.
 #[derive(Debug, Clone)]
 pub struct Held {

@@ -129,7 +129,7 @@ pub struct Limits {
     /// The same bound over all connections. Default 1 GiB.
     pub max_held_bytes: usize,
     /// Hold every publish until its cluster confirms it (upstream channels in confirm mode), to
-    /// publish it again elsewhere on a nack or a lost link. Default true. With false, only
+    /// publish it again elsewhere if its link is lost first. Default true. With false, only
     /// clients that ask for confirms get them, and a link lost mid-publish can lose what a
     /// non-confirm client published: cheaper for the brokers, no no-loss guarantee.
     pub hold_publishes: bool,

@@ -1,6 +1,6 @@
 //! The publish path: a client's publish goes to one shard link (round-robin, or the channel's
 //! transaction link), held until its cluster confirms it; parked while no shard link is ready;
-//! published again elsewhere when a cluster nacks it or its link dies; transactions redone on
+//! published again elsewhere when its link dies first; transactions redone on
 //! another link when theirs dies before the commit is answered.
 
 use super::*;
@@ -406,8 +406,8 @@ impl Session {
     }
 
     /// Writes a publish to a link. Outside transactions the upstream channel is in confirm mode
-    /// and the publish is held until the cluster confirms it, so a nack or a lost link gets it
-    /// published again elsewhere instead of lost.
+    /// and the publish is held until the cluster confirms it, so a lost link gets it published
+    /// again elsewhere instead of lost (a nack is the client's answer).
     pub(super) fn send_publish(
         &mut self,
         ch: u16,

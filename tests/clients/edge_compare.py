@@ -2012,7 +2012,39 @@ def reject_publish_dlx_each_message_once(t: Target) -> list:
     return obs
 
 
+
+def consume_pipelined_with_a_publish(t: Target) -> list:
+    """basic.consume and then a publish on the same channel sent back to back, as pika's async
+    adapters do (no wait for consume-ok). RabbitMQ's queue process sends consume-ok, so replies
+    to what follows the consume (warren's own check behind a first publish to an exchange) may
+    come first; the consumer must get its consume-ok and every message either way."""
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    q, x = uid("pipecons"), uid("pipex")
+    declare(ch, q)
+    ch.exchange_declare(x, "fanout", auto_delete=False)
+    ch.queue_bind(q, x)
+    got = []
+    ch.callbacks["ctag-pipe"] = got.append
+    ch.no_ack_consumers.add("ctag-pipe")
+    ch.send_method(amqp.spec.Basic.Consume, "BssbbbbF", (0, q, "ctag-pipe", False, True, False, False, {}))
+    for i in range(10):
+        ch.basic_publish(amqp.Message(f"p{i}"), x, "")
+    r = ch.wait([amqp.spec.Basic.ConsumeOk], returns_tuple=True)
+    obs.append(f"consume-ok {r}")
+    end = time.monotonic() + 5
+    while len(got) < 10 and time.monotonic() < end:
+        drain(c, 0.2)
+    obs.append(f"received {sorted(m.body for m in got)}")
+    attempt(obs, "cancel", lambda: ch.basic_cancel("ctag-pipe"))
+    ch.exchange_delete(x)
+    ch.queue_delete(q)
+    return obs
+
+
 SCENARIOS = [
+    consume_pipelined_with_a_publish,
     ack_all_with_tag_0,
     nack_all_with_tag_0,
     ack_0_without_multiple,

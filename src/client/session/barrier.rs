@@ -78,7 +78,7 @@ impl Session {
                 && slot
                     .chans
                     .get(usize::from(b.ch))
-                    .is_some_and(|up| up.pending.iter().any(|p| matches!(p, Pending::Barrier)))
+                    .is_some_and(|up| up.pending.iter().any(|w| matches!(w.who, Pending::Barrier)))
         })
     }
 

@@ -38,7 +38,7 @@ impl Session {
                 }
                 if let Method::ChannelClose(c) = &method
                     && matches!(
-                        self.links[link].chan(ch).pending.front(),
+                        self.links[link].chan(ch).pending.front().map(|w| w.who),
                         Some(Pending::Replay)
                     )
                 {
@@ -197,7 +197,7 @@ impl Session {
         method: Method,
         content: Option<Content>,
     ) {
-        let pending = self.links[link].chan(ch).pending.pop_front();
+        let pending = self.links[link].take_waiting(ch, &method);
         if let (Some(Pending::Internal), Method::BasicCancelOk(c)) = (&pending, &method)
             && let Some(channel) = channel_in(&mut self.channels, ch)
         {

@@ -27,6 +27,32 @@ pub(super) enum Pending {
     Barrier,
 }
 
+/// A request sent on an upstream channel, waiting for its reply.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Waiting {
+    pub(super) who: Pending,
+    /// A basic.consume. RabbitMQ's queue process, not the channel, sends consume-ok, so the
+    /// replies to requests sent after a consume may come before its consume-ok: a consume-ok
+    /// answers the oldest consume, any other reply the oldest request that is not one.
+    pub(super) consume: bool,
+}
+
+impl Waiting {
+    fn for_request(who: Pending, method: &Method) -> Self {
+        Waiting {
+            who,
+            consume: matches!(method, Method::BasicConsume(c) if !c.nowait),
+        }
+    }
+
+    fn other(who: Pending) -> Self {
+        Waiting {
+            who,
+            consume: false,
+        }
+    }
+}
+
 /// One upstream channel carrying (part of) a client channel of the same number.
 #[derive(Debug)]
 pub(super) struct UpChan {
@@ -35,7 +61,7 @@ pub(super) struct UpChan {
     pub(super) reopen: bool,
     pub(super) confirm_mode: bool,
     pub(super) confirms: UpstreamConfirms,
-    pub(super) pending: std::collections::VecDeque<Pending>,
+    pub(super) pending: std::collections::VecDeque<Waiting>,
     /// The client's tx.select (its request id) that this channel answers once it has been
     /// closed and opened again without the confirm mode warren gave it: RabbitMQ refuses
     /// tx.select on a confirm channel. See `Session::select_tx`.
@@ -130,7 +156,7 @@ impl LinkSlot {
         m.dec_by(up.confirms.pending() as i64);
         // The channel is gone: the broker processed or refused what was published on it.
         let released: usize = up.confirms.drain().iter().map(|p| p.held.size()).sum();
-        let out = (up.reopen, up.pending.front().copied());
+        let out = (up.reopen, up.pending.front().map(|w| w.who));
         *up = UpChan::default();
         self.released_held += released;
         out
@@ -169,7 +195,9 @@ impl LinkSlot {
         if self.done {
             return;
         }
-        self.chan(ch).pending.push_back(pending);
+        self.chan(ch)
+            .pending
+            .push_back(Waiting::for_request(pending, method));
         self.link.send(ch, method);
     }
 
@@ -184,6 +212,14 @@ impl LinkSlot {
         });
     }
 
+    /// Takes the request `reply` answers (see [`Waiting::consume`]).
+    pub(super) fn take_waiting(&mut self, ch: u16, reply: &Method) -> Option<Pending> {
+        let up = self.chan(ch);
+        let consume_ok = matches!(reply, Method::BasicConsumeOk(_));
+        let at = up.pending.iter().position(|w| w.consume == consume_ok)?;
+        up.pending.remove(at).map(|w| w.who)
+    }
+
     /// Opens the upstream channel `ch` (or schedules it behind a close in progress).
     pub(super) fn open(&mut self, ch: u16, pending: Pending) {
         let done = self.done;
@@ -195,7 +231,7 @@ impl LinkSlot {
                     ..UpChan::default()
                 };
                 if !done {
-                    up.pending.push_back(pending);
+                    up.pending.push_back(Waiting::other(pending));
                     self.link.send(ch, &Method::ChannelOpen(Default::default()));
                     if let Pending::Replay = pending {
                         self.replay_left += 1;
@@ -205,7 +241,7 @@ impl LinkSlot {
             }
             UpState::Closing => {
                 up.reopen = true;
-                up.pending.push_back(pending);
+                up.pending.push_back(Waiting::other(pending));
             }
             UpState::Opening | UpState::Open => {}
         }
@@ -252,7 +288,7 @@ impl LinkSlot {
         }
         up.state = UpState::Closing;
         up.reopen = true;
-        up.pending.push_back(Pending::Internal);
+        up.pending.push_back(Waiting::other(Pending::Internal));
         if !done {
             self.link.send(
                 ch,

@@ -510,8 +510,8 @@ impl Session {
                 self.tx_swaps -= 1;
                 self.settle_dead_rpc(ch, id);
             }
-            for pending in up.pending {
-                if let Pending::Rpc(id) = pending
+            for waiting in up.pending {
+                if let Pending::Rpc(id) = waiting.who
                     && !self.redo_commit(ch, link, id)
                     && !self.orphan_rpc(ch, id, &cluster)
                 {

@@ -110,8 +110,13 @@ impl Rig {
     async fn start(cleanup: &Cleanup) -> Rig {
         let injector = FaultInjector::start(clusters()).await;
         // shard-a and shard-b as shards, control as the control cluster, in front of the
-        // injector's forwarders.
-        let proxy = ShardedProxy::start_on(injector.clusters(), "connect_ms = 3000\n").await;
+        // injector's forwarders. Every link opens at connection.open (`lazy_links = false`):
+        // the scenarios fail links a client has before it uses them.
+        let proxy = ShardedProxy::start_on(
+            injector.clusters(),
+            "connect_ms = 3000\n\n[limits]\nlazy_links = false\n",
+        )
+        .await;
         let direct = Direct::open().await;
         let bystander = Bystander::start(&proxy, cleanup).await;
         Rig {

@@ -9,7 +9,7 @@
 //! | `b_*` | a client's ack / nack / reject (with `multiple`, with requeue) reach each broker as exactly the settlements of its own deliveries |
 //! | `c_*` | a nacked publish goes to the other shard (or is nacked once both refused); a publish lost with its link goes to the other shard, or waits for the cluster's other node |
 //! | `d_*` | a transaction whose link dies before or during tx.commit is committed on a live link: commit-ok, every message committed exactly once (or the documented counted duplicate) |
-//! | `e_*` | basic.qos is split over the channel's clusters as docs/routing.md says, and each broker holds the client to its share |
+//! | `e_*` | basic.qos is split over the shard clusters as docs/routing.md says (room kept for what each holds), the control cluster gets all of it, and each broker holds the client to its share |
 //! | `f_*` | a link that fails over to the other node gets the channels, modes, prefetch, passive topology checks and consumers (same tags) replayed; old tags are swallowed; a queue gone meanwhile closes the client with 320 |
 //! | `g_*` | tx.select after publishing reopens each upstream channel without confirm mode only once its publishes are confirmed; a publish nacked meanwhile never joins the transaction |
 //! | `h_*` | publishes pipelined behind one the broker refuses are routed nowhere (the publish barrier) |
@@ -19,6 +19,7 @@
 //! | `l_*`, `m_*`, `n_*`, `o_*` | bugs found by this file, `#[ignore]`d until fixed (each says why) |
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
+//! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. The ignored tests run
 //! with `cargo test --test session_core -- --ignored` (they fail until their bug is fixed).
@@ -59,6 +60,11 @@ impl Rig {
     /// Fake clusters `(name, nodes)` and warren in front of them ("control" is the control
     /// cluster, the others shards), with short connect and failover timeouts.
     async fn start(spec: &[(&str, usize)]) -> Rig {
+        Rig::start_with(spec, false).await
+    }
+
+    /// [`Rig::start`], with `[limits] lazy_links` as given.
+    async fn start_with(spec: &[(&str, usize)], lazy: bool) -> Rig {
         let mut clusters = Vec::new();
         for &(name, nodes) in spec {
             clusters.push(FakeCluster::start(name, nodes).await);
@@ -70,8 +76,15 @@ impl Rig {
                 nodes: c.nodes(),
             })
             .collect();
-        let proxy =
-            ShardedProxy::start_on(&config, "connect_ms = 1000\nfailover_wait_secs = 5\n").await;
+        // Every link at connection.open (the scenarios below count on it); `r_*` tests the
+        // default, links opened when first needed.
+        let proxy = ShardedProxy::start_on(
+            &config,
+            &format!(
+                "connect_ms = 1000\nfailover_wait_secs = 5\n\n[limits]\nlazy_links = {lazy}\n"
+            ),
+        )
+        .await;
         Rig { proxy, clusters }
     }
 
@@ -867,11 +880,14 @@ async fn tx_shard<'a>(
 // ---------------------------------------------------------------------------------------------
 // (e) Prefetch split
 
-/// basic.qos over shard-a, shard-b and control (docs/routing.md, "Prefetch"): cluster i gets
-/// W / 3, plus one if i < W mod 3, at least 1, 0 stays 0; `global` is passed on. With 20
-/// messages on every cluster and prefetch 10, the client holds exactly 4 + 3 + 3 deliveries.
+/// basic.qos over shard-a, shard-b and control (docs/routing.md, "Prefetch"): the shard
+/// clusters share the window W (W / 2 each, the remainder to the first, at least 1, 0 stays 0),
+/// the control cluster gets all of it (a sharded queue's messages are on the shards); `global`
+/// is passed on. With 20 messages on each shard and prefetch 10, the client holds exactly 5 + 5
+/// deliveries. Then the client holds 8 deliveries of shard-a on purpose (as Celery holds ETA
+/// tasks) and raises its prefetch from 10 to 10 + 8: shard-a's share keeps room for its 8.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_share() {
+async fn e_prefetch_is_split_over_the_shard_clusters_and_each_broker_holds_to_its_share() {
     let rig = Rig::three().await;
     let clusters = [rig.get(A), rig.get(B), rig.get(CONTROL)];
     let mut c = Client::connect(rig.addr()).await;
@@ -884,10 +900,10 @@ async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_shar
     c.qos(3, 0, false).await;
     c.qos(4, 7, true).await;
     let expected: [(u16, [u16; 3], bool); 4] = [
-        (1, [4, 3, 3], false),
-        (2, [1, 1, 1], false),
+        (1, [5, 5, 10], false),
+        (2, [1, 1, 2], false),
         (3, [0, 0, 0], false),
-        (4, [3, 2, 2], true),
+        (4, [4, 3, 7], true),
     ];
     let links: Vec<ConnId> = {
         let mut v = Vec::new();
@@ -896,8 +912,8 @@ async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_shar
         }
         v
     };
-    for (i, cl) in clusters.iter().enumerate() {
-        let got: Vec<(u16, u16, bool)> = cl
+    let qos_of = |i: usize| -> Vec<(u16, u16, bool)> {
+        clusters[i]
             .ledger(links[i])
             .received_named("basic.qos")
             .into_iter()
@@ -905,12 +921,14 @@ async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_shar
                 Method::BasicQos(q) => (ch, q.prefetch_count, q.global),
                 _ => unreachable!(),
             })
-            .collect();
+            .collect()
+    };
+    for (i, cl) in clusters.iter().enumerate() {
         let want: Vec<(u16, u16, bool)> =
             expected.iter().map(|(ch, s, g)| (*ch, s[i], *g)).collect();
-        assert_eq!(got, want, "{}'s basic.qos", cl.name());
+        assert_eq!(qos_of(i), want, "{}'s basic.qos", cl.name());
     }
-    for cl in clusters {
+    for cl in &clusters[..2] {
         for i in 0..20 {
             cl.enqueue(Q, format!("{}-{i}", cl.name()).as_bytes());
         }
@@ -921,12 +939,11 @@ async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_shar
         got.push(c.delivery().await);
     }
     for (i, cl) in clusters.iter().enumerate() {
-        let want = [4, 3, 3][i];
+        let want = [5, 5, 0][i];
         wait_for(&format!("{} holds {want} unacked", cl.name()), || {
             (cl.unacked(links[i]).len() == want).then_some(())
         })
         .await;
-        assert_eq!(cl.ready(Q).len(), 20 - want);
     }
     c.sync(1).await;
     assert!(
@@ -934,13 +951,31 @@ async fn e_prefetch_is_split_over_the_clusters_and_each_broker_holds_to_its_shar
         "no more than the window: {:?}",
         c.deliveries
     );
-    // Acking everything lets each cluster send its next share.
-    c.send(1, ack(0, true)).await;
-    for _ in 0..10 {
+    // Ack shard-b's five: the client holds shard-a's five, then takes shard-b's next five.
+    let b_tags: Vec<u64> = got
+        .iter()
+        .filter(|d| d.body.starts_with(b"shard-b"))
+        .map(|d| d.tag)
+        .collect();
+    for t in &b_tags {
+        c.send(1, ack(*t, false)).await;
+    }
+    for _ in 0..5 {
         got.push(c.delivery().await);
     }
-    let tags: Vec<u64> = got.iter().map(|d| d.tag).collect();
-    assert_eq!(tags, (1..=20).collect::<Vec<_>>());
+    // Holding shard-a's 5 on purpose, the client raises its prefetch by 5 (Celery's ETA
+    // tasks): shard-a gets 5 + (15 - 10) / 2 = 7 or 8, room for more beside what it holds.
+    c.qos(1, 15, false).await;
+    let last = qos_of(0).last().copied().expect("shard-a's new qos");
+    assert!(
+        last.1 > 5,
+        "shard-a's share keeps room beyond the 5 it holds: {last:?}"
+    );
+    let total: u16 = [qos_of(0), qos_of(1)]
+        .iter()
+        .map(|v| v.last().expect("a qos").1)
+        .sum();
+    assert_eq!(total, 15, "the shard shares add up to the window");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1018,7 +1053,7 @@ async fn f_a_failed_over_link_replays_channels_modes_qos_topology_and_consumers(
     );
     assert!(
         on("basic.qos").iter().any(|(ch, m)| *ch == 1
-            && matches!(m, Method::BasicQos(q) if q.prefetch_count == 4 && !q.global)),
+            && matches!(m, Method::BasicQos(q) if q.prefetch_count == 5 && !q.global)),
         "channel 1's share of prefetch 10: {:?}",
         on("basic.qos")
     );
@@ -1161,7 +1196,7 @@ async fn g_tx_select_after_publishing_reopens_each_upstream_channel_once_its_pub
     );
     assert!(matches!(
         &a.ledger(la).received_named("basic.qos")[..],
-        [_, (1, Method::BasicQos(q))] if q.prefetch_count == 4
+        [_, (1, Method::BasicQos(q))] if q.prefetch_count == 5
     ));
     assert!(
         after_publish(b, lb).is_empty(),
@@ -1526,7 +1561,7 @@ async fn l_a_get_ok_and_held_deliveries_of_one_link_keep_its_tag_order() {
     c.open(1).await;
     c.open(2).await;
     c.declare(1, Q).await;
-    c.qos(1, 3, false).await;
+    c.qos(1, 2, false).await; // one per shard cluster
     // The next basic.get starts at shard-a.
     get_empty(&mut c, 2, Q).await;
     get_empty(&mut c, 2, Q).await;
@@ -1831,5 +1866,54 @@ async fn q_links_opened_after_update_secret_log_in_with_the_new_secret() {
         response.ends_with(b"\0new-token"),
         "the replacement logs in with {:?}",
         String::from_utf8_lossy(&response)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (r) Links opened when first needed
+
+/// With `[limits] lazy_links` (the default), a connection that only publishes to control names
+/// (a Celery event connection) has one link, to the control cluster. Its first request that
+/// involves the shard clusters (here a queue.declare of a sharded queue) opens their links,
+/// waits until the client's channel and its confirm mode are replayed there, and is then
+/// answered from every cluster; publishes go on to the shard clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_shard_links_open_at_the_first_request_that_needs_them() {
+    const EVENTS: &str = "celeryev.test";
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.confirm_select(1).await;
+    for i in 1..=3 {
+        c.publish(1, EVENTS, &format!("e{i}")).await;
+    }
+    c.expect_settled(1, &(1..=3).map(|s| (s, true)).collect())
+        .await;
+    assert!(
+        a.links().is_empty() && b.links().is_empty(),
+        "no shard link for a connection that only talked to the control cluster"
+    );
+    let cl = control.only_link().await;
+    assert_eq!(bodies(&control.ledger(cl).published(1)), ["e1", "e2", "e3"]);
+
+    c.declare(1, Q).await;
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        let ledger = shard.ledger(link);
+        assert_eq!(ledger.received_named("channel.open").len(), 1);
+        assert_eq!(ledger.received_named("confirm.select").len(), 1);
+        assert!(shard.has_queue(Q), "{} has the queue", shard.name());
+    }
+    for i in 4..=7 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    c.expect_settled(1, &(1..=7).map(|s| (s, true)).collect())
+        .await;
+    assert_eq!(a.ready(Q).len() + b.ready(Q).len(), 4);
+    assert_eq!(
+        control.ledger(cl).published(1).len(),
+        3,
+        "nothing sharded on control"
     );
 }

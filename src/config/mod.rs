@@ -133,6 +133,10 @@ pub struct Limits {
     /// clients that ask for confirms get them, and a link lost mid-publish can lose what a
     /// non-confirm client published: cheaper for the brokers, no no-loss guarantee.
     pub hold_publishes: bool,
+    /// Open a client connection's shard-cluster links only when it first needs them; until
+    /// then it has only its control-cluster link (a Celery event connection never needs more).
+    /// Default true. With false every connection opens a link to every cluster at once.
+    pub lazy_links: bool,
 }
 
 /// `[runtime]`. All optional, see [`Runtime::default`].
@@ -298,6 +302,7 @@ impl Default for Limits {
             max_held_bytes_per_connection: 64 * 1024 * 1024,
             max_held_bytes: 1024 * 1024 * 1024,
             hold_publishes: true,
+            lazy_links: true,
         }
     }
 }

@@ -83,6 +83,7 @@ pub(super) struct RawLimits {
     pub(super) max_held_bytes_per_connection: Option<Spanned<usize>>,
     pub(super) max_held_bytes: Option<Spanned<usize>>,
     pub(super) hold_publishes: Option<Spanned<bool>>,
+    pub(super) lazy_links: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

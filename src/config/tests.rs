@@ -172,6 +172,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
             max_held_bytes_per_connection: 64 * 1024 * 1024,
             max_held_bytes: 1024 * 1024 * 1024,
             hold_publishes: true,
+            lazy_links: true,
         }
     );
     let s1 = &c.clusters[0];

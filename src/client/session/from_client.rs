@@ -30,6 +30,14 @@ impl Session {
         if ch == 0 {
             return self.on_client_connection_method(method);
         }
+        if self.lazy && self.needs_shard_links(&method) {
+            self.wake_shard_links(Command {
+                channel: ch,
+                method,
+                content,
+            });
+            return Ok(());
+        }
         if ch > self.channel_max {
             // RabbitMQ's code for too many channels (530), for a channel number the spec forbids:
             // the proxy's per-channel tables are sized by channel_max.
@@ -398,7 +406,7 @@ impl Session {
         replay_on: Option<LinkId>,
     ) {
         for link in self.live_links().iter() {
-            let m = self.qos_share(link, q);
+            let m = self.qos_share(ch, link, q);
             if Some(link) == replay_on {
                 self.links[link].replay(ch, &m);
             } else {
@@ -407,12 +415,52 @@ impl Session {
         }
     }
 
-    /// The basic.qos `link` gets for the client's `q`: its share of the prefetch on a shard link
-    /// (see docs/routing.md), all of it on the control link.
-    pub(super) fn qos_share(&self, link: LinkId, q: &codec::BasicQos) -> Method {
-        let live = self.live_links();
-        let share = match live.iter().position(|s| s == link) {
-            Some(k) => split_prefetch(q.prefetch_count, live.len(), k as u32),
+    /// Whether `method` needs the shard clusters. A connection that has talked only to the
+    /// control cluster (opened and closed channels, selected confirms, set a prefetch, declared
+    /// control exchanges, published to control names: a Celery event connection) has no link to
+    /// them yet; anything else, even a consume or a get of a control queue (its messages may
+    /// come from any cluster), opens them first.
+    fn needs_shard_links(&self, method: &Method) -> bool {
+        match method {
+            Method::ChannelOpen(_)
+            | Method::ChannelClose(_)
+            | Method::ChannelCloseOk(_)
+            | Method::ChannelFlow(_)
+            | Method::ChannelFlowOk(_)
+            | Method::ConfirmSelect(_)
+            | Method::BasicQos(_)
+            | Method::BasicAck(_)
+            | Method::BasicNack(_)
+            | Method::BasicReject(_) => false,
+            Method::ExchangeDeclare(d) => {
+                self.rules.exchange(d.exchange.as_bytes()) != Class::Control
+            }
+            Method::BasicPublish(p) => {
+                self.rules
+                    .publish(p.exchange.as_bytes(), p.routing_key.as_bytes())
+                    != Class::Control
+            }
+            _ => true,
+        }
+    }
+
+    /// The basic.qos `link` gets for the client's `q` on channel `ch` (docs/routing.md,
+    /// "Prefetch"). The shard links share the window: each keeps room for what it holds
+    /// unacknowledged on the channel, and the rest is split evenly, so a client that raises
+    /// its prefetch for messages it holds on purpose (Celery's ETA tasks) gets the room on the
+    /// cluster that holds them. The control link gets the whole window: a sharded queue's
+    /// messages are on the shard clusters, a control queue's on the control cluster.
+    pub(super) fn qos_share(&self, ch: u16, link: LinkId, q: &codec::BasicQos) -> Method {
+        let shards: Vec<LinkId> = self.shard_links().iter().collect();
+        let share = match shards.iter().position(|&s| s == link) {
+            Some(k) => {
+                let channel = self.channels.get(usize::from(ch)).and_then(Option::as_ref);
+                let held: Vec<u32> = shards
+                    .iter()
+                    .map(|&l| channel.map_or(0, |c| c.tags.count_link(l) as u32))
+                    .collect();
+                split_window(q.prefetch_count, &held, k)
+            }
             None => q.prefetch_count,
         };
         Method::BasicQos(codec::BasicQos {
@@ -488,7 +536,7 @@ impl Session {
         self.links[link].request(ch, &Method::TxSelect(Default::default()), Pending::Rpc(id));
         let qos = channel_in(&mut self.channels, ch).and_then(|c| c.qos.clone());
         if let Some(q) = qos {
-            let m = self.qos_share(link, &q);
+            let m = self.qos_share(ch, link, &q);
             self.links[link].request(ch, &m, Pending::Internal);
         }
     }

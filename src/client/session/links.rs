@@ -40,6 +40,10 @@ impl Session {
             }
         }
         for cluster in config.shard_clusters() {
+            if self.lazy {
+                // Opened when this connection first needs the shard clusters.
+                break;
+            }
             let have = self
                 .links
                 .iter()
@@ -99,9 +103,16 @@ impl Session {
             self.metrics.cluster(&c.name),
         );
         slot.ready = false;
-        slot.new_cluster = !self.links.iter().any(|s| *s.link.cluster == *c.name)
+        let woken = match self.woken.iter().position(|w| *w == c.name) {
+            Some(i) => {
+                self.woken.swap_remove(i);
+                true
+            }
+            None => false,
+        };
+        slot.new_cluster = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
             || self.shared.is_stale(&self.vhost, &c.name);
-        slot.replay_active = slot.new_cluster || self.stale_topology.remove(&c.name);
+        slot.replay_active = slot.new_cluster || woken || self.stale_topology.remove(&c.name);
         slot.needs_topology = !self.topology.is_empty()
             || (slot.new_cluster && self.shared.topology_of(&self.vhost).has(Class::Sharded));
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
@@ -228,6 +239,9 @@ impl Session {
         let config = self.shared.config();
         let now = Instant::now();
         for cluster in &config.clusters {
+            if self.lazy && cluster.role == Role::Shard {
+                continue;
+            }
             let live = self
                 .links
                 .iter()
@@ -253,6 +267,60 @@ impl Session {
                 continue;
             }
             self.spawn_connect(cluster);
+        }
+    }
+
+    /// The connection needs the shard clusters for the first time (`cmd` is the first command
+    /// that does): open a link to every cluster that has none, and keep `cmd`, and the client's
+    /// input behind it, until they are open and replayed
+    /// ([`run_deferred_when_linked`](Self::run_deferred_when_linked)). Until then the client
+    /// has talked only to the control cluster, so nothing it did is missing elsewhere but its
+    /// control-cluster declares, which the replay brings.
+    pub(super) fn wake_shard_links(&mut self, cmd: Command) {
+        self.lazy = false;
+        let config = self.shared.config();
+        for cluster in &config.clusters {
+            let have = self.links.iter().any(|s| *s.link.cluster == *cluster.name);
+            if have || self.connecting.contains(&cluster.name) {
+                continue;
+            }
+            self.woken.push(cluster.name.clone());
+            self.spawn_connect(cluster);
+        }
+        debug!(
+            conn = self.id,
+            method = cmd.method.name(),
+            "first request for the shard clusters: opening their links"
+        );
+        self.deferred = Some((cmd, Instant::now()));
+    }
+
+    /// Runs the command [`wake_shard_links`](Self::wake_shard_links) kept, once every configured
+    /// cluster has a replayed link or its attempt failed (as at connection.open, an unreachable
+    /// cluster is left for later), or after two connect timeouts at most.
+    pub(super) fn run_deferred_when_linked(&mut self) {
+        let Some((_, since)) = &self.deferred else {
+            return;
+        };
+        let config = self.shared.config();
+        let overdue = since.elapsed() >= Duration::from_millis(config.timeouts.connect_ms) * 2;
+        let settled = config.clusters.iter().all(|c| {
+            match self
+                .links
+                .iter()
+                .find(|s| s.live() && *s.link.cluster == *c.name)
+            {
+                Some(slot) => slot.ready,
+                None => !self.connecting.contains(&c.name),
+            }
+        });
+        if !settled && !overdue {
+            return;
+        }
+        if let Some((cmd, _)) = self.deferred.take()
+            && let Err(e) = self.on_client_command(cmd)
+        {
+            self.protocol_error(e);
         }
     }
 

@@ -120,7 +120,25 @@ pub async fn serve(
         tls: None,
     };
     let metrics = shared.metrics.clone();
-    let links = match open_links(&config, &base, &metrics).await {
+    let lazy = config.limits.lazy_links
+        && config.clusters.iter().any(|c| c.role == Role::Control)
+        && config.clusters.iter().any(|c| c.role == Role::Shard);
+    let opened = if lazy {
+        // The credentials are checked against the control cluster alone; the shard clusters
+        // get links when the client first needs them (see `Session::wake_shard_links`).
+        match open_links(&config, &base, &metrics, Some(Role::Control)).await {
+            Err(ConnectError::Unreachable { .. }) => None,
+            other => Some(other),
+        }
+    } else {
+        None
+    };
+    let lazy = opened.as_ref().is_some_and(Result::is_ok);
+    let opened = match opened {
+        Some(opened) => opened,
+        None => open_links(&config, &base, &metrics, None).await,
+    };
+    let links = match opened {
         Ok(links) => links,
         Err(ConnectError::Refused {
             node,
@@ -240,6 +258,9 @@ pub async fn serve(
         proven_exchanges: Default::default(),
         barrier: None,
         stale_topology: Default::default(),
+        lazy,
+        deferred: None,
+        woken: Vec::new(),
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -313,16 +334,22 @@ async fn answer_refusal(stream: &mut Stream, rbuf: &mut BytesMut, refusal: Refus
     }
 }
 
-/// Opens one link per cluster, concurrently. A refusal (credentials, vhost) from any cluster is
-/// the client's answer; an unreachable cluster is left out as long as one shard cluster answers.
+/// Opens one link per cluster (of `only` that role, if given), concurrently. A refusal
+/// (credentials, vhost) from any cluster is the client's answer; an unreachable cluster is left
+/// out as long as one shard cluster (or with `only`, one cluster) answers.
 async fn open_links(
     config: &Config,
     base: &LinkSpec,
     metrics: &Metrics,
+    only: Option<Role>,
 ) -> Result<Vec<LinkSlot>, ConnectError> {
     let mut tasks = JoinSet::new();
     // The configuration holds at most LinkSet::CAPACITY clusters (config::MAX_CLUSTERS).
-    let clusters: Vec<_> = config.clusters.iter().collect();
+    let clusters: Vec<_> = config
+        .clusters
+        .iter()
+        .filter(|c| only.is_none_or(|role| c.role == role))
+        .collect();
     for (i, cluster) in clusters.iter().enumerate() {
         let spec = LinkSpec {
             cluster: Arc::from(cluster.name.as_str()),
@@ -355,7 +382,7 @@ async fn open_links(
     let mut any_shard = false;
     for (cluster, link) in clusters.iter().zip(opened) {
         let Some(link) = link else { continue };
-        any_shard |= cluster.role == Role::Shard;
+        any_shard |= cluster.role == Role::Shard || only.is_some();
         slots.push(LinkSlot::new(
             link,
             cluster.role,
@@ -479,6 +506,16 @@ struct Session {
     /// `timeouts.failover_wait_secs` the parked publishes are given up (nacked) and the client
     /// is closed with 320.
     no_shard_since: Option<Instant>,
+    /// The shard clusters have no link yet, on purpose: the connection has so far only talked
+    /// to the control cluster (`[limits] lazy_links`; a Celery event connection never does more).
+    lazy: bool,
+    /// The first command that needed the shard clusters, waiting (with the client's input)
+    /// until their links are open and this client's state is replayed on them.
+    deferred: Option<(Command, Instant)>,
+    /// Clusters whose first link in this session was opened by [`Session::wake_shard_links`]:
+    /// not new to the proxy, only to this connection (their replay declares this client's
+    /// control-cluster topology, not the vhost's shared one).
+    woken: Vec<String>,
     /// The link [`poll_links`](Self::poll_links) tries first.
     next_read: usize,
     /// Upstream channels being reopened without confirm mode for a tx.select
@@ -607,15 +644,18 @@ fn unacked_dec(links: &[LinkSlot], link: LinkId) {
     }
 }
 
-/// Splits a prefetch window over the shard links: each gets its share, the remainder going to
-/// the first ones, and never less than one (0 stays "unlimited").
-fn split_prefetch(window: u16, shards: u32, index: u32) -> u16 {
-    if window == 0 || shards <= 1 {
+/// Splits a prefetch window over the shard links: link `index` keeps room for the `held[index]`
+/// deliveries it has unacknowledged, and what the window has left over is shared out evenly, the
+/// remainder to the first links. Never 0 (which would mean no limit): at least 1, or what the
+/// link holds. A window of 0 (no limit) stays 0.
+fn split_window(window: u16, held: &[u32], index: usize) -> u16 {
+    if window == 0 || held.len() <= 1 {
         return window;
     }
-    let w = u32::from(window);
-    let share = w / shards + u32::from(index < w % shards);
-    share.max(1) as u16
+    let n = held.len() as u32;
+    let rest = u32::from(window).saturating_sub(held.iter().sum());
+    let share = held[index] + rest / n + u32::from((index as u32) < rest % n);
+    share.clamp(1, u32::from(u16::MAX)) as u16
 }
 
 /// Replies the proxy pairs with the requests waiting on an upstream channel, in order (the
@@ -675,6 +715,7 @@ impl Session {
         // False once the client's socket ended (EOF or an error).
         let mut client_open = true;
         loop {
+            self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
             if let Some(reason) = self.end.take() {
                 if client_open {
@@ -853,6 +894,10 @@ impl Session {
         let Some(drain) = &self.eof_drain else {
             return;
         };
+        if self.deferred.is_some() && Instant::now() < drain.deadline {
+            // A publish read before the end waits for its cluster's link.
+            return;
+        }
         let holding = !self.parked.is_empty()
             || self
                 .links
@@ -891,6 +936,7 @@ impl Session {
             return false;
         }
         self.tx_swaps > 0
+            || self.deferred.is_some()
             || self.barrier_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
             || self.delete_check.is_some_and(|(ch, id)| {
@@ -1109,4 +1155,38 @@ impl Session {
     // ----- client to upstream -------------------------------------------------------------
 
     // ----- upstream to client -------------------------------------------------------------
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_window;
+
+    fn split(window: u16, held: &[u32]) -> Vec<u16> {
+        (0..held.len())
+            .map(|k| split_window(window, held, k))
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_window_is_shared_out_evenly() {
+        assert_eq!(split(10, &[0, 0]), [5, 5]);
+        assert_eq!(split(7, &[0, 0, 0]), [3, 2, 2]);
+        assert_eq!(
+            split(1, &[0, 0]),
+            [1, 1],
+            "never 0: that would mean no limit"
+        );
+        assert_eq!(split(0, &[3, 0]), [0, 0], "no limit stays no limit");
+        assert_eq!(split(9, &[4]), [9], "one shard link: the whole window");
+    }
+
+    #[test]
+    fn what_a_link_holds_stays_its_own() {
+        // Celery raised its prefetch from 2 to 10 for 8 ETA tasks, all on the first cluster.
+        assert_eq!(split(10, &[8, 0]), [9, 1]);
+        assert_eq!(split(10, &[4, 4]), [5, 5]);
+        // The client lowered its prefetch below what it holds: no more until it acks.
+        assert_eq!(split(2, &[3, 1]), [3, 1]);
+        assert_eq!(split(2, &[3, 0]), [3, 1]);
+    }
 }

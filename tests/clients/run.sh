@@ -5,7 +5,8 @@
 # edge_compare.py (py-amqp) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
 # ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
 # differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
-# both ways (amqplib_suite.sh). WARREN_ADMIN (host:port of warren's admin endpoint, default
+# both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
+# WARREN_ADMIN (host:port of warren's admin endpoint, default
 # 127.0.0.1:15673) lets JavaEdge close a client from the server side through warren.
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
@@ -76,6 +77,12 @@ if [ -n "$proxy" ]; then
     status=PASS
     [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
     summary+=("$(printf '  %-9s %-7s %s %3ss' amqplib suite "$status" $(($(date +%s) - t0)))")
+    t0=$(date +%s)
+    "$HERE/pika_suite.sh" "$direct" "$proxy"
+    rc=$?
+    status=PASS
+    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
+    summary+=("$(printf '  %-9s %-7s %s %3ss' pika suite "$status" $(($(date +%s) - t0)))")
 fi
 echo "clients:"
 printf '%s\n' "${summary[@]}"

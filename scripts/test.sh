@@ -21,11 +21,14 @@
 #              (tests/python/run_suites.py);
 #      clients: pika, Node's amqplib and the RabbitMQ Java client, each a scenario of its own
 #              (confirms, returns, qos and acks, tx, big messages through 4096-byte frames), and
-#              RabbitMQ's tutorials 1-6 in pika, directly and through it (tests/clients/run.sh;
+#              RabbitMQ's tutorials 1-6 in pika, directly and through it; edge cases compared
+#              (py-amqp, Java); amqplib's and pika's own test suites both ways (tests/clients/run.sh;
 #              installs nodejs, npm's amqplib, Debian's librabbitmq-client-java and a JDK when
 #              missing);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py), then GET /clients and
 #              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py),
+#              Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
+#              control, beat) directly and through warren, compared (tests/e2e/celery_patterns.py),
 #              and a routing rule keeping Celery's fast queue on shard-a
 #              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
@@ -466,6 +469,17 @@ if want python || want clients || want celery; then
                     record celery-spread PASS 0
                 else
                     record celery-spread FAIL 0
+                fi
+                # Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
+                # control, beat, ...) directly and through warren, compared line by line.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/celery_patterns.py "amqp://guest:guest@$DIRECT//" >"$LOGS/patterns-rabbitmq.txt" 2>"$LOGS/patterns-rabbitmq.err" &&
+                    "$PY" tests/e2e/celery_patterns.py "$broker" >"$LOGS/patterns-warren.txt" 2>"$LOGS/patterns-warren.err" &&
+                    diff <(grep '^OBS' "$LOGS/patterns-rabbitmq.txt") <(grep '^OBS' "$LOGS/patterns-warren.txt"); then
+                    record celery-patterns PASS $(($(date +%s) - t1))
+                else
+                    tail -5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
+                    record celery-patterns FAIL $(($(date +%s) - t1))
                 fi
                 # A routing rule: fast tasks only on shard-a, checked on each cluster directly.
                 t1=$(date +%s)

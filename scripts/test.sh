@@ -434,7 +434,8 @@ if want python || want clients || want celery; then
         fi
         proxy_arg=()
         [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 1 ] && proxy_arg=("$PROXY_ADDR")
-        WARREN_VENV_PY="$PY" WARREN_ADMIN="${ADMIN_ADDR:-}" tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
+        WARREN_VENV_PY="$PY" WARREN_ADMIN="${ADMIN_ADDR:-}" WARREN_DIRECT_CTL="$RABBIT ctl shard-a-1" \
+            tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
         if [ "$ok" = 1 ]; then record clients PASS $(($(date +%s) - t0)); else record clients FAIL $(($(date +%s) - t0)); fi
     fi
 
@@ -478,7 +479,7 @@ if want python || want clients || want celery; then
                     diff <(grep '^OBS' "$LOGS/patterns-rabbitmq.txt") <(grep '^OBS' "$LOGS/patterns-warren.txt"); then
                     record celery-patterns PASS $(($(date +%s) - t1))
                 else
-                    tail -5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
+                    tail -n 5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
                     record celery-patterns FAIL $(($(date +%s) - t1))
                 fi
                 # A routing rule: fast tasks only on shard-a, checked on each cluster directly.

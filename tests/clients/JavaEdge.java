@@ -14,7 +14,9 @@
 //
 // The server-side close of the recovery scenarios uses warren's admin endpoint
 // (http://$WARREN_ADMIN/clients) when WARREN_ADMIN (host:port) is set, which tells the program
-// it runs through warren; else RabbitMQ's management API on the AMQP port + 10000 (guest/guest).
+// it runs through warren; else rabbitmqctl through $WARREN_DIRECT_CTL (a command prefix, e.g.
+// "scripts/rabbit.sh ctl shard-a-1") when set, or RabbitMQ's management API on the AMQP port +
+// 10000 (guest/guest).
 
 import com.rabbitmq.client.*;
 import com.rabbitmq.client.impl.Frame;
@@ -41,6 +43,9 @@ public class JavaEdge {
     static int PORT;
     static boolean WARREN;
     static String ADMIN;
+    /** Directly: how to run rabbitmqctl against the node (WARREN_DIRECT_CTL, e.g.
+     * "scripts/rabbit.sh ctl shard-a-1"); without it, the node's management API. */
+    static final String CTL = System.getenv("WARREN_DIRECT_CTL");
     static final String P = String.format("je.%08x.", new Random().nextInt());
     static String cur = "";
     static Connection admin;
@@ -260,6 +265,15 @@ public class JavaEdge {
         return r.body();
     }
 
+    /** Runs a shell command; its standard output. */
+    static String sh(String cmd) throws Exception {
+        Process p = new ProcessBuilder("bash", "-c", cmd).redirectError(ProcessBuilder.Redirect.DISCARD).start();
+        String out = new String(p.getInputStream().readAllBytes(), StandardCharsets.UTF_8);
+        p.waitFor(30, TimeUnit.SECONDS);
+        note(cmd + " -> exit " + p.exitValue());
+        return out;
+    }
+
     /** Close the connection named cname from the server side; true when done. */
     @SuppressWarnings("unchecked")
     static boolean killFromServer(String cname) throws Exception {
@@ -272,6 +286,17 @@ public class JavaEdge {
                     if (cname.equals(c.get("connection_name"))) {
                         long id = ((Number) c.get("id")).longValue();
                         http("POST", "http://" + ADMIN + "/clients/" + id + "/close?reason=java-edge", false);
+                        return true;
+                    }
+                }
+            } else if (CTL != null && !CTL.isEmpty()) {
+                // rabbitmqctl sees a connection at once; the management API only once its
+                // statistics are in, which a loaded machine can hold back for longer than this.
+                String out = sh(CTL + " -q list_connections --no-table-headers pid client_properties");
+                for (String line : out.split("\n")) {
+                    int tab = line.indexOf('\t');
+                    if (tab > 0 && line.contains("\"" + cname + "\"")) {
+                        sh(CTL + " close_connection '" + line.substring(0, tab).trim() + "' java-edge");
                         return true;
                     }
                 }

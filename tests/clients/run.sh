@@ -7,7 +7,9 @@
 # differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
 # both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
 # WARREN_ADMIN (host:port of warren's admin endpoint, default
-# 127.0.0.1:15673) lets JavaEdge close a client from the server side through warren.
+# 127.0.0.1:15673) lets JavaEdge close a client from the server side through warren;
+# WARREN_DIRECT_CTL (a rabbitmqctl command prefix for the direct node, e.g. "scripts/rabbit.sh
+# ctl shard-a-1") does it directly, else the node's management API.
 #
 # Run by `scripts/test.sh clients`, which installs what they need (pika in .venv, amqplib with
 # `npm ci` here, Debian's nodejs, librabbitmq-client-java and a JDK). The direct run checks the
@@ -66,7 +68,7 @@ if [ -n "$proxy" ]; then
         status=FAIL
         fails=$((fails + 1))
         echo "JavaEdge exit codes: rabbitmq $rc1, warren $rc2; stderr tails:"
-        tail -5 "$out/rabbitmq.err" "$out/warren.err"
+        tail -n 5 "$out/rabbitmq.err" "$out/warren.err"
     fi
     grep -h '\[doc:' "$out/warren.txt" | sed 's/^/  warren, documented: /'
     rm -rf "$out"

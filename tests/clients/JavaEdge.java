@@ -269,15 +269,16 @@ public class JavaEdge {
     static String sh(String cmd) throws Exception {
         Process p = new ProcessBuilder("bash", "-c", cmd).redirectError(ProcessBuilder.Redirect.DISCARD).start();
         String out = new String(p.getInputStream().readAllBytes(), StandardCharsets.UTF_8);
-        p.waitFor(30, TimeUnit.SECONDS);
-        note(cmd + " -> exit " + p.exitValue());
+        boolean done = p.waitFor(90, TimeUnit.SECONDS);
+        note(cmd + " -> " + (done ? "exit " + p.exitValue() : "still running"));
         return out;
     }
 
     /** Close the connection named cname from the server side; true when done. */
     @SuppressWarnings("unchecked")
     static boolean killFromServer(String cname) throws Exception {
-        long deadline = System.currentTimeMillis() + 20000;
+        // rabbitmqctl boots an Erlang VM for each call: seconds each on a loaded machine.
+        long deadline = System.currentTimeMillis() + 90000;
         while (System.currentTimeMillis() < deadline) {
             if (WARREN) {
                 Map<String, Object> r = (Map<String, Object>) new Json(http("GET", "http://" + ADMIN + "/clients", false)).parse();

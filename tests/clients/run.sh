@@ -63,8 +63,17 @@ if [ -n "$proxy" ]; then
         java -cp "$JAVA_CP" "$HERE/JavaEdge.java" "amqp://guest:guest@$proxy" >"$out/warren.txt" 2>"$out/warren.err"
     rc2=$?
     status=PASS
+    skip='\[doc:'
+    if grep -q '^recovery.*closed from the server side.*: false' "$out/rabbitmq.txt"; then
+        # The reference could not close its connection from the server side (rabbitmqctl or
+        # the management API too slow on a loaded machine): the recovery scenarios are not
+        # compared, but warren's side must still have recovered.
+        echo "JavaEdge: RabbitMQ's side could not close its connection; recovery scenarios checked on warren's side only"
+        skip='\[doc:|^recovery'
+        [ "$(grep -c '^recovery.*recovered=true' "$out/warren.txt")" = 2 ] || rc2=1
+    fi
     if [ $rc1 != 0 ] || [ $rc2 != 0 ] ||
-        ! diff <(grep -v '\[doc:' "$out/rabbitmq.txt") <(grep -v '\[doc:' "$out/warren.txt"); then
+        ! diff <(grep -Ev "$skip" "$out/rabbitmq.txt") <(grep -Ev "$skip" "$out/warren.txt"); then
         status=FAIL
         fails=$((fails + 1))
         echo "JavaEdge exit codes: rabbitmq $rc1, warren $rc2; stderr tails:"

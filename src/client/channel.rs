@@ -487,17 +487,16 @@ pub struct Consumer {
     pub ready: bool,
 }
 
-/// A consumer that one cluster cancelled on its own (its queue was deleted there, or its
-/// mirrored queue failed over under `x-cancel-on-ha-failover`). The client has been told, as
-/// one broker tells it; the other clusters' subscriptions are being cancelled, and what they
-/// still deliver for the tag before their cancel-ok goes back to the queue.
+/// A consumer with manual acks that one cluster cancelled on its own (its queue was deleted
+/// there, or its mirrored queue failed over under `x-cancel-on-ha-failover`). The client has
+/// been told, as one broker tells it; the other clusters' subscriptions are being cancelled, and
+/// what they still deliver for the tag before their cancel-ok goes back to the queue. (A no-ack
+/// consumer's deliveries are settled upstream already: they are passed on, nothing is kept.)
 #[derive(Debug)]
 pub struct Revoked {
     pub tag: ShortStr,
     /// Links whose cancel-ok has not come back yet.
     pub links: LinkSet,
-    /// Deliveries of a no-ack consumer are already settled upstream: they are passed on.
-    pub no_ack: bool,
 }
 
 /// The publishes of a channel's open transaction (shared `Bytes`, not copies).
@@ -621,13 +620,12 @@ impl Channel {
         self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
     }
 
-    /// Whether a delivery from `link` for consumer `tag` belongs to a revoked consumer that
-    /// must not reach the client (`Some(true)`: send it back to its queue).
-    pub fn revoked_requeue(&self, link: LinkId, tag: &ShortStr) -> Option<bool> {
+    /// Whether a delivery from `link` for consumer `tag` belongs to a revoked consumer: it must
+    /// not reach the client, and goes back to its queue.
+    pub fn is_revoked(&self, link: LinkId, tag: &ShortStr) -> bool {
         self.revoked
             .iter()
-            .find(|r| &r.tag == tag && r.links.contains(link))
-            .map(|r| !r.no_ack)
+            .any(|r| &r.tag == tag && r.links.contains(link))
     }
 
     /// A link answered the cancel of a revoked consumer: nothing more comes from it.

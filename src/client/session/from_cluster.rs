@@ -161,11 +161,12 @@ impl Session {
                 let no_ack = consumer.no_ack;
                 channel.remove_consumer(&c.consumer_tag);
                 if !others.is_empty() {
-                    channel.revoked.push(Revoked {
-                        tag: c.consumer_tag.clone(),
-                        links: others,
-                        no_ack,
-                    });
+                    if !no_ack {
+                        channel.revoked.push(Revoked {
+                            tag: c.consumer_tag.clone(),
+                            links: others,
+                        });
+                    }
                     let cluster = &self.links[link].link.cluster;
                     info!(conn = self.id, %cluster, channel = ch, consumer = %c.consumer_tag.as_str(), "consumer cancelled by the cluster; cancelling it on the others");
                     let cancel = Method::BasicCancel(codec::BasicCancel {
@@ -353,9 +354,7 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
-        if let Some(requeue) = channel.revoked_requeue(link, &d.consumer_tag)
-            && requeue
-        {
+        if channel.is_revoked(link, &d.consumer_tag) {
             // The client was told this consumer is gone: the message goes back to its queue.
             let reject = Method::BasicReject(codec::BasicReject {
                 delivery_tag: d.delivery_tag,

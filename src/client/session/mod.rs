@@ -120,23 +120,23 @@ pub async fn serve(
         tls: None,
     };
     let metrics = shared.metrics.clone();
-    let lazy = config.limits.lazy_links
+    // With lazy links the credentials are checked against the control cluster alone; the shard
+    // clusters get links when the client first needs them (see `Session::wake_shard_links`).
+    // An unreachable control cluster falls back to every cluster at once.
+    let control_only = if config.limits.lazy_links
         && config.clusters.iter().any(|c| c.role == Role::Control)
-        && config.clusters.iter().any(|c| c.role == Role::Shard);
-    let opened = if lazy {
-        // The credentials are checked against the control cluster alone; the shard clusters
-        // get links when the client first needs them (see `Session::wake_shard_links`).
-        match open_links(&config, &base, &metrics, Some(Role::Control)).await {
-            Err(ConnectError::Unreachable { .. }) => None,
-            other => Some(other),
-        }
+        && config.clusters.iter().any(|c| c.role == Role::Shard)
+    {
+        Some(open_links(&config, &base, &metrics, Some(Role::Control)).await)
     } else {
         None
     };
-    let lazy = opened.as_ref().is_some_and(Result::is_ok);
-    let opened = match opened {
-        Some(opened) => opened,
-        None => open_links(&config, &base, &metrics, None).await,
+    let lazy = matches!(control_only, Some(Ok(_)));
+    let opened = match control_only {
+        None | Some(Err(ConnectError::Unreachable { .. })) => {
+            open_links(&config, &base, &metrics, None).await
+        }
+        Some(result) => result,
     };
     let links = match opened {
         Ok(links) => links,

@@ -28,42 +28,32 @@ targets=("direct=$direct")
 
 fails=0
 summary=()
-for t in "${targets[@]}"; do
-    name=${t%%=*}
-    addr=${t#*=}
-    for client in pika amqplib java tutorials; do
-        echo "--- $client, $name ($addr)"
-        t0=$(date +%s)
-        case $client in
-        pika) "$PY" "$HERE/pika_client.py" "amqp://guest:guest@$addr/%2F" ;;
-        amqplib) node "$HERE/amqplib_client.js" "amqp://guest:guest@$addr/" ;;
-        java) java -cp "$JAVA_CP" "$HERE/JavaClient.java" "amqp://guest:guest@$addr" ;;
-        tutorials) "$PY" "$HERE/tutorials.py" "amqp://guest:guest@$addr/%2F" ;;
-        esac
-        rc=$?
-        status=PASS
-        [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
-        summary+=("$(printf '  %-9s %-7s %s %3ss' "$client" "$name" "$status" $(($(date +%s) - t0)))")
-    done
-done
-if [ -n "$proxy" ]; then
-    echo "--- edge cases, rabbitmq ($direct) against warren ($proxy)"
+# step NAME KIND COMMAND...: runs COMMAND and adds its line (PASS/FAIL, seconds) to the summary.
+step() {
+    local name=$1 kind=$2 t0 status=PASS
+    shift 2
     t0=$(date +%s)
-    "$PY" "$HERE/edge_compare.py" "$direct" "$proxy"
-    rc=$?
-    status=PASS
-    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
-    summary+=("$(printf '  %-9s %-7s %s %3ss' edges compare "$status" $(($(date +%s) - t0)))")
-    echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
-    t0=$(date +%s)
+    "$@" || { status=FAIL; fails=$((fails + 1)); }
+    summary+=("$(printf '  %-9s %-7s %s %3ss' "$name" "$kind" "$status" $(($(date +%s) - t0)))")
+}
+
+client() { # CLIENT ADDR: one client's scenario against ADDR
+    case $1 in
+    pika) "$PY" "$HERE/pika_client.py" "amqp://guest:guest@$2/%2F" ;;
+    amqplib) node "$HERE/amqplib_client.js" "amqp://guest:guest@$2/" ;;
+    java) java -cp "$JAVA_CP" "$HERE/JavaClient.java" "amqp://guest:guest@$2" ;;
+    tutorials) "$PY" "$HERE/tutorials.py" "amqp://guest:guest@$2/%2F" ;;
+    esac
+}
+
+java_edge_compare() { # JavaEdge.java against RabbitMQ and warren, outputs diffed
+    local out rc1 rc2 skip='\[doc:' ok=0
     out=$(mktemp -d)
     java -cp "$JAVA_CP" "$HERE/JavaEdge.java" "amqp://guest:guest@$direct" >"$out/rabbitmq.txt" 2>"$out/rabbitmq.err"
     rc1=$?
     WARREN_ADMIN=${WARREN_ADMIN:-127.0.0.1:15673} \
         java -cp "$JAVA_CP" "$HERE/JavaEdge.java" "amqp://guest:guest@$proxy" >"$out/warren.txt" 2>"$out/warren.err"
     rc2=$?
-    status=PASS
-    skip='\[doc:'
     if grep -q '^recovery.*closed from the server side.*: false' "$out/rabbitmq.txt"; then
         # The reference could not close its connection from the server side (rabbitmqctl or
         # the management API too slow on a loaded machine): the recovery scenarios are not
@@ -74,26 +64,30 @@ if [ -n "$proxy" ]; then
     fi
     if [ $rc1 != 0 ] || [ $rc2 != 0 ] ||
         ! diff <(grep -Ev "$skip" "$out/rabbitmq.txt") <(grep -Ev "$skip" "$out/warren.txt"); then
-        status=FAIL
-        fails=$((fails + 1))
+        ok=1
         echo "JavaEdge exit codes: rabbitmq $rc1, warren $rc2; stderr tails:"
         tail -n 5 "$out/rabbitmq.err" "$out/warren.err"
     fi
     grep -h '\[doc:' "$out/warren.txt" | sed 's/^/  warren, documented: /'
     rm -rf "$out"
-    summary+=("$(printf '  %-9s %-7s %s %3ss' java-edge compare "$status" $(($(date +%s) - t0)))")
-    t0=$(date +%s)
-    "$HERE/amqplib_suite.sh" "$direct" "$proxy"
-    rc=$?
-    status=PASS
-    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
-    summary+=("$(printf '  %-9s %-7s %s %3ss' amqplib suite "$status" $(($(date +%s) - t0)))")
-    t0=$(date +%s)
-    "$HERE/pika_suite.sh" "$direct" "$proxy"
-    rc=$?
-    status=PASS
-    [ $rc = 0 ] || { status=FAIL; fails=$((fails + 1)); }
-    summary+=("$(printf '  %-9s %-7s %s %3ss' pika suite "$status" $(($(date +%s) - t0)))")
+    return $ok
+}
+
+for t in "${targets[@]}"; do
+    name=${t%%=*}
+    addr=${t#*=}
+    for c in pika amqplib java tutorials; do
+        echo "--- $c, $name ($addr)"
+        step "$c" "$name" client "$c" "$addr"
+    done
+done
+if [ -n "$proxy" ]; then
+    echo "--- edge cases, rabbitmq ($direct) against warren ($proxy)"
+    step edges compare "$PY" "$HERE/edge_compare.py" "$direct" "$proxy"
+    echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
+    step java-edge compare java_edge_compare
+    step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"
+    step pika suite "$HERE/pika_suite.sh" "$direct" "$proxy"
 fi
 echo "clients:"
 printf '%s\n' "${summary[@]}"

@@ -20,6 +20,7 @@
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
+//! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels, so a cluster without the queue closes nothing of the client's |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. The ignored tests run
 //! with `cargo test --test session_core -- --ignored` (they fail until their bug is fixed).
@@ -1916,4 +1917,118 @@ async fn r_shard_links_open_at_the_first_request_that_needs_them() {
         3,
         "nothing sharded on control"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (s) Channels reopened behind a close, and warren's own channels for checks
+
+/// The client reopens a channel at once after one cluster closed it, while another cluster
+/// still has to confirm the close of its part (it answers late), and sends requests behind the
+/// open without waiting (asynchronous clients do; py-amqp and kombu reuse the lowest free
+/// number). Those requests must reach that cluster after the new channel.open: sent on the
+/// closed channel, RabbitMQ closes the whole connection (504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_requests_behind_a_reopen_wait_for_the_slow_close_of_the_old_channel() {
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    b.close_channel(
+        lb,
+        1,
+        warren::codec::ReplyCode::PreconditionFailed,
+        "fake refusal",
+    );
+    assert!(matches!(c.reply(1).await, Method::ChannelClose(_)));
+    c.send(1, Method::ChannelCloseOk(Default::default())).await;
+    c.send(1, Method::ChannelOpen(Default::default())).await;
+    let declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(Q),
+        durable: true,
+        ..Default::default()
+    });
+    c.send(1, declare).await;
+    wait_for("shard-a got the close of the old channel", || {
+        (!a.ledger(la).received_named("channel.close").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.stall(la, false);
+    assert!(matches!(c.reply(1).await, Method::ChannelOpenOk(_)));
+    assert!(matches!(c.reply(1).await, Method::QueueDeclareOk(_)));
+    let on_1: Vec<&str> = a
+        .ledger(la)
+        .received
+        .iter()
+        .filter(|f| f.channel == 1)
+        .map(|f| f.method.name())
+        .collect();
+    assert_eq!(
+        on_1[on_1.len() - 3..],
+        ["channel.close", "channel.open", "queue.declare"],
+        "shard-a's channel 1: {on_1:?}"
+    );
+    for (cluster, link) in [(a, la), (b, lb), (control, control.only_link().await)] {
+        assert!(
+            cluster.ledger(link).violations.is_empty(),
+            "{}: {:?}",
+            cluster.name(),
+            cluster.ledger(link).violations
+        );
+    }
+}
+
+/// queue.delete with `if_empty` of a queue one cluster lacks: warren checks the whole queue
+/// with passive declares on channels of its own, so the cluster's 404 closes only that
+/// channel; the client's channel keeps its consumer and unacked message, and the delete goes
+/// to every cluster. A queue missing everywhere is delete-ok (0), as from RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_a_conditional_delete_checks_on_warrens_own_channels() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, "other").await;
+    c.consume(1, "other", "ctag-s").await;
+    b.enqueue("other", b"held");
+    let held = c.delivery().await;
+    a.delete_queue(Q);
+    let delete = |queue: &str| {
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(queue),
+            if_empty: true,
+            if_unused: true,
+            ..Default::default()
+        })
+    };
+    match c.call(1, delete(Q)).await {
+        Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
+        other => panic!("expected queue.delete-ok, got {other:?}"),
+    }
+    assert!(!a.has_queue(Q) && !b.has_queue(Q));
+    match c.call(1, delete("never-declared")).await {
+        Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
+        other => panic!("expected queue.delete-ok, got {other:?}"),
+    }
+    c.send(1, ack(held.tag, false)).await;
+    c.sync(1).await;
+    let lb = b.only_link().await;
+    assert_eq!(b.ledger(lb).settlements(1), vec![ack(1, false)]);
+    for cluster in [a, b] {
+        let link = cluster.only_link().await;
+        let checks = cluster.ledger(link).received_named("queue.declare");
+        assert!(
+            checks
+                .iter()
+                .filter(|(_, m)| matches!(m, Method::QueueDeclare(d) if d.passive))
+                .all(|(ch, _)| *ch != 1),
+            "{}: passive checks on the client's channel: {checks:?}",
+            cluster.name()
+        );
+        assert!(cluster.ledger(link).violations.is_empty());
+    }
 }

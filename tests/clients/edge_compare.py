@@ -2043,6 +2043,103 @@ def consume_pipelined_with_a_publish(t: Target) -> list:
     return obs
 
 
+def reopen_refused_channel_pipelined(t: Target) -> list:
+    """A channel one broker closed (a publish to a missing exchange), opened again at once with
+    the same number and used without waiting for open-ok, as asynchronous clients do (py-amqp
+    and kombu reuse the lowest free number): everything sent behind the open is processed."""
+    obs = []
+    c = t.connect()
+    q = uid("reopenpipe")
+    setup = c.channel()
+    declare(setup, q)
+    for round_ in range(4):
+        ch = c.channel(5) if round_ == 0 else ch
+        ch._do_revive = lambda: None  # py-amqp reopens synchronously; this test pipelines
+        ch.send_method(amqp.spec.Basic.Publish, "Bssbb", (0, uid("nox"), "k", False, False),
+                       amqp.Message("lost"))
+        attempt(obs, f"round {round_}: sync after refused publish",
+                lambda: ch.basic_qos(0, 1, False))
+        ch.collect()
+        ch = amqp.Channel(c, 5)
+        ch.send_method(amqp.spec.Channel.Open, "s", ("",))
+        for i in range(6):
+            ch.send_method(amqp.spec.Basic.Publish, "Bssbb", (0, "", q, False, False),
+                           amqp.Message(f"r{round_}-{i}"))
+        attempt(obs, f"round {round_}: qos behind the open",
+                lambda: ch.basic_qos(0, 5, False))
+    obs.append(f"in queue {settle(setup, q, 24)}")
+    obs.append(f"received {bodies(get_all(setup, q))}")
+    setup.queue_delete(q)
+    return obs
+
+
+def conditional_deletes_of_missing_and_partial_queues(t: Target) -> list:
+    """queue.delete with if_empty / if_unused of a queue that does not exist is delete-ok (0),
+    as an unconditional one; the channel stays usable, with its consumer and unacked messages;
+    a queue exclusive to another connection is refused (405) whatever the conditions."""
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    q = uid("keep")
+    declare(ch, q)
+    publish_n(ch, q, 6)
+    settle(ch, q, 6)
+    ch.basic_qos(0, 2, False)
+    got, acking = [], []
+
+    def on_message(m):
+        got.append(m)
+        if acking:
+            ch.basic_ack(m.delivery_tag)
+
+    ch.basic_consume(q, consumer_tag="held", callback=on_message)
+    end = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < end:
+        drain(c, 0.2)
+    for flags in ((True, False), (False, True), (True, True)):
+        attempt(obs, f"delete missing if_unused={flags[0]} if_empty={flags[1]}",
+                lambda: ch.queue_delete(uid("noq"), if_unused=flags[0], if_empty=flags[1]))
+    attempt(obs, "same channel still works", lambda: ch.queue_declare(q, passive=True)[1:])
+    acking.append(True)
+    for m in got:
+        ch.basic_ack(m.delivery_tag)
+    end = time.monotonic() + 5
+    while len(got) < 6 and time.monotonic() < end:
+        drain(c, 0.2)
+    obs.append(f"consumed {bodies(got)}")
+    attempt(obs, "cancel", lambda: ch.basic_cancel("held"))
+    other = t.connect().channel()
+    xq = uid("excl")
+    other.queue_declare(xq, exclusive=True)
+    attempt(obs, "delete exclusive of another connection if_empty",
+            lambda: ch.queue_delete(xq, if_empty=True))
+    ch = c.channel()
+    attempt(obs, "delete own queue if_empty", lambda: ch.queue_delete(q, if_empty=True))
+    return obs
+
+
+def expiring_queue_polled_by_get(t: Target) -> list:
+    """An x-expires queue kept alive by basic.get (warren renews the lease on the clusters a
+    get did not ask, on a channel of its own): the polling channel is never disturbed."""
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    q = uid("expget")
+    declare(ch, q, arguments={"x-expires": 3000})
+    publish_n(ch, q, 4)
+    settle(ch, q, 4)
+    seen = []
+    for _ in range(4):
+        m = ch.basic_get(q, no_ack=True)
+        if m is not None:
+            seen.append(m.body)
+        time.sleep(0.3)
+    obs.append(f"got {sorted(seen)}")
+    attempt(obs, "channel usable", lambda: ch.basic_qos(0, 1, False))
+    ch.queue_delete(q)
+    return obs
+
+
 SCENARIOS = [
     consume_pipelined_with_a_publish,
     ack_all_with_tag_0,
@@ -2125,6 +2222,9 @@ SCENARIOS = [
     consume_no_local,
     delete_if_empty_with_only_unacked,
     reject_publish_dlx_each_message_once,
+    reopen_refused_channel_pipelined,
+    conditional_deletes_of_missing_and_partial_queues,
+    expiring_queue_polled_by_get,
 ]
 
 

@@ -139,6 +139,9 @@ pub struct Ledger {
     pub alive: bool,
     pub received: Vec<Frame>,
     pub sent: Vec<Frame>,
+    /// Methods received on a channel that was not open, which RabbitMQ answers by closing the
+    /// connection (504): each is a bug in warren.
+    pub violations: Vec<String>,
 }
 
 impl Ledger {
@@ -883,7 +886,19 @@ impl State {
             return self.send(id, ch, ok, None);
         }
         let Some(chan) = self.conns[id].channels.get_mut(&ch) else {
-            return; // Not open: RabbitMQ would close the connection; nothing here needs it.
+            // Not open: RabbitMQ closes the connection.
+            let name = method.name();
+            self.conns[id]
+                .ledger
+                .violations
+                .push(format!("{name} on channel {ch}, which is not open"));
+            let close = Method::ConnectionClose(codec::ConnectionClose {
+                reply_code: ReplyCode::ChannelError.code(),
+                reply_text: ss(&ReplyCode::ChannelError.text("expected 'channel.open'")),
+                class_id: ids.0,
+                method_id: ids.1,
+            });
+            return self.send(id, 0, close, None);
         };
         if chan.closing {
             // Closes crossed, or the peer's close-ok: the channel is gone.

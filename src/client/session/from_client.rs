@@ -289,7 +289,7 @@ impl Session {
         self.channels[i] = Some(channel);
         self.metrics.channels.inc();
         for link in targets.iter() {
-            self.links[link].open(ch, Pending::Rpc(id));
+            self.reopen_wait |= self.links[link].open(ch, Pending::Rpc(id));
         }
         for link in 0..self.links.len() {
             if self.links[link].needs_topology && self.links[link].live() {
@@ -646,14 +646,35 @@ impl Session {
             passive: true,
             ..Default::default()
         });
-        self.fan_out(ch, &check, self.live_links())?;
-        if let Some(channel) = self.channel_mut(ch)
-            && let Some(rpc) = channel.rpcs.back_mut()
-        {
+        let targets = self.live_links();
+        if targets.is_empty() {
+            return self.fan_out(ch, &check, targets);
+        }
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
+        let id = channel.push_rpc(targets.len(), Vec::new(), &check);
+        if let Some(rpc) = channel.rpc_mut(id) {
             rpc.then_delete = Some(delete);
-            self.delete_check = Some((ch, rpc.id));
+        }
+        self.delete_check = Some((ch, id));
+        // The checks go on warren's own channels: a cluster without the queue answers 404 by
+        // closing the channel it was asked on, and RabbitMQ deletes a missing queue with
+        // delete-ok (0).
+        for link in targets.iter() {
+            self.side_check(link, ch, &check, Pending::Rpc(id));
         }
         Ok(())
+    }
+
+    /// Sends the check `method` for client channel `ch` on a channel of warren's own on
+    /// `link` (see [`LinkSlot::side_request`]), or on `ch` itself when no number is free.
+    pub(super) fn side_check(&mut self, link: LinkId, ch: u16, method: &Method, who: Pending) {
+        let channels = &self.channels;
+        let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
+        if !self.links[link].side_request(ch, method, who, in_use) {
+            self.links[link].request(ch, method, who);
+        }
     }
 
     /// Applies AMQP's queue-name shortcut: an empty queue name in bind, unbind, purge, delete,

@@ -23,6 +23,13 @@ impl Session {
         if self.closing.is_some() {
             return;
         }
+        if let Some(owner) = self.links[link]
+            .chans
+            .get(usize::from(ch))
+            .and_then(|u| u.side_for)
+        {
+            return self.on_side_method(link, ch, owner, method);
+        }
         // After sending channel.close a peer discards everything on that channel but close and
         // close-ok (a late reply must not be taken for the reply to a reopened channel).
         let closing = self.links[link].chan_state(ch) == UpState::Closing;
@@ -69,12 +76,11 @@ impl Session {
                     self.tx_swaps -= 1;
                 }
                 let slot = &mut self.links[link];
-                if let (true, pending) = slot.reset_chan(ch) {
+                if let Some(p) = slot.reset_chan(ch) {
                     // The client closed and reopened while this close was in flight, or warren
                     // closed it to reopen it for a tx.select.
-                    if let Some(p) = pending {
-                        slot.open(ch, p);
-                    }
+                    slot.open(ch, p);
+                    self.reopen_wait = self.links.iter().any(LinkSlot::reopen_pending);
                     if let Some(id) = tx_swap {
                         self.finish_tx_swap(link, ch, id);
                     }
@@ -112,22 +118,7 @@ impl Session {
             return self.on_reply(link, ch, method, content);
         }
         match method {
-            Method::ChannelClose(c) => {
-                // One cluster refused: the client channel fails as a whole, with that cluster's
-                // code and text; its parts on the other clusters are closed behind it.
-                if c.class_id == 60 && c.method_id == 40 {
-                    // A refused publish: exchanges accepted before are checked again.
-                    self.proven_exchanges.clear();
-                }
-                channel.state = ChannelState::AwaitingCloseOk;
-                channel.rpcs.clear();
-                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
-                self.to_client(ch, &Method::ChannelClose(c));
-                let close = close_method(200, "sibling channel closed");
-                for slot in &mut self.links {
-                    slot.close_chan(ch, &close);
-                }
-            }
+            Method::ChannelClose(c) => self.refused_by_cluster(ch, c),
             Method::ChannelCloseOk(_) => {}
             Method::BasicDeliver(d) => {
                 if self.links[link].removed {
@@ -224,6 +215,18 @@ impl Session {
         let Some(Pending::Rpc(id)) = pending else {
             return;
         };
+        self.answer_rpc(link, ch, id, method, content);
+    }
+
+    /// Folds `link`'s reply into request `id` of client channel `ch`.
+    fn answer_rpc(
+        &mut self,
+        link: LinkId,
+        ch: u16,
+        id: u64,
+        method: Method,
+        content: Option<Content>,
+    ) {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
@@ -242,6 +245,107 @@ impl Session {
         }
         rpc.merge(method, content, link);
         self.flush_rpcs(ch);
+    }
+
+    /// One cluster refused: the client channel fails as a whole, with that cluster's code and
+    /// text; its parts on the other clusters are closed behind it.
+    fn refused_by_cluster(&mut self, ch: u16, c: codec::ChannelClose) {
+        if c.class_id == 60 && c.method_id == 40 {
+            // A refused publish: exchanges accepted before are checked again.
+            self.proven_exchanges.clear();
+        }
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        channel.state = ChannelState::AwaitingCloseOk;
+        channel.rpcs.clear();
+        channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+        self.to_client(ch, &Method::ChannelClose(c));
+        let close = close_method(200, "sibling channel closed");
+        for slot in &mut self.links {
+            slot.close_chan(ch, &close);
+        }
+    }
+
+    /// A method on one of warren's own channels (see [`LinkSlot::side_request`]) that serves
+    /// client channel `owner`: the reply is the client's request's, and the channel closes
+    /// once it is in. A refusal closes only this channel: a missing queue counts as empty and
+    /// unused (what deleting it would find), anything else fails the client channel.
+    fn on_side_method(&mut self, link: LinkId, n: u16, owner: u16, method: Method) {
+        let slot = &mut self.links[link];
+        match method {
+            Method::ChannelOpenOk(_) => {
+                let up = slot.chan(n);
+                up.pending.pop_front();
+                if up.state == UpState::Opening {
+                    up.state = UpState::Open;
+                }
+            }
+            Method::ChannelClose(c) => {
+                slot.send(n, &Method::ChannelCloseOk(Default::default()));
+                let who = slot
+                    .chan(n)
+                    .pending
+                    .iter()
+                    .rev()
+                    .map(|w| w.who)
+                    .find(|w| !matches!(w, Pending::Internal));
+                self.end_side(link, n);
+                let Some(Pending::Rpc(id)) = who else {
+                    return;
+                };
+                let request = channel_in(&mut self.channels, owner)
+                    .and_then(|c| c.rpc_mut(id))
+                    .map(|r| r.request.clone());
+                let Some(Method::QueueDeclare(check)) = request else {
+                    return;
+                };
+                if c.reply_code == ReplyCode::NotFound.code() {
+                    let ok = Method::QueueDeclareOk(codec::QueueDeclareOk {
+                        queue: check.queue,
+                        message_count: 0,
+                        consumer_count: 0,
+                    });
+                    self.answer_rpc(link, owner, id, ok, None);
+                } else {
+                    // Refused for another reason (an exclusive queue of another connection,
+                    // no permission): the delete the check stood for is refused alike.
+                    let (class_id, method_id) =
+                        Method::QueueDelete(codec::QueueDelete::default()).ids();
+                    self.refused_by_cluster(
+                        owner,
+                        codec::ChannelClose {
+                            class_id,
+                            method_id,
+                            ..c
+                        },
+                    );
+                }
+            }
+            Method::ChannelCloseOk(_) => self.end_side(link, n),
+            reply if is_reply(&reply) => {
+                let who = slot.take_waiting(n, &reply);
+                let up = slot.chan(n);
+                if up.state == UpState::Open {
+                    up.state = UpState::Closing;
+                    slot.send(n, &close_method(200, "check answered"));
+                }
+                if let Some(Pending::Rpc(id)) = who {
+                    self.answer_rpc(link, owner, id, reply, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// warren's own channel `n` is closed: free its number, and open it for the client if the
+    /// client opened a channel of that number meanwhile.
+    fn end_side(&mut self, link: LinkId, n: u16) {
+        let slot = &mut self.links[link];
+        if let Some(p) = slot.reset_chan(n) {
+            slot.open(n, p);
+            self.reopen_wait = self.links.iter().any(LinkSlot::reopen_pending);
+        }
     }
 
     /// Answers completed requests at the head of the channel's queue, in request order.
@@ -539,7 +643,7 @@ impl Session {
         });
         for &link in untried {
             if self.links[link].live() {
-                self.links[link].request(ch, &check, Pending::Internal);
+                self.side_check(link, ch, &check, Pending::Internal);
             }
         }
     }

@@ -57,8 +57,13 @@ impl Waiting {
 #[derive(Debug)]
 pub(super) struct UpChan {
     pub(super) state: UpState,
-    /// The client reopened the channel while this one was still closing.
-    pub(super) reopen: bool,
+    /// Opened again, for this requester, as soon as the close in flight completes: the client
+    /// reopened the channel meanwhile (its input waits until then, see
+    /// `Session::input_paused`), or warren closed it to reopen it for a tx.select.
+    pub(super) reopen: Option<Pending>,
+    /// A channel of warren's own serving the client channel of this number (see
+    /// [`LinkSlot::side_request`]); its replies are not the client channel `ch`'s.
+    pub(super) side_for: Option<u16>,
     pub(super) confirm_mode: bool,
     pub(super) confirms: UpstreamConfirms,
     pub(super) pending: std::collections::VecDeque<Waiting>,
@@ -72,7 +77,8 @@ impl Default for UpChan {
     fn default() -> Self {
         UpChan {
             state: UpState::Closed,
-            reopen: false,
+            reopen: None,
+            side_for: None,
             confirm_mode: false,
             confirms: UpstreamConfirms::default(),
             pending: Default::default(),
@@ -148,15 +154,15 @@ impl LinkSlot {
         was_live
     }
 
-    /// Resets an upstream channel that is gone, releasing its pending confirms; returns its
-    /// reopen flag and its first pending request.
-    pub(super) fn reset_chan(&mut self, ch: u16) -> (bool, Option<Pending>) {
+    /// Resets an upstream channel that is gone, releasing its pending confirms; returns who
+    /// waits for it to be opened again, if anyone.
+    pub(super) fn reset_chan(&mut self, ch: u16) -> Option<Pending> {
         let m = self.m.confirms_pending.clone();
         let up = self.chan(ch);
         m.dec_by(up.confirms.pending() as i64);
         // The channel is gone: the broker processed or refused what was published on it.
         let released: usize = up.confirms.drain().iter().map(|p| p.held.size()).sum();
-        let out = (up.reopen, up.pending.front().map(|w| w.who));
+        let out = up.reopen;
         *up = UpChan::default();
         self.released_held += released;
         out
@@ -220,8 +226,9 @@ impl LinkSlot {
         up.pending.remove(at).map(|w| w.who)
     }
 
-    /// Opens the upstream channel `ch` (or schedules it behind a close in progress).
-    pub(super) fn open(&mut self, ch: u16, pending: Pending) {
+    /// Opens the upstream channel `ch` (or schedules it behind a close in progress: returns
+    /// true then).
+    pub(super) fn open(&mut self, ch: u16, pending: Pending) -> bool {
         let done = self.done;
         let up = self.chan(ch);
         match up.state {
@@ -240,21 +247,34 @@ impl LinkSlot {
                 }
             }
             UpState::Closing => {
-                up.reopen = true;
-                up.pending.push_back(Waiting::other(pending));
+                up.reopen = Some(pending);
+                return true;
+            }
+            // warren's own channel of this number is still in use: it closes when its check is
+            // answered, and this open follows.
+            UpState::Opening | UpState::Open if up.side_for.is_some() => {
+                up.reopen = Some(pending);
+                return true;
             }
             UpState::Opening | UpState::Open => {}
         }
+        false
     }
 
     /// Sends channel.close for the client channel's part on this link, if it is open.
     pub(super) fn close_chan(&mut self, ch: u16, close: &Method) -> bool {
         let done = self.done;
         let up = self.chan(ch);
+        if up.side_for.is_some() {
+            // warren's own channel of this number, not the client's: the client's part was
+            // never opened behind it.
+            up.reopen = None;
+            return false;
+        }
         match up.state {
             UpState::Open | UpState::Opening => {
                 up.state = UpState::Closing;
-                up.reopen = false;
+                up.reopen = None;
                 up.pending.clear();
                 if !done {
                     self.link.send(ch, close);
@@ -264,7 +284,7 @@ impl LinkSlot {
             UpState::Closing => {
                 // A reopen planned behind the close in flight (the client's, or a tx.select's)
                 // is off: the channel is being closed for good.
-                up.reopen = false;
+                up.reopen = None;
                 up.pending.clear();
                 !done
             }
@@ -287,14 +307,57 @@ impl LinkSlot {
             return;
         }
         up.state = UpState::Closing;
-        up.reopen = true;
-        up.pending.push_back(Waiting::other(Pending::Internal));
+        up.reopen = Some(Pending::Internal);
         if !done {
             self.link.send(
                 ch,
                 &close_method(200, "reopened without confirm mode for tx.select"),
             );
         }
+    }
+
+    /// Sends `method` on a channel of warren's own instead of the client channel `ch`: a check
+    /// whose refusal must not close the client's channel (a passive declare of a queue that
+    /// may be missing on this cluster, which RabbitMQ answers by closing the channel). The
+    /// channel is the lowest number that neither the client (`in_use`) nor warren uses on this
+    /// link; it is opened, asked, and closed once answered (`Session::on_side_method`). A
+    /// client that opens the same number meanwhile waits for that close. Returns false when
+    /// no number is free.
+    pub(super) fn side_request(
+        &mut self,
+        ch: u16,
+        method: &Method,
+        who: Pending,
+        in_use: impl Fn(u16) -> bool,
+    ) -> bool {
+        if self.done {
+            return false;
+        }
+        let top = match self.link.channel_max {
+            0 => u16::MAX,
+            n => n,
+        };
+        let Some(n) = (1..=top).find(|&n| !in_use(n) && self.chan_state(n) == UpState::Closed)
+        else {
+            return false;
+        };
+        let up = self.chan(n);
+        *up = UpChan {
+            state: UpState::Opening,
+            side_for: Some(ch),
+            ..UpChan::default()
+        };
+        up.pending.push_back(Waiting::other(Pending::Internal));
+        up.pending.push_back(Waiting::for_request(who, method));
+        self.link.send(n, &Method::ChannelOpen(Default::default()));
+        self.link.send(n, method);
+        true
+    }
+
+    /// Whether an upstream channel waits for a close in flight before it opens again for the
+    /// client.
+    pub(super) fn reopen_pending(&self) -> bool {
+        !self.done && self.chans.iter().any(|u| u.reopen.is_some())
     }
 
     pub(super) fn live(&self) -> bool {

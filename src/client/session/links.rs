@@ -578,12 +578,14 @@ impl Session {
                 self.tx_swaps -= 1;
                 self.settle_dead_rpc(ch, id);
             }
+            // A check on warren's own channel belongs to the client channel it serves.
+            let owner = up.side_for.unwrap_or(ch);
             for waiting in up.pending {
                 if let Pending::Rpc(id) = waiting.who
-                    && !self.redo_commit(ch, link, id)
-                    && !self.orphan_rpc(ch, id, &cluster)
+                    && !self.redo_commit(owner, link, id)
+                    && !self.orphan_rpc(owner, id, &cluster)
                 {
-                    self.settle_dead_rpc(ch, id);
+                    self.settle_dead_rpc(owner, id);
                 }
             }
             let freed: usize = lost.iter().map(|p| p.held.size()).sum();
@@ -591,7 +593,7 @@ impl Session {
             for inflight in lost {
                 self.republish(ch, link, inflight);
             }
-            self.flush_rpcs(ch);
+            self.flush_rpcs(owner);
         }
         for channel in self.channels.iter_mut().flatten() {
             // Replies of this link still waiting for their turn (a get-ok behind a slower
@@ -772,6 +774,10 @@ impl Session {
                 Some(reply) => {
                     rpc.merge(reply, None, link);
                     self.flush_rpcs(o.ch);
+                }
+                None if rpc.then_delete.is_some() => {
+                    let request = rpc.request.clone();
+                    self.side_check(link, o.ch, &request, Pending::Rpc(o.id));
                 }
                 None => {
                     let request = rpc.request.clone();

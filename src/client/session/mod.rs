@@ -249,6 +249,7 @@ pub async fn serve(
         no_shard_since: None,
         next_read: 0,
         tx_swaps: 0,
+        reopen_wait: false,
         rpc_stall: None,
         input_stalled: false,
         eof_drain: None,
@@ -522,6 +523,9 @@ struct Session {
     /// ([`select_tx`](Self::select_tx)). While any is, the client's input waits: what it sends
     /// after tx.select must reach those channels after their tx.select.
     tx_swaps: usize,
+    /// A client channel's open waits behind the close of its previous upstream part on some
+    /// link (see [`input_paused`](Self::input_paused)); cleared once none does.
+    reopen_wait: bool,
     /// A channel with [`MAX_PIPELINED_RPCS`] requests unanswered: the client's input waits
     /// until it has fewer.
     rpc_stall: Option<u16>,
@@ -928,7 +932,9 @@ impl Session {
         }
     }
 
-    /// The client's input waits while a tx.select reopens upstream channels, and while a channel
+    /// The client's input waits while a tx.select reopens upstream channels, while a channel the
+    /// client opened again waits for the close of its previous upstream part (what the client
+    /// sends on it must follow the new channel.open), and while a channel
     /// has [`MAX_PIPELINED_RPCS`] requests unanswered (but not while the connection closes: the
     /// client's close-ok must be read).
     fn input_paused(&self) -> bool {
@@ -937,6 +943,7 @@ impl Session {
         }
         self.tx_swaps > 0
             || self.deferred.is_some()
+            || (self.reopen_wait && self.links.iter().any(LinkSlot::reopen_pending))
             || self.barrier_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
             || self.delete_check.is_some_and(|(ch, id)| {

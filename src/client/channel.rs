@@ -186,6 +186,12 @@ pub struct DeliveryTags {
 impl DeliveryTags {
     /// Issues the client tag for a delivery or get-ok. Deliveries the client will not ack
     /// (no_ack consumers) still take a number, but nothing is kept for them.
+    /// The tag the next delivery gets, without using it up (a direct reply's, see
+    /// [`Channel::consumes_replies`]).
+    pub fn peek(&self) -> u64 {
+        self.last + 1
+    }
+
     pub fn issue(&mut self, link: LinkId, upstream_tag: u64, needs_ack: bool) -> u64 {
         self.last += 1;
         if needs_ack {
@@ -485,6 +491,8 @@ pub struct Consumer {
     pub request: Option<crate::codec::BasicConsume>,
     /// The client has its consume-ok (or asked for none).
     pub ready: bool,
+    /// Consumes direct replies (the pseudo-queue `amq.rabbitmq.reply-to`).
+    pub replies: bool,
 }
 
 /// A consumer with manual acks that one cluster cancelled on its own (its queue was deleted
@@ -618,6 +626,12 @@ impl Channel {
 
     pub fn consumer_no_ack(&self, tag: &ShortStr) -> bool {
         self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
+    }
+
+    /// Whether consumer `tag` consumes direct replies (`amq.rabbitmq.reply-to`): RabbitMQ gives
+    /// each of its deliveries the channel's next delivery tag without using it up.
+    pub fn consumes_replies(&self, tag: &ShortStr) -> bool {
+        self.consumers.iter().any(|c| c.replies && &c.tag == tag)
     }
 
     /// Whether a delivery from `link` for consumer `tag` belongs to a revoked consumer: it must

@@ -156,6 +156,7 @@ impl Session {
                     // A broker sends consume-ok before any delivery; with several clusters the
                     // first one may deliver before the last one answers, so deliveries wait.
                     ready: c.nowait,
+                    replies: c.queue.as_bytes() == b"amq.rabbitmq.reply-to",
                 };
                 if let Some(channel) = self.channel_mut(ch) {
                     // A tag used again after a cluster revoked it: its stragglers may go to

@@ -468,6 +468,12 @@ impl Session {
             return;
         }
         let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
+        if !needs_ack && channel.consumes_replies(&d.consumer_tag) {
+            // As RabbitMQ numbers direct replies: the next tag, not used up.
+            d.delivery_tag = channel.tags.peek();
+            self.links[link].m.deliveries.inc();
+            return self.deliver(ch, &Method::BasicDeliver(d), content);
+        }
         d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
         let m = &self.links[link].m;
         m.deliveries.inc();

@@ -298,10 +298,10 @@ mod spec_codes_where_rabbitmq_differs {
         /// channel-max is "the highest channel number" allowed; RabbitMQ counts open channels
         /// instead and opens channel 11 of a connection that negotiated 10.
         channel_above_channel_max_is_530_not_allowed: Abuse::ChannelAboveMax => 530;
-        /// RabbitMQ answers 501 ("cannot decode"); see `CodecError::reply_code`.
-        truncated_method_arguments_are_502_syntax_error: Abuse::TruncatedMethod => 502;
+        /// RabbitMQ answers 501 too ("cannot decode"); see `CodecError::reply_code`.
+        truncated_method_arguments_are_501_frame_error: Abuse::TruncatedMethod => 501;
         /// RabbitMQ's connection process exits and drops the socket without a close.
-        unknown_field_value_type_is_502_syntax_error: Abuse::UnknownFieldType => 502;
+        unknown_field_value_type_is_501_frame_error: Abuse::UnknownFieldType => 501;
     }
 }
 

@@ -131,8 +131,9 @@ impl Conn<'_> {
                         continue;
                     }
                     if frame.channel != 0 {
+                        // RabbitMQ's code for it.
                         return Err(close(
-                            ReplyCode::ChannelError,
+                            ReplyCode::UnexpectedFrame,
                             format!("frame on channel {} during handshake", frame.channel),
                         ));
                     }

@@ -80,10 +80,11 @@ impl CodecError {
     ///
     /// * Frame errors (type, size, frame-end) are 501 FRAME_ERROR, as in the spec and in
     ///   RabbitMQ (`rabbit_reader` answers `frame_error` for these).
-    /// * [`CodecError::Syntax`] is 502 SYNTAX_ERROR, the spec's code for "a frame that contained
-    ///   illegal values for one or more fields". Note that RabbitMQ itself answers 501 for
-    ///   undecodable method arguments: its generated `decode_method_fields/2` falls back to
-    ///   `rabbit_misc:frame_error/2`, which raises `frame_error` ("cannot decode ...").
+    /// * [`CodecError::Syntax`] (arguments cut short or overrunning the frame, trailing bytes, a
+    ///   field value of unknown type, tables nested too deep) is 501 FRAME_ERROR too: the
+    ///   spec's code for "a malformed frame that the recipient could not decode", and RabbitMQ's
+    ///   (its generated `decode_method_fields/2` falls back to `rabbit_misc:frame_error/2`,
+    ///   "cannot decode ...").
     /// * [`CodecError::UnknownMethod`] is 503 COMMAND_INVALID. RabbitMQ has no reply code for
     ///   it: `rabbit_framing_amqp_0_9_1:lookup_method_name/1` calls
     ///   `exit({unknown_method_id, Id})`, which is not an `#amqp_error{}`, is not caught by
@@ -93,8 +94,8 @@ impl CodecError {
         match self {
             CodecError::FrameType(_)
             | CodecError::FrameTooLarge { .. }
-            | CodecError::FrameEnd(_) => ReplyCode::FrameError,
-            CodecError::Syntax { .. } => ReplyCode::SyntaxError,
+            | CodecError::FrameEnd(_)
+            | CodecError::Syntax { .. } => ReplyCode::FrameError,
             CodecError::UnknownMethod { .. } => ReplyCode::CommandInvalid,
         }
     }
@@ -118,7 +119,7 @@ mod tests {
                 .code(),
             501
         );
-        assert_eq!(syntax("x").reply_code().code(), 502);
+        assert_eq!(syntax("x").reply_code().code(), 501);
         assert_eq!(
             CodecError::UnknownMethod {
                 class_id: 30,

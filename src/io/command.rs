@@ -179,9 +179,17 @@ impl Assembler {
 
     /// Feeds one non-heartbeat frame; returns a command once it is complete.
     pub fn push(&mut self, frame: RawFrame) -> Result<Option<Command>, AssembleError> {
-        let idx = self.partial.iter().position(|p| p.channel == frame.channel);
+        let mut idx = self.partial.iter().position(|p| p.channel == frame.channel);
         match frame.kind {
             FrameKind::Method => {
+                if let Some(i) = idx
+                    && matches!(self.partial[i].stage, Stage::Discard { .. })
+                {
+                    // The refused content's channel was closed for it, and the client may
+                    // answer (close-ok) without sending the rest: the content is abandoned.
+                    self.partial.swap_remove(i);
+                    idx = None;
+                }
                 if idx.is_some() {
                     return Err(AssembleError::unexpected(format!(
                         "expected content frame on channel {}, got method frame",
@@ -429,5 +437,23 @@ mod tests {
         assert!(a.push(h).unwrap().is_none());
         assert!(a.push(body(4, 1000)).unwrap().is_some());
         assert_eq!(a.receiving, 0);
+    }
+
+    /// A refused content's channel is closed for it at its header; the client may answer
+    /// close-ok without sending the rest of the body (RabbitMQ would have waited for it): the
+    /// method ends the discarded content instead of being an unexpected frame.
+    #[test]
+    fn a_method_ends_a_refused_content() {
+        let mut a = Assembler::new(1000);
+        let (m, h) = frames(1, 5000);
+        assert!(a.push(m).unwrap().is_none());
+        assert!(matches!(a.push(h), Err(AssembleError::TooLarge { .. })));
+        assert!(a.push(body(1, 100)).unwrap().is_none());
+        let mut out = BytesMut::new();
+        codec::write_method(&mut out, 1, &Method::ChannelCloseOk(Default::default()));
+        let close_ok = codec::decode_frame(&mut out, 1 << 20).unwrap().unwrap();
+        let cmd = a.push(close_ok).unwrap().expect("close-ok passed on");
+        assert!(matches!(cmd.method, Method::ChannelCloseOk(_)));
+        assert!(a.partial.is_empty());
     }
 }

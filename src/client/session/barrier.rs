@@ -51,8 +51,12 @@ impl Session {
         if slot.done {
             return;
         }
-        // The default exchange cannot be declared, even passively; amq.direct always exists.
-        let name = if exchange.is_empty() {
+        // The default exchange cannot be declared, even passively; amq.direct always exists. A
+        // name that is not UTF-8 names no exchange (the publish is refused with 404), and in a
+        // declare RabbitMQ takes it for a framing error that closes the whole link: the check
+        // asks for amq.direct instead, which answers just as well whether the publish before
+        // it was accepted.
+        let name = if exchange.is_empty() || std::str::from_utf8(exchange.as_bytes()).is_err() {
             ShortStr::from_static("amq.direct")
         } else {
             exchange.clone()

@@ -139,7 +139,14 @@ impl Session {
                     self.free_channel(ch);
                 }
             }
-            Method::ChannelCloseOk(_) => {}
+            // Nothing was closing it: RabbitMQ's answer to an unexpected close-ok.
+            Method::ChannelCloseOk(_) => {
+                return Err(ConnError::new(
+                    ReplyCode::CommandInvalid,
+                    format!("channel.close-ok on channel {ch}, which is not closing"),
+                )
+                .on(&method));
+            }
             Method::BasicConsume(mut c) => {
                 if c.consumer_tag.is_empty() {
                     // Generated here, not by a broker, so the tag is the same on every cluster;
@@ -221,7 +228,12 @@ impl Session {
             Method::ChannelFlow(_) | Method::ChannelFlowOk(_) => {
                 self.fan_out(ch, &method, self.live_links())?
             }
-            Method::QueueDelete(ref d) if d.if_empty || d.if_unused => {
+            // A name that is not UTF-8 cannot name a queue (RabbitMQ refuses it at declare):
+            // nothing to check over the clusters, and warren's own check would carry the name.
+            Method::QueueDelete(ref d)
+                if (d.if_empty || d.if_unused)
+                    && std::str::from_utf8(d.queue.as_bytes()).is_ok() =>
+            {
                 self.checked_delete(ch, d.clone())?
             }
             Method::QueueDeclare(ref q)
@@ -578,7 +590,6 @@ impl Session {
                 self.maybe_finish_client_close();
                 Ok(())
             }
-            Method::ConnectionCloseOk(_) => Ok(()),
             Method::ConnectionUpdateSecret(ref u) => {
                 for slot in &self.links {
                     slot.send(0, &method);

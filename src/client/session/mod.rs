@@ -980,6 +980,12 @@ impl Session {
                         "heartbeat frame on a non-zero channel",
                     ));
                 }
+                if !frame.payload.is_empty() {
+                    return self.protocol_error(ConnError::new(
+                        ReplyCode::FrameError,
+                        "heartbeat frame with a payload",
+                    ));
+                }
                 continue;
             }
             match assembler.push(frame) {

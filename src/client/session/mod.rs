@@ -650,15 +650,25 @@ fn unacked_dec(links: &[LinkSlot], link: LinkId) {
 
 /// Splits a prefetch window over the shard links: link `index` keeps room for the `held[index]`
 /// deliveries it has unacknowledged, and what the window has left over is shared out evenly, the
-/// remainder to the first links. Never 0 (which would mean no limit): at least 1, or what the
-/// link holds. A window of 0 (no limit) stays 0.
+/// remainder to the first links. When the links hold the whole window or more (the client
+/// lowered its prefetch below what it holds), the window itself is shared out evenly: each
+/// cluster sends nothing more until what it holds is below its share, so the client, once it
+/// has acked, never holds more than the window (a share that kept room for what a link held
+/// would let it fill up to that again). Never 0 (which would mean no limit): at least 1. A
+/// window of 0 (no limit) stays 0.
 fn split_window(window: u16, held: &[u32], index: usize) -> u16 {
     if window == 0 || held.len() <= 1 {
         return window;
     }
     let n = held.len() as u32;
-    let rest = u32::from(window).saturating_sub(held.iter().sum());
-    let share = held[index] + rest / n + u32::from((index as u32) < rest % n);
+    let window = u32::from(window);
+    let total: u32 = held.iter().sum();
+    let (base, rest) = if total >= window {
+        (0, window)
+    } else {
+        (held[index], window - total)
+    };
+    let share = base + rest / n + u32::from((index as u32) < rest % n);
     share.clamp(1, u32::from(u16::MAX)) as u16
 }
 
@@ -1198,8 +1208,11 @@ mod tests {
         // Celery raised its prefetch from 2 to 10 for 8 ETA tasks, all on the first cluster.
         assert_eq!(split(10, &[8, 0]), [9, 1]);
         assert_eq!(split(10, &[4, 4]), [5, 5]);
-        // The client lowered its prefetch below what it holds: no more until it acks.
-        assert_eq!(split(2, &[3, 1]), [3, 1]);
-        assert_eq!(split(2, &[3, 0]), [3, 1]);
+        // The client lowered its prefetch to what it holds or below: the shares add up to the
+        // new window, so once the client has acked it never holds more than that again.
+        assert_eq!(split(2, &[3, 1]), [1, 1]);
+        assert_eq!(split(2, &[3, 0]), [1, 1]);
+        assert_eq!(split(4, &[4, 0]), [2, 2]);
+        assert_eq!(split(5, &[3, 1]), [4, 2]);
     }
 }

@@ -29,6 +29,7 @@
 #              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py),
 #              Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
 #              control, beat) directly and through warren, compared (tests/e2e/celery_patterns.py),
+#              kombu's and Celery's everyday patterns compared likewise (tests/e2e/kombu_edge.py),
 #              and a routing rule keeping Celery's fast queue on shard-a
 #              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
@@ -481,6 +482,14 @@ if want python || want clients || want celery; then
                 else
                     tail -n 5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
                     record celery-patterns FAIL $(($(date +%s) - t1))
+                fi
+                # kombu's and Celery's everyday patterns (SimpleQueue, Broadcast, pidbox, ensure,
+                # QoS at runtime, remote control, ...) directly and through warren, compared.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/kombu_edge.py "amqp://guest:guest@$DIRECT//" "$broker"; then
+                    record kombu-edge PASS $(($(date +%s) - t1))
+                else
+                    record kombu-edge FAIL $(($(date +%s) - t1))
                 fi
                 # A routing rule: fast tasks only on shard-a, checked on each cluster directly.
                 t1=$(date +%s)

@@ -628,8 +628,14 @@ impl Channel {
         self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
     }
 
-    /// Whether consumer `tag` consumes direct replies (`amq.rabbitmq.reply-to`): RabbitMQ gives
-    /// each of its deliveries the channel's next delivery tag without using it up.
+    /// Whether the channel consumes direct replies (`amq.rabbitmq.reply-to`): RabbitMQ refuses a
+    /// publish naming the pseudo-queue as `reply_to` on a channel that does not, and gives each
+    /// reply the channel's next delivery tag without using it up.
+    pub fn consumes_any_replies(&self) -> bool {
+        self.consumers.iter().any(|c| c.replies)
+    }
+
+    /// Whether consumer `tag` consumes direct replies (see [`Channel::consumes_any_replies`]).
     pub fn consumes_replies(&self, tag: &ShortStr) -> bool {
         self.consumers.iter().any(|c| c.replies && &c.tag == tag)
     }

@@ -2,8 +2,8 @@
 # tests/clients/run.sh DIRECT_ADDR [PROXY_ADDR] — pika, Node's amqplib and the RabbitMQ Java client,
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
-# edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), amqplib_edge.js
-# (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
+# edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), pika_edge.py (pika's
+# blocking and asynchronous patterns), amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
 # ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
 # differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
 # both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
@@ -87,6 +87,8 @@ if [ -n "$proxy" ]; then
     step edges compare "$PY" "$HERE/edge_compare.py" "$direct" "$proxy"
     echo "--- raw frames and malformed input, rabbitmq ($direct) against warren ($proxy)"
     step raw compare "$PY" "$HERE/raw_compare.py" "$direct" "$proxy"
+    echo "--- pika edge cases, rabbitmq ($direct) against warren ($proxy)"
+    step pika-edge compare "$PY" "$HERE/pika_edge.py" "$direct" "$proxy"
     echo "--- amqplib edge cases, rabbitmq ($direct) against warren ($proxy)"
     step node-edge compare node "$HERE/amqplib_edge.js" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"

@@ -16,9 +16,12 @@
 //! not, and what the client sent behind it is discarded as one broker discards it.
 //!
 //! A publish "might be refused" the first time this connection publishes to an exchange (an
-//! exchange a publish was accepted to stays accepted, until a refusal on this connection
-//! forgets them all), and when its properties carry a `user_id` other than the connection's
-//! user or an `expiration` that is not a plain number. The default exchange always exists.
+//! exchange a publish was accepted to stays accepted, until a refusal on this connection, or
+//! this connection deleting or unbinding anything, forgets them all: an auto-delete exchange
+//! goes with its last binding), and when its properties carry a `user_id` other than the
+//! connection's user, an `expiration` that is not a plain number, a `CC` or `BCC` header that
+//! is not an array of strings, or the direct reply-to pseudo-queue as `reply_to` on a channel
+//! that does not consume it. The default exchange always exists.
 //! Producers publish to a handful of exchanges, so this costs one round trip per exchange per
 //! connection, not one per message.
 
@@ -38,11 +41,22 @@ pub(super) struct Barrier {
 }
 
 impl Session {
-    /// Whether a publish must be followed by a barrier (see the module docs).
-    pub(super) fn needs_barrier(&self, publish: &codec::BasicPublish, content: &Content) -> bool {
+    /// Whether a publish on channel `ch` must be followed by a barrier (see the module docs).
+    pub(super) fn needs_barrier(
+        &self,
+        ch: u16,
+        publish: &codec::BasicPublish,
+        content: &Content,
+    ) -> bool {
         publish.immediate
             || (!publish.exchange.is_empty() && !self.proven_exchanges.contains(&publish.exchange))
             || properties_need_check(&content.header, &self.base_spec.user)
+            || (asks_for_direct_reply(&content.header)
+                && !self
+                    .channels
+                    .get(usize::from(ch))
+                    .and_then(Option::as_ref)
+                    .is_some_and(Channel::consumes_any_replies))
     }
 
     /// Sends the check behind a publish just written to `link`'s channel `ch`.
@@ -101,12 +115,22 @@ impl Session {
     }
 }
 
+/// Whether a publish's `reply_to` is the direct reply-to pseudo-queue itself, which RabbitMQ
+/// refuses (406) on a channel that does not consume it.
+fn asks_for_direct_reply(header: &[u8]) -> bool {
+    crate::codec::properties::reply_to_span(header)
+        .is_some_and(|span| &header[span] == b"amq.rabbitmq.reply-to")
+}
+
 /// Whether a content header's properties are ones a broker may refuse: a `user_id` other than
-/// `user`, or an `expiration` that is not a plain non-negative integer. Decodes the properties
-/// only when one of the two is present (the flag word says so), so ordinary publishes pay one
-/// load. A header that does not decode is left to the broker, behind a barrier.
+/// `user`, an `expiration` that is not a plain non-negative integer, or a `CC` / `BCC` header
+/// that is not an array of strings. Decodes the properties only when one of these may be
+/// present (the flag word says so, and for headers the raw bytes hold a `CC` or `BCC` key), so
+/// ordinary publishes, Celery's with their headers too, pay a load and a short byte search. A
+/// header that does not decode is left to the broker, behind a barrier.
 pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
     const FLAGS_AT: usize = 12; // class id, weight, body size
+    const HEADERS: u16 = 1 << (15 - 2);
     const EXPIRATION: u16 = 1 << (15 - 7);
     const USER_ID: u16 = 1 << (15 - 11);
     let Some(flags) = header
@@ -115,7 +139,10 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
     else {
         return true;
     };
-    if flags & (EXPIRATION | USER_ID) == 0 {
+    let routing_headers = flags & HEADERS != 0
+        && (header.windows(3).any(|w| w == b"\x02CC")
+            || header.windows(4).any(|w| w == b"\x03BCC"));
+    if flags & (EXPIRATION | USER_ID) == 0 && !routing_headers {
         return false;
     }
     let Ok(decoded) = codec::ContentHeader::decode(bytes::Bytes::copy_from_slice(header)) else {
@@ -127,7 +154,17 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
         .expiration
         .as_ref()
         .is_some_and(|e| e.as_bytes().is_empty() || !e.as_bytes().iter().all(u8::is_ascii_digit));
-    wrong_user || odd_expiration
+    // RabbitMQ routes to the queues a CC / BCC array names and refuses any other type there.
+    let odd_routing = p.headers.as_ref().is_some_and(|h| {
+        ["CC", "BCC"].iter().any(|k| match h.get(k) {
+            None => false,
+            Some(codec::FieldValue::Array(items)) => items
+                .iter()
+                .any(|v| !matches!(v, codec::FieldValue::LongStr(_))),
+            Some(_) => true,
+        })
+    });
+    wrong_user || odd_expiration || odd_routing
 }
 
 #[cfg(test)]
@@ -183,6 +220,48 @@ mod tests {
             });
             assert_eq!(properties_need_check(&h, b"guest"), check, "{value:?}");
         }
+    }
+
+    #[test]
+    fn cc_and_bcc_headers_need_a_check_unless_arrays_of_strings() {
+        use crate::codec::{FieldTable, FieldValue, LongStr};
+        let with = |key: &'static str, v: FieldValue| {
+            let mut t = FieldTable::default();
+            t.insert(ShortStr::from_static("x-retries"), FieldValue::I32(3));
+            t.insert(ShortStr::from_static(key), v);
+            header(BasicProperties {
+                headers: Some(t),
+                ..Default::default()
+            })
+        };
+        let names = FieldValue::Array(vec![FieldValue::LongStr(LongStr::from_static("q1"))]);
+        assert!(!properties_need_check(&with("CC", names.clone()), b"guest"));
+        assert!(!properties_need_check(&with("BCC", names), b"guest"));
+        let text = FieldValue::LongStr(LongStr::from_static("q1"));
+        assert!(properties_need_check(&with("CC", text.clone()), b"guest"));
+        assert!(properties_need_check(&with("BCC", text), b"guest"));
+        let mixed = FieldValue::Array(vec![FieldValue::I32(1)]);
+        assert!(properties_need_check(&with("CC", mixed), b"guest"));
+        assert!(!properties_need_check(
+            &with("ACCT", FieldValue::I32(1)),
+            b"guest"
+        ));
+    }
+
+    #[test]
+    fn only_the_bare_pseudo_queue_as_reply_to_may_be_refused() {
+        let reply_to = |v: &'static str| {
+            header(BasicProperties {
+                reply_to: Some(ShortStr::from_static(v)),
+                ..Default::default()
+            })
+        };
+        assert!(asks_for_direct_reply(&reply_to("amq.rabbitmq.reply-to")));
+        assert!(!asks_for_direct_reply(&reply_to(
+            "amq.rabbitmq.reply-to.g1h2AA.xyz"
+        )));
+        assert!(!asks_for_direct_reply(&reply_to("celery-replies")));
+        assert!(!asks_for_direct_reply(&header(BasicProperties::default())));
     }
 
     #[test]

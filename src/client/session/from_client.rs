@@ -262,6 +262,17 @@ impl Session {
                 // Topology lives on every cluster, so whichever cluster a publish goes to
                 // routes it as one broker would (see docs/routing.md).
                 let class = self.rules.topology(&method).unwrap_or(Class::Sharded);
+                if matches!(
+                    method,
+                    Method::ExchangeDelete(_)
+                        | Method::ExchangeUnbind(_)
+                        | Method::QueueUnbind(_)
+                        | Method::QueueDelete(_)
+                ) {
+                    // An exchange may be gone after this (deleted, or auto-deleted with its
+                    // last binding): publishes to it are checked again (see barrier.rs).
+                    self.proven_exchanges.clear();
+                }
                 let t = self.live_links();
                 self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
@@ -662,6 +673,8 @@ impl Session {
         if targets.is_empty() {
             return self.fan_out(ch, &check, targets);
         }
+        // The delete may take an auto-delete exchange's last binding (see barrier.rs).
+        self.proven_exchanges.clear();
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(());
         };

@@ -66,7 +66,7 @@ impl Session {
             );
             return;
         };
-        let barrier = self.needs_barrier(publish, content);
+        let barrier = self.needs_barrier(ch, publish, content);
         let client_seq = self.next_confirm_seq(ch);
         self.send_publish(ch, link, client_seq, held, tx);
         if barrier {

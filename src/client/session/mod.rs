@@ -1213,6 +1213,6 @@ mod tests {
         assert_eq!(split(2, &[3, 1]), [1, 1]);
         assert_eq!(split(2, &[3, 0]), [1, 1]);
         assert_eq!(split(4, &[4, 0]), [2, 2]);
-        assert_eq!(split(5, &[3, 1]), [4, 2]);
+        assert_eq!(split(5, &[3, 1]), [4, 1]);
     }
 }

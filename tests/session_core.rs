@@ -2032,3 +2032,45 @@ async fn s_a_conditional_delete_checks_on_warrens_own_channels() {
         assert!(cluster.ledger(link).violations.is_empty());
     }
 }
+
+/// The link of one cluster dies while warren's whole-queue check of a conditional delete waits
+/// for its answer there: the check is asked again, on a channel of warren's own, on the
+/// cluster's new link, and the delete goes on as if nothing happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
+    let rig = Rig::start(&[(A, 2), (B, 1), (CONTROL, 1)]).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let first = a.only_link().await;
+    a.stall(first, true);
+    c.send(
+        1,
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(Q),
+            if_empty: true,
+            ..Default::default()
+        }),
+    )
+    .await;
+    wait_for("shard-a got the check on a channel of warren's own", || {
+        a.ledger(first)
+            .received_named("queue.declare")
+            .iter()
+            .any(|(ch, m)| *ch != 1 && matches!(m, Method::QueueDeclare(d) if d.passive))
+            .then_some(())
+    })
+    .await;
+    a.kill(first, Kill::Rst);
+    match c.reply(1).await {
+        Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
+        other => panic!("expected queue.delete-ok, got {other:?}"),
+    }
+    assert!(!a.has_queue(Q) && !b.has_queue(Q));
+    let second = a.only_link().await;
+    assert_ne!(second, first, "shard-a's link failed over");
+    for (cluster, link) in [(a, second), (b, b.only_link().await)] {
+        assert!(cluster.ledger(link).violations.is_empty());
+    }
+}

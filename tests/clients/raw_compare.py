@@ -832,6 +832,11 @@ def channel_reopen_before_close_ok(t):
     p.observe()
 
 
+channel_reopen_before_close_ok.documented = (
+    "A connection error behind requests still unanswered",
+    ["ch0 connection.close 504", "closed"])
+
+
 def channel_close_ok_not_closing(t):
     """channel.close-ok for open channel 1, which nobody is closing."""
     abuse(t, method(1, "channel.close-ok"))

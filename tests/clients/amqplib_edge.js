@@ -1109,7 +1109,11 @@ async function connection_close_while_consuming(t) {
   await attempt(obs, 'connection close mid-stream', () => closing);
   await sleep(300);
   const left = await count(pub, q);
-  obs.push(`left + acked = ${left + acked}`);
+  // amqplib writes connection.close ahead of acks it still has buffered, and the broker drops
+  // those acks with the connection: their messages are requeued although the client counted
+  // them. So `left + acked` may exceed 500 (on RabbitMQ as through warren, depending on
+  // timing); what must hold is that nothing is lost.
+  obs.push(`nothing lost: ${left + acked >= 500}, no message twice in the queue: ${left <= 500}`);
   await attempt(obs, 'consumers after', () => pub.checkQueue(q), (r) => `consumers ${r.consumerCount}`);
   obs.push(`connection errors ${conn.errors}`);
   return obs;

@@ -75,12 +75,9 @@ impl Session {
                 if tx_swap.is_some() {
                     self.tx_swaps -= 1;
                 }
-                let slot = &mut self.links[link];
-                if let Some(p) = slot.reset_chan(ch) {
+                if self.reset_and_reopen(link, ch) {
                     // The client closed and reopened while this close was in flight, or warren
                     // closed it to reopen it for a tx.select.
-                    slot.open(ch, p);
-                    self.reopen_wait = self.links.iter().any(LinkSlot::reopen_pending);
                     if let Some(id) = tx_swap {
                         self.finish_tx_swap(link, ch, id);
                     }
@@ -290,7 +287,7 @@ impl Session {
                     .rev()
                     .map(|w| w.who)
                     .find(|w| !matches!(w, Pending::Internal));
-                self.end_side(link, n);
+                self.reset_and_reopen(link, n);
                 let Some(Pending::Rpc(id)) = who else {
                     return;
                 };
@@ -322,7 +319,9 @@ impl Session {
                     );
                 }
             }
-            Method::ChannelCloseOk(_) => self.end_side(link, n),
+            Method::ChannelCloseOk(_) => {
+                self.reset_and_reopen(link, n);
+            }
             reply if is_reply(&reply) => {
                 let who = slot.take_waiting(n, &reply);
                 let up = slot.chan(n);
@@ -338,14 +337,17 @@ impl Session {
         }
     }
 
-    /// warren's own channel `n` is closed: free its number, and open it for the client if the
-    /// client opened a channel of that number meanwhile.
-    fn end_side(&mut self, link: LinkId, n: u16) {
+    /// Upstream channel `ch` of `link` is closed (a client's, or warren's own): frees it, and
+    /// opens it again for whoever asked meanwhile (the client reopening the number, or a
+    /// tx.select). Returns whether it was reopened.
+    fn reset_and_reopen(&mut self, link: LinkId, ch: u16) -> bool {
         let slot = &mut self.links[link];
-        if let Some(p) = slot.reset_chan(n) {
-            slot.open(n, p);
-            self.reopen_wait = self.links.iter().any(LinkSlot::reopen_pending);
-        }
+        let Some(p) = slot.reset_chan(ch) else {
+            return false;
+        };
+        slot.open(ch, p);
+        self.reopen_wait = self.links.iter().any(LinkSlot::reopen_pending);
+        true
     }
 
     /// Answers completed requests at the head of the channel's queue, in request order.

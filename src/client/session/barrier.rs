@@ -62,7 +62,7 @@ impl Session {
     /// Sends the check behind a publish just written to `link`'s channel `ch`.
     pub(super) fn raise_barrier(&mut self, link: LinkId, ch: u16, exchange: &ShortStr) {
         let slot = &mut self.links[link];
-        if slot.done {
+        if slot.done() {
             return;
         }
         // The default exchange cannot be declared, even passively; amq.direct always exists. A
@@ -92,7 +92,7 @@ impl Session {
     pub(super) fn barrier_holds(&self) -> bool {
         self.barrier.as_ref().is_some_and(|b| {
             let slot = &self.links[b.link];
-            !slot.done
+            !slot.done()
                 && slot
                     .chans
                     .get(usize::from(b.ch))

@@ -316,8 +316,11 @@ impl Session {
             self.reopen_wait |= self.links[link].open(ch, Pending::Rpc(id));
         }
         for link in 0..self.links.len() {
-            if self.links[link].needs_topology && self.links[link].live() {
-                self.replay_topology(link, ch);
+            if let Some(plan) = self.links[link].take_topology() {
+                self.replay_topology(link, ch, plan);
+                if self.links[link].settle_replay() {
+                    self.unpark();
+                }
             }
         }
         Ok(())

@@ -102,7 +102,7 @@ impl Session {
                     && self
                         .links
                         .iter()
-                        .all(|s| s.done || s.chan_state(ch) != UpState::Closing)
+                        .all(|s| s.done() || s.chan_state(ch) != UpState::Closing)
                 {
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
                     self.free_channel(ch);
@@ -118,7 +118,7 @@ impl Session {
             Method::ChannelClose(c) => self.refused_by_cluster(ch, c),
             Method::ChannelCloseOk(_) => {}
             Method::BasicDeliver(d) => {
-                if self.links[link].removed {
+                if self.links[link].removed_at.is_some() {
                     self.links[link].last_delivery = Instant::now();
                 }
                 if must_hold(channel) {
@@ -198,9 +198,7 @@ impl Session {
         }
         if let Some(Pending::Replay) = pending {
             let slot = &mut self.links[link];
-            slot.replay_left = slot.replay_left.saturating_sub(1);
-            if slot.replay_left == 0 && !slot.needs_topology && !slot.ready {
-                slot.ready = true;
+            if slot.replay_answered() {
                 info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
                 self.unpark();
             }
@@ -411,7 +409,7 @@ impl Session {
                     };
                     // A get-ok whose link died meanwhile: the broker requeued the message, so
                     // the client's ack of it is swallowed (never sent to another link).
-                    let live = self.links.get(reply.link).filter(|s| !s.done);
+                    let live = self.links.get(reply.link).filter(|s| !s.done());
                     let link = live.map_or(crate::client::channel::DEAD_LINK, |_| reply.link);
                     g.delivery_tag = channel.tags.issue(link, g.delivery_tag, needs_ack);
                     if let Some(slot) = live {

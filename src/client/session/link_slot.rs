@@ -87,6 +87,39 @@ impl Default for UpChan {
     }
 }
 
+/// Where a link is in its life. One value, so no combination of flags can say "closed but
+/// taking publishes" or "retiring while replaying".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// Opened later than the session (a failover, a cluster added by a reload): this client's
+    /// state is being declared on it. It takes no sharded publishes until every replayed
+    /// request is answered (`left`) and the topology, which waits for a client channel to
+    /// carry it (`topology`), has been sent.
+    Replaying {
+        left: usize,
+        topology: Option<TopologyPlan>,
+    },
+    /// Carrying the client's traffic.
+    Serving,
+    /// connection.close sent on purpose (its cluster was removed); its end is not a failure.
+    Retiring,
+    /// Closed (close-ok seen or the socket gone): nothing more is sent.
+    Closed,
+}
+
+/// How a link's replay declares this client's topology (see `Session::replay_topology`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TopologyPlan {
+    /// The cluster may lack the vhost's shared topology (added by a reload, or unreachable
+    /// while some client declared): the replay starts with it.
+    pub(super) shared: bool,
+    /// The cluster may lack some of this client's topology (new to the session, or down while
+    /// the client declared): the replay declares it. Otherwise the cluster kept what the old
+    /// link declared, and the replay only checks that the queues and exchanges are still there
+    /// (passive declares), so it never re-creates what another client deleted meanwhile.
+    pub(super) declare: bool,
+}
+
 pub(super) struct LinkSlot {
     pub(super) link: Link,
     pub(super) m: ClusterMetrics,
@@ -94,30 +127,15 @@ pub(super) struct LinkSlot {
     pub(super) weight: u32,
     pub(super) drain: bool,
     pub(super) chans: Vec<UpChan>,
-    /// Closed (close-ok seen or the socket is gone): nothing more is sent.
-    pub(super) done: bool,
+    /// Where the link is in its life: replaying, serving, retiring, closed.
+    life: Life,
+    /// connection.blocked from the cluster (a resource alarm): publishes go elsewhere.
     pub(super) blocked: bool,
-    /// Takes publishes only once the topology replay (after a reload added it) is confirmed.
-    pub(super) ready: bool,
-    pub(super) replay_left: usize,
-    /// The topology still has to be replayed on the next channel the client opens.
-    pub(super) needs_topology: bool,
-    /// Removed from the configuration: draining, closed once quiet.
-    pub(super) removed: bool,
-    /// connection.close sent on purpose; its end is not a failure.
-    pub(super) retiring: bool,
-    pub(super) last_delivery: Instant,
+    /// When its cluster was removed from the configuration: draining, closed once quiet.
     pub(super) removed_at: Option<Instant>,
+    pub(super) last_delivery: Instant,
     /// Held bytes released by `reset_chan`, for the session to subtract.
     pub(super) released_held: usize,
-    /// Opened to a cluster that may lack the shared topology of the vhost (added by a reload,
-    /// or unreachable while some client declared): the replay starts with it.
-    pub(super) new_cluster: bool,
-    /// The cluster may lack some of this client's topology (new to the session, or down while
-    /// the client declared): the replay declares it. Otherwise the cluster kept what the old
-    /// link declared, and the replay only checks that the queues and exchanges are still there
-    /// (passive declares), so it never re-creates what another client deleted meanwhile.
-    pub(super) replay_active: bool,
 }
 
 impl LinkSlot {
@@ -130,28 +148,104 @@ impl LinkSlot {
             weight,
             drain,
             chans: Vec::new(),
-            done: false,
+            life: Life::Serving,
             blocked: false,
-            ready: true,
-            replay_left: 0,
-            needs_topology: false,
-            removed: false,
-            retiring: false,
-            last_delivery: Instant::now(),
             removed_at: None,
+            last_delivery: Instant::now(),
             released_held: 0,
-            new_cluster: false,
-            replay_active: false,
         }
     }
 
-    /// Marks the link closed; returns whether it was open.
+    /// Marks the link closed; returns whether it was not closed already.
     pub(super) fn mark_done(&mut self) -> bool {
-        let was_live = !std::mem::replace(&mut self.done, true);
-        if was_live {
+        let was_open = std::mem::replace(&mut self.life, Life::Closed) != Life::Closed;
+        if was_open {
             self.m.links.dec();
         }
-        was_live
+        was_open
+    }
+
+    /// Closed: close-ok seen or the socket gone; nothing more is sent on it.
+    pub(super) fn done(&self) -> bool {
+        self.life == Life::Closed
+    }
+
+    /// connection.close sent on purpose (its cluster was removed): its end is not a failure.
+    pub(super) fn retiring(&self) -> bool {
+        self.life == Life::Retiring
+    }
+
+    /// Sends connection.close with `close`: the link's end that follows is not a failure.
+    pub(super) fn retire(&mut self, close: &Method) {
+        if self.live() {
+            self.link.send(0, close);
+            self.life = Life::Retiring;
+        }
+    }
+
+    /// Done replaying: every replayed request answered and the topology sent.
+    pub(super) fn serving(&self) -> bool {
+        self.life == Life::Serving
+    }
+
+    /// Starts replaying this client's state on a link just opened: `topology` is the plan for
+    /// the topology, kept until a client channel is open to carry it (`None`: nothing waits).
+    pub(super) fn start_replay(&mut self, topology: Option<TopologyPlan>) {
+        if self.live() {
+            self.life = Life::Replaying { left: 0, topology };
+        }
+    }
+
+    /// The topology plan still waiting for a client channel, taken to be sent now.
+    pub(super) fn take_topology(&mut self) -> Option<TopologyPlan> {
+        match &mut self.life {
+            Life::Replaying { topology, .. } => topology.take(),
+            _ => None,
+        }
+    }
+
+    /// A replayed request will be answered: the link is replaying until it is.
+    fn expect_replay_reply(&mut self) {
+        match &mut self.life {
+            Life::Serving => {
+                self.life = Life::Replaying {
+                    left: 1,
+                    topology: None,
+                }
+            }
+            Life::Replaying { left, .. } => *left += 1,
+            Life::Retiring | Life::Closed => {}
+        }
+    }
+
+    /// A replayed request was answered: returns true when that completes the replay and the
+    /// link starts serving.
+    pub(super) fn replay_answered(&mut self) -> bool {
+        if let Life::Replaying { left, .. } = &mut self.life {
+            *left = left.saturating_sub(1);
+        }
+        self.settle_replay()
+    }
+
+    /// The topology has been sent (its replies are counted as replayed requests).
+    pub(super) fn topology_sent(&mut self) {
+        if let Life::Replaying { topology, .. } = &mut self.life {
+            *topology = None;
+        }
+    }
+
+    /// Starts serving if the replay owes nothing more; returns true when it starts now.
+    pub(super) fn settle_replay(&mut self) -> bool {
+        if self.life
+            == (Life::Replaying {
+                left: 0,
+                topology: None,
+            })
+        {
+            self.life = Life::Serving;
+            return true;
+        }
+        false
     }
 
     /// Resets an upstream channel that is gone, releasing its pending confirms; returns who
@@ -191,14 +285,14 @@ impl LinkSlot {
     }
 
     pub(super) fn send(&self, ch: u16, method: &Method) {
-        if !self.done {
+        if !self.done() {
             self.link.send(ch, method);
         }
     }
 
     /// Sends a synchronous request and remembers who waits for its reply.
     pub(super) fn request(&mut self, ch: u16, method: &Method, pending: Pending) {
-        if self.done {
+        if self.done() {
             return;
         }
         self.chan(ch)
@@ -208,7 +302,7 @@ impl LinkSlot {
     }
 
     pub(super) fn send_content(&self, ch: u16, method: &Method, content: &Content) {
-        if self.done {
+        if self.done() {
             return;
         }
         let frame_max = self.link.frame_max;
@@ -229,7 +323,7 @@ impl LinkSlot {
     /// Opens the upstream channel `ch` (or schedules it behind a close in progress: returns
     /// true then).
     pub(super) fn open(&mut self, ch: u16, pending: Pending) -> bool {
-        let done = self.done;
+        let done = self.done();
         let up = self.chan(ch);
         match up.state {
             UpState::Closed => {
@@ -241,8 +335,7 @@ impl LinkSlot {
                     up.pending.push_back(Waiting::other(pending));
                     self.link.send(ch, &Method::ChannelOpen(Default::default()));
                     if let Pending::Replay = pending {
-                        self.replay_left += 1;
-                        self.ready = false;
+                        self.expect_replay_reply();
                     }
                 }
             }
@@ -263,7 +356,7 @@ impl LinkSlot {
 
     /// Sends channel.close for the client channel's part on this link, if it is open.
     pub(super) fn close_chan(&mut self, ch: u16, close: &Method) -> bool {
-        let done = self.done;
+        let done = self.done();
         let up = self.chan(ch);
         if up.side_for.is_some() {
             // warren's own channel of this number, not the client's: the client's part was
@@ -297,7 +390,7 @@ impl LinkSlot {
     /// answered. Does nothing unless a tx.select waits for this (`tx_swap`). The close-ok
     /// handler reopens it and sends the tx.select.
     pub(super) fn start_tx_swap_if_settled(&mut self, ch: u16) {
-        let done = self.done;
+        let done = self.done();
         let up = self.chan(ch);
         if up.tx_swap.is_none()
             || up.state != UpState::Open
@@ -330,7 +423,7 @@ impl LinkSlot {
         who: Pending,
         in_use: impl Fn(u16) -> bool,
     ) -> bool {
-        if self.done {
+        if self.done() {
             return false;
         }
         let top = match self.link.channel_max {
@@ -357,25 +450,25 @@ impl LinkSlot {
     /// Whether an upstream channel waits for a close in flight before it opens again for the
     /// client.
     pub(super) fn reopen_pending(&self) -> bool {
-        !self.done && self.chans.iter().any(|u| u.reopen.is_some())
+        !self.done() && self.chans.iter().any(|u| u.reopen.is_some())
     }
 
+    /// Replaying or serving: neither closed nor being closed on purpose.
     pub(super) fn live(&self) -> bool {
-        !self.done && !self.retiring
+        matches!(self.life, Life::Replaying { .. } | Life::Serving)
     }
 
     /// Whether this link may take sharded publishes now: live, replayed, a shard, not draining.
     pub(super) fn takes_shard_publishes(&self) -> bool {
-        self.live() && self.ready && self.role == Role::Shard && !self.drain
+        self.serving() && self.role == Role::Shard && !self.drain
     }
 
     /// Sends a request whose reply only completes this link's replay.
     pub(super) fn replay(&mut self, ch: u16, method: &Method) {
-        if self.done {
+        if self.done() {
             return;
         }
-        self.replay_left += 1;
-        self.ready = false;
+        self.expect_replay_reply();
         self.request(ch, method, Pending::Replay);
     }
 }

@@ -18,20 +18,18 @@ impl Session {
         self.rules = config.routing.clone();
         self.last_route = None;
         for slot in &mut self.links {
-            if slot.done {
+            if slot.done() {
                 continue;
             }
             match config.cluster(&slot.link.cluster) {
                 Some(c) => {
                     slot.weight = c.weight;
                     slot.drain = c.drain;
-                    slot.removed = false;
                     slot.removed_at = None;
                 }
                 None => {
-                    if !slot.removed {
+                    if slot.removed_at.is_none() {
                         info!(conn = self.id, cluster = %slot.link.cluster, "cluster removed: draining its link");
-                        slot.removed = true;
                         slot.removed_at = Some(Instant::now());
                         slot.last_delivery = Instant::now();
                     }
@@ -47,11 +45,11 @@ impl Session {
             let have = self
                 .links
                 .iter()
-                .any(|s| !s.done && *s.link.cluster == *cluster.name);
+                .any(|s| !s.done() && *s.link.cluster == *cluster.name);
             if have || self.connecting.contains(&cluster.name) {
                 continue;
             }
-            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done()) {
                 warn!(conn = self.id, cluster = %cluster.name, "too many links in this session; not adding");
                 continue;
             }
@@ -102,7 +100,6 @@ impl Session {
             c.drain,
             self.metrics.cluster(&c.name),
         );
-        slot.ready = false;
         let woken = match self.woken.iter().position(|w| *w == c.name) {
             Some(i) => {
                 self.woken.swap_remove(i);
@@ -110,17 +107,21 @@ impl Session {
             }
             None => false,
         };
-        slot.new_cluster = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
+        let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
             || self.shared.is_stale(&self.vhost, &c.name);
-        slot.replay_active = slot.new_cluster || woken || self.stale_topology.remove(&c.name);
-        slot.needs_topology = !self.topology.is_empty()
-            || (slot.new_cluster && self.shared.topology_of(&self.vhost).has(Class::Sharded));
+        let plan = TopologyPlan {
+            shared,
+            declare: shared || woken || self.stale_topology.remove(&c.name),
+        };
+        let needs_topology = !self.topology.is_empty()
+            || (shared && self.shared.topology_of(&self.vhost).has(Class::Sharded));
+        slot.start_replay(needs_topology.then_some(plan));
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
         // when it died, and link ids must stay below LinkSet::CAPACITY.
         let index = match self
             .links
             .iter()
-            .position(|s| s.done && *s.link.cluster == *c.name)
+            .position(|s| s.done() && *s.link.cluster == *c.name)
         {
             Some(i) => {
                 self.links[i] = slot;
@@ -168,7 +169,7 @@ impl Session {
             }
         }
         if let Some(&ch) = open.first() {
-            self.replay_topology(index, ch);
+            self.replay_topology(index, ch, plan);
         }
         // Topology changes still waiting for the other clusters' replies are recorded only
         // once complete, after this replay was built: they go to the new link too.
@@ -204,9 +205,7 @@ impl Session {
             }
         }
         self.resend_orphans(index);
-        let slot = &mut self.links[index];
-        if slot.replay_left == 0 && !slot.needs_topology {
-            slot.ready = true;
+        if self.links[index].settle_replay() {
             self.unpark();
         }
     }
@@ -249,7 +248,7 @@ impl Session {
             if live || self.connecting.contains(&cluster.name) {
                 continue;
             }
-            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done) {
+            if self.links.len() >= LinkSet::CAPACITY && !self.links.iter().any(|s| s.done()) {
                 continue;
             }
             if let Some(retry) = self.retry_at.get_mut(&cluster.name)
@@ -310,7 +309,7 @@ impl Session {
                 .iter()
                 .find(|s| s.live() && *s.link.cluster == *c.name)
             {
-                Some(slot) => slot.ready,
+                Some(slot) => slot.serving(),
                 None => !self.connecting.contains(&c.name),
             }
         });
@@ -341,10 +340,10 @@ impl Session {
     /// Declares this client's topology again on `link`; on a cluster that may lack it, first the
     /// proxy's shared topology of the vhost (declared by any client, maybe long gone), so no
     /// publish routed there finds its queue missing.
-    pub(super) fn replay_topology(&mut self, link: LinkId, ch: u16) {
+    pub(super) fn replay_topology(&mut self, link: LinkId, ch: u16, plan: TopologyPlan) {
         let slot = &self.links[link];
         let mut methods: Vec<Method> = Vec::new();
-        if slot.new_cluster {
+        if plan.shared {
             self.shared.take_stale(&self.vhost, &slot.link.cluster);
             methods.extend(
                 self.shared
@@ -355,9 +354,8 @@ impl Session {
         }
         // Every cluster carries all of this client's topology (see crate::route).
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
-        let active = slot.replay_active;
         for m in &methods {
-            if active {
+            if plan.declare {
                 self.links[link].replay(ch, m);
                 continue;
             }
@@ -396,7 +394,7 @@ impl Session {
             };
             self.links[link].replay(ch, &check);
         }
-        self.links[link].needs_topology = false;
+        self.links[link].topology_sent();
     }
 
     /// Closes the links of removed clusters once nothing is in flight on them and their
@@ -405,7 +403,7 @@ impl Session {
         let deadline = Duration::from_secs(self.shared.config().timeouts.drain_deadline_secs);
         for i in 0..self.links.len() {
             let slot = &self.links[i];
-            if !slot.removed || slot.done || slot.retiring {
+            if slot.removed_at.is_none() || !slot.live() {
                 continue;
             }
             let unacked: usize = self
@@ -423,12 +421,10 @@ impl Session {
             let overdue = slot.removed_at.is_some_and(|t| t.elapsed() >= deadline);
             if (unacked == 0 && pending == 0 && quiet) || overdue {
                 info!(conn = self.id, cluster = %slot.link.cluster, unacked, overdue, "closing the link of a removed cluster");
-                let slot = &mut self.links[i];
-                slot.retiring = true;
-                slot.link.send(
-                    0,
-                    &connection_close(200, "cluster removed from the proxy configuration"),
-                );
+                self.links[i].retire(&connection_close(
+                    200,
+                    "cluster removed from the proxy configuration",
+                ));
                 for channel in self.channels.iter_mut().flatten() {
                     channel.tags.forget_link(i);
                     for consumer in &mut channel.consumers {
@@ -518,7 +514,7 @@ impl Session {
         };
         // Whatever it still had to say is moot: stop reading it.
         slot.link.reader = None;
-        let retiring = slot.retiring;
+        let retiring = slot.retiring();
         let was_done = !slot.mark_done() || retiring;
         if !was_done && self.closing.is_none() {
             slot.m.link_failures.inc();

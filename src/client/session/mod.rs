@@ -26,7 +26,7 @@ mod links;
 mod publish;
 mod reply_to;
 
-use link_slot::{LinkSlot, Pending, UpState};
+use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -202,10 +202,10 @@ pub async fn serve(
         if shared.is_stale(&vhost.as_str(), &slot.link.cluster)
             && shared.topology_of(&vhost.as_str()).has(Class::Sharded)
         {
-            slot.new_cluster = true;
-            slot.replay_active = true;
-            slot.needs_topology = true;
-            slot.ready = false;
+            slot.start_replay(Some(TopologyPlan {
+                shared: true,
+                declare: true,
+            }));
         }
     }
     let control = links.iter().position(|s| s.role == Role::Control);
@@ -281,7 +281,7 @@ pub async fn serve(
     client_out.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
     for slot in &session.links {
-        if !slot.done {
+        if !slot.done() {
             slot.link.shutdown(Duration::from_millis(500)).await;
         }
     }
@@ -538,7 +538,7 @@ struct Session {
     /// client's input waits until it is answered (see `checked_delete`).
     delete_check: Option<(u16, u64)>,
     /// Clusters without a live link when this client changed its topology: their next link
-    /// declares the whole topology again (see `LinkSlot::replay_active`).
+    /// declares the whole topology again (see `TopologyPlan::declare`).
     stale_topology: std::collections::HashSet<String>,
     /// Exchanges a publish of this connection was accepted to (see `barrier.rs`).
     proven_exchanges: std::collections::HashSet<ShortStr>,
@@ -935,7 +935,7 @@ impl Session {
         self.closing = Some(Closing::ByClient {
             deadline: Instant::now() + CLOSE_TIMEOUT,
         });
-        if self.links.iter().all(|s| s.done) {
+        if self.links.iter().all(|s| s.done()) {
             self.end = Some(reason);
         } else {
             self.eof_reason = Some(reason);
@@ -1131,7 +1131,7 @@ impl Session {
     /// Ends a client-initiated close once every link has closed.
     fn maybe_finish_client_close(&mut self) {
         if let Some(Closing::ByClient { .. }) = self.closing
-            && self.links.iter().all(|s| s.done)
+            && self.links.iter().all(|s| s.done())
         {
             if let Some(reason) = self.eof_reason.take() {
                 self.end = Some(reason);

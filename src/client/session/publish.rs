@@ -421,7 +421,7 @@ impl Session {
         if matches!(slot.chan_state(ch), UpState::Closed | UpState::Closing) {
             slot.open(ch, Pending::Internal);
         }
-        let done = slot.done;
+        let done = slot.done();
         let up = slot.chan(ch);
         if !tx && !up.confirm_mode && !done && self.hold_publishes {
             up.confirm_mode = true;

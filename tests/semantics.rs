@@ -90,6 +90,7 @@ differential!(
     acks_in_a_rolled_back_transaction_are_undone,
     ack_of_no_ack_get_tag_is_406,
     publish_on_channel_0_is_connection_error_504,
+    body_frames_with_a_payload_of_frame_max_are_accepted,
     tune_ok_channel_max_0_is_refused,
     tune_ok_frame_max_0_is_refused,
     amqplain_login_failure_is_403_naming_amqplain,
@@ -1108,6 +1109,59 @@ async fn publish_on_channel_0_is_connection_error_504(addr: SocketAddr) {
     assert_eq!(
         code, 504,
         "basic.publish on channel 0: expected connection.close 504, got {ending:?}"
+    );
+}
+
+/// Body frames whose payload is frame_max bytes (each frame 8 bytes longer than frame_max, as
+/// AMQPStorm and rabbitpy cut every message above 128 KiB): RabbitMQ tolerates them, and the
+/// message arrives whole; a payload one byte longer is connection.close 501 FRAME_ERROR.
+async fn body_frames_with_a_payload_of_frame_max_are_accepted(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("frame-slack"));
+    let mut c = raw_with_queue(addr, &queue).await;
+    let frame_max = c.frame_max;
+    assert!(frame_max > 0, "no frame_max negotiated");
+    let body: Vec<u8> = (0..frame_max * 2 + 100).map(|i| (i % 251) as u8).collect();
+    // write_body cuts payloads of (its frame_max - 8) bytes: these are frame_max long.
+    c.publish(1, "", &queue, &body, frame_max + codec::FRAME_OVERHEAD)
+        .await;
+    let counter = Counter::open(addr).await;
+    let (cref, qref) = (&counter, &queue);
+    support::eventually("the message in its queue", || async move {
+        (cref.depth(qref).await == Ok(1)).then_some(())
+    })
+    .await;
+    c.send_method(
+        1,
+        &Method::BasicGet(codec::BasicGet {
+            ticket: 0,
+            queue: ss(&queue),
+            no_ack: true,
+        }),
+    )
+    .await;
+    let (m, got, _) = c.read_delivery().await;
+    assert!(
+        matches!(m, Method::BasicGetOk(_)),
+        "expected basic.get-ok, got {}",
+        m.name()
+    );
+    assert!(
+        got == body,
+        "the body came back changed ({} bytes)",
+        got.len()
+    );
+    c.close().await;
+
+    let mut c = raw_with_queue(addr, &queue).await;
+    c.publish(1, "", &queue, &body[..frame_max + 1], frame_max + 9)
+        .await;
+    let ending = within("connection.close", c.read_until_close()).await;
+    assert_eq!(
+        ending.code(),
+        501,
+        "a body frame with a payload of frame_max + 1 bytes: expected connection.close 501, \
+         got {ending:?}"
     );
 }
 

@@ -125,7 +125,7 @@ impl Conn<'_> {
     /// Next method on channel 0; heartbeats are skipped, anything else is a protocol error.
     async fn recv(&mut self, frame_max: usize) -> Result<Method, Refusal> {
         loop {
-            match codec::decode_frame(self.buf, frame_max) {
+            match codec::decode_client_frame(self.buf, frame_max) {
                 Ok(Some(frame)) => {
                     if frame.kind == FrameKind::Heartbeat {
                         continue;

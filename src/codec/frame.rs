@@ -66,6 +66,25 @@ pub struct RawFrame {
 /// A heartbeat frame is returned with whatever payload it carries: callers that follow
 /// RabbitMQ treat a non-empty heartbeat or one on a channel other than 0 as an error.
 pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFrame>, CodecError> {
+    decode(buf, frame_max, 0)
+}
+
+/// [`decode_frame`] for what clients send, with RabbitMQ's tolerance: a frame may be 8 bytes
+/// longer than `frame_max`, that is a payload of up to `frame_max` bytes. Clients that count
+/// the limit as the payload size (AMQPStorm, rabbitpy: every body frame of a message above
+/// 128 KiB) work against RabbitMQ because of it, and must work through warren.
+pub fn decode_client_frame(
+    buf: &mut BytesMut,
+    frame_max: usize,
+) -> Result<Option<RawFrame>, CodecError> {
+    decode(buf, frame_max, FRAME_OVERHEAD)
+}
+
+fn decode(
+    buf: &mut BytesMut,
+    frame_max: usize,
+    slack: usize,
+) -> Result<Option<RawFrame>, CodecError> {
     let Some(&type_octet) = buf.first() else {
         return Ok(None);
     };
@@ -80,7 +99,7 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFr
         .ok()
         .and_then(|s| s.checked_add(FRAME_OVERHEAD))
         .unwrap_or(usize::MAX);
-    if frame_max != 0 && total > frame_max {
+    if frame_max != 0 && total > frame_max.saturating_add(slack) {
         return Err(CodecError::FrameTooLarge {
             size: total,
             max: frame_max,
@@ -272,6 +291,23 @@ mod tests {
         let ptr = buf[7..].as_ptr();
         let f = decode_frame(&mut buf, 0).unwrap().unwrap();
         assert_eq!(f.payload.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn client_frames_may_carry_a_payload_of_frame_max() {
+        // A payload of 4096 bytes (the frame 4104): RabbitMQ's tolerance, waits for the rest.
+        let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x10, 0x00][..]);
+        assert_eq!(decode_client_frame(&mut buf, 4096), Ok(None));
+        assert!(decode_frame(&mut buf, 4096).is_err());
+        // One byte more is refused.
+        let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x10, 0x01][..]);
+        assert_eq!(
+            decode_client_frame(&mut buf, 4096),
+            Err(CodecError::FrameTooLarge {
+                size: 4105,
+                max: 4096
+            })
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
 # edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), pika_edge.py (pika's
-# blocking and asynchronous patterns), amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
+# blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy),
+# amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
 # ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
 # differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
 # both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
@@ -35,7 +36,7 @@ step() {
     shift 2
     t0=$(date +%s)
     "$@" || { status=FAIL; fails=$((fails + 1)); }
-    summary+=("$(printf '  %-9s %-7s %s %3ss' "$name" "$kind" "$status" $(($(date +%s) - t0)))")
+    summary+=("$(printf '  %-16s %-7s %s %3ss' "$name" "$kind" "$status" $(($(date +%s) - t0)))")
 }
 
 client() { # CLIENT ADDR: one client's scenario against ADDR
@@ -91,6 +92,8 @@ if [ -n "$proxy" ]; then
     step pika-edge compare "$PY" "$HERE/pika_edge.py" "$direct" "$proxy"
     echo "--- amqplib edge cases, rabbitmq ($direct) against warren ($proxy)"
     step node-edge compare node "$HERE/amqplib_edge.js" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
+    echo "--- AMQPStorm and rabbitpy edge cases, rabbitmq ($direct) against warren ($proxy)"
+    step storm-edge compare "$PY" "$HERE/storm_compare.py" "$direct" "$proxy"
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step java-edge compare java_edge_compare
     step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"

@@ -978,7 +978,7 @@ impl Session {
                 self.input_stalled = true;
                 return;
             }
-            let frame = match codec::decode_frame(rbuf, self.frame_max) {
+            let frame = match codec::decode_client_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
                 Err(e) => return self.protocol_error(ConnError::new(e.reply_code(), e)),

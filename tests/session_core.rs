@@ -1870,6 +1870,40 @@ async fn q_links_opened_after_update_secret_log_in_with_the_new_secret() {
     );
 }
 
+/// RabbitMQ's internal users accept any update-secret and go on checking the password: a
+/// client that sends one its clusters do not know (amqp-client.js's own test suite does) keeps
+/// working on one broker. Through warren the shard links, opened after it (lazy links), log in
+/// with the secret, are refused with 403, and open with the login password instead: the
+/// declare is answered and the publish confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q_a_secret_the_clusters_refuse_falls_back_to_the_login_password() {
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    for cluster in [A, B, CONTROL] {
+        rig.get(cluster).require_password("guest");
+    }
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.send(
+        0,
+        Method::ConnectionUpdateSecret(codec::ConnectionUpdateSecret {
+            new_secret: "not-the-password".into(),
+            reason: ss("test"),
+        }),
+    )
+    .await;
+    match c.reply(0).await {
+        Method::ConnectionUpdateSecretOk(_) => {}
+        other => panic!("expected update-secret-ok, got {other:?}"),
+    }
+    assert!(a.links().is_empty() && b.links().is_empty());
+    c.confirm_select(1).await;
+    c.declare(1, "tasks").await;
+    c.publish(1, "tasks", "t1").await;
+    c.expect_settled(1, &[(1, true)].into_iter().collect())
+        .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // (r) Links opened when first needed
 

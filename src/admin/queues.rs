@@ -888,6 +888,7 @@ async fn ask_cluster(
         nodes: cluster.nodes.clone(),
         user: Bytes::from(user),
         password: Bytes::from(password),
+        fallback_password: None,
         vhost: vhost_str,
         client_properties: props,
         heartbeat_secs: 0,

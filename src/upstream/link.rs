@@ -30,6 +30,12 @@ pub struct LinkSpec {
     pub nodes: Vec<NodeAddr>,
     pub user: Bytes,
     pub password: Bytes,
+    /// The password the client logged in with, when `password` is a secret it gave later
+    /// (connection.update-secret): tried when the cluster refuses `password` with 403.
+    /// RabbitMQ's internal users accept any update-secret and go on checking the password,
+    /// while an OAuth backend needs the renewed token; a link must open in both cases, as
+    /// the client's connection to one broker would go on working.
+    pub fallback_password: Option<Bytes>,
     pub vhost: ShortStr,
     /// Sent in start-ok: the client's own properties, with the proxy's capabilities.
     pub client_properties: FieldTable,
@@ -118,7 +124,22 @@ impl Link {
 pub async fn connect(spec: &LinkSpec) -> Result<Link, ConnectError> {
     let mut last = String::from("no nodes configured");
     for node in &spec.nodes {
-        match tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await {
+        let attempt = tokio::time::timeout(spec.connect_timeout, handshake(node, spec)).await;
+        if let (Ok(Err(HandshakeError::Refused { code: 403, .. })), Some(password)) =
+            (&attempt, &spec.fallback_password)
+        {
+            debug!(cluster = %spec.cluster, %node, "the updated secret was refused; trying the login password");
+            let earlier = LinkSpec {
+                password: password.clone(),
+                fallback_password: None,
+                ..spec.clone()
+            };
+            let again = tokio::time::timeout(spec.connect_timeout, handshake(node, &earlier)).await;
+            if let Ok(Ok(opened)) = again {
+                return Ok(open(spec, node.clone(), opened));
+            }
+        }
+        match attempt {
             Ok(Ok(opened)) => return Ok(open(spec, node.clone(), opened)),
             Ok(Err(HandshakeError::Refused { code, text })) => {
                 return Err(ConnectError::Refused {

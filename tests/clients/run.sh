@@ -3,8 +3,8 @@
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
 # edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), pika_edge.py (pika's
-# blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy),
-# amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
+# blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy), amqp_client_edge.mjs
+# (CloudAMQP's Node client), amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
 # ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
 # differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
 # both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
@@ -94,6 +94,8 @@ if [ -n "$proxy" ]; then
     step node-edge compare node "$HERE/amqplib_edge.js" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
     echo "--- AMQPStorm and rabbitpy edge cases, rabbitmq ($direct) against warren ($proxy)"
     step storm-edge compare "$PY" "$HERE/storm_compare.py" "$direct" "$proxy"
+    echo "--- CloudAMQP amqp-client edge cases, rabbitmq ($direct) against warren ($proxy)"
+    step amqp-client-edge compare node "$HERE/amqp_client_edge.mjs" "amqp://guest:guest@$direct" "amqp://guest:guest@$proxy"
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step java-edge compare java_edge_compare
     step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"

@@ -279,6 +279,8 @@ struct State {
     refusing: Vec<bool>,
     /// Connections each node refused.
     refused: Vec<usize>,
+    /// The only password a login may give (PLAIN's response ends with it); `None`: any.
+    password: Option<String>,
     on_publish: PublishScript,
     on_commit: CommitScript,
     next_name: u64,
@@ -334,6 +336,7 @@ impl FakeCluster {
             exchanges,
             refusing: vec![false; nodes],
             refused: vec![0; nodes],
+            password: None,
             on_publish: Box::new(|_| Verdict::Ack),
             on_commit: Box::new(|_, _| CommitVerdict::Commit),
             next_name: 0,
@@ -378,6 +381,12 @@ impl FakeCluster {
     /// Node `node` accepts new TCP connections and drops them at once (`true`), or serves them.
     pub fn refuse(&self, node: usize, refuse: bool) {
         lock(&self.state).refusing[node] = refuse;
+    }
+
+    /// From now on a login must give `password`, or gets connection.close 403, as RabbitMQ
+    /// answers a wrong password.
+    pub fn require_password(&self, password: &str) {
+        lock(&self.state).password = Some(password.to_owned());
     }
 
     /// How many connections node `node` refused so far.
@@ -843,7 +852,25 @@ impl State {
 
     fn on_connection_method(&mut self, id: ConnId, method: Method) {
         match method {
-            Method::ConnectionStartOk(_) => {
+            Method::ConnectionStartOk(ok) => {
+                if let Some(p) = &self.password
+                    && !ok
+                        .response
+                        .as_bytes()
+                        .ends_with(format!("\0{p}").as_bytes())
+                {
+                    let close = Method::ConnectionClose(codec::ConnectionClose {
+                        reply_code: 403,
+                        reply_text: codec::ShortStr::from_static(
+                            "ACCESS_REFUSED - Login was refused",
+                        ),
+                        class_id: 0,
+                        method_id: 0,
+                    });
+                    self.send(id, 0, close, None);
+                    let _ = self.conns[id].out.send(Out::Close(Kill::Fin));
+                    return;
+                }
                 let tune = Method::ConnectionTune(codec::ConnectionTune {
                     channel_max: 2047,
                     frame_max: 131_072,

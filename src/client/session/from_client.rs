@@ -608,9 +608,17 @@ impl Session {
                 for slot in &self.links {
                     slot.send(0, &method);
                 }
-                // Links opened from now on (a failover, a cluster added) log in with the new
-                // secret: the old one may have expired.
+                // Links opened from now on (a failover, a cluster added, lazy shard links) log in
+                // with the new secret, the old one may have expired; and with the login password
+                // if the cluster refuses the secret (see `LinkSpec::fallback_password`).
+                let login = self
+                    .base_spec
+                    .fallback_password
+                    .take()
+                    .unwrap_or_else(|| self.base_spec.password.clone());
                 self.base_spec.password = bytes::Bytes::copy_from_slice(u.new_secret.as_bytes());
+                self.base_spec.fallback_password =
+                    (login != self.base_spec.password).then_some(login);
                 self.to_client(0, &Method::ConnectionUpdateSecretOk(Default::default()));
                 Ok(())
             }

@@ -77,6 +77,9 @@ impl Session {
                     .link_failures
                     .inc();
                 self.backoff(&opened.cluster.name);
+                if let Some(r) = self.retry_at.get_mut(&opened.cluster.name) {
+                    r.last_error = Some(e.to_string());
+                }
                 return;
             }
         };
@@ -333,6 +336,7 @@ impl Session {
             at: Instant::now() + RECONNECT.after(failures),
             failures,
             nodes_back: self.shared.nodes_back(cluster),
+            last_error: None,
         };
         self.retry_at.insert(cluster.to_owned(), retry);
     }
@@ -617,6 +621,7 @@ impl Session {
             at: Instant::now(),
             failures: 0,
             nodes_back: self.shared.nodes_back(&cluster),
+            last_error: None,
         };
         self.retry_at.insert(cluster.clone(), retry);
         if let Some(what) = lost {

@@ -106,6 +106,7 @@ pub async fn serve(
         nodes: Vec::new(),
         user: greeting.user.clone(),
         password: greeting.password.clone(),
+        fallback_password: None,
         vhost: vhost.clone(),
         client_properties: upstream::link::upstream_client_properties(
             &greeting.client_properties,
@@ -563,6 +564,9 @@ struct Retry {
     /// [`Shared::nodes_back`] of the cluster when the delay started: a node seen back by the
     /// health probes since then cuts the wait short.
     nodes_back: u64,
+    /// Why the last attempt failed ("127.0.0.1:5701 refused the connection: 403 ..."), for the
+    /// client's connection.close if it has to be closed for want of this cluster.
+    last_error: Option<String>,
 }
 
 /// Lets a repeated warning through once per [`Self::EVERY`], counting what it held back, so a

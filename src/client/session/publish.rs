@@ -314,17 +314,28 @@ impl Session {
                 }
             }
         }
-        let text = if self.shard_links().is_empty() {
+        let what = if self.shard_links().is_empty() {
             "no shard cluster is reachable"
         } else {
             "the cluster for held publishes (control) is not reachable"
+        };
+        // Say why, when a cluster answered: a refused login is not an outage.
+        let mut why: Vec<String> = self
+            .retry_at
+            .iter()
+            .filter_map(|(cluster, r)| Some(format!("{cluster}: {}", r.last_error.as_ref()?)))
+            .collect();
+        why.sort();
+        let text = match why.is_empty() {
+            true => what.to_owned(),
+            false => format!("{what} ({})", why.join("; ")),
         };
         warn!(
             conn = self.id,
             waited_secs = wait.as_secs(),
             "{text}; closing the client"
         );
-        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, text), text);
+        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
     }
 
     /// The next shard link by smooth weighted round-robin over the live, ready, non-draining

@@ -7,6 +7,7 @@
 //! A session that stopped on the total waits on [`HeldBudget::room`], which wakes it as soon as
 //! any session releases bytes below the bound, instead of polling.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -91,6 +92,60 @@ impl HeldBudget {
     }
 }
 
+/// The publishes one session holds until their clusters confirm them, in bytes, counted in the
+/// process budget as well. Bytes are counted by [`HeldTicket`]s: one per held publish, given back
+/// when the ticket is dropped, so no path that lets go of a publish (a confirm, a nack, a channel
+/// or link lost, a republish, the session's end) has to remember to release it.
+#[derive(Debug)]
+pub struct HeldLedger {
+    used: AtomicUsize,
+    budget: Arc<HeldBudget>,
+}
+
+impl HeldLedger {
+    pub fn new(budget: Arc<HeldBudget>) -> Arc<Self> {
+        Arc::new(HeldLedger {
+            used: AtomicUsize::new(0),
+            budget,
+        })
+    }
+
+    /// A ledger with a budget of its own and no limit, counted nowhere else (the maps' tests).
+    pub fn standalone() -> Arc<Self> {
+        Self::new(Arc::new(HeldBudget::new(usize::MAX, Gauge::default())))
+    }
+
+    /// Bytes held by this session's tickets.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Counts `size` bytes until the ticket is dropped.
+    pub fn hold(self: &Arc<Self>, size: usize) -> HeldTicket {
+        self.used.fetch_add(size, Ordering::Relaxed);
+        self.budget.add(size);
+        HeldTicket {
+            size,
+            ledger: self.clone(),
+        }
+    }
+}
+
+/// The bytes of one held publish, counted in its session's [`HeldLedger`] (and the process
+/// budget) for as long as the ticket lives.
+#[derive(Debug)]
+pub struct HeldTicket {
+    size: usize,
+    ledger: Arc<HeldLedger>,
+}
+
+impl Drop for HeldTicket {
+    fn drop(&mut self) {
+        self.ledger.used.fetch_sub(self.size, Ordering::Relaxed);
+        self.ledger.budget.release(self.size);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +165,29 @@ mod tests {
         // Over-release cannot wrap.
         b.release(1000);
         assert_eq!((b.used(), g.get()), (0, 0));
+    }
+
+    #[test]
+    fn tickets_count_until_dropped() {
+        let g = Gauge::default();
+        let budget = Arc::new(HeldBudget::new(100, g.clone()));
+        let (a, b) = (
+            HeldLedger::new(budget.clone()),
+            HeldLedger::new(budget.clone()),
+        );
+        let t1 = a.hold(30);
+        let t2 = a.hold(40);
+        let t3 = b.hold(50);
+        assert_eq!(
+            (a.used(), b.used(), budget.used(), g.get()),
+            (70, 50, 120, 120)
+        );
+        assert!(!budget.has_room());
+        drop(t2);
+        assert_eq!((a.used(), budget.used()), (30, 80));
+        assert!(budget.has_room());
+        drop((t1, t3));
+        assert_eq!((a.used(), b.used(), budget.used(), g.get()), (0, 0, 0, 0));
     }
 
     #[tokio::test]

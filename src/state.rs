@@ -84,7 +84,7 @@ pub struct Shared {
     /// The open client connections (`GET /clients`).
     pub clients: Arc<Clients>,
     /// Bytes of publishes held until confirmed, in the whole process (`limits.max_held_bytes`).
-    pub held: HeldBudget,
+    pub held: Arc<HeldBudget>,
 }
 
 impl Shared {
@@ -112,7 +112,7 @@ impl Shared {
             nodes_back: Mutex::default(),
             next_id: AtomicU64::new(1),
             reported: Mutex::default(),
-            held: HeldBudget::new(held_limit, metrics.held_bytes.clone()),
+            held: Arc::new(HeldBudget::new(held_limit, metrics.held_bytes.clone())),
             metrics,
             clients: Arc::default(),
         }

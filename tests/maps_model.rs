@@ -45,6 +45,7 @@ use warren::client::channel::{
     ClientConfirm, ClientConfirms, DEAD_LINK, DeliveryTags, Held, InFlight, UnknownTag,
     UpstreamAck, UpstreamConfirms,
 };
+use warren::held::HeldLedger;
 use warren::io::Content;
 
 /// Cases per property (two properties: 12,000 cases, each up to `MAX_OPS` operations).
@@ -616,6 +617,8 @@ struct Proxy {
     client: ClientConfirms,
     up: Vec<UpstreamConfirms>,
     out: Vec<ClientConfirm>,
+    /// Counts the bytes of the publishes the maps hold, as the session's does.
+    held: std::sync::Arc<HeldLedger>,
 }
 
 impl Proxy {
@@ -732,6 +735,7 @@ impl ConfRun {
                 client: ClientConfirms::default(),
                 up: (0..links).map(|_| UpstreamConfirms::default()).collect(),
                 out: Vec::new(),
+                held: HeldLedger::standalone(),
             },
             client: ClientView::default(),
         }
@@ -771,7 +775,7 @@ impl ConfRun {
                     fate: Fate::InFlight,
                 });
                 m.send(pid, link);
-                p.up[link].record(client, held(pid));
+                p.up[link].record(client, held(pid), &p.held);
                 format!(
                     "publish #{pid} (client seq {client:?}) on link {link} (upstream seq {})",
                     m.links[link].last_seq
@@ -871,7 +875,7 @@ impl ConfRun {
                             p.settle(&[s], false, &mut self.client, &mut heard)?;
                         }
                     } else {
-                        p.up[live[(to + i) % live.len()]].record(f.client, f.held);
+                        p.up[live[(to + i) % live.len()]].record(f.client, f.held, &p.held);
                     }
                 }
                 what
@@ -909,6 +913,16 @@ impl ConfRun {
             "step {}: ClientConfirms::outstanding()",
             step
         );
+        // Held bytes are exactly those of the publishes still waiting for a confirm: every
+        // publish the maps let go of (settled, drained, sent again) gave its bytes back.
+        let in_flight: usize = m
+            .pubs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.fate == Fate::InFlight)
+            .map(|(pid, _)| held(pid).size())
+            .sum();
+        prop_assert_eq!(p.held.used(), in_flight, "step {}: held bytes", step);
         for (l, up) in m.links.iter().enumerate() {
             prop_assert_eq!(
                 p.up[l].pending(),

@@ -6,8 +6,10 @@
 //! only what is in flight, and free entries as acks and confirms arrive.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::codec::{Method, ShortStr};
+use crate::held::{HeldLedger, HeldTicket};
 use crate::io::Content;
 use crate::upstream::LinkId;
 
@@ -434,6 +436,8 @@ pub struct InFlight {
     pub client: Option<u64>,
     pub at: tokio::time::Instant,
     pub held: Held,
+    /// Its bytes, counted against the session's bound until this is dropped.
+    pub ticket: HeldTicket,
 }
 
 /// Publisher confirms of one upstream channel: which publish each upstream sequence number is.
@@ -445,13 +449,16 @@ pub struct UpstreamConfirms {
 
 impl UpstreamConfirms {
     /// Records a publish sent upstream; every publish on a channel in confirm mode is numbered.
-    pub fn record(&mut self, client: Option<u64>, held: Held) {
+    /// Its bytes count in `ledger` until its fate is settled and it is dropped.
+    pub fn record(&mut self, client: Option<u64>, held: Held, ledger: &Arc<HeldLedger>) {
         self.next += 1;
+        let ticket = ledger.hold(held.size());
         self.pending.push_back(InFlight {
             seq: self.next,
             client,
             at: tokio::time::Instant::now(),
             held,
+            ticket,
         });
     }
 
@@ -813,12 +820,13 @@ mod tests {
         let mut c = ClientConfirms::default();
         let mut up0 = UpstreamConfirms::default();
         let mut up1 = UpstreamConfirms::default();
+        let ledger = HeldLedger::standalone();
         for i in 0..6 {
             let s = c.next_seq();
             if i % 2 == 0 {
-                up0.record(Some(s), held())
+                up0.record(Some(s), held(), &ledger)
             } else {
-                up1.record(Some(s), held())
+                up1.record(Some(s), held(), &ledger)
             }
         }
         let (mut settled, mut out) = (Vec::new(), Vec::new());

@@ -66,7 +66,6 @@ impl Session {
                     );
                     return;
                 }
-                self.release_held_later(link);
                 let slot = &mut self.links[link];
                 if by_broker {
                     slot.send(ch, &Method::ChannelCloseOk(Default::default()));
@@ -540,8 +539,7 @@ impl Session {
                 m.confirm_nacks.inc_by(n);
             }
         }
-        let freed: usize = settled.iter().map(|p| p.held.size()).sum();
-        self.release_held(freed);
+        // Their bytes are released as `settled` is cleared (see `HeldTicket`).
         if ack {
             seqs.clear();
             seqs.extend(settled.iter().filter_map(|p| p.client));

@@ -134,8 +134,6 @@ pub(super) struct LinkSlot {
     /// When its cluster was removed from the configuration: draining, closed once quiet.
     pub(super) removed_at: Option<Instant>,
     pub(super) last_delivery: Instant,
-    /// Held bytes released by `reset_chan`, for the session to subtract.
-    pub(super) released_held: usize,
 }
 
 impl LinkSlot {
@@ -152,7 +150,6 @@ impl LinkSlot {
             blocked: false,
             removed_at: None,
             last_delivery: Instant::now(),
-            released_held: 0,
         }
     }
 
@@ -255,10 +252,9 @@ impl LinkSlot {
         let up = self.chan(ch);
         m.dec_by(up.confirms.pending() as i64);
         // The channel is gone: the broker processed or refused what was published on it.
-        let released: usize = up.confirms.drain().iter().map(|p| p.held.size()).sum();
+        // Dropping those publishes gives their bytes back (see `HeldTicket`).
         let out = up.reopen;
         *up = UpChan::default();
-        self.released_held += released;
         out
     }
 

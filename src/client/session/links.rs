@@ -539,14 +539,6 @@ impl Session {
         }
     }
 
-    /// Makes the held bytes a channel reset will release count after this command is handled.
-    pub(super) fn release_held_later(&mut self, link: LinkId) {
-        let slot = &mut self.links[link];
-        let released = std::mem::take(&mut slot.released_held);
-        self.release_held(released);
-        self.pending_release.push(link);
-    }
-
     /// Releases everything that depended on a dead link, so the client sees no error: its
     /// unacknowledged deliveries become dead tags (the broker requeues the messages; acks for
     /// the old tags are swallowed), its consumers and pending replies are settled by the other
@@ -588,8 +580,6 @@ impl Session {
                     self.settle_dead_rpc(owner, id);
                 }
             }
-            let freed: usize = lost.iter().map(|p| p.held.size()).sum();
-            self.release_held(freed);
             for inflight in lost {
                 self.republish(ch, link, inflight);
             }

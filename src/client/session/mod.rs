@@ -49,6 +49,7 @@ use crate::client::channel::{
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};
+use crate::held::{HeldLedger, HeldTicket};
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
@@ -239,10 +240,9 @@ pub async fn serve(
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
         scratch_inflight: Vec::new(),
-        held_bytes: 0,
+        held: HeldLedger::new(shared.held.clone()),
         held_limit: config.limits.max_held_bytes_per_connection,
         hold_publishes: config.limits.hold_publishes,
-        pending_release: Vec::new(),
         metrics: metrics.clone(),
         parked: VecDeque::new(),
         nacks_log: LogThrottle::default(),
@@ -475,12 +475,10 @@ struct Session {
     scratch_confirms: Vec<ClientConfirm>,
     scratch_inflight: Vec<InFlight>,
     /// Bytes of publishes this connection holds until their clusters confirm them.
-    held_bytes: usize,
+    held: Arc<HeldLedger>,
     held_limit: usize,
     /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
     hold_publishes: bool,
-    /// Links whose channel resets released held bytes to account for.
-    pending_release: Vec<LinkId>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     vhost: String,
@@ -496,7 +494,7 @@ struct Session {
     retry_at: std::collections::HashMap<String, Retry>,
     /// Publishes waiting for a link, oldest first: none was ready for their class when they
     /// came (or when their link died), typically while the control cluster's link, or the only
-    /// live shard cluster's, fails over to its other node. Counted in `held_bytes`, so they are
+    /// live shard cluster's, fails over to its other node. Counted in `held`, so they are
     /// bounded like every held publish.
     parked: VecDeque<Parked>,
     /// Nacks from clusters, and refused publishes dropped, are each logged at most every
@@ -603,6 +601,8 @@ struct Parked {
     ch: u16,
     client: Option<u64>,
     held: Held,
+    /// Its bytes, counted against the session's bound while it waits.
+    _ticket: HeldTicket,
 }
 
 /// A link opened after a reload added a cluster.
@@ -754,10 +754,6 @@ impl Session {
                 }
                 return reason;
             }
-            for link in std::mem::take(&mut self.pending_release) {
-                let released = std::mem::take(&mut self.links[link].released_held);
-                self.release_held(released);
-            }
             if self.input_stalled && !self.input_paused() {
                 self.input_stalled = false;
                 self.rpc_stall = None;
@@ -785,7 +781,7 @@ impl Session {
             // the client until confirms free memory (this connection's arrive as link events;
             // another connection freeing the total wakes `held.room()`).
             let total_ok = self.shared.held.has_room();
-            let held_ok = self.held_bytes < self.held_limit && total_ok;
+            let held_ok = self.held.used() < self.held_limit && total_ok;
             let read_client = client_open
                 && self.eof_drain.is_none()
                 && full_link.is_none()
@@ -1058,7 +1054,7 @@ impl Session {
             .filter(|s| s.live())
             .map(|s| format!("{}@{}", s.link.cluster, s.link.node))
             .collect();
-        self.info.publish_usage(channels, self.held_bytes, links);
+        self.info.publish_usage(channels, self.held.used(), links);
     }
 
     fn protocol_error(&mut self, e: ConnError) {
@@ -1091,15 +1087,14 @@ impl Session {
 
     /// Gives back what this session added to the shared gauges.
     fn release_gauges(&mut self) {
-        let mut held = 0;
+        // Dropping the held publishes gives their bytes back (see `HeldTicket`).
+        self.parked.clear();
         for slot in &mut self.links {
             for up in &mut slot.chans {
                 let drained = up.confirms.drain();
                 slot.m.confirms_pending.dec_by(drained.len() as i64);
-                held += drained.iter().map(|p| p.held.size()).sum::<usize>();
             }
         }
-        self.release_held(held);
         for ch in 0..self.channels.len() {
             self.free_channel(ch as u16);
         }

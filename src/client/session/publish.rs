@@ -199,19 +199,6 @@ impl Session {
         true
     }
 
-    /// Counts bytes of publishes this connection holds (per connection and in the total).
-    pub(super) fn add_held(&mut self, size: usize) {
-        self.held_bytes += size;
-        self.shared.held.add(size);
-    }
-
-    /// Releases bytes counted by [`add_held`](Self::add_held).
-    pub(super) fn release_held(&mut self, size: usize) {
-        let size = size.min(self.held_bytes);
-        self.held_bytes -= size;
-        self.shared.held.release(size);
-    }
-
     /// Publishes a transaction's messages again on `link` (its first link died).
     pub(super) fn redo_transaction<'a>(
         &mut self,
@@ -235,8 +222,7 @@ impl Session {
 
     /// Keeps a publish until a link of its class is ready (see [`Session::parked`]).
     pub(super) fn park(&mut self, class: Class, ch: u16, client: Option<u64>, held: Held) {
-        let size = held.size();
-        self.add_held(size);
+        let _ticket = self.held.hold(held.size());
         if self.parked.is_empty() {
             info!(
                 conn = self.id,
@@ -249,6 +235,7 @@ impl Session {
             ch,
             client,
             held,
+            _ticket,
         });
         self.no_shard_since.get_or_insert_with(Instant::now);
     }
@@ -265,8 +252,6 @@ impl Session {
                 self.parked.push_front(p);
                 return;
             };
-            let size = p.held.size();
-            self.release_held(size);
             let open = self
                 .channel_mut(p.ch)
                 .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
@@ -303,8 +288,6 @@ impl Session {
             return;
         }
         for p in std::mem::take(&mut self.parked) {
-            let size = p.held.size();
-            self.release_held(size);
             match p.client {
                 Some(seq) => self.nack_lost(p.ch, &[seq]),
                 None => {
@@ -445,10 +428,8 @@ impl Session {
         slot.send_content(ch, &method, &held.content);
         let up = slot.chan(ch);
         if up.confirm_mode {
-            let size = held.size();
-            up.confirms.record(client_seq, held);
+            up.confirms.record(client_seq, held, &self.held);
             slot.m.confirms_pending.inc();
-            self.add_held(size);
         }
     }
 

@@ -29,7 +29,8 @@
 #              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py),
 #              Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
 #              control, beat) directly and through warren, compared (tests/e2e/celery_patterns.py),
-#              kombu's and Celery's everyday patterns compared likewise (tests/e2e/kombu_edge.py),
+#              kombu's and Celery's everyday patterns compared likewise (tests/e2e/kombu_edge.py,
+#              tests/e2e/celery_more.py),
 #              and a routing rule keeping Celery's fast queue on shard-a
 #              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
@@ -482,6 +483,19 @@ if want python || want clients || want celery; then
                 else
                     tail -n 5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
                     record celery-patterns FAIL $(($(date +%s) - t1))
+                fi
+                # More of Celery and kombu (two workers on one queue, topic/headers routing,
+                # dead-lettering, quorum queues and native delayed delivery, the CLI, races for
+                # exclusive queues) directly and through warren, compared line by line.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/celery_more.py "amqp://guest:guest@$DIRECT//" --drop-delayed >"$LOGS/more-rabbitmq.txt" 2>"$LOGS/more-rabbitmq.err" &&
+                    "$PY" tests/e2e/celery_more.py "$broker" --drop-delayed >"$LOGS/more-warren.txt" 2>"$LOGS/more-warren.err" &&
+                    diff <(grep '^OBS' "$LOGS/more-rabbitmq.txt") <(grep '^OBS' "$LOGS/more-warren.txt"); then
+                    grep -h '^DOC' "$LOGS/more-warren.txt" | sed 's/^/  warren, documented: /'
+                    record celery-more PASS $(($(date +%s) - t1))
+                else
+                    tail -n 5 "$LOGS/more-rabbitmq.err" "$LOGS/more-warren.err"
+                    record celery-more FAIL $(($(date +%s) - t1))
                 fi
                 # kombu's and Celery's everyday patterns (SimpleQueue, Broadcast, pidbox, ensure,
                 # QoS at runtime, remote control, ...) directly and through warren, compared.

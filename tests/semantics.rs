@@ -100,6 +100,10 @@ differential!(
     message_ttl_expiry_dead_letters,
     exclusive_queue_from_another_connection_is_405,
     exclusive_consumer_blocks_a_second_consumer_with_403,
+    racing_exclusive_declares_have_one_winner,
+    racing_exclusive_consumers_have_one_winner,
+    server_named_quorum_queue_is_refused_with_406,
+    conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     consume_from_missing_queue_is_404,
     passive_declare_of_missing_exchange_is_404,
     publish_to_missing_exchange_closes_the_channel_with_404,
@@ -1744,6 +1748,190 @@ async fn exclusive_queue_from_another_connection_is_405(addr: SocketAddr) {
     }
     close_connection(a).await;
     close_connection(b).await;
+}
+
+fn quorum_declare(queue: &str) -> Method {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ss("x-queue-type"),
+        FieldValue::LongStr(LongStr::from("quorum")),
+    );
+    Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(queue),
+        durable: true,
+        arguments,
+        ..Default::default()
+    })
+}
+
+/// queue.declare with an empty name and `x-queue-type=quorum`: RabbitMQ names only classic
+/// queues, and refuses with 406 (warren must not make up a name and create a durable quorum
+/// queue nothing deletes).
+async fn server_named_quorum_queue_is_refused_with_406(addr: SocketAddr) {
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    match c.call(1, &quorum_declare("")).await {
+        Method::ChannelClose(close) => {
+            assert_eq!(close.reply_code, 406, "{close:?}");
+            assert!(
+                close
+                    .reply_text
+                    .as_str()
+                    .contains("server-named queue for type rabbit_quorum_queue"),
+                "{close:?}"
+            );
+        }
+        other => panic!("a server-named quorum queue: expected channel.close 406, got {other:?}"),
+    }
+    c.close().await;
+}
+
+/// queue.delete with `if_unused` or `if_empty` of an idle, empty quorum queue: RabbitMQ 3.10
+/// does not support the conditions on quorum queues and closes the connection with 540; the
+/// queue stays.
+async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("quorum-delete"));
+    for (if_unused, if_empty) in [(true, false), (false, true)] {
+        let mut c = RawClient::open(addr, Login::default()).await;
+        c.open_channel(1).await;
+        match c.call(1, &quorum_declare(&queue)).await {
+            Method::QueueDeclareOk(_) => {}
+            other => panic!("declaring quorum queue {queue}: {other:?}"),
+        }
+        c.send_method(
+            1,
+            &Method::QueueDelete(codec::QueueDelete {
+                queue: ss(&queue),
+                if_unused,
+                if_empty,
+                ..Default::default()
+            }),
+        )
+        .await;
+        let ending = within("connection.close", c.read_until_close()).await;
+        assert_eq!(
+            ending.code(),
+            540,
+            "queue.delete if_unused={if_unused} if_empty={if_empty} of a quorum queue: {ending:?}"
+        );
+        let mut check = RawClient::open(addr, Login::default()).await;
+        check.open_channel(1).await;
+        let passive = Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(&queue),
+            passive: true,
+            ..Default::default()
+        });
+        match check.call(1, &passive).await {
+            Method::QueueDeclareOk(_) => {}
+            other => panic!("{queue} after the refused delete: {other:?}"),
+        }
+        check.close().await;
+    }
+}
+
+/// How a raced request ended for one client: the reply's name, or the channel.close code.
+async fn race_outcome(c: &mut RawClient) -> String {
+    loop {
+        match within("the raced request's answer", c.read_method()).await {
+            (1, Method::ChannelClose(close)) => return close.reply_code.to_string(),
+            (1, m) => return m.name().to_owned(),
+            _ => {}
+        }
+    }
+}
+
+/// Sends `request(queue)` from two connections at the same moment, 10 times (a fresh queue
+/// each time, `setup` run first on a third connection); each time exactly one must win, as on
+/// one broker: the other gets `refused`. (Through several clusters, each cluster could pick its
+/// own winner and both racers be refused.)
+async fn race_twice(
+    addr: SocketAddr,
+    prefix: &str,
+    setup: Option<fn(&str) -> Method>,
+    request: fn(&str) -> Method,
+    winner: &str,
+    refused: &str,
+) {
+    let mut cleanup = Cleanup::default();
+    let mut outcomes = BTreeMap::new();
+    for _ in 0..10 {
+        let queue = cleanup.queue(&unique(prefix));
+        if let Some(setup) = setup {
+            let mut c = RawClient::open(addr, Login::default()).await;
+            c.open_channel(1).await;
+            c.call(1, &setup(&queue)).await;
+            c.close().await;
+        }
+        let mut a = RawClient::open(addr, Login::default()).await;
+        let mut b = RawClient::open(addr, Login::default()).await;
+        a.open_channel(1).await;
+        b.open_channel(1).await;
+        let (mut wa, mut wb) = (BytesMut::new(), BytesMut::new());
+        codec::write_method(&mut wa, 1, &request(&queue));
+        codec::write_method(&mut wb, 1, &request(&queue));
+        let (ra, rb) = tokio::join!(a.stream.write_all(&wa), b.stream.write_all(&wb));
+        ra.and(rb).expect("sending the raced requests");
+        let (oa, ob) = tokio::join!(race_outcome(&mut a), race_outcome(&mut b));
+        let mut pair = [oa, ob];
+        pair.sort();
+        *outcomes.entry(pair.join("+")).or_insert(0) += 1;
+        // A's queue, if exclusive, goes with A: close the winner last.
+        b.close().await;
+        a.close().await;
+    }
+    let mut want = [winner.to_owned(), refused.to_owned()];
+    want.sort();
+    assert_eq!(
+        outcomes,
+        BTreeMap::from([(want.join("+"), 10)]),
+        "10 races of two connections: exactly one winner each time"
+    );
+}
+
+/// Two connections declare the same exclusive queue at the same moment: one gets declare-ok,
+/// the other 405 RESOURCE_LOCKED, every time.
+async fn racing_exclusive_declares_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-exclusive",
+        None,
+        |q| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: ss(q),
+                exclusive: true,
+                ..Default::default()
+            })
+        },
+        "queue.declare-ok",
+        "405",
+    )
+    .await;
+}
+
+/// Two connections start an exclusive consumer on one queue at the same moment: one gets
+/// consume-ok, the other 403 ACCESS_REFUSED, every time.
+async fn racing_exclusive_consumers_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-consumer",
+        Some(|q| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: ss(q),
+                ..Default::default()
+            })
+        }),
+        |q| {
+            Method::BasicConsume(codec::BasicConsume {
+                queue: ss(q),
+                exclusive: true,
+                ..Default::default()
+            })
+        },
+        "basic.consume-ok",
+        "403",
+    )
+    .await;
 }
 
 /// An exclusive consumer (connection A) on a queue: a consumer from connection B is refused with

@@ -85,6 +85,12 @@ pub struct Rpc {
     /// back), and the request to send them.
     pub get_next: Vec<LinkId>,
     pub get_request: Option<Method>,
+    /// Links asked one after the other (popped from the back), each once the one before has
+    /// accepted the request: an exclusive declare or consume, which several connections may race
+    /// for. Asked in the same order (by cluster name) by every session and every warren, the
+    /// first cluster decides who wins, as one broker would, instead of each cluster picking its
+    /// own winner and every racer being refused somewhere.
+    pub in_turn: Vec<LinkId>,
     /// The client's request, sent again on a cluster's new link when the link it was sent on
     /// died before answering (see `Session::orphan_rpc`).
     pub request: Method,
@@ -616,6 +622,7 @@ impl Channel {
             reply: None,
             get_next,
             get_request: None,
+            in_turn: Vec::new(),
             request: request.clone(),
             on_success: None,
             then_delete: None,

@@ -339,7 +339,25 @@ impl Session {
             self.close_channel(ch, ReplyCode::InternalError, &text, method);
             return Ok(());
         }
-        if expects_reply(method) {
+        let exclusive = match method {
+            Method::QueueDeclare(q) => q.exclusive && !q.passive && !q.nowait,
+            Method::BasicConsume(c) => c.exclusive && !c.nowait,
+            _ => false,
+        };
+        if exclusive && targets.len() > 1 {
+            // One cluster after the other, in the same order everywhere (see `Rpc::in_turn`).
+            let mut order: Vec<LinkId> = targets.iter().collect();
+            order.sort_by(|&a, &b| self.links[b].link.cluster.cmp(&self.links[a].link.cluster));
+            let first = order.pop().expect("more than one target");
+            let Some(channel) = self.channel_mut(ch) else {
+                return Ok(());
+            };
+            let id = channel.push_rpc(1, Vec::new(), method);
+            if let Some(rpc) = channel.rpcs.back_mut() {
+                rpc.in_turn = order;
+            }
+            self.links[first].request(ch, method, Pending::Rpc(id));
+        } else if expects_reply(method) {
             let Some(channel) = self.channel_mut(ch) else {
                 return Ok(());
             };
@@ -675,6 +693,23 @@ impl Session {
         ch: u16,
         delete: codec::QueueDelete,
     ) -> Result<(), ConnError> {
+        if self.declared_as_quorum(&delete.queue) {
+            // RabbitMQ refuses the condition on a quorum queue, closing the connection; warren's
+            // own check over the clusters would delete it instead.
+            let flag = if delete.if_unused {
+                "if-unused"
+            } else {
+                "if-empty"
+            };
+            let text = format!(
+                "cannot delete queue '{}' in vhost '{}'. queue.delete operations with {flag} flag \
+                 set are not supported by quorum queues",
+                delete.queue, self.vhost
+            );
+            return Err(
+                ConnError::new(ReplyCode::NotImplemented, text).on(&Method::QueueDelete(delete))
+            );
+        }
         let check = Method::QueueDeclare(codec::QueueDeclare {
             queue: delete.queue.clone(),
             passive: true,
@@ -703,6 +738,18 @@ impl Session {
         Ok(())
     }
 
+    /// Whether `queue` was declared as a quorum queue, by this connection or (for the sharded
+    /// topology warren keeps for the vhost) by any client of this warren.
+    fn declared_as_quorum(&self, queue: &ShortStr) -> bool {
+        let quorum = |(_, m): &(Class, Method)| {
+            matches!(m, Method::QueueDeclare(d)
+                if &d.queue == queue
+                    && replicated_queue_type(&d.arguments) == Some("rabbit_quorum_queue"))
+        };
+        self.topology.entries().any(quorum)
+            || self.shared.topology_of(&self.vhost).entries().any(quorum)
+    }
+
     /// Sends the check `method` for client channel `ch` on a channel of warren's own on
     /// `link` (see [`LinkSlot::side_request`]), or on `ch` itself when no number is free.
     pub(super) fn side_check(&mut self, link: LinkId, ch: u16, method: &Method, who: Pending) {
@@ -720,6 +767,19 @@ impl Session {
     /// (one broker's `amq.gen-` names cannot be declared on the other clusters). Returns `None`
     /// when the channel was closed.
     fn expand_queue_name(&mut self, ch: u16, method: Method) -> Option<Method> {
+        if let Method::QueueDeclare(x) = &method
+            && x.queue.is_empty()
+            && !x.passive
+            && let Some(kind) = replicated_queue_type(&x.arguments)
+            && channel_in(&mut self.channels, ch)
+                .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
+        {
+            // RabbitMQ names server-named queues only for classic queues; naming one here
+            // would create a durable quorum queue nothing ever deletes.
+            let text = format!("Cannot declare a server-named queue for type {kind}");
+            self.close_channel(ch, ReplyCode::PreconditionFailed, &text, &method);
+            return None;
+        }
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Some(method);
         };
@@ -834,6 +894,19 @@ const CONSUMER_TAG_PREFIX: &str = "amq.ctag-";
 
 /// `prefix` and 22 random characters (128 bits, URL-safe base64), as RabbitMQ makes its
 /// generated names.
+/// RabbitMQ's internal name of a queue type that is not classic (`x-queue-type`), if it is one.
+pub(super) fn replicated_queue_type(arguments: &codec::FieldTable) -> Option<&'static str> {
+    match arguments.get("x-queue-type") {
+        Some(codec::FieldValue::LongStr(t)) if t.as_bytes() == b"quorum" => {
+            Some("rabbit_quorum_queue")
+        }
+        Some(codec::FieldValue::LongStr(t)) if t.as_bytes() == b"stream" => {
+            Some("rabbit_stream_queue")
+        }
+        _ => None,
+    }
+}
+
 fn generated_name(prefix: &str, conn: u64) -> ShortStr {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};

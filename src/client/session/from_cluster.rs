@@ -237,6 +237,17 @@ impl Session {
                 }
             }
         }
+        if !rpc.in_turn.is_empty() {
+            while let Some(next) = rpc.in_turn.pop() {
+                if self.links[next].live() {
+                    rpc.merge(method, content, link);
+                    rpc.waiting += 1;
+                    let request = rpc.request.clone();
+                    self.links[next].request(ch, &request, Pending::Rpc(id));
+                    return;
+                }
+            }
+        }
         rpc.merge(method, content, link);
         self.flush_rpcs(ch);
     }

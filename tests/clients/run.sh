@@ -3,13 +3,16 @@
 # each running its scenario (tests/clients/*), and RabbitMQ's tutorials 1-6 in pika
 # (tutorials.py), directly against RabbitMQ and then through warren; then the edge cases of
 # edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), pika_edge.py (pika's
-# blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy), amqp_client_edge.mjs
-# (CloudAMQP's Node client), amqplib_edge.js (Node services' patterns) and JavaEdge.java (the Java client: recovery, RpcClient, tx, qos,
-# ...), each run both ways and compared observation by observation (lines tagged [doc:...] are
-# differences docs/semantics.md lists, shown but not compared), and amqplib's own test suite
-# both ways (amqplib_suite.sh), and pika's own acceptance tests both ways (pika_suite.sh).
+# blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy),
+# amqp_client_edge.mjs (CloudAMQP's Node client), node_wrappers_edge.mjs
+# (amqp-connection-manager, rascal), amqplib_edge.js (Node services' patterns) and JavaEdge.java
+# (the Java client: recovery, RpcClient, tx, qos, ...), each run both ways and compared
+# observation by observation (lines tagged [doc:...] are differences docs/semantics.md lists,
+# shown but not compared), and amqplib's own test suite both ways (amqplib_suite.sh), and pika's
+# own acceptance tests both ways (pika_suite.sh).
 # WARREN_ADMIN (host:port of warren's admin endpoint, default
-# 127.0.0.1:15673) lets JavaEdge close a client from the server side through warren;
+# 127.0.0.1:15673) lets JavaEdge and node_wrappers_edge.mjs close a client from the server side
+# through warren;
 # WARREN_DIRECT_CTL (a rabbitmqctl command prefix for the direct node, e.g. "scripts/rabbit.sh
 # ctl shard-a-1") does it directly, else the node's management API.
 #
@@ -96,6 +99,9 @@ if [ -n "$proxy" ]; then
     step storm-edge compare "$PY" "$HERE/storm_compare.py" "$direct" "$proxy"
     echo "--- CloudAMQP amqp-client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step amqp-client-edge compare node "$HERE/amqp_client_edge.mjs" "amqp://guest:guest@$direct" "amqp://guest:guest@$proxy"
+    echo "--- amqp-connection-manager and rascal, rabbitmq ($direct) against warren ($proxy)"
+    step node-wrappers compare env ${WARREN_ADMIN:+PROXY_ADMIN=http://$WARREN_ADMIN} \
+        node "$HERE/node_wrappers_edge.mjs" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step java-edge compare java_edge_compare
     step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"

@@ -30,7 +30,8 @@
 #              Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
 #              control, beat) directly and through warren, compared (tests/e2e/celery_patterns.py),
 #              kombu's and Celery's everyday patterns compared likewise (tests/e2e/kombu_edge.py,
-#              tests/e2e/celery_more.py),
+#              tests/e2e/celery_more.py), Dramatiq and nameko likewise
+#              (tests/e2e/frameworks_compare.py, in a venv of their own),
 #              and a routing rule keeping Celery's fast queue on shard-a
 #              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
@@ -119,6 +120,21 @@ setup_venv() {
         "$PY" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
         echo "$sum" >"$stamp"
     fi
+}
+
+# Dramatiq and nameko (tests/e2e/frameworks_compare.py) get a venv of their own: nameko brings
+# eventlet and a pytest plugin that have no business near the py-amqp and kombu suites.
+FW_VENV="$ROOT/target/frameworks-venv"
+setup_frameworks_venv() {
+    local stamp="$FW_VENV/.warren-requirements.sha256" sum
+    sum=$(sha256sum tests/python/frameworks-requirements.txt | cut -d' ' -f1)
+    [ "$(cat "$stamp" 2>/dev/null)" = "$sum" ] && return 0
+    say "installing tests/python/frameworks-requirements.txt into $FW_VENV"
+    rm -rf "$FW_VENV"
+    python3 -m venv "$FW_VENV" &&
+        "$FW_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+            -r tests/python/frameworks-requirements.txt &&
+        echo "$sum" >"$stamp"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -496,6 +512,16 @@ if want python || want clients || want celery; then
                 else
                     tail -n 5 "$LOGS/more-rabbitmq.err" "$LOGS/more-warren.err"
                     record celery-more FAIL $(($(date +%s) - t1))
+                fi
+                # Dramatiq and nameko (delays, retries, dead-letters, RPC, events) directly and
+                # through warren, compared.
+                t1=$(date +%s)
+                if setup_frameworks_venv &&
+                    "$FW_VENV/bin/python" tests/e2e/frameworks_compare.py \
+                        "amqp://guest:guest@$DIRECT/%2F" "${broker%//}/%2F"; then
+                    record frameworks PASS $(($(date +%s) - t1))
+                else
+                    record frameworks FAIL $(($(date +%s) - t1))
                 fi
                 # kombu's and Celery's everyday patterns (SimpleQueue, Broadcast, pidbox, ensure,
                 # QoS at runtime, remote control, ...) directly and through warren, compared.

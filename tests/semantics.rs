@@ -102,6 +102,7 @@ differential!(
     exclusive_consumer_blocks_a_second_consumer_with_403,
     racing_exclusive_declares_have_one_winner,
     racing_exclusive_consumers_have_one_winner,
+    racing_conflicting_declares_have_one_winner,
     server_named_quorum_queue_is_refused_with_406,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     consume_from_missing_queue_is_404,
@@ -1849,7 +1850,7 @@ async fn race_twice(
     addr: SocketAddr,
     prefix: &str,
     setup: Option<fn(&str) -> Method>,
-    request: fn(&str) -> Method,
+    request: fn(&str, usize) -> Method,
     winner: &str,
     refused: &str,
 ) {
@@ -1868,8 +1869,8 @@ async fn race_twice(
         a.open_channel(1).await;
         b.open_channel(1).await;
         let (mut wa, mut wb) = (BytesMut::new(), BytesMut::new());
-        codec::write_method(&mut wa, 1, &request(&queue));
-        codec::write_method(&mut wb, 1, &request(&queue));
+        codec::write_method(&mut wa, 1, &request(&queue, 0));
+        codec::write_method(&mut wb, 1, &request(&queue, 1));
         let (ra, rb) = tokio::join!(a.stream.write_all(&wa), b.stream.write_all(&wb));
         ra.and(rb).expect("sending the raced requests");
         let (oa, ob) = tokio::join!(race_outcome(&mut a), race_outcome(&mut b));
@@ -1896,7 +1897,7 @@ async fn racing_exclusive_declares_have_one_winner(addr: SocketAddr) {
         addr,
         "race-exclusive",
         None,
-        |q| {
+        |q, _| {
             Method::QueueDeclare(codec::QueueDeclare {
                 queue: ss(q),
                 exclusive: true,
@@ -1905,6 +1906,27 @@ async fn racing_exclusive_declares_have_one_winner(addr: SocketAddr) {
         },
         "queue.declare-ok",
         "405",
+    )
+    .await;
+}
+
+/// Two connections declare one queue at the same moment, one durable and one not: one gets
+/// declare-ok, the other 406 PRECONDITION_FAILED (inequivalent arg 'durable'), every time, and
+/// the queue is what the winner declared on every cluster.
+async fn racing_conflicting_declares_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-durable",
+        None,
+        |q, racer| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: ss(q),
+                durable: racer == 0,
+                ..Default::default()
+            })
+        },
+        "queue.declare-ok",
+        "406",
     )
     .await;
 }
@@ -1921,7 +1943,7 @@ async fn racing_exclusive_consumers_have_one_winner(addr: SocketAddr) {
                 ..Default::default()
             })
         }),
-        |q| {
+        |q, _| {
             Method::BasicConsume(codec::BasicConsume {
                 queue: ss(q),
                 exclusive: true,

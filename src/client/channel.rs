@@ -86,10 +86,11 @@ pub struct Rpc {
     pub get_next: Vec<LinkId>,
     pub get_request: Option<Method>,
     /// Links asked one after the other (popped from the back), each once the one before has
-    /// accepted the request: an exclusive declare or consume, which several connections may race
-    /// for. Asked in the same order (by cluster name) by every session and every warren, the
-    /// first cluster decides who wins, as one broker would, instead of each cluster picking its
-    /// own winner and every racer being refused somewhere.
+    /// accepted the request: a declare or delete, or an exclusive consume, which several
+    /// connections may race for. Asked in the same order (by cluster name) by every session and
+    /// every warren, the first cluster decides who wins, as one broker would, instead of each
+    /// cluster picking its own winner and every racer being refused somewhere (or the clusters
+    /// ending up with different queues).
     pub in_turn: Vec<LinkId>,
     /// The client's request, sent again on a cluster's new link when the link it was sent on
     /// died before answering (see `Session::orphan_rpc`).

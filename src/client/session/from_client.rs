@@ -339,12 +339,19 @@ impl Session {
             self.close_channel(ch, ReplyCode::InternalError, &text, method);
             return Ok(());
         }
-        let exclusive = match method {
-            Method::QueueDeclare(q) => q.exclusive && !q.passive && !q.nowait,
+        // Requests that change or claim what every cluster holds go to one cluster after the
+        // other, in the same order everywhere (see `Rpc::in_turn`): of two connections racing
+        // (two exclusive declares, declares with conflicting arguments, a delete and a declare),
+        // the first cluster sees one first, refuses the other, and the clusters stay alike.
+        let in_turn = match method {
+            Method::QueueDeclare(q) => !q.passive && !q.nowait,
+            Method::ExchangeDeclare(x) => !x.passive && !x.nowait,
+            Method::QueueDelete(q) => !q.nowait,
+            Method::ExchangeDelete(x) => !x.nowait,
             Method::BasicConsume(c) => c.exclusive && !c.nowait,
             _ => false,
         };
-        if exclusive && targets.len() > 1 {
+        if in_turn && targets.len() > 1 {
             // One cluster after the other, in the same order everywhere (see `Rpc::in_turn`).
             let mut order: Vec<LinkId> = targets.iter().collect();
             order.sort_by(|&a, &b| self.links[b].link.cluster.cmp(&self.links[a].link.cluster));

@@ -66,6 +66,11 @@ impl Rig {
 
     /// [`Rig::start`], with `[limits] lazy_links` as given.
     async fn start_with(spec: &[(&str, usize)], lazy: bool) -> Rig {
+        Rig::start_with_limits(spec, &format!("lazy_links = {lazy}\n")).await
+    }
+
+    /// [`Rig::start`], with these lines in `[limits]`.
+    async fn start_with_limits(spec: &[(&str, usize)], limits: &str) -> Rig {
         let mut clusters = Vec::new();
         for &(name, nodes) in spec {
             clusters.push(FakeCluster::start(name, nodes).await);
@@ -81,9 +86,7 @@ impl Rig {
         // default, links opened when first needed.
         let proxy = ShardedProxy::start_on(
             &config,
-            &format!(
-                "connect_ms = 1000\nfailover_wait_secs = 5\n\n[limits]\nlazy_links = {lazy}\n"
-            ),
+            &format!("connect_ms = 1000\nfailover_wait_secs = 5\n\n[limits]\n{limits}"),
         )
         .await;
         Rig { proxy, clusters }
@@ -1951,6 +1954,69 @@ async fn r_shard_links_open_at_the_first_request_that_needs_them() {
         3,
         "nothing sharded on control"
     );
+}
+
+/// With `idle_link_secs`, shard links that have carried nothing and held none of the
+/// connection's state for that long are closed; the connection keeps its control link. Its next
+/// publish opens them again: their replay only checks the queue it declared (passive declares:
+/// nothing another client deleted is re-created), and the publish is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_idle_shard_links_close_and_open_again_when_needed() {
+    let rig = Rig::start_with_limits(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "lazy_links = true\nidle_link_secs = 1\n",
+    )
+    .await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.confirm_select(1).await;
+    c.declare(1, Q).await;
+    c.publish(1, Q, "m1").await;
+    c.expect_settled(1, &[(1, true)].into_iter().collect())
+        .await;
+    let (first_a, first_b) = (a.only_link().await, b.only_link().await);
+    wait_for("the idle shard links to close", || {
+        (a.links().is_empty() && b.links().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(control.links().len(), 1, "the control link stays");
+    c.publish(1, Q, "m2").await;
+    c.expect_settled(1, &[(1, true), (2, true)].into_iter().collect())
+        .await;
+    for (shard, first) in [(a, first_a), (b, first_b)] {
+        let link = shard.only_link().await;
+        assert_ne!(link, first, "{}: a new link", shard.name());
+        let declares = shard.ledger(link).received_named("queue.declare");
+        assert!(
+            !declares.is_empty()
+                && declares
+                    .iter()
+                    .all(|(_, m)| matches!(m, Method::QueueDeclare(d) if d.passive)),
+            "{}: the reopened link only checks the queue: {declares:?}",
+            shard.name()
+        );
+    }
+    assert_eq!(a.ready(Q).len() + b.ready(Q).len(), 2);
+}
+
+/// Links that hold the connection's state are never idle: a consumer's links stay open however
+/// long nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_shard_links_of_a_consumer_stay_open_while_idle() {
+    let rig = Rig::start_with_limits(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "lazy_links = true\nidle_link_secs = 1\n",
+    )
+    .await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "worker").await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!((a.links(), b.links()), (vec![la], vec![lb]));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -137,6 +137,11 @@ pub struct Limits {
     /// then it has only its control-cluster link (a Celery event connection never needs more).
     /// Default true. With false every connection opens a link to every cluster at once.
     pub lazy_links: bool,
+    /// With `lazy_links`: a connection's shard-cluster links are closed once they have carried
+    /// nothing and held none of its state (consumers, unacknowledged deliveries, unconfirmed
+    /// publishes, transactions, exclusive or auto-delete queues) for this long; its next request
+    /// that needs them opens them again. 0: never. Default 300.
+    pub idle_link_secs: u64,
 }
 
 /// `[runtime]`. All optional, see [`Runtime::default`].
@@ -303,6 +308,7 @@ impl Default for Limits {
             max_held_bytes: 1024 * 1024 * 1024,
             hold_publishes: true,
             lazy_links: true,
+            idle_link_secs: 300,
         }
     }
 }

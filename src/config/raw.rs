@@ -84,6 +84,7 @@ pub(super) struct RawLimits {
     pub(super) max_held_bytes: Option<Spanned<usize>>,
     pub(super) hold_publishes: Option<Spanned<bool>>,
     pub(super) lazy_links: Option<Spanned<bool>>,
+    pub(super) idle_link_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

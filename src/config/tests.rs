@@ -173,6 +173,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
             max_held_bytes: 1024 * 1024 * 1024,
             hold_publishes: true,
             lazy_links: true,
+            idle_link_secs: 300,
         }
     );
     let s1 = &c.clusters[0];

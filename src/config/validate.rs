@@ -447,6 +447,7 @@ impl RawLimits {
             max_held_bytes: value_or(&self.max_held_bytes, d.max_held_bytes),
             hold_publishes: value_or(&self.hold_publishes, d.hold_publishes),
             lazy_links: value_or(&self.lazy_links, d.lazy_links),
+            idle_link_secs: value_or(&self.idle_link_secs, d.idle_link_secs),
         };
         if (limits.client_buffer_bytes as u64) < u64::from(limits.frame_max) {
             let span = span_or(

@@ -134,6 +134,9 @@ pub(super) struct LinkSlot {
     /// When its cluster was removed from the configuration: draining, closed once quiet.
     pub(super) removed_at: Option<Instant>,
     pub(super) last_delivery: Instant,
+    /// Methods and publishes sent to it, to tell an idle link (see
+    /// `Session::close_idle_shard_links`).
+    pub(super) sent: std::sync::atomic::AtomicU64,
 }
 
 impl LinkSlot {
@@ -150,7 +153,17 @@ impl LinkSlot {
             blocked: false,
             removed_at: None,
             last_delivery: Instant::now(),
+            sent: Default::default(),
         }
+    }
+
+    /// Counts one method sent. Only the session's task writes it (a load and a store, no
+    /// locked instruction on the publish path); atomic only because the slot is shared across
+    /// an await.
+    fn count_sent(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sent
+            .store(self.sent.load(Relaxed).wrapping_add(1), Relaxed);
     }
 
     /// Marks the link closed; returns whether it was not closed already.
@@ -282,6 +295,7 @@ impl LinkSlot {
 
     pub(super) fn send(&self, ch: u16, method: &Method) {
         if !self.done() {
+            self.count_sent();
             self.link.send(ch, method);
         }
     }
@@ -294,6 +308,7 @@ impl LinkSlot {
         self.chan(ch)
             .pending
             .push_back(Waiting::for_request(pending, method));
+        self.count_sent();
         self.link.send(ch, method);
     }
 
@@ -301,6 +316,7 @@ impl LinkSlot {
         if self.done() {
             return;
         }
+        self.count_sent();
         let frame_max = self.link.frame_max;
         self.link.outbox.push(|buf| {
             codec::write_method(buf, ch, method);

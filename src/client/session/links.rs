@@ -282,11 +282,18 @@ impl Session {
         self.lazy = false;
         let config = self.shared.config();
         for cluster in &config.clusters {
-            let have = self.links.iter().any(|s| *s.link.cluster == *cluster.name);
+            let have = self
+                .links
+                .iter()
+                .any(|s| s.live() && *s.link.cluster == *cluster.name);
             if have || self.connecting.contains(&cluster.name) {
                 continue;
             }
-            self.woken.push(cluster.name.clone());
+            // A cluster this connection had a link to (closed when idle) kept what the link
+            // declared: its replay checks, as after a failover. A new one gets the declares.
+            if !self.links.iter().any(|s| *s.link.cluster == *cluster.name) {
+                self.woken.push(cluster.name.clone());
+            }
             self.spawn_connect(cluster);
         }
         debug!(
@@ -437,6 +444,104 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Closes the shard-cluster links of a connection that has not used them, nor kept any of
+    /// its state on them, for `limits.idle_link_secs`: it goes back to its control-cluster link
+    /// alone, as at connection.open with `lazy_links`, and its next request that needs the shard
+    /// clusters opens their links again (`wake_shard_links`). Their replay then only checks the
+    /// queues and exchanges the connection declared (unless it declared more meanwhile), so
+    /// nothing another client deleted is re-created.
+    pub(super) fn close_idle_shard_links(&mut self) {
+        let config = self.shared.config();
+        let secs = config.limits.idle_link_secs;
+        if secs == 0 || !config.limits.lazy_links || self.lazy || !self.shard_links_stateless() {
+            self.idle = None;
+            return;
+        }
+        let sent: u64 = self
+            .links
+            .iter()
+            .filter(|s| s.role == Role::Shard && !s.done())
+            .map(|s| s.sent.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        let now = Instant::now();
+        match self.idle {
+            Some((seen, since)) if seen == sent => {
+                if now.duration_since(since) < Duration::from_secs(secs) {
+                    return;
+                }
+            }
+            _ => {
+                self.idle = Some((sent, now));
+                return;
+            }
+        }
+        self.idle = None;
+        info!(
+            conn = self.id,
+            idle_secs = secs,
+            "shard-cluster links unused: closing them until the connection needs them again"
+        );
+        let close = connection_close(200, "idle link closed by warren");
+        for slot in &mut self.links {
+            if slot.role == Role::Shard && slot.live() {
+                // Nothing is pending on them (checked above): forget the channels, so a
+                // channel.close from the client does not wait for this link.
+                slot.chans.clear();
+                slot.retire(&close);
+            }
+        }
+        self.lazy = true;
+    }
+
+    /// Whether the shard links carry nothing of this connection that closing them would lose
+    /// or make wait: every configured shard cluster has a serving link, no consumer, delivery,
+    /// publish, transaction or request depends on them, and no exclusive or auto-delete queue
+    /// (which RabbitMQ deletes with the link) was declared.
+    fn shard_links_stateless(&self) -> bool {
+        let control_live = self.control.is_some_and(|c| self.links[c].live());
+        let quiet_session = control_live
+            && self.closing.is_none()
+            && self.deferred.is_none()
+            && self.eof_drain.is_none()
+            && self.parked.is_empty()
+            && self.orphans.is_empty()
+            && self.connecting.is_empty()
+            && self.tx_swaps == 0
+            && !self.reopen_wait
+            && self.delete_check.is_none()
+            && self.barrier.is_none();
+        if !quiet_session {
+            return false;
+        }
+        let shard_clusters = self.shared.config().shard_clusters().count();
+        let serving = self
+            .links
+            .iter()
+            .filter(|s| s.role == Role::Shard && s.live())
+            .map(|s| {
+                s.serving()
+                    && s.chans.iter().all(|u| {
+                        u.pending.is_empty() && u.confirms.pending() == 0 && u.reopen.is_none()
+                    })
+            })
+            .collect::<Vec<bool>>();
+        if serving.len() != shard_clusters || serving.contains(&false) {
+            return false;
+        }
+        let channels_quiet = self.channels.iter().flatten().all(|c| {
+            c.consumers.is_empty()
+                && c.tags.outstanding() == 0
+                && !c.tx
+                && c.rpcs.is_empty()
+                && c.revoked.is_empty()
+        });
+        let bound_to_link = self
+            .topology
+            .entries()
+            .any(|(_, m)| matches!(m, Method::QueueDeclare(q) if q.exclusive || q.auto_delete));
+        channels_quiet && !bound_to_link
     }
 
     /// A link's socket gave bytes (or ended): handle every whole command they complete.

@@ -236,6 +236,7 @@ pub async fn serve(
         closing: None,
         end: None,
         blocked_links: 0,
+        idle: None,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
         scratch_confirms: Vec::new(),
@@ -509,6 +510,9 @@ struct Session {
     /// The shard clusters have no link yet, on purpose: the connection has so far only talked
     /// to the control cluster (`[limits] lazy_links`; a Celery event connection never does more).
     lazy: bool,
+    /// The shard links look idle (see `close_idle_shard_links`): what they had been sent when
+    /// that was first seen, and since when.
+    idle: Option<(u64, Instant)>,
     /// The first command that needed the shard clusters, waiting (with the client's input)
     /// until their links are open and this client's state is replayed on them.
     deferred: Option<(Command, Instant)>,
@@ -834,6 +838,7 @@ impl Session {
                         link_silence.as_mut().reset(next);
                     }
                     self.retire_quiet_links();
+                    self.close_idle_shard_links();
                     self.ensure_links();
                     self.publish_usage();
                     self.expire_orphans();

@@ -104,6 +104,7 @@ differential!(
     racing_exclusive_consumers_have_one_winner,
     racing_conflicting_declares_have_one_winner,
     server_named_quorum_queue_is_refused_with_406,
+    declaring_a_server_named_queue_again_by_its_name_is_403,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     consume_from_missing_queue_is_404,
     passive_declare_of_missing_exchange_is_404,
@@ -1784,6 +1785,43 @@ async fn server_named_quorum_queue_is_refused_with_406(addr: SocketAddr) {
         }
         other => panic!("a server-named quorum queue: expected channel.close 406, got {other:?}"),
     }
+    c.close().await;
+}
+
+/// A server-named queue declared again by its name (not passive), by its own connection or
+/// another: 403 ACCESS_REFUSED (RabbitMQ reserves its `amq.gen-` names; warren its own); a
+/// passive declare of it is answered.
+async fn declaring_a_server_named_queue_again_by_its_name_is_403(addr: SocketAddr) {
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    let declare = |queue: &str, passive: bool| {
+        Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(queue),
+            passive,
+            exclusive: true,
+            ..Default::default()
+        })
+    };
+    let name = match c.call(1, &declare("", false)).await {
+        Method::QueueDeclareOk(ok) => String::from_utf8_lossy(ok.queue.as_bytes()).into_owned(),
+        other => panic!("a server-named queue: {other:?}"),
+    };
+    match c.call(1, &declare(&name, true)).await {
+        Method::QueueDeclareOk(ok) => assert_eq!(ok.queue.as_bytes(), name.as_bytes()),
+        other => panic!("a passive declare of {name}: {other:?}"),
+    }
+    let mut other = RawClient::open(addr, Login::default()).await;
+    for (who, client) in [("its owner", &mut c), ("another connection", &mut other)] {
+        client.open_channel(2).await;
+        match client.call(2, &declare(&name, false)).await {
+            Method::ChannelClose(close) => assert_eq!(
+                close.reply_code, 403,
+                "{who} declaring {name} again: {close:?}"
+            ),
+            m => panic!("{who} declaring {name} again: expected 403, got {m:?}"),
+        }
+    }
+    other.close().await;
     c.close().await;
 }
 

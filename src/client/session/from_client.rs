@@ -787,6 +787,25 @@ impl Session {
             self.close_channel(ch, ReplyCode::PreconditionFailed, &text, &method);
             return None;
         }
+        if let Method::QueueDeclare(x) = &method
+            && !x.passive
+            && x.queue
+                .as_bytes()
+                .starts_with(SERVER_NAMED_PREFIX.as_bytes())
+            && channel_in(&mut self.channels, ch)
+                .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
+        {
+            // warren's server-named queues stand for RabbitMQ's `amq.gen-` ones, whose names a
+            // client may not declare (a reply queue declared again by name, by its owner or by
+            // another connection, gets 403 from one broker).
+            let text = format!(
+                "queue name '{}' contains reserved prefix '{SERVER_NAMED_PREFIX}' (warren's \
+                 server-named queues, as RabbitMQ's 'amq.*')",
+                x.queue
+            );
+            self.close_channel(ch, ReplyCode::AccessRefused, &text, &method);
+            return None;
+        }
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Some(method);
         };

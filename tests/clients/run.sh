@@ -5,7 +5,8 @@
 # edge_compare.py (py-amqp), raw_compare.py (raw frames, malformed input), pika_edge.py (pika's
 # blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy),
 # amqp_client_edge.mjs (CloudAMQP's Node client), node_wrappers_edge.mjs
-# (amqp-connection-manager, rascal), amqplib_edge.js (Node services' patterns) and JavaEdge.java
+# (amqp-connection-manager, rascal), php_edge.php (php-amqplib, amqp-tools), bunny_edge.rb
+# (Ruby's Bunny), amqplib_edge.js (Node services' patterns) and JavaEdge.java
 # (the Java client: recovery, RpcClient, tx, qos, ...), each run both ways and compared
 # observation by observation (lines tagged [doc:...] are differences docs/semantics.md lists,
 # shown but not compared), and amqplib's own test suite both ways (amqplib_suite.sh), and pika's
@@ -102,6 +103,11 @@ if [ -n "$proxy" ]; then
     echo "--- amqp-connection-manager and rascal, rabbitmq ($direct) against warren ($proxy)"
     step node-wrappers compare env ${WARREN_ADMIN:+PROXY_ADMIN=http://$WARREN_ADMIN} \
         node "$HERE/node_wrappers_edge.mjs" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
+    echo "--- php-amqplib and amqp-tools, rabbitmq ($direct) against warren ($proxy)"
+    step php-edge compare php "$HERE/php_edge.php" "$direct" "$proxy"
+    echo "--- Ruby's Bunny, rabbitmq ($direct) against warren ($proxy)"
+    step bunny-edge compare env ${WARREN_ADMIN:+WARREN_ADMIN=http://$WARREN_ADMIN} \
+        ruby "$HERE/bunny_edge.rb" "amqp://guest:guest@$direct" "amqp://guest:guest@$proxy"
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step java-edge compare java_edge_compare
     step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"

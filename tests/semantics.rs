@@ -91,6 +91,8 @@ differential!(
     ack_of_no_ack_get_tag_is_406,
     publish_on_channel_0_is_connection_error_504,
     body_frames_with_a_payload_of_frame_max_are_accepted,
+    a_client_close_crossing_the_servers_close_keeps_the_connection,
+    a_declare_right_before_connection_close_is_made,
     tune_ok_channel_max_0_is_refused,
     tune_ok_frame_max_0_is_refused,
     amqplain_login_failure_is_403_naming_amqplain,
@@ -1116,6 +1118,105 @@ async fn publish_on_channel_0_is_connection_error_504(addr: SocketAddr) {
         code, 504,
         "basic.publish on channel 0: expected connection.close 504, got {ending:?}"
     );
+}
+
+/// exchange.declare and connection.close in one write: the declare-ok comes first, then
+/// close-ok, and the exchange exists (on every cluster: warren's passive declare asks them
+/// all). The same for a declare followed at once by the end of the socket (FIN).
+async fn a_declare_right_before_connection_close_is_made(addr: SocketAddr) {
+    for fin in [false, true] {
+        let exchange = unique("before-close");
+        let declare = |passive: bool| {
+            Method::ExchangeDeclare(codec::ExchangeDeclare {
+                exchange: ss(&exchange),
+                kind: ss("fanout"),
+                passive,
+                ..Default::default()
+            })
+        };
+        let mut c = RawClient::open(addr, Login::default()).await;
+        c.open_channel(1).await;
+        let mut out = BytesMut::new();
+        codec::write_method(&mut out, 1, &declare(false));
+        if fin {
+            c.send(&out).await;
+            within("shutdown (FIN)", c.stream.shutdown())
+                .await
+                .expect("shutdown");
+        } else {
+            codec::write_method(&mut out, 0, &connection_close());
+            c.send(&out).await;
+            match within("declare-ok", c.read_method()).await {
+                (1, Method::ExchangeDeclareOk(_)) => {}
+                other => panic!("expected declare-ok before close-ok, got {other:?}"),
+            }
+            match within("close-ok", c.read_method()).await {
+                (0, Method::ConnectionCloseOk(_)) => {}
+                other => panic!("expected close-ok, got {other:?}"),
+            }
+        }
+        // With the FIN, the declare may still be on its way when the check starts.
+        let mut check = None;
+        for _ in 0..50 {
+            let mut c = RawClient::open(addr, Login::default()).await;
+            c.open_channel(1).await;
+            if let Method::ExchangeDeclareOk(_) = c.call(1, &declare(true)).await {
+                check = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let Some(mut check) = check else {
+            panic!("{exchange} missing 5 s after the declare (fin={fin})");
+        };
+        let delete = Method::ExchangeDelete(codec::ExchangeDelete {
+            exchange: ss(&exchange),
+            ..Default::default()
+        });
+        check.call(1, &delete).await;
+        check.close().await;
+    }
+}
+
+/// The client closes a channel while the server closes it (a publish to a missing exchange
+/// and channel.close in one write, as amqp091-go's tests do): the server answers the client's
+/// close with close-ok and takes the client's close-ok for its own; the connection and its
+/// other channels carry on.
+async fn a_client_close_crossing_the_servers_close_keeps_the_connection(addr: SocketAddr) {
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    c.open_channel(2).await;
+    let mut out = BytesMut::new();
+    publish_frames(&mut out, 1, &unique("no-such-exchange"), "k", b"x");
+    codec::write_method(
+        &mut out,
+        1,
+        &Method::ChannelClose(codec::ChannelClose {
+            reply_code: 200,
+            reply_text: ss("bye"),
+            class_id: 0,
+            method_id: 0,
+        }),
+    );
+    c.send(&out).await;
+    match within("the server's channel.close", c.read_method()).await {
+        (1, Method::ChannelClose(close)) => assert_eq!(close.reply_code, 404, "{close:?}"),
+        other => panic!("expected channel.close 404 on channel 1, got {other:?}"),
+    }
+    c.send_method(1, &Method::ChannelCloseOk(Default::default()))
+        .await;
+    let exchange = unique("crossing");
+    let declare = Method::ExchangeDeclare(codec::ExchangeDeclare {
+        exchange: ss(&exchange),
+        kind: ss("direct"),
+        auto_delete: true,
+        ..Default::default()
+    });
+    match c.call(2, &declare).await {
+        Method::ExchangeDeclareOk(_) => {}
+        other => panic!("channel 2 after the crossing closes: {other:?}"),
+    }
+    c.close().await;
 }
 
 /// Body frames whose payload is frame_max bytes (each frame 8 bytes longer than frame_max, as

@@ -11,6 +11,10 @@ impl Session {
             method,
             content,
         } = cmd;
+        if self.close_requested.is_some() {
+            // Read and discarded, as RabbitMQ does after connection.close.
+            return Ok(());
+        }
         if let Some(closing) = &self.closing {
             match (closing, &method) {
                 (Closing::ByProxy { .. }, Method::ConnectionCloseOk(_)) => {
@@ -68,9 +72,12 @@ impl Session {
             ChannelState::AwaitingCloseOk => {
                 match method {
                     Method::ChannelCloseOk(_) => self.free_channel(ch),
+                    // The client's close crossed warren's: answered, as RabbitMQ does, and the
+                    // channel still waits for the close-ok that answers warren's close (the
+                    // client sends it: freeing the channel now would make it a frame on an
+                    // unopened channel, 504 for the whole connection).
                     Method::ChannelClose(_) => {
                         self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
-                        self.free_channel(ch);
                     }
                     _ => {}
                 }
@@ -620,13 +627,14 @@ impl Session {
     pub(super) fn on_client_connection_method(&mut self, method: Method) -> Result<(), ConnError> {
         match method {
             Method::ConnectionClose(_) => {
-                for slot in &self.links {
-                    slot.send(0, &connection_close(200, "client closed the connection"));
+                if self.rpcs_outstanding() {
+                    // RabbitMQ answers what came before the close first: the links close once
+                    // those requests are answered (declares going cluster by cluster reach
+                    // every cluster), and the client gets their replies, then close-ok.
+                    self.close_requested = Some(Instant::now() + CLOSE_TIMEOUT);
+                } else {
+                    self.close_links_for_client();
                 }
-                self.closing = Some(Closing::ByClient {
-                    deadline: Instant::now() + CLOSE_TIMEOUT,
-                });
-                self.maybe_finish_client_close();
                 Ok(())
             }
             Method::ConnectionUpdateSecret(ref u) => {

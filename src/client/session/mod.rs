@@ -236,6 +236,7 @@ pub async fn serve(
         closing: None,
         end: None,
         blocked_links: 0,
+        close_requested: None,
         idle: None,
         scratch_acks: Vec::new(),
         scratch_seqs: Vec::new(),
@@ -549,6 +550,9 @@ struct Session {
     barrier: Option<barrier::Barrier>,
     /// The client's socket ended; waiting for its publishes' confirms before closing links.
     eof_drain: Option<EofDrain>,
+    /// The client sent connection.close behind requests still unanswered: the links close once
+    /// they are answered, or at this deadline.
+    close_requested: Option<Instant>,
     /// Why the session ends once the links closed after an [`EofDrain`].
     eof_reason: Option<String>,
 }
@@ -739,6 +743,7 @@ impl Session {
         loop {
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
+            self.maybe_close_requested();
             if let Some(reason) = self.end.take() {
                 if client_open {
                     // As RabbitMQ does: read (and discard) until the client hangs up, so a
@@ -917,7 +922,9 @@ impl Session {
             // A publish read before the end waits for its cluster's link.
             return;
         }
+        // Requests read before the end (a declare going cluster by cluster) are finished too.
         let holding = !self.parked.is_empty()
+            || self.rpcs_outstanding()
             || self
                 .links
                 .iter()
@@ -1133,6 +1140,32 @@ impl Session {
     }
 
     /// Ends a client-initiated close once every link has closed.
+    /// Whether a client request is still waiting for its replies.
+    fn rpcs_outstanding(&self) -> bool {
+        self.channels.iter().flatten().any(|c| !c.rpcs.is_empty())
+    }
+
+    /// The client's connection.close: closes the links; close-ok follows once they are closed.
+    fn close_links_for_client(&mut self) {
+        for slot in &self.links {
+            slot.send(0, &connection_close(200, "client closed the connection"));
+        }
+        self.closing = Some(Closing::ByClient {
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+        });
+        self.maybe_finish_client_close();
+    }
+
+    /// Carries out a connection.close that waited for the requests before it (or its deadline).
+    fn maybe_close_requested(&mut self) {
+        if let Some(deadline) = self.close_requested
+            && (!self.rpcs_outstanding() || Instant::now() >= deadline)
+        {
+            self.close_requested = None;
+            self.close_links_for_client();
+        }
+    }
+
     fn maybe_finish_client_close(&mut self) {
         if let Some(Closing::ByClient { .. }) = self.closing
             && self.links.iter().all(|s| s.done())

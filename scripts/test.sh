@@ -252,11 +252,13 @@ if want clients; then
     # `java File.java` compiles the source in memory: it needs a JDK, not only a JRE.
     command -v javac >/dev/null 2>&1 || apt_install default-jdk-headless
     [ -f /usr/share/java/amqp-client.jar ] || apt_install librabbitmq-client-java
-    # php-amqplib with the rabbitmq-c tools, and Ruby's Bunny: Debian's packages.
+    # php-amqplib with the rabbitmq-c tools, Ruby's Bunny and Go's amqp091-go: Debian's packages.
     { command -v php >/dev/null 2>&1 && [ -f /usr/share/php/PhpAmqpLib/autoload.php ]; } ||
         apt_install php-cli php-amqplib
     command -v amqp-publish >/dev/null 2>&1 || apt_install amqp-tools
     { command -v ruby >/dev/null 2>&1 && ruby -e 'require "bunny"' 2>/dev/null; } || apt_install ruby ruby-bunny
+    { command -v go >/dev/null 2>&1 && [ -d /usr/share/gocode/src/github.com/rabbitmq/amqp091-go ]; } ||
+        apt_install golang-go golang-github-rabbitmq-amqp091-go-dev
     lock_sum=$(sha256sum tests/clients/package-lock.json | cut -d' ' -f1)
     if [ "$(cat tests/clients/node_modules/.warren-lock.sha256 2>/dev/null)" != "$lock_sum" ]; then
         say "npm ci in tests/clients (amqplib)"

@@ -6,7 +6,7 @@
 # blocking and asynchronous patterns), storm_compare.py (AMQPStorm, rabbitpy),
 # amqp_client_edge.mjs (CloudAMQP's Node client), node_wrappers_edge.mjs
 # (amqp-connection-manager, rascal), php_edge.php (php-amqplib, amqp-tools), bunny_edge.rb
-# (Ruby's Bunny), amqplib_edge.js (Node services' patterns) and JavaEdge.java
+# (Ruby's Bunny), go_edge/main.go (Go's amqp091-go), amqplib_edge.js (Node services' patterns) and JavaEdge.java
 # (the Java client: recovery, RpcClient, tx, qos, ...), each run both ways and compared
 # observation by observation (lines tagged [doc:...] are differences docs/semantics.md lists,
 # shown but not compared), and amqplib's own test suite both ways (amqplib_suite.sh), and pika's
@@ -50,6 +50,15 @@ client() { # CLIENT ADDR: one client's scenario against ADDR
     java) java -cp "$JAVA_CP" "$HERE/JavaClient.java" "amqp://guest:guest@$2" ;;
     tutorials) "$PY" "$HERE/tutorials.py" "amqp://guest:guest@$2/%2F" ;;
     esac
+}
+
+go_edge_compare() { # go_edge (built from Debian's amqp091-go in GOPATH mode) both ways
+    local out="$ROOT/target/go-edge"
+    mkdir -p "$out" && cp "$HERE/go_edge/main.go" "$out/main.go" &&
+        (cd "$out" && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$out/cache" go build -o go_edge main.go) &&
+        DIRECT_MGMT="http://${direct%:*}:$((${direct##*:} + 10000))" \
+            PROXY_ADMIN="http://${WARREN_ADMIN:-${proxy%:*}:$((${proxy##*:} + 10000))}" \
+            "$out/go_edge" "amqp://guest:guest@$direct/" "amqp://guest:guest@$proxy/"
 }
 
 java_edge_compare() { # JavaEdge.java against RabbitMQ and warren, outputs diffed
@@ -108,6 +117,8 @@ if [ -n "$proxy" ]; then
     echo "--- Ruby's Bunny, rabbitmq ($direct) against warren ($proxy)"
     step bunny-edge compare env ${WARREN_ADMIN:+WARREN_ADMIN=http://$WARREN_ADMIN} \
         ruby "$HERE/bunny_edge.rb" "amqp://guest:guest@$direct" "amqp://guest:guest@$proxy"
+    echo "--- Go's amqp091-go, rabbitmq ($direct) against warren ($proxy)"
+    step go-edge compare go_edge_compare
     echo "--- Java client edge cases, rabbitmq ($direct) against warren ($proxy)"
     step java-edge compare java_edge_compare
     step amqplib suite "$HERE/amqplib_suite.sh" "$direct" "$proxy"

@@ -1347,6 +1347,80 @@ async fn h_publishes_pipelined_behind_a_refused_one_are_routed_nowhere() {
     c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
 }
 
+/// One write: a queue.declare and four publishes to that queue through the default exchange,
+/// as pika's SelectConnection sends them (it holds synchronous methods until their reply, but
+/// not publishes). warren declares on the clusters one after the other; every cluster must get
+/// the declare before the publishes behind it, or the publishes reaching a cluster that has no
+/// queue yet are dropped there as unroutable (RabbitMQ handles a channel's methods in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_publishes_pipelined_behind_a_declare_reach_every_cluster_after_it() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let mut out = bytes::BytesMut::new();
+    codec::write_method(
+        &mut out,
+        1,
+        &Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(Q),
+            durable: true,
+            ..Default::default()
+        }),
+    );
+    for i in 1..=4 {
+        publish_frames(&mut out, 1, "", Q, &format!("behind{i}"));
+    }
+    c.raw.send(&out).await;
+    assert!(matches!(c.reply(1).await, Method::QueueDeclareOk(_)));
+    c.sync(1).await;
+    let mut published = 0;
+    for name in [A, B] {
+        let s = rig.get(name);
+        for l in s.opened() {
+            let on_1: Vec<&str> = s
+                .ledger(l)
+                .received
+                .iter()
+                .filter(|f| f.channel == 1)
+                .map(|f| f.method.name())
+                .filter(|n| *n == "queue.declare" || *n == "basic.publish")
+                .collect();
+            published += on_1.iter().filter(|n| **n == "basic.publish").count();
+            if let Some(first) = on_1.first() {
+                assert_eq!(*first, "queue.declare", "{name}'s channel 1: {on_1:?}");
+            }
+        }
+    }
+    assert_eq!(published, 4, "every publish reached a shard cluster");
+}
+
+/// basic.get of an empty queue with a publish to it pipelined behind, several times: on one
+/// broker the get is handled first and finds the queue empty. warren tries the clusters one
+/// after the other; the publish must not reach a cluster before the get does, or the get
+/// would return the message published after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_publish_pipelined_behind_a_get_is_not_what_the_get_returns() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    for i in 1..=6 {
+        let queue = format!("{Q}-{i}");
+        c.declare(1, &queue).await;
+        let mut out = bytes::BytesMut::new();
+        codec::write_method(&mut out, 1, &basic_get(&queue));
+        publish_frames(&mut out, 1, "", &queue, "after");
+        c.raw.send(&out).await;
+        let reply = c.reply(1).await;
+        assert!(
+            matches!(reply, Method::BasicGetEmpty(_)),
+            "get {i} returned what was published behind it: {reply:?}"
+        );
+        c.sync(1).await;
+        let ready: usize = [A, B].iter().map(|n| rig.get(n).ready(&queue).len()).sum();
+        assert_eq!(ready, 1, "the publish is in the queue");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // (i) A cluster closes a channel
 

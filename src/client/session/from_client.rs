@@ -370,6 +370,7 @@ impl Session {
             if let Some(rpc) = channel.rpcs.back_mut() {
                 rpc.in_turn = order;
             }
+            self.in_turn_hold = Some((ch, id));
             self.links[first].request(ch, method, Pending::Rpc(id));
         } else if expects_reply(method) {
             let Some(channel) = self.channel_mut(ch) else {
@@ -616,9 +617,13 @@ impl Session {
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(());
         };
+        let more = !order.is_empty();
         let id = channel.push_rpc(1, order, method);
         if let Some(rpc) = channel.rpc_mut(id) {
             rpc.get_request = Some(method.clone());
+        }
+        if more {
+            self.in_turn_hold = Some((ch, id));
         }
         self.links[first].request(ch, method, Pending::Rpc(id));
         Ok(())

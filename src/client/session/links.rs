@@ -511,6 +511,7 @@ impl Session {
             && self.tx_swaps == 0
             && !self.reopen_wait
             && self.delete_check.is_none()
+            && !self.in_turn_holds()
             && self.barrier.is_none();
         if !quiet_session {
             return false;

@@ -259,6 +259,7 @@ pub async fn serve(
         eof_reason: None,
         orphans: Vec::new(),
         delete_check: None,
+        in_turn_hold: None,
         proven_exchanges: Default::default(),
         barrier: None,
         stale_topology: Default::default(),
@@ -541,6 +542,12 @@ struct Session {
     /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
     /// client's input waits until it is answered (see `checked_delete`).
     delete_check: Option<(u16, u64)>,
+    /// A request sent to clusters one after the other (channel and request id): a declare or
+    /// delete (`Rpc::in_turn`) or a basic.get (`Rpc::get_next`). The client's input waits until
+    /// every cluster that is to get it has been sent it, so that what the client pipelined
+    /// behind it (publishes to the queue it declares, a bind of it, a publish behind a get)
+    /// reaches each cluster after it, as one broker handles a channel's methods in order.
+    in_turn_hold: Option<(u16, u64)>,
     /// Clusters without a live link when this client changed its topology: their next link
     /// declares the whole topology again (see `TopologyPlan::declare`).
     stale_topology: std::collections::HashSet<String>,
@@ -967,6 +974,7 @@ impl Session {
             || self.deferred.is_some()
             || (self.reopen_wait && self.links.iter().any(LinkSlot::reopen_pending))
             || self.barrier_holds()
+            || self.in_turn_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
             || self.delete_check.is_some_and(|(ch, id)| {
                 self.channels
@@ -974,6 +982,19 @@ impl Session {
                     .and_then(Option::as_ref)
                     .is_some_and(|c| c.rpcs.iter().any(|r| r.id == id))
             })
+    }
+
+    /// True while the request in `in_turn_hold` may still be sent to more clusters.
+    pub(super) fn in_turn_holds(&self) -> bool {
+        self.in_turn_hold.is_some_and(|(ch, id)| {
+            self.channels
+                .get(usize::from(ch))
+                .and_then(Option::as_ref)
+                .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
+                .is_some_and(|r| {
+                    !r.in_turn.is_empty() || (r.reply.is_none() && !r.get_next.is_empty())
+                })
+        })
     }
 
     /// True if channel `ch` has [`MAX_PIPELINED_RPCS`] requests unanswered.

@@ -378,34 +378,17 @@ impl Mover {
                 break Ok(());
             }
             let allowed = self.bucket.acquire(u32::from(PREFETCH)).await;
-            let (batch, ended) = match collect(src, ch, allowed as usize).await {
+            let (batch, ended) = match collect(src, ch, allowed as usize, FIRST_DELIVERY).await {
                 Ok(b) => b,
                 Err(e) => break Err(source_or_queue(e)),
             };
-            self.bucket
-                .give_back(allowed.saturating_sub(batch.len() as u32));
-            if batch.is_empty() {
-                if ended {
-                    break Ok(());
+            let got = batch.len() as u32;
+            self.bucket.give_back(allowed.saturating_sub(got));
+            if !batch.is_empty() {
+                quiet = 0;
+                if let Err(e) = self.move_batch(src, ch, vhost, queue, batch).await {
+                    break Err(e);
                 }
-                match ready_messages(src, &name).await {
-                    Ok(0) | Err(Failure::Channel { code: 404, .. }) => break Ok(()),
-                    Ok(n) => {
-                        quiet += 1;
-                        if quiet >= MAX_QUIET {
-                            break Err(Stop::Queue(format!(
-                                "{n} messages are ready but none is delivered to the evacuator; \
-                                 left for the next pass"
-                            )));
-                        }
-                        continue;
-                    }
-                    Err(e) => break Err(source_or_queue(e)),
-                }
-            }
-            quiet = 0;
-            if let Err(e) = self.move_batch(src, ch, vhost, queue, batch).await {
-                break Err(e);
             }
             if ended {
                 break Ok(());
@@ -423,6 +406,27 @@ impl Mover {
                             .into(),
                     ));
                 }
+                continue;
+            }
+            // Fewer than allowed came: the queue may be empty (a depth check costs a round trip;
+            // waiting for deliveries that will not come would cost more).
+            if got < allowed {
+                match ready_messages(src, &name).await {
+                    Ok(0) | Err(Failure::Channel { code: 404, .. }) => {
+                        break self.finish(src, ch, vhost, queue).await;
+                    }
+                    Ok(n) if got == 0 => {
+                        quiet += 1;
+                        if quiet >= MAX_QUIET {
+                            break Err(Stop::Queue(format!(
+                                "{n} messages are ready but none is delivered to the evacuator; \
+                                 left for the next pass"
+                            )));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => break Err(source_or_queue(e)),
+                }
             }
         };
         if !matches!(outcome, Err(Stop::Source(_)))
@@ -431,6 +435,32 @@ impl Mover {
             return Err(Stop::Source(e.to_string()));
         }
         outcome
+    }
+
+    /// The queue has no ready message left: cancels the consumer and moves what was delivered
+    /// before the cancel-ok (after it nothing more comes), so that closing the channel requeues
+    /// nothing the evacuator had (a requeue would mark those messages redelivered).
+    async fn finish(
+        &mut self,
+        src: &mut Conn,
+        ch: u16,
+        vhost: &str,
+        queue: &ShortStr,
+    ) -> Result<(), Stop> {
+        let cancel = Method::BasicCancel(codec::BasicCancel {
+            consumer_tag: ShortStr::from_static(CONSUMER_TAG),
+            nowait: false,
+        });
+        src.call(ch, &cancel, |m| matches!(m, Method::BasicCancelOk(_)))
+            .await
+            .map_err(source_or_queue)?;
+        let (rest, _) = collect(src, ch, usize::from(PREFETCH), Duration::from_millis(1))
+            .await
+            .map_err(source_or_queue)?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.move_batch(src, ch, vhost, queue, rest).await
     }
 
     /// Moves one batch: journal, publish, confirms, journal, acks, round trip.
@@ -781,12 +811,17 @@ async fn ready_messages(conn: &mut Conn, queue: &str) -> Result<u32, Failure> {
     }
 }
 
-/// Up to `want` deliveries from the consumer on `ch`: waits [`FIRST_DELIVERY`] for the first,
-/// then [`BATCH_WINDOW`] for more. `true` when the broker cancelled the consumer (the queue was
+/// Up to `want` deliveries from the consumer on `ch`: waits `first` for the first, then
+/// [`BATCH_WINDOW`] for more. `true` when the broker cancelled the consumer (the queue was
 /// deleted).
-async fn collect(conn: &mut Conn, ch: u16, want: usize) -> Result<(Vec<Delivery>, bool), Failure> {
+async fn collect(
+    conn: &mut Conn,
+    ch: u16,
+    want: usize,
+    first: Duration,
+) -> Result<(Vec<Delivery>, bool), Failure> {
     let mut batch = Vec::new();
-    let mut deadline = Instant::now() + FIRST_DELIVERY;
+    let mut deadline = Instant::now() + first;
     while batch.len() < want {
         let Some(cmd) = conn.recv(deadline).await? else {
             break;

@@ -655,6 +655,9 @@ pub struct EvacuationProgress {
     pub empty: bool,
     /// When the last pass over the queues ended.
     pub last_pass_at: Option<SystemTime>,
+    /// Where the queues come from: `management` (every queue of the cluster's vhosts) or
+    /// `declared` (only the queues declared through this process since it started).
+    pub listing: &'static str,
 }
 
 /// The weights a shard cluster may have: those the configuration file accepts

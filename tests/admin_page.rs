@@ -994,6 +994,7 @@ async fn status_page_shows_an_evacuation_and_when_the_cluster_can_be_removed() {
     assert_eq!(old["drain"], true, "evacuating drains: {old:#}");
     assert_eq!(old["evacuation"]["evacuating"], true, "{old:#}");
     assert_eq!(old["evacuation"]["messages_left"], 0, "{old:#}");
+    assert_eq!(old["evacuation"]["queues_from"], "declared", "{old:#}");
     assert!(v["clusters"][2]["evacuation"].is_null(), "control: {v:#}");
 
     for (name, why) in [
@@ -1015,6 +1016,10 @@ async fn status_page_shows_an_evacuation_and_when_the_cluster_can_be_removed() {
         "{row}"
     );
     assert!(row.contains("moved 0") && row.contains("left 0"), "{row}");
+    assert!(
+        row.contains("only the queues declared through this warren"),
+        "no management API: {row}"
+    );
     assert!(
         dom.contains("class=\"badge s-evacuating\">evacuating</span>"),
         "{dom}"

@@ -882,6 +882,7 @@ fn evacuation_json(state: &AdminState, c: &crate::config::ClusterConfig) -> Valu
         "last_error_at": p.last_error_at.map(rfc3339),
         "empty": p.empty,
         "last_pass_at": p.last_pass_at.map(rfc3339),
+        "queues_from": (!p.listing.is_empty()).then_some(p.listing),
     })
 }
 

@@ -178,7 +178,7 @@ impl Mover {
 
     /// One pass over the cluster's sharded queues; the number of queues that had messages.
     async fn pass(&mut self, config: &Config, me: &ClusterConfig, stop: &CancellationToken) -> u64 {
-        let names = match self.list_queues(config, me).await {
+        let (names, unacked) = match self.list_queues(config, me).await {
             Ok(n) => n,
             Err(e) => {
                 self.error(format!("cannot list the queues: {e}"), 1);
@@ -226,6 +226,12 @@ impl Mover {
                 p.current_queue = None;
             });
         }
+        // Messages a consumer holds unacknowledged on the cluster may come back (a nack, a
+        // consumer gone): the cluster is empty only when the API says none is left either.
+        if total == 0 && unacked > 0 {
+            self.report(|p| p.last_pass_at = Some(SystemTime::now()));
+            return 1;
+        }
         if total == 0 {
             self.left = 0;
             self.metrics.left.set(0);
@@ -254,17 +260,21 @@ impl Mover {
 
     /// The sharded queues of the cluster that may hold messages, as (vhost, name): from its
     /// management API when it has one (every queue of its vhosts), else the queues declared
-    /// through this process.
+    /// through this process; and the messages the API lists as unacknowledged in them.
     async fn list_queues(
         &mut self,
         config: &Config,
         me: &ClusterConfig,
-    ) -> Result<Vec<(String, String)>, String> {
+    ) -> Result<(Vec<(String, String)>, u64), String> {
         let known = self.shared.known_queues();
         let sharded = |name: &str| config.routing.queue(name.as_bytes()) == Class::Sharded;
         let Some(m) = &me.management else {
-            return Ok(known.into_iter().filter(|(_, q)| sharded(q)).collect());
+            self.report(|p| p.listing = "declared");
+            let names = known.into_iter().filter(|(_, q)| sharded(q)).collect();
+            return Ok((names, 0));
         };
+        self.report(|p| p.listing = "management");
+        let mut unacked = 0u64;
         let mut vhosts: BTreeSet<String> = m.vhosts.iter().cloned().collect();
         vhosts.extend(known.iter().map(|(v, _)| v.clone()));
         let mut out = BTreeSet::new();
@@ -281,6 +291,7 @@ impl Mover {
                         if q.messages == Some(0) || !sharded(&name) {
                             continue;
                         }
+                        unacked += q.messages_unacknowledged.unwrap_or(0);
                         out.insert((vhost.clone(), name));
                     }
                 }
@@ -293,7 +304,7 @@ impl Mover {
         for e in errors {
             self.error(e, 1);
         }
-        Ok(out.into_iter().collect())
+        Ok((out.into_iter().collect(), unacked))
     }
 
     /// The source connection for `vhost`, opened when needed.

@@ -125,9 +125,7 @@ impl Journal {
     pub fn open(path: Option<PathBuf>) -> Result<Journal, String> {
         let mut j = Journal {
             path,
-            batch: Vec::new(),
-            resume: HashMap::new(),
-            next: 0,
+            ..Journal::in_memory()
         };
         if let Some(p) = &j.path {
             match std::fs::read_to_string(p) {
@@ -141,6 +139,16 @@ impl Journal {
             }
         }
         Ok(j)
+    }
+
+    /// A journal kept in memory only (no state directory, or the file could not be read).
+    pub fn in_memory() -> Journal {
+        Journal {
+            path: None,
+            batch: Vec::new(),
+            resume: HashMap::new(),
+            next: 0,
+        }
     }
 
     pub fn path(&self) -> Option<&Path> {

@@ -384,6 +384,10 @@ impl Mover {
             .await
             .map_err(source_or_queue)?;
         let mut quiet = 0;
+        // A failure streak is per queue: a queue whose target refuses it does not slow the next.
+        self.failures = 0;
+        let mut config_rx = self.shared.subscribe();
+        config_rx.mark_unchanged();
         let outcome = loop {
             if stop.is_cancelled() || !self.still_evacuating() {
                 break Ok(());
@@ -405,10 +409,12 @@ impl Mover {
                 break Ok(());
             }
             if self.failures > 0 {
-                // A target refused or failed: pause before the requeued messages come again.
-                let pause = Duration::from_millis(250 << self.failures.min(7));
+                // A target refused or failed: pause before the requeued messages come again
+                // (a configuration change, such as the end of the evacuation, ends the pause).
+                let pause = Duration::from_millis(250 << self.failures.min(5));
                 tokio::select! {
                     _ = stop.cancelled() => {}
+                    _ = config_rx.changed() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
                 if self.failures >= 5 {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh — warren's whole test suite (the README's second command; also what CI runs).
 #
-#   scripts/test.sh [all|rust|python|clients|celery|reload|haproxy|fault ...]   (default: all; several may be given)
+#   scripts/test.sh [all|rust|python|clients|celery|reload|evacuate|haproxy|fault ...]   (default: all; several may be given)
 #
 #   1. installs RabbitMQ (scripts/rabbit.sh install) and a Python venv at .venv with
 #      tests/python/requirements.txt, plus the py-amqp/kombu sdists (all cached between runs);
@@ -36,6 +36,10 @@
 #              (tests/e2e/celery_rules_e2e.py; the test config carries the rule);
 #      reload: hot reload under load: add a third shard cluster (shard-c) then drain it, and
 #              invalid files x SIGHUP / file change / POST /reload (tests/e2e/reload_e2e.py);
+#      evacuate: 20,000 messages in 20 queues on shard-a without consumers, publishers through
+#              warren meanwhile, POST /clusters/shard-a/evacuate, SIGKILL of warren halfway and a
+#              restart; a ledger: none lost, duplicates within the counted ones
+#              (tests/e2e/evacuate_e2e.py; WARREN_EVACUATE_ARGS, e.g. "--messages 100000");
 #      haproxy: two warren instances behind HAProxy configured as deploy/haproxy/haproxy.cfg:
 #              Celery through it while both instances reload, the same queue depth from either
 #              instance (/queues, check-queues), a rolling stop (tests/e2e/haproxy_e2e.py;
@@ -53,6 +57,7 @@
 #                                      test talks to shard-a itself (checks the harness, not warren);
 #                                      reload, haproxy and fault are skipped
 #   WARREN_E2E_TASKS (10000), WARREN_E2E_WORKERS (3), WARREN_E2E_ARGS (default --management)
+#   WARREN_EVACUATE_ARGS (default none: 20,000 messages) arguments of tests/e2e/evacuate_e2e.py
 #   WARREN_FAULT_ARGS (default --quick) arguments of tests/fault/fault_e2e.py; "" gives the full
 #                                      run (100,000 messages, ~15 min), see docs/reliability.md
 #   WARREN_TEST_BIN=PATH               run the python/celery/reload/haproxy/fault parts against this proxy
@@ -62,7 +67,7 @@
 #
 # Measured on the 2-core box: clusters up ~20-25 s (in parallel with cargo's build), suites ~45 s
 # per target, clients ~10 s plus ~7 s per target for the tutorials, Celery e2e (1000 tasks) ~15 s
-# per target, reload ~30 s, haproxy ~25 s, fault ~8.5 min; see .ci/run for whole-run numbers.
+# per target, reload ~30 s, evacuate ~35 s, haproxy ~25 s, fault ~8.5 min; see .ci/run for whole-run numbers.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -82,7 +87,7 @@ PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
 for p in "${PARTS[@]}"; do
     case "$p" in
-    all | rust | python | clients | celery | reload | haproxy | fault) ;;
+    all | rust | python | clients | celery | reload | evacuate | haproxy | fault) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
@@ -193,7 +198,7 @@ trap 'exit 143' TERM
 CLUSTER_NAMES=(shard-a shard-b control)
 if want reload; then CLUSTER_NAMES+=(shard-c); fi
 NEED_CLUSTERS=0
-if want rust || want python || want clients || want celery || want reload || want haproxy; then NEED_CLUSTERS=1; fi
+if want rust || want python || want clients || want celery || want reload || want evacuate || want haproxy; then NEED_CLUSTERS=1; fi
 
 start_clusters() { # runs in the background; writes $STATE/<name>.addr
     local name pids=() rc=0
@@ -275,7 +280,7 @@ if want haproxy && [ "$TARGET" = proxy ] && ! command -v haproxy >/dev/null 2>&1
     fi
 fi
 # The Rust part needs the venv too: tests/compose.rs runs its check-jsonschema.
-if want rust || want python || want clients || want celery || want reload || want haproxy || want fault; then
+if want rust || want python || want clients || want celery || want reload || want evacuate || want haproxy || want fault; then
     setup_venv
     if want python; then "$PY" tests/python/run_suites.py setup; fi
 fi
@@ -299,7 +304,7 @@ if [ -n "${WARREN_TEST_BIN:-}" ]; then
     WARREN_BIN=$(realpath "$WARREN_TEST_BIN")
     say "using WARREN_TEST_BIN=$WARREN_BIN (not building the proxy)"
     [ -x "$WARREN_BIN" ] || { echo "WARREN_TEST_BIN: $WARREN_BIN is not executable" >&2; PROXY_BUILD_OK=0; }
-elif [ "$TARGET" = proxy ] && { want python || want clients || want celery || want reload || want haproxy || want fault; }; then
+elif [ "$TARGET" = proxy ] && { want python || want clients || want celery || want reload || want evacuate || want haproxy || want fault; }; then
     say "cargo build --bin warren"
     cargo build --bin warren || PROXY_BUILD_OK=0
 fi
@@ -566,8 +571,8 @@ fi
 # ------------------------------------------------------------------------------------------------
 # 4b. reload, haproxy and fault tests (each starts its own proxy)
 
-if [ "$TARGET" = direct ] && { want reload || want haproxy || want fault; }; then
-    say "reload, haproxy, fault: skipped (WARREN_TEST_TARGET=direct; they test the proxy)"
+if [ "$TARGET" = direct ] && { want reload || want evacuate || want haproxy || want fault; }; then
+    say "reload, evacuate, haproxy, fault: skipped (WARREN_TEST_TARGET=direct; they test the proxy)"
 fi
 
 if want reload && [ "$TARGET" = proxy ]; then
@@ -581,6 +586,20 @@ if want reload && [ "$TARGET" = proxy ]; then
         record reload PASS $(($(date +%s) - t0))
     else
         record reload FAIL $(($(date +%s) - t0))
+    fi
+fi
+
+if want evacuate && [ "$TARGET" = proxy ]; then
+    say "evacuate: move shard-a's backlog to shard-b, with a SIGKILL of warren halfway"
+    t0=$(date +%s)
+    # shellcheck disable=SC2086 # WARREN_EVACUATE_ARGS is a list of arguments
+    if [ "$PROXY_BUILD_OK" = 1 ] && "$PY" tests/e2e/evacuate_e2e.py "$WARREN_BIN" \
+        --shard-a "$(addr_of shard-a 1),$(addr_of shard-a 2)" \
+        --shard-b "$(addr_of shard-b 1),$(addr_of shard-b 2)" \
+        --control "$(addr_of control 1),$(addr_of control 2)" ${WARREN_EVACUATE_ARGS:-}; then
+        record evacuate PASS $(($(date +%s) - t0))
+    else
+        record evacuate FAIL $(($(date +%s) - t0))
     fi
 fi
 

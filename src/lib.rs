@@ -12,6 +12,7 @@ pub mod client;
 pub mod clients;
 pub mod codec;
 pub mod config;
+pub mod evacuate;
 pub mod health;
 pub mod held;
 pub mod io;

@@ -428,6 +428,11 @@ async fn serve(config: Config, path: &Path, format: LogFormat) -> ExitCode {
     };
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     handle.shared().set_config_path(&path);
+    // At once, rather than at the evacuator's first look a second later: a cluster being
+    // evacuated must not take publishes meanwhile.
+    for cluster in handle.shared().resume_evacuations() {
+        info!(%cluster, "resuming the evacuation a previous run started");
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %path.display(),

@@ -129,6 +129,19 @@ pub struct Metrics {
     pub dropped: Counter,
     pub held_bytes: Gauge,
     pub last_reload_ok: Gauge,
+    pub evacuate_moved: Family<ClusterLabel, Counter>,
+    pub evacuate_left: Family<ClusterLabel, Gauge>,
+    pub evacuate_errors: Family<ClusterLabel, Counter>,
+    pub evacuate_duplicates: Family<ClusterLabel, Counter>,
+}
+
+/// The evacuation series of one shard cluster ([`Metrics::evacuation`]).
+#[derive(Clone, Debug)]
+pub struct EvacuationMetrics {
+    pub moved: Counter,
+    pub left: Gauge,
+    pub errors: Counter,
+    pub duplicates: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +198,10 @@ impl Metrics {
             dropped: Counter::default(),
             held_bytes: Gauge::default(),
             last_reload_ok: Gauge::default(),
+            evacuate_moved: Family::default(),
+            evacuate_left: Family::default(),
+            evacuate_errors: Family::default(),
+            evacuate_duplicates: Family::default(),
         };
         m.last_reload_ok.set(1);
         for result in ["ok", "error"] {
@@ -306,8 +323,46 @@ impl Metrics {
                 "1 if the last reload succeeded",
                 m.last_reload_ok.clone(),
             );
+            r.register(
+                "evacuate_moved",
+                "Messages moved off an evacuating shard cluster: confirmed by another cluster, then acknowledged on this one",
+                m.evacuate_moved.clone(),
+            );
+            r.register(
+                "evacuate_messages_left",
+                "Messages still in the sharded queues of an evacuating shard cluster (0 when it is not evacuating)",
+                m.evacuate_left.clone(),
+            );
+            r.register(
+                "evacuate_errors",
+                "Evacuation errors per shard cluster: nacks and returns from the target, links lost, queues that could not be read",
+                m.evacuate_errors.clone(),
+            );
+            r.register(
+                "evacuate_duplicates",
+                "Messages an evacuation published again that the target may already have had (possible duplicates)",
+                m.evacuate_duplicates.clone(),
+            );
         }
         m
+    }
+
+    /// The evacuation series of one shard cluster (created at 0 for every shard cluster, so
+    /// they exist before any evacuation).
+    pub fn evacuation(&self, name: &str) -> EvacuationMetrics {
+        let l = ClusterLabel {
+            cluster: name.to_owned(),
+        };
+        let moved = self.evacuate_moved.get_or_create(&l).clone();
+        let left = self.evacuate_left.get_or_create(&l).clone();
+        let errors = self.evacuate_errors.get_or_create(&l).clone();
+        let duplicates = self.evacuate_duplicates.get_or_create(&l).clone();
+        EvacuationMetrics {
+            moved,
+            left,
+            errors,
+            duplicates,
+        }
     }
 
     /// Resolves the handles of one cluster (once per link).

@@ -27,6 +27,7 @@ pub struct ProxyHandle {
     acceptor: JoinHandle<()>,
     admin: Option<crate::admin::AdminServer>,
     prober: crate::health::Prober,
+    evacuator: crate::evacuate::Evacuator,
 }
 
 impl ProxyHandle {
@@ -80,6 +81,7 @@ impl ProxyHandle {
         if let Some(admin) = self.admin {
             admin.shutdown().await;
         }
+        self.evacuator.stop().await;
         self.prober.stop().await;
         info!("proxy stopped");
     }
@@ -103,6 +105,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
     let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let shared = Arc::new(Shared::new(config.clone()));
     let prober = crate::health::Prober::start(shared.clone());
+    let evacuator = crate::evacuate::Evacuator::start(shared.clone());
     let admin = match config.admin.listen {
         Some(listen) => Some(
             crate::admin::AdminServer::start(listen, shared.clone(), prober.health().clone())
@@ -139,6 +142,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         acceptor,
         admin,
         prober,
+        evacuator,
     })
 }
 

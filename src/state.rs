@@ -57,6 +57,11 @@ pub struct Shared {
     generation: AtomicU64,
     /// Clusters drained at run time (`POST /clusters/NAME/drain`), kept across reloads.
     drained: Mutex<HashSet<String>>,
+    /// Clusters evacuated at run time (`POST /clusters/NAME/evacuate`), kept across reloads and,
+    /// through a marker file in the state directory, across restarts.
+    evacuating: Mutex<HashSet<String>>,
+    /// What each evacuation has done so far (`GET /clusters`, the status page).
+    evacuations: Mutex<std::collections::HashMap<String, EvacuationProgress>>,
     /// Weights set at run time (`POST /clusters/NAME/weight`), kept across reloads while the
     /// cluster stays in the file.
     weights: Mutex<std::collections::HashMap<String, WeightOverride>>,
@@ -96,12 +101,17 @@ impl Shared {
         for c in &config.clusters {
             metrics.cluster(&c.name);
         }
+        for c in config.shard_clusters() {
+            metrics.evacuation(&c.name);
+        }
         Shared {
             config_tx,
             config_path: Mutex::new(None),
             last_reload: Mutex::new(None),
             generation: AtomicU64::new(1),
             drained: Mutex::new(HashSet::new()),
+            evacuating: Mutex::default(),
+            evacuations: Mutex::default(),
             weights: Mutex::default(),
             started_at: SystemTime::now(),
             queues: Mutex::new(BTreeSet::new()),
@@ -242,8 +252,14 @@ impl Shared {
             _ => {}
         }
         let drained = lock(&self.drained).clone();
+        let evacuating = lock(&self.evacuating).clone();
         for c in &mut config.clusters {
             c.drain |= drained.contains(&c.name);
+            if c.role == crate::config::Role::Shard && evacuating.contains(&c.name) {
+                c.evacuate = true;
+            }
+            // Evacuating implies draining, whichever way it was asked for.
+            c.drain |= c.evacuate;
         }
         {
             let mut weights = lock(&self.weights);
@@ -278,6 +294,9 @@ impl Shared {
         for c in &config.clusters {
             self.metrics.cluster(&c.name);
         }
+        for c in config.shard_clusters() {
+            self.metrics.evacuation(&c.name);
+        }
         let config = Arc::new(config);
         self.held.set_limit(config.limits.max_held_bytes);
         self.config.store(config.clone());
@@ -301,6 +320,142 @@ impl Shared {
         }
         lock(&self.drained).insert(cluster.to_owned());
         Ok(self.apply_with(config, false))
+    }
+
+    /// Starts evacuating a shard cluster at run time (`POST /clusters/NAME/evacuate`): it is
+    /// drained, and the evacuator moves its messages to the other shard clusters. The marker
+    /// file written in the state directory makes a restarted warren go on with it; without a
+    /// state directory the evacuation still runs, and the answer says it will not outlast a
+    /// restart.
+    pub fn evacuate(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        let mut config = (*self.config()).clone();
+        let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) else {
+            return Err(format!("no cluster named {cluster:?}"));
+        };
+        if c.role != crate::config::Role::Shard {
+            return Err(format!(
+                "{cluster:?} is not a shard cluster: the control cluster's messages have nowhere \
+                 else to go"
+            ));
+        }
+        c.evacuate = true;
+        c.drain = true;
+        if config.shard_clusters().all(|c| c.evacuate) {
+            return Err(
+                "refusing to evacuate every shard cluster: their messages would have nowhere to go"
+                    .into(),
+            );
+        }
+        if config.shard_clusters().all(|c| c.drain) {
+            return Err("refusing to drain the last shard cluster that takes publishes".into());
+        }
+        lock(&self.evacuating).insert(cluster.to_owned());
+        let mut status = self.apply_with(config, false);
+        if let Err(e) = self.write_evacuation_marker(cluster, true) {
+            warn!(cluster, error = %e, "the evacuation will not outlast a restart");
+            status.message = format!("{}; {e}: it will not outlast a restart", status.message);
+        }
+        Ok(status)
+    }
+
+    /// Stops a run-time evacuation ([`Shared::evacuate`]) and the drain it implied: the cluster
+    /// takes publishes again unless the file drains or evacuates it.
+    pub fn unevacuate(&self, cluster: &str) -> Result<ReloadStatus, String> {
+        if !lock(&self.evacuating).remove(cluster) {
+            return Err(format!(
+                "{cluster:?} is not evacuated at run time (POST /clusters/NAME/evacuate); \
+                 evacuate = true in the file is undone by editing the file"
+            ));
+        }
+        if let Err(e) = self.write_evacuation_marker(cluster, false) {
+            warn!(cluster, error = %e, "cannot remove the evacuation marker");
+        }
+        let from_file = self.config_path().is_some();
+        if from_file {
+            return self.reload().map_err(|s| s.message);
+        }
+        let mut config = (*self.config()).clone();
+        let drained = lock(&self.drained).contains(cluster);
+        if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
+            c.evacuate = false;
+            c.drain = drained;
+        }
+        Ok(self.apply_with(config, false))
+    }
+
+    /// Whether `cluster` is evacuated at run time (not by the file).
+    pub fn evacuated_at_run_time(&self, cluster: &str) -> bool {
+        lock(&self.evacuating).contains(cluster)
+    }
+
+    /// Where state that outlasts a restart is kept: `state_dir`, else the configuration file's
+    /// directory; `None` for a proxy without either (tests).
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        if let Some(d) = &self.config().state_dir {
+            return Some(d.clone());
+        }
+        let path = self.config_path()?;
+        Some(match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+    }
+
+    /// Resumes the run-time evacuations whose markers a previous process left in the state
+    /// directory; the names of the clusters resumed. A marker of a cluster the file no longer
+    /// has as a shard cluster is left alone (and ignored).
+    pub fn resume_evacuations(&self) -> Vec<String> {
+        let Some(dir) = self.state_dir() else {
+            return Vec::new();
+        };
+        let config = self.config();
+        let mut resumed = Vec::new();
+        for c in config.shard_clusters() {
+            let marked = dir.join(evacuation_marker_name(&c.name)).exists();
+            if marked && !c.evacuate && !self.evacuated_at_run_time(&c.name) {
+                match self.evacuate(&c.name) {
+                    Ok(_) => resumed.push(c.name.clone()),
+                    Err(e) => warn!(cluster = %c.name, error = %e, "cannot resume the evacuation"),
+                }
+            }
+        }
+        resumed
+    }
+
+    fn write_evacuation_marker(&self, cluster: &str, present: bool) -> Result<(), String> {
+        let Some(dir) = self.state_dir() else {
+            return Err("no state directory (state_dir, or a configuration file)".into());
+        };
+        let path = dir.join(evacuation_marker_name(cluster));
+        let result = if present {
+            std::fs::write(
+                &path,
+                b"warren: this shard cluster is being evacuated (POST /clusters/NAME/evacuate)\n",
+            )
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        };
+        result.map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    /// What the evacuation of `cluster` has done (default: nothing yet).
+    pub fn evacuation(&self, cluster: &str) -> EvacuationProgress {
+        lock(&self.evacuations)
+            .get(cluster)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Updates the evacuation progress of `cluster` (the evacuator's only way to report).
+    pub fn update_evacuation(&self, cluster: &str, f: impl FnOnce(&mut EvacuationProgress)) {
+        let mut all = lock(&self.evacuations);
+        if all.len() > crate::config::MAX_CLUSTERS * 4 {
+            all.retain(|name, _| self.config().cluster(name).is_some());
+        }
+        f(all.entry(cluster.to_owned()).or_default());
     }
 
     /// Sets a shard cluster's weight at run time. Like a run-time drain, it stays in force
@@ -465,6 +620,46 @@ impl Shared {
     }
 }
 
+/// The file in the state directory whose presence says `cluster` is evacuated at run time.
+pub fn evacuation_marker_name(cluster: &str) -> String {
+    format!("evacuate-{cluster}")
+}
+
+/// What one shard cluster's evacuation has done, as the evacuator reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvacuationProgress {
+    /// The evacuator is working on the cluster now.
+    pub running: bool,
+    /// Sharded queues with messages found in the current pass, and those finished.
+    pub queues_total: u64,
+    pub queues_done: u64,
+    /// The queue being moved now.
+    pub current_queue: Option<String>,
+    /// Messages published to another cluster, confirmed there and acknowledged here.
+    pub moved: u64,
+    /// Messages still on the cluster in the queues of the current pass (from their depths).
+    pub left: u64,
+    /// Messages moved per second over the last few seconds.
+    pub rate: f64,
+    /// Nacks and returns from a target, links lost, queues that could not be read.
+    pub errors: u64,
+    /// Messages published again that the target may already have had (journal: intended, not
+    /// known confirmed, when the process stopped or the target's link failed).
+    pub possible_duplicates: u64,
+    /// Messages acknowledged without publishing again, because the journal says the target
+    /// confirmed them already (a duplicate avoided).
+    pub duplicates_avoided: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+    /// A whole pass found no message in any sharded queue of the cluster: it can be removed.
+    pub empty: bool,
+    /// When the last pass over the queues ended.
+    pub last_pass_at: Option<SystemTime>,
+    /// Where the queues come from: `management` (every queue of the cluster's vhosts) or
+    /// `declared` (only the queues declared through this process since it started).
+    pub listing: &'static str,
+}
+
 /// The weights a shard cluster may have: those the configuration file accepts
 /// (`weight` is 1 to 4294967295; 0 is refused, `drain` stops publishing).
 pub fn check_weight(weight: u32) -> Result<u32, String> {
@@ -502,6 +697,16 @@ fn describe_change(old: &Config, new: &Config) -> String {
         if o.drain != c.drain {
             what.push(if c.drain { "drained" } else { "undrained" }.to_owned());
         }
+        if o.evacuate != c.evacuate {
+            what.push(
+                if c.evacuate {
+                    "evacuating"
+                } else {
+                    "evacuation stopped"
+                }
+                .to_owned(),
+            );
+        }
         if o.nodes != c.nodes {
             let nodes: Vec<String> = c.nodes.iter().map(ToString::to_string).collect();
             what.push(format!("nodes {}", nodes.join(" ")));
@@ -529,6 +734,7 @@ fn describe_change(old: &Config, new: &Config) -> String {
     for (changed, section) in [
         (old.timeouts != new.timeouts, "[timeouts]"),
         (old.limits != new.limits, "[limits]"),
+        (old.state_dir != new.state_dir, "state_dir"),
         (old.routing != new.routing, "[routing]"),
     ] {
         if changed {
@@ -694,5 +900,101 @@ weight = 2
         assert_eq!(shared.weight_override("shard-a"), None);
         shared.apply(config(BASE));
         assert_eq!(weight("shard-a"), Some(1));
+    }
+
+    #[test]
+    fn a_run_time_evacuation_drains_and_is_refused_where_it_cannot_go() {
+        let shared = Shared::new(Arc::new(config(BASE)));
+        let s = shared.evacuate("shard-a").expect("evacuate");
+        assert!(
+            s.message.starts_with("shard-a: drained, evacuating"),
+            "{}",
+            s.message
+        );
+        assert!(
+            s.message.contains("will not outlast a restart"),
+            "no state dir: {}",
+            s.message
+        );
+        let a = shared
+            .config()
+            .cluster("shard-a")
+            .cloned()
+            .expect("shard-a");
+        assert!(a.evacuate && a.drain);
+        assert!(shared.evacuated_at_run_time("shard-a"));
+        // A reload of a file without `evacuate` keeps the run-time evacuation.
+        shared.apply(config(BASE));
+        assert!(
+            shared
+                .config()
+                .cluster("shard-a")
+                .is_some_and(|c| c.evacuate && c.drain)
+        );
+        // Every shard cluster evacuating: refused, nothing changes.
+        let e = shared.evacuate("shard-b").unwrap_err();
+        assert!(e.contains("every shard cluster"), "{e}");
+        assert!(
+            shared
+                .config()
+                .cluster("shard-b")
+                .is_some_and(|c| !c.evacuate && !c.drain)
+        );
+        let with_control = format!(
+            "{BASE}[[clusters]]\nname = \"ctl\"\nrole = \"control\"\nnodes = [\"127.0.0.1:5721\"]\n"
+        );
+        shared.apply(config(&with_control));
+        assert!(
+            shared
+                .evacuate("ctl")
+                .unwrap_err()
+                .contains("not a shard cluster")
+        );
+        assert!(shared.evacuate("nope").unwrap_err().contains("no cluster"));
+        // Undone: publishes go there again.
+        let s = shared.unevacuate("shard-a").expect("unevacuate");
+        assert!(s.message.contains("undrained"), "{}", s.message);
+        assert!(
+            shared
+                .config()
+                .cluster("shard-a")
+                .is_some_and(|c| !c.evacuate && !c.drain)
+        );
+        assert!(
+            shared
+                .unevacuate("shard-a")
+                .unwrap_err()
+                .contains("not evacuated")
+        );
+    }
+
+    #[test]
+    fn an_evacuation_outlasts_a_restart_through_its_marker() {
+        let dir = std::env::temp_dir().join(format!("warren-evac-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("proxy.toml");
+        std::fs::write(&file, BASE).expect("write config");
+        let first = Shared::new(Arc::new(config(BASE)));
+        first.set_config_path(&file);
+        first.evacuate("shard-b").expect("evacuate");
+        assert!(dir.join("evacuate-shard-b").exists());
+        // A new process with the same file resumes it.
+        let second = Shared::new(Arc::new(config(BASE)));
+        second.set_config_path(&file);
+        assert_eq!(second.resume_evacuations(), vec!["shard-b".to_owned()]);
+        assert!(
+            second
+                .config()
+                .cluster("shard-b")
+                .is_some_and(|c| c.evacuate && c.drain)
+        );
+        assert!(second.resume_evacuations().is_empty(), "once");
+        second.unevacuate("shard-b").expect("unevacuate");
+        assert!(!dir.join("evacuate-shard-b").exists());
+        let third = Shared::new(Arc::new(config(BASE)));
+        third.set_config_path(&file);
+        assert!(third.resume_evacuations().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1026,6 +1026,8 @@ async fn post_routes_need_the_token() {
         "/reload",
         "/clusters/shard-b/drain",
         "/clusters/shard-b/undrain",
+        "/clusters/shard-b/evacuate",
+        "/clusters/shard-b/unevacuate",
         "/clusters/shard-b/weight?weight=3",
         "/clusters/shard-b/weight?weight=0",
     ] {
@@ -1058,6 +1060,7 @@ async fn post_routes_need_the_token() {
     let c = p.get_json("/clusters").await;
     assert!(c["reload"].is_null(), "{c:#}");
     assert_eq!(cluster(&c, "shard-b")["drain"], false);
+    assert_eq!(cluster(&c, "shard-b")["evacuate"], false);
     assert_eq!(cluster(&c, "shard-b")["weight"], 1);
     assert_eq!(cluster(&c, "shard-b")["weight_set_at_run_time"], false);
     // GETs need no token.

@@ -310,6 +310,24 @@ async fn metrics_pass_promtool_and_every_counter_starts_at_zero() {
             assert_eq!(value(&fresh, &series), 0.0, "{series}:\n{fresh}");
         }
     }
+    // The evacuation series, for every shard cluster (never the control cluster), before any
+    // evacuation.
+    for cluster in ["shard-a", "shard-b"] {
+        for name in [
+            "warren_evacuate_moved_total",
+            "warren_evacuate_messages_left",
+            "warren_evacuate_errors_total",
+            "warren_evacuate_duplicates_total",
+        ] {
+            let series = format!("{name}{{cluster=\"{cluster}\"}}");
+            assert_eq!(value(&fresh, &series), 0.0, "{series}:\n{fresh}");
+        }
+    }
+    assert_eq!(
+        metric(&fresh, "warren_evacuate_moved_total{cluster=\"control\"}"),
+        None,
+        "{fresh}"
+    );
     assert_eq!(value(&fresh, "warren_config_last_reload_success"), 1.0);
     let build = format!(
         "warren_build_info{{version=\"{}\",revision=\"{}\"}}",

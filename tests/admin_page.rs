@@ -959,3 +959,76 @@ async fn status_page_screenshot_and_no_stale_rows() {
     proxy.shutdown().await;
     let _ = std::fs::remove_file(&path);
 }
+
+/// An evacuating cluster on the page: its evacuation line, and once nothing is left, that it can
+/// be removed; the evacuation set in the file has no stop button. Refused evacuations (the last
+/// shard cluster, the control cluster) answer 409. No broker needed: the cluster has no queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_an_evacuation_and_when_the_cluster_can_be_removed() {
+    let state_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(support::unique("evac-state"));
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[clusters]]\nname = \"shard-old\"\nrole = \"shard\"\nevacuate = true\nnodes = [\"127.0.0.1:{}\"]\n\n\
+         [[clusters]]\nname = \"shard-new\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:{}\"]\n\n\
+         [[clusters]]\nname = \"ctl\"\nrole = \"control\"\nnodes = [\"127.0.0.1:{}\"]\n",
+        state_dir.display(),
+        closed_port(),
+        closed_port(),
+        closed_port()
+    );
+    let path = temp_file("evacuation", &text);
+    let config = Config::load(&path).expect("test config");
+    let proxy = warren::start(Arc::new(config))
+        .await
+        .expect("start the proxy");
+    proxy.shared().set_config_path(&path);
+    let admin = proxy.admin_addr().expect("admin endpoint");
+
+    let v = clusters_until(admin, "shard-old evacuated", |v| {
+        v["clusters"][0]["evacuation"]["empty"] == true
+    })
+    .await;
+    let old = &v["clusters"][0];
+    assert_eq!(old["state"], "evacuating", "{old:#}");
+    assert_eq!(old["drain"], true, "evacuating drains: {old:#}");
+    assert_eq!(old["evacuation"]["evacuating"], true, "{old:#}");
+    assert_eq!(old["evacuation"]["messages_left"], 0, "{old:#}");
+    assert_eq!(old["evacuation"]["queues_from"], "declared", "{old:#}");
+    assert!(v["clusters"][2]["evacuation"].is_null(), "control: {v:#}");
+
+    for (name, why) in [
+        ("shard-new", "every shard cluster"),
+        ("ctl", "not a shard cluster"),
+    ] {
+        let (status, body) =
+            request(admin, "POST", &format!("/clusters/{name}/evacuate"), None).await;
+        assert_eq!(status, 409, "{name}: {body}");
+        assert!(body.contains(why), "{name}: {body}");
+    }
+    let (status, body) = request(admin, "POST", "/clusters/shard-old/unevacuate", None).await;
+    assert_eq!(status, 409, "set in the file: {body}");
+
+    let dom = chromium(format!("http://{admin}/"), 4_000, None).await;
+    let row = part(&dom, "data-evacuation=\"shard-old\"", "</td>");
+    assert!(
+        row.contains("evacuated: no message left, it can be removed from the configuration"),
+        "{row}"
+    );
+    assert!(row.contains("moved 0") && row.contains("left 0"), "{row}");
+    assert!(
+        row.contains("only the queues declared through this warren"),
+        "no management API: {row}"
+    );
+    assert!(
+        dom.contains("class=\"badge s-evacuating\">evacuating</span>"),
+        "{dom}"
+    );
+    assert!(dom.contains(">evacuated in the file </span>"), "{dom}");
+    assert!(!dom.contains("data-unevacuate="), "{dom}");
+    assert!(!dom.contains("data-drain=\"shard-old\""), "{dom}");
+    assert!(dom.contains("data-evacuate=\"shard-new\""), "{dom}");
+    assert!(!dom.contains("data-evacuate=\"ctl\""), "{dom}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+}

@@ -4,7 +4,7 @@
 //!
 //! The layers today, from the bottom: codec, metrics, tls, backoff, addr; route, config;
 //! topology, io; upstream; state; health; client and admin (side by side, never importing each
-//! other); proxy.
+//! other); evacuate (above admin, whose management API client it uses; never client); proxy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

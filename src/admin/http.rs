@@ -138,6 +138,10 @@ enum Route {
     Reload,
     Drain(String),
     Undrain(String),
+    /// `POST /clusters/NAME/evacuate`
+    Evacuate(String),
+    /// `POST /clusters/NAME/unevacuate`
+    Unevacuate(String),
     /// `POST /clusters/NAME/weight?weight=N`
     Weight(String),
     Clients,
@@ -169,6 +173,10 @@ impl Route {
                 let (name, action): (&str, fn(String) -> Route) =
                     if let Some(name) = rest.strip_suffix("/undrain") {
                         (name, Route::Undrain)
+                    } else if let Some(name) = rest.strip_suffix("/unevacuate") {
+                        (name, Route::Unevacuate)
+                    } else if let Some(name) = rest.strip_suffix("/evacuate") {
+                        (name, Route::Evacuate)
                     } else if let Some(name) = rest.strip_suffix("/drain") {
                         (name, Route::Drain)
                     } else {
@@ -189,6 +197,8 @@ impl Route {
             Route::Reload
                 | Route::Drain(_)
                 | Route::Undrain(_)
+                | Route::Evacuate(_)
+                | Route::Unevacuate(_)
                 | Route::Weight(_)
                 | Route::CloseClient(_)
         )
@@ -256,6 +266,8 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             Route::Reload => reload(state).await,
             Route::Drain(name) => drain(state, name).await,
             Route::Undrain(name) => undrain(state, name).await,
+            Route::Evacuate(name) => evacuate(state, name).await,
+            Route::Unevacuate(name) => unevacuate(state, name).await,
             Route::Weight(name) => set_weight(state, name, query.as_deref()),
             Route::CloseClient(id) => close_client(state, id, query.as_deref()),
             _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
@@ -297,6 +309,8 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         Route::Reload
         | Route::Drain(_)
         | Route::Undrain(_)
+        | Route::Evacuate(_)
+        | Route::Unevacuate(_)
         | Route::Weight(_)
         | Route::CloseClient(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
     }
@@ -373,6 +387,9 @@ fn unauthorized(req: &Request<Incoming>, token: &str) -> Option<Resp> {
 /// The state a cluster is shown in: `draining`, `up`, `down` or (before its first probe)
 /// `unknown`.
 fn cluster_state(state: &AdminState, cluster: &crate::config::ClusterConfig) -> &'static str {
+    if cluster.evacuate {
+        return "evacuating";
+    }
     if cluster.drain {
         return "draining";
     }
@@ -485,6 +502,8 @@ fn clusters(state: &AdminState) -> Value {
                 "weight_set_at_run_time": run_time_weight.is_some(),
                 "drain": c.drain,
                 "drained_at_run_time": state.shared.drained_at_run_time(&c.name),
+                "evacuate": c.evacuate,
+                "evacuation": shard.then(|| evacuation_json(state, c)),
                 "state": st,
                 "reachable": state.health.cluster_reachable(c),
                 "nodes": nodes,
@@ -777,6 +796,96 @@ async fn undrain(state: &AdminState, name: String) -> Resp {
     }
 }
 
+/// `POST /clusters/NAME/evacuate`: drain the shard cluster and move its messages to the other
+/// shard clusters (the evacuator does the moving; this only changes the running configuration
+/// and leaves the marker that makes a restarted warren go on).
+async fn evacuate(state: &AdminState, name: String) -> Resp {
+    if state.shared.config().cluster(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
+    }
+    let shared = state.shared.clone();
+    let who = name.clone();
+    // Writing the marker file is blocking work.
+    let result = match tokio::task::spawn_blocking(move || shared.evacuate(&who)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("evacuate task failed: {e}"),
+            );
+        }
+    };
+    match result {
+        Ok(s) => {
+            info!(cluster = %name, change = %s.message, "admin: cluster evacuation started");
+            json_response(
+                StatusCode::OK,
+                &json!({"cluster": name, "state": "evacuating", "reload": reload_json(&s)}),
+            )
+        }
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
+/// `POST /clusters/NAME/unevacuate`: stop a run-time evacuation (and the drain it implied).
+async fn unevacuate(state: &AdminState, name: String) -> Resp {
+    if state.shared.config().cluster(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
+    }
+    let shared = state.shared.clone();
+    let who = name.clone();
+    let result = match tokio::task::spawn_blocking(move || shared.unevacuate(&who)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unevacuate task failed: {e}"),
+            );
+        }
+    };
+    match result {
+        Ok(s) => {
+            info!(cluster = %name, "admin: run-time evacuation stopped");
+            let c = state.shared.config().cluster(&name).cloned();
+            let st = match c {
+                Some(c) if c.evacuate => "evacuating",
+                Some(c) if c.drain => "draining",
+                _ => "taking publishes",
+            };
+            json_response(
+                StatusCode::OK,
+                &json!({"cluster": name, "state": st, "reload": reload_json(&s)}),
+            )
+        }
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
+/// The `evacuation` object of a shard cluster in `GET /clusters`.
+fn evacuation_json(state: &AdminState, c: &crate::config::ClusterConfig) -> Value {
+    let p = state.shared.evacuation(&c.name);
+    json!({
+        "evacuating": c.evacuate,
+        "evacuated_at_run_time": state.shared.evacuated_at_run_time(&c.name),
+        "running": p.running,
+        "queues_total": p.queues_total,
+        "queues_done": p.queues_done,
+        "queues_left": p.queues_total.saturating_sub(p.queues_done),
+        "current_queue": p.current_queue,
+        "moved": p.moved,
+        "messages_left": p.left,
+        "rate": (p.rate * 10.0).round() / 10.0,
+        "errors": p.errors,
+        "possible_duplicates": p.possible_duplicates,
+        "duplicates_avoided": p.duplicates_avoided,
+        "last_error": p.last_error,
+        "last_error_at": p.last_error_at.map(rfc3339),
+        "empty": p.empty,
+        "last_pass_at": p.last_pass_at.map(rfc3339),
+        "queues_from": (!p.listing.is_empty()).then_some(p.listing),
+    })
+}
+
 /// The weight of `POST /clusters/NAME/weight?weight=N`: a decimal integer the configuration
 /// file would accept ([`crate::state::check_weight`]: 1 to 4294967295).
 fn weight_param(query: Option<&str>) -> Result<u32, String> {
@@ -902,6 +1011,16 @@ mod tests {
             Some(Route::Undrain("shard-a".into()))
         );
         assert_eq!(Route::parse("/clusters/a/b/drain"), None);
+        assert_eq!(
+            Route::parse("/clusters/shard-a/evacuate"),
+            Some(Route::Evacuate("shard-a".into()))
+        );
+        assert_eq!(
+            Route::parse("/clusters/shard-a/unevacuate/"),
+            Some(Route::Unevacuate("shard-a".into()))
+        );
+        assert_eq!(Route::parse("/clusters//evacuate"), None);
+        assert!(Route::Evacuate("a".into()).is_post() && Route::Unevacuate("a".into()).is_post());
         assert_eq!(Route::parse("/clusters/%2F/drain"), None);
         assert_eq!(Route::parse("/clusters/%ff/drain"), None);
         assert_eq!(Route::parse("/nope"), None);

@@ -1,6 +1,6 @@
 //! The HTTP admin endpoint (`[admin] listen`) and the client side of `warren check-queues`. It
 //! reads the proxy's state (`crate::state`, the node probes of `crate::health`) and changes only
-//! the running configuration (reload, drain, weights); it never steers sessions.
+//! the running configuration (reload, drain, evacuate, weights); it never steers sessions.
 //!
 //! | Route | |
 //! |---|---|
@@ -15,6 +15,8 @@
 //! | `POST /clients/ID/close` | close one client connection |
 //! | `POST /clusters/NAME/drain` | stop publishing to a shard cluster |
 //! | `POST /clusters/NAME/undrain` | undo a run-time drain |
+//! | `POST /clusters/NAME/evacuate` | drain a shard cluster and move its messages away (`crate::evacuate` does the moving) |
+//! | `POST /clusters/NAME/unevacuate` | stop a run-time evacuation |
 //! | `POST /clusters/NAME/weight?weight=N` | set a shard cluster's weight at run time |
 //!
 //! See `docs/operations.md` for the JSON shapes and how to alert on them.

@@ -57,6 +57,9 @@ pub struct Config {
     /// Address the AMQP listener binds to. Port 0 picks a free port (useful in tests; the
     /// actual address is `ProxyHandle::amqp_addr`).
     pub listen: SocketAddr,
+    /// `state_dir`: where warren keeps what must outlast a restart (the evacuation markers and
+    /// journals, see `crate::evacuate`). `None`: the configuration file's directory.
+    pub state_dir: Option<std::path::PathBuf>,
     pub admin: AdminConfig,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -142,6 +145,9 @@ pub struct Limits {
     /// publishes, transactions, exclusive or auto-delete queues) for this long; its next request
     /// that needs them opens them again. 0: never. Default 300.
     pub idle_link_secs: u64,
+    /// Messages per second the evacuator moves off each evacuating shard cluster (>= 1).
+    /// Default 1000: well below what a cluster takes, so an evacuation never starves clients.
+    pub evacuate_rate: u32,
 }
 
 /// `[runtime]`. All optional, see [`Runtime::default`].
@@ -176,6 +182,10 @@ pub struct ClusterConfig {
     /// A draining shard cluster gets no new publishes but keeps serving consumers.
     /// Default false. Rejected on the control cluster.
     pub drain: bool,
+    /// `evacuate = true`: the evacuator moves every message of the cluster's sharded queues to
+    /// the other shard clusters (`crate::evacuate`). Implies `drain` (validation sets it).
+    /// Default false. Rejected on the control cluster and on every shard cluster at once.
+    pub evacuate: bool,
     /// Credentials for the admin queue-depth checks on this cluster (`GET /queues`); without
     /// them the checks log in as guest/guest. The health probes need none.
     pub probe: Option<ProbeCredentials>,
@@ -309,6 +319,7 @@ impl Default for Limits {
             hold_publishes: true,
             lazy_links: true,
             idle_link_secs: 300,
+            evacuate_rate: 1000,
         }
     }
 }

@@ -17,6 +17,7 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) listen: Option<Spanned<String>>,
+    pub(super) state_dir: Option<Spanned<String>>,
     pub(super) admin: Option<Spanned<RawAdmin>>,
     pub(super) timeouts: Option<Spanned<RawTimeouts>>,
     pub(super) limits: Option<Spanned<RawLimits>>,
@@ -85,6 +86,7 @@ pub(super) struct RawLimits {
     pub(super) hold_publishes: Option<Spanned<bool>>,
     pub(super) lazy_links: Option<Spanned<bool>>,
     pub(super) idle_link_secs: Option<Spanned<u64>>,
+    pub(super) evacuate_rate: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +97,7 @@ pub(super) struct RawCluster {
     pub(super) nodes: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) weight: Option<Spanned<u32>>,
     pub(super) drain: Option<Spanned<bool>>,
+    pub(super) evacuate: Option<Spanned<bool>>,
     pub(super) probe: Option<Spanned<RawProbe>>,
     pub(super) tls: Option<Spanned<RawClientTls>>,
     pub(super) management: Option<Spanned<RawManagement>>,

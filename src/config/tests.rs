@@ -78,7 +78,8 @@ fn example_file_commented_defaults_match_code_defaults() {
     // Uncommenting the example's optional cluster keys must not change anything.
     let uncommented = EXAMPLE
         .replace("# weight = 1", "weight = 1")
-        .replace("# drain = false", "drain = false");
+        .replace("# drain = false", "drain = false")
+        .replace("# evacuate = false", "evacuate = false");
     assert_ne!(uncommented, EXAMPLE);
     assert_eq!(
         Config::parse(&uncommented, "proxy.toml").unwrap(),
@@ -174,6 +175,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
             hold_publishes: true,
             lazy_links: true,
             idle_link_secs: 300,
+            evacuate_rate: 1000,
         }
     );
     let s1 = &c.clusters[0];
@@ -595,6 +597,56 @@ fn rejects_shard_only_keys_on_control() {
         12,
         Some(9),
         "drain only applies to shard clusters",
+    );
+    rejects(
+        &with_cluster(&format!("{control}evacuate = true\n")),
+        12,
+        Some(12),
+        "evacuate only applies to shard clusters",
+    );
+}
+
+#[test]
+fn evacuate_implies_drain_and_needs_another_shard_cluster() {
+    let second = "\n[[clusters]]\nname = \"s2\"\nrole = \"shard\"\nnodes = [\"h:2\"]\n";
+    let c = Config::parse(
+        &with_cluster(&format!("evacuate = true\n{second}")),
+        "t.toml",
+    )
+    .expect("one of two shard clusters may evacuate");
+    assert!(
+        c.clusters[0].evacuate && c.clusters[0].drain,
+        "evacuating drains"
+    );
+    assert!(!c.clusters[1].evacuate && !c.clusters[1].drain);
+    assert_eq!(c.limits.evacuate_rate, 1000, "the default rate");
+    rejects(
+        &with_cluster("evacuate = true\n"),
+        7,
+        Some(12),
+        "every shard cluster has evacuate = true",
+    );
+    rejects(
+        &with_cluster(&format!("evacuate = true\n{second}evacuate = true\n")),
+        7,
+        Some(12),
+        "nowhere to go",
+    );
+    let rate = |r: &str| format!("{}[limits]\nevacuate_rate = {r}\n", with_cluster(second));
+    assert_eq!(
+        Config::parse(&rate("250"), "t.toml")
+            .map(|c| c.limits.evacuate_rate)
+            .ok(),
+        Some(250)
+    );
+    let e = fails(&rate("0")).to_string();
+    assert!(e.contains("evacuate_rate = 0 is too small"), "{e}");
+    let text = format!("state_dir = \"evac\"\n{}", with_cluster(second));
+    let at = Config::parse_at(&text, "t.toml", Some(std::path::Path::new("/etc/warren")));
+    assert_eq!(
+        at.ok().and_then(|c| c.state_dir),
+        Some(std::path::PathBuf::from("/etc/warren/evac")),
+        "relative to the file's directory"
     );
 }
 

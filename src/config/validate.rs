@@ -174,8 +174,26 @@ impl RawConfig {
             Some(t) => Some(t.get_ref().validate(t.span(), listen, &admin, base)?),
         };
 
+        let state_dir = match &self.state_dir {
+            None => None,
+            Some(d) if d.get_ref().trim().is_empty() => {
+                return problem(
+                    d.span(),
+                    "state_dir is empty: leave it out to use the configuration file's directory",
+                );
+            }
+            Some(d) => {
+                let path = std::path::PathBuf::from(d.get_ref());
+                Some(match base {
+                    Some(base) if path.is_relative() => base.join(path),
+                    _ => path,
+                })
+            }
+        };
+
         Ok(Config {
             listen,
+            state_dir,
             admin,
             timeouts,
             limits,
@@ -391,6 +409,12 @@ impl RawLimits {
     fn validate(&self, table_span: Range<usize>) -> Result<Limits, Problem> {
         at_least(&self.max_connections, "max_connections", 1, "use 1 or more")?;
         at_least(
+            &self.evacuate_rate,
+            "evacuate_rate",
+            1,
+            "messages per second, 1 or more (to pause an evacuation, undo it)",
+        )?;
+        at_least(
             &self.max_channels,
             "max_channels",
             1,
@@ -448,6 +472,7 @@ impl RawLimits {
             hold_publishes: value_or(&self.hold_publishes, d.hold_publishes),
             lazy_links: value_or(&self.lazy_links, d.lazy_links),
             idle_link_secs: value_or(&self.idle_link_secs, d.idle_link_secs),
+            evacuate_rate: value_or(&self.evacuate_rate, d.evacuate_rate),
         };
         if (limits.client_buffer_bytes as u64) < u64::from(limits.frame_max) {
             let span = span_or(
@@ -946,6 +971,15 @@ fn validate_clusters(
                     format!("{which}: drain only applies to shard clusters, remove it"),
                 );
             }
+            if let Some(e) = &c.evacuate {
+                return problem(
+                    e.span(),
+                    format!(
+                        "{which}: evacuate only applies to shard clusters (the control cluster's \
+                         messages have nowhere else to go), remove it"
+                    ),
+                );
+            }
         }
 
         let Some(nodes_raw) = &c.nodes else {
@@ -1032,7 +1066,9 @@ fn validate_clusters(
             role,
             nodes,
             weight: value_or(&c.weight, 1),
-            drain: value_or(&c.drain, false),
+            // Evacuating implies draining: no new publishes go where messages are moved from.
+            drain: value_or(&c.drain, false) || value_or(&c.evacuate, false),
+            evacuate: value_or(&c.evacuate, false),
             probe,
             tls,
             management,
@@ -1044,6 +1080,23 @@ fn validate_clusters(
         return problem(
             clusters_span,
             "no shard cluster: at least one [[clusters]] entry needs role = \"shard\"",
+        );
+    }
+    if clusters
+        .iter()
+        .filter(|c| c.role == Role::Shard)
+        .all(|c| c.evacuate)
+    {
+        let first = raw
+            .iter()
+            .filter_map(|c| c.get_ref().evacuate.as_ref())
+            .find(|e| *e.get_ref())
+            .map(|e| e.span())
+            .unwrap_or(clusters_span);
+        return problem(
+            first,
+            "every shard cluster has evacuate = true: their messages would have nowhere to go; \
+             keep at least one shard cluster to move them to",
         );
     }
     if shards.all(|c| c.drain) {

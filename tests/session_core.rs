@@ -1421,6 +1421,92 @@ async fn h_a_publish_pipelined_behind_a_get_is_not_what_the_get_returns() {
     }
 }
 
+/// One write: a queue.declare, then an ack of a tag never delivered (refused by warren
+/// itself, 406), or the client's own channel.close. One broker answers the declare first, then
+/// closes the channel (or answers the close): the declare's reply, which other clusters still
+/// owe when the refusal or the close is read, must not be lost with the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_replies_owed_before_a_refusal_or_a_close_come_first() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    let declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(Q),
+        durable: true,
+        ..Default::default()
+    });
+    for (ch, behind) in [
+        (1, ack(99, false)),
+        (2, Method::ChannelClose(Default::default())),
+    ] {
+        c.open(ch).await;
+        let mut out = bytes::BytesMut::new();
+        codec::write_method(&mut out, ch, &declare);
+        codec::write_method(&mut out, ch, &behind);
+        c.raw.send(&out).await;
+        let first = c.reply(ch).await;
+        assert!(
+            matches!(first, Method::QueueDeclareOk(_)),
+            "channel {ch}: the declare's reply first, got {first:?}"
+        );
+        match c.reply(ch).await {
+            Method::ChannelClose(close) if ch == 1 => {
+                assert_eq!(close.reply_code, 406, "{close:?}");
+                c.send(ch, Method::ChannelCloseOk(Default::default())).await;
+            }
+            Method::ChannelCloseOk(_) if ch == 2 => {}
+            other => panic!("channel {ch}: unexpected {other:?}"),
+        }
+    }
+    c.open(3).await;
+    c.sync(3).await;
+}
+
+/// One write: basic.consume with no_ack on a queue holding messages, then channel.close. Each
+/// cluster delivers its messages (and lets them go: no_ack) before it reads the close, as one
+/// broker does; the client must get every one of them before its close-ok, not lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_deliveries_sent_before_a_client_close_reach_the_client() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    for i in 1..=4 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    c.expect_settled(
+        1,
+        &BTreeMap::from([(1, true), (2, true), (3, true), (4, true)]),
+    )
+    .await;
+    c.open(2).await;
+    let mut out = bytes::BytesMut::new();
+    codec::write_method(
+        &mut out,
+        2,
+        &Method::BasicConsume(codec::BasicConsume {
+            queue: ss(Q),
+            consumer_tag: ss("c1"),
+            no_ack: true,
+            ..Default::default()
+        }),
+    );
+    codec::write_method(&mut out, 2, &Method::ChannelClose(Default::default()));
+    c.raw.send(&out).await;
+    assert!(matches!(c.reply(2).await, Method::BasicConsumeOk(_)));
+    assert!(matches!(c.reply(2).await, Method::ChannelCloseOk(_)));
+    let got: Vec<String> = c
+        .deliveries
+        .drain(..)
+        .map(|d| String::from_utf8_lossy(&d.body).into_owned())
+        .collect();
+    assert_eq!(
+        sorted(got),
+        ["m1", "m2", "m3", "m4"],
+        "every no-ack delivery reached the client"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // (i) A cluster closes a channel
 

@@ -144,11 +144,34 @@ pub enum ChannelState {
     /// channel.open sent upstream, open-ok not yet seen.
     Opening,
     Open,
-    /// The client sent channel.close; waiting for the upstream close-ok before answering.
+    /// The client sent channel.close; the replies to its requests before the close and the
+    /// deliveries the clusters sent before they read it are passed on, then close-ok once every
+    /// upstream part answered its close.
     ClientClosing,
+    /// A cluster (or warren itself) refused a request, and requests the client sent before it
+    /// still wait for other clusters' replies: one broker answers those first, then closes the
+    /// channel. The replies are sent as they complete and then the channel.close kept in
+    /// [`Channel::failing`]; the client's frames are discarded meanwhile, as one broker
+    /// discards what follows a refused method.
+    Failing,
     /// The proxy sent channel.close to the client (upstream error or a protocol violation); every
     /// frame but close / close-ok is discarded until the client's close-ok.
     AwaitingCloseOk,
+}
+
+/// The channel.close of a [`ChannelState::Failing`] channel, sent once the requests before the
+/// refused one are answered.
+#[derive(Debug)]
+pub struct PendingClose {
+    pub close: crate::codec::ChannelClose,
+    /// Requests with an id below this one came before the refused request and are answered;
+    /// the others are discarded (`u64::MAX`: every request still waiting came before it).
+    pub before: u64,
+    /// The text of the channel.close sent to the channel's parts on the other clusters.
+    pub siblings: &'static str,
+    /// The client sent channel.close meanwhile: it crossed warren's and is answered with
+    /// close-ok right after it.
+    pub client_closed: bool,
 }
 
 /// The link id given to deliveries whose link died: acks for them are dropped.
@@ -590,6 +613,8 @@ pub struct Channel {
     /// cancel may overtake the merged reply to the request that caused it (a queue.delete of
     /// the consumed queue), which one broker answers first.
     pub notices: Vec<Method>,
+    /// The close waiting for earlier replies while the channel is [`ChannelState::Failing`].
+    pub failing: Option<PendingClose>,
     next_rpc: u64,
 }
 
@@ -610,6 +635,7 @@ impl Channel {
             sticky: Vec::new(),
             revoked: Vec::new(),
             notices: Vec::new(),
+            failing: None,
             next_rpc: 0,
         }
     }

@@ -84,6 +84,16 @@ impl Session {
                 return Ok(());
             }
             ChannelState::ClientClosing => return Ok(()),
+            ChannelState::Failing => {
+                // Discarded, as one broker discards what follows a refused method; a close
+                // crossed the one warren is about to send and is answered after it.
+                if let Method::ChannelClose(_) = method
+                    && let Some(f) = channel.failing.as_mut()
+                {
+                    f.client_closed = true;
+                }
+                return Ok(());
+            }
             ChannelState::Opening | ChannelState::Open => {}
         }
         match method {
@@ -133,13 +143,14 @@ impl Session {
                 });
             }
             Method::ChannelClose(_) => {
+                // Requests before the close are still answered, then close-ok, as one broker
+                // answers a channel's methods in order (see `ChannelState::ClientClosing`).
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.state = ChannelState::ClientClosing;
-                    channel.rpcs.clear();
                 }
                 let mut waiting = false;
                 for slot in &mut self.links {
-                    waiting |= slot.close_chan(ch, &method);
+                    waiting |= slot.close_chan_after_replies(ch, &method);
                 }
                 if !waiting {
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
@@ -900,24 +911,14 @@ impl Session {
         debug!(conn = self.id, channel = ch, code, text, "closing channel");
         let (class_id, method_id) = method.ids();
         let reply_text = ShortStr::try_from(truncate(&text)).unwrap_or_default();
-        self.to_client(
-            ch,
-            &Method::ChannelClose(codec::ChannelClose {
-                reply_code: code,
-                reply_text,
-                class_id,
-                method_id,
-            }),
-        );
-        if let Some(channel) = channel_in(&mut self.channels, ch) {
-            channel.state = ChannelState::AwaitingCloseOk;
-            channel.rpcs.clear();
-            channel.tags.forget_all(|l| unacked_dec(&self.links, l));
-        }
-        let close = close_method(200, "client channel closed by the proxy");
-        for slot in &mut self.links {
-            slot.close_chan(ch, &close);
-        }
+        let close = codec::ChannelClose {
+            reply_code: code,
+            reply_text,
+            class_id,
+            method_id,
+        };
+        // The refused method is the one at hand: every request still waiting came before it.
+        self.fail_channel(ch, close, u64::MAX, "client channel closed by the proxy");
     }
 }
 

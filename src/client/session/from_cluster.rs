@@ -33,9 +33,27 @@ impl Session {
         // After sending channel.close a peer discards everything on that channel but close and
         // close-ok (a late reply must not be taken for the reply to a reopened channel).
         let closing = self.links[link].chan_state(ch) == UpState::Closing;
-        if closing && !matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_)) {
+        if closing
+            && !matches!(method, Method::ChannelClose(_) | Method::ChannelCloseOk(_))
+            && !self.owed_before_client_close(link, ch, &method)
+        {
             return;
         }
+        // The first request this cluster had not answered when it closed the channel: the
+        // refused one (requests before it were answered, in order).
+        let refused_before = match &method {
+            Method::ChannelClose(_) => self.links[link]
+                .chans
+                .get(usize::from(ch))
+                .and_then(|up| {
+                    up.pending.iter().find_map(|w| match w.who {
+                        Pending::Rpc(id) => Some(id),
+                        _ => None,
+                    })
+                })
+                .unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        };
         // Upstream channel bookkeeping first: it is independent of the client channel's fate.
         match &method {
             Method::ChannelClose(_) | Method::ChannelCloseOk(_) => {
@@ -97,24 +115,44 @@ impl Session {
         match channel.state {
             ChannelState::AwaitingCloseOk => return,
             ChannelState::ClientClosing => {
+                if is_reply(&method) && !matches!(method, Method::ChannelCloseOk(_)) {
+                    // A reply to a request the client sent before its close.
+                    return self.on_reply(link, ch, method, content);
+                }
+                if let Method::BasicDeliver(d) = method {
+                    // Sent before the cluster read the close: one broker's client gets it
+                    // before close-ok too (with no_ack, the broker has already let it go).
+                    if must_hold(channel) {
+                        channel.held.push((link, Method::BasicDeliver(d), content));
+                    } else {
+                        self.deliver_tagged(ch, link, d, content.as_ref());
+                    }
+                    return;
+                }
                 if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
                     && self
                         .links
                         .iter()
                         .all(|s| s.done() || s.chan_state(ch) != UpState::Closing)
                 {
+                    // Every cluster answered what came before its close-ok: the replies are
+                    // out; what a dead link never answered is dropped with the channel.
+                    self.flush_rpcs(ch);
+                    if let Some(channel) = channel_in(&mut self.channels, ch) {
+                        channel.rpcs.clear();
+                    }
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
                     self.free_channel(ch);
                 }
                 return;
             }
-            ChannelState::Opening | ChannelState::Open => {}
+            ChannelState::Opening | ChannelState::Open | ChannelState::Failing => {}
         }
         if is_reply(&method) {
             return self.on_reply(link, ch, method, content);
         }
         match method {
-            Method::ChannelClose(c) => self.refused_by_cluster(ch, c),
+            Method::ChannelClose(c) => self.refused_by_cluster(ch, c, refused_before),
             Method::ChannelCloseOk(_) => {}
             Method::BasicDeliver(d) => {
                 if self.links[link].removed_at.is_some() {
@@ -254,21 +292,118 @@ impl Session {
 
     /// One cluster refused: the client channel fails as a whole, with that cluster's code and
     /// text; its parts on the other clusters are closed behind it.
-    fn refused_by_cluster(&mut self, ch: u16, c: codec::ChannelClose) {
+    /// Whether `method`, arriving on `link`'s channel `ch` after warren sent its close there,
+    /// answers a request the client sent before its own channel.close, or is a delivery the
+    /// cluster sent before it read that close: both still go to the client, before its
+    /// close-ok.
+    fn owed_before_client_close(&self, link: LinkId, ch: u16, method: &Method) -> bool {
+        let owed = match method {
+            Method::BasicDeliver(_) => true,
+            m => {
+                is_reply(m)
+                    && self.links[link]
+                        .chans
+                        .get(usize::from(ch))
+                        .is_some_and(|up| !up.pending.is_empty())
+            }
+        };
+        owed && self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.state == ChannelState::ClientClosing)
+    }
+
+    /// `before` is the first request the cluster had not answered (the refused one, or one
+    /// behind it): the client's requests before it are still answered.
+    fn refused_by_cluster(&mut self, ch: u16, c: codec::ChannelClose, before: u64) {
         if c.class_id == 60 && c.method_id == 40 {
             // A refused publish: exchanges accepted before are checked again.
             self.proven_exchanges.clear();
         }
+        if channel_in(&mut self.channels, ch).is_none() {
+            return;
+        }
+        self.fail_channel(ch, c, before, "sibling channel closed");
+    }
+
+    /// Fails client channel `ch` with `close`, as one broker fails a channel at a refused
+    /// request: the client's requests before it (ids below `before`) are answered first, in
+    /// order, as their replies complete (other clusters still owe them: a declare-ok, the
+    /// name of a server-named queue), then the channel.close goes to the client and the
+    /// channel's parts on the clusters are closed with `siblings` as their text. Requests from
+    /// `before` on are discarded, as one broker discards what follows a refused method. Of two
+    /// refusals, the one of the earlier request is the one the client gets.
+    pub(super) fn fail_channel(
+        &mut self,
+        ch: u16,
+        close: codec::ChannelClose,
+        before: u64,
+        siblings: &'static str,
+    ) {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
+            self.to_client(ch, &Method::ChannelClose(close));
+            let m = close_method(200, siblings);
+            for slot in &mut self.links {
+                slot.close_chan(ch, &m);
+            }
+            return;
+        };
+        match channel.state {
+            ChannelState::Opening | ChannelState::Open => {
+                channel.rpcs.retain(|r| r.id < before);
+                channel.state = ChannelState::Failing;
+                channel.failing = Some(PendingClose {
+                    close,
+                    before,
+                    siblings,
+                    client_closed: false,
+                });
+            }
+            ChannelState::Failing => {
+                if let Some(f) = channel.failing.as_mut()
+                    && before < f.before
+                {
+                    channel.rpcs.retain(|r| r.id < before);
+                    f.close = close;
+                    f.before = before;
+                }
+            }
+            ChannelState::ClientClosing | ChannelState::AwaitingCloseOk => {
+                // Already closing: the close goes out at once, as it always did.
+                channel.state = ChannelState::AwaitingCloseOk;
+                channel.rpcs.clear();
+                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
+                self.to_client(ch, &Method::ChannelClose(close));
+                let m = close_method(200, siblings);
+                for slot in &mut self.links {
+                    slot.close_chan(ch, &m);
+                }
+                return;
+            }
+        }
+        self.flush_rpcs(ch);
+    }
+
+    /// The requests before a channel's refusal are answered: its channel.close goes out now.
+    fn finish_failing(&mut self, ch: u16) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        let Some(f) = channel.failing.take() else {
             return;
         };
         channel.state = ChannelState::AwaitingCloseOk;
         channel.rpcs.clear();
         channel.tags.forget_all(|l| unacked_dec(&self.links, l));
-        self.to_client(ch, &Method::ChannelClose(c));
-        let close = close_method(200, "sibling channel closed");
+        self.to_client(ch, &Method::ChannelClose(f.close));
+        if f.client_closed {
+            // The client's own close crossed this one: answered, as RabbitMQ does.
+            self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
+        }
+        let m = close_method(200, f.siblings);
         for slot in &mut self.links {
-            slot.close_chan(ch, &close);
+            slot.close_chan(ch, &m);
         }
     }
 
@@ -324,6 +459,7 @@ impl Session {
                             method_id,
                             ..c
                         },
+                        id,
                     );
                 }
             }
@@ -365,9 +501,13 @@ impl Session {
                 return;
             };
             if channel.rpcs.front().is_none_or(|r| r.waiting != 0) {
-                if channel.rpcs.is_empty() && !channel.notices.is_empty() {
+                if channel.rpcs.is_empty() {
+                    let failing = channel.failing.is_some();
                     for notice in std::mem::take(&mut channel.notices) {
                         self.to_client(ch, &notice);
+                    }
+                    if failing {
+                        self.finish_failing(ch);
                     }
                 }
                 return;
@@ -400,6 +540,9 @@ impl Session {
                 Method::ChannelOpenOk(ok) => {
                     if channel.state == ChannelState::Opening {
                         channel.state = ChannelState::Open;
+                        self.to_client(ch, &Method::ChannelOpenOk(ok));
+                    } else if channel.state == ChannelState::Failing {
+                        // Opened, then refused at a request behind the open.
                         self.to_client(ch, &Method::ChannelOpenOk(ok));
                     }
                 }

@@ -44,8 +44,8 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
-    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, Revoked, UpstreamAck,
-    UpstreamConfirms,
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, PendingClose, Revoked,
+    UpstreamAck, UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};

@@ -587,7 +587,8 @@ pub struct Channel {
     pub tags: DeliveryTags,
     pub consumers: Vec<Consumer>,
     /// The queue last declared on this channel: what an empty queue name means in bind,
-    /// unbind, purge, delete, consume, get and a passive declare (AMQP 0-9-1, 1.7.2.1).
+    /// unbind, purge, delete, consume and get (AMQP 0-9-1, 1.7.2.1; RabbitMQ does not apply it to a
+    /// passive declare).
     pub last_queue: Option<ShortStr>,
     pub confirms: Option<ClientConfirms>,
     pub tx: bool,

@@ -791,10 +791,11 @@ impl Session {
         }
     }
 
-    /// Applies AMQP's queue-name shortcut: an empty queue name in bind, unbind, purge, delete,
-    /// consume, get and a passive declare means the queue last declared on the channel (and
+    /// Applies AMQP's queue-name shortcut as RabbitMQ does: an empty queue name in bind,
+    /// unbind, purge, delete, consume and get means the queue last declared on the channel (and
     /// an empty routing key in a bind with it, that queue's name); none declared yet is 404, as
-    /// from RabbitMQ. A non-passive declare with an empty name gets a warren-generated name
+    /// from RabbitMQ; a passive declare of '' is left alone (404 from the clusters, as from
+    /// RabbitMQ). A non-passive declare with an empty name gets a warren-generated name
     /// (one broker's `amq.gen-` names cannot be declared on the other clusters). Returns `None`
     /// when the channel was closed.
     fn expand_queue_name(&mut self, ch: u16, method: Method) -> Option<Method> {
@@ -852,14 +853,16 @@ impl Session {
         let mut method = method;
         let ok = match &mut method {
             Method::QueueDeclare(x) => {
-                if x.queue.is_empty() && !x.passive {
+                if x.queue.is_empty() {
+                    if x.passive {
+                        // RabbitMQ does not apply the shortcut to a passive declare: it looks
+                        // for a queue named '' and answers 404, and so do the clusters.
+                        return Some(method);
+                    }
                     x.queue = server_named_queue(self.id);
                 }
-                let ok = fill(&mut x.queue);
-                if ok {
-                    channel.last_queue = Some(x.queue.clone());
-                }
-                ok
+                channel.last_queue = Some(x.queue.clone());
+                true
             }
             Method::QueueBind(x) => {
                 let shortcut = x.queue.is_empty() && x.routing_key.is_empty();

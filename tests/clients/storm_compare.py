@@ -1239,6 +1239,11 @@ def run(addr: str, fn) -> list:
         t.close_all()
 
 
+# A connection error both RabbitMQ and warren answer when a client sends on a channel it has
+# not opened; AMQPStorm does so now and then under load (see `main`).
+CLIENT_RACE = "CHANNEL_ERROR - expected 'channel.open'"
+
+
 def main(argv: list[str]) -> int:
     if "--list" in argv:
         print("\n".join(fn.__name__ for fn in SCENARIOS))
@@ -1263,6 +1268,12 @@ def main(argv: list[str]) -> int:
             continue
         want = run(direct, fn)
         got = run(proxy, fn)
+        if any(CLIENT_RACE in o for o in want + got):
+            # Seen against RabbitMQ itself as often as through warren, on a loaded machine
+            # only: AMQPStorm sent a channel's method ahead of its channel.open. Run once more.
+            print(f"[RETRY] {fn.__name__}: AMQPStorm's channel race ({CLIENT_RACE})", flush=True)
+            want = run(direct, fn)
+            got = run(proxy, fn)
         broken = bool(want) and want[0].startswith("scenario ")
         compared = [[o for o in obs if "[doc:" not in o] for obs in (want, got)]
         same = compared[0] == compared[1] and not broken

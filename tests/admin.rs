@@ -46,14 +46,6 @@ fn three_clusters() -> (Vec<String>, Vec<String>, Vec<String>) {
     }
 }
 
-fn quoted(nodes: &[String]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// A port nothing listens on (bound, then released).
 fn closed_port() -> u16 {
     let l = StdTcpListener::bind("127.0.0.1:0").unwrap();
@@ -69,9 +61,9 @@ fn config_text(control_nodes: &[String], weight_b: u32) -> String {
          [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nweight = {weight_b}\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"control\"\nrole = \"control\"\nnodes = [{}]\n",
-        quoted(&a),
-        quoted(&b),
-        quoted(control_nodes)
+        support::quoted(&a),
+        support::quoted(&b),
+        support::quoted(control_nodes)
     )
 }
 
@@ -931,7 +923,7 @@ async fn reload_rejects_invalid_files_and_keeps_serving() {
             format!(
                 "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
                  [[clusters]]\nname = \"control\"\nrole = \"control\"\nnodes = [{}]\n",
-                quoted(&control)
+                support::quoted(&control)
             ),
             "no shard cluster",
         ),

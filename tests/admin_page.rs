@@ -107,14 +107,6 @@ fn closed_port() -> u16 {
         .port()
 }
 
-fn quoted(nodes: &[String]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn temp_file(name: &str, text: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-page");
     std::fs::create_dir_all(&dir).unwrap();
@@ -329,7 +321,7 @@ async fn status_page_shows_clusters_nodes_header_and_charts_in_chromium() {
         "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[timeouts]\nshutdown_grace_ms = 100\n\n\
          [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"ctl.down\"\nrole = \"control\"\nnodes = [\"127.0.0.1:{dead_port}\"]\n",
-        quoted(&support::shard_a().nodes)
+        support::quoted(&support::shard_a().nodes)
     );
     let path = temp_file("page", &text);
     let config = Config::load(&path).expect("test config");
@@ -577,8 +569,8 @@ async fn status_page_actions_ask_for_the_token_and_show_refusals() {
          [timeouts]\nshutdown_grace_ms = 100\n\n\
          [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [{}]\n",
-        quoted(&find("shard-a")),
-        quoted(&find("shard-b"))
+        support::quoted(&find("shard-a")),
+        support::quoted(&find("shard-b"))
     );
     let path = temp_file("actions", &text);
     let proxy = warren::start(Arc::new(Config::load(&path).expect("test config")))
@@ -781,9 +773,9 @@ async fn status_page_screenshot_and_no_stale_rows() {
          [[clusters]]\nname = \"shard-a\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"control\"\nrole = \"control\"\nnodes = [{}]\n",
-        quoted(&a),
-        quoted(&b),
-        quoted(&control)
+        support::quoted(&a),
+        support::quoted(&b),
+        support::quoted(&control)
     );
     let path = temp_file("screenshot", &base);
     let config = Config::load(&path).expect("test config");

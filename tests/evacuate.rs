@@ -13,14 +13,6 @@ use std::sync::Arc;
 use amqprs::channel::{BasicGetArguments, QueueDeleteArguments};
 use warren::config::Config;
 
-fn quoted(nodes: &[String]) -> String {
-    nodes
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returned_messages_stay_on_the_source_and_move_once_the_target_has_the_queue() {
     if support::skip_live() {
@@ -41,9 +33,9 @@ async fn returned_messages_stay_on_the_source_and_move_once_the_target_has_the_q
          [[clusters]]\nname = \"shard-b\"\nrole = \"shard\"\nnodes = [{}]\n\n\
          [[clusters]]\nname = \"control\"\nrole = \"control\"\nnodes = [{}]\n",
         state_dir.display(),
-        quoted(&a.nodes),
-        quoted(&b.nodes),
-        quoted(&c.nodes)
+        support::quoted(&a.nodes),
+        support::quoted(&b.nodes),
+        support::quoted(&c.nodes)
     );
     let config = Config::parse(&text, "evacuate.toml").expect("test config");
     let proxy = warren::start(Arc::new(config))

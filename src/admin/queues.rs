@@ -43,11 +43,12 @@ use tokio::time::Instant;
 
 use super::http_client;
 use super::{rfc3339, unix_ms};
-use crate::codec::{self, FieldTable, FieldValue, LongStr, Method, ShortStr};
+use crate::codec::{self, Method, ShortStr};
 use crate::config::{ClusterConfig, Config, ManagementConfig, ManagementTls};
 use crate::io::Command;
 use crate::route::{Class, Pattern};
-use crate::upstream::link::{self, Link, LinkSpec};
+use crate::upstream::link::{self, Link};
+use crate::upstream::own::{OwnLink, own_link_spec};
 
 /// Longest time one cluster gets to answer all its queues (AMQP), or one vhost's list (HTTP),
 /// after connecting.
@@ -858,46 +859,17 @@ async fn ask_cluster(
     connect_timeout: Duration,
     deadline: Instant,
 ) -> Vec<Depth> {
-    let (user, password) = match &cluster.probe {
-        Some(p) => (p.user.clone(), p.password.clone()),
-        None => ("guest".to_owned(), "guest".to_owned()),
-    };
-    let Ok(vhost_str) = ShortStr::try_from(vhost) else {
-        return vec![Depth::Error("vhost name longer than 255 bytes".into()); names.len()];
-    };
-    let mut props = FieldTable::default();
-    props.insert(
-        ShortStr::from_static("product"),
-        FieldValue::LongStr(LongStr::from_static("warren admin")),
-    );
-    props.insert(
-        ShortStr::from_static("connection_name"),
-        FieldValue::LongStr(LongStr::from_static("warren admin: queue depths")),
-    );
-    let mut caps = FieldTable::default();
-    caps.insert(
-        ShortStr::from_static("authentication_failure_close"),
-        FieldValue::Bool(true),
-    );
-    props.insert(
-        ShortStr::from_static("capabilities"),
-        FieldValue::Table(caps),
-    );
-    let spec = LinkSpec {
-        cluster: Arc::from(cluster.name.as_str()),
-        nodes: cluster.nodes.clone(),
-        user: Bytes::from(user),
-        password: Bytes::from(password),
-        fallback_password: None,
-        vhost: vhost_str,
-        client_properties: props,
+    let own = OwnLink {
+        product: "warren admin",
+        connection_name: "warren admin: queue depths".to_owned(),
+        capabilities: &[],
         heartbeat_secs: 0,
-        frame_max: 131_072,
-        channel_max: 64,
-        connect_timeout,
         buffer_limit: 1024 * 1024,
-        metrics: None,
-        tls: cluster.tls.clone(),
+        connect_timeout,
+    };
+    let spec = match own_link_spec(cluster, vhost, own) {
+        Ok(spec) => spec,
+        Err(e) => return vec![Depth::Error(e); names.len()],
     };
     let link = match tokio::time::timeout_at(deadline, link::connect(&spec)).await {
         Ok(Ok(link)) => link,

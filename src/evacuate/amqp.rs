@@ -8,16 +8,15 @@
 //! next [`Conn::recv`]; they are bounded by the prefetch and the publishes in flight.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::codec::{self, FieldTable, FieldValue, LongStr, Method, ShortStr};
+use crate::codec::{self, Method, ShortStr};
 use crate::config::ClusterConfig;
 use crate::io::{Command, Content};
-use crate::upstream::link::{self, Link, LinkSpec};
+use crate::upstream::link::{self, Link};
+use crate::upstream::own::{OwnLink, own_link_spec};
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,50 +57,18 @@ impl Conn {
         connect_timeout: Duration,
         purpose: &str,
     ) -> Result<Conn, String> {
-        let (user, password) = match &cluster.probe {
-            Some(p) => (p.user.clone(), p.password.clone()),
-            None => ("guest".to_owned(), "guest".to_owned()),
-        };
-        let vhost_str =
-            ShortStr::try_from(vhost).map_err(|_| "vhost name longer than 255 bytes".to_owned())?;
-        let mut props = FieldTable::default();
-        props.insert(
-            ShortStr::from_static("product"),
-            FieldValue::LongStr(LongStr::from_static("warren evacuator")),
-        );
-        props.insert(
-            ShortStr::from_static("connection_name"),
-            FieldValue::LongStr(LongStr::from(format!("warren evacuator: {purpose}"))),
-        );
-        let mut caps = FieldTable::default();
-        for cap in [
-            "authentication_failure_close",
-            "publisher_confirms",
-            "basic.nack",
-            "consumer_cancel_notify",
-        ] {
-            caps.insert(ShortStr::from_static(cap), FieldValue::Bool(true));
-        }
-        props.insert(
-            ShortStr::from_static("capabilities"),
-            FieldValue::Table(caps),
-        );
-        let spec = LinkSpec {
-            cluster: Arc::from(cluster.name.as_str()),
-            nodes: cluster.nodes.clone(),
-            user: Bytes::from(user),
-            password: Bytes::from(password),
-            fallback_password: None,
-            vhost: vhost_str,
-            client_properties: props,
-            heartbeat_secs: 30,
-            frame_max: 131_072,
-            channel_max: 64,
-            connect_timeout,
-            buffer_limit: 8 * 1024 * 1024,
-            metrics: None,
-            tls: cluster.tls.clone(),
-        };
+        let spec = own_link_spec(
+            cluster,
+            vhost,
+            OwnLink {
+                product: "warren evacuator",
+                connection_name: format!("warren evacuator: {purpose}"),
+                capabilities: &["publisher_confirms", "basic.nack", "consumer_cancel_notify"],
+                heartbeat_secs: 30,
+                buffer_limit: 8 * 1024 * 1024,
+                connect_timeout,
+            },
+        )?;
         let link = match tokio::time::timeout(connect_timeout * 2, link::connect(&spec)).await {
             Ok(Ok(link)) => link,
             Ok(Err(e)) => return Err(e.to_string()),

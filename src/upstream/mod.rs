@@ -7,6 +7,7 @@
 //! heartbeats of its leg and the choice of node.
 
 pub mod link;
+pub mod own;
 pub mod probe;
 pub mod reader;
 

@@ -90,6 +90,15 @@ where
     }
 }
 
+/// Node addresses as a TOML array's items: `"127.0.0.1:5701", "127.0.0.1:5702"`.
+pub fn quoted(nodes: &[String]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A name no other test (nor an earlier run) uses: tests run in parallel against shared brokers.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -371,14 +371,13 @@ impl Session {
             }
             ChannelState::ClientClosing | ChannelState::AwaitingCloseOk => {
                 // Already closing: the close goes out at once, as it always did.
-                channel.state = ChannelState::AwaitingCloseOk;
-                channel.rpcs.clear();
-                channel.tags.forget_all(|l| unacked_dec(&self.links, l));
-                self.to_client(ch, &Method::ChannelClose(close));
-                let m = close_method(200, siblings);
-                for slot in &mut self.links {
-                    slot.close_chan(ch, &m);
-                }
+                channel.failing = Some(PendingClose {
+                    close,
+                    before,
+                    siblings,
+                    client_closed: false,
+                });
+                self.finish_failing(ch);
                 return;
             }
         }

@@ -20,7 +20,7 @@
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
-//! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels, so a cluster without the queue closes nothing of the client's |
+//! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels (so a cluster without the queue closes nothing of the client's), behind a fence on the client's channel (so it sees what the client sent before) |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. The ignored tests run
 //! with `cargo test --test session_core -- --ignored` (they fail until their bug is fixed).
@@ -2293,8 +2293,76 @@ async fn s_a_conditional_delete_checks_on_warrens_own_channels() {
     }
 }
 
-/// The link of one cluster dies while warren's whole-queue check of a conditional delete waits
-/// for its answer there: the check is asked again, on a channel of warren's own, on the
+/// A publish pipelined right ahead of a conditional delete on the same channel: one broker
+/// routes it before it handles the delete, which then sees a queue that is not empty. warren's
+/// whole-queue check runs on channels of its own, beside the client's: it is sent to a
+/// cluster only once a fence on the client's channel there is answered, so it sees the
+/// publish. While a cluster holds its replies back, that cluster has the fence and no check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_a_conditional_delete_checks_behind_the_channels_earlier_publish() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    b.stall(lb, true);
+    c.publish(1, Q, "just ahead").await;
+    c.send(
+        1,
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(Q),
+            if_empty: true,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let passive_check = |cluster: &FakeCluster, link| {
+        cluster
+            .ledger(link)
+            .received
+            .iter()
+            .position(|f| matches!(&f.method, Method::QueueDeclare(d) if d.passive))
+    };
+    let fence = |cluster: &FakeCluster, link| {
+        cluster.ledger(link).received.iter().position(|f| {
+            f.channel == 1 && matches!(&f.method, Method::ExchangeDeclare(x) if x.passive)
+        })
+    };
+    for (cluster, link) in [(a, la), (b, lb)] {
+        wait_for("the fence reached the cluster", || fence(cluster, link)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (cluster, link) in [(a, la), (b, lb)] {
+        assert_eq!(
+            passive_check(cluster, link),
+            None,
+            "{}: the check went out before the fence was answered",
+            cluster.name()
+        );
+    }
+    a.stall(la, false);
+    b.stall(lb, false);
+    match c.reply(1).await {
+        Method::ChannelClose(close) => assert_eq!(close.reply_code, 406, "{close:?}"),
+        other => panic!("expected channel.close 406 (the queue holds the publish), got {other:?}"),
+    }
+    let held: usize = [a, b].iter().map(|cl| cl.ready(Q).len()).sum();
+    assert_eq!(held, 1, "the queue keeps the publish");
+    for (cluster, link) in [(a, la), (b, lb)] {
+        let (f, check) = (fence(cluster, link), passive_check(cluster, link));
+        assert!(
+            f.is_some() && check.is_some() && f < check,
+            "{}: fence {f:?} must come before the check {check:?}",
+            cluster.name()
+        );
+        assert!(cluster.ledger(link).violations.is_empty());
+    }
+}
+
+/// The link of one cluster dies while warren's whole-queue check of a conditional delete (here
+/// the fence ahead of it) waits for its answer there: the check is asked again, on a channel of warren's own, on the
 /// cluster's new link, and the delete goes on as if nothing happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
@@ -2314,11 +2382,12 @@ async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
         }),
     )
     .await;
-    wait_for("shard-a got the check on a channel of warren's own", || {
+    // The client's channel is open there, so the fence ahead of the check is what waits.
+    wait_for("shard-a got the fence ahead of the check", || {
         a.ledger(first)
-            .received_named("queue.declare")
+            .received_named("exchange.declare")
             .iter()
-            .any(|(ch, m)| *ch != 1 && matches!(m, Method::QueueDeclare(d) if d.passive))
+            .any(|(ch, m)| *ch == 1 && matches!(m, Method::ExchangeDeclare(x) if x.passive))
             .then_some(())
     })
     .await;

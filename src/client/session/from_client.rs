@@ -762,11 +762,32 @@ impl Session {
         self.delete_check = Some((ch, id));
         // The checks go on warren's own channels: a cluster without the queue answers 404 by
         // closing the channel it was asked on, and RabbitMQ deletes a missing queue with
-        // delete-ok (0).
+        // delete-ok (0). A channel of warren's own runs beside the client's, not behind it: a
+        // publish, purge or consume the client pipelined just ahead of the delete may not
+        // have reached the queue yet. Where the client's channel is open, a fence goes first
+        // on it; RabbitMQ handles a channel's methods in order, so its reply means they did.
         for link in targets.iter() {
-            self.side_check(link, ch, &check, Pending::Rpc(id));
+            if matches!(
+                self.links[link].chan_state(ch),
+                UpState::Open | UpState::Opening
+            ) {
+                self.links[link].request(ch, &fence(), Pending::Fence(id));
+            } else {
+                self.side_check(link, ch, &check, Pending::Rpc(id));
+            }
         }
         Ok(())
+    }
+
+    /// The fence's reply came on `link`: the whole-queue check of request `id` can go.
+    pub(super) fn fence_passed(&mut self, link: LinkId, ch: u16, id: u64) {
+        let check = channel_in(&mut self.channels, ch)
+            .and_then(|c| c.rpc_mut(id))
+            .filter(|rpc| rpc.then_delete.is_some())
+            .map(|rpc| rpc.request.clone());
+        if let Some(check) = check {
+            self.side_check(link, ch, &check, Pending::Rpc(id));
+        }
     }
 
     /// Whether `queue` was declared as a quorum queue, by this connection or (for the sharded
@@ -990,3 +1011,13 @@ fn generated_name(prefix: &str, conn: u64) -> ShortStr {
 }
 
 pub(super) use crate::route::SERVER_NAMED_PREFIX;
+
+/// The fence of a checked delete: a passive declare of `amq.direct`, which every vhost has
+/// and which needs no permission, so it is answered declare-ok and changes nothing.
+fn fence() -> Method {
+    Method::ExchangeDeclare(codec::ExchangeDeclare {
+        exchange: ShortStr::from_static("amq.direct"),
+        passive: true,
+        ..Default::default()
+    })
+}

@@ -47,7 +47,7 @@ impl Session {
                 .get(usize::from(ch))
                 .and_then(|up| {
                     up.pending.iter().find_map(|w| match w.who {
-                        Pending::Rpc(id) => Some(id),
+                        Pending::Rpc(id) | Pending::Fence(id) => Some(id),
                         _ => None,
                     })
                 })
@@ -243,6 +243,9 @@ impl Session {
         }
         if let Some(Pending::Barrier) = pending {
             return self.barrier_passed();
+        }
+        if let Some(Pending::Fence(id)) = pending {
+            return self.fence_passed(link, ch, id);
         }
         let Some(Pending::Rpc(id)) = pending else {
             return;

@@ -25,6 +25,10 @@ pub(super) enum Pending {
     Replay,
     /// The check behind a publish that a broker might refuse (see `barrier.rs`).
     Barrier,
+    /// A no-op on the client's channel ahead of the whole-queue check of conditional delete
+    /// request `u64`: its reply says the channel's earlier methods reached their queues, so the
+    /// check, sent on a channel of warren's own, sees them (see `Session::checked_delete`).
+    Fence(u64),
 }
 
 /// A request sent on an upstream channel, waiting for its reply.

@@ -679,7 +679,8 @@ impl Session {
             // A check on warren's own channel belongs to the client channel it serves.
             let owner = up.side_for.unwrap_or(ch);
             for waiting in up.pending {
-                if let Pending::Rpc(id) = waiting.who
+                // A fence's check is sent again on the link that replaces this one.
+                if let Pending::Rpc(id) | Pending::Fence(id) = waiting.who
                     && !self.redo_commit(owner, link, id)
                     && !self.orphan_rpc(owner, id, &cluster)
                 {

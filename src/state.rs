@@ -84,7 +84,7 @@ pub struct Shared {
     nodes_back: Mutex<std::collections::HashMap<String, u64>>,
     next_id: AtomicU64,
     /// When each (cluster, event) was last logged as a warning (see `report_once`).
-    reported: Mutex<std::collections::HashMap<(String, &'static str), std::time::Instant>>,
+    reported: Mutex<std::collections::HashMap<(String, &'static str), tokio::time::Instant>>,
     pub metrics: Arc<Metrics>,
     /// The open client connections (`GET /clients`).
     pub clients: Arc<Clients>,
@@ -132,7 +132,7 @@ impl Shared {
     /// that one logs a warning, the others (every client connection sees the same outage) log
     /// at debug, so a cluster down is a few lines a minute, not a few per client connection.
     pub fn report_once(&self, cluster: &str, event: &'static str) -> bool {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut reported = lock(&self.reported);
         let key = (cluster.to_owned(), event);
         match reported.get(&key) {

@@ -16,6 +16,8 @@
 use std::pin::pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+// The wall clock, not tokio's like the rest of warren: the spin measures real time spent
+// spinning, and under a paused tokio clock (tests) it would never see its window pass.
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;

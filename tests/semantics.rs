@@ -86,6 +86,7 @@ differential!(
     empty_queue_name_before_any_declare_is_404,
     no_ack_is_per_get,
     x_expires_renewed_by_get,
+    x_expires_renewed_by_gets_of_a_connection_that_did_not_declare_it,
     double_ack_is_406,
     acks_in_a_rolled_back_transaction_are_undone,
     ack_of_no_ack_get_tag_is_406,
@@ -941,16 +942,34 @@ async fn no_ack_is_per_get(addr: SocketAddr) {
 /// A queue with x-expires = 2000 ms and 20 messages, one basic.get every 1.2 s: every get finds
 /// the queue (and a message); all 20 come out.
 async fn x_expires_renewed_by_get(addr: SocketAddr) {
+    poll_an_expiring_queue(addr, 20, false).await;
+}
+
+/// The same with 10 messages, the queue declared and filled by a connection that has closed
+/// since: the polling connection never declared it (warren does not know its arguments from
+/// it), and every get still keeps the whole queue alive.
+async fn x_expires_renewed_by_gets_of_a_connection_that_did_not_declare_it(addr: SocketAddr) {
+    poll_an_expiring_queue(addr, 10, true).await;
+}
+
+/// Declares a queue with x-expires = 2000 ms, publishes `n` messages, then takes them with one
+/// basic.get every 1.2 s, on the declaring connection or (`elsewhere`) on a new one.
+async fn poll_an_expiring_queue(addr: SocketAddr, n: usize, elsewhere: bool) {
     let mut cleanup = Cleanup::default();
     let queue = cleanup.queue(&unique("expires"));
-    let conn = connect(addr).await;
-    let (ch, mut events) = open_channel(&conn).await;
+    let mut conn = connect(addr).await;
+    let (mut ch, mut events) = open_channel(&conn).await;
     let mut args = amqprs::FieldTable::new();
     args.insert("x-expires".try_into().unwrap(), amqprs::FieldValue::l(2000));
     let declare = QueueDeclareArguments::new(&queue).arguments(args).finish();
     queue_declare(&ch, &mut events, declare).await;
-    let bodies: Vec<String> = (0..20).map(|i| format!("message {i}")).collect();
+    let bodies: Vec<String> = (0..n).map(|i| format!("message {i}")).collect();
     confirmed_publishes(&conn, "", &queue, &bodies).await;
+    if elsewhere {
+        close_connection(conn).await;
+        conn = connect(addr).await;
+        (ch, events) = open_channel(&conn).await;
+    }
 
     let mut got = Vec::new();
     let mut gets = 0;
@@ -959,7 +978,7 @@ async fn x_expires_renewed_by_get(addr: SocketAddr) {
         gets += 1;
         assert!(
             gets <= bodies.len() + 5,
-            "{gets} gets every 1.2 s, only {} of 20 messages received",
+            "{gets} gets every 1.2 s, only {} of {n} messages received",
             got.len()
         );
         match try_get(&ch, &mut events, &queue, true).await {
@@ -975,7 +994,7 @@ async fn x_expires_renewed_by_get(addr: SocketAddr) {
     got.sort();
     let mut expected = bodies.clone();
     expected.sort();
-    assert_eq!(got, expected, "the 20 messages of {queue}");
+    assert_eq!(got, expected, "the {n} messages of {queue}");
     let counter = Counter::open(addr).await;
     assert_eq!(
         counter.depth(&queue).await,

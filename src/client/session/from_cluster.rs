@@ -785,14 +785,22 @@ impl Session {
     /// other clusters were asked would let the queue's copies there expire with their messages.
     /// A passive declare renews it too (RabbitMQ's `stat` resets the expiry timer), so the
     /// clusters not asked get one. The queue's arguments are known from this connection's
-    /// declares.
+    /// declares, or from another client's through this warren; a queue declared where warren
+    /// did not see it (by a connection before a restart, through another instance, on the
+    /// clusters directly) may have a lease, and is renewed too: one passive declare per
+    /// cluster not asked, beside the get, not in its way.
     pub(super) fn renew_lease(&mut self, ch: u16, queue: &ShortStr, untried: &[LinkId]) {
         if untried.is_empty() {
             return;
         }
-        let expires = self.topology.entries().any(|(_, m)| {
-            matches!(m, Method::QueueDeclare(q) if &q.queue == queue && q.arguments.get("x-expires").is_some())
-        });
+        let has_lease = |q: &codec::QueueDeclare| q.arguments.get("x-expires").is_some();
+        let expires = match self.topology.last_queue_declare(queue) {
+            Some(q) => has_lease(q),
+            None => self
+                .shared
+                .queue_declared(&self.vhost, queue, has_lease)
+                .unwrap_or(true),
+        };
         if !expires {
             return;
         }

@@ -14,7 +14,7 @@
 //! | `g_*` | tx.select after publishing reopens each upstream channel without confirm mode only once its publishes are confirmed; a publish nacked meanwhile never joins the transaction |
 //! | `h_*` | publishes pipelined behind one the broker refuses are routed nowhere (the publish barrier) |
 //! | `i_*` | a channel one cluster closes is closed for the client and on every cluster; the number can be reused at once |
-//! | `j_*` | a consumer cancelled by one cluster is cancelled on every cluster and once for the client; what another cluster still delivers for it goes back to its queue |
+//! | `j_*` | a consumer cancelled by one cluster is cancelled on every cluster and once for the client, after what the others delivered before their cancel-ok |
 //! | `k_*` | deliveries that come before the last consume-ok wait for it and keep their tag order |
 //! | `l_*`, `m_*`, `n_*`, `o_*` | bugs found by this file, `#[ignore]`d until fixed (each says why) |
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
@@ -1566,9 +1566,10 @@ async fn i_a_channel_closed_by_one_cluster_closes_the_client_channel_everywhere(
 
 /// The consumer's queue is deleted on one cluster (by a client or an operator there, or a
 /// mirrored queue failing over under `x-cancel-on-ha-failover`): one broker would end the
-/// consumer and tell the client, so warren does, at once and once, and cancels it on the other
-/// clusters. A delivery another cluster had already sent for it goes back to its queue instead
-/// of reaching a client that was told the consumer is gone.
+/// consumer and tell the client, so warren does, once, and cancels it on the other clusters.
+/// A delivery another cluster had already sent for it reaches the client before the
+/// basic.cancel (one broker's deliveries come before its basic.cancel, never after), and the
+/// client can ack it; the client is told once every cluster has answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn j_a_consumer_cancelled_by_one_cluster_is_cancelled_everywhere_and_the_client_told_once() {
     let rig = Rig::three().await;
@@ -1586,10 +1587,6 @@ async fn j_a_consumer_cancelled_by_one_cluster_is_cancelled_everywhere_and_the_c
     })
     .await;
     a.delete_queue(Q);
-    match c.reply(1).await {
-        Method::BasicCancel(k) => assert_eq!(k.consumer_tag, "ctag-j"),
-        other => panic!("expected basic.cancel, got {other:?}"),
-    }
     for cluster in [B, CONTROL] {
         let cluster = rig.get(cluster);
         let link = cluster.only_link().await;
@@ -1608,25 +1605,73 @@ async fn j_a_consumer_cancelled_by_one_cluster_is_cancelled_everywhere_and_the_c
         .await;
     }
     b.stall(b_link, false);
-    wait_for("the straggler back in shard-b's queue", || {
-        (b.ready(Q) == vec![Bytes::from_static(b"straggler")]).then_some(())
-    })
-    .await;
-    c.sync(1).await;
+    let d = c.delivery().await;
+    assert_eq!(&d.body[..], b"straggler");
+    match c.reply(1).await {
+        Method::BasicCancel(k) => assert_eq!(k.consumer_tag, "ctag-j"),
+        other => panic!("expected basic.cancel, got {other:?}"),
+    }
+    let at = |name: &str| c.log.iter().position(|(_, m)| *m == name);
     assert!(
-        c.deliveries.is_empty(),
-        "delivered after basic.cancel: {:?}",
-        c.deliveries
+        at("basic.deliver") < at("basic.cancel"),
+        "the delivery must come before basic.cancel: {:?}",
+        c.log
     );
+    c.send(1, ack(d.tag, false)).await;
+    c.sync(1).await;
+    assert_eq!(b.ledger(b_link).settlements(1), vec![ack(1, false)]);
+    assert!(b.ready(Q).is_empty() && b.unacked(b_link).is_empty());
     let cancels = c.log.iter().filter(|(_, m)| *m == "basic.cancel").count();
     assert_eq!(cancels, 1);
     // As a client does after a cancel: declare the queue again and consume; the tag is free
-    // again and the new consumer gets what shard-b holds.
+    // again and the new consumer gets what is published next.
     c.declare(1, Q).await;
     c.consume(1, Q, "ctag-j").await;
+    b.enqueue(Q, b"next");
     let d = c.delivery().await;
-    assert_eq!(&d.body[..], b"straggler");
-    assert!(d.redelivered);
+    assert_eq!(&d.body[..], b"next");
+    assert!(c.deliveries.is_empty(), "{:?}", c.deliveries);
+}
+
+/// As above, but the link of the cluster warren waits for dies before it answers the cancel:
+/// the client is told at once (what that link had delivered goes back to its queue with the
+/// link, as RabbitMQ requeues it), and the link that replaces it does not subscribe the
+/// consumer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn j_a_cancel_waiting_for_a_link_that_dies_reaches_the_client() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "ctag-j2").await;
+    let b_link = b.only_link().await;
+    b.stall(b_link, true);
+    a.delete_queue(Q);
+    wait_for("warren to cancel the consumer on shard-b", || {
+        (!b.ledger(b_link).received_named("basic.cancel").is_empty()).then_some(())
+    })
+    .await;
+    b.kill(b_link, Kill::Rst);
+    match c.reply(1).await {
+        Method::BasicCancel(k) => assert_eq!(k.consumer_tag, "ctag-j2"),
+        other => panic!("expected basic.cancel, got {other:?}"),
+    }
+    wait_for("shard-b's new link", || {
+        b.links()
+            .into_iter()
+            .find(|&l| l != b_link && b.ledger(l).opened)
+    })
+    .await;
+    c.sync(1).await;
+    for link in b.links().into_iter().filter(|&l| l != b_link) {
+        assert!(
+            b.ledger(link).received_named("basic.consume").is_empty(),
+            "the cancelled consumer was subscribed again on shard-b's new link"
+        );
+    }
+    let cancels = c.log.iter().filter(|(_, m)| *m == "basic.cancel").count();
+    assert_eq!(cancels, 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -524,24 +524,19 @@ pub struct Consumer {
     pub no_ack: bool,
     /// The links where this consumer is active; when the last one cancels it, the client is told.
     pub links: LinkSet,
-    /// The consume request, replayed on links opened later (an added cluster, a failover).
+    /// The consume request, replayed on links opened later (an added cluster, a failover);
+    /// `None` once the consumer is being cancelled, by the client or by a cluster.
     pub request: Option<crate::codec::BasicConsume>,
+    /// A cluster cancelled it on its own (its queue was deleted there, or its mirrored queue
+    /// failed over under `x-cancel-on-ha-failover`), and warren is cancelling it on the other
+    /// clusters (`links`). Until the last of them has answered, what they deliver still goes
+    /// to the client; then the client is told basic.cancel, once. One broker, too, sends the
+    /// deliveries it has made before basic.cancel, and nothing after.
+    pub cancelled_by_cluster: bool,
     /// The client has its consume-ok (or asked for none).
     pub ready: bool,
     /// Consumes direct replies (the pseudo-queue `amq.rabbitmq.reply-to`).
     pub replies: bool,
-}
-
-/// A consumer with manual acks that one cluster cancelled on its own (its queue was deleted
-/// there, or its mirrored queue failed over under `x-cancel-on-ha-failover`). The client has
-/// been told, as one broker tells it; the other clusters' subscriptions are being cancelled, and
-/// what they still deliver for the tag before their cancel-ok goes back to the queue. (A no-ack
-/// consumer's deliveries are settled upstream already: they are passed on, nothing is kept.)
-#[derive(Debug)]
-pub struct Revoked {
-    pub tag: ShortStr,
-    /// Links whose cancel-ok has not come back yet.
-    pub links: LinkSet,
 }
 
 /// The publishes of a channel's open transaction (shared `Bytes`, not copies).
@@ -608,8 +603,6 @@ pub struct Channel {
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
     /// to while it stays usable.
     pub sticky: Vec<(usize, LinkId)>,
-    /// Consumers a cluster cancelled, still being cancelled on the others.
-    pub revoked: Vec<Revoked>,
     /// basic.cancel notifications waiting for the channel's outstanding replies: a cluster's
     /// cancel may overtake the merged reply to the request that caused it (a queue.delete of
     /// the consumed queue), which one broker answers first.
@@ -634,7 +627,6 @@ impl Channel {
             qos: None,
             held: Vec::new(),
             sticky: Vec::new(),
-            revoked: Vec::new(),
             notices: Vec::new(),
             failing: None,
             next_rpc: 0,
@@ -680,24 +672,6 @@ impl Channel {
     /// Whether consumer `tag` consumes direct replies (see [`Channel::consumes_any_replies`]).
     pub fn consumes_replies(&self, tag: &ShortStr) -> bool {
         self.consumers.iter().any(|c| c.replies && &c.tag == tag)
-    }
-
-    /// Whether a delivery from `link` for consumer `tag` belongs to a revoked consumer: it must
-    /// not reach the client, and goes back to its queue.
-    pub fn is_revoked(&self, link: LinkId, tag: &ShortStr) -> bool {
-        self.revoked
-            .iter()
-            .any(|r| &r.tag == tag && r.links.contains(link))
-    }
-
-    /// A link answered the cancel of a revoked consumer: nothing more comes from it.
-    pub fn revoke_done(&mut self, link: LinkId, tag: &ShortStr) {
-        for r in &mut self.revoked {
-            if &r.tag == tag {
-                r.links.remove(link);
-            }
-        }
-        self.revoked.retain(|r| !r.links.is_empty());
     }
 
     pub fn remove_consumer(&mut self, tag: &ShortStr) -> bool {

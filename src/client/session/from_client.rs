@@ -178,15 +178,13 @@ impl Session {
                     no_ack: c.no_ack,
                     links: targets,
                     request: Some(c.clone()),
+                    cancelled_by_cluster: false,
                     // A broker sends consume-ok before any delivery; with several clusters the
                     // first one may deliver before the last one answers, so deliveries wait.
                     ready: c.nowait,
                     replies: c.queue.as_bytes() == b"amq.rabbitmq.reply-to",
                 };
                 if let Some(channel) = self.channel_mut(ch) {
-                    // A tag used again after a cluster revoked it: its stragglers may go to
-                    // the new consumer (same channel, the client acks them).
-                    channel.revoked.retain(|r| r.tag != consumer.tag);
                     channel.consumers.push(consumer);
                 }
                 self.fan_out(ch, &Method::BasicConsume(c), targets)?;

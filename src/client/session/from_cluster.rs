@@ -173,41 +173,31 @@ impl Session {
                 // queue failed over under `x-cancel-on-ha-failover`. Keeping the consumer on the
                 // other clusters would leave the client a consumer that silently no longer reads
                 // this cluster's part of the queue; one broker ends the consumer and says so.
-                // So it ends on every cluster, and the client is told once.
+                // So it ends on every cluster, and the client is told once, when the last has
+                // answered: what they deliver meanwhile still reaches the client, before the
+                // basic.cancel, as one broker's deliveries come before its basic.cancel.
                 let Some(consumer) = channel.consumer_mut(&c.consumer_tag) else {
                     return;
                 };
                 consumer.links.remove(link);
                 let others = consumer.links;
-                if consumer.request.is_none() && !others.is_empty() {
-                    // The client is cancelling it already; its cancel-ok is on the way.
+                if others.is_empty() {
+                    return self.end_cancelled_consumer(ch, &c.consumer_tag);
+                }
+                if consumer.request.take().is_none() {
+                    // The client is cancelling it already (its cancel-ok is on the way), or
+                    // another cluster cancelled it first (the others' answers are awaited).
                     return;
                 }
-                let no_ack = consumer.no_ack;
-                channel.remove_consumer(&c.consumer_tag);
-                if !others.is_empty() {
-                    if !no_ack {
-                        channel.revoked.push(Revoked {
-                            tag: c.consumer_tag.clone(),
-                            links: others,
-                        });
-                    }
-                    let cluster = &self.links[link].link.cluster;
-                    info!(conn = self.id, %cluster, channel = ch, consumer = %c.consumer_tag.as_str(), "consumer cancelled by the cluster; cancelling it on the others");
-                    let cancel = Method::BasicCancel(codec::BasicCancel {
-                        consumer_tag: c.consumer_tag.clone(),
-                        nowait: false,
-                    });
-                    for other in others.iter() {
-                        self.links[other].request(ch, &cancel, Pending::Internal);
-                    }
-                }
-                if self.caps.consumer_cancel_notify {
-                    if channel.rpcs.is_empty() {
-                        self.to_client(ch, &method);
-                    } else {
-                        channel.notices.push(method);
-                    }
+                consumer.cancelled_by_cluster = true;
+                let cluster = &self.links[link].link.cluster;
+                info!(conn = self.id, %cluster, channel = ch, consumer = %c.consumer_tag.as_str(), "consumer cancelled by the cluster; cancelling it on the others");
+                let cancel = Method::BasicCancel(codec::BasicCancel {
+                    consumer_tag: c.consumer_tag.clone(),
+                    nowait: false,
+                });
+                for other in others.iter() {
+                    self.links[other].request(ch, &cancel, Pending::Internal);
                 }
             }
             _ => self.deliver(ch, &method, content.as_ref()),
@@ -226,8 +216,15 @@ impl Session {
         let pending = self.links[link].take_waiting(ch, &method);
         if let (Some(Pending::Internal), Method::BasicCancelOk(c)) = (&pending, &method)
             && let Some(channel) = channel_in(&mut self.channels, ch)
+            && let Some(consumer) = channel.consumer_mut(&c.consumer_tag)
+            && consumer.cancelled_by_cluster
         {
-            channel.revoke_done(link, &c.consumer_tag);
+            // One of the clusters warren cancelled the consumer on has answered: nothing more
+            // comes from it for this tag.
+            consumer.links.remove(link);
+            if consumer.links.is_empty() {
+                self.end_cancelled_consumer(ch, &c.consumer_tag);
+            }
         }
         // A tx.select may be waiting for this channel to have no request outstanding.
         if self.tx_swaps > 0 {
@@ -602,6 +599,28 @@ impl Session {
         }
     }
 
+    /// The consumer `tag` of channel `ch`, cancelled by a cluster, has ended on every cluster:
+    /// the client is told, once (after the replies it is owed, see `Channel::notices`).
+    pub(super) fn end_cancelled_consumer(&mut self, ch: u16, tag: &ShortStr) {
+        let notify = self.caps.consumer_cancel_notify;
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        channel.remove_consumer(tag);
+        if !notify {
+            return;
+        }
+        let cancel = Method::BasicCancel(codec::BasicCancel {
+            consumer_tag: tag.clone(),
+            nowait: true,
+        });
+        if channel.rpcs.is_empty() {
+            self.to_client(ch, &cancel);
+        } else {
+            channel.notices.push(cancel);
+        }
+    }
+
     /// Gives a delivery of `link` its client tag and sends it.
     pub(super) fn deliver_tagged(
         &mut self,
@@ -613,15 +632,6 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
-        if channel.is_revoked(link, &d.consumer_tag) {
-            // The client was told this consumer is gone: the message goes back to its queue.
-            let reject = Method::BasicReject(codec::BasicReject {
-                delivery_tag: d.delivery_tag,
-                requeue: true,
-            });
-            self.links[link].send(ch, &reject);
-            return;
-        }
         let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
         if !needs_ack && channel.consumes_replies(&d.consumer_tag) {
             // As RabbitMQ numbers direct replies: the next tag, not used up.

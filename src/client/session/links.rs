@@ -532,11 +532,7 @@ impl Session {
             return false;
         }
         let channels_quiet = self.channels.iter().flatten().all(|c| {
-            c.consumers.is_empty()
-                && c.tags.outstanding() == 0
-                && !c.tx
-                && c.rpcs.is_empty()
-                && c.revoked.is_empty()
+            c.consumers.is_empty() && c.tags.outstanding() == 0 && !c.tx && c.rpcs.is_empty()
         });
         let bound_to_link = self
             .topology
@@ -711,6 +707,23 @@ impl Session {
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
             }
+        }
+        // A consumer a cluster cancelled that was waiting only for this link's answer has
+        // ended: nothing more comes from the dead link (its deliveries are requeued).
+        let ended: Vec<(u16, ShortStr)> = self
+            .channels
+            .iter()
+            .enumerate()
+            .filter_map(|(ch, c)| Some((ch as u16, c.as_ref()?)))
+            .flat_map(|(ch, c)| {
+                c.consumers
+                    .iter()
+                    .filter(|k| k.cancelled_by_cluster && k.links.is_empty())
+                    .map(move |k| (ch, k.tag.clone()))
+            })
+            .collect();
+        for (ch, tag) in ended {
+            self.end_cancelled_consumer(ch, &tag);
         }
         // `control` keeps pointing at the dead control slot: control traffic fails with a clear
         // channel error (not a hang, and never silently on a shard) until the link is back.

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
-    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, PendingClose, Revoked,
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, PendingClose,
     UpstreamAck, UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};

@@ -558,22 +558,11 @@ impl Shared {
             .record(crate::route::Class::Sharded, method);
     }
 
-    /// What `f` says of the last non-passive declare of `queue` in the shared topology of
-    /// `vhost`, or `None` when no client of this process declared it (without cloning the
-    /// topology: a basic.get asks this).
-    pub fn queue_declared<T>(
-        &self,
-        vhost: &str,
-        queue: &crate::codec::ShortStr,
-        f: impl FnOnce(&crate::codec::QueueDeclare) -> T,
-    ) -> Option<T> {
-        let topology = lock(&self.topology);
-        topology.get(vhost)?.last_queue_declare(queue).map(f)
-    }
-
-    /// The shared sharded topology of a vhost.
-    pub fn topology_of(&self, vhost: &str) -> Topology {
-        lock(&self.topology).get(vhost).cloned().unwrap_or_default()
+    /// What `f` says of the shared sharded topology of `vhost`, or `None` when no client of
+    /// this process declared anything there. Read in place, under the lock: a basic.get or a
+    /// conditional delete asks this, and a copy of the whole topology would cost each of them.
+    pub fn with_topology<T>(&self, vhost: &str, f: impl FnOnce(&Topology) -> T) -> Option<T> {
+        lock(&self.topology).get(vhost).map(f)
     }
 
     /// Notes that `cluster` missed a shared topology change of `vhost` (see `stale`).

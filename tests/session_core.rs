@@ -1757,6 +1757,14 @@ fn basic_get(queue: &str) -> Method {
     })
 }
 
+fn delete_if_empty(queue: &str) -> Method {
+    Method::QueueDelete(codec::QueueDelete {
+        queue: ss(queue),
+        if_empty: true,
+        ..Default::default()
+    })
+}
+
 /// A client pipelines basic.consume and basic.get on one channel (prefetch 3: one per
 /// cluster). shard-a answers both at once: a delivery for the consumer (its tag 1), then a
 /// get-ok (its tag 2); shard-b's consume-ok comes late, so the delivery waits for it. The
@@ -2354,15 +2362,7 @@ async fn s_a_conditional_delete_checks_behind_the_channels_earlier_publish() {
     a.stall(la, true);
     b.stall(lb, true);
     c.publish(1, Q, "just ahead").await;
-    c.send(
-        1,
-        Method::QueueDelete(codec::QueueDelete {
-            queue: ss(Q),
-            if_empty: true,
-            ..Default::default()
-        }),
-    )
-    .await;
+    c.send(1, delete_if_empty(Q)).await;
     let passive_check = |cluster: &FakeCluster, link| {
         cluster
             .ledger(link)
@@ -2418,15 +2418,7 @@ async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
     c.declare(1, Q).await;
     let first = a.only_link().await;
     a.stall(first, true);
-    c.send(
-        1,
-        Method::QueueDelete(codec::QueueDelete {
-            queue: ss(Q),
-            if_empty: true,
-            ..Default::default()
-        }),
-    )
-    .await;
+    c.send(1, delete_if_empty(Q)).await;
     // The client's channel is open there, so the fence ahead of the check is what waits.
     wait_for("shard-a got the fence ahead of the check", || {
         a.ledger(first)

@@ -797,7 +797,10 @@ impl Session {
                     && replicated_queue_type(&d.arguments) == Some("rabbit_quorum_queue"))
         };
         self.topology.entries().any(quorum)
-            || self.shared.topology_of(&self.vhost).entries().any(quorum)
+            || self
+                .shared
+                .with_topology(&self.vhost, |t| t.entries().any(quorum))
+                .unwrap_or(false)
     }
 
     /// Sends the check `method` for client channel `ch` on a channel of warren's own on

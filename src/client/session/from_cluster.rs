@@ -808,7 +808,8 @@ impl Session {
             Some(q) => has_lease(q),
             None => self
                 .shared
-                .queue_declared(&self.vhost, queue, has_lease)
+                .with_topology(&self.vhost, |t| t.last_queue_declare(queue).map(has_lease))
+                .flatten()
                 .unwrap_or(true),
         };
         if !expires {

@@ -117,7 +117,11 @@ impl Session {
             declare: shared || woken || self.stale_topology.remove(&c.name),
         };
         let needs_topology = !self.topology.is_empty()
-            || (shared && self.shared.topology_of(&self.vhost).has(Class::Sharded));
+            || (shared
+                && self
+                    .shared
+                    .with_topology(&self.vhost, |t| t.has(Class::Sharded))
+                    .unwrap_or(false));
         slot.start_replay(needs_topology.then_some(plan));
         // Reuse the slot of this cluster's dead link: everything that pointed at it was released
         // when it died, and link ids must stay below LinkSet::CAPACITY.
@@ -356,12 +360,11 @@ impl Session {
         let mut methods: Vec<Method> = Vec::new();
         if plan.shared {
             self.shared.take_stale(&self.vhost, &slot.link.cluster);
-            methods.extend(
-                self.shared
-                    .topology_of(&self.vhost)
-                    .entries()
-                    .map(|(_, m)| m.clone()),
-            );
+            if let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
+                t.entries().map(|(_, m)| m.clone()).collect::<Vec<_>>()
+            }) {
+                methods.extend(shared);
+            }
         }
         // Every cluster carries all of this client's topology (see crate::route).
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
@@ -688,7 +691,13 @@ impl Session {
             }
             self.flush_rpcs(owner);
         }
-        for channel in self.channels.iter_mut().flatten() {
+        // Consumers a cluster cancelled that were waiting only for this link's answer have
+        // ended: nothing more comes from the dead link (its deliveries are requeued).
+        let mut ended: Vec<(u16, ShortStr)> = Vec::new();
+        for (ch, channel) in self.channels.iter_mut().enumerate() {
+            let Some(channel) = channel else {
+                continue;
+            };
             // Replies of this link still waiting for their turn (a get-ok behind a slower
             // request): their message is requeued with the link, and the slot may be reused by
             // the next link, so their tags must be dead ones, not the next link's.
@@ -706,22 +715,11 @@ impl Session {
             channel.held.retain(|(l, _, _)| *l != link);
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
+                if consumer.cancelled_by_cluster && consumer.links.is_empty() {
+                    ended.push((ch as u16, consumer.tag.clone()));
+                }
             }
         }
-        // A consumer a cluster cancelled that was waiting only for this link's answer has
-        // ended: nothing more comes from the dead link (its deliveries are requeued).
-        let ended: Vec<(u16, ShortStr)> = self
-            .channels
-            .iter()
-            .enumerate()
-            .filter_map(|(ch, c)| Some((ch as u16, c.as_ref()?)))
-            .flat_map(|(ch, c)| {
-                c.consumers
-                    .iter()
-                    .filter(|k| k.cancelled_by_cluster && k.links.is_empty())
-                    .map(move |k| (ch, k.tag.clone()))
-            })
-            .collect();
         for (ch, tag) in ended {
             self.end_cancelled_consumer(ch, &tag);
         }

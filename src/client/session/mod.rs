@@ -202,7 +202,9 @@ pub async fn serve(
         // A cluster that missed a shared topology change (unreachable while a client declared)
         // gets the shared topology before this client publishes there.
         if shared.is_stale(&vhost.as_str(), &slot.link.cluster)
-            && shared.topology_of(&vhost.as_str()).has(Class::Sharded)
+            && shared
+                .with_topology(&vhost.as_str(), |t| t.has(Class::Sharded))
+                .unwrap_or(false)
         {
             slot.start_replay(Some(TopologyPlan {
                 shared: true,

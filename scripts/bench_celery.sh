@@ -2,13 +2,16 @@
 # scripts/bench_celery.sh — chained Celery tasks directly against RabbitMQ and through warren,
 # in one run (benches/celery_chain/run.py).
 #
-#   scripts/bench_celery.sh [--pin] [-- RUN-ARGS...]     e.g. -- --rounds 5 --chains 8 --steps 250
+#   scripts/bench_celery.sh [--pin] [--no-relay] [-- RUN-ARGS...]   e.g. -- --rounds 5 --steps 250
 #
 # The workload Celery sites run: each task publishes the next of its chain (confirm_publish,
 # acks_late), one prefork worker, several chains at once. Starts one single-node RabbitMQ
 # (bench-chain, its own state dir) and a release-built warren in front of it (one shard
-# cluster), then alternates direct and proxied rounds and prints the medians and their ratio.
-# --pin: RabbitMQ on CPU 0, everything else (driver, worker, warren) on CPU 1, as scripts/bench.sh.
+# cluster) and the plain TCP relay of scripts/bench.sh (what one more user-space hop costs), then
+# runs rounds over direct, warren and the relay and prints the medians, the per-round ratios to
+# direct, and warren's and the relay's CPU per task.
+# --pin: RabbitMQ on CPU 0, everything else (driver, worker, warren, relay) on CPU 1.
+# --no-relay: direct and warren only.
 # Needs the test venv (.venv, made by scripts/test.sh) for Celery.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,12 +19,14 @@ export WARREN_RABBIT_DIR=${WARREN_RABBIT_DIR:-/tmp/warren-bench}
 export WARREN_RABBIT_MANAGEMENT=0
 PY=.venv/bin/python
 pin=0
+relay=1
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --pin) pin=1; shift ;;
+    --no-relay) relay=0; shift ;;
     --) shift; args=("$@"); break ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench_celery.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -34,18 +39,26 @@ log() { printf '[bench_celery.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 log "building warren (release)"
 cargo build --release --bin warren
+relay_bin=
+if [ "$relay" = 1 ]; then
+    log "building the relay (the throughput benchmark's --relay)"
+    relay_bin=$(cargo bench --bench throughput --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+    [ -x "$relay_bin" ] || { echo "bench_celery.sh: could not build the relay" >&2; exit 1; }
+fi
 scripts/rabbit.sh install
 tmp=$(mktemp -d)
-warren_pid=
+warren_pid= relay_pid=
 cleanup() {
     [ -n "$warren_pid" ] && kill "$warren_pid" 2>/dev/null || true
+    [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null || true
     scripts/rabbit.sh down bench-chain >/dev/null 2>&1 || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
 log "starting RabbitMQ (bench-chain)"
 node=$("${pin_broker[@]}" scripts/rabbit.sh up-single bench-chain auto | awk '{print $2}')
-port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
 cat >"$tmp/warren.toml" <<TOML
 listen = "127.0.0.1:$port"
 [[clusters]]
@@ -59,5 +72,17 @@ for _ in $(seq 1 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
 done
-log "RabbitMQ $node, warren 127.0.0.1:$port (commit $(git rev-parse --short HEAD))"
-"${pin_rest[@]}" "$PY" benches/celery_chain/run.py --direct "$node" --proxy "127.0.0.1:$port" "${args[@]}"
+relay_args=()
+if [ -n "$relay_bin" ]; then
+    rport=$(free_port)
+    "${pin_rest[@]}" "$relay_bin" --relay "127.0.0.1:$rport" "$node" &
+    relay_pid=$!
+    for _ in $(seq 1 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$rport") 2>/dev/null && break
+        sleep 0.1
+    done
+    relay_args=(--relay "127.0.0.1:$rport" --relay-pid "$relay_pid")
+fi
+log "RabbitMQ $node, warren 127.0.0.1:$port${relay_pid:+, relay 127.0.0.1:$rport} (commit $(git rev-parse --short HEAD))"
+"${pin_rest[@]}" "$PY" benches/celery_chain/run.py --direct "$node" --proxy "127.0.0.1:$port" \
+    --proxy-pid "$warren_pid" "${relay_args[@]}" "${args[@]}"

@@ -1,13 +1,16 @@
 """Chained Celery tasks, directly against RabbitMQ and through warren, in one run.
 
-    python benches/celery_chain/run.py --direct HOST:PORT --proxy HOST:PORT \
+    python benches/celery_chain/run.py --direct HOST:PORT --proxy HOST:PORT [--relay HOST:PORT] \
         [--chains 8] [--steps 250] [--rounds 3] [--concurrency 4]
 
-For each round and each target (alternating, direct first): starts one prefork worker
+For each round and each target (direct, warren and, with --relay, a plain TCP relay in front of
+the same node: what one more user-space hop costs; the order rotates from round to round so
+that no side always runs first): starts one prefork worker
 (`celery -A chain_app worker -c CONCURRENCY`) on a fresh queue, waits until a warm-up chain has
 run through it, then sends CHAINS chains of STEPS tasks each at once and times until every
 chain's last step ran. Tasks/s = chains x (steps + 1) / seconds. Prints each round and the
-median per target, and the ratio proxy/direct of the medians.
+median per target, and the ratios to direct: of the medians, and the median of the per-round
+ratios with their range (the runs of one round saw about the same load).
 """
 from __future__ import annotations
 
@@ -23,7 +26,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str) -> float:
+def cpu_secs(pid: int) -> float:
+    """CPU time of a process, all threads, from the scheduler's per-thread account (ns)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str,
+             pid: int | None = None) -> tuple[float, float | None]:
+    """Tasks/s of one round, and the CPU µs per task of process `pid` (the proxy) during it."""
     queue = f"chain-bench-{uuid.uuid4().hex[:8]}"
     out = Path(tempfile.mkdtemp(prefix="chain-")) / "done.txt"
     env = dict(os.environ, CHAIN_BROKER=f"amqp://guest:guest@{addr}//", CHAIN_QUEUE=queue,
@@ -33,12 +49,16 @@ def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str) 
          "-c", str(concurrency), "-Q", queue, "-n", f"{queue}@%h", "--without-gossip",
          "--without-mingle", "--without-heartbeat", "-l", "warning"],
         cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cpu0 = cpu_secs(pid) if pid else None
     try:
         driver = subprocess.run([python, str(HERE / "drive.py"), str(chains), str(steps)],
                                 cwd=HERE, env=env, capture_output=True, text=True, timeout=700)
         if driver.returncode != 0 or worker.poll() is not None:
             raise RuntimeError(f"round failed: {driver.stderr[-2000:]}")
-        return float(driver.stdout.strip().splitlines()[-1])
+        rate = float(driver.stdout.strip().splitlines()[-1])
+        # Includes the worker's start and the warm-up chain: the connections' whole life.
+        cpu = (cpu_secs(pid) - cpu0) * 1e6 / (chains * (steps + 1)) if pid else None
+        return rate, cpu
     finally:
         worker.terminate()
         try:
@@ -51,21 +71,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--direct", required=True)
     ap.add_argument("--proxy", required=True)
+    ap.add_argument("--relay", help="a plain TCP relay in front of the direct node")
+    ap.add_argument("--proxy-pid", type=int, help="warren's pid: report its CPU per task")
+    ap.add_argument("--relay-pid", type=int, help="the relay's pid: report its CPU per task")
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
     args = ap.parse_args()
     python = sys.executable
-    results: dict[str, list[float]] = {"direct": [], "proxy": []}
+    targets = [("direct", args.direct, None), ("proxy", args.proxy, args.proxy_pid)]
+    if args.relay:
+        targets.append(("relay", args.relay, args.relay_pid))
+    results: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     for r in range(args.rounds):
-        for name, addr in (("direct", args.direct), ("proxy", args.proxy)):
-            rate = run_once(addr, args.chains, args.steps, args.concurrency, python)
+        for name, addr, pid in targets[r % len(targets):] + targets[:r % len(targets)]:
+            rate, cpu = run_once(addr, args.chains, args.steps, args.concurrency, python, pid)
             results[name].append(rate)
-            print(f"round {r + 1} {name:6} {rate:8.1f} tasks/s", flush=True)
+            note = ""
+            if cpu is not None:
+                cpus[name].append(cpu)
+                note = f"  {name} CPU {cpu:6.1f} µs/task"
+            print(f"round {r + 1} {name:6} {rate:8.1f} tasks/s{note}", flush=True)
     d = statistics.median(results["direct"])
     p = statistics.median(results["proxy"])
     print(f"median  direct {d:.1f} tasks/s, through warren {p:.1f} tasks/s, ratio {p / d:.3f}")
+    for name, _, _ in targets[1:]:
+        ratios = [x / y for x, y in zip(results[name], results["direct"])]
+        label = "warren" if name == "proxy" else name
+        cpu = f", CPU {statistics.median(cpus[name]):.1f} µs/task" if cpus[name] else ""
+        print(f"per round {label:6} vs direct: median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}){cpu}")
     return 0
 
 

@@ -102,6 +102,12 @@ impl Client {
         self.close_requested.cancelled()
     }
 
+    /// The token cancelled when an operator asks to close this connection, for a session that
+    /// keeps one waiter registered for its whole life.
+    pub fn close_token(&self) -> CancellationToken {
+        self.close_requested.clone()
+    }
+
     /// The reason given with the close request, once there is one.
     pub fn close_reason(&self) -> Option<String> {
         self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()

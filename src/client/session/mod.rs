@@ -25,6 +25,7 @@ mod link_slot;
 mod links;
 mod publish;
 mod reply_to;
+mod wake;
 
 use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
 
@@ -35,6 +36,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -722,27 +724,21 @@ impl Session {
         let Inputs {
             mut rd,
             mut rbuf,
-            mut opened,
-            mut config_rx,
+            opened,
+            config_rx,
             heartbeat,
             max_message,
             force_close,
         } = inputs;
         let mut assembler = Assembler::new(max_message);
         let mut last_seen = Instant::now();
-        let mut forced = false;
         let client_out = self.client_out.clone();
         let info = self.info.clone();
         let shared = self.shared.clone();
         self.publish_usage();
         let mut was_reading = true;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Fires at the earliest time a link may have missed its heartbeats. Reset only when it
-        // fires (and by the tick, for links opened since), not on every read: the deadlines move
-        // with every byte, and the check at firing time sees where they are now.
-        let link_silence = tokio::time::sleep(Duration::from_secs(3600));
-        tokio::pin!(link_silence);
+        let mut rare = wake::rare_events(info.close_token(), force_close, config_rx, opened);
+        let mut deadlines = wake::Deadlines::new(Instant::now());
         // Frames pipelined behind connection.open are handled first.
         if !rbuf.is_empty() {
             self.on_client_bytes(&mut rbuf, &mut assembler);
@@ -816,47 +812,69 @@ impl Session {
                 }
                 None => heartbeat.filter(|_| read_client).map(|h| last_seen + 2 * h),
             };
+            deadlines.arm(deadline);
             rbuf.reserve(8 * 1024);
             tokio::select! {
-                _ = info.close_requested(), if self.closing.is_none() => {
-                    let reason = info.close_reason().unwrap_or_default();
-                    info!(conn = self.id, %reason, "closing the connection at an operator's request");
-                    self.begin_proxy_close(
-                        ConnError::new(ReplyCode::ConnectionForced, &reason),
-                        &format!("closed by an operator: {reason}"),
-                    );
-                }
-                _ = force_close.cancelled(), if !forced => {
-                    forced = true;
-                    if self.closing.is_none() {
-                        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
-                    }
-                }
                 (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
                     crate::io::busy_poll::touch();
                     self.on_link_readable(link, read);
                 }
-                Some(o) = opened.recv() => self.on_opened(o),
-                Ok(()) = config_rx.changed(), if self.closing.is_none() => {
-                    let config = config_rx.borrow_and_update().clone();
-                    self.apply_config(&config);
-                }
-                _ = &mut link_silence => {
-                    self.check_link_heartbeats();
-                    link_silence.as_mut().reset(self.next_link_silence());
-                }
-                _ = tick.tick() => {
-                    // Links opened since the timer was armed may be due sooner.
-                    let next = self.next_link_silence();
-                    if next < link_silence.deadline() {
-                        link_silence.as_mut().reset(next);
+                Some(event) = rare.next() => match event {
+                    wake::Rare::Opened(o) => self.on_opened(*o),
+                    wake::Rare::Config(config) => {
+                        // A session closing keeps the configuration it had.
+                        if self.closing.is_none() {
+                            self.apply_config(&config);
+                        }
                     }
-                    self.retire_quiet_links();
-                    self.close_idle_shard_links();
-                    self.ensure_links();
-                    self.publish_usage();
-                    self.expire_orphans();
-                    self.check_no_shard();
+                    wake::Rare::OperatorClose => {
+                        if self.closing.is_none() {
+                            let reason = info.close_reason().unwrap_or_default();
+                            info!(conn = self.id, %reason, "closing the connection at an operator's request");
+                            self.begin_proxy_close(
+                                ConnError::new(ReplyCode::ConnectionForced, &reason),
+                                &format!("closed by an operator: {reason}"),
+                            );
+                        }
+                    }
+                    wake::Rare::Shutdown => {
+                        if self.closing.is_none() {
+                            self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
+                        }
+                    }
+                },
+                () = deadlines.fired() => {
+                    let now = Instant::now();
+                    let due = deadlines.due(now, deadline);
+                    if due.links {
+                        self.check_link_heartbeats();
+                        deadlines.links = self.next_link_silence();
+                    }
+                    if due.tick {
+                        deadlines.tick = now + wake::TICK;
+                        // Links opened since the last check may be due sooner.
+                        deadlines.links = deadlines.links.min(self.next_link_silence());
+                        self.retire_quiet_links();
+                        self.close_idle_shard_links();
+                        self.ensure_links();
+                        self.publish_usage();
+                        self.expire_orphans();
+                        self.check_no_shard();
+                    }
+                    if due.client {
+                        match &self.closing {
+                            Some(Closing::ByClient { .. }) => {
+                                self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
+                                return "client closed the connection (upstream close timed out)".into();
+                            }
+                            Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
+                            None => {
+                                let h = heartbeat.unwrap_or_default();
+                                client_open = false;
+                                self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
+                            }
+                        }
+                    }
                 }
                 r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
                     match r {
@@ -881,20 +899,6 @@ impl Session {
                 _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
                     // Time spent not reading is not the client's silence.
                     last_seen = Instant::now();
-                }
-                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
-                    match &self.closing {
-                        Some(Closing::ByClient { .. }) => {
-                            self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
-                            return "client closed the connection (upstream close timed out)".into();
-                        }
-                        Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
-                        None => {
-                            let h = heartbeat.unwrap_or_default();
-                            client_open = false;
-                            self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
-                        }
-                    }
                 }
             }
         }

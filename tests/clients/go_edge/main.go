@@ -319,7 +319,10 @@ func envOr(k, d string) string {
 // management API for the direct side, through warren's admin endpoint for the proxy side.
 func forceClose(t *target, connName string) string {
 	full := t.name(connName)
-	deadline := time.Now().Add(step)
+	// Not `step`: the management API lists a new connection only once its statistics are in,
+	// which a loaded machine can hold back for more than 5 s (the Ruby and Node edge cases
+	// allow 15 s too).
+	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
 		if t.side == "direct" {
 			base := envOr("DIRECT_MGMT", "http://127.0.0.1:15701")

@@ -97,13 +97,8 @@ impl Client {
         }
     }
 
-    /// Resolves when an operator asked to close this connection.
-    pub fn close_requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.close_requested.cancelled()
-    }
-
-    /// The token cancelled when an operator asks to close this connection, for a session that
-    /// keeps one waiter registered for its whole life.
+    /// The token cancelled when an operator asks to close this connection (a session keeps one
+    /// waiter on it for its whole life).
     pub fn close_token(&self) -> CancellationToken {
         self.close_requested.clone()
     }
@@ -235,11 +230,11 @@ mod tests {
             Some("moving to shard-c")
         );
         // Already requested: the future resolves at once.
-        let fut = reg.client().close_requested();
+        let fut = reg.client().close_token().cancelled_owned();
         futures_lite_ready(fut);
     }
 
-    fn futures_lite_ready(fut: tokio_util::sync::WaitForCancellationFuture<'_>) {
+    fn futures_lite_ready(fut: tokio_util::sync::WaitForCancellationFutureOwned) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

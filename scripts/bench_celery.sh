@@ -58,6 +58,13 @@ trap cleanup EXIT
 log "starting RabbitMQ (bench-chain)"
 node=$("${pin_broker[@]}" scripts/rabbit.sh up-single bench-chain auto | awk '{print $2}')
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Waits up to 5 s for something to listen on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 1 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+        sleep 0.1
+    done
+}
 port=$(free_port)
 cat >"$tmp/warren.toml" <<TOML
 listen = "127.0.0.1:$port"
@@ -68,19 +75,13 @@ nodes = ["$node"]
 TOML
 "${pin_rest[@]}" target/release/warren --config "$tmp/warren.toml" >"$tmp/warren.log" 2>&1 &
 warren_pid=$!
-for _ in $(seq 1 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
+wait_port "$port"
 relay_args=()
 if [ -n "$relay_bin" ]; then
     rport=$(free_port)
     "${pin_rest[@]}" "$relay_bin" --relay "127.0.0.1:$rport" "$node" &
     relay_pid=$!
-    for _ in $(seq 1 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$rport") 2>/dev/null && break
-        sleep 0.1
-    done
+    wait_port "$rport"
     relay_args=(--relay "127.0.0.1:$rport" --relay-pid "$relay_pid")
 fi
 log "RabbitMQ $node, warren 127.0.0.1:$port${relay_pid:+, relay 127.0.0.1:$rport} (commit $(git rev-parse --short HEAD))"

@@ -139,9 +139,7 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
     else {
         return true;
     };
-    let routing_headers = flags & HEADERS != 0
-        && (header.windows(3).any(|w| w == b"\x02CC")
-            || header.windows(4).any(|w| w == b"\x03BCC"));
+    let routing_headers = flags & HEADERS != 0 && names_cc_or_bcc(header);
     if flags & (EXPIRATION | USER_ID) == 0 && !routing_headers {
         return false;
     }
@@ -165,6 +163,16 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
         })
     });
     wrong_user || odd_expiration || odd_routing
+}
+
+/// Whether `header` holds the bytes of a table key `CC` or `BCC` (a short string: its length
+/// byte, then the name). Celery's headers run to hundreds of bytes on every publish, so this is
+/// one SIMD search for `CC` (memchr's memmem), not a comparison at every offset.
+fn names_cc_or_bcc(header: &[u8]) -> bool {
+    memchr::memmem::find_iter(header, b"CC").any(|at| {
+        let before = &header[..at];
+        before.ends_with(b"\x02") || before.ends_with(b"\x03B")
+    })
 }
 
 #[cfg(test)]
@@ -246,6 +254,19 @@ mod tests {
             &with("ACCT", FieldValue::I32(1)),
             b"guest"
         ));
+    }
+
+    #[test]
+    fn the_key_search_finds_cc_and_bcc_keys_wherever_they_sit() {
+        assert!(names_cc_or_bcc(b"\x02CC"));
+        assert!(names_cc_or_bcc(b"\x03BCC"));
+        assert!(names_cc_or_bcc(b"xCCC\x05hello\x02CCS"));
+        // "CC" inside other keys or values, or at the very start with no length byte.
+        assert!(!names_cc_or_bcc(b"CC"));
+        assert!(!names_cc_or_bcc(b"\x04ACCT"));
+        assert!(!names_cc_or_bcc(b"\x03XCC"));
+        assert!(!names_cc_or_bcc(b"SUCCESS\x03CCC"));
+        assert!(!names_cc_or_bcc(b""));
     }
 
     #[test]

@@ -707,6 +707,19 @@ fn expects_reply(m: &Method) -> bool {
     m.expects_reply()
 }
 
+/// What ended one wait of a session's event loop.
+enum Woke {
+    /// A link's socket was read (or failed).
+    Link(LinkId, Result<(), LinkDown>),
+    Rare(wake::Rare),
+    /// The earliest deadline came.
+    Deadline,
+    /// The client's socket was read: bytes, end of stream (0) or an error.
+    Client(std::io::Result<usize>),
+    /// Room appeared where back-pressure waited for it.
+    Room,
+}
+
 /// What a session's event loop waits on, besides its own state.
 struct Inputs {
     rd: ReadHalf,
@@ -745,6 +758,8 @@ impl Session {
         }
         // False once the client's socket ended (EOF or an error).
         let mut client_open = true;
+        // Whether the links are polled before the client this turn (they alternate).
+        let mut links_first = false;
         loop {
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
@@ -814,12 +829,59 @@ impl Session {
             };
             deadlines.arm(deadline);
             rbuf.reserve(8 * 1024);
-            tokio::select! {
-                (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => {
+            let woke = if client_room && total_ok && full_link.is_none() {
+                // Nothing is blocked: the turn of nearly every message, polled by hand
+                // (tokio's `select!` draws a random branch order and builds every branch's
+                // future on every turn). Links and the client take turns going first, so a
+                // busy side cannot starve the other.
+                links_first = !links_first;
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(Some(event)) = rare.poll_next_unpin(cx) {
+                        return Poll::Ready(Woke::Rare(event));
+                    }
+                    if deadlines.poll_fired(cx).is_ready() {
+                        return Poll::Ready(Woke::Deadline);
+                    }
+                    if links_first && let Poll::Ready((link, read)) = self.poll_links(cx) {
+                        return Poll::Ready(Woke::Link(link, read));
+                    }
+                    if read_client
+                        && let Poll::Ready(r) = tokio_util::io::poll_read_buf(
+                            std::pin::Pin::new(&mut rd),
+                            cx,
+                            &mut rbuf,
+                        )
+                    {
+                        return Poll::Ready(Woke::Client(r));
+                    }
+                    if !links_first && let Poll::Ready((link, read)) = self.poll_links(cx) {
+                        return Poll::Ready(Woke::Link(link, read));
+                    }
+                    Poll::Pending
+                })
+                .await
+            } else {
+                // Back-pressure somewhere: also wait for the room that ends it.
+                tokio::select! {
+                    (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => Woke::Link(link, read),
+                    Some(event) = rare.next() => Woke::Rare(event),
+                    () = deadlines.fired() => Woke::Deadline,
+                    r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => Woke::Client(r),
+                    _ = client_out.room(), if !client_room => Woke::Room,
+                    _ = shared.held.room(), if !total_ok => Woke::Room,
+                    _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
+                        // Time spent not reading is not the client's silence.
+                        last_seen = Instant::now();
+                        Woke::Room
+                    }
+                }
+            };
+            match woke {
+                Woke::Link(link, read) => {
                     crate::io::busy_poll::touch();
                     self.on_link_readable(link, read);
                 }
-                Some(event) = rare.next() => match event {
+                Woke::Rare(event) => match event {
                     wake::Rare::Opened(o) => self.on_opened(*o),
                     wake::Rare::Config(config) => {
                         // A session closing keeps the configuration it had.
@@ -839,11 +901,17 @@ impl Session {
                     }
                     wake::Rare::Shutdown => {
                         if self.closing.is_none() {
-                            self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'"), "proxy shutdown");
+                            self.begin_proxy_close(
+                                ConnError::new(
+                                    ReplyCode::ConnectionForced,
+                                    "broker forced connection closure with reason 'shutdown'",
+                                ),
+                                "proxy shutdown",
+                            );
                         }
                     }
                 },
-                () = deadlines.fired() => {
+                Woke::Deadline => {
                     let now = Instant::now();
                     let due = deadlines.due(now, deadline);
                     if due.links {
@@ -865,41 +933,40 @@ impl Session {
                         match &self.closing {
                             Some(Closing::ByClient { .. }) => {
                                 self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
-                                return "client closed the connection (upstream close timed out)".into();
+                                return "client closed the connection (upstream close timed out)"
+                                    .into();
                             }
-                            Some(Closing::ByProxy { reason, .. }) => return format!("{reason} (no close-ok from client)"),
+                            Some(Closing::ByProxy { reason, .. }) => {
+                                return format!("{reason} (no close-ok from client)");
+                            }
                             None => {
                                 let h = heartbeat.unwrap_or_default();
                                 client_open = false;
-                                self.client_gone(&format!("missed heartbeats from client, timeout: {}s", h.as_secs()));
+                                self.client_gone(&format!(
+                                    "missed heartbeats from client, timeout: {}s",
+                                    h.as_secs()
+                                ));
                             }
                         }
                     }
                 }
-                r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => {
-                    match r {
-                        Ok(0) => {
-                            client_open = false;
-                            self.client_gone("client closed the TCP connection");
-                        }
-                        Ok(n) => {
-                            crate::io::busy_poll::touch();
-                            info.bytes_in.inc_by(n as u64);
-                            last_seen = Instant::now();
-                            self.on_client_bytes(&mut rbuf, &mut assembler);
-                        }
-                        Err(e) => {
-                            client_open = false;
-                            self.client_gone(&format!("client socket error: {e}"));
-                        }
+                Woke::Client(r) => match r {
+                    Ok(0) => {
+                        client_open = false;
+                        self.client_gone("client closed the TCP connection");
                     }
-                }
-                _ = client_out.room(), if !client_room => {}
-                _ = shared.held.room(), if !total_ok => {}
-                _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {
-                    // Time spent not reading is not the client's silence.
-                    last_seen = Instant::now();
-                }
+                    Ok(n) => {
+                        crate::io::busy_poll::touch();
+                        info.bytes_in.inc_by(n as u64);
+                        last_seen = Instant::now();
+                        self.on_client_bytes(&mut rbuf, &mut assembler);
+                    }
+                    Err(e) => {
+                        client_open = false;
+                        self.client_gone(&format!("client socket error: {e}"));
+                    }
+                },
+                Woke::Room => {}
             }
         }
     }

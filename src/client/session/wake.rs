@@ -13,8 +13,10 @@
 //! earlier: a later one (every read moves the client's heartbeat deadline) is found when the
 //! timer fires.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
@@ -77,6 +79,8 @@ pub(super) struct Deadlines {
     timer: Pin<Box<Sleep>>,
     /// Where the timer is set; `None` once it fired and until it is set again.
     armed: Option<Instant>,
+    /// Whether the timer holds this task's waker since it was last set (polled, pending).
+    registered: bool,
     /// The next housekeeping turn.
     pub(super) tick: Instant,
     /// The earliest time a link may have missed its heartbeats (checked when it comes).
@@ -99,6 +103,7 @@ impl Deadlines {
         Deadlines {
             timer: Box::pin(tokio::time::sleep_until(far)),
             armed: None,
+            registered: false,
             tick: now,
             links: far,
         }
@@ -117,13 +122,33 @@ impl Deadlines {
         if self.armed.is_none_or(|armed| next < armed) {
             self.timer.as_mut().reset(next);
             self.armed = Some(next);
+            self.registered = false;
         }
     }
 
     /// Waits for the timer.
     pub(super) async fn fired(&mut self) {
-        (&mut self.timer).await;
-        self.armed = None;
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await
+    }
+
+    /// Polls the timer. Polls tokio's `Sleep` only when it has fired or was moved since it last
+    /// registered this task: in between, its waker is registered and polling it again would
+    /// only cost the timer's lock on every turn of the loop.
+    pub(super) fn poll_fired(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.registered && !self.timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = None;
+                self.registered = false;
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                self.registered = true;
+                Poll::Pending
+            }
+        }
     }
 
     /// What is due at `now`, for the client deadline `client` of this turn.

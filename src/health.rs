@@ -37,8 +37,8 @@ pub const DOWN_FIRST: Duration = Duration::from_secs(1);
 pub const DOWN_MAX: Duration = Duration::from_secs(5);
 /// Longest a probe may take (the configured `timeouts.connect_ms` if shorter).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the task looks for nodes due for a probe.
-const TICK: Duration = Duration::from_millis(200);
+/// Longest the task sleeps when no node is due (none configured, or all being probed).
+const IDLE_WAKE: Duration = Duration::from_secs(5);
 
 /// What the last probe of a node said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,16 @@ impl Health {
         due
     }
 
+    /// When the next node not being probed is due (`None` when every node is being probed or
+    /// none is known).
+    fn next_due(&self) -> Option<Instant> {
+        self.lock()
+            .values()
+            .filter(|h| !h.in_flight)
+            .map(|h| h.next_due)
+            .min()
+    }
+
     /// Records the outcome of one probe and schedules the next. True when the node was down
     /// and is up again.
     fn record(&self, cluster: &str, node: &NodeAddr, result: Result<FieldTable, String>) -> bool {
@@ -273,6 +283,7 @@ impl Drop for Prober {
 async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) {
     let mut probes = JoinSet::new();
     let mut seen: Option<Arc<Config>> = None;
+    let mut config_rx = shared.subscribe();
     loop {
         let config = shared.config();
         if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &config)) {
@@ -303,9 +314,17 @@ async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) 
             });
         }
         while probes.try_join_next().is_some() {}
+        // Sleep until a node is due, a probe ends (it schedules its node's next probe) or the
+        // configuration changes (new nodes are probed at once), not on a short fixed tick: an
+        // idle proxy should not wake for nothing.
+        let next = health
+            .next_due()
+            .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep_until(next) => {}
+            Some(_) = probes.join_next() => {}
+            Ok(()) = config_rx.changed() => {}
         }
     }
     probes.abort_all();

@@ -352,6 +352,26 @@ mod tests {
     }
 
     #[test]
+    fn the_task_sleeps_until_the_next_node_not_being_probed_is_due() {
+        let h = Health::new();
+        assert_eq!(h.next_due(), None, "no node known yet");
+        let c = config(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let due = h.take_due(&c, Instant::now());
+        assert_eq!(
+            h.next_due(),
+            None,
+            "both being probed: a probe's end wakes the task"
+        );
+        h.record("a", &due[0].1, Ok(FieldTable::default()));
+        let next = h.next_due().expect("one node idle");
+        assert_eq!(next, h.node("a", &due[0].1).next_due);
+        assert!(
+            next > Instant::now() + UP_INTERVAL / 2,
+            "an up node waits its interval"
+        );
+    }
+
+    #[test]
     fn states_backoff_and_pruning() {
         let h = Health::new();
         let c = config(&["127.0.0.1:1", "127.0.0.1:2"]);

@@ -8,9 +8,11 @@
 
 pub mod busy_poll;
 pub mod command;
+pub mod gate;
 pub mod outbox;
 pub mod stream;
 
 pub use command::{Assembler, Command, Content};
+pub use gate::Gate;
 pub use outbox::Outbox;
 pub use stream::Stream;

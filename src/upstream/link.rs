@@ -17,7 +17,7 @@ use crate::addr::NodeAddr;
 use crate::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 use crate::io::outbox::Writer;
 use crate::io::stream::{ReadHalf, Stream};
-use crate::io::{Assembler, Command, Outbox};
+use crate::io::{Assembler, Command, Gate, Outbox};
 use crate::tls::ClientTls;
 
 /// Index of a link within one client session.
@@ -317,6 +317,7 @@ fn open(spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
             heartbeat,
             last_seen: Instant::now(),
             bytes_from,
+            gate: Gate::new(),
         }),
         writer,
     }
@@ -335,6 +336,8 @@ pub struct LinkReader {
     heartbeat: Option<Duration>,
     last_seen: Instant,
     bytes_from: Option<Counter>,
+    /// The socket is polled only once it woke the session (see [`Gate`]).
+    gate: Gate,
 }
 
 impl LinkReader {
@@ -344,7 +347,10 @@ impl LinkReader {
         if self.buf.capacity() - self.buf.len() < 8 * 1024 {
             self.buf.reserve(64 * 1024);
         }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.rd), cx, &mut self.buf) {
+        let (rd, buf) = (&mut self.rd, &mut self.buf);
+        match self.gate.poll(cx, |cx| {
+            tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf)
+        }) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkDown::Eof)),
             Poll::Ready(Ok(n)) => {

@@ -31,6 +31,7 @@ use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,6 +42,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -53,7 +55,7 @@ use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};
 use crate::held::{HeldLedger, HeldTicket};
 use crate::io::stream::{ReadHalf, Stream};
-use crate::io::{Assembler, Command, Content, Outbox, command::AssembleError};
+use crate::io::{Assembler, Command, Content, Gate, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::route::{Class, RoundRobin, Rules};
 use crate::state::Shared;
@@ -751,6 +753,10 @@ impl Session {
         self.publish_usage();
         let mut was_reading = true;
         let mut rare = wake::rare_events(info.close_token(), force_close, config_rx, opened);
+        // The client socket and the rare events are polled only once they woke the task (the
+        // links have gates of their own): every poll of them goes through these.
+        let mut client_gate = Gate::new();
+        let mut rare_gate = Gate::new();
         let mut deadlines = wake::Deadlines::new(Instant::now());
         // Frames pipelined behind connection.open are handled first.
         if !rbuf.is_empty() {
@@ -836,7 +842,9 @@ impl Session {
                 // busy side cannot starve the other.
                 links_first = !links_first;
                 std::future::poll_fn(|cx| {
-                    if let Poll::Ready(Some(event)) = rare.poll_next_unpin(cx) {
+                    if let Poll::Ready(Some(event)) =
+                        rare_gate.poll(cx, |cx| rare.poll_next_unpin(cx))
+                    {
                         return Poll::Ready(Woke::Rare(event));
                     }
                     if deadlines.poll_fired(cx).is_ready() {
@@ -846,11 +854,8 @@ impl Session {
                         return Poll::Ready(Woke::Link(link, read));
                     }
                     if read_client
-                        && let Poll::Ready(r) = tokio_util::io::poll_read_buf(
-                            std::pin::Pin::new(&mut rd),
-                            cx,
-                            &mut rbuf,
-                        )
+                        && let Poll::Ready(r) = client_gate
+                            .poll(cx, |cx| poll_read_buf(Pin::new(&mut rd), cx, &mut rbuf))
                     {
                         return Poll::Ready(Woke::Client(r));
                     }
@@ -864,9 +869,9 @@ impl Session {
                 // Back-pressure somewhere: also wait for the room that ends it.
                 tokio::select! {
                     (link, read) = std::future::poll_fn(|cx| self.poll_links(cx)), if client_room => Woke::Link(link, read),
-                    Some(event) = rare.next() => Woke::Rare(event),
+                    Some(event) = std::future::poll_fn(|cx| rare_gate.poll(cx, |cx| rare.poll_next_unpin(cx))) => Woke::Rare(event),
                     () = deadlines.fired() => Woke::Deadline,
-                    r = tokio::io::AsyncReadExt::read_buf(&mut rd, &mut rbuf), if read_client => Woke::Client(r),
+                    r = std::future::poll_fn(|cx| client_gate.poll(cx, |cx| poll_read_buf(Pin::new(&mut rd), cx, &mut rbuf))), if read_client => Woke::Client(r),
                     _ = client_out.room(), if !client_room => Woke::Room,
                     _ = shared.held.room(), if !total_ok => Woke::Room,
                     _ = async { if let Some(o) = &full_link { o.room().await } }, if full_link.is_some() => {

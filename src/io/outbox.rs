@@ -53,8 +53,10 @@ struct State {
     /// Plain TCP: the socket, written under this lock by whoever flushes. `None` for TLS, and
     /// once the writer has finished.
     sock: Option<Arc<OwnedWriteHalf>>,
-    /// Last time bytes went out (heartbeats are due only after a quiet half interval).
-    last_write: Instant,
+    /// Writes so far. The writer compares it between its wake-ups to tell a quiet socket
+    /// (due a heartbeat) from a busy one: counting costs nothing on the write path, where
+    /// reading the clock at every write did.
+    writes: u64,
     closed: bool,
     failed: bool,
 }
@@ -100,7 +102,7 @@ impl Outbox {
                 buf: BytesMut::with_capacity(INITIAL_CAPACITY),
                 in_flight: 0,
                 sock,
-                last_write: Instant::now(),
+                writes: 0,
                 closed: false,
                 failed: false,
             }),
@@ -162,7 +164,7 @@ impl Outbox {
         if n == 0 {
             return;
         }
-        st.last_write = Instant::now();
+        st.writes += 1;
         if let Some(c) = &self.written_bytes {
             c.inc_by(n as u64);
         }
@@ -230,10 +232,11 @@ impl Outbox {
         self.room_wake.notify_waiters();
     }
 
-    /// Appends a heartbeat frame when nothing was written for `period` and nothing waits.
-    fn heartbeat_if_quiet(&self, period: Duration) {
+    /// Appends a heartbeat frame when nothing was written since the writer saw `writes`
+    /// writes and nothing waits.
+    fn heartbeat_if_quiet(&self, writes: u64) {
         let mut st = self.lock();
-        if st.last_write.elapsed() >= period && st.buf.is_empty() {
+        if st.writes == writes && st.buf.is_empty() {
             codec::write_heartbeat(&mut st.buf);
         }
     }
@@ -257,20 +260,49 @@ fn write_nonblocking(buf: &mut BytesMut, sock: &OwnedWriteHalf) -> (usize, io::R
     (wrote, Ok(()))
 }
 
-/// Waits for `notified` or until the next heartbeat is due, appending the heartbeat then.
+/// What the writer last saw of the socket's writes, to tell when it has been quiet.
+struct Quiet {
+    /// [`State::writes`] when the writer last saw it change.
+    writes: u64,
+    /// When that was.
+    since: Instant,
+}
+
+impl Quiet {
+    fn new() -> Self {
+        Quiet {
+            writes: 0,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// Waits for `notified` or until the next heartbeat is due, appending the heartbeat then: when
+/// nothing was written for a whole `period` since the writer saw the last write (at most two
+/// periods after it; the heartbeat period is half the negotiated interval, as RabbitMQ sends
+/// them).
 async fn idle_wait(
     outbox: &Outbox,
     notified: tokio::sync::futures::Notified<'_>,
     heartbeat: Option<Duration>,
+    quiet: &mut Quiet,
 ) {
     match heartbeat {
         Some(period) => {
-            let due = {
-                let st = outbox.lock();
-                st.last_write + period
-            };
-            if tokio::time::timeout_at(due, notified).await.is_err() {
-                outbox.heartbeat_if_quiet(period);
+            let writes = outbox.lock().writes;
+            if writes != quiet.writes {
+                *quiet = Quiet {
+                    writes,
+                    since: Instant::now(),
+                };
+            }
+            if tokio::time::timeout_at(quiet.since + period, notified)
+                .await
+                .is_err()
+            {
+                outbox.heartbeat_if_quiet(quiet.writes);
+                // A new period starts, whether the heartbeat went out or other bytes wait.
+                quiet.since = Instant::now();
             }
         }
         None => notified.await,
@@ -284,6 +316,7 @@ async fn run_direct(
     sock: Arc<OwnedWriteHalf>,
     heartbeat: Option<Duration>,
 ) -> io::Result<()> {
+    let mut quiet = Quiet::new();
     let result = loop {
         let notified = outbox.writer_wake.notified();
         let (closed, empty, error) = {
@@ -306,7 +339,7 @@ async fn run_direct(
         if closed {
             break Ok(());
         }
-        idle_wait(&outbox, notified, heartbeat).await;
+        idle_wait(&outbox, notified, heartbeat, &mut quiet).await;
     };
     outbox.finish(result.is_err());
     drop(sock);
@@ -320,6 +353,7 @@ async fn run_swapping(
     heartbeat: Option<Duration>,
 ) -> io::Result<()> {
     let mut spare = BytesMut::with_capacity(INITIAL_CAPACITY);
+    let mut quiet = Quiet::new();
     let result = loop {
         let notified = outbox.writer_wake.notified();
         let closed = {
@@ -334,7 +368,7 @@ async fn run_swapping(
             if closed {
                 break Ok(());
             }
-            idle_wait(&outbox, notified, heartbeat).await;
+            idle_wait(&outbox, notified, heartbeat, &mut quiet).await;
             continue;
         }
         let written = sink.write_all(&spare).await;
@@ -348,7 +382,7 @@ async fn run_swapping(
         {
             let mut st = outbox.lock();
             st.in_flight = 0;
-            st.last_write = Instant::now();
+            st.writes += 1;
         }
         outbox.room_wake.notify_waiters();
         if let Err(e) = written {

@@ -131,17 +131,21 @@ impl Outbox {
     }
 
     /// Sends what was pushed: written right here when the socket takes it (plain TCP), else
-    /// left to the writer task.
-    pub fn flush(&self) {
+    /// left to the writer task. Returns [`has_room`](Self::has_room) as of after the write (the
+    /// session asks both once per turn: one lock instead of two).
+    pub fn flush(&self) -> bool {
         let mut st = self.lock();
-        if st.buf.is_empty() {
-            return;
+        if !st.buf.is_empty() && (st.closed || !self.write_direct(&mut st)) {
+            let room = self.room_now(&st);
+            drop(st);
+            self.writer_wake.notify_one();
+            return room;
         }
-        if !st.closed && self.write_direct(&mut st) {
-            return;
-        }
-        drop(st);
-        self.writer_wake.notify_one();
+        self.room_now(&st)
+    }
+
+    fn room_now(&self, st: &State) -> bool {
+        st.failed || st.buf.len() + st.in_flight < self.limit
     }
 
     /// Writes as much of the buffer as the socket takes without blocking; true when all of it
@@ -175,8 +179,7 @@ impl Outbox {
 
     /// True while buffered plus in-flight bytes are under the limit.
     pub fn has_room(&self) -> bool {
-        let st = self.lock();
-        st.failed || st.buf.len() + st.in_flight < self.limit
+        self.room_now(&self.lock())
     }
 
     /// Waits until [`has_room`](Self::has_room) may have become true.

@@ -609,12 +609,17 @@ impl Session {
         }
     }
 
-    /// Sends what this turn of the event loop wrote, one write per socket.
-    pub(super) fn flush_all(&self) {
-        self.client_out.flush();
+    /// Sends what this turn of the event loop wrote, one write per socket. Returns whether
+    /// the client's outbox has room, and the outbox of a live link that has none (the first).
+    pub(super) fn flush_all(&self) -> (bool, Option<Arc<Outbox>>) {
+        let client_room = self.client_out.flush();
+        let mut full_link = None;
         for slot in &self.links {
-            slot.link.outbox.flush();
+            if !slot.link.outbox.flush() && full_link.is_none() && slot.live() {
+                full_link = Some(slot.link.outbox.clone());
+            }
         }
+        (client_room, full_link)
     }
 
     pub(super) fn on_link_down(&mut self, link: LinkId, reason: LinkDown) {

@@ -796,8 +796,7 @@ impl Session {
                 continue;
             }
             // One write per socket for everything the last turn produced.
-            self.flush_all();
-            let client_room = client_out.has_room();
+            let (client_room, full_link) = self.flush_all();
             if !client_room {
                 // The links are not read while the client is slow: not their silence.
                 let now = Instant::now();
@@ -807,11 +806,6 @@ impl Session {
                     }
                 }
             }
-            let full_link = self
-                .links
-                .iter()
-                .find(|s| s.live() && !s.link.outbox.has_room())
-                .map(|s| s.link.outbox.clone());
             // Held publishes are bounded per connection and in total: at the bound, stop reading
             // the client until confirms free memory (this connection's arrive as link events;
             // another connection freeing the total wakes `held.room()`).

@@ -135,13 +135,13 @@ impl Outbox {
     /// session asks both once per turn: one lock instead of two).
     pub fn flush(&self) -> bool {
         let mut st = self.lock();
-        if !st.buf.is_empty() && (st.closed || !self.write_direct(&mut st)) {
-            let room = self.room_now(&st);
-            drop(st);
+        let left = !st.buf.is_empty() && (st.closed || !self.write_direct(&mut st));
+        let room = self.room_now(&st);
+        drop(st);
+        if left {
             self.writer_wake.notify_one();
-            return room;
         }
-        self.room_now(&st)
+        room
     }
 
     fn room_now(&self, st: &State) -> bool {

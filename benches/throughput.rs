@@ -1297,7 +1297,8 @@ impl Drop for RelayProcess {
 }
 
 /// `--relay LISTEN UPSTREAM`: copies bytes both ways between each accepted connection and a
-/// connection to UPSTREAM, nothing else. Same runtime as warren (tokio, one worker per core),
+/// connection to UPSTREAM, nothing else. Same runtime as warren (a tokio runtime per
+/// connection thread, one thread per core),
 /// TCP_NODELAY on both legs, 64 KiB buffers.
 fn relay_main(args: &[String]) {
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
@@ -1311,7 +1312,9 @@ fn relay_main(args: &[String]) {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Accepts on one runtime and serves each connection on a connection thread, as warren does.
+    let workers = warren::io::Workers::start(0, std::time::Duration::ZERO).expect("relay threads");
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -1320,10 +1323,16 @@ fn relay_main(args: &[String]) {
             .await
             .expect("relay listen");
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
+            let Ok(client) = client.into_std() else {
+                continue;
+            };
+            workers.spawn(async move {
+                let Ok(mut client) = TcpStream::from_std(client) else {
+                    return;
+                };
                 let Ok(mut server) = TcpStream::connect(upstream).await else {
                     return;
                 };

@@ -378,28 +378,19 @@ fn run(cli: &Cli) -> ExitCode {
         }
     };
 
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("warren");
-    if config.runtime.worker_threads > 0 {
-        builder.worker_threads(config.runtime.worker_threads);
-    }
-    let runtime = match builder.build() {
+    // This runtime runs the listeners, the admin endpoint, the health probes and the
+    // evacuation: client connections are served by threads of their own
+    // (`warren::io::Workers`, `[runtime] worker_threads` of them), started by the proxy.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             startup_error(cli.log_format, "cannot start the async runtime", &e, None);
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let busy_poll = config.runtime.busy_poll();
-    if !busy_poll.is_zero() {
-        let workers = runtime.metrics().num_workers();
-        runtime.block_on(async { warren::io::busy_poll::start(busy_poll, workers) });
-        tracing::info!(
-            window_us = busy_poll.as_micros() as u64,
-            workers,
-            "busy polling on: workers spin after traffic instead of sleeping"
-        );
-    }
     let code = runtime.block_on(serve(config, path, cli.log_format));
     // Do not let a stuck task hold the process after shutdown.
     runtime.shutdown_timeout(Duration::from_secs(1));

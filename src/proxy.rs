@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::io::Stream;
+use crate::io::{Stream, Workers};
 pub use crate::state::{ReloadStatus, Shared};
 
 /// A running proxy.
@@ -28,6 +28,7 @@ pub struct ProxyHandle {
     admin: Option<crate::admin::AdminServer>,
     prober: crate::health::Prober,
     evacuator: crate::evacuate::Evacuator,
+    workers: Arc<Workers>,
 }
 
 impl ProxyHandle {
@@ -83,6 +84,7 @@ impl ProxyHandle {
         }
         self.evacuator.stop().await;
         self.prober.stop().await;
+        self.workers.stop();
         info!("proxy stopped");
     }
 }
@@ -113,6 +115,24 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         ),
         None => None,
     };
+    let workers = Arc::new(Workers::start(
+        config.runtime.worker_threads,
+        config.runtime.busy_poll(),
+    )?);
+    // The connections live as long as the runtime that started the proxy, as they did when
+    // they were its tasks: its shutdown drops this task and the guard ends the threads.
+    let guard = workers.stop_on_drop();
+    tokio::spawn(async move {
+        let _guard = guard;
+        std::future::pending::<()>().await
+    });
+    if !config.runtime.busy_poll().is_zero() {
+        info!(
+            window_us = config.runtime.busy_poll().as_micros() as u64,
+            workers = workers.len(),
+            "busy polling on: connection threads spin after traffic instead of sleeping"
+        );
+    }
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -124,13 +144,13 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         None => info!(listen = %amqp_addr, clusters = config.clusters.len(), "warren listening"),
     }
     let acceptor = tokio::spawn(accept_loop(
-        listener,
-        tls_listener,
+        (listener, tls_listener),
         shared.clone(),
         stop_accepting.clone(),
         force_close.clone(),
         sessions.clone(),
         slots,
+        workers.clone(),
     ));
     Ok(ProxyHandle {
         amqp_addr,
@@ -143,6 +163,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         admin,
         prober,
         evacuator,
+        workers,
     })
 }
 
@@ -223,13 +244,13 @@ impl ConnectionSlots {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
-    tls_listener: Option<TcpListener>,
+    (listener, tls_listener): (TcpListener, Option<TcpListener>),
     shared: Arc<Shared>,
     stop: CancellationToken,
     force_close: CancellationToken,
     sessions: TaskTracker,
     mut slots: ConnectionSlots,
+    workers: Arc<Workers>,
 ) {
     // Refusals still answer in AMQP (530 at connection.open, as RabbitMQ does for its own
     // connection limits), but only this many at once; beyond that the socket is just closed.
@@ -299,13 +320,28 @@ async fn accept_loop(
         let shared = shared.clone();
         let force_close = force_close.clone();
         let per_ip = per_ip.clone();
-        sessions.spawn(async move {
-            if let Some(stream) = open_stream(stream, tls, &shared, peer).await {
-                crate::client::serve(stream, peer, shared, force_close).await;
+        // The socket moves to a connection thread's runtime: it leaves this one's poller here
+        // and joins that one's there.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, error = %e, "accepted socket lost before it was served");
+                release_ip(&per_ip, peer.ip());
+                continue;
+            }
+        };
+        workers.spawn(sessions.track_future(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    if let Some(stream) = open_stream(stream, tls, &shared, peer).await {
+                        crate::client::serve(stream, peer, shared, force_close).await;
+                    }
+                }
+                Err(e) => warn!(%peer, error = %e, "cannot serve an accepted socket"),
             }
             release_ip(&per_ip, peer.ip());
             drop(permit);
-        });
+        }));
     }
 }
 

@@ -24,8 +24,7 @@ use tokio::sync::Notify;
 
 static BUSY_POLL: OnceLock<BusyPoll> = OnceLock::new();
 
-/// Process-wide: the runtime has one set of workers, and any connection's traffic is a reason
-/// to keep them all awake.
+/// Process-wide: any connection's traffic is a reason to keep every connection thread awake.
 struct BusyPoll {
     window: Duration,
     /// Bumped by every [`touch`]; a spinner that sees it move knows traffic happened.
@@ -35,10 +34,21 @@ struct BusyPoll {
     wake: Notify,
 }
 
-/// Starts `spinners` busy-polling tasks on the current runtime (one per worker thread) that
-/// spin for `window` after traffic. Call once, from inside the runtime; later calls do nothing.
+/// Starts `spinners` busy-polling tasks on the current runtime that spin for `window` after
+/// traffic. Call once, from inside the runtime; later calls do nothing.
 pub fn start(window: Duration, spinners: usize) {
     if window.is_zero() || BUSY_POLL.get().is_some() {
+        return;
+    }
+    for _ in 0..spinners.max(1) {
+        start_one(window);
+    }
+}
+
+/// Starts one busy-polling task on the current runtime (each connection thread has its own
+/// runtime, and one spinner). The first call sets the window for the process.
+pub fn start_one(window: Duration) {
+    if window.is_zero() {
         return;
     }
     let poll = BUSY_POLL.get_or_init(|| BusyPoll {
@@ -47,9 +57,7 @@ pub fn start(window: Duration, spinners: usize) {
         sleeping: AtomicUsize::new(0),
         wake: Notify::new(),
     });
-    for _ in 0..spinners.max(1) {
-        tokio::spawn(poll.spin());
-    }
+    tokio::spawn(poll.spin());
 }
 
 /// Records traffic: called by a session for every read from its client or its links. A no-op

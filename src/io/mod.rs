@@ -11,8 +11,10 @@ pub mod command;
 pub mod gate;
 pub mod outbox;
 pub mod stream;
+pub mod workers;
 
 pub use command::{Assembler, Command, Content};
 pub use gate::Gate;
 pub use outbox::Outbox;
 pub use stream::Stream;
+pub use workers::Workers;

@@ -59,10 +59,10 @@ impl Session {
         }
         // An empty queue name means the queue last declared on this channel (AMQP 0-9-1), and
         // a server-named queue gets its name here, so every cluster declares the same one.
-        let method = match self.expand_queue_name(ch, method) {
-            Some(m) => m,
-            None => return Ok(()),
-        };
+        let mut method = method;
+        if !self.expand_queue_name(ch, &mut method) {
+            return Ok(());
+        }
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return Err(
                 ConnError::new(ReplyCode::ChannelError, "expected 'channel.open'").on(&method),
@@ -818,10 +818,23 @@ impl Session {
     /// an empty routing key in a bind with it, that queue's name); none declared yet is 404, as
     /// from RabbitMQ; a passive declare of '' is left alone (404 from the clusters, as from
     /// RabbitMQ). A non-passive declare with an empty name gets a warren-generated name
-    /// (one broker's `amq.gen-` names cannot be declared on the other clusters). Returns `None`
+    /// (one broker's `amq.gen-` names cannot be declared on the other clusters). Returns false
     /// when the channel was closed.
-    fn expand_queue_name(&mut self, ch: u16, method: Method) -> Option<Method> {
-        if let Method::QueueDeclare(x) = &method
+    fn expand_queue_name(&mut self, ch: u16, method: &mut Method) -> bool {
+        if !matches!(
+            method,
+            Method::QueueDeclare(_)
+                | Method::QueueBind(_)
+                | Method::QueueUnbind(_)
+                | Method::QueuePurge(_)
+                | Method::QueueDelete(_)
+                | Method::BasicConsume(_)
+                | Method::BasicGet(_)
+        ) {
+            // Publishes and acks, nearly every method a client sends, name no queue.
+            return true;
+        }
+        if let Method::QueueDeclare(x) = &*method
             && x.queue.is_empty()
             && !x.passive
             && let Some(kind) = replicated_queue_type(&x.arguments)
@@ -831,10 +844,10 @@ impl Session {
             // RabbitMQ names server-named queues only for classic queues; naming one here
             // would create a durable quorum queue nothing ever deletes.
             let text = format!("Cannot declare a server-named queue for type {kind}");
-            self.close_channel(ch, ReplyCode::PreconditionFailed, &text, &method);
-            return None;
+            self.close_channel(ch, ReplyCode::PreconditionFailed, &text, method);
+            return false;
         }
-        if let Method::QueueDeclare(x) = &method
+        if let Method::QueueDeclare(x) = &*method
             && !x.passive
             && x.queue
                 .as_bytes()
@@ -850,14 +863,14 @@ impl Session {
                  server-named queues, as RabbitMQ's 'amq.*')",
                 x.queue
             );
-            self.close_channel(ch, ReplyCode::AccessRefused, &text, &method);
-            return None;
+            self.close_channel(ch, ReplyCode::AccessRefused, &text, method);
+            return false;
         }
         let Some(channel) = channel_in(&mut self.channels, ch) else {
-            return Some(method);
+            return true;
         };
         if !matches!(channel.state, ChannelState::Open | ChannelState::Opening) {
-            return Some(method);
+            return true;
         }
         let last = channel.last_queue.clone();
         let fill = |q: &mut ShortStr| -> bool {
@@ -872,14 +885,13 @@ impl Session {
                 None => false,
             }
         };
-        let mut method = method;
-        let ok = match &mut method {
+        let ok = match method {
             Method::QueueDeclare(x) => {
                 if x.queue.is_empty() {
                     if x.passive {
                         // RabbitMQ does not apply the shortcut to a passive declare: it looks
                         // for a queue named '' and answers 404, and so do the clusters.
-                        return Some(method);
+                        return true;
                     }
                     x.queue = server_named_queue(self.id);
                 }
@@ -909,15 +921,15 @@ impl Session {
             _ => true,
         };
         if ok {
-            return Some(method);
+            return true;
         }
         self.close_channel(
             ch,
             ReplyCode::NotFound,
             "no previously declared queue",
-            &method,
+            method,
         );
-        None
+        false
     }
 
     /// Closes a client channel on the proxy's own initiative (as the broker would), and the

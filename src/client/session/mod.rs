@@ -1078,11 +1078,15 @@ impl Session {
     }
 
     fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
+        // Only a whole command (or a refused one) changes what pauses the input: the header and
+        // body frames of a publish do not, so they skip the check.
+        let mut may_pause = true;
         while self.end.is_none() {
-            if self.input_paused() {
+            if may_pause && self.input_paused() {
                 self.input_stalled = true;
                 return;
             }
+            may_pause = true;
             let frame = match codec::decode_client_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
@@ -1104,7 +1108,7 @@ impl Session {
                 continue;
             }
             match assembler.push(frame) {
-                Ok(None) => {}
+                Ok(None) => may_pause = false,
                 Ok(Some(cmd)) => {
                     let ch = cmd.channel;
                     if let Err(e) = self.on_client_command(cmd) {

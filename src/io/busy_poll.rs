@@ -5,8 +5,8 @@
 //! client's publish, then the broker's delivery). Waking a sleeping thread costs tens of
 //! microseconds on a virtual machine, about as much as everything else on the hop together;
 //! RabbitMQ avoids the same cost by letting its schedulers spin before they sleep. With
-//! `[runtime] busy_poll_us` set, one spinner task per worker keeps yielding for that long after the
-//! last traffic; every yield makes tokio poll its I/O driver without blocking, so a frame that
+//! `[runtime] busy_poll_us` set, one spinner task per connection thread keeps yielding for that
+//! long after the last traffic; every yield makes tokio poll its I/O driver without blocking, so a frame that
 //! arrives is picked up at once. Once traffic stops for the window, the spinners sleep until the
 //! next client or broker read touches them: an idle proxy costs nothing.
 //!
@@ -34,19 +34,9 @@ struct BusyPoll {
     wake: Notify,
 }
 
-/// Starts `spinners` busy-polling tasks on the current runtime that spin for `window` after
-/// traffic. Call once, from inside the runtime; later calls do nothing.
-pub fn start(window: Duration, spinners: usize) {
-    if window.is_zero() || BUSY_POLL.get().is_some() {
-        return;
-    }
-    for _ in 0..spinners.max(1) {
-        start_one(window);
-    }
-}
-
-/// Starts one busy-polling task on the current runtime (each connection thread has its own
-/// runtime, and one spinner). The first call sets the window for the process.
+/// Starts one busy-polling task on the current runtime that spins for `window` after traffic
+/// (each connection thread has its own runtime, and one spinner). The first call sets the
+/// window for the process.
 pub fn start_one(window: Duration) {
     if window.is_zero() {
         return;
@@ -123,7 +113,7 @@ mod tests {
     /// next touch wakes it.
     #[tokio::test(flavor = "current_thread")]
     async fn spinner_sleeps_when_quiet_and_wakes_on_traffic() {
-        start(Duration::from_millis(500), 1);
+        start_one(Duration::from_millis(500));
         let poll = BUSY_POLL.get().expect("started");
         let asleep = || poll.sleeping.load(Ordering::SeqCst) == 1;
         until("the spinner sleeps with no traffic", asleep).await;

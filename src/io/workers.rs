@@ -49,6 +49,8 @@ impl Workers {
             n => n,
         };
         let stop = CancellationToken::new();
+        // Threads already started end if a later one cannot be.
+        let started = stop.clone().drop_guard();
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -72,6 +74,7 @@ impl Workers {
                 load: Arc::default(),
             });
         }
+        started.disarm();
         Ok(Workers {
             threads: workers,
             stop,
@@ -136,25 +139,23 @@ fn default_threads() -> usize {
 mod tests {
     use super::*;
 
+    fn loads(workers: &Workers) -> Vec<usize> {
+        workers
+            .threads
+            .iter()
+            .map(|w| w.load.load(Ordering::Relaxed))
+            .collect()
+    }
+
     #[test]
     fn new_connections_go_to_the_least_busy_thread() {
         let workers = Workers::start(3, Duration::ZERO).expect("threads");
         let a = workers.pick().1;
         let b = workers.pick().1;
         let c = workers.pick().1;
-        let loads: Vec<usize> = workers
-            .threads
-            .iter()
-            .map(|w| w.load.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(loads, [1, 1, 1]);
+        assert_eq!(loads(&workers), [1, 1, 1]);
         drop(b);
-        let loads: Vec<usize> = workers
-            .threads
-            .iter()
-            .map(|w| w.load.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(loads, [1, 0, 1]);
+        assert_eq!(loads(&workers), [1, 0, 1]);
         let _d = workers.pick().1;
         assert_eq!(workers.threads[1].load.load(Ordering::Relaxed), 1);
         drop((a, c));

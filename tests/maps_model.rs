@@ -8,8 +8,12 @@
 //! `multiple` ack up to U acks every unacked tag <= U. Deliveries come from 1-4 links, with or
 //! without ack; the client acks, nacks and rejects tags that are outstanding, on a dead link,
 //! already settled, no-ack, forgotten, never issued, or 0, with and without `multiple`; a link
-//! dies (`kill_link`: its channel is gone, the broker requeued its unacked deliveries, and the
-//! link that replaces it numbers from 1 again); `forget_all` is a basic.recover (the brokers
+//! dies (its channel is gone, the broker requeued its unacked deliveries, and the link that
+//! replaces it takes its slot as the next generation and numbers from 1 again), with or without
+//! the session marking its deliveries dead (`kill_link`): the test plays the session's part and
+//! sends an upstream ack only to the link of the same generation, so without the mark the
+//! generation alone must keep every ack for the dead link's deliveries off the new link;
+//! `forget_all` is a basic.recover (the brokers
 //! requeue, their numbering goes on). Checked after each step: `resolve` fails exactly when
 //! RabbitMQ would (the named tag is not outstanding), and then sends nothing; otherwise it sends
 //! at most one ack per live link, and the upstream deliveries those acks settle on the modelled
@@ -42,8 +46,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use warren::client::channel::{
-    ClientConfirm, ClientConfirms, DEAD_LINK, DeliveryTags, Held, InFlight, UnknownTag,
-    UpstreamAck, UpstreamConfirms,
+    ClientConfirm, ClientConfirms, DeliveryTags, Held, InFlight, LinkRef, UnknownTag, UpstreamAck,
+    UpstreamConfirms,
 };
 use warren::held::HeldLedger;
 use warren::io::Content;
@@ -101,8 +105,10 @@ enum TagOp {
         tag: Tag,
         multiple: bool,
     },
-    /// The link dies (failover).
-    KillLink(usize),
+    /// The link dies (failover) and a new link takes its slot, as the next generation. With
+    /// `marked`, the session marks the dead link's deliveries (`kill_link`); without, only the
+    /// generation keeps the client's acks for them from the new link.
+    KillLink { link: usize, marked: bool },
     /// basic.recover, or the channel reset.
     ForgetAll,
 }
@@ -130,7 +136,8 @@ fn tag_op(links: usize) -> impl Strategy<Value = TagOp> {
             tag,
             multiple: multiple && kind != Kind::Reject,
         }),
-        1 => (0..links).prop_map(TagOp::KillLink),
+        1 => (0..links, prop::bool::weighted(0.7))
+            .prop_map(|(link, marked)| TagOp::KillLink { link, marked }),
         1 => Just(TagOp::ForgetAll),
     ]
 }
@@ -247,6 +254,8 @@ impl TagModel {
 /// The proxy's map and the model, stepped together.
 struct TagRun {
     links: usize,
+    /// The generation of the link in each slot (one more each time a link dies).
+    gens: Vec<u32>,
     tags: DeliveryTags,
     m: TagModel,
     out: Vec<UpstreamAck>,
@@ -256,6 +265,7 @@ impl TagRun {
     fn new(links: usize) -> Self {
         TagRun {
             links,
+            gens: vec![0; links],
             tags: DeliveryTags::default(),
             m: TagModel {
                 deliveries: Vec::new(),
@@ -269,11 +279,15 @@ impl TagRun {
     fn step(&mut self, step: usize, op: TagOp) -> Result<Option<String>, TestCaseError> {
         let TagRun {
             links,
+            gens,
             tags,
             m,
             out,
         } = self;
         let links = *links;
+        // The session's view of a link a map hands back: the slot of a live link, or None for
+        // a dead one (marked, or of an older generation than the slot's link).
+        let live = |gens: &[u32], l: LinkRef| l.slot().filter(|&i| gens[i] == l.generation());
         match op {
             TagOp::Deliver { link, needs_ack } => {
                 let b = &mut m.brokers[link];
@@ -287,7 +301,7 @@ impl TagRun {
                     upstream,
                     state: if needs_ack { D::Outstanding } else { D::NoAck },
                 });
-                let tag = tags.issue(link, upstream, needs_ack);
+                let tag = tags.issue(LinkRef::new(link, gens[link]), upstream, needs_ack);
                 prop_assert_eq!(
                     tag,
                     m.deliveries.len() as u64,
@@ -336,21 +350,25 @@ impl TagRun {
                 let mut seen = BTreeSet::new();
                 for a in out.iter() {
                     prop_assert!(
-                        a.link < links,
-                        "step {step}: {what}: {a:?} goes to no live link (DEAD_LINK is {DEAD_LINK})"
+                        a.link != LinkRef::DEAD && a.link.slot().is_some_and(|i| i < links),
+                        "step {step}: {what}: {a:?} names no link"
                     );
                     prop_assert!(
-                        seen.insert(a.link),
-                        "step {step}: {what}: two upstream acks for link {}: {out:?}",
+                        seen.insert((a.link.slot(), a.link.generation())),
+                        "step {step}: {what}: two upstream acks for {:?}: {out:?}",
                         a.link
                     );
-                    let settled = m.brokers[a.link].ack(a.upstream_tag, a.multiple).map_err(
-                        |e| {
+                    // The session sends an ack only to the link of the same generation.
+                    let Some(link) = live(gens, a.link) else {
+                        continue;
+                    };
+                    let settled = m.brokers[link]
+                        .ack(a.upstream_tag, a.multiple)
+                        .map_err(|e| {
                             TestCaseError::fail(format!(
                                 "step {step}: {what}: {a:?} (of {out:?}): the broker answers {e}"
                             ))
-                        },
-                    )?;
+                        })?;
                     prop_assert_eq!(
                         a.count as usize,
                         settled.len(),
@@ -360,7 +378,7 @@ impl TagRun {
                         a,
                         settled
                     );
-                    acked.extend(settled.into_iter().map(|u| (a.link, u)));
+                    acked.extend(settled.into_iter().map(|u| (link, u)));
                 }
                 prop_assert_eq!(
                     &acked,
@@ -376,7 +394,7 @@ impl TagRun {
                 }
                 Ok(Some(format!("{what} -> upstream {out:?}")))
             }
-            TagOp::KillLink(link) => {
+            TagOp::KillLink { link, marked } => {
                 let mut n = 0;
                 for d in &mut m.deliveries {
                     if d.link == link && d.state == D::Outstanding {
@@ -388,13 +406,17 @@ impl TagRun {
                 // The channel is gone, the broker requeued its unacked deliveries; the link that
                 // replaces it opens a new channel, numbered from 1.
                 m.brokers[link] = Broker::default();
-                prop_assert_eq!(
-                    tags.kill_link(link),
-                    n,
-                    "step {}: link {} dies: kill_link",
-                    step,
-                    link
-                );
+                let gone = LinkRef::new(link, gens[link]);
+                gens[link] += 1;
+                if marked {
+                    prop_assert_eq!(
+                        tags.kill_link(gone),
+                        n,
+                        "step {}: link {} dies: kill_link",
+                        step,
+                        link
+                    );
+                }
                 Ok(used.then(|| {
                     format!(
                         "link {link} dies ({n} deliveries dead), its new channel numbers from 1"
@@ -405,8 +427,8 @@ impl TagRun {
                 let mut want = Vec::new();
                 for d in &mut m.deliveries {
                     match d.state {
-                        D::Outstanding => want.push(d.link),
-                        D::Dead => want.push(DEAD_LINK),
+                        D::Outstanding => want.push(Some(d.link)),
+                        D::Dead => want.push(None),
                         _ => continue,
                     }
                     d.state = D::Forgotten;
@@ -416,7 +438,7 @@ impl TagRun {
                     b.unacked.clear();
                 }
                 let mut got = Vec::new();
-                tags.forget_all(|l| got.push(l));
+                tags.forget_all(|l| got.push(live(gens, l)));
                 want.sort_unstable();
                 got.sort_unstable();
                 let n = want.len();
@@ -437,7 +459,7 @@ impl TagRun {
         );
         for link in 0..self.links {
             prop_assert_eq!(
-                tags.count_link(link),
+                tags.count_link(LinkRef::new(link, self.gens[link])),
                 m.count(|d| d.link == link && d.state == D::Outstanding),
                 "step {}: count_link({})",
                 step,

@@ -107,12 +107,12 @@ pub struct Rpc {
 pub struct Reply {
     pub method: Method,
     pub content: Option<Content>,
-    pub link: LinkId,
+    pub link: LinkRef,
 }
 
 impl Rpc {
     /// Folds one link's reply into the answer.
-    pub fn merge(&mut self, method: Method, content: Option<Content>, link: LinkId) {
+    pub fn merge(&mut self, method: Method, content: Option<Content>, link: LinkRef) {
         self.waiting = self.waiting.saturating_sub(1);
         let Some(acc) = &mut self.reply else {
             self.reply = Some(Reply {
@@ -174,14 +174,53 @@ pub struct PendingClose {
     pub client_closed: bool,
 }
 
-/// The link id given to deliveries whose link died: acks for them are dropped.
-pub const DEAD_LINK: LinkId = LinkId::MAX;
+/// A link as what outlives a turn of the session remembers it: its slot and the generation of
+/// the link in that slot.
+///
+/// A session reuses the slot of a cluster's dead link for the link that replaces it (failover,
+/// a node back), and the new link numbers its delivery tags from 1 again: an ack meant for a
+/// delivery of the old link, sent on the new one, would settle another message. So a delivery
+/// remembers its link's generation, and the session sends an ack only to the link of the same
+/// generation ([`Session`](crate::client::session) compares them); an ack for an older one is
+/// swallowed, as for any dead link (its broker requeued the message). The session also marks a
+/// dead link's deliveries as [`DEAD`](Self::DEAD) when the link dies; the generation makes a
+/// missed mark harmless instead of a wrong ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkRef {
+    slot: u32,
+    generation: u32,
+}
+
+impl LinkRef {
+    /// Deliveries whose link died: acks for them are dropped.
+    pub const DEAD: LinkRef = LinkRef {
+        slot: u32::MAX,
+        generation: u32::MAX,
+    };
+
+    /// Slot ids stay below [`LinkSet::CAPACITY`], so they fit.
+    pub fn new(slot: LinkId, generation: u32) -> Self {
+        LinkRef {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            generation,
+        }
+    }
+
+    /// The slot, or `None` for [`DEAD`](Self::DEAD).
+    pub fn slot(self) -> Option<LinkId> {
+        (self != Self::DEAD).then_some(self.slot as LinkId)
+    }
+
+    pub fn generation(self) -> u32 {
+        self.generation
+    }
+}
 
 /// One delivery the client has not acknowledged yet.
 #[derive(Debug, Clone, Copy)]
 struct Unacked {
     tag: u64,
-    link: LinkId,
+    link: LinkRef,
     upstream_tag: u64,
 }
 
@@ -189,7 +228,7 @@ struct Unacked {
 /// `upstream_tag` on that link's channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamAck {
-    pub link: LinkId,
+    pub link: LinkRef,
     pub upstream_tag: u64,
     pub multiple: bool,
     /// How many deliveries this ack settles.
@@ -224,7 +263,7 @@ impl DeliveryTags {
         self.last + 1
     }
 
-    pub fn issue(&mut self, link: LinkId, upstream_tag: u64, needs_ack: bool) -> u64 {
+    pub fn issue(&mut self, link: LinkRef, upstream_tag: u64, needs_ack: bool) -> u64 {
         self.last += 1;
         if needs_ack {
             self.unacked.push_back(Unacked {
@@ -269,7 +308,7 @@ impl DeliveryTags {
                 if let Some(log) = self.tx.as_mut() {
                     log.push(entry);
                 }
-                if entry.link == DEAD_LINK {
+                if entry.link == LinkRef::DEAD {
                     continue;
                 }
                 match out.iter_mut().find(|a| a.link == entry.link) {
@@ -297,7 +336,7 @@ impl DeliveryTags {
         if let Some(log) = self.tx.as_mut() {
             log.push(entry);
         }
-        if entry.link == DEAD_LINK {
+        if entry.link == LinkRef::DEAD {
             return Ok(());
         }
         out.push(UpstreamAck {
@@ -322,15 +361,15 @@ impl DeliveryTags {
     /// The link of a delivery is gone: the broker has requeued the message (it will be delivered
     /// again, with `redelivered` set), so the client's ack for this tag must be swallowed, never
     /// answered with 406. Returns how many entries were marked.
-    pub fn kill_link(&mut self, link: LinkId) -> usize {
+    pub fn kill_link(&mut self, link: LinkRef) -> usize {
         let mut n = 0;
         for e in self.unacked.iter_mut().filter(|e| e.link == link) {
-            e.link = DEAD_LINK;
+            e.link = LinkRef::DEAD;
             n += 1;
         }
         // Settled in the open transaction but not committed: the broker requeued them too.
         for e in self.tx.iter_mut().flatten().filter(|e| e.link == link) {
-            e.link = DEAD_LINK;
+            e.link = LinkRef::DEAD;
         }
         n
     }
@@ -350,12 +389,12 @@ impl DeliveryTags {
     /// tx.rollback: the transaction's settlements are undone (the brokers keep those deliveries
     /// unacknowledged), so their tags are outstanding again. Calls `each` with the link of each
     /// delivery that comes back.
-    pub fn rollback(&mut self, mut each: impl FnMut(LinkId)) {
+    pub fn rollback(&mut self, mut each: impl FnMut(LinkRef)) {
         let Some(log) = self.tx.as_mut() else {
             return;
         };
         for e in log.drain(..) {
-            if e.link != DEAD_LINK {
+            if e.link != LinkRef::DEAD {
                 each(e.link);
             }
             let at = self.unacked.partition_point(|u| u.tag < e.tag);
@@ -364,18 +403,18 @@ impl DeliveryTags {
     }
 
     /// Deliveries of `link` the client has not acknowledged yet.
-    pub fn count_link(&self, link: LinkId) -> usize {
+    pub fn count_link(&self, link: LinkRef) -> usize {
         self.unacked.iter().filter(|e| e.link == link).count()
     }
 
     /// The link of these deliveries is being closed on purpose (a removed cluster): the same as
     /// [`kill_link`](Self::kill_link) for the client.
-    pub fn forget_link(&mut self, link: LinkId) -> usize {
+    pub fn forget_link(&mut self, link: LinkRef) -> usize {
         self.kill_link(link)
     }
 
     /// Forgets every outstanding delivery, calling `each` with the link of each one.
-    pub fn forget_all(&mut self, mut each: impl FnMut(LinkId)) {
+    pub fn forget_all(&mut self, mut each: impl FnMut(LinkRef)) {
         for e in self.unacked.drain(..) {
             each(e.link);
         }
@@ -597,7 +636,7 @@ pub struct Channel {
     /// Deliveries waiting, with the link they came from and their upstream tag still in place:
     /// their client tags are issued when they are released, after what they wait for, so that
     /// on every link the client's tags keep growing with the upstream ones.
-    pub held: Vec<(LinkId, Method, Option<Content>)>,
+    pub held: Vec<(LinkRef, Method, Option<Content>)>,
     /// The client's last basic.qos, re-split when the set of shard clusters changes.
     pub qos: Option<crate::codec::BasicQos>,
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
@@ -691,21 +730,26 @@ impl Default for Channel {
 mod tests {
     use super::*;
 
+    /// The first link in slot `slot`.
+    fn l(slot: LinkId) -> LinkRef {
+        LinkRef::new(slot, 0)
+    }
+
     #[test]
     fn multiple_ack_maps_to_one_upstream_ack_per_link() {
         let mut t = DeliveryTags::default();
         // Two links interleaved: ours 1..=5, link 0 tags 1,2,3 and link 1 tags 1,2.
-        assert_eq!(t.issue(0, 1, true), 1);
-        assert_eq!(t.issue(1, 1, true), 2);
-        assert_eq!(t.issue(0, 2, true), 3);
-        assert_eq!(t.issue(1, 2, true), 4);
-        assert_eq!(t.issue(0, 3, true), 5);
+        assert_eq!(t.issue(l(0), 1, true), 1);
+        assert_eq!(t.issue(l(1), 1, true), 2);
+        assert_eq!(t.issue(l(0), 2, true), 3);
+        assert_eq!(t.issue(l(1), 2, true), 4);
+        assert_eq!(t.issue(l(0), 3, true), 5);
         let mut out = Vec::new();
         t.resolve(2, false, &mut out).unwrap();
         assert_eq!(
             out,
             vec![UpstreamAck {
-                link: 1,
+                link: l(1),
                 upstream_tag: 1,
                 multiple: false,
                 count: 1
@@ -716,13 +760,13 @@ mod tests {
             out,
             vec![
                 UpstreamAck {
-                    link: 0,
+                    link: l(0),
                     upstream_tag: 2,
                     multiple: true,
                     count: 2
                 },
                 UpstreamAck {
-                    link: 1,
+                    link: l(1),
                     upstream_tag: 2,
                     multiple: false,
                     count: 1
@@ -744,7 +788,7 @@ mod tests {
         assert_eq!(
             out,
             vec![UpstreamAck {
-                link: 0,
+                link: l(0),
                 upstream_tag: 3,
                 multiple: false,
                 count: 1
@@ -758,16 +802,16 @@ mod tests {
         let mut t = DeliveryTags::default();
         t.select_tx();
         for up in 1..=4 {
-            t.issue(up as usize % 2, up, true);
+            t.issue(l(up as usize % 2), up, true);
         }
         let mut out = Vec::new();
         t.resolve(2, false, &mut out).unwrap();
         t.resolve(4, true, &mut out).unwrap();
         assert_eq!(t.outstanding(), 0);
         let mut back = Vec::new();
-        t.rollback(|l| back.push(l));
+        t.rollback(|r| back.push(r.slot()));
         back.sort_unstable();
-        assert_eq!(back, [0, 0, 1, 1]);
+        assert_eq!(back, [Some(0), Some(0), Some(1), Some(1)]);
         assert_eq!(t.outstanding(), 4, "every settlement undone");
         // The same tags settle again, in tag order upstream.
         t.resolve(1, false, &mut out).unwrap();
@@ -783,24 +827,60 @@ mod tests {
     #[test]
     fn acks_for_deliveries_of_a_dead_link_are_swallowed() {
         let mut t = DeliveryTags::default();
-        t.issue(0, 1, true);
-        t.issue(1, 1, true);
-        t.issue(0, 2, true);
-        assert_eq!(t.kill_link(0), 2);
+        t.issue(l(0), 1, true);
+        t.issue(l(1), 1, true);
+        t.issue(l(0), 2, true);
+        assert_eq!(t.kill_link(l(0)), 2);
         let mut out = Vec::new();
         t.resolve(1, false, &mut out).unwrap();
         assert!(out.is_empty(), "nothing goes to a dead link");
         t.resolve(3, true, &mut out).unwrap();
         assert_eq!(out.len(), 1, "only link 1's delivery is acked upstream");
-        assert_eq!(out[0].link, 1);
+        assert_eq!(out[0].link, l(1));
         assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_slots_next_link_is_another_link_to_the_tag_map() {
+        // Slot 0's link delivers tags 1 and 2, dies, and the link that takes the slot over
+        // numbers from 1 again. Even had the death not been recorded (no kill_link), the old
+        // deliveries resolve to the old generation, never to the new link's tags.
+        let mut t = DeliveryTags::default();
+        let (old, new) = (LinkRef::new(0, 0), LinkRef::new(0, 1));
+        t.issue(old, 1, true);
+        t.issue(old, 2, true);
+        t.issue(new, 1, true);
+        assert_eq!(t.count_link(old), 2);
+        assert_eq!(t.count_link(new), 1);
+        let mut out = Vec::new();
+        t.resolve(3, true, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                UpstreamAck {
+                    link: old,
+                    upstream_tag: 2,
+                    multiple: true,
+                    count: 2
+                },
+                UpstreamAck {
+                    link: new,
+                    upstream_tag: 1,
+                    multiple: false,
+                    count: 1
+                },
+            ],
+            "one ack per generation: the session sends the old one nowhere"
+        );
+        assert_eq!(LinkRef::DEAD.slot(), None);
+        assert_eq!(new.slot(), Some(0));
     }
 
     #[test]
     fn no_ack_deliveries_take_a_tag_but_no_memory() {
         let mut t = DeliveryTags::default();
-        assert_eq!(t.issue(0, 1, false), 1);
-        assert_eq!(t.issue(0, 2, true), 2);
+        assert_eq!(t.issue(l(0), 1, false), 1);
+        assert_eq!(t.issue(l(0), 2, true), 2);
         assert_eq!(t.outstanding(), 1);
         let mut out = Vec::new();
         assert_eq!(

@@ -526,7 +526,7 @@ impl Session {
                 let channel = self.channels.get(usize::from(ch)).and_then(Option::as_ref);
                 let held: Vec<u32> = shards
                     .iter()
-                    .map(|&l| channel.map_or(0, |c| c.tags.count_link(l) as u32))
+                    .map(|&l| channel.map_or(0, |c| c.tags.count_link(self.link_ref(l)) as u32))
                     .collect();
                 split_window(q.prefetch_count, &held, k)
             }
@@ -569,7 +569,11 @@ impl Session {
             return self.fan_out(ch, method, targets);
         }
         if let Some(link) = swaps.iter().find(|&l| {
-            channel.tags.count_link(l) > 0 || channel.consumers.iter().any(|c| c.links.contains(l))
+            channel
+                .tags
+                .count_link(LinkRef::new(l, self.links[l].generation))
+                > 0
+                || channel.consumers.iter().any(|c| c.links.contains(l))
         }) {
             warn!(conn = self.id, channel = ch, cluster = %self.links[link].link.cluster,
                 "tx.select refused: the channel has published and consumes, and switching its upstream channel to tx mode would requeue its unacknowledged deliveries");
@@ -696,10 +700,19 @@ impl Session {
         match resolved {
             Ok(()) => {
                 for a in &acks {
-                    if let Some(slot) = self.links.get(a.link) {
-                        slot.m.acks.inc();
-                        slot.m.unacked.dec_by(i64::from(a.count));
-                        slot.send(ch, &make(a.upstream_tag, a.multiple));
+                    // Only to the link that delivered: a later link in its slot numbers its
+                    // own deliveries from 1 again.
+                    match slot_of(&self.links, a.link) {
+                        Some(slot) => {
+                            slot.m.acks.inc();
+                            slot.m.unacked.dec_by(i64::from(a.count));
+                            slot.send(ch, &make(a.upstream_tag, a.multiple));
+                        }
+                        None => warn!(
+                            conn = self.id,
+                            channel = ch,
+                            "swallowed an ack for deliveries of a link that is gone (its broker requeued them)"
+                        ),
                     }
                 }
             }

@@ -109,6 +109,7 @@ impl Session {
             }
             _ => {}
         }
+        let link_ref = self.link_ref(link);
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
@@ -123,9 +124,9 @@ impl Session {
                     // Sent before the cluster read the close: one broker's client gets it
                     // before close-ok too (with no_ack, the broker has already let it go).
                     if must_hold(channel) {
-                        channel.held.push((link, method, content));
+                        channel.held.push((link_ref, method, content));
                     } else {
-                        self.deliver_tagged(ch, link, method, content.as_ref());
+                        self.deliver_tagged(ch, link_ref, method, content.as_ref());
                     }
                     return;
                 }
@@ -161,10 +162,10 @@ impl Session {
                 if must_hold(channel) {
                     // Until the client has its consume-ok, and while a get-ok waits for its
                     // turn, deliveries of the channel wait, in order, without a client tag yet.
-                    channel.held.push((link, deliver, content));
+                    channel.held.push((link_ref, deliver, content));
                     return;
                 }
-                self.deliver_tagged(ch, link, deliver, content.as_ref());
+                self.deliver_tagged(ch, link_ref, deliver, content.as_ref());
             }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
@@ -259,6 +260,7 @@ impl Session {
         method: Method,
         content: Option<Content>,
     ) {
+        let link_ref = self.link_ref(link);
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
@@ -278,7 +280,7 @@ impl Session {
         if !rpc.in_turn.is_empty() {
             while let Some(next) = rpc.in_turn.pop() {
                 if self.links[next].live() {
-                    rpc.merge(method, content, link);
+                    rpc.merge(method, content, link_ref);
                     rpc.waiting += 1;
                     let request = rpc.request.clone();
                     self.links[next].request(ch, &request, Pending::Rpc(id));
@@ -286,7 +288,7 @@ impl Session {
                 }
             }
         }
-        rpc.merge(method, content, link);
+        rpc.merge(method, content, link_ref);
         self.flush_rpcs(ch);
     }
 
@@ -561,8 +563,8 @@ impl Session {
                     };
                     // A get-ok whose link died meanwhile: the broker requeued the message, so
                     // the client's ack of it is swallowed (never sent to another link).
-                    let live = self.links.get(reply.link).filter(|s| !s.done());
-                    let link = live.map_or(crate::client::channel::DEAD_LINK, |_| reply.link);
+                    let live = slot_of(&self.links, reply.link).filter(|s| !s.done());
+                    let link = live.map_or(LinkRef::DEAD, |_| reply.link);
                     g.delivery_tag = channel.tags.issue(link, g.delivery_tag, needs_ack);
                     if let Some(slot) = live {
                         slot.m.deliveries.inc();
@@ -627,13 +629,25 @@ impl Session {
     pub(super) fn deliver_tagged(
         &mut self,
         ch: u16,
-        link: LinkId,
+        link: LinkRef,
         mut deliver: Method,
         content: Option<&Content>,
     ) {
         let Method::BasicDeliver(d) = &mut deliver else {
             return;
         };
+        let Some(slot) = slot_of(&self.links, link) else {
+            // A delivery held back from a link that is gone (a later link took its slot): its
+            // broker requeued the message, which comes again. Passing this copy on would
+            // deliver it twice, with a tag no ack could settle.
+            warn!(
+                conn = self.id,
+                channel = ch,
+                "dropped a held delivery of a link that is gone (its broker requeued it)"
+            );
+            return;
+        };
+        let m = &slot.m;
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
@@ -641,11 +655,10 @@ impl Session {
         if !needs_ack && channel.consumes_replies(&d.consumer_tag) {
             // As RabbitMQ numbers direct replies: the next tag, not used up.
             d.delivery_tag = channel.tags.peek();
-            self.links[link].m.deliveries.inc();
+            m.deliveries.inc();
             return self.deliver(ch, &deliver, content);
         }
         d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);
-        let m = &self.links[link].m;
         m.deliveries.inc();
         if needs_ack {
             m.unacked.inc();
@@ -887,9 +900,9 @@ impl Session {
 /// (those its broker sent before the get-ok carrying `upstream`), in arrival order.
 fn take_held_before(
     channel: &mut Channel,
-    link: LinkId,
+    link: LinkRef,
     upstream: u64,
-) -> Vec<(LinkId, Method, Option<Content>)> {
+) -> Vec<(LinkRef, Method, Option<Content>)> {
     let mut earlier = Vec::new();
     let mut kept = Vec::with_capacity(channel.held.len());
     for (l, m, content) in std::mem::take(&mut channel.held) {

@@ -126,6 +126,9 @@ pub(super) struct TopologyPlan {
 
 pub(super) struct LinkSlot {
     pub(super) link: Link,
+    /// Which of the links this slot has held: a slot is reused for the link that replaces its
+    /// cluster's dead one, with the next generation (see [`LinkRef`]).
+    pub(super) generation: u32,
     pub(super) m: ClusterMetrics,
     pub(super) role: Role,
     pub(super) weight: u32,
@@ -148,6 +151,7 @@ impl LinkSlot {
         m.links.inc();
         LinkSlot {
             link,
+            generation: 0,
             m,
             role,
             weight,

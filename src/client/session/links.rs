@@ -123,14 +123,16 @@ impl Session {
                     .with_topology(&self.vhost, |t| t.has(Class::Sharded))
                     .unwrap_or(false));
         slot.start_replay(needs_topology.then_some(plan));
-        // Reuse the slot of this cluster's dead link: everything that pointed at it was released
-        // when it died, and link ids must stay below LinkSet::CAPACITY.
+        // Reuse the slot of this cluster's dead link (link ids must stay below
+        // LinkSet::CAPACITY), as the next generation: what still remembers the dead link (a
+        // delivery's tag) never reaches this one.
         let index = match self
             .links
             .iter()
             .position(|s| s.done() && *s.link.cluster == *c.name)
         {
             Some(i) => {
+                slot.generation = self.links[i].generation.wrapping_add(1);
                 self.links[i] = slot;
                 i
             }
@@ -424,7 +426,7 @@ impl Session {
                 .channels
                 .iter()
                 .flatten()
-                .map(|c| c.tags.count_link(i))
+                .map(|c| c.tags.count_link(LinkRef::new(i, slot.generation)))
                 .sum();
             let pending: usize = slot
                 .chans
@@ -439,8 +441,9 @@ impl Session {
                     200,
                     "cluster removed from the proxy configuration",
                 ));
+                let gone = self.link_ref(i);
                 for channel in self.channels.iter_mut().flatten() {
-                    channel.tags.forget_link(i);
+                    channel.tags.forget_link(gone);
                     for consumer in &mut channel.consumers {
                         consumer.links.remove(i);
                     }
@@ -657,6 +660,7 @@ impl Session {
     /// state on the new link.
     pub(super) fn fail_link(&mut self, link: LinkId) {
         let lost = self.state_lost_with(link);
+        let gone = self.link_ref(link);
         let slot = &mut self.links[link];
         slot.mark_done();
         let cluster = slot.link.cluster.to_string();
@@ -708,16 +712,16 @@ impl Session {
             // the next link, so their tags must be dead ones, not the next link's.
             for rpc in channel.rpcs.iter_mut() {
                 if let Some(reply) = rpc.reply.as_mut()
-                    && reply.link == link
+                    && reply.link == gone
                 {
-                    reply.link = crate::client::channel::DEAD_LINK;
+                    reply.link = LinkRef::DEAD;
                 }
             }
-            let n = channel.tags.kill_link(link);
+            let n = channel.tags.kill_link(gone);
             m.unacked.dec_by(n as i64);
             // Held deliveries of the dead link have no client tag yet; the broker requeues them
             // (and the slot may be reused by the next link, whose upstream tags they would hit).
-            channel.held.retain(|(l, _, _)| *l != link);
+            channel.held.retain(|(l, _, _)| *l != gone);
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
                 if consumer.cancelled_by_cluster && consumer.links.is_empty() {
@@ -863,6 +867,7 @@ impl Session {
     /// requests that were in flight on the old one are answered from it.
     pub(super) fn resend_orphans(&mut self, link: LinkId) {
         let cluster = self.links[link].link.cluster.to_string();
+        let link_ref = self.link_ref(link);
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut self.orphans)
             .into_iter()
             .partition(|o| o.cluster == cluster);
@@ -886,7 +891,7 @@ impl Session {
             };
             match done {
                 Some(reply) => {
-                    rpc.merge(reply, None, link);
+                    rpc.merge(reply, None, link_ref);
                     self.flush_rpcs(o.ch);
                 }
                 None if rpc.then_delete.is_some() => {
@@ -940,7 +945,7 @@ impl Session {
                 rpc.reply = Some(crate::client::channel::Reply {
                     method: Method::BasicGetEmpty(Default::default()),
                     content: None,
-                    link: LinkId::MAX,
+                    link: LinkRef::DEAD,
                 });
             }
         }

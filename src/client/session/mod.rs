@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
-    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkSet, PendingClose,
+    Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkRef, LinkSet, PendingClose,
     UpstreamAck, UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
@@ -667,10 +667,18 @@ fn connection_close(code: u16, text: &'static str) -> Method {
     })
 }
 
-fn unacked_dec(links: &[LinkSlot], link: LinkId) {
-    if let Some(slot) = links.get(link) {
+fn unacked_dec(links: &[LinkSlot], link: LinkRef) {
+    if let Some(slot) = slot_of(links, link) {
         slot.m.unacked.dec();
     }
+}
+
+/// The slot of `link` if it still holds that link: not dead, and not a later link of the slot's
+/// cluster reusing it (see [`LinkRef`]).
+fn slot_of(links: &[LinkSlot], link: LinkRef) -> Option<&LinkSlot> {
+    links
+        .get(link.slot()?)
+        .filter(|s| s.generation == link.generation())
 }
 
 /// Splits a prefetch window over the shard links: link `index` keeps room for the `held[index]`
@@ -1179,6 +1187,13 @@ impl Session {
     fn to_client(&self, ch: u16, method: &Method) {
         self.client_out
             .push(|buf| codec::write_method(buf, ch, method));
+    }
+
+    /// What a delivery remembers of link `link` (the link now in that slot).
+    pub(super) fn link_ref(&self, link: LinkId) -> LinkRef {
+        self.links
+            .get(link)
+            .map_or(LinkRef::DEAD, |s| LinkRef::new(link, s.generation))
     }
 
     fn channel_mut(&mut self, ch: u16) -> Option<&mut Channel> {

@@ -133,7 +133,7 @@ impl Session {
         } else {
             let links = &self.links;
             channel.tags.rollback(|l| {
-                if let Some(slot) = links.get(l) {
+                if let Some(slot) = slot_of(links, l) {
                     slot.m.unacked.inc();
                 }
             });

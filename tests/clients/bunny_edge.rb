@@ -15,9 +15,10 @@
 #
 # Scenarios that close a connection from the server side (Bunny's automatic connection and
 # topology recovery) need an admin endpoint on each side:
-#   - direct: RabbitMQ's management API, DELETE /api/connections/NAME, found by the client's
-#     connection_name; default http://HOST:(PORT+10000) with the URL's credentials, or
-#     DIRECT_MGMT=http://127.0.0.1:15701;
+#   - direct: rabbitmqctl close_connection through WARREN_DIRECT_CTL (a command prefix, e.g.
+#     "scripts/rabbit.sh ctl shard-a-1") when set, else RabbitMQ's management API, DELETE
+#     /api/connections/NAME, found by the client's connection_name; default
+#     http://HOST:(PORT+10000) with the URL's credentials, or DIRECT_MGMT=http://127.0.0.1:15701;
 #   - warren: its admin endpoint, POST /clients/ID/close (320), found by connection_name;
 #     default http://HOST:(PORT+10000), or WARREN_ADMIN=http://127.0.0.1:15675.
 # Only connections this script opened (their connection_name carries the run's id) are closed.
@@ -49,6 +50,9 @@ require 'uri'
 STEP = 15          # seconds for one bounded step
 SCENARIO = 120     # seconds for a whole scenario, one side
 RUN = SecureRandom.hex(3)
+# Directly: rabbitmqctl for the node (a command prefix, e.g. "scripts/rabbit.sh ctl shard-a-1"),
+# which lists a connection at once; without it, the node's management API.
+CTL = ENV.fetch('WARREN_DIRECT_CTL', '')
 
 class StepTimeout < StandardError; end
 
@@ -140,7 +144,16 @@ class Target
     cname = conn.connection_name
     deadline = Time.now + 15
     loop do
-      if direct?
+      if direct? && !CTL.empty?
+        # rabbitmqctl sees a connection at once; the management API only once its statistics
+        # are in, which a loaded machine can hold back for longer than this.
+        out = `#{CTL} -q list_connections --no-table-headers pid client_properties`
+        pids = out.lines.select { |l| l.include?("\t") && l.include?("\"#{cname}\"") }.map { |l| l.split("\t").first.strip }
+        unless pids.empty?
+          pids.each { |pid| system("#{CTL} close_connection '#{pid}' 'Closed via management plugin'", out: File::NULL) }
+          return pids.size
+        end
+      elsif direct?
         res = http(Net::HTTP::Get, "#{@admin}/api/connections?columns=name,client_properties")
         list = JSON.parse(res.body).select { |c| (c['client_properties'] || {})['connection_name'] == cname }
         unless list.empty?

@@ -17,13 +17,16 @@
 // Environment:
 //   NODE_WRAPPERS_PATH  a node_modules directory with amqplib, amqp-connection-manager and rascal
 //                       (default: tests/clients/node_modules);
-//   DIRECT_MGMT         RabbitMQ management API of the direct node, used to force-close this
-//                       script's own connections (default http://guest:guest@HOST:PORT+10000);
+//   WARREN_DIRECT_CTL   rabbitmqctl for the direct node (a command prefix, e.g.
+//                       "scripts/rabbit.sh ctl shard-a-1"), used to force-close this script's own
+//                       connections; without it, DIRECT_MGMT:
+//   DIRECT_MGMT         RabbitMQ management API of the direct node, used likewise
+//                       (default http://guest:guest@HOST:PORT+10000);
 //   PROXY_ADMIN         warren's admin endpoint, used likewise through POST /clients/ID/close
 //                       (default http://HOST:PORT+10000); PROXY_ADMIN_TOKEN if it needs a token.
 //
-// A "forced close" is the server closing the client connection with 320 CONNECTION_FORCED: the
-// management API's DELETE /api/connections/NAME directly, warren's POST /clients/ID/close through
+// A "forced close" is the server closing the client connection with 320 CONNECTION_FORCED:
+// rabbitmqctl close_connection or the management API's DELETE /api/connections/NAME directly, warren's POST /clients/ID/close through
 // warren. Only connections this script opened are closed: each carries a connection_name
 // (client property) unique to the run, and is looked up by it.
 //
@@ -36,6 +39,7 @@
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import crypto from 'node:crypto';
+import { execSync } from 'node:child_process';
 
 const LIBS = process.env.NODE_WRAPPERS_PATH ||
   path.join(path.dirname(new URL(import.meta.url).pathname), 'node_modules');
@@ -122,13 +126,28 @@ function authFetch(url, opts = {}) {
 
 /** Finds this script's connections named `name` (polls: the management API lists a new
  * connection after a moment); returns a function that closes them and resolves to the count. */
+/** Directly: rabbitmqctl for the node (a command prefix, e.g. "scripts/rabbit.sh ctl shard-a-1"),
+ * which lists a connection at once; without it, the node's management API. */
+const CTL = process.env.WARREN_DIRECT_CTL || '';
 const CLOSED = new Set(); // connections already closed (the management API lists them a while)
 async function findConnections(target, name, reason = 'forced by node_wrappers_edge') {
   const end = Date.now() + 15000;
   const headers = target.token ? { authorization: `Bearer ${target.token}` } : {};
   while (Date.now() < end) {
     const urls = [];
-    if (target.kind === 'direct') {
+    if (target.kind === 'direct' && CTL) {
+      // rabbitmqctl sees a connection at once; the management API only once its statistics
+      // are in, which a loaded machine can hold back for longer than this.
+      const out = execSync(`${CTL} -q list_connections --no-table-headers pid client_properties`).toString();
+      for (const line of out.split('\n')) {
+        const tab = line.indexOf('\t');
+        const pid = line.slice(0, tab).trim();
+        if (tab > 0 && line.includes(`"${name}"`) && !CLOSED.has(pid)) {
+          CLOSED.add(pid);
+          urls.push(['ctl', pid]);
+        }
+      }
+    } else if (target.kind === 'direct') {
       const r = await authFetch(`${target.mgmt}/api/connections?columns=name,client_properties`);
       for (const c of await r.json()) {
         if (c.client_properties && c.client_properties.connection_name === name && !CLOSED.has(c.name)) {
@@ -147,7 +166,12 @@ async function findConnections(target, name, reason = 'forced by node_wrappers_e
     if (urls.length > 0) {
       return async () => {
         let closed = 0;
-        for (const [u, o] of urls) if ((await authFetch(u, o)).status < 300) closed += 1;
+        for (const [u, o] of urls) {
+          if (u === 'ctl') {
+            execSync(`${CTL} close_connection '${o}' '${reason.replace(/'/g, '')}'`);
+            closed += 1;
+          } else if ((await authFetch(u, o)).status < 300) closed += 1;
+        }
         return closed;
       };
     }

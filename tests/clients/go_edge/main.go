@@ -54,6 +54,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"reflect"
 	"sort"
 	"strings"
@@ -324,7 +325,13 @@ func forceClose(t *target, connName string) string {
 	// allow 15 s too).
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
-		if t.side == "direct" {
+		if ctl := os.Getenv("WARREN_DIRECT_CTL"); t.side == "direct" && ctl != "" {
+			// rabbitmqctl sees a connection at once; the management API only once its
+			// statistics are in, which a loaded machine can hold back for longer than this.
+			if res, found := ctlClose(ctl, full); found {
+				return res
+			}
+		} else if t.side == "direct" {
 			base := envOr("DIRECT_MGMT", "http://127.0.0.1:15701")
 			code, body, err := httpDo("GET", base+"/api/connections?columns=name,client_properties")
 			if err != nil {
@@ -377,6 +384,27 @@ func forceClose(t *target, connName string) string {
 		time.Sleep(300 * time.Millisecond) // the management API lists connections with a delay
 	}
 	return "connection not found"
+}
+
+// ctlClose closes the connection named `full` with rabbitmqctl (`ctl`, a command prefix such as
+// "scripts/rabbit.sh ctl shard-a-1"); found is false while the node does not list it.
+func ctlClose(ctl, full string) (res string, found bool) {
+	out, err := exec.Command("sh", "-c", ctl+" -q list_connections --no-table-headers pid client_properties").Output()
+	if err != nil {
+		return "rabbitmqctl error: " + err.Error(), true
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		tab := strings.IndexByte(line, '\t')
+		if tab > 0 && strings.Contains(line, "\""+full+"\"") {
+			pid := strings.TrimSpace(line[:tab])
+			if err := exec.Command("sh", "-c", ctl+" close_connection '"+pid+"' 'Closed via management plugin'").Run(); err != nil {
+				return "rabbitmqctl error: " + err.Error(), true
+			}
+			// What the management API's DELETE answers.
+			return "http 204", true
+		}
+	}
+	return "", false
 }
 
 // ---------------------------------------------------------------------------------------------

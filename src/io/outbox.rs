@@ -252,6 +252,13 @@ fn write_nonblocking(buf: &mut BytesMut, sock: &OwnedWriteHalf) -> (usize, io::R
     while !buf.is_empty() {
         match sock.try_write(buf) {
             Ok(0) => return (wrote, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) if n == buf.len() => {
+                // All of it went: the next frames are written from the start of the buffer
+                // again, where the cache lines are still hot. (Advancing would move every
+                // later write on through the whole allocation, each onto cold lines.)
+                buf.clear();
+                wrote += n;
+            }
             Ok(n) => {
                 buf.advance(n);
                 wrote += n;

@@ -344,9 +344,7 @@ impl LinkReader {
     /// Reads once from the socket into the buffer; take the commands with
     /// [`next_command`](Self::next_command).
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), LinkDown>> {
-        if self.buf.capacity() - self.buf.len() < 8 * 1024 {
-            self.buf.reserve(64 * 1024);
-        }
+        crate::io::read_buf::make_room(&mut self.buf, 8 * 1024, 64 * 1024);
         let (rd, buf) = (&mut self.rd, &mut self.buf);
         match self.gate.poll(cx, |cx| {
             tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf)

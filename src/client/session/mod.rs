@@ -836,7 +836,7 @@ impl Session {
                 None => heartbeat.filter(|_| read_client).map(|h| last_seen + 2 * h),
             };
             deadlines.arm(deadline);
-            rbuf.reserve(8 * 1024);
+            crate::io::read_buf::make_room(&mut rbuf, 8 * 1024, 16 * 1024);
             let woke = if client_room && total_ok && full_link.is_none() {
                 // Nothing is blocked: the turn of nearly every message, polled by hand
                 // (tokio's `select!` draws a random branch order and builds every branch's

@@ -10,12 +10,15 @@ that no side always runs first): starts one prefork worker
 run through it, then sends CHAINS chains of STEPS tasks each at once and times until every
 chain's last step ran. Tasks/s = chains x (steps + 1) / seconds. Prints each round and the
 median per target, and the ratios to direct: of the medians, and the median of the per-round
-ratios with their range (the runs of one round saw about the same load).
+ratios with their range (the runs of one round saw about the same load) and a 95% bootstrap
+confidence interval of that median; with --relay, warren's per-round ratio to the relay too
+(what warren costs beyond one more user-space hop).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -101,9 +104,29 @@ def main() -> int:
         ratios = [x / y for x, y in zip(results[name], results["direct"])]
         label = "warren" if name == "proxy" else name
         cpu = f", CPU {statistics.median(cpus[name]):.1f} µs/task" if cpus[name] else ""
+        lo, hi = median_ci(ratios)
         print(f"per round {label:6} vs direct: median {statistics.median(ratios):.3f} "
-              f"(range {min(ratios):.3f}-{max(ratios):.3f}){cpu}")
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
+              f"{lo:.3f}-{hi:.3f}){cpu}")
+    if args.relay:
+        # What warren costs beyond one more user-space hop, round by round.
+        ratios = [x / y for x, y in zip(results["proxy"], results["relay"])]
+        lo, hi = median_ci(ratios)
+        print(f"per round warren vs relay:  median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
+              f"{lo:.3f}-{hi:.3f})")
     return 0
+
+
+def median_ci(xs: list[float], level: float = 0.95, resamples: int = 10_000) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the median of `xs` (fixed seed: the same
+    rounds give the same interval)."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return meds[int(tail * resamples)], meds[min(resamples - 1, int((1 - tail) * resamples))]
 
 
 if __name__ == "__main__":

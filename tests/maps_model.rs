@@ -52,8 +52,8 @@ use warren::client::channel::{
 use warren::held::HeldLedger;
 use warren::io::Content;
 
-/// Cases per property (two properties: 12,000 cases, each up to `MAX_OPS` operations).
-const CASES: u32 = 6_000;
+/// Cases per property (two properties: 20,000 cases, each up to `MAX_OPS` operations).
+const CASES: u32 = 10_000;
 const MAX_OPS: usize = 64;
 
 fn config() -> ProptestConfig {

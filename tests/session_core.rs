@@ -16,14 +16,15 @@
 //! | `i_*` | a channel one cluster closes is closed for the client and on every cluster; the number can be reused at once |
 //! | `j_*` | a consumer cancelled by one cluster is cancelled on every cluster and once for the client, after what the others delivered before their cancel-ok |
 //! | `k_*` | deliveries that come before the last consume-ok wait for it and keep their tag order |
-//! | `l_*`, `m_*`, `n_*`, `o_*` | bugs found by this file, `#[ignore]`d until fixed (each says why) |
+//! | `l_*`, `m_*`, `n_*`, `o_*` | bugs this file found, fixed since: each test's comment says what went wrong |
 //! | `p_*` | control publishes wait for the control link's replacement and keep their order |
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
 //! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels (so a cluster without the queue closes nothing of the client's), behind a fence on the client's channel (so it sees what the client sent before) |
 //!
-//! Every wait polls with a deadline; nothing depends on the environment. The ignored tests run
-//! with `cargo test --test session_core -- --ignored` (they fail until their bug is fixed).
+//! Every wait polls with a deadline; nothing depends on the environment. A bug found here that
+//! is not fixed yet gets a test marked `#[ignore]` with the reason, run with
+//! `cargo test --test session_core -- --ignored`.
 
 mod support;
 

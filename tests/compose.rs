@@ -301,19 +301,30 @@ fn conf_value(conf: &str, key: &str) -> Option<String> {
 }
 
 /// The `check-jsonschema` command of the test venv (tests/python/requirements.txt), or the one
-/// `WARREN_CHECK_JSONSCHEMA` names.
-fn check_jsonschema() -> PathBuf {
+/// `WARREN_CHECK_JSONSCHEMA` names. `None` (the check skipped, with a message) only under a plain
+/// `cargo test` on a machine without the venv: scripts/test.sh installs it and sets
+/// `WARREN_TEST_CLUSTERS`, and then a missing command fails the test.
+fn check_jsonschema() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WARREN_CHECK_JSONSCHEMA") {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
     let venv = repo().join(".venv/bin/check-jsonschema");
+    if venv.exists() {
+        return Some(venv);
+    }
+    let under_test_sh = std::env::var("WARREN_TEST_CLUSTERS").is_ok_and(|s| !s.trim().is_empty());
     assert!(
-        venv.exists(),
-        "{} is missing: run the tests with scripts/test.sh (it installs \
-         tests/python/requirements.txt into .venv), or set WARREN_CHECK_JSONSCHEMA",
+        !under_test_sh,
+        "{} is missing: scripts/test.sh installs tests/python/requirements.txt into .venv; \
+         or set WARREN_CHECK_JSONSCHEMA",
         venv.display()
     );
-    venv
+    eprintln!(
+        "skipping the compose-spec schema check: {} is missing (scripts/test.sh installs it; \
+         or set WARREN_CHECK_JSONSCHEMA)",
+        venv.display()
+    );
+    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,7 +334,10 @@ fn check_jsonschema() -> PathBuf {
 /// what `docker compose up` would reject first.
 #[test]
 fn compose_file_validates_against_the_compose_specification_schema() {
-    let out = Command::new(check_jsonschema())
+    let Some(check) = check_jsonschema() else {
+        return;
+    };
+    let out = Command::new(check)
         .args(["--builtin-schema", "vendor.compose-spec"])
         .arg(repo().join("docker-compose.yml"))
         .output()

@@ -10,7 +10,6 @@ pub mod admin;
 pub mod backoff;
 pub mod client;
 pub mod clients;
-pub mod codec;
 pub mod config;
 pub mod evacuate;
 pub mod health;
@@ -25,3 +24,6 @@ pub mod topology;
 pub mod upstream;
 
 pub use proxy::{ProxyHandle, start};
+/// AMQP 0-9-1 framing and methods: the `warren-codec` crate (`crates/codec`), under the name
+/// the rest of warren uses.
+pub use warren_codec as codec;

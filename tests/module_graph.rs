@@ -2,7 +2,11 @@
 //! under src/, collects which modules each one names (`crate::NAME`, `use crate::{NAME, ..}`),
 //! and fails on a cycle, printing it with the files that make each edge. No broker needed.
 //!
-//! The layers today, from the bottom: codec, metrics, tls, backoff, addr; route, config;
+//! Below them all is the codec, a crate of its own (`crates/codec`, re-exported as
+//! `warren::codec`): Cargo refuses a dependency cycle between crates, so nothing here needs to
+//! check that it names none of these modules.
+//!
+//! The layers today, from the bottom: metrics, tls, backoff, addr; route, config;
 //! topology, io; upstream; state; health; client and admin (side by side, never importing each
 //! other); evacuate (above admin, whose management API client it uses; never client); proxy.
 

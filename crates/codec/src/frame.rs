@@ -208,9 +208,9 @@ pub fn peek_content_header(payload: &[u8]) -> Result<(u16, u64), CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::method::{BasicAck, BasicPublish};
-    use crate::codec::properties::BasicProperties;
-    use crate::codec::wire::ShortStr;
+    use crate::method::{BasicAck, BasicPublish};
+    use crate::properties::BasicProperties;
+    use crate::wire::ShortStr;
 
     fn ack_frame() -> BytesMut {
         let mut out = BytesMut::new();

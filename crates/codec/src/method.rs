@@ -267,7 +267,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::codec::table::FieldValue;
+    use crate::table::FieldValue;
 
     fn encode(m: &Method) -> Bytes {
         let mut out = BytesMut::new();

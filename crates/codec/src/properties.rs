@@ -124,8 +124,8 @@ impl BasicProperties {
 
 /// Where the reply-to property's value lies in a content header payload, found without decoding
 /// the properties before it (the headers table is skipped by its length): the one property the
-/// proxy rewrites on deliveries (see `client::session::reply_to`). `None` when the message has
-/// no reply-to or the payload is malformed (then it is passed on as it is).
+/// proxy rewrites on deliveries (see warren's `client::session::reply_to`). `None` when the
+/// message has no reply-to or the payload is malformed (then it is passed on as it is).
 pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
     const FLAGS_AT: usize = 12; // class id, weight, body size
     const REPLY_TO: u16 = FIRST_FLAG >> 6;
@@ -210,7 +210,7 @@ impl ContentHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::table::FieldValue;
+    use crate::table::FieldValue;
 
     fn all_set() -> ContentHeader {
         ContentHeader {

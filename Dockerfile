@@ -22,9 +22,11 @@ WORKDIR /build
 
 # Dependencies first, in a layer of their own: it is rebuilt only when Cargo.toml or Cargo.lock
 # change, not on every source edit. A stub main.rs/lib.rs stands in for the sources; Cargo.toml's
-# [[bench]] target must exist for the manifest to load, so benches/ comes along (it is small).
+# [[bench]] target and workspace members must exist for the manifest to load, so benches/ and
+# crates/ (the codec) come along (both small; an edit of the codec rebuilds this layer).
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+COPY crates ./crates
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

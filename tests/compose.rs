@@ -850,3 +850,78 @@ fn systemd_unit_runs_warren_as_documented() {
     assert_eq!(one("ProtectSystem"), "strict");
     assert_eq!(one("StandardOutput"), "journal");
 }
+
+/// The image's build context is an allowlist (`.dockerignore`: `*`, then `!path` lines): every
+/// path the Dockerfile copies from it must be let through, or `docker build` fails at that COPY,
+/// and every workspace member must be copied before the first `cargo build`, or cargo cannot
+/// load the manifest. Both broke once without a Docker engine to tell (`build.rs`, then the
+/// codec crate).
+#[test]
+fn the_build_context_holds_what_the_dockerfile_copies() {
+    let ignore = read(".dockerignore");
+    let allowed: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix('!'))
+        .map(|p| p.trim_end_matches('/'))
+        .collect();
+    let lets_through = |path: &str| {
+        let path = path.trim_start_matches("./").trim_end_matches('/');
+        allowed
+            .iter()
+            .any(|a| path == *a || path.starts_with(&format!("{a}/")))
+    };
+    // Sources of each `COPY` from the context, in order, with the line of the first `cargo build`.
+    let dockerfile = read("Dockerfile");
+    let mut copied: Vec<(usize, String)> = Vec::new();
+    let mut first_build = None;
+    for (n, line) in dockerfile.lines().map(str::trim).enumerate() {
+        if first_build.is_none() && line.contains("cargo build") {
+            first_build = Some(n);
+        }
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if args.contains("--from=") {
+            continue;
+        }
+        let words: Vec<&str> = args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        let (_, sources) = words.split_last().expect("COPY without arguments");
+        copied.extend(
+            sources
+                .iter()
+                .map(|s| (n, s.trim_end_matches('/').to_owned())),
+        );
+    }
+    let first_build = first_build.expect("the Dockerfile runs no cargo build");
+    assert!(
+        copied.iter().any(|(_, s)| s == "src"),
+        "the Dockerfile copies no src: {copied:?}"
+    );
+    for (_, source) in &copied {
+        assert!(
+            lets_through(source),
+            ".dockerignore keeps {source} out of the build context, but the Dockerfile copies it"
+        );
+    }
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml parses");
+    let members = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for member in members {
+        let member = member.as_str().expect("a member is a path");
+        assert!(
+            copied
+                .iter()
+                .any(|(n, s)| *n < first_build
+                    && (member == s || member.starts_with(&format!("{s}/")))),
+            "workspace member {member} is not copied before the first cargo build of the Dockerfile"
+        );
+    }
+}

@@ -21,6 +21,7 @@
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
 //! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels (so a cluster without the queue closes nothing of the client's), behind a fence on the client's channel (so it sees what the client sent before) |
+//! | `t_*` | a connection that only publishes, whose links warren reads late, loses, doubles and misses nothing: its publishes reach one broker once, held memory is freed, a dying link's held publishes go to the other shard, a close a broker sends unasked reaches the client |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. A bug found here that
 //! is not fixed yet gets a test marked `#[ignore]` with the reason, run with
@@ -2439,5 +2440,79 @@ async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
     assert_ne!(second, first, "shard-a's link failed over");
     for (cluster, link) in [(a, second), (b, b.only_link().await)] {
         assert!(cluster.ledger(link).violations.is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (t) Confirms nobody waits for, read late
+
+/// A connection that only publishes, without confirms: warren reads the acks of its held
+/// publishes late, in batches (`client/session/read_pace.rs`). Nothing is lost or doubled by
+/// it: every publish reaches one broker once, the held memory is freed once the acks come,
+/// publishes a dying link still held go to the other shard, and what a broker says unasked (a
+/// channel it closes) still reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_publish_only_connection_frees_held_publishes_and_hears_unasked_closes() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    // Acked at once by both shards: held until warren reads the acks, then freed.
+    for i in 0..40 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    wait_for("the 40 publishes at the brokers", || {
+        (a.ready(Q).len() + b.ready(Q).len() == 40).then_some(())
+    })
+    .await;
+    wait_for("the held publishes freed", || {
+        (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
+    })
+    .await;
+    // shard-a now keeps its publishes unconfirmed, and its link dies holding some: they go
+    // to shard-b, once each.
+    a.on_publish(|_| Verdict::Hold);
+    for i in 40..60 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    wait_for("shard-a holds publishes", || {
+        (held_map(a, la).len() >= 2).then_some(())
+    })
+    .await;
+    wait_for("every publish at a broker", || {
+        (held_map(a, la).len() + a.ready(Q).len() + b.ready(Q).len() == 60).then_some(())
+    })
+    .await;
+    a.kill(la, Kill::Rst);
+    wait_for("shard-a's held publishes at shard-b", || {
+        (a.ready(Q).len() + b.ready(Q).len() == 60).then_some(())
+    })
+    .await;
+    let mut all = bodies(&a.ready(Q));
+    all.extend(bodies(&b.ready(Q)));
+    let expected: Vec<String> = (0..60).map(|i| format!("m{i}")).collect();
+    assert_eq!(sorted(all), sorted(expected), "each publish once");
+    wait_for("nothing held", || {
+        (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
+    })
+    .await;
+    // A close shard-b sends unasked reaches the client.
+    for i in 60..70 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    b.close_channel(
+        lb,
+        1,
+        warren::codec::ReplyCode::PreconditionFailed,
+        "fake refusal",
+    );
+    match c.reply(1).await {
+        Method::ChannelClose(close) => {
+            assert_eq!(close.reply_code, 406);
+            assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
+        }
+        other => panic!("expected channel.close, got {other:?}"),
     }
 }

@@ -10,6 +10,7 @@ pub mod busy_poll;
 pub mod command;
 pub mod gate;
 pub mod outbox;
+pub mod rcvlowat;
 pub mod read_buf;
 pub mod stream;
 pub mod workers;

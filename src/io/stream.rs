@@ -185,6 +185,17 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl ReadHalf {
+    /// Sets the socket's receive low-water mark (see [`super::rcvlowat`]). Returns whether it
+    /// was set: not on a TLS stream, whose socket sits inside the TLS layer, nor off Linux.
+    pub fn set_recv_lowat(&self, bytes: u32) -> io::Result<bool> {
+        match self {
+            ReadHalf::Plain(r) => super::rcvlowat::set(r.as_ref(), bytes),
+            ReadHalf::Tls(_) => Ok(false),
+        }
+    }
+}
+
 impl AsyncRead for ReadHalf {
     #[inline]
     fn poll_read(

@@ -318,6 +318,7 @@ fn open(spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
             last_seen: Instant::now(),
             bytes_from,
             gate: Gate::new(),
+            lazy: None,
         }),
         writer,
     }
@@ -338,7 +339,15 @@ pub struct LinkReader {
     bytes_from: Option<Counter>,
     /// The socket is polled only once it woke the session (see [`Gate`]).
     gate: Gate,
+    /// While the socket's low-water mark is raised, when it was last read: the broker's bytes
+    /// wait in the kernel until [`LAZY_LOWAT`] of them have come or the session reads them (see
+    /// [`LinkReader::make_lazy`]).
+    lazy: Option<Instant>,
 }
+
+/// The low-water mark of a lazy link: about 390 basic.acks of 21 bytes, so a burst of
+/// confirms still wakes the session before the held publishes they free pile up.
+pub const LAZY_LOWAT: u32 = 8 * 1024;
 
 impl LinkReader {
     /// Reads once from the socket into the buffer; take the commands with
@@ -388,6 +397,84 @@ impl LinkReader {
                 return Ok(cmd);
             }
             std::future::poll_fn(|cx| self.poll_read(cx)).await?;
+        }
+    }
+
+    /// Raises the socket's low-water mark to [`LAZY_LOWAT`]: the broker's bytes wait in the
+    /// kernel until the session reads them with [`read_now`](Self::read_now) or that many have
+    /// come. Returns whether the link is now lazy: a TLS link, or a socket that refuses the
+    /// option, stays prompt.
+    pub fn make_lazy(&mut self, now: Instant) -> bool {
+        if self.lazy.is_none() {
+            match self.rd.set_recv_lowat(LAZY_LOWAT) {
+                Ok(set) => self.lazy = set.then_some(now),
+                Err(e) => debug!(error = %e, "cannot raise the receive low-water mark of a link"),
+            }
+        }
+        self.lazy.is_some()
+    }
+
+    /// Lowers the socket's low-water mark to one byte again, which signals whatever waits.
+    pub fn make_prompt(&mut self) {
+        if self.lazy.is_some() {
+            match self.rd.set_recv_lowat(1) {
+                Ok(_) => self.lazy = None,
+                // Still raised: the next turn tries again.
+                Err(e) => debug!(error = %e, "cannot lower the receive low-water mark of a link"),
+            }
+        }
+    }
+
+    /// When a lazy link was last read (or became lazy); `None` when it is prompt.
+    pub fn lazy_read_at(&self) -> Option<Instant> {
+        self.lazy
+    }
+
+    /// Reads what waits on a lazy link's socket now, without waiting for it to be reported
+    /// readable (its raised mark keeps it from being). Returns the bytes read, 0 when none
+    /// waited; take the commands with [`next_command`](Self::next_command).
+    pub fn read_now(&mut self, now: Instant) -> Result<usize, LinkDown> {
+        let ReadHalf::Plain(rd) = &self.rd else {
+            return Ok(0);
+        };
+        if self.lazy.is_some() {
+            self.lazy = Some(now);
+        }
+        crate::io::read_buf::make_room(&mut self.buf, 8 * 1024, 64 * 1024);
+        let start = self.buf.len();
+        // Safe code cannot read into spare capacity: zero some first (at most 16 KiB, once
+        // per read delay; more waiting is read at the next turn or when it wakes the session).
+        let room = (self.buf.capacity() - start).min(16 * 1024);
+        self.buf.resize(start + room, 0);
+        let read = std::io::Read::read(
+            &mut &*socket2::SockRef::from(rd.as_ref()),
+            &mut self.buf[start..],
+        );
+        match read {
+            Ok(0) => {
+                self.buf.truncate(start);
+                Err(LinkDown::Eof)
+            }
+            Ok(n) => {
+                self.buf.truncate(start + n);
+                self.last_seen = now;
+                if let Some(c) = &self.bytes_from {
+                    c.inc_by(n as u64);
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.buf.truncate(start);
+                Ok(0)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                self.buf.truncate(start);
+                Ok(0)
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                Err(LinkDown::Io(e.to_string()))
+            }
         }
     }
 

@@ -24,6 +24,7 @@ mod from_cluster;
 mod link_slot;
 mod links;
 mod publish;
+mod read_pace;
 mod reply_to;
 mod wake;
 
@@ -775,6 +776,8 @@ impl Session {
         // Whether the links are polled before the client this turn (they alternate).
         let mut links_first = false;
         loop {
+            // First: what a lazy link read now is handled by the rest of this turn.
+            deadlines.pace = self.pace_link_reads().unwrap_or(deadlines.tick);
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
             self.maybe_close_requested();

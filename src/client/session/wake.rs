@@ -85,6 +85,9 @@ pub(super) struct Deadlines {
     pub(super) tick: Instant,
     /// The earliest time a link may have missed its heartbeats (checked when it comes).
     pub(super) links: Instant,
+    /// When a lazy link's confirms must be read (see `read_pace`): the turn the timer starts
+    /// lowers its mark.
+    pub(super) pace: Instant,
 }
 
 /// Which deadlines had come when the timer fired.
@@ -106,12 +109,13 @@ impl Deadlines {
             registered: false,
             tick: now,
             links: far,
+            pace: far,
         }
     }
 
     /// The earliest deadline, the client's (`client`, recomputed every turn) included.
     fn next(&self, client: Option<Instant>) -> Instant {
-        let next = self.tick.min(self.links);
+        let next = self.tick.min(self.links).min(self.pace);
         client.map_or(next, |c| c.min(next))
     }
 

@@ -1,0 +1,155 @@
+//! When a link's bytes may wait: the broker's confirms of publishes the client did not ask to
+//! have confirmed are read late, in batches.
+//!
+//! Why: warren holds every publish until its cluster confirms it (so a link that dies loses
+//! nothing), which puts every upstream channel in confirm mode, even when the client's own
+//! channel is not. The broker answers each publish with a basic.ack of 21 bytes a moment later.
+//! Read at once, each ack costs the connection's thread a wake-up, an `epoll_wait` and a
+//! `recvfrom`: on a connection that only publishes, as much again as the publish itself. Nobody
+//! waits for those acks; they only free held memory. So while nothing on a connection waits for
+//! its links (no consumer, no request in flight, no confirm or transaction channel, no close,
+//! held memory under half its bound), a link with publishes outstanding raises its socket's
+//! low-water mark ([`crate::io::rcvlowat`]): the acks wait in the kernel, and the session reads
+//! them in one go on its first turn [`CONFIRM_READ_DELAY`] after it last read the link (at the
+//! latest twice that, by its timer), or as soon as
+//! [`LAZY_LOWAT`](crate::upstream::link::LAZY_LOWAT) bytes have come. End of stream and errors
+//! wake the session whatever the mark, so a link's death is seen at once.
+//!
+//! What a client could notice: what the broker says unasked on such a link (a channel closed
+//! for a publish to a missing exchange, a basic.return, connection.blocked) reaches it up to
+//! twice [`CONFIRM_READ_DELAY`] later than it would have. Replies, deliveries and confirms the
+//! client asked for are never delayed: their channels make the connection read at once.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Session;
+use super::link_slot::{LinkSlot, UpState};
+use crate::client::channel::{Channel, ChannelState};
+
+/// How long confirms nobody waits for may stay unread while the client is active.
+pub(super) const CONFIRM_READ_DELAY: Duration = Duration::from_millis(5);
+
+/// Fewer unconfirmed publishes than this on a link: read its acks at once. A publisher that
+/// sends a message now and then gains nothing from waiting, and would pay two socket options
+/// per message.
+const MIN_UNCONFIRMED: usize = 2;
+
+impl Session {
+    /// Raises or lowers each link's low-water mark for this turn of the event loop, and reads
+    /// the lazy links whose delay is over. Returns when the session must next do so (its
+    /// timer), if a link is lazy.
+    pub(super) fn pace_link_reads(&mut self) -> Option<Instant> {
+        let now = self.links_unwatched().then(Instant::now);
+        let mut next: Option<Instant> = None;
+        for link in 0..self.links.len() {
+            let Some(slot) = self.links.get_mut(link) else {
+                break;
+            };
+            let unconfirmed = now.and(slot.unconfirmed());
+            let Some(reader) = slot.link.reader.as_mut() else {
+                continue;
+            };
+            let (Some(now), Some(unconfirmed)) = (now, unconfirmed) else {
+                reader.make_prompt();
+                continue;
+            };
+            let read_at = match reader.lazy_read_at() {
+                None if unconfirmed >= MIN_UNCONFIRMED && reader.make_lazy(now) => now,
+                None => continue,
+                Some(at) if now < at + CONFIRM_READ_DELAY => at,
+                Some(_) => {
+                    match reader.read_now(now) {
+                        Ok(0) => {}
+                        Ok(_) => self.on_link_readable(link, Ok(())),
+                        Err(reason) => {
+                            self.on_link_down(link, reason);
+                            continue;
+                        }
+                    }
+                    // What was read may have changed what the connection waits for.
+                    let stay = self.links_unwatched_cheap()
+                        && self
+                            .links
+                            .get(link)
+                            .and_then(LinkSlot::unconfirmed)
+                            .unwrap_or(0)
+                            >= MIN_UNCONFIRMED;
+                    let Some(reader) = self
+                        .links
+                        .get_mut(link)
+                        .and_then(|s| s.link.reader.as_mut())
+                    else {
+                        continue;
+                    };
+                    if !stay {
+                        reader.make_prompt();
+                        continue;
+                    }
+                    now
+                }
+            };
+            let due = read_at + 2 * CONFIRM_READ_DELAY;
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        next
+    }
+
+    /// Nothing on this connection waits for what its links say, but the confirms of the
+    /// publishes warren holds.
+    fn links_unwatched(&self) -> bool {
+        self.links_unwatched_cheap() && !self.input_paused()
+    }
+
+    fn links_unwatched_cheap(&self) -> bool {
+        self.hold_publishes
+            && self.end.is_none()
+            && self.closing.is_none()
+            && self.eof_drain.is_none()
+            && self.parked.is_empty()
+            && !self.input_stalled
+            && self.held.used() < self.held_limit / 2
+            && self.shared.held.has_room()
+            && self.channels.iter().flatten().all(Channel::publishes_only)
+    }
+}
+
+impl Channel {
+    /// An open channel that only publishes, without confirms or a transaction: nothing it
+    /// expects comes from a link.
+    fn publishes_only(&self) -> bool {
+        self.state == ChannelState::Open
+            && self.consumers.is_empty()
+            && self.confirms.is_none()
+            && !self.tx
+            && self.rpcs.is_empty()
+            && self.held.is_empty()
+            && self.notices.is_empty()
+            && self.failing.is_none()
+            && self.tags.outstanding() == 0
+    }
+}
+
+impl LinkSlot {
+    /// How many of this link's publishes wait for confirms; `None` when the link must be read
+    /// at once: it is not serving, or an upstream channel is opening, closing or waiting for a
+    /// reply.
+    fn unconfirmed(&self) -> Option<usize> {
+        if !self.serving() {
+            return None;
+        }
+        let mut unconfirmed = 0;
+        for chan in &self.chans {
+            let settled = matches!(chan.state, UpState::Open | UpState::Closed)
+                && chan.pending.is_empty()
+                && chan.reopen.is_none()
+                && chan.tx_swap.is_none();
+            if !settled {
+                return None;
+            }
+            unconfirmed += chan.confirms.pending();
+        }
+        Some(unconfirmed)
+    }
+}

@@ -41,27 +41,6 @@ impl ShortStr {
             Ok(ShortStr(b))
         }
     }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The string, with invalid UTF-8 replaced by U+FFFD (borrowed when it is valid UTF-8).
-    pub fn as_str(&self) -> Cow<'_, str> {
-        String::from_utf8_lossy(&self.0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn into_bytes(self) -> Bytes {
-        self.0
-    }
 }
 
 impl TryFrom<String> for ShortStr {
@@ -95,12 +74,6 @@ impl TryFrom<Bytes> for ShortStr {
     }
 }
 
-impl AsRef<[u8]> for ShortStr {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 impl Borrow<[u8]> for ShortStr {
     fn borrow(&self) -> &[u8] {
         &self.0
@@ -119,18 +92,6 @@ impl PartialEq<&str> for ShortStr {
     }
 }
 
-impl fmt::Debug for ShortStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.as_str(), f)
-    }
-}
-
-impl fmt::Display for ShortStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.as_str())
-    }
-}
-
 /// An AMQP `longstr`: up to 2^32-1 bytes of binary data. Decoded strings are slices of the
 /// frame they came from.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
@@ -139,27 +100,6 @@ pub struct LongStr(Bytes);
 impl LongStr {
     pub const fn from_static(s: &'static str) -> Self {
         LongStr(Bytes::from_static(s.as_bytes()))
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The string, with invalid UTF-8 replaced by U+FFFD (borrowed when it is valid UTF-8).
-    pub fn as_str(&self) -> Cow<'_, str> {
-        String::from_utf8_lossy(&self.0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn into_bytes(self) -> Bytes {
-        self.0
     }
 }
 
@@ -187,23 +127,55 @@ impl From<Bytes> for LongStr {
     }
 }
 
-impl AsRef<[u8]> for LongStr {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
+/// What both string types are: bytes, shown as text (invalid UTF-8 replaced by U+FFFD).
+macro_rules! amqp_string {
+    ($t:ident) => {
+        impl $t {
+            pub fn as_bytes(&self) -> &[u8] {
+                &self.0
+            }
+
+            /// The string, with invalid UTF-8 replaced by U+FFFD (borrowed when it is valid
+            /// UTF-8).
+            pub fn as_str(&self) -> Cow<'_, str> {
+                String::from_utf8_lossy(&self.0)
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.0.is_empty()
+            }
+
+            pub fn len(&self) -> usize {
+                self.0.len()
+            }
+
+            pub fn into_bytes(self) -> Bytes {
+                self.0
+            }
+        }
+
+        impl AsRef<[u8]> for $t {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.as_str(), f)
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.as_str())
+            }
+        }
+    };
 }
 
-impl fmt::Debug for LongStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.as_str(), f)
-    }
-}
-
-impl fmt::Display for LongStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.as_str())
-    }
-}
+amqp_string!(ShortStr);
+amqp_string!(LongStr);
 
 /// A cursor over a frame payload. Every read checks the remaining length first; slices are
 /// taken with `Bytes::split_to` (no copy). Consecutive bit reads share one octet, as in the

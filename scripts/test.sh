@@ -246,7 +246,8 @@ if want rust && ! command -v promtool >/dev/null 2>&1; then
     fi
 fi
 if want rust; then
-    export WARREN_REQUIRE_PROMTOOL=1 # installed above: tests/admin_metrics.rs must run it, not skip
+    # promtool and check-jsonschema are installed: the tests must run them, not skip.
+    export WARREN_REQUIRE_TOOLS=1
 fi
 if want clients; then
     apt_install() {

@@ -11,7 +11,8 @@
 //!
 //! promtool comes with Debian's `prometheus` package (`apt-get install prometheus`, installed by
 //! scripts/test.sh and .ci/run). Without it the promtool steps are skipped with a message, unless
-//! `WARREN_REQUIRE_PROMTOOL=1` (set by scripts/test.sh) or `CI` is set: then they fail.
+//! `WARREN_REQUIRE_TOOLS=1` (set by scripts/test.sh) or `CI` is set: then they fail
+//! (`support::external_tool`).
 
 mod support;
 
@@ -226,20 +227,11 @@ fn promtool() -> Option<PathBuf> {
             .map(|d| d.join("promtool"))
             .find(|p| p.is_file())
     });
-    if found.is_none() {
-        let required = std::env::var("WARREN_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1")
-            || std::env::var_os("CI").is_some();
-        assert!(
-            !required,
-            "promtool is not installed, and WARREN_REQUIRE_PROMTOOL=1 or CI asks for it: \
-             `apt-get install prometheus` (Debian's package has promtool)"
-        );
-        eprintln!(
-            "SKIPPING the promtool checks: promtool is not on PATH. Install it with \
-             `apt-get install prometheus` (Debian) to run them; scripts/test.sh does."
-        );
-    }
-    found
+    support::external_tool(
+        "promtool",
+        found,
+        "`apt-get install prometheus` (Debian's package has promtool); scripts/test.sh does",
+    )
 }
 
 /// Runs promtool with `args` (and `stdin`): (success, stdout + stderr).

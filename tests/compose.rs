@@ -7,6 +7,8 @@
 //! What this cannot see: whether the images start. docs/celery.md and deploy/README.md say how
 //! the stack was checked beyond this.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -301,30 +303,20 @@ fn conf_value(conf: &str, key: &str) -> Option<String> {
 }
 
 /// The `check-jsonschema` command of the test venv (tests/python/requirements.txt), or the one
-/// `WARREN_CHECK_JSONSCHEMA` names. `None` (the check skipped, with a message) only under a plain
-/// `cargo test` on a machine without the venv: scripts/test.sh installs it and sets
-/// `WARREN_TEST_CLUSTERS`, and then a missing command fails the test.
+/// `WARREN_CHECK_JSONSCHEMA` names; `None` (after saying why) when it is missing and not
+/// required (`support::external_tool`).
 fn check_jsonschema() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WARREN_CHECK_JSONSCHEMA") {
         return Some(PathBuf::from(p));
     }
     let venv = repo().join(".venv/bin/check-jsonschema");
-    if venv.exists() {
-        return Some(venv);
-    }
-    let under_test_sh = std::env::var("WARREN_TEST_CLUSTERS").is_ok_and(|s| !s.trim().is_empty());
-    assert!(
-        !under_test_sh,
-        "{} is missing: scripts/test.sh installs tests/python/requirements.txt into .venv; \
+    let found = venv.exists().then(|| venv.clone());
+    support::external_tool(
+        &venv.display().to_string(),
+        found,
+        "scripts/test.sh installs tests/python/requirements.txt into .venv; \
          or set WARREN_CHECK_JSONSCHEMA",
-        venv.display()
-    );
-    eprintln!(
-        "skipping the compose-spec schema check: {} is missing (scripts/test.sh installs it; \
-         or set WARREN_CHECK_JSONSCHEMA)",
-        venv.display()
-    );
-    None
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -197,6 +197,24 @@ pub fn skip_live() -> bool {
     })
 }
 
+/// An external command some checks run (promtool, the venv's check-jsonschema), if `found`.
+/// When it is missing the checks are skipped with a message saying how to get it, unless
+/// `WARREN_REQUIRE_TOOLS=1` (scripts/test.sh installs them and sets it) or `CI` is set: then
+/// a missing tool fails the test instead of skipping, so a broken install cannot pass quietly.
+pub fn external_tool(what: &str, found: Option<PathBuf>, how_to_get: &str) -> Option<PathBuf> {
+    if found.is_some() {
+        return found;
+    }
+    let required = std::env::var("WARREN_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+        || std::env::var_os("CI").is_some();
+    assert!(
+        !required,
+        "{what} is missing, and WARREN_REQUIRE_TOOLS=1 or CI asks for it: {how_to_get}"
+    );
+    eprintln!("SKIPPING the checks that run {what}: it is missing ({how_to_get})");
+    None
+}
+
 /// A fresh UUID-shaped name (8-4-4-4-12 lowercase hex), like Celery's rpc:// result queues.
 pub fn uuid() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

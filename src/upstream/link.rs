@@ -442,9 +442,10 @@ impl LinkReader {
         }
         crate::io::read_buf::make_room(&mut self.buf, 8 * 1024, 64 * 1024);
         let start = self.buf.len();
-        // Safe code cannot read into spare capacity: zero some first (at most 16 KiB, once
-        // per read delay; more waiting is read at the next turn or when it wakes the session).
-        let room = (self.buf.capacity() - start).min(16 * 1024);
+        // Safe code cannot read into spare capacity: zero some first. 2 KiB is about 100 acks,
+        // more than a read delay gathers at thousands of messages a second; whatever is left
+        // is read at the next delay, or wakes the session once it reaches the mark.
+        let room = (self.buf.capacity() - start).min(2 * 1024);
         self.buf.resize(start + room, 0);
         let read = std::io::Read::read(
             &mut &*socket2::SockRef::from(rd.as_ref()),

@@ -776,7 +776,6 @@ impl Session {
         // Whether the links are polled before the client this turn (they alternate).
         let mut links_first = false;
         loop {
-            // First: what a lazy link read now is handled by the rest of this turn.
             deadlines.pace = self.pace_link_reads().unwrap_or(deadlines.tick);
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
@@ -923,6 +922,9 @@ impl Session {
                 },
                 Woke::Deadline => {
                     let now = Instant::now();
+                    if now >= deadlines.pace {
+                        self.read_lazy_links(now);
+                    }
                     let due = deadlines.due(now, deadline);
                     if due.links {
                         self.check_link_heartbeats();

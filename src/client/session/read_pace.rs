@@ -10,8 +10,8 @@
 //! its links (no consumer, no request in flight, no confirm or transaction channel, no close,
 //! held memory under half its bound), a link with publishes outstanding raises its socket's
 //! low-water mark ([`crate::io::rcvlowat`]): the acks wait in the kernel, and the session reads
-//! them in one go on its first turn [`CONFIRM_READ_DELAY`] after it last read the link (at the
-//! latest twice that, by its timer), or as soon as
+//! them in one go on its first turn [`CONFIRM_READ_DELAY`] after it last read the link (its
+//! timer makes sure of a turn by twice that), or as soon as
 //! [`LAZY_LOWAT`](crate::upstream::link::LAZY_LOWAT) bytes have come. End of stream and errors
 //! wake the session whatever the mark, so a link's death is seen at once.
 //!
@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use super::Session;
 use super::link_slot::{LinkSlot, UpState};
 use crate::client::channel::{Channel, ChannelState};
+use crate::upstream::LinkId;
 
-/// How long confirms nobody waits for may stay unread while the client is active.
+/// How long confirms nobody waits for may stay unread.
 pub(super) const CONFIRM_READ_DELAY: Duration = Duration::from_millis(5);
 
 /// Fewer unconfirmed publishes than this on a link: read its acks at once. A publisher that
@@ -38,57 +39,42 @@ const MIN_UNCONFIRMED: usize = 2;
 
 impl Session {
     /// Raises or lowers each link's low-water mark for this turn of the event loop, and reads
-    /// the lazy links whose delay is over. Returns when the session must next do so (its
-    /// timer), if a link is lazy.
+    /// the lazy links whose delay is over: an active client's turns do it, so the timer is
+    /// only the backstop of a quiet one. Returns when the timer must fire, if a link is lazy.
+    /// Reads the clock only while a link is lazy or becomes so.
     pub(super) fn pace_link_reads(&mut self) -> Option<Instant> {
-        let now = self.links_unwatched().then(Instant::now);
+        let unwatched = self.links_unwatched();
+        let mut now: Option<Instant> = None;
         let mut next: Option<Instant> = None;
         for link in 0..self.links.len() {
-            let Some(slot) = self.links.get_mut(link) else {
-                break;
-            };
-            let unconfirmed = now.and(slot.unconfirmed());
+            let slot = &mut self.links[link];
+            let unconfirmed = if unwatched { slot.unconfirmed() } else { None };
             let Some(reader) = slot.link.reader.as_mut() else {
                 continue;
             };
-            let (Some(now), Some(unconfirmed)) = (now, unconfirmed) else {
+            let Some(unconfirmed) = unconfirmed else {
                 reader.make_prompt();
                 continue;
             };
             let read_at = match reader.lazy_read_at() {
-                None if unconfirmed >= MIN_UNCONFIRMED && reader.make_lazy(now) => now,
-                None => continue,
-                Some(at) if now < at + CONFIRM_READ_DELAY => at,
-                Some(_) => {
-                    match reader.read_now(now) {
-                        Ok(0) => {}
-                        Ok(_) => self.on_link_readable(link, Ok(())),
-                        Err(reason) => {
-                            self.on_link_down(link, reason);
-                            continue;
-                        }
-                    }
-                    // What was read may have changed what the connection waits for.
-                    let stay = self.links_unwatched_cheap()
-                        && self
-                            .links
-                            .get(link)
-                            .and_then(LinkSlot::unconfirmed)
-                            .unwrap_or(0)
-                            >= MIN_UNCONFIRMED;
-                    let Some(reader) = self
-                        .links
-                        .get_mut(link)
-                        .and_then(|s| s.link.reader.as_mut())
-                    else {
+                Some(at) => {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    if now < at + CONFIRM_READ_DELAY {
+                        at
+                    } else if self.read_lazy_link(link, now) {
+                        now
+                    } else {
                         continue;
-                    };
-                    if !stay {
-                        reader.make_prompt();
+                    }
+                }
+                None if unconfirmed >= MIN_UNCONFIRMED => {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    if !reader.make_lazy(now) {
                         continue;
                     }
                     now
                 }
+                None => continue,
             };
             let due = read_at + 2 * CONFIRM_READ_DELAY;
             next = Some(next.map_or(due, |n| n.min(due)));
@@ -96,13 +82,52 @@ impl Session {
         next
     }
 
+    /// The session's timer came for its lazy links (the client was quiet): reads each whose
+    /// delay is over.
+    pub(super) fn read_lazy_links(&mut self, now: Instant) {
+        for link in 0..self.links.len() {
+            let due = self.links[link]
+                .link
+                .reader
+                .as_ref()
+                .and_then(|r| r.lazy_read_at())
+                .is_some_and(|at| now >= at + CONFIRM_READ_DELAY);
+            if due {
+                self.read_lazy_link(link, now);
+            }
+        }
+    }
+
+    /// Reads what waits on lazy link `link` and handles it; makes the link prompt again when
+    /// too few publishes are left unconfirmed. Returns whether it is still lazy.
+    fn read_lazy_link(&mut self, link: LinkId, now: Instant) -> bool {
+        let Some(reader) = self.links[link].link.reader.as_mut() else {
+            return false;
+        };
+        match reader.read_now(now) {
+            Ok(0) => {}
+            Ok(_) => self.on_link_readable(link, Ok(())),
+            Err(reason) => {
+                self.on_link_down(link, reason);
+                return false;
+            }
+        }
+        let Some(slot) = self.links.get_mut(link) else {
+            return false;
+        };
+        let few = slot.unconfirmed().unwrap_or(0) < MIN_UNCONFIRMED;
+        let Some(reader) = slot.link.reader.as_mut() else {
+            return false;
+        };
+        if few {
+            reader.make_prompt();
+        }
+        reader.lazy_read_at().is_some()
+    }
+
     /// Nothing on this connection waits for what its links say, but the confirms of the
     /// publishes warren holds.
     fn links_unwatched(&self) -> bool {
-        self.links_unwatched_cheap() && !self.input_paused()
-    }
-
-    fn links_unwatched_cheap(&self) -> bool {
         self.hold_publishes
             && self.end.is_none()
             && self.closing.is_none()
@@ -112,6 +137,7 @@ impl Session {
             && self.held.used() < self.held_limit / 2
             && self.shared.held.has_room()
             && self.channels.iter().flatten().all(Channel::publishes_only)
+            && !self.input_paused()
     }
 }
 

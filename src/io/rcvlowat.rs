@@ -4,7 +4,7 @@
 //! Why warren sets it: a link that only carries the broker's confirms of held publishes (see
 //! `client::session::read_pace`) would otherwise wake its session for every 21-byte basic.ack,
 //! about one wake-up, `epoll_wait` and `recvfrom` per message published. With the mark raised the
-//! acks wait in the kernel and are read together once the mark is lowered again. Linux also
+//! acks wait in the kernel until the session reads them all with one direct read. Linux also
 //! reports end of stream, errors and hang-ups whatever the mark, so a dead link is still seen at
 //! once, and lowering the mark signals the data already waiting.
 //!

@@ -451,31 +451,25 @@ impl LinkReader {
             &mut &*socket2::SockRef::from(rd.as_ref()),
             &mut self.buf[start..],
         );
+        self.buf.truncate(start + *read.as_ref().unwrap_or(&0));
         match read {
-            Ok(0) => {
-                self.buf.truncate(start);
-                Err(LinkDown::Eof)
-            }
+            Ok(0) => Err(LinkDown::Eof),
             Ok(n) => {
-                self.buf.truncate(start + n);
                 self.last_seen = now;
                 if let Some(c) = &self.bytes_from {
                     c.inc_by(n as u64);
                 }
                 Ok(n)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                self.buf.truncate(start);
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
                 Ok(0)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                self.buf.truncate(start);
-                Ok(0)
-            }
-            Err(e) => {
-                self.buf.truncate(start);
-                Err(LinkDown::Io(e.to_string()))
-            }
+            Err(e) => Err(LinkDown::Io(e.to_string())),
         }
     }
 

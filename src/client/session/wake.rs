@@ -85,8 +85,8 @@ pub(super) struct Deadlines {
     pub(super) tick: Instant,
     /// The earliest time a link may have missed its heartbeats (checked when it comes).
     pub(super) links: Instant,
-    /// When a lazy link's confirms must be read (see `read_pace`): the turn the timer starts
-    /// lowers its mark.
+    /// When a lazy link's confirms must be read if no turn of the client's has read them (see
+    /// `read_pace`).
     pub(super) pace: Instant,
 }
 

@@ -265,6 +265,14 @@ impl Client {
         .await
     }
 
+    /// The channel.close warren sends next on `ch`; any other reply fails the test.
+    async fn channel_close(&mut self, ch: u16) -> codec::ChannelClose {
+        match self.reply(ch).await {
+            Method::ChannelClose(close) => close,
+            other => panic!("expected channel.close on channel {ch}, got {other:?}"),
+        }
+    }
+
     async fn call(&mut self, ch: u16, m: Method) -> Method {
         self.send(ch, m).await;
         self.reply(ch).await
@@ -643,16 +651,12 @@ async fn b_mixed_acks_over_interleaved_deliveries_reach_each_broker_with_its_own
 
     // Tag 3 was settled (nacked): 406, and no broker hears of it.
     c.send(1, ack(3, false)).await;
-    match c.reply(1).await {
-        Method::ChannelClose(close) => {
-            assert_eq!(close.reply_code, 406);
-            assert!(
-                close.reply_text.as_str().contains("unknown delivery tag 3"),
-                "{close:?}"
-            );
-        }
-        other => panic!("expected channel.close 406, got {other:?}"),
-    }
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 406);
+    assert!(
+        close.reply_text.as_str().contains("unknown delivery tag 3"),
+        "{close:?}"
+    );
     assert_eq!(a.ledger(la).settlements(1), expect_a);
     assert_eq!(b.ledger(lb).settlements(1), expect_b);
 }
@@ -1320,13 +1324,9 @@ async fn h_publishes_pipelined_behind_a_refused_one_are_routed_nowhere() {
         publish_frames(&mut out, 1, "", Q, &format!("behind{i}"));
     }
     c.raw.send(&out).await;
-    match c.reply(1).await {
-        Method::ChannelClose(close) => {
-            assert_eq!(close.reply_code, 404, "{close:?}");
-            assert!(close.reply_text.as_str().contains("missing"), "{close:?}");
-        }
-        other => panic!("expected channel.close 404, got {other:?}"),
-    }
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 404, "{close:?}");
+    assert!(close.reply_text.as_str().contains("missing"), "{close:?}");
     c.send(1, Method::ChannelCloseOk(Default::default())).await;
     c.open(1).await;
     c.sync(1).await;
@@ -1534,13 +1534,9 @@ async fn i_a_channel_closed_by_one_cluster_closes_the_client_channel_everywhere(
         warren::codec::ReplyCode::PreconditionFailed,
         "fake refusal",
     );
-    match c.reply(1).await {
-        Method::ChannelClose(close) => {
-            assert_eq!(close.reply_code, 406);
-            assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
-        }
-        other => panic!("expected channel.close, got {other:?}"),
-    }
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 406);
+    assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
     for s in [a, control] {
         let l = s.only_link().await;
         wait_for(&format!("{} closed channel 1", s.name()), || {
@@ -2508,11 +2504,7 @@ async fn t_a_publish_only_connection_frees_held_publishes_and_hears_unasked_clos
         warren::codec::ReplyCode::PreconditionFailed,
         "fake refusal",
     );
-    match c.reply(1).await {
-        Method::ChannelClose(close) => {
-            assert_eq!(close.reply_code, 406);
-            assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
-        }
-        other => panic!("expected channel.close, got {other:?}"),
-    }
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 406);
+    assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
 }

@@ -11,14 +11,25 @@
 //! held memory under half its bound), a link with publishes outstanding raises its socket's
 //! low-water mark ([`crate::io::rcvlowat`]): the acks wait in the kernel, and the session reads
 //! them in one go on its first turn [`CONFIRM_READ_DELAY`] after it last read the link (its
-//! timer makes sure of a turn by twice that), or as soon as
+//! timer makes sure of a read [`BACKSTOP`] after the last), or as soon as
 //! [`LAZY_LOWAT`](crate::upstream::link::LAZY_LOWAT) bytes have come. End of stream and errors
 //! wake the session whatever the mark, so a link's death is seen at once.
 //!
+//! A link stays lazy from one batch to the next, and turns prompt again only when a read finds
+//! nothing and nothing is left unconfirmed (the burst is over) or the connection starts to
+//! watch its links: each switch is a system call, and switching on every batch cost more than
+//! the batching saved.
+//!
+//! Why the backstop is not the read delay itself: a tokio timer that fires is out of the timer
+//! wheel, and setting it again (sooner than anything else on the thread) wakes the driver
+//! through its eventfd, on top of the timer's own wake-up. An active client's turns read
+//! the link every [`CONFIRM_READ_DELAY`]; the timer is there for a client gone quiet, and
+//! the longer it is, the fewer of those wake-ups an active one pays for.
+//!
 //! What a client could notice: what the broker says unasked on such a link (a channel closed
 //! for a publish to a missing exchange, a basic.return, connection.blocked) reaches it up to
-//! twice [`CONFIRM_READ_DELAY`] later than it would have. Replies, deliveries and confirms the
-//! client asked for are never delayed: their channels make the connection read at once.
+//! [`BACKSTOP`] later than it would have. Replies, deliveries and confirms the client asked
+//! for are never delayed: their channels make the connection read at once.
 
 use std::time::Duration;
 
@@ -32,7 +43,10 @@ use crate::upstream::LinkId;
 /// How long confirms nobody waits for may stay unread.
 pub(super) const CONFIRM_READ_DELAY: Duration = Duration::from_millis(5);
 
-/// Fewer unconfirmed publishes than this on a link: read its acks at once. A publisher that
+/// How long a lazy link may go unread when the client is quiet.
+pub(super) const BACKSTOP: Duration = Duration::from_millis(20);
+
+/// Fewer unconfirmed publishes than this on a prompt link: keep reading its acks at once. A publisher that
 /// sends a message now and then gains nothing from waiting, and would pay two socket options
 /// per message.
 const MIN_UNCONFIRMED: usize = 2;
@@ -76,7 +90,7 @@ impl Session {
                 }
                 None => continue,
             };
-            let due = read_at + 2 * CONFIRM_READ_DELAY;
+            let due = read_at + BACKSTOP;
             next = Some(next.map_or(due, |n| n.min(due)));
         }
         next
@@ -99,27 +113,31 @@ impl Session {
     }
 
     /// Reads what waits on lazy link `link` and handles it; makes the link prompt again when
-    /// too few publishes are left unconfirmed. Returns whether it is still lazy.
+    /// the read found nothing and nothing is left unconfirmed. Returns whether it is still
+    /// lazy.
     fn read_lazy_link(&mut self, link: LinkId, now: Instant) -> bool {
         let Some(reader) = self.links[link].link.reader.as_mut() else {
             return false;
         };
-        match reader.read_now(now) {
-            Ok(0) => {}
-            Ok(_) => self.on_link_readable(link, Ok(())),
+        let idle = match reader.read_now(now) {
+            Ok(0) => true,
+            Ok(_) => {
+                self.on_link_readable(link, Ok(()));
+                false
+            }
             Err(reason) => {
                 self.on_link_down(link, reason);
                 return false;
             }
-        }
+        };
         let Some(slot) = self.links.get_mut(link) else {
             return false;
         };
-        let few = slot.unconfirmed().unwrap_or(0) < MIN_UNCONFIRMED;
+        let over = idle && slot.unconfirmed().unwrap_or(0) == 0;
         let Some(reader) = slot.link.reader.as_mut() else {
             return false;
         };
-        if few {
+        if over {
             reader.make_prompt();
         }
         reader.lazy_read_at().is_some()

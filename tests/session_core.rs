@@ -2508,3 +2508,44 @@ async fn t_a_publish_only_connection_frees_held_publishes_and_hears_unasked_clos
     assert_eq!(close.reply_code, 406);
     assert_eq!(close.reply_text, "PRECONDITION_FAILED - fake refusal");
 }
+
+/// After a burst whose acks warren read late, in batches, the client goes quiet: what a
+/// broker says unasked long after (a channel it closes) still reaches the client, from either
+/// shard, and the channel can be opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_quiet_publisher_hears_unasked_closes_after_its_burst() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    for i in 0..40 {
+        c.publish(1, Q, &format!("m{i}")).await;
+    }
+    wait_for("the held publishes freed", || {
+        (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
+    })
+    .await;
+    // Well past the read delay and its backstop: the client says nothing meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (cluster, link) in [(b, lb), (a, la)] {
+        cluster.close_channel(
+            link,
+            1,
+            warren::codec::ReplyCode::PreconditionFailed,
+            "fake refusal",
+        );
+        let close = c.channel_close(1).await;
+        assert_eq!(close.reply_code, 406);
+        c.send(1, Method::ChannelCloseOk(Default::default())).await;
+        c.open(1).await;
+        wait_for("the channel open again on both shards", || {
+            (a.ledger(la).received_named("channel.open").len() >= 2
+                && b.ledger(lb).received_named("channel.open").len() >= 2)
+                .then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

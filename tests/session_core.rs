@@ -2451,20 +2451,9 @@ async fn s_a_conditional_delete_survives_a_failover_during_its_check() {
 async fn t_a_publish_only_connection_frees_held_publishes_and_hears_unasked_closes() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    let (la, lb) = (a.only_link().await, b.only_link().await);
-    // Acked at once by both shards: held until warren reads the acks, then freed.
-    for i in 0..40 {
-        c.publish(1, Q, &format!("m{i}")).await;
-    }
+    let (mut c, la, lb) = publish_only_burst(&rig).await;
     wait_for("the 40 publishes at the brokers", || {
         (a.ready(Q).len() + b.ready(Q).len() == 40).then_some(())
-    })
-    .await;
-    wait_for("the held publishes freed", || {
-        (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
     })
     .await;
     // shard-a now keeps its publishes unconfirmed, and its link dies holding some: they go
@@ -2516,6 +2505,38 @@ async fn t_a_publish_only_connection_frees_held_publishes_and_hears_unasked_clos
 async fn t_a_quiet_publisher_hears_unasked_closes_after_its_burst() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
+    let (mut c, la, lb) = publish_only_burst(&rig).await;
+    // Well past the read delay and its backstop: the client says nothing meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (round, (cluster, link)) in [(b, lb), (a, la)].into_iter().enumerate() {
+        cluster.close_channel(
+            link,
+            1,
+            warren::codec::ReplyCode::PreconditionFailed,
+            "fake refusal",
+        );
+        let close = c.channel_close(1).await;
+        assert_eq!(close.reply_code, 406);
+        c.send(1, Method::ChannelCloseOk(Default::default())).await;
+        c.open(1).await;
+        // The first open, then one per close so far.
+        let opens = round + 2;
+        wait_for("the channel open again on both shards", || {
+            (a.ledger(la).received_named("channel.open").len() >= opens
+                && b.ledger(lb).received_named("channel.open").len() >= opens)
+                .then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A client on channel 1 that only publishes, without confirms: 40 publishes spread over
+/// shard-a and shard-b, acked at once by both and held until warren reads the acks, which
+/// it does late, in batches (`client/session/read_pace.rs`). Returns once they are freed,
+/// with the client and the two shards' links.
+async fn publish_only_burst(rig: &Rig) -> (Client, ConnId, ConnId) {
+    let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
@@ -2527,25 +2548,5 @@ async fn t_a_quiet_publisher_hears_unasked_closes_after_its_burst() {
         (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
     })
     .await;
-    // Well past the read delay and its backstop: the client says nothing meanwhile.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for (cluster, link) in [(b, lb), (a, la)] {
-        cluster.close_channel(
-            link,
-            1,
-            warren::codec::ReplyCode::PreconditionFailed,
-            "fake refusal",
-        );
-        let close = c.channel_close(1).await;
-        assert_eq!(close.reply_code, 406);
-        c.send(1, Method::ChannelCloseOk(Default::default())).await;
-        c.open(1).await;
-        wait_for("the channel open again on both shards", || {
-            (a.ledger(la).received_named("channel.open").len() >= 2
-                && b.ledger(lb).received_named("channel.open").len() >= 2)
-                .then_some(())
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    (c, la, lb)
 }

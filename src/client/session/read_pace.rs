@@ -46,9 +46,9 @@ pub(super) const CONFIRM_READ_DELAY: Duration = Duration::from_millis(5);
 /// How long a lazy link may go unread when the client is quiet.
 pub(super) const BACKSTOP: Duration = Duration::from_millis(20);
 
-/// Fewer unconfirmed publishes than this on a prompt link: keep reading its acks at once. A publisher that
-/// sends a message now and then gains nothing from waiting, and would pay two socket options
-/// per message.
+/// Fewer unconfirmed publishes than this on a prompt link: keep reading its acks at once. A
+/// publisher that sends a message now and then gains nothing from waiting, and would pay two
+/// socket options per message.
 const MIN_UNCONFIRMED: usize = 2;
 
 impl Session {

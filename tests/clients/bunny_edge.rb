@@ -1073,9 +1073,13 @@ scenario 'recovery_publisher_confirms' do |t, obs|
   attempt(obs, t, 'force close') { t.force_close(c) }
   attempt(obs, t, 'recovered', 40) { wait_until(35) { !recovered.empty? } && c.open? }
   attempt(obs, t, 'confirm mode after recovery') { ch.using_publisher_confirms? }
+  # Not wait_for_confirms: after a recovery Bunny 2.19 adds its tag offset twice to the start
+  # of a `multiple` ack's range (handle_ack_or_nack), so the wait hangs whenever the broker
+  # coalesces acks, which RabbitMQ does or not by timing, directly as through warren. What
+  # the channel published is observed in the queue instead.
   attempt(obs, t, 'publish 30 more') do
     30.times { |i| ch.default_exchange.publish("q#{i}", routing_key: q, persistent: true) }
-    [ch.wait_for_confirms, ch.nacked_set.size]
+    [settle(c, q, 60, 10), ch.nacked_set.size]
   end
   attempt(obs, t, 'new channel confirms after recovery') do
     ch9 = c.create_channel

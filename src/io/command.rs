@@ -349,6 +349,16 @@ impl Assembler {
         }
     }
 
+    /// True if no content is being received on any channel.
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// The largest content body accepted.
+    pub fn max_message(&self) -> u64 {
+        self.max_message
+    }
+
     /// True if a content is being received on `channel` (a channel.close must wait for it).
     pub fn in_content(&self, channel: u16) -> bool {
         self.partial.iter().any(|p| p.channel == channel)

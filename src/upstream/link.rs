@@ -390,6 +390,31 @@ impl LinkReader {
         }
     }
 
+    /// The delivery or publisher confirm at the front of what was read, located without
+    /// decoding it (see [`codec::peek`]), for a client whose frame_max is `out_frame_max`.
+    /// `None` when there is none, or when a content is half assembled.
+    pub fn peek(&self, out_frame_max: usize) -> Option<codec::peek::Peeked> {
+        if !self.assembler.is_idle() {
+            return None;
+        }
+        let limits = codec::peek::Limits {
+            frame_max: self.frame_max,
+            out_frame_max,
+            max_body: self.assembler.max_message(),
+        };
+        codec::peek::peek(&self.buf, &limits)
+    }
+
+    /// What was read and not yet taken.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Drops the first `n` bytes read: a command [`peek`](Self::peek) found, handled.
+    pub fn consume(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.buf, n);
+    }
+
     /// Waits for the next command (for users without an event loop of their own).
     pub async fn recv(&mut self) -> Result<Command, LinkDown> {
         loop {

@@ -25,6 +25,7 @@
 
 pub mod frame;
 pub mod method;
+pub mod peek;
 pub mod properties;
 pub mod reply_code;
 pub mod table;

@@ -918,7 +918,7 @@ fn take_held_before(
 }
 
 /// Whether a delivery arriving on the channel now must wait (see [`Session::release_held_deliveries`]).
-fn must_hold(channel: &Channel) -> bool {
+pub(super) fn must_hold(channel: &Channel) -> bool {
     !channel.held.is_empty() || waiting_for_client_order(channel)
 }
 

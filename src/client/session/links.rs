@@ -553,6 +553,9 @@ impl Session {
             return self.on_link_down(link, reason);
         }
         while self.end.is_none() {
+            if self.fast_lane(link) {
+                continue;
+            }
             let Some(reader) = self.links[link].link.reader.as_mut() else {
                 return;
             };

@@ -19,6 +19,7 @@
 //! the connection's life.
 
 mod barrier;
+mod fast_lane;
 mod from_client;
 mod from_cluster;
 mod link_slot;

@@ -32,6 +32,12 @@ pub(super) fn parse(name: &[u8]) -> Option<(&[u8], ShortStr)> {
     Some((&rest[..at], original))
 }
 
+/// Whether a content header's `reply_to` is a direct reply-to address of RabbitMQ's, which
+/// [`Session::mark_reply_to`] rewrites: a delivery that has one cannot be passed on as it came.
+pub(super) fn names_direct_reply(header: &[u8]) -> bool {
+    properties::reply_to_span(header).is_some_and(|span| header[span].starts_with(PREFIX))
+}
+
 impl Session {
     /// Writes the cluster a message came from into its `reply_to`, when that is a direct reply-to
     /// address (see the module doc). Other messages pass untouched, for the cost of reading one

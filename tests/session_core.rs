@@ -21,6 +21,7 @@
 //! | `q_*` | connection.update-secret reaches every link, and links opened later log in with the new secret |
 //! | `r_*` | with `lazy_links`, a connection that only talks to the control cluster has one link; its first request involving the shard clusters opens theirs, replays its state there, then goes on |
 //! | `s_*` | a channel reopened at once waits for the old one's close on every cluster before anything sent behind the open goes out; a conditional queue.delete checks the whole queue on warren's own channels (so a cluster without the queue closes nothing of the client's), behind a fence on the client's channel (so it sees what the client sent before) |
+//! | `u_*` | deliveries and confirms that reach warren split every few bytes, or many in one read, pass intact and in order: bodies whole, tags in arrival order, each publish confirmed once, acks reaching each broker as its own tags |
 //! | `t_*` | a connection that only publishes, whose links warren reads late, loses, doubles and misses nothing: its publishes reach one broker once, held memory is freed, a dying link's held publishes go to the other shard, a close a broker sends unasked reaches the client |
 //!
 //! Every wait polls with a deadline; nothing depends on the environment. A bug found here that
@@ -2549,4 +2550,103 @@ async fn publish_only_burst(rig: &Rig) -> (Client, ConnId, ConnId) {
     })
     .await;
     (c, la, lb)
+}
+
+// ---------------------------------------------------------------------------------------------
+// (u) Deliveries and confirms however the bytes are cut
+
+/// Two shards stall their links while each delivers messages of several sizes (empty, small,
+/// several body frames) and confirms the publishes it holds; then one releases its backlog in
+/// 5-byte pieces (every frame split across warren's reads), the other in 700-byte pieces (many
+/// commands, and a part of one, per read). warren passes deliveries on as bytes when a whole
+/// one is in its buffer and assembles them frame by frame otherwise: the client must see the
+/// same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_deliveries_and_confirms_split_across_reads_pass_intact_and_in_order() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    a.on_publish(|_| Verdict::Hold);
+    b.on_publish(|_| Verdict::Hold);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "ctag-u").await;
+    c.open(2).await;
+    c.declare(2, "sink").await;
+    c.confirm_select(2).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    b.stall(lb, true);
+    // To a queue nobody consumes: the confirms are all the client hears of them.
+    for i in 1..=6 {
+        c.publish(2, "sink", &format!("p{i}")).await;
+    }
+    wait_for("six publishes held by the shards", || {
+        (a.held(la, 2).len() + b.held(lb, 2).len() == 6).then_some(())
+    })
+    .await;
+    let sizes = [0usize, 1, 100, 5000, 9000, 3];
+    let mut sent = Vec::new();
+    for (cluster, name) in [(a, "a"), (b, "b")] {
+        for (i, size) in sizes.iter().enumerate() {
+            let mut body = format!("{name}{i}:").into_bytes();
+            body.resize(body.len().max(*size), b'0' + i as u8);
+            if *size == 0 {
+                body.clear();
+            }
+            cluster.enqueue(Q, &body);
+            sent.push(body);
+        }
+    }
+    wait_for("both shards to have delivered", || {
+        (a.unacked(la).len() + b.unacked(lb).len() == 2 * sizes.len()).then_some(())
+    })
+    .await;
+    // Each shard confirms its three publishes: two at once, then the last.
+    for (cluster, link) in [(a, la), (b, lb)] {
+        cluster.confirm(link, 2, 2, true, true);
+        cluster.confirm(link, 2, 3, false, true);
+    }
+    a.release_in_pieces(la, 5);
+    b.release_in_pieces(lb, 700);
+    let mut got = Vec::new();
+    for _ in 0..2 * sizes.len() {
+        got.push(c.delivery().await);
+    }
+    let tags: Vec<u64> = got.iter().map(|d| d.tag).collect();
+    assert_eq!(
+        tags,
+        (1..=12).collect::<Vec<u64>>(),
+        "tags in arrival order"
+    );
+    // Compared by first bytes and length first: a failure then says which body is wrong.
+    let summary = |b: &[u8]| (b.iter().take(3).copied().collect::<Vec<u8>>(), b.len());
+    let mut bodies: Vec<_> = got.iter().map(|d| summary(&d.body)).collect();
+    bodies.sort();
+    let mut want: Vec<_> = sent.iter().map(|b| summary(b)).collect();
+    want.sort();
+    assert_eq!(bodies, want, "every body once (first bytes, length)");
+    let mut bodies: Vec<Bytes> = got.iter().map(|d| d.body.clone()).collect();
+    bodies.sort();
+    let mut want: Vec<Bytes> = sent.into_iter().map(Bytes::from).collect();
+    want.sort();
+    assert!(bodies == want, "every body whole");
+    let settled: BTreeMap<u64, bool> = (1..=6).map(|seq| (seq, true)).collect();
+    c.expect_settled(2, &settled).await;
+    // Each shard's deliveries came in its own order: acking the client's last tag with
+    // `multiple` settles everything, as one ack per shard of its own last tag.
+    c.send(1, ack(12, true)).await;
+    c.sync(1).await;
+    for (cluster, link) in [(a, la), (b, lb)] {
+        wait_for("the shard to have its ack", || {
+            cluster.unacked(link).is_empty().then_some(())
+        })
+        .await;
+        assert_eq!(
+            cluster.ledger(link).settlements(1),
+            vec![ack(sizes.len() as u64, true)],
+            "{}: one multiple ack of its own last tag",
+            cluster.name()
+        );
+    }
 }

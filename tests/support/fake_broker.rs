@@ -259,6 +259,9 @@ enum Out {
     Close(Kill),
     /// Stop writing (keep what is queued, heartbeats included) or resume.
     Stall(bool),
+    /// Resume, writing what waited as one stream cut into pieces of this many bytes, a
+    /// millisecond apart: frames and commands reach the peer split across its reads.
+    Release(usize),
 }
 
 struct Conn {
@@ -405,6 +408,15 @@ impl FakeCluster {
     /// (`false`). A broker that answers late, or a stalled node.
     pub fn stall(&self, conn: ConnId, stall: bool) {
         let _ = lock(&self.state).conns[conn].out.send(Out::Stall(stall));
+    }
+
+    /// Resumes a stalled connection as [`stall`](Self::stall)`(conn, false)` does, but writes
+    /// what waited as one stream cut into `piece`-byte pieces, a millisecond apart, so that
+    /// frames and commands reach warren split across its reads.
+    pub fn release_in_pieces(&self, conn: ConnId, piece: usize) {
+        let _ = lock(&self.state).conns[conn]
+            .out
+            .send(Out::Release(piece.max(1)));
     }
 
     /// Closes channel `channel` of `conn` with `code` (its unacked deliveries are requeued).
@@ -674,6 +686,15 @@ async fn serve(mut stream: TcpStream, node: usize, state: Arc<Mutex<State>>) {
                             if wr.write_all(&b).await.is_err() {
                                 break 'conn;
                             }
+                        }
+                    }
+                    Some(Out::Release(piece)) => {
+                        let backlog = stalled.take().unwrap_or_default().concat();
+                        for chunk in backlog.chunks(piece) {
+                            if wr.write_all(chunk).await.is_err() {
+                                break 'conn;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
                     Some(Out::Close(how)) => {

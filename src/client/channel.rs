@@ -697,8 +697,12 @@ impl Channel {
         self.consumers.iter_mut().find(|c| &c.tag == tag)
     }
 
-    pub fn consumer_no_ack(&self, tag: &ShortStr) -> bool {
-        self.consumers.iter().any(|c| c.no_ack && &c.tag == tag)
+    /// Whether consumer `tag` takes its deliveries without acks. By the tag's bytes, so the
+    /// fast lane asks with a tag it has not decoded, and gets the general path's answer.
+    pub fn consumer_no_ack(&self, tag: &[u8]) -> bool {
+        self.consumers
+            .iter()
+            .any(|c| c.no_ack && c.tag.as_bytes() == tag)
     }
 
     /// Whether the channel consumes direct replies (`amq.rabbitmq.reply-to`): RabbitMQ refuses a
@@ -709,8 +713,10 @@ impl Channel {
     }
 
     /// Whether consumer `tag` consumes direct replies (see [`Channel::consumes_any_replies`]).
-    pub fn consumes_replies(&self, tag: &ShortStr) -> bool {
-        self.consumers.iter().any(|c| c.replies && &c.tag == tag)
+    pub fn consumes_replies(&self, tag: &[u8]) -> bool {
+        self.consumers
+            .iter()
+            .any(|c| c.replies && c.tag.as_bytes() == tag)
     }
 
     pub fn remove_consumer(&mut self, tag: &ShortStr) -> bool {

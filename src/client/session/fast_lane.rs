@@ -75,14 +75,10 @@ impl Session {
         if from_cluster::must_hold(channel) {
             return false;
         }
+        // The general path's questions, asked the same way (an unknown tag included).
         let consumer_tag = &bytes[d.consumer_tag.clone()];
-        let consumer = channel
-            .consumers
-            .iter()
-            .find(|c| c.tag.as_bytes() == consumer_tag);
-        // An unknown tag is delivered and numbered as the general path does.
-        let (needs_ack, replies) = consumer.map_or((true, false), |c| (!c.no_ack, c.replies));
-        if replies {
+        let needs_ack = !channel.consumer_no_ack(consumer_tag);
+        if !needs_ack && channel.consumes_replies(consumer_tag) {
             return false;
         }
         let tag = channel.tags.issue(link_ref, d.delivery_tag, needs_ack);

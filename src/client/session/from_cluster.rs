@@ -651,8 +651,9 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
-        let needs_ack = !channel.consumer_no_ack(&d.consumer_tag);
-        if !needs_ack && channel.consumes_replies(&d.consumer_tag) {
+        let tag = d.consumer_tag.as_bytes();
+        let needs_ack = !channel.consumer_no_ack(tag);
+        if !needs_ack && channel.consumes_replies(tag) {
             // As RabbitMQ numbers direct replies: the next tag, not used up.
             d.delivery_tag = channel.tags.peek();
             m.deliveries.inc();

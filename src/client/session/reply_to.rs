@@ -32,10 +32,18 @@ pub(super) fn parse(name: &[u8]) -> Option<(&[u8], ShortStr)> {
     Some((&rest[..at], original))
 }
 
-/// Whether a content header's `reply_to` is a direct reply-to address of RabbitMQ's, which
-/// [`Session::mark_reply_to`] rewrites: a delivery that has one cannot be passed on as it came.
+/// Where a content header's `reply_to` is, and what follows RabbitMQ's prefix in it, when it is
+/// a direct reply-to address.
+fn direct_reply(header: &[u8]) -> Option<(std::ops::Range<usize>, &[u8])> {
+    let span = properties::reply_to_span(header)?;
+    let suffix = header[span.clone()].strip_prefix(PREFIX)?;
+    Some((span, suffix))
+}
+
+/// Whether a content header's `reply_to` is a direct reply-to address, which
+/// [`Session::mark_reply_to`] may rewrite: a delivery that has one cannot be passed on as it came.
 pub(super) fn names_direct_reply(header: &[u8]) -> bool {
-    properties::reply_to_span(header).is_some_and(|span| header[span].starts_with(PREFIX))
+    direct_reply(header).is_some()
 }
 
 impl Session {
@@ -43,11 +51,7 @@ impl Session {
     /// address (see the module doc). Other messages pass untouched, for the cost of reading one
     /// flag word.
     pub(super) fn mark_reply_to(&self, link: LinkId, mut content: Content) -> Content {
-        let Some(span) = properties::reply_to_span(&content.header) else {
-            return content;
-        };
-        let value = &content.header[span.clone()];
-        let Some(suffix) = value.strip_prefix(PREFIX) else {
+        let Some((span, suffix)) = direct_reply(&content.header) else {
             return content;
         };
         if suffix.contains(&SEPARATOR) {

@@ -89,16 +89,9 @@ fn decode(
         return Ok(None);
     };
     let kind = FrameKind::from_octet(type_octet)?;
-    let Some(header) = buf.get(..HEADER_LEN) else {
+    let Some(Head { channel, total, .. }) = Head::read(buf) else {
         return Ok(None);
     };
-    let channel = u16::from_be_bytes([header[1], header[2]]);
-    let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
-    // On 16/32-bit targets the sum can overflow usize: saturate, which is "too large".
-    let total = usize::try_from(size)
-        .ok()
-        .and_then(|s| s.checked_add(FRAME_OVERHEAD))
-        .unwrap_or(usize::MAX);
     if frame_max != 0 && total > frame_max.saturating_add(slack) {
         return Err(CodecError::FrameTooLarge {
             size: total,
@@ -120,6 +113,33 @@ fn decode(
         channel,
         payload: frame.freeze(),
     }))
+}
+
+/// A frame's 7-byte header, read without checking anything: the general decoder above and
+/// [`peek`](crate::peek) apply their own checks to it.
+pub(crate) struct Head {
+    /// The type octet.
+    pub(crate) kind: u8,
+    pub(crate) channel: u16,
+    /// The bytes the whole frame takes (payload + 8); `usize::MAX`, which is "too large" to
+    /// any limit, where the sum overflows (16/32-bit targets).
+    pub(crate) total: usize,
+}
+
+impl Head {
+    /// The header at the front of `buf`; `None` until all 7 bytes are in.
+    pub(crate) fn read(buf: &[u8]) -> Option<Head> {
+        let header = buf.get(..HEADER_LEN)?;
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
+        Some(Head {
+            kind: header[0],
+            channel: u16::from_be_bytes([header[1], header[2]]),
+            total: usize::try_from(size)
+                .ok()
+                .and_then(|s| s.checked_add(FRAME_OVERHEAD))
+                .unwrap_or(usize::MAX),
+        })
+    }
 }
 
 /// Writes a frame header with a zero size and returns where the size goes.

@@ -15,7 +15,8 @@
 
 use std::ops::Range;
 
-use crate::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, FRAME_OVERHEAD};
+use crate::frame::Head;
+use crate::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD};
 
 /// Bounds the commands must keep to for [`peek`] to report them.
 #[derive(Debug, Clone, Copy)]
@@ -66,10 +67,11 @@ pub enum Peeked {
 
 /// One whole, well-formed frame at `at`: its type, channel and payload range.
 fn frame(buf: &[u8], at: usize, limits: &Limits) -> Option<(u8, u16, Range<usize>)> {
-    let head = buf.get(at..at + 7)?;
-    let channel = u16::from_be_bytes([head[1], head[2]]);
-    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
-    let total = size.checked_add(FRAME_OVERHEAD)?;
+    let Head {
+        kind,
+        channel,
+        total,
+    } = Head::read(buf.get(at..)?)?;
     for max in [limits.frame_max, limits.out_frame_max] {
         if max != 0 && total > max {
             return None;
@@ -79,7 +81,7 @@ fn frame(buf: &[u8], at: usize, limits: &Limits) -> Option<(u8, u16, Range<usize
     if *buf.get(end - 1)? != FRAME_END {
         return None;
     }
-    Some((head[0], channel, at + 7..end - 1))
+    Some((kind, channel, at + 7..end - 1))
 }
 
 fn u16_at(buf: &[u8], at: usize) -> Option<u16> {

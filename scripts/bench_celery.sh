@@ -2,7 +2,7 @@
 # scripts/bench_celery.sh — chained Celery tasks directly against RabbitMQ and through warren,
 # in one run (benches/celery_chain/run.py).
 #
-#   scripts/bench_celery.sh [--pin] [--no-relay] [-- RUN-ARGS...]   e.g. -- --rounds 5 --steps 250
+#   scripts/bench_celery.sh [--pin] [--no-relay] [--haproxy] [-- RUN-ARGS...]   e.g. -- --rounds 5
 #
 # The workload Celery sites run: each task publishes the next of its chain (confirm_publish,
 # acks_late), one prefork worker, several chains at once. Starts one single-node RabbitMQ
@@ -12,6 +12,8 @@
 # direct, and warren's and the relay's CPU per task.
 # --pin: RabbitMQ on CPU 0, everything else (driver, worker, warren, relay) on CPU 1.
 # --no-relay: direct and warren only.
+# --haproxy: HAProxy (TCP mode, one thread) in front of the same node too: a widely run proxy in
+#            the same rounds, for comparison (installs Debian's haproxy when missing).
 # Needs the test venv (.venv, made by scripts/test.sh) for Celery.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,13 +22,15 @@ export WARREN_RABBIT_MANAGEMENT=0
 PY=.venv/bin/python
 pin=0
 relay=1
+haproxy=0
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --pin) pin=1; shift ;;
     --no-relay) relay=0; shift ;;
+    --haproxy) haproxy=1; shift ;;
     --) shift; args=("$@"); break ;;
-    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench_celery.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -45,12 +49,22 @@ if [ "$relay" = 1 ]; then
     relay_bin=$(cargo bench --bench throughput --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
     [ -x "$relay_bin" ] || { echo "bench_celery.sh: could not build the relay" >&2; exit 1; }
 fi
+haproxy_bin=
+if [ "$haproxy" = 1 ]; then
+    haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
+    if [ ! -x "$haproxy_bin" ]; then
+        log "installing Debian's haproxy"
+        apt-get install -y -qq haproxy >/dev/null
+        haproxy_bin=/usr/sbin/haproxy
+    fi
+fi
 scripts/rabbit.sh install
 tmp=$(mktemp -d)
-warren_pid= relay_pid=
+warren_pid= relay_pid= haproxy_pid=
 cleanup() {
     [ -n "$warren_pid" ] && kill "$warren_pid" 2>/dev/null || true
     [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null || true
+    [ -n "$haproxy_pid" ] && kill "$haproxy_pid" 2>/dev/null || true
     scripts/rabbit.sh down bench-chain >/dev/null 2>&1 || true
     rm -rf "$tmp"
 }
@@ -84,6 +98,27 @@ if [ -n "$relay_bin" ]; then
     wait_port "$rport"
     relay_args=(--relay "127.0.0.1:$rport" --relay-pid "$relay_pid")
 fi
-log "RabbitMQ $node, warren 127.0.0.1:$port${relay_pid:+, relay 127.0.0.1:$rport} (commit $(git rev-parse --short HEAD))"
+if [ -n "$haproxy_bin" ]; then
+    hport=$(free_port)
+    # TCP mode, one thread (as the relay and warren on this machine's share of the cores), and
+    # timeouts longer than a round.
+    cat >"$tmp/haproxy.cfg" <<CFG
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen amqp
+    bind 127.0.0.1:$hport
+    server rabbit $node
+CFG
+    "${pin_rest[@]}" "$haproxy_bin" -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
+    haproxy_pid=$!
+    wait_port "$hport"
+    relay_args+=(--other "haproxy=127.0.0.1:$hport@$haproxy_pid")
+fi
+log "RabbitMQ $node, warren 127.0.0.1:$port${relay_pid:+, relay 127.0.0.1:$rport}${haproxy_pid:+, haproxy 127.0.0.1:$hport} (commit $(git rev-parse --short HEAD))"
 "${pin_rest[@]}" "$PY" benches/celery_chain/run.py --direct "$node" --proxy "127.0.0.1:$port" \
     --proxy-pid "$warren_pid" "${relay_args[@]}" "${args[@]}"

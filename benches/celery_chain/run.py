@@ -1,7 +1,7 @@
 """Chained Celery tasks, directly against RabbitMQ and through warren, in one run.
 
     python benches/celery_chain/run.py --direct HOST:PORT --proxy HOST:PORT [--relay HOST:PORT] \
-        [--chains 8] [--steps 250] [--rounds 3] [--concurrency 4]
+        [--other NAME=HOST:PORT[@PID]] [--chains 8] [--steps 250] [--rounds 3] [--concurrency 4]
 
 For each round and each target (direct, warren and, with --relay, a plain TCP relay in front of
 the same node: what one more user-space hop costs; the order rotates from round to round so
@@ -12,7 +12,9 @@ chain's last step ran. Tasks/s = chains x (steps + 1) / seconds. Prints each rou
 median per target, and the ratios to direct: of the medians, and the median of the per-round
 ratios with their range (the runs of one round saw about the same load) and a 95% bootstrap
 confidence interval of that median; with --relay, warren's per-round ratio to the relay too
-(what warren costs beyond one more user-space hop).
+(what warren costs beyond one more user-space hop). --other (repeatable) adds another proxy in
+front of the same node to the rotation (scripts/bench_celery.sh --haproxy puts HAProxy there),
+reported as the relay is.
 """
 from __future__ import annotations
 
@@ -81,11 +83,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--other", action="append", default=[], metavar="NAME=HOST:PORT[@PID]",
+                    help="another proxy in front of the direct node, reported as the relay is")
     args = ap.parse_args()
     python = sys.executable
     targets = [("direct", args.direct, None), ("proxy", args.proxy, args.proxy_pid)]
     if args.relay:
         targets.append(("relay", args.relay, args.relay_pid))
+    for other in args.other:
+        name, sep, rest = other.partition("=")
+        if not sep or name in ("direct", "proxy", "relay"):
+            ap.error(f"--other {other!r}: expected NAME=HOST:PORT[@PID] with a name of its own")
+        addr, _, pid = rest.partition("@")
+        targets.append((name, addr, int(pid) if pid else None))
     results: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     cpus: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     for r in range(args.rounds):
@@ -96,7 +106,7 @@ def main() -> int:
             if cpu is not None:
                 cpus[name].append(cpu)
                 note = f"  {name} CPU {cpu:6.1f} µs/task"
-            print(f"round {r + 1} {name:6} {rate:8.1f} tasks/s{note}", flush=True)
+            print(f"round {r + 1} {name:7} {rate:8.1f} tasks/s{note}", flush=True)
     d = statistics.median(results["direct"])
     p = statistics.median(results["proxy"])
     print(f"median  direct {d:.1f} tasks/s, through warren {p:.1f} tasks/s, ratio {p / d:.3f}")
@@ -105,14 +115,14 @@ def main() -> int:
         label = "warren" if name == "proxy" else name
         cpu = f", CPU {statistics.median(cpus[name]):.1f} µs/task" if cpus[name] else ""
         lo, hi = median_ci(ratios)
-        print(f"per round {label:6} vs direct: median {statistics.median(ratios):.3f} "
+        print(f"per round {label:7} vs direct: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
               f"{lo:.3f}-{hi:.3f}){cpu}")
-    if args.relay:
-        # What warren costs beyond one more user-space hop, round by round.
-        ratios = [x / y for x, y in zip(results["proxy"], results["relay"])]
+    for name, _, _ in targets[2:]:
+        # What warren costs beyond one more user-space hop (or another proxy), round by round.
+        ratios = [x / y for x, y in zip(results["proxy"], results[name])]
         lo, hi = median_ci(ratios)
-        print(f"per round warren vs relay:  median {statistics.median(ratios):.3f} "
+        print(f"per round warren vs {name}: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
               f"{lo:.3f}-{hi:.3f})")
     return 0

@@ -1547,6 +1547,20 @@ impl Results {
         self.paired_with(size, phase, Target::Proxy, f, cmp)
     }
 
+    /// warren's CPU per message over the relay's, round by round (the two ran back to back).
+    fn cpu_vs_relay(&self, size: usize, phase: Phase) -> Option<Spread> {
+        let cpu = |x: &Sample| x.cpu.proxy.map(|c| per_msg_us(c, x.messages));
+        let relay = self.rounds(size, phase, Target::Relay);
+        let proxy = self.rounds(size, phase, Target::Proxy);
+        Spread::of(
+            proxy
+                .iter()
+                .zip(relay)
+                .filter_map(|(p, r)| Some(cpu(p)? / cpu(r)?))
+                .collect(),
+        )
+    }
+
     /// [`paired`](Self::paired) for any side against direct.
     fn paired_with(
         &self,
@@ -1755,13 +1769,26 @@ fn report_size(opts: &Options, results: &Results, size: usize, count: u64) -> St
     s
 }
 
-/// The issue's targets: proxied throughput >= 0.9x direct, added p50 latency < 100 µs, judged on
+/// The project's targets: proxied throughput >= 0.9x direct, added p50 latency < 100 µs, and at
+/// 2,000 msg/s (the latency phase) warren's CPU per message at most 1.1x the relay's, judged on
 /// the per-round comparisons.
 fn report_targets(opts: &Options, results: &Results) -> String {
     let mut s = String::from("\n## Targets\n\n");
     for &size in &opts.sizes {
         for &phase in &opts.phases {
             let line = if phase == Phase::Latency {
+                if let Some(r) = results.cpu_vs_relay(size, phase) {
+                    let _ = writeln!(
+                        s,
+                        "- {size} B, CPU per message at {} msg/s {:.2}x the relay's, median of \
+                         the rounds ({:.2}x-{:.2}x; target <= 1.10x): {}",
+                        opts.latency_rate,
+                        r.median,
+                        r.min,
+                        r.max,
+                        verdict(r.median <= 1.1)
+                    );
+                }
                 let Some(added) = results.paired(size, phase, |x| x.p50_us, difference) else {
                     continue;
                 };

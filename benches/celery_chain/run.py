@@ -118,6 +118,9 @@ def main() -> int:
         print(f"per round {label:7} vs direct: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
               f"{lo:.3f}-{hi:.3f}){cpu}")
+    ratios = [x / y for x, y in zip(results["proxy"], results["direct"])]
+    verdict = "met" if statistics.median(ratios) >= 0.98 else "NOT met"
+    print(f"target: warren at least 0.98x of direct, median of the per-round ratios: {verdict}")
     for name, _, _ in targets[2:]:
         # What warren costs beyond one more user-space hop (or another proxy), round by round.
         ratios = [x / y for x, y in zip(results["proxy"], results[name])]

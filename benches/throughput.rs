@@ -1547,18 +1547,10 @@ impl Results {
         self.paired_with(size, phase, Target::Proxy, f, cmp)
     }
 
-    /// warren's CPU per message over the relay's, round by round (the two ran back to back).
+    /// warren's CPU per message over the relay's, round by round.
     fn cpu_vs_relay(&self, size: usize, phase: Phase) -> Option<Spread> {
         let cpu = |x: &Sample| x.cpu.proxy.map(|c| per_msg_us(c, x.messages));
-        let relay = self.rounds(size, phase, Target::Relay);
-        let proxy = self.rounds(size, phase, Target::Proxy);
-        Spread::of(
-            proxy
-                .iter()
-                .zip(relay)
-                .filter_map(|(p, r)| Some(cpu(p)? / cpu(r)?))
-                .collect(),
-        )
+        self.compare(size, phase, Target::Proxy, Target::Relay, cpu, ratio)
     }
 
     /// [`paired`](Self::paired) for any side against direct.
@@ -1570,13 +1562,26 @@ impl Results {
         f: impl Fn(&Sample) -> f64,
         cmp: impl Fn(f64, f64) -> f64,
     ) -> Option<Spread> {
-        let direct = self.rounds(size, phase, Target::Direct);
-        let proxy = self.rounds(size, phase, side);
+        self.compare(size, phase, side, Target::Direct, |x| Some(f(x)), cmp)
+    }
+
+    /// `cmp(side, base)` of `f` for the two runs of each round; rounds where `f` has no value
+    /// for either side are left out.
+    fn compare(
+        &self,
+        size: usize,
+        phase: Phase,
+        side: Target,
+        base: Target,
+        f: impl Fn(&Sample) -> Option<f64>,
+        cmp: impl Fn(f64, f64) -> f64,
+    ) -> Option<Spread> {
+        let side = self.rounds(size, phase, side);
+        let base = self.rounds(size, phase, base);
         Spread::of(
-            direct
-                .iter()
-                .zip(proxy)
-                .map(|(d, p)| cmp(f(p), f(d)))
+            side.iter()
+                .zip(base)
+                .filter_map(|(s, b)| Some(cmp(f(s)?, f(b)?)))
                 .collect(),
         )
     }

@@ -13,7 +13,8 @@
 # --pin: RabbitMQ on CPU 0, everything else (driver, worker, warren, relay) on CPU 1.
 # --no-relay: direct and warren only.
 # --haproxy: HAProxy (TCP mode, one thread) in front of the same node too: a widely run proxy in
-#            the same rounds, for comparison (installs Debian's haproxy when missing).
+#            the same rounds, for comparison (needs haproxy installed: scripts/test.sh haproxy
+#            installs Debian's).
 # Needs the test venv (.venv, made by scripts/test.sh) for Celery.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,11 +53,10 @@ fi
 haproxy_bin=
 if [ "$haproxy" = 1 ]; then
     haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
-    if [ ! -x "$haproxy_bin" ]; then
-        log "installing Debian's haproxy"
-        apt-get install -y -qq haproxy >/dev/null
-        haproxy_bin=/usr/sbin/haproxy
-    fi
+    [ -x "$haproxy_bin" ] || {
+        echo "bench_celery.sh: --haproxy needs haproxy (scripts/test.sh haproxy installs Debian's)" >&2
+        exit 2
+    }
 fi
 scripts/rabbit.sh install
 tmp=$(mktemp -d)
@@ -100,8 +100,8 @@ if [ -n "$relay_bin" ]; then
 fi
 if [ -n "$haproxy_bin" ]; then
     hport=$(free_port)
-    # TCP mode, one thread (as the relay and warren on this machine's share of the cores), and
-    # timeouts longer than a round.
+    # TCP mode, one thread (ample for a handful of connections; the relay and warren run one
+    # connection thread per core), and timeouts longer than a round.
     cat >"$tmp/haproxy.cfg" <<CFG
 global
     nbthread 1

@@ -110,16 +110,18 @@ def main() -> int:
     d = statistics.median(results["direct"])
     p = statistics.median(results["proxy"])
     print(f"median  direct {d:.1f} tasks/s, through warren {p:.1f} tasks/s, ratio {p / d:.3f}")
+    warren_vs_direct = 0.0
     for name, _, _ in targets[1:]:
         ratios = [x / y for x, y in zip(results[name], results["direct"])]
+        if name == "proxy":
+            warren_vs_direct = statistics.median(ratios)
         label = "warren" if name == "proxy" else name
         cpu = f", CPU {statistics.median(cpus[name]):.1f} µs/task" if cpus[name] else ""
         lo, hi = median_ci(ratios)
         print(f"per round {label:7} vs direct: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
               f"{lo:.3f}-{hi:.3f}){cpu}")
-    ratios = [x / y for x, y in zip(results["proxy"], results["direct"])]
-    verdict = "met" if statistics.median(ratios) >= 0.98 else "NOT met"
+    verdict = "met" if warren_vs_direct >= 0.98 else "NOT met"
     print(f"target: warren at least 0.98x of direct, median of the per-round ratios: {verdict}")
     for name, _, _ in targets[2:]:
         # What warren costs beyond one more user-space hop (or another proxy), round by round.

@@ -264,10 +264,10 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
         }
         return match route {
             Route::Reload => reload(state).await,
-            Route::Drain(name) => drain(state, name).await,
-            Route::Undrain(name) => undrain(state, name).await,
-            Route::Evacuate(name) => evacuate(state, name).await,
-            Route::Unevacuate(name) => unevacuate(state, name).await,
+            Route::Drain(name) => change_cluster(state, name, ClusterChange::Drain).await,
+            Route::Undrain(name) => change_cluster(state, name, ClusterChange::Undrain).await,
+            Route::Evacuate(name) => change_cluster(state, name, ClusterChange::Evacuate).await,
+            Route::Unevacuate(name) => change_cluster(state, name, ClusterChange::Unevacuate).await,
             Route::Weight(name) => set_weight(state, name, query.as_deref()),
             Route::CloseClient(id) => close_client(state, id, query.as_deref()),
             _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unreachable route"),
@@ -754,100 +754,64 @@ fn close_client(state: &AdminState, id: u64, query: Option<&str>) -> Resp {
     )
 }
 
-async fn drain(state: &AdminState, name: String) -> Resp {
-    if state.shared.config().cluster(&name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
-    }
-    match state.shared.drain(&name) {
-        Ok(s) => {
-            info!(cluster = %name, "admin: cluster drained");
-            json_response(
-                StatusCode::OK,
-                &json!({"cluster": name, "state": "draining", "reload": reload_json(&s)}),
-            )
+/// A run-time change of one cluster's part (`POST /clusters/NAME/ACTION`). Each is kept until
+/// the next restart, or until its opposite.
+#[derive(Debug, Clone, Copy)]
+enum ClusterChange {
+    /// Take no new publishes; consumers keep draining what it holds.
+    Drain,
+    /// Undo a run-time drain.
+    Undrain,
+    /// Drain, and move its messages to the other shard clusters.
+    Evacuate,
+    /// Stop a run-time evacuation (and the drain it implied).
+    Unevacuate,
+}
+
+impl ClusterChange {
+    fn apply(self, shared: &crate::state::Shared, cluster: &str) -> Result<ReloadStatus, String> {
+        match self {
+            ClusterChange::Drain => shared.drain(cluster),
+            ClusterChange::Undrain => shared.undrain(cluster),
+            ClusterChange::Evacuate => shared.evacuate(cluster),
+            ClusterChange::Unevacuate => shared.unevacuate(cluster),
         }
-        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+
+    /// What the log line says once it is done.
+    fn done(self) -> &'static str {
+        match self {
+            ClusterChange::Drain => "admin: cluster drained",
+            ClusterChange::Undrain => "admin: run-time drain undone",
+            ClusterChange::Evacuate => "admin: cluster evacuation started",
+            ClusterChange::Unevacuate => "admin: run-time evacuation stopped",
+        }
     }
 }
 
-async fn undrain(state: &AdminState, name: String) -> Resp {
-    if state.shared.config().cluster(&name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
-    }
-    match state.shared.undrain(&name) {
-        Ok(s) => {
-            info!(cluster = %name, "admin: run-time drain undone");
-            let drain = state
-                .shared
-                .config()
-                .cluster(&name)
-                .is_some_and(|c| c.drain);
-            let st = if drain {
-                "draining"
-            } else {
-                "taking publishes"
-            };
-            json_response(
-                StatusCode::OK,
-                &json!({"cluster": name, "state": st, "reload": reload_json(&s)}),
-            )
-        }
-        Err(e) => error(StatusCode::CONFLICT, e),
-    }
-}
-
-/// `POST /clusters/NAME/evacuate`: drain the shard cluster and move its messages to the other
-/// shard clusters (the evacuator does the moving; this only changes the running configuration
-/// and leaves the marker that makes a restarted warren go on).
-async fn evacuate(state: &AdminState, name: String) -> Resp {
+/// `POST /clusters/NAME/{drain,undrain,evacuate,unevacuate}`: the change is made to the running
+/// configuration (the evacuator, the router and the sessions follow it); the answer names the
+/// cluster's part afterwards.
+async fn change_cluster(state: &AdminState, name: String, change: ClusterChange) -> Resp {
     if state.shared.config().cluster(&name).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
     }
     let shared = state.shared.clone();
     let who = name.clone();
-    // Writing the marker file is blocking work.
-    let result = match tokio::task::spawn_blocking(move || shared.evacuate(&who)).await {
+    // Blocking work: an evacuation writes the marker file that makes a restarted warren go on.
+    let result = match tokio::task::spawn_blocking(move || change.apply(&shared, &who)).await {
         Ok(r) => r,
         Err(e) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("evacuate task failed: {e}"),
+                format!("{change:?} task failed: {e}"),
             );
         }
     };
     match result {
         Ok(s) => {
-            info!(cluster = %name, change = %s.message, "admin: cluster evacuation started");
-            json_response(
-                StatusCode::OK,
-                &json!({"cluster": name, "state": "evacuating", "reload": reload_json(&s)}),
-            )
-        }
-        Err(e) => error(StatusCode::CONFLICT, e),
-    }
-}
-
-/// `POST /clusters/NAME/unevacuate`: stop a run-time evacuation (and the drain it implied).
-async fn unevacuate(state: &AdminState, name: String) -> Resp {
-    if state.shared.config().cluster(&name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no cluster named {name:?}"));
-    }
-    let shared = state.shared.clone();
-    let who = name.clone();
-    let result = match tokio::task::spawn_blocking(move || shared.unevacuate(&who)).await {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("unevacuate task failed: {e}"),
-            );
-        }
-    };
-    match result {
-        Ok(s) => {
-            info!(cluster = %name, "admin: run-time evacuation stopped");
-            let c = state.shared.config().cluster(&name).cloned();
-            let st = match c {
+            info!(cluster = %name, change = %s.message, "{}", change.done());
+            let st = match state.shared.config().cluster(&name) {
                 Some(c) if c.evacuate => "evacuating",
                 Some(c) if c.drain => "draining",
                 _ => "taking publishes",

@@ -15,6 +15,7 @@ pub mod evacuate;
 pub mod health;
 pub mod held;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -29,6 +29,8 @@ pub struct ProxyHandle {
     prober: crate::health::Prober,
     evacuator: crate::evacuate::Evacuator,
     workers: Arc<Workers>,
+    /// Ends the task that gives memory freed after bursts back to the OS.
+    trimmer: CancellationToken,
 }
 
 impl ProxyHandle {
@@ -84,6 +86,7 @@ impl ProxyHandle {
         }
         self.evacuator.stop().await;
         self.prober.stop().await;
+        self.trimmer.cancel();
         self.workers.stop();
         info!("proxy stopped");
     }
@@ -133,6 +136,8 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
             "busy polling on: connection threads spin after traffic instead of sleeping"
         );
     }
+    let trimmer = CancellationToken::new();
+    crate::memory::spawn_trimmer(trimmer.clone());
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -164,6 +169,7 @@ pub async fn start(config: Arc<Config>) -> std::io::Result<ProxyHandle> {
         prober,
         evacuator,
         workers,
+        trimmer,
     })
 }
 

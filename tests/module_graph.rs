@@ -6,7 +6,7 @@
 //! `warren::codec`): Cargo refuses a dependency cycle between crates, so nothing here needs to
 //! check that it names none of these modules.
 //!
-//! The layers today, from the bottom: metrics, tls, backoff, addr; route, config;
+//! The layers today, from the bottom: metrics, tls, backoff, addr, memory; route, config;
 //! topology, io; upstream; state; health; client and admin (side by side, never importing each
 //! other); evacuate (above admin, whose management API client it uses; never client); proxy.
 

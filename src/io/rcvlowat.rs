@@ -8,8 +8,8 @@
 //! reports end of stream, errors and hang-ups whatever the mark, so a dead link is still seen at
 //! once, and lowering the mark signals the data already waiting.
 //!
-//! Neither the standard library nor socket2 sets this option, so this is warren's one `unsafe`
-//! call: `setsockopt` with an `int` on the stack.
+//! Neither the standard library nor socket2 sets this option, so this is one of warren's two
+//! places with `unsafe` (the other is `memory.rs`): `setsockopt` with an `int` on the stack.
 
 use std::io;
 

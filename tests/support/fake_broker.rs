@@ -949,12 +949,16 @@ impl State {
             return self.send(id, 0, close, None);
         };
         if chan.closing {
-            // Closes crossed, or the peer's close-ok: the channel is gone.
-            if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_)) {
-                self.conns[id].channels.remove(&ch);
-            }
-            if let Method::ChannelClose(_) = method {
-                self.send(id, ch, Method::ChannelCloseOk(Default::default()), None);
+            // As RabbitMQ: closes that crossed are answered with close-ok, and the channel
+            // stays closing until the peer's close-ok for ours; anything else is dropped.
+            match method {
+                Method::ChannelCloseOk(_) => {
+                    self.conns[id].channels.remove(&ch);
+                }
+                Method::ChannelClose(_) => {
+                    self.send(id, ch, Method::ChannelCloseOk(Default::default()), None);
+                }
+                _ => {}
             }
             return;
         }

@@ -122,6 +122,13 @@ pub(super) struct TopologyPlan {
     /// link declared, and the replay only checks that the queues and exchanges are still there
     /// (passive declares), so it never re-creates what another client deleted meanwhile.
     pub(super) declare: bool,
+    /// Whether the replay checks what the cluster kept (when it does not declare). Not after
+    /// warren closed the link itself for idleness: nothing went with that link (it held no
+    /// exclusive or auto-delete queue), and what vanished there meanwhile (a queue that
+    /// expired, one another client deleted) vanished as on one broker, where the client learns
+    /// of it when it next uses it, with the cluster's own 404. Checked, its absence would close
+    /// the connection (320) as after a failover, for what one broker does without a word.
+    pub(super) check: bool,
 }
 
 pub(super) struct LinkSlot {

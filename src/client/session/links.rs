@@ -112,9 +112,17 @@ impl Session {
         };
         let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
             || self.shared.is_stale(&self.vhost, &c.name);
+        let after_idle = match self.reopened_idle.iter().position(|w| *w == c.name) {
+            Some(i) => {
+                self.reopened_idle.swap_remove(i);
+                true
+            }
+            None => false,
+        };
         let plan = TopologyPlan {
             shared,
             declare: shared || woken || self.stale_topology.remove(&c.name),
+            check: !after_idle,
         };
         let needs_topology = !self.topology.is_empty()
             || (shared
@@ -296,8 +304,11 @@ impl Session {
                 continue;
             }
             // A cluster this connection had a link to (closed when idle) kept what the link
-            // declared: its replay checks, as after a failover. A new one gets the declares.
-            if !self.links.iter().any(|s| *s.link.cluster == *cluster.name) {
+            // declared: its replay declares nothing (see `TopologyPlan::check`). A new one gets
+            // the declares.
+            if self.links.iter().any(|s| *s.link.cluster == *cluster.name) {
+                self.reopened_idle.push(cluster.name.clone());
+            } else {
                 self.woken.push(cluster.name.clone());
             }
             self.spawn_connect(cluster);
@@ -374,6 +385,9 @@ impl Session {
             if plan.declare {
                 self.links[link].replay(ch, m);
                 continue;
+            }
+            if !plan.check {
+                break;
             }
             // A failover: the cluster kept its topology; check the parts that can vanish. An
             // exclusive or auto-delete queue that went with the old link but never holds

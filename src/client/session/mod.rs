@@ -215,6 +215,7 @@ pub async fn serve(
             slot.start_replay(Some(TopologyPlan {
                 shared: true,
                 declare: true,
+                check: true,
             }));
         }
     }
@@ -274,6 +275,7 @@ pub async fn serve(
         lazy,
         deferred: None,
         woken: Vec::new(),
+        reopened_idle: Vec::new(),
     };
     let config_rx = shared.subscribe();
     let reason = session
@@ -530,6 +532,9 @@ struct Session {
     /// not new to the proxy, only to this connection (their replay declares this client's
     /// control-cluster topology, not the vhost's shared one).
     woken: Vec<String>,
+    /// Clusters whose link warren closed for idleness, being opened again by
+    /// [`Session::wake_shard_links`]: their replay declares and checks nothing.
+    reopened_idle: Vec<String>,
     /// The link [`poll_links`](Self::poll_links) tries first.
     next_read: usize,
     /// Upstream channels being reopened without confirm mode for a tx.select

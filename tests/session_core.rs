@@ -2256,6 +2256,47 @@ async fn r_a_queue_gone_while_the_links_were_idle_does_not_close_the_connection(
     c.sync(1).await;
 }
 
+/// A channel has two prefetch settings, the per-consumer one (`global = false`) and the
+/// channel's (`global = true`), each changed only by a basic.qos of its own kind. Set both before
+/// the shard links exist (a lazy connection), then consume: each shard link gets both, split.
+/// (Only the last one was sent, so the per-consumer limit was lifted there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_both_prefetch_settings_reach_links_opened_later() {
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.qos(1, 2, false).await;
+    c.qos(1, 5, true).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "worker").await;
+    let mut sums = (0, 0);
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        let qos: Vec<(u16, bool)> = shard
+            .ledger(link)
+            .received_named("basic.qos")
+            .into_iter()
+            .map(|(_, m)| match m {
+                Method::BasicQos(q) => (q.prefetch_count, q.global),
+                _ => unreachable!(),
+            })
+            .collect();
+        // The last of each kind is in force (a link opened first gets the whole window, then
+        // its share once the other opens).
+        let last = |global: bool| qos.iter().rev().find(|q| q.1 == global).map(|q| q.0);
+        let (Some(per_consumer), Some(per_channel)) = (last(false), last(true)) else {
+            panic!("{}'s basic.qos: {qos:?}", shard.name());
+        };
+        sums = (sums.0 + per_consumer, sums.1 + per_channel);
+    }
+    assert_eq!(
+        sums,
+        (2, 5),
+        "each setting split over the two shard clusters"
+    );
+}
+
 /// Links that hold the connection's state are never idle: a consumer's links stay open however
 /// long nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

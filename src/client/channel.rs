@@ -637,8 +637,8 @@ pub struct Channel {
     /// their client tags are issued when they are released, after what they wait for, so that
     /// on every link the client's tags keep growing with the upstream ones.
     pub held: Vec<(LinkRef, Method, Option<Content>)>,
-    /// The client's last basic.qos, re-split when the set of shard clusters changes.
-    pub qos: Option<crate::codec::BasicQos>,
+    /// The client's basic.qos settings, re-split when the set of shard clusters changes.
+    pub qos: Prefetch,
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
     /// to while it stays usable.
     pub sticky: Vec<(usize, LinkId)>,
@@ -649,6 +649,38 @@ pub struct Channel {
     /// The close waiting for earlier replies while the channel is [`ChannelState::Failing`].
     pub failing: Option<PendingClose>,
     next_rpc: u64,
+}
+
+/// A channel's prefetch as RabbitMQ keeps it: two settings, the limit of each consumer started
+/// after it (`global = false`) and the limit shared by the channel's consumers
+/// (`global = true`), each changed only by a basic.qos of its own kind. Whatever rebuilds the
+/// channel upstream (a link opened or failed over, the channel swapped for a tx.select) sends
+/// both again: sending only the last one lifted the other limit there.
+#[derive(Debug, Default, Clone)]
+pub struct Prefetch {
+    per_consumer: Option<crate::codec::BasicQos>,
+    per_channel: Option<crate::codec::BasicQos>,
+}
+
+impl Prefetch {
+    /// Records a basic.qos the client sent.
+    pub fn set(&mut self, q: &crate::codec::BasicQos) {
+        let kind = if q.global {
+            &mut self.per_channel
+        } else {
+            &mut self.per_consumer
+        };
+        *kind = Some(q.clone());
+    }
+
+    /// The settings in force, to send again in this order.
+    pub fn settings(&self) -> Vec<crate::codec::BasicQos> {
+        self.per_consumer
+            .iter()
+            .chain(self.per_channel.iter())
+            .cloned()
+            .collect()
+    }
 }
 
 impl Channel {
@@ -663,7 +695,7 @@ impl Channel {
             tx_link: None,
             tx_log: TxLog::default(),
             rpcs: VecDeque::new(),
-            qos: None,
+            qos: Prefetch::default(),
             held: Vec::new(),
             sticky: Vec::new(),
             notices: Vec::new(),

@@ -215,7 +215,7 @@ impl Session {
             }
             Method::BasicGet(_) => self.get(ch, &method)?,
             Method::BasicQos(ref q) => {
-                channel.qos = Some(q.clone());
+                channel.qos.set(q);
                 let targets = self.live_links();
                 let id = self.channel_mut(ch).expect("checked above").push_rpc(
                     targets.len(),
@@ -607,8 +607,8 @@ impl Session {
     /// `id`, and give it the channel's prefetch again.
     pub(super) fn finish_tx_swap(&mut self, link: LinkId, ch: u16, id: u64) {
         self.links[link].request(ch, &Method::TxSelect(Default::default()), Pending::Rpc(id));
-        let qos = channel_in(&mut self.channels, ch).and_then(|c| c.qos.clone());
-        if let Some(q) = qos {
+        let qos = channel_in(&mut self.channels, ch).map(|c| c.qos.settings());
+        for q in qos.unwrap_or_default() {
             let m = self.qos_share(ch, link, &q);
             self.links[link].request(ch, &m, Pending::Internal);
         }

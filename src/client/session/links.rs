@@ -169,7 +169,11 @@ impl Session {
             let Some(channel) = self.channels[usize::from(ch)].as_ref() else {
                 continue;
             };
-            let (tx, confirm, qos) = (channel.tx, channel.confirms.is_some(), channel.qos.clone());
+            let (tx, confirm, qos) = (
+                channel.tx,
+                channel.confirms.is_some(),
+                channel.qos.settings(),
+            );
             if tx {
                 self.links[index].replay(ch, &Method::TxSelect(Default::default()));
             }
@@ -180,7 +184,7 @@ impl Session {
                     &Method::ConfirmSelect(codec::ConfirmSelect { nowait: false }),
                 );
             }
-            if let Some(q) = qos {
+            for q in qos {
                 // The split changed for every shard link; existing links get their new share too.
                 self.send_qos(ch, &q, Pending::Internal, Some(index));
             }

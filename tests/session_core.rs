@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use warren::codec::{self, FrameKind, Method, ShortStr};
+use warren::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 
 use fake_broker::{CommitVerdict, ConnId, FakeCluster, Kill, Verdict, wait_for};
 use support::sharded::ShardedProxy;
@@ -760,6 +760,77 @@ async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {
     assert_eq!(l.node, 1, "the new link is on the second node");
     assert_eq!(bodies(&l.published(1)), ["m1"]);
     assert_eq!(bodies(&a.ready(Q)), ["m1"]);
+}
+
+/// The node holding the link stops gracefully (`rabbitmqctl stop`, a rolling restart): RabbitMQ
+/// closes its connections with 320 "broker forced connection closure with reason 'shutdown'"
+/// instead of dropping them. That is a failover, as when a node dies: the held publish goes to
+/// the second node and is acked once, and the client's connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_node_shutting_down_fails_its_links_over_instead_of_closing_the_client() {
+    let rig = Rig::start(&[(A, 2), (CONTROL, 1)]).await;
+    let a = rig.get(A);
+    a.on_publish(|p| {
+        if p.node == 0 {
+            Verdict::Hold
+        } else {
+            Verdict::Ack
+        }
+    });
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    let first = a.only_link().await;
+    c.publish(1, Q, "m1").await;
+    wait_for("node 1 holds the publish", || {
+        (a.held(first, 1).len() == 1).then_some(())
+    })
+    .await;
+    a.refuse(0, true);
+    a.close_connection(
+        first,
+        ReplyCode::ConnectionForced,
+        "broker forced connection closure with reason 'shutdown'",
+    );
+    c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
+    let second = a.only_link().await;
+    assert_eq!(
+        a.ledger(second).node,
+        1,
+        "the new link is on the second node"
+    );
+    assert_eq!(bodies(&a.ready(Q)), ["m1"]);
+    c.declare(1, "still-open").await;
+}
+
+/// An operator closes warren's link for one client in RabbitMQ's management UI (any other
+/// close by the broker): one broker's client would see its connection closed with that code
+/// and text, and so does this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_link_closed_by_an_operator_closes_the_client_with_the_brokers_words() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let link = a.only_link().await;
+    a.close_connection(
+        link,
+        ReplyCode::ConnectionForced,
+        "Closed via management plugin",
+    );
+    let close = loop {
+        c.pump().await;
+        if let Some((0, Method::ConnectionClose(close))) = c.methods.pop_front() {
+            break close;
+        }
+    };
+    assert_eq!(close.reply_code, 320);
+    assert_eq!(
+        close.reply_text.as_str(),
+        "CONNECTION_FORCED - Closed via management plugin"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -77,6 +77,22 @@ pub enum LinkDown {
     HeartbeatTimeout(Duration),
     #[error("protocol error from the broker: {0}")]
     Protocol(String),
+    /// The node said it is going away (stopped, or put into maintenance mode) and closed the
+    /// connection with this text.
+    #[error("the node is going away: {0}")]
+    NodeLeaving(String),
+}
+
+/// Whether a connection.close from a broker means its node is going away rather than that this
+/// connection was refused: RabbitMQ closes every connection with 320 CONNECTION_FORCED and one of
+/// these texts when the node stops (`rabbitmqctl stop`, a service stop, a rolling restart) or is
+/// put into maintenance mode (`rabbitmq-upgrade drain`). The cluster's other node serves on, so
+/// a link closed so fails over; any other close (an operator closing that one connection, a
+/// refusal) is the client's to hear.
+pub fn node_leaving(code: u16, text: &str) -> bool {
+    code == 320
+        && (text.contains("broker forced connection closure with reason 'shutdown'")
+            || text.contains("Node was put into maintenance mode"))
 }
 
 /// An open link. Dropping it aborts its writer; close it politely first with connection.close.

@@ -419,6 +419,22 @@ impl FakeCluster {
             .send(Out::Release(piece.max(1)));
     }
 
+    /// Closes connection `conn` with connection.close `code` and `text`, as RabbitMQ closes
+    /// every connection of a node that stops (320, "broker forced connection closure with
+    /// reason 'shutdown'") or one connection an operator closes; the socket ends at the peer's
+    /// close-ok.
+    pub fn close_connection(&self, conn: ConnId, code: ReplyCode, text: &str) {
+        let mut s = lock(&self.state);
+        let close = Method::ConnectionClose(codec::ConnectionClose {
+            reply_code: code.code(),
+            reply_text: ss(&code.text(text)),
+            class_id: 0,
+            method_id: 0,
+        });
+        s.send(conn, 0, close, None);
+        s.dispatch();
+    }
+
     /// Closes channel `channel` of `conn` with `code` (its unacked deliveries are requeued).
     pub fn close_channel(&self, conn: ConnId, channel: u16, code: ReplyCode, detail: &str) {
         let mut s = lock(&self.state);

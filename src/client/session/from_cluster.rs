@@ -849,6 +849,15 @@ impl Session {
             Method::ConnectionClose(c) => {
                 let slot = &mut self.links[link];
                 slot.send(0, &Method::ConnectionCloseOk(Default::default()));
+                if self.closing.is_none()
+                    && crate::upstream::link::node_leaving(c.reply_code, &c.reply_text.as_str())
+                {
+                    // A node stopping or drained for maintenance: the other node serves on, so
+                    // this is a failover, as when a node dies, not the client's to hear.
+                    let text = c.reply_text.as_str().into_owned();
+                    return self.on_link_down(link, LinkDown::NodeLeaving(text));
+                }
+                let slot = &mut self.links[link];
                 slot.mark_done();
                 match &self.closing {
                     Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),

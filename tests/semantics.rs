@@ -71,6 +71,7 @@ macro_rules! differential {
 }
 
 differential!(
+    passive_declare_of_a_reply_to_address_finds_the_caller,
     close_without_connection_close_keeps_every_publish,
     connection_close_behind_publishes_still_gets_close_ok,
     bindings_server_named_queue_to_user_fanout,
@@ -2178,6 +2179,54 @@ async fn consume_from_missing_queue_is_404(addr: SocketAddr) {
     let other = cleanup.queue(&unique("after-404"));
     queue_declare(&ch, &mut events, QueueDeclareArguments::new(&other)).await;
     close_connection(conn).await;
+}
+
+/// An RPC server checks that its caller is still there before it answers: a queue.declare,
+/// passive or not, of the request's direct reply-to address answers declare-ok with that name
+/// and one consumer while the caller consumes, and 404 once the caller has gone; the server's
+/// connection carries on. (Through warren the address names its cluster; sent to every cluster,
+/// the others closed the server's connection with 541.)
+async fn passive_declare_of_a_reply_to_address_finds_the_caller(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("rpc-check"));
+    let caller = connect(addr).await;
+    let (ch, mut events) = open_channel(&caller).await;
+    queue_declare(&ch, &mut events, QueueDeclareArguments::new(&queue)).await;
+    let (_ctag, _replies) = consume(&ch, "amq.rabbitmq.reply-to", false).await;
+    support::send_rpc_requests(&ch, &queue, 1).await;
+    let server = connect(addr).await;
+    let (sch, _server_events) = open_channel(&server).await;
+    let (_stag, mut requests) = consume(&sch, &queue, false).await;
+    let request = within("the request", requests.recv())
+        .await
+        .expect("request stream");
+    let reply_to = request
+        .basic_properties
+        .expect("request properties")
+        .reply_to()
+        .expect("reply_to")
+        .clone();
+    for passive in [true, false] {
+        let (check, mut check_events) = open_channel(&server).await;
+        let args = QueueDeclareArguments::new(&reply_to)
+            .passive(passive)
+            .finish();
+        let what = format!("queue.declare (passive: {passive}) of {reply_to}");
+        let r = within(&what, check.queue_declare(args)).await;
+        let (name, _messages, consumers) =
+            ok(&what, &mut check_events, r).await.expect("declare-ok");
+        assert_eq!((name.as_str(), consumers), (reply_to.as_str(), 1), "{what}");
+    }
+    close_connection(caller).await;
+    let (check, mut check_events) = open_channel(&server).await;
+    let args = QueueDeclareArguments::new(&reply_to).passive(true).finish();
+    let what = format!("passive queue.declare of {reply_to} after the caller left");
+    let r = within(&what, check.queue_declare(args)).await;
+    assert_refused(&what, 404, &mut check_events, r).await;
+    let (ch, mut events) = open_channel(&server).await;
+    let other = cleanup.queue(&unique("after-reply-check"));
+    queue_declare(&ch, &mut events, QueueDeclareArguments::new(&other)).await;
+    close_connection(server).await;
 }
 
 /// A passive exchange.declare of an exchange that does not exist: channel.close 404 NOT_FOUND.

@@ -100,6 +100,9 @@ pub struct Rpc {
     /// A queue.delete with `if_empty` or `if_unused`: this request is the passive declare on
     /// every cluster that checks the condition over the whole queue; the delete follows.
     pub then_delete: Option<crate::codec::QueueDelete>,
+    /// The queue name the client asked for, to answer with in place of the cluster's: a
+    /// direct reply-to address is declared on its cluster under RabbitMQ's own name.
+    pub rename: Option<ShortStr>,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -717,6 +720,7 @@ impl Channel {
             request: request.clone(),
             on_success: None,
             then_delete: None,
+            rename: None,
         });
         self.next_rpc
     }

@@ -267,6 +267,9 @@ impl Session {
                     &method,
                 );
             }
+            Method::QueueDeclare(ref q) if reply_to::is_address(q.queue.as_bytes()) => {
+                self.declare_reply_address(ch, q, &method)?
+            }
             Method::ExchangeDeclare(_)
             | Method::ExchangeDelete(_)
             | Method::ExchangeBind(_)

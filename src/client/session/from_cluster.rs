@@ -534,6 +534,10 @@ impl Session {
             if let Some((class, m)) = rpc.on_success {
                 self.record_topology(class, m);
             }
+            let mut reply = reply;
+            if let (Some(name), Method::QueueDeclareOk(ok)) = (rpc.rename, &mut reply.method) {
+                ok.queue = name;
+            }
             let Some(channel) = channel_in(&mut self.channels, ch) else {
                 return;
             };

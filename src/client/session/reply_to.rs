@@ -32,6 +32,12 @@ pub(super) fn parse(name: &[u8]) -> Option<(&[u8], ShortStr)> {
     Some((&rest[..at], original))
 }
 
+/// Whether `name` is a direct reply-to address (RabbitMQ's or one warren handed out), which a
+/// queue.declare asks about rather than creates.
+pub(super) fn is_address(name: &[u8]) -> bool {
+    name.starts_with(PREFIX)
+}
+
 /// Where a content header's `reply_to` is, and what follows RabbitMQ's prefix in it, when it is
 /// a direct reply-to address.
 fn direct_reply(header: &[u8]) -> Option<(std::ops::Range<usize>, &[u8])> {
@@ -117,6 +123,41 @@ impl Session {
             pinned: true,
         };
         self.send_publish(ch, link, client_seq, held, false);
+    }
+
+    /// A queue.declare of a direct reply-to address: an RPC server checking that its caller is
+    /// still there (declare-ok with one consumer), passive or not, as RabbitMQ answers both.
+    /// Only the cluster named in the address knows it, under RabbitMQ's own name; any other
+    /// cluster closes the connection (541). So it goes there alone, and the answer carries the
+    /// client's name back. An address naming no connected cluster is answered as RabbitMQ
+    /// answers for a caller that has gone: 404.
+    pub(super) fn declare_reply_address(
+        &mut self,
+        ch: u16,
+        q: &codec::QueueDeclare,
+        method: &Method,
+    ) -> Result<(), ConnError> {
+        let routed = parse(q.queue.as_bytes()).and_then(|(cluster, original)| {
+            let link = self
+                .links
+                .iter()
+                .position(|s| s.link.cluster.as_bytes() == cluster && s.live())?;
+            Some((link, original))
+        });
+        let Some((link, original)) = routed else {
+            let text = format!("no queue '{}' in vhost '{}'", q.queue.as_str(), self.vhost);
+            self.close_channel(ch, ReplyCode::NotFound, &text, method);
+            return Ok(());
+        };
+        let mut declare = q.clone();
+        declare.queue = original;
+        self.fan_out(ch, &Method::QueueDeclare(declare), LinkSet::one(link))?;
+        if !q.nowait
+            && let Some(rpc) = self.channel_mut(ch).and_then(|c| c.rpcs.back_mut())
+        {
+            rpc.rename = Some(q.queue.clone());
+        }
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@
 //! exchange a publish was accepted to stays accepted, until a refusal on this connection, or
 //! this connection deleting or unbinding anything, forgets them all: an auto-delete exchange
 //! goes with its last binding), and when its properties carry a `user_id` other than the
-//! connection's user, an `expiration` that is not a plain number, a `CC` or `BCC` header that
+//! connection's user, an `expiration` that is not a plain number of at most ten years, a `CC` or `BCC` header that
 //! is not an array of strings, or the direct reply-to pseudo-queue as `reply_to` on a channel
 //! that does not consume it. The default exchange always exists.
 //! Producers publish to a handful of exchanges, so this costs one round trip per exchange per
@@ -123,7 +123,7 @@ fn asks_for_direct_reply(header: &[u8]) -> bool {
 }
 
 /// Whether a content header's properties are ones a broker may refuse: a `user_id` other than
-/// `user`, an `expiration` that is not a plain non-negative integer, or a `CC` / `BCC` header
+/// `user`, an `expiration` RabbitMQ would refuse (not a plain non-negative integer, or above ten years), or a `CC` / `BCC` header
 /// that is not an array of strings. Decodes the properties only when one of these may be
 /// present (the flag word says so, and for headers the raw bytes hold a `CC` or `BCC` key), so
 /// ordinary publishes, Celery's with their headers too, pay a load and a short byte search. A
@@ -151,7 +151,7 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
     let odd_expiration = p
         .expiration
         .as_ref()
-        .is_some_and(|e| e.as_bytes().is_empty() || !e.as_bytes().iter().all(u8::is_ascii_digit));
+        .is_some_and(|e| !expiration_accepted(e.as_bytes()));
     // RabbitMQ routes to the queues a CC / BCC array names and refuses any other type there.
     let odd_routing = p.headers.as_ref().is_some_and(|h| {
         ["CC", "BCC"].iter().any(|k| match h.get(k) {
@@ -163,6 +163,23 @@ pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
         })
     });
     wrong_user || odd_expiration || odd_routing
+}
+
+/// The longest `expiration` RabbitMQ accepts, in milliseconds (ten years); a longer one is
+/// refused with 406 "invalid expiration ... value_too_large" (measured on RabbitMQ 3.10).
+const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
+
+/// Whether RabbitMQ takes `expiration` as it is: a plain non-negative integer (leading zeros
+/// allowed) of at most [`MAX_EXPIRATION_MS`].
+fn expiration_accepted(expiration: &[u8]) -> bool {
+    !expiration.is_empty()
+        && expiration.iter().all(u8::is_ascii_digit)
+        && expiration
+            .iter()
+            .try_fold(0u64, |n, d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+            .is_some_and(|ms| ms <= MAX_EXPIRATION_MS)
 }
 
 /// Whether `header` holds the bytes of a table key `CC` or `BCC` (a short string: its length
@@ -216,10 +233,15 @@ mod tests {
     }
 
     #[test]
-    fn a_numeric_expiration_needs_no_check_anything_else_does() {
+    fn an_expiration_rabbitmq_accepts_needs_no_check_anything_else_does() {
         for (value, check) in [
             ("60000", false),
             ("0", false),
+            ("315360000000", false),
+            ("0000000315360000000", false),
+            ("315360000001", true),
+            ("18446744073709551615", true),
+            ("99999999999999999999999", true),
             ("", true),
             ("-5", true),
             ("1.5", true),

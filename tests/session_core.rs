@@ -2327,6 +2327,31 @@ async fn r_a_queue_gone_while_the_links_were_idle_does_not_close_the_connection(
     c.sync(1).await;
 }
 
+/// An asynchronous client closes a channel and, before it reads close-ok, publishes on it (to a
+/// sharded queue, which would open the shard links): RabbitMQ discards what follows the close.
+/// So does warren, before the links exist too; it deferred the publish until they opened and
+/// then ran it against the freed channel, closing the whole connection with 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_a_publish_behind_a_channel_close_is_discarded_before_the_links_open() {
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.open(2).await;
+    let close = Method::ChannelClose(codec::ChannelClose {
+        reply_code: 200,
+        reply_text: ss("bye"),
+        class_id: 0,
+        method_id: 0,
+    });
+    c.send(2, close).await;
+    c.publish(2, Q, "after the close").await;
+    c.qos(1, 5, false).await;
+    assert!(matches!(c.reply(2).await, Method::ChannelCloseOk(_)));
+    c.declare(1, Q).await;
+    assert!(a.ready(Q).is_empty() && b.ready(Q).is_empty());
+}
+
 /// A channel has two prefetch settings, the per-consumer one (`global = false`) and the
 /// channel's (`global = true`), each changed only by a basic.qos of its own kind. Set both before
 /// the shard links exist (a lazy connection), then consume: each shard link gets both, split.

@@ -34,7 +34,12 @@ impl Session {
         if ch == 0 {
             return self.on_client_connection_method(method);
         }
-        if self.lazy && self.needs_shard_links(&method) {
+        // Only a request on an open channel wakes the links: what follows a channel's close (a
+        // publish an asynchronous client sent before it read close-ok) is discarded or refused
+        // below, as RabbitMQ does, and must not run later against a channel freed meanwhile.
+        let open = channel_in(&mut self.channels, ch)
+            .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
+        if self.lazy && open && self.needs_shard_links(&method) {
             self.wake_shard_links(Command {
                 channel: ch,
                 method,

@@ -353,6 +353,16 @@ impl Client {
         }
     }
 
+    /// This connection's first publish to the default exchange, on a channel of its own
+    /// (`ch`, opened here), to a queue that does not exist (dropped), and a round trip: warren
+    /// checks the first publish of a connection to each exchange, so the scenario that follows,
+    /// which stalls links, publishes to the default exchange unchecked.
+    async fn prove_default_exchange(&mut self, ch: u16) {
+        self.open(ch).await;
+        self.publish(ch, "no-such-queue", "warm-up").await;
+        self.sync(ch).await;
+    }
+
     /// A round trip through every link of `ch` (channel.flow, which goes to all of them):
     /// whatever the brokers sent before their answers has been handled by warren when it
     /// returns.
@@ -1226,9 +1236,10 @@ async fn g_tx_select_after_publishing_reopens_each_upstream_channel_once_its_pub
  {
     let rig = Rig::three().await;
     let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.prove_default_exchange(9).await;
     a.on_publish(|_| Verdict::Hold);
     b.on_publish(|_| Verdict::Hold);
-    let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
     c.qos(1, 10, false).await;
@@ -1260,10 +1271,11 @@ async fn g_tx_select_after_publishing_reopens_each_upstream_channel_once_its_pub
         let at = led
             .received
             .iter()
-            .position(|f| matches!(f.method, Method::BasicPublish(_)))
+            .position(|f| f.channel == 1 && matches!(f.method, Method::BasicPublish(_)))
             .expect("a publish");
         led.received[at + 1..]
             .iter()
+            .filter(|f| f.channel == 1)
             .map(|f| f.method.name())
             .collect()
     };
@@ -1419,6 +1431,35 @@ async fn h_publishes_pipelined_behind_a_refused_one_are_routed_nowhere() {
     c.confirm_select(1).await;
     c.publish(1, Q, "m1").await;
     c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
+}
+
+/// The first publish of a connection to the default exchange is checked like the first to any
+/// exchange (a passive declare behind it before warren reads on): RabbitMQ refuses it (403) to
+/// a user without write permission on `amq.default`, and publishes pipelined behind it must
+/// not be routed by the other cluster meanwhile. Later publishes there go unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_the_first_publish_to_the_default_exchange_is_checked_once() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    for body in ["m1", "m2", "m3", "m4"] {
+        c.publish(1, Q, body).await;
+    }
+    c.sync(1).await;
+    let mut checks = 0;
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        checks += shard
+            .ledger(link)
+            .received_named("exchange.declare")
+            .iter()
+            .filter(|(_, m)| matches!(m, Method::ExchangeDeclare(d) if d.passive))
+            .count();
+    }
+    assert_eq!(checks, 1, "one check, behind the first publish");
+    assert_eq!(a.ready(Q).len() + b.ready(Q).len(), 4);
 }
 
 /// One write: a queue.declare and four publishes to that queue through the default exchange,
@@ -2536,6 +2577,7 @@ async fn s_a_conditional_delete_checks_behind_the_channels_earlier_publish() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
+    c.prove_default_exchange(9).await;
     c.open(1).await;
     c.declare(1, Q).await;
     let (la, lb) = (a.only_link().await, b.only_link().await);
@@ -2746,9 +2788,10 @@ async fn publish_only_burst(rig: &Rig) -> (Client, ConnId, ConnId) {
 async fn u_deliveries_and_confirms_split_across_reads_pass_intact_and_in_order() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.prove_default_exchange(9).await;
     a.on_publish(|_| Verdict::Hold);
     b.on_publish(|_| Verdict::Hold);
-    let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
     c.consume(1, Q, "ctag-u").await;

@@ -21,9 +21,15 @@
 //! goes with its last binding), and when its properties carry a `user_id` other than the
 //! connection's user, an `expiration` that is not a plain number of at most ten years, a `CC` or `BCC` header that
 //! is not an array of strings, or the direct reply-to pseudo-queue as `reply_to` on a channel
-//! that does not consume it. The default exchange always exists.
+//! that does not consume it. The default exchange is checked too, the first time: it always
+//! exists, but a user without write permission on `amq.default` is refused there (403).
 //! Producers publish to a handful of exchanges, so this costs one round trip per exchange per
 //! connection, not one per message.
+//!
+//! Not covered: RabbitMQ's topic permissions, which refuse a publish to a topic exchange by
+//! its routing key. A publish refused so is refused (403) as on one broker, but publishes the
+//! client pipelined behind it on the channel may already be routed by other clusters
+//! (docs/semantics.md).
 
 use super::*;
 
@@ -49,7 +55,7 @@ impl Session {
         content: &Content,
     ) -> bool {
         publish.immediate
-            || (!publish.exchange.is_empty() && !self.proven_exchanges.contains(&publish.exchange))
+            || !self.proven_exchanges.contains(&publish.exchange)
             || properties_need_check(&content.header, &self.base_spec.user)
             || (asks_for_direct_reply(&content.header)
                 && !self
@@ -105,9 +111,6 @@ impl Session {
         let Some(b) = self.barrier.take() else {
             return;
         };
-        if b.exchange.is_empty() {
-            return;
-        }
         if self.proven_exchanges.len() >= MAX_PROVEN {
             self.proven_exchanges.clear();
         }

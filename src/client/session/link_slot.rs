@@ -37,8 +37,22 @@ pub(super) struct Waiting {
     pub(super) who: Pending,
     /// A basic.consume. RabbitMQ's queue process, not the channel, sends consume-ok, so the
     /// replies to requests sent after a consume may come before its consume-ok: a consume-ok
-    /// answers the oldest consume, any other reply the oldest request that is not one.
+    /// answers the oldest consume, any other reply the oldest request that is neither a consume
+    /// nor a cancel.
     pub(super) consume: bool,
+    /// A basic.cancel, by a hash of its consumer tag. The queue process sends cancel-ok too (for
+    /// a consumer it still has), so it can come after the replies to later requests: seen with
+    /// a queue.delete pipelined behind cancels, whose delete-ok overtook a cancel-ok. A
+    /// cancel-ok answers the cancel of its tag.
+    pub(super) cancel: Option<u64>,
+}
+
+/// The hash a cancel waits under (see [`Waiting::cancel`]).
+fn tag_hash(tag: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tag.hash(&mut h);
+    h.finish()
 }
 
 impl Waiting {
@@ -46,6 +60,10 @@ impl Waiting {
         Waiting {
             who,
             consume: matches!(method, Method::BasicConsume(c) if !c.nowait),
+            cancel: match method {
+                Method::BasicCancel(c) if !c.nowait => Some(tag_hash(c.consumer_tag.as_bytes())),
+                _ => None,
+            },
         }
     }
 
@@ -53,6 +71,7 @@ impl Waiting {
         Waiting {
             who,
             consume: false,
+            cancel: None,
         }
     }
 }
@@ -342,8 +361,17 @@ impl LinkSlot {
     /// Takes the request `reply` answers (see [`Waiting::consume`]).
     pub(super) fn take_waiting(&mut self, ch: u16, reply: &Method) -> Option<Pending> {
         let up = self.chan(ch);
-        let consume_ok = matches!(reply, Method::BasicConsumeOk(_));
-        let at = up.pending.iter().position(|w| w.consume == consume_ok)?;
+        let at = match reply {
+            Method::BasicConsumeOk(_) => up.pending.iter().position(|w| w.consume),
+            Method::BasicCancelOk(c) => {
+                let tag = tag_hash(c.consumer_tag.as_bytes());
+                up.pending.iter().position(|w| w.cancel == Some(tag))
+            }
+            _ => up
+                .pending
+                .iter()
+                .position(|w| !w.consume && w.cancel.is_none()),
+        }?;
         up.pending.remove(at).map(|w| w.who)
     }
 

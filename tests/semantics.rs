@@ -2184,8 +2184,9 @@ async fn consume_from_missing_queue_is_404(addr: SocketAddr) {
 /// An RPC server checks that its caller is still there before it answers: a queue.declare,
 /// passive or not, of the request's direct reply-to address answers declare-ok with that name
 /// and one consumer while the caller consumes, and 404 once the caller has gone; the server's
-/// connection carries on. (Through warren the address names its cluster; sent to every cluster,
-/// the others closed the server's connection with 541.)
+/// connection carries on; a mandatory reply then comes back with basic.return naming that
+/// address. (Through warren the address names its cluster; sent to every cluster, the others
+/// closed the server's connection with 541.)
 async fn passive_declare_of_a_reply_to_address_finds_the_caller(addr: SocketAddr) {
     let mut cleanup = Cleanup::default();
     let queue = cleanup.queue(&unique("rpc-check"));
@@ -2223,6 +2224,18 @@ async fn passive_declare_of_a_reply_to_address_finds_the_caller(addr: SocketAddr
     let what = format!("passive queue.declare of {reply_to} after the caller left");
     let r = within(&what, check.queue_declare(args)).await;
     assert_refused(&what, 404, &mut check_events, r).await;
+    // A mandatory reply to the caller that has gone comes back naming the address it went to.
+    let (rch, mut reply_events) = open_channel(&server).await;
+    let mandatory = BasicPublishArguments::new("", &reply_to)
+        .mandatory(true)
+        .finish();
+    publish_with(&rch, mandatory, b"too late").await;
+    match reply_events.next().await {
+        Event::Return {
+            code, routing_key, ..
+        } => assert_eq!((code, routing_key.as_str()), (312, reply_to.as_str())),
+        other => panic!("expected basic.return of the reply, got {other:?}"),
+    }
     let (ch, mut events) = open_channel(&server).await;
     let other = cleanup.queue(&unique("after-reply-check"));
     queue_declare(&ch, &mut events, QueueDeclareArguments::new(&other)).await;

@@ -17,6 +17,17 @@ impl Session {
             }
             (_, c) => c,
         };
+        let method = match method {
+            // A reply returned by the cluster that took it: it names the address as RabbitMQ
+            // knows it; the client published to the one warren handed out.
+            Method::BasicReturn(mut r) if r.exchange.is_empty() => {
+                if let Some(marked) = self.marked_address(link, r.routing_key.as_bytes()) {
+                    r.routing_key = marked;
+                }
+                Method::BasicReturn(r)
+            }
+            m => m,
+        };
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }

@@ -53,6 +53,18 @@ pub(super) fn names_direct_reply(header: &[u8]) -> bool {
 }
 
 impl Session {
+    /// The address warren hands out for RabbitMQ's reply-to address `name` on `link`'s cluster,
+    /// if `name` is one RabbitMQ gave (not yet marked, and short enough to carry the cluster).
+    pub(super) fn marked_address(&self, link: LinkId, name: &[u8]) -> Option<ShortStr> {
+        let suffix = name.strip_prefix(PREFIX)?;
+        if suffix.contains(&SEPARATOR) {
+            return None;
+        }
+        let cluster = self.links[link].link.cluster.as_bytes();
+        let marked = [PREFIX, cluster, &[SEPARATOR], suffix].concat();
+        ShortStr::try_from(String::from_utf8(marked).ok()?).ok()
+    }
+
     /// Writes the cluster a message came from into its `reply_to`, when that is a direct reply-to
     /// address (see the module doc). Other messages pass untouched, for the cost of reading one
     /// flag word.

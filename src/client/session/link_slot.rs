@@ -96,6 +96,27 @@ pub(super) struct UpChan {
     pub(super) tx_swap: Option<u64>,
 }
 
+impl UpChan {
+    /// Takes the request `reply` answers. Replies come in the order of the requests, except
+    /// the two RabbitMQ's queue process sends: consume-ok answers the oldest consume, cancel-ok
+    /// the cancel of its tag (see [`Waiting`]); any other reply the oldest request that is
+    /// neither.
+    fn take_waiting(&mut self, reply: &Method) -> Option<Pending> {
+        let at = match reply {
+            Method::BasicConsumeOk(_) => self.pending.iter().position(|w| w.consume),
+            Method::BasicCancelOk(c) => {
+                let tag = tag_hash(c.consumer_tag.as_bytes());
+                self.pending.iter().position(|w| w.cancel == Some(tag))
+            }
+            _ => self
+                .pending
+                .iter()
+                .position(|w| !w.consume && w.cancel.is_none()),
+        }?;
+        self.pending.remove(at).map(|w| w.who)
+    }
+}
+
 impl Default for UpChan {
     fn default() -> Self {
         UpChan {
@@ -360,19 +381,7 @@ impl LinkSlot {
 
     /// Takes the request `reply` answers (see [`Waiting::consume`]).
     pub(super) fn take_waiting(&mut self, ch: u16, reply: &Method) -> Option<Pending> {
-        let up = self.chan(ch);
-        let at = match reply {
-            Method::BasicConsumeOk(_) => up.pending.iter().position(|w| w.consume),
-            Method::BasicCancelOk(c) => {
-                let tag = tag_hash(c.consumer_tag.as_bytes());
-                up.pending.iter().position(|w| w.cancel == Some(tag))
-            }
-            _ => up
-                .pending
-                .iter()
-                .position(|w| !w.consume && w.cancel.is_none()),
-        }?;
-        up.pending.remove(at).map(|w| w.who)
+        self.chan(ch).take_waiting(reply)
     }
 
     /// Opens the upstream channel `ch` (or schedules it behind a close in progress: returns
@@ -540,5 +549,63 @@ impl LinkSlot {
         }
         self.expect_replay_reply();
         self.request(ch, method, Pending::Replay);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cancel(tag: &str) -> Method {
+        Method::BasicCancel(codec::BasicCancel {
+            consumer_tag: ShortStr::try_from(tag.to_owned()).unwrap(),
+            nowait: false,
+        })
+    }
+
+    fn cancel_ok(tag: &str) -> Method {
+        Method::BasicCancelOk(codec::BasicCancelOk {
+            consumer_tag: ShortStr::try_from(tag.to_owned()).unwrap(),
+        })
+    }
+
+    /// Cancels, then a queue.delete, then more cancels; RabbitMQ's queue process sends the
+    /// cancel-oks, so the delete-ok overtakes some of them. Each reply still answers its own
+    /// request: the delete-ok the delete, each cancel-ok the cancel of its tag.
+    #[test]
+    fn replies_the_queue_process_sends_answer_their_own_requests() {
+        let mut up = UpChan::default();
+        let consume = Method::BasicConsume(codec::BasicConsume::default());
+        let delete = Method::QueueDelete(codec::QueueDelete::default());
+        up.pending
+            .push_back(Waiting::for_request(Pending::Rpc(1), &consume));
+        up.pending
+            .push_back(Waiting::for_request(Pending::Internal, &cancel("u1")));
+        up.pending
+            .push_back(Waiting::for_request(Pending::Rpc(2), &delete));
+        up.pending
+            .push_back(Waiting::for_request(Pending::Internal, &cancel("u2")));
+        let delete_ok = Method::QueueDeleteOk(codec::QueueDeleteOk { message_count: 0 });
+        assert!(matches!(up.take_waiting(&delete_ok), Some(Pending::Rpc(2))));
+        assert!(matches!(
+            up.take_waiting(&cancel_ok("u2")),
+            Some(Pending::Internal)
+        ));
+        let consume_ok = Method::BasicConsumeOk(codec::BasicConsumeOk {
+            consumer_tag: ShortStr::from_static("u0"),
+        });
+        assert!(matches!(
+            up.take_waiting(&consume_ok),
+            Some(Pending::Rpc(1))
+        ));
+        assert!(matches!(
+            up.take_waiting(&cancel_ok("u1")),
+            Some(Pending::Internal)
+        ));
+        assert!(up.pending.is_empty());
+        assert!(
+            up.take_waiting(&cancel_ok("u3")).is_none(),
+            "nothing waits for it"
+        );
     }
 }

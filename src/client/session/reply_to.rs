@@ -32,6 +32,12 @@ pub(super) fn parse(name: &[u8]) -> Option<(&[u8], ShortStr)> {
     Some((&rest[..at], original))
 }
 
+/// The name warren hands out for RabbitMQ's address `amq.rabbitmq.reply-to.<suffix>` taken on
+/// `cluster`; `None` when the suffix already names a cluster.
+fn marked(cluster: &[u8], suffix: &[u8]) -> Option<Vec<u8>> {
+    (!suffix.contains(&SEPARATOR)).then(|| [PREFIX, cluster, &[SEPARATOR], suffix].concat())
+}
+
 /// Whether `name` is a direct reply-to address (RabbitMQ's or one warren handed out), which a
 /// queue.declare asks about rather than creates.
 pub(super) fn is_address(name: &[u8]) -> bool {
@@ -57,12 +63,15 @@ impl Session {
     /// if `name` is one RabbitMQ gave (not yet marked, and short enough to carry the cluster).
     pub(super) fn marked_address(&self, link: LinkId, name: &[u8]) -> Option<ShortStr> {
         let suffix = name.strip_prefix(PREFIX)?;
-        if suffix.contains(&SEPARATOR) {
-            return None;
-        }
-        let cluster = self.links[link].link.cluster.as_bytes();
-        let marked = [PREFIX, cluster, &[SEPARATOR], suffix].concat();
+        let marked = marked(self.links[link].link.cluster.as_bytes(), suffix)?;
         ShortStr::try_from(String::from_utf8(marked).ok()?).ok()
+    }
+
+    /// The live link to the cluster a marked address names.
+    fn live_link_to(&self, cluster: &[u8]) -> Option<LinkId> {
+        self.links
+            .iter()
+            .position(|s| s.link.cluster.as_bytes() == cluster && s.live())
     }
 
     /// Writes the cluster a message came from into its `reply_to`, when that is a direct reply-to
@@ -72,11 +81,10 @@ impl Session {
         let Some((span, suffix)) = direct_reply(&content.header) else {
             return content;
         };
-        if suffix.contains(&SEPARATOR) {
-            return content;
-        }
         let cluster = &self.links[link].link.cluster;
-        let marked = [PREFIX, cluster.as_bytes(), &[SEPARATOR], suffix].concat();
+        let Some(marked) = marked(cluster.as_bytes(), suffix) else {
+            return content;
+        };
         match properties::replace_short_str(&content.header, span, &marked) {
             Some(header) => content.header = header,
             None => {
@@ -112,11 +120,7 @@ impl Session {
             return;
         }
         let client_seq = self.next_confirm_seq(ch);
-        let link = self
-            .links
-            .iter()
-            .position(|s| s.link.cluster.as_bytes() == cluster && s.live());
-        let Some(link) = link else {
+        let Some(link) = self.live_link_to(cluster) else {
             match client_seq {
                 Some(seq) => self.nack_lost(ch, &[seq]),
                 None => {
@@ -149,13 +153,8 @@ impl Session {
         q: &codec::QueueDeclare,
         method: &Method,
     ) -> Result<(), ConnError> {
-        let routed = parse(q.queue.as_bytes()).and_then(|(cluster, original)| {
-            let link = self
-                .links
-                .iter()
-                .position(|s| s.link.cluster.as_bytes() == cluster && s.live())?;
-            Some((link, original))
-        });
+        let routed = parse(q.queue.as_bytes())
+            .and_then(|(cluster, original)| Some((self.live_link_to(cluster)?, original)));
         let Some((link, original)) = routed else {
             let text = format!("no queue '{}' in vhost '{}'", q.queue.as_str(), self.vhost);
             self.close_channel(ch, ReplyCode::NotFound, &text, method);

@@ -103,22 +103,10 @@ impl Session {
             c.drain,
             self.metrics.cluster(&c.name),
         );
-        let woken = match self.woken.iter().position(|w| *w == c.name) {
-            Some(i) => {
-                self.woken.swap_remove(i);
-                true
-            }
-            None => false,
-        };
+        let woken = take_name(&mut self.woken, &c.name);
         let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
             || self.shared.is_stale(&self.vhost, &c.name);
-        let after_idle = match self.reopened_idle.iter().position(|w| *w == c.name) {
-            Some(i) => {
-                self.reopened_idle.swap_remove(i);
-                true
-            }
-            None => false,
-        };
+        let after_idle = take_name(&mut self.reopened_idle, &c.name);
         let plan = TopologyPlan {
             shared,
             declare: shared || woken || self.stale_topology.remove(&c.name),
@@ -992,5 +980,17 @@ impl Session {
                 }),
             );
         }
+    }
+}
+
+/// Removes `name` from `names` (clusters marked for their next link's replay); whether it was
+/// there.
+fn take_name(names: &mut Vec<String>, name: &str) -> bool {
+    match names.iter().position(|n| n == name) {
+        Some(i) => {
+            names.swap_remove(i);
+            true
+        }
+        None => false,
     }
 }

@@ -738,11 +738,12 @@ async fn c_a_publish_lost_with_its_link_is_acked_once_from_the_other_shard() {
     assert_eq!(rig.republished(), 1);
 }
 
-/// The only shard cluster has two nodes. Its link dies (FIN) holding a publish, and the first
-/// node now refuses: the publish waits until the link to the second node is open and replayed,
-/// goes there, and the client gets one ack.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {
+/// The only shard cluster has two nodes. Its link ends holding a publish (`end`), and the
+/// first node now refuses: the publish waits until the link to the second node is open and
+/// replayed, goes there, and the client gets one ack on a connection that stays open.
+async fn a_publish_held_on_the_first_node_goes_to_the_second(
+    end: impl FnOnce(&FakeCluster, ConnId),
+) {
     let rig = Rig::start(&[(A, 2), (CONTROL, 1)]).await;
     let a = rig.get(A);
     a.on_publish(|p| {
@@ -763,55 +764,35 @@ async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {
     })
     .await;
     a.refuse(0, true);
-    a.kill(first, Kill::Fin);
+    end(a, first);
     c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
     let second = a.only_link().await;
     let l = a.ledger(second);
     assert_eq!(l.node, 1, "the new link is on the second node");
     assert_eq!(bodies(&l.published(1)), ["m1"]);
     assert_eq!(bodies(&a.ready(Q)), ["m1"]);
+    c.declare(1, "still-open").await;
+}
+
+/// The link dies (FIN): the node went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {
+    a_publish_held_on_the_first_node_goes_to_the_second(|a, link| a.kill(link, Kill::Fin)).await;
 }
 
 /// The node holding the link stops gracefully (`rabbitmqctl stop`, a rolling restart): RabbitMQ
 /// closes its connections with 320 "broker forced connection closure with reason 'shutdown'"
-/// instead of dropping them. That is a failover, as when a node dies: the held publish goes to
-/// the second node and is acked once, and the client's connection stays open.
+/// instead of dropping them. That is a failover, as when a node dies, not a close for the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_node_shutting_down_fails_its_links_over_instead_of_closing_the_client() {
-    let rig = Rig::start(&[(A, 2), (CONTROL, 1)]).await;
-    let a = rig.get(A);
-    a.on_publish(|p| {
-        if p.node == 0 {
-            Verdict::Hold
-        } else {
-            Verdict::Ack
-        }
-    });
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.confirm_select(1).await;
-    let first = a.only_link().await;
-    c.publish(1, Q, "m1").await;
-    wait_for("node 1 holds the publish", || {
-        (a.held(first, 1).len() == 1).then_some(())
+    a_publish_held_on_the_first_node_goes_to_the_second(|a, link| {
+        a.close_connection(
+            link,
+            ReplyCode::ConnectionForced,
+            "broker forced connection closure with reason 'shutdown'",
+        )
     })
     .await;
-    a.refuse(0, true);
-    a.close_connection(
-        first,
-        ReplyCode::ConnectionForced,
-        "broker forced connection closure with reason 'shutdown'",
-    );
-    c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
-    let second = a.only_link().await;
-    assert_eq!(
-        a.ledger(second).node,
-        1,
-        "the new link is on the second node"
-    );
-    assert_eq!(bodies(&a.ready(Q)), ["m1"]);
-    c.declare(1, "still-open").await;
 }
 
 /// An operator closes warren's link for one client in RabbitMQ's management UI (any other

@@ -513,6 +513,17 @@ impl FakeCluster {
         s.delete_queue(queue);
     }
 
+    /// Deletes exchange `name` (as another client would, or RabbitMQ when an auto-delete
+    /// exchange loses its last binding).
+    pub fn delete_exchange(&self, name: &str) {
+        lock(&self.state).exchanges.remove(name);
+    }
+
+    /// Whether exchange `name` exists.
+    pub fn has_exchange(&self, name: &str) -> bool {
+        lock(&self.state).exchanges.contains_key(name)
+    }
+
     // ----- inspection --------------------------------------------------------------------
 
     /// The ledger of connection `conn`.

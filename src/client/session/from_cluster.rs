@@ -241,11 +241,7 @@ impl Session {
             self.links[link].start_tx_swap_if_settled(ch);
         }
         if let Some(Pending::Replay) = pending {
-            let slot = &mut self.links[link];
-            if slot.replay_answered() {
-                info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
-                self.unpark();
-            }
+            self.replayed_one(link);
             return;
         }
         if let Some(Pending::Barrier) = pending {
@@ -441,8 +437,16 @@ impl Session {
                     .map(|w| w.who)
                     .find(|w| !matches!(w, Pending::Internal));
                 self.reset_and_reopen(link, n);
-                let Some(Pending::Rpc(id)) = who else {
-                    return;
+                let id = match who {
+                    Some(Pending::Rpc(id)) => id,
+                    Some(Pending::ReplayCheck(id)) => {
+                        return self.replay_check_refused(link, owner, id, &c);
+                    }
+                    Some(Pending::Probe(id)) => {
+                        let missing = c.reply_code == ReplyCode::NotFound.code();
+                        return self.probe_answered(id, !missing);
+                    }
+                    _ => return,
                 };
                 let request = channel_in(&mut self.channels, owner)
                     .and_then(|c| c.rpc_mut(id))
@@ -483,8 +487,11 @@ impl Session {
                     up.state = UpState::Closing;
                     slot.send(n, &close_method(200, "check answered"));
                 }
-                if let Some(Pending::Rpc(id)) = who {
-                    self.answer_rpc(link, owner, id, reply, None);
+                match who {
+                    Some(Pending::Rpc(id)) => self.answer_rpc(link, owner, id, reply, None),
+                    Some(Pending::ReplayCheck(id)) => self.replay_check_passed(link, id),
+                    Some(Pending::Probe(id)) => self.probe_answered(id, true),
+                    _ => {}
                 }
             }
             _ => {}

@@ -29,6 +29,11 @@ pub(super) enum Pending {
     /// request `u64`: its reply says the channel's earlier methods reached their queues, so the
     /// check, sent on a channel of warren's own, sees them (see `Session::checked_delete`).
     Fence(u64),
+    /// A failover replay's passive check `u64` of a queue or exchange of the client (see
+    /// `vanished.rs`), on a channel of warren's own: it counts as a replayed request.
+    ReplayCheck(u64),
+    /// Asking another cluster whether it has the name replay check `u64` did not find.
+    Probe(u64),
 }
 
 /// A request sent on an upstream channel, waiting for its reply.
@@ -523,6 +528,9 @@ impl LinkSlot {
         up.pending.push_back(Waiting::for_request(who, method));
         self.link.send(n, &Method::ChannelOpen(Default::default()));
         self.link.send(n, method);
+        if let Pending::ReplayCheck(_) = who {
+            self.expect_replay_reply();
+        }
         true
     }
 

@@ -3,6 +3,7 @@
 //! dead on a socket error or missed heartbeats (everything that depended on them released so the
 //! client sees no error), retired once a removed cluster is quiet.
 
+use super::vanished::Verdict;
 use super::*;
 
 impl Session {
@@ -414,9 +415,132 @@ impl Session {
                 }),
                 _ => continue,
             };
-            self.links[link].replay(ch, &check);
+            // On a channel of warren's own, so a missing name closes that channel only and the
+            // other clusters can be asked whether it went everywhere (see `vanished.rs`).
+            let id = self.replay_checks.start(self.link_ref(link), check.clone());
+            let channels = &self.channels;
+            let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
+            if !self.links[link].side_request(ch, &check, Pending::ReplayCheck(id), in_use) {
+                self.replay_checks.take(id);
+                self.links[link].replay(ch, &check);
+            }
         }
         self.links[link].topology_sent();
+    }
+
+    /// A replay check on `link` passed: the cluster kept the name.
+    pub(super) fn replay_check_passed(&mut self, link: LinkId, id: u64) {
+        if self.replay_checks.passed(id).is_some() {
+            self.replayed_one(link);
+        }
+    }
+
+    /// One replayed request of `link` was answered.
+    pub(super) fn replayed_one(&mut self, link: LinkId) {
+        let slot = &mut self.links[link];
+        if slot.replay_answered() {
+            info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
+            self.unpark();
+        }
+    }
+
+    /// `link`'s cluster refused replay check `id` (a passive declare, on warren's own channel
+    /// `owner` serves): a missing name is asked of the other clusters whose links are serving
+    /// (they kept the client's topology), to tell a name gone everywhere from one lost here.
+    pub(super) fn replay_check_refused(
+        &mut self,
+        link: LinkId,
+        owner: u16,
+        id: u64,
+        close: &codec::ChannelClose,
+    ) {
+        let Some(check) = self.replay_checks.get(id) else {
+            return;
+        };
+        let method = check.method.clone();
+        let mut probes = 0;
+        if close.reply_code == ReplyCode::NotFound.code() {
+            for other in 0..self.links.len() {
+                if other == link || !self.links[other].serving() {
+                    continue;
+                }
+                let channels = &self.channels;
+                let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
+                if self.links[other].side_request(owner, &method, Pending::Probe(id), in_use) {
+                    probes += 1;
+                }
+            }
+        }
+        let text = close.reply_text.as_str().into_owned();
+        let verdict = self
+            .replay_checks
+            .refused(id, close.reply_code, text, probes);
+        self.replay_verdict(id, verdict);
+    }
+
+    /// Another cluster answered the probe of replay check `id`: it has the name, or not.
+    pub(super) fn probe_answered(&mut self, id: u64, exists: bool) {
+        let verdict = self.replay_checks.probe_answered(id, exists);
+        self.replay_verdict(id, verdict);
+    }
+
+    /// Acts on what the clusters said of a name a failed-over link's cluster no longer has:
+    /// gone from every cluster, it is forgotten as one broker's client would never know; lost
+    /// on that cluster only, the client is closed with 320 saying why.
+    fn replay_verdict(&mut self, id: u64, verdict: Verdict) {
+        if verdict == Verdict::Waiting {
+            return;
+        }
+        let Some(check) = self.replay_checks.take(id) else {
+            return;
+        };
+        // The link that asked may have died meanwhile: its replacement checks again.
+        let Some(link) = check
+            .link
+            .slot()
+            .filter(|&l| l < self.links.len() && self.link_ref(l) == check.link)
+            .filter(|&l| self.links[l].live())
+        else {
+            return;
+        };
+        let cluster = self.links[link].link.cluster.clone();
+        let (what, forget) = match &check.method {
+            Method::QueueDeclare(q) => (
+                format!("queue '{}'", q.queue),
+                Method::QueueDelete(codec::QueueDelete {
+                    queue: q.queue.clone(),
+                    ..Default::default()
+                }),
+            ),
+            Method::ExchangeDeclare(x) => (
+                format!("exchange '{}'", x.exchange),
+                Method::ExchangeDelete(codec::ExchangeDelete {
+                    exchange: x.exchange.clone(),
+                    ..Default::default()
+                }),
+            ),
+            _ => return,
+        };
+        if verdict == Verdict::GoneEverywhere {
+            // Deleted by another client, expired, or auto-deleted: as on one broker, the client
+            // learns of it when it next uses the name (the clusters' own 404).
+            info!(conn = self.id, %cluster, "{what} of this client is gone from every cluster (deleted, expired or auto-deleted) while the link failed over: forgotten, not declared again");
+            let class = self
+                .topology
+                .entries()
+                .find(|(_, m)| same_declared_name(m, &check.method))
+                .map_or(Class::Sharded, |(c, _)| *c);
+            self.record_topology(class, forget);
+            self.replayed_one(link);
+            return;
+        }
+        let (code, reason) = check.refusal.unwrap_or_default();
+        let text = format!(
+            "link to cluster {cluster} failed over and the client's state is gone there: {what} \
+             is missing on that cluster only ({code} {reason})"
+        );
+        warn!(conn = self.id, %cluster, "{text}; closing the client connection");
+        self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
     }
 
     /// Closes the links of removed clusters once nothing is in flight on them and their
@@ -675,6 +799,7 @@ impl Session {
         let cluster = slot.link.cluster.to_string();
         let chans = std::mem::take(&mut slot.chans);
         let m = slot.m.clone();
+        let mut probes: Vec<u64> = Vec::new();
         for (ch, up) in chans.into_iter().enumerate() {
             let ch = ch as u16;
             m.confirms_pending.dec_by(up.confirms.pending() as i64);
@@ -696,6 +821,13 @@ impl Session {
             // A check on warren's own channel belongs to the client channel it serves.
             let owner = up.side_for.unwrap_or(ch);
             for waiting in up.pending {
+                match waiting.who {
+                    // The next link checks again.
+                    Pending::ReplayCheck(id) => drop(self.replay_checks.take(id)),
+                    // Unanswered, the name may be there: the safe answer.
+                    Pending::Probe(id) => probes.push(id),
+                    _ => {}
+                }
                 // A fence's check is sent again on the link that replaces this one.
                 if let Pending::Rpc(id) | Pending::Fence(id) = waiting.who
                     && !self.redo_commit(owner, link, id)
@@ -758,6 +890,9 @@ impl Session {
             warn!(conn = self.id, %cluster, "{text}; closing the client connection");
             self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
             return;
+        }
+        for id in probes {
+            self.probe_answered(id, true);
         }
         if self.shard_links().is_empty() && self.no_shard_since.is_none() {
             self.no_shard_since = Some(Instant::now());
@@ -985,6 +1120,15 @@ impl Session {
 
 /// Removes `name` from `names` (clusters marked for their next link's replay); whether it was
 /// there.
+/// Whether two declares name the same queue, or the same exchange.
+fn same_declared_name(a: &Method, b: &Method) -> bool {
+    match (a, b) {
+        (Method::QueueDeclare(a), Method::QueueDeclare(b)) => a.queue == b.queue,
+        (Method::ExchangeDeclare(a), Method::ExchangeDeclare(b)) => a.exchange == b.exchange,
+        _ => false,
+    }
+}
+
 fn take_name(names: &mut Vec<String>, name: &str) -> bool {
     match names.iter().position(|n| n == name) {
         Some(i) => {

@@ -27,6 +27,7 @@ mod links;
 mod publish;
 mod read_pace;
 mod reply_to;
+mod vanished;
 mod wake;
 
 use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
@@ -268,6 +269,7 @@ pub async fn serve(
         eof_reason: None,
         orphans: Vec::new(),
         delete_check: None,
+        replay_checks: Default::default(),
         in_turn_hold: None,
         proven_exchanges: Default::default(),
         barrier: None,
@@ -555,6 +557,9 @@ struct Session {
     /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
     /// client's input waits until it is answered (see `checked_delete`).
     delete_check: Option<(u16, u64)>,
+    /// A failover's passive checks of the client's queues and exchanges, and what the other
+    /// clusters say of one the cluster no longer has (see [`vanished`]).
+    replay_checks: vanished::ReplayChecks,
     /// A request sent to clusters one after the other (channel and request id): a declare or
     /// delete (`Rpc::in_turn`) or a basic.get (`Rpc::get_next`). The client's input waits until
     /// every cluster that is to get it has been sent it, so that what the client pipelined

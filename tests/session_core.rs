@@ -958,6 +958,70 @@ async fn c_a_queue_lost_on_the_failed_over_cluster_only_closes_the_client_with_3
     assert!(!rig.get(A).has_queue(Q), "not re-created on shard-a alone");
 }
 
+/// The per-consumer prefetch in force on channel 1 of `link` at each basic.consume it received:
+/// `(consumer tag, prefetch count)`.
+fn prefetch_at_each_consume(cluster: &FakeCluster, link: ConnId) -> Vec<(String, u16)> {
+    let mut in_force = 0;
+    let mut out = Vec::new();
+    for f in cluster
+        .ledger(link)
+        .received
+        .iter()
+        .filter(|f| f.channel == 1)
+    {
+        match &f.method {
+            Method::BasicQos(q) if !q.global => in_force = q.prefetch_count,
+            Method::BasicConsume(k) => out.push((k.consumer_tag.as_str().into_owned(), in_force)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// basic.qos (per consumer) applies to the consumers started after it: one started under
+/// prefetch 4 keeps that limit when the channel's setting is raised to 10 for a later one. A
+/// link that replaces a dead one subscribes both again, each under the limit it started with,
+/// as on the first link, and a consumer started afterwards gets the setting in force. (Every
+/// consumer got the latest setting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_each_consumer_keeps_its_prefetch_on_a_new_link() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, "invoices").await;
+    c.qos(1, 4, false).await;
+    c.consume(1, Q, "early").await;
+    c.qos(1, 10, false).await;
+    c.consume(1, "invoices", "late").await;
+    let first = a.only_link().await;
+    let before = prefetch_at_each_consume(a, first);
+    // Shares of the window with two shard clusters.
+    assert_eq!(
+        before,
+        [("early".to_owned(), 2), ("late".to_owned(), 5)],
+        "on the first link"
+    );
+    a.kill(first, Kill::Rst);
+    let second = wait_for("a new link subscribed both consumers again", || {
+        let l = a.links().into_iter().find(|&l| l != first)?;
+        (a.ledger(l).received_named("basic.consume").len() == 2).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        prefetch_at_each_consume(a, second),
+        before,
+        "on the new link"
+    );
+    c.consume(1, Q, "later").await;
+    assert_eq!(
+        prefetch_at_each_consume(a, second).last(),
+        Some(&("later".to_owned(), 5)),
+        "a consumer started after the failover gets the setting in force"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // (d) Transactions across a failover
 

@@ -579,6 +579,10 @@ pub struct Consumer {
     pub ready: bool,
     /// Consumes direct replies (the pseudo-queue `amq.rabbitmq.reply-to`).
     pub replies: bool,
+    /// The channel's per-consumer prefetch (`basic.qos`, `global = false`) when it subscribed:
+    /// a broker applies the setting to consumers started after it, so one started before a
+    /// change keeps its limit, also when a new link subscribes it again.
+    pub prefetch: Option<crate::codec::BasicQos>,
 }
 
 /// The publishes of a channel's open transaction (shared `Bytes`, not copies).
@@ -674,6 +678,11 @@ impl Prefetch {
             &mut self.per_consumer
         };
         *kind = Some(q.clone());
+    }
+
+    /// The per-consumer setting in force: what a consumer started now gets.
+    pub fn per_consumer(&self) -> Option<&crate::codec::BasicQos> {
+        self.per_consumer.as_ref()
     }
 
     /// The settings in force, to send again in this order.

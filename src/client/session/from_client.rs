@@ -178,6 +178,11 @@ impl Session {
                 }
                 // A queue exists on every cluster; its messages may be on any of them.
                 let targets = self.live_links();
+                let prefetch = self
+                    .channels
+                    .get(usize::from(ch))
+                    .and_then(Option::as_ref)
+                    .and_then(|c| c.qos.per_consumer().cloned());
                 let consumer = Consumer {
                     tag: c.consumer_tag.clone(),
                     no_ack: c.no_ack,
@@ -188,6 +193,7 @@ impl Session {
                     // first one may deliver before the last one answers, so deliveries wait.
                     ready: c.nowait,
                     replies: c.queue.as_bytes() == b"amq.rabbitmq.reply-to",
+                    prefetch,
                 };
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);

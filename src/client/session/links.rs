@@ -200,17 +200,35 @@ impl Session {
             let Some(channel) = self.channels[usize::from(ch)].as_mut() else {
                 continue;
             };
+            // Each consumer with the per-consumer prefetch it started under (a broker keeps
+            // that limit for it when the setting changes later), then the setting in force
+            // again for consumers still to come.
             let mut requests = Vec::new();
             for consumer in &mut channel.consumers {
                 if let Some(req) = &consumer.request {
                     consumer.links.insert(index);
-                    requests.push(Method::BasicConsume(codec::BasicConsume {
+                    let consume = Method::BasicConsume(codec::BasicConsume {
                         nowait: false,
                         ..req.clone()
-                    }));
+                    });
+                    requests.push((consumer.prefetch.clone(), consume));
                 }
             }
-            for m in requests {
+            let now = channel.qos.per_consumer().cloned();
+            let unlimited = || codec::BasicQos::default();
+            let mut in_force = now.clone();
+            for (prefetch, consume) in requests {
+                if prefetch != in_force {
+                    let q = prefetch.clone().unwrap_or_else(unlimited);
+                    let m = self.qos_share(ch, index, &q);
+                    self.links[index].replay(ch, &m);
+                    in_force = prefetch;
+                }
+                self.links[index].replay(ch, &consume);
+            }
+            if in_force != now {
+                let q = now.unwrap_or_else(unlimited);
+                let m = self.qos_share(ch, index, &q);
                 self.links[index].replay(ch, &m);
             }
         }

@@ -146,6 +146,49 @@ impl Drop for HeldTicket {
     }
 }
 
+/// Body bytes of messages one session is still receiving, counted in the process budget.
+///
+/// A content is passed on only once whole, so its body is buffered meanwhile: at most
+/// `limits.max_message_size` per connection. Counted in the budget too, many connections each
+/// sending a large message slowly cannot together grow the proxy without bound: at the bound
+/// every session stops reading its client, as for held publishes, until bytes are freed.
+#[derive(Debug)]
+pub struct Receiving {
+    budget: Arc<HeldBudget>,
+    counted: usize,
+}
+
+impl Receiving {
+    pub fn new(budget: Arc<HeldBudget>) -> Self {
+        Receiving { budget, counted: 0 }
+    }
+
+    /// The session now buffers `n` bytes of partial bodies.
+    pub fn set(&mut self, n: usize) {
+        if n > self.counted {
+            self.budget.add(n - self.counted);
+        } else if n < self.counted {
+            self.budget.release(self.counted - n);
+        }
+        self.counted = n;
+    }
+
+    /// Whether the session may go on reading its client: the total is under the limit, or
+    /// over it only by this session's own partial bodies. A session stopped in the middle of a
+    /// message it alone could not finish would wait for ever (a message larger than the
+    /// budget); so the total stays under the limit plus one connection's partial bodies.
+    pub fn may_read(&self) -> bool {
+        let limit = self.budget.limit.load(Ordering::Relaxed);
+        self.budget.used().saturating_sub(self.counted) < limit
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.budget.release(self.counted);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +231,26 @@ mod tests {
         assert!(budget.has_room());
         drop((t1, t3));
         assert_eq!((a.used(), b.used(), budget.used(), g.get()), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn bodies_still_arriving_count_until_passed_on_or_dropped() {
+        let budget = Arc::new(HeldBudget::new(100, Gauge::default()));
+        let mut r = Receiving::new(budget.clone());
+        r.set(70);
+        r.set(120);
+        assert!(!budget.has_room(), "partial bodies fill the budget");
+        assert!(
+            r.may_read(),
+            "over the limit by its own bodies only: it may finish them"
+        );
+        let other = HeldLedger::new(budget.clone()).hold(100);
+        assert!(!r.may_read(), "others fill the budget");
+        drop(other);
+        r.set(10);
+        assert_eq!(budget.used(), 10);
+        drop(r);
+        assert_eq!(budget.used(), 0, "a session's end gives them back");
     }
 
     #[tokio::test]

@@ -310,7 +310,7 @@ impl Metrics {
             );
             r.register(
                 "held_bytes",
-                "Bytes of publishes held until their cluster confirms them",
+                "Bytes of publishes held until their cluster confirms them, and of message bodies still arriving",
                 m.held_bytes.clone(),
             );
             r.register(

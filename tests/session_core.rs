@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use warren::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 
 use fake_broker::{CommitVerdict, ConnId, FakeCluster, Kill, Verdict, wait_for};
@@ -3070,4 +3070,96 @@ async fn u_deliveries_and_confirms_split_across_reads_pass_intact_and_in_order()
             cluster.name()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (t) Message bodies still arriving count in the process-wide budget
+
+/// The bytes of a publish `body` long on channel 1 to queue `queue` through the default
+/// exchange, split after the first `head` bytes of its body.
+fn publish_in_two(queue: &str, body: &[u8], head: usize) -> (BytesMut, BytesMut) {
+    let mut first = BytesMut::new();
+    codec::write_method(
+        &mut first,
+        1,
+        &Method::BasicPublish(codec::BasicPublish {
+            routing_key: ss(queue),
+            ..Default::default()
+        }),
+    );
+    codec::write_header(
+        &mut first,
+        1,
+        &codec::ContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: codec::BasicProperties::default(),
+        },
+    );
+    codec::write_body(&mut first, 1, &body[..head], 4096);
+    let mut rest = BytesMut::new();
+    codec::write_body(&mut rest, 1, &body[head..], 4096);
+    (first, rest)
+}
+
+/// A message is passed on only once whole, so warren buffers its body meanwhile. Those bytes
+/// count in `max_held_bytes` with the held publishes: a client that sent 200 KiB of a 300 KiB
+/// message and paused (as many slow large-message senders would together) fills a 64 KiB
+/// budget, and another connection's publish waits, unread, until the message is finished; the
+/// sender itself, over the bound by its own message only, may finish it. (Bodies still arriving
+/// were bounded per connection only: `max_connections` times `max_message_size` in all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_bodies_still_arriving_count_in_the_process_budget() {
+    let rig = Rig::start_with_limits(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "lazy_links = false\nmax_held_bytes = 65536\n",
+    )
+    .await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut big = Client::connect(rig.addr()).await;
+    big.open(1).await;
+    big.confirm_select(1).await;
+    big.declare(1, Q).await;
+    let mut small = Client::connect(rig.addr()).await;
+    small.open(1).await;
+    small.confirm_select(1).await;
+    small.prove_default_exchange(2).await;
+    big.prove_default_exchange(2).await;
+
+    let body = vec![7u8; 300 * 1024];
+    let (first, rest) = publish_in_two(Q, &body, 200 * 1024);
+    big.raw.send(&first).await;
+    *big.published.entry(1).or_default() += 1;
+    wait_for("warren buffers the first 200 KiB", || {
+        (rig.proxy.metrics().held_bytes.get() >= 200 * 1024).then_some(())
+    })
+    .await;
+    // A connection already waiting on its socket reads what arrives next, then stops at the
+    // bound on its next turn (as for held publishes): the first publish may pass.
+    small.publish(1, Q, "s1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    small.publish(1, Q, "s2").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = || {
+        let mut all = bodies(&a.ready(Q));
+        all.extend(bodies(&b.ready(Q)));
+        all
+    };
+    assert!(
+        !stored().iter().any(|m| m == "s2"),
+        "the other connection's publish waits while the budget is full: {:?}",
+        stored()
+    );
+
+    big.raw.send(&rest).await;
+    big.expect_settled(1, &[(1, true)].into_iter().collect())
+        .await;
+    small
+        .expect_settled(1, &[(1, true), (2, true)].into_iter().collect())
+        .await;
+    assert_eq!(stored().len(), 3);
+    wait_for("the budget empties", || {
+        (rig.proxy.metrics().held_bytes.get() == 0).then_some(())
+    })
+    .await;
 }

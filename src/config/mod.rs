@@ -129,7 +129,8 @@ pub struct Limits {
     /// Publishes one client connection may have waiting for their cluster's confirm, in bytes;
     /// at the bound the proxy stops reading that client (back-pressure). Default 64 MiB.
     pub max_held_bytes_per_connection: usize,
-    /// The same bound over all connections. Default 1 GiB.
+    /// The same bound over all connections, counting the bodies of messages still arriving
+    /// (`held::Receiving`). Default 1 GiB.
     pub max_held_bytes: usize,
     /// Hold every publish until its cluster confirms it (upstream channels in confirm mode), to
     /// publish it again elsewhere if its link is lost first. Default true. With false, only

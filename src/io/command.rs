@@ -166,6 +166,9 @@ pub struct Assembler {
     max_message: u64,
     /// Sum of the declared body sizes of the contents in [`Stage::AwaitBody`].
     receiving: u64,
+    /// Body bytes of those contents received so far: what the partial contents take in memory
+    /// (counted by the session in the process-wide budget, see [`crate::held::Receiving`]).
+    buffered: u64,
 }
 
 impl Assembler {
@@ -174,6 +177,7 @@ impl Assembler {
             partial: Vec::new(),
             max_message,
             receiving: 0,
+            buffered: 0,
         }
     }
 
@@ -315,6 +319,7 @@ impl Assembler {
                             )));
                         }
                         *received += len;
+                        self.buffered += len;
                         if len > 0 {
                             body.push(frame.payload);
                         }
@@ -335,6 +340,7 @@ impl Assembler {
                     unreachable!("stage checked above")
                 };
                 self.receiving -= body_size;
+                self.buffered -= body_size;
                 Ok(Some(Command {
                     channel: p.channel,
                     method: p.method,
@@ -366,16 +372,27 @@ impl Assembler {
 
     /// Forgets a partial content, e.g. when its channel is closed.
     pub fn abandon(&mut self, channel: u16) {
-        let receiving = &mut self.receiving;
+        let (receiving, buffered) = (&mut self.receiving, &mut self.buffered);
         self.partial.retain(|p| {
             if p.channel != channel {
                 return true;
             }
-            if let Stage::AwaitBody { body_size, .. } = p.stage {
+            if let Stage::AwaitBody {
+                body_size,
+                received,
+                ..
+            } = p.stage
+            {
                 *receiving -= body_size;
+                *buffered -= received;
             }
             false
         });
+    }
+
+    /// Body bytes of partial contents held here now.
+    pub fn buffered(&self) -> u64 {
+        self.buffered
     }
 }
 
@@ -447,6 +464,31 @@ mod tests {
         assert!(a.push(h).unwrap().is_none());
         assert!(a.push(body(4, 1000)).unwrap().is_some());
         assert_eq!(a.receiving, 0);
+    }
+
+    /// The body bytes held while contents arrive: what was received of each, back to zero once
+    /// a content completes or is abandoned; a refused content's discarded bytes are not held.
+    #[test]
+    fn buffered_counts_the_body_bytes_received_of_partial_contents() {
+        let mut a = Assembler::new(1000);
+        for (ch, size) in [(1, 600), (2, 300)] {
+            let (m, h) = frames(ch, size);
+            assert!(a.push(m).unwrap().is_none());
+            assert!(a.push(h).unwrap().is_none());
+        }
+        assert_eq!(a.buffered(), 0, "headers announce, bodies count");
+        assert!(a.push(body(1, 250)).unwrap().is_none());
+        assert!(a.push(body(2, 100)).unwrap().is_none());
+        assert_eq!(a.buffered(), 350);
+        assert!(a.push(body(1, 350)).unwrap().is_some());
+        assert_eq!(a.buffered(), 100, "channel 1 complete");
+        a.abandon(2);
+        assert_eq!(a.buffered(), 0, "channel 2 abandoned");
+        let (m, h) = frames(3, 2000);
+        assert!(a.push(m).unwrap().is_none());
+        assert!(a.push(h).is_err(), "too large");
+        assert!(a.push(body(3, 2000)).unwrap().is_none());
+        assert_eq!(a.buffered(), 0, "discarded, not held");
     }
 
     /// A refused content's channel is closed for it at its header; the client may answer

@@ -56,7 +56,7 @@ use crate::client::channel::{
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};
-use crate::held::{HeldLedger, HeldTicket};
+use crate::held::{HeldLedger, HeldTicket, Receiving};
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Gate, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
@@ -253,6 +253,7 @@ pub async fn serve(
         scratch_confirms: Vec::new(),
         scratch_inflight: Vec::new(),
         held: HeldLedger::new(shared.held.clone()),
+        receiving: Receiving::new(shared.held.clone()),
         held_limit: config.limits.max_held_bytes_per_connection,
         hold_publishes: config.limits.hold_publishes,
         metrics: metrics.clone(),
@@ -491,6 +492,8 @@ struct Session {
     scratch_inflight: Vec<InFlight>,
     /// Bytes of publishes this connection holds until their clusters confirm them.
     held: Arc<HeldLedger>,
+    /// Body bytes of publishes still arriving, counted in the process budget.
+    receiving: Receiving,
     held_limit: usize,
     /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
     hold_publishes: bool,
@@ -830,7 +833,7 @@ impl Session {
             // Held publishes are bounded per connection and in total: at the bound, stop reading
             // the client until confirms free memory (this connection's arrive as link events;
             // another connection freeing the total wakes `held.room()`).
-            let total_ok = self.shared.held.has_room();
+            let total_ok = self.receiving.may_read();
             let held_ok = self.held.used() < self.held_limit && total_ok;
             let read_client = client_open
                 && self.eof_drain.is_none()
@@ -1102,6 +1105,13 @@ impl Session {
     }
 
     fn on_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
+        self.decode_client_bytes(rbuf, assembler);
+        // Bodies still arriving count in the process budget (see `held::Receiving`).
+        self.receiving
+            .set(usize::try_from(assembler.buffered()).unwrap_or(usize::MAX));
+    }
+
+    fn decode_client_bytes(&mut self, rbuf: &mut BytesMut, assembler: &mut Assembler) {
         // Only a whole command (or a refused one) changes what pauses the input: the header and
         // body frames of a publish do not, so they skip the check.
         let mut may_pause = true;

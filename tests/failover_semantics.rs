@@ -1056,6 +1056,122 @@ async fn c_rpc_reply_queue_survives_a_shard_link_loss() {
     rig.finish().await;
 }
 
+/// Direct reply-to across the loss of a caller's link. The address RabbitMQ gives each request
+/// names the caller's connection to the cluster that took it, so replies owed to requests sent
+/// through a lost link would be dropped there; on one broker the caller's connection, and so the
+/// address, would still be up. So a caller with a reply still owed through the lost link is
+/// closed with 320 saying why, instead of waiting for a reply that cannot come (Spring's
+/// `RabbitTemplate` would return null after its timeout). A caller whose requests were all
+/// answered keeps its connection, and its next calls get their replies through the new link.
+async fn direct_reply_to_across_a_link_loss(answered: bool) {
+    let cleanup = Cleanup::default();
+    let mut rig = Rig::start(&cleanup).await;
+    let prefix = if answered {
+        "fs-i-answered"
+    } else {
+        "fs-i-owed"
+    };
+    let mut caller = Client::connect(&rig.proxy, prefix).await;
+    let (cch, _ce) = open_channel(&caller.conn).await;
+    let (_ctag, mut replies) = consume(&cch, "amq.rabbitmq.reply-to", false).await;
+    let server = Client::connect(&rig.proxy, &format!("{prefix}-server")).await;
+    let (sch, _se) = open_channel(&server.conn).await;
+    let requests = cleanup.queue(prefix);
+    declare(&sch, QueueDeclareArguments::durable_client_named(&requests)).await;
+    let (_stag, mut inbox) = consume(&sch, &requests, true).await;
+    let call = |i: usize| {
+        let props = BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to")
+            .with_correlation_id(&i.to_string())
+            .finish();
+        cch.basic_publish(
+            props,
+            format!("request-{i}").into_bytes(),
+            BasicPublishArguments::new("", &requests),
+        )
+    };
+    // Serves `n` requests: answers them when `answer`, acks them either way.
+    async fn serve(
+        sch: &Channel,
+        inbox: &mut mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+        n: usize,
+        answer: bool,
+    ) {
+        for _ in 0..n {
+            let m = within("a request", inbox.recv()).await.expect("a request");
+            let props = m.basic_properties.expect("properties");
+            let reply_to = props.reply_to().expect("reply_to").clone();
+            assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
+            if answer {
+                within(
+                    "the reply",
+                    sch.basic_publish(
+                        BasicProperties::default(),
+                        b"reply".to_vec(),
+                        BasicPublishArguments::new("", &reply_to),
+                    ),
+                )
+                .await
+                .expect("the reply");
+            }
+            ack(sch, m.deliver.expect("deliver").delivery_tag()).await;
+        }
+    }
+    // Four requests: round-robin puts two on each shard cluster.
+    for i in 0..4 {
+        within("a request", call(i)).await.expect("a request");
+    }
+    serve(&sch, &mut inbox, 4, answered).await;
+    if answered {
+        for _ in 0..4 {
+            within("a reply", replies.recv()).await.expect("a reply");
+        }
+    }
+    let others = rig.others(&caller);
+
+    let t = Instant::now();
+    let old = rig.injector.reset(&caller.name, SHARD_A);
+    if answered {
+        rig.injector
+            .wait_new_link(&caller.name, SHARD_A, &old)
+            .await;
+        for i in 4..8 {
+            within("a request", call(i)).await.expect("a request");
+        }
+        serve(&sch, &mut inbox, 4, true).await;
+        for _ in 0..4 {
+            within("a reply after the failover", replies.recv())
+                .await
+                .expect("a reply");
+        }
+        caller.assert_open("every reply was in when the shard link failed over");
+        caller.close().await;
+    } else {
+        caller.expect_forced_close(SHARD_A, t).await;
+        let (_, text) = caller.closed.borrow().clone().expect("closed");
+        assert!(text.contains("direct reply-to"), "{text}");
+    }
+    rig.assert_unaffected(&others).await;
+    server.close().await;
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_a_direct_reply_owed_through_a_lost_link_closes_the_caller_with_320() {
+    if support::skip_live() {
+        return;
+    }
+    direct_reply_to_across_a_link_loss(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_a_caller_with_every_direct_reply_in_keeps_its_connection_across_a_link_loss() {
+    if support::skip_live() {
+        return;
+    }
+    direct_reply_to_across_a_link_loss(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_single_active_consumer_lost_with_its_link_closes_the_client_with_320() {
     if support::skip_live() {

@@ -120,7 +120,7 @@ impl Session {
 
 /// Whether a publish's `reply_to` is the direct reply-to pseudo-queue itself, which RabbitMQ
 /// refuses (406) on a channel that does not consume it.
-fn asks_for_direct_reply(header: &[u8]) -> bool {
+pub(super) fn asks_for_direct_reply(header: &[u8]) -> bool {
     crate::codec::properties::reply_to_span(header)
         .is_some_and(|span| &header[span] == b"amq.rabbitmq.reply-to")
 }

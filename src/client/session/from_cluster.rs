@@ -656,7 +656,11 @@ impl Session {
         let Method::BasicDeliver(d) = &mut deliver else {
             return;
         };
-        let Some(slot) = slot_of(&self.links, link) else {
+        let slot = link
+            .slot()
+            .and_then(|i| self.links.get_mut(i))
+            .filter(|s| s.generation == link.generation());
+        let Some(slot) = slot else {
             // A delivery held back from a link that is gone (a later link took its slot): its
             // broker requeued the message, which comes again. Passing this copy on would
             // deliver it twice, with a tag no ack could settle.
@@ -677,6 +681,7 @@ impl Session {
             // As RabbitMQ numbers direct replies: the next tag, not used up.
             d.delivery_tag = channel.tags.peek();
             m.deliveries.inc();
+            slot.direct_replies += 1;
             return self.deliver(ch, &deliver, content);
         }
         d.delivery_tag = channel.tags.issue(link, d.delivery_tag, needs_ack);

@@ -196,6 +196,12 @@ pub(super) struct LinkSlot {
     /// Methods and publishes sent to it, to tell an idle link (see
     /// `Session::close_idle_shard_links`).
     pub(super) sent: std::sync::atomic::AtomicU64,
+    /// Requests published here with the direct reply-to pseudo-queue as `reply_to`, and the
+    /// direct replies delivered from here: while fewer replies than requests came, a reply may
+    /// still be owed to an address only this link's connection can take (see
+    /// `Session::state_lost_with`).
+    pub(super) direct_requests: u64,
+    pub(super) direct_replies: u64,
 }
 
 impl LinkSlot {
@@ -214,6 +220,8 @@ impl LinkSlot {
             removed_at: None,
             last_delivery: Instant::now(),
             sent: Default::default(),
+            direct_requests: 0,
+            direct_replies: 0,
         }
     }
 

@@ -926,8 +926,19 @@ impl Session {
     /// new link cannot bring back: an exclusive queue (every queue lives on every cluster), an
     /// auto-delete queue this client consumes from, or a consumer of a single-active-consumer
     /// queue (re-subscribing would queue it behind another consumer while it stays active on
-    /// the other clusters). Queue arguments are known from this connection's declares.
+    /// the other clusters), or replies owed to direct reply-to requests sent through it (the
+    /// address RabbitMQ gave each request names the link's connection: their replies would be
+    /// dropped). Queue arguments are known from this connection's declares.
     pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
+        let slot = &self.links[link];
+        if slot.direct_requests > slot.direct_replies {
+            return Some(format!(
+                "the direct reply-to consumer, with replies owed to {} of the {} requests sent \
+                 through it",
+                slot.direct_requests - slot.direct_replies,
+                slot.direct_requests
+            ));
+        }
         let declared = |queue: &ShortStr| {
             self.topology.entries().find_map(|(_, m)| match m {
                 Method::QueueDeclare(q) if &q.queue == queue => Some(q),

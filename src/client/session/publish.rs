@@ -67,6 +67,16 @@ impl Session {
             return;
         };
         let barrier = self.needs_barrier(ch, publish, content);
+        if self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .is_some_and(Channel::consumes_any_replies)
+            && barrier::asks_for_direct_reply(&content.header)
+        {
+            // A request whose reply only this link's connection can take.
+            self.links[link].direct_requests += 1;
+        }
         let client_seq = self.next_confirm_seq(ch);
         self.send_publish(ch, link, client_seq, held, tx);
         if barrier {

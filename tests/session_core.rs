@@ -3163,3 +3163,38 @@ async fn t_bodies_still_arriving_count_in_the_process_budget() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// (u) The end of a connection warren closes
+
+/// warren closes a connection (here for a method on channel 0 that belongs on a channel: 504)
+/// and the client answers close-ok: RabbitMQ closes the socket then, and clients wait for that
+/// end of the stream (the Java client's shutdown listeners and automatic recovery). So does
+/// warren, at once. (It read on for 3 s, delaying the Java client's recovery by as much.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_the_socket_closes_right_after_the_clients_close_ok() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.send(0, Method::BasicQos(codec::BasicQos::default()))
+        .await;
+    let close = loop {
+        c.pump().await;
+        if let Some((0, Method::ConnectionClose(close))) = c.methods.pop_front() {
+            break close;
+        }
+    };
+    assert_eq!(close.reply_code, 504, "{close:?}");
+    c.send(0, Method::ConnectionCloseOk(Default::default()))
+        .await;
+    let t = std::time::Instant::now();
+    within_for(STEP, "the end of the stream", async {
+        while let Ok(Some(_)) = c.raw.read_frame().await {}
+    })
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the socket closed {:?} after close-ok",
+        t.elapsed()
+    );
+}

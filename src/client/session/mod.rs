@@ -795,7 +795,11 @@ impl Session {
             self.maybe_finish_eof_drain();
             self.maybe_close_requested();
             if let Some(reason) = self.end.take() {
-                if client_open {
+                // After a close warren started, the client's close-ok ends it: the socket is
+                // closed at once, as RabbitMQ closes it (clients wait for the end of the
+                // stream: the Java client's shutdown listeners and automatic recovery).
+                let by_proxy = matches!(self.closing, Some(Closing::ByProxy { .. }));
+                if client_open && !by_proxy {
                     // As RabbitMQ does: read (and discard) until the client hangs up, so a
                     // client still writing what it queued before its connection.close reads
                     // our close-ok instead of a reset.

@@ -3198,3 +3198,65 @@ async fn u_the_socket_closes_right_after_the_clients_close_ok() {
         t.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (v) basic.recover
+
+/// basic.recover with requeue: a broker sends recover-ok, then redelivers. warren answers the
+/// client once every cluster has, so a cluster that answered first must not have its
+/// redeliveries passed on before the client's recover-ok: lapin drops deliveries that reach
+/// it before recover-ok, which left them unacked (or, acked with `multiple`, lost). With
+/// shard-b's answer held back, shard-a's redeliveries wait; then recover-ok comes first, and
+/// every message is redelivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v_redeliveries_follow_the_clients_recover_ok() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    for (cluster, body) in [(a, "a1"), (a, "a2"), (b, "b1"), (b, "b2")] {
+        cluster.enqueue(Q, body.as_bytes());
+    }
+    c.consume(1, Q, "ctag-v").await;
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(c.delivery().await);
+    }
+    let lb = b.only_link().await;
+    b.stall(lb, true);
+    let sent_at = c.log.len();
+    c.send(
+        1,
+        Method::BasicRecover(codec::BasicRecover { requeue: true }),
+    )
+    .await;
+    let la = a.only_link().await;
+    wait_for("shard-a answered the recover", || {
+        (!a.ledger(la).sent_named("basic.recover-ok").is_empty()).then_some(())
+    })
+    .await;
+    // Give warren time to pass on whatever it would.
+    let _ = tokio::time::timeout(Duration::from_millis(300), c.pump()).await;
+    assert!(
+        c.deliveries.is_empty(),
+        "redelivered before the client's recover-ok: {:?}",
+        c.deliveries
+    );
+    b.stall(lb, false);
+    let ok = c.reply(1).await;
+    assert!(matches!(ok, Method::BasicRecoverOk(_)), "{ok:?}");
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let d = c.delivery().await;
+        assert!(d.redelivered, "{d:?}");
+        again.push(String::from_utf8_lossy(&d.body).into_owned());
+    }
+    let after: Vec<&str> = c.log[sent_at..].iter().map(|(_, m)| *m).collect();
+    assert_eq!(
+        after.iter().position(|m| *m == "basic.recover-ok"),
+        Some(0),
+        "recover-ok first: {after:?}"
+    );
+    assert_eq!(sorted(again), ["a1", "a2", "b1", "b2"]);
+}

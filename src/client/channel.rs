@@ -103,6 +103,9 @@ pub struct Rpc {
     /// The queue name the client asked for, to answer with in place of the cluster's: a
     /// direct reply-to address is declared on its cluster under RabbitMQ's own name.
     pub rename: Option<ShortStr>,
+    /// The links that have answered (a basic.recover's deliveries wait on them, see
+    /// [`Channel::recovered_on`]).
+    pub answered: LinkSet,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -644,6 +647,9 @@ pub struct Channel {
     /// their client tags are issued when they are released, after what they wait for, so that
     /// on every link the client's tags keep growing with the upstream ones.
     pub held: Vec<(LinkRef, Method, Option<Content>)>,
+    /// Deliveries of links that have answered a basic.recover the client is still waiting
+    /// for (see [`Channel::recovered_on`]), in arrival order, sent after its recover-ok.
+    pub after_recover: Vec<(LinkRef, Method, Option<Content>)>,
     /// The client's basic.qos settings, re-split when the set of shard clusters changes.
     pub qos: Prefetch,
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
@@ -709,6 +715,7 @@ impl Channel {
             rpcs: VecDeque::new(),
             qos: Prefetch::default(),
             held: Vec::new(),
+            after_recover: Vec::new(),
             sticky: Vec::new(),
             notices: Vec::new(),
             failing: None,
@@ -730,8 +737,19 @@ impl Channel {
             on_success: None,
             then_delete: None,
             rename: None,
+            answered: LinkSet::default(),
         });
         self.next_rpc
+    }
+
+    /// Whether a basic.recover on this channel has been answered by `link` but not yet by
+    /// every cluster. A broker sends recover-ok before the redeliveries; warren answers the
+    /// client once every cluster has, so what `link` delivers meanwhile (its redeliveries)
+    /// waits in [`Channel::after_recover`] until the client has recover-ok.
+    pub fn recovered_on(&self, link: LinkId) -> bool {
+        self.rpcs
+            .iter()
+            .any(|r| matches!(r.request, Method::BasicRecover(_)) && r.answered.contains(link))
     }
 
     pub fn rpc_mut(&mut self, id: u64) -> Option<&mut Rpc> {

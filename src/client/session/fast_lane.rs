@@ -72,7 +72,7 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, d.channel) else {
             return false;
         };
-        if from_cluster::must_hold(channel) {
+        if from_cluster::must_hold(channel) || channel.recovered_on(link) {
             return false;
         }
         // The general path's questions, asked the same way (an unknown tag included).

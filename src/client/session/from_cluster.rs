@@ -168,6 +168,12 @@ impl Session {
                 if self.links[link].removed_at.is_some() {
                     self.links[link].last_delivery = Instant::now();
                 }
+                if channel.recovered_on(link) {
+                    // A redelivery after this cluster's recover-ok: the client gets it after
+                    // its own recover-ok, as from one broker.
+                    channel.after_recover.push((link_ref, deliver, content));
+                    return;
+                }
                 if must_hold(channel) {
                     // Until the client has its consume-ok, and while a get-ok waits for its
                     // turn, deliveries of the channel wait, in order, without a client tag yet.
@@ -272,6 +278,7 @@ impl Session {
         let Some(rpc) = channel.rpc_mut(id) else {
             return;
         };
+        rpc.answered.insert(link);
         if let Method::BasicGetEmpty(_) = method
             && let Some(get) = rpc.get_request.clone()
         {
@@ -616,6 +623,10 @@ impl Session {
                     channel.tx_log.committing = None;
                     self.to_client(ch, &Method::TxCommitOk(ok));
                 }
+                Method::BasicRecoverOk(ok) => {
+                    self.to_client(ch, &Method::BasicRecoverOk(ok));
+                    self.release_after_recover(ch);
+                }
                 other => self.to_client(ch, &other),
             }
         }
@@ -703,6 +714,24 @@ impl Session {
         }
         for (link, m, content) in std::mem::take(&mut channel.held) {
             self.deliver_tagged(ch, link, m, content.as_ref());
+        }
+    }
+
+    /// Sends the deliveries that waited for the client's recover-ok (see
+    /// [`Channel::recovered_on`]), in arrival order, behind anything else they must follow.
+    fn release_after_recover(&mut self, ch: u16) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        for (link, m, content) in std::mem::take(&mut channel.after_recover) {
+            let Some(channel) = channel_in(&mut self.channels, ch) else {
+                return;
+            };
+            if must_hold(channel) {
+                channel.held.push((link, m, content));
+            } else {
+                self.deliver_tagged(ch, link, m, content.as_ref());
+            }
         }
     }
 

@@ -881,6 +881,7 @@ impl Session {
             // Held deliveries of the dead link have no client tag yet; the broker requeues them
             // (and the slot may be reused by the next link, whose upstream tags they would hit).
             channel.held.retain(|(l, _, _)| *l != gone);
+            channel.after_recover.retain(|(l, _, _)| *l != gone);
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
                 if consumer.cancelled_by_cluster && consumer.links.is_empty() {

@@ -1031,6 +1031,37 @@ def queue_declare_nowait_10k(t):
         p.observe(30)
 
 
+# -- scenarios: the order of what the server says ------------------------------------------------
+
+def server_close_ends_the_socket(t):
+    """A connection error (basic.qos on channel 0: 504), answered with close-ok: the server closes
+    the socket right after it. Clients wait for that end (the Java client's shutdown listeners
+    and automatic recovery), so it must come within the window, not seconds later."""
+    p = t.opened(channel=None)
+    p.send(qos(0))
+    p.observe(1.5)
+
+
+def recover_ok_before_redeliveries(t):
+    """Four messages consumed with manual acks and left unacked (through warren they are on two
+    clusters), then basic.recover with requeue: recover-ok, then the four redeliveries (lapin
+    drops deliveries that come before recover-ok)."""
+    p = t.opened(frame_max=None)
+    q = uid("recover")
+    p.send(queue_declare(1, q, auto_delete=True))
+    p.expect("queue.declare-ok")
+    for i in range(4):
+        payload = f"m{i}".encode()
+        p.send(publish(1, q) + header(1, len(payload)) + body(1, payload))
+    p.send(method(1, "basic.consume", struct.pack(">H", 0) + shortstr(q) + shortstr("rec")
+                  + b"\x00" + table()))
+    p.observe(WINDOW, until=("basic.deliver",), count=4, quiet=("basic.consume-ok",))
+    p.send(method(1, "basic.recover", b"\x01"))
+    p.observe(WINDOW, until=("basic.deliver",), count=4)
+    p.send(conn_close())
+    p.observe(WINDOW)
+
+
 SCENARIOS = [
     header_amqp_0_9_0,
     header_amqp_0_8,
@@ -1081,6 +1112,8 @@ SCENARIOS = [
     channel_open_close_flood,
     channel_open_close_same_number,
     queue_declare_nowait_10k,
+    server_close_ends_the_socket,
+    recover_ok_before_redeliveries,
 ]
 
 

@@ -3260,3 +3260,47 @@ async fn v_redeliveries_follow_the_clients_recover_ok() {
     );
     assert_eq!(sorted(again), ["a1", "a2", "b1", "b2"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// (w) connection.close behind publishes still unconfirmed
+
+/// A client publishes without confirms and closes its connection at once (a script that sends
+/// a burst and exits). RabbitMQ has taken every publish before the close when it answers
+/// close-ok. warren holds the publish until its cluster confirms it, and the close waits for
+/// that: here the cluster keeps it unconfirmed and its link dies, so warren publishes it again
+/// on the link to the other node, and only then closes and answers close-ok. (The links were
+/// closed at once, or after 3 s, with the publish unconfirmed: lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w_a_close_waits_for_the_publishes_before_it() {
+    let rig = Rig::start(&[(A, 2), (CONTROL, 1)]).await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.prove_default_exchange(2).await;
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hold = first.clone();
+    a.on_publish(move |_| {
+        if hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            Verdict::Hold
+        } else {
+            Verdict::Ack
+        }
+    });
+    let la = a.only_link().await;
+    c.publish(1, Q, "last words").await;
+    wait_for("shard-a holds the publish", || {
+        (a.held(la, 1).len() == 1).then_some(())
+    })
+    .await;
+    c.send(0, Method::ConnectionClose(Default::default())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.links().contains(&la),
+        "the link closed with its publish unconfirmed"
+    );
+    a.kill(la, Kill::Rst);
+    let ok = c.reply(0).await;
+    assert!(matches!(ok, Method::ConnectionCloseOk(_)), "{ok:?}");
+    assert_eq!(bodies(&a.ready(Q)), ["last words"]);
+}

@@ -659,14 +659,7 @@ impl Session {
     pub(super) fn on_client_connection_method(&mut self, method: Method) -> Result<(), ConnError> {
         match method {
             Method::ConnectionClose(_) => {
-                if self.rpcs_outstanding() {
-                    // RabbitMQ answers what came before the close first: the links close once
-                    // those requests are answered (declares going cluster by cluster reach
-                    // every cluster), and the client gets their replies, then close-ok.
-                    self.close_requested = Some(Instant::now() + CLOSE_TIMEOUT);
-                } else {
-                    self.close_links_for_client();
-                }
+                self.client_close();
                 Ok(())
             }
             Method::ConnectionUpdateSecret(ref u) => {

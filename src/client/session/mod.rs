@@ -425,6 +425,17 @@ struct EofDrain {
     reason: String,
 }
 
+/// What a client's connection.close waits for before the links close (see
+/// [`Session::maybe_close_requested`]).
+#[derive(Debug, Clone, Copy)]
+struct CloseWait {
+    /// Until then, for the replies to requests sent before the close.
+    rpcs_until: Instant,
+    /// Until then (`timeouts.failover_wait_secs`), for the confirms of publishes sent before
+    /// it: a link that dies meanwhile gets them published again elsewhere.
+    held_until: Instant,
+}
+
 /// A client request that was in flight on a link that died (see [`Session::orphan_rpc`]).
 struct Orphan {
     cluster: String,
@@ -578,9 +589,9 @@ struct Session {
     barrier: Option<barrier::Barrier>,
     /// The client's socket ended; waiting for its publishes' confirms before closing links.
     eof_drain: Option<EofDrain>,
-    /// The client sent connection.close behind requests still unanswered: the links close once
-    /// they are answered, or at this deadline.
-    close_requested: Option<Instant>,
+    /// The client sent connection.close behind requests still unanswered or publishes not yet
+    /// confirmed: the links close once those are settled, or at the deadlines.
+    close_requested: Option<CloseWait>,
     /// Why the session ends once the links closed after an [`EofDrain`].
     eof_reason: Option<String>,
 }
@@ -1015,6 +1026,10 @@ impl Session {
             return;
         }
         self.client_out.close();
+        if self.publishes_held() {
+            // Deliveries meanwhile would go nowhere: a no-ack consumer's would be lost.
+            self.stop_consuming();
+        }
         let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
         self.eof_drain = Some(EofDrain {
             deadline: Instant::now() + wait,
@@ -1033,12 +1048,7 @@ impl Session {
             return;
         }
         // Requests read before the end (a declare going cluster by cluster) are finished too.
-        let holding = !self.parked.is_empty()
-            || self.rpcs_outstanding()
-            || self
-                .links
-                .iter()
-                .any(|s| s.live() && s.chans.iter().any(|c| c.confirms.pending() > 0));
+        let holding = self.publishes_held() || self.rpcs_outstanding();
         let overdue = Instant::now() >= drain.deadline;
         if holding && !overdue {
             return;
@@ -1298,13 +1308,80 @@ impl Session {
         self.maybe_finish_client_close();
     }
 
-    /// Carries out a connection.close that waited for the requests before it (or its deadline).
+    /// The client's connection.close. RabbitMQ answers what came before it first, and has
+    /// taken every publish before it when it answers close-ok: so the links close once the
+    /// requests before the close are answered (declares going cluster by cluster reach every
+    /// cluster) and the publishes before it are confirmed (held, they are published again
+    /// elsewhere if a link dies meanwhile), then the client gets close-ok.
+    pub(super) fn client_close(&mut self) {
+        let now = Instant::now();
+        let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+        self.close_requested = Some(CloseWait {
+            rpcs_until: now + CLOSE_TIMEOUT,
+            held_until: now + wait,
+        });
+        if self.publishes_held() {
+            // Nothing more may be delivered to a client that is leaving (a no-ack consumer's
+            // messages would be lost) while the publishes wait for their confirms.
+            self.stop_consuming();
+        }
+        self.maybe_close_requested();
+    }
+
+    /// Carries out a connection.close once what it waits for is settled (or overdue).
     fn maybe_close_requested(&mut self) {
-        if let Some(deadline) = self.close_requested
-            && (!self.rpcs_outstanding() || Instant::now() >= deadline)
-        {
-            self.close_requested = None;
-            self.close_links_for_client();
+        let Some(wait) = self.close_requested else {
+            return;
+        };
+        let now = Instant::now();
+        if self.rpcs_outstanding() && now < wait.rpcs_until {
+            return;
+        }
+        let held = self.publishes_held();
+        if held && now < wait.held_until {
+            return;
+        }
+        if held {
+            warn!(
+                conn = self.id,
+                "client closed the connection; publishes still unconfirmed at the deadline"
+            );
+        }
+        self.close_requested = None;
+        self.close_links_for_client();
+    }
+
+    /// Publishes read from the client that no cluster has confirmed yet: waiting for a link,
+    /// parked, or sent and unconfirmed on a live link.
+    fn publishes_held(&self) -> bool {
+        self.deferred.is_some()
+            || !self.parked.is_empty()
+            || self
+                .links
+                .iter()
+                .any(|s| s.live() && s.chans.iter().any(|c| c.confirms.pending() > 0))
+    }
+
+    /// Cancels every consumer on every link, for a client that is leaving while its
+    /// publishes wait for their confirms: what a no-ack consumer is sent meanwhile would be
+    /// lost, what a manual-ack one is sent requeued later. Nothing is told to the client.
+    fn stop_consuming(&mut self) {
+        for (ch, channel) in self.channels.iter_mut().enumerate() {
+            let Some(channel) = channel else {
+                continue;
+            };
+            for consumer in &mut channel.consumers {
+                if consumer.request.take().is_none() {
+                    continue;
+                }
+                let cancel = Method::BasicCancel(codec::BasicCancel {
+                    consumer_tag: consumer.tag.clone(),
+                    nowait: false,
+                });
+                for link in consumer.links.iter() {
+                    self.links[link].request(ch as u16, &cancel, Pending::Internal);
+                }
+            }
         }
     }
 

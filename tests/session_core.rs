@@ -3304,3 +3304,50 @@ async fn w_a_close_waits_for_the_publishes_before_it() {
     assert!(matches!(ok, Method::ConnectionCloseOk(_)), "{ok:?}");
     assert_eq!(bodies(&a.ready(Q)), ["last words"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// (x) A connection that only talks to the control cluster
+
+/// A connection that has only talked to the control cluster (a Celery event publisher, with
+/// `lazy_links`) has no shard link, by design. Its control link fails over to the other node:
+/// that is no reason to close it once `failover_wait_secs` (5 s here) have passed, as if no
+/// shard cluster were reachable; it carries on publishing events. (It was closed with 320
+/// "no shard cluster is reachable", Celery's event and pool connections with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_a_control_only_connection_survives_its_control_links_failover() {
+    const EVENTS: &str = "celeryev";
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 2)], true).await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.confirm_select(1).await;
+    let declare = Method::ExchangeDeclare(codec::ExchangeDeclare {
+        exchange: ss(EVENTS),
+        kind: ss("topic"),
+        durable: true,
+        ..Default::default()
+    });
+    let ok = c.call(1, declare).await;
+    assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
+    let first = control.only_link().await;
+    assert!(
+        a.links().is_empty() && b.links().is_empty(),
+        "lazy: no shard link"
+    );
+    control.kill(first, Kill::Rst);
+    wait_for("the control link failed over", || {
+        control
+            .links()
+            .into_iter()
+            .find(|&l| l != first)
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.sync(1).await;
+    assert!(
+        c.methods.iter().all(|(ch, _)| *ch != 0),
+        "closed: {:?}",
+        c.methods
+    );
+}

@@ -913,7 +913,12 @@ impl Session {
         for id in probes {
             self.probe_answered(id, true);
         }
-        if self.shard_links().is_empty() && self.no_shard_since.is_none() {
+        // Only the loss of a shard link leaves publishes nowhere to go: a connection that has
+        // talked only to the control cluster (`lazy_links`) has no shard link by design.
+        if self.links[link].role == Role::Shard
+            && self.shard_links().is_empty()
+            && self.no_shard_since.is_none()
+        {
             self.no_shard_since = Some(Instant::now());
             warn!(
                 conn = self.id,

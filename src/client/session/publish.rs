@@ -289,7 +289,9 @@ impl Session {
         let Some(since) = self.no_shard_since else {
             return;
         };
-        if !self.shard_links().is_empty() && self.parked.is_empty() {
+        if self.parked.is_empty() && (self.lazy || !self.shard_links().is_empty()) {
+            // Nothing waits, and a shard link is up or none was ever needed (a connection
+            // that has talked only to the control cluster, whose control link failed over).
             self.no_shard_since = None;
             return;
         }

@@ -3351,3 +3351,115 @@ async fn x_a_control_only_connection_survives_its_control_links_failover() {
         c.methods
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (y) What a failover's replay declares again
+
+/// A Celery worker consumes its task queue on channel 1 and its pidbox queue (auto-delete, a
+/// control name bound to a control exchange: it never holds messages on a shard cluster) on
+/// channel 2. The pidbox queue went with the dead shard link, so the replay declares it again;
+/// the replay's topology goes on channel 1, and a cluster orders nothing between channels, so
+/// the pidbox consume on channel 2 could reach RabbitMQ first and be refused (404), which
+/// closed the worker's connection with 320. Channel 2 now carries the queue's declare ahead of
+/// its consume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn y_a_consumers_queue_is_declared_again_on_its_own_channel_first() {
+    const PIDBOX_X: &str = "celery.pidbox";
+    const PIDBOX: &str = "w1@host.celery.pidbox";
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "tasks").await;
+    c.open(2).await;
+    let x = Method::ExchangeDeclare(codec::ExchangeDeclare {
+        exchange: ss(PIDBOX_X),
+        kind: ss("fanout"),
+        ..Default::default()
+    });
+    assert!(matches!(c.call(2, x).await, Method::ExchangeDeclareOk(_)));
+    let q = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(PIDBOX),
+        auto_delete: true,
+        ..Default::default()
+    });
+    assert!(matches!(c.call(2, q).await, Method::QueueDeclareOk(_)));
+    let bind = Method::QueueBind(codec::QueueBind {
+        queue: ss(PIDBOX),
+        exchange: ss(PIDBOX_X),
+        ..Default::default()
+    });
+    assert!(matches!(c.call(2, bind).await, Method::QueueBindOk(_)));
+    c.consume(2, PIDBOX, "pidbox").await;
+    let first = a.only_link().await;
+    a.kill(first, Kill::Rst);
+    let second = wait_for("the new link subscribed both consumers again", || {
+        let l = a.links().into_iter().find(|&l| l != first)?;
+        (a.ledger(l).received_named("basic.consume").len() == 2).then_some(l)
+    })
+    .await;
+    let on_2: Vec<String> = a
+        .ledger(second)
+        .received
+        .iter()
+        .filter(|f| f.channel == 2)
+        .filter_map(|f| match &f.method {
+            Method::QueueDeclare(d) => Some(format!("declare {}", d.queue.as_str())),
+            Method::BasicConsume(k) => Some(format!("consume {}", k.queue.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        on_2,
+        [format!("declare {PIDBOX}"), format!("consume {PIDBOX}")],
+        "channel 2 of the new link"
+    );
+    c.sync(1).await;
+}
+
+/// An auto-delete queue the client consumed and then cancelled: RabbitMQ deleted it then, on
+/// every cluster, not with a link. The control link fails over later; its replay checks the
+/// queue instead of declaring it again (a sharded name never holds messages on the control
+/// cluster, which made it look like one that went with the link): declaring it would bring it
+/// back on the control cluster only, where a later declare with other properties meets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn y_an_auto_delete_queue_no_longer_consumed_is_not_brought_back() {
+    const AD: &str = "jobs-ad";
+    let rig = Rig::start(&[(A, 1), (B, 1), (CONTROL, 2)]).await;
+    let control = rig.get(CONTROL);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let q = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(AD),
+        auto_delete: true,
+        ..Default::default()
+    });
+    assert!(matches!(c.call(1, q).await, Method::QueueDeclareOk(_)));
+    c.consume(1, AD, "ad").await;
+    let cancel = Method::BasicCancel(codec::BasicCancel {
+        consumer_tag: ss("ad"),
+        nowait: false,
+    });
+    assert!(matches!(c.call(1, cancel).await, Method::BasicCancelOk(_)));
+    for cluster in [A, B, CONTROL] {
+        rig.get(cluster).delete_queue(AD);
+    }
+    let first = control.only_link().await;
+    control.kill(first, Kill::Rst);
+    wait_for("the new control link checked the queue", || {
+        let l = control.links().into_iter().find(|&l| l != first)?;
+        control
+            .ledger(l)
+            .received_named("queue.declare")
+            .iter()
+            .any(|(_, m)| matches!(m, Method::QueueDeclare(d) if d.queue == AD))
+            .then_some(())
+    })
+    .await;
+    c.sync(1).await;
+    assert!(
+        !control.has_queue(AD),
+        "brought back on the control cluster"
+    );
+}

@@ -178,9 +178,10 @@ impl Session {
                 self.send_qos(ch, &q, Pending::Internal, Some(index));
             }
         }
-        if let Some(&ch) = open.first() {
-            self.replay_topology(index, ch, plan);
-        }
+        let (declared, topology_ch) = match open.first() {
+            Some(&ch) => (self.replay_topology(index, ch, plan), ch),
+            None => (Vec::new(), 0),
+        };
         // Topology changes still waiting for the other clusters' replies are recorded only
         // once complete, after this replay was built: they go to the new link too.
         for &ch in &open {
@@ -204,27 +205,44 @@ impl Session {
             // that limit for it when the setting changes later), then the setting in force
             // again for consumers still to come.
             let mut requests = Vec::new();
+            let mut redeclared: Vec<&ShortStr> = Vec::new();
             for consumer in &mut channel.consumers {
                 if let Some(req) = &consumer.request {
                     consumer.links.insert(index);
+                    // Its queue declared again by the replay on another channel: declared on
+                    // this one first, so the consume cannot reach the cluster before it.
+                    if ch != topology_ch
+                        && !redeclared.contains(&&req.queue)
+                        && let Some(q) = declared.iter().find(|q| q.queue == req.queue)
+                    {
+                        redeclared.push(&q.queue);
+                        let declare = Method::QueueDeclare(codec::QueueDeclare {
+                            nowait: false,
+                            ..q.clone()
+                        });
+                        requests.push((None, declare));
+                    }
                     let consume = Method::BasicConsume(codec::BasicConsume {
                         nowait: false,
                         ..req.clone()
                     });
-                    requests.push((consumer.prefetch.clone(), consume));
+                    requests.push((Some(consumer.prefetch.clone()), consume));
                 }
             }
             let now = channel.qos.per_consumer().cloned();
             let unlimited = || codec::BasicQos::default();
             let mut in_force = now.clone();
-            for (prefetch, consume) in requests {
-                if prefetch != in_force {
+            for (prefetch, request) in requests {
+                // `None`: a declare ahead of a consume, under no prefetch of its own.
+                if let Some(prefetch) = prefetch
+                    && prefetch != in_force
+                {
                     let q = prefetch.clone().unwrap_or_else(unlimited);
                     let m = self.qos_share(ch, index, &q);
                     self.links[index].replay(ch, &m);
                     in_force = prefetch;
                 }
-                self.links[index].replay(ch, &consume);
+                self.links[index].replay(ch, &request);
             }
             if in_force != now {
                 let q = now.unwrap_or_else(unlimited);
@@ -379,7 +397,17 @@ impl Session {
     /// Declares this client's topology again on `link`; on a cluster that may lack it, first the
     /// proxy's shared topology of the vhost (declared by any client, maybe long gone), so no
     /// publish routed there finds its queue missing.
-    pub(super) fn replay_topology(&mut self, link: LinkId, ch: u16, plan: TopologyPlan) {
+    ///
+    /// Returns the queue declares it sent (not the passive checks): a consumer replayed on
+    /// another channel must follow its queue's declare, and AMQP orders nothing between
+    /// channels, so the consumer's channel gets the declare too.
+    pub(super) fn replay_topology(
+        &mut self,
+        link: LinkId,
+        ch: u16,
+        plan: TopologyPlan,
+    ) -> Vec<codec::QueueDeclare> {
+        let mut declared = Vec::new();
         let slot = &self.links[link];
         let mut methods: Vec<Method> = Vec::new();
         if plan.shared {
@@ -394,23 +422,29 @@ impl Session {
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
         for m in &methods {
             if plan.declare {
+                if let Method::QueueDeclare(q) = m {
+                    declared.push(q.clone());
+                }
                 self.links[link].replay(ch, m);
                 continue;
             }
             if !plan.check {
                 break;
             }
-            // A failover: the cluster kept its topology; check the parts that can vanish. An
-            // exclusive or auto-delete queue that went with the old link but never holds
-            // messages there is declared (and bound) again: nothing was lost with it.
+            // A failover: the cluster kept its topology; check the parts that can vanish. A
+            // queue that went with the old link (exclusive, or auto-delete with this client's
+            // consumer on it) but never holds messages there is declared (and bound) again:
+            // nothing was lost with it. An auto-delete queue the client no longer consumes did
+            // not go with the link: it is checked, like the rest (it may have gone by itself).
             let recreate = |q: &ShortStr| -> bool {
                 methods.iter().any(|d| {
                     matches!(d, Method::QueueDeclare(x)
-                    if &x.queue == q && (x.exclusive || x.auto_delete))
+                    if &x.queue == q && (x.exclusive || (x.auto_delete && self.consumes(q))))
                 }) && !self.may_hold_messages(q, link)
             };
             match m {
                 Method::QueueDeclare(q) if recreate(&q.queue) => {
+                    declared.push(q.clone());
                     self.links[link].replay(ch, m);
                     continue;
                 }
@@ -444,6 +478,16 @@ impl Session {
             }
         }
         self.links[link].topology_sent();
+        declared
+    }
+
+    /// Whether the client has a consumer on `queue` (one it has not cancelled).
+    fn consumes(&self, queue: &ShortStr) -> bool {
+        self.channels.iter().flatten().any(|c| {
+            c.consumers
+                .iter()
+                .any(|k| k.request.as_ref().is_some_and(|r| &r.queue == queue))
+        })
     }
 
     /// A replay check on `link` passed: the cluster kept the name.

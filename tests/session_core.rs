@@ -3463,3 +3463,65 @@ async fn y_an_auto_delete_queue_no_longer_consumed_is_not_brought_back() {
         "brought back on the control cluster"
     );
 }
+
+/// A client that declared many queues (40 here) has them all checked after a failover, at most
+/// 32 at a time on channels of warren's own, one of them gone everywhere meanwhile: the replay
+/// completes, the new link takes publishes again, and the client stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn y_a_failover_checks_a_large_topology_in_turns() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.confirm_select(1).await;
+    let names: Vec<String> = (0..40).map(|i| format!("many-{i}")).collect();
+    for n in &names {
+        c.declare(1, n).await;
+    }
+    let first = a.only_link().await;
+    a.refuse(0, true);
+    a.kill(first, Kill::Rst);
+    wait_for("warren tries to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    for cluster in [A, B, CONTROL] {
+        rig.get(cluster).delete_queue(&names[39]);
+    }
+    a.refuse(0, false);
+    let second = wait_for("every queue checked on the new link", || {
+        let l = a.links().into_iter().find(|&l| l != first)?;
+        let checked = a
+            .ledger(l)
+            .received_named("queue.declare")
+            .iter()
+            .filter(|(_, m)| matches!(m, Method::QueueDeclare(q) if q.passive))
+            .count();
+        (checked == 40).then_some(l)
+    })
+    .await;
+    // warren's own channels open at once, from what the new link received in order.
+    let (mut open, mut most) = (0i32, 0i32);
+    for f in a.ledger(second).received.iter().filter(|f| f.channel > 1) {
+        match &f.method {
+            Method::ChannelOpen(_) => open += 1,
+            Method::ChannelClose(_) => open -= 1,
+            _ => {}
+        }
+        most = most.max(open);
+    }
+    assert!(most <= 32, "{most} check channels open at once");
+    // A round trip through every link: the checks' answers are in.
+    c.sync(1).await;
+    let mut settled = BTreeMap::new();
+    for i in 1..=4u64 {
+        c.publish(1, &names[0], "after").await;
+        settled.insert(i, true);
+    }
+    c.expect_settled(1, &settled).await;
+    assert!(
+        !a.ready(&names[0]).is_empty() && !b.ready(&names[0]).is_empty(),
+        "both shard links take publishes again"
+    );
+    c.sync(1).await;
+}

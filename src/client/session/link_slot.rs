@@ -283,7 +283,7 @@ impl LinkSlot {
     }
 
     /// A replayed request will be answered: the link is replaying until it is.
-    fn expect_replay_reply(&mut self) {
+    pub(super) fn expect_replay_reply(&mut self) {
         match &mut self.life {
             Life::Serving => {
                 self.life = Life::Replaying {
@@ -536,9 +536,6 @@ impl LinkSlot {
         up.pending.push_back(Waiting::for_request(who, method));
         self.link.send(n, &Method::ChannelOpen(Default::default()));
         self.link.send(n, method);
-        if let Pending::ReplayCheck(_) = who {
-            self.expect_replay_reply();
-        }
         true
     }
 

@@ -468,17 +468,37 @@ impl Session {
                 _ => continue,
             };
             // On a channel of warren's own, so a missing name closes that channel only and the
-            // other clusters can be asked whether it went everywhere (see `vanished.rs`).
-            let id = self.replay_checks.start(self.link_ref(link), check.clone());
-            let channels = &self.channels;
-            let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
-            if !self.links[link].side_request(ch, &check, Pending::ReplayCheck(id), in_use) {
-                self.replay_checks.take(id);
-                self.links[link].replay(ch, &check);
-            }
+            // other clusters can be asked whether it went everywhere (see `vanished.rs`). The
+            // link is replaying until it is answered, sent now or in its turn.
+            self.links[link].expect_replay_reply();
+            self.replay_checks.start(self.link_ref(link), ch, check);
         }
+        self.send_replay_checks();
         self.links[link].topology_sent();
         declared
+    }
+
+    /// Sends the replay checks whose turn has come (see `vanished.rs`). One whose link died
+    /// is dropped (the next link checks again); one that finds no free channel number goes on
+    /// the client's channel, where a refusal closes the client as before.
+    pub(super) fn send_replay_checks(&mut self) {
+        while let Some((id, check)) = self.replay_checks.next_to_send() {
+            let (link_ref, ch, method) = (check.link, check.ch, check.method.clone());
+            let live = link_ref
+                .slot()
+                .filter(|&l| l < self.links.len() && self.link_ref(l) == link_ref)
+                .filter(|&l| self.links[l].live());
+            let Some(link) = live else {
+                self.replay_checks.take(id);
+                continue;
+            };
+            let channels = &self.channels;
+            let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
+            if !self.links[link].side_request(ch, &method, Pending::ReplayCheck(id), in_use) {
+                self.replay_checks.take(id);
+                self.links[link].request(ch, &method, Pending::Replay);
+            }
+        }
     }
 
     /// Whether the client has a consumer on `queue` (one it has not cancelled).
@@ -495,6 +515,7 @@ impl Session {
         if self.replay_checks.passed(id).is_some() {
             self.replayed_one(link);
         }
+        self.send_replay_checks();
     }
 
     /// One replayed request of `link` was answered.
@@ -556,6 +577,7 @@ impl Session {
         let Some(check) = self.replay_checks.take(id) else {
             return;
         };
+        self.send_replay_checks();
         // The link that asked may have died meanwhile: its replacement checks again.
         let Some(link) = check
             .link
@@ -957,6 +979,8 @@ impl Session {
         for id in probes {
             self.probe_answered(id, true);
         }
+        // Its checks in flight are gone: others waiting their turn may go.
+        self.send_replay_checks();
         // Only the loss of a shard link leaves publishes nowhere to go: a connection that has
         // talked only to the control cluster (`lazy_links`) has no shard link by design.
         if self.links[link].role == Role::Shard

@@ -21,8 +21,15 @@
 //! This file keeps only the bookkeeping (which check waits for how many answers); the session
 //! sends the declares and acts on the verdict.
 
+use std::collections::VecDeque;
+
 use crate::client::channel::LinkRef;
 use crate::codec::Method;
+
+/// Checks on the wire at once: a client may have declared thousands of queues, and each check
+/// takes a channel of its own on the new link (so that a refusal closes that one only); the
+/// rest wait their turn.
+const MAX_IN_FLIGHT: usize = 32;
 
 /// What the other clusters said about a name the replaying link's cluster no longer has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +55,10 @@ pub(super) struct Check {
     probes: u32,
     /// One of them has the name (or died before saying).
     found: bool,
+    /// Sent (counted in flight), or still waiting its turn.
+    sent: bool,
+    /// The client channel it is sent for (see `LinkSlot::side_request`).
+    pub(super) ch: u16,
 }
 
 impl Check {
@@ -68,11 +79,15 @@ impl Check {
 pub(super) struct ReplayChecks {
     next: u64,
     checks: Vec<(u64, Check)>,
+    /// Checks waiting to be sent, oldest first.
+    queued: VecDeque<u64>,
+    in_flight: usize,
 }
 
 impl ReplayChecks {
-    /// Starts tracking the check `method` sent on `link`; returns its id.
-    pub(super) fn start(&mut self, link: LinkRef, method: Method) -> u64 {
+    /// Tracks the check `method` for client channel `ch` of `link`, to be sent when
+    /// [`next_to_send`](Self::next_to_send) hands it out; returns its id.
+    pub(super) fn start(&mut self, link: LinkRef, ch: u16, method: Method) -> u64 {
         self.next += 1;
         let check = Check {
             link,
@@ -80,9 +95,29 @@ impl ReplayChecks {
             refusal: None,
             probes: 0,
             found: false,
+            sent: false,
+            ch,
         };
         self.checks.push((self.next, check));
+        self.queued.push_back(self.next);
         self.next
+    }
+
+    /// The next check to send now, if fewer than [`MAX_IN_FLIGHT`] are on the wire; counted
+    /// in flight from here.
+    pub(super) fn next_to_send(&mut self) -> Option<(u64, &Check)> {
+        if self.in_flight >= MAX_IN_FLIGHT {
+            return None;
+        }
+        while let Some(id) = self.queued.pop_front() {
+            if let Some(at) = self.checks.iter().position(|(i, _)| *i == id) {
+                self.in_flight += 1;
+                let (id, check) = &mut self.checks[at];
+                check.sent = true;
+                return Some((*id, check));
+            }
+        }
+        None
     }
 
     pub(super) fn get(&self, id: u64) -> Option<&Check> {
@@ -121,7 +156,11 @@ impl ReplayChecks {
     /// Takes a check whose verdict is in (or whose link died: the next link checks again).
     pub(super) fn take(&mut self, id: u64) -> Option<Check> {
         let at = self.checks.iter().position(|(i, _)| *i == id)?;
-        Some(self.checks.swap_remove(at).1)
+        let check = self.checks.swap_remove(at).1;
+        if check.sent {
+            self.in_flight -= 1;
+        }
+        Some(check)
     }
 
     fn get_mut(&mut self, id: u64) -> Option<&mut Check> {
@@ -143,8 +182,46 @@ mod tests {
 
     fn checks() -> (ReplayChecks, u64) {
         let mut c = ReplayChecks::default();
-        let id = c.start(LinkRef::new(0, 1), Method::QueueDeclare(Default::default()));
+        let id = c.start(
+            LinkRef::new(0, 1),
+            1,
+            Method::QueueDeclare(Default::default()),
+        );
+        assert_eq!(c.next_to_send().map(|(i, _)| i), Some(id));
         (c, id)
+    }
+
+    #[test]
+    fn at_most_32_are_on_the_wire_and_each_verdict_lets_the_next_go() {
+        let mut c = ReplayChecks::default();
+        let link = LinkRef::new(0, 1);
+        let ids: Vec<u64> = (0..40)
+            .map(|_| c.start(link, 1, Method::QueueDeclare(Default::default())))
+            .collect();
+        let mut sent = Vec::new();
+        while let Some((id, _)) = c.next_to_send() {
+            sent.push(id);
+        }
+        assert_eq!(sent, ids[..32]);
+        c.passed(ids[0]);
+        c.refused(ids[1], 404, "gone".into(), 1);
+        assert_eq!(c.next_to_send().map(|(i, _)| i), Some(ids[32]));
+        assert!(
+            c.next_to_send().is_none(),
+            "a refused check waits for its probes"
+        );
+        c.probe_answered(ids[1], false);
+        c.take(ids[1]);
+        assert_eq!(c.next_to_send().map(|(i, _)| i), Some(ids[33]));
+        // A queued check whose link died is taken before it is sent: nothing in flight changes.
+        c.take(ids[39]);
+        let rest: Vec<u64> = std::iter::from_fn(|| c.next_to_send().map(|(i, _)| i)).collect();
+        assert!(rest.is_empty(), "{rest:?}");
+        for id in &ids[2..32] {
+            c.take(*id);
+        }
+        let rest: Vec<u64> = std::iter::from_fn(|| c.next_to_send().map(|(i, _)| i)).collect();
+        assert_eq!(rest, ids[34..39]);
     }
 
     #[test]
@@ -179,6 +256,6 @@ mod tests {
         let (mut c, id) = checks();
         assert!(c.passed(id).is_some());
         assert_eq!(c.probe_answered(id, false), Verdict::Waiting);
-        assert!(c.is_empty());
+        assert!(c.is_empty() && c.in_flight == 0);
     }
 }

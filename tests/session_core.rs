@@ -3525,3 +3525,46 @@ async fn y_a_failover_checks_a_large_topology_in_turns() {
     );
     c.sync(1).await;
 }
+
+/// A client consumes an auto-delete queue, and the node under its shard link dies. With the
+/// queue mirrored, RabbitMQ promotes the copy on the other node and keeps the queue (the dead
+/// node's consumer goes without deleting it): nothing was lost, and the client, whose
+/// connection one broker would have kept, carries on with its consumer subscribed again.
+/// (warren closed it with 320, assuming the queue went with the link, and the surviving copy
+/// was left on that cluster for good.) Had RabbitMQ deleted it with the link, the replay's
+/// check would find it missing there only and close the client with 320.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_an_auto_delete_queue_that_outlived_its_link_keeps_its_consumer() {
+    const LIVE: &str = "jobs-live";
+    let rig = Rig::start(&[(A, 2), (B, 1), (CONTROL, 1)]).await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let q = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(LIVE),
+        auto_delete: true,
+        ..Default::default()
+    });
+    assert!(matches!(c.call(1, q).await, Method::QueueDeclareOk(_)));
+    c.consume(1, LIVE, "live").await;
+    a.enqueue(LIVE, b"before");
+    let d = c.delivery().await;
+    c.send(1, ack(d.tag, false)).await;
+    c.sync(1).await;
+    let first = a.only_link().await;
+    a.kill(first, Kill::Rst);
+    wait_for("the new link subscribed the consumer again", || {
+        let l = a.links().into_iter().find(|&l| l != first)?;
+        (!a.ledger(l).received_named("basic.consume").is_empty()).then_some(())
+    })
+    .await;
+    a.enqueue(LIVE, b"after");
+    let d = c.delivery().await;
+    assert_eq!(d.body, "after".as_bytes());
+    c.sync(1).await;
+    assert!(
+        c.methods.iter().all(|(ch, _)| *ch != 0),
+        "closed: {:?}",
+        c.methods
+    );
+}

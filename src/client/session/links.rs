@@ -997,10 +997,9 @@ impl Session {
     }
 
     /// What this client had on `link` that RabbitMQ deletes with the link's connection and a
-    /// new link cannot bring back: an exclusive queue (every queue lives on every cluster), an
-    /// auto-delete queue this client consumes from, or a consumer of a single-active-consumer
-    /// queue (re-subscribing would queue it behind another consumer while it stays active on
-    /// the other clusters), or replies owed to direct reply-to requests sent through it (the
+    /// new link cannot bring back: an exclusive queue (every queue lives on every cluster), or
+    /// a consumer of a single-active-consumer queue (re-subscribing would queue it behind
+    /// another consumer while it stays active on the other clusters), or replies owed to direct reply-to requests sent through it (the
     /// address RabbitMQ gave each request names the link's connection: their replies would be
     /// dropped). Queue arguments are known from this connection's declares.
     pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
@@ -1035,12 +1034,6 @@ impl Session {
                 let Some(q) = declared(&req.queue) else {
                     continue;
                 };
-                if q.auto_delete && self.may_hold_messages(&q.queue, link) {
-                    return Some(format!(
-                        "auto-delete queue '{}' (its consumer was on that link)",
-                        q.queue.as_str()
-                    ));
-                }
                 if matches!(
                     q.arguments.get("x-single-active-consumer"),
                     Some(codec::FieldValue::Bool(true))

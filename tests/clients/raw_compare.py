@@ -1048,16 +1048,18 @@ def recover_ok_before_redeliveries(t):
     drops deliveries that come before recover-ok)."""
     p = t.opened(frame_max=None)
     q = uid("recover")
+    # A mirrored queue's declare waits for its mirror to start on the other node: seconds on a
+    # busy machine.
     p.send(queue_declare(1, q, auto_delete=True))
-    p.expect("queue.declare-ok")
+    p.expect("queue.declare-ok", timeout=3 * WINDOW)
     for i in range(4):
         payload = f"m{i}".encode()
         p.send(publish(1, q) + header(1, len(payload)) + body(1, payload))
     p.send(method(1, "basic.consume", struct.pack(">H", 0) + shortstr(q) + shortstr("rec")
                   + b"\x00" + table()))
-    p.observe(WINDOW, until=("basic.deliver",), count=4, quiet=("basic.consume-ok",))
+    p.observe(3 * WINDOW, until=("basic.deliver",), count=4, quiet=("basic.consume-ok",))
     p.send(method(1, "basic.recover", b"\x01"))
-    p.observe(WINDOW, until=("basic.deliver",), count=4)
+    p.observe(3 * WINDOW, until=("basic.deliver",), count=4)
     p.send(conn_close())
     p.observe(WINDOW)
 

@@ -15,8 +15,8 @@
 //! The files follow a message: [`from_client`] (what the client sends), [`publish`] (where a
 //! publish goes and how it is held), [`upstream`] (the links and their channels),
 //! [`from_cluster`] (deliveries, confirms, replies), [`links`] (links opened, failed over,
-//! retired), [`reply_to`] (direct reply-to across clusters); this file has the event loop and
-//! the connection's life.
+//! retired), [`vanished`] (what a failover's replay finds missing), [`reply_to`] (direct
+//! reply-to across clusters); this file has the event loop and the connection's life.
 
 mod barrier;
 mod fast_lane;

@@ -37,6 +37,18 @@ use super::*;
 /// client publishing to ever new exchange names must not grow warren's memory).
 const MAX_PROVEN: usize = 4096;
 
+/// A publish's `reply_to` against RabbitMQ's direct reply-to (see [`Session::reply_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReplyRequest {
+    /// Any other `reply_to`, or none.
+    No,
+    /// The pseudo-queue, on a channel that consumes it: a request whose reply only this
+    /// publish's link can take.
+    Consumed,
+    /// The pseudo-queue, on a channel that does not consume it: RabbitMQ refuses the publish.
+    Unconsumed,
+}
+
 /// A publish whose acceptance is being checked: the client's input waits until the check on
 /// `link`'s channel `ch` is answered or the channel is gone.
 #[derive(Debug)]
@@ -47,22 +59,37 @@ pub(super) struct Barrier {
 }
 
 impl Session {
-    /// Whether a publish on channel `ch` must be followed by a barrier (see the module docs).
+    /// Whether a publish must be followed by a barrier (see the module docs). `reply_request`
+    /// is what [`reply_request`](Self::reply_request) said of it.
     pub(super) fn needs_barrier(
         &self,
-        ch: u16,
         publish: &codec::BasicPublish,
         content: &Content,
+        reply_request: ReplyRequest,
     ) -> bool {
         publish.immediate
             || !self.proven_exchanges.contains(&publish.exchange)
             || properties_need_check(&content.header, &self.base_spec.user)
-            || (asks_for_direct_reply(&content.header)
-                && !self
-                    .channels
-                    .get(usize::from(ch))
-                    .and_then(Option::as_ref)
-                    .is_some_and(Channel::consumes_any_replies))
+            || reply_request == ReplyRequest::Unconsumed
+    }
+
+    /// Whether a publish on channel `ch` names the direct reply-to pseudo-queue as its
+    /// `reply_to`, and whether the channel consumes it (RabbitMQ refuses the publish if not).
+    /// Asked once per publish: the header is read once.
+    pub(super) fn reply_request(&self, ch: u16, content: &Content) -> ReplyRequest {
+        if !asks_for_direct_reply(&content.header) {
+            return ReplyRequest::No;
+        }
+        let consumed = self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .is_some_and(Channel::consumes_any_replies);
+        if consumed {
+            ReplyRequest::Consumed
+        } else {
+            ReplyRequest::Unconsumed
+        }
     }
 
     /// Sends the check behind a publish just written to `link`'s channel `ch`.
@@ -120,7 +147,7 @@ impl Session {
 
 /// Whether a publish's `reply_to` is the direct reply-to pseudo-queue itself, which RabbitMQ
 /// refuses (406) on a channel that does not consume it.
-pub(super) fn asks_for_direct_reply(header: &[u8]) -> bool {
+fn asks_for_direct_reply(header: &[u8]) -> bool {
     crate::codec::properties::reply_to_span(header)
         .is_some_and(|span| &header[span] == b"amq.rabbitmq.reply-to")
 }

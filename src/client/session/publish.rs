@@ -66,14 +66,9 @@ impl Session {
             );
             return;
         };
-        let barrier = self.needs_barrier(ch, publish, content);
-        if self
-            .channels
-            .get(usize::from(ch))
-            .and_then(Option::as_ref)
-            .is_some_and(Channel::consumes_any_replies)
-            && barrier::asks_for_direct_reply(&content.header)
-        {
+        let reply_request = self.reply_request(ch, content);
+        let barrier = self.needs_barrier(publish, content, reply_request);
+        if reply_request == barrier::ReplyRequest::Consumed {
             // A request whose reply only this link's connection can take.
             self.links[link].direct_requests += 1;
         }

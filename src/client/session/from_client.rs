@@ -826,11 +826,23 @@ impl Session {
     /// Sends the check `method` for client channel `ch` on a channel of warren's own on
     /// `link` (see [`LinkSlot::side_request`]), or on `ch` itself when no number is free.
     pub(super) fn side_check(&mut self, link: LinkId, ch: u16, method: &Method, who: Pending) {
-        let channels = &self.channels;
-        let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
-        if !self.links[link].side_request(ch, method, who, in_use) {
+        if !self.own_channel_request(link, ch, method, who) {
             self.links[link].request(ch, method, who);
         }
+    }
+
+    /// [`LinkSlot::side_request`] on `link`, avoiding the channel numbers the client uses;
+    /// false when no number is free.
+    pub(super) fn own_channel_request(
+        &mut self,
+        link: LinkId,
+        ch: u16,
+        method: &Method,
+        who: Pending,
+    ) -> bool {
+        let channels = &self.channels;
+        let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
+        self.links[link].side_request(ch, method, who, in_use)
     }
 
     /// Applies AMQP's queue-name shortcut as RabbitMQ does: an empty queue name in bind,

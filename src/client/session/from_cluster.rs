@@ -667,11 +667,7 @@ impl Session {
         let Method::BasicDeliver(d) = &mut deliver else {
             return;
         };
-        let slot = link
-            .slot()
-            .and_then(|i| self.links.get_mut(i))
-            .filter(|s| s.generation == link.generation());
-        let Some(slot) = slot else {
+        let Some(slot) = slot_of_mut(&mut self.links, link) else {
             // A delivery held back from a link that is gone (a later link took its slot): its
             // broker requeued the message, which comes again. Passing this copy on would
             // deliver it twice, with a tag no ack could settle.

@@ -484,21 +484,21 @@ impl Session {
     pub(super) fn send_replay_checks(&mut self) {
         while let Some((id, check)) = self.replay_checks.next_to_send() {
             let (link_ref, ch, method) = (check.link, check.ch, check.method.clone());
-            let live = link_ref
-                .slot()
-                .filter(|&l| l < self.links.len() && self.link_ref(l) == link_ref)
-                .filter(|&l| self.links[l].live());
-            let Some(link) = live else {
+            let Some(link) = self.live_link(link_ref) else {
                 self.replay_checks.take(id);
                 continue;
             };
-            let channels = &self.channels;
-            let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
-            if !self.links[link].side_request(ch, &method, Pending::ReplayCheck(id), in_use) {
+            if !self.own_channel_request(link, ch, &method, Pending::ReplayCheck(id)) {
                 self.replay_checks.take(id);
                 self.links[link].request(ch, &method, Pending::Replay);
             }
         }
+    }
+
+    /// The slot of `link` while it still holds that link and the link is live.
+    fn live_link(&self, link: LinkRef) -> Option<LinkId> {
+        slot_of(&self.links, link).filter(|s| s.live())?;
+        link.slot()
     }
 
     /// Whether the client has a consumer on `queue` (one it has not cancelled).
@@ -547,9 +547,7 @@ impl Session {
                 if other == link || !self.links[other].serving() {
                     continue;
                 }
-                let channels = &self.channels;
-                let in_use = |n: u16| channels.get(usize::from(n)).is_some_and(Option::is_some);
-                if self.links[other].side_request(owner, &method, Pending::Probe(id), in_use) {
+                if self.own_channel_request(other, owner, &method, Pending::Probe(id)) {
                     probes += 1;
                 }
             }
@@ -579,12 +577,7 @@ impl Session {
         };
         self.send_replay_checks();
         // The link that asked may have died meanwhile: its replacement checks again.
-        let Some(link) = check
-            .link
-            .slot()
-            .filter(|&l| l < self.links.len() && self.link_ref(l) == check.link)
-            .filter(|&l| self.links[l].live())
-        else {
+        let Some(link) = self.live_link(check.link) else {
             return;
         };
         let cluster = self.links[link].link.cluster.clone();

@@ -707,6 +707,13 @@ fn slot_of(links: &[LinkSlot], link: LinkRef) -> Option<&LinkSlot> {
         .filter(|s| s.generation == link.generation())
 }
 
+/// [`slot_of`], to change the slot.
+fn slot_of_mut(links: &mut [LinkSlot], link: LinkRef) -> Option<&mut LinkSlot> {
+    links
+        .get_mut(link.slot()?)
+        .filter(|s| s.generation == link.generation())
+}
+
 /// Splits a prefetch window over the shard links: link `index` keeps room for the `held[index]`
 /// deliveries it has unacknowledged, and what the window has left over is shared out evenly, the
 /// remainder to the first links. When the links hold the whole window or more (the client

@@ -306,6 +306,27 @@ impl Client {
         assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
     }
 
+    /// queue.declare of a transient auto-delete queue, answered with declare-ok.
+    async fn declare_auto_delete(&mut self, ch: u16, queue: &str) {
+        let declare = Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(queue),
+            auto_delete: true,
+            ..Default::default()
+        });
+        let ok = self.call(ch, declare).await;
+        assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    }
+
+    /// The connection.close warren sends next; other methods read meanwhile are dropped.
+    async fn connection_close(&mut self) -> codec::ConnectionClose {
+        loop {
+            self.pump().await;
+            if let Some((0, Method::ConnectionClose(close))) = self.methods.pop_front() {
+                return close;
+            }
+        }
+    }
+
     async fn confirm_select(&mut self, ch: u16) {
         let ok = self
             .call(ch, Method::ConfirmSelect(Default::default()))
@@ -811,12 +832,7 @@ async fn c_a_link_closed_by_an_operator_closes_the_client_with_the_brokers_words
         ReplyCode::ConnectionForced,
         "Closed via management plugin",
     );
-    let close = loop {
-        c.pump().await;
-        if let Some((0, Method::ConnectionClose(close))) = c.methods.pop_front() {
-            break close;
-        }
-    };
+    let close = c.connection_close().await;
     assert_eq!(close.reply_code, 320);
     assert_eq!(
         close.reply_text.as_str(),
@@ -942,12 +958,7 @@ async fn c_an_auto_delete_exchange_gone_during_a_failover_is_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_queue_lost_on_the_failed_over_cluster_only_closes_the_client_with_320() {
     let (mut c, rig) = vanished_during_a_failover(Vanishing::Queue, &[A]).await;
-    let close = loop {
-        c.pump().await;
-        if let Some((0, Method::ConnectionClose(close))) = c.methods.pop_front() {
-            break close;
-        }
-    };
+    let close = c.connection_close().await;
     assert_eq!(close.reply_code, 320);
     let text = close.reply_text.as_str();
     assert!(
@@ -3178,12 +3189,7 @@ async fn u_the_socket_closes_right_after_the_clients_close_ok() {
     c.open(1).await;
     c.send(0, Method::BasicQos(codec::BasicQos::default()))
         .await;
-    let close = loop {
-        c.pump().await;
-        if let Some((0, Method::ConnectionClose(close))) = c.methods.pop_front() {
-            break close;
-        }
-    };
+    let close = c.connection_close().await;
     assert_eq!(close.reply_code, 504, "{close:?}");
     c.send(0, Method::ConnectionCloseOk(Default::default()))
         .await;
@@ -3379,12 +3385,7 @@ async fn y_a_consumers_queue_is_declared_again_on_its_own_channel_first() {
         ..Default::default()
     });
     assert!(matches!(c.call(2, x).await, Method::ExchangeDeclareOk(_)));
-    let q = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(PIDBOX),
-        auto_delete: true,
-        ..Default::default()
-    });
-    assert!(matches!(c.call(2, q).await, Method::QueueDeclareOk(_)));
+    c.declare_auto_delete(2, PIDBOX).await;
     let bind = Method::QueueBind(codec::QueueBind {
         queue: ss(PIDBOX),
         exchange: ss(PIDBOX_X),
@@ -3430,12 +3431,7 @@ async fn y_an_auto_delete_queue_no_longer_consumed_is_not_brought_back() {
     let control = rig.get(CONTROL);
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
-    let q = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(AD),
-        auto_delete: true,
-        ..Default::default()
-    });
-    assert!(matches!(c.call(1, q).await, Method::QueueDeclareOk(_)));
+    c.declare_auto_delete(1, AD).await;
     c.consume(1, AD, "ad").await;
     let cancel = Method::BasicCancel(codec::BasicCancel {
         consumer_tag: ss("ad"),
@@ -3540,12 +3536,7 @@ async fn c_an_auto_delete_queue_that_outlived_its_link_keeps_its_consumer() {
     let a = rig.get(A);
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
-    let q = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(LIVE),
-        auto_delete: true,
-        ..Default::default()
-    });
-    assert!(matches!(c.call(1, q).await, Method::QueueDeclareOk(_)));
+    c.declare_auto_delete(1, LIVE).await;
     c.consume(1, LIVE, "live").await;
     a.enqueue(LIVE, b"before");
     let d = c.delivery().await;

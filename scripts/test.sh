@@ -466,7 +466,7 @@ if want python || want clients || want celery; then
         proxy_arg=()
         [ "$TARGET" = proxy ] && [ "$PROXY_UP" = 1 ] && proxy_arg=("$PROXY_ADDR")
         WARREN_VENV_PY="$PY" WARREN_ADMIN="${ADMIN_ADDR:-}" WARREN_DIRECT_CTL="$RABBIT ctl shard-a-1" \
-            tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
+            WARREN_CLIENTS_LOGS="$LOGS/clients" tests/clients/run.sh "$DIRECT" "${proxy_arg[@]}" || ok=0
         if [ "$ok" = 1 ]; then record clients PASS $(($(date +%s) - t0)); else record clients FAIL $(($(date +%s) - t0)); fi
     fi
 
@@ -659,6 +659,11 @@ if [ -s "$FAULT_SUMMARY" ]; then
     echo
     echo "fault tests (tests/fault/fault_e2e.py; details and every check above):"
     sed 's/^/  /' "$FAULT_SUMMARY"
+fi
+if [ -s "$LOGS/clients/failed.txt" ]; then
+    echo
+    echo "clients: the steps that failed at least once (tests/clients/run.sh; every step's output in $LOGS/clients):"
+    sed 's/^/  /' "$LOGS/clients/failed.txt"
 fi
 [ "$failed" = 0 ] || KEEP_LOGS=1
 echo "test.sh: $passed passed, $failed failed"

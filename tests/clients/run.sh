@@ -34,12 +34,40 @@ targets=("direct=$direct")
 
 fails=0
 summary=()
+# WARREN_CLIENTS_LOGS (a directory): each step's output is also kept there, and a failed step's
+# last lines go to failed.txt, which scripts/test.sh prints under its summary (the end of a
+# long CI log is what gets read).
+logs=${WARREN_CLIENTS_LOGS:-}
+[ -n "$logs" ] && mkdir -p "$logs" && : >"$logs/failed.txt"
+# run_logged FILE COMMAND...: runs COMMAND, its output also kept in FILE when logs are kept.
+run_logged() {
+    local file=$1
+    shift
+    if [ -n "$logs" ]; then "$@" 2>&1 | tee "$file"; else "$@"; fi
+}
 # step NAME KIND COMMAND...: runs COMMAND and adds its line (PASS/FAIL, seconds) to the summary.
+# A comparison that fails is run once more: the two sides run seconds apart on a loaded machine,
+# and a timing window missed once is not a difference. The first failure stays in the summary
+# ("PASS 2nd") and its last lines in failed.txt, so an intermittent difference is still seen.
 step() {
-    local name=$1 kind=$2 t0 status=PASS
+    local name=$1 kind=$2 t0 status=PASS file
     shift 2
     t0=$(date +%s)
-    "$@" || { status=FAIL; fails=$((fails + 1)); }
+    file="${logs:-/tmp}/$name-$kind.txt"
+    if ! run_logged "$file" "$@"; then
+        status=FAIL
+        [ -n "$logs" ] && { echo "--- $name $kind failed; its last lines ($file):"
+            tail -n 40 "$file"; } >>"$logs/failed.txt"
+        if [ "$kind" = compare ] || [ "$kind" = suite ]; then
+            echo "--- $name $kind failed; running it once more"
+            file="${logs:-/tmp}/$name-$kind-2nd.txt"
+            if run_logged "$file" "$@"; then status="PASS 2nd"; else
+                [ -n "$logs" ] && { echo "--- $name $kind failed again; its last lines ($file):"
+                    tail -n 40 "$file"; } >>"$logs/failed.txt"
+            fi
+        fi
+        [ "$status" = FAIL ] && fails=$((fails + 1))
+    fi
     summary+=("$(printf '  %-16s %-7s %s %3ss' "$name" "$kind" "$status" $(($(date +%s) - t0)))")
 }
 

@@ -3205,6 +3205,59 @@ async fn u_the_socket_closes_right_after_the_clients_close_ok() {
     );
 }
 
+/// A frame larger than frame_max ends the connection with 501, and the client must read why.
+/// lapin sends a content header of any size as one frame: closing the socket while the rest of
+/// that frame was still arriving reset it, and lapin reported "connection aborted" instead of
+/// the reason (6 to 8 times in 10). warren now drops the rest of the frame as it comes, waits
+/// for the client's close-ok behind it, and only then closes the socket, without a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_a_frame_too_large_is_refused_and_the_client_reads_why() {
+    use tokio::io::AsyncReadExt;
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let size = c.raw.frame_max + 1000;
+    let mut frame = vec![codec::FRAME_HEADER, 0, 1];
+    frame.extend_from_slice(&(size as u32).to_be_bytes());
+    frame.resize(7 + size, 0x55);
+    frame.push(codec::FRAME_END);
+    let (first, rest) = frame.split_at(100);
+    c.raw.send(first).await;
+    let close = c.connection_close().await;
+    assert_eq!(close.reply_code, 501, "{close:?}");
+    assert!(
+        close.reply_text.as_str().contains("exceeds frame_max"),
+        "{close:?}"
+    );
+    // The rest of the frame, still on its way when the refusal was sent.
+    c.raw.send(rest).await;
+    let mut scratch = [0u8; 64];
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), c.raw.stream.read(&mut scratch)).await;
+    assert!(
+        early.is_err(),
+        "the socket ended before the client's close-ok: {early:?}"
+    );
+    c.send(0, Method::ConnectionCloseOk(Default::default()))
+        .await;
+    let t = std::time::Instant::now();
+    let end = within_for(
+        STEP,
+        "the end of the stream",
+        c.raw.stream.read(&mut scratch),
+    )
+    .await;
+    assert!(
+        matches!(end, Ok(0)),
+        "the stream ended with {end:?}, not a clean end"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the socket closed {:?} after close-ok",
+        t.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // (v) basic.recover
 

@@ -22,6 +22,7 @@ mod barrier;
 mod fast_lane;
 mod from_client;
 mod from_cluster;
+mod input_skip;
 mod link_slot;
 mod links;
 mod publish;
@@ -30,6 +31,7 @@ mod reply_to;
 mod vanished;
 mod wake;
 
+use input_skip::InputSkip;
 use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
 
 use std::collections::VecDeque;
@@ -266,6 +268,7 @@ pub async fn serve(
         reopen_wait: false,
         rpc_stall: None,
         input_stalled: false,
+        skip: InputSkip::None,
         eof_drain: None,
         eof_reason: None,
         orphans: Vec::new(),
@@ -566,6 +569,9 @@ struct Session {
     /// Client frames are buffered but were left unprocessed because of `tx_swaps` or
     /// `rpc_stall`.
     input_stalled: bool,
+    /// Client bytes to drop before frames are decoded again, after a frame warren refused
+    /// (see [`InputSkip`]).
+    skip: InputSkip,
     /// Requests in flight on links that died, waiting for their clusters' next links.
     orphans: Vec<Orphan>,
     /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
@@ -1137,6 +1143,9 @@ impl Session {
         // body frames of a publish do not, so they skip the check.
         let mut may_pause = true;
         while self.end.is_none() {
+            if !self.skip.drop_from(rbuf) {
+                return;
+            }
             if may_pause && self.input_paused() {
                 self.input_stalled = true;
                 return;
@@ -1145,20 +1154,26 @@ impl Session {
             let frame = match codec::decode_client_frame(rbuf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
-                Err(e) => return self.protocol_error(ConnError::new(e.reply_code(), e)),
+                Err(e) => {
+                    self.skip = InputSkip::after(&e);
+                    self.protocol_error(ConnError::new(e.reply_code(), e));
+                    continue;
+                }
             };
             if frame.kind == FrameKind::Heartbeat {
                 if frame.channel != 0 {
-                    return self.protocol_error(ConnError::new(
+                    self.protocol_error(ConnError::new(
                         ReplyCode::FrameError,
                         "heartbeat frame on a non-zero channel",
                     ));
+                    continue;
                 }
                 if !frame.payload.is_empty() {
-                    return self.protocol_error(ConnError::new(
+                    self.protocol_error(ConnError::new(
                         ReplyCode::FrameError,
                         "heartbeat frame with a payload",
                     ));
+                    continue;
                 }
                 continue;
             }
@@ -1167,7 +1182,8 @@ impl Session {
                 Ok(Some(cmd)) => {
                     let ch = cmd.channel;
                     if let Err(e) = self.on_client_command(cmd) {
-                        return self.protocol_error(e);
+                        self.protocol_error(e);
+                        continue;
                     }
                     if self.rpcs_full(ch) {
                         debug!(
@@ -1179,12 +1195,13 @@ impl Session {
                     }
                 }
                 Err(AssembleError::Connection { code, text }) => {
-                    return self.protocol_error(ConnError {
+                    self.protocol_error(ConnError {
                         code: code.code(),
                         text,
                         class_id: 0,
                         method_id: 0,
                     });
+                    continue;
                 }
                 Err(AssembleError::TooLarge {
                     channel,
@@ -1222,6 +1239,14 @@ impl Session {
     }
 
     fn protocol_error(&mut self, e: ConnError) {
+        if let Some(Closing::ByProxy { .. }) = self.closing {
+            // warren has sent connection.close: the client's close-ok (or the end of its
+            // socket, or the close timeout) ends the connection. Closing the socket now, with
+            // the client's frames unread, would reset it, and a client still writing (the rest
+            // of a frame too large) would see the reset instead of the reason.
+            debug!(conn = self.id, code = e.code, text = %e.text, "protocol error while closing: ignored");
+            return;
+        }
         if self.closing.is_some() {
             self.end = Some(format!("protocol error while closing: {}", e.text));
             return;

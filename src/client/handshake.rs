@@ -424,8 +424,20 @@ pub async fn refuse(
     };
     loop {
         match conn.recv(0).await {
-            Ok(Method::ConnectionCloseOk(_)) | Err(_) => return,
+            Ok(Method::ConnectionCloseOk(_)) | Err(Refusal::Drop { .. }) => return,
             Ok(_) => {}
+            Err(Refusal::Close { .. }) => break,
+        }
+    }
+    // A frame the refusal cannot read past (a bad frame, a frame on a channel): the close-ok
+    // cannot be told apart any more. Read and drop until the client hangs up or the deadline,
+    // as the session does: closing the socket on unread input resets it, and a client still
+    // writing would see the reset before the refusal.
+    conn.buf.clear();
+    let mut scratch = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, conn.stream.read(&mut scratch)).await {
+        if n == 0 {
+            break;
         }
     }
 }

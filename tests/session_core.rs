@@ -1138,6 +1138,84 @@ async fn d_a_transaction_whose_link_died_before_the_commit_is_committed_once() {
     assert_eq!(sorted(all), ["t1", "t2"], "each message committed once");
 }
 
+/// The transaction's shard dies with the commit unanswered, and the other shard is down: the
+/// commit cannot be redone anywhere. The client is told so with channel.close 541, at once: the
+/// close used to wait behind the commit itself, which nothing could answer any more, and the
+/// client's tx.commit never returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_commit_lost_with_no_other_shard_up_is_refused_not_left_waiting() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.tx_select(1).await;
+    c.publish(1, Q, "t1").await;
+    c.publish(1, Q, "t2").await;
+    let (tx_cluster, other) = tx_shard(a, b).await;
+    other.refuse(0, true);
+    other.kill(other.only_link().await, Kill::Rst);
+    let link = tx_cluster.only_link().await;
+    tx_cluster.on_commit(|_, _| CommitVerdict::Hang);
+    c.send(1, Method::TxCommit(Default::default())).await;
+    wait_for("the transaction's shard got tx.commit", || {
+        (!tx_cluster
+            .ledger(link)
+            .received_named("tx.commit")
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    tx_cluster.refuse(0, true);
+    tx_cluster.kill(link, Kill::Rst);
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 541, "{close:?}");
+    assert!(
+        close
+            .reply_text
+            .as_str()
+            .contains("may or may not have been committed"),
+        "{close:?}"
+    );
+}
+
+/// Every shard link is down when tx.commit arrives (both failed over, their clusters not yet
+/// back): the commit waits for a shard link, as publishes do, instead of being refused with
+/// 541 at once; once one is back the transaction is published there again and committed, each
+/// message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_commit_while_every_shard_link_is_reconnecting_waits_for_one() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.tx_select(1).await;
+    c.publish(1, Q, "t1").await;
+    c.publish(1, Q, "t2").await;
+    let (tx_cluster, other) = tx_shard(a, b).await;
+    for cluster in [tx_cluster, other] {
+        cluster.refuse(0, true);
+        cluster.kill(cluster.only_link().await, Kill::Rst);
+    }
+    wait_for("warren tried to reconnect both shards", || {
+        (tx_cluster.refused(0) > 0 && other.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(1, Method::TxCommit(Default::default())).await;
+    let early = tokio::time::timeout(Duration::from_millis(400), c.reply(1)).await;
+    assert!(
+        early.is_err(),
+        "the commit waits for a shard link: {early:?}"
+    );
+    other.refuse(0, false);
+    let ok = c.reply(1).await;
+    assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
+    c.sync(1).await;
+    let all: Vec<String> = [a, b].iter().flat_map(|s| bodies(&s.ready(Q))).collect();
+    assert_eq!(sorted(all), ["t1", "t2"], "each message committed once");
+}
+
 /// The shard that received the open transaction's two publishes, and the other one.
 async fn tx_shard<'a>(
     a: &'a FakeCluster,

@@ -975,6 +975,22 @@ impl Session {
         detail: &str,
         method: &Method,
     ) {
+        // The refused method is the one at hand: every request still waiting came before it.
+        self.close_channel_at(ch, code, detail, method, u64::MAX);
+    }
+
+    /// Closes client channel `ch` for its request `before`, one the client sent earlier and
+    /// that is still waiting (a commit whose cluster failed): the requests before it are
+    /// answered first, and it and those after it are dropped, so the close does not wait for
+    /// an answer that cannot come.
+    pub(super) fn close_channel_at(
+        &mut self,
+        ch: u16,
+        code: ReplyCode,
+        detail: &str,
+        method: &Method,
+        before: u64,
+    ) {
         let text = code.text(detail);
         let code = code.code();
         debug!(conn = self.id, channel = ch, code, text, "closing channel");
@@ -986,8 +1002,7 @@ impl Session {
             class_id,
             method_id,
         };
-        // The refused method is the one at hand: every request still waiting came before it.
-        self.fail_channel(ch, close, u64::MAX, "client channel closed by the proxy");
+        self.fail_channel(ch, close, before, "client channel closed by the proxy");
     }
 }
 

@@ -44,7 +44,9 @@ impl Session {
                     Some(link)
                 }
                 Err(text) => {
-                    self.close_channel(ch, ReplyCode::InternalError, text, method);
+                    if !self.wait_for_shard_link(ch, method, Some(content)) {
+                        self.close_channel(ch, ReplyCode::InternalError, text, method);
+                    }
                     return;
                 }
             },
@@ -92,6 +94,7 @@ impl Session {
         let Some(picked) = self.pick_shard(None) else {
             return Err("no shard cluster available for this transaction");
         };
+        self.tx_wait_since = None;
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(picked);
         };
@@ -113,6 +116,41 @@ impl Session {
         Ok(picked)
     }
 
+    /// A transaction's publish or commit found no shard link to go to. While one is coming
+    /// back (its link failed over and the cluster is reconnecting) it waits for it, with the
+    /// client's input behind it, for at most `timeouts.failover_wait_secs` from the first
+    /// command that waited, as publishes outside transactions do; returns false when it may not
+    /// wait (nothing is coming, or the wait is over) and must be refused.
+    fn wait_for_shard_link(&mut self, ch: u16, method: &Method, content: Option<&Content>) -> bool {
+        let config = self.shared.config();
+        let coming = config.clusters.iter().any(|c| {
+            c.role == Role::Shard
+                && (self.connecting.contains(&c.name) || self.retry_at.contains_key(&*c.name))
+        });
+        let now = Instant::now();
+        let since = *self.tx_wait_since.get_or_insert(now);
+        let wait = Duration::from_secs(config.timeouts.failover_wait_secs);
+        if !coming || now.duration_since(since) >= wait || self.closing.is_some() {
+            self.tx_wait_since = None;
+            return false;
+        }
+        debug!(
+            conn = self.id,
+            channel = ch,
+            method = method.name(),
+            "no shard link for the transaction yet: waiting for one"
+        );
+        self.deferred = Some((
+            Command {
+                channel: ch,
+                method: method.clone(),
+                content: content.cloned(),
+            },
+            now,
+        ));
+        true
+    }
+
     /// tx.commit / tx.rollback: answered by every live link (the transaction's publishes are
     /// on one of them). A commit keeps the transaction's publishes until it is answered, to
     /// commit them elsewhere if their link dies first.
@@ -121,7 +159,9 @@ impl Session {
         if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
             // The transaction's link died: publish its messages again before committing.
             if let Err(text) = self.tx_link(ch) {
-                self.close_channel(ch, ReplyCode::InternalError, text, method);
+                if !self.wait_for_shard_link(ch, method, None) {
+                    self.close_channel(ch, ReplyCode::InternalError, text, method);
+                }
                 return Ok(());
             }
         }
@@ -174,23 +214,26 @@ impl Session {
             return false;
         };
         let commit = Method::TxCommit(Default::default());
+        // A close for the commit itself (not behind it: it will never be answered).
         let Some(publishes) = kept else {
-            self.close_channel(
+            self.close_channel_at(
                 ch,
                 ReplyCode::InternalError,
-                "the cluster of this transaction failed during tx.commit; \
-                 the transaction was too large to publish again",
+                "the cluster of this transaction failed during tx.commit, which may or may \
+                 not have been committed; the transaction was too large to publish again",
                 &commit,
+                id,
             );
             return true;
         };
         let Some(target) = self.pick_shard(Some(dead)).filter(|&l| l != dead) else {
-            self.close_channel(
+            self.close_channel_at(
                 ch,
                 ReplyCode::InternalError,
-                "the cluster of this transaction failed during tx.commit \
-                 and no other shard cluster is available",
+                "the cluster of this transaction failed during tx.commit, which may or may \
+                 not have been committed, and no other shard cluster is available",
                 &commit,
+                id,
             );
             return true;
         };

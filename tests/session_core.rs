@@ -74,6 +74,11 @@ impl Rig {
 
     /// [`Rig::start`], with these lines in `[limits]`.
     async fn start_with_limits(spec: &[(&str, usize)], limits: &str) -> Rig {
+        Rig::start_with_settings(spec, "", limits).await
+    }
+
+    /// [`Rig::start`], with these lines in `[timeouts]` and in `[limits]`.
+    async fn start_with_settings(spec: &[(&str, usize)], timeouts: &str, limits: &str) -> Rig {
         let mut clusters = Vec::new();
         for &(name, nodes) in spec {
             clusters.push(FakeCluster::start(name, nodes).await);
@@ -89,7 +94,7 @@ impl Rig {
         // default, links opened when first needed.
         let proxy = ShardedProxy::start_on(
             &config,
-            &format!("connect_ms = 1000\nfailover_wait_secs = 5\n\n[limits]\n{limits}"),
+            &format!("connect_ms = 1000\nfailover_wait_secs = 5\n{timeouts}\n\n[limits]\n{limits}"),
         )
         .await;
         Rig { proxy, clusters }
@@ -793,6 +798,46 @@ async fn a_publish_held_on_the_first_node_goes_to_the_second(
     assert_eq!(bodies(&l.published(1)), ["m1"]);
     assert_eq!(bodies(&a.ready(Q)), ["m1"]);
     c.declare(1, "still-open").await;
+}
+
+/// A link given up for its silence (no heartbeat for two intervals: a stalled node, a
+/// half-open connection) is let go at once: its socket is closed before the link that replaces
+/// it opens, so the node learns the connection is gone as soon as the network lets it and
+/// releases what it held. It was kept open until the new link took its slot, and RabbitMQ,
+/// still holding the old connection's exclusive queue, refused the replay's declare of it with
+/// 405, which closed a Celery worker's connection with 320 on each such stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_link_given_up_for_silence_is_closed_before_its_replacement_opens() {
+    let rig = Rig::start_with_settings(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "upstream_heartbeat_secs = 1",
+        "lazy_links = false\n",
+    )
+    .await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let old = a.only_link().await;
+    // The node refuses new connections for a while, so the replacement waits.
+    a.refuse(0, true);
+    a.stall(old, true);
+    wait_for("warren trying to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    assert!(
+        !a.ledger(old).alive,
+        "the silent link's socket is still open while its replacement is being opened"
+    );
+    a.refuse(0, false);
+    wait_for("a new link to shard-a", || {
+        a.links()
+            .into_iter()
+            .find(|&l| l != old && a.ledger(l).opened)
+    })
+    .await;
+    c.declare(1, "still-served").await;
 }
 
 /// The link dies (FIN): the node went away.

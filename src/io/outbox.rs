@@ -205,6 +205,18 @@ impl Outbox {
         self.writer_wake.notify_one();
     }
 
+    /// Closes the outbox for good and lets go of its socket: what is still buffered is
+    /// dropped (the peer is being abandoned), and the socket closes once the writer task,
+    /// aborted by the owner, drops its half too.
+    pub fn abandon(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.buf.clear();
+        st.sock = None;
+        drop(st);
+        self.writer_wake.notify_one();
+    }
+
     /// Waits until everything pushed so far is written (or the writer failed). Flushes first.
     pub async fn flushed(&self) {
         self.flush();

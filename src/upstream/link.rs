@@ -126,6 +126,16 @@ impl Link {
             .push(|buf| codec::write_method(buf, channel, method));
     }
 
+    /// Lets go of a link that failed: stops reading it and closes its socket now (both halves
+    /// dropped), so the broker learns it is gone as soon as the network lets it, and releases
+    /// what the link's connection held (an exclusive queue the replacement link declares
+    /// again). Kept open until the slot is reused, it lived on for the whole reconnect.
+    pub fn abandon(&mut self) {
+        self.reader = None;
+        self.outbox.abandon();
+        self.writer.abort();
+    }
+
     /// Waits (bounded) until everything queued has been written, then stops the writer.
     pub async fn shutdown(&self, wait: Duration) {
         self.outbox.close();

@@ -839,8 +839,8 @@ impl Session {
         let Some(slot) = self.links.get_mut(link) else {
             return;
         };
-        // Whatever it still had to say is moot: stop reading it.
-        slot.link.reader = None;
+        // Whatever it still had to say is moot: stop reading it, and close its socket.
+        slot.link.abandon();
         let retiring = slot.retiring();
         let was_done = !slot.mark_done() || retiring;
         if !was_done && self.closing.is_none() {

@@ -132,6 +132,9 @@ impl Link {
     /// again). Kept open until the slot is reused, it lived on for the whole reconnect.
     pub fn abandon(&mut self) {
         self.reader = None;
+        // What this turn queued (the close-ok to a node that said it is leaving) goes out
+        // first if the socket takes it now; nothing waits for it.
+        self.outbox.flush();
         self.outbox.abandon();
         self.writer.abort();
     }

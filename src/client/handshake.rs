@@ -431,15 +431,9 @@ pub async fn refuse(
     }
     // A frame the refusal cannot read past (a bad frame, a frame on a channel): the close-ok
     // cannot be told apart any more. Read and drop until the client hangs up or the deadline,
-    // as the session does: closing the socket on unread input resets it, and a client still
-    // writing would see the reset before the refusal.
-    conn.buf.clear();
-    let mut scratch = [0u8; 4096];
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, conn.stream.read(&mut scratch)).await {
-        if n == 0 {
-            break;
-        }
-    }
+    // as the session does, so that the client reads the refusal, not a reset.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    crate::io::read_buf::drain(conn.stream, left).await;
 }
 
 /// Reply texts are short strings: keep them under 255 bytes on a char boundary.

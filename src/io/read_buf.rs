@@ -1,4 +1,5 @@
-//! Room for the next read from a socket.
+//! Room for the next read from a socket; and reading the rest of what a peer sends before its
+//! socket is closed.
 //!
 //! Frames are cut out of the read buffer without copying (`split_to`), so a buffer's
 //! allocation stays referenced while any frame of it is (a publish held until its cluster
@@ -9,6 +10,7 @@
 //! cold ones further on (what a plain relay gets from its one small buffer).
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Makes room for the next read into `buf`: back at the start of its allocation when it is
 /// empty and nothing else refers to it; a new allocation of `chunk` bytes when less than `min`
@@ -22,6 +24,21 @@ pub fn make_room(buf: &mut BytesMut, min: usize, chunk: usize) {
     if buf.capacity() - buf.len() < min {
         buf.reserve(chunk);
     }
+}
+
+/// Reads and drops what a peer still sends until it hangs up or `limit` passes. Closing a
+/// socket with input unread makes the kernel reset it, and a peer still writing would then
+/// see the reset instead of the last thing it was told (a close-ok, a refusal).
+pub async fn drain(read: &mut (impl AsyncRead + Unpin), limit: std::time::Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        let mut scratch = [0u8; 8192];
+        while let Ok(n) = read.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

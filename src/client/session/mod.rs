@@ -832,16 +832,7 @@ impl Session {
                     // client still writing what it queued before its connection.close reads
                     // our close-ok instead of a reset.
                     self.client_out.flush();
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                        let mut scratch = [0u8; 8192];
-                        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut rd, &mut scratch).await
-                        {
-                            if n == 0 {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
+                    crate::io::read_buf::drain(&mut rd, CLOSE_TIMEOUT).await;
                 }
                 return reason;
             }

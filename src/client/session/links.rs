@@ -377,6 +377,10 @@ impl Session {
         {
             self.protocol_error(e);
         }
+        if self.deferred.is_none() {
+            // The command ran (or was refused) without waiting again: a later wait starts anew.
+            self.tx_wait_since = None;
+        }
     }
 
     pub(super) fn backoff(&mut self, cluster: &str) {

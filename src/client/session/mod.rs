@@ -548,8 +548,8 @@ struct Session {
     /// The first command that needed the shard clusters, waiting (with the client's input)
     /// until their links are open and this client's state is replayed on them.
     deferred: Option<(Command, Instant)>,
-    /// Since when a transaction's command has been waiting for a shard link (see
-    /// `wait_for_shard_link`).
+    /// Since when the deferred command, a transaction's, has been waiting for a shard link
+    /// (see `wait_for_shard_link`); `None` once it has run.
     tx_wait_since: Option<Instant>,
     /// Clusters whose first link in this session was opened by [`Session::wake_shard_links`]:
     /// not new to the proxy, only to this connection (their replay declares this client's

@@ -94,7 +94,6 @@ impl Session {
         let Some(picked) = self.pick_shard(None) else {
             return Err("no shard cluster available for this transaction");
         };
-        self.tx_wait_since = None;
         let Some(channel) = self.channel_mut(ch) else {
             return Ok(picked);
         };
@@ -128,12 +127,13 @@ impl Session {
                 && (self.connecting.contains(&c.name) || self.retry_at.contains_key(&*c.name))
         });
         let now = Instant::now();
-        let since = *self.tx_wait_since.get_or_insert(now);
+        let since = self.tx_wait_since.unwrap_or(now);
         let wait = Duration::from_secs(config.timeouts.failover_wait_secs);
         if !coming || now.duration_since(since) >= wait || self.closing.is_some() {
-            self.tx_wait_since = None;
             return false;
         }
+        // Cleared when the command has run without waiting again (`run_deferred_when_linked`).
+        self.tx_wait_since = Some(since);
         debug!(
             conn = self.id,
             channel = ch,

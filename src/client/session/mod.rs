@@ -1156,19 +1156,15 @@ impl Session {
                 }
             };
             if frame.kind == FrameKind::Heartbeat {
-                if frame.channel != 0 {
-                    self.protocol_error(ConnError::new(
-                        ReplyCode::FrameError,
-                        "heartbeat frame on a non-zero channel",
-                    ));
-                    continue;
-                }
-                if !frame.payload.is_empty() {
-                    self.protocol_error(ConnError::new(
-                        ReplyCode::FrameError,
-                        "heartbeat frame with a payload",
-                    ));
-                    continue;
+                let refused = if frame.channel != 0 {
+                    Some("heartbeat frame on a non-zero channel")
+                } else if !frame.payload.is_empty() {
+                    Some("heartbeat frame with a payload")
+                } else {
+                    None
+                };
+                if let Some(detail) = refused {
+                    self.protocol_error(ConnError::new(ReplyCode::FrameError, detail));
                 }
                 continue;
             }

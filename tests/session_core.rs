@@ -1088,25 +1088,11 @@ async fn f_each_consumer_keeps_its_prefetch_on_a_new_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_commit_whose_link_dies_unanswered_is_redone_on_the_other_shard() {
     let rig = Rig::three().await;
-    let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.tx_select(1).await;
-    c.publish(1, Q, "t1").await;
-    c.publish(1, Q, "t2").await;
-    let (tx_cluster, other) = tx_shard(a, b).await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
     let link = tx_cluster.only_link().await;
     tx_cluster.on_commit(|_, _| CommitVerdict::Hang);
     c.send(1, Method::TxCommit(Default::default())).await;
-    wait_for("the transaction's shard got tx.commit", || {
-        (!tx_cluster
-            .ledger(link)
-            .received_named("tx.commit")
-            .is_empty())
-        .then_some(())
-    })
-    .await;
+    got_commit(tx_cluster, link).await;
     tx_cluster.kill(link, Kill::Rst);
     let ok = c.reply(1).await;
     assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
@@ -1124,14 +1110,7 @@ async fn d_a_commit_whose_link_dies_unanswered_is_redone_on_the_other_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_commit_applied_by_a_dying_shard_is_redone_and_the_duplicate_counted() {
     let rig = Rig::three().await;
-    let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.tx_select(1).await;
-    c.publish(1, Q, "t1").await;
-    c.publish(1, Q, "t2").await;
-    let (tx_cluster, other) = tx_shard(a, b).await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
     let link = tx_cluster.only_link().await;
     tx_cluster.on_commit(|_, _| CommitVerdict::CommitSilently);
     c.send(1, Method::TxCommit(Default::default())).await;
@@ -1153,14 +1132,7 @@ async fn d_a_commit_applied_by_a_dying_shard_is_redone_and_the_duplicate_counted
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_transaction_whose_link_died_before_the_commit_is_committed_once() {
     let rig = Rig::three().await;
-    let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.tx_select(1).await;
-    c.publish(1, Q, "t1").await;
-    c.publish(1, Q, "t2").await;
-    let (tx_cluster, _) = tx_shard(a, b).await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
     let link = tx_cluster.only_link().await;
     tx_cluster.kill(link, Kill::Rst);
     // warren noticed: it has a new link there (replayed in tx mode).
@@ -1179,7 +1151,10 @@ async fn d_a_transaction_whose_link_died_before_the_commit_is_committed_once() {
     let ok = c.call(1, Method::TxCommit(Default::default())).await;
     assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
     c.sync(1).await;
-    let all: Vec<String> = [a, b].iter().flat_map(|s| bodies(&s.ready(Q))).collect();
+    let all: Vec<String> = [tx_cluster, other]
+        .iter()
+        .flat_map(|s| bodies(&s.ready(Q)))
+        .collect();
     assert_eq!(sorted(all), ["t1", "t2"], "each message committed once");
 }
 
@@ -1190,27 +1165,13 @@ async fn d_a_transaction_whose_link_died_before_the_commit_is_committed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_commit_lost_with_no_other_shard_up_is_refused_not_left_waiting() {
     let rig = Rig::three().await;
-    let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.tx_select(1).await;
-    c.publish(1, Q, "t1").await;
-    c.publish(1, Q, "t2").await;
-    let (tx_cluster, other) = tx_shard(a, b).await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
     other.refuse(0, true);
     other.kill(other.only_link().await, Kill::Rst);
     let link = tx_cluster.only_link().await;
     tx_cluster.on_commit(|_, _| CommitVerdict::Hang);
     c.send(1, Method::TxCommit(Default::default())).await;
-    wait_for("the transaction's shard got tx.commit", || {
-        (!tx_cluster
-            .ledger(link)
-            .received_named("tx.commit")
-            .is_empty())
-        .then_some(())
-    })
-    .await;
+    got_commit(tx_cluster, link).await;
     tx_cluster.refuse(0, true);
     tx_cluster.kill(link, Kill::Rst);
     let close = c.channel_close(1).await;
@@ -1231,14 +1192,7 @@ async fn d_a_commit_lost_with_no_other_shard_up_is_refused_not_left_waiting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_commit_while_every_shard_link_is_reconnecting_waits_for_one() {
     let rig = Rig::three().await;
-    let (a, b) = (rig.get(A), rig.get(B));
-    let mut c = Client::connect(rig.addr()).await;
-    c.open(1).await;
-    c.declare(1, Q).await;
-    c.tx_select(1).await;
-    c.publish(1, Q, "t1").await;
-    c.publish(1, Q, "t2").await;
-    let (tx_cluster, other) = tx_shard(a, b).await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
     for cluster in [tx_cluster, other] {
         cluster.refuse(0, true);
         cluster.kill(cluster.only_link().await, Kill::Rst);
@@ -1257,16 +1211,25 @@ async fn d_a_commit_while_every_shard_link_is_reconnecting_waits_for_one() {
     let ok = c.reply(1).await;
     assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
     c.sync(1).await;
-    let all: Vec<String> = [a, b].iter().flat_map(|s| bodies(&s.ready(Q))).collect();
+    let all: Vec<String> = [tx_cluster, other]
+        .iter()
+        .flat_map(|s| bodies(&s.ready(Q)))
+        .collect();
     assert_eq!(sorted(all), ["t1", "t2"], "each message committed once");
 }
 
-/// The shard that received the open transaction's two publishes, and the other one.
-async fn tx_shard<'a>(
-    a: &'a FakeCluster,
-    b: &'a FakeCluster,
-) -> (&'a FakeCluster, &'a FakeCluster) {
-    wait_for("the transaction's two publishes on one shard", || {
+/// Connects to `rig`, declares `Q` on channel 1 and opens a transaction there with two
+/// publishes ("t1", "t2"); returns the client, the shard that received them (the
+/// transaction's), and the other shard.
+async fn open_transaction(rig: &Rig) -> (Client, &FakeCluster, &FakeCluster) {
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.tx_select(1).await;
+    c.publish(1, Q, "t1").await;
+    c.publish(1, Q, "t2").await;
+    let (tx_cluster, other) = wait_for("the transaction's two publishes on one shard", || {
         let on = |s: &FakeCluster| {
             s.links()
                 .iter()
@@ -1279,7 +1242,16 @@ async fn tx_shard<'a>(
             _ => None,
         }
     })
-    .await
+    .await;
+    (c, tx_cluster, other)
+}
+
+/// Waits until `cluster`'s connection `link` has received tx.commit.
+async fn got_commit(cluster: &FakeCluster, link: ConnId) {
+    wait_for("the transaction's shard got tx.commit", || {
+        (!cluster.ledger(link).received_named("tx.commit").is_empty()).then_some(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ use std::process::{Command, Output};
 
 const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
-/// Writes `text` to a fresh file under the cargo-provided temporary directory.
+/// Writes `text` to a fresh file under the cargo-provided temporary directory (`name` may
+/// hold a subdirectory).
 fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("warren-startup-errors");
-    std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.toml"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -30,9 +31,11 @@ fn config(name: &str, listen: &str) -> PathBuf {
 }
 
 /// An invalid configuration: `drain` is a boolean (line 4, column 9).
-fn invalid_config() -> PathBuf {
+/// An invalid configuration, in a directory of its own per test: the tests run in parallel,
+/// and one writing the file while another's warren read it gave that one an empty file.
+fn invalid_config(test: &str) -> PathBuf {
     temp_config(
-        "invalid",
+        &format!("{test}/invalid"),
         "listen = \"127.0.0.1:5673\"\n[[clusters]]\nname = \"a\"\ndrain = 1\n\
          role = \"shard\"\nnodes = [\"127.0.0.1:1\"]\n",
     )
@@ -85,7 +88,7 @@ fn assert_log_shape(line: &serde_json::Value) {
 
 #[test]
 fn invalid_config_is_one_json_line_under_json_logs() {
-    let out = warren(&invalid_config(), "json");
+    let out = warren(&invalid_config("json"), "json");
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(
         out.stderr.is_empty(),
@@ -106,7 +109,7 @@ fn invalid_config_is_one_json_line_under_json_logs() {
 
 #[test]
 fn invalid_config_is_one_stderr_line_under_text_logs() {
-    let out = warren(&invalid_config(), "text");
+    let out = warren(&invalid_config("text"), "text");
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(
         out.stdout.is_empty(),

@@ -105,6 +105,53 @@ say() { printf '\n==> [test.sh +%ss] %s\n' "$(($(date +%s) - T_START))" "$*"; }
 declare -a RESULT_NAMES=() RESULT_STATUS=() RESULT_SECS=()
 record() { RESULT_NAMES+=("$1"); RESULT_STATUS+=("$2"); RESULT_SECS+=("$3"); }
 
+# A step that compares RabbitMQ directly with warren runs once more if it fails, as the clients
+# part's steps do (tests/clients/run.sh): its summary line then says "PASS 2nd", and the first
+# run's output stays in the log above and in $LOGS. Celery's own races (a result consumer that
+# starts after its replies were sent, a pool process killed by a time limit) make a scenario
+# differ now and then on RabbitMQ alone; a difference warren makes shows on both runs.
+# $1: the step's name; the rest: the command. COMPARE_RUN is 1 or 2 while it runs.
+compare_step() {
+    local name=$1 t
+    t=$(date +%s)
+    shift
+    COMPARE_RUN=1
+    if "$@"; then
+        record "$name" PASS $(($(date +%s) - t))
+        return
+    fi
+    echo "$name: the first run failed (output above, logs in $LOGS); running it once more" >&2
+    COMPARE_RUN=2
+    if "$@"; then
+        record "$name" "PASS 2nd" $(($(date +%s) - t))
+    else
+        record "$name" FAIL $(($(date +%s) - t))
+    fi
+}
+
+# Runs a compare script against RabbitMQ directly and through warren and diffs the OBS lines.
+# $1: the logs' prefix; $2: the script; the rest: its arguments after the broker URL.
+compare_obs() {
+    local name=$1 script=$2 run=""
+    shift 2
+    [ "${COMPARE_RUN:-1}" = 1 ] || run="-2nd"
+    local direct="$LOGS/$name-rabbitmq$run" proxied="$LOGS/$name-warren$run"
+    if "$PY" "$script" "amqp://guest:guest@$DIRECT//" "$@" >"$direct.txt" 2>"$direct.err" &&
+        "$PY" "$script" "$broker" "$@" >"$proxied.txt" 2>"$proxied.err" &&
+        diff <(grep '^OBS' "$direct.txt") <(grep '^OBS' "$proxied.txt"); then
+        grep -h '^DOC' "$proxied.txt" | sed 's/^/  warren, documented: /'
+        return 0
+    fi
+    tail -n 5 "$direct.err" "$proxied.err"
+    return 1
+}
+
+compare_frameworks() {
+    setup_frameworks_venv &&
+        "$FW_VENV/bin/python" tests/e2e/frameworks_compare.py \
+            "amqp://guest:guest@$DIRECT/%2F" "${broker%//}/%2F"
+}
+
 # ------------------------------------------------------------------------------------------------
 # 1. installs (cached)
 
@@ -504,46 +551,17 @@ if want python || want clients || want celery; then
                 fi
                 # Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
                 # control, beat, ...) directly and through warren, compared line by line.
-                t1=$(date +%s)
-                if "$PY" tests/e2e/celery_patterns.py "amqp://guest:guest@$DIRECT//" >"$LOGS/patterns-rabbitmq.txt" 2>"$LOGS/patterns-rabbitmq.err" &&
-                    "$PY" tests/e2e/celery_patterns.py "$broker" >"$LOGS/patterns-warren.txt" 2>"$LOGS/patterns-warren.err" &&
-                    diff <(grep '^OBS' "$LOGS/patterns-rabbitmq.txt") <(grep '^OBS' "$LOGS/patterns-warren.txt"); then
-                    record celery-patterns PASS $(($(date +%s) - t1))
-                else
-                    tail -n 5 "$LOGS/patterns-rabbitmq.err" "$LOGS/patterns-warren.err"
-                    record celery-patterns FAIL $(($(date +%s) - t1))
-                fi
+                compare_step celery-patterns compare_obs patterns tests/e2e/celery_patterns.py
                 # More of Celery and kombu (two workers on one queue, topic/headers routing,
                 # dead-lettering, quorum queues and native delayed delivery, the CLI, races for
                 # exclusive queues) directly and through warren, compared line by line.
-                t1=$(date +%s)
-                if "$PY" tests/e2e/celery_more.py "amqp://guest:guest@$DIRECT//" --drop-delayed >"$LOGS/more-rabbitmq.txt" 2>"$LOGS/more-rabbitmq.err" &&
-                    "$PY" tests/e2e/celery_more.py "$broker" --drop-delayed >"$LOGS/more-warren.txt" 2>"$LOGS/more-warren.err" &&
-                    diff <(grep '^OBS' "$LOGS/more-rabbitmq.txt") <(grep '^OBS' "$LOGS/more-warren.txt"); then
-                    grep -h '^DOC' "$LOGS/more-warren.txt" | sed 's/^/  warren, documented: /'
-                    record celery-more PASS $(($(date +%s) - t1))
-                else
-                    tail -n 5 "$LOGS/more-rabbitmq.err" "$LOGS/more-warren.err"
-                    record celery-more FAIL $(($(date +%s) - t1))
-                fi
+                compare_step celery-more compare_obs more tests/e2e/celery_more.py --drop-delayed
                 # Dramatiq and nameko (delays, retries, dead-letters, RPC, events) directly and
                 # through warren, compared.
-                t1=$(date +%s)
-                if setup_frameworks_venv &&
-                    "$FW_VENV/bin/python" tests/e2e/frameworks_compare.py \
-                        "amqp://guest:guest@$DIRECT/%2F" "${broker%//}/%2F"; then
-                    record frameworks PASS $(($(date +%s) - t1))
-                else
-                    record frameworks FAIL $(($(date +%s) - t1))
-                fi
+                compare_step frameworks compare_frameworks
                 # kombu's and Celery's everyday patterns (SimpleQueue, Broadcast, pidbox, ensure,
                 # QoS at runtime, remote control, ...) directly and through warren, compared.
-                t1=$(date +%s)
-                if "$PY" tests/e2e/kombu_edge.py "amqp://guest:guest@$DIRECT//" "$broker"; then
-                    record kombu-edge PASS $(($(date +%s) - t1))
-                else
-                    record kombu-edge FAIL $(($(date +%s) - t1))
-                fi
+                compare_step kombu-edge "$PY" tests/e2e/kombu_edge.py "amqp://guest:guest@$DIRECT//" "$broker"
                 # A routing rule: fast tasks only on shard-a, checked on each cluster directly.
                 t1=$(date +%s)
                 if "$PY" tests/e2e/celery_rules_e2e.py "$broker" "$(addr_of shard-a 1)" "$(addr_of shard-b 1)"; then
@@ -651,8 +669,8 @@ failed=0
 echo
 echo "==================== scripts/test.sh summary ($PART, target $TARGET, topology $TOPOLOGY) ===================="
 for i in "${!RESULT_NAMES[@]}"; do
-    printf '  %-12s %-5s %5ss\n' "${RESULT_NAMES[$i]}" "${RESULT_STATUS[$i]}" "${RESULT_SECS[$i]}"
-    if [ "${RESULT_STATUS[$i]}" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+    printf '  %-12s %-8s %5ss\n' "${RESULT_NAMES[$i]}" "${RESULT_STATUS[$i]}" "${RESULT_SECS[$i]}"
+    if [ "${RESULT_STATUS[$i]%% *}" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 done
 echo "  total time $(($(date +%s) - T_START))s"
 if [ -s "$FAULT_SUMMARY" ]; then

@@ -1839,6 +1839,94 @@ async fn h_a_publish_pipelined_behind_a_get_is_not_what_the_get_returns() {
     }
 }
 
+/// One write: a queue.declare, then publishes on the confirm-mode channel, two of them
+/// mandatory and unroutable. One broker handles a channel's commands in order: the declare-ok
+/// comes first, then the returns and confirms of the publishes behind it. warren answers the
+/// declare when every cluster has; a cluster that answered early returns and confirms its
+/// publishes while another still works on the declare (here: stalled), and those must wait for
+/// the merged declare-ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_returns_and_confirms_of_publishes_behind_a_request_follow_its_reply() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.prove_default_exchange(2).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    b.stall(lb, true);
+    let mut out = bytes::BytesMut::new();
+    codec::write_method(
+        &mut out,
+        1,
+        &Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss("orders-2"),
+            durable: true,
+            ..Default::default()
+        }),
+    );
+    for (i, key) in [Q, Q, "nowhere", "nowhere"].iter().enumerate() {
+        codec::write_method(
+            &mut out,
+            1,
+            &Method::BasicPublish(codec::BasicPublish {
+                routing_key: ss(key),
+                mandatory: true,
+                ..Default::default()
+            }),
+        );
+        let body = format!("behind{i}");
+        codec::write_header(
+            &mut out,
+            1,
+            &codec::ContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties: Default::default(),
+            },
+        );
+        codec::write_body(&mut out, 1, body.as_bytes(), 0);
+    }
+    c.raw.send(&out).await;
+    c.published.insert(1, 4);
+    // The publishes alternate between the shards: each takes one routable and one not.
+    // shard-a answers the declare and returns and confirms its share of the publishes.
+    wait_for("shard-a's return and confirms", || {
+        let sent = a.ledger(la).sent;
+        let named = |n: &str| sent.iter().filter(|f| f.method.name() == n).count();
+        (named("basic.return") == 1 && named("basic.ack") >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.stall(lb, false);
+    assert!(matches!(c.reply(1).await, Method::QueueDeclareOk(_)));
+    let expected: BTreeMap<u64, bool> = (1..=4).map(|n| (n, true)).collect();
+    c.expect_settled(1, &expected).await;
+    while c
+        .log
+        .iter()
+        .filter(|(ch, n)| *ch == 1 && *n == "basic.return")
+        .count()
+        < 2
+    {
+        c.pump().await;
+    }
+    let on_1: Vec<&str> = c
+        .log
+        .iter()
+        .filter(|(ch, _)| *ch == 1)
+        .map(|(_, n)| *n)
+        .skip_while(|n| *n != "confirm.select-ok")
+        .skip(1)
+        .collect();
+    assert_eq!(
+        on_1.first(),
+        Some(&"queue.declare-ok"),
+        "nothing of the publishes behind the declare before its reply: {on_1:?}"
+    );
+}
+
 /// One write: a queue.declare, then an ack of a tag never delivered (refused by warren
 /// itself, 406), or the client's own channel.close. One broker answers the declare first, then
 /// closes the channel (or answers the close): the declare's reply, which other clusters still

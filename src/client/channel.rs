@@ -661,7 +661,25 @@ pub struct Channel {
     pub notices: Vec<Method>,
     /// The close waiting for earlier replies while the channel is [`ChannelState::Failing`].
     pub failing: Option<PendingClose>,
+    /// Returns and publisher confirms that a link sent after answering a request whose merged
+    /// reply the client has not had yet (see [`Channel::answered_by`]), in the order they are
+    /// to reach the client.
+    pub after_replies: VecDeque<AfterReply>,
     next_rpc: u64,
+}
+
+/// A basic.return (with its message) or a publisher confirm for the client, waiting for the
+/// merged reply to request `until` and those before it.
+///
+/// One broker handles a channel's commands in order, so the reply to a request (a declare, a
+/// bind, a purge) reaches the client before the return or the confirm of a publish sent behind
+/// it. warren answers a request once every cluster has, and a cluster that answered early may
+/// return or confirm such a publish while another cluster is still working on the request.
+#[derive(Debug)]
+pub struct AfterReply {
+    pub until: u64,
+    pub method: Method,
+    pub content: Option<Content>,
 }
 
 /// A channel's prefetch as RabbitMQ keeps it: two settings, the limit of each consumer started
@@ -718,6 +736,7 @@ impl Channel {
             after_recover: Vec::new(),
             sticky: Vec::new(),
             notices: Vec::new(),
+            after_replies: VecDeque::new(),
             failing: None,
             next_rpc: 0,
         }
@@ -750,6 +769,26 @@ impl Channel {
         self.rpcs
             .iter()
             .any(|r| matches!(r.request, Method::BasicRecover(_)) && r.answered.contains(link))
+    }
+
+    /// The newest request `link` has answered whose merged reply the client has not had yet:
+    /// a return or a confirm `link` sends now must reach the client after that reply. `None`
+    /// (nothing to wait for) is the common case, an empty queue of requests.
+    pub fn answered_by(&self, link: LinkId) -> Option<u64> {
+        self.rpcs
+            .iter()
+            .rev()
+            .find(|r| r.answered.contains(link))
+            .map(|r| r.id)
+    }
+
+    /// Whether the return or confirm at the head of [`Channel::after_replies`] may go: the
+    /// replies it waits for have been sent (requests are answered in order, so every request
+    /// still queued is newer than them).
+    pub fn after_reply_ready(&self) -> bool {
+        self.after_replies
+            .front()
+            .is_some_and(|w| self.rpcs.front().is_none_or(|r| r.id > w.until))
     }
 
     pub fn rpc_mut(&mut self, id: u64) -> Option<&mut Rpc> {

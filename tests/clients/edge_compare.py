@@ -396,6 +396,54 @@ def pipelined_behind_wrong_user_id(t: Target) -> list:
     return _pipelined_behind(t, lambda raw, q: raw(amqp.Message("a", user_id="mallory"), "", q), confirm=True)
 
 
+def replies_before_returns_and_confirms(t: Target) -> list:
+    """A request and four mandatory publishes behind it in one write, half of them unroutable,
+    on a confirm-mode channel: one broker handles a channel's methods in order, so the request's
+    reply comes before any return or confirm of the publishes behind it."""
+    obs = []
+    c = t.connect()
+    ch = c.channel()
+    q, x = uid("order"), uid("orderx")
+    declare(ch, q)
+    ch.exchange_declare(x, "fanout", auto_delete=False)
+    events, settled = [], set()
+
+    def acked(tag, multiple):
+        events.append("ack")
+        settled.update(range(1, tag + 1) if multiple else [tag])
+
+    ch.events["basic_ack"].add(acked)
+    ch.events["basic_return"].add(lambda *a: events.append("return"))
+    ch.confirm_select()
+    requests = [
+        ("declare", amqp.spec.Queue.Declare, "BsbbbbbF", (0, q, False, False, False, False, False, {}),
+         amqp.spec.Queue.DeclareOk),
+        ("bind", amqp.spec.Queue.Bind, "BsssbF", (0, q, x, "", False, {}), amqp.spec.Queue.BindOk),
+        ("purge", amqp.spec.Queue.Purge, "Bsb", (0, q, False), amqp.spec.Queue.PurgeOk),
+        ("unbind", amqp.spec.Queue.Unbind, "BsssF", (0, q, x, "", {}), amqp.spec.Queue.UnbindOk),
+    ]
+    published = 0
+    for name, m, fmt, args, ok in requests:
+        for round_ in range(3):
+            events.clear()
+            ch.send_method(m, fmt, args)
+            for i in range(4):
+                key = uid("nowhere") if i % 2 else q
+                ch.send_method(amqp.spec.Basic.Publish, "Bssbb", (0, "", key, True, False),
+                               amqp.Message(f"{name}{round_}.{i}"))
+            published += 4
+            ch.wait(ok)
+            events.append(f"{name}-ok")
+            deadline = time.monotonic() + 5
+            while (len(settled) < published or events.count("return") < 2) and time.monotonic() < deadline:
+                drain(c, 0.2)
+            obs.append(f"{name} {round_}: first {events[0]}, returns {events.count('return')}, "
+                       f"confirmed {len(settled)} of {published}")
+    ch.queue_delete(q)
+    ch.exchange_delete(x)
+    return obs
+
+
 def reopen_channel_number(t: Target) -> list:
     """Closing a channel and opening the same number at once: the new channel is fresh."""
     obs = []
@@ -2160,6 +2208,7 @@ SCENARIOS = [
     pipelined_behind_missing_exchange_confirmed,
     pipelined_behind_immediate,
     pipelined_behind_wrong_user_id,
+    replies_before_returns_and_confirms,
     reopen_channel_number,
     recover_without_requeue,
     zero_length_body_and_headers,

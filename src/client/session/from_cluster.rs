@@ -216,6 +216,19 @@ impl Session {
                     self.links[other].request(ch, &cancel, Pending::Internal);
                 }
             }
+            ret @ Method::BasicReturn(_) => {
+                // Returned behind this link's reply to a request the client has not had
+                // yet (a mandatory publish pipelined behind a declare): after that reply.
+                if let Some(until) = channel.answered_by(link) {
+                    channel.after_replies.push_back(AfterReply {
+                        until,
+                        method: ret,
+                        content,
+                    });
+                    return;
+                }
+                self.deliver(ch, &ret, content.as_ref());
+            }
             _ => self.deliver(ch, &method, content.as_ref()),
         }
     }
@@ -521,6 +534,7 @@ impl Session {
     /// Answers completed requests at the head of the channel's queue, in request order.
     pub(super) fn flush_rpcs(&mut self, ch: u16) {
         loop {
+            self.release_after_replies(ch);
             let Some(channel) = channel_in(&mut self.channels, ch) else {
                 return;
             };
@@ -629,6 +643,38 @@ impl Session {
                 }
                 other => self.to_client(ch, &other),
             }
+        }
+    }
+
+    /// Sends the returns and confirms that waited for replies the client now has (see
+    /// [`AfterReply`]), in order.
+    fn release_after_replies(&mut self, ch: u16) {
+        while let Some(channel) = channel_in(&mut self.channels, ch)
+            && channel.after_reply_ready()
+            && let Some(w) = channel.after_replies.pop_front()
+        {
+            self.deliver(ch, &w.method, w.content.as_ref());
+        }
+    }
+
+    /// Sends a publisher confirm to the client, or queues it (see [`AfterReply`]) behind the
+    /// replies it must follow: `link`'s answers to requests the client has not had the merged
+    /// reply to, and any return or confirm already waiting, since the client's confirms must
+    /// keep their order (a `multiple` one settles every number before it).
+    pub(super) fn send_confirm(&mut self, ch: u16, link: Option<LinkId>, confirm: Method) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        let until = link
+            .and_then(|l| channel.answered_by(l))
+            .or_else(|| channel.after_replies.back().map(|w| w.until));
+        match until {
+            Some(until) => channel.after_replies.push_back(AfterReply {
+                until,
+                method: confirm,
+                content: None,
+            }),
+            None => self.to_client(ch, &confirm),
         }
     }
 
@@ -779,15 +825,13 @@ impl Session {
             seqs.sort_unstable();
             if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
                 confirms.settle(&seqs, &mut out);
-                for c in &out {
-                    self.to_client(
-                        ch,
-                        &Method::BasicAck(codec::BasicAck {
-                            delivery_tag: c.seq,
-                            multiple: c.multiple,
-                        }),
-                    );
-                }
+            }
+            for c in &out {
+                let ack = Method::BasicAck(codec::BasicAck {
+                    delivery_tag: c.seq,
+                    multiple: c.multiple,
+                });
+                self.send_confirm(ch, Some(link), ack);
             }
             settled.clear();
         } else {

@@ -1199,14 +1199,12 @@ impl Session {
             confirms.settle(&sorted, &mut out);
         }
         for c in out {
-            self.to_client(
-                ch,
-                &Method::BasicNack(codec::BasicNack {
-                    delivery_tag: c.seq,
-                    multiple: c.multiple,
-                    requeue: false,
-                }),
-            );
+            let nack = Method::BasicNack(codec::BasicNack {
+                delivery_tag: c.seq,
+                multiple: c.multiple,
+                requeue: false,
+            });
+            self.send_confirm(ch, None, nack);
         }
     }
 }

@@ -840,6 +840,56 @@ async fn c_a_link_given_up_for_silence_is_closed_before_its_replacement_opens() 
     c.declare(1, "still-served").await;
 }
 
+/// A consumer that stops reading its socket with a large backlog: warren's buffer for it fills,
+/// so it stops reading the links (back-pressure), and RabbitMQ would close those links when its
+/// own writes to warren time out, which warren would notice only once the client read again,
+/// with deliveries of dead links in hand (each then delivered twice). As RabbitMQ disconnects
+/// a client whose writes time out, warren disconnects the client after
+/// `client_write_timeout_secs` and closes its links, so the brokers requeue everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_client_that_stops_reading_is_disconnected_and_its_links_closed() {
+    let rig = Rig::start_with_settings(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "client_write_timeout_secs = 2",
+        "lazy_links = false\nframe_max = 4096\nclient_buffer_bytes = 65536\n",
+    )
+    .await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    // More than the kernel's socket buffers hold on both sides of the client's socket.
+    let body = vec![b'x'; 32 * 1024];
+    for _ in 0..400 {
+        a.enqueue(Q, &body);
+        b.enqueue(Q, &body);
+    }
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    c.consume(1, Q, "slow").await;
+    // The client reads nothing more.
+    wait_for("warren closing both shard links", || {
+        (!a.ledger(la).alive && !b.ledger(lb).alive).then_some(())
+    })
+    .await;
+    for (s, l) in [(a, la), (b, lb)] {
+        assert!(
+            !s.ledger(l).received_named("connection.close").is_empty(),
+            "{}: the link was closed by warren, politely",
+            s.name()
+        );
+    }
+    assert_eq!(
+        a.ready(Q).len() + b.ready(Q).len(),
+        800,
+        "every message back in the queue, none acknowledged"
+    );
+    // The client's socket ends: nothing more from warren than what was already on its way.
+    within_for(STEP, "the end of the client's socket", async {
+        while let Ok(Some(_)) = c.raw.read_frame().await {}
+    })
+    .await;
+}
+
 /// The link dies (FIN): the node went away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {

@@ -106,6 +106,10 @@ pub struct Timeouts {
     /// cluster down), publishes wait this long for one to come back before confirm-mode clients
     /// get nacks and connections close with 320 (seconds). Default 30.
     pub failover_wait_secs: u64,
+    /// A client that takes nothing of what warren has to send it (its buffer full, no write
+    /// going through) for this long is disconnected, as RabbitMQ disconnects a client whose
+    /// writes time out (seconds; 0: never). Default 10.
+    pub client_write_timeout_secs: u64,
 }
 
 /// `[limits]`. All optional, see [`Limits::default`].
@@ -284,6 +288,7 @@ impl Default for Timeouts {
             shutdown_grace_ms: 5000,
             drain_deadline_secs: 300,
             failover_wait_secs: 30,
+            client_write_timeout_secs: 10,
         }
     }
 }

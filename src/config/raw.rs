@@ -63,6 +63,7 @@ pub(super) struct RawTimeouts {
     pub(super) shutdown_grace_ms: Option<Spanned<u64>>,
     pub(super) drain_deadline_secs: Option<Spanned<u64>>,
     pub(super) failover_wait_secs: Option<Spanned<u64>>,
+    pub(super) client_write_timeout_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -269,6 +269,10 @@ impl RawTimeouts {
             shutdown_grace_ms: value_or(&self.shutdown_grace_ms, d.shutdown_grace_ms),
             drain_deadline_secs: value_or(&self.drain_deadline_secs, d.drain_deadline_secs),
             failover_wait_secs: value_or(&self.failover_wait_secs, d.failover_wait_secs),
+            client_write_timeout_secs: value_or(
+                &self.client_write_timeout_secs,
+                d.client_write_timeout_secs,
+            ),
         })
     }
 }

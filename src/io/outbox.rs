@@ -193,6 +193,12 @@ impl Outbox {
         }
     }
 
+    /// Writes that have put bytes on the socket so far: unchanged between two looks, with
+    /// bytes pending, means the peer took nothing meanwhile.
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
+    }
+
     /// Bytes waiting to be written.
     pub fn pending(&self) -> usize {
         let st = self.lock();

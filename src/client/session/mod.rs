@@ -268,6 +268,7 @@ pub async fn serve(
         reopen_wait: false,
         rpc_stall: None,
         input_stalled: false,
+        write_stall: None,
         skip: InputSkip::None,
         eof_drain: None,
         eof_reason: None,
@@ -573,6 +574,9 @@ struct Session {
     /// Client frames are buffered but were left unprocessed because of `tx_swaps` or
     /// `rpc_stall`.
     input_stalled: bool,
+    /// Since when the client's outbox has been full with no write getting through, and the
+    /// outbox's write count then (see [`client_not_reading`](Self::client_not_reading)).
+    write_stall: Option<(Instant, u64)>,
     /// Client bytes to drop before frames are decoded again, after a frame warren refused
     /// (see [`InputSkip`]).
     skip: InputSkip,
@@ -977,6 +981,13 @@ impl Session {
                         self.publish_usage();
                         self.expire_orphans();
                         self.check_no_shard();
+                        if client_open && let Some(reason) = self.client_not_reading(now) {
+                            client_open = false;
+                            // It takes nothing, so a connection.close could not reach it:
+                            // what waits for it is dropped and the socket closed.
+                            self.client_out.abandon();
+                            self.client_gone(&reason);
+                        }
                     }
                     if due.client {
                         match &self.closing {
@@ -1043,6 +1054,42 @@ impl Session {
             deadline: Instant::now() + wait,
             reason: reason.to_owned(),
         });
+    }
+
+    /// Whether the client has taken nothing of what warren has to send it for
+    /// `timeouts.client_write_timeout_secs`: its outbox full (so its links are not read, and
+    /// their brokers' writes to warren block in turn) and no write getting through. RabbitMQ
+    /// closes such a connection when its send times out (15 s by default); warren closes the
+    /// client first, and its links with it, so that the brokers requeue what it had not
+    /// acknowledged instead of closing the links under it, which warren, not reading them,
+    /// would only notice once the client reads again, with deliveries of dead links in hand.
+    /// Checked on the tick; returns the reason to close with.
+    fn client_not_reading(&mut self, now: Instant) -> Option<String> {
+        let secs = self.shared.config().timeouts.client_write_timeout_secs;
+        if secs == 0 || self.client_out.has_room() {
+            self.write_stall = None;
+            return None;
+        }
+        let writes = self.client_out.writes();
+        match self.write_stall {
+            Some((since, seen)) if seen == writes => {
+                if now.duration_since(since) < Duration::from_secs(secs) {
+                    return None;
+                }
+                let pending = self.client_out.pending();
+                let reason = format!(
+                    "the client read nothing for {secs}s with {pending} bytes waiting for it \
+                     (timeouts.client_write_timeout_secs): disconnected, as RabbitMQ \
+                     disconnects a client whose writes time out"
+                );
+                warn!(conn = self.id, pending, "{reason}");
+                Some(reason)
+            }
+            _ => {
+                self.write_stall = Some((now, writes));
+                None
+            }
+        }
     }
 
     /// Ends an [`EofDrain`] once no publish is held any more (or at its deadline): the links

@@ -1977,6 +1977,84 @@ async fn h_returns_and_confirms_of_publishes_behind_a_request_follow_its_reply()
     );
 }
 
+/// A manual-ack consumer cancelled with `nowait` and its tag taken at once by a no-ack
+/// consumer, in one write, while the brokers still have deliveries of the first on their way
+/// (stalled links). Those deliveries are the first consumer's: the client acks them, and the
+/// brokers must get the acks (on one broker the queue ends empty). Deciding the ack mode by the
+/// tag's current owner made them untracked no-ack deliveries, and their messages came back
+/// when the channel closed. The other way round (no-ack first) an ack-all must not settle the
+/// no-ack deliveries upstream, which brokers refuse (406 unknown delivery tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_deliveries_of_a_cancelled_consumer_keep_its_ack_mode_when_its_tag_is_reused() {
+    for first_no_ack in [false, true] {
+        let rig = Rig::three().await;
+        let (a, b) = (rig.get(A), rig.get(B));
+        let mut c = Client::connect(rig.addr()).await;
+        c.open(1).await;
+        c.declare(1, Q).await;
+        let (la, lb) = (a.only_link().await, b.only_link().await);
+        let consume = |no_ack: bool, nowait: bool| {
+            Method::BasicConsume(codec::BasicConsume {
+                queue: ss(Q),
+                consumer_tag: ss("t"),
+                no_ack,
+                nowait,
+                ..Default::default()
+            })
+        };
+        let ok = c.call(1, consume(first_no_ack, false)).await;
+        assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+        a.stall(la, true);
+        b.stall(lb, true);
+        for i in 0..10 {
+            a.enqueue(Q, format!("a{i}").as_bytes());
+            b.enqueue(Q, format!("b{i}").as_bytes());
+        }
+        wait_for("every message delivered (unread by warren)", || {
+            (a.ready(Q).is_empty() && b.ready(Q).is_empty()).then_some(())
+        })
+        .await;
+        let mut out = bytes::BytesMut::new();
+        codec::write_method(
+            &mut out,
+            1,
+            &Method::BasicCancel(codec::BasicCancel {
+                consumer_tag: ss("t"),
+                nowait: true,
+            }),
+        );
+        codec::write_method(&mut out, 1, &consume(!first_no_ack, true));
+        c.raw.send(&out).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.stall(la, false);
+        b.stall(lb, false);
+        let mut last = 0;
+        for _ in 0..20 {
+            last = last.max(c.delivery().await.tag);
+        }
+        if first_no_ack {
+            // Nothing to settle: an ack-all must not reach a broker as acks of no-ack tags.
+            c.send(1, ack(0, true)).await;
+        } else {
+            c.send(1, ack(last, true)).await;
+        }
+        c.sync(1).await;
+        assert!(
+            !c.methods
+                .iter()
+                .any(|(_, m)| matches!(m, Method::ChannelClose(_))),
+            "no channel error: {:?}",
+            c.methods
+        );
+        assert!(
+            a.unacked(la).is_empty() && b.unacked(lb).is_empty(),
+            "first consumer no_ack={first_no_ack}: every delivery settled upstream, left {:?} {:?}",
+            a.unacked(la),
+            b.unacked(lb)
+        );
+    }
+}
+
 /// One write: a queue.declare, then an ack of a tag never delivered (refused by warren
 /// itself, 406), or the client's own channel.close. One broker answers the declare first, then
 /// closes the channel (or answers the close): the declare's reply, which other clusters still

@@ -646,10 +646,10 @@ pub struct Channel {
     /// Deliveries waiting, with the link they came from and their upstream tag still in place:
     /// their client tags are issued when they are released, after what they wait for, so that
     /// on every link the client's tags keep growing with the upstream ones.
-    pub held: Vec<(LinkRef, Method, Option<Content>)>,
+    pub held: Vec<HeldDelivery>,
     /// Deliveries of links that have answered a basic.recover the client is still waiting
     /// for (see [`Channel::recovered_on`]), in arrival order, sent after its recover-ok.
-    pub after_recover: Vec<(LinkRef, Method, Option<Content>)>,
+    pub after_recover: Vec<HeldDelivery>,
     /// The client's basic.qos settings, re-split when the set of shard clusters changes.
     pub qos: Prefetch,
     /// Under a `spread = "channel"` routing rule (its index), the link this channel publishes
@@ -667,6 +667,12 @@ pub struct Channel {
     pub after_replies: VecDeque<AfterReply>,
     next_rpc: u64,
 }
+
+/// A delivery waiting for its turn: the link it came from, the basic.deliver with its
+/// upstream tag still in place, its message, and whether its consumer takes it without an ack.
+/// The ack mode is fixed when the delivery arrives: by the time it goes out, the consumer it
+/// was for may have been cancelled and its tag taken by a consumer of the other mode.
+pub type HeldDelivery = (LinkRef, Method, Option<Content>, bool);
 
 /// A basic.return (with its message) or a publisher confirm for the client, waiting for the
 /// merged reply to request `until` and those before it.
@@ -821,10 +827,16 @@ impl Channel {
             .any(|c| c.replies && c.tag.as_bytes() == tag)
     }
 
+    /// Removes consumer `tag`, the oldest of that tag: a client may subscribe a new consumer
+    /// with the tag of one whose cancel is still being answered, and that one stays.
     pub fn remove_consumer(&mut self, tag: &ShortStr) -> bool {
-        let before = self.consumers.len();
-        self.consumers.retain(|c| &c.tag != tag);
-        self.consumers.len() != before
+        match self.consumers.iter().position(|c| &c.tag == tag) {
+            Some(i) => {
+                self.consumers.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

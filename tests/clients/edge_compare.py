@@ -444,6 +444,50 @@ def replies_before_returns_and_confirms(t: Target) -> list:
     return obs
 
 
+def cancel_nowait_and_reuse_tag(t: Target) -> list:
+    """A consumer cancelled with nowait while its deliveries are in flight, its tag taken at once
+    by a consumer of the other ack mode; the client acks all it got, then closes the channel. The
+    first consumer's deliveries keep its ack mode: nothing acked comes back, and the ack-all is
+    accepted."""
+    obs = []
+    for first_no_ack in (False, True):
+        c = t.connect()
+        ch = c.channel()
+        q = uid("reusetag")
+        declare(ch, q)
+        ch.confirm_select()
+        for i in range(600):
+            ch.basic_publish(amqp.Message(f"m{i}"), "", q)
+        cc = c.channel()
+        got = []
+        cc.basic_consume(q, consumer_tag="t", callback=got.append, no_ack=first_no_ack)
+        cc.basic_cancel("t", nowait=True)
+        cc.basic_consume(q, consumer_tag="t", callback=got.append, no_ack=not first_no_ack,
+                         nowait=True)
+        cc.callbacks["t"] = got.append
+        drain(c, 1.5)
+        obs.append(f"first no_ack={first_no_ack}: received {len(got)} distinct "
+                   f"{len({m.body for m in got})}")
+
+        def ack_all():
+            cc.basic_ack(0, multiple=True)
+            cc.basic_qos(0, 0, False)
+
+        attempt(obs, "ack all", ack_all)
+        try:
+            cc.close()
+        except (amqp.exceptions.AMQPError, OSError) as e:
+            obs.append(f"close: {err(e)}")
+        time.sleep(0.5)
+        c2 = t.connect()
+        left = c2.channel().queue_declare(q, passive=True).message_count
+        obs.append(f"left in the queue {left}")
+        c2.channel().queue_delete(q)
+        c2.close()
+        c.close()
+    return obs
+
+
 def reopen_channel_number(t: Target) -> list:
     """Closing a channel and opening the same number at once: the new channel is fresh."""
     obs = []
@@ -2209,6 +2253,7 @@ SCENARIOS = [
     pipelined_behind_immediate,
     pipelined_behind_wrong_user_id,
     replies_before_returns_and_confirms,
+    cancel_nowait_and_reuse_tag,
     reopen_channel_number,
     recover_without_requeue,
     zero_length_body_and_headers,

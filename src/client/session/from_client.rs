@@ -214,6 +214,19 @@ impl Session {
                 if c.nowait {
                     channel.remove_consumer(&c.consumer_tag);
                 }
+                if c.nowait {
+                    // Sent with a reply asked for all the same, swallowed: until a cluster's
+                    // cancel-ok, what it delivers is still this consumer's, whose ack mode
+                    // it keeps (see `UpChan::consumers`), whatever the tag means by then.
+                    let cancel = Method::BasicCancel(codec::BasicCancel {
+                        consumer_tag: c.consumer_tag.clone(),
+                        nowait: false,
+                    });
+                    for link in targets.iter() {
+                        self.links[link].request(ch, &cancel, Pending::Internal);
+                    }
+                    return Ok(());
+                }
                 if targets.is_empty() {
                     // Unknown tag: a broker answers cancel-ok anyway; let one do so.
                     targets = self
@@ -405,7 +418,7 @@ impl Session {
             }
         } else {
             for link in targets.iter() {
-                self.links[link].send(ch, method);
+                self.links[link].send_tracked(ch, method);
             }
         }
         Ok(())

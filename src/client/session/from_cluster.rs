@@ -116,6 +116,10 @@ impl Session {
                     up.state = UpState::Open;
                 }
             }
+            // The broker ended the consumer: nothing more comes for it on this link.
+            Method::BasicCancel(c) => self.links[link]
+                .chan(ch)
+                .unsubscribed(c.consumer_tag.as_bytes()),
             _ => {}
         }
         let link_ref = self.link_ref(link);
@@ -129,13 +133,14 @@ impl Session {
                     // A reply to a request the client sent before its close.
                     return self.on_reply(link, ch, method, content);
                 }
-                if let Method::BasicDeliver(_) = method {
+                if let Method::BasicDeliver(d) = &method {
                     // Sent before the cluster read the close: one broker's client gets it
                     // before close-ok too (with no_ack, the broker has already let it go).
+                    let no_ack = delivery_no_ack(&self.links[link], channel, ch, d);
                     if must_hold(channel) {
-                        channel.held.push((link_ref, method, content));
+                        channel.held.push((link_ref, method, content, no_ack));
                     } else {
-                        self.deliver_tagged(ch, link_ref, method, content.as_ref());
+                        self.deliver_tagged(ch, link_ref, method, content.as_ref(), no_ack);
                     }
                     return;
                 }
@@ -168,19 +173,25 @@ impl Session {
                 if self.links[link].removed_at.is_some() {
                     self.links[link].last_delivery = Instant::now();
                 }
+                let no_ack = match &deliver {
+                    Method::BasicDeliver(d) => delivery_no_ack(&self.links[link], channel, ch, d),
+                    _ => false,
+                };
                 if channel.recovered_on(link) {
                     // A redelivery after this cluster's recover-ok: the client gets it after
                     // its own recover-ok, as from one broker.
-                    channel.after_recover.push((link_ref, deliver, content));
+                    channel
+                        .after_recover
+                        .push((link_ref, deliver, content, no_ack));
                     return;
                 }
                 if must_hold(channel) {
                     // Until the client has its consume-ok, and while a get-ok waits for its
                     // turn, deliveries of the channel wait, in order, without a client tag yet.
-                    channel.held.push((link_ref, deliver, content));
+                    channel.held.push((link_ref, deliver, content, no_ack));
                     return;
                 }
-                self.deliver_tagged(ch, link_ref, deliver, content.as_ref());
+                self.deliver_tagged(ch, link_ref, deliver, content.as_ref(), no_ack);
             }
             Method::BasicAck(a) => self.confirm(link, ch, a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => self.confirm(link, ch, n.delivery_tag, n.multiple, false),
@@ -596,8 +607,8 @@ impl Session {
                     // upstream tags) and wait in `held` are numbered first, so that on every
                     // link the client's tags keep growing with the upstream ones.
                     let earlier = take_held_before(channel, reply.link, g.delivery_tag);
-                    for (link, d, content) in earlier {
-                        self.deliver_tagged(ch, link, d, content.as_ref());
+                    for (link, d, content, no_ack) in earlier {
+                        self.deliver_tagged(ch, link, d, content.as_ref(), no_ack);
                     }
                     let Some(channel) = channel_in(&mut self.channels, ch) else {
                         return;
@@ -703,12 +714,14 @@ impl Session {
     /// Gives a delivery (`deliver`, a basic.deliver) of `link` its client tag and sends it.
     /// The method is rewritten in place: it is the largest there is, and moving it in and out
     /// of its enum showed up in profiles.
+    /// `no_ack` is the ack mode of the consumer the delivery was for (see [`delivery_no_ack`]).
     pub(super) fn deliver_tagged(
         &mut self,
         ch: u16,
         link: LinkRef,
         mut deliver: Method,
         content: Option<&Content>,
+        no_ack: bool,
     ) {
         let Method::BasicDeliver(d) = &mut deliver else {
             return;
@@ -729,7 +742,7 @@ impl Session {
             return;
         };
         let tag = d.consumer_tag.as_bytes();
-        let needs_ack = !channel.consumer_no_ack(tag);
+        let needs_ack = !no_ack;
         if !needs_ack && channel.consumes_replies(tag) {
             // As RabbitMQ numbers direct replies: the next tag, not used up.
             d.delivery_tag = channel.tags.peek();
@@ -754,8 +767,8 @@ impl Session {
         if channel.held.is_empty() || waiting_for_client_order(channel) {
             return;
         }
-        for (link, m, content) in std::mem::take(&mut channel.held) {
-            self.deliver_tagged(ch, link, m, content.as_ref());
+        for (link, m, content, no_ack) in std::mem::take(&mut channel.held) {
+            self.deliver_tagged(ch, link, m, content.as_ref(), no_ack);
         }
     }
 
@@ -765,14 +778,14 @@ impl Session {
         let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
         };
-        for (link, m, content) in std::mem::take(&mut channel.after_recover) {
+        for (link, m, content, no_ack) in std::mem::take(&mut channel.after_recover) {
             let Some(channel) = channel_in(&mut self.channels, ch) else {
                 return;
             };
             if must_hold(channel) {
-                channel.held.push((link, m, content));
+                channel.held.push((link, m, content, no_ack));
             } else {
-                self.deliver_tagged(ch, link, m, content.as_ref());
+                self.deliver_tagged(ch, link, m, content.as_ref(), no_ack);
             }
         }
     }
@@ -1002,23 +1015,35 @@ impl Session {
 
 /// Removes from `channel.held` the deliveries of `link` with an upstream tag below `upstream`
 /// (those its broker sent before the get-ok carrying `upstream`), in arrival order.
-fn take_held_before(
-    channel: &mut Channel,
-    link: LinkRef,
-    upstream: u64,
-) -> Vec<(LinkRef, Method, Option<Content>)> {
+fn take_held_before(channel: &mut Channel, link: LinkRef, upstream: u64) -> Vec<HeldDelivery> {
     let mut earlier = Vec::new();
     let mut kept = Vec::with_capacity(channel.held.len());
-    for (l, m, content) in std::mem::take(&mut channel.held) {
-        match &m {
-            Method::BasicDeliver(d) if l == link && d.delivery_tag < upstream => {
-                earlier.push((l, m, content));
+    for held in std::mem::take(&mut channel.held) {
+        match &held.1 {
+            Method::BasicDeliver(d) if held.0 == link && d.delivery_tag < upstream => {
+                earlier.push(held);
             }
-            _ => kept.push((l, m, content)),
+            _ => kept.push(held),
         }
     }
     channel.held = kept;
     earlier
+}
+
+/// Whether the consumer a delivery of `slot`'s channel `ch` is for takes it without an ack:
+/// the oldest consumer of its tag subscribed there (see `UpChan::consumers`), not whichever
+/// consumer of the client channel has the tag now.
+pub(super) fn delivery_no_ack(
+    slot: &LinkSlot,
+    channel: &Channel,
+    ch: u16,
+    d: &codec::BasicDeliver,
+) -> bool {
+    let tag = d.consumer_tag.as_bytes();
+    slot.chans
+        .get(usize::from(ch))
+        .and_then(|up| up.no_ack_of(tag))
+        .unwrap_or_else(|| channel.consumer_no_ack(tag))
 }
 
 /// Whether a delivery arriving on the channel now must wait (see [`Session::release_held_deliveries`]).

@@ -99,9 +99,37 @@ pub(super) struct UpChan {
     /// closed and opened again without the confirm mode warren gave it: RabbitMQ refuses
     /// tx.select on a confirm channel. See `Session::select_tx`.
     pub(super) tx_swap: Option<u64>,
+    /// The consumers subscribed on this channel here, oldest first, with their ack mode
+    /// (`no_ack`). A delivery is for the oldest of its tag: a consumer being cancelled delivers
+    /// until its cancel-ok (or the broker's basic.cancel), and one that took its tag meanwhile
+    /// only after that, since the broker handles the channel's methods in order.
+    pub(super) consumers: Vec<(ShortStr, bool)>,
 }
 
 impl UpChan {
+    /// Whether the consumer delivering with `tag` here takes its deliveries without acks;
+    /// `None` for a tag not subscribed here.
+    pub(super) fn no_ack_of(&self, tag: &[u8]) -> Option<bool> {
+        self.consumers
+            .iter()
+            .find(|(t, _)| t.as_bytes() == tag)
+            .map(|&(_, no_ack)| no_ack)
+    }
+
+    /// Keeps the consumer bookkeeping of a method sent on this channel.
+    fn sent(&mut self, method: &Method) {
+        if let Method::BasicConsume(c) = method {
+            self.consumers.push((c.consumer_tag.clone(), c.no_ack));
+        }
+    }
+
+    /// The oldest consumer of `tag` here has ended (its cancel-ok, or the broker cancelled it).
+    pub(super) fn unsubscribed(&mut self, tag: &[u8]) {
+        if let Some(i) = self.consumers.iter().position(|(t, _)| t.as_bytes() == tag) {
+            self.consumers.remove(i);
+        }
+    }
+
     /// Takes the request `reply` answers. Replies come in the order of the requests, except
     /// the two RabbitMQ's queue process sends: consume-ok answers the oldest consume, cancel-ok
     /// the cancel of its tag (see [`Waiting`]); any other reply the oldest request that is
@@ -110,6 +138,7 @@ impl UpChan {
         let at = match reply {
             Method::BasicConsumeOk(_) => self.pending.iter().position(|w| w.consume),
             Method::BasicCancelOk(c) => {
+                self.unsubscribed(c.consumer_tag.as_bytes());
                 let tag = tag_hash(c.consumer_tag.as_bytes());
                 self.pending.iter().position(|w| w.cancel == Some(tag))
             }
@@ -132,6 +161,7 @@ impl Default for UpChan {
             confirms: UpstreamConfirms::default(),
             pending: Default::default(),
             tx_swap: None,
+            consumers: Vec::new(),
         }
     }
 }
@@ -368,14 +398,23 @@ impl LinkSlot {
         }
     }
 
+    /// [`send`](Self::send), keeping the channel's consumer bookkeeping (a basic.consume
+    /// with `nowait`).
+    pub(super) fn send_tracked(&mut self, ch: u16, method: &Method) {
+        if !self.done() {
+            self.chan(ch).sent(method);
+            self.send(ch, method);
+        }
+    }
+
     /// Sends a synchronous request and remembers who waits for its reply.
     pub(super) fn request(&mut self, ch: u16, method: &Method, pending: Pending) {
         if self.done() {
             return;
         }
-        self.chan(ch)
-            .pending
-            .push_back(Waiting::for_request(pending, method));
+        let up = self.chan(ch);
+        up.pending.push_back(Waiting::for_request(pending, method));
+        up.sent(method);
         self.count_sent();
         self.link.send(ch, method);
     }

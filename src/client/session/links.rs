@@ -943,8 +943,8 @@ impl Session {
             m.unacked.dec_by(n as i64);
             // Held deliveries of the dead link have no client tag yet; the broker requeues them
             // (and the slot may be reused by the next link, whose upstream tags they would hit).
-            channel.held.retain(|(l, _, _)| *l != gone);
-            channel.after_recover.retain(|(l, _, _)| *l != gone);
+            channel.held.retain(|held| held.0 != gone);
+            channel.after_recover.retain(|held| held.0 != gone);
             for consumer in &mut channel.consumers {
                 consumer.links.remove(link);
                 if consumer.cancelled_by_cluster && consumer.links.is_empty() {

@@ -53,8 +53,8 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
-    AfterReply, Channel, ChannelState, ClientConfirm, Consumer, Held, InFlight, LinkRef, LinkSet,
-    PendingClose, UpstreamAck, UpstreamConfirms,
+    AfterReply, Channel, ChannelState, ClientConfirm, Consumer, Held, HeldDelivery, InFlight,
+    LinkRef, LinkSet, PendingClose, UpstreamAck, UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};

@@ -488,6 +488,43 @@ def cancel_nowait_and_reuse_tag(t: Target) -> list:
     return obs
 
 
+def pipelined_behind_exchange_auto_deleted(t: Target) -> list:
+    """An auto-delete exchange published to once, then auto-deleted because this connection
+    ended the last consumer of its only (auto-delete) queue: by a basic.cancel, or by closing
+    the consumer's channel. A publish to it, then publishes to another queue right behind: one
+    broker refuses the first (404) and routes none of the others."""
+    obs = []
+    for how in ("cancel", "channel.close"):
+        c = t.connect()
+        setup = c.channel()
+        q, x, gone = uid("pipe"), uid("adx"), uid("adq")
+        declare(setup, q)
+        setup.exchange_declare(x, "fanout", auto_delete=True)
+        setup.queue_declare(gone, auto_delete=True)
+        setup.queue_bind(gone, x, "")
+        ch = c.channel()
+        for _ in range(4):
+            ch.basic_publish(amqp.Message("first"), x, "")
+        consumer = c.channel()
+        consumer.basic_consume(gone, consumer_tag="adc", callback=lambda m: None)
+        drain(c, 0.3)
+        if how == "cancel":
+            consumer.basic_cancel("adc")
+        else:
+            consumer.close()
+        raw = lambda msg, exchange, key: ch.send_method(
+            amqp.spec.Basic.Publish, "Bssbb", (0, exchange, key, False, False), msg)
+        raw(amqp.Message("to-gone"), x, "")
+        for i in range(40):
+            raw(amqp.Message(f"b{i}"), "", q)
+        attempt(obs, f"{how}: sync after", lambda: ch.basic_qos(0, 1, False))
+        check = c.channel()
+        obs.append(f"{how}: in queue {settle(check, q, 0, timeout=1.0)}")
+        check.queue_delete(q)
+        c.close()
+    return obs
+
+
 def reopen_channel_number(t: Target) -> list:
     """Closing a channel and opening the same number at once: the new channel is fresh."""
     obs = []
@@ -2252,6 +2289,7 @@ SCENARIOS = [
     pipelined_behind_missing_exchange_confirmed,
     pipelined_behind_immediate,
     pipelined_behind_wrong_user_id,
+    pipelined_behind_exchange_auto_deleted,
     replies_before_returns_and_confirms,
     cancel_nowait_and_reuse_tag,
     reopen_channel_number,

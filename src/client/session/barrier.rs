@@ -17,8 +17,9 @@
 //!
 //! A publish "might be refused" the first time this connection publishes to an exchange (an
 //! exchange a publish was accepted to stays accepted, until a refusal on this connection, or
-//! this connection deleting or unbinding anything, forgets them all: an auto-delete exchange
-//! goes with its last binding), and when its properties carry a `user_id` other than the
+//! this connection deleting or unbinding anything or ending a consumer (a cancel, a channel
+//! closed with consumers, a cluster's cancel), forgets them all: an auto-delete exchange goes
+//! with its last binding, and an auto-delete queue's binding with its last consumer), and when its properties carry a `user_id` other than the
 //! connection's user, an `expiration` that is not a plain number of at most ten years, a `CC` or `BCC` header that
 //! is not an array of strings, or the direct reply-to pseudo-queue as `reply_to` on a channel
 //! that does not consume it. The default exchange is checked too, the first time: it always

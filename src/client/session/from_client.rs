@@ -152,6 +152,12 @@ impl Session {
                 // answers a channel's methods in order (see `ChannelState::ClientClosing`).
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.state = ChannelState::ClientClosing;
+                    if !channel.consumers.is_empty() {
+                        // Its consumers end with it, and an auto-delete queue with its last
+                        // consumer, and an auto-delete exchange with that queue's binding:
+                        // publishes are checked again (see barrier.rs).
+                        self.proven_exchanges.clear();
+                    }
                 }
                 let mut waiting = false;
                 for slot in &mut self.links {
@@ -201,6 +207,9 @@ impl Session {
                 self.fan_out(ch, &Method::BasicConsume(c), targets)?;
             }
             Method::BasicCancel(ref c) => {
+                // An auto-delete queue may go with its last consumer, and an auto-delete
+                // exchange with that queue's binding: publishes are checked again.
+                self.proven_exchanges.clear();
                 let channel = self.channel_mut(ch).expect("checked above");
                 let mut targets = channel
                     .consumer_mut(&c.consumer_tag)

@@ -203,6 +203,10 @@ impl Session {
                 // So it ends on every cluster, and the client is told once, when the last has
                 // answered: what they deliver meanwhile still reaches the client, before the
                 // basic.cancel, as one broker's deliveries come before its basic.cancel.
+                self.proven_exchanges.clear();
+                let Some(channel) = channel_in(&mut self.channels, ch) else {
+                    return;
+                };
                 let Some(consumer) = channel.consumer_mut(&c.consumer_tag) else {
                     return;
                 };

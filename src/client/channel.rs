@@ -665,6 +665,9 @@ pub struct Channel {
     /// reply the client has not had yet (see [`Channel::answered_by`]), in the order they are
     /// to reach the client.
     pub after_replies: VecDeque<AfterReply>,
+    /// A cluster refused a request the client sent before its channel.close: the client gets
+    /// that channel.close before its close-ok, as one broker sends both.
+    pub refused_while_closing: Option<crate::codec::ChannelClose>,
     next_rpc: u64,
 }
 
@@ -743,6 +746,7 @@ impl Channel {
             sticky: Vec::new(),
             notices: Vec::new(),
             after_replies: VecDeque::new(),
+            refused_while_closing: None,
             failing: None,
             next_rpc: 0,
         }

@@ -837,6 +837,17 @@ channel_reopen_before_close_ok.documented = (
     ["ch0 connection.close 504", "closed"])
 
 
+def refused_request_then_channel_close(t):
+    """A passive queue.declare of a missing queue, then channel.close, in one write: the server
+    closes the channel with 404 (the client answers close-ok), then answers the client's close
+    with close-ok; channel 1 opens again after."""
+    p = t.opened(frame_max=None)
+    p.send(queue_declare(1, uid("missing"), passive=True) + chan_close(1))
+    p.observe(1.0)
+    p.send(chan_open(1))
+    p.observe(until=("channel.open-ok",))
+
+
 def channel_close_ok_not_closing(t):
     """channel.close-ok for open channel 1, which nobody is closing."""
     abuse(t, method(1, "channel.close-ok"))
@@ -1106,6 +1117,7 @@ SCENARIOS = [
     method_between_publish_and_header,
     body_size_0_then_body_frame,
     oversized_body_abandoned,
+    refused_request_then_channel_close,
     channel_close_ok_not_closing,
     channel_open_on_channel_0,
     channel_65535,

@@ -144,6 +144,16 @@ impl Session {
                     }
                     return;
                 }
+                if let Method::ChannelClose(c) = &method
+                    && channel.refused_while_closing.is_none()
+                    && channel.rpcs.iter().any(|r| r.id == refused_before)
+                {
+                    // The cluster refused a request the client sent before its close: one
+                    // broker closes the channel with that refusal, then answers the client's
+                    // close; what came after the refused request is discarded.
+                    channel.rpcs.retain(|r| r.id < refused_before);
+                    channel.refused_while_closing = Some(c.clone());
+                }
                 if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
                     && self
                         .links
@@ -153,11 +163,21 @@ impl Session {
                     // Every cluster answered what came before its close-ok: the replies are
                     // out; what a dead link never answered is dropped with the channel.
                     self.flush_rpcs(ch);
+                    let mut refused = false;
                     if let Some(channel) = channel_in(&mut self.channels, ch) {
                         channel.rpcs.clear();
+                        if let Some(refusal) = channel.refused_while_closing.take() {
+                            // The client answers this close with a close-ok of its own, which
+                            // the channel waits for, as RabbitMQ's does.
+                            channel.state = ChannelState::AwaitingCloseOk;
+                            refused = true;
+                            self.to_client(ch, &Method::ChannelClose(refusal));
+                        }
                     }
                     self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
-                    self.free_channel(ch);
+                    if !refused {
+                        self.free_channel(ch);
+                    }
                 }
                 return;
             }

@@ -751,6 +751,18 @@ table_unknown_type_tag.documented = (
     ['ch0 connection.close 501', 'closed'])
 
 
+def headers_unknown_type_tag(t):
+    """basic.publish whose message `headers` hold a value tagged 'U' (passed on by a proxy that
+    does not read them, a broker fails the whole connection)."""
+    props = table({"x": b"U\x00\x00"})
+    abuse(t, publish(1) + header(1, 1, flags=1 << 13, props=props) + body(1, b"x"))
+
+
+headers_unknown_type_tag.documented = (
+    'Field value of unknown type',
+    ['ch0 connection.close 501', 'closed'])
+
+
 def table_nested_10k(t):
     """queue.declare whose arguments nest 10,000 tables (70 KB, below frame_max 131072)."""
     args = table({"x-nest": nested_tables(10_000)})
@@ -1107,6 +1119,7 @@ SCENARIOS = [
     empty_method_frame,
     publish_shortstr_overruns_frame,
     table_unknown_type_tag,
+    headers_unknown_type_tag,
     table_nested_10k,
     table_longstr_4gb,
     publish_exchange_256_wrapped,

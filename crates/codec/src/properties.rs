@@ -159,6 +159,44 @@ pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
     (end <= payload.len()).then_some(at + 1..end)
 }
 
+/// Where the headers table's entries lie in a content header payload (after the table's
+/// length): `Ok(None)` when the message has no headers (or the payload is too short for its
+/// flags word), an error when the payload is too short for what its flags and lengths say.
+pub fn headers_span(payload: &[u8]) -> Result<Option<std::ops::Range<usize>>, CodecError> {
+    const FLAGS_AT: usize = 12; // class id, weight, body size
+    const HEADERS: u16 = FIRST_FLAG >> 2;
+    let Some(flags) = payload.get(FLAGS_AT..FLAGS_AT + 2) else {
+        return Ok(None);
+    };
+    let flags = u16::from_be_bytes([flags[0], flags[1]]);
+    if flags & HEADERS == 0 {
+        return Ok(None);
+    }
+    let span = || {
+        let mut at = FLAGS_AT + 2;
+        let mut word = flags;
+        while word & CONTINUATION != 0 {
+            word = u16::from_be_bytes(payload.get(at..at + 2)?.try_into().ok()?);
+            at += 2;
+        }
+        // content-type, content-encoding: short strings.
+        let mut bit = FIRST_FLAG;
+        for _ in 0..2 {
+            if flags & bit != 0 {
+                at += 1 + usize::from(*payload.get(at)?);
+            }
+            bit >>= 1;
+        }
+        let len = u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?);
+        let start = at + 4;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        (end <= payload.len()).then_some(start..end)
+    };
+    span()
+        .map(Some)
+        .ok_or_else(|| crate::syntax("content header properties"))
+}
+
 /// A copy of `payload` with the short string whose value is at `span` (from
 /// [`reply_to_span`]) replaced by `value`; `None` when `value` is too long for a short string.
 pub fn replace_short_str(

@@ -2753,6 +2753,52 @@ async fn q_a_secret_the_clusters_refuse_falls_back_to_the_login_password() {
 // ---------------------------------------------------------------------------------------------
 // (r) Links opened when first needed
 
+/// A control exchange declared by a connection that has only used the control cluster
+/// (`lazy_links`) is on the control cluster alone. Another connection asking whether it exists
+/// (a passive declare) is answered by the control cluster, as one broker would answer; binding
+/// a sharded queue to it is refused (404, documented) by a shard cluster before the control
+/// cluster makes the binding: a refused bind must leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_a_control_exchange_only_on_the_control_cluster_is_found_and_not_half_bound() {
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let control = rig.get(CONTROL);
+    let mut events = Client::connect(rig.addr()).await;
+    events.open(1).await;
+    let declare = |passive: bool| {
+        Method::ExchangeDeclare(codec::ExchangeDeclare {
+            exchange: ss("celeryev"),
+            kind: ss("topic"),
+            passive,
+            ..Default::default()
+        })
+    };
+    let ok = events.call(1, declare(false)).await;
+    assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
+    assert!(control.has_exchange("celeryev"));
+    assert!(!rig.get(A).has_exchange("celeryev"));
+
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let ok = c.call(1, declare(true)).await;
+    assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
+    let bind = Method::QueueBind(codec::QueueBind {
+        queue: ss(Q),
+        exchange: ss("celeryev"),
+        routing_key: ss("#"),
+        ..Default::default()
+    });
+    c.send(1, bind).await;
+    let close = c.channel_close(1).await;
+    assert_eq!(close.reply_code, 404, "{close:?}");
+    for l in control.opened() {
+        assert!(
+            control.ledger(l).received_named("queue.bind").is_empty(),
+            "the control cluster was asked to make the refused binding"
+        );
+    }
+}
+
 /// With `[limits] lazy_links` (the default), a connection that only publishes to control names
 /// (a Celery event connection) has one link, to the control cluster. Its first request that
 /// involves the shard clusters (here a queue.declare of a sharded queue) opens their links,

@@ -326,7 +326,17 @@ impl Session {
                     // last binding): publishes to it are checked again (see barrier.rs).
                     self.proven_exchanges.clear();
                 }
-                let t = self.live_links();
+                let mut t = self.live_links();
+                if let Method::ExchangeDeclare(x) = &method
+                    && x.passive
+                    && class == Class::Control
+                    && let Some(control) = self.control_link()
+                {
+                    // A control exchange lives on the control cluster; the shard clusters get
+                    // a copy for bindings only once a connection that uses them declares it
+                    // (`lazy_links`), so only the control cluster can say whether it exists.
+                    t = LinkSet::one(control);
+                }
                 self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
             }
             Method::QueuePurge(_) => self.fan_out(ch, &method, self.live_links())?,
@@ -402,12 +412,24 @@ impl Session {
             Method::QueueDelete(q) => !q.nowait,
             Method::ExchangeDelete(x) => !x.nowait,
             Method::BasicConsume(c) => c.exclusive && !c.nowait,
+            // A bind refused by one cluster (an exchange or queue missing there) must not stay
+            // made on the others: one broker's refused bind changes nothing. The shard
+            // clusters go first, the control cluster last: a control exchange a lazily linked
+            // connection declared is on the control cluster alone until the shard clusters get
+            // their copy, so a shard refuses such a bind before the control cluster makes it.
+            Method::QueueBind(b) => !b.nowait,
+            Method::ExchangeBind(b) => !b.nowait,
             _ => false,
         };
         if in_turn && targets.len() > 1 {
             // One cluster after the other, in the same order everywhere (see `Rpc::in_turn`).
             let mut order: Vec<LinkId> = targets.iter().collect();
-            order.sort_by(|&a, &b| self.links[b].link.cluster.cmp(&self.links[a].link.cluster));
+            let bind = matches!(method, Method::QueueBind(_) | Method::ExchangeBind(_));
+            let key = |l: LinkId| {
+                let slot = &self.links[l];
+                (bind && slot.role == Role::Control, &slot.link.cluster)
+            };
+            order.sort_by(|&a, &b| key(b).cmp(&key(a)));
             let first = order.pop().expect("more than one target");
             let Some(channel) = self.channel_mut(ch) else {
                 return Ok(());

@@ -1889,6 +1889,32 @@ async fn h_a_publish_pipelined_behind_a_get_is_not_what_the_get_returns() {
     }
 }
 
+/// A channel in confirm mode, then one that is not: warren holds the second's publishes until
+/// their clusters confirm them too, and those confirms must reach nobody (Bunny's reader thread
+/// dies on an ack for a channel without confirms; CloudAMQP's Node client logs an unknown tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_channel_without_confirm_mode_gets_no_confirms() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    c.publish(1, Q, "m1").await;
+    c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
+    c.open(2).await;
+    for i in 0..4 {
+        c.publish(2, Q, &format!("plain{i}")).await;
+    }
+    c.sync(2).await;
+    c.sync(1).await;
+    assert!(
+        c.confirm_frames.iter().all(|&(ch, ..)| ch == 1),
+        "a confirm on the channel without confirm mode: {:?}",
+        c.confirm_frames
+    );
+    assert_eq!(c.confirm_frames.len(), 1, "{:?}", c.confirm_frames);
+}
+
 /// One write: a queue.declare, then publishes on the confirm-mode channel, two of them
 /// mandatory and unroutable. One broker handles a channel's commands in order: the declare-ok
 /// comes first, then the returns and confirms of the publishes behind it. warren answers the

@@ -860,6 +860,9 @@ impl Session {
             seqs.clear();
             seqs.extend(settled.iter().filter_map(|p| p.client));
             seqs.sort_unstable();
+            // Nothing to tell a client that did not ask for confirms (the scratch may still
+            // hold another channel's last confirms).
+            out.clear();
             if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
                 confirms.settle(&seqs, &mut out);
             }

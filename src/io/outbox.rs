@@ -400,7 +400,22 @@ async fn run_swapping(
             idle_wait(&outbox, notified, heartbeat, &mut quiet).await;
             continue;
         }
-        let written = sink.write_all(&spare).await;
+        // Written piece by piece, each counted in `writes`: a slow peer that still takes
+        // bytes is making progress (see `Outbox::writes`), however long the whole buffer takes.
+        let mut off = 0;
+        let written = loop {
+            if off == spare.len() {
+                break Ok(());
+            }
+            match sink.write(&spare[off..]).await {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    off += n;
+                    outbox.lock().writes += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        };
         if let Some(c) = &outbox.written_bytes {
             c.inc_by(spare.len() as u64);
         }

@@ -122,30 +122,34 @@ impl BasicProperties {
     }
 }
 
-/// Where the reply-to property's value lies in a content header payload, found without decoding
-/// the properties before it (the headers table is skipped by its length): the one property the
-/// proxy rewrites on deliveries (see warren's `client::session::reply_to`). `None` when the
-/// message has no reply-to or the payload is malformed (then it is passed on as it is).
-pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
-    const FLAGS_AT: usize = 12; // class id, weight, body size
-    const REPLY_TO: u16 = FIRST_FLAG >> 6;
-    let flags = u16::from_be_bytes(payload.get(FLAGS_AT..FLAGS_AT + 2)?.try_into().ok()?);
-    if flags & REPLY_TO == 0 {
-        return None;
-    }
+/// Where a content header payload's first property-flags word is: after the class id, the
+/// weight and the body size.
+const FLAGS_AT: usize = 12;
+
+/// The first property-flags word of a content header payload.
+fn flags_of(payload: &[u8]) -> Option<u16> {
+    let b = payload.get(FLAGS_AT..FLAGS_AT + 2)?;
+    Some(u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// Where property number `index` (in wire order: 0 content-type, 1 content-encoding, 2 headers,
+/// up to 6 reply-to) starts in a content header payload whose first flags word is `flags`,
+/// found without decoding the properties before it: short strings are skipped by their length,
+/// the headers table by its 32-bit length. `None` when the payload is too short for them.
+fn property_at(payload: &[u8], flags: u16, index: usize) -> Option<usize> {
+    // content-type, content-encoding, headers, delivery-mode, priority, correlation-id.
+    const KINDS: [u8; 6] = [b's', b's', b'F', b'o', b'o', b's'];
     let mut at = FLAGS_AT + 2;
     let mut word = flags;
     while word & CONTINUATION != 0 {
         word = u16::from_be_bytes(payload.get(at..at + 2)?.try_into().ok()?);
         at += 2;
     }
-    let short_str = |at: usize| Some(at + 1 + usize::from(*payload.get(at)?));
     let mut bit = FIRST_FLAG;
-    // content-type, content-encoding, headers, delivery-mode, priority, correlation-id.
-    for kind in [b's', b's', b'F', b'o', b'o', b's'] {
+    for kind in &KINDS[..index] {
         if flags & bit != 0 {
             at = match kind {
-                b's' => short_str(at)?,
+                b's' => at + 1 + usize::from(*payload.get(at)?),
                 b'F' => {
                     let len = u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?);
                     at.checked_add(4)?.checked_add(usize::try_from(len).ok()?)?
@@ -155,7 +159,21 @@ pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
         }
         bit >>= 1;
     }
-    let end = short_str(at)?;
+    Some(at)
+}
+
+/// Where the reply-to property's value lies in a content header payload, found without decoding
+/// the properties before it (the headers table is skipped by its length): the one property the
+/// proxy rewrites on deliveries (see warren's `client::session::reply_to`). `None` when the
+/// message has no reply-to or the payload is malformed (then it is passed on as it is).
+pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
+    const REPLY_TO: u16 = FIRST_FLAG >> 6;
+    let flags = flags_of(payload)?;
+    if flags & REPLY_TO == 0 {
+        return None;
+    }
+    let at = property_at(payload, flags, 6)?;
+    let end = at + 1 + usize::from(*payload.get(at)?);
     (end <= payload.len()).then_some(at + 1..end)
 }
 
@@ -163,34 +181,18 @@ pub fn reply_to_span(payload: &[u8]) -> Option<std::ops::Range<usize>> {
 /// length): `Ok(None)` when the message has no headers (or the payload is too short for its
 /// flags word), an error when the payload is too short for what its flags and lengths say.
 pub fn headers_span(payload: &[u8]) -> Result<Option<std::ops::Range<usize>>, CodecError> {
-    const FLAGS_AT: usize = 12; // class id, weight, body size
     const HEADERS: u16 = FIRST_FLAG >> 2;
-    let Some(flags) = payload.get(FLAGS_AT..FLAGS_AT + 2) else {
+    let Some(flags) = flags_of(payload) else {
         return Ok(None);
     };
-    let flags = u16::from_be_bytes([flags[0], flags[1]]);
     if flags & HEADERS == 0 {
         return Ok(None);
     }
     let span = || {
-        let mut at = FLAGS_AT + 2;
-        let mut word = flags;
-        while word & CONTINUATION != 0 {
-            word = u16::from_be_bytes(payload.get(at..at + 2)?.try_into().ok()?);
-            at += 2;
-        }
-        // content-type, content-encoding: short strings.
-        let mut bit = FIRST_FLAG;
-        for _ in 0..2 {
-            if flags & bit != 0 {
-                at += 1 + usize::from(*payload.get(at)?);
-            }
-            bit >>= 1;
-        }
+        let at = property_at(payload, flags, 2)?;
         let len = u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?);
-        let start = at + 4;
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        (end <= payload.len()).then_some(start..end)
+        let end = (at + 4).checked_add(usize::try_from(len).ok()?)?;
+        (end <= payload.len()).then_some(at + 4..end)
     };
     span()
         .map(Some)
@@ -344,6 +346,33 @@ mod tests {
         // Continuation announced but missing.
         let b = Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0x00, 0x01]);
         assert!(ContentHeader::decode(b).is_err());
+    }
+
+    #[test]
+    fn headers_are_found_without_decoding() {
+        let h = all_set();
+        let payload = encode(&h);
+        let span = headers_span(&payload).unwrap().expect("headers present");
+        let mut table = BytesMut::new();
+        let mut w = Writer::new(&mut table);
+        h.properties.headers.as_ref().unwrap().write(&mut w);
+        w.finish();
+        assert_eq!(
+            &payload[span],
+            &table[4..],
+            "the entries, after the table's length"
+        );
+        let mut none = all_set();
+        none.properties.headers = None;
+        assert_eq!(headers_span(&encode(&none)).unwrap(), None);
+        // Truncated payloads: an error once the flags say headers, never a span past the end.
+        for cut in 0..payload.len() {
+            match headers_span(&payload[..cut]) {
+                Ok(Some(span)) => assert!(span.end <= cut),
+                Ok(None) => assert!(cut < FLAGS_AT + 2),
+                Err(_) => {}
+            }
+        }
     }
 
     #[test]

@@ -19,8 +19,8 @@
 //! exchange a publish was accepted to stays accepted, until a refusal on this connection, or
 //! this connection deleting or unbinding anything or ending a consumer (a cancel, a channel
 //! closed with consumers, a cluster's cancel), forgets them all: an auto-delete exchange goes
-//! with its last binding, and an auto-delete queue's binding with its last consumer), and when its properties carry a `user_id` other than the
-//! connection's user, an `expiration` that is not a plain number of at most ten years, a `CC` or `BCC` header that
+//! with its last binding, and an auto-delete queue's binding with its last consumer), and when
+//! its properties carry a `user_id` other than the connection's user, an `expiration` that is not a plain number of at most ten years, a `CC` or `BCC` header that
 //! is not an array of strings, or the direct reply-to pseudo-queue as `reply_to` on a channel
 //! that does not consume it. The default exchange is checked too, the first time: it always
 //! exists, but a user without write permission on `amq.default` is refused there (403).

@@ -77,12 +77,8 @@ impl Session {
         }
         // The general path's questions, asked the same way (an unknown tag included).
         let consumer_tag = &bytes[d.consumer_tag.clone()];
-        let no_ack = slot
-            .chans
-            .get(usize::from(d.channel))
-            .and_then(|up| up.no_ack_of(consumer_tag))
-            .unwrap_or_else(|| channel.consumer_no_ack(consumer_tag));
-        let needs_ack = !no_ack;
+        let up = slot.chans.get(usize::from(d.channel));
+        let needs_ack = !from_cluster::delivery_no_ack(up, channel, consumer_tag);
         if !needs_ack && channel.consumes_replies(consumer_tag) {
             return false;
         }

@@ -136,7 +136,8 @@ impl Session {
                 if let Method::BasicDeliver(d) = &method {
                     // Sent before the cluster read the close: one broker's client gets it
                     // before close-ok too (with no_ack, the broker has already let it go).
-                    let no_ack = delivery_no_ack(&self.links[link], channel, ch, d);
+                    let up = self.links[link].chans.get(usize::from(ch));
+                    let no_ack = delivery_no_ack(up, channel, d.consumer_tag.as_bytes());
                     if must_hold(channel) {
                         channel.held.push((link_ref, method, content, no_ack));
                     } else {
@@ -194,7 +195,10 @@ impl Session {
                     self.links[link].last_delivery = Instant::now();
                 }
                 let no_ack = match &deliver {
-                    Method::BasicDeliver(d) => delivery_no_ack(&self.links[link], channel, ch, d),
+                    Method::BasicDeliver(d) => {
+                        let up = self.links[link].chans.get(usize::from(ch));
+                        delivery_no_ack(up, channel, d.consumer_tag.as_bytes())
+                    }
                     _ => false,
                 };
                 if channel.recovered_on(link) {
@@ -1057,19 +1061,12 @@ fn take_held_before(channel: &mut Channel, link: LinkRef, upstream: u64) -> Vec<
     earlier
 }
 
-/// Whether the consumer a delivery of `slot`'s channel `ch` is for takes it without an ack:
-/// the oldest consumer of its tag subscribed there (see `UpChan::consumers`), not whichever
-/// consumer of the client channel has the tag now.
-pub(super) fn delivery_no_ack(
-    slot: &LinkSlot,
-    channel: &Channel,
-    ch: u16,
-    d: &codec::BasicDeliver,
-) -> bool {
-    let tag = d.consumer_tag.as_bytes();
-    slot.chans
-        .get(usize::from(ch))
-        .and_then(|up| up.no_ack_of(tag))
+/// Whether the consumer a delivery with consumer tag `tag` is for takes it without an ack: the
+/// oldest consumer of that tag subscribed on the link's channel `up` (see `UpChan::consumers`),
+/// not whichever consumer of the client channel has the tag now. Shared with the fast lane,
+/// which asks with a tag it has not decoded.
+pub(super) fn delivery_no_ack(up: Option<&UpChan>, channel: &Channel, tag: &[u8]) -> bool {
+    up.and_then(|up| up.no_ack_of(tag))
         .unwrap_or_else(|| channel.consumer_no_ack(tag))
 }
 

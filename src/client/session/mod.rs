@@ -32,7 +32,7 @@ mod vanished;
 mod wake;
 
 use input_skip::InputSkip;
-use link_slot::{LinkSlot, Pending, TopologyPlan, UpState};
+use link_slot::{LinkSlot, Pending, TopologyPlan, UpChan, UpState};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

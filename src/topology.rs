@@ -56,17 +56,6 @@ impl Topology {
         self.entries.is_empty()
     }
 
-    /// The last non-passive declare of `queue` (a passive one carries no arguments).
-    pub fn last_queue_declare(
-        &self,
-        queue: &crate::codec::ShortStr,
-    ) -> Option<&crate::codec::QueueDeclare> {
-        self.entries.iter().rev().find_map(|(_, m)| match m {
-            Method::QueueDeclare(q) if &q.queue == queue && !q.passive => Some(q),
-            _ => None,
-        })
-    }
-
     pub fn has(&self, class: Class) -> bool {
         self.entries.iter().any(|(c, _)| *c == class)
     }

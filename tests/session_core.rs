@@ -2479,6 +2479,47 @@ async fn l_a_get_ok_and_held_deliveries_of_one_link_keep_its_tag_order() {
     );
 }
 
+/// A basic.get that shard-a answers renews the queue's `x-expires` lease on the clusters it
+/// did not ask, with a passive declare, even though this connection declared the queue
+/// without a lease: a policy, or another client's redeclare since, can give it one, and a
+/// lease left to run out there deletes the queue's messages on those clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever_was_declared() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await; // no x-expires
+    // The third basic.get of a session starts at shard-a.
+    get_empty(&mut c, 1, Q).await;
+    get_empty(&mut c, 1, Q).await;
+    rig.get(A).enqueue(Q, b"m1");
+    let passive_declares = |fake: &FakeCluster| -> usize {
+        fake.links()
+            .into_iter()
+            .map(|l| {
+                fake.ledger(l)
+                    .received_named("queue.declare")
+                    .iter()
+                    .filter(
+                        |(_, m)| matches!(m, Method::QueueDeclare(q) if q.passive && q.queue == Q),
+                    )
+                    .count()
+            })
+            .sum()
+    };
+    let before: Vec<usize> = [B, CONTROL].map(|n| passive_declares(rig.get(n))).to_vec();
+    c.send(1, basic_get(Q)).await;
+    let got = c.delivery().await;
+    assert_eq!(got.body, b"m1".as_slice());
+    for (cluster, before) in [B, CONTROL].into_iter().zip(before) {
+        let fake = rig.get(cluster);
+        wait_for(&format!("{cluster} got a passive declare of {Q}"), || {
+            (passive_declares(fake) > before).then_some(())
+        })
+        .await;
+    }
+}
+
 /// A get-ok from shard-a waits for its turn behind a queue.declare that shard-b answers late;
 /// shard-a's link dies meanwhile (its broker requeues the message) and is replaced by a new
 /// connection before the get-ok reaches the client. The client's ack of that get-ok must be

@@ -949,25 +949,12 @@ impl Session {
     /// A basic.get renews an `x-expires` queue's lease on RabbitMQ; a get answered before the
     /// other clusters were asked would let the queue's copies there expire with their messages.
     /// A passive declare renews it too (RabbitMQ's `stat` resets the expiry timer), so the
-    /// clusters not asked get one. The queue's arguments are known from this connection's
-    /// declares, or from another client's through this warren; a queue declared where warren
-    /// did not see it (by a connection before a restart, through another instance, on the
-    /// clusters directly) may have a lease, and is renewed too: one passive declare per
-    /// cluster not asked, beside the get, not in its way.
+    /// clusters not asked get one, for every queue: whether a queue has a lease is not something
+    /// warren can know (a policy gives one, another client may have redeclared the queue with
+    /// one since this connection declared it without), and a lease wrongly thought absent loses
+    /// messages. One passive declare per cluster not asked, beside the get, not in its way.
     pub(super) fn renew_lease(&mut self, ch: u16, queue: &ShortStr, untried: &[LinkId]) {
         if untried.is_empty() {
-            return;
-        }
-        let has_lease = |q: &codec::QueueDeclare| q.arguments.get("x-expires").is_some();
-        let expires = match self.topology.last_queue_declare(queue) {
-            Some(q) => has_lease(q),
-            None => self
-                .shared
-                .with_topology(&self.vhost, |t| t.last_queue_declare(queue).map(has_lease))
-                .flatten()
-                .unwrap_or(true),
-        };
-        if !expires {
             return;
         }
         let check = Method::QueueDeclare(codec::QueueDeclare {

@@ -2954,6 +2954,56 @@ async fn r_idle_shard_links_close_and_open_again_when_needed() {
     assert_eq!(a.ready(Q).len() + b.ready(Q).len(), 2);
 }
 
+/// While the shard links are closed for idleness, the connection declares a control exchange
+/// (it goes to the control cluster alone) and another client deletes the connection's queue.
+/// The publish that reopens the shard links must not re-create the queue there: the control
+/// declare concerned no shard cluster. (It marked them as having missed the connection's
+/// topology, the reopened links declared it all again, and the mandatory publish to the
+/// deleted queue was routed to a queue no one could reach instead of returned.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_a_control_declare_while_shard_links_idle_does_not_replay_on_them() {
+    let rig = Rig::start_with_limits(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "lazy_links = true\nidle_link_secs = 1\n",
+    )
+    .await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.confirm_select(1).await;
+    c.declare(1, Q).await;
+    c.publish(1, Q, "m1").await;
+    c.expect_settled(1, &[(1, true)].into_iter().collect())
+        .await;
+    wait_for("the idle shard links to close", || {
+        (a.links().is_empty() && b.links().is_empty()).then_some(())
+    })
+    .await;
+    let declare = Method::ExchangeDeclare(codec::ExchangeDeclare {
+        exchange: ss("celeryev"),
+        kind: ss("topic"),
+        ..Default::default()
+    });
+    let ok = c.call(1, declare).await;
+    assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
+    for shard in [a, b] {
+        shard.delete_queue(Q);
+    }
+    c.publish(1, "invoices", "m2").await;
+    c.expect_settled(1, &[(1, true), (2, true)].into_iter().collect())
+        .await;
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        let declares = shard.ledger(link).received_named("queue.declare");
+        assert!(
+            declares.is_empty(),
+            "{}: the reopened link declares nothing: {declares:?}",
+            shard.name()
+        );
+        assert!(!shard.has_queue(Q), "{}: {Q} re-created", shard.name());
+    }
+}
+
 /// A queue the connection declared vanishes while its shard links are closed for idleness (it
 /// expired, or another client deleted it). One broker's client does not hear of it until it
 /// uses the queue; through warren likewise: the publish to another queue that opens the links

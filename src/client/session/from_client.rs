@@ -476,11 +476,16 @@ impl Session {
         let record = !passive && !targets.is_empty();
         if !passive {
             let shared = sharded && self.topology.shareable(method);
+            // A cluster without a live link missed the change, and gets this connection's
+            // topology when its link opens; a control name's change concerns the control
+            // cluster alone, and must not make idle shard links replay, on reopening, queues
+            // and bindings other clients may have deleted since.
             for cluster in &self.shared.config().clusters {
-                if !self
-                    .links
-                    .iter()
-                    .any(|s| s.live() && *s.link.cluster == *cluster.name)
+                if (sharded || cluster.role == Role::Control)
+                    && !self
+                        .links
+                        .iter()
+                        .any(|s| s.live() && *s.link.cluster == *cluster.name)
                 {
                     self.stale_topology.insert(cluster.name.clone());
                     if shared {

@@ -69,6 +69,12 @@ pub struct Shared {
     started_at: SystemTime,
     /// (vhost, queue) of the sharded queues clients declared, for the admin's queue depths.
     queues: Mutex<BTreeSet<(String, String)>>,
+    /// (vhost, queue) of the queues, of any class, whose last declare that a cluster accepted
+    /// through this process made them quorum queues; forgotten when one is deleted. RabbitMQ
+    /// refuses a conditional delete of a quorum queue, which warren checks over the clusters
+    /// itself (see `Session::checked_delete`), so it must know the type from the latest word
+    /// of any client, not from what one connection declared.
+    quorum_queues: Mutex<HashSet<(String, String)>>,
     /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
     topology: Mutex<std::collections::HashMap<String, Topology>>,
     /// (vhost, cluster) pairs that missed a shared topology change: some client declared while
@@ -115,6 +121,7 @@ impl Shared {
             weights: Mutex::default(),
             started_at: SystemTime::now(),
             queues: Mutex::new(BTreeSet::new()),
+            quorum_queues: Mutex::default(),
             topology: Mutex::default(),
             stale: Mutex::default(),
             config: ArcSwap::new(config),
@@ -548,6 +555,23 @@ impl Shared {
         if q.len() < 100_000 {
             q.insert((vhost.to_owned(), queue.to_owned()));
         }
+    }
+
+    /// Notes the type a declare accepted by the clusters gave `queue` (see `quorum_queues`).
+    pub fn note_queue_type(&self, vhost: &str, queue: &str, quorum: bool) {
+        let mut q = lock(&self.quorum_queues);
+        let key = (vhost.to_owned(), queue.to_owned());
+        if !quorum {
+            q.remove(&key);
+        } else if q.len() < 100_000 {
+            q.insert(key);
+        }
+    }
+
+    /// Whether the last declare of `queue` accepted through this process made it a quorum
+    /// queue (and no delete came after it).
+    pub fn is_quorum_queue(&self, vhost: &str, queue: &str) -> bool {
+        lock(&self.quorum_queues).contains(&(vhost.to_owned(), queue.to_owned()))
     }
 
     /// Records a sharded topology change (see [`crate::topology`]).

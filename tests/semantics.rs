@@ -110,6 +110,8 @@ differential!(
     server_named_quorum_queue_is_refused_with_406,
     declaring_a_server_named_queue_again_by_its_name_is_403,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
+    conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
+    conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
     consume_from_missing_queue_is_404,
     passive_declare_of_missing_exchange_is_404,
     publish_to_missing_exchange_closes_the_channel_with_404,
@@ -1988,6 +1990,84 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
         }
         check.close().await;
     }
+}
+
+fn delete_queue(queue: &str, if_empty: bool) -> Method {
+    Method::QueueDelete(codec::QueueDelete {
+        queue: ss(queue),
+        if_empty,
+        ..Default::default()
+    })
+}
+
+/// A quorum queue of a control name (one cluster holds it), declared by one connection, then
+/// deleted with `if_empty` by another: RabbitMQ closes that connection with 540 and keeps the
+/// queue, whoever declared it.
+async fn conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540(
+    addr: SocketAddr,
+) {
+    let queue = format!("celeryev.{}", unique("quorum"));
+    let mut a = RawClient::open(addr, Login::default()).await;
+    a.open_channel(1).await;
+    match a.call(1, &quorum_declare(&queue)).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("declaring quorum queue {queue}: {other:?}"),
+    }
+    let mut b = RawClient::open(addr, Login::default()).await;
+    b.open_channel(1).await;
+    b.send_method(1, &delete_queue(&queue, true)).await;
+    let ending = within("connection.close", b.read_until_close()).await;
+    assert_eq!(ending.code(), 540, "if_empty delete of {queue}: {ending:?}");
+    let passive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        passive: true,
+        ..Default::default()
+    });
+    match a.call(1, &passive).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("{queue} after the refused delete: {other:?}"),
+    }
+    match a.call(1, &delete_queue(&queue, false)).await {
+        Method::QueueDeleteOk(_) => {}
+        other => panic!("deleting {queue}: {other:?}"),
+    }
+    a.close().await;
+}
+
+/// One connection declares a quorum queue; another deletes it and declares it again as a
+/// classic queue; the first then deletes it with `if_empty`: RabbitMQ judges the queue as it is
+/// now, a classic one, and deletes it (delete-ok), where the first connection's own declare
+/// would say quorum (540).
+async fn conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("retyped"));
+    let mut a = RawClient::open(addr, Login::default()).await;
+    a.open_channel(1).await;
+    match a.call(1, &quorum_declare(&queue)).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("declaring quorum queue {queue}: {other:?}"),
+    }
+    let mut b = RawClient::open(addr, Login::default()).await;
+    b.open_channel(1).await;
+    match b.call(1, &delete_queue(&queue, false)).await {
+        Method::QueueDeleteOk(_) => {}
+        other => panic!("deleting {queue}: {other:?}"),
+    }
+    let classic = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        durable: true,
+        ..Default::default()
+    });
+    match b.call(1, &classic).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("declaring {queue} again as a classic queue: {other:?}"),
+    }
+    match a.call(1, &delete_queue(&queue, true)).await {
+        Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
+        other => panic!("if_empty delete of the classic {queue}: {other:?}"),
+    }
+    b.close().await;
+    a.close().await;
 }
 
 /// How a raced request ended for one client: the reply's name, or the channel.close code.

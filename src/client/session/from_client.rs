@@ -512,11 +512,20 @@ impl Session {
     /// own, and the proxy's shared one for sharded, non-exclusive entries.
     pub(super) fn record_topology(&mut self, class: Class, method: Method) {
         match &method {
-            Method::QueueDeclare(x) if class == Class::Sharded && !x.queue.is_empty() => {
-                self.shared.note_queue(&self.vhost, &x.queue.as_str());
+            Method::QueueDeclare(x) if !x.queue.is_empty() => {
+                let quorum = replicated_queue_type(&x.arguments) == Some("rabbit_quorum_queue");
+                self.shared
+                    .note_queue_type(&self.vhost, &x.queue.as_str(), quorum);
+                if class == Class::Sharded {
+                    self.shared.note_queue(&self.vhost, &x.queue.as_str());
+                }
             }
-            Method::QueueDelete(x) if class == Class::Sharded => {
-                self.shared.forget_queue(&self.vhost, &x.queue.as_str())
+            Method::QueueDelete(x) => {
+                self.shared
+                    .note_queue_type(&self.vhost, &x.queue.as_str(), false);
+                if class == Class::Sharded {
+                    self.shared.forget_queue(&self.vhost, &x.queue.as_str());
+                }
             }
             _ => {}
         }
@@ -856,19 +865,11 @@ impl Session {
         }
     }
 
-    /// Whether `queue` was declared as a quorum queue, by this connection or (for the sharded
-    /// topology warren keeps for the vhost) by any client of this warren.
+    /// Whether `queue`'s last declare accepted through this warren, by any client, made it a
+    /// quorum queue. Not this connection's own record: another client may have deleted the
+    /// queue and declared it again as another type since.
     fn declared_as_quorum(&self, queue: &ShortStr) -> bool {
-        let quorum = |(_, m): &(Class, Method)| {
-            matches!(m, Method::QueueDeclare(d)
-                if &d.queue == queue
-                    && replicated_queue_type(&d.arguments) == Some("rabbit_quorum_queue"))
-        };
-        self.topology.entries().any(quorum)
-            || self
-                .shared
-                .with_topology(&self.vhost, |t| t.entries().any(quorum))
-                .unwrap_or(false)
+        self.shared.is_quorum_queue(&self.vhost, &queue.as_str())
     }
 
     /// Sends the check `method` for client channel `ch` on a channel of warren's own on

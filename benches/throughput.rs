@@ -214,7 +214,9 @@ usage: cargo bench --bench throughput -- --nodes HOST:PORT[,HOST:PORT] [options]
 Every option can also be set as WARREN_BENCH_<NAME> (e.g. WARREN_BENCH_SIZES=100,4096).
 WARREN_BENCH_PROXY_LOG sets the proxy's RUST_LOG (default warn); its log is in the work dir.
 WARREN_BENCH_SOURCE, if set, is printed in the report header (scripts/bench.sh: the git commit).
-WARREN_BENCH_PROXY_BIN runs that warren binary instead of the one built with the benchmark.";
+WARREN_BENCH_PROXY_BIN runs that warren binary instead of the one built with the benchmark.
+WARREN_BENCH_WRAP, if set, is a command (words split on spaces) that warren and the relay are
+started under, e.g. a profiler (scripts/bench_instructions.sh runs them under callgrind).";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Topology {
@@ -1182,7 +1184,7 @@ impl ProxyProcess {
         let log_path = opts.work_dir.join("proxy.log");
         std::fs::write(&config_path, proxy_config(addr, opts.topology, &opts.nodes))?;
         let log = File::create(&log_path)?;
-        let child = Command::new(proxy_binary())
+        let child = wrapped(proxy_binary())
             .arg("--config")
             .arg(&config_path)
             // Quiet by default; WARREN_BENCH_PROXY_LOG=debug helps when a phase hangs.
@@ -1259,6 +1261,21 @@ fn proxy_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_warren")))
 }
 
+/// A command for `program`, started under WARREN_BENCH_WRAP when that is set (a profiler such
+/// as callgrind, which counts the instructions each message costs).
+fn wrapped(program: PathBuf) -> Command {
+    let wrap = std::env::var("WARREN_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        Some(first) => {
+            let mut command = Command::new(first);
+            command.args(words).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A plain TCP relay in front of one node, run as a child process (this same executable with
 /// `--relay`): the reference for what one more user-space hop costs, so that warren's own cost
 /// can be told apart from the hop's.
@@ -1270,7 +1287,7 @@ struct RelayProcess {
 impl RelayProcess {
     fn start(upstream: SocketAddr) -> Res<RelayProcess> {
         let addr = free_local_port()?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = wrapped(std::env::current_exe()?)
             .arg("--relay")
             .arg(addr.to_string())
             .arg(upstream.to_string())
@@ -1290,9 +1307,21 @@ impl RelayProcess {
 }
 
 impl Drop for RelayProcess {
+    /// SIGTERM first (a profiler it runs under writes its output then), SIGKILL if it lingers.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(None) = self.child.try_wait() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

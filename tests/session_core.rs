@@ -2482,7 +2482,8 @@ async fn l_a_get_ok_and_held_deliveries_of_one_link_keep_its_tag_order() {
 /// A basic.get that shard-a answers renews the queue's `x-expires` lease on the clusters it
 /// did not ask, with a passive declare, even though this connection declared the queue
 /// without a lease: a policy, or another client's redeclare since, can give it one, and a
-/// lease left to run out there deletes the queue's messages on those clusters.
+/// lease left to run out there deletes the queue's messages on those clusters. A client
+/// polling with gets renews each queue's lease once a second at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever_was_declared() {
     let rig = Rig::three().await;
@@ -2518,6 +2519,15 @@ async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever
         })
         .await;
     }
+    // At most one round of renewals per queue a second: the next get, which shard-b answers
+    // at once, sends none.
+    let renewed: Vec<usize> = [A, CONTROL].map(|n| passive_declares(rig.get(n))).to_vec();
+    rig.get(B).enqueue(Q, b"m2");
+    c.send(1, basic_get(Q)).await;
+    assert_eq!(c.delivery().await.body, b"m2".as_slice());
+    c.sync(1).await;
+    let after: Vec<usize> = [A, CONTROL].map(|n| passive_declares(rig.get(n))).to_vec();
+    assert_eq!(after, renewed, "passive declares on shard-a and control");
 }
 
 /// A get-ok from shard-a waits for its turn behind a queue.declare that shard-b answers late;

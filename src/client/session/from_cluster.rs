@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How often a connection's gets renew a queue's lease on the clusters they did not ask, at
+/// most (see [`Session::renew_lease`]).
+const LEASE_RENEWAL: Duration = Duration::from_secs(1);
+
 impl Session {
     pub(super) fn on_link_command(&mut self, link: LinkId, cmd: Command) {
         let Command {
@@ -952,11 +956,26 @@ impl Session {
     /// clusters not asked get one, for every queue: whether a queue has a lease is not something
     /// warren can know (a policy gives one, another client may have redeclared the queue with
     /// one since this connection declared it without), and a lease wrongly thought absent loses
-    /// messages. One passive declare per cluster not asked, beside the get, not in its way.
+    /// messages. One passive declare per cluster not asked, beside the get, not in its way, and
+    /// at most one round of them per queue every `LEASE_RENEWAL`: a client polling with gets
+    /// does not multiply the clusters' work, and a lease of a few seconds is renewed in time.
     pub(super) fn renew_lease(&mut self, ch: u16, queue: &ShortStr, untried: &[LinkId]) {
         if untried.is_empty() {
             return;
         }
+        let now = Instant::now();
+        if self
+            .leases_renewed
+            .get(queue)
+            .is_some_and(|&at| now.duration_since(at) < LEASE_RENEWAL)
+        {
+            return;
+        }
+        if self.leases_renewed.len() >= 1024 {
+            self.leases_renewed
+                .retain(|_, at| now.duration_since(*at) < LEASE_RENEWAL);
+        }
+        self.leases_renewed.insert(queue.clone(), now);
         let check = Method::QueueDeclare(codec::QueueDeclare {
             queue: queue.clone(),
             passive: true,

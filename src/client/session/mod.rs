@@ -277,6 +277,7 @@ pub async fn serve(
         replay_checks: Default::default(),
         in_turn_hold: None,
         proven_exchanges: Default::default(),
+        leases_renewed: Default::default(),
         barrier: None,
         stale_topology: Default::default(),
         lazy,
@@ -599,6 +600,9 @@ struct Session {
     stale_topology: std::collections::HashSet<String>,
     /// Exchanges a publish of this connection was accepted to (see `barrier.rs`).
     proven_exchanges: std::collections::HashSet<ShortStr>,
+    /// When this connection's gets last renewed each queue's lease on the clusters they did not
+    /// ask (see `Session::renew_lease`).
+    leases_renewed: std::collections::HashMap<ShortStr, Instant>,
     /// A publish being checked before the client's next frames are read (see `barrier.rs`).
     barrier: Option<barrier::Barrier>,
     /// The client's socket ended; waiting for its publishes' confirms before closing links.

@@ -112,6 +112,7 @@ differential!(
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
     conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
+    a_refused_nowait_redeclare_changes_nothing,
     consume_from_missing_queue_is_404,
     passive_declare_of_missing_exchange_is_404,
     publish_to_missing_exchange_closes_the_channel_with_404,
@@ -2063,6 +2064,44 @@ async fn conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made(
         other => panic!("declaring {queue} again as a classic queue: {other:?}"),
     }
     match a.call(1, &delete_queue(&queue, true)).await {
+        Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
+        other => panic!("if_empty delete of the classic {queue}: {other:?}"),
+    }
+    b.close().await;
+    a.close().await;
+}
+
+/// A classic queue is redeclared as a quorum queue with `nowait` by one connection: RabbitMQ
+/// refuses (channel.close 406) and the queue stays classic, so another connection's
+/// `if_empty` delete of it is made (delete-ok), not refused as for a quorum queue (540).
+async fn a_refused_nowait_redeclare_changes_nothing(addr: SocketAddr) {
+    let mut cleanup = Cleanup::default();
+    let queue = cleanup.queue(&unique("nowait-redeclare"));
+    let mut a = RawClient::open(addr, Login::default()).await;
+    a.open_channel(1).await;
+    let classic = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        durable: true,
+        ..Default::default()
+    });
+    match a.call(1, &classic).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("declaring {queue}: {other:?}"),
+    }
+    let mut quorum = quorum_declare(&queue);
+    if let Method::QueueDeclare(q) = &mut quorum {
+        q.nowait = true;
+    }
+    a.send_method(1, &quorum).await;
+    match within("the refusal", a.read_method()).await {
+        (1, Method::ChannelClose(close)) => assert_eq!(close.reply_code, 406, "{close:?}"),
+        other => panic!("a nowait quorum redeclare of the classic {queue}: {other:?}"),
+    }
+    a.send_method(1, &Method::ChannelCloseOk(Default::default()))
+        .await;
+    let mut b = RawClient::open(addr, Login::default()).await;
+    b.open_channel(1).await;
+    match b.call(1, &delete_queue(&queue, true)).await {
         Method::QueueDeleteOk(ok) => assert_eq!(ok.message_count, 0),
         other => panic!("if_empty delete of the classic {queue}: {other:?}"),
     }

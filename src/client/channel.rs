@@ -106,6 +106,9 @@ pub struct Rpc {
     /// The links that have answered (a basic.recover's deliveries wait on them, see
     /// [`Channel::recovered_on`]).
     pub answered: LinkSet,
+    /// The client asked for no reply (`nowait`): warren asked the clusters for one, to learn
+    /// whether they all accepted the change before remembering it, and keeps it to itself.
+    pub silent: bool,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -778,6 +781,7 @@ impl Channel {
             then_delete: None,
             rename: None,
             answered: LinkSet::default(),
+            silent: false,
         });
         self.next_rpc
     }

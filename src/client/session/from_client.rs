@@ -495,7 +495,23 @@ impl Session {
             }
         }
         if record && !expects_reply(method) {
-            self.record_topology(class, method.clone());
+            // `nowait`: the clusters are asked for a reply all the same, which the client does
+            // not get, so the change is remembered only once every cluster accepted it. A
+            // refused one (a redeclare with other arguments) closes the channel as RabbitMQ
+            // does, and must not stand in warren's records for what the clusters hold.
+            let request = with_reply(method);
+            let Some(channel) = self.channel_mut(ch) else {
+                return Ok(());
+            };
+            let id = channel.push_rpc(targets.len(), Vec::new(), &request);
+            if let Some(rpc) = channel.rpcs.back_mut() {
+                rpc.on_success = Some((class, method.clone()));
+                rpc.silent = true;
+            }
+            for link in targets.iter() {
+                self.links[link].request(ch, &request, Pending::Rpc(id));
+            }
+            return Ok(());
         }
         self.fan_out(ch, method, targets)?;
         if record
@@ -1068,6 +1084,22 @@ const CONSUMER_TAG_PREFIX: &str = "amq.ctag-";
 /// `prefix` and 22 random characters (128 bits, URL-safe base64), as RabbitMQ makes its
 /// generated names.
 /// RabbitMQ's internal name of a queue type that is not classic (`x-queue-type`), if it is one.
+/// `method` (a topology change sent with `nowait`) asking for its reply.
+fn with_reply(method: &Method) -> Method {
+    let mut request = method.clone();
+    match &mut request {
+        Method::QueueDeclare(x) => x.nowait = false,
+        Method::ExchangeDeclare(x) => x.nowait = false,
+        Method::QueueBind(x) => x.nowait = false,
+        Method::ExchangeBind(x) => x.nowait = false,
+        Method::ExchangeUnbind(x) => x.nowait = false,
+        Method::QueueDelete(x) => x.nowait = false,
+        Method::ExchangeDelete(x) => x.nowait = false,
+        _ => {}
+    }
+    request
+}
+
 pub(super) fn replicated_queue_type(arguments: &codec::FieldTable) -> Option<&'static str> {
     match arguments.get("x-queue-type") {
         Some(codec::FieldValue::LongStr(t)) if t.as_bytes() == b"quorum" => {

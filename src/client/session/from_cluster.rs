@@ -614,6 +614,9 @@ impl Session {
             if let Some((class, m)) = rpc.on_success {
                 self.record_topology(class, m);
             }
+            if rpc.silent {
+                continue;
+            }
             let mut reply = reply;
             if let (Some(name), Method::QueueDeclareOk(ok)) = (rpc.rename, &mut reply.method) {
                 ok.queue = name;

@@ -416,6 +416,13 @@ impl DeliveryTags {
         self.unacked.iter().filter(|e| e.link == link).count()
     }
 
+    /// Deliveries of `link` the client holds and its broker would requeue if the link died:
+    /// those not acknowledged yet, and those settled in the open transaction (the broker applies
+    /// a transaction's acks only at its commit).
+    pub fn held_from(&self, link: LinkRef) -> usize {
+        self.count_link(link) + self.tx.iter().flatten().filter(|e| e.link == link).count()
+    }
+
     /// The link of these deliveries is being closed on purpose (a removed cluster): the same as
     /// [`kill_link`](Self::kill_link) for the client.
     pub fn forget_link(&mut self, link: LinkRef) -> usize {

@@ -965,10 +965,11 @@ impl Session {
         };
         self.retry_at.insert(cluster.clone(), retry);
         if let Some(what) = lost {
-            // RabbitMQ dropped this with the link's connection; replaying would create an empty
-            // stand-in and the client would wait for messages that are gone. One broker would
-            // have closed the client's connection: so does warren, saying why.
-            let text = format!("link to cluster {cluster} lost; RabbitMQ deleted {what} with it");
+            // RabbitMQ dropped this with the link's connection, or requeued what the client
+            // still holds; replaying would create an empty stand-in the client waits on for
+            // messages that are gone, or deliver again messages the client already has. One
+            // broker would have closed the client's connection: so does warren, saying why.
+            let text = format!("link to cluster {cluster} lost; {what}");
             warn!(conn = self.id, %cluster, "{text}; closing the client connection");
             self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
             return;
@@ -993,18 +994,38 @@ impl Session {
         }
     }
 
-    /// What this client had on `link` that RabbitMQ deletes with the link's connection and a
-    /// new link cannot bring back: an exclusive queue (every queue lives on every cluster), or
-    /// a consumer of a single-active-consumer queue (re-subscribing would queue it behind
-    /// another consumer while it stays active on the other clusters), or replies owed to direct reply-to requests sent through it (the
-    /// address RabbitMQ gave each request names the link's connection: their replies would be
-    /// dropped). Queue arguments are known from this connection's declares.
+    /// What this client had on `link` that a new link cannot give back, said as the end of
+    /// "link to cluster X lost; ...":
+    /// - deliveries the client holds unacknowledged: the broker requeues them and delivers them
+    ///   again, while the client still has its copies and would process each message twice
+    ///   (one broker's client loses its connection with the node, and drops its copies: a
+    ///   Celery worker discards the tasks it reserved, ETA tasks included);
+    /// - an exclusive queue (every queue lives on every cluster);
+    /// - a consumer of a single-active-consumer queue (re-subscribing would queue it behind
+    ///   another consumer while it stays active on the other clusters);
+    /// - replies owed to direct reply-to requests sent through it (the address RabbitMQ gave
+    ///   each request names the link's connection: their replies would be dropped).
+    ///
+    /// Queue arguments are known from this connection's declares.
     pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
         let slot = &self.links[link];
+        let gone = LinkRef::new(link, slot.generation);
+        let held: usize = self
+            .channels
+            .iter()
+            .flatten()
+            .map(|c| c.tags.held_from(gone))
+            .sum();
+        if held > 0 {
+            return Some(format!(
+                "the client holds {held} unacknowledged deliveries from it, which RabbitMQ \
+                 requeues to deliver again: reconnect and drop them, as after a broker's failure"
+            ));
+        }
         if slot.direct_requests > slot.direct_replies {
             return Some(format!(
-                "the direct reply-to consumer, with replies owed to {} of the {} requests sent \
-                 through it",
+                "RabbitMQ deleted the direct reply-to consumer with it, with replies owed to {} \
+                 of the {} requests sent through it",
                 slot.direct_requests - slot.direct_replies,
                 slot.direct_requests
             ));
@@ -1020,7 +1041,10 @@ impl Session {
                 && q.exclusive
                 && self.may_hold_messages(&q.queue, link)
             {
-                return Some(format!("exclusive queue '{}'", q.queue.as_str()));
+                return Some(format!(
+                    "RabbitMQ deleted exclusive queue '{}' with it",
+                    q.queue.as_str()
+                ));
             }
         }
         for channel in self.channels.iter().flatten() {
@@ -1036,7 +1060,8 @@ impl Session {
                     Some(codec::FieldValue::Bool(true))
                 ) {
                     return Some(format!(
-                        "the consumer of single-active-consumer queue '{}'",
+                        "RabbitMQ deleted the consumer of single-active-consumer queue '{}' with \
+                         it",
                         q.queue.as_str()
                     ));
                 }

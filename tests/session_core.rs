@@ -1579,6 +1579,46 @@ async fn c_a_link_lost_while_the_client_holds_its_deliveries_closes_the_client()
     );
 }
 
+/// shard-b is removed from the configuration while the client holds one of its deliveries,
+/// and still holds it at the drain deadline: closing the link would have its broker requeue the
+/// message while the client keeps its copy, so the client is closed with 320 instead, saying
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_closes_the_client() {
+    let rig = Rig::start_with_settings(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "drain_deadline_secs = 1\n",
+        "",
+    )
+    .await;
+    let b = rig.get(B);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.qos(1, 10, false).await;
+    c.consume(1, Q, "ctag-removed").await;
+    b.enqueue(Q, b"held");
+    assert_eq!(c.delivery().await.body, b"held".as_slice());
+    let remaining: Vec<Cluster> = [A, CONTROL]
+        .into_iter()
+        .map(|name| Cluster {
+            name: name.to_owned(),
+            nodes: rig.get(name).nodes(),
+        })
+        .collect();
+    rig.proxy.reload_on(
+        &remaining,
+        "connect_ms = 1000\nfailover_wait_secs = 5\ndrain_deadline_secs = 1\n",
+    );
+    let close = c.connection_close().await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    let text = close.reply_text.as_str();
+    assert!(
+        text.contains("shard-b") && text.contains("1 unacknowledged deliveries"),
+        "{text}"
+    );
+}
+
 /// A queue deleted on shard-a while the client's link there was down is not re-created by the
 /// replay: its passive declare is refused, and the client is closed with 320 naming shard-a
 /// (docs/semantics.md, failover table).

@@ -93,6 +93,20 @@ impl ShardedProxy {
         status
     }
 
+    /// Applies a new configuration as a reload does, with `clusters` (some removed, say) and
+    /// `timeouts`. Panics if the reload is refused.
+    pub fn reload_on(&self, clusters: &[Cluster], timeouts: &str) -> warren::state::ReloadStatus {
+        let config = config_of(clusters, timeouts);
+        let status = self
+            .handle
+            .as_ref()
+            .expect("proxy running")
+            .shared()
+            .apply(config);
+        assert!(status.ok, "reload refused: {}", status.message);
+        status
+    }
+
     /// The proxy's counters, for tests that check what it republished or dropped.
     pub fn metrics(&self) -> &warren::metrics::Metrics {
         &self

@@ -646,6 +646,20 @@ impl Session {
                 .sum();
             let quiet = slot.last_delivery.elapsed() >= RETIRE_QUIET;
             let overdue = slot.removed_at.is_some_and(|t| t.elapsed() >= deadline);
+            if overdue && unacked > 0 {
+                // Its broker would requeue them while the client keeps its copies, to be
+                // consumed again from that cluster or wherever it is evacuated to: the client
+                // is closed instead, as in a failover (see `state_lost_with`).
+                let text = format!(
+                    "cluster {} removed from the proxy configuration; the client holds {unacked} \
+                     unacknowledged deliveries from it after the drain deadline: reconnect and \
+                     drop them",
+                    slot.link.cluster
+                );
+                warn!(conn = self.id, cluster = %slot.link.cluster, "{text}; closing the client connection");
+                self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
+                return;
+            }
             if (unacked == 0 && pending == 0 && quiet) || overdue {
                 info!(conn = self.id, cluster = %slot.link.cluster, unacked, overdue, "closing the link of a removed cluster");
                 self.links[i].retire(&connection_close(

@@ -1582,7 +1582,11 @@ async fn binary_reloads_on_sighup_and_on_file_change() {
         "no reload without a trigger"
     );
     kill(&running.child, "HUP");
-    let v = binary_clusters_until(admin, "weight 2 after SIGHUP", |v| weight_b(v) == Some(2)).await;
+    // The status is recorded just after the new configuration is in force: wait for both.
+    let v = binary_clusters_until(admin, "weight 2 after SIGHUP", |v| {
+        weight_b(v) == Some(2) && !v["reload"].is_null()
+    })
+    .await;
     assert_eq!(v["reload"]["ok"], true);
 
     // A change on disk is picked up by itself.

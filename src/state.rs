@@ -306,10 +306,16 @@ impl Shared {
         }
         let config = Arc::new(config);
         self.held.set_limit(config.limits.max_held_bytes);
+        // The status's lock is taken before the new configuration is in force and held until
+        // the status says so: whoever reads the configuration and then the status (GET
+        // /clusters) never sees the new one beside the previous reload's status, or none.
+        let mut last = lock(&self.last_reload);
         self.config.store(config.clone());
         self.config_tx.send_replace(config);
         self.generation.fetch_add(1, Ordering::Relaxed);
-        self.record(true, message)
+        let status = self.status(true, message);
+        *last = Some(status.clone());
+        status
     }
 
     /// Drains a shard cluster at run time: no new publishes go there.
@@ -538,15 +544,20 @@ impl Shared {
     }
 
     fn record(&self, ok: bool, message: String) -> ReloadStatus {
+        let status = self.status(ok, message);
+        *lock(&self.last_reload) = Some(status.clone());
+        status
+    }
+
+    /// Counts a reload and describes it (the caller records it).
+    fn status(&self, ok: bool, message: String) -> ReloadStatus {
         self.metrics.reloaded(ok);
-        let status = ReloadStatus {
+        ReloadStatus {
             at: SystemTime::now(),
             ok,
             message,
             generation: self.generation.load(Ordering::Relaxed),
-        };
-        *lock(&self.last_reload) = Some(status.clone());
-        status
+        }
     }
 
     /// Remembers a sharded queue a client declared (for the admin's queue depths).

@@ -82,15 +82,7 @@ impl ShardedProxy {
     /// Applies a new configuration as a reload does: the same clusters, `timeouts` in place of
     /// the extra text given at start (rules included). Panics if the reload is refused.
     pub fn reload_with(&self, timeouts: &str) -> warren::state::ReloadStatus {
-        let config = config_of(&self.clusters, timeouts);
-        let status = self
-            .handle
-            .as_ref()
-            .expect("proxy running")
-            .shared()
-            .apply(config);
-        assert!(status.ok, "reload refused: {}", status.message);
-        status
+        self.reload_on(&self.clusters, timeouts)
     }
 
     /// Applies a new configuration as a reload does, with `clusters` (some removed, say) and

@@ -72,6 +72,24 @@ impl Rig {
         Rig::start_with_limits(spec, &format!("lazy_links = {lazy}\n")).await
     }
 
+    /// shard-a, shard-b and control with lazy links, shard links closed after 1 s of idleness.
+    async fn with_idle_links() -> Rig {
+        Rig::start_with_limits(
+            &[(A, 1), (B, 1), (CONTROL, 1)],
+            "lazy_links = true\nidle_link_secs = 1\n",
+        )
+        .await
+    }
+
+    /// Until the shard links of the connections are closed for idleness.
+    async fn shard_links_closed(&self) {
+        let (a, b) = (self.get(A), self.get(B));
+        wait_for("the idle shard links to close", || {
+            (a.links().is_empty() && b.links().is_empty()).then_some(())
+        })
+        .await;
+    }
+
     /// [`Rig::start`], with these lines in `[limits]`.
     async fn start_with_limits(spec: &[(&str, usize)], limits: &str) -> Rig {
         Rig::start_with_settings(spec, "", limits).await
@@ -2996,11 +3014,7 @@ async fn r_shard_links_open_at_the_first_request_that_needs_them() {
 /// is confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_idle_shard_links_close_and_open_again_when_needed() {
-    let rig = Rig::start_with_limits(
-        &[(A, 1), (B, 1), (CONTROL, 1)],
-        "lazy_links = true\nidle_link_secs = 1\n",
-    )
-    .await;
+    let rig = Rig::with_idle_links().await;
     let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
@@ -3010,10 +3024,7 @@ async fn r_idle_shard_links_close_and_open_again_when_needed() {
     c.expect_settled(1, &[(1, true)].into_iter().collect())
         .await;
     let (first_a, first_b) = (a.only_link().await, b.only_link().await);
-    wait_for("the idle shard links to close", || {
-        (a.links().is_empty() && b.links().is_empty()).then_some(())
-    })
-    .await;
+    rig.shard_links_closed().await;
     assert_eq!(control.links().len(), 1, "the control link stays");
     c.publish(1, Q, "m2").await;
     c.expect_settled(1, &[(1, true), (2, true)].into_iter().collect())
@@ -3039,11 +3050,7 @@ async fn r_idle_shard_links_close_and_open_again_when_needed() {
 /// deleted queue was routed to a queue no one could reach instead of returned.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_a_control_declare_while_shard_links_idle_does_not_replay_on_them() {
-    let rig = Rig::start_with_limits(
-        &[(A, 1), (B, 1), (CONTROL, 1)],
-        "lazy_links = true\nidle_link_secs = 1\n",
-    )
-    .await;
+    let rig = Rig::with_idle_links().await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
@@ -3052,10 +3059,7 @@ async fn r_a_control_declare_while_shard_links_idle_does_not_replay_on_them() {
     c.publish(1, Q, "m1").await;
     c.expect_settled(1, &[(1, true)].into_iter().collect())
         .await;
-    wait_for("the idle shard links to close", || {
-        (a.links().is_empty() && b.links().is_empty()).then_some(())
-    })
-    .await;
+    rig.shard_links_closed().await;
     let declare = Method::ExchangeDeclare(codec::ExchangeDeclare {
         exchange: ss("celeryev"),
         kind: ss("topic"),
@@ -3090,11 +3094,7 @@ async fn r_a_control_declare_while_shard_links_idle_does_not_replay_on_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_a_queue_gone_while_the_links_were_idle_does_not_close_the_connection() {
     const OTHER: &str = "invoices";
-    let rig = Rig::start_with_limits(
-        &[(A, 1), (B, 1), (CONTROL, 1)],
-        "lazy_links = true\nidle_link_secs = 1\n",
-    )
-    .await;
+    let rig = Rig::with_idle_links().await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
@@ -3104,10 +3104,7 @@ async fn r_a_queue_gone_while_the_links_were_idle_does_not_close_the_connection(
     c.publish(1, OTHER, "m1").await;
     c.expect_settled(1, &[(1, true)].into_iter().collect())
         .await;
-    wait_for("the idle shard links to close", || {
-        (a.links().is_empty() && b.links().is_empty()).then_some(())
-    })
-    .await;
+    rig.shard_links_closed().await;
     for shard in [a, b] {
         shard.delete_queue(Q);
     }
@@ -3197,11 +3194,7 @@ async fn r_both_prefetch_settings_reach_links_opened_later() {
 /// long nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_shard_links_of_a_consumer_stay_open_while_idle() {
-    let rig = Rig::start_with_limits(
-        &[(A, 1), (B, 1), (CONTROL, 1)],
-        "lazy_links = true\nidle_link_secs = 1\n",
-    )
-    .await;
+    let rig = Rig::with_idle_links().await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;

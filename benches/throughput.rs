@@ -1234,21 +1234,7 @@ impl ProxyProcess {
 impl Drop for ProxyProcess {
     /// SIGTERM (a clean shutdown, config says no grace period), SIGKILL if it lingers.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.pid().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while let Ok(None) = self.child.try_wait() {
-                if Instant::now() > deadline {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        terminate(&mut self.child);
     }
 }
 
@@ -1309,19 +1295,27 @@ impl RelayProcess {
 impl Drop for RelayProcess {
     /// SIGTERM first (a profiler it runs under writes its output then), SIGKILL if it lingers.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Ok(None) = self.child.try_wait() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(&mut self.child);
+    }
+}
+
+/// Stops a child process still running: SIGTERM, then SIGKILL if it has not exited within 5 s.
+fn terminate(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(None) = child.try_wait() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1286,6 +1286,94 @@ async fn d_a_commit_while_every_shard_link_is_reconnecting_waits_for_one() {
     assert_eq!(sorted(all), ["t1", "t2"], "each message committed once");
 }
 
+/// The next transaction's publishes pipelined right behind a tx.commit whose shard dies
+/// without answering: the commit is redone on the other shard, and what the client sent after
+/// the commit must not be committed with it. RabbitMQ handles nothing else on a channel while
+/// it commits; warren reads the client's input only once commit-ok is sent, so the client's
+/// rollback of the next transaction undoes those publishes, as it would on one broker (they
+/// used to be committed by the redone commit, when they had gone to the other shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_redone_commit_does_not_commit_the_next_transactions_publishes() {
+    let rig = Rig::three().await;
+    let (mut c, tx_cluster, other) = open_transaction(&rig).await;
+    let link = tx_cluster.only_link().await;
+    tx_cluster.on_commit(|_, _| CommitVerdict::Hang);
+    c.send(1, Method::TxCommit(Default::default())).await;
+    for body in ["n1", "n2", "n3", "n4"] {
+        c.publish(1, Q, body).await;
+    }
+    got_commit(tx_cluster, link).await;
+    tx_cluster.kill(link, Kill::Rst);
+    let ok = c.reply(1).await;
+    assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
+    let ok = c.call(1, Method::TxRollback(Default::default())).await;
+    assert!(matches!(ok, Method::TxRollbackOk(_)), "{ok:?}");
+    c.sync(1).await;
+    assert!(
+        tx_cluster.ready(Q).is_empty(),
+        "the dead link committed nothing"
+    );
+    assert_eq!(
+        sorted(bodies(&other.ready(Q))),
+        ["t1", "t2"],
+        "the redone commit committed its own transaction only"
+    );
+}
+
+/// In a transaction, a nack with `requeue` of deliveries from both shards, then tx.commit:
+/// a broker answers commit-ok before it delivers again what the commit requeued. The shard
+/// that commits first must not have its redeliveries reach the client before the client's
+/// commit-ok, which waits for the slower shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_redeliveries_of_what_a_commit_requeued_come_after_commit_ok() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    a.enqueue(Q, b"from-a");
+    b.enqueue(Q, b"from-b");
+    c.tx_select(1).await;
+    c.consume(1, Q, "worker").await;
+    let first = c.delivery().await;
+    let second = c.delivery().await;
+    let (link_a, link_b) = (a.only_link().await, b.only_link().await);
+    b.stall(link_b, true);
+    c.send(1, nack(first.tag.max(second.tag), true, true)).await;
+    c.send(1, Method::TxCommit(Default::default())).await;
+    wait_for("shard-a committed and delivered again", || {
+        (a.ledger(link_a).sent_named("basic.deliver").len() == 2).then_some(())
+    })
+    .await;
+    // Give warren the time to read shard-a's commit-ok and redelivery.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.stall(link_b, false);
+    let ok = c.reply(1).await;
+    assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
+    let at = c
+        .log
+        .iter()
+        .position(|(_, name)| *name == "tx.commit-ok")
+        .expect("commit-ok read");
+    let before = c.log[..at]
+        .iter()
+        .filter(|(_, name)| *name == "basic.deliver")
+        .count();
+    assert_eq!(
+        before, 2,
+        "only the first deliveries came before commit-ok: {:?}",
+        c.log
+    );
+    let again = [c.delivery().await, c.delivery().await];
+    let mut got: Vec<String> = again
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.body).into_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["from-a", "from-b"]);
+    assert!(again.iter().all(|d| d.redelivered), "marked redelivered");
+}
+
 /// Connects to `rig`, declares `Q` on channel 1 and opens a transaction there with two
 /// publishes ("t1", "t2"); returns the client, the shard that received them (the
 /// transaction's), and the other shard.

@@ -793,14 +793,16 @@ impl Channel {
         self.next_rpc
     }
 
-    /// Whether a basic.recover on this channel has been answered by `link` but not yet by
-    /// every cluster. A broker sends recover-ok before the redeliveries; warren answers the
-    /// client once every cluster has, so what `link` delivers meanwhile (its redeliveries)
-    /// waits in [`Channel::after_recover`] until the client has recover-ok.
+    /// Whether a basic.recover or a tx.commit on this channel has been answered by `link` but
+    /// not yet by every cluster. A broker sends recover-ok (commit-ok) before the redeliveries
+    /// of what it requeued (a transaction's nacks and rejects with `requeue`); warren answers
+    /// the client once every cluster has, so what `link` delivers meanwhile waits in
+    /// [`Channel::after_recover`] until the client has the reply.
     pub fn recovered_on(&self, link: LinkId) -> bool {
-        self.rpcs
-            .iter()
-            .any(|r| matches!(r.request, Method::BasicRecover(_)) && r.answered.contains(link))
+        self.rpcs.iter().any(|r| {
+            matches!(r.request, Method::BasicRecover(_) | Method::TxCommit(_))
+                && r.answered.contains(link)
+        })
     }
 
     /// The newest request `link` has answered whose merged reply the client has not had yet:

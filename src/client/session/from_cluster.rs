@@ -206,8 +206,8 @@ impl Session {
                     _ => false,
                 };
                 if channel.recovered_on(link) {
-                    // A redelivery after this cluster's recover-ok: the client gets it after
-                    // its own recover-ok, as from one broker.
+                    // A redelivery after this cluster's recover-ok or commit-ok: the client
+                    // gets it after its own, as from one broker.
                     channel
                         .after_recover
                         .push((link_ref, deliver, content, no_ack));
@@ -682,6 +682,7 @@ impl Session {
                 Method::TxCommitOk(ok) => {
                     channel.tx_log.committing = None;
                     self.to_client(ch, &Method::TxCommitOk(ok));
+                    self.release_after_recover(ch);
                 }
                 Method::BasicRecoverOk(ok) => {
                     self.to_client(ch, &Method::BasicRecoverOk(ok));

@@ -274,6 +274,7 @@ pub async fn serve(
         eof_reason: None,
         orphans: Vec::new(),
         delete_check: None,
+        tx_end: None,
         replay_checks: Default::default(),
         in_turn_hold: None,
         proven_exchanges: Default::default(),
@@ -586,6 +587,12 @@ struct Session {
     /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
     /// client's input waits until it is answered (see `checked_delete`).
     delete_check: Option<(u16, u64)>,
+    /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
+    /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
+    /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and a
+    /// commit redone on another cluster after its link died (`redo_commit`) must find there
+    /// only the transaction it commits, not the next one's publishes.
+    tx_end: Option<(u16, u64)>,
     /// A failover's passive checks of the client's queues and exchanges, and what the other
     /// clusters say of one the cluster no longer has (see [`vanished`]).
     replay_checks: vanished::ReplayChecks,
@@ -1148,12 +1155,16 @@ impl Session {
             || self.barrier_holds()
             || self.in_turn_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
-            || self.delete_check.is_some_and(|(ch, id)| {
-                self.channels
-                    .get(usize::from(ch))
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| c.rpcs.iter().any(|r| r.id == id))
-            })
+            || self.delete_check.is_some_and(|w| self.unanswered(w))
+            || self.tx_end.is_some_and(|w| self.unanswered(w))
+    }
+
+    /// Whether request `id` of channel `ch` still waits for its reply to reach the client.
+    fn unanswered(&self, (ch, id): (u16, u64)) -> bool {
+        self.channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.rpcs.iter().any(|r| r.id == id))
     }
 
     /// True while the request in `in_turn_hold` may still be sent to more clusters.

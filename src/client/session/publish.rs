@@ -186,15 +186,20 @@ impl Session {
         let targets = self.live_links();
         self.fan_out(ch, method, targets)?;
         // With no target, fan_out closed the channel and sent nothing to wait for.
-        if commit
-            && !targets.is_empty()
-            && let Some(link) = link
-            && let Some(channel) = self.channel_mut(ch)
-            && let Some(rpc) = channel.rpcs.back()
-        {
-            let kept = (!log.overflowed).then_some(log.publishes);
-            channel.tx_log.committing = Some((rpc.id, link, kept));
+        if targets.is_empty() {
+            return Ok(());
         }
+        let Some(channel) = self.channel_mut(ch) else {
+            return Ok(());
+        };
+        let Some(id) = channel.rpcs.back().map(|r| r.id) else {
+            return Ok(());
+        };
+        if commit && let Some(link) = link {
+            let kept = (!log.overflowed).then_some(log.publishes);
+            channel.tx_log.committing = Some((id, link, kept));
+        }
+        self.tx_end = Some((ch, id));
         Ok(())
     }
 

@@ -2703,14 +2703,115 @@ async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever
     assert_eq!(after, renewed, "passive declares on shard-a and control");
 }
 
+/// basic.get while shard-a's link fails over (its node refuses the new connection for a
+/// while): shard-a holds the only message. The other clusters' get-empty is not the answer,
+/// since shard-a's part of the queue could not be read: the get waits for shard-a's next
+/// link and gets the message there. It used to answer get-empty at once, and a client
+/// draining with "get until get-empty" stopped early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_a_get_while_a_cluster_fails_over_waits_for_it_instead_of_answering_empty() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    a.enqueue(Q, b"on-a");
+    let la = a.only_link().await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(1, basic_get(Q)).await;
+    let early = tokio::time::timeout(Duration::from_millis(400), c.reply(1)).await;
+    assert!(early.is_err(), "no answer while shard-a is away: {early:?}");
+    a.refuse(0, false);
+    let g = c.delivery().await;
+    assert!(g.get && g.body == "on-a".as_bytes(), "{g:?}");
+}
+
+/// The same, but shard-a does not come back within `timeouts.failover_wait_secs` (5 s here):
+/// the get is refused with 541 naming the cluster, not answered get-empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_a_get_while_a_cluster_stays_down_is_refused_with_541() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let la = a.only_link().await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(1, basic_get(Q)).await;
+    let close = within_for(
+        Duration::from_secs(10),
+        "the get's refusal",
+        c.channel_close(1),
+    )
+    .await;
+    assert_eq!(close.reply_code, 541, "{close:?}");
+    assert!(
+        close
+            .reply_text
+            .as_str()
+            .contains("cluster shard-a is unreachable"),
+        "{close:?}"
+    );
+}
+
+/// A basic.get with `no_ack` is in flight on shard-a's link when it dies: RabbitMQ took the
+/// message off the queue as it sent the get-ok, which never arrived. One broker's client
+/// would lose its connection with it; warren closes the client with 320 saying why, instead
+/// of asking again and answering with the next message (or get-empty) as if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_link_lost_with_a_no_ack_get_in_flight_closes_the_client() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    a.enqueue(Q, b"taken");
+    let la = a.only_link().await;
+    a.stall(la, true);
+    c.send(
+        1,
+        Method::BasicGet(codec::BasicGet {
+            queue: ss(Q),
+            no_ack: true,
+            ..Default::default()
+        }),
+    )
+    .await;
+    wait_for("shard-a took the message for the get", || {
+        a.ready(Q).is_empty().then_some(())
+    })
+    .await;
+    a.kill(la, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    assert!(
+        close
+            .reply_text
+            .as_str()
+            .contains("basic.get with no_ack in flight"),
+        "{close:?}"
+    );
+}
+
 /// A get-ok from shard-a waits for its turn behind a queue.declare that shard-b answers late;
 /// shard-a's link dies meanwhile (its broker requeues the message) and is replaced by a new
-/// connection before the get-ok reaches the client. The client's ack of that get-ok must be
-/// swallowed, as for any delivery of a dead link (docs/semantics.md), not sent to the new
-/// link, where the upstream tag names nothing (RabbitMQ closes the channel with 406) or
-/// another message.
+/// connection before the get-ok reaches the client. Passing that get-ok on would give the
+/// client a message RabbitMQ also delivers again (it used to, with a dead tag whose ack was
+/// swallowed: the message was processed twice). The get is asked again on shard-a's new
+/// link instead: the client gets the message once, marked redelivered, and its ack settles
+/// it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn m_the_ack_of_a_get_ok_whose_link_died_before_it_was_answered_is_swallowed() {
+async fn m_a_get_ok_whose_link_died_before_it_was_answered_is_asked_again() {
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
@@ -2747,19 +2848,22 @@ async fn m_the_ack_of_a_get_ok_whose_link_died_before_it_was_answered_is_swallow
     assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
     let g = c.delivery().await;
     assert!(g.get && g.body == "g1".as_bytes(), "{g:?}");
+    assert!(
+        g.redelivered,
+        "the new link's get-ok of the requeued message"
+    );
     c.send(1, ack(g.tag, false)).await;
     let flow = Method::ChannelFlow(codec::ChannelFlow { active: true });
     match c.call(1, flow).await {
         Method::ChannelFlowOk(_) => {}
         Method::ChannelClose(close) => panic!(
-            "the ack of the dead link's get-ok went to its replacement, which closed the \
-             channel: {} {}",
+            "the ack of the get-ok closed the channel: {} {}",
             close.reply_code, close.reply_text
         ),
         other => panic!("expected channel.flow-ok, got {other:?}"),
     }
-    assert!(a.ledger(new).settlements(1).is_empty());
-    assert_eq!(bodies(&a.ready(Q)), ["g1"], "requeued with the dead link");
+    assert_eq!(a.ledger(new).settlements(1), vec![ack(1, false)]);
+    assert!(a.ready(Q).is_empty(), "taken once, and acked");
 }
 
 /// The client cancels its consumer while shard-a's link is down; shard-b answers the cancel

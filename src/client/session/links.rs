@@ -389,11 +389,14 @@ impl Session {
             .get(cluster)
             .map_or(0, |r| r.failures)
             .saturating_add(1);
+        let now = Instant::now();
+        let down_since = self.retry_at.get(cluster).map_or(now, |r| r.down_since);
         let retry = Retry {
-            at: Instant::now() + RECONNECT.after(failures),
+            at: now + RECONNECT.after(failures),
             failures,
             nodes_back: self.shared.nodes_back(cluster),
             last_error: None,
+            down_since,
         };
         self.retry_at.insert(cluster.to_owned(), retry);
     }
@@ -939,18 +942,30 @@ impl Session {
         // Consumers a cluster cancelled that were waiting only for this link's answer have
         // ended: nothing more comes from the dead link (its deliveries are requeued).
         let mut ended: Vec<(u16, ShortStr)> = Vec::new();
+        let mut ask_again: Vec<(u16, u64)> = Vec::new();
         for (ch, channel) in self.channels.iter_mut().enumerate() {
             let Some(channel) = channel else {
                 continue;
             };
             // Replies of this link still waiting for their turn (a get-ok behind a slower
-            // request): their message is requeued with the link, and the slot may be reused by
-            // the next link, so their tags must be dead ones, not the next link's.
+            // request). A get-ok with acks: RabbitMQ requeues its message with the link, so
+            // passing it on would hand the client a message that is also delivered again
+            // later: the get is asked again instead, on the cluster's next link, which has the
+            // message back. Without acks the message is the client's;
+            // the slot may be reused by the next link, so its tag must be a dead one.
             for rpc in channel.rpcs.iter_mut() {
                 if let Some(reply) = rpc.reply.as_mut()
                     && reply.link == gone
                 {
-                    reply.link = LinkRef::DEAD;
+                    let acked_get = matches!(reply.method, Method::BasicGetOk(_))
+                        && matches!(&rpc.get_request, Some(Method::BasicGet(g)) if !g.no_ack);
+                    if acked_get {
+                        rpc.reply = None;
+                        rpc.waiting += 1;
+                        ask_again.push((ch as u16, rpc.id));
+                    } else {
+                        reply.link = LinkRef::DEAD;
+                    }
                 }
             }
             let n = channel.tags.kill_link(gone);
@@ -969,6 +984,16 @@ impl Session {
         for (ch, tag) in ended {
             self.end_cancelled_consumer(ch, &tag);
         }
+        // Asked again where the message is requeued, once the cluster has its next link.
+        let now = Instant::now();
+        for (ch, id) in ask_again {
+            self.orphans.push(Orphan {
+                cluster: cluster.clone(),
+                ch,
+                id,
+                since: now,
+            });
+        }
         // `control` keeps pointing at the dead control slot: control traffic fails with a clear
         // channel error (not a hang, and never silently on a shard) until the link is back.
         let retry = Retry {
@@ -976,6 +1001,7 @@ impl Session {
             failures: 0,
             nodes_back: self.shared.nodes_back(&cluster),
             last_error: None,
+            down_since: Instant::now(),
         };
         self.retry_at.insert(cluster.clone(), retry);
         if let Some(what) = lost {
@@ -1036,6 +1062,14 @@ impl Session {
                  requeues to deliver again: reconnect and drop them, as after a broker's failure"
             ));
         }
+        let no_ack_gets = self.no_ack_gets_on(link);
+        if no_ack_gets > 0 {
+            return Some(format!(
+                "{no_ack_gets} basic.get with no_ack in flight on it: RabbitMQ takes the message \
+                 it answers with off the queue as it sends it, so it may be lost: reconnect, as \
+                 after a broker's failure"
+            ));
+        }
         if slot.direct_requests > slot.direct_replies {
             return Some(format!(
                 "RabbitMQ deleted the direct reply-to consumer with it, with replies owed to {} \
@@ -1084,6 +1118,32 @@ impl Session {
         None
     }
 
+    /// The client's basic.get requests with `no_ack` sent on `link` and not answered yet. If
+    /// the link dies, RabbitMQ may have sent one a get-ok that never arrived: with `no_ack`
+    /// the message is gone from the queue then, and the client would get the next one (or
+    /// get-empty) with no word of it, where one broker's client loses its connection.
+    fn no_ack_gets_on(&self, link: LinkId) -> usize {
+        let no_ack_get = |ch: u16, id: u64| {
+            self.channels
+                .get(usize::from(ch))
+                .and_then(Option::as_ref)
+                .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
+                .is_some_and(|r| matches!(&r.get_request, Some(Method::BasicGet(g)) if g.no_ack))
+        };
+        let mut n = 0;
+        for (ch, up) in self.links[link].chans.iter().enumerate() {
+            let owner = up.side_for.unwrap_or(ch as u16);
+            for waiting in &up.pending {
+                if let Pending::Rpc(id) = waiting.who
+                    && no_ack_get(owner, id)
+                {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Whether `queue`'s copy on `link`'s cluster can hold messages: a publish lands on a shard
     /// cluster only when sharded (a sharded exchange, or the default exchange with a sharded
     /// queue name), on the control cluster only when control. A queue with a control name and
@@ -1095,9 +1155,20 @@ impl Session {
         let Some(slot) = self.links.get(link) else {
             return true;
         };
-        let takes_control = slot.role == Role::Control
-            || (self.control.is_none() && self.shard_links().first() == Some(link));
-        let takes_sharded = slot.role == Role::Shard;
+        let first_shard = self.control.is_none() && self.shard_links().first() == Some(link);
+        self.may_hold_messages_on(queue, slot.role, first_shard)
+    }
+
+    /// [`may_hold_messages`](Self::may_hold_messages) for a cluster of `role`; `first_shard`:
+    /// it is the shard cluster that takes control traffic when there is no control cluster.
+    pub(super) fn may_hold_messages_on(
+        &self,
+        queue: &ShortStr,
+        role: Role,
+        first_shard: bool,
+    ) -> bool {
+        let takes_control = role == Role::Control || first_shard;
+        let takes_sharded = role == Role::Shard;
         let mut sharded = self.rules.queue(queue.as_bytes()) == Class::Sharded;
         let mut control = !sharded;
         for (_, m) in self.topology.entries() {
@@ -1117,13 +1188,15 @@ impl Session {
 
     /// A request was in flight on a link that died: it waits for the cluster's next link and is
     /// sent again there (see [`resend_orphans`](Self::resend_orphans)), so its answer covers
-    /// every cluster, as from one broker. basic.get (which tries the next cluster) and
-    /// requests whose link is gone for good are not kept. Returns whether it was kept.
+    /// every cluster, as from one broker. A basic.get tries the next cluster first (and waits
+    /// for this one only if they all say empty); requests whose link is gone for good are not
+    /// kept. Returns whether it was kept.
     pub(super) fn orphan_rpc(&mut self, ch: u16, id: u64, cluster: &str) -> bool {
         let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
             return false;
         };
-        if rpc.get_request.is_some() {
+        if rpc.get_request.is_some() && rpc.get_next.iter().any(|&l| self.links[l].live()) {
+            // The next cluster is asked now; this one is waited for if they all say empty.
             return false;
         }
         let removed = self.shared.config().cluster(cluster).is_none();
@@ -1135,6 +1208,55 @@ impl Session {
             ch,
             id,
             since: Instant::now(),
+        });
+        true
+    }
+
+    /// A basic.get every live cluster answered with get-empty: if a cluster that may hold
+    /// messages of its queue has no link right now (failing over, reconnecting), the get
+    /// waits for that cluster's next link and asks it there (see
+    /// [`resend_orphans`](Self::resend_orphans)), for at most `timeouts.failover_wait_secs`
+    /// from when the cluster went down; then it is refused with 541. get-empty would tell the
+    /// client the queue is empty while a part of it could not be read (a drain loop that
+    /// stops at get-empty would stop early). Returns whether the get waits.
+    pub(super) fn get_waits_for_missing_cluster(&mut self, ch: u16, id: u64) -> bool {
+        let Some(Method::BasicGet(get)) = self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
+            .and_then(|r| r.get_request.as_ref())
+        else {
+            return false;
+        };
+        let config = self.shared.config();
+        let first_shard = config.shard_clusters().next().map(|c| c.name.clone());
+        let missing = config.clusters.iter().find(|c| {
+            let down = self.retry_at.contains_key(&*c.name) || self.connecting.contains(&c.name);
+            let linked = self
+                .links
+                .iter()
+                .any(|s| s.live() && *s.link.cluster == *c.name);
+            down && !linked
+                && self.may_hold_messages_on(
+                    &get.queue,
+                    c.role,
+                    self.control.is_none() && first_shard.as_ref() == Some(&c.name),
+                )
+        });
+        let Some(cluster) = missing else {
+            return false;
+        };
+        let since = self
+            .retry_at
+            .get(&*cluster.name)
+            .map_or_else(Instant::now, |r| r.down_since);
+        debug!(conn = self.id, channel = ch, cluster = %cluster.name, "basic.get: the other clusters are empty; waiting for this one's link");
+        self.orphans.push(Orphan {
+            cluster: cluster.name.to_string(),
+            ch,
+            id,
+            since,
         });
         true
     }
@@ -1196,6 +1318,28 @@ impl Session {
         self.orphans = young;
         for o in old {
             warn!(conn = self.id, cluster = %o.cluster, channel = o.ch, "cluster not back in time for a request in flight when its link died");
+            let get = channel_in(&mut self.channels, o.ch)
+                .and_then(|c| c.rpc_mut(o.id))
+                .and_then(|r| r.get_request.clone());
+            if let Some(Method::BasicGet(get)) = get {
+                // The other clusters had nothing: get-empty would say the queue is empty
+                // while this cluster's part of it cannot be read.
+                let text = format!(
+                    "cluster {} is unreachable (not back within {} s) and may hold messages \
+                     of queue '{}'",
+                    o.cluster,
+                    wait.as_secs(),
+                    get.queue.as_str()
+                );
+                self.close_channel_at(
+                    o.ch,
+                    ReplyCode::InternalError,
+                    &text,
+                    &Method::BasicGet(get),
+                    o.id,
+                );
+                continue;
+            }
             self.settle_dead_rpc(o.ch, o.id);
             self.flush_rpcs(o.ch);
         }
@@ -1204,10 +1348,7 @@ impl Session {
     /// A request was waiting for a link that died: count it as answered by that link (the
     /// other links' replies make the answer), or try the next cluster for a basic.get.
     pub(super) fn settle_dead_rpc(&mut self, ch: u16, id: u64) {
-        let Some(channel) = channel_in(&mut self.channels, ch) else {
-            return;
-        };
-        let Some(rpc) = channel.rpc_mut(id) else {
+        let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
             return;
         };
         if let Some(get) = rpc.get_request.clone() {
@@ -1217,13 +1358,19 @@ impl Session {
                     return;
                 }
             }
-            if rpc.reply.is_none() {
-                rpc.reply = Some(crate::client::channel::Reply {
-                    method: Method::BasicGetEmpty(Default::default()),
-                    content: None,
-                    link: LinkRef::DEAD,
-                });
+            if rpc.reply.is_none() && self.get_waits_for_missing_cluster(ch, id) {
+                return;
             }
+        }
+        let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
+            return;
+        };
+        if rpc.get_request.is_some() && rpc.reply.is_none() {
+            rpc.reply = Some(crate::client::channel::Reply {
+                method: Method::BasicGetEmpty(Default::default()),
+                content: None,
+                link: LinkRef::DEAD,
+            });
         }
         rpc.waiting = rpc.waiting.saturating_sub(1);
     }

@@ -637,6 +637,8 @@ struct Retry {
     /// Why the last attempt failed ("127.0.0.1:5701 refused the connection: 403 ..."), for the
     /// client's connection.close if it has to be closed for want of this cluster.
     last_error: Option<String>,
+    /// Since when the cluster has had no live link (the first failure of this run of them).
+    down_since: Instant,
 }
 
 /// Lets a repeated warning through once per [`Self::EVERY`], counting what it held back, so a

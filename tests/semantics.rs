@@ -107,6 +107,9 @@ differential!(
     racing_exclusive_declares_have_one_winner,
     racing_exclusive_consumers_have_one_winner,
     racing_conflicting_declares_have_one_winner,
+    racing_nowait_conflicting_exchange_declares_have_one_winner,
+    racing_nowait_exclusive_declares_have_one_winner,
+    racing_nowait_exclusive_consumers_have_one_winner,
     server_named_quorum_queue_is_refused_with_406,
     declaring_a_server_named_queue_again_by_its_name_is_403,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
@@ -2123,7 +2126,8 @@ async fn race_outcome(c: &mut RawClient) -> String {
 /// Sends `request(queue)` from two connections at the same moment, 10 times (a fresh queue
 /// each time, `setup` run first on a third connection); each time exactly one must win, as on
 /// one broker: the other gets `refused`. (Through several clusters, each cluster could pick its
-/// own winner and both racers be refused.)
+/// own winner and both racers be refused.) A `nowait` request's winner is the one whose
+/// basic.qos behind it is answered: `winner` is then "basic.qos-ok".
 async fn race_twice(
     addr: SocketAddr,
     prefix: &str,
@@ -2136,6 +2140,8 @@ async fn race_twice(
     let mut outcomes = BTreeMap::new();
     for _ in 0..10 {
         let queue = cleanup.queue(&unique(prefix));
+        // The name may be an exchange's (a raced exchange.declare).
+        cleanup.exchange(&queue);
         if let Some(setup) = setup {
             let mut c = RawClient::open(addr, Login::default()).await;
             c.open_channel(1).await;
@@ -2149,6 +2155,13 @@ async fn race_twice(
         let (mut wa, mut wb) = (BytesMut::new(), BytesMut::new());
         codec::write_method(&mut wa, 1, &request(&queue, 0));
         codec::write_method(&mut wb, 1, &request(&queue, 1));
+        if !request(&queue, 0).expects_reply() {
+            // A nowait request is answered by nothing: a basic.qos behind it tells whether the
+            // channel is still open (its qos-ok) or was closed for it.
+            let qos = Method::BasicQos(codec::BasicQos::default());
+            codec::write_method(&mut wa, 1, &qos);
+            codec::write_method(&mut wb, 1, &qos);
+        }
         let (ra, rb) = tokio::join!(a.stream.write_all(&wa), b.stream.write_all(&wb));
         ra.and(rb).expect("sending the raced requests");
         let (oa, ob) = tokio::join!(race_outcome(&mut a), race_outcome(&mut b));
@@ -2229,6 +2242,78 @@ async fn racing_exclusive_consumers_have_one_winner(addr: SocketAddr) {
             })
         },
         "basic.consume-ok",
+        "403",
+    )
+    .await;
+}
+
+/// Two connections declare one exchange with `nowait` at the same moment, one as fanout and
+/// one as direct: one wins and the other's channel is closed with 406, every time. (Declares
+/// sent to every cluster at once used to have both racers refused about half the time, the
+/// exchange fanout on some clusters and direct on others: a binding then routed differently
+/// from cluster to cluster.)
+async fn racing_nowait_conflicting_exchange_declares_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-nowait-x",
+        None,
+        |q, racer| {
+            Method::ExchangeDeclare(codec::ExchangeDeclare {
+                exchange: ss(q),
+                kind: ss(if racer == 0 { "fanout" } else { "direct" }),
+                nowait: true,
+                ..Default::default()
+            })
+        },
+        "basic.qos-ok",
+        "406",
+    )
+    .await;
+}
+
+/// Two connections declare the same exclusive queue with `nowait` at the same moment: one
+/// owns it, the other's channel is closed with 405, every time (not each cluster's copy owned
+/// by a different connection and both refused).
+async fn racing_nowait_exclusive_declares_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-nowait-exclusive",
+        None,
+        |q, _| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: ss(q),
+                exclusive: true,
+                nowait: true,
+                ..Default::default()
+            })
+        },
+        "basic.qos-ok",
+        "405",
+    )
+    .await;
+}
+
+/// Two connections start an exclusive consumer with `nowait` on one queue at the same moment:
+/// one consumes, the other's channel is closed with 403, every time (not both refused).
+async fn racing_nowait_exclusive_consumers_have_one_winner(addr: SocketAddr) {
+    race_twice(
+        addr,
+        "race-nowait-consumer",
+        Some(|q| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: ss(q),
+                ..Default::default()
+            })
+        }),
+        |q, _| {
+            Method::BasicConsume(codec::BasicConsume {
+                queue: ss(q),
+                exclusive: true,
+                nowait: true,
+                ..Default::default()
+            })
+        },
+        "basic.qos-ok",
         "403",
     )
     .await;

@@ -205,7 +205,20 @@ impl Session {
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
                 }
-                self.fan_out(ch, &Method::BasicConsume(c), targets)?;
+                if c.exclusive && c.nowait {
+                    // Exclusive consumers racing for a queue must find one winner, as on one
+                    // broker: asked with a reply, the consume goes to one cluster after the
+                    // other (`Rpc::in_turn`); the client, which asked for none, gets none.
+                    let asked = codec::BasicConsume { nowait: false, ..c };
+                    self.fan_out(ch, &Method::BasicConsume(asked), targets)?;
+                    if !targets.is_empty()
+                        && let Some(rpc) = self.channel_mut(ch).and_then(|c| c.rpcs.back_mut())
+                    {
+                        rpc.silent = true;
+                    }
+                } else {
+                    self.fan_out(ch, &Method::BasicConsume(c), targets)?;
+                }
             }
             Method::BasicCancel(ref c) => {
                 // An auto-delete queue may go with its last consumer, and an auto-delete
@@ -498,18 +511,18 @@ impl Session {
             // `nowait`: the clusters are asked for a reply all the same, which the client does
             // not get, so the change is remembered only once every cluster accepted it. A
             // refused one (a redeclare with other arguments) closes the channel as RabbitMQ
-            // does, and must not stand in warren's records for what the clusters hold.
+            // does, and must not stand in warren's records for what the clusters hold. Asked
+            // as any request with a reply, a declare or delete goes to one cluster after the
+            // other (`Rpc::in_turn`): two clients racing conflicting nowait declares (a fanout
+            // and a direct exchange of one name, an exclusive queue) must find one winner, the
+            // same on every cluster, not one type or owner here and the other there.
             let request = with_reply(method);
-            let Some(channel) = self.channel_mut(ch) else {
-                return Ok(());
-            };
-            let id = channel.push_rpc(targets.len(), Vec::new(), &request);
-            if let Some(rpc) = channel.rpcs.back_mut() {
+            self.fan_out(ch, &request, targets)?;
+            if let Some(channel) = self.channel_mut(ch)
+                && let Some(rpc) = channel.rpcs.back_mut()
+            {
                 rpc.on_success = Some((class, method.clone()));
                 rpc.silent = true;
-            }
-            for link in targets.iter() {
-                self.links[link].request(ch, &request, Pending::Rpc(id));
             }
             return Ok(());
         }

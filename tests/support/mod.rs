@@ -1087,27 +1087,7 @@ impl RawClient {
         frame_max: usize,
     ) {
         let mut out = BytesMut::with_capacity(body.len() + body.len() / 1000 + 256);
-        codec::write_method(
-            &mut out,
-            channel,
-            &Method::BasicPublish(codec::BasicPublish {
-                ticket: 0,
-                exchange: ss(exchange),
-                routing_key: ss(routing_key),
-                mandatory: false,
-                immediate: false,
-            }),
-        );
-        codec::write_header(
-            &mut out,
-            channel,
-            &ContentHeader {
-                class_id: 60,
-                body_size: body.len() as u64,
-                properties: WireProperties::default(),
-            },
-        );
-        codec::write_body(&mut out, channel, body, frame_max);
+        encode_publish(&mut out, channel, exchange, routing_key, body, frame_max);
         self.send(&out).await;
     }
 
@@ -1759,4 +1739,37 @@ pub fn rabbit_ctl(node: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Appends basic.publish with its content to `out`, body frames split to `frame_max`: for a
+/// test that sends it in one write with other frames.
+pub fn encode_publish(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    frame_max: usize,
+) {
+    codec::write_method(
+        out,
+        channel,
+        &Method::BasicPublish(codec::BasicPublish {
+            ticket: 0,
+            exchange: ss(exchange),
+            routing_key: ss(routing_key),
+            mandatory: false,
+            immediate: false,
+        }),
+    );
+    codec::write_header(
+        out,
+        channel,
+        &ContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: WireProperties::default(),
+        },
+    );
+    codec::write_body(out, channel, body, frame_max);
 }

@@ -15,6 +15,8 @@
 # --haproxy: HAProxy (TCP mode, one thread) in front of the same node too: a widely run proxy in
 #            the same rounds, for comparison (needs haproxy installed: scripts/test.sh haproxy
 #            installs Debian's).
+# WARREN_BENCH_PROXY_BIN=/path/to/warren runs that binary instead of building one (another
+# commit, or the profile-optimised build of scripts/build_pgo.sh), as for scripts/bench.sh.
 # Needs the test venv (.venv, made by scripts/test.sh) for Celery.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     --no-relay) relay=0; shift ;;
     --haproxy) haproxy=1; shift ;;
     --) shift; args=("$@"); break ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench_celery.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -42,8 +44,14 @@ if [ "$pin" = 1 ]; then
 fi
 log() { printf '[bench_celery.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-log "building warren (release)"
-cargo build --release --bin warren
+warren_bin=${WARREN_BENCH_PROXY_BIN:-}
+if [ -z "$warren_bin" ]; then
+    log "building warren (release)"
+    cargo build --release --bin warren
+    warren_bin=target/release/warren
+fi
+[ -x "$warren_bin" ] || { echo "bench_celery.sh: $warren_bin is not an executable" >&2; exit 2; }
+log "warren: $warren_bin"
 relay_bin=
 if [ "$relay" = 1 ]; then
     log "building the relay (the throughput benchmark's --relay)"
@@ -87,7 +95,7 @@ name = "shard-a"
 role = "shard"
 nodes = ["$node"]
 TOML
-"${pin_rest[@]}" target/release/warren --config "$tmp/warren.toml" >"$tmp/warren.log" 2>&1 &
+"${pin_rest[@]}" "$warren_bin" --config "$tmp/warren.toml" >"$tmp/warren.log" 2>&1 &
 warren_pid=$!
 wait_port "$port"
 relay_args=()

@@ -27,10 +27,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use warren::codec::{
-    self, BasicProperties as WireProperties, ContentHeader, FieldTable, FieldValue, FrameKind,
-    LongStr, Method, ShortStr,
-};
+use warren::codec::{self, FieldTable, FieldValue, FrameKind, LongStr, Method, ShortStr};
 
 use support::sharded::Cleanup;
 use support::{
@@ -322,27 +319,7 @@ fn publish_frames(
     routing_key: &str,
     body: &[u8],
 ) {
-    codec::write_method(
-        out,
-        channel,
-        &Method::BasicPublish(codec::BasicPublish {
-            ticket: 0,
-            exchange: ss(exchange),
-            routing_key: ss(routing_key),
-            mandatory: false,
-            immediate: false,
-        }),
-    );
-    codec::write_header(
-        out,
-        channel,
-        &ContentHeader {
-            class_id: 60,
-            body_size: body.len() as u64,
-            properties: WireProperties::default(),
-        },
-    );
-    codec::write_body(out, channel, body, 4096);
+    support::encode_publish(out, channel, exchange, routing_key, body, 4096);
 }
 
 /// A raw client with channel 1 open and `queue` declared on it (transient, not exclusive).

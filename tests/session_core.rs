@@ -1725,6 +1725,45 @@ async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_c
     );
 }
 
+/// shard-b is removed from the configuration while the client has acked one of its
+/// deliveries in a transaction it has not committed: the broker applies that ack only at the
+/// commit, so the link must stay until then (closing it when its consumer went quiet had the
+/// broker requeue a message the client had processed, and the commit's ack went nowhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_removed_clusters_link_stays_until_its_acks_in_a_transaction_are_committed() {
+    let rig = Rig::three().await;
+    let b = rig.get(B);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.tx_select(1).await;
+    c.consume(1, Q, "ctag-tx").await;
+    b.enqueue(Q, b"acked in tx");
+    let d = c.delivery().await;
+    assert_eq!(d.body, b"acked in tx".as_slice());
+    c.send(1, ack(d.tag, false)).await;
+    c.sync(1).await;
+    let link_b = b.only_link().await;
+    let remaining: Vec<Cluster> = [A, CONTROL]
+        .into_iter()
+        .map(|name| Cluster {
+            name: name.to_owned(),
+            nodes: rig.get(name).nodes(),
+        })
+        .collect();
+    rig.proxy
+        .reload_on(&remaining, "connect_ms = 1000\nfailover_wait_secs = 5\n");
+    // Past the quiet time after which a removed cluster's idle link closes (3 s), and a tick.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let ok = c.call(1, Method::TxCommit(Default::default())).await;
+    assert!(matches!(ok, Method::TxCommitOk(_)), "{ok:?}");
+    wait_for("shard-b applied the committed ack", || {
+        (b.ledger(link_b).settlements(1).len() == 1).then_some(())
+    })
+    .await;
+    assert!(b.ready(Q).is_empty(), "not requeued: {:?}", b.ready(Q));
+}
+
 /// A queue deleted on shard-a while the client's link there was down is not re-created by the
 /// replay: its passive declare is refused, and the client is closed with 320 naming shard-a
 /// (docs/semantics.md, failover table).

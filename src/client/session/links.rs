@@ -636,11 +636,13 @@ impl Session {
             if slot.removed_at.is_none() || !slot.live() {
                 continue;
             }
+            // Acked in a transaction not yet committed counts: the broker applies those acks
+            // at the commit, and would requeue the messages if the link closed before it.
             let unacked: usize = self
                 .channels
                 .iter()
                 .flatten()
-                .map(|c| c.tags.count_link(LinkRef::new(i, slot.generation)))
+                .map(|c| c.tags.held_from(LinkRef::new(i, slot.generation)))
                 .sum();
             let pending: usize = slot
                 .chans

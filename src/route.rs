@@ -304,9 +304,94 @@ impl RoundRobin {
     }
 }
 
+/// Round-robin kept per routing key, in a few buckets (a key's bucket is a hash of it).
+///
+/// One rotation for every publish of a connection puts each message on the next cluster
+/// whatever its queue, so a producer that alternates between two queues (a web request that
+/// sends task A, then task B) sends every A to one cluster and every B to the other: each queue
+/// then lives on one cluster, its consumers get only that cluster's share of their prefetch,
+/// and the cluster's loss takes the whole queue. A rotation per key spreads each queue over the
+/// clusters whatever the interleaving; keys that share a bucket share a rotation, as all keys
+/// did before.
+#[derive(Debug, Clone)]
+pub struct KeyedRoundRobin {
+    /// Boxed: the session that owns it touches one rotation per publish, not all of them.
+    rotations: Box<[RoundRobin; KEY_BUCKETS]>,
+}
+
+impl Default for KeyedRoundRobin {
+    fn default() -> Self {
+        KeyedRoundRobin {
+            rotations: Box::new(std::array::from_fn(|_| RoundRobin::default())),
+        }
+    }
+}
+
+/// Rotations per connection: enough that the few queues a producer interleaves rarely share
+/// one (two keys: 1 chance in 64), few enough to stay small (a rotation is an empty `Vec` until
+/// its first pick).
+const KEY_BUCKETS: usize = 64;
+
+impl KeyedRoundRobin {
+    /// Picks one of the candidates `(index, weight)` in the rotation of `key`.
+    pub fn pick(
+        &mut self,
+        key: &[u8],
+        candidates: impl Iterator<Item = (usize, u32)>,
+    ) -> Option<usize> {
+        self.rotations[key_bucket(key)].pick(candidates)
+    }
+}
+
+/// The rotation of routing key `key`: FNV-1a, a few instructions per byte, the same in every run
+/// and build.
+pub fn key_bucket(key: &[u8]) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in key {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % KEY_BUCKETS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_keys_each_spread_over_every_cluster() {
+        let mut rr = KeyedRoundRobin::default();
+        let (a, b) = (b"task-a".as_slice(), b"task-b".as_slice());
+        assert_ne!(
+            key_bucket(a),
+            key_bucket(b),
+            "the two keys of this test must not share a bucket"
+        );
+        let mut counts = [[0u32; 2]; 2];
+        for _ in 0..100 {
+            for (k, key) in [a, b].into_iter().enumerate() {
+                let picked = rr.pick(key, [(0, 1), (1, 1)].into_iter()).expect("a pick");
+                counts[k][picked] += 1;
+            }
+        }
+        assert_eq!(
+            counts,
+            [[50, 50], [50, 50]],
+            "each key half on each cluster"
+        );
+    }
+
+    #[test]
+    fn a_keys_rotation_follows_the_weights() {
+        let mut rr = KeyedRoundRobin::default();
+        let mut counts = [0u32; 2];
+        for _ in 0..90 {
+            let picked = rr
+                .pick(b"celery", [(0, 2), (1, 1)].into_iter())
+                .expect("a pick");
+            counts[picked] += 1;
+        }
+        assert_eq!(counts, [60, 30]);
+    }
 
     #[test]
     fn celery_preset() {

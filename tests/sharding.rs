@@ -528,6 +528,42 @@ async fn publishes_spread_evenly_over_the_shard_clusters() {
     finish(conn, proxy, direct).await;
 }
 
+/// A producer that alternates between two queues (a web request that sends task A, then task
+/// B) on one channel: each queue's messages spread over both shard clusters. With one rotation
+/// for all of a connection's publishes, every A went to one cluster and every B to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_queues_each_spread_over_the_shard_clusters() {
+    if support::skip_live() {
+        return;
+    }
+    const N: usize = 200;
+    let (mut cleanup, qa) = Cleanup::with_queue("interleave-a");
+    // Two keys that share a rotation share it as every key did before (1 chance in 64).
+    let qb = loop {
+        let qb = support::unique("interleave-b");
+        if warren::route::key_bucket(qb.as_bytes()) != warren::route::key_bucket(qa.as_bytes()) {
+            break cleanup.queue(&qb);
+        }
+    };
+    let (proxy, direct, conn, ch, mut events) = start().await;
+    declare(&ch, QueueDeclareArguments::durable_client_named(&qa)).await;
+    declare(&ch, QueueDeclareArguments::durable_client_named(&qb)).await;
+    for i in 0..N {
+        publish_numbered(&ch, &qa, i..i + 1).await;
+        publish_numbered(&ch, &qb, i..i + 1).await;
+    }
+    for queue in [&qa, &qb] {
+        let what = format!("all {N} messages in {queue}");
+        let (a, b) = direct.wait_shard_total(queue, BULK, &what, N).await;
+        println!("{queue}: shard-a {a}, shard-b {b}");
+        assert_eq!((a, b), (100, 100), "{queue} half on each shard cluster");
+    }
+    events.assert_no_close("publisher");
+    queue_delete(&ch, &qa).await;
+    queue_delete(&ch, &qb).await;
+    finish(conn, proxy, direct).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. One consumer gets every message once, with every kind of acknowledgement
 

@@ -62,7 +62,7 @@ use crate::held::{HeldLedger, HeldTicket, Receiving};
 use crate::io::stream::{ReadHalf, Stream};
 use crate::io::{Assembler, Command, Content, Gate, Outbox, command::AssembleError};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::route::{Class, RoundRobin, Rules};
+use crate::route::{Class, KeyedRoundRobin, Rules};
 use crate::state::Shared;
 use crate::topology::Topology;
 use crate::upstream::{self, ConnectError, Link, LinkDown, LinkId, LinkSpec};
@@ -242,7 +242,7 @@ pub async fn serve(
         control,
         rules: config.routing.clone(),
         last_route: None,
-        rr: RoundRobin::default(),
+        rr: KeyedRoundRobin::default(),
         get_rotation: 0,
         channels: Vec::new(),
         closing: None,
@@ -497,7 +497,7 @@ struct Session {
     rules: Rules,
     /// The last publish destination and its class (see `on_client_command`).
     last_route: Option<(ShortStr, ShortStr, Class, Option<usize>)>,
-    rr: RoundRobin,
+    rr: KeyedRoundRobin,
     get_rotation: usize,
     channels: Vec<Option<Channel>>,
     closing: Option<Closing>,

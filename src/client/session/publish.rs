@@ -394,7 +394,7 @@ impl Session {
         routing_key: &ShortStr,
     ) -> Option<LinkId> {
         let Some((index, r)) = rule.and_then(|i| self.rules.rules.get(i).map(|r| (i, r))) else {
-            return self.pick_shard(None);
+            return self.pick_shard_for(routing_key.as_bytes(), |_| false);
         };
         let spread = r.spread;
         let mut allowed = LinkSet::default();
@@ -404,7 +404,9 @@ impl Session {
             }
         }
         let picked = match spread {
-            Spread::Message => self.pick_shard_where(|l| !allowed.contains(l)),
+            Spread::Message => {
+                self.pick_shard_for(routing_key.as_bytes(), |l| !allowed.contains(l))
+            }
             Spread::Channel => {
                 let kept = self.channel_mut(ch).and_then(|c| {
                     c.sticky
@@ -436,6 +438,17 @@ impl Session {
 
     /// [`Self::pick_shard`] among the links `skip` does not name, with no fallback.
     pub(super) fn pick_shard_where(&mut self, skip: impl Fn(LinkId) -> bool) -> Option<LinkId> {
+        self.pick_shard_for(b"", skip)
+    }
+
+    /// [`Self::pick_shard_where`] in the rotation of routing key `key` (see
+    /// [`KeyedRoundRobin`](crate::route::KeyedRoundRobin)): each queue's messages spread over
+    /// the clusters whatever the order in which a producer interleaves its queues.
+    pub(super) fn pick_shard_for(
+        &mut self,
+        key: &[u8],
+        skip: impl Fn(LinkId) -> bool,
+    ) -> Option<LinkId> {
         let usable = |i: usize, s: &LinkSlot| s.takes_shard_publishes() && !skip(i);
         // A cluster under a resource alarm (connection.blocked) gets publishes only when every
         // other one is blocked too: publishes move rather than pause.
@@ -446,6 +459,7 @@ impl Session {
             .any(|(i, s)| usable(i, s) && !s.blocked);
         let links = &self.links;
         self.rr.pick(
+            key,
             links
                 .iter()
                 .enumerate()

@@ -1685,6 +1685,51 @@ async fn c_a_link_lost_while_the_client_holds_its_deliveries_closes_the_client()
     );
 }
 
+/// warren closes a client with 320 (shard-a's link died while the client held one of its
+/// deliveries) while publishes the client sent without confirms are still unconfirmed on
+/// shard-b: shard-b's link stays open until they are confirmed, and they are in the queue. It
+/// used to get connection.close with the client's, and the publishes were lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirmed() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, "other").await;
+    c.consume(1, Q, "worker").await;
+    a.enqueue(Q, b"held");
+    assert_eq!(c.delivery().await.body, b"held".as_slice());
+    b.on_publish(|_| Verdict::Hold);
+    let (link_a, link_b) = (a.only_link().await, b.only_link().await);
+    for i in 0..4 {
+        c.publish(1, "other", &format!("p{i}")).await;
+    }
+    wait_for("shard-b holds two publishes", || {
+        (b.ledger(link_b).published(1).len() == 2).then_some(())
+    })
+    .await;
+    a.kill(link_a, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    c.send(0, Method::ConnectionCloseOk(Default::default()))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        b.links().contains(&link_b),
+        "shard-b's link stays while its publishes are unconfirmed"
+    );
+    b.confirm(link_b, 1, 2, true, true);
+    wait_for("shard-b routed the two publishes", || {
+        (b.ready("other").len() == 2).then_some(())
+    })
+    .await;
+    wait_for("shard-b's link closed once they were confirmed", || {
+        (!b.links().contains(&link_b)).then_some(())
+    })
+    .await;
+}
+
 /// shard-b is removed from the configuration while the client holds one of its deliveries,
 /// and still holds it at the drain deadline: closing the link would have its broker requeue the
 /// message while the client keeps its copy, so the client is closed with 320 instead, saying

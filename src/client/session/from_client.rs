@@ -17,15 +17,13 @@ impl Session {
         }
         if let Some(closing) = &self.closing {
             match (closing, &method) {
-                (Closing::ByProxy { .. }, Method::ConnectionCloseOk(_)) => {
-                    self.end = Some(match closing {
-                        Closing::ByProxy { reason, .. } => reason.clone(),
-                        Closing::ByClient { .. } => String::new(),
-                    });
+                (Closing::ByProxy { reason, .. }, Method::ConnectionCloseOk(_)) => {
+                    let reason = reason.clone();
+                    self.end_proxy_close(reason);
                 }
                 (Closing::ByProxy { .. }, Method::ConnectionClose(_)) => {
                     self.to_client(0, &Method::ConnectionCloseOk(Default::default()));
-                    self.end = Some("connection closed by both sides".into());
+                    self.end_proxy_close("connection closed by both sides".into());
                 }
                 _ => {}
             }

@@ -274,6 +274,7 @@ pub async fn serve(
         eof_reason: None,
         orphans: Vec::new(),
         delete_check: None,
+        proxy_close_held_until: None,
         tx_end: None,
         replay_checks: Default::default(),
         in_turn_hold: None,
@@ -587,6 +588,9 @@ struct Session {
     /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
     /// client's input waits until it is answered (see `checked_delete`).
     delete_check: Option<(u16, u64)>,
+    /// A close warren started while publishes were unconfirmed: until when their links stay
+    /// open for them (see `begin_proxy_close`).
+    proxy_close_held_until: Option<Instant>,
     /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
     /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
     /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and a
@@ -1010,7 +1014,12 @@ impl Session {
                                     .into();
                             }
                             Some(Closing::ByProxy { reason, .. }) => {
-                                return format!("{reason} (no close-ok from client)");
+                                let reason = format!("{reason} (no close-ok from client)");
+                                if self.proxy_close_held_until.is_none() {
+                                    return reason;
+                                }
+                                client_open = false;
+                                self.end_proxy_close(reason);
                             }
                             None => {
                                 let h = heartbeat.unwrap_or_default();
@@ -1369,13 +1378,38 @@ impl Session {
                 method_id: e.method_id,
             }),
         );
-        for slot in &self.links {
-            slot.send(0, &connection_close(200, "client connection closing"));
+        let now = Instant::now();
+        if self.publishes_held() {
+            // Publishes read from the client and not yet confirmed (those of a lost link
+            // already sent again elsewhere) are still on their way: the links close once their
+            // clusters have confirmed them, as after the client's own close, not under them.
+            // Nothing more is delivered to a client that is being closed.
+            self.stop_consuming();
+            let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
+            self.proxy_close_held_until = Some(now + wait);
+        } else {
+            for slot in &self.links {
+                slot.send(0, &connection_close(200, "client connection closing"));
+            }
         }
         self.closing = Some(Closing::ByProxy {
-            deadline: Instant::now() + CLOSE_TIMEOUT,
+            deadline: now + CLOSE_TIMEOUT,
             reason: reason.to_owned(),
         });
+    }
+
+    /// The client has answered (or not, in time) the connection.close warren sent it: the
+    /// session ends, unless publishes it sent are still unconfirmed (see `begin_proxy_close`);
+    /// then its socket is closed and the links stay until their clusters have confirmed them,
+    /// as when a client's socket ends (an [`EofDrain`]).
+    fn end_proxy_close(&mut self, reason: String) {
+        let Some(deadline) = self.proxy_close_held_until.take() else {
+            self.end = Some(reason);
+            return;
+        };
+        self.client_out.close();
+        self.closing = None;
+        self.eof_drain = Some(EofDrain { deadline, reason });
     }
 
     /// Ends a client-initiated close once every link has closed.

@@ -288,7 +288,7 @@ impl Default for Timeouts {
             shutdown_grace_ms: 5000,
             drain_deadline_secs: 300,
             failover_wait_secs: 30,
-            client_write_timeout_secs: 10,
+            client_write_timeout_secs: 0,
         }
     }
 }

@@ -893,7 +893,10 @@ impl Session {
                 Some(Closing::ByClient { deadline } | Closing::ByProxy { deadline, .. }) => {
                     Some(*deadline)
                 }
-                None => heartbeat.filter(|_| read_client).map(|h| last_seen + 2 * h),
+                // RabbitMQ checks a client's heartbeats once per interval and gives up at the
+                // second check that finds nothing new: between two and three intervals after
+                // the client last spoke. Three, so that no client one broker keeps is dropped.
+                None => heartbeat.filter(|_| read_client).map(|h| last_seen + 3 * h),
             };
             deadlines.arm(deadline);
             crate::io::read_buf::make_room(&mut rbuf, 8 * 1024, 16 * 1024);
@@ -1079,9 +1082,10 @@ impl Session {
     }
 
     /// Whether the client has taken nothing of what warren has to send it for
-    /// `timeouts.client_write_timeout_secs`: its outbox full (so its links are not read, and
-    /// their brokers' writes to warren block in turn) and no write getting through. RabbitMQ
-    /// closes such a connection when its send times out (15 s by default); warren closes the
+    /// `timeouts.client_write_timeout_secs` (0 by default: never, as RabbitMQ, whose writes to
+    /// a client have no timeout unless `tcp_listen_options.send_timeout` sets one): its outbox
+    /// full (so its links are not read, and their brokers' writes to warren block in turn) and
+    /// no write getting through. With a timeout set to match the brokers', warren closes the
     /// client first, and its links with it, so that the brokers requeue what it had not
     /// acknowledged instead of closing the links under it, which warren, not reading them,
     /// would only notice once the client reads again, with deliveries of dead links in hand.
@@ -1101,8 +1105,8 @@ impl Session {
                 let pending = self.client_out.pending();
                 let reason = format!(
                     "the client read nothing for {secs}s with {pending} bytes waiting for it \
-                     (timeouts.client_write_timeout_secs): disconnected, as RabbitMQ \
-                     disconnects a client whose writes time out"
+                     (timeouts.client_write_timeout_secs): disconnected, as a broker with a \
+                     send timeout disconnects a client whose writes time out"
                 );
                 warn!(conn = self.id, pending, "{reason}");
                 Some(reason)

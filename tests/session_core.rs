@@ -1809,6 +1809,53 @@ async fn c_a_removed_clusters_link_stays_until_its_acks_in_a_transaction_are_com
     assert!(b.ready(Q).is_empty(), "not requeued: {:?}", b.ready(Q));
 }
 
+/// A queue declared while shard-b was unreachable is declared there by the next link any
+/// client opens to it (the shared topology). When that client's user may not declare it (403),
+/// the client is closed saying so, and shard-b stays marked: the next client's link declares
+/// it. (The mark used to be gone with the refused replay: shard-b stayed without the queue, and
+/// publishes routed there were confirmed and dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_shared_topology_replay_refused_by_one_user_is_left_for_the_next_link() {
+    let rig = Rig::three().await;
+    let b = rig.get(B);
+    let mut first = Client::connect(rig.addr()).await;
+    first.open(1).await;
+    b.refuse(0, true);
+    b.kill(b.only_link().await, Kill::Rst);
+    wait_for("warren tried to reconnect shard-b", || {
+        (b.refused(0) > 0).then_some(())
+    })
+    .await;
+    first.declare(1, "jobs").await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.refuse(0, false);
+    b.deny_declare("jobs", true);
+    // The replay goes on the client's first channel.
+    let mut narrow = Client::connect(rig.addr()).await;
+    narrow
+        .send(1, Method::ChannelOpen(Default::default()))
+        .await;
+    let close = narrow.connection_close().await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    assert!(
+        close
+            .reply_text
+            .as_str()
+            .contains("while the cluster was unreachable"),
+        "{close:?}"
+    );
+    assert!(!b.has_queue("jobs"));
+    b.deny_declare("jobs", false);
+    let mut allowed = Client::connect(rig.addr()).await;
+    allowed.open(1).await;
+    wait_for(
+        "the next client's link declared the queue on shard-b",
+        || b.has_queue("jobs").then_some(()),
+    )
+    .await;
+}
+
 /// A queue deleted on shard-a while the client's link there was down is not re-created by the
 /// replay: its passive declare is refused, and the client is closed with 320 naming shard-a
 /// (docs/semantics.md, failover table).

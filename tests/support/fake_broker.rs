@@ -32,7 +32,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -284,6 +284,9 @@ struct State {
     refused: Vec<usize>,
     /// The only password a login may give (PLAIN's response ends with it); `None`: any.
     password: Option<String>,
+    /// Queues whose (non-passive) declare is refused with 403, as for a user without configure
+    /// permission on them.
+    denied: BTreeSet<String>,
     on_publish: PublishScript,
     on_commit: CommitScript,
     next_name: u64,
@@ -340,6 +343,7 @@ impl FakeCluster {
             refusing: vec![false; nodes],
             refused: vec![0; nodes],
             password: None,
+            denied: BTreeSet::new(),
             on_publish: Box::new(|_| Verdict::Ack),
             on_commit: Box::new(|_, _| CommitVerdict::Commit),
             next_name: 0,
@@ -390,6 +394,17 @@ impl FakeCluster {
     /// answers a wrong password.
     pub fn require_password(&self, password: &str) {
         lock(&self.state).password = Some(password.to_owned());
+    }
+
+    /// Refuses (`true`) or allows again a non-passive queue.declare of `queue` with 403
+    /// ACCESS_REFUSED, as RabbitMQ refuses a user without configure permission on it.
+    pub fn deny_declare(&self, queue: &str, deny: bool) {
+        let mut s = lock(&self.state);
+        if deny {
+            s.denied.insert(queue.to_owned());
+        } else {
+            s.denied.remove(queue);
+        }
     }
 
     /// How many connections node `node` refused so far.
@@ -1100,6 +1115,11 @@ impl State {
                 if name.is_empty() {
                     self.next_name += 1;
                     name = format!("amq.gen-fake-{}", self.next_name);
+                }
+                if !q.passive && self.denied.contains(&name) {
+                    let text =
+                        format!("access to queue '{name}' in vhost '/' refused for user 'guest'");
+                    return self.channel_error(id, ch, ReplyCode::AccessRefused, &text, ids);
                 }
                 if !self.queues.contains_key(&name) {
                     if q.passive {

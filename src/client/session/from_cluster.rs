@@ -86,10 +86,24 @@ impl Session {
                     // an empty stand-in on one cluster: the client is told, as one broker
                     // would tell it by closing its connection.
                     let cluster = self.links[link].link.cluster.clone();
-                    let text = format!(
-                        "link to cluster {cluster} failed over and the client's state is gone there ({} {})",
-                        c.reply_code, c.reply_text
-                    );
+                    let text = if self.links[link].shared_replay {
+                        // The declares it replays may be other clients' (made while the cluster
+                        // was unreachable), which this client's user may not be allowed to
+                        // make: the next link to the cluster, maybe another user's, tries
+                        // again, so the cluster does not stay without them.
+                        self.shared.mark_stale(&self.vhost, &cluster);
+                        format!(
+                            "link to cluster {cluster}: the topology declared through this proxy \
+                             while the cluster was unreachable, replayed there with this \
+                             client's credentials, was refused ({} {})",
+                            c.reply_code, c.reply_text
+                        )
+                    } else {
+                        format!(
+                            "link to cluster {cluster} failed over and the client's state is gone there ({} {})",
+                            c.reply_code, c.reply_text
+                        )
+                    };
                     warn!(conn = self.id, %cluster, "{text}; closing the client connection");
                     self.begin_proxy_close(
                         ConnError::new(ReplyCode::ConnectionForced, &text),

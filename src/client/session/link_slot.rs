@@ -232,6 +232,10 @@ pub(super) struct LinkSlot {
     /// `Session::state_lost_with`).
     pub(super) direct_requests: u64,
     pub(super) direct_replies: u64,
+    /// Whether this link's replay carries the vhost's shared topology (declared through this
+    /// warren while the cluster was unreachable, by any client): if the cluster refuses it,
+    /// the cluster is marked stale again for the next link to try.
+    pub(super) shared_replay: bool,
 }
 
 impl LinkSlot {
@@ -251,6 +255,7 @@ impl LinkSlot {
             last_delivery: Instant::now(),
             sent: Default::default(),
             direct_requests: 0,
+            shared_replay: false,
             direct_replies: 0,
         }
     }

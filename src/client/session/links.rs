@@ -419,6 +419,7 @@ impl Session {
         let mut methods: Vec<Method> = Vec::new();
         if plan.shared {
             self.shared.take_stale(&self.vhost, &slot.link.cluster);
+            self.links[link].shared_replay = true;
             if let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
                 t.entries().map(|(_, m)| m.clone()).collect::<Vec<_>>()
             }) {

@@ -825,6 +825,10 @@ impl Channel {
             .is_some_and(|w| self.rpcs.front().is_none_or(|r| r.id > w.until))
     }
 
+    pub fn rpc(&self, id: u64) -> Option<&Rpc> {
+        self.rpcs.iter().find(|r| r.id == id)
+    }
+
     pub fn rpc_mut(&mut self, id: u64) -> Option<&mut Rpc> {
         self.rpcs.iter_mut().find(|r| r.id == id)
     }

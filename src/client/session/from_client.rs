@@ -492,11 +492,7 @@ impl Session {
             // cluster alone, and must not make idle shard links replay, on reopening, queues
             // and bindings other clients may have deleted since.
             for cluster in &self.shared.config().clusters {
-                if (sharded || cluster.role == Role::Control)
-                    && !self
-                        .links
-                        .iter()
-                        .any(|s| s.live() && *s.link.cluster == *cluster.name)
+                if (sharded || cluster.role == Role::Control) && !self.has_live_link(&cluster.name)
                 {
                     self.stale_topology.insert(cluster.name.clone());
                     if shared {

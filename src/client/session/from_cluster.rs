@@ -361,12 +361,10 @@ impl Session {
             if self.get_waits_for_missing_cluster(ch, id) {
                 return;
             }
-            if let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) {
-                rpc.merge(method, content, link_ref);
-                self.flush_rpcs(ch);
-            }
-            return;
         }
+        let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
+            return;
+        };
         if !rpc.in_turn.is_empty() {
             while let Some(next) = rpc.in_turn.pop() {
                 if self.links[next].live() {

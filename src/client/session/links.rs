@@ -287,10 +287,7 @@ impl Session {
             if self.lazy && cluster.role == Role::Shard {
                 continue;
             }
-            let live = self
-                .links
-                .iter()
-                .any(|s| s.live() && *s.link.cluster == *cluster.name);
+            let live = self.has_live_link(&cluster.name);
             if live || self.connecting.contains(&cluster.name) {
                 continue;
             }
@@ -325,10 +322,7 @@ impl Session {
         self.lazy = false;
         let config = self.shared.config();
         for cluster in &config.clusters {
-            let have = self
-                .links
-                .iter()
-                .any(|s| s.live() && *s.link.cluster == *cluster.name);
+            let have = self.has_live_link(&cluster.name);
             if have || self.connecting.contains(&cluster.name) {
                 continue;
             }
@@ -1127,10 +1121,7 @@ impl Session {
     /// get-empty) with no word of it, where one broker's client loses its connection.
     fn no_ack_gets_on(&self, link: LinkId) -> usize {
         let no_ack_get = |ch: u16, id: u64| {
-            self.channels
-                .get(usize::from(ch))
-                .and_then(Option::as_ref)
-                .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
+            self.rpc(ch, id)
                 .is_some_and(|r| matches!(&r.get_request, Some(Method::BasicGet(g)) if g.no_ack))
         };
         let mut n = 0;
@@ -1223,12 +1214,7 @@ impl Session {
     /// client the queue is empty while a part of it could not be read (a drain loop that
     /// stops at get-empty would stop early). Returns whether the get waits.
     pub(super) fn get_waits_for_missing_cluster(&mut self, ch: u16, id: u64) -> bool {
-        let Some(Method::BasicGet(get)) = self
-            .channels
-            .get(usize::from(ch))
-            .and_then(Option::as_ref)
-            .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
-            .and_then(|r| r.get_request.as_ref())
+        let Some(Method::BasicGet(get)) = self.rpc(ch, id).and_then(|r| r.get_request.as_ref())
         else {
             return false;
         };
@@ -1236,11 +1222,7 @@ impl Session {
         let first_shard = config.shard_clusters().next().map(|c| c.name.clone());
         let missing = config.clusters.iter().find(|c| {
             let down = self.retry_at.contains_key(&*c.name) || self.connecting.contains(&c.name);
-            let linked = self
-                .links
-                .iter()
-                .any(|s| s.live() && *s.link.cluster == *c.name);
-            down && !linked
+            down && !self.has_live_link(&c.name)
                 && self.may_hold_messages_on(
                     &get.queue,
                     c.role,

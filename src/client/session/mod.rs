@@ -54,7 +54,7 @@ use tracing::{debug, info, warn};
 use super::handshake::{self, ClientCaps, Refusal, truncate};
 use crate::client::channel::{
     AfterReply, Channel, ChannelState, ClientConfirm, Consumer, Held, HeldDelivery, InFlight,
-    LinkRef, LinkSet, PendingClose, UpstreamAck, UpstreamConfirms,
+    LinkRef, LinkSet, PendingClose, Rpc, UpstreamAck, UpstreamConfirms,
 };
 use crate::codec::{self, FrameKind, Method, ReplyCode, ShortStr};
 use crate::config::{Config, Role};
@@ -1176,22 +1176,30 @@ impl Session {
 
     /// Whether request `id` of channel `ch` still waits for its reply to reach the client.
     fn unanswered(&self, (ch, id): (u16, u64)) -> bool {
+        self.rpc(ch, id).is_some()
+    }
+
+    /// Request `id` of channel `ch`, while it waits for its reply to reach the client.
+    pub(super) fn rpc(&self, ch: u16, id: u64) -> Option<&Rpc> {
         self.channels
             .get(usize::from(ch))
             .and_then(Option::as_ref)
-            .is_some_and(|c| c.rpcs.iter().any(|r| r.id == id))
+            .and_then(|c| c.rpc(id))
+    }
+
+    /// Whether a live link to `cluster` is open.
+    pub(super) fn has_live_link(&self, cluster: &str) -> bool {
+        self.links
+            .iter()
+            .any(|s| s.live() && *s.link.cluster == *cluster)
     }
 
     /// True while the request in `in_turn_hold` may still be sent to more clusters.
     pub(super) fn in_turn_holds(&self) -> bool {
         self.in_turn_hold.is_some_and(|(ch, id)| {
-            self.channels
-                .get(usize::from(ch))
-                .and_then(Option::as_ref)
-                .and_then(|c| c.rpcs.iter().find(|r| r.id == id))
-                .is_some_and(|r| {
-                    !r.in_turn.is_empty() || (r.reply.is_none() && !r.get_next.is_empty())
-                })
+            self.rpc(ch, id).is_some_and(|r| {
+                !r.in_turn.is_empty() || (r.reply.is_none() && !r.get_next.is_empty())
+            })
         })
     }
 

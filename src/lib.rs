@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod server_routes;
 pub mod state;
 pub mod tls;
 pub mod topology;

@@ -21,6 +21,7 @@ use crate::codec::FieldTable;
 use crate::config::Config;
 use crate::held::HeldBudget;
 use crate::metrics::Metrics;
+use crate::server_routes::ServerRoutes;
 use crate::topology::Topology;
 use crate::upstream::probe;
 
@@ -77,6 +78,9 @@ pub struct Shared {
     quorum_queues: Mutex<HashSet<(String, String)>>,
     /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
     topology: Mutex<std::collections::HashMap<String, Topology>>,
+    /// Per vhost, where dead-letter and alternate exchanges and `CC` headers lead (see
+    /// [`crate::server_routes`]).
+    server_routes: Mutex<std::collections::HashMap<String, ServerRoutes>>,
     /// (vhost, cluster) pairs that missed a shared topology change: some client declared while
     /// that cluster was unreachable. The next link any session opens there replays the shared
     /// topology, so a queue declared by a client gone since still exists there before a
@@ -122,6 +126,7 @@ impl Shared {
             started_at: SystemTime::now(),
             queues: Mutex::new(BTreeSet::new()),
             quorum_queues: Mutex::default(),
+            server_routes: Mutex::default(),
             topology: Mutex::default(),
             stale: Mutex::default(),
             config: ArcSwap::new(config),
@@ -591,6 +596,40 @@ impl Shared {
             .entry(vhost.to_owned())
             .or_default()
             .record(crate::route::Class::Sharded, method);
+    }
+
+    /// Notes the routes a declare any cluster accepted sets up in `vhost` (dead-letter and
+    /// alternate exchanges).
+    pub fn note_server_routes(&self, vhost: &str, method: &crate::codec::Method) {
+        let mut routes = lock(&self.server_routes);
+        match routes.get_mut(vhost) {
+            Some(r) => r.note_declare(method),
+            None => routes
+                .entry(vhost.to_owned())
+                .or_default()
+                .note_declare(method),
+        }
+    }
+
+    /// Notes a publish in `vhost` with a `CC` or `BCC` header.
+    pub fn note_cc_publish(&self, vhost: &str) {
+        lock(&self.server_routes)
+            .entry(vhost.to_owned())
+            .or_default()
+            .note_cc();
+    }
+
+    /// Whether a route no binding shows may put messages in `queue` of `vhost`, bound to the
+    /// `bound_to` exchanges (see [`crate::server_routes`]).
+    pub fn server_routes_reach<'a>(
+        &self,
+        vhost: &str,
+        queue: &[u8],
+        bound_to: impl Iterator<Item = &'a [u8]>,
+    ) -> bool {
+        lock(&self.server_routes)
+            .get(vhost)
+            .is_some_and(|r| r.may_reach(queue, bound_to))
     }
 
     /// What `f` says of the shared sharded topology of `vhost`, or `None` when no client of

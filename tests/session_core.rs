@@ -1879,6 +1879,81 @@ async fn f_a_queue_gone_at_failover_closes_the_client_with_320() {
     assert!(!a.has_queue(Q), "the replay did not re-create the queue");
 }
 
+/// An exclusive queue with a control name and only control bindings never gets a message on
+/// a shard cluster by a binding, so when its copy there goes with a link the replay declares
+/// it again and the client stays connected. But RabbitMQ also routes by what no binding shows:
+/// a sharded queue that dead-letters into it by name, a `CC` header. Such a copy may hold
+/// messages, and losing it must close the client (320) as losing its broker would, not
+/// declare it again empty: a probe lost 5 of 10 dead-lettered messages silently that way.
+/// Shown for a dead-letter route another connection declared, and for a `CC` publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_an_exclusive_queue_a_server_side_route_leads_to_closes_the_client_when_its_copy_goes() {
+    const REPLIES: &str = "celeryev.replies";
+    let rig = Rig::start(&[(A, 3), (B, 1), (CONTROL, 1)]).await;
+    let a = rig.get(A);
+    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(REPLIES),
+        exclusive: true,
+        ..Default::default()
+    });
+    // Without a route there, the copy is declared again and the client stays.
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let ok = c.call(1, exclusive.clone()).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    let first = a.only_link().await;
+    a.kill(first, Kill::Rst);
+    wait_for("shard-a's copy declared again", || {
+        a.links()
+            .into_iter()
+            .any(|l| {
+                l != first
+                    && a.ledger(l).received_named("queue.declare").iter().any(|(_, m)| {
+                        matches!(m, Method::QueueDeclare(q) if q.queue.as_str() == REPLIES && !q.passive)
+                    })
+            })
+            .then_some(())
+    })
+    .await;
+    c.sync(1).await;
+    assert!(c.methods.iter().all(|(ch, _)| *ch != 0), "{:?}", c.methods);
+    drop(c);
+
+    // Another connection's sharded queue dead-letters into it by name.
+    let mut other = Client::connect(rig.addr()).await;
+    other.open(1).await;
+    let mut args = codec::FieldTable::default();
+    for (k, v) in [
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", REPLIES),
+    ] {
+        args.insert(ss(k), codec::FieldValue::LongStr(v.into()));
+    }
+    let dead_letters = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss("orders-retry"),
+        arguments: args,
+        ..Default::default()
+    });
+    let ok = other.call(1, dead_letters).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    let before: BTreeSet<ConnId> = a.links().into_iter().collect();
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let ok = c.call(1, exclusive).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    let link = wait_for("the client's shard-a link", || {
+        a.links().into_iter().find(|l| !before.contains(l))
+    })
+    .await;
+    a.kill(link, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    let text = close.reply_text.as_str();
+    assert!(text.contains("shard-a") && text.contains(REPLIES), "{text}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // (g) tx.select on a channel that already published
 

@@ -63,14 +63,20 @@ impl Session {
     /// Whether a publish must be followed by a barrier (see the module docs). `reply_request`
     /// is what [`reply_request`](Self::reply_request) said of it.
     pub(super) fn needs_barrier(
-        &self,
+        &mut self,
         publish: &codec::BasicPublish,
         content: &Content,
         reply_request: ReplyRequest,
     ) -> bool {
+        let cc = routes_by_cc(&content.header);
+        if cc && !self.noted_cc {
+            // Its message may reach a queue's copy no binding leads to (crate::server_routes).
+            self.noted_cc = true;
+            self.shared.note_cc_publish(&self.vhost);
+        }
         publish.immediate
             || !self.proven_exchanges.contains(&publish.exchange)
-            || properties_need_check(&content.header, &self.base_spec.user)
+            || properties_need_check(&content.header, &self.base_spec.user, cc)
             || reply_request == ReplyRequest::Unconsumed
     }
 
@@ -159,18 +165,13 @@ fn asks_for_direct_reply(header: &[u8]) -> bool {
 /// present (the flag word says so, and for headers the raw bytes hold a `CC` or `BCC` key), so
 /// ordinary publishes, Celery's with their headers too, pay a load and a short byte search. A
 /// header that does not decode is left to the broker, behind a barrier.
-pub(super) fn properties_need_check(header: &[u8], user: &[u8]) -> bool {
-    const FLAGS_AT: usize = 12; // class id, weight, body size
-    const HEADERS: u16 = 1 << (15 - 2);
+/// `routing_headers`: what [`routes_by_cc`] says of `header`.
+pub(super) fn properties_need_check(header: &[u8], user: &[u8], routing_headers: bool) -> bool {
     const EXPIRATION: u16 = 1 << (15 - 7);
     const USER_ID: u16 = 1 << (15 - 11);
-    let Some(flags) = header
-        .get(FLAGS_AT..FLAGS_AT + 2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-    else {
+    let Some(flags) = property_flags(header) else {
         return true;
     };
-    let routing_headers = flags & HEADERS != 0 && names_cc_or_bcc(header);
     if flags & (EXPIRATION | USER_ID) == 0 && !routing_headers {
         return false;
     }
@@ -213,6 +214,21 @@ fn expiration_accepted(expiration: &[u8]) -> bool {
             .is_some_and(|ms| ms <= MAX_EXPIRATION_MS)
 }
 
+/// The first property flag word of a content header payload.
+fn property_flags(header: &[u8]) -> Option<u16> {
+    const FLAGS_AT: usize = 12; // class id, weight, body size
+    header
+        .get(FLAGS_AT..FLAGS_AT + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// Whether a content header has headers that may hold a `CC` or `BCC` key, which RabbitMQ
+/// routes by as by more routing keys.
+pub(super) fn routes_by_cc(header: &[u8]) -> bool {
+    const HEADERS: u16 = 1 << (15 - 2);
+    property_flags(header).is_some_and(|f| f & HEADERS != 0) && names_cc_or_bcc(header)
+}
+
 /// Whether `header` holds the bytes of a table key `CC` or `BCC` (a short string: its length
 /// byte, then the name). Celery's headers run to hundreds of bytes on every publish, so this is
 /// one SIMD search for `CC` (memchr's memmem), not a comparison at every offset, with a searcher
@@ -229,6 +245,10 @@ fn names_cc_or_bcc(header: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn need(header: &[u8], user: &[u8]) -> bool {
+        properties_need_check(header, user, routes_by_cc(header))
+    }
     use crate::codec::{BasicProperties, ContentHeader};
 
     fn header(p: BasicProperties) -> Vec<u8> {
@@ -250,7 +270,7 @@ mod tests {
             headers: Some(Default::default()),
             ..Default::default()
         });
-        assert!(!properties_need_check(&h, b"guest"));
+        assert!(!need(&h, b"guest"));
     }
 
     #[test]
@@ -259,8 +279,8 @@ mod tests {
             user_id: Some(ShortStr::from_static("guest")),
             ..Default::default()
         });
-        assert!(!properties_need_check(&h, b"guest"));
-        assert!(properties_need_check(&h, b"celery"));
+        assert!(!need(&h, b"guest"));
+        assert!(need(&h, b"celery"));
     }
 
     #[test]
@@ -282,7 +302,7 @@ mod tests {
                 expiration: Some(ShortStr::try_from(value.to_owned()).unwrap()),
                 ..Default::default()
             });
-            assert_eq!(properties_need_check(&h, b"guest"), check, "{value:?}");
+            assert_eq!(need(&h, b"guest"), check, "{value:?}");
         }
     }
 
@@ -299,17 +319,14 @@ mod tests {
             })
         };
         let names = FieldValue::Array(vec![FieldValue::LongStr(LongStr::from_static("q1"))]);
-        assert!(!properties_need_check(&with("CC", names.clone()), b"guest"));
-        assert!(!properties_need_check(&with("BCC", names), b"guest"));
+        assert!(!need(&with("CC", names.clone()), b"guest"));
+        assert!(!need(&with("BCC", names), b"guest"));
         let text = FieldValue::LongStr(LongStr::from_static("q1"));
-        assert!(properties_need_check(&with("CC", text.clone()), b"guest"));
-        assert!(properties_need_check(&with("BCC", text), b"guest"));
+        assert!(need(&with("CC", text.clone()), b"guest"));
+        assert!(need(&with("BCC", text), b"guest"));
         let mixed = FieldValue::Array(vec![FieldValue::I32(1)]);
-        assert!(properties_need_check(&with("CC", mixed), b"guest"));
-        assert!(!properties_need_check(
-            &with("ACCT", FieldValue::I32(1)),
-            b"guest"
-        ));
+        assert!(need(&with("CC", mixed), b"guest"));
+        assert!(!need(&with("ACCT", FieldValue::I32(1)), b"guest"));
     }
 
     #[test]
@@ -343,12 +360,12 @@ mod tests {
 
     #[test]
     fn a_truncated_header_is_left_to_the_broker() {
-        assert!(properties_need_check(&[0, 60, 0], b"guest"));
+        assert!(need(&[0, 60, 0], b"guest"));
         let mut h = header(BasicProperties {
             user_id: Some(ShortStr::from_static("guest")),
             ..Default::default()
         });
         h.truncate(h.len() - 2);
-        assert!(properties_need_check(&h, b"guest"));
+        assert!(need(&h, b"guest"));
     }
 }

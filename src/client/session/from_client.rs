@@ -534,6 +534,9 @@ impl Session {
     /// Updates the replay logs with a topology change every cluster accepted: this session's
     /// own, and the proxy's shared one for sharded, non-exclusive entries.
     pub(super) fn record_topology(&mut self, class: Class, method: Method) {
+        if matches!(method, Method::QueueDeclare(_) | Method::ExchangeDeclare(_)) {
+            self.shared.note_server_routes(&self.vhost, &method);
+        }
         match &method {
             Method::QueueDeclare(x) if !x.queue.is_empty() => {
                 let quorum = replicated_queue_type(&x.arguments) == Some("rabbit_quorum_queue");

@@ -1161,6 +1161,18 @@ impl Session {
         role: Role,
         first_shard: bool,
     ) -> bool {
+        // A dead-letter or alternate exchange, or a CC header, may put messages in any copy
+        // (crate::server_routes).
+        let bound_to = self.topology.entries().filter_map(|(_, m)| match m {
+            Method::QueueBind(b) if &b.queue == queue => Some(b.exchange.as_bytes()),
+            _ => None,
+        });
+        if self
+            .shared
+            .server_routes_reach(&self.vhost, queue.as_bytes(), bound_to)
+        {
+            return true;
+        }
         let takes_control = role == Role::Control || first_shard;
         let takes_sharded = role == Role::Shard;
         let mut sharded = self.rules.queue(queue.as_bytes()) == Class::Sharded;

@@ -258,6 +258,7 @@ pub async fn serve(
         receiving: Receiving::new(shared.held.clone()),
         held_limit: config.limits.max_held_bytes_per_connection,
         hold_publishes: config.limits.hold_publishes,
+        noted_cc: false,
         metrics: metrics.clone(),
         parked: VecDeque::new(),
         nacks_log: LogThrottle::default(),
@@ -516,6 +517,8 @@ struct Session {
     held_limit: usize,
     /// `limits.hold_publishes`: put upstream channels in confirm mode and hold publishes.
     hold_publishes: bool,
+    /// A publish with a `CC` or `BCC` header was noted in the shared state (once is enough).
+    noted_cc: bool,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     vhost: String,

@@ -908,6 +908,55 @@ async fn c_a_client_that_stops_reading_is_disconnected_and_its_links_closed() {
     .await;
 }
 
+/// The same stall with `client_write_timeout_secs = 0` (or set above the brokers' send
+/// timeout): a broker closes the link warren stopped reading while the client read nothing.
+/// What it had written for a `no_ack` consumer went with the link, so the client must hear of
+/// it as it would from one broker closing it: connection.close 320 once it reads again. A
+/// probe's consumer stalled 60 s kept its connection through the failover, and 2,145 and
+/// 2,421 of 20,000 messages never reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_link_its_broker_closed_while_the_client_read_nothing_closes_a_no_ack_consumer() {
+    let rig = Rig::start_with_settings(
+        &[(A, 2), (B, 1), (CONTROL, 1)],
+        "client_write_timeout_secs = 0",
+        "lazy_links = false\nframe_max = 4096\nclient_buffer_bytes = 65536\n",
+    )
+    .await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    // More than the kernel's socket buffers hold on both sides of the client's socket.
+    let body = vec![b'x'; 32 * 1024];
+    for _ in 0..400 {
+        a.enqueue(Q, &body);
+    }
+    let link = a.only_link().await;
+    let consume = Method::BasicConsume(codec::BasicConsume {
+        queue: ss(Q),
+        consumer_tag: ss("stalled"),
+        no_ack: true,
+        ..Default::default()
+    });
+    let ok = c.call(1, consume).await;
+    assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+    // The client reads nothing; its broker gives up on the link meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill(link, Kill::Rst);
+    let close = within_for(
+        Duration::from_secs(20),
+        "connection.close",
+        c.connection_close(),
+    )
+    .await;
+    assert_eq!(close.reply_code, 320, "{close:?}");
+    let text = close.reply_text.as_str();
+    assert!(
+        text.contains("shard-a") && text.contains("not reading it"),
+        "{text}"
+    );
+}
+
 /// The link dies (FIN): the node went away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {

@@ -108,7 +108,7 @@ pub struct Timeouts {
     pub failover_wait_secs: u64,
     /// A client that takes nothing of what warren has to send it (its buffer full, no write
     /// going through) for this long is disconnected, as RabbitMQ disconnects a client whose
-    /// writes time out (seconds; 0: never). Default 10.
+    /// writes time out (seconds; 0: never). Default 25, under RabbitMQ's 30 s send timeout.
     pub client_write_timeout_secs: u64,
 }
 
@@ -288,7 +288,7 @@ impl Default for Timeouts {
             shutdown_grace_ms: 5000,
             drain_deadline_secs: 300,
             failover_wait_secs: 30,
-            client_write_timeout_secs: 0,
+            client_write_timeout_secs: 25,
         }
     }
 }

@@ -158,7 +158,7 @@ probe = { user = \"u\", password = \"\", vhost = \"prod\" }
             shutdown_grace_ms: 0,
             drain_deadline_secs: 300,
             failover_wait_secs: 30,
-            client_write_timeout_secs: 0,
+            client_write_timeout_secs: 25,
         }
     );
     assert_eq!(c.timeouts.connect(), Duration::from_millis(100));

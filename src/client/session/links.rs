@@ -6,6 +6,11 @@
 use super::vanished::Verdict;
 use super::*;
 
+/// How long after its links were last left unread a link's death counts as caused by it (see
+/// [`Session::starved_link_lost`]): the death is seen at the first read once the client reads
+/// again, within milliseconds.
+const STARVED_GRACE: Duration = Duration::from_secs(2);
+
 impl Session {
     /// Applies a reloaded configuration: weights and drains take effect for the next publish,
     /// removed clusters drain, added shard clusters get a link with this client's state.
@@ -1031,6 +1036,34 @@ impl Session {
         }
     }
 
+    /// A link that died while warren had stopped reading it because the client read nothing
+    /// (its outbox full): its broker gave up writing to warren (RabbitMQ closes a connection
+    /// whose writes block for 30 s), as it would have given up on this client directly. What
+    /// it had written for no_ack consumers was taken off its queues and is lost with the
+    /// link, so the client must hear of it as it would have: it is closed, not failed over.
+    /// Within [`STARVED_GRACE`] of the links last going unread, since the death is seen only
+    /// once they are read again.
+    fn starved_link_lost(&self, link: LinkId) -> Option<String> {
+        if self
+            .links_unread_at
+            .is_none_or(|at| at.elapsed() >= STARVED_GRACE)
+        {
+            return None;
+        }
+        let no_ack = self.channels.iter().flatten().any(|c| {
+            c.consumers
+                .iter()
+                .any(|k| k.no_ack && k.links.contains(link))
+        });
+        no_ack.then(|| {
+            "it was closed by its broker while warren was not reading it, waiting for this \
+             client to read what it had (it read nothing meanwhile): deliveries to no_ack \
+             consumers went with it; reconnect, as after a broker closes a client that does \
+             not read"
+                .to_owned()
+        })
+    }
+
     /// What this client had on `link` that a new link cannot give back, said as the end of
     /// "link to cluster X lost; ...":
     /// - deliveries the client holds unacknowledged: the broker requeues them and delivers them
@@ -1045,6 +1078,9 @@ impl Session {
     ///
     /// Queue arguments are known from this connection's declares.
     pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
+        if let Some(lost) = self.starved_link_lost(link) {
+            return Some(lost);
+        }
         let slot = &self.links[link];
         let gone = LinkRef::new(link, slot.generation);
         let held: usize = self

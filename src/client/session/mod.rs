@@ -270,6 +270,7 @@ pub async fn serve(
         rpc_stall: None,
         input_stalled: false,
         write_stall: None,
+        links_unread_at: None,
         skip: InputSkip::None,
         eof_drain: None,
         eof_reason: None,
@@ -583,6 +584,9 @@ struct Session {
     /// Since when the client's outbox has been full with no write getting through, and the
     /// outbox's write count then (see [`client_not_reading`](Self::client_not_reading)).
     write_stall: Option<(Instant, u64)>,
+    /// When the links were last left unread because the client's outbox was full (see
+    /// [`starved_link_lost`](Self::starved_link_lost)).
+    links_unread_at: Option<Instant>,
     /// Client bytes to drop before frames are decoded again, after a frame warren refused
     /// (see [`InputSkip`]).
     skip: InputSkip,
@@ -871,6 +875,7 @@ impl Session {
             if !client_room {
                 // The links are not read while the client is slow: not their silence.
                 let now = Instant::now();
+                self.links_unread_at = Some(now);
                 for slot in &mut self.links {
                     if let Some(r) = slot.link.reader.as_mut() {
                         r.not_reading(now);
@@ -1054,7 +1059,11 @@ impl Session {
                         self.client_gone(&format!("client socket error: {e}"));
                     }
                 },
-                Woke::Room => {}
+                Woke::Room => {
+                    if self.links_unread_at.is_some() {
+                        self.links_unread_at = Some(Instant::now());
+                    }
+                }
             }
         }
     }

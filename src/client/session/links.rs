@@ -1031,7 +1031,7 @@ impl Session {
             warn!(
                 conn = self.id,
                 wait_secs = self.shared.config().timeouts.failover_wait_secs,
-                "no shard cluster is reachable; holding publishes until one is back"
+                "none of this connection's shard links is up (each is reconnecting); holding its publishes until one is"
             );
         }
     }

@@ -957,6 +957,45 @@ async fn c_a_link_its_broker_closed_while_the_client_read_nothing_closes_a_no_ac
     );
 }
 
+/// A connection error from one cluster (RabbitMQ's 540 for a publish with `immediate`) closes
+/// the client. It hears of it only once its other links are closed: a client reconnecting at
+/// once must find the exclusive queues of its old connection gone on every cluster, as RabbitMQ
+/// deletes them as it closes the connection. py-amqp's own suite, reconnecting at once, was
+/// refused its exclusive queue (405) by a link still closing. Here shard-a answers its close
+/// a second late, and the client is told no sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_close_warren_starts_reaches_the_client_once_its_links_are_closed() {
+    let rig = Rig::start(&[(A, 1), (B, 1), (CONTROL, 1)]).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    // The client reads on a task of its own, and notes when its close came.
+    let told = tokio::spawn(async move {
+        let close = c.connection_close().await;
+        (close, std::time::Instant::now())
+    });
+    b.close_connection(lb, ReplyCode::NotImplemented, "immediate=true");
+    wait_for("warren closing shard-a's link", || {
+        (!a.ledger(la).received_named("connection.close").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resumed = std::time::Instant::now();
+    a.stall(la, false);
+    let (close, at) = within_for(STEP, "connection.close", told)
+        .await
+        .expect("the client task");
+    assert_eq!(close.reply_code, 540, "{close:?}");
+    assert!(
+        at >= resumed,
+        "told {:?} before shard-a's link answered its close",
+        resumed - at
+    );
+}
+
 /// The link dies (FIN): the node went away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_publish_lost_with_the_only_shard_link_goes_to_the_other_node() {

@@ -670,6 +670,8 @@ async fn serve(mut stream: TcpStream, node: usize, state: Arc<Mutex<State>>) {
     let mut kill = None;
     // While stalled, what would be written waits here.
     let mut stalled: Option<Vec<Bytes>> = None;
+    // An orderly close asked for while stalled (see `Out::Close`).
+    let mut close_after_stall = false;
     {
         let (mut rd, mut wr) = stream.split();
         'conn: loop {
@@ -729,6 +731,10 @@ async fn serve(mut stream: TcpStream, node: usize, state: Arc<Mutex<State>>) {
                                 break 'conn;
                             }
                         }
+                        if close_after_stall {
+                            kill = Some(Kill::Fin);
+                            break;
+                        }
                     }
                     Some(Out::Release(piece)) => {
                         let backlog = stalled.take().unwrap_or_default().concat();
@@ -739,6 +745,9 @@ async fn serve(mut stream: TcpStream, node: usize, state: Arc<Mutex<State>>) {
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
+                    // A stalled connection's orderly close waits behind its replies, as
+                    // its close-ok does; a reset is at once.
+                    Some(Out::Close(Kill::Fin)) if stalled.is_some() => close_after_stall = true,
                     Some(Out::Close(how)) => {
                         kill = Some(how);
                         break;

@@ -1043,7 +1043,7 @@ impl Session {
                 slot.mark_done();
                 match &self.closing {
                     Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
-                    Some(Closing::ByProxy { .. }) => {}
+                    Some(Closing::ByProxy { .. }) => self.maybe_tell_client_close(),
                     None => {
                         let slot = &self.links[link];
                         warn!(conn = self.id, cluster = %slot.link.cluster, code = c.reply_code, text = %c.reply_text, "broker closed the connection");
@@ -1064,6 +1064,7 @@ impl Session {
             Method::ConnectionCloseOk(_) => {
                 self.links[link].mark_done();
                 self.maybe_finish_client_close();
+                self.maybe_tell_client_close();
             }
             Method::ConnectionBlocked(b) => {
                 let slot = &mut self.links[link];

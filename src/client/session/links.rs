@@ -871,7 +871,7 @@ impl Session {
         }
         match &self.closing {
             Some(Closing::ByClient { .. }) => self.maybe_finish_client_close(),
-            Some(Closing::ByProxy { .. }) => {}
+            Some(Closing::ByProxy { .. }) => self.maybe_tell_client_close(),
             None if was_done => {}
             None => {
                 let slot = &self.links[link];

@@ -277,6 +277,7 @@ pub async fn serve(
         orphans: Vec::new(),
         delete_check: None,
         proxy_close_held_until: None,
+        client_close_after_links: None,
         tx_end: None,
         replay_checks: Default::default(),
         in_turn_hold: None,
@@ -598,6 +599,9 @@ struct Session {
     /// A close warren started while publishes were unconfirmed: until when their links stay
     /// open for them (see `begin_proxy_close`).
     proxy_close_held_until: Option<Instant>,
+    /// A close warren started with nothing held: the connection.close the client gets once
+    /// every link has closed (see `begin_proxy_close`).
+    client_close_after_links: Option<Method>,
     /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
     /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
     /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and a
@@ -1024,6 +1028,20 @@ impl Session {
                                 return "client closed the connection (upstream close timed out)"
                                     .into();
                             }
+                            Some(Closing::ByProxy { reason, .. })
+                                if self.client_close_after_links.is_some() =>
+                            {
+                                // The links did not all close in time: the client hears now.
+                                let close = self.client_close_after_links.take();
+                                if let Some(close) = close {
+                                    self.to_client(0, &close);
+                                }
+                                let reason = reason.clone();
+                                self.closing = Some(Closing::ByProxy {
+                                    deadline: now + CLOSE_TIMEOUT,
+                                    reason,
+                                });
+                            }
                             Some(Closing::ByProxy { reason, .. }) => {
                                 let reason = format!("{reason} (no close-ok from client)");
                                 if self.proxy_close_held_until.is_none() {
@@ -1393,17 +1411,15 @@ impl Session {
     /// Sends connection.close to the client and to every link; waits for the client's close-ok.
     fn begin_proxy_close(&mut self, e: ConnError, reason: &str) {
         let reply_text = ShortStr::try_from(truncate(&e.text)).unwrap_or_default();
-        self.to_client(
-            0,
-            &Method::ConnectionClose(codec::ConnectionClose {
-                reply_code: e.code,
-                reply_text,
-                class_id: e.class_id,
-                method_id: e.method_id,
-            }),
-        );
+        let close = Method::ConnectionClose(codec::ConnectionClose {
+            reply_code: e.code,
+            reply_text,
+            class_id: e.class_id,
+            method_id: e.method_id,
+        });
         let now = Instant::now();
         if self.publishes_held() {
+            self.to_client(0, &close);
             // Publishes read from the client and not yet confirmed (those of a lost link
             // already sent again elsewhere) are still on their way: the links close once their
             // clusters have confirmed them, as after the client's own close, not under them.
@@ -1412,14 +1428,30 @@ impl Session {
             let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
             self.proxy_close_held_until = Some(now + wait);
         } else {
+            // The client hears of it once the links are closed: RabbitMQ deletes a
+            // connection's exclusive queues as it closes, and a client that reconnects at once
+            // (py-amqp's test suite does) must find them gone on every cluster, not locked
+            // (405) by links still closing. Within CLOSE_TIMEOUT, whatever the links do.
             for slot in &self.links {
                 slot.send(0, &connection_close(200, "client connection closing"));
             }
+            self.client_close_after_links = Some(close);
         }
         self.closing = Some(Closing::ByProxy {
             deadline: now + CLOSE_TIMEOUT,
             reason: reason.to_owned(),
         });
+        self.maybe_tell_client_close();
+    }
+
+    /// Sends the client the connection.close `begin_proxy_close` keeps back, once every link
+    /// is closed (the close timeout sends it otherwise).
+    pub(super) fn maybe_tell_client_close(&mut self) {
+        if self.links.iter().all(|s| s.done())
+            && let Some(close) = self.client_close_after_links.take()
+        {
+            self.to_client(0, &close);
+        }
     }
 
     /// The client has answered (or not, in time) the connection.close warren sent it: the

@@ -624,9 +624,9 @@ pub struct TxLog {
     pub overflowed: bool,
     /// The transaction's link died with publishes of this transaction on it.
     pub lost: bool,
-    /// The commit sent and not yet answered: its rpc id, the link that had the transaction's
-    /// publishes, and those publishes (None when the log had overflowed).
-    pub committing: Option<(u64, LinkId, Option<Vec<Held>>)>,
+    /// The commit sent and not yet answered: its rpc id, and the link that had the
+    /// transaction's publishes.
+    pub committing: Option<(u64, LinkId)>,
 }
 
 impl TxLog {

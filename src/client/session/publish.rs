@@ -152,8 +152,8 @@ impl Session {
     }
 
     /// tx.commit / tx.rollback: answered by every live link (the transaction's publishes are
-    /// on one of them). A commit keeps the transaction's publishes until it is answered, to
-    /// commit them elsewhere if their link dies first.
+    /// on one of them). A commit notes the link of its publishes until it is answered: if that
+    /// link dies first, the commit's outcome is unknown (see `redo_commit`).
     pub(super) fn end_transaction(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
         let commit = matches!(method, Method::TxCommit(_));
         if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
@@ -170,7 +170,7 @@ impl Session {
         };
         let link = channel.tx_link.take();
         // The next transaction starts empty; this one's publishes go with its commit.
-        let log = std::mem::take(&mut channel.tx_log);
+        channel.tx_log = crate::client::channel::TxLog::default();
         // Its acks too: final with the commit, undone by a rollback (the brokers keep those
         // deliveries unacknowledged, and the client may ack them again).
         if commit {
@@ -196,59 +196,37 @@ impl Session {
             return Ok(());
         };
         if commit && let Some(link) = link {
-            let kept = (!log.overflowed).then_some(log.publishes);
-            channel.tx_log.committing = Some((id, link, kept));
+            channel.tx_log.committing = Some((id, link));
         }
         self.tx_end = Some((ch, id));
         Ok(())
     }
 
     /// The link that had a transaction's publishes died while its commit was unanswered: the
-    /// broker may or may not have committed. Publish the transaction again on another link and
-    /// commit there (a duplicate is possible, counted in `warren_republished`); the new link's
-    /// answer stands in for the dead one's. Returns false when `id` is not such a commit.
+    /// broker may or may not have committed it. Committing it again elsewhere would commit it
+    /// twice whenever the dead node had committed (a probe found a whole transaction twice in 3
+    /// runs of 5), so the client is told, as one broker's client learns it when its connection
+    /// fails during a commit: channel.close 541, for the commit itself (not behind it: it will
+    /// never be answered). Returns false when `id` is not such a commit.
     pub(super) fn redo_commit(&mut self, ch: u16, dead: LinkId, id: u64) -> bool {
         let Some(channel) = self.channel_mut(ch) else {
             return false;
         };
         match &channel.tx_log.committing {
-            Some((cid, link, _)) if *cid == id && *link == dead => {}
+            Some((cid, link)) if *cid == id && *link == dead => {}
             _ => return false,
         }
-        let Some((_, _, kept)) = channel.tx_log.committing.take() else {
-            return false;
-        };
-        let commit = Method::TxCommit(Default::default());
-        // A close for the commit itself (not behind it: it will never be answered).
-        let Some(publishes) = kept else {
-            self.close_channel_at(
-                ch,
-                ReplyCode::InternalError,
-                "the cluster of this transaction failed during tx.commit, which may or may \
-                 not have been committed; the transaction was too large to publish again",
-                &commit,
-                id,
-            );
-            return true;
-        };
-        let Some(target) = self.pick_shard(Some(dead)).filter(|&l| l != dead) else {
-            self.close_channel_at(
-                ch,
-                ReplyCode::InternalError,
-                "the cluster of this transaction failed during tx.commit, which may or may \
-                 not have been committed, and no other shard cluster is available",
-                &commit,
-                id,
-            );
-            return true;
-        };
-        warn!(conn = self.id, channel = ch, from = %self.links[dead].link.cluster, to = %self.links[target].link.cluster,
-            publishes = publishes.len(), "transaction's cluster failed during tx.commit; committing it again elsewhere");
-        self.redo_transaction(ch, target, publishes.iter());
-        self.links[target].request(ch, &commit, Pending::Rpc(id));
-        if let Some(channel) = self.channel_mut(ch) {
-            channel.tx_log.committing = Some((id, target, Some(publishes)));
-        }
+        channel.tx_log.committing = None;
+        warn!(conn = self.id, channel = ch, cluster = %self.links[dead].link.cluster,
+            "transaction's cluster failed during tx.commit; its outcome is unknown: closing the channel");
+        self.close_channel_at(
+            ch,
+            ReplyCode::InternalError,
+            "the cluster of this transaction failed during tx.commit, which may or may not have \
+             been committed; it is not committed again elsewhere, which could commit it twice",
+            &Method::TxCommit(Default::default()),
+            id,
+        );
         true
     }
 

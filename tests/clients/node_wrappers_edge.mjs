@@ -157,8 +157,11 @@ async function findConnections(target, name, reason = 'forced by node_wrappers_e
       }
     } else {
       const r = await authFetch(`${target.admin}/clients`, { headers });
+      // As above: a connection already closed here may still be listed while it ends (its
+      // links closing, its publishes being confirmed); it is not closed and counted again.
       for (const c of (await r.json()).clients || []) {
-        if (c.connection_name === name) {
+        if (c.connection_name === name && !CLOSED.has(`warren-${c.id}`)) {
+          CLOSED.add(`warren-${c.id}`);
           urls.push([`${target.admin}/clients/${c.id}/close?reason=${encodeURIComponent(reason)}`, { method: 'POST', headers }]);
         }
       }

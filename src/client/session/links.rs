@@ -930,7 +930,7 @@ impl Session {
                 }
                 // A fence's check is sent again on the link that replaces this one.
                 if let Pending::Rpc(id) | Pending::Fence(id) = waiting.who
-                    && !self.redo_commit(owner, link, id)
+                    && !self.refuse_commit_in_doubt(owner, link, id)
                     && !self.orphan_rpc(owner, id, &cluster)
                 {
                     self.settle_dead_rpc(owner, id);

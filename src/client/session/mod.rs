@@ -604,9 +604,8 @@ struct Session {
     client_close_after_links: Option<Method>,
     /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
     /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
-    /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and a
-    /// commit redone on another cluster after its link died (`redo_commit`) must find there
-    /// only the transaction it commits, not the next one's publishes.
+    /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and
+    /// the next transaction's publishes must not join the one being committed.
     tx_end: Option<(u16, u64)>,
     /// A failover's passive checks of the client's queues and exchanges, and what the other
     /// clusters say of one the cluster no longer has (see [`vanished`]).
@@ -1028,19 +1027,17 @@ impl Session {
                                 return "client closed the connection (upstream close timed out)"
                                     .into();
                             }
-                            Some(Closing::ByProxy { reason, .. })
+                            Some(Closing::ByProxy { .. })
                                 if self.client_close_after_links.is_some() =>
                             {
-                                // The links did not all close in time: the client hears now.
-                                let close = self.client_close_after_links.take();
-                                if let Some(close) = close {
+                                // The links did not all close in time: the client hears now,
+                                // and has the close timeout from now to answer.
+                                if let Some(close) = self.client_close_after_links.take() {
                                     self.to_client(0, &close);
                                 }
-                                let reason = reason.clone();
-                                self.closing = Some(Closing::ByProxy {
-                                    deadline: now + CLOSE_TIMEOUT,
-                                    reason,
-                                });
+                                if let Some(Closing::ByProxy { deadline, .. }) = &mut self.closing {
+                                    *deadline = now + CLOSE_TIMEOUT;
+                                }
                             }
                             Some(Closing::ByProxy { reason, .. }) => {
                                 let reason = format!("{reason} (no close-ok from client)");
@@ -1178,7 +1175,7 @@ impl Session {
         self.closing = Some(Closing::ByClient {
             deadline: Instant::now() + CLOSE_TIMEOUT,
         });
-        if self.links.iter().all(|s| s.done()) {
+        if self.links_closed() {
             self.end = Some(reason);
         } else {
             self.eof_reason = Some(reason);
@@ -1444,10 +1441,15 @@ impl Session {
         self.maybe_tell_client_close();
     }
 
+    /// Every link of the connection is closed.
+    fn links_closed(&self) -> bool {
+        self.links.iter().all(|s| s.done())
+    }
+
     /// Sends the client the connection.close `begin_proxy_close` keeps back, once every link
     /// is closed (the close timeout sends it otherwise).
     pub(super) fn maybe_tell_client_close(&mut self) {
-        if self.links.iter().all(|s| s.done())
+        if self.links_closed()
             && let Some(close) = self.client_close_after_links.take()
         {
             self.to_client(0, &close);
@@ -1564,7 +1566,7 @@ impl Session {
 
     fn maybe_finish_client_close(&mut self) {
         if let Some(Closing::ByClient { .. }) = self.closing
-            && self.links.iter().all(|s| s.done())
+            && self.links_closed()
         {
             if let Some(reason) = self.eof_reason.take() {
                 self.end = Some(reason);

@@ -153,7 +153,7 @@ impl Session {
 
     /// tx.commit / tx.rollback: answered by every live link (the transaction's publishes are
     /// on one of them). A commit notes the link of its publishes until it is answered: if that
-    /// link dies first, the commit's outcome is unknown (see `redo_commit`).
+    /// link dies first, the commit's outcome is unknown (see `refuse_commit_in_doubt`).
     pub(super) fn end_transaction(&mut self, ch: u16, method: &Method) -> Result<(), ConnError> {
         let commit = matches!(method, Method::TxCommit(_));
         if commit && self.channel_mut(ch).is_some_and(|c| c.tx_log.lost) {
@@ -208,7 +208,7 @@ impl Session {
     /// runs of 5), so the client is told, as one broker's client learns it when its connection
     /// fails during a commit: channel.close 541, for the commit itself (not behind it: it will
     /// never be answered). Returns false when `id` is not such a commit.
-    pub(super) fn redo_commit(&mut self, ch: u16, dead: LinkId, id: u64) -> bool {
+    pub(super) fn refuse_commit_in_doubt(&mut self, ch: u16, dead: LinkId, id: u64) -> bool {
         let Some(channel) = self.channel_mut(ch) else {
             return false;
         };

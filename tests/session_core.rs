@@ -3062,6 +3062,112 @@ async fn m_a_get_while_a_cluster_stays_down_is_refused_with_541() {
     );
 }
 
+/// queue.purge while shard-a's link fails over: shard-a holds part of the queue. One broker
+/// purges the whole queue; answered by the clusters that are up, the purge would leave
+/// shard-a's part to be delivered after the purge-ok. It waits for shard-a's next link, is
+/// made there too, and purge-ok counts both parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_a_purge_while_a_cluster_fails_over_waits_for_it_and_purges_it_too() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    a.enqueue(Q, b"a1");
+    a.enqueue(Q, b"a2");
+    b.enqueue(Q, b"b1");
+    let la = a.only_link().await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(
+        1,
+        Method::QueuePurge(codec::QueuePurge {
+            queue: ss(Q),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let early = tokio::time::timeout(Duration::from_millis(400), c.reply(1)).await;
+    assert!(early.is_err(), "no answer while shard-a is away: {early:?}");
+    assert!(b.ready(Q).is_empty(), "shard-b purged at once");
+    a.refuse(0, false);
+    match c.reply(1).await {
+        Method::QueuePurgeOk(ok) => assert_eq!(ok.message_count, 3, "both parts counted"),
+        other => panic!("expected purge-ok, got {other:?}"),
+    }
+    assert!(
+        a.ready(Q).is_empty(),
+        "shard-a's part purged: {:?}",
+        a.ready(Q)
+    );
+}
+
+/// queue.purge, queue.delete and a passive queue.declare while shard-a stays down past
+/// `timeouts.failover_wait_secs` (5 s here): each is refused with 541 naming the cluster and
+/// what was and was not done, not answered from the clusters that are up as if they were the
+/// whole queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_whole_queue_requests_while_a_cluster_stays_down_are_refused_with_541() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    for ch in 1..=3 {
+        c.open(ch).await;
+    }
+    c.declare(1, Q).await;
+    a.enqueue(Q, b"on-a");
+    let la = a.only_link().await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(
+        1,
+        Method::QueuePurge(codec::QueuePurge {
+            queue: ss(Q),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let passive = codec::QueueDeclare {
+        queue: ss(Q),
+        passive: true,
+        ..Default::default()
+    };
+    c.send(2, Method::QueueDeclare(passive)).await;
+    c.send(
+        3,
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(Q),
+            ..Default::default()
+        }),
+    )
+    .await;
+    for (ch, says) in [
+        (1, "purged on the other clusters, not there"),
+        (2, "its message count cannot be known"),
+        (
+            3,
+            "deleted on the other clusters, and its copy there remains",
+        ),
+    ] {
+        let close = within_for(Duration::from_secs(10), "the refusal", c.channel_close(ch)).await;
+        assert_eq!(close.reply_code, 541, "channel {ch}: {close:?}");
+        let text = close.reply_text.as_str();
+        assert!(
+            text.contains("cluster shard-a is unreachable") && text.contains(says),
+            "channel {ch}: {close:?}"
+        );
+    }
+    assert_eq!(a.ready(Q).len(), 1, "shard-a's part untouched");
+}
+
 /// A basic.get with `no_ack` is in flight on shard-a's link when it dies: RabbitMQ took the
 /// message off the queue as it sent the get-ok, which never arrived. One broker's client
 /// would lose its connection with it; warren closes the client with 320 saying why, instead

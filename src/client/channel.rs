@@ -109,6 +109,11 @@ pub struct Rpc {
     /// The client asked for no reply (`nowait`): warren asked the clusters for one, to learn
     /// whether they all accepted the change before remembering it, and keeps it to itself.
     pub silent: bool,
+    /// A purge, delete or passive declare that must reach every cluster that may hold the
+    /// queue's messages, one of which had no link when it was sent: it waits for that
+    /// cluster's next link, and fails with 541 if none comes in time (see
+    /// `Session::wait_for_missing_holders`).
+    pub whole_queue: bool,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -789,8 +794,14 @@ impl Channel {
             rename: None,
             answered: LinkSet::default(),
             silent: false,
+            whole_queue: false,
         });
         self.next_rpc
+    }
+
+    /// The id the next request will have.
+    pub fn next_rpc_id(&self) -> u64 {
+        self.next_rpc + 1
     }
 
     /// Whether a basic.recover or a tx.commit on this channel has been answered by `link` but

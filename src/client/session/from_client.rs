@@ -346,9 +346,31 @@ impl Session {
                     // (`lazy_links`), so only the control cluster can say whether it exists.
                     t = LinkSet::one(control);
                 }
+                let id = self.channel_mut(ch).map(|c| c.next_rpc_id());
                 self.fan_out_topology(ch, &method, t, class == Class::Sharded)?;
+                // A delete or a count covers the whole queue, on clusters away too.
+                let whole = match &method {
+                    Method::QueueDelete(d) => Some(&d.queue),
+                    Method::QueueDeclare(q) if q.passive => Some(&q.queue),
+                    _ => None,
+                };
+                if let (Some(id), Some(queue)) = (id, whole) {
+                    self.wait_for_missing_holders(ch, id, queue);
+                }
             }
-            Method::QueuePurge(_) => self.fan_out(ch, &method, self.live_links())?,
+            Method::QueuePurge(ref p) => {
+                // Asked with a reply even under `nowait`: a cluster left out must be known.
+                let id = self.channel_mut(ch).map(|c| c.next_rpc_id());
+                self.fan_out(ch, &with_reply(&method), self.live_links())?;
+                if let Some(id) = id {
+                    if p.nowait
+                        && let Some(rpc) = self.channel_mut(ch).and_then(|c| c.rpc_mut(id))
+                    {
+                        rpc.silent = true;
+                    }
+                    self.wait_for_missing_holders(ch, id, &p.queue);
+                }
+            }
             // Anything else a client may send on a channel is for the broker to judge.
             other => {
                 let t = self
@@ -877,6 +899,10 @@ impl Session {
                 self.side_check(link, ch, &check, Pending::Rpc(id));
             }
         }
+        // The condition holds for the whole queue, on clusters away too.
+        if let Method::QueueDeclare(q) = &check {
+            self.wait_for_missing_holders(ch, id, &q.queue);
+        }
         Ok(())
     }
 
@@ -1104,6 +1130,7 @@ fn with_reply(method: &Method) -> Method {
         Method::ExchangeBind(x) => x.nowait = false,
         Method::ExchangeUnbind(x) => x.nowait = false,
         Method::QueueDelete(x) => x.nowait = false,
+        Method::QueuePurge(x) => x.nowait = false,
         Method::ExchangeDelete(x) => x.nowait = false,
         _ => {}
     }

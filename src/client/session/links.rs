@@ -1266,32 +1266,77 @@ impl Session {
         else {
             return false;
         };
-        let config = self.shared.config();
-        let first_shard = config.shard_clusters().next().map(|c| c.name.clone());
-        let missing = config.clusters.iter().find(|c| {
-            let down = self.retry_at.contains_key(&*c.name) || self.connecting.contains(&c.name);
-            down && !self.has_live_link(&c.name)
-                && self.may_hold_messages_on(
-                    &get.queue,
-                    c.role,
-                    self.control.is_none() && first_shard.as_ref() == Some(&c.name),
-                )
-        });
-        let Some(cluster) = missing else {
+        let Some((cluster, since)) = self.missing_holders(&get.queue).into_iter().next() else {
             return false;
         };
-        let since = self
-            .retry_at
-            .get(&*cluster.name)
-            .map_or_else(Instant::now, |r| r.down_since);
-        debug!(conn = self.id, channel = ch, cluster = %cluster.name, "basic.get: the other clusters are empty; waiting for this one's link");
+        debug!(conn = self.id, channel = ch, cluster = %cluster, "basic.get: the other clusters are empty; waiting for this one's link");
         self.orphans.push(Orphan {
-            cluster: cluster.name.to_string(),
+            cluster,
             ch,
             id,
             since,
         });
         true
+    }
+
+    /// The clusters that may hold messages of `queue` and have no link right now (failing
+    /// over, reconnecting, refusing this connection), each with when it went away.
+    fn missing_holders(&self, queue: &ShortStr) -> Vec<(String, Instant)> {
+        let config = self.shared.config();
+        let first_shard = config.shard_clusters().next().map(|c| c.name.clone());
+        config
+            .clusters
+            .iter()
+            .filter(|c| {
+                let down =
+                    self.retry_at.contains_key(&*c.name) || self.connecting.contains(&c.name);
+                down && !self.has_live_link(&c.name)
+                    && self.may_hold_messages_on(
+                        queue,
+                        c.role,
+                        self.control.is_none() && first_shard.as_ref() == Some(&c.name),
+                    )
+            })
+            .map(|c| {
+                let since = self
+                    .retry_at
+                    .get(&*c.name)
+                    .map_or_else(Instant::now, |r| r.down_since);
+                (c.name.to_string(), since)
+            })
+            .collect()
+    }
+
+    /// A queue.purge, queue.delete or passive queue.declare of `queue` was just sent to the
+    /// live links as request `id` of channel `ch`. One broker purges, deletes or counts the
+    /// whole queue; answered by the clusters that are up, it would purge or delete a part and
+    /// say nothing of the rest (the messages on a cluster whose link is failing over would be
+    /// delivered after the purge-ok, or stay behind a delete-ok for good). So each cluster
+    /// that may hold part of the queue and has no link now is waited for: the request goes to
+    /// its next link ([`resend_orphans`](Self::resend_orphans)), and if none comes within
+    /// `timeouts.failover_wait_secs` of the cluster going away the channel is closed with 541
+    /// saying which cluster was left out ([`expire_orphans`](Self::expire_orphans)).
+    pub(super) fn wait_for_missing_holders(&mut self, ch: u16, id: u64, queue: &ShortStr) {
+        let missing = self.missing_holders(queue);
+        if missing.is_empty() {
+            return;
+        }
+        let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
+            return;
+        };
+        rpc.waiting += u32::try_from(missing.len()).unwrap_or(u32::MAX);
+        rpc.whole_queue = true;
+        let method = rpc.request.name();
+        for (cluster, since) in missing {
+            debug!(conn = self.id, channel = ch, cluster = %cluster, method, queue = %queue.as_str(),
+                "the cluster may hold messages of the queue and has no link: waiting for it");
+            self.orphans.push(Orphan {
+                cluster,
+                ch,
+                id,
+                since,
+            });
+        }
     }
 
     /// A link to `cluster` is open again (its channels, modes and consumers replayed): the
@@ -1354,6 +1399,15 @@ impl Session {
             let get = channel_in(&mut self.channels, o.ch)
                 .and_then(|c| c.rpc_mut(o.id))
                 .and_then(|r| r.get_request.clone());
+            let whole = channel_in(&mut self.channels, o.ch)
+                .and_then(|c| c.rpc_mut(o.id))
+                .filter(|r| r.whole_queue)
+                .map(|r| (r.request.clone(), r.then_delete.is_some()));
+            if let Some((request, conditional)) = whole {
+                let text = left_out_text(&o.cluster, wait, &request, conditional);
+                self.close_channel_at(o.ch, ReplyCode::InternalError, &text, &request, o.id);
+                continue;
+            }
             if let Some(Method::BasicGet(get)) = get {
                 // The other clusters had nothing: get-empty would say the queue is empty
                 // while this cluster's part of it cannot be read.
@@ -1428,8 +1482,34 @@ impl Session {
     }
 }
 
-/// Removes `name` from `names` (clusters marked for their next link's replay); whether it was
-/// there.
+/// Why a purge, delete or passive declare that cluster `cluster` missed (no link within `wait`)
+/// is refused: what happened on the other clusters, and what did not happen there.
+/// `conditional`: the request is the check of a conditional delete, which is not made.
+fn left_out_text(cluster: &str, wait: Duration, request: &Method, conditional: bool) -> String {
+    let (queue, outcome) = match request {
+        Method::QueuePurge(p) => (
+            &p.queue,
+            "the queue was purged on the other clusters, not there",
+        ),
+        Method::QueueDelete(d) => (
+            &d.queue,
+            "the queue was deleted on the other clusters, and its copy there remains",
+        ),
+        Method::QueueDeclare(q) if conditional => (
+            &q.queue,
+            "whether it is empty or unused cannot be known, so it was not deleted",
+        ),
+        Method::QueueDeclare(q) => (&q.queue, "its message count cannot be known"),
+        _ => return format!("cluster {cluster} is unreachable"),
+    };
+    format!(
+        "cluster {cluster} is unreachable (not back within {} s) and may hold messages of \
+         queue '{}': {outcome}",
+        wait.as_secs(),
+        queue.as_str()
+    )
+}
+
 /// Whether two declares name the same queue, or the same exchange.
 fn same_declared_name(a: &Method, b: &Method) -> bool {
     match (a, b) {
@@ -1439,6 +1519,8 @@ fn same_declared_name(a: &Method, b: &Method) -> bool {
     }
 }
 
+/// Removes `name` from `names` (clusters marked for their next link's replay); whether it was
+/// there.
 fn take_name(names: &mut Vec<String>, name: &str) -> bool {
     match names.iter().position(|n| n == name) {
         Some(i) => {

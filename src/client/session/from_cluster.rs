@@ -425,8 +425,21 @@ impl Session {
             // A refused publish: exchanges accepted before are checked again.
             self.proven_exchanges.clear();
         }
-        if channel_in(&mut self.channels, ch).is_none() {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
             return;
+        };
+        let mut c = c;
+        // A direct reply-to address is asked of its cluster under RabbitMQ's own name: the
+        // refusal names the address the client asked about, as one broker's does.
+        if let Some(rpc) = channel.rpcs.iter().find(|r| r.id == before)
+            && let (Some(asked), Method::QueueDeclare(sent)) = (&rpc.rename, &rpc.request)
+            && let Ok(text) = ShortStr::try_from(
+                c.reply_text
+                    .as_str()
+                    .replace(&*sent.queue.as_str(), &asked.as_str()),
+            )
+        {
+            c.reply_text = text;
         }
         self.fail_channel(ch, c, before, "sibling channel closed");
     }

@@ -3275,6 +3275,50 @@ async fn m_whole_queue_requests_while_a_cluster_stays_down_are_refused_with_541(
     assert_eq!(a.ready(Q).len(), 1, "shard-a's part untouched");
 }
 
+/// A client goes away while its purge waits for shard-a, whose link is failing over. Nothing it
+/// published is unconfirmed, and the purge cannot finish on the links that are up: they close
+/// at once, not at `timeouts.failover_wait_secs` (5 s here) for a request only a cluster that
+/// is away could answer. Held open, they count against a vhost's `max-connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_client_gone_with_a_request_waiting_for_a_cluster_away_closes_its_links_at_once() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let la = a.only_link().await;
+    let lb = b.only_link().await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(
+        1,
+        Method::QueuePurge(codec::QueuePurge {
+            queue: ss(Q),
+            ..Default::default()
+        }),
+    )
+    .await;
+    wait_for("shard-b purged", || {
+        (!b.ledger(lb).received_named("queue.purge").is_empty()).then_some(())
+    })
+    .await;
+    drop(c);
+    let gone = std::time::Instant::now();
+    wait_for("shard-b's link closed", || {
+        (!b.links().contains(&lb)).then_some(())
+    })
+    .await;
+    assert!(
+        gone.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the client",
+        gone.elapsed()
+    );
+}
+
 /// A basic.get with `no_ack` is in flight on shard-a's link when it dies: RabbitMQ took the
 /// message off the queue as it sent the get-ok, which never arrived. One broker's client
 /// would lose its connection with it; warren closes the client with 320 saying why, instead

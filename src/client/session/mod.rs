@@ -1156,15 +1156,20 @@ impl Session {
             return;
         }
         // Requests read before the end (a declare going cluster by cluster) are finished too.
-        let holding = self.publishes_held() || self.rpcs_outstanding();
+        let (held, asked) = (self.publishes_held(), self.rpcs_outstanding());
         let overdue = Instant::now() >= drain.deadline;
-        if holding && !overdue {
+        if (held || asked) && !overdue {
             return;
         }
-        if holding {
+        if held {
             warn!(
                 conn = self.id,
                 "client gone; publishes still unconfirmed at the deadline"
+            );
+        } else if asked {
+            warn!(
+                conn = self.id,
+                "client gone; requests still unanswered at the deadline"
             );
         }
         let reason = drain.reason.clone();
@@ -1470,10 +1475,18 @@ impl Session {
         self.eof_drain = Some(EofDrain { deadline, reason });
     }
 
-    /// Ends a client-initiated close once every link has closed.
-    /// Whether a client request is still waiting for its replies.
+    /// Whether a client request is still waiting for a reply from a live link. One waiting
+    /// only for a cluster that has no link (see `Orphan`), or on links already closed, cannot
+    /// be finished by keeping the others open: a connection ending keeps its links for what
+    /// can still complete, not until `timeouts.failover_wait_secs` for what cannot.
     fn rpcs_outstanding(&self) -> bool {
-        self.channels.iter().flatten().any(|c| !c.rpcs.is_empty())
+        self.links.iter().filter(|s| s.live()).any(|s| {
+            s.chans.iter().any(|up| {
+                up.pending
+                    .iter()
+                    .any(|w| matches!(w.who, Pending::Rpc(_) | Pending::Fence(_)))
+            })
+        })
     }
 
     /// The client's connection.close: closes the links; close-ok follows once they are closed.

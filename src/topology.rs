@@ -120,11 +120,18 @@ impl Topology {
         }
     }
 
-    /// The part other connections may declare again: no exclusive queue, nor bindings of one.
+    /// The part other connections may declare again: no exclusive or auto-delete queue, nor
+    /// bindings of one. RabbitMQ deletes those with their connection or their last consumer,
+    /// which these records do not see; declared again on a cluster that missed them, they
+    /// would outlive their users there, taking messages nobody reads. The connection that uses
+    /// one declares it again itself when its link to that cluster opens.
     pub fn shareable(&self, method: &Method) -> bool {
         match method {
-            Method::QueueDeclare(q) => !q.exclusive,
-            Method::QueueBind(b) => !self.is_exclusive(&b.queue),
+            Method::QueueDeclare(q) => !q.exclusive && !q.auto_delete,
+            Method::QueueBind(b) => !self.entries.iter().any(|(_, m)| {
+                matches!(m, Method::QueueDeclare(q)
+                    if q.queue == b.queue && (q.exclusive || q.auto_delete))
+            }),
             _ => true,
         }
     }
@@ -137,6 +144,40 @@ mod tests {
 
     fn s(x: &'static str) -> ShortStr {
         ShortStr::from_static(x)
+    }
+
+    #[test]
+    fn exclusive_and_auto_delete_queues_and_their_bindings_are_not_shared() {
+        let mut t = Topology::default();
+        let declare = |name: &'static str, exclusive: bool, auto_delete: bool| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: s(name),
+                exclusive,
+                auto_delete,
+                ..Default::default()
+            })
+        };
+        let bind = |name: &'static str| {
+            Method::QueueBind(codec::QueueBind {
+                queue: s(name),
+                exchange: s("x"),
+                ..Default::default()
+            })
+        };
+        for (name, exclusive, auto_delete) in [
+            ("mine", true, false),
+            ("while-consumed", false, true),
+            ("kept", false, false),
+        ] {
+            let d = declare(name, exclusive, auto_delete);
+            assert_eq!(t.shareable(&d), name == "kept", "{name}");
+            t.record(Class::Sharded, d);
+            assert_eq!(
+                t.shareable(&bind(name)),
+                name == "kept",
+                "binding of {name}"
+            );
+        }
     }
 
     #[test]

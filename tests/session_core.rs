@@ -3169,6 +3169,39 @@ async fn q_a_reply_to_a_caller_whose_node_is_down_is_returned_not_sent() {
     .await;
 }
 
+/// A declare the first clusters by name accept and a later one refuses (here shard-b, as a
+/// cluster without a majority refuses a quorum queue, or one at its vhost's `max-queues`): the
+/// client gets the refusal, as from one broker, and the queue stays made on control and
+/// shard-a, as docs/routing.md says ("A declare one cluster refuses after another made it").
+/// Declaring again once the cause is gone makes it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_declare_a_later_cluster_refuses_stays_made_where_it_was_accepted() {
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    b.deny_declare("jobs", true);
+    let declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss("jobs"),
+        durable: true,
+        ..Default::default()
+    });
+    let close = match c.call(1, declare).await {
+        Method::ChannelClose(close) => close,
+        other => panic!("expected the refusal, got {other:?}"),
+    };
+    assert_eq!(close.reply_code, 403, "{close:?}");
+    assert!(
+        control.has_queue("jobs") && a.has_queue("jobs") && !b.has_queue("jobs"),
+        "made where accepted"
+    );
+    c.send(1, Method::ChannelCloseOk(Default::default())).await;
+    b.deny_declare("jobs", false);
+    c.open(1).await;
+    c.declare(1, "jobs").await;
+    assert!(b.has_queue("jobs"), "whole once declared again");
+}
+
 /// queue.purge while shard-a's link fails over: shard-a holds part of the queue. One broker
 /// purges the whole queue; answered by the clusters that are up, the purge would leave
 /// shard-a's part to be delivered after the purge-ok. It waits for shard-a's next link, is

@@ -178,15 +178,6 @@ impl Health {
         due
     }
 
-    /// Makes `node` (its address) of `cluster` due for a probe now, unless one is in flight.
-    fn due_now(&self, cluster: &str, node: &str) {
-        if let Some(h) = self.lock().get_mut(&(cluster.to_owned(), node.to_owned()))
-            && !h.in_flight
-        {
-            h.next_due = Instant::now();
-        }
-    }
-
     /// When the next node not being probed is due (`None` when every node is being probed or
     /// none is known).
     fn next_due(&self) -> Option<Instant> {
@@ -317,7 +308,6 @@ async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) 
                             timeout.as_millis()
                         )),
                     };
-                shared.note_node_probed(&cluster, &node.to_string(), result.is_err());
                 if health.record(&cluster, &node, result) {
                     shared.node_came_up(&cluster);
                 }
@@ -335,11 +325,6 @@ async fn run(health: Arc<Health>, shared: Arc<Shared>, stop: CancellationToken) 
             _ = tokio::time::sleep_until(next) => {}
             Some(_) = probes.join_next() => {}
             Ok(()) = config_rx.changed() => {}
-            () = shared.rechecks_wanted() => {
-                for (cluster, node) in shared.take_rechecks() {
-                    health.due_now(&cluster, &node);
-                }
-            }
         }
     }
     probes.abort_all();

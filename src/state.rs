@@ -92,12 +92,6 @@ pub struct Shared {
     /// Sessions waiting to reconnect to the cluster retry at once when it changes, instead of
     /// waiting out their backoff.
     nodes_back: Mutex<std::collections::HashMap<String, u64>>,
-    /// (cluster, node address) of the nodes whose last health probe failed.
-    nodes_down: Mutex<HashSet<(String, String)>>,
-    /// Nodes a session just lost a link to, for the health probes to check at once rather
-    /// than at their turn (see [`Shared::recheck_node`]).
-    rechecks: Mutex<Vec<(String, String)>>,
-    recheck_wake: tokio::sync::Notify,
     next_id: AtomicU64,
     /// When each (cluster, event) was last logged as a warning (see `report_once`).
     reported: Mutex<std::collections::HashMap<(String, &'static str), tokio::time::Instant>>,
@@ -138,9 +132,6 @@ impl Shared {
             config: ArcSwap::new(config),
             server_properties: ArcSwapOption::empty(),
             nodes_back: Mutex::default(),
-            nodes_down: Mutex::default(),
-            rechecks: Mutex::default(),
-            recheck_wake: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             reported: Mutex::default(),
             held: Arc::new(HeldBudget::new(held_limit, metrics.held_bytes.clone())),
@@ -172,47 +163,6 @@ impl Shared {
     pub fn node_came_up(&self, cluster: &str) {
         let mut back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
         *back.entry(cluster.to_owned()).or_default() += 1;
-    }
-
-    /// A health probe of `node` (its address) of `cluster` answered (`down` false) or failed.
-    pub fn note_node_probed(&self, cluster: &str, node: &str, down: bool) {
-        let mut nodes = self.nodes_down.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (cluster.to_owned(), node.to_owned());
-        if down {
-            nodes.insert(key);
-        } else {
-            nodes.remove(&key);
-        }
-    }
-
-    /// Whether the last health probe of `node` (its address) of `cluster` failed.
-    pub fn node_down(&self, cluster: &str, node: &str) -> bool {
-        let nodes = self.nodes_down.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.contains(&(cluster.to_owned(), node.to_owned()))
-    }
-
-    /// A session lost its link to `node` (its address) of `cluster`: the health probes check
-    /// that node now, so what depends on their verdict (replies to direct reply-to addresses
-    /// the node gave) learns of its loss in milliseconds rather than at its next probe.
-    pub fn recheck_node(&self, cluster: &str, node: &str) {
-        let mut wanted = self.rechecks.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (cluster.to_owned(), node.to_owned());
-        // Bounded by the configured nodes: each is asked for once until the probes take it.
-        if !wanted.contains(&key) {
-            wanted.push(key);
-        }
-        drop(wanted);
-        self.recheck_wake.notify_one();
-    }
-
-    /// Waits until a session asks for a node to be checked (see [`Shared::recheck_node`]).
-    pub async fn rechecks_wanted(&self) {
-        self.recheck_wake.notified().await;
-    }
-
-    /// The nodes sessions asked to have checked since the last call.
-    pub fn take_rechecks(&self) -> Vec<(String, String)> {
-        std::mem::take(&mut *self.rechecks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// How many times a node of `cluster` was seen coming back (see [`Shared::node_came_up`]).

@@ -8,6 +8,10 @@ use super::*;
 /// most (see [`Session::renew_lease`]).
 const LEASE_RENEWAL: Duration = Duration::from_secs(1);
 
+/// How soon after a reply to a direct reply-to address a link's 541 is taken for RabbitMQ's
+/// crash on a reply naming a node that is not running.
+const DIRECT_REPLY_CRASH_WINDOW: Duration = Duration::from_secs(2);
+
 impl Session {
     pub(super) fn on_link_command(&mut self, link: LinkId, cmd: Command) {
         let Command {
@@ -1064,9 +1068,22 @@ impl Session {
                             "broker closed the connection: {} {}",
                             c.reply_code, c.reply_text
                         );
+                        let mut text = c.reply_text.as_str().into_owned();
+                        if c.reply_code == ReplyCode::InternalError.code()
+                            && slot
+                                .direct_reply_sent
+                                .is_some_and(|at| at.elapsed() < DIRECT_REPLY_CRASH_WINDOW)
+                        {
+                            // RabbitMQ says nothing more; what it is likely to be, it does say.
+                            text.push_str(
+                                " (just after a reply to a direct reply-to address: RabbitMQ \
+                                 3.10 closes a connection whose reply names a node of the \
+                                 cluster that is not running; that caller has gone)",
+                            );
+                        }
                         let e = ConnError {
                             code: c.reply_code,
-                            text: c.reply_text.as_str().into_owned(),
+                            text,
                             class_id: c.class_id,
                             method_id: c.method_id,
                         };

@@ -232,6 +232,10 @@ pub(super) struct LinkSlot {
     /// `Session::state_lost_with`).
     pub(super) direct_requests: u64,
     pub(super) direct_replies: u64,
+    /// When a reply to a direct reply-to address last went out here (see `Session::publish_reply`):
+    /// RabbitMQ 3.10 closes a connection with a bare 541 for a reply naming a node that is not
+    /// running, and the client is told why.
+    pub(super) direct_reply_sent: Option<Instant>,
     /// Whether this link's replay carries the vhost's shared topology (declared through this
     /// warren while the cluster was unreachable, by any client): if the cluster refuses it,
     /// the cluster is marked stale again for the next link to try.
@@ -255,6 +259,7 @@ impl LinkSlot {
             last_delivery: Instant::now(),
             sent: Default::default(),
             direct_requests: 0,
+            direct_reply_sent: None,
             shared_replay: false,
             direct_replies: 0,
         }

@@ -880,8 +880,6 @@ impl Session {
                 } else {
                     debug!(conn = self.id, cluster = %slot.link.cluster, node = %slot.link.node, %reason, "upstream link lost; failing over");
                 }
-                self.shared
-                    .recheck_node(&slot.link.cluster, &slot.link.node.to_string());
                 self.fail_link(link);
             }
         }

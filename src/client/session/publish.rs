@@ -21,9 +21,9 @@ impl Session {
             return;
         };
         if publish.exchange.is_empty()
-            && let Some(to) = reply_to::parse(publish.routing_key.as_bytes())
+            && let Some((cluster, name)) = reply_to::parse(publish.routing_key.as_bytes())
         {
-            return self.publish_reply(ch, to, method, content);
+            return self.publish_reply(ch, cluster, name, method, content);
         }
         let tx = self.channel_mut(ch).is_some_and(|c| c.tx);
         let held = Held {

@@ -9,18 +9,11 @@
 //! any other, it is lost, and RabbitMQ closes the server's connection with 541.
 //!
 //! So warren writes the cluster into the name on its way to the server:
-//! `amq.rabbitmq.reply-to.<cluster>~<node>~<suffix>` in the delivered `reply_to` (deliveries,
-//! get-ok, returns), and a publish to such a name goes to that cluster, with the name RabbitMQ
-//! gave. Cluster names (ASCII letters, digits, `-`, `_`, `.`) never contain `~`, nor do
-//! RabbitMQ's suffixes. Any warren instance with the same cluster names routes the reply, so
-//! callers and servers need not share one. Nothing is kept per reply: the name carries the route.
-//!
-//! `<node>` marks the node that took the request (eight hex digits of a hash of its address).
-//! RabbitMQ 3.10 crashes the channel, closing the server's whole connection with 541, when a
-//! reply names a node of the cluster that is not running. A server whose link has failed over
-//! to the other node would meet that after every node loss, where one broker returns or drops a
-//! reply whose caller has gone. So a reply to a node the health probes find down is answered as
-//! one broker answers for a gone caller, and never sent.
+//! `amq.rabbitmq.reply-to.<cluster>~<suffix>` in the delivered `reply_to` (deliveries, get-ok,
+//! returns), and a publish to such a name goes to that cluster, with the name RabbitMQ gave.
+//! Cluster names (ASCII letters, digits, `-`, `_`, `.`) never contain `~`, nor do RabbitMQ's
+//! suffixes. Any warren instance with the same cluster names routes the reply, so callers and
+//! servers need not share one. Nothing is kept per reply: the name carries the route.
 
 use super::*;
 use crate::codec::properties;
@@ -30,68 +23,19 @@ const PREFIX: &[u8] = b"amq.rabbitmq.reply-to.";
 /// Separates the cluster from RabbitMQ's own suffix in the names warren hands out.
 const SEPARATOR: u8 = b'~';
 
-/// A reply-to address warren handed out, taken apart.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Marked<'a> {
-    pub cluster: &'a [u8],
-    /// The mark of the node that took the request (see [`node_mark`]); addresses handed out
-    /// before marks were written have none.
-    pub node: Option<&'a [u8]>,
-    /// RabbitMQ's own name of the address.
-    pub original: ShortStr,
-}
-
-/// Length of a node's mark: hex digits of a 32-bit hash.
-const MARK_LEN: usize = 8;
-
-/// The cluster, node and RabbitMQ's own name of a reply-to address warren handed out, if `name`
-/// is one.
-pub(super) fn parse(name: &[u8]) -> Option<Marked<'_>> {
+/// The cluster and RabbitMQ's own name of a reply-to address warren handed out, if `name` is one.
+pub(super) fn parse(name: &[u8]) -> Option<(&[u8], ShortStr)> {
     let rest = name.strip_prefix(PREFIX)?;
     let at = rest.iter().position(|&c| c == SEPARATOR)?;
-    let (cluster, after) = (&rest[..at], &rest[at + 1..]);
-    let (node, suffix) = match after.get(MARK_LEN) {
-        Some(&SEPARATOR) if after[..MARK_LEN].iter().all(u8::is_ascii_hexdigit) => {
-            (Some(&after[..MARK_LEN]), &after[MARK_LEN + 1..])
-        }
-        _ => (None, after),
-    };
-    let original = [PREFIX, suffix].concat();
+    let original = [PREFIX, &rest[at + 1..]].concat();
     let original = ShortStr::try_from(String::from_utf8(original).ok()?).ok()?;
-    Some(Marked {
-        cluster,
-        node,
-        original,
-    })
-}
-
-/// The mark of a node in the addresses warren hands out: FNV-1a of its configured address, the
-/// same in every warren instance and build whatever the order of the cluster's nodes. Hashed
-/// as it is formatted: no allocation per marked delivery.
-pub(super) fn node_mark(node: &impl std::fmt::Display) -> [u8; MARK_LEN] {
-    struct Fnv(u32);
-    impl std::fmt::Write for Fnv {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            for &b in s.as_bytes() {
-                self.0 = (self.0 ^ u32::from(b)).wrapping_mul(0x0100_0193);
-            }
-            Ok(())
-        }
-    }
-    let mut h = Fnv(0x811c_9dc5);
-    let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{node}"));
-    let mut out = [0u8; MARK_LEN];
-    for (i, d) in out.iter_mut().enumerate() {
-        *d = b"0123456789abcdef"[((h.0 >> (28 - 4 * i)) & 0xf) as usize];
-    }
-    out
+    Some((&rest[..at], original))
 }
 
 /// The name warren hands out for RabbitMQ's address `amq.rabbitmq.reply-to.<suffix>` taken on
-/// node `node` (its mark) of `cluster`; `None` when the suffix already names a cluster.
-fn marked(cluster: &[u8], node: &[u8], suffix: &[u8]) -> Option<Vec<u8>> {
-    (!suffix.contains(&SEPARATOR))
-        .then(|| [PREFIX, cluster, &[SEPARATOR], node, &[SEPARATOR], suffix].concat())
+/// `cluster`; `None` when the suffix already names a cluster.
+fn marked(cluster: &[u8], suffix: &[u8]) -> Option<Vec<u8>> {
+    (!suffix.contains(&SEPARATOR)).then(|| [PREFIX, cluster, &[SEPARATOR], suffix].concat())
 }
 
 /// Whether `name` is a direct reply-to address (RabbitMQ's or one warren handed out), which a
@@ -119,9 +63,7 @@ impl Session {
     /// if `name` is one RabbitMQ gave (not yet marked, and short enough to carry the cluster).
     pub(super) fn marked_address(&self, link: LinkId, name: &[u8]) -> Option<ShortStr> {
         let suffix = name.strip_prefix(PREFIX)?;
-        let link = &self.links[link].link;
-        let node = node_mark(&link.node);
-        let marked = marked(link.cluster.as_bytes(), &node, suffix)?;
+        let marked = marked(self.links[link].link.cluster.as_bytes(), suffix)?;
         ShortStr::try_from(String::from_utf8(marked).ok()?).ok()
     }
 
@@ -140,8 +82,7 @@ impl Session {
             return content;
         };
         let cluster = &self.links[link].link.cluster;
-        let node = node_mark(&self.links[link].link.node);
-        let Some(marked) = marked(cluster.as_bytes(), &node, suffix) else {
+        let Some(marked) = marked(cluster.as_bytes(), suffix) else {
             return content;
         };
         match properties::replace_short_str(&content.header, span, &marked) {
@@ -157,12 +98,12 @@ impl Session {
     /// it, and nowhere else (republishing it elsewhere could only lose it). With that cluster
     /// unreachable the caller's consumer there is gone too: the reply is nacked to a
     /// confirm-mode client, dropped and counted otherwise, as RabbitMQ drops a reply whose
-    /// caller has left. With the node that took the request down (see the module doc), the
-    /// caller has gone with it: answered as one broker answers for a gone caller.
+    /// caller has left.
     pub(super) fn publish_reply(
         &mut self,
         ch: u16,
-        to: Marked<'_>,
+        cluster: &[u8],
+        routing_key: ShortStr,
         method: &Method,
         content: &Content,
     ) {
@@ -179,74 +120,26 @@ impl Session {
             return;
         }
         let client_seq = self.next_confirm_seq(ch);
-        let Some(link) = self.live_link_to(to.cluster) else {
+        let Some(link) = self.live_link_to(cluster) else {
             match client_seq {
                 Some(seq) => self.nack_lost(ch, &[seq]),
                 None => {
                     self.metrics.dropped.inc();
-                    warn!(conn = self.id, channel = ch, cluster = %String::from_utf8_lossy(to.cluster),
+                    warn!(conn = self.id, channel = ch, cluster = %String::from_utf8_lossy(cluster),
                         "reply to a direct reply-to address dropped: its cluster is not connected");
                 }
             }
             return;
         };
-        if self.caller_node_down(link, to.node) {
-            debug!(conn = self.id, channel = ch, cluster = %String::from_utf8_lossy(to.cluster),
-                "reply to a direct reply-to address whose node is down: its caller is gone");
-            if publish.mandatory {
-                let ret = Method::BasicReturn(codec::BasicReturn {
-                    reply_code: ReplyCode::NoRoute.code(),
-                    reply_text: ShortStr::from_static("NO_ROUTE"),
-                    exchange: publish.exchange.clone(),
-                    routing_key: publish.routing_key.clone(),
-                });
-                self.deliver(ch, &ret, Some(content));
-            }
-            if let Some(seq) = client_seq {
-                let mut out = Vec::new();
-                if let Some(confirms) = self.channel_mut(ch).and_then(|c| c.confirms.as_mut()) {
-                    confirms.settle(&[seq], &mut out);
-                }
-                for c in out {
-                    let ack = Method::BasicAck(codec::BasicAck {
-                        delivery_tag: c.seq,
-                        multiple: c.multiple,
-                    });
-                    self.send_confirm(ch, None, ack);
-                }
-            }
-            return;
-        }
+        self.links[link].direct_reply_sent = Some(Instant::now());
         let mut publish = publish.clone();
-        publish.routing_key = to.original;
+        publish.routing_key = routing_key;
         let held = Held {
             publish,
             content: content.clone(),
             pinned: true,
         };
         self.send_publish(ch, link, client_seq, held, false);
-    }
-
-    /// Whether the node marked `node` in a reply-to address is down while `link`, the cluster's
-    /// link, is on another node: the health probes' last verdict (a session that loses a link
-    /// has its node probed at once).
-    fn caller_node_down(&self, link: LinkId, node: Option<&[u8]>) -> bool {
-        let Some(node) = node else {
-            return false;
-        };
-        let link = &self.links[link].link;
-        if node_mark(&link.node) == node {
-            return false;
-        }
-        let config = self.shared.config();
-        let Some(cluster) = config.cluster(&link.cluster) else {
-            return false;
-        };
-        cluster
-            .nodes
-            .iter()
-            .find(|n| node_mark(n) == node)
-            .is_some_and(|n| self.shared.node_down(&link.cluster, &n.to_string()))
     }
 
     /// A queue.declare of a direct reply-to address: an RPC server checking that its caller is
@@ -262,9 +155,7 @@ impl Session {
         method: &Method,
     ) -> Result<(), ConnError> {
         let routed = parse(q.queue.as_bytes())
-            .and_then(|m| Some((self.live_link_to(m.cluster)?, m)))
-            .filter(|(link, m)| !self.caller_node_down(*link, m.node))
-            .map(|(link, m)| (link, m.original));
+            .and_then(|(cluster, original)| Some((self.live_link_to(cluster)?, original)));
         let Some((link, original)) = routed else {
             let text = format!("no queue '{}' in vhost '{}'", q.queue.as_str(), self.vhost);
             self.close_channel(ch, ReplyCode::NotFound, &text, method);
@@ -287,36 +178,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn marked_names_parse_back_to_cluster_node_and_original() {
-        let m = parse(b"amq.rabbitmq.reply-to.shard-b~0badf00d~g1h2AA.xyz==").unwrap();
-        assert_eq!(m.cluster, b"shard-b");
-        assert_eq!(m.node, Some(b"0badf00d".as_slice()));
-        assert_eq!(m.original.as_str(), "amq.rabbitmq.reply-to.g1h2AA.xyz==");
-        // Addresses handed out before nodes were marked.
-        let m = parse(b"amq.rabbitmq.reply-to.shard-b~g1h2AA.xyz==").unwrap();
-        assert_eq!((m.cluster, m.node), (b"shard-b".as_slice(), None));
-        assert_eq!(m.original.as_str(), "amq.rabbitmq.reply-to.g1h2AA.xyz==");
+    fn marked_names_parse_back_to_cluster_and_original() {
+        let (cluster, original) = parse(b"amq.rabbitmq.reply-to.shard-b~g1h2AA.xyz==").unwrap();
+        assert_eq!(cluster, b"shard-b");
+        assert_eq!(original.as_str(), "amq.rabbitmq.reply-to.g1h2AA.xyz==");
         assert!(
             parse(b"amq.rabbitmq.reply-to.g1h2AA.xyz").is_none(),
             "not marked"
         );
         assert!(parse(b"amq.rabbitmq.reply-to").is_none());
         assert!(parse(b"celery").is_none());
-    }
-
-    #[test]
-    fn a_marked_address_parses_back() {
-        let node = node_mark(&"127.0.0.1:5672");
-        let name = marked(b"shard-a", &node, b"g1h2AA.xyz==").unwrap();
-        let m = parse(&name).unwrap();
-        assert_eq!(
-            (m.cluster, m.node),
-            (b"shard-a".as_slice(), Some(node.as_slice()))
-        );
-        assert_eq!(m.original.as_str(), "amq.rabbitmq.reply-to.g1h2AA.xyz==");
-        assert_eq!(
-            &node, b"0b4b6f16",
-            "FNV-1a of the address, as tests/session_core.rs computes it"
-        );
     }
 }

@@ -168,6 +168,44 @@ fn ss(s: &str) -> ShortStr {
     ShortStr::try_from(s).expect("short string")
 }
 
+/// A connection.close or channel.close warren sent.
+trait Close: std::fmt::Debug {
+    fn code(&self) -> u16;
+    fn text(&self) -> String;
+}
+
+impl Close for codec::ConnectionClose {
+    fn code(&self) -> u16 {
+        self.reply_code
+    }
+    fn text(&self) -> String {
+        self.reply_text.as_str().into_owned()
+    }
+}
+
+impl Close for codec::ChannelClose {
+    fn code(&self) -> u16 {
+        self.reply_code
+    }
+    fn text(&self) -> String {
+        self.reply_text.as_str().into_owned()
+    }
+}
+
+/// Asserts that `close` has reply code `code` and that its text names every one of `words`:
+/// a refusal must say why.
+#[track_caller]
+fn assert_says(close: &impl Close, code: u16, words: &[&str]) {
+    assert_eq!(close.code(), code, "{close:?}");
+    let text = close.text();
+    let unsaid: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| !text.contains(w))
+        .collect();
+    assert!(unsaid.is_empty(), "{close:?} does not say {unsaid:?}");
+}
+
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
         Client {
@@ -707,11 +745,7 @@ async fn b_mixed_acks_over_interleaved_deliveries_reach_each_broker_with_its_own
     // Tag 3 was settled (nacked): 406, and no broker hears of it.
     c.send(1, ack(3, false)).await;
     let close = c.channel_close(1).await;
-    assert_eq!(close.reply_code, 406);
-    assert!(
-        close.reply_text.as_str().contains("unknown delivery tag 3"),
-        "{close:?}"
-    );
+    assert_says(&close, 406, &["unknown delivery tag 3"]);
     assert_eq!(a.ledger(la).settlements(1), expect_a);
     assert_eq!(b.ledger(lb).settlements(1), expect_b);
 }
@@ -949,12 +983,7 @@ async fn c_a_link_its_broker_closed_while_the_client_read_nothing_closes_a_no_ac
         c.connection_close(),
     )
     .await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    let text = close.reply_text.as_str();
-    assert!(
-        text.contains("shard-a") && text.contains("not reading it"),
-        "{text}"
-    );
+    assert_says(&close, 320, &["shard-a", "not reading it"]);
 }
 
 /// A connection error from one cluster (RabbitMQ's 540 for a publish with `immediate`) closes
@@ -1160,12 +1189,7 @@ async fn c_an_auto_delete_exchange_gone_during_a_failover_is_forgotten() {
 async fn c_a_queue_lost_on_the_failed_over_cluster_only_closes_the_client_with_320() {
     let (mut c, rig) = vanished_during_a_failover(Vanishing::Queue, &[A]).await;
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 320);
-    let text = close.reply_text.as_str();
-    assert!(
-        text.contains("shard-a") && text.contains("queue 'orders'") && text.contains("only"),
-        "{text}"
-    );
+    assert_says(&close, 320, &["shard-a", "queue 'orders'", "only"]);
     assert!(rig.get(B).has_queue(Q), "kept where it was");
     assert!(!rig.get(A).has_queue(Q), "not re-created on shard-a alone");
 }
@@ -1253,14 +1277,7 @@ async fn d_a_commit_whose_link_dies_unanswered_is_refused_with_541_not_redone() 
     got_commit(tx_cluster, link).await;
     tx_cluster.kill(link, Kill::Rst);
     let close = c.channel_close(1).await;
-    assert_eq!(close.reply_code, 541, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains("may or may not have been committed"),
-        "{close:?}"
-    );
+    assert_says(&close, 541, &["may or may not have been committed"]);
     assert!(
         tx_cluster.ready(Q).is_empty(),
         "the dead link committed nothing"
@@ -1340,14 +1357,7 @@ async fn d_a_commit_lost_with_no_other_shard_up_is_refused_not_left_waiting() {
     tx_cluster.refuse(0, true);
     tx_cluster.kill(link, Kill::Rst);
     let close = c.channel_close(1).await;
-    assert_eq!(close.reply_code, 541, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains("may or may not have been committed"),
-        "{close:?}"
-    );
+    assert_says(&close, 541, &["may or may not have been committed"]);
 }
 
 /// Every shard link is down when tx.commit arrives (both failed over, their clusters not yet
@@ -1769,12 +1779,7 @@ async fn c_a_link_lost_while_the_client_holds_its_deliveries_closes_the_client()
     a.refuse(0, true);
     a.kill(first, Kill::Rst);
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    let text = close.reply_text.as_str();
-    assert!(
-        text.contains("shard-a") && text.contains("1 unacknowledged deliveries"),
-        "{text}"
-    );
+    assert_says(&close, 320, &["shard-a", "1 unacknowledged deliveries"]);
 }
 
 /// warren closes a client with 320 (shard-a's link died while the client held one of its
@@ -1854,12 +1859,7 @@ async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_c
         "connect_ms = 1000\nfailover_wait_secs = 5\ndrain_deadline_secs = 1\n",
     );
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    let text = close.reply_text.as_str();
-    assert!(
-        text.contains("shard-b") && text.contains("1 unacknowledged deliveries"),
-        "{text}"
-    );
+    assert_says(&close, 320, &["shard-b", "1 unacknowledged deliveries"]);
 }
 
 /// shard-b is removed from the configuration while the client has acked one of its
@@ -1929,14 +1929,7 @@ async fn g_a_shared_topology_replay_refused_by_one_user_is_left_for_the_next_lin
         .send(1, Method::ChannelOpen(Default::default()))
         .await;
     let close = narrow.connection_close().await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains("while the cluster was unreachable"),
-        "{close:?}"
-    );
+    assert_says(&close, 320, &["while the cluster was unreachable"]);
     assert!(!b.has_queue("jobs"));
     b.deny_declare("jobs", false);
     let mut allowed = Client::connect(rig.addr()).await;
@@ -2041,9 +2034,7 @@ async fn f_an_exclusive_queue_a_server_side_route_leads_to_closes_the_client_whe
     .await;
     a.kill(link, Kill::Rst);
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    let text = close.reply_text.as_str();
-    assert!(text.contains("shard-a") && text.contains(REPLIES), "{text}");
+    assert_says(&close, 320, &["shard-a", REPLIES]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2233,8 +2224,7 @@ async fn h_publishes_pipelined_behind_a_refused_one_are_routed_nowhere() {
     }
     c.raw.send(&out).await;
     let close = c.channel_close(1).await;
-    assert_eq!(close.reply_code, 404, "{close:?}");
-    assert!(close.reply_text.as_str().contains("missing"), "{close:?}");
+    assert_says(&close, 404, &["missing"]);
     c.send(1, Method::ChannelCloseOk(Default::default())).await;
     c.open(1).await;
     c.sync(1).await;
@@ -3001,6 +2991,27 @@ async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever
     assert_eq!(after, renewed, "passive declares on shard-a and control");
 }
 
+/// Kills `cluster`'s only link and has its first node refuse new connections until told
+/// otherwise; returns once warren has tried to reconnect, the cluster away for the connection.
+async fn take_away(cluster: &FakeCluster) {
+    let link = cluster.only_link().await;
+    cluster.refuse(0, true);
+    cluster.kill(link, Kill::Rst);
+    wait_for(
+        &format!("warren tried to reconnect {}", cluster.name()),
+        || (cluster.refused(0) > 0).then_some(()),
+    )
+    .await;
+}
+
+/// queue.purge of `queue`.
+fn purge(queue: &str) -> Method {
+    Method::QueuePurge(codec::QueuePurge {
+        queue: ss(queue),
+        ..Default::default()
+    })
+}
+
 /// basic.get while shard-a's link fails over (its node refuses the new connection for a
 /// while): shard-a holds the only message. The other clusters' get-empty is not the answer,
 /// since shard-a's part of the queue could not be read: the get waits for shard-a's next
@@ -3014,13 +3025,7 @@ async fn m_a_get_while_a_cluster_fails_over_waits_for_it_instead_of_answering_em
     c.open(1).await;
     c.declare(1, Q).await;
     a.enqueue(Q, b"on-a");
-    let la = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     c.send(1, basic_get(Q)).await;
     let early = tokio::time::timeout(Duration::from_millis(400), c.reply(1)).await;
     assert!(early.is_err(), "no answer while shard-a is away: {early:?}");
@@ -3038,13 +3043,7 @@ async fn m_a_get_while_a_cluster_stays_down_is_refused_with_541() {
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let la = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     c.send(1, basic_get(Q)).await;
     let close = within_for(
         Duration::from_secs(10),
@@ -3052,14 +3051,7 @@ async fn m_a_get_while_a_cluster_stays_down_is_refused_with_541() {
         c.channel_close(1),
     )
     .await;
-    assert_eq!(close.reply_code, 541, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains("cluster shard-a is unreachable"),
-        "{close:?}"
-    );
+    assert_says(&close, 541, &["cluster shard-a is unreachable"]);
 }
 
 /// A passive declare of a direct reply-to address warren handed out, whose caller has gone:
@@ -3080,14 +3072,7 @@ async fn q_a_404_for_a_gone_callers_address_names_the_address_the_client_asked_a
         Method::ChannelClose(close) => close,
         other => panic!("expected 404, got {other:?}"),
     };
-    assert_eq!(close.reply_code, 404, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains(&format!("no queue '{asked}'")),
-        "{close:?}"
-    );
+    assert_says(&close, 404, &[&format!("no queue '{asked}'")]);
 }
 
 /// An RPC server's reply to a direct reply-to address whose caller's node is not running:
@@ -3109,12 +3094,7 @@ async fn q_a_541_right_after_a_direct_reply_says_why() {
     .await;
     a.close_connection(la, ReplyCode::InternalError, "INTERNAL_ERROR");
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 541, "{close:?}");
-    let text = close.reply_text.as_str();
-    assert!(
-        text.starts_with("INTERNAL_ERROR") && text.contains("direct reply-to"),
-        "{close:?}"
-    );
+    assert_says(&close, 541, &["INTERNAL_ERROR", "direct reply-to"]);
 }
 
 /// A declare the first clusters by name accept and a later one refuses (here shard-b, as a
@@ -3164,21 +3144,8 @@ async fn m_a_purge_while_a_cluster_fails_over_waits_for_it_and_purges_it_too() {
     a.enqueue(Q, b"a1");
     a.enqueue(Q, b"a2");
     b.enqueue(Q, b"b1");
-    let la = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
-    c.send(
-        1,
-        Method::QueuePurge(codec::QueuePurge {
-            queue: ss(Q),
-            ..Default::default()
-        }),
-    )
-    .await;
+    take_away(a).await;
+    c.send(1, purge(Q)).await;
     let early = tokio::time::timeout(Duration::from_millis(400), c.reply(1)).await;
     assert!(early.is_err(), "no answer while shard-a is away: {early:?}");
     assert!(b.ready(Q).is_empty(), "shard-b purged at once");
@@ -3208,21 +3175,8 @@ async fn m_whole_queue_requests_while_a_cluster_stays_down_are_refused_with_541(
     }
     c.declare(1, Q).await;
     a.enqueue(Q, b"on-a");
-    let la = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
-    c.send(
-        1,
-        Method::QueuePurge(codec::QueuePurge {
-            queue: ss(Q),
-            ..Default::default()
-        }),
-    )
-    .await;
+    take_away(a).await;
+    c.send(1, purge(Q)).await;
     let passive = codec::QueueDeclare {
         queue: ss(Q),
         passive: true,
@@ -3246,12 +3200,7 @@ async fn m_whole_queue_requests_while_a_cluster_stays_down_are_refused_with_541(
         ),
     ] {
         let close = within_for(Duration::from_secs(10), "the refusal", c.channel_close(ch)).await;
-        assert_eq!(close.reply_code, 541, "channel {ch}: {close:?}");
-        let text = close.reply_text.as_str();
-        assert!(
-            text.contains("cluster shard-a is unreachable") && text.contains(says),
-            "channel {ch}: {close:?}"
-        );
+        assert_says(&close, 541, &["cluster shard-a is unreachable", says]);
     }
     assert_eq!(a.ready(Q).len(), 1, "shard-a's part untouched");
 }
@@ -3267,22 +3216,9 @@ async fn c_a_client_gone_with_a_request_waiting_for_a_cluster_away_closes_its_li
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let la = a.only_link().await;
     let lb = b.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
-    c.send(
-        1,
-        Method::QueuePurge(codec::QueuePurge {
-            queue: ss(Q),
-            ..Default::default()
-        }),
-    )
-    .await;
+    take_away(a).await;
+    c.send(1, purge(Q)).await;
     wait_for("shard-b purged", || {
         (!b.ledger(lb).received_named("queue.purge").is_empty()).then_some(())
     })
@@ -3329,14 +3265,7 @@ async fn c_a_link_lost_with_a_no_ack_get_in_flight_closes_the_client() {
     .await;
     a.kill(la, Kill::Rst);
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 320, "{close:?}");
-    assert!(
-        close
-            .reply_text
-            .as_str()
-            .contains("basic.get with no_ack in flight"),
-        "{close:?}"
-    );
+    assert_says(&close, 320, &["basic.get with no_ack in flight"]);
 }
 
 /// A get-ok from shard-a waits for its turn behind a queue.declare that shard-b answers late;
@@ -4501,11 +4430,7 @@ async fn u_a_frame_too_large_is_refused_and_the_client_reads_why() {
     let (first, rest) = frame.split_at(100);
     c.raw.send(first).await;
     let close = c.connection_close().await;
-    assert_eq!(close.reply_code, 501, "{close:?}");
-    assert!(
-        close.reply_text.as_str().contains("exceeds frame_max"),
-        "{close:?}"
-    );
+    assert_says(&close, 501, &["exceeds frame_max"]);
     // The rest of the frame, still on its way when the refusal was sent.
     c.raw.send(rest).await;
     let mut scratch = [0u8; 64];

@@ -60,11 +60,13 @@ impl Topology {
         self.entries.iter().any(|(c, _)| *c == class)
     }
 
-    /// Whether `queue` was declared exclusive here.
-    pub fn is_exclusive(&self, queue: &crate::codec::ShortStr) -> bool {
-        self.entries
-            .iter()
-            .any(|(_, m)| matches!(m, Method::QueueDeclare(q) if &q.queue == queue && q.exclusive))
+    /// Whether `queue` was declared here exclusive or auto-delete: a queue RabbitMQ deletes with
+    /// its connection or its last consumer.
+    fn goes_with_its_users(&self, queue: &crate::codec::ShortStr) -> bool {
+        self.entries.iter().any(|(_, m)| {
+            matches!(m, Method::QueueDeclare(q)
+                if &q.queue == queue && (q.exclusive || q.auto_delete))
+        })
     }
 
     /// Applies a declaration, binding, unbinding or deletion every cluster accepted.
@@ -128,10 +130,7 @@ impl Topology {
     pub fn shareable(&self, method: &Method) -> bool {
         match method {
             Method::QueueDeclare(q) => !q.exclusive && !q.auto_delete,
-            Method::QueueBind(b) => !self.entries.iter().any(|(_, m)| {
-                matches!(m, Method::QueueDeclare(q)
-                    if q.queue == b.queue && (q.exclusive || q.auto_delete))
-            }),
+            Method::QueueBind(b) => !self.goes_with_its_users(&b.queue),
             _ => true,
         }
     }

@@ -1396,35 +1396,19 @@ impl Session {
         self.orphans = young;
         for o in old {
             warn!(conn = self.id, cluster = %o.cluster, channel = o.ch, "cluster not back in time for a request in flight when its link died");
-            let get = channel_in(&mut self.channels, o.ch)
+            let refused = channel_in(&mut self.channels, o.ch)
                 .and_then(|c| c.rpc_mut(o.id))
-                .and_then(|r| r.get_request.clone());
-            let whole = channel_in(&mut self.channels, o.ch)
-                .and_then(|c| c.rpc_mut(o.id))
-                .filter(|r| r.whole_queue)
-                .map(|r| (r.request.clone(), r.then_delete.is_some()));
-            if let Some((request, conditional)) = whole {
+                .filter(|r| r.whole_queue || r.get_request.is_some())
+                .map(|r| {
+                    // A get the other clusters answered empty: get-empty would say the queue
+                    // is empty while this cluster's part of it cannot be read. A purge, delete
+                    // or count would cover part of the queue as if it were the whole.
+                    let request = r.get_request.clone().unwrap_or_else(|| r.request.clone());
+                    (request, r.then_delete.is_some())
+                });
+            if let Some((request, conditional)) = refused {
                 let text = left_out_text(&o.cluster, wait, &request, conditional);
                 self.close_channel_at(o.ch, ReplyCode::InternalError, &text, &request, o.id);
-                continue;
-            }
-            if let Some(Method::BasicGet(get)) = get {
-                // The other clusters had nothing: get-empty would say the queue is empty
-                // while this cluster's part of it cannot be read.
-                let text = format!(
-                    "cluster {} is unreachable (not back within {} s) and may hold messages \
-                     of queue '{}'",
-                    o.cluster,
-                    wait.as_secs(),
-                    get.queue.as_str()
-                );
-                self.close_channel_at(
-                    o.ch,
-                    ReplyCode::InternalError,
-                    &text,
-                    &Method::BasicGet(get),
-                    o.id,
-                );
                 continue;
             }
             self.settle_dead_rpc(o.ch, o.id);
@@ -1482,11 +1466,20 @@ impl Session {
     }
 }
 
-/// Why a purge, delete or passive declare that cluster `cluster` missed (no link within `wait`)
-/// is refused: what happened on the other clusters, and what did not happen there.
+/// Why a get, purge, delete or passive declare that cluster `cluster` missed (no link within
+/// `wait`) is refused: what happened on the other clusters, and what did not happen there.
 /// `conditional`: the request is the check of a conditional delete, which is not made.
 fn left_out_text(cluster: &str, wait: Duration, request: &Method, conditional: bool) -> String {
+    let why = |queue: &ShortStr| {
+        format!(
+            "cluster {cluster} is unreachable (not back within {} s) and may hold messages of \
+             queue '{}'",
+            wait.as_secs(),
+            queue.as_str()
+        )
+    };
     let (queue, outcome) = match request {
+        Method::BasicGet(g) => return why(&g.queue),
         Method::QueuePurge(p) => (
             &p.queue,
             "the queue was purged on the other clusters, not there",
@@ -1502,12 +1495,7 @@ fn left_out_text(cluster: &str, wait: Duration, request: &Method, conditional: b
         Method::QueueDeclare(q) => (&q.queue, "its message count cannot be known"),
         _ => return format!("cluster {cluster} is unreachable"),
     };
-    format!(
-        "cluster {cluster} is unreachable (not back within {} s) and may hold messages of \
-         queue '{}': {outcome}",
-        wait.as_secs(),
-        queue.as_str()
-    )
+    format!("{}: {outcome}", why(queue))
 }
 
 /// Whether two declares name the same queue, or the same exchange.

@@ -3268,6 +3268,77 @@ async fn c_a_link_lost_with_a_no_ack_get_in_flight_closes_the_client() {
     assert_says(&close, 320, &["basic.get with no_ack in flight"]);
 }
 
+/// A consumer with `no_ack` whose link dies: RabbitMQ counted what it had sent on it as
+/// delivered, so messages on their way are gone (here the stalled link holds one the client
+/// never gets). One broker's client loses its connection with the node and knows; warren
+/// closes the client with 320 saying why instead of re-subscribing as if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_link_lost_under_a_no_ack_consumer_closes_the_client() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let ok = c
+        .call(
+            1,
+            Method::BasicConsume(codec::BasicConsume {
+                queue: ss(Q),
+                consumer_tag: ss("auto"),
+                no_ack: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+    a.enqueue(Q, b"first");
+    assert_eq!(c.delivery().await.body, "first".as_bytes());
+    let la = a.only_link().await;
+    a.stall(la, true);
+    a.enqueue(Q, b"on its way");
+    wait_for("shard-a sent the second message", || {
+        a.ready(Q).is_empty().then_some(())
+    })
+    .await;
+    a.kill(la, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_says(&close, 320, &["shard-a", "consumer 'auto'", "no_ack"]);
+}
+
+/// The same death under a no-ack consumer of a queue that gets messages only on the control
+/// cluster (Celery's rpc:// result and reply queues): its copy on a shard cluster never holds
+/// one, so nothing can be lost there and the client is not closed; the consumer goes on
+/// receiving from the control cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_shard_link_lost_under_a_no_ack_consumer_of_a_control_queue_fails_over() {
+    let rig = Rig::three().await;
+    let (a, control) = (rig.get(A), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let q = "w1@host.celery.pidbox";
+    c.declare(1, q).await;
+    let ok = c
+        .call(
+            1,
+            Method::BasicConsume(codec::BasicConsume {
+                queue: ss(q),
+                consumer_tag: ss("replies"),
+                no_ack: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+    let la = a.only_link().await;
+    a.kill(la, Kill::Rst);
+    wait_for("shard-a's next link", || {
+        (a.opened().len() > 1 && a.links().len() == 1).then_some(())
+    })
+    .await;
+    control.enqueue(q, b"reply");
+    assert_eq!(c.delivery().await.body, "reply".as_bytes());
+}
+
 /// A get-ok from shard-a waits for its turn behind a queue.declare that shard-b answers late;
 /// shard-a's link dies meanwhile (its broker requeues the message) and is replaced by a new
 /// connection before the get-ok reaches the client. Passing that get-ok on would give the

@@ -1071,6 +1071,7 @@ impl Session {
     ///   (one broker's client loses its connection with the node, and drops its copies: a
     ///   Celery worker discards the tasks it reserved, ETA tasks included);
     /// - an exclusive queue (every queue lives on every cluster);
+    /// - a consumer with `no_ack` (what its broker had sent and warren had not read is gone);
     /// - a consumer of a single-active-consumer queue (re-subscribing would queue it behind
     ///   another consumer while it stays active on the other clusters);
     /// - replies owed to direct reply-to requests sent through it (the address RabbitMQ gave
@@ -1102,6 +1103,9 @@ impl Session {
                  it answers with off the queue as it sends it, so it may be lost: reconnect, as \
                  after a broker's failure"
             ));
+        }
+        if let Some(text) = self.no_ack_consumer_on(link) {
+            return Some(text);
         }
         if slot.direct_requests > slot.direct_replies {
             return Some(format!(
@@ -1149,6 +1153,33 @@ impl Session {
             }
         }
         None
+    }
+
+    /// A consumer with `no_ack` subscribed on `link` to a queue whose copy there can hold
+    /// messages, said as what the client lost with the link. RabbitMQ counts a no-ack delivery
+    /// as done once it has sent it: what was on its way (in the node, in either socket buffer)
+    /// when the link died is gone, and nobody can tell how much. One broker's client learns of
+    /// it because its connection dies with the node; re-subscribing on the next link would
+    /// hide the gap. Direct reply-to consumers are left to the count of replies owed.
+    fn no_ack_consumer_on(&self, link: LinkId) -> Option<String> {
+        self.channels.iter().flatten().find_map(|channel| {
+            channel.consumers.iter().find_map(|c| {
+                if !c.no_ack || c.replies || !c.links.contains(link) {
+                    return None;
+                }
+                let queue = c.request.as_ref().map(|r| &r.queue);
+                if queue.is_some_and(|q| !self.may_hold_messages(q, link)) {
+                    return None;
+                }
+                let of = queue.map_or(String::new(), |q| format!(" of queue '{}'", q.as_str()));
+                Some(format!(
+                    "consumer '{}'{of} has no_ack: RabbitMQ counts what it sends such a consumer \
+                     as delivered, so what was on its way when the link died is lost: \
+                     reconnect, as after a broker's failure",
+                    c.tag.as_str()
+                ))
+            })
+        })
     }
 
     /// The client's basic.get requests with `no_ack` sent on `link` and not answered yet. If

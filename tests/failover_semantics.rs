@@ -15,6 +15,7 @@
 //! | g | channel.open while the shard-a link is down (both nodes refuse for 2 s) | — | open-ok, not 541; once the link is back and replayed, the channel works on every cluster |
 //! | g (extra) | queue.declare while shard-a is down, answered only after the new shard-a link replayed | — | the queue reaches shard-a too |
 //! | h | a queue of A, A's shard-a link stalled, B deletes the queue | reset A's link | the queue is on no cluster or on all it was on, never on shard-a only |
+//! | j | durable queue, consumer with `no_ack` | reset its shard-a link | `320` naming shard-a and the consumer's `no_ack` (what was on its way is lost, as with one broker's node loss) |
 //!
 //! Rows b-e: RabbitMQ deletes the state (the queue, the consumer's place) with the link's
 //! connection, and a replay cannot bring it back, so the proxy must tell the client at once.
@@ -1060,6 +1061,50 @@ async fn d_server_named_queue_lost_with_its_link_closes_the_client_with_320() {
         CONTROL,
     )
     .await;
+}
+
+/// Row j: a consumer with `no_ack` on a durable queue. RabbitMQ counts what it has sent such a
+/// consumer as delivered, so what was on its way when the link died is gone: the client must be
+/// closed with 320 naming the cluster and the consumer's mode, as one broker's node loss closes
+/// it, not re-subscribed as if nothing was lost. The queue stays (it is durable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn j_a_no_ack_consumers_link_lost_closes_the_client_with_320() {
+    if support::skip_live() {
+        return;
+    }
+    let cleanup = Cleanup::default();
+    let mut rig = Rig::start(&cleanup).await;
+    let mut a = Client::connect(&rig.proxy, "fs-i-noack").await;
+    let (ch, _events) = open_channel(&a.conn).await;
+    let queue = cleanup.queue("fs-i-noack");
+    declare(&ch, QueueDeclareArguments::durable_client_named(&queue)).await;
+    let (_ctag, mut rx) = consume(&ch, &queue, false).await;
+    let mut want: BTreeSet<String> = (0..6).map(|i| format!("before-{i}")).collect();
+    for b in &want.clone() {
+        publish(&ch, &queue, b).await;
+    }
+    while !want.is_empty() {
+        let d = next_delivery(&mut rx).await;
+        want.remove(String::from_utf8_lossy(&d.body).as_ref());
+    }
+    let home = rig.direct.where_is(&queue).await;
+    assert!(
+        home.contains(&SHARD_A),
+        "{queue} should live on shard-a, is on {home:?}"
+    );
+    let others = rig.others(&a);
+
+    let t = Instant::now();
+    rig.injector.reset(&a.name, SHARD_A);
+    a.expect_forced_close(SHARD_A, t).await;
+    let (_, text) = a.closed.borrow().clone().expect("closed");
+    assert!(
+        text.contains("no_ack"),
+        "the close should say the consumer has no_ack: {text:?}"
+    );
+    rig.injector.wait_no_links(&a.name).await;
+    rig.assert_unaffected(&others).await;
+    rig.finish().await;
 }
 
 /// Not every exclusive or auto-delete queue loses messages with a shard link: a queue with a

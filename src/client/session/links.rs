@@ -1173,8 +1173,7 @@ impl Session {
                 }
                 let of = queue.map_or(String::new(), |q| format!(" of queue '{}'", q.as_str()));
                 Some(format!(
-                    "consumer '{}'{of} has no_ack: RabbitMQ counts what it sends such a consumer \
-                     as delivered, so what was on its way when the link died is lost: \
+                    "consumer '{}'{of} has no_ack: what was on its way to it is lost; \
                      reconnect, as after a broker's failure",
                     c.tag.as_str()
                 ))

@@ -242,7 +242,8 @@ pub async fn serve(
         control,
         rules: config.routing.clone(),
         last_route: None,
-        rr: KeyedRoundRobin::default(),
+        // Connection numbers start at 1: the first connection starts on the first cluster.
+        rr: KeyedRoundRobin::starting_at(id.saturating_sub(1)),
         get_rotation: 0,
         channels: Vec::new(),
         closing: None,

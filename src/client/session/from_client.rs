@@ -401,14 +401,21 @@ impl Session {
                 ConnError::new(ReplyCode::ChannelError, "second 'channel.open' seen").on(method),
             );
         }
-        let targets = self.live_links();
+        // Answered at once, as one broker answers it: each cluster's part opens behind it, and
+        // what the client sends next on the channel follows the open on every link (a part
+        // still closing holds the client's input until it is closed and opened again). A
+        // cluster that refuses the open closes the client channel with its words, as a refused
+        // request does. Waiting for every cluster's open-ok made each channel.open cost the
+        // slowest cluster's round trip, and clients that open a channel per task or request
+        // paid it every time.
         let mut channel = Channel::new();
-        let id = channel.push_rpc(targets.len(), Vec::new(), method);
+        channel.state = ChannelState::Open;
         self.channels[i] = Some(channel);
         self.metrics.channels.inc();
-        for link in targets.iter() {
-            self.reopen_wait |= self.links[link].open(ch, Pending::Rpc(id));
+        for link in self.live_links().iter() {
+            self.reopen_wait |= self.links[link].open(ch, Pending::Internal);
         }
+        self.to_client(ch, &Method::ChannelOpenOk(Default::default()));
         for link in 0..self.links.len() {
             if let Some(plan) = self.links[link].take_topology() {
                 self.replay_topology(link, ch, plan);

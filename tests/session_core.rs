@@ -1862,6 +1862,50 @@ async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_c
     assert_says(&close, 320, &["shard-b", "1 unacknowledged deliveries"]);
 }
 
+/// The control cluster is removed from the configuration while a client consumes a control
+/// queue: like a change of which cluster is the control cluster, that applies to new
+/// connections, so the client keeps its control link (it used to be drained and closed as a
+/// removed shard's, and the connection's control traffic went nowhere: a connection without
+/// shard links waited for ever on channel.open). When that link is lost later, the cluster is
+/// not reconnected: the client is closed with 320, to reconnect to the current configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_removed_control_cluster_keeps_a_connected_clients_control_link() {
+    let rig = Rig::three().await;
+    let control = rig.get(CONTROL);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let q = "celeryev.watcher";
+    c.declare(1, q).await;
+    c.consume(1, q, "events").await;
+    let link = control.only_link().await;
+    let remaining: Vec<Cluster> = [A, B]
+        .into_iter()
+        .map(|name| Cluster {
+            name: name.to_owned(),
+            nodes: rig.get(name).nodes(),
+        })
+        .collect();
+    rig.proxy
+        .reload_on(&remaining, "connect_ms = 1000\nfailover_wait_secs = 5\n");
+    // Past the quiet time after which a removed cluster's idle link closes (3 s), and a tick.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(control.links(), [link], "the control link is kept");
+    control.enqueue(q, b"event");
+    assert_eq!(c.delivery().await.body, b"event".as_slice());
+    c.open(2).await;
+    control.kill(link, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_says(
+        &close,
+        320,
+        &[
+            "control",
+            "no longer in the proxy configuration",
+            "reconnect",
+        ],
+    );
+}
+
 /// shard-b is removed from the configuration while the client has acked one of its
 /// deliveries in a transaction it has not committed: the broker applies that ack only at the
 /// commit, so the link must stay until then (closing it when its consumer went quiet had the

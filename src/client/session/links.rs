@@ -23,7 +23,8 @@ impl Session {
         }
         self.rules = config.routing.clone();
         self.last_route = None;
-        for slot in &mut self.links {
+        let control = self.control;
+        for (i, slot) in self.links.iter_mut().enumerate() {
             if slot.done() {
                 continue;
             }
@@ -32,6 +33,15 @@ impl Session {
                     slot.weight = c.weight;
                     slot.drain = c.drain;
                     slot.removed_at = None;
+                }
+                // This connection's control cluster left the configuration: like a change of
+                // which cluster is the control cluster, it applies to new connections, and this
+                // one keeps its control link until it reconnects. Draining it would leave the
+                // connection's control traffic (replies, events, remote control) nowhere to go:
+                // nothing else takes it for a connection already set up. If the link is lost
+                // later, the client is closed so that it reconnects to the current one.
+                None if control == Some(i) => {
+                    debug!(conn = self.id, cluster = %slot.link.cluster, "control cluster removed from the configuration; this connection keeps its control link until it reconnects");
                 }
                 None => {
                     if slot.removed_at.is_none() {
@@ -998,6 +1008,17 @@ impl Session {
         }
         // `control` keeps pointing at the dead control slot: control traffic fails with a clear
         // channel error (not a hang, and never silently on a shard) until the link is back.
+        if self.control == Some(link) && self.shared.config().cluster(&cluster).is_none() {
+            // A removed control cluster is not reconnected: the client reconnects instead, to
+            // the control cluster of the configuration in force.
+            let text = format!(
+                "link to cluster {cluster} lost; it is no longer in the proxy configuration and \
+                 was this connection's control cluster: reconnect to use the current one"
+            );
+            warn!(conn = self.id, %cluster, "{text}; closing the client connection");
+            self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
+            return;
+        }
         let retry = Retry {
             at: Instant::now(),
             failures: 0,

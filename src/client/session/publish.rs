@@ -330,7 +330,9 @@ impl Session {
                 }
             }
         }
-        let what = if self.shard_links().is_empty() {
+        // A connection that has talked only to the control cluster (`lazy_links`) has no
+        // shard link by design: what it holds is control traffic.
+        let what = if self.shard_links().is_empty() && !self.lazy {
             "no shard cluster is reachable"
         } else {
             "the cluster for held publishes (control) is not reachable"

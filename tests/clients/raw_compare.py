@@ -844,16 +844,7 @@ def channel_reopen_before_close_ok(t):
     p.observe()
 
 
-def request_then_channel_reopen_before_close_ok(t):
-    """On open channel 2: queue.declare (exclusive), channel.close 2 and channel.open 2,
-    pipelined: the open comes before the close-ok (a connection error, 504), and the
-    declare-ok is due before it."""
-    p = t.opened(frame_max=None, channel=2)
-    p.send(queue_declare(2, uid("reopen"), exclusive=True) + chan_close(2) + chan_open(2))
-    p.observe()
-
-
-request_then_channel_reopen_before_close_ok.documented = (
+channel_reopen_before_close_ok.documented = (
     "A connection error behind requests still unanswered",
     ["ch0 connection.close 504", "closed"])
 
@@ -1149,7 +1140,6 @@ SCENARIOS = [
     channel_open_on_channel_0,
     channel_65535,
     channel_reopen_before_close_ok,
-    request_then_channel_reopen_before_close_ok,
     half_frame_stall,
     never_reading_consumer,
     channel_open_close_flood,

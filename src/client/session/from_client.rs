@@ -401,21 +401,14 @@ impl Session {
                 ConnError::new(ReplyCode::ChannelError, "second 'channel.open' seen").on(method),
             );
         }
-        // Answered at once, as one broker answers it: each cluster's part opens behind it, and
-        // what the client sends next on the channel follows the open on every link (a part
-        // still closing holds the client's input until it is closed and opened again). A
-        // cluster that refuses the open closes the client channel with its words, as a refused
-        // request does. Waiting for every cluster's open-ok made each channel.open cost the
-        // slowest cluster's round trip, and clients that open a channel per task or request
-        // paid it every time.
+        let targets = self.live_links();
         let mut channel = Channel::new();
-        channel.state = ChannelState::Open;
+        let id = channel.push_rpc(targets.len(), Vec::new(), method);
         self.channels[i] = Some(channel);
         self.metrics.channels.inc();
-        for link in self.live_links().iter() {
-            self.reopen_wait |= self.links[link].open(ch, Pending::Internal);
+        for link in targets.iter() {
+            self.reopen_wait |= self.links[link].open(ch, Pending::Rpc(id));
         }
-        self.to_client(ch, &Method::ChannelOpenOk(Default::default()));
         for link in 0..self.links.len() {
             if let Some(plan) = self.links[link].take_topology() {
                 self.replay_topology(link, ch, plan);

@@ -313,20 +313,17 @@ impl RoundRobin {
 /// and the cluster's loss takes the whole queue. A rotation per key spreads each queue over the
 /// clusters whatever the interleaving; keys that share a bucket share a rotation, as all keys
 /// did before.
-///
-/// Every rotation starts `start` picks in (a session passes its connection's number): a fresh
-/// rotation would otherwise put its first message on the first shard cluster, and clients that
-/// connect, publish one message and leave (a web request, a cron job) would all publish there.
 #[derive(Debug, Clone)]
 pub struct KeyedRoundRobin {
     /// Boxed: the session that owns it touches one rotation per publish, not all of them.
     rotations: Box<[RoundRobin; KEY_BUCKETS]>,
-    start: u64,
 }
 
 impl Default for KeyedRoundRobin {
     fn default() -> Self {
-        KeyedRoundRobin::starting_at(0)
+        KeyedRoundRobin {
+            rotations: Box::new(std::array::from_fn(|_| RoundRobin::default())),
+        }
     }
 }
 
@@ -336,32 +333,13 @@ impl Default for KeyedRoundRobin {
 const KEY_BUCKETS: usize = 64;
 
 impl KeyedRoundRobin {
-    /// Rotations that each begin `start` picks into their cycle.
-    pub fn starting_at(start: u64) -> Self {
-        KeyedRoundRobin {
-            rotations: Box::new(std::array::from_fn(|_| RoundRobin::default())),
-            start,
-        }
-    }
-
     /// Picks one of the candidates `(index, weight)` in the rotation of `key`.
     pub fn pick(
         &mut self,
         key: &[u8],
         candidates: impl Iterator<Item = (usize, u32)>,
     ) -> Option<usize> {
-        let rotation = &mut self.rotations[key_bucket(key)];
-        if rotation.current.is_empty() && self.start > 0 {
-            // Its first pick: skip ahead by `start` modulo the cycle (the sum of the weights),
-            // once; the candidates are collected only here, not on every publish.
-            let candidates: Vec<(usize, u32)> = candidates.collect();
-            let cycle: u64 = candidates.iter().map(|&(_, w)| u64::from(w.max(1))).sum();
-            for _ in 0..self.start % cycle.max(1) {
-                rotation.pick(candidates.iter().copied());
-            }
-            return rotation.pick(candidates.into_iter());
-        }
-        rotation.pick(candidates)
+        self.rotations[key_bucket(key)].pick(candidates)
     }
 }
 
@@ -378,29 +356,6 @@ pub fn key_bucket(key: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fresh_rotations_of_successive_connections_start_on_successive_clusters() {
-        // One message per connection, three equal clusters: the first messages of connections
-        // 0..6 go to every cluster twice, not all to the first one.
-        let mut counts = [0u32; 3];
-        for conn in 0..6 {
-            let mut rr = KeyedRoundRobin::starting_at(conn);
-            let picked = rr
-                .pick(b"celery", [(0, 1), (1, 1), (2, 1)].into_iter())
-                .expect("a pick");
-            counts[picked] += 1;
-        }
-        assert_eq!(counts, [2, 2, 2]);
-        // Weighted 2:1, cycles of three picks: connection 1's rotation starts one pick in and
-        // keeps the proportions.
-        let mut rr = KeyedRoundRobin::starting_at(1);
-        let mut seen = [0u32; 2];
-        for _ in 0..30 {
-            seen[rr.pick(b"k", [(0, 2), (1, 1)].into_iter()).expect("a pick")] += 1;
-        }
-        assert_eq!(seen, [20, 10]);
-    }
 
     #[test]
     fn interleaved_keys_each_spread_over_every_cluster() {

@@ -242,8 +242,7 @@ pub async fn serve(
         control,
         rules: config.routing.clone(),
         last_route: None,
-        // Connection numbers start at 1: the first connection starts on the first cluster.
-        rr: KeyedRoundRobin::starting_at(id.saturating_sub(1)),
+        rr: KeyedRoundRobin::default(),
         get_rotation: 0,
         channels: Vec::new(),
         closing: None,

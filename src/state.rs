@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::clients::Clients;
-use crate::codec::FieldTable;
+use crate::codec::{FieldTable, Method};
 use crate::config::Config;
 use crate::held::HeldBudget;
 use crate::metrics::Metrics;
@@ -81,11 +81,12 @@ pub struct Shared {
     /// Per vhost, where dead-letter and alternate exchanges and `CC` headers lead (see
     /// [`crate::server_routes`]).
     server_routes: Mutex<std::collections::HashMap<String, ServerRoutes>>,
-    /// (vhost, cluster) pairs that missed a shared topology change: some client declared while
-    /// that cluster was unreachable. The next link any session opens there replays the shared
-    /// topology, so a queue declared by a client gone since still exists there before a
-    /// publish is routed to it.
-    stale: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Per (vhost, cluster), the shared topology changes the cluster missed: some client
+    /// changed them while that cluster was unreachable. The next link any session opens there
+    /// applies them, in order, so a queue declared by a client gone since exists there before a
+    /// publish is routed to it, and a binding removed meanwhile is removed there too. Past the
+    /// log's bound (or after a refused replay) the whole shared topology is declared instead.
+    stale: Mutex<std::collections::HashMap<(String, String), crate::topology::Missed>>,
     /// What the clusters said about themselves in connection.start (product, version...).
     server_properties: ArcSwapOption<FieldTable>,
     /// Per cluster, how many times the health probes saw one of its nodes come back.
@@ -639,21 +640,39 @@ impl Shared {
         lock(&self.topology).get(vhost).map(f)
     }
 
-    /// Notes that `cluster` missed a shared topology change of `vhost` (see `stale`).
+    /// Notes that `cluster` missed shared topology change `method` of `vhost` (see `stale`).
+    pub fn note_missed(&self, vhost: &str, cluster: &str, method: Method) {
+        let mut stale = lock(&self.stale);
+        let key = (vhost.to_owned(), cluster.to_owned());
+        if stale.len() < 10_000 || stale.contains_key(&key) {
+            stale.entry(key).or_default().push(method);
+        }
+    }
+
+    /// Notes that `cluster` may lack any of `vhost`'s shared topology: its next link declares
+    /// all of it.
     pub fn mark_stale(&self, vhost: &str, cluster: &str) {
         let mut stale = lock(&self.stale);
-        if stale.len() < 10_000 {
-            stale.insert((vhost.to_owned(), cluster.to_owned()));
+        let key = (vhost.to_owned(), cluster.to_owned());
+        if stale.len() < 10_000 || stale.contains_key(&key) {
+            stale.entry(key).or_default().overflowed = true;
         }
     }
 
     /// Whether `cluster` missed a shared topology change of `vhost`.
     pub fn is_stale(&self, vhost: &str, cluster: &str) -> bool {
-        lock(&self.stale).contains(&(vhost.to_owned(), cluster.to_owned()))
+        lock(&self.stale).contains_key(&(vhost.to_owned(), cluster.to_owned()))
     }
 
-    /// Clears the flag: the caller is replaying the shared topology there.
-    pub fn take_stale(&self, vhost: &str, cluster: &str) -> bool {
+    /// Whether `cluster` may lack any of `vhost`'s shared topology (see [`Self::mark_stale`]).
+    pub fn lacks_shared_topology(&self, vhost: &str, cluster: &str) -> bool {
+        lock(&self.stale)
+            .get(&(vhost.to_owned(), cluster.to_owned()))
+            .is_some_and(|m| m.overflowed)
+    }
+
+    /// The changes `cluster` missed, taken by the caller to apply them there.
+    pub fn take_stale(&self, vhost: &str, cluster: &str) -> Option<crate::topology::Missed> {
         lock(&self.stale).remove(&(vhost.to_owned(), cluster.to_owned()))
     }
 

@@ -5,7 +5,7 @@
 //! added by a reload gets every durable queue, exchange and binding before any publish is routed
 //! there, even those declared by clients that have since disconnected.
 
-use crate::codec::Method;
+use crate::codec::{Method, ShortStr};
 use crate::route::Class;
 
 /// Entries kept; beyond this the oldest are forgotten (and not replayed).
@@ -136,6 +136,42 @@ impl Topology {
     }
 }
 
+/// The topology changes one connection made while a cluster had no link for it (down,
+/// failing over, refusing), in the order made: the cluster's next link applies them, removals
+/// included, after checking what it kept. Declaring the connection's whole record there
+/// instead re-created queues and bindings deleted since (by another client, or by RabbitMQ
+/// when a queue expired) on that one cluster, and removals made meanwhile never reached it.
+#[derive(Debug, Default)]
+pub struct Missed {
+    pub methods: Vec<Method>,
+    /// More changes than [`MAX_MISSED`]: the next link declares the whole record instead.
+    pub overflowed: bool,
+}
+
+/// Changes kept per cluster while it is away.
+const MAX_MISSED: usize = 1024;
+
+impl Missed {
+    pub fn push(&mut self, method: Method) {
+        if self.methods.len() >= MAX_MISSED {
+            self.overflowed = true;
+            self.methods.clear();
+        }
+        if !self.overflowed {
+            self.methods.push(method);
+        }
+    }
+
+    /// Whether one of the changes declares queue or exchange `name`.
+    pub fn declares(&self, name: &ShortStr) -> bool {
+        self.methods.iter().any(|m| match m {
+            Method::QueueDeclare(q) => &q.queue == name,
+            Method::ExchangeDeclare(x) => &x.exchange == name,
+            _ => false,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +179,35 @@ mod tests {
 
     fn s(x: &'static str) -> ShortStr {
         ShortStr::from_static(x)
+    }
+
+    #[test]
+    fn a_missed_log_keeps_its_order_and_gives_up_past_its_bound() {
+        let declare = |q: &'static str| {
+            Method::QueueDeclare(codec::QueueDeclare {
+                queue: s(q),
+                ..Default::default()
+            })
+        };
+        let unbind = Method::QueueUnbind(codec::QueueUnbind {
+            queue: s("q"),
+            exchange: s("x"),
+            ..Default::default()
+        });
+        let mut log = Missed::default();
+        log.push(declare("q"));
+        log.push(unbind.clone());
+        assert!(log.declares(&s("q")) && !log.declares(&s("x")));
+        assert_eq!(log.methods, [declare("q"), unbind]);
+        for _ in 0..MAX_MISSED {
+            log.push(declare("more"));
+        }
+        assert!(log.overflowed && log.methods.is_empty());
+        log.push(declare("after"));
+        assert!(
+            log.methods.is_empty(),
+            "past the bound, nothing more is kept"
+        );
     }
 
     #[test]

@@ -1862,6 +1862,104 @@ async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_c
     assert_says(&close, 320, &["shard-b", "1 unacknowledged deliveries"]);
 }
 
+/// shard-a's link is down (both its nodes refuse) while the client unbinds a queue and deletes
+/// an exchange: the other clusters answer, and shard-a's next link must make the same removals
+/// there. Declaring the client's record again never could (it no longer holds what was
+/// removed): the binding and the exchange stayed on shard-a for good, and half of what was
+/// published to the exchange afterwards still reached the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_removals_made_while_a_cluster_is_away_reach_it_when_it_is_back() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    for x in ["jobs", "old"] {
+        let declare_x = Method::ExchangeDeclare(codec::ExchangeDeclare {
+            exchange: ss(x),
+            kind: ss("direct"),
+            durable: true,
+            ..Default::default()
+        });
+        assert!(matches!(
+            c.call(1, declare_x).await,
+            Method::ExchangeDeclareOk(_)
+        ));
+    }
+    c.declare(1, Q).await;
+    let bind = Method::QueueBind(codec::QueueBind {
+        queue: ss(Q),
+        exchange: ss("jobs"),
+        routing_key: ss("k"),
+        ..Default::default()
+    });
+    assert!(matches!(c.call(1, bind).await, Method::QueueBindOk(_)));
+    assert!(a.has_binding("jobs", Q, "k"));
+    a.refuse(0, true);
+    a.kill(a.only_link().await, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    let unbind = Method::QueueUnbind(codec::QueueUnbind {
+        queue: ss(Q),
+        exchange: ss("jobs"),
+        routing_key: ss("k"),
+        ..Default::default()
+    });
+    assert!(matches!(c.call(1, unbind).await, Method::QueueUnbindOk(_)));
+    let delete_x = Method::ExchangeDelete(codec::ExchangeDelete {
+        exchange: ss("old"),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.call(1, delete_x).await,
+        Method::ExchangeDeleteOk(_)
+    ));
+    a.refuse(0, false);
+    wait_for("shard-a's new link applied the removals", || {
+        (!a.has_binding("jobs", Q, "k") && !a.has_exchange("old")).then_some(())
+    })
+    .await;
+    assert!(a.has_exchange("jobs") && a.has_queue(Q), "the rest stays");
+    c.sync(1).await;
+}
+
+/// shard-a's link is down while the client declares a new queue, and meanwhile an older queue
+/// of the client goes from every cluster (another client deletes it, or it expires). shard-a's
+/// next link declares the new queue there, and checks the rest instead of declaring the
+/// client's whole record again, which re-created the gone queue on shard-a alone: mandatory
+/// publishes to it were then confirmed there instead of returned, and lost when it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_declare_while_a_cluster_is_away_does_not_bring_back_what_went_meanwhile() {
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, "gone-meanwhile").await;
+    a.refuse(0, true);
+    a.kill(a.only_link().await, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    for cluster in [a, b, control] {
+        cluster.delete_queue("gone-meanwhile");
+    }
+    c.declare(1, "made-meanwhile").await;
+    a.refuse(0, false);
+    wait_for("shard-a's new link declared the new queue", || {
+        a.has_queue("made-meanwhile").then_some(())
+    })
+    .await;
+    c.sync(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !a.has_queue("gone-meanwhile"),
+        "a queue gone from every cluster must not come back on shard-a"
+    );
+    c.sync(1).await;
+}
+
 /// The control cluster is removed from the configuration while a client consumes a control
 /// queue: like a change of which cluster is the control cluster, that applies to new
 /// connections, so the client keeps its control link (it used to be drained and closed as a

@@ -539,6 +539,14 @@ impl FakeCluster {
         lock(&self.state).exchanges.contains_key(name)
     }
 
+    /// Whether `queue` is bound to `exchange` with `key`.
+    pub fn has_binding(&self, exchange: &str, queue: &str, key: &str) -> bool {
+        lock(&self.state)
+            .exchanges
+            .get(exchange)
+            .is_some_and(|x| x.bindings.contains(&(queue.to_owned(), key.to_owned())))
+    }
+
     // ----- inspection --------------------------------------------------------------------
 
     /// The ledger of connection `conn`.

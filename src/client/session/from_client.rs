@@ -507,22 +507,6 @@ impl Session {
             Class::Control
         };
         let record = !passive && !targets.is_empty();
-        if !passive {
-            let shared = sharded && self.topology.shareable(method);
-            // A cluster without a live link missed the change, and gets this connection's
-            // topology when its link opens; a control name's change concerns the control
-            // cluster alone, and must not make idle shard links replay, on reopening, queues
-            // and bindings other clients may have deleted since.
-            for cluster in &self.shared.config().clusters {
-                if (sharded || cluster.role == Role::Control) && !self.has_live_link(&cluster.name)
-                {
-                    self.stale_topology.insert(cluster.name.clone());
-                    if shared {
-                        self.shared.mark_stale(&self.vhost, &cluster.name);
-                    }
-                }
-            }
-        }
         if record && !expects_reply(method) {
             // `nowait`: the clusters are asked for a reply all the same, which the client does
             // not get, so the change is remembered only once every cluster accepted it. A
@@ -579,6 +563,33 @@ impl Session {
         }
         if class == Class::Sharded && self.topology.shareable(&method) {
             self.shared.record_topology(&self.vhost, method.clone());
+        }
+        // The clusters that missed it (no live link now) apply it when their link opens, in
+        // the order this connection made its changes. Not a queue.delete: it waits for every
+        // cluster that may hold the queue, and one recorded otherwise (a queue found gone
+        // everywhere, a control queue's shard copy) must not delete, later, a queue of that
+        // name declared again meanwhile.
+        // A control name's change concerns the control cluster alone, and must not make idle
+        // shard links apply, on reopening, changes other clients may have undone since. A
+        // shareable change is also logged for the vhost, so the cluster gets it even if this
+        // connection is gone by the time it is back.
+        let missable = !matches!(method, Method::QueueDelete(_));
+        let shared = class == Class::Sharded && self.topology.shareable(&method);
+        for cluster in &self.shared.config().clusters {
+            if missable
+                && (class == Class::Sharded || cluster.role == Role::Control)
+                && !self.has_live_link(&cluster.name)
+            {
+                let m = with_reply(&method);
+                if shared {
+                    self.shared
+                        .note_missed(&self.vhost, &cluster.name, m.clone());
+                }
+                self.stale_topology
+                    .entry(cluster.name.to_string())
+                    .or_default()
+                    .push(m);
+            }
         }
         self.topology.record(class, method);
     }

@@ -189,13 +189,15 @@ enum Life {
 /// How a link's replay declares this client's topology (see `Session::replay_topology`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TopologyPlan {
-    /// The cluster may lack the vhost's shared topology (added by a reload, or unreachable
-    /// while some client declared): the replay starts with it.
+    /// The cluster may lack any of the vhost's shared topology (added by a reload, new to this
+    /// connection, or a log of what it missed that overflowed or was refused): the replay
+    /// starts with all of it. Otherwise only the shared changes it missed are applied.
     pub(super) shared: bool,
-    /// The cluster may lack some of this client's topology (new to the session, or down while
-    /// the client declared): the replay declares it. Otherwise the cluster kept what the old
-    /// link declared, and the replay only checks that the queues and exchanges are still there
-    /// (passive declares), so it never re-creates what another client deleted meanwhile.
+    /// The cluster may lack any of this client's topology (new to the session, or more changes
+    /// missed than the log keeps): the replay declares it. Otherwise the cluster kept what the
+    /// old link declared, and the replay checks that the queues and exchanges are still there
+    /// (passive declares), so it never re-creates what went meanwhile, then applies the
+    /// changes the cluster missed (`Session::stale_topology`).
     pub(super) declare: bool,
     /// Whether the replay checks what the cluster kept (when it does not declare). Not after
     /// warren closed the link itself for idleness: nothing went with that link (it held no

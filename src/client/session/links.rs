@@ -120,15 +120,27 @@ impl Session {
             self.metrics.cluster(&c.name),
         );
         let woken = take_name(&mut self.woken, &c.name);
+        // The whole shared topology for a cluster new to this connection (added by a reload,
+        // or away since it connected) or one that may lack any of it; otherwise only what the
+        // cluster missed is applied (`replay_topology`).
         let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
-            || self.shared.is_stale(&self.vhost, &c.name);
+            || self.shared.lacks_shared_topology(&self.vhost, &c.name);
         let after_idle = take_name(&mut self.reopened_idle, &c.name);
+        // What this client changed while the cluster was away is applied after the check of
+        // what it kept (see `replay_topology`); only past the log's bound is everything
+        // declared again.
+        let missed_too_much = self
+            .stale_topology
+            .get(&*c.name)
+            .is_some_and(|m| m.overflowed);
         let plan = TopologyPlan {
             shared,
-            declare: shared || woken || self.stale_topology.remove(&c.name),
+            declare: shared || woken || missed_too_much,
             check: !after_idle,
         };
         let needs_topology = !self.topology.is_empty()
+            || self.stale_topology.contains_key(&*c.name)
+            || self.shared.is_stale(&self.vhost, &c.name)
             || (shared
                 && self
                     .shared
@@ -426,8 +438,13 @@ impl Session {
         let mut declared = Vec::new();
         let slot = &self.links[link];
         let mut methods: Vec<Method> = Vec::new();
+        // What the vhost's clients changed while the cluster was away, applied after this
+        // client's own part, unless the whole shared topology is declared anyway.
+        let shared_missed = self.shared.take_stale(&self.vhost, &slot.link.cluster);
+        if shared_missed.is_some() {
+            self.links[link].shared_replay = true;
+        }
         if plan.shared {
-            self.shared.take_stale(&self.vhost, &slot.link.cluster);
             self.links[link].shared_replay = true;
             if let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
                 t.entries().map(|(_, m)| m.clone()).collect::<Vec<_>>()
@@ -437,6 +454,8 @@ impl Session {
         }
         // Every cluster carries all of this client's topology (see crate::route).
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
+        let cluster = self.links[link].link.cluster.clone();
+        let missed = self.stale_topology.remove(&*cluster).unwrap_or_default();
         for m in &methods {
             if plan.declare {
                 if let Method::QueueDeclare(q) = m {
@@ -472,6 +491,9 @@ impl Session {
                 _ => {}
             }
             let check = match m {
+                // Declared while the cluster was away: declared there below, not checked.
+                Method::QueueDeclare(q) if missed.declares(&q.queue) => continue,
+                Method::ExchangeDeclare(x) if missed.declares(&x.exchange) => continue,
                 Method::QueueDeclare(q) => Method::QueueDeclare(codec::QueueDeclare {
                     passive: true,
                     nowait: false,
@@ -489,6 +511,19 @@ impl Session {
             // link is replaying until it is answered, sent now or in its turn.
             self.links[link].expect_replay_reply();
             self.replay_checks.start(self.link_ref(link), ch, check);
+        }
+        // Then what the cluster missed, in the order it was done: removals included, which
+        // declaring the record could never bring there. The vhost's log first: this client's
+        // own changes are in it too, and its own log ends where its record does.
+        let shared_log = shared_missed
+            .filter(|_| !plan.shared)
+            .map(|m| m.methods)
+            .unwrap_or_default();
+        for m in shared_log.iter().chain(&missed.methods) {
+            if let Method::QueueDeclare(q) = m {
+                declared.push(q.clone());
+            }
+            self.links[link].replay(ch, m);
         }
         self.send_replay_checks();
         self.links[link].topology_sent();

@@ -215,9 +215,12 @@ pub async fn serve(
                 .with_topology(&vhost.as_str(), |t| t.has(Class::Sharded))
                 .unwrap_or(false)
         {
+            // What the cluster missed (see `Session::replay_topology`); all of the shared
+            // topology only when it may lack any of it.
+            let all = shared.lacks_shared_topology(&vhost.as_str(), &slot.link.cluster);
             slot.start_replay(Some(TopologyPlan {
-                shared: true,
-                declare: true,
+                shared: all,
+                declare: all,
                 check: true,
             }));
         }
@@ -616,9 +619,9 @@ struct Session {
     /// behind it (publishes to the queue it declares, a bind of it, a publish behind a get)
     /// reaches each cluster after it, as one broker handles a channel's methods in order.
     in_turn_hold: Option<(u16, u64)>,
-    /// Clusters without a live link when this client changed its topology: their next link
-    /// declares the whole topology again (see `TopologyPlan::declare`).
-    stale_topology: std::collections::HashSet<String>,
+    /// The topology changes each cluster missed, having no live link when this client made
+    /// them: its next link applies them (see `Session::replay_topology`).
+    stale_topology: std::collections::HashMap<String, crate::topology::Missed>,
     /// Exchanges a publish of this connection was accepted to (see `barrier.rs`).
     proven_exchanges: std::collections::HashSet<ShortStr>,
     /// When this connection's gets last renewed each queue's lease on the clusters they did not

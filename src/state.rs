@@ -300,6 +300,18 @@ impl Shared {
                 "the control cluster changed: connected clients keep their control link until they reconnect; \
                  new connections use the new control cluster");
         }
+        for gone in old
+            .shard_clusters()
+            .filter(|c| config.cluster(&c.name).is_none())
+        {
+            // Clients stop seeing that cluster's part of every queue: consumers drain it only
+            // until the drain deadline, and a queue read only by basic.get (or not read at all)
+            // keeps its messages there. Said loudly, as the passive declares and gets that
+            // follow count without them.
+            warn!(cluster = %gone.name, drain_deadline_secs = config.timeouts.drain_deadline_secs,
+                "shard cluster removed: its links drain and close; messages still in its queues stay \
+                 there, out of reach through warren (evacuate it first: POST /clusters/NAME/evacuate)");
+        }
         let message = describe_change(&old, &config);
         if config == *old {
             return self.record_no_change();

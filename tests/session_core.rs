@@ -1960,6 +1960,41 @@ async fn g_a_declare_while_a_cluster_is_away_does_not_bring_back_what_went_meanw
     c.sync(1).await;
 }
 
+/// A confirm-mode client closes its channel while shard-a's link, which had its publishes
+/// unconfirmed, is down and reconnecting: the client must get its close-ok once the link is
+/// back (a probe saw clients wait for it for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_channel_closed_while_its_link_reconnects_gets_its_close_ok() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    let la = a.only_link().await;
+    a.stall(la, true);
+    // The connection's first publish to the default exchange: warren checks it behind the
+    // publish, on shard-a, and reads nothing more from the client until the check is answered.
+    c.publish(1, Q, "m0").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    wait_for("warren tried to reconnect shard-a", || {
+        (a.refused(0) > 0).then_some(())
+    })
+    .await;
+    c.send(1, Method::ChannelClose(Default::default())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.refuse(0, false);
+    loop {
+        match c.reply(1).await {
+            Method::ChannelCloseOk(_) => break,
+            Method::BasicAck(_) | Method::BasicNack(_) => {}
+            other => panic!("expected channel.close-ok, got {other:?}"),
+        }
+    }
+}
+
 /// The control cluster is removed from the configuration while a client consumes a control
 /// queue: like a change of which cluster is the control cluster, that applies to new
 /// connections, so the client keeps its control link (it used to be drained and closed as a

@@ -1993,6 +1993,18 @@ async fn g_a_channel_closed_while_its_link_reconnects_gets_its_close_ok() {
             other => panic!("expected channel.close-ok, got {other:?}"),
         }
     }
+    let new = wait_for("shard-a's next link", || {
+        a.links().first().copied().filter(|&l| l != la)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        a.ledger(new).violations.is_empty(),
+        "{:?}",
+        a.ledger(new).violations
+    );
+    c.open(2).await;
+    c.sync(2).await;
 }
 
 /// The control cluster is removed from the configuration while a client consumes a control

@@ -1435,6 +1435,20 @@ impl Session {
             .partition(|o| o.cluster == cluster);
         self.orphans = rest;
         for o in mine {
+            if !matches!(
+                self.links[link].chan_state(o.ch),
+                UpState::Open | UpState::Opening
+            ) {
+                // The client channel was not reopened on the new link (the client closed it
+                // meanwhile): asked on a channel that is not open, the request would have the
+                // broker close the whole link (504), again at every reconnect, and the
+                // client's close would wait for its answer for good. The client no longer
+                // needs the answer: settled as the dead link's.
+                debug!(conn = self.id, channel = o.ch, %cluster, "request owed by a dead link, on a channel the client closed meanwhile: settled");
+                self.settle_dead_rpc(o.ch, o.id);
+                self.flush_rpcs(o.ch);
+                continue;
+            }
             let Some(rpc) = channel_in(&mut self.channels, o.ch).and_then(|c| c.rpc_mut(o.id))
             else {
                 continue;

@@ -654,20 +654,22 @@ impl Shared {
 
     /// Notes that `cluster` missed shared topology change `method` of `vhost` (see `stale`).
     pub fn note_missed(&self, vhost: &str, cluster: &str, method: Method) {
-        let mut stale = lock(&self.stale);
-        let key = (vhost.to_owned(), cluster.to_owned());
-        if stale.len() < 10_000 || stale.contains_key(&key) {
-            stale.entry(key).or_default().push(method);
-        }
+        self.with_stale(vhost, cluster, |m| m.push(method));
     }
 
     /// Notes that `cluster` may lack any of `vhost`'s shared topology: its next link declares
     /// all of it.
     pub fn mark_stale(&self, vhost: &str, cluster: &str) {
+        self.with_stale(vhost, cluster, |m| m.overflowed = true);
+    }
+
+    /// Applies `f` to the log of what `cluster` missed in `vhost`, made if need be (at most
+    /// 10,000 logs: vhost names come from clients).
+    fn with_stale(&self, vhost: &str, cluster: &str, f: impl FnOnce(&mut crate::topology::Missed)) {
         let mut stale = lock(&self.stale);
         let key = (vhost.to_owned(), cluster.to_owned());
         if stale.len() < 10_000 || stale.contains_key(&key) {
-            stale.entry(key).or_default().overflowed = true;
+            f(stale.entry(key).or_default());
         }
     }
 

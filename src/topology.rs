@@ -153,13 +153,15 @@ const MAX_MISSED: usize = 1024;
 
 impl Missed {
     pub fn push(&mut self, method: Method) {
+        if self.overflowed {
+            return;
+        }
         if self.methods.len() >= MAX_MISSED {
             self.overflowed = true;
-            self.methods.clear();
+            self.methods = Vec::new();
+            return;
         }
-        if !self.overflowed {
-            self.methods.push(method);
-        }
+        self.methods.push(method);
     }
 
     /// Whether one of the changes declares queue or exchange `name`.

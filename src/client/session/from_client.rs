@@ -561,34 +561,33 @@ impl Session {
             }
             _ => {}
         }
-        if class == Class::Sharded && self.topology.shareable(&method) {
+        let shared = class == Class::Sharded && self.topology.shareable(&method);
+        if shared {
             self.shared.record_topology(&self.vhost, method.clone());
         }
         // The clusters that missed it (no live link now) apply it when their link opens, in
-        // the order this connection made its changes. Not a queue.delete: it waits for every
-        // cluster that may hold the queue, and one recorded otherwise (a queue found gone
-        // everywhere, a control queue's shard copy) must not delete, later, a queue of that
-        // name declared again meanwhile.
-        // A control name's change concerns the control cluster alone, and must not make idle
-        // shard links apply, on reopening, changes other clients may have undone since. A
-        // shareable change is also logged for the vhost, so the cluster gets it even if this
-        // connection is gone by the time it is back.
-        let missable = !matches!(method, Method::QueueDelete(_));
-        let shared = class == Class::Sharded && self.topology.shareable(&method);
-        for cluster in &self.shared.config().clusters {
-            if missable
-                && (class == Class::Sharded || cluster.role == Role::Control)
-                && !self.has_live_link(&cluster.name)
-            {
-                let m = with_reply(&method);
-                if shared {
-                    self.shared
-                        .note_missed(&self.vhost, &cluster.name, m.clone());
+        // the order this connection made its changes; a shareable change is logged for the
+        // vhost too, so the cluster gets it even if this connection is gone by then. A control
+        // name's change concerns the control cluster alone: idle shard links must not apply,
+        // on reopening, changes other clients may have undone since. Not a queue.delete: it
+        // waits for every cluster that may hold the queue, and one recorded otherwise (a
+        // queue found gone everywhere, a control queue's shard copy) must not delete, later,
+        // a queue of that name declared again meanwhile.
+        if !matches!(method, Method::QueueDelete(_)) {
+            let missed = with_reply(&method);
+            for cluster in &self.shared.config().clusters {
+                if (class == Class::Sharded || cluster.role == Role::Control)
+                    && !self.has_live_link(&cluster.name)
+                {
+                    if shared {
+                        self.shared
+                            .note_missed(&self.vhost, &cluster.name, missed.clone());
+                    }
+                    self.stale_topology
+                        .entry(cluster.name.to_string())
+                        .or_default()
+                        .push(missed.clone());
                 }
-                self.stale_topology
-                    .entry(cluster.name.to_string())
-                    .or_default()
-                    .push(m);
             }
         }
         self.topology.record(class, method);

@@ -436,25 +436,23 @@ impl Session {
         plan: TopologyPlan,
     ) -> Vec<codec::QueueDeclare> {
         let mut declared = Vec::new();
-        let slot = &self.links[link];
+        let cluster = self.links[link].link.cluster.clone();
         let mut methods: Vec<Method> = Vec::new();
         // What the vhost's clients changed while the cluster was away, applied after this
         // client's own part, unless the whole shared topology is declared anyway.
-        let shared_missed = self.shared.take_stale(&self.vhost, &slot.link.cluster);
-        if shared_missed.is_some() {
+        let shared_missed = self.shared.take_stale(&self.vhost, &cluster);
+        if plan.shared || shared_missed.is_some() {
             self.links[link].shared_replay = true;
         }
-        if plan.shared {
-            self.links[link].shared_replay = true;
-            if let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
+        if plan.shared
+            && let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
                 t.entries().map(|(_, m)| m.clone()).collect::<Vec<_>>()
-            }) {
-                methods.extend(shared);
-            }
+            })
+        {
+            methods.extend(shared);
         }
         // Every cluster carries all of this client's topology (see crate::route).
         methods.extend(self.topology.entries().map(|(_, m)| m.clone()));
-        let cluster = self.links[link].link.cluster.clone();
         let missed = self.stale_topology.remove(&*cluster).unwrap_or_default();
         for m in &methods {
             if plan.declare {

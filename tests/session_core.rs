@@ -357,6 +357,30 @@ impl Client {
         assert!(matches!(ok, Method::ChannelOpenOk(_)), "{ok:?}");
     }
 
+    /// exchange.declare of a durable direct exchange, answered with declare-ok.
+    async fn declare_exchange(&mut self, ch: u16, exchange: &str) {
+        let declare = Method::ExchangeDeclare(codec::ExchangeDeclare {
+            exchange: ss(exchange),
+            kind: ss("direct"),
+            durable: true,
+            ..Default::default()
+        });
+        let ok = self.call(ch, declare).await;
+        assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
+    }
+
+    /// queue.bind, answered with bind-ok.
+    async fn bind(&mut self, ch: u16, queue: &str, exchange: &str, key: &str) {
+        let bind = Method::QueueBind(codec::QueueBind {
+            queue: ss(queue),
+            exchange: ss(exchange),
+            routing_key: ss(key),
+            ..Default::default()
+        });
+        let ok = self.call(ch, bind).await;
+        assert!(matches!(ok, Method::QueueBindOk(_)), "{ok:?}");
+    }
+
     async fn declare(&mut self, ch: u16, queue: &str) {
         let declare = Method::QueueDeclare(codec::QueueDeclare {
             queue: ss(queue),
@@ -1101,12 +1125,7 @@ async fn vanished_during_a_failover(what: Vanishing, gone_on: &[&str]) -> (Clien
     let ok = c.call(1, declare).await;
     assert!(matches!(ok, Method::ExchangeDeclareOk(_)), "{ok:?}");
     let la = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tries to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     for cluster in gone_on {
         match what {
             Vanishing::Queue => rig.get(cluster).delete_queue(Q),
@@ -1631,24 +1650,9 @@ async fn f_a_failed_over_link_replays_channels_modes_qos_topology_and_consumers(
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.open(2).await;
-    let declare_x = Method::ExchangeDeclare(codec::ExchangeDeclare {
-        exchange: ss("jobs"),
-        kind: ss("direct"),
-        durable: true,
-        ..Default::default()
-    });
-    assert!(matches!(
-        c.call(1, declare_x).await,
-        Method::ExchangeDeclareOk(_)
-    ));
+    c.declare_exchange(1, "jobs").await;
     c.declare(1, Q).await;
-    let bind = Method::QueueBind(codec::QueueBind {
-        queue: ss(Q),
-        exchange: ss("jobs"),
-        routing_key: ss("new"),
-        ..Default::default()
-    });
-    assert!(matches!(c.call(1, bind).await, Method::QueueBindOk(_)));
+    c.bind(1, Q, "jobs", "new").await;
     c.confirm_select(1).await;
     c.qos(1, 10, false).await;
     c.consume(1, Q, "ctag-f").await;
@@ -1847,13 +1851,7 @@ async fn c_a_removed_cluster_whose_deliveries_are_held_past_the_drain_deadline_c
     c.consume(1, Q, "ctag-removed").await;
     b.enqueue(Q, b"held");
     assert_eq!(c.delivery().await.body, b"held".as_slice());
-    let remaining: Vec<Cluster> = [A, CONTROL]
-        .into_iter()
-        .map(|name| Cluster {
-            name: name.to_owned(),
-            nodes: rig.get(name).nodes(),
-        })
-        .collect();
+    let remaining = clusters_of(&rig, &[A, CONTROL]);
     rig.proxy.reload_on(
         &remaining,
         "connect_ms = 1000\nfailover_wait_secs = 5\ndrain_deadline_secs = 1\n",
@@ -1874,32 +1872,12 @@ async fn g_removals_made_while_a_cluster_is_away_reach_it_when_it_is_back() {
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     for x in ["jobs", "old"] {
-        let declare_x = Method::ExchangeDeclare(codec::ExchangeDeclare {
-            exchange: ss(x),
-            kind: ss("direct"),
-            durable: true,
-            ..Default::default()
-        });
-        assert!(matches!(
-            c.call(1, declare_x).await,
-            Method::ExchangeDeclareOk(_)
-        ));
+        c.declare_exchange(1, x).await;
     }
     c.declare(1, Q).await;
-    let bind = Method::QueueBind(codec::QueueBind {
-        queue: ss(Q),
-        exchange: ss("jobs"),
-        routing_key: ss("k"),
-        ..Default::default()
-    });
-    assert!(matches!(c.call(1, bind).await, Method::QueueBindOk(_)));
+    c.bind(1, Q, "jobs", "k").await;
     assert!(a.has_binding("jobs", Q, "k"));
-    a.refuse(0, true);
-    a.kill(a.only_link().await, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     let unbind = Method::QueueUnbind(codec::QueueUnbind {
         queue: ss(Q),
         exchange: ss("jobs"),
@@ -1936,12 +1914,7 @@ async fn g_a_declare_while_a_cluster_is_away_does_not_bring_back_what_went_meanw
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, "gone-meanwhile").await;
-    a.refuse(0, true);
-    a.kill(a.only_link().await, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     for cluster in [a, b, control] {
         cluster.delete_queue("gone-meanwhile");
     }
@@ -1977,12 +1950,7 @@ async fn g_a_channel_closed_while_its_link_reconnects_gets_its_close_ok() {
     // publish, on shard-a, and reads nothing more from the client until the check is answered.
     c.publish(1, Q, "m0").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tried to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     c.send(1, Method::ChannelClose(Default::default())).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     a.refuse(0, false);
@@ -2023,13 +1991,7 @@ async fn c_a_removed_control_cluster_keeps_a_connected_clients_control_link() {
     c.declare(1, q).await;
     c.consume(1, q, "events").await;
     let link = control.only_link().await;
-    let remaining: Vec<Cluster> = [A, B]
-        .into_iter()
-        .map(|name| Cluster {
-            name: name.to_owned(),
-            nodes: rig.get(name).nodes(),
-        })
-        .collect();
+    let remaining = clusters_of(&rig, &[A, B]);
     rig.proxy
         .reload_on(&remaining, "connect_ms = 1000\nfailover_wait_secs = 5\n");
     // Past the quiet time after which a removed cluster's idle link closes (3 s), and a tick.
@@ -2070,13 +2032,7 @@ async fn c_a_removed_clusters_link_stays_until_its_acks_in_a_transaction_are_com
     c.send(1, ack(d.tag, false)).await;
     c.sync(1).await;
     let link_b = b.only_link().await;
-    let remaining: Vec<Cluster> = [A, CONTROL]
-        .into_iter()
-        .map(|name| Cluster {
-            name: name.to_owned(),
-            nodes: rig.get(name).nodes(),
-        })
-        .collect();
+    let remaining = clusters_of(&rig, &[A, CONTROL]);
     rig.proxy
         .reload_on(&remaining, "connect_ms = 1000\nfailover_wait_secs = 5\n");
     // Past the quiet time after which a removed cluster's idle link closes (3 s), and a tick.
@@ -2101,12 +2057,7 @@ async fn g_a_shared_topology_replay_refused_by_one_user_is_left_for_the_next_lin
     let b = rig.get(B);
     let mut first = Client::connect(rig.addr()).await;
     first.open(1).await;
-    b.refuse(0, true);
-    b.kill(b.only_link().await, Kill::Rst);
-    wait_for("warren tried to reconnect shard-b", || {
-        (b.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(b).await;
     first.declare(1, "jobs").await;
     drop(first);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -3180,6 +3131,17 @@ async fn l_a_get_answered_by_one_cluster_renews_the_lease_on_the_others_whatever
     assert_eq!(after, renewed, "passive declares on shard-a and control");
 }
 
+/// The clusters named `names` of `rig`, for a configuration without the others.
+fn clusters_of(rig: &Rig, names: &[&str]) -> Vec<Cluster> {
+    names
+        .iter()
+        .map(|&name| Cluster {
+            name: name.to_owned(),
+            nodes: rig.get(name).nodes(),
+        })
+        .collect()
+}
+
 /// Kills `cluster`'s only link and has its first node refuse new connections until told
 /// otherwise; returns once warren has tried to reconnect, the cluster away for the connection.
 async fn take_away(cluster: &FakeCluster) {
@@ -3605,12 +3567,7 @@ async fn n_a_consumer_cancelled_during_a_failover_is_not_resubscribed_on_the_new
     c.declare(1, Q).await;
     c.consume(1, Q, "ctag-n").await;
     let (la, lb) = (a.only_link().await, b.only_link().await);
-    a.refuse(0, true);
-    a.kill(la, Kill::Rst);
-    wait_for("warren tries to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     b.stall(lb, true);
     let cancel = Method::BasicCancel(codec::BasicCancel {
         consumer_tag: ss("ctag-n"),
@@ -4901,12 +4858,7 @@ async fn y_a_consumers_queue_is_declared_again_on_its_own_channel_first() {
     });
     assert!(matches!(c.call(2, x).await, Method::ExchangeDeclareOk(_)));
     c.declare_auto_delete(2, PIDBOX).await;
-    let bind = Method::QueueBind(codec::QueueBind {
-        queue: ss(PIDBOX),
-        exchange: ss(PIDBOX_X),
-        ..Default::default()
-    });
-    assert!(matches!(c.call(2, bind).await, Method::QueueBindOk(_)));
+    c.bind(2, PIDBOX, PIDBOX_X, "").await;
     c.consume(2, PIDBOX, "pidbox").await;
     let first = a.only_link().await;
     a.kill(first, Kill::Rst);
@@ -4990,12 +4942,7 @@ async fn y_a_failover_checks_a_large_topology_in_turns() {
         c.declare(1, n).await;
     }
     let first = a.only_link().await;
-    a.refuse(0, true);
-    a.kill(first, Kill::Rst);
-    wait_for("warren tries to reconnect shard-a", || {
-        (a.refused(0) > 0).then_some(())
-    })
-    .await;
+    take_away(a).await;
     for cluster in [A, B, CONTROL] {
         rig.get(cluster).delete_queue(&names[39]);
     }

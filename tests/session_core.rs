@@ -1632,6 +1632,35 @@ async fn e_prefetch_is_split_over_the_shard_clusters_and_each_broker_holds_to_it
     assert_eq!(total, 15, "the shard shares add up to the window");
 }
 
+/// The documented limit of the split (docs/routing.md, "Prefetch"): prefetch 2 over two shard
+/// clusters is a share of 1 each. A consumer holding one delivery of shard-a has room for one
+/// more, but shard-a's next message waits there until that delivery is acked, while shard-b,
+/// with nothing ready, keeps the other share. One broker would deliver it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_full_share_holds_back_its_clusters_messages_while_the_client_has_room() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.qos(1, 2, false).await;
+    a.enqueue(Q, b"long");
+    c.consume(1, Q, "ctag-share").await;
+    let long = c.delivery().await;
+    assert_eq!(long.body.as_ref(), b"long");
+    a.enqueue(Q, b"short");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.sync(1).await;
+    assert!(
+        c.deliveries.is_empty(),
+        "shard-a's share of 1 is held: nothing more comes from it"
+    );
+    assert_eq!(a.ready(Q).len(), 1, "the message waits on shard-a");
+    c.send(1, ack(long.tag, false)).await;
+    let short = c.delivery().await;
+    assert_eq!(short.body.as_ref(), b"short");
+}
+
 // ---------------------------------------------------------------------------------------------
 // (f) Failover replay
 
@@ -1973,6 +2002,104 @@ async fn g_a_channel_closed_while_its_link_reconnects_gets_its_close_ok() {
     );
     c.open(2).await;
     c.sync(2).await;
+}
+
+/// A client closes its channel while shard-a's node answers nothing (its close-ok is owed by
+/// shard-a's link; the other clusters answer theirs at once), then that link dies: the close
+/// is answered as the link goes, since the channel's part there died with it. Only a close-ok
+/// used to finish a client's close, and a dead link sends none: a probe's pika client waited
+/// for ever when shard-a-1 was paused (SIGSTOP) and its link reset under the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_channel_close_owed_by_a_link_that_dies_gets_its_close_ok() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    let la = a.only_link().await;
+    a.stall(la, true);
+    c.send(1, Method::ChannelClose(Default::default())).await;
+    wait_for("the close on shard-a's link", || {
+        (!a.ledger(la).received_named("channel.close").is_empty()).then_some(())
+    })
+    .await;
+    a.refuse(0, true);
+    a.kill(la, Kill::Rst);
+    match c.reply(1).await {
+        Method::ChannelCloseOk(_) => {}
+        other => panic!("expected channel.close-ok, got {other:?}"),
+    }
+    a.refuse(0, false);
+    c.open(1).await;
+    c.sync(1).await;
+}
+
+/// As above, with a request ahead of the close that shard-a's link had not answered either:
+/// it waits for shard-a's next link (the channel is not opened there again, the client closed
+/// it), and the client gets its reply, then the close-ok, in the order it asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_request_and_close_owed_by_a_link_that_dies_are_answered_in_order() {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let la = a.only_link().await;
+    a.stall(la, true);
+    let check = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(Q),
+        passive: true,
+        ..Default::default()
+    });
+    c.send(1, check).await;
+    c.send(1, Method::ChannelClose(Default::default())).await;
+    wait_for("the close on shard-a's link", || {
+        (!a.ledger(la).received_named("channel.close").is_empty()).then_some(())
+    })
+    .await;
+    a.kill(la, Kill::Rst);
+    match c.reply(1).await {
+        Method::QueueDeclareOk(_) => {}
+        other => panic!("expected queue.declare-ok, got {other:?}"),
+    }
+    match c.reply(1).await {
+        Method::ChannelCloseOk(_) => {}
+        other => panic!("expected channel.close-ok, got {other:?}"),
+    }
+    c.open(1).await;
+    c.sync(1).await;
+}
+
+/// shard-b refuses channel 1 while shard-a's node answers nothing, so warren's close of the
+/// channel's part there is in flight when the client takes its close and opens the number
+/// again: that open waits on shard-a's link for the close-ok. The link dies instead: the open
+/// is answered once shard-a's next link has the channel open. It waited for ever: it is in no
+/// reply queue, and nothing settled it with the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_channel_reopened_behind_a_close_owed_by_a_link_that_dies_gets_its_open_ok() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    b.close_channel(lb, 1, ReplyCode::PreconditionFailed, "fake refusal");
+    assert_eq!(c.channel_close(1).await.reply_code, 406);
+    wait_for("warren's close on shard-a's link", || {
+        (!a.ledger(la).received_named("channel.close").is_empty()).then_some(())
+    })
+    .await;
+    c.send(1, Method::ChannelCloseOk(Default::default())).await;
+    c.send(1, Method::ChannelOpen(Default::default())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.kill(la, Kill::Rst);
+    match c.reply(1).await {
+        Method::ChannelOpenOk(_) => {}
+        other => panic!("expected channel.open-ok, got {other:?}"),
+    }
+    c.sync(1).await;
 }
 
 /// The control cluster is removed from the configuration while a client consumes a control
@@ -2347,6 +2474,40 @@ fn publish_frames(out: &mut bytes::BytesMut, ch: u16, exchange: &str, key: &str,
     codec::write_body(out, ch, body.as_bytes(), 0);
 }
 
+/// One write on channel 1: a publish to the exchange "missing", which no cluster has, and three
+/// publishes behind it ("behind1" to "behind3") to `key` through the default exchange.
+fn refused_then_behind(key: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    publish_frames(&mut out, 1, "missing", "k", "refused");
+    for i in 1..=3 {
+        publish_frames(&mut out, 1, "", key, &format!("behind{i}"));
+    }
+    out
+}
+
+/// The refused publish of [`refused_then_behind`] closes channel 1 with the broker's 404; the
+/// client answers, and the channel number works again.
+async fn expect_refused_and_reopen(c: &mut Client) {
+    let close = c.channel_close(1).await;
+    assert_says(&close, 404, &["missing"]);
+    c.send(1, Method::ChannelCloseOk(Default::default())).await;
+    c.open(1).await;
+    c.sync(1).await;
+}
+
+/// No link of `clusters` received a publish from behind the refused one.
+fn assert_nothing_behind_reached(clusters: &[&FakeCluster]) {
+    for s in clusters {
+        for l in s.opened() {
+            let behind: Vec<String> = bodies(&s.ledger(l).published(1))
+                .into_iter()
+                .filter(|b| b.starts_with("behind"))
+                .collect();
+            assert!(behind.is_empty(), "{} received {behind:?}", s.name());
+        }
+    }
+}
+
 /// One write: a publish to an exchange that does not exist, and three publishes behind it. The
 /// broker refuses the first (channel.close 404) and, as on one broker, none of the others is
 /// routed anywhere: warren checks the first on its cluster before reading on (docs/semantics.md,
@@ -2357,31 +2518,15 @@ async fn h_publishes_pipelined_behind_a_refused_one_are_routed_nowhere() {
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let mut out = bytes::BytesMut::new();
-    publish_frames(&mut out, 1, "missing", "k", "refused");
-    for i in 1..=3 {
-        publish_frames(&mut out, 1, "", Q, &format!("behind{i}"));
-    }
-    c.raw.send(&out).await;
-    let close = c.channel_close(1).await;
-    assert_says(&close, 404, &["missing"]);
-    c.send(1, Method::ChannelCloseOk(Default::default())).await;
-    c.open(1).await;
-    c.sync(1).await;
+    c.raw.send(&refused_then_behind(Q)).await;
+    expect_refused_and_reopen(&mut c).await;
     for name in [A, B, CONTROL] {
-        let s = rig.get(name);
         assert!(
-            s.ready(Q).is_empty(),
+            rig.get(name).ready(Q).is_empty(),
             "{name} routed a publish behind the refused one"
         );
-        for l in s.opened() {
-            let behind: Vec<String> = bodies(&s.ledger(l).published(1))
-                .into_iter()
-                .filter(|b| b.starts_with("behind"))
-                .collect();
-            assert!(behind.is_empty(), "{name} received {behind:?}");
-        }
     }
+    assert_nothing_behind_reached(&[rig.get(A), rig.get(B), rig.get(CONTROL)]);
     c.confirm_select(1).await;
     c.publish(1, Q, "m1").await;
     c.expect_settled(1, &BTreeMap::from([(1, true)])).await;
@@ -2461,6 +2606,94 @@ async fn h_publishes_pipelined_behind_a_declare_reach_every_cluster_after_it() {
         }
     }
     assert_eq!(published, 4, "every publish reached a shard cluster");
+}
+
+/// The same when the link under the refused publish dies before its check is answered: the
+/// publish is sent again to the other shard cluster, whose refusal must come before anything
+/// the client wrote behind it is read. (The check died with the link, and the publishes behind
+/// went to the control cluster, which routed them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_publish_whose_check_dies_with_its_link_is_checked_where_it_goes_again() {
+    const EVENTS: &str = "celeryev.test";
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, EVENTS).await;
+    c.confirm_select(1).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    a.stall(la, true);
+    b.stall(lb, true);
+    c.raw.send(&refused_then_behind(EVENTS)).await;
+    let took = |s: &FakeCluster, l| {
+        s.ledger(l).received_named("basic.publish").iter().any(
+            |(_, m)| matches!(m, Method::BasicPublish(p) if p.exchange.as_bytes() == b"missing"),
+        )
+    };
+    let (first, first_link, other, other_link) = wait_for("the refused publish on a shard", || {
+        if took(a, la) {
+            Some((a, la, b, lb))
+        } else if took(b, lb) {
+            Some((b, lb, a, la))
+        } else {
+            None
+        }
+    })
+    .await;
+    other.stall(other_link, false);
+    first.refuse(0, true);
+    first.kill(first_link, Kill::Rst);
+    expect_refused_and_reopen(&mut c).await;
+    assert!(
+        control.ready(EVENTS).is_empty(),
+        "the control cluster routed a publish behind the refused one: {:?}",
+        control.ready(EVENTS)
+    );
+    assert_nothing_behind_reached(&[a, b, control]);
+    first.refuse(0, false);
+}
+
+/// The same when no shard cluster is reachable as the client writes: the publish waits for
+/// one, nothing the client wrote behind it is read meanwhile (the publishes to a control queue
+/// would have gone to the control cluster at once and been routed there), and it is checked
+/// where it finally goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_refused_publish_that_waited_for_a_shard_cluster_is_checked_before_what_follows() {
+    const EVENTS: &str = "celeryev.test";
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, EVENTS).await;
+    c.confirm_select(1).await;
+    let (la, lb) = (a.only_link().await, b.only_link().await);
+    for (s, l) in [(a, la), (b, lb)] {
+        s.refuse(0, true);
+        s.kill(l, Kill::Rst);
+    }
+    wait_for("warren to see both shard links lost", || {
+        (a.links().is_empty() && b.links().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.raw.send(&refused_then_behind(EVENTS)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        control.ready(EVENTS).is_empty(),
+        "read and routed behind a publish that waits: {:?}",
+        control.ready(EVENTS)
+    );
+    a.refuse(0, false);
+    b.refuse(0, false);
+    expect_refused_and_reopen(&mut c).await;
+    assert!(
+        control.ready(EVENTS).is_empty(),
+        "{:?}",
+        control.ready(EVENTS)
+    );
+    assert_nothing_behind_reached(&[a, b, control]);
 }
 
 /// basic.get of an empty queue with a publish to it pipelined behind, several times: on one

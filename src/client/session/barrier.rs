@@ -27,6 +27,11 @@
 //! Producers publish to a handful of exchanges, so this costs one round trip per exchange per
 //! connection, not one per message.
 //!
+//! The check goes where the publish goes: a publish waiting for a cluster (a failover) is
+//! checked when it is sent, and nothing more is read from the client while it waits; a
+//! publish sent again because its link died before the check's answer is checked again on
+//! the link that takes it.
+//!
 //! Not covered: RabbitMQ's topic permissions, which refuse a publish to a topic exchange by
 //! its routing key. A publish refused so is refused (403) as on one broker, but publishes the
 //! client pipelined behind it on the channel may already be routed by other clusters
@@ -149,6 +154,32 @@ impl Session {
             self.proven_exchanges.clear();
         }
         self.proven_exchanges.insert(b.exchange);
+        // Publishes parked behind it (see `Session::unpark`) may go now.
+        if !self.parked.is_empty() {
+            self.unpark();
+        }
+    }
+
+    /// `link` died. A check it had not answered goes with it, but the publish before it is
+    /// sent again elsewhere (`Session::republish`), and a broker may refuse it there: the
+    /// check follows it to `to`, where the last unconfirmed publish of the barrier's channel
+    /// went, or the client's next publishes would be routed before the refusal comes back. A
+    /// publish parked instead is checked when it is sent (`Session::unpark`).
+    pub(super) fn move_barrier(&mut self, link: LinkId, to: Option<LinkId>) {
+        let Some(b) = self.barrier.take_if(|b| b.link == link) else {
+            return;
+        };
+        if let Some(to) = to {
+            self.raise_barrier(to, b.ch, &b.exchange);
+        }
+    }
+
+    /// The channel of the publish in question when the check is on `link`.
+    pub(super) fn barrier_channel(&self, link: LinkId) -> Option<u16> {
+        self.barrier
+            .as_ref()
+            .filter(|b| b.link == link)
+            .map(|b| b.ch)
     }
 }
 

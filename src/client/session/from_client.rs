@@ -158,14 +158,12 @@ impl Session {
                         self.proven_exchanges.clear();
                     }
                 }
-                let mut waiting = false;
                 for slot in &mut self.links {
-                    waiting |= slot.close_chan_after_replies(ch, &method);
+                    slot.close_chan_after_replies(ch, &method);
                 }
-                if !waiting {
-                    self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
-                    self.free_channel(ch);
-                }
+                // At once when no link has the channel open and nothing waits for a cluster's
+                // next link; otherwise once they are done.
+                self.finish_client_close(ch);
             }
             // Nothing was closing it: RabbitMQ's answer to an unexpected close-ok.
             Method::ChannelCloseOk(_) => {

@@ -177,30 +177,8 @@ impl Session {
                     channel.rpcs.retain(|r| r.id < refused_before);
                     channel.refused_while_closing = Some(c.clone());
                 }
-                if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_))
-                    && self
-                        .links
-                        .iter()
-                        .all(|s| s.done() || s.chan_state(ch) != UpState::Closing)
-                {
-                    // Every cluster answered what came before its close-ok: the replies are
-                    // out; what a dead link never answered is dropped with the channel.
-                    self.flush_rpcs(ch);
-                    let mut refused = false;
-                    if let Some(channel) = channel_in(&mut self.channels, ch) {
-                        channel.rpcs.clear();
-                        if let Some(refusal) = channel.refused_while_closing.take() {
-                            // The client answers this close with a close-ok of its own, which
-                            // the channel waits for, as RabbitMQ's does.
-                            channel.state = ChannelState::AwaitingCloseOk;
-                            refused = true;
-                            self.to_client(ch, &Method::ChannelClose(refusal));
-                        }
-                    }
-                    self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
-                    if !refused {
-                        self.free_channel(ch);
-                    }
+                if matches!(method, Method::ChannelCloseOk(_) | Method::ChannelClose(_)) {
+                    self.finish_client_close(ch);
                 }
                 return;
             }
@@ -398,8 +376,52 @@ impl Session {
         self.flush_rpcs(ch);
     }
 
-    /// One cluster refused: the client channel fails as a whole, with that cluster's code and
-    /// text; its parts on the other clusters are closed behind it.
+    /// Answers the client's channel.close of `ch` once nothing before it is owed: every link
+    /// that carried the channel has closed its part (a close-ok, a broker's close, or the link
+    /// died with it) and no request of the channel waits for a cluster's next link
+    /// ([`Session::orphan_rpc`]). Called wherever one of these ends (a close-ok, a link's
+    /// death, an orphan answered or given up, the client's close itself), since a link that
+    /// dies sends no close-ok: a close owed by it waited for ever.
+    pub(super) fn finish_client_close(&mut self, ch: u16) {
+        let closing = self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.state == ChannelState::ClientClosing);
+        if !closing
+            || self
+                .links
+                .iter()
+                .any(|s| !s.done() && s.chan_state(ch) == UpState::Closing)
+            || self.orphans.iter().any(|o| o.ch == ch)
+        {
+            return;
+        }
+        // Every cluster answered what came before its close (a dead link's part settled as its
+        // orphans were): the replies go out, then the close-ok.
+        self.flush_rpcs(ch);
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        if channel.state != ChannelState::ClientClosing {
+            // A request before the close failed as the replies went out: warren's close,
+            // with the close-ok for the client's, is out already (see `fail_channel`).
+            return;
+        }
+        channel.rpcs.clear();
+        let refusal = channel.refused_while_closing.take();
+        if let Some(refusal) = &refusal {
+            // The client answers this close with a close-ok of its own, which the channel
+            // waits for, as RabbitMQ's does.
+            channel.state = ChannelState::AwaitingCloseOk;
+            self.to_client(ch, &Method::ChannelClose(refusal.clone()));
+        }
+        self.to_client(ch, &Method::ChannelCloseOk(Default::default()));
+        if refusal.is_none() {
+            self.free_channel(ch);
+        }
+    }
+
     /// Whether `method`, arriving on `link`'s channel `ch` after warren sent its close there,
     /// answers a request the client sent before its own channel.close, or is a delivery the
     /// cluster sent before it read that close: both still go to the client, before its
@@ -491,12 +513,14 @@ impl Session {
                 }
             }
             ChannelState::ClientClosing | ChannelState::AwaitingCloseOk => {
-                // Already closing: the close goes out at once, as it always did.
+                // Already closing: the close goes out at once, as it always did, and the
+                // client's own close crossed it: answered with close-ok, as RabbitMQ does.
+                let client_closed = channel.state == ChannelState::ClientClosing;
                 channel.failing = Some(PendingClose {
                     close,
                     before,
                     siblings,
-                    client_closed: false,
+                    client_closed,
                 });
                 self.finish_failing(ch);
                 return;

@@ -515,17 +515,19 @@ impl LinkSlot {
 
     /// Like [`close_chan`](Self::close_chan), for the client's own channel.close: the requests
     /// sent on the channel before it are still answered (a broker answers a channel's methods
-    /// in order, the close last), so what waits for their replies stays.
-    pub(super) fn close_chan_after_replies(&mut self, ch: u16, close: &Method) -> bool {
+    /// in order, the close last), so what waits for their replies stays. The client's close is
+    /// answered once no link's part of the channel is left closing
+    /// (`Session::finish_client_close`).
+    pub(super) fn close_chan_after_replies(&mut self, ch: u16, close: &Method) {
         let done = self.done();
         let up = self.chan(ch);
         if !done && up.side_for.is_none() && matches!(up.state, UpState::Open | UpState::Opening) {
             up.state = UpState::Closing;
             up.reopen = None;
             self.link.send(ch, close);
-            return true;
+            return;
         }
-        self.close_chan(ch, close)
+        self.close_chan(ch, close);
     }
 
     /// Closes `ch` to open it again without confirm mode, once it owes nothing: every publish

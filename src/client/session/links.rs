@@ -791,7 +791,7 @@ impl Session {
             && !self.reopen_wait
             && self.delete_check.is_none()
             && !self.in_turn_holds()
-            && self.barrier.is_none();
+            && !self.barrier_holds();
         if !quiet_session {
             return false;
         }
@@ -943,6 +943,8 @@ impl Session {
         let chans = std::mem::take(&mut slot.chans);
         let m = slot.m.clone();
         let mut probes: Vec<u64> = Vec::new();
+        let barrier_ch = self.barrier_channel(link);
+        let mut barrier_to = None;
         for (ch, up) in chans.into_iter().enumerate() {
             let ch = ch as u16;
             m.confirms_pending.dec_by(up.confirms.pending() as i64);
@@ -979,11 +981,25 @@ impl Session {
                     self.settle_dead_rpc(owner, id);
                 }
             }
+            // The client's channel.open of this number, waiting here for a close in flight
+            // (see `LinkSlot::open`): it is in no reply queue, so it is kept for the next link
+            // (which opens the channel) as a request in flight would be, or its open-ok would
+            // wait for ever.
+            if let Some(Pending::Rpc(id)) = up.reopen
+                && !self.orphan_rpc(ch, id, &cluster)
+            {
+                self.settle_dead_rpc(ch, id);
+                self.flush_rpcs(ch);
+            }
             for inflight in lost {
-                self.republish(ch, link, inflight);
+                let to = self.republish(ch, link, inflight);
+                if barrier_ch == Some(ch) {
+                    barrier_to = to;
+                }
             }
             self.flush_rpcs(owner);
         }
+        self.move_barrier(link, barrier_to);
         // Consumers a cluster cancelled that were waiting only for this link's answer have
         // ended: nothing more comes from the dead link (its deliveries are requeued).
         let mut ended: Vec<(u16, ShortStr)> = Vec::new();
@@ -1075,6 +1091,11 @@ impl Session {
         }
         // Its checks in flight are gone: others waiting their turn may go.
         self.send_replay_checks();
+        // The client's closes that waited for this link's close-ok: the channel's part here
+        // went with the link, which sends no close-ok.
+        for ch in 0..self.channels.len() {
+            self.finish_client_close(ch as u16);
+        }
         // Only the loss of a shard link leaves publishes nowhere to go: a connection that has
         // talked only to the control cluster (`lazy_links`) has no shard link by design.
         if self.links[link].role == Role::Shard
@@ -1432,6 +1453,7 @@ impl Session {
             .into_iter()
             .partition(|o| o.cluster == cluster);
         self.orphans = rest;
+        let mut settled = Vec::new();
         for o in mine {
             if !matches!(
                 self.links[link].chan_state(o.ch),
@@ -1445,6 +1467,7 @@ impl Session {
                 debug!(conn = self.id, channel = o.ch, %cluster, "request owed by a dead link, on a channel the client closed meanwhile: settled");
                 self.settle_dead_rpc(o.ch, o.id);
                 self.flush_rpcs(o.ch);
+                settled.push(o.ch);
                 continue;
             }
             let Some(rpc) = channel_in(&mut self.channels, o.ch).and_then(|c| c.rpc_mut(o.id))
@@ -1478,6 +1501,10 @@ impl Session {
                 }
             }
         }
+        // A client's close behind the requests settled above is answered after them.
+        for ch in settled {
+            self.finish_client_close(ch);
+        }
     }
 
     /// On the tick: requests whose cluster has not come back within
@@ -1492,6 +1519,7 @@ impl Session {
             .into_iter()
             .partition(|o| o.since.elapsed() >= wait);
         self.orphans = young;
+        let mut settled = Vec::new();
         for o in old {
             warn!(conn = self.id, cluster = %o.cluster, channel = o.ch, "cluster not back in time for a request in flight when its link died");
             let refused = channel_in(&mut self.channels, o.ch)
@@ -1511,6 +1539,11 @@ impl Session {
             }
             self.settle_dead_rpc(o.ch, o.id);
             self.flush_rpcs(o.ch);
+            settled.push(o.ch);
+        }
+        // A client's close behind the requests given up is answered after them.
+        for ch in settled {
+            self.finish_client_close(ch);
         }
     }
 

@@ -692,6 +692,9 @@ struct Parked {
     ch: u16,
     client: Option<u64>,
     held: Held,
+    /// A broker may refuse it (see `barrier.rs`): nothing more is read from the client until
+    /// it is sent and checked.
+    check: bool,
     /// Its bytes, counted against the session's bound while it waits.
     _ticket: HeldTicket,
 }
@@ -1203,6 +1206,7 @@ impl Session {
             || self.deferred.is_some()
             || (self.reopen_wait && self.links.iter().any(LinkSlot::reopen_pending))
             || self.barrier_holds()
+            || self.parked.iter().any(|p| p.check)
             || self.in_turn_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
             || self.delete_check.is_some_and(|w| self.unanswered(w))

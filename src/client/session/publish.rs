@@ -68,17 +68,35 @@ impl Session {
             );
             return;
         };
-        let reply_request = self.reply_request(ch, content);
-        let barrier = self.needs_barrier(publish, content, reply_request);
+        let client_seq = self.next_confirm_seq(ch);
+        self.send_checked(ch, link, client_seq, held, tx);
+    }
+
+    /// Sends a client's publish to `link` with what goes with it wherever it is sent: a
+    /// request for a direct reply is counted on the link whose connection alone can take the
+    /// reply, and a publish the broker might refuse is followed by its check (`barrier.rs`).
+    /// Returns whether a check was raised.
+    fn send_checked(
+        &mut self,
+        ch: u16,
+        link: LinkId,
+        client_seq: Option<u64>,
+        held: Held,
+        tx: bool,
+    ) -> bool {
+        let reply_request = self.reply_request(ch, &held.content);
+        let check = self
+            .needs_barrier(&held.publish, &held.content, reply_request)
+            .then(|| held.publish.exchange.clone());
         if reply_request == barrier::ReplyRequest::Consumed {
-            // A request whose reply only this link's connection can take.
             self.links[link].direct_requests += 1;
         }
-        let client_seq = self.next_confirm_seq(ch);
         self.send_publish(ch, link, client_seq, held, tx);
-        if barrier {
-            self.raise_barrier(link, ch, &publish.exchange);
-        }
+        let Some(exchange) = check else {
+            return false;
+        };
+        self.raise_barrier(link, ch, &exchange);
+        true
     }
 
     /// The link of the channel's open transaction, chosen at its first publish. When that link
@@ -253,6 +271,8 @@ impl Session {
 
     /// Keeps a publish until a link of its class is ready (see [`Session::parked`]).
     pub(super) fn park(&mut self, class: Class, ch: u16, client: Option<u64>, held: Held) {
+        let reply_request = self.reply_request(ch, &held.content);
+        let check = self.needs_barrier(&held.publish, &held.content, reply_request);
         let _ticket = self.held.hold(held.size());
         if self.parked.is_empty() {
             info!(
@@ -266,14 +286,20 @@ impl Session {
             ch,
             client,
             held,
+            check,
             _ticket,
         });
         self.no_shard_since.get_or_insert_with(Instant::now);
     }
 
     /// A link became ready: send the parked publishes, in order (one that still has no link
-    /// keeps the ones behind it waiting).
+    /// keeps the ones behind it waiting). A publish the broker might refuse is checked where
+    /// it goes, as when the client sent it, and the ones behind it wait for the answer (see
+    /// `barrier.rs`): they are sent when the check passes, or dropped with their channel.
     pub(super) fn unpark(&mut self) {
+        if self.barrier_holds() {
+            return;
+        }
         while let Some(p) = self.parked.pop_front() {
             let target = match p.class {
                 Class::Control => self.control_link(),
@@ -287,7 +313,9 @@ impl Session {
                 .channel_mut(p.ch)
                 .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening));
             if open {
-                self.send_publish(p.ch, link, p.client, p.held, false);
+                if self.send_checked(p.ch, link, p.client, p.held, false) && self.barrier_holds() {
+                    return;
+                }
             } else {
                 self.metrics.dropped.inc();
                 warn!(conn = self.id, channel = p.ch, exchange = %p.held.publish.exchange, routing_key = %p.held.publish.routing_key,
@@ -485,8 +513,13 @@ impl Session {
     /// Publishes again a message whose link died before its cluster confirmed it: to any other
     /// shard cluster, or it waits for one. A duplicate is possible when the cluster took the
     /// message and died before confirming it: counted in `warren_republished`. (A nacked
-    /// publish is never sent again: see `Session::confirm`.)
-    pub(super) fn republish(&mut self, ch: u16, failed: LinkId, inflight: InFlight) {
+    /// publish is never sent again: see `Session::confirm`.) Returns the link it went to.
+    pub(super) fn republish(
+        &mut self,
+        ch: u16,
+        failed: LinkId,
+        inflight: InFlight,
+    ) -> Option<LinkId> {
         // Parked ones included: they go out again once a shard link is back.
         self.metrics.republished.inc();
         let InFlight { client, held, .. } = inflight;
@@ -514,7 +547,12 @@ impl Session {
         match target {
             Some(link) if open => {
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
+                if self.reply_request(ch, &held.content) == barrier::ReplyRequest::Consumed {
+                    // Its reply now comes through this link (see `state_lost_with`).
+                    self.links[link].direct_requests += 1;
+                }
                 self.send_publish(ch, link, client, held, false);
+                return Some(link);
             }
             None if open && !held.pinned && self.closing.is_none() && !tx => {
                 // Its cluster (the control cluster, or the only shard cluster) is failing
@@ -531,5 +569,6 @@ impl Session {
                 }
             }
         }
+        None
     }
 }

@@ -1717,12 +1717,18 @@ def select_publishes_behind_a_refused_one(t: Target) -> list:
         q, x = t.q("behind"), t.x("behind")
 
         def on_open(conn, events, done, q=q, x=x, label=label, confirms=confirms):
-            acks = []
+            # The publishes confirmed, not the Basic.Ack frames: a broker may confirm several
+            # with one `multiple` ack, and RabbitMQ and warren each do when acks come together.
+            acks = set()
+
+            def on_confirm(f):
+                tag = f.method.delivery_tag
+                acks.update(range(1, tag + 1) if f.method.multiple else [tag])
 
             def on_channel(ch):
                 ch.add_on_close_callback(lambda _ch, reason: events.append(f"channel closed {err(reason)} after {len(acks)} acks"))
                 if confirms:
-                    ch.confirm_delivery(lambda f: acks.append(f.method.delivery_tag))
+                    ch.confirm_delivery(on_confirm)
 
                 def prepared(_f=None):
                     ch.basic_publish("", q, b"warm")

@@ -9,7 +9,7 @@
 # (bench-chain, its own state dir) and a release-built warren in front of it (one shard
 # cluster) and the plain TCP relay of scripts/bench.sh (what one more user-space hop costs), then
 # runs rounds over direct, warren and the relay and prints the medians, the per-round ratios to
-# direct, and warren's and the relay's CPU per task.
+# direct, and the CPU per task of the worker (its pool included), of the broker and of each proxy.
 # --pin: RabbitMQ on CPU 0, everything else (driver, worker, warren, relay) on CPU 1.
 # --no-relay: direct and warren only.
 # --haproxy: HAProxy (TCP mode, one thread) in front of the same node too: a widely run proxy in
@@ -79,6 +79,7 @@ cleanup() {
 trap cleanup EXIT
 log "starting RabbitMQ (bench-chain)"
 node=$("${pin_broker[@]}" scripts/rabbit.sh up-single bench-chain auto | awk '{print $2}')
+beam=$(tr -dc '0-9' <"$WARREN_RABBIT_DIR/nodes/bench-chain-1/pid")
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # Waits up to 5 s for something to listen on 127.0.0.1:$1.
 wait_port() {
@@ -129,4 +130,4 @@ CFG
 fi
 log "RabbitMQ $node, warren 127.0.0.1:$port${relay_pid:+, relay 127.0.0.1:$rport}${haproxy_pid:+, haproxy 127.0.0.1:$hport} (commit $(git rev-parse --short HEAD))"
 "${pin_rest[@]}" "$PY" benches/celery_chain/run.py --direct "$node" --proxy "127.0.0.1:$port" \
-    --proxy-pid "$warren_pid" "${relay_args[@]}" "${args[@]}"
+    --proxy-pid "$warren_pid" --broker-pid "$beam" "${relay_args[@]}" "${args[@]}"

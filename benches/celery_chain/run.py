@@ -42,9 +42,33 @@ def cpu_secs(pid: int) -> float:
     return total / 1e9
 
 
+def tree_cpu_secs(pid: int) -> float:
+    """CPU time of a process and of its live descendants (a prefork worker and its pool)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_secs(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # ended meanwhile
+    return total
+
+
+class Cpu:
+    """CPU µs per task of one round: the proxy's (if any), the worker's (its pool included)
+    and the broker's. Where a proxy's cost shows on two shared cores: its own CPU, and what
+    it makes the others spend."""
+
+    def __init__(self, proxy: float | None, worker: float, broker: float | None):
+        self.proxy, self.worker, self.broker = proxy, worker, broker
+
+
 def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str,
-             pid: int | None = None) -> tuple[float, float | None]:
-    """Tasks/s of one round, and the CPU µs per task of process `pid` (the proxy) during it."""
+             pid: int | None = None, broker_pid: int | None = None) -> tuple[float, Cpu]:
+    """Tasks/s of one round, and the CPU µs per task of the proxy `pid`, of the worker and of
+    the broker during it."""
     queue = f"chain-bench-{uuid.uuid4().hex[:8]}"
     out = Path(tempfile.mkdtemp(prefix="chain-")) / "done.txt"
     env = dict(os.environ, CHAIN_BROKER=f"amqp://guest:guest@{addr}//", CHAIN_QUEUE=queue,
@@ -55,6 +79,7 @@ def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str,
          "--without-mingle", "--without-heartbeat", "-l", "warning"],
         cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cpu0 = cpu_secs(pid) if pid else None
+    broker0 = cpu_secs(broker_pid) if broker_pid else None
     try:
         driver = subprocess.run([python, str(HERE / "drive.py"), str(chains), str(steps)],
                                 cwd=HERE, env=env, capture_output=True, text=True, timeout=700)
@@ -62,8 +87,10 @@ def run_once(addr: str, chains: int, steps: int, concurrency: int, python: str,
             raise RuntimeError(f"round failed: {driver.stderr[-2000:]}")
         rate = float(driver.stdout.strip().splitlines()[-1])
         # Includes the worker's start and the warm-up chain: the connections' whole life.
-        cpu = (cpu_secs(pid) - cpu0) * 1e6 / (chains * (steps + 1)) if pid else None
-        return rate, cpu
+        tasks = chains * (steps + 1)
+        proxy = (cpu_secs(pid) - cpu0) * 1e6 / tasks if pid else None
+        broker = (cpu_secs(broker_pid) - broker0) * 1e6 / tasks if broker_pid else None
+        return rate, Cpu(proxy, tree_cpu_secs(worker.pid) * 1e6 / tasks, broker)
     finally:
         worker.terminate()
         try:
@@ -79,6 +106,7 @@ def main() -> int:
     ap.add_argument("--relay", help="a plain TCP relay in front of the direct node")
     ap.add_argument("--proxy-pid", type=int, help="warren's pid: report its CPU per task")
     ap.add_argument("--relay-pid", type=int, help="the relay's pid: report its CPU per task")
+    ap.add_argument("--broker-pid", type=int, help="the node's beam.smp pid: report its CPU per task")
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=3)
@@ -98,14 +126,21 @@ def main() -> int:
         targets.append((name, addr, int(pid) if pid else None))
     results: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     cpus: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    workers: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    brokers: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     for r in range(args.rounds):
         for name, addr, pid in targets[r % len(targets):] + targets[:r % len(targets)]:
-            rate, cpu = run_once(addr, args.chains, args.steps, args.concurrency, python, pid)
+            rate, cpu = run_once(addr, args.chains, args.steps, args.concurrency, python, pid,
+                                 args.broker_pid)
             results[name].append(rate)
-            note = ""
-            if cpu is not None:
-                cpus[name].append(cpu)
-                note = f"  {name} CPU {cpu:6.1f} µs/task"
+            workers[name].append(cpu.worker)
+            note = f"  worker CPU {cpu.worker:7.1f} µs/task"
+            if cpu.broker is not None:
+                brokers[name].append(cpu.broker)
+                note += f"  broker {cpu.broker:6.1f}"
+            if cpu.proxy is not None:
+                cpus[name].append(cpu.proxy)
+                note += f"  {name} CPU {cpu.proxy:6.1f} µs/task"
             print(f"round {r + 1} {name:7} {rate:8.1f} tasks/s{note}", flush=True)
     d = statistics.median(results["direct"])
     p = statistics.median(results["proxy"])
@@ -121,6 +156,16 @@ def main() -> int:
         print(f"per round {label:7} vs direct: median {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; 95% CI of the median "
               f"{lo:.3f}-{hi:.3f}){cpu}")
+    # Where the CPU of a task goes, per target: on two shared cores a proxy's cost is its own
+    # CPU plus whatever it makes the worker and the broker spend beyond direct.
+    for name, _, _ in targets:
+        label = "warren" if name == "proxy" else name
+        parts = [f"worker {statistics.median(workers[name]):.1f}"]
+        if brokers[name]:
+            parts.append(f"broker {statistics.median(brokers[name]):.1f}")
+        if cpus[name]:
+            parts.append(f"{label} {statistics.median(cpus[name]):.1f}")
+        print(f"CPU per task, medians, µs ({label}): " + ", ".join(parts))
     verdict = "met" if warren_vs_direct >= 0.98 else "NOT met"
     print(f"target: warren at least 0.98x of direct, median of the per-round ratios: {verdict}")
     for name, _, _ in targets[2:]:

@@ -5254,3 +5254,67 @@ async fn c_an_auto_delete_queue_that_outlived_its_link_keeps_its_consumer() {
         c.methods
     );
 }
+
+/// `warren_confirm_latency_seconds` times a cluster's confirms, not warren's reading: while a
+/// client reads nothing, warren stops reading its links (back-pressure), and a confirm that
+/// waited in the kernel meanwhile is counted but not timed. (It was timed when it was read,
+/// after the client's stall, and a slow consumer on a connection showed as a slow cluster in
+/// the histogram and in the WarrenConfirmsSlow alert.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn z_a_confirm_that_waited_for_a_slow_client_is_not_timed_as_the_clusters() {
+    const STALL: Duration = Duration::from_millis(800);
+    let rig = Rig::start_with_settings(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "client_write_timeout_secs = 0",
+        "lazy_links = false\nframe_max = 4096\nclient_buffer_bytes = 65536\n",
+    )
+    .await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.open(2).await;
+    c.confirm_select(2).await;
+    // Confirmed as they come: timed.
+    for _ in 0..4 {
+        c.publish(2, "no-such-queue", "prompt").await;
+    }
+    c.expect_settled(2, &(1..=4).map(|t| (t, true)).collect())
+        .await;
+    let timed = |rig: &Rig| {
+        let text = rig
+            .proxy
+            .metrics()
+            .encode(warren::metrics::Format::Prometheus);
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            sample("warren_confirm_latency_seconds_count{"),
+            sample("warren_confirm_latency_seconds_sum{"),
+        )
+    };
+    let (before, _) = timed(&rig);
+    assert!(before >= 1.0, "prompt confirms are timed");
+    // More than the kernel's socket buffers hold on both sides of the client's socket.
+    let body = vec![b'x'; 32 * 1024];
+    for _ in 0..400 {
+        a.enqueue(Q, &body);
+        b.enqueue(Q, &body);
+    }
+    c.consume(1, Q, "slow").await;
+    // The client reads nothing while its publish is confirmed upstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.publish(2, "no-such-queue", "behind a stall").await;
+    tokio::time::sleep(STALL).await;
+    c.expect_settled(2, &(1..=5).map(|t| (t, true)).collect())
+        .await;
+    let (count, sum) = timed(&rig);
+    assert!(
+        sum < STALL.as_secs_f64() / 2.0,
+        "the stall was timed as the cluster's: {count} confirms timed, {sum} s in all"
+    );
+}

@@ -348,6 +348,7 @@ fn open(spec: &LinkSpec, node: NodeAddr, open: Opened) -> Link {
             bytes_from,
             gate: Gate::new(),
             lazy: None,
+            late: Lateness::default(),
         }),
         writer,
     }
@@ -372,6 +373,32 @@ pub struct LinkReader {
     /// wait in the kernel until [`LAZY_LOWAT`] of them have come or the session reads them (see
     /// [`LinkReader::make_lazy`]).
     lazy: Option<Instant>,
+    /// Whether what was read last may have waited in the kernel for warren.
+    late: Lateness,
+}
+
+/// Whether the bytes a link read last may have waited in the kernel because warren was not
+/// reading (a lazy link's batch, or the first read after the session stopped reading for a
+/// slow client), rather than arriving just before the read. A confirm read so is not timed:
+/// `warren_confirm_latency_seconds` is the cluster's latency, not warren's pace or a client's
+/// slowness.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lateness {
+    /// The session stopped reading since the last read.
+    paused: bool,
+    /// What the last read returned may have waited.
+    late: bool,
+}
+
+impl Lateness {
+    fn paused(&mut self) {
+        self.paused = true;
+    }
+
+    /// A read returned bytes; `lazy`: the socket's low-water mark held them back.
+    fn read(&mut self, lazy: bool) {
+        self.late = lazy || std::mem::take(&mut self.paused);
+    }
 }
 
 /// The low-water mark of a lazy link: about 390 basic.acks of 21 bytes, so a burst of
@@ -391,6 +418,7 @@ impl LinkReader {
             Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkDown::Eof)),
             Poll::Ready(Ok(n)) => {
                 self.last_seen = Instant::now();
+                self.late.read(self.lazy.is_some());
                 if let Some(c) = &self.bytes_from {
                     c.inc_by(n as u64);
                 }
@@ -510,6 +538,7 @@ impl LinkReader {
             Ok(0) => Err(LinkDown::Eof),
             Ok(n) => {
                 self.last_seen = now;
+                self.late.read(true);
                 if let Some(c) = &self.bytes_from {
                     c.inc_by(n as u64);
                 }
@@ -541,6 +570,12 @@ impl LinkReader {
     /// Time the session spent not reading is not the broker's silence.
     pub fn not_reading(&mut self, now: Instant) {
         self.last_seen = now;
+        self.late.paused();
+    }
+
+    /// Whether what was read last may have waited in the kernel for warren (see [`Lateness`]).
+    pub fn read_late(&self) -> bool {
+        self.late.late
     }
 }
 
@@ -576,4 +611,37 @@ pub fn upstream_client_properties(client: &FieldTable, peer: std::net::SocketAdd
         );
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lateness;
+
+    #[test]
+    fn a_prompt_read_is_on_time() {
+        let mut l = Lateness::default();
+        l.read(false);
+        assert!(!l.late);
+    }
+
+    #[test]
+    fn a_lazy_links_batch_is_late() {
+        let mut l = Lateness::default();
+        l.read(true);
+        assert!(l.late);
+        l.read(false);
+        assert!(!l.late, "prompt again");
+    }
+
+    #[test]
+    fn only_the_first_read_after_a_pause_is_late() {
+        let mut l = Lateness::default();
+        l.paused();
+        l.paused();
+        assert!(!l.late, "nothing read yet");
+        l.read(false);
+        assert!(l.late, "what waited while the session did not read");
+        l.read(false);
+        assert!(!l.late, "read as it came");
+    }
 }

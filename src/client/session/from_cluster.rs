@@ -931,8 +931,12 @@ impl Session {
         let n = settled.len() as u64;
         {
             // Borrowed, not cloned: a clone is a dozen atomic increments per confirm.
-            let m = &self.links[link].m;
-            if let Some(first) = settled.first() {
+            let slot = &self.links[link];
+            let m = &slot.m;
+            // Timed only when read as it came: a confirm that waited in the kernel for warren
+            // (a lazy link's batch, or a slow client's) says nothing of the cluster.
+            let on_time = slot.link.reader.as_ref().is_some_and(|r| !r.read_late());
+            if on_time && let Some(first) = settled.first() {
                 m.confirm_latency.observe(first.at.elapsed().as_secs_f64());
             }
             m.confirms_pending.dec_by(n as i64);

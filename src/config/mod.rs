@@ -191,6 +191,10 @@ pub struct ClusterConfig {
     /// the other shard clusters (`crate::evacuate`). Implies `drain` (validation sets it).
     /// Default false. Rejected on the control cluster and on every shard cluster at once.
     pub evacuate: bool,
+    /// `spread_links = true`: each client connection's link starts at another of `nodes`
+    /// (rotated by connection), so the clients' links are spread over the cluster's nodes
+    /// instead of all going to the first that answers. Default false.
+    pub spread_links: bool,
     /// Credentials for the admin queue-depth checks on this cluster (`GET /queues`); without
     /// them the checks log in as guest/guest. The health probes need none.
     pub probe: Option<ProbeCredentials>,
@@ -201,6 +205,20 @@ pub struct ClusterConfig {
     /// management HTTP API, which `GET /queues?queue=PATTERN` lists the cluster's queues with.
     /// `None`: patterns only match the queues declared through this process.
     pub management: Option<ManagementConfig>,
+}
+
+impl ClusterConfig {
+    /// The nodes a link of client connection `conn` tries, in order: the file's order, or with
+    /// `spread_links` that order rotated by the connection's id, so consecutive connections
+    /// start at consecutive nodes and each still falls back to every other node.
+    pub fn link_nodes(&self, conn: u64) -> Vec<NodeAddr> {
+        let mut nodes = self.nodes.clone();
+        if self.spread_links && !nodes.is_empty() {
+            let start = (conn % nodes.len() as u64) as usize;
+            nodes.rotate_left(start);
+        }
+        nodes
+    }
 }
 
 /// `management = { url = "http://host:15672", user = "...", password = "...", ... }`.

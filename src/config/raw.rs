@@ -99,6 +99,7 @@ pub(super) struct RawCluster {
     pub(super) weight: Option<Spanned<u32>>,
     pub(super) drain: Option<Spanned<bool>>,
     pub(super) evacuate: Option<Spanned<bool>>,
+    pub(super) spread_links: Option<Spanned<bool>>,
     pub(super) probe: Option<Spanned<RawProbe>>,
     pub(super) tls: Option<Spanned<RawClientTls>>,
     pub(super) management: Option<Spanned<RawManagement>>,

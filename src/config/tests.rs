@@ -1251,3 +1251,45 @@ fn management_ca_file_is_read_relative_to_the_config_file() {
     assert_ne!(Config::load(&path).unwrap().clusters[0], c.clusters[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn spread_links_is_off_unless_set() {
+    let c = Config::parse(&with_cluster(""), "t.toml").unwrap();
+    assert!(c.clusters.iter().all(|c| !c.spread_links));
+    let c = Config::parse(&with_cluster("spread_links = true\n"), "t.toml").unwrap();
+    assert!(c.clusters.last().unwrap().spread_links);
+    rejects(
+        &with_cluster("spread_links = \"yes\"\n"),
+        MINIMAL.lines().count() + 1,
+        None,
+        "invalid type",
+    );
+}
+
+fn three_nodes(spread: bool) -> ClusterConfig {
+    let text = format!(
+        "listen = \"127.0.0.1:1\"\n[[clusters]]\nname = \"a\"\nrole = \"shard\"\nnodes = [\"n1:1\", \"n2:1\", \"n3:1\"]\nspread_links = {spread}\n"
+    );
+    Config::parse(&text, "t.toml").unwrap().clusters[0].clone()
+}
+
+fn node_names(nodes: Vec<NodeAddr>) -> Vec<String> {
+    nodes.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn links_go_to_the_nodes_in_file_order_by_default() {
+    let c = three_nodes(false);
+    for conn in 0..4 {
+        assert_eq!(node_names(c.link_nodes(conn)), ["n1:1", "n2:1", "n3:1"]);
+    }
+}
+
+#[test]
+fn spread_links_start_each_connection_at_the_next_node_and_keep_the_others_behind() {
+    let c = three_nodes(true);
+    assert_eq!(node_names(c.link_nodes(0)), ["n1:1", "n2:1", "n3:1"]);
+    assert_eq!(node_names(c.link_nodes(1)), ["n2:1", "n3:1", "n1:1"]);
+    assert_eq!(node_names(c.link_nodes(2)), ["n3:1", "n1:1", "n2:1"]);
+    assert_eq!(node_names(c.link_nodes(3)), ["n1:1", "n2:1", "n3:1"]);
+}

@@ -1073,6 +1073,7 @@ fn validate_clusters(
             // Evacuating implies draining: no new publishes go where messages are moved from.
             drain: value_or(&c.drain, false) || value_or(&c.evacuate, false),
             evacuate: value_or(&c.evacuate, false),
+            spread_links: value_or(&c.spread_links, false),
             probe,
             tls,
             management,

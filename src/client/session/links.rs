@@ -289,7 +289,7 @@ impl Session {
         self.connecting.push(cluster.name.clone());
         let spec = LinkSpec {
             cluster: Arc::from(cluster.name.as_str()),
-            nodes: cluster.nodes.clone(),
+            nodes: cluster.link_nodes(self.id),
             metrics: Some(self.metrics.cluster(&cluster.name)),
             tls: cluster.tls.clone(),
             ..self.base_spec.clone()

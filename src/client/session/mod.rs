@@ -138,14 +138,14 @@ pub async fn serve(
         && config.clusters.iter().any(|c| c.role == Role::Control)
         && config.clusters.iter().any(|c| c.role == Role::Shard)
     {
-        Some(open_links(&config, &base, &metrics, Some(Role::Control)).await)
+        Some(open_links(id, &config, &base, &metrics, Some(Role::Control)).await)
     } else {
         None
     };
     let lazy = matches!(control_only, Some(Ok(_)));
     let opened = match control_only {
         None | Some(Err(ConnectError::Unreachable { .. })) => {
-            open_links(&config, &base, &metrics, None).await
+            open_links(id, &config, &base, &metrics, None).await
         }
         Some(result) => result,
     };
@@ -370,6 +370,7 @@ async fn answer_refusal(stream: &mut Stream, rbuf: &mut BytesMut, refusal: Refus
 /// (credentials, vhost) from any cluster is the client's answer; an unreachable cluster is left
 /// out as long as one shard cluster (or with `only`, one cluster) answers.
 async fn open_links(
+    conn: u64,
     config: &Config,
     base: &LinkSpec,
     metrics: &Metrics,
@@ -385,7 +386,7 @@ async fn open_links(
     for (i, cluster) in clusters.iter().enumerate() {
         let spec = LinkSpec {
             cluster: Arc::from(cluster.name.as_str()),
-            nodes: cluster.nodes.clone(),
+            nodes: cluster.link_nodes(conn),
             metrics: Some(metrics.cluster(&cluster.name)),
             tls: cluster.tls.clone(),
             ..base.clone()

@@ -378,26 +378,34 @@ pub struct LinkReader {
 }
 
 /// Whether the bytes a link read last may have waited in the kernel because warren was not
-/// reading (a lazy link's batch, or the first read after the session stopped reading for a
-/// slow client), rather than arriving just before the read. A confirm read so is not timed:
+/// reading (a lazy link's batch, or what piled up while the session stopped reading for a slow
+/// client), rather than arriving just before the read. A confirm read so is not timed:
 /// `warren_confirm_latency_seconds` is the cluster's latency, not warren's pace or a client's
-/// slowness.
+/// slowness. What piled up may take many reads to get through, so everything read is late until
+/// a read finds the socket empty.
 #[derive(Debug, Default, Clone, Copy)]
 struct Lateness {
-    /// The session stopped reading since the last read.
-    paused: bool,
+    /// The socket may hold bytes that waited for warren.
+    behind: bool,
     /// What the last read returned may have waited.
     late: bool,
 }
 
 impl Lateness {
-    fn paused(&mut self) {
-        self.paused = true;
+    /// The session is not reading the socket (a slow client), or stopped holding its bytes
+    /// back (a lazy link turned prompt).
+    fn behind(&mut self) {
+        self.behind = true;
     }
 
     /// A read returned bytes; `lazy`: the socket's low-water mark held them back.
     fn read(&mut self, lazy: bool) {
-        self.late = lazy || std::mem::take(&mut self.paused);
+        self.late = lazy || self.behind;
+    }
+
+    /// A read found the socket empty: what comes next comes as it is read.
+    fn drained(&mut self) {
+        self.behind = false;
     }
 }
 
@@ -414,7 +422,10 @@ impl LinkReader {
         match self.gate.poll(cx, |cx| {
             tokio_util::io::poll_read_buf(Pin::new(rd), cx, buf)
         }) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.late.drained();
+                Poll::Pending
+            }
             Poll::Ready(Ok(0)) => Poll::Ready(Err(LinkDown::Eof)),
             Poll::Ready(Ok(n)) => {
                 self.last_seen = Instant::now();
@@ -500,7 +511,10 @@ impl LinkReader {
     pub fn make_prompt(&mut self) {
         if self.lazy.is_some() {
             match self.rd.set_recv_lowat(1) {
-                Ok(_) => self.lazy = None,
+                Ok(_) => {
+                    self.lazy = None;
+                    self.late.behind();
+                }
                 // Still raised: the next turn tries again.
                 Err(e) => debug!(error = %e, "cannot lower the receive low-water mark of a link"),
             }
@@ -550,6 +564,7 @@ impl LinkReader {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 ) =>
             {
+                self.late.drained();
                 Ok(0)
             }
             Err(e) => Err(LinkDown::Io(e.to_string())),
@@ -570,7 +585,7 @@ impl LinkReader {
     /// Time the session spent not reading is not the broker's silence.
     pub fn not_reading(&mut self, now: Instant) {
         self.last_seen = now;
-        self.late.paused();
+        self.late.behind();
     }
 
     /// Whether what was read last may have waited in the kernel for warren (see [`Lateness`]).
@@ -629,19 +644,31 @@ mod tests {
         let mut l = Lateness::default();
         l.read(true);
         assert!(l.late);
+        l.drained();
         l.read(false);
-        assert!(!l.late, "prompt again");
+        assert!(!l.late, "prompt again, after a read found nothing");
     }
 
     #[test]
-    fn only_the_first_read_after_a_pause_is_late() {
+    fn what_piled_up_while_the_session_did_not_read_is_late_until_the_socket_is_empty() {
         let mut l = Lateness::default();
-        l.paused();
-        l.paused();
+        l.behind();
         assert!(!l.late, "nothing read yet");
-        l.read(false);
-        assert!(l.late, "what waited while the session did not read");
+        for _ in 0..3 {
+            l.read(false);
+            assert!(l.late, "the backlog takes several reads");
+        }
+        l.drained();
         l.read(false);
         assert!(!l.late, "read as it came");
+    }
+
+    #[test]
+    fn a_lazy_link_turned_prompt_reads_what_it_held_back_as_late() {
+        let mut l = Lateness::default();
+        l.read(true);
+        l.behind();
+        l.read(false);
+        assert!(l.late);
     }
 }

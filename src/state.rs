@@ -218,10 +218,39 @@ impl Shared {
             return Err(self.record(false, "no configuration file to reload from".into()));
         };
         match Config::load(&path) {
-            Ok(config) => Ok(self.apply(config)),
+            Ok(config) => match self.drains_every_shard(&config) {
+                Some(why) => Err(self.record(false, why)),
+                None => Ok(self.apply(config)),
+            },
             // The caller logs the outcome, once.
             Err(e) => Err(self.record(false, e.to_string())),
         }
+    }
+
+    /// Why `config`, with the drains and evacuations made at run time added, would leave no
+    /// shard cluster to take publishes (the file alone cannot: validation refuses it). Such a
+    /// reload is refused, as `POST /clusters/NAME/drain` refuses to drain the last one.
+    fn drains_every_shard(&self, config: &Config) -> Option<String> {
+        let drained = lock(&self.drained).clone();
+        let evacuating = lock(&self.evacuating).clone();
+        let run_time = |name: &str| drained.contains(name) || evacuating.contains(name);
+        let mut shards = config.shard_clusters().peekable();
+        shards.peek()?;
+        if !shards.all(|c| c.drain || c.evacuate || run_time(&c.name)) {
+            return None;
+        }
+        let mut at_run_time: Vec<&str> = config
+            .shard_clusters()
+            .filter(|c| run_time(&c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        at_run_time.sort_unstable();
+        Some(format!(
+            "refusing the reload: every shard cluster would be drained and publishes would have \
+             nowhere to go ({} drained or evacuated at run time: POST /clusters/NAME/undrain or \
+             /unevacuate first, or leave a shard cluster undrained in the file)",
+            at_run_time.join(", ")
+        ))
     }
 
     /// Applies a validated configuration, as read from the file (run-time drains and weights
@@ -263,6 +292,26 @@ impl Shared {
                 config.tls = old.tls.clone();
             }
             _ => {}
+        }
+        // A cluster the file no longer has loses its run-time drain and evacuation (and the
+        // evacuation's marker), as it loses its run-time weight: added back later, under the
+        // same name, it starts from what the file says.
+        let forgotten: Vec<String> = {
+            let mut drained = lock(&self.drained);
+            let mut evacuating = lock(&self.evacuating);
+            drained.retain(|name| config.cluster(name).is_some());
+            let gone: Vec<String> = evacuating
+                .iter()
+                .filter(|name| config.cluster(name).is_none())
+                .cloned()
+                .collect();
+            evacuating.retain(|name| config.cluster(name).is_some());
+            gone
+        };
+        for name in &forgotten {
+            if let Err(e) = self.write_evacuation_marker(name, false) {
+                warn!(cluster = %name, error = %e, "cannot remove the evacuation marker of a removed cluster");
+            }
         }
         let drained = lock(&self.drained).clone();
         let evacuating = lock(&self.evacuating).clone();
@@ -392,18 +441,20 @@ impl Shared {
     /// Stops a run-time evacuation ([`Shared::evacuate`]) and the drain it implied: the cluster
     /// takes publishes again unless the file drains or evacuates it.
     pub fn unevacuate(&self, cluster: &str) -> Result<ReloadStatus, String> {
-        if !lock(&self.evacuating).remove(cluster) {
+        if !lock(&self.evacuating).contains(cluster) {
             return Err(format!(
                 "{cluster:?} is not evacuated at run time (POST /clusters/NAME/evacuate); \
                  evacuate = true in the file is undone by editing the file"
             ));
         }
+        // The file is read first: one that cannot be read leaves the evacuation as it is.
+        let file = self.read_file_keeping(cluster, "evacuated")?;
+        lock(&self.evacuating).remove(cluster);
         if let Err(e) = self.write_evacuation_marker(cluster, false) {
             warn!(cluster, error = %e, "cannot remove the evacuation marker");
         }
-        let from_file = self.config_path().is_some();
-        if from_file {
-            return self.reload().map_err(|s| s.message);
+        if let Some(config) = file {
+            return Ok(self.apply(config));
         }
         let mut config = (*self.config()).clone();
         let drained = lock(&self.drained).contains(cluster);
@@ -526,20 +577,39 @@ impl Shared {
     /// Undoes a run-time drain ([`Shared::drain`]): the cluster takes publishes again, unless
     /// the file itself marks it `drain = true` (the file is read again when there is one).
     pub fn undrain(&self, cluster: &str) -> Result<ReloadStatus, String> {
-        if !lock(&self.drained).remove(cluster) {
+        if !lock(&self.drained).contains(cluster) {
             return Err(format!(
                 "{cluster:?} was not drained at run time (POST /clusters/NAME/drain); \
                  a drain set in the file is undone by editing the file"
             ));
         }
-        if self.config_path().is_some() {
-            return self.reload().map_err(|s| s.message);
+        // The file is read first: one that cannot be read leaves the drain as it is.
+        let file = self.read_file_keeping(cluster, "drained")?;
+        lock(&self.drained).remove(cluster);
+        if let Some(config) = file {
+            return Ok(self.apply(config));
         }
         let mut config = (*self.config()).clone();
         if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
             c.drain = false;
         }
         Ok(self.apply_with(config, false))
+    }
+
+    /// The configuration file, read and validated for an undo of a run-time change to
+    /// `cluster` (`None` without a file); an error that says the cluster stays `how` when the
+    /// file cannot be read (the failed reload is recorded as any other).
+    fn read_file_keeping(&self, cluster: &str, how: &str) -> Result<Option<Config>, String> {
+        let Some(path) = self.config_path() else {
+            return Ok(None);
+        };
+        Config::load(&path).map(Some).map_err(|e| {
+            let status = self.record(false, e.to_string());
+            format!(
+                "{}; {cluster:?} stays {how}: fix the file, then ask again",
+                status.message
+            )
+        })
     }
 
     /// A reload that changes nothing (a file watcher's second look at a file already applied,
@@ -1104,6 +1174,100 @@ weight = 2
         let third = Shared::new(Arc::new(config(BASE)));
         third.set_config_path(&file);
         assert!(third.resume_evacuations().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A temporary directory with BASE (plus a third shard cluster) as its configuration file.
+    fn dir_with_file(name: &str) -> (PathBuf, PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!("warren-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let text = format!(
+            "{BASE}[[clusters]]\nname = \"shard-c\"\nrole = \"shard\"\nnodes = [\"127.0.0.1:5731\"]\n"
+        );
+        let file = dir.join("proxy.toml");
+        std::fs::write(&file, &text).expect("write config");
+        (dir, file, text)
+    }
+
+    #[test]
+    fn an_undo_with_an_unreadable_file_changes_nothing() {
+        let (dir, file, text) = dir_with_file("undo-invalid");
+        let shared = Shared::new(Arc::new(config(&text)));
+        shared.set_config_path(&file);
+        shared.drain("shard-b").expect("drain");
+        shared.evacuate("shard-c").expect("evacuate");
+        std::fs::write(&file, text.replace("role = \"shard\"", "rol = \"shard\"")).expect("write");
+        let e = shared.undrain("shard-b").expect_err("the file is invalid");
+        assert!(e.contains("stays drained"), "{e}");
+        let e = shared
+            .unevacuate("shard-c")
+            .expect_err("the file is invalid");
+        assert!(e.contains("stays evacuated"), "{e}");
+        assert!(shared.drained_at_run_time("shard-b"));
+        assert!(shared.evacuated_at_run_time("shard-c"));
+        assert!(dir.join("evacuate-shard-c").exists(), "the marker stays");
+        // Once the file is fixed, the undo goes through.
+        std::fs::write(&file, &text).expect("write");
+        shared.undrain("shard-b").expect("undrain");
+        shared.unevacuate("shard-c").expect("unevacuate");
+        let c = shared.config();
+        assert!(!c.cluster("shard-b").unwrap().drain && !c.cluster("shard-c").unwrap().drain);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_removed_cluster_comes_back_without_its_run_time_drain_or_evacuation() {
+        let (dir, file, text) = dir_with_file("readd");
+        let shared = Shared::new(Arc::new(config(&text)));
+        shared.set_config_path(&file);
+        shared.drain("shard-b").expect("drain");
+        shared.evacuate("shard-c").expect("evacuate");
+        assert!(dir.join("evacuate-shard-c").exists());
+        std::fs::write(&file, BASE.replace("shard-b", "shard-x")).expect("write");
+        shared.reload().expect("both removed");
+        assert!(!shared.drained_at_run_time("shard-b"));
+        assert!(!shared.evacuated_at_run_time("shard-c"));
+        assert!(
+            !dir.join("evacuate-shard-c").exists(),
+            "its marker went with it"
+        );
+        std::fs::write(&file, &text).expect("write");
+        shared.reload().expect("both added back");
+        let c = shared.config();
+        assert!(
+            !c.cluster("shard-b").unwrap().drain,
+            "shard-b takes publishes"
+        );
+        assert!(
+            !c.cluster("shard-c").unwrap().evacuate,
+            "shard-c is not evacuated"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_reload_that_would_drain_every_shard_with_the_run_time_drains_is_refused() {
+        let (dir, file, text) = dir_with_file("all-drained");
+        let shared = Shared::new(Arc::new(config(&text)));
+        shared.set_config_path(&file);
+        shared.drain("shard-a").expect("drain");
+        shared.drain("shard-b").expect("drain");
+        let before = shared.config();
+        std::fs::write(&file, format!("{}drain = true\n", text)).expect("write");
+        let refused = shared
+            .reload()
+            .expect_err("no shard cluster would take publishes");
+        assert!(!refused.ok);
+        assert!(
+            refused
+                .message
+                .contains("every shard cluster would be drained")
+                && refused.message.contains("shard-a, shard-b"),
+            "{}",
+            refused.message
+        );
+        assert!(Arc::ptr_eq(&before, &shared.config()), "nothing applied");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -360,8 +360,11 @@ impl Session {
         }
         // A connection that has talked only to the control cluster (`lazy_links`) has no
         // shard link by design: what it holds is control traffic.
-        let what = if self.shard_links().is_empty() && !self.lazy {
+        let shards = self.shard_links();
+        let what = if shards.is_empty() && !self.lazy {
             "no shard cluster is reachable"
+        } else if !shards.is_empty() && shards.iter().all(|l| self.links[l].drain) {
+            "every shard cluster is draining: none takes publishes"
         } else {
             "the cluster for held publishes (control) is not reachable"
         };

@@ -890,6 +890,9 @@ fn describe_change(old: &Config, new: &Config) -> String {
             let nodes: Vec<String> = c.nodes.iter().map(ToString::to_string).collect();
             what.push(format!("nodes {}", nodes.join(" ")));
         }
+        if o.spread_links != c.spread_links {
+            what.push(format!("spread_links {}", c.spread_links));
+        }
         if o.tls != c.tls {
             what.push("tls changed (certificates reloaded)".into());
         }
@@ -972,6 +975,8 @@ mod tests {
             "shard-b: weight 1 -> 3, drained; added shard-c (shard)"
         );
         assert_eq!(describe_change(&old, &old), "no change");
+        let spread = config(&format!("{}\nspread_links = true\n", BASE.trim_end()));
+        assert_eq!(describe_change(&old, &spread), "shard-b: spread_links true");
         let with_api = config(&format!(
             "{}\nmanagement = {{ url = \"http://127.0.0.1:15711\", user = \"u\", password = \"p\" }}\n",
             BASE.trim_end()

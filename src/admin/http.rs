@@ -504,6 +504,7 @@ fn clusters(state: &AdminState) -> Value {
                 "drained_at_run_time": state.shared.drained_at_run_time(&c.name),
                 "evacuate": c.evacuate,
                 "evacuation": shard.then(|| evacuation_json(state, c)),
+                "spread_links": c.spread_links,
                 "state": st,
                 "reachable": state.health.cluster_reachable(c),
                 "nodes": nodes,

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::clients::Clients;
 use crate::codec::{FieldTable, Method};
@@ -485,12 +485,36 @@ impl Shared {
 
     /// Resumes the run-time evacuations whose markers a previous process left in the state
     /// directory; the names of the clusters resumed. A marker of a cluster the file no longer
-    /// has as a shard cluster is left alone (and ignored).
+    /// has as a shard cluster is deleted, as a reload that removes the cluster deletes it: added
+    /// back later under the same name, the cluster starts from what the file says.
     pub fn resume_evacuations(&self) -> Vec<String> {
         let Some(dir) = self.state_dir() else {
             return Vec::new();
         };
         let config = self.config();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let file = entry.file_name();
+                let Some(name) = file.to_str().and_then(|f| f.strip_prefix("evacuate-")) else {
+                    continue;
+                };
+                // Only a marker (`write_evacuation_marker`), never a journal beside it.
+                let marker = std::fs::read(entry.path())
+                    .is_ok_and(|text| text.starts_with(EVACUATION_MARKER));
+                if !marker || config.shard_clusters().any(|c| c.name == name) {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => info!(
+                        cluster = name,
+                        "the evacuation marker of a cluster the file no longer has was deleted"
+                    ),
+                    Err(e) => {
+                        warn!(cluster = name, error = %e, "cannot delete the evacuation marker of a cluster the file no longer has")
+                    }
+                }
+            }
+        }
         let mut resumed = Vec::new();
         for c in config.shard_clusters() {
             let marked = dir.join(evacuation_marker_name(&c.name)).exists();
@@ -510,10 +534,7 @@ impl Shared {
         };
         let path = dir.join(evacuation_marker_name(cluster));
         let result = if present {
-            std::fs::write(
-                &path,
-                b"warren: this shard cluster is being evacuated (POST /clusters/NAME/evacuate)\n",
-            )
+            std::fs::write(&path, EVACUATION_MARKER)
         } else {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -800,6 +821,10 @@ impl Shared {
 }
 
 /// The file in the state directory whose presence says `cluster` is evacuated at run time.
+/// What an evacuation marker holds (how a marker is told from anything else in the directory).
+const EVACUATION_MARKER: &[u8] =
+    b"warren: this shard cluster is being evacuated (POST /clusters/NAME/evacuate)\n";
+
 pub fn evacuation_marker_name(cluster: &str) -> String {
     format!("evacuate-{cluster}")
 }
@@ -1179,6 +1204,19 @@ weight = 2
         let third = Shared::new(Arc::new(config(BASE)));
         third.set_config_path(&file);
         assert!(third.resume_evacuations().is_empty());
+        // A marker of a cluster the file no longer has goes at the next start; a journal
+        // beside it stays.
+        third.evacuate("shard-b").expect("evacuate");
+        std::fs::write(dir.join("evacuate-shard-b.journal"), b"journal").expect("journal");
+        let only_a = BASE.replace("shard-b", "shard-x");
+        let fourth = Shared::new(Arc::new(config(&only_a)));
+        fourth.set_config_path(&file);
+        assert!(fourth.resume_evacuations().is_empty());
+        assert!(!dir.join("evacuate-shard-b").exists(), "deleted");
+        assert!(
+            dir.join("evacuate-shard-b.journal").exists(),
+            "not a marker"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

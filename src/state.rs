@@ -218,7 +218,7 @@ impl Shared {
             return Err(self.record(false, "no configuration file to reload from".into()));
         };
         match Config::load(&path) {
-            Ok(config) => match self.drains_every_shard(&config) {
+            Ok(config) => match self.drains_every_shard(&config, None) {
                 Some(why) => Err(self.record(false, why)),
                 None => Ok(self.apply(config)),
             },
@@ -227,13 +227,16 @@ impl Shared {
         }
     }
 
-    /// Why `config`, with the drains and evacuations made at run time added, would leave no
-    /// shard cluster to take publishes (the file alone cannot: validation refuses it). Such a
-    /// reload is refused, as `POST /clusters/NAME/drain` refuses to drain the last one.
-    fn drains_every_shard(&self, config: &Config) -> Option<String> {
+    /// Why `config`, with the drains and evacuations made at run time added (but those of
+    /// `undoing`, which an undrain or unevacuate is taking back), would leave no shard cluster
+    /// to take publishes (the file alone cannot: validation refuses it). Such a reload is
+    /// refused, as `POST /clusters/NAME/drain` refuses to drain the last one.
+    fn drains_every_shard(&self, config: &Config, undoing: Option<&str>) -> Option<String> {
         let drained = lock(&self.drained).clone();
         let evacuating = lock(&self.evacuating).clone();
-        let run_time = |name: &str| drained.contains(name) || evacuating.contains(name);
+        let run_time = |name: &str| {
+            undoing != Some(name) && (drained.contains(name) || evacuating.contains(name))
+        };
         let mut shards = config.shard_clusters().peekable();
         shards.peek()?;
         if !shards.all(|c| c.drain || c.evacuate || run_time(&c.name)) {
@@ -296,25 +299,21 @@ impl Shared {
         // A cluster the file no longer has loses its run-time drain and evacuation (and the
         // evacuation's marker), as it loses its run-time weight: added back later, under the
         // same name, it starts from what the file says.
-        let forgotten: Vec<String> = {
+        let (drained, evacuating, forgotten) = {
             let mut drained = lock(&self.drained);
             let mut evacuating = lock(&self.evacuating);
             drained.retain(|name| config.cluster(name).is_some());
-            let gone: Vec<String> = evacuating
-                .iter()
-                .filter(|name| config.cluster(name).is_none())
-                .cloned()
-                .collect();
-            evacuating.retain(|name| config.cluster(name).is_some());
-            gone
+            let (kept, gone): (HashSet<String>, HashSet<String>) = evacuating
+                .drain()
+                .partition(|name| config.cluster(name).is_some());
+            *evacuating = kept;
+            (drained.clone(), evacuating.clone(), gone)
         };
         for name in &forgotten {
             if let Err(e) = self.write_evacuation_marker(name, false) {
                 warn!(cluster = %name, error = %e, "cannot remove the evacuation marker of a removed cluster");
             }
         }
-        let drained = lock(&self.drained).clone();
-        let evacuating = lock(&self.evacuating).clone();
         for c in &mut config.clusters {
             c.drain |= drained.contains(&c.name);
             if c.role == crate::config::Role::Shard && evacuating.contains(&c.name) {
@@ -619,18 +618,24 @@ impl Shared {
 
     /// The configuration file, read and validated for an undo of a run-time change to
     /// `cluster` (`None` without a file); an error that says the cluster stays `how` when the
-    /// file cannot be read (the failed reload is recorded as any other).
+    /// file cannot be read, or would leave no shard cluster taking publishes as a reload
+    /// would (the failed reload is recorded as any other).
     fn read_file_keeping(&self, cluster: &str, how: &str) -> Result<Option<Config>, String> {
         let Some(path) = self.config_path() else {
             return Ok(None);
         };
-        Config::load(&path).map(Some).map_err(|e| {
-            let status = self.record(false, e.to_string());
+        let refused = |why: String| {
+            let status = self.record(false, why);
             format!(
                 "{}; {cluster:?} stays {how}: fix the file, then ask again",
                 status.message
             )
-        })
+        };
+        let config = Config::load(&path).map_err(|e| refused(e.to_string()))?;
+        match self.drains_every_shard(&config, Some(cluster)) {
+            Some(why) => Err(refused(why)),
+            None => Ok(Some(config)),
+        }
     }
 
     /// A reload that changes nothing (a file watcher's second look at a file already applied,
@@ -1311,6 +1316,37 @@ weight = 2
             refused.message
         );
         assert!(Arc::ptr_eq(&before, &shared.config()), "nothing applied");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An undrain reads the file as a reload does, and is refused as that reload would be.
+    #[test]
+    fn an_undrain_whose_file_would_drain_every_shard_is_refused() {
+        let (dir, file, text) = dir_with_file("undrain-all-drained");
+        let shared = Shared::new(Arc::new(config(&text)));
+        shared.set_config_path(&file);
+        shared.drain("shard-a").expect("drain");
+        shared.drain("shard-c").expect("drain");
+        // The file now drains shard-a and shard-b; shard-c stays drained at run time.
+        let edited = text.replacen(
+            "nodes = [\"127.0.0.1:5711\"]\n",
+            "nodes = [\"127.0.0.1:5711\"]\ndrain = true\n",
+            1,
+        );
+        let edited = edited.replacen(
+            "nodes = [\"127.0.0.1:5701\"]\n",
+            "nodes = [\"127.0.0.1:5701\"]\ndrain = true\n",
+            1,
+        );
+        std::fs::write(&file, edited).expect("write");
+        let e = shared
+            .undrain("shard-a")
+            .expect_err("no shard cluster would take publishes");
+        assert!(
+            e.contains("every shard cluster would be drained") && e.contains("stays drained"),
+            "{e}"
+        );
+        assert!(shared.drained_at_run_time("shard-a"), "the drain stays");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

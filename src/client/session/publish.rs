@@ -84,19 +84,31 @@ impl Session {
         held: Held,
         tx: bool,
     ) -> bool {
-        let reply_request = self.reply_request(ch, &held.content);
-        let check = self
-            .needs_barrier(&held.publish, &held.content, reply_request)
-            .then(|| held.publish.exchange.clone());
-        if reply_request == barrier::ReplyRequest::Consumed {
-            self.links[link].direct_requests += 1;
-        }
+        let (reply_request, needs_check) = self.check_of(ch, &held);
+        let check = needs_check.then(|| held.publish.exchange.clone());
+        self.count_reply_request(link, reply_request);
         self.send_publish(ch, link, client_seq, held, tx);
         let Some(exchange) = check else {
             return false;
         };
         self.raise_barrier(link, ch, &exchange);
         true
+    }
+
+    /// Whether a publish on `ch` asks for a direct reply, and whether a broker might refuse it,
+    /// so that it must be followed by a check (`barrier.rs`).
+    fn check_of(&mut self, ch: u16, held: &Held) -> (barrier::ReplyRequest, bool) {
+        let reply_request = self.reply_request(ch, &held.content);
+        let check = self.needs_barrier(&held.publish, &held.content, reply_request);
+        (reply_request, check)
+    }
+
+    /// A request for a direct reply sent to `link`: only that link's connection can take the
+    /// reply (see `state_lost_with`).
+    fn count_reply_request(&mut self, link: LinkId, reply_request: barrier::ReplyRequest) {
+        if reply_request == barrier::ReplyRequest::Consumed {
+            self.links[link].direct_requests += 1;
+        }
     }
 
     /// The link of the channel's open transaction, chosen at its first publish. When that link
@@ -271,8 +283,7 @@ impl Session {
 
     /// Keeps a publish until a link of its class is ready (see [`Session::parked`]).
     pub(super) fn park(&mut self, class: Class, ch: u16, client: Option<u64>, held: Held) {
-        let reply_request = self.reply_request(ch, &held.content);
-        let check = self.needs_barrier(&held.publish, &held.content, reply_request);
+        let (_, check) = self.check_of(ch, &held);
         let _ticket = self.held.hold(held.size());
         if self.parked.is_empty() {
             info!(
@@ -550,10 +561,9 @@ impl Session {
         match target {
             Some(link) if open => {
                 debug!(conn = self.id, channel = ch, from = %self.links[failed].link.cluster, to = %self.links[link].link.cluster, "publishing again");
-                if self.reply_request(ch, &held.content) == barrier::ReplyRequest::Consumed {
-                    // Its reply now comes through this link (see `state_lost_with`).
-                    self.links[link].direct_requests += 1;
-                }
+                // Its reply now comes through this link.
+                let reply_request = self.reply_request(ch, &held.content);
+                self.count_reply_request(link, reply_request);
                 self.send_publish(ch, link, client, held, false);
                 return Some(link);
             }

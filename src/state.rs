@@ -497,9 +497,15 @@ impl Shared {
                 let Some(name) = file.to_str().and_then(|f| f.strip_prefix("evacuate-")) else {
                     continue;
                 };
-                // Only a marker (`write_evacuation_marker`), never a journal beside it.
-                let marker = std::fs::read(entry.path())
-                    .is_ok_and(|text| text.starts_with(EVACUATION_MARKER));
+                // Only a marker (`write_evacuation_marker`), never a journal beside it (read
+                // no further than a marker's length: a journal can be large).
+                let marker = std::fs::File::open(entry.path()).is_ok_and(|f| {
+                    use std::io::Read;
+                    let mut head = Vec::with_capacity(EVACUATION_MARKER.len());
+                    f.take(EVACUATION_MARKER.len() as u64)
+                        .read_to_end(&mut head)
+                        .is_ok_and(|_| head == EVACUATION_MARKER)
+                });
                 if !marker || config.shard_clusters().any(|c| c.name == name) {
                     continue;
                 }

@@ -382,20 +382,35 @@ pub struct LinkReader {
 /// client), rather than arriving just before the read. A confirm read so is not timed:
 /// `warren_confirm_latency_seconds` is the cluster's latency, not warren's pace or a client's
 /// slowness. What piled up may take many reads to get through, so everything read is late until
-/// a read finds the socket empty.
+/// a read finds the socket empty. An empty socket is not enough on its own: the broker holds
+/// back what TCP would not take while warren did not read, and sends it once warren reads again,
+/// so a confirm of a publish sent before the session last stopped reading is late however it is
+/// read.
 #[derive(Debug, Default, Clone, Copy)]
 struct Lateness {
     /// The socket may hold bytes that waited for warren.
     behind: bool,
     /// What the last read returned may have waited.
     late: bool,
+    /// When the session last did not read the socket for a slow client.
+    stalled: Option<Instant>,
 }
 
 impl Lateness {
-    /// The session is not reading the socket (a slow client), or stopped holding its bytes
-    /// back (a lazy link turned prompt).
+    /// The session stopped holding the socket's bytes back (a lazy link turned prompt).
     fn behind(&mut self) {
         self.behind = true;
+    }
+
+    /// The session is not reading the socket at `now` (a slow client).
+    fn stalled(&mut self, now: Instant) {
+        self.behind = true;
+        self.stalled = Some(now);
+    }
+
+    /// Whether a confirm just read, of a publish sent at `sent`, came as the cluster sent it.
+    fn on_time(&self, sent: Instant) -> bool {
+        !self.late && self.stalled.is_none_or(|s| sent > s)
     }
 
     /// A read returned bytes; `lazy`: the socket's low-water mark held them back.
@@ -585,12 +600,13 @@ impl LinkReader {
     /// Time the session spent not reading is not the broker's silence.
     pub fn not_reading(&mut self, now: Instant) {
         self.last_seen = now;
-        self.late.behind();
+        self.late.stalled(now);
     }
 
-    /// Whether what was read last may have waited in the kernel for warren (see [`Lateness`]).
-    pub fn read_late(&self) -> bool {
-        self.late.late
+    /// Whether a confirm just read, of a publish sent upstream at `sent`, came as the cluster
+    /// sent it: not held back in the kernel or in the broker for warren (see [`Lateness`]).
+    pub fn confirm_on_time(&self, sent: Instant) -> bool {
+        self.late.on_time(sent)
     }
 }
 
@@ -631,6 +647,8 @@ pub fn upstream_client_properties(client: &FieldTable, peer: std::net::SocketAdd
 #[cfg(test)]
 mod tests {
     use super::Lateness;
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     #[test]
     fn a_prompt_read_is_on_time() {
@@ -661,6 +679,22 @@ mod tests {
         l.drained();
         l.read(false);
         assert!(!l.late, "read as it came");
+    }
+
+    #[test]
+    fn a_confirm_of_a_publish_sent_before_a_stall_is_late_even_from_an_empty_socket() {
+        let start = Instant::now();
+        let mut l = Lateness::default();
+        l.stalled(start + Duration::from_millis(800));
+        l.read(false);
+        l.drained();
+        // The broker sends what it held back once warren reads again.
+        l.read(false);
+        assert!(!l.on_time(start), "sent before the stall ended");
+        assert!(
+            l.on_time(start + Duration::from_millis(900)),
+            "sent after it"
+        );
     }
 
     #[test]

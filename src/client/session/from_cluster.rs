@@ -935,8 +935,10 @@ impl Session {
             let m = &slot.m;
             // Timed only when read as it came: a confirm that waited in the kernel for warren
             // (a lazy link's batch, or a slow client's) says nothing of the cluster.
-            let on_time = slot.link.reader.as_ref().is_some_and(|r| !r.read_late());
-            if on_time && let Some(first) = settled.first() {
+            if let Some(first) = settled.first()
+                && let Some(r) = slot.link.reader.as_ref()
+                && r.confirm_on_time(first.at)
+            {
                 m.confirm_latency.observe(first.at.elapsed().as_secs_f64());
             }
             m.confirms_pending.dec_by(n as i64);

@@ -1864,6 +1864,99 @@ async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirm
     .await;
 }
 
+/// warren closes a client with 320 (shard-a's link died while the client held one of its
+/// deliveries) while publishes the client asked to have confirmed are on their way to shard-b:
+/// the client gets their confirms first, then the close. Told of the close at once, it counted
+/// them lost and published them again, though shard-b routed them: each twice. Until the
+/// close goes out the client does not know of it, so an ack it sends meanwhile (of shard-b's
+/// delivery) reaches shard-b; dropped, the message would be delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_close_warren_starts_passes_the_confirms_the_client_is_owed_first() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    let (link_a, link_b, from_b) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
+    a.kill(link_a, Kill::Rst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(1, ack(from_b, false)).await;
+    wait_for("the client's ack reached shard-b", || {
+        (!b.ledger(link_b).received_named("basic.ack").is_empty()).then_some(())
+    })
+    .await;
+    b.confirm(link_b, 2, 2, true, true);
+    c.expect_settled(2, &(1..=4).map(|t| (t, true)).collect())
+        .await;
+    let close = c.connection_close().await;
+    assert_says(&close, 320, &["shard-a", "1 unacknowledged deliveries"]);
+    let last_confirm = c.log.iter().rposition(|(_, m)| *m == "basic.ack");
+    let close_at = c.log.iter().position(|(_, m)| *m == "connection.close");
+    assert!(last_confirm < close_at, "{:?}", c.log);
+}
+
+/// The same, but shard-b never confirms: the client gets the close all the same, within the
+/// close timeout (3 s), with those publishes unconfirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_close_warren_starts_waits_for_owed_confirms_no_longer_than_the_close_timeout() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    let (link_a, _, _) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
+    let start = std::time::Instant::now();
+    a.kill(link_a, Kill::Rst);
+    let close = c.connection_close().await;
+    assert_says(&close, 320, &["shard-a", "1 unacknowledged deliveries"]);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(5),
+        "the close came after {waited:?}"
+    );
+    assert_eq!(
+        c.settled.get(&2).map_or(0, BTreeMap::len),
+        2,
+        "only shard-a's"
+    );
+}
+
+/// A consumer holding a delivery from each shard, and a confirm channel with four publishes:
+/// shard-a confirmed its two (the client has them), shard-b holds its two. Returns the links
+/// and the tag of shard-b's delivery.
+async fn two_deliveries_and_two_held_publishes(
+    c: &mut Client,
+    a: &FakeCluster,
+    b: &FakeCluster,
+) -> (ConnId, ConnId, u64) {
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, "other").await;
+    c.consume(1, Q, "worker").await;
+    a.enqueue(Q, b"from-a");
+    b.enqueue(Q, b"from-b");
+    let (d1, d2) = (c.delivery().await, c.delivery().await);
+    let from_b = if d1.body == b"from-b".as_slice() {
+        d1.tag
+    } else {
+        d2.tag
+    };
+    c.open(2).await;
+    c.confirm_select(2).await;
+    b.on_publish(|_| Verdict::Hold);
+    let (link_a, link_b) = (a.only_link().await, b.only_link().await);
+    for i in 0..4 {
+        c.publish(2, "other", &format!("p{i}")).await;
+    }
+    wait_for("shard-b holds two publishes", || {
+        (b.ledger(link_b).published(2).len() == 2).then_some(())
+    })
+    .await;
+    within_for(STEP, "shard-a's confirms", async {
+        while c.settled.get(&2).map_or(0, BTreeMap::len) < 2 {
+            c.pump().await;
+        }
+    })
+    .await;
+    (link_a, link_b, from_b)
+}
+
 /// shard-b is removed from the configuration while the client holds one of its deliveries,
 /// and still holds it at the drain deadline: closing the link would have its broker requeue the
 /// message while the client keeps its copy, so the client is closed with 320 instead, saying

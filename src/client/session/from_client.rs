@@ -15,7 +15,15 @@ impl Session {
             // Read and discarded, as RabbitMQ does after connection.close.
             return Ok(());
         }
-        if let Some(closing) = &self.closing {
+        let settles_delivery = matches!(
+            method,
+            Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReject(_)
+        );
+        if let Some(closing) = &self.closing
+            && !(settles_delivery && self.close_waits_for_confirms())
+        {
+            // (Until a close warren keeps back goes out, the client does not know of it: an ack
+            // it sends meanwhile reaches the cluster, or its message would be delivered again.)
             match (closing, &method) {
                 (Closing::ByProxy { reason, .. }, Method::ConnectionCloseOk(_)) => {
                     let reason = reason.clone();

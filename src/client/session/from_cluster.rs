@@ -37,7 +37,10 @@ impl Session {
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }
-        if self.closing.is_some() {
+        if self.closing.is_some()
+            && !(self.close_waits_for_confirms()
+                && matches!(method, Method::BasicAck(_) | Method::BasicNack(_)))
+        {
             return;
         }
         if let Some(owner) = self.links[link]

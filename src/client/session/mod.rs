@@ -280,7 +280,7 @@ pub async fn serve(
         orphans: Vec::new(),
         delete_check: None,
         proxy_close_held_until: None,
-        client_close_after_links: None,
+        client_close_held: None,
         tx_end: None,
         replay_checks: Default::default(),
         in_turn_hold: None,
@@ -467,6 +467,24 @@ enum Closing {
     ByProxy { deadline: Instant, reason: String },
 }
 
+/// A connection.close warren started, kept back from the client until `until`.
+struct HeldClose {
+    close: Method,
+    until: SendCloseWhen,
+}
+
+/// When a connection.close warren keeps back goes to the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SendCloseWhen {
+    /// Every link is closed: nothing was held, and RabbitMQ deletes a connection's exclusive
+    /// queues as it closes.
+    LinksClosed,
+    /// The client is owed no publisher confirm: its publishes on their way to clusters that
+    /// are up are confirmed to it first, so that it does not count as lost (and publish again)
+    /// what the clusters routed.
+    ConfirmsSettled,
+}
+
 /// A protocol error that ends the connection.
 struct ConnError {
     code: u16,
@@ -603,9 +621,9 @@ struct Session {
     /// A close warren started while publishes were unconfirmed: until when their links stay
     /// open for them (see `begin_proxy_close`).
     proxy_close_held_until: Option<Instant>,
-    /// A close warren started with nothing held: the connection.close the client gets once
-    /// every link has closed (see `begin_proxy_close`).
-    client_close_after_links: Option<Method>,
+    /// A connection.close warren started and keeps back from the client for a moment (see
+    /// `begin_proxy_close`).
+    client_close_held: Option<HeldClose>,
     /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
     /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
     /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and
@@ -860,6 +878,7 @@ impl Session {
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
             self.maybe_close_requested();
+            self.maybe_tell_client_close();
             if let Some(reason) = self.end.take() {
                 // After a close warren started, the client's close-ok ends it: the socket is
                 // closed at once, as RabbitMQ closes it (clients wait for the end of the
@@ -1034,13 +1053,12 @@ impl Session {
                                 return "client closed the connection (upstream close timed out)"
                                     .into();
                             }
-                            Some(Closing::ByProxy { .. })
-                                if self.client_close_after_links.is_some() =>
-                            {
-                                // The links did not all close in time: the client hears now,
-                                // and has the close timeout from now to answer.
-                                if let Some(close) = self.client_close_after_links.take() {
-                                    self.to_client(0, &close);
+                            Some(Closing::ByProxy { .. }) if self.client_close_held.is_some() => {
+                                // The links did not all close in time, or the clusters did not
+                                // confirm in time: the client hears now, and has the close
+                                // timeout from now to answer.
+                                if let Some(held) = self.client_close_held.take() {
+                                    self.to_client(0, &held.close);
                                 }
                                 if let Some(Closing::ByProxy { deadline, .. }) = &mut self.closing {
                                     *deadline = now + CLOSE_TIMEOUT;
@@ -1429,7 +1447,6 @@ impl Session {
         });
         let now = Instant::now();
         if self.publishes_held() {
-            self.to_client(0, &close);
             // Publishes read from the client and not yet confirmed (those of a lost link
             // already sent again elsewhere) are still on their way: the links close once their
             // clusters have confirmed them, as after the client's own close, not under them.
@@ -1437,6 +1454,17 @@ impl Session {
             self.stop_consuming();
             let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
             self.proxy_close_held_until = Some(now + wait);
+            if self.client_owed_confirms() {
+                // The client hears once their confirms are passed on (within CLOSE_TIMEOUT):
+                // told of the close first, it would count them lost and publish them again,
+                // though the clusters routed them. Its acks meanwhile are passed on too.
+                self.client_close_held = Some(HeldClose {
+                    close,
+                    until: SendCloseWhen::ConfirmsSettled,
+                });
+            } else {
+                self.to_client(0, &close);
+            }
         } else {
             // The client hears of it once the links are closed: RabbitMQ deletes a
             // connection's exclusive queues as it closes, and a client that reconnects at once
@@ -1445,7 +1473,10 @@ impl Session {
             for slot in &self.links {
                 slot.send(0, &connection_close(200, "client connection closing"));
             }
-            self.client_close_after_links = Some(close);
+            self.client_close_held = Some(HeldClose {
+                close,
+                until: SendCloseWhen::LinksClosed,
+            });
         }
         self.closing = Some(Closing::ByProxy {
             deadline: now + CLOSE_TIMEOUT,
@@ -1459,14 +1490,36 @@ impl Session {
         self.links.iter().all(|s| s.done())
     }
 
-    /// Sends the client the connection.close `begin_proxy_close` keeps back, once every link
-    /// is closed (the close timeout sends it otherwise).
+    /// Sends the client the connection.close `begin_proxy_close` keeps back, once what it
+    /// waits for is done (the close timeout sends it otherwise).
     pub(super) fn maybe_tell_client_close(&mut self) {
-        if self.links_closed()
-            && let Some(close) = self.client_close_after_links.take()
-        {
-            self.to_client(0, &close);
+        let Some(held) = &self.client_close_held else {
+            return;
+        };
+        let ready = match held.until {
+            SendCloseWhen::LinksClosed => self.links_closed(),
+            SendCloseWhen::ConfirmsSettled => !self.client_owed_confirms(),
+        };
+        if ready && let Some(held) = self.client_close_held.take() {
+            self.to_client(0, &held.close);
         }
+    }
+
+    /// Whether a connection.close warren keeps back waits for the client's confirms: until
+    /// it goes out, the clusters' confirms and the client's acks still pass.
+    pub(super) fn close_waits_for_confirms(&self) -> bool {
+        self.client_close_held
+            .as_ref()
+            .is_some_and(|h| h.until == SendCloseWhen::ConfirmsSettled)
+    }
+
+    /// Whether a publish of the client in confirm mode has not been confirmed to it yet.
+    fn client_owed_confirms(&self) -> bool {
+        self.channels.iter().flatten().any(|c| {
+            c.confirms
+                .as_ref()
+                .is_some_and(|confirms| confirms.outstanding() > 0)
+        })
     }
 
     /// The client has answered (or not, in time) the connection.close warren sent it: the
@@ -1474,6 +1527,9 @@ impl Session {
     /// then its socket is closed and the links stay until their clusters have confirmed them,
     /// as when a client's socket ends (an [`EofDrain`]).
     fn end_proxy_close(&mut self, reason: String) {
+        // The client answered a close of its own, or its socket ended: a close kept back is
+        // not sent now.
+        self.client_close_held = None;
         let Some(deadline) = self.proxy_close_held_until.take() else {
             self.end = Some(reason);
             return;

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server_routes;
+pub mod single_active;
 pub mod state;
 pub mod tls;
 pub mod topology;

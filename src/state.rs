@@ -76,6 +76,9 @@ pub struct Shared {
     /// itself (see `Session::checked_delete`), so it must know the type from the latest word
     /// of any client, not from what one connection declared.
     quorum_queues: Mutex<HashSet<(String, String)>>,
+    /// The single-active-consumer queues declared through this process, and whose turn it is
+    /// to subscribe to each.
+    single_active: crate::single_active::SingleActive,
     /// Per vhost, the sharded topology clients declared, replayed on clusters added later.
     topology: Mutex<std::collections::HashMap<String, Topology>>,
     /// Per vhost, where dead-letter and alternate exchanges and `CC` headers lead (see
@@ -127,6 +130,7 @@ impl Shared {
             started_at: SystemTime::now(),
             queues: Mutex::new(BTreeSet::new()),
             quorum_queues: Mutex::default(),
+            single_active: Default::default(),
             server_routes: Mutex::default(),
             topology: Mutex::default(),
             stale: Mutex::default(),
@@ -703,6 +707,12 @@ impl Shared {
     /// queue (and no delete came after it).
     pub fn is_quorum_queue(&self, vhost: &str, queue: &str) -> bool {
         lock(&self.quorum_queues).contains(&(vhost.to_owned(), queue.to_owned()))
+    }
+
+    /// The single-active-consumer queues and their turns to subscribe (see
+    /// [`crate::single_active`]).
+    pub fn single_active(&self) -> &crate::single_active::SingleActive {
+        &self.single_active
     }
 
     /// Records a sharded topology change (see [`crate::topology`]).

@@ -1957,6 +1957,103 @@ async fn two_deliveries_and_two_held_publishes(
     (link_a, link_b, from_b)
 }
 
+/// Two connections subscribe to a single-active-consumer queue at the same moment. Each
+/// cluster makes the first consumer registered the active one: had the two consumes crossed
+/// (the first connection's first on shard-a, the second's first on shard-b), both would be
+/// active, each for its cluster's messages. The second connection's consume waits until every
+/// cluster has answered the first's, so every cluster registers them in the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_subscribes_to_a_single_active_consumer_queue_reach_every_cluster_in_one_order() {
+    const SAC: &str = "jobs-sac";
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let declare = || {
+        let mut arguments = codec::FieldTable::default();
+        arguments.insert(
+            ss("x-single-active-consumer"),
+            codec::FieldValue::Bool(true),
+        );
+        Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(SAC),
+            durable: true,
+            arguments,
+            ..Default::default()
+        })
+    };
+    let consume = |tag: &str| {
+        Method::BasicConsume(codec::BasicConsume {
+            queue: ss(SAC),
+            consumer_tag: ss(tag),
+            ..Default::default()
+        })
+    };
+    let mut first = Client::connect(rig.addr()).await;
+    first.open(1).await;
+    let ok = first.call(1, declare()).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    let (first_a, first_b) = (a.only_link().await, b.only_link().await);
+    let mut second = Client::connect(rig.addr()).await;
+    second.open(1).await;
+    let ok = second.call(1, declare()).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    let seconds = |c: &FakeCluster, first: ConnId| -> Vec<ConnId> {
+        c.links().into_iter().filter(|&l| l != first).collect()
+    };
+    let consumes =
+        |c: &FakeCluster, link: ConnId| c.ledger(link).received_named("basic.consume").len();
+    // shard-b answers the first connection's consume late.
+    b.stall(first_b, true);
+    first.send(1, consume("first")).await;
+    wait_for("the first consume reached both clusters", || {
+        (consumes(a, first_a) == 1 && consumes(b, first_b) == 1).then_some(())
+    })
+    .await;
+    second.send(1, consume("second")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (c, first_link) in [(a, first_a), (b, first_b)] {
+        for l in seconds(c, first_link) {
+            assert_eq!(
+                consumes(c, l),
+                0,
+                "the second consume went out before the first was answered"
+            );
+        }
+    }
+    b.stall(first_b, false);
+    let ok = first.reply(1).await;
+    assert!(
+        matches!(&ok, Method::BasicConsumeOk(c) if c.consumer_tag == "first"),
+        "{ok:?}"
+    );
+    let ok = second.reply(1).await;
+    assert!(
+        matches!(&ok, Method::BasicConsumeOk(c) if c.consumer_tag == "second"),
+        "{ok:?}"
+    );
+    for (c, first_link) in [(a, first_a), (b, first_b)] {
+        let l = seconds(c, first_link);
+        assert_eq!(l.len(), 1);
+        assert_eq!(consumes(c, l[0]), 1);
+    }
+    // Another queue's subscribes do not wait.
+    first.declare(1, Q).await;
+    second.declare(1, Q).await;
+    b.stall(first_b, true);
+    first.send(1, consume_of(Q, "first-q")).await;
+    second.consume(1, Q, "second-q").await;
+    b.stall(first_b, false);
+    let ok = first.reply(1).await;
+    assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+}
+
+fn consume_of(queue: &str, tag: &str) -> Method {
+    Method::BasicConsume(codec::BasicConsume {
+        queue: ss(queue),
+        consumer_tag: ss(tag),
+        ..Default::default()
+    })
+}
+
 /// shard-b is removed from the configuration while the client holds one of its deliveries,
 /// and still holds it at the drain deadline: closing the link would have its broker requeue the
 /// message while the client keeps its copy, so the client is closed with 320 instead, saying

@@ -182,6 +182,37 @@ impl Session {
                 .on(&method));
             }
             Method::BasicConsume(mut c) => {
+                // A single-active-consumer queue is subscribed to by one connection at a time
+                // (see `crate::single_active`).
+                let turn = if self.is_single_active(&c.queue) {
+                    let waited = self.turn_waited.take();
+                    match self
+                        .shared
+                        .single_active()
+                        .try_take(&self.vhost, &c.queue.as_str())
+                    {
+                        Some(turn) => Some(turn),
+                        None => {
+                            let since = waited.unwrap_or_else(Instant::now);
+                            if since.elapsed() < TURN_WAIT {
+                                self.awaiting_turn = Some((
+                                    Command {
+                                        channel: ch,
+                                        method: Method::BasicConsume(c),
+                                        content: None,
+                                    },
+                                    since,
+                                ));
+                                return Ok(());
+                            }
+                            warn!(conn = self.id, queue = %c.queue.as_str(), waited_secs = TURN_WAIT.as_secs(),
+                                "another connection's subscribe to this single-active-consumer queue is still unanswered; subscribing without waiting for it");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 if c.consumer_tag.is_empty() {
                     // Generated here, not by a broker, so the tag is the same on every cluster;
                     // random in RabbitMQ's shape, so no tag a client picks can meet it.
@@ -209,10 +240,11 @@ impl Session {
                 if let Some(channel) = self.channel_mut(ch) {
                     channel.consumers.push(consumer);
                 }
-                if c.exclusive && c.nowait {
+                if (c.exclusive || turn.is_some()) && c.nowait {
                     // Exclusive consumers racing for a queue must find one winner, as on one
                     // broker: asked with a reply, the consume goes to one cluster after the
-                    // other (`Rpc::in_turn`); the client, which asked for none, gets none.
+                    // other (`Rpc::in_turn`); the client, which asked for none, gets none. A
+                    // turn is held until every cluster has answered.
                     let asked = codec::BasicConsume { nowait: false, ..c };
                     self.fan_out(ch, &Method::BasicConsume(asked), targets)?;
                     if !targets.is_empty()
@@ -222,6 +254,15 @@ impl Session {
                     }
                 } else {
                     self.fan_out(ch, &Method::BasicConsume(c), targets)?;
+                }
+                if let Some(turn) = turn
+                    && !targets.is_empty()
+                    && let Some(id) = self
+                        .channel_mut(ch)
+                        .and_then(|c| c.rpcs.back())
+                        .map(|rpc| rpc.id)
+                {
+                    self.turns.push((turn, (ch, id)));
                 }
             }
             Method::BasicCancel(ref c) => {
@@ -554,6 +595,11 @@ impl Session {
                 let quorum = replicated_queue_type(&x.arguments) == Some("rabbit_quorum_queue");
                 self.shared
                     .note_queue_type(&self.vhost, &x.queue.as_str(), quorum);
+                self.shared.single_active().note(
+                    &self.vhost,
+                    &x.queue.as_str(),
+                    single_active_consumer(&x.arguments),
+                );
                 if class == Class::Sharded {
                     self.shared.note_queue(&self.vhost, &x.queue.as_str());
                 }
@@ -561,6 +607,9 @@ impl Session {
             Method::QueueDelete(x) => {
                 self.shared
                     .note_queue_type(&self.vhost, &x.queue.as_str(), false);
+                self.shared
+                    .single_active()
+                    .note(&self.vhost, &x.queue.as_str(), false);
                 if class == Class::Sharded {
                     self.shared.forget_queue(&self.vhost, &x.queue.as_str());
                 }
@@ -934,6 +983,17 @@ impl Session {
     }
 
     /// Whether `queue`'s last declare accepted through this warren, by any client, made it a
+    /// single-active-consumer queue: the last declare accepted through this process says so,
+    /// or this connection's own.
+    fn is_single_active(&self, queue: &ShortStr) -> bool {
+        self.shared.single_active().is(&self.vhost, &queue.as_str())
+            || self.topology.entries().any(|(_, m)| {
+                matches!(m, Method::QueueDeclare(q)
+                    if &q.queue == queue && single_active_consumer(&q.arguments))
+            })
+    }
+
+    /// Whether the last declare of `queue` that the clusters accepted through this process made it a
     /// quorum queue. Not this connection's own record: another client may have deleted the
     /// queue and declared it again as another type since.
     fn declared_as_quorum(&self, queue: &ShortStr) -> bool {
@@ -1232,4 +1292,12 @@ fn check_headers(header: &[u8]) -> Result<(), ConnError> {
         return Ok(());
     };
     codec::table::check_table(&header[span]).map_err(refused)
+}
+
+/// Whether queue arguments make a single-active-consumer queue.
+fn single_active_consumer(arguments: &codec::FieldTable) -> bool {
+    matches!(
+        arguments.get("x-single-active-consumer"),
+        Some(codec::FieldValue::Bool(true))
+    )
 }

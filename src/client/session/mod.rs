@@ -70,6 +70,15 @@ use crate::upstream::{self, ConnectError, Link, LinkDown, LinkId, LinkSpec};
 /// How long a closing handshake may take before the proxy just drops the socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a basic.consume waits for another connection's turn to subscribe to a
+/// single-active-consumer queue (see [`crate::single_active`]) before going without it: a
+/// subscribe held up by a cluster (a quorum queue without a leader answers after about 65 s)
+/// must not hold every other subscriber for as long.
+const TURN_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a basic.consume waiting for a turn looks again.
+const TURN_POLL: Duration = Duration::from_millis(5);
+
 /// Serves one accepted client socket until it closes.
 pub async fn serve(
     mut stream: Stream,
@@ -281,6 +290,9 @@ pub async fn serve(
         delete_check: None,
         proxy_close_held_until: None,
         client_close_held: None,
+        turns: Vec::new(),
+        awaiting_turn: None,
+        turn_waited: None,
         tx_end: None,
         replay_checks: Default::default(),
         in_turn_hold: None,
@@ -624,6 +636,14 @@ struct Session {
     /// A connection.close warren started and keeps back from the client for a moment (see
     /// `begin_proxy_close`).
     client_close_held: Option<HeldClose>,
+    /// Turns to subscribe to single-active-consumer queues this connection holds, each until
+    /// its basic.consume (channel, request id) is answered (see [`crate::single_active`]).
+    turns: Vec<(crate::single_active::Turn, (u16, u64))>,
+    /// A basic.consume waiting for another connection's turn, and since when: the client's
+    /// input waits behind it.
+    awaiting_turn: Option<(Command, Instant)>,
+    /// While a waiting basic.consume runs again: since when it has waited.
+    turn_waited: Option<Instant>,
     /// A tx.commit or tx.rollback not yet answered (channel, request id): the client's input
     /// waits until it is. RabbitMQ handles nothing else on a channel while it commits (what
     /// arrives meanwhile is refused: "unexpected command while processing 'tx.commit'"), and
@@ -875,10 +895,16 @@ impl Session {
         let mut links_first = false;
         loop {
             deadlines.pace = self.pace_link_reads().unwrap_or(deadlines.tick);
+            if self.awaiting_turn.is_some() {
+                // Another connection's turn ends without a word to this one: look again soon.
+                deadlines.pace = deadlines.pace.min(Instant::now() + TURN_POLL);
+            }
             self.run_deferred_when_linked();
             self.maybe_finish_eof_drain();
             self.maybe_close_requested();
             self.maybe_tell_client_close();
+            self.give_back_turns();
+            self.run_when_turn_free();
             if let Some(reason) = self.end.take() {
                 // After a close warren started, the client's close-ok ends it: the socket is
                 // closed at once, as RabbitMQ closes it (clients wait for the end of the
@@ -1223,6 +1249,7 @@ impl Session {
         }
         self.tx_swaps > 0
             || self.deferred.is_some()
+            || self.awaiting_turn.is_some()
             || (self.reopen_wait && self.links.iter().any(LinkSlot::reopen_pending))
             || self.barrier_holds()
             || self.parked.iter().any(|p| p.check)
@@ -1502,6 +1529,30 @@ impl Session {
         };
         if ready && let Some(held) = self.client_close_held.take() {
             self.to_client(0, &held.close);
+        }
+    }
+
+    /// Gives back the turns to subscribe whose basic.consume every cluster has answered.
+    fn give_back_turns(&mut self) {
+        if self.turns.is_empty() {
+            return;
+        }
+        let turns = std::mem::take(&mut self.turns);
+        self.turns = turns
+            .into_iter()
+            .filter(|(_, request)| self.unanswered(*request))
+            .collect();
+    }
+
+    /// Runs again the basic.consume that waited for another connection's turn.
+    fn run_when_turn_free(&mut self) {
+        if let Some((cmd, since)) = self.awaiting_turn.take() {
+            self.turn_waited = Some(since);
+            let result = self.on_client_command(cmd);
+            self.turn_waited = None;
+            if let Err(e) = result {
+                self.protocol_error(e);
+            }
         }
     }
 

@@ -2054,6 +2054,95 @@ fn consume_of(queue: &str, tag: &str) -> Method {
     })
 }
 
+/// A node taken out of a cluster's `nodes` keeps the links open on it: `GET /clusters` lists
+/// it, marked removed, with its links, while it has any (it listed only the file's nodes, and
+/// an operator could not see where those links were). Each node of the file shows its links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_a_node_taken_out_of_the_file_is_listed_while_links_stay_on_it() {
+    let rig = Rig::start_with_settings(
+        &[(A, 2), (B, 1), (CONTROL, 1)],
+        "\n[admin]\nlisten = \"127.0.0.1:0\"",
+        "",
+    )
+    .await;
+    let admin = rig.proxy.admin_addr().expect("an admin listener");
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let a = rig.get(A);
+    assert_eq!(
+        a.ledger(a.only_link().await).node,
+        0,
+        "on shard-a's first node"
+    );
+    let nodes = a.nodes();
+    let node_of = |v: &serde_json::Value, address: &str| -> Option<serde_json::Value> {
+        v["clusters"].as_array()?.iter().find(|c| c["name"] == A)?["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["address"] == address)
+            .cloned()
+    };
+    // The usage each connection reports is refreshed every second.
+    let listed = eventually_json(admin, "/clusters", |v| {
+        node_of(v, &nodes[0]).filter(|n| n["links"] == 1)
+    })
+    .await;
+    assert_eq!(listed["in_file"], true, "{listed}");
+    let clusters: Vec<Cluster> = rig
+        .clusters
+        .iter()
+        .map(|c| Cluster {
+            name: c.name().to_owned(),
+            nodes: if c.name() == A {
+                nodes[1..].to_vec()
+            } else {
+                c.nodes()
+            },
+        })
+        .collect();
+    rig.proxy
+        .reload_on(&clusters, "connect_ms = 1000\nfailover_wait_secs = 5\n");
+    let removed = eventually_json(admin, "/clusters", |v| node_of(v, &nodes[0])).await;
+    assert_eq!(removed["state"], "removed", "{removed}");
+    assert_eq!(removed["in_file"], false, "{removed}");
+    assert_eq!(removed["links"], 1, "{removed}");
+    c.declare(1, "still-served").await;
+    drop(c);
+    eventually_json(admin, "/clusters", |v| {
+        node_of(v, &nodes[0]).is_none().then_some(())
+    })
+    .await;
+}
+
+/// GETs `path` from the admin endpoint until `check` finds what it looks for in the JSON.
+async fn eventually_json<T>(
+    admin: SocketAddr,
+    path: &str,
+    mut check: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> T {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within_for(STEP, path, async {
+        loop {
+            let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: warren\r\nConnection: close\r\n\r\n");
+            s.write_all(request.as_bytes()).await.expect("request");
+            let mut response = Vec::new();
+            s.read_to_end(&mut response).await.expect("response");
+            let text = String::from_utf8_lossy(&response);
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
+                && let Some(found) = check(&v)
+            {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
 /// shard-b is removed from the configuration while the client holds one of its deliveries,
 /// and still holds it at the drain deadline: closing the link would have its broker requeue the
 /// message while the client keeps its copy, so the client is closed with 320 instead, saying

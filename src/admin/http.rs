@@ -5,6 +5,7 @@
 //! (`max_buf_size`, header read timeout), request bodies by [`MAX_BODY`]; nothing a client sends
 //! can make a handler panic (no indexing, no unwrap on request data).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -464,21 +465,43 @@ fn reload_json(s: &ReloadStatus) -> Value {
     })
 }
 
+/// Open links per (cluster, node address), from each connection's entry in `/clients` (updated
+/// every second).
+fn links_per_node(state: &AdminState) -> HashMap<(String, String), u64> {
+    let mut links = HashMap::new();
+    for client in state.shared.clients.list() {
+        for link in client.usage().links {
+            // "cluster@node": cluster names have no '@'.
+            if let Some((cluster, node)) = link.split_once('@') {
+                *links
+                    .entry((cluster.to_owned(), node.to_owned()))
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    links
+}
+
 fn clusters(state: &AdminState) -> Value {
     let config = state.shared.config();
     let metrics = &state.shared.metrics;
     let now = SystemTime::now();
+    let mut links = links_per_node(state);
     let clusters: Vec<Value> = config
         .clusters
         .iter()
         .map(|c| {
-            let nodes: Vec<Value> = c
+            let mut nodes: Vec<Value> = c
                 .nodes
                 .iter()
                 .map(|n| {
                     let h = state.health.node(&c.name, n);
+                    let address = n.to_string();
+                    let open = links.remove(&(c.name.to_string(), address.clone()));
                     json!({
-                        "address": n.to_string(),
+                        "address": address,
+                        "in_file": true,
+                        "links": open.unwrap_or(0),
                         "state": h.state.as_str(),
                         "last_error": h.last_error,
                         "last_change": h.last_change.map(rfc3339),
@@ -490,6 +513,32 @@ fn clusters(state: &AdminState) -> Value {
                     })
                 })
                 .collect();
+            // A node taken out of the file keeps the links open on it until they close or
+            // fail over: listed while it has any, not probed.
+            let mut removed: Vec<(String, u64)> = links
+                .iter()
+                .filter(|((cluster, _), _)| *cluster == *c.name)
+                .map(|((_, node), n)| (node.clone(), *n))
+                .collect();
+            removed.sort();
+            for (address, open) in removed {
+                links.remove(&(c.name.to_string(), address.clone()));
+                nodes.push(json!({
+                    "address": address,
+                    "in_file": false,
+                    "links": open,
+                    "state": "removed",
+                    "last_error": format!(
+                        "not in the configuration any more; {open} open link(s) stay on it until they close or fail over"
+                    ),
+                    "last_change": Value::Null,
+                    "last_check": Value::Null,
+                    "down_since": Value::Null,
+                    "failures": 0,
+                    "product": Value::Null,
+                    "version": Value::Null,
+                }));
+            }
             let m = metrics.cluster(&c.name);
             let st = cluster_state(state, c);
             let shard = c.role == Role::Shard;

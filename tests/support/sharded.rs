@@ -113,6 +113,11 @@ impl ShardedProxy {
         self.handle.as_ref().expect("proxy running").amqp_addr()
     }
 
+    /// The admin endpoint's address, when the configuration has an `[admin]` listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.handle.as_ref().expect("proxy running").admin_addr()
+    }
+
     pub async fn shutdown(mut self) {
         let handle = self.handle.take().expect("proxy running");
         let done = self

@@ -1967,19 +1967,7 @@ async fn k_subscribes_to_a_single_active_consumer_queue_reach_every_cluster_in_o
     const SAC: &str = "jobs-sac";
     let rig = Rig::three().await;
     let (a, b) = (rig.get(A), rig.get(B));
-    let declare = || {
-        let mut arguments = codec::FieldTable::default();
-        arguments.insert(
-            ss("x-single-active-consumer"),
-            codec::FieldValue::Bool(true),
-        );
-        Method::QueueDeclare(codec::QueueDeclare {
-            queue: ss(SAC),
-            durable: true,
-            arguments,
-            ..Default::default()
-        })
-    };
+    let declare = || declare_single_active(SAC);
     let consume = |tag: &str| {
         Method::BasicConsume(codec::BasicConsume {
             queue: ss(SAC),
@@ -2044,6 +2032,67 @@ async fn k_subscribes_to_a_single_active_consumer_queue_reach_every_cluster_in_o
     b.stall(first_b, false);
     let ok = first.reply(1).await;
     assert!(matches!(ok, Method::BasicConsumeOk(_)), "{ok:?}");
+}
+
+/// A connection consumes a single-active-consumer queue while shard-b is away: its consumer
+/// is registered on shard-a only. When shard-b's link opens, subscribing there would put it
+/// after the consumers other connections registered there meanwhile, though it comes before
+/// them on shard-a: two consumers could be active at once. The client is closed with 320
+/// saying so; subscribing again, it takes its turn on every cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_a_cluster_joining_a_single_active_consumers_connection_closes_it_with_320() {
+    const SAC: &str = "jobs-sac-joined";
+    let rig = Rig::three().await;
+    let b = rig.get(B);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    take_away(b).await;
+    let ok = c.call(1, declare_single_active(SAC)).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.consume(1, SAC, "only").await;
+    b.refuse(0, false);
+    let close = c.connection_close().await;
+    assert_says(
+        &close,
+        320,
+        &[
+            "cluster shard-b",
+            "single-active-consumer queue 'jobs-sac-joined'",
+            "reconnect",
+        ],
+    );
+    // A connection without such a consumer keeps shard-b's new link.
+    let mut other = Client::connect(rig.addr()).await;
+    other.open(1).await;
+    other.declare(1, Q).await;
+    other.consume(1, Q, "plain").await;
+    take_away(b).await;
+    b.refuse(0, false);
+    wait_for("a new link to shard-b", || {
+        b.links().into_iter().find(|&l| b.ledger(l).opened)
+    })
+    .await;
+    other.sync(1).await;
+    assert!(
+        other.methods.iter().all(|(ch, _)| *ch != 0),
+        "{:?}",
+        other.methods
+    );
+}
+
+/// queue.declare of a durable single-active-consumer queue.
+fn declare_single_active(queue: &str) -> Method {
+    let mut arguments = codec::FieldTable::default();
+    arguments.insert(
+        ss("x-single-active-consumer"),
+        codec::FieldValue::Bool(true),
+    );
+    Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(queue),
+        durable: true,
+        arguments,
+        ..Default::default()
+    })
 }
 
 fn consume_of(queue: &str, tag: &str) -> Method {

@@ -982,10 +982,24 @@ impl Session {
         }
     }
 
-    /// Whether `queue`'s last declare accepted through this warren, by any client, made it a
-    /// single-active-consumer queue: the last declare accepted through this process says so,
-    /// or this connection's own.
-    fn is_single_active(&self, queue: &ShortStr) -> bool {
+    /// The sharded single-active-consumer queue one of this connection's consumers subscribed
+    /// to, if any (a control queue lives on one cluster, which orders its consumers alone).
+    pub(super) fn single_active_consumer_queue(&self) -> Option<String> {
+        self.channels
+            .iter()
+            .flatten()
+            .flat_map(|c| c.consumers.iter())
+            .filter_map(|k| k.request.as_ref())
+            .find(|req| {
+                self.rules.queue(req.queue.as_bytes()) == Class::Sharded
+                    && self.is_single_active(&req.queue)
+            })
+            .map(|req| req.queue.as_str().into_owned())
+    }
+
+    /// Whether `queue` is a single-active-consumer queue: the last declare of it accepted
+    /// through this warren, by any client, says so, or this connection's own does.
+    pub(super) fn is_single_active(&self, queue: &ShortStr) -> bool {
         self.shared.single_active().is(&self.vhost, &queue.as_str())
             || self.topology.entries().any(|(_, m)| {
                 matches!(m, Method::QueueDeclare(q)
@@ -993,7 +1007,7 @@ impl Session {
             })
     }
 
-    /// Whether the last declare of `queue` that the clusters accepted through this process made it a
+    /// Whether `queue`'s last declare accepted through this warren, by any client, made it a
     /// quorum queue. Not this connection's own record: another client may have deleted the
     /// queue and declared it again as another type since.
     fn declared_as_quorum(&self, queue: &ShortStr) -> bool {

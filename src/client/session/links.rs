@@ -112,6 +112,18 @@ impl Session {
         }
         let c = &opened.cluster;
         self.retry_at.remove(&c.name);
+        if let Some(queue) = self.single_active_consumer_queue() {
+            // Subscribed on this cluster now, the consumer would come after the other
+            // connections' there but before them elsewhere: two consumers could be active at
+            // once. Subscribing again through every cluster puts it in one order everywhere.
+            let text = format!(
+                "cluster {} joined this connection's clusters while it consumes                  single-active-consumer queue '{}', whose consumers every cluster must                  register in one order: reconnect to subscribe again",
+                c.name, queue
+            );
+            warn!(conn = self.id, cluster = %c.name, "{text}; closing the client connection");
+            self.begin_proxy_close(ConnError::new(ReplyCode::ConnectionForced, &text), &text);
+            return;
+        }
         let mut slot = LinkSlot::new(
             link,
             c.role,
@@ -1152,7 +1164,8 @@ impl Session {
     /// - replies owed to direct reply-to requests sent through it (the address RabbitMQ gave
     ///   each request names the link's connection: their replies would be dropped).
     ///
-    /// Queue arguments are known from this connection's declares.
+    /// Queue arguments are known from this connection's declares (single active consumer: from
+    /// any connection's, see [`crate::single_active`]).
     pub(super) fn state_lost_with(&self, link: LinkId) -> Option<String> {
         if let Some(lost) = self.starved_link_lost(link) {
             return Some(lost);
@@ -1190,12 +1203,6 @@ impl Session {
                 slot.direct_requests
             ));
         }
-        let declared = |queue: &ShortStr| {
-            self.topology.entries().find_map(|(_, m)| match m {
-                Method::QueueDeclare(q) if &q.queue == queue => Some(q),
-                _ => None,
-            })
-        };
         for (_, m) in self.topology.entries() {
             if let Method::QueueDeclare(q) = m
                 && q.exclusive
@@ -1212,17 +1219,11 @@ impl Session {
                 let Some(req) = &consumer.request else {
                     continue;
                 };
-                let Some(q) = declared(&req.queue) else {
-                    continue;
-                };
-                if matches!(
-                    q.arguments.get("x-single-active-consumer"),
-                    Some(codec::FieldValue::Bool(true))
-                ) {
+                if self.is_single_active(&req.queue) {
                     return Some(format!(
                         "RabbitMQ deleted the consumer of single-active-consumer queue '{}' with \
                          it",
-                        q.queue.as_str()
+                        req.queue.as_str()
                     ));
                 }
             }

@@ -1917,6 +1917,76 @@ async fn c_a_close_warren_starts_waits_for_owed_confirms_no_longer_than_the_clos
     );
 }
 
+/// The same, with a mandatory publish shard-b cannot route: its basic.return, which shard-b
+/// sends before the confirm, reaches the client before the close too. Dropped, the client
+/// would have the confirm alone, and take the publish for routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_close_warren_starts_passes_a_return_owed_before_its_confirm() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    let (link_a, link_b, _) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
+    // shard-b's answers wait; two mandatory publishes nobody can route, one to each shard.
+    b.stall(link_b, true);
+    let mut out = BytesMut::new();
+    for i in 0..2 {
+        codec::write_method(
+            &mut out,
+            2,
+            &Method::BasicPublish(codec::BasicPublish {
+                routing_key: ss("nowhere"),
+                mandatory: true,
+                ..Default::default()
+            }),
+        );
+        let body = format!("unroutable{i}");
+        codec::write_header(
+            &mut out,
+            2,
+            &codec::ContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties: Default::default(),
+            },
+        );
+        codec::write_body(&mut out, 2, body.as_bytes(), 0);
+    }
+    c.raw.send(&out).await;
+    *c.published.entry(2).or_default() += 2;
+    within_for(STEP, "shard-a's return and confirm", async {
+        while c.settled.get(&2).map_or(0, BTreeMap::len) < 3 {
+            c.pump().await;
+        }
+    })
+    .await;
+    let returns = |c: &Client| c.log.iter().filter(|(_, m)| *m == "basic.return").count();
+    assert_eq!(returns(&c), 1, "shard-a's: {:?}", c.log);
+    wait_for("shard-b holds three publishes", || {
+        (b.ledger(link_b).published(2).len() == 3).then_some(())
+    })
+    .await;
+    a.kill(link_a, Kill::Rst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.stall(link_b, false);
+    b.confirm(link_b, 2, 3, true, true);
+    c.expect_settled(2, &(1..=6).map(|t| (t, true)).collect())
+        .await;
+    // The returns, filed with the replies, go before the close is looked for.
+    c.methods
+        .retain(|(_, m)| !matches!(m, Method::BasicReturn(_)));
+    let close = c.connection_close().await;
+    assert_says(&close, 320, &["shard-a", "1 unacknowledged deliveries"]);
+    assert_eq!(
+        returns(&c),
+        2,
+        "shard-b's return reached the client: {:?}",
+        c.log
+    );
+    let last_return = c.log.iter().rposition(|(_, m)| *m == "basic.return");
+    let last_confirm = c.log.iter().rposition(|(_, m)| *m == "basic.ack");
+    assert!(last_return < last_confirm, "{:?}", c.log);
+}
+
 /// A consumer holding a delivery from each shard, and a confirm channel with four publishes:
 /// shard-a confirmed its two (the client has them), shard-b holds its two. Returns the links
 /// and the tag of shard-b's delivery.

@@ -37,9 +37,15 @@ impl Session {
         if ch == 0 {
             return self.on_link_connection_method(link, method);
         }
+        // While a close waits for the client's confirms they pass, and so does a mandatory
+        // publish's basic.return, which comes before its confirm: without it the client would
+        // take the publish for routed.
         if self.closing.is_some()
             && !(self.close_waits_for_confirms()
-                && matches!(method, Method::BasicAck(_) | Method::BasicNack(_)))
+                && matches!(
+                    method,
+                    Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReturn(_)
+                ))
         {
             return;
         }

@@ -1893,6 +1893,45 @@ async fn c_a_close_warren_starts_passes_the_confirms_the_client_is_owed_first() 
     assert!(last_confirm < close_at, "{:?}", c.log);
 }
 
+/// While the close waits, the client's stream is cut at the first thing it sends other than
+/// an ack: a publish then is discarded, and so is an ack behind it, as one broker handles a
+/// prefix of what a client sent before its connection ends. (An ack passed on behind a
+/// discarded publish would settle a message whose result was lost with the publish.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_held_close_cuts_the_clients_stream_at_its_first_discarded_method() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    let (link_a, link_b, from_b) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
+    b.enqueue(Q, b"from-b-2");
+    let second = c.delivery().await.tag;
+    a.kill(link_a, Kill::Rst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(1, ack(from_b, false)).await;
+    c.publish(1, "other", "after-the-cut").await;
+    c.send(1, ack(second, false)).await;
+    wait_for("the first ack reached shard-b", || {
+        (!b.ledger(link_b).received_named("basic.ack").is_empty()).then_some(())
+    })
+    .await;
+    b.confirm(link_b, 2, 2, true, true);
+    c.expect_settled(2, &(1..=4).map(|t| (t, true)).collect())
+        .await;
+    let close = c.connection_close().await;
+    assert_says(&close, 320, &["shard-a"]);
+    assert_eq!(
+        b.ledger(link_b).received_named("basic.ack").len(),
+        1,
+        "the ack behind the discarded publish was discarded too"
+    );
+    for cluster in [a, b] {
+        assert!(
+            !bodies(&cluster.ready("other")).contains(&"after-the-cut".to_owned()),
+            "the publish sent while the close waited was discarded"
+        );
+    }
+}
+
 /// The same, but shard-b never confirms: the client gets the close all the same, within the
 /// close timeout (3 s), with those publishes unconfirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,15 +15,24 @@ impl Session {
             // Read and discarded, as RabbitMQ does after connection.close.
             return Ok(());
         }
-        let settles_delivery = matches!(
-            method,
-            Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReject(_)
-        );
+        // Until a close warren keeps back goes out, the client does not know of it: an ack it
+        // sends meanwhile reaches the cluster, or its message would be delivered again.
+        // Anything else is discarded, and so is everything after it, as one broker handles a
+        // prefix of what a client sent before its connection ends: an ack behind a discarded
+        // publish must not count (the publish, its result, would be lost).
+        let held = self.closing.is_some() && self.close_waits_for_confirms();
+        let passes = held
+            && !self.held_close_cut
+            && matches!(
+                method,
+                Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReject(_)
+            );
+        if held && !passes {
+            self.held_close_cut = true;
+        }
         if let Some(closing) = &self.closing
-            && !(settles_delivery && self.close_waits_for_confirms())
+            && !passes
         {
-            // (Until a close warren keeps back goes out, the client does not know of it: an ack
-            // it sends meanwhile reaches the cluster, or its message would be delivered again.)
             match (closing, &method) {
                 (Closing::ByProxy { reason, .. }, Method::ConnectionCloseOk(_)) => {
                     let reason = reason.clone();

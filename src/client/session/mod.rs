@@ -291,6 +291,7 @@ pub async fn serve(
         proxy_close_held_until: None,
         client_close_held: None,
         turns: Vec::new(),
+        held_close_cut: false,
         awaiting_turn: None,
         turn_waited: None,
         tx_end: None,
@@ -639,6 +640,9 @@ struct Session {
     /// Turns to subscribe to single-active-consumer queues this connection holds, each until
     /// its basic.consume (channel, request id) is answered (see [`crate::single_active`]).
     turns: Vec<(crate::single_active::Turn, (u16, u64))>,
+    /// While a close waits for the client's confirms: the client sent something other than an
+    /// ack, which was discarded, and so is everything after it (see `on_client_command`).
+    held_close_cut: bool,
     /// A basic.consume waiting for another connection's turn, and since when: the client's
     /// input waits behind it.
     awaiting_turn: Option<(Command, Instant)>,

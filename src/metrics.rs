@@ -127,6 +127,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub republished: Counter,
     pub dropped: Counter,
+    pub prefetch_below_shards: Counter,
     pub held_bytes: Gauge,
     pub last_reload_ok: Gauge,
     pub evacuate_moved: Family<ClusterLabel, Counter>,
@@ -196,6 +197,7 @@ impl Metrics {
             reloads: Family::default(),
             republished: Counter::default(),
             dropped: Counter::default(),
+            prefetch_below_shards: Counter::default(),
             held_bytes: Gauge::default(),
             last_reload_ok: Gauge::default(),
             evacuate_moved: Family::default(),
@@ -307,6 +309,11 @@ impl Metrics {
                 "dropped",
                 "Publishes that could not be delivered to any cluster",
                 m.dropped.clone(),
+            );
+            r.register(
+                "prefetch_below_shards",
+                "basic.qos settings with a prefetch count below the number of shard clusters: such a consumer may hold one message per shard cluster",
+                m.prefetch_below_shards.clone(),
             );
             r.register(
                 "held_bytes",

@@ -2026,6 +2026,24 @@ async fn c_a_close_warren_starts_passes_a_return_owed_before_its_confirm() {
     assert!(last_return < last_confirm, "{:?}", c.log);
 }
 
+/// A prefetch count below the number of shard clusters cannot hold (each cluster's share is at
+/// least one): warren counts each such basic.qos in `warren_prefetch_below_shards_total`, so an
+/// operator sees which clients may hold more than they asked for. Two shard clusters here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_prefetch_below_the_shard_clusters_is_counted() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    let below = || rig.proxy.metrics().prefetch_below_shards.get();
+    c.qos(1, 2, false).await;
+    c.qos(1, 0, false).await;
+    assert_eq!(below(), 0, "2 holds over two shard clusters; 0 is no limit");
+    c.qos(1, 1, false).await;
+    assert_eq!(below(), 1);
+    c.qos(1, 1, true).await;
+    assert_eq!(below(), 2, "per channel too");
+}
+
 /// A consumer holding a delivery from each shard, and a confirm channel with four publishes:
 /// shard-a confirmed its two (the client has them), shard-b holds its two. Returns the links
 /// and the tag of shard-b's delivery.

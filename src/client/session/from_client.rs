@@ -315,6 +315,7 @@ impl Session {
             Method::BasicGet(_) => self.get(ch, &method)?,
             Method::BasicQos(ref q) => {
                 channel.qos.set(q);
+                self.note_prefetch_below_shards(q);
                 let targets = self.live_links();
                 let id = self.channel_mut(ch).expect("checked above").push_rpc(
                     targets.len(),
@@ -703,6 +704,26 @@ impl Session {
                     != Class::Control
             }
             _ => true,
+        }
+    }
+
+    /// A prefetch count below the number of shard clusters cannot hold: each cluster needs a
+    /// share of at least one (RabbitMQ reads 0 as no limit), so the consumer may hold one
+    /// message per shard cluster (docs/semantics.md, "Prefetch"). Counted, and logged for the
+    /// operator, who can have the clients raise it (Celery: `worker_prefetch_multiplier`).
+    fn note_prefetch_below_shards(&self, q: &codec::BasicQos) {
+        let config = self.shared.config();
+        let shards = config.shard_clusters().filter(|c| !c.drain).count();
+        let n = usize::from(q.prefetch_count);
+        if n == 0 || n >= shards {
+            return;
+        }
+        self.metrics.prefetch_below_shards.inc();
+        if self.shared.report_once("", "prefetch below shards") {
+            let id = &self.info.identity;
+            warn!(conn = self.id, prefetch = n, shard_clusters = shards, peer = ?id.peer,
+                product = id.product.as_deref().unwrap_or(""), name = id.name.as_deref().unwrap_or(""),
+                "a client set a prefetch count below the number of shard clusters: its consumers may hold up to one message per shard cluster (one line every 10 s; counted in warren_prefetch_below_shards_total)");
         }
     }
 

@@ -112,7 +112,15 @@ impl Rig {
         // default, links opened when first needed.
         let proxy = ShardedProxy::start_on(
             &config,
-            &format!("connect_ms = 1000\nfailover_wait_secs = 5\n{timeouts}\n\n[limits]\n{limits}"),
+            &format!(
+                "connect_ms = 1000\n{}{timeouts}\n\n[limits]\n{limits}",
+                // A scenario may set its own.
+                if timeouts.contains("failover_wait_secs") {
+                    ""
+                } else {
+                    "failover_wait_secs = 5\n"
+                }
+            ),
         )
         .await;
         Rig { proxy, clusters }
@@ -1877,7 +1885,7 @@ async fn c_a_close_warren_starts_passes_the_confirms_the_client_is_owed_first() 
     let mut c = Client::connect(rig.addr()).await;
     let (link_a, link_b, from_b) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
     a.kill(link_a, Kill::Rst);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    closing_with_publishes_held(b, link_b).await;
     c.send(1, ack(from_b, false)).await;
     wait_for("the client's ack reached shard-b", || {
         (!b.ledger(link_b).received_named("basic.ack").is_empty()).then_some(())
@@ -1906,7 +1914,7 @@ async fn c_a_held_close_cuts_the_clients_stream_at_its_first_discarded_method() 
     b.enqueue(Q, b"from-b-2");
     let second = c.delivery().await.tag;
     a.kill(link_a, Kill::Rst);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    closing_with_publishes_held(b, link_b).await;
     c.send(1, ack(from_b, false)).await;
     c.publish(1, "other", "after-the-cut").await;
     c.send(1, ack(second, false)).await;
@@ -1936,7 +1944,13 @@ async fn c_a_held_close_cuts_the_clients_stream_at_its_first_discarded_method() 
 /// close timeout (3 s), with those publishes unconfirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_close_warren_starts_waits_for_owed_confirms_no_longer_than_the_close_timeout() {
-    let rig = Rig::three().await;
+    // The links stay up to failover_wait_secs for the publishes: 20 s, far from the 3 s.
+    let rig = Rig::start_with_settings(
+        &[(A, 1), (B, 1), (CONTROL, 1)],
+        "failover_wait_secs = 20",
+        "",
+    )
+    .await;
     let (a, b) = (rig.get(A), rig.get(B));
     let mut c = Client::connect(rig.addr()).await;
     let (link_a, _, _) = two_deliveries_and_two_held_publishes(&mut c, a, b).await;
@@ -1946,7 +1960,7 @@ async fn c_a_close_warren_starts_waits_for_owed_confirms_no_longer_than_the_clos
     assert_says(&close, 320, &["shard-a", "1 unacknowledged deliveries"]);
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(5),
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(12),
         "the close came after {waited:?}"
     );
     assert_eq!(
@@ -2005,7 +2019,7 @@ async fn c_a_close_warren_starts_passes_a_return_owed_before_its_confirm() {
     })
     .await;
     a.kill(link_a, Kill::Rst);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    closing_with_publishes_held(b, link_b).await;
     b.stall(link_b, false);
     b.confirm(link_b, 2, 3, true, true);
     c.expect_settled(2, &(1..=6).map(|t| (t, true)).collect())
@@ -2042,6 +2056,15 @@ async fn e_a_prefetch_below_the_shard_clusters_is_counted() {
     assert_eq!(below(), 1);
     c.qos(1, 1, true).await;
     assert_eq!(below(), 2, "per channel too");
+}
+
+/// Waits until warren has begun closing the client with its publishes held: it cancels the
+/// consumers on the links it keeps (shard-b's here), so nothing more is delivered.
+async fn closing_with_publishes_held(b: &FakeCluster, link_b: ConnId) {
+    wait_for("warren cancelled the consumer on shard-b", || {
+        (!b.ledger(link_b).received_named("basic.cancel").is_empty()).then_some(())
+    })
+    .await;
 }
 
 /// A consumer holding a delivery from each shard, and a confirm channel with four publishes:

@@ -2209,6 +2209,10 @@ async fn k_a_cluster_joining_a_single_active_consumers_connection_closes_it_with
             "cluster shard-b",
             "single-active-consumer queue 'jobs-sac-joined'",
             "reconnect",
+            // In one piece, as docs/semantics.md quotes it.
+            "cluster shard-b joined this connection's clusters while it consumes \
+             single-active-consumer queue 'jobs-sac-joined', whose consumers every cluster \
+             must register in one order: reconnect to subscribe again",
         ],
     );
     // A connection without such a consumer keeps shard-b's new link.

@@ -117,7 +117,9 @@ impl Session {
             // connections' there but before them elsewhere: two consumers could be active at
             // once. Subscribing again through every cluster puts it in one order everywhere.
             let text = format!(
-                "cluster {} joined this connection's clusters while it consumes                  single-active-consumer queue '{}', whose consumers every cluster must                  register in one order: reconnect to subscribe again",
+                "cluster {} joined this connection's clusters while it consumes \
+                 single-active-consumer queue '{}', whose consumers every cluster must \
+                 register in one order: reconnect to subscribe again",
                 c.name, queue
             );
             warn!(conn = self.id, cluster = %c.name, "{text}; closing the client connection");

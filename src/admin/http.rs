@@ -515,14 +515,16 @@ fn clusters(state: &AdminState) -> Value {
                 .collect();
             // A node taken out of the file keeps the links open on it until they close or
             // fail over: listed while it has any, not probed.
-            let mut removed: Vec<(String, u64)> = links
-                .iter()
-                .filter(|((cluster, _), _)| *cluster == *c.name)
-                .map(|((_, node), n)| (node.clone(), *n))
-                .collect();
+            let mut removed: Vec<(String, u64)> = Vec::new();
+            links.retain(|(cluster, node), n| {
+                let this = *cluster == *c.name;
+                if this {
+                    removed.push((node.clone(), *n));
+                }
+                !this
+            });
             removed.sort();
             for (address, open) in removed {
-                links.remove(&(c.name.to_string(), address.clone()));
                 nodes.push(json!({
                     "address": address,
                     "in_file": false,

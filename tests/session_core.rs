@@ -487,6 +487,29 @@ impl Client {
     }
 }
 
+/// Appends a mandatory basic.publish to the default exchange, with `body`, to `out`.
+fn encode_mandatory_publish(out: &mut BytesMut, ch: u16, routing_key: &str, body: &str) {
+    codec::write_method(
+        out,
+        ch,
+        &Method::BasicPublish(codec::BasicPublish {
+            routing_key: ss(routing_key),
+            mandatory: true,
+            ..Default::default()
+        }),
+    );
+    codec::write_header(
+        out,
+        ch,
+        &codec::ContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: Default::default(),
+        },
+    );
+    codec::write_body(out, ch, body.as_bytes(), 0);
+}
+
 fn ack(tag: u64, multiple: bool) -> Method {
     Method::BasicAck(codec::BasicAck {
         delivery_tag: tag,
@@ -1983,26 +2006,7 @@ async fn c_a_close_warren_starts_passes_a_return_owed_before_its_confirm() {
     b.stall(link_b, true);
     let mut out = BytesMut::new();
     for i in 0..2 {
-        codec::write_method(
-            &mut out,
-            2,
-            &Method::BasicPublish(codec::BasicPublish {
-                routing_key: ss("nowhere"),
-                mandatory: true,
-                ..Default::default()
-            }),
-        );
-        let body = format!("unroutable{i}");
-        codec::write_header(
-            &mut out,
-            2,
-            &codec::ContentHeader {
-                class_id: 60,
-                body_size: body.len() as u64,
-                properties: Default::default(),
-            },
-        );
-        codec::write_body(&mut out, 2, body.as_bytes(), 0);
+        encode_mandatory_publish(&mut out, 2, "nowhere", &format!("unroutable{i}"));
     }
     c.raw.send(&out).await;
     *c.published.entry(2).or_default() += 2;
@@ -3263,26 +3267,7 @@ async fn h_returns_and_confirms_of_publishes_behind_a_request_follow_its_reply()
         }),
     );
     for (i, key) in [Q, Q, "nowhere", "nowhere"].iter().enumerate() {
-        codec::write_method(
-            &mut out,
-            1,
-            &Method::BasicPublish(codec::BasicPublish {
-                routing_key: ss(key),
-                mandatory: true,
-                ..Default::default()
-            }),
-        );
-        let body = format!("behind{i}");
-        codec::write_header(
-            &mut out,
-            1,
-            &codec::ContentHeader {
-                class_id: 60,
-                body_size: body.len() as u64,
-                properties: Default::default(),
-            },
-        );
-        codec::write_body(&mut out, 1, body.as_bytes(), 0);
+        encode_mandatory_publish(&mut out, 1, key, &format!("behind{i}"));
     }
     c.raw.send(&out).await;
     c.published.insert(1, 4);

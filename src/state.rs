@@ -1242,7 +1242,9 @@ weight = 2
     }
 
     /// A temporary directory with BASE (plus a third shard cluster) as its configuration file.
-    fn dir_with_file(name: &str) -> (PathBuf, PathBuf, String) {
+    /// A state directory holding a proxy.toml with three shard clusters, and a `Shared`
+    /// started from it that reloads from it.
+    fn shared_on_file(name: &str) -> (PathBuf, PathBuf, String, Shared) {
         let dir = std::env::temp_dir().join(format!("warren-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -1251,14 +1253,14 @@ weight = 2
         );
         let file = dir.join("proxy.toml");
         std::fs::write(&file, &text).expect("write config");
-        (dir, file, text)
+        let shared = Shared::new(Arc::new(config(&text)));
+        shared.set_config_path(&file);
+        (dir, file, text, shared)
     }
 
     #[test]
     fn an_undo_with_an_unreadable_file_changes_nothing() {
-        let (dir, file, text) = dir_with_file("undo-invalid");
-        let shared = Shared::new(Arc::new(config(&text)));
-        shared.set_config_path(&file);
+        let (dir, file, text, shared) = shared_on_file("undo-invalid");
         shared.drain("shard-b").expect("drain");
         shared.evacuate("shard-c").expect("evacuate");
         std::fs::write(&file, text.replace("role = \"shard\"", "rol = \"shard\"")).expect("write");
@@ -1282,9 +1284,7 @@ weight = 2
 
     #[test]
     fn a_removed_cluster_comes_back_without_its_run_time_drain_or_evacuation() {
-        let (dir, file, text) = dir_with_file("readd");
-        let shared = Shared::new(Arc::new(config(&text)));
-        shared.set_config_path(&file);
+        let (dir, file, text, shared) = shared_on_file("readd");
         shared.drain("shard-b").expect("drain");
         shared.evacuate("shard-c").expect("evacuate");
         assert!(dir.join("evacuate-shard-c").exists());
@@ -1312,9 +1312,7 @@ weight = 2
 
     #[test]
     fn a_reload_that_would_drain_every_shard_with_the_run_time_drains_is_refused() {
-        let (dir, file, text) = dir_with_file("all-drained");
-        let shared = Shared::new(Arc::new(config(&text)));
-        shared.set_config_path(&file);
+        let (dir, file, text, shared) = shared_on_file("all-drained");
         shared.drain("shard-a").expect("drain");
         shared.drain("shard-b").expect("drain");
         let before = shared.config();
@@ -1338,9 +1336,7 @@ weight = 2
     /// An undrain reads the file as a reload does, and is refused as that reload would be.
     #[test]
     fn an_undrain_whose_file_would_drain_every_shard_is_refused() {
-        let (dir, file, text) = dir_with_file("undrain-all-drained");
-        let shared = Shared::new(Arc::new(config(&text)));
-        shared.set_config_path(&file);
+        let (dir, file, text, shared) = shared_on_file("undrain-all-drained");
         shared.drain("shard-a").expect("drain");
         shared.drain("shard-c").expect("drain");
         // The file now drains shard-a and shard-b; shard-c stays drained at run time.

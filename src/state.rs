@@ -797,6 +797,18 @@ impl Shared {
             .is_some_and(|m| m.overflowed)
     }
 
+    /// What `f` says of the changes `cluster` missed in `vhost`, if it missed any.
+    pub fn with_missed<T>(
+        &self,
+        vhost: &str,
+        cluster: &str,
+        f: impl FnOnce(&crate::topology::Missed) -> T,
+    ) -> Option<T> {
+        lock(&self.stale)
+            .get(&(vhost.to_owned(), cluster.to_owned()))
+            .map(f)
+    }
+
     /// The changes `cluster` missed, taken by the caller to apply them there.
     pub fn take_stale(&self, vhost: &str, cluster: &str) -> Option<crate::topology::Missed> {
         lock(&self.stale).remove(&(vhost.to_owned(), cluster.to_owned()))

@@ -97,12 +97,36 @@ impl Rig {
 
     /// [`Rig::start`], with these lines in `[timeouts]` and in `[limits]`.
     async fn start_with_settings(spec: &[(&str, usize)], timeouts: &str, limits: &str) -> Rig {
+        let all: Vec<&str> = spec.iter().map(|&(name, _)| name).collect();
+        Rig::start_configured(spec, &all, timeouts, limits).await
+    }
+
+    /// shard-a, shard-b and control, with warren started on shard-a and control only: a
+    /// reload adds shard-b.
+    async fn without_b() -> Rig {
+        Rig::start_configured(
+            &[(A, 1), (B, 1), (CONTROL, 1)],
+            &[A, CONTROL],
+            "",
+            "lazy_links = false\n",
+        )
+        .await
+    }
+
+    /// The clusters of `spec`, with warren started on those named in `configured`.
+    async fn start_configured(
+        spec: &[(&str, usize)],
+        configured: &[&str],
+        timeouts: &str,
+        limits: &str,
+    ) -> Rig {
         let mut clusters = Vec::new();
         for &(name, nodes) in spec {
             clusters.push(FakeCluster::start(name, nodes).await);
         }
         let config: Vec<Cluster> = clusters
             .iter()
+            .filter(|c| configured.contains(&c.name()))
             .map(|c| Cluster {
                 name: c.name().to_owned(),
                 nodes: c.nodes(),
@@ -1233,6 +1257,99 @@ async fn c_a_queue_gone_everywhere_during_a_failover_is_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_an_auto_delete_exchange_gone_during_a_failover_is_forgotten() {
     gone_everywhere_during_a_failover_is_forgotten(Vanishing::Exchange).await;
+}
+
+/// queue.declare of durable queue `queue` with an `x-expires` lease of a minute.
+fn declare_leased(queue: &str) -> Method {
+    let mut arguments = codec::FieldTable::default();
+    arguments.insert(ss("x-expires"), codec::FieldValue::I32(60_000));
+    Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(queue),
+        durable: true,
+        arguments,
+        ..Default::default()
+    })
+}
+
+/// A client since gone declared a queue with an `x-expires` lease and a plain one; the leased
+/// queue expired on every cluster (or an operator deleted it), then shard-b is added by a
+/// reload. One broker no longer has the queue: a publish to it is unroutable, returned to a
+/// mandatory publisher. shard-b's link replays the vhost's shared topology, and used to declare
+/// the queue there again, alone: it took shard-b's share of such publishes and held them until
+/// its lease ran out there. Now the serving clusters are asked first: the queue none has any
+/// more is forgotten (a passive declare gets their 404, as on one broker), the plain one is
+/// declared on shard-b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_cluster_added_by_a_reload_does_not_get_a_queue_gone_from_every_cluster() {
+    let rig = Rig::without_b().await;
+    let b = rig.get(B);
+    let mut first = Client::connect(rig.addr()).await;
+    first.open(1).await;
+    let ok = first.call(1, declare_leased("leased")).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    first.declare(1, "kept").await;
+    drop(first);
+    for cluster in [A, CONTROL] {
+        rig.get(cluster).delete_queue("leased");
+    }
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    rig.proxy.reload_on(
+        &clusters_of(&rig, &[A, B, CONTROL]),
+        "connect_ms = 1000\nfailover_wait_secs = 5\n",
+    );
+    wait_for("shard-b got the queue the others still have", || {
+        b.has_queue("kept").then_some(())
+    })
+    .await;
+    // The replay declares in the order of the records: "leased" would have come first.
+    assert!(!b.has_queue("leased"), "declared again on shard-b alone");
+    c.sync(1).await;
+    c.open(2).await;
+    c.send(
+        2,
+        Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss("leased"),
+            passive: true,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let close = c.channel_close(2).await;
+    assert_eq!(close.reply_code, 404, "{close:?}");
+    c.sync(1).await;
+    // A client connecting now does not declare it on shard-b either: the vhost forgot it.
+    let mut later = Client::connect(rig.addr()).await;
+    later.open(1).await;
+    later.sync(1).await;
+    assert!(!b.has_queue("leased"));
+}
+
+/// shard-b is away while the client declares a leased queue; the queue then expires on the
+/// clusters that have it, before shard-b is back. Applying what shard-b missed used to declare
+/// it there, alone. Now the serving clusters are asked first, and the queue none has is
+/// forgotten; a queue declared while shard-b was away that the others still have is declared
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_queue_declared_while_a_cluster_was_away_and_gone_since_is_not_declared_there() {
+    let rig = Rig::three().await;
+    let b = rig.get(B);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    take_away(b).await;
+    let ok = c.call(1, declare_leased("leased")).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.declare(1, "kept").await;
+    for cluster in [A, CONTROL] {
+        rig.get(cluster).delete_queue("leased");
+    }
+    b.refuse(0, false);
+    wait_for("shard-b got the queue the others still have", || {
+        b.has_queue("kept").then_some(())
+    })
+    .await;
+    assert!(!b.has_queue("leased"), "declared again on shard-b alone");
+    c.sync(1).await;
 }
 
 /// The same queue missing on the failed-over cluster only (that cluster lost it: a queue on the

@@ -468,7 +468,7 @@ impl Session {
         }
         for link in 0..self.links.len() {
             if let Some(plan) = self.links[link].take_topology() {
-                self.replay_topology(link, ch, plan);
+                self.replay_topology(link, ch, plan, &[]);
                 if self.links[link].settle_replay() {
                     self.unpark();
                 }
@@ -597,6 +597,10 @@ impl Session {
     /// Updates the replay logs with a topology change every cluster accepted: this session's
     /// own, and the proxy's shared one for sharded, non-exclusive entries.
     pub(super) fn record_topology(&mut self, class: Class, method: Method) {
+        // A name declared again while a link waits to join is no longer gone.
+        for j in &mut self.joining {
+            j.declared(&method);
+        }
         if matches!(method, Method::QueueDeclare(_) | Method::ExchangeDeclare(_)) {
             self.shared.note_server_routes(&self.vhost, &method);
         }

@@ -3,7 +3,8 @@
 //! dead on a socket error or missed heartbeats (everything that depended on them released so the
 //! client sees no error), retired once a removed cluster is quiet.
 
-use super::vanished::Verdict;
+use super::joining::{self, Joining, Name};
+use super::vanished::{Asker, Verdict};
 use super::*;
 
 /// How long after its links were last left unread a link's death counts as caused by it (see
@@ -99,19 +100,186 @@ impl Session {
                 return;
             }
         };
+        let c = opened.cluster;
+        if self.closing.is_some() || self.shared.config().cluster(&c.name).is_none() {
+            // Closing, or the cluster was removed while connecting: drop the link.
+            return;
+        }
+        self.retry_at.remove(&c.name);
+        let woken = take_name(&mut self.woken, &c.name);
+        // The whole shared topology for a cluster new to this connection (added by a reload,
+        // or away since it connected) or one that may lack any of it; otherwise only what the
+        // cluster missed is applied (`replay_topology`).
+        let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
+            || self.shared.lacks_shared_topology(&self.vhost, &c.name);
+        let after_idle = take_name(&mut self.reopened_idle, &c.name);
+        // What this client changed while the cluster was away is applied after the check of
+        // what it kept (see `replay_topology`); only past the log's bound is everything
+        // declared again.
+        let missed_too_much = self
+            .stale_topology
+            .get(&*c.name)
+            .is_some_and(|m| m.overflowed);
+        let plan = TopologyPlan {
+            shared,
+            declare: shared || woken || missed_too_much,
+            check: !after_idle,
+        };
+        // The replay goes on the client's first open channel; the other clusters are asked on
+        // channels of warren's own beside it.
+        if let Some(&ch) = self.open_channels().first()
+            && self.links.iter().any(LinkSlot::serving)
+        {
+            let names = self.unvouched_names(&c.name, plan, shared || missed_too_much);
+            if !names.is_empty() {
+                self.hold_back(link, c, plan, names, ch);
+                return;
+            }
+        }
+        self.join(link, c, plan, &[]);
+    }
+
+    /// The names `cluster`'s replay would declare (what it may lack of the records under
+    /// `plan`, when `records`, and the changes it missed) that a cluster may have lost unseen
+    /// (see `joining.rs`).
+    fn unvouched_names(&self, cluster: &str, plan: TopologyPlan, records: bool) -> Vec<Name> {
+        let is_declare = |m: &Method| Name::declared_by(m).is_some();
+        let mut declares: Vec<Method> = Vec::new();
+        if plan.declare && records {
+            if plan.shared
+                && let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
+                    t.entries()
+                        .map(|(_, m)| m)
+                        .filter(|m| is_declare(m))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+            {
+                declares.extend(shared);
+            }
+            declares.extend(
+                self.topology
+                    .entries()
+                    .map(|(_, m)| m)
+                    .filter(|m| is_declare(m))
+                    .cloned(),
+            );
+        }
+        if let Some(missed) = self.stale_topology.get(cluster) {
+            declares.extend(missed.methods.iter().filter(|m| is_declare(m)).cloned());
+        }
+        if !plan.shared
+            && let Some(missed) = self.shared.with_missed(&self.vhost, cluster, |m| {
+                m.methods
+                    .iter()
+                    .filter(|m| is_declare(m))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+        {
+            declares.extend(missed);
+        }
+        joining::unvouched(declares.iter(), |q| self.consumes(q))
+    }
+
+    /// Holds `link` back from joining until the serving clusters say which of `names` they
+    /// still have (see `joining.rs`); its cluster counts as connecting until then.
+    fn hold_back(
+        &mut self,
+        link: Link,
+        cluster: crate::config::ClusterConfig,
+        plan: TopologyPlan,
+        names: Vec<Name>,
+        ch: u16,
+    ) {
+        self.next_join += 1;
+        let id = self.next_join;
+        debug!(conn = self.id, cluster = %cluster.name, names = names.len(), "link opened; asking the other clusters whether what its replay would declare still exists");
+        self.connecting.push(cluster.name.clone());
+        self.joining.push(Joining {
+            id,
+            link,
+            cluster,
+            plan,
+            waiting: names.len(),
+            gone: Vec::new(),
+        });
+        for name in names {
+            self.replay_checks.start(Asker::Join(id), ch, name.check());
+        }
+        self.send_replay_checks();
+    }
+
+    /// What the serving clusters said of a name joining link `join`'s replay would declare:
+    /// gone from all of them, it is forgotten; once every name is answered, the link joins.
+    fn join_verdict(&mut self, join: u64, check: &Method, verdict: Verdict) {
+        let Some(at) = self.joining.iter().position(|j| j.id == join) else {
+            return;
+        };
+        let gone = match Name::checked_by(check) {
+            Some(name) if verdict == Verdict::GoneEverywhere => Some(name),
+            _ => None,
+        };
+        if let Some(name) = &gone {
+            info!(conn = self.id, cluster = %self.joining[at].cluster.name, "{name} is gone from every cluster (deleted, expired or auto-deleted): forgotten, not declared again on a cluster joining the connection");
+            self.forget(name);
+        }
+        let Some(at) = self.joining.iter().position(|j| j.id == join) else {
+            return;
+        };
+        if self.joining[at].answered(gone) {
+            let j = self.joining.swap_remove(at);
+            self.connecting.retain(|c| *c != j.cluster.name);
+            self.join(j.link, j.cluster, j.plan, &j.gone);
+        }
+    }
+
+    /// Forgets `name`, gone from every cluster, from this client's and the vhost's records,
+    /// as one broker's client would never know it was there.
+    fn forget(&mut self, name: &Name) {
+        let deletion = name.deletion();
+        let class = self
+            .topology
+            .entries()
+            .find(|(_, m)| Name::checked_by(m).as_ref() == Some(name))
+            .map_or(Class::Sharded, |(c, _)| *c);
+        self.record_topology(class, deletion);
+    }
+
+    /// The client's channels that are open or opening, by number.
+    fn open_channels(&self) -> Vec<u16> {
+        self.channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.as_ref()
+                    .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
+            })
+            .map(|(i, _)| i as u16)
+            .collect()
+    }
+
+    /// A link opened to cluster `c` joins the connection: it replays this client's topology
+    /// (under `plan`, leaving out what names something `gone`), channels and consumers, then
+    /// takes its share of publishes.
+    fn join(
+        &mut self,
+        link: Link,
+        c: crate::config::ClusterConfig,
+        plan: TopologyPlan,
+        gone: &[Name],
+    ) {
         if self.closing.is_some()
             || !self
                 .shared
                 .config()
                 .clusters
                 .iter()
-                .any(|c| c.name == opened.cluster.name)
+                .any(|k| k.name == c.name)
         {
             // Closing, or the cluster was removed while connecting: drop the link.
             return;
         }
-        let c = &opened.cluster;
-        self.retry_at.remove(&c.name);
         if let Some(queue) = self.single_active_consumer_queue() {
             // Subscribed on this cluster now, the consumer would come after the other
             // connections' there but before them elsewhere: two consumers could be active at
@@ -133,29 +301,10 @@ impl Session {
             c.drain,
             self.metrics.cluster(&c.name),
         );
-        let woken = take_name(&mut self.woken, &c.name);
-        // The whole shared topology for a cluster new to this connection (added by a reload,
-        // or away since it connected) or one that may lack any of it; otherwise only what the
-        // cluster missed is applied (`replay_topology`).
-        let shared = (!woken && !self.links.iter().any(|s| *s.link.cluster == *c.name))
-            || self.shared.lacks_shared_topology(&self.vhost, &c.name);
-        let after_idle = take_name(&mut self.reopened_idle, &c.name);
-        // What this client changed while the cluster was away is applied after the check of
-        // what it kept (see `replay_topology`); only past the log's bound is everything
-        // declared again.
-        let missed_too_much = self
-            .stale_topology
-            .get(&*c.name)
-            .is_some_and(|m| m.overflowed);
-        let plan = TopologyPlan {
-            shared,
-            declare: shared || woken || missed_too_much,
-            check: !after_idle,
-        };
         let needs_topology = !self.topology.is_empty()
             || self.stale_topology.contains_key(&*c.name)
             || self.shared.is_stale(&self.vhost, &c.name)
-            || (shared
+            || (plan.shared
                 && self
                     .shared
                     .with_topology(&self.vhost, |t| t.has(Class::Sharded))
@@ -184,16 +333,7 @@ impl Session {
         }
         info!(conn = self.id, cluster = %c.name, node = %self.links[index].link.node, "link opened; replaying this client's topology, channels and consumers");
 
-        let open: Vec<u16> = self
-            .channels
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| {
-                c.as_ref()
-                    .is_some_and(|c| matches!(c.state, ChannelState::Open | ChannelState::Opening))
-            })
-            .map(|(i, _)| i as u16)
-            .collect();
+        let open = self.open_channels();
         for &ch in &open {
             self.links[index].open(ch, Pending::Replay);
             let Some(channel) = self.channels[usize::from(ch)].as_ref() else {
@@ -220,7 +360,7 @@ impl Session {
             }
         }
         let (declared, topology_ch) = match open.first() {
-            Some(&ch) => (self.replay_topology(index, ch, plan), ch),
+            Some(&ch) => (self.replay_topology(index, ch, plan, gone), ch),
             None => (Vec::new(), 0),
         };
         // Topology changes still waiting for the other clusters' replies are recorded only
@@ -448,6 +588,7 @@ impl Session {
         link: LinkId,
         ch: u16,
         plan: TopologyPlan,
+        gone: &[Name],
     ) -> Vec<codec::QueueDeclare> {
         let mut declared = Vec::new();
         let cluster = self.links[link].link.cluster.clone();
@@ -522,7 +663,8 @@ impl Session {
             // other clusters can be asked whether it went everywhere (see `vanished.rs`). The
             // link is replaying until it is answered, sent now or in its turn.
             self.links[link].expect_replay_reply();
-            self.replay_checks.start(self.link_ref(link), ch, check);
+            self.replay_checks
+                .start(Asker::Replay(self.link_ref(link)), ch, check);
         }
         // Then what the cluster missed, in the order it was done: removals included, which
         // declaring the record could never bring there. The vhost's log first: this client's
@@ -532,6 +674,9 @@ impl Session {
             .map(|m| m.methods)
             .unwrap_or_default();
         for m in shared_log.iter().chain(&missed.methods) {
+            if Joining::leaves_out(gone, m) {
+                continue;
+            }
             if let Method::QueueDeclare(q) = m {
                 declared.push(q.clone());
             }
@@ -547,7 +692,29 @@ impl Session {
     /// the client's channel, where a refusal closes the client as before.
     pub(super) fn send_replay_checks(&mut self) {
         while let Some((id, check)) = self.replay_checks.next_to_send() {
-            let (link_ref, ch, method) = (check.link, check.ch, check.method.clone());
+            let (asker, ch, method) = (check.asker, check.ch, check.method.clone());
+            let link_ref = match asker {
+                Asker::Replay(link) => link,
+                Asker::Join(join) => {
+                    // The joining cluster lacks the name by definition: ask the others.
+                    let mut probes = 0;
+                    for other in 0..self.links.len() {
+                        if self.links[other].serving()
+                            && self.own_channel_request(other, ch, &method, Pending::Probe(id))
+                        {
+                            probes += 1;
+                        }
+                    }
+                    let code = ReplyCode::NotFound.code();
+                    let verdict = self.replay_checks.refused(id, code, String::new(), probes);
+                    if verdict != Verdict::Waiting
+                        && let Some(check) = self.replay_checks.take(id)
+                    {
+                        self.join_verdict(join, &check.method, verdict);
+                    }
+                    continue;
+                }
+            };
             let Some(link) = self.live_link(link_ref) else {
                 self.replay_checks.take(id);
                 continue;
@@ -639,39 +806,28 @@ impl Session {
         let Some(check) = self.replay_checks.take(id) else {
             return;
         };
+        let link_ref = match check.asker {
+            Asker::Replay(link) => link,
+            Asker::Join(join) => {
+                self.join_verdict(join, &check.method, verdict);
+                self.send_replay_checks();
+                return;
+            }
+        };
         self.send_replay_checks();
         // The link that asked may have died meanwhile: its replacement checks again.
-        let Some(link) = self.live_link(check.link) else {
+        let Some(link) = self.live_link(link_ref) else {
             return;
         };
         let cluster = self.links[link].link.cluster.clone();
-        let (what, forget) = match &check.method {
-            Method::QueueDeclare(q) => (
-                format!("queue '{}'", q.queue),
-                Method::QueueDelete(codec::QueueDelete {
-                    queue: q.queue.clone(),
-                    ..Default::default()
-                }),
-            ),
-            Method::ExchangeDeclare(x) => (
-                format!("exchange '{}'", x.exchange),
-                Method::ExchangeDelete(codec::ExchangeDelete {
-                    exchange: x.exchange.clone(),
-                    ..Default::default()
-                }),
-            ),
-            _ => return,
+        let Some(what) = Name::checked_by(&check.method) else {
+            return;
         };
         if verdict == Verdict::GoneEverywhere {
             // Deleted by another client, expired, or auto-deleted: as on one broker, the client
             // learns of it when it next uses the name (the clusters' own 404).
             info!(conn = self.id, %cluster, "{what} of this client is gone from every cluster (deleted, expired or auto-deleted) while the link failed over: forgotten, not declared again");
-            let class = self
-                .topology
-                .entries()
-                .find(|(_, m)| same_declared_name(m, &check.method))
-                .map_or(Class::Sharded, |(c, _)| *c);
-            self.record_topology(class, forget);
+            self.forget(&what);
             self.replayed_one(link);
             return;
         }
@@ -1630,15 +1786,6 @@ fn left_out_text(cluster: &str, wait: Duration, request: &Method, conditional: b
         _ => return format!("cluster {cluster} is unreachable"),
     };
     format!("{}: {outcome}", why(queue))
-}
-
-/// Whether two declares name the same queue, or the same exchange.
-fn same_declared_name(a: &Method, b: &Method) -> bool {
-    match (a, b) {
-        (Method::QueueDeclare(a), Method::QueueDeclare(b)) => a.queue == b.queue,
-        (Method::ExchangeDeclare(a), Method::ExchangeDeclare(b)) => a.exchange == b.exchange,
-        _ => false,
-    }
 }
 
 /// Removes `name` from `names` (clusters marked for their next link's replay); whether it was

@@ -23,6 +23,7 @@ mod fast_lane;
 mod from_client;
 mod from_cluster;
 mod input_skip;
+mod joining;
 mod link_slot;
 mod links;
 mod publish;
@@ -296,6 +297,8 @@ pub async fn serve(
         turn_waited: None,
         tx_end: None,
         replay_checks: Default::default(),
+        joining: Vec::new(),
+        next_join: 0,
         in_turn_hold: None,
         proven_exchanges: Default::default(),
         leases_renewed: Default::default(),
@@ -656,6 +659,10 @@ struct Session {
     /// A failover's passive checks of the client's queues and exchanges, and what the other
     /// clusters say of one the cluster no longer has (see [`vanished`]).
     replay_checks: vanished::ReplayChecks,
+    /// Links opened and held back until the other clusters say which names their replay
+    /// would declare still exist (see [`joining`]); their clusters stay in `connecting`.
+    joining: Vec<joining::Joining>,
+    next_join: u64,
     /// A request sent to clusters one after the other (channel and request id): a declare or
     /// delete (`Rpc::in_turn`) or a basic.get (`Rpc::get_next`). The client's input waits until
     /// every cluster that is to get it has been sent it, so that what the client pipelined

@@ -18,6 +18,9 @@
 //! the verdict waits for their answers. A link that dies before answering counts as having the
 //! name: without proof that it is gone everywhere, warren keeps the old, safe answer.
 //!
+//! A link joining the connection (see `joining.rs`) uses the same bookkeeping: its cluster lacks
+//! the names by definition, so only the others are asked, before anything is declared there.
+//!
 //! This file keeps only the bookkeeping (which check waits for how many answers); the session
 //! sends the declares and acts on the verdict.
 
@@ -42,11 +45,21 @@ pub(super) enum Verdict {
     LostHere,
 }
 
+/// Who needs a check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Asker {
+    /// A failed-over link replaying (the check counts as one of its replayed requests): the
+    /// check goes to its cluster first, and the others are asked only if it refuses.
+    Replay(LinkRef),
+    /// A link held back from joining (see `joining.rs`), by id: its cluster lacks the name by
+    /// definition, so only the others are asked.
+    Join(u64),
+}
+
 /// One passive check of a replay, refused or not yet answered.
 #[derive(Debug)]
 pub(super) struct Check {
-    /// The link replaying (the check counts as one of its replayed requests).
-    pub(super) link: LinkRef,
+    pub(super) asker: Asker,
     /// The passive declare.
     pub(super) method: Method,
     /// The cluster's refusal, once in: `(reply code, reply text)`.
@@ -87,10 +100,10 @@ pub(super) struct ReplayChecks {
 impl ReplayChecks {
     /// Tracks the check `method` for client channel `ch` of `link`, to be sent when
     /// [`next_to_send`](Self::next_to_send) hands it out; returns its id.
-    pub(super) fn start(&mut self, link: LinkRef, ch: u16, method: Method) -> u64 {
+    pub(super) fn start(&mut self, asker: Asker, ch: u16, method: Method) -> u64 {
         self.next += 1;
         let check = Check {
-            link,
+            asker,
             method,
             refusal: None,
             probes: 0,
@@ -183,7 +196,7 @@ mod tests {
     fn checks() -> (ReplayChecks, u64) {
         let mut c = ReplayChecks::default();
         let id = c.start(
-            LinkRef::new(0, 1),
+            Asker::Replay(LinkRef::new(0, 1)),
             1,
             Method::QueueDeclare(Default::default()),
         );
@@ -194,7 +207,7 @@ mod tests {
     #[test]
     fn at_most_32_are_on_the_wire_and_each_verdict_lets_the_next_go() {
         let mut c = ReplayChecks::default();
-        let link = LinkRef::new(0, 1);
+        let link = Asker::Replay(LinkRef::new(0, 1));
         let ids: Vec<u64> = (0..40)
             .map(|_| c.start(link, 1, Method::QueueDeclare(Default::default())))
             .collect();

@@ -5,11 +5,101 @@
 //! added by a reload gets every durable queue, exchange and binding before any publish is routed
 //! there, even those declared by clients that have since disconnected.
 
-use crate::codec::{Method, ShortStr};
+use crate::codec::{self, Method, ShortStr};
 use crate::route::Class;
 
 /// Entries kept; beyond this the oldest are forgotten (and not replayed).
 const MAX_ENTRIES: usize = 10_000;
+
+/// A queue or an exchange, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Name {
+    Queue(ShortStr),
+    Exchange(ShortStr),
+}
+
+impl Name {
+    /// The name a declare creates.
+    pub fn declared_by(method: &Method) -> Option<Name> {
+        match method {
+            Method::QueueDeclare(q) if !q.passive => Some(Name::Queue(q.queue.clone())),
+            Method::ExchangeDeclare(x) if !x.passive => Some(Name::Exchange(x.exchange.clone())),
+            _ => None,
+        }
+    }
+
+    /// The name a check (a passive declare) asks about.
+    pub fn checked_by(method: &Method) -> Option<Name> {
+        match method {
+            Method::QueueDeclare(q) => Some(Name::Queue(q.queue.clone())),
+            Method::ExchangeDeclare(x) => Some(Name::Exchange(x.exchange.clone())),
+            _ => None,
+        }
+    }
+
+    /// The deletion that forgets the name in a topology record.
+    pub fn deletion(&self) -> Method {
+        match self {
+            Name::Queue(queue) => Method::QueueDelete(codec::QueueDelete {
+                queue: queue.clone(),
+                ..Default::default()
+            }),
+            Name::Exchange(exchange) => Method::ExchangeDelete(codec::ExchangeDelete {
+                exchange: exchange.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Whether `method` names this queue or exchange (a declare, a binding of it or to it,
+    /// a deletion): sent to a cluster that lacks the name, it would be refused, or create it.
+    pub fn named_by(&self, method: &Method) -> bool {
+        match self {
+            Name::Queue(n) => match method {
+                Method::QueueDeclare(q) => &q.queue == n,
+                Method::QueueBind(b) => &b.queue == n,
+                Method::QueueUnbind(b) => &b.queue == n,
+                Method::QueueDelete(d) => &d.queue == n,
+                Method::QueuePurge(p) => &p.queue == n,
+                _ => false,
+            },
+            Name::Exchange(n) => match method {
+                Method::ExchangeDeclare(x) => &x.exchange == n,
+                Method::ExchangeDelete(x) => &x.exchange == n,
+                Method::QueueBind(b) => &b.exchange == n,
+                Method::QueueUnbind(b) => &b.exchange == n,
+                Method::ExchangeBind(b) => &b.source == n || &b.destination == n,
+                Method::ExchangeUnbind(b) => &b.source == n || &b.destination == n,
+                _ => false,
+            },
+        }
+    }
+
+    /// The passive declare that asks a cluster whether it has the name.
+    pub fn check(&self) -> Method {
+        match self {
+            Name::Queue(queue) => Method::QueueDeclare(codec::QueueDeclare {
+                queue: queue.clone(),
+                passive: true,
+                ..Default::default()
+            }),
+            Name::Exchange(exchange) => Method::ExchangeDeclare(codec::ExchangeDeclare {
+                exchange: exchange.clone(),
+                passive: true,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Name::Queue(q) => write!(f, "queue '{q}'"),
+            Name::Exchange(x) => write!(f, "exchange '{x}'"),
+        }
+    }
+}
 
 /// Declarations and bindings in the order they were made, with where they live.
 #[derive(Debug, Default, Clone)]
@@ -303,5 +393,17 @@ mod tests {
             }),
         );
         assert_eq!(t.entries().count(), 0);
+    }
+
+    #[test]
+    fn checks_are_passive_declares_of_the_name() {
+        let Method::QueueDeclare(q) = Name::Queue(s("leased")).check() else {
+            panic!("a queue is checked with queue.declare");
+        };
+        assert!(q.passive && !q.nowait && q.queue == s("leased"));
+        let Method::ExchangeDeclare(x) = Name::Exchange(s("jobs")).check() else {
+            panic!("an exchange is checked with exchange.declare");
+        };
+        assert!(x.passive && !x.nowait && x.exchange == s("jobs"));
     }
 }

@@ -1352,6 +1352,37 @@ async fn c_a_queue_declared_while_a_cluster_was_away_and_gone_since_is_not_decla
     c.sync(1).await;
 }
 
+/// The same, by a client gone before shard-b is back: the next connection's link to shard-b
+/// applies what the vhost's clients changed meanwhile, and used to declare the leased queue
+/// there, alone, at its first channel.open. Now that link joins once the serving clusters were
+/// asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_queue_gone_since_a_gone_client_declared_it_is_not_declared_on_a_returning_cluster() {
+    let rig = Rig::three().await;
+    let b = rig.get(B);
+    let mut first = Client::connect(rig.addr()).await;
+    first.open(1).await;
+    take_away(b).await;
+    let ok = first.call(1, declare_leased("leased")).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    first.declare(1, "kept").await;
+    drop(first);
+    for cluster in [A, CONTROL] {
+        rig.get(cluster).delete_queue("leased");
+    }
+    b.refuse(0, false);
+    // The old link's retries may still be backing off: the next connection opens a new one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut next = Client::connect(rig.addr()).await;
+    next.open(1).await;
+    wait_for("shard-b got the queue the others still have", || {
+        b.has_queue("kept").then_some(())
+    })
+    .await;
+    assert!(!b.has_queue("leased"), "declared again on shard-b alone");
+    next.sync(1).await;
+}
+
 /// The same queue missing on the failed-over cluster only (that cluster lost it: a queue on the
 /// node that died) while the others still have it: carrying on would route that cluster's share
 /// of its messages nowhere, so the client is closed with 320 naming the cluster and the queue,

@@ -468,7 +468,7 @@ impl Session {
         }
         for link in 0..self.links.len() {
             if let Some(plan) = self.links[link].take_topology() {
-                self.replay_topology(link, ch, plan, &[]);
+                self.replay_topology(link, ch, plan);
                 if self.links[link].settle_replay() {
                     self.unpark();
                 }

@@ -242,6 +242,9 @@ pub(super) struct LinkSlot {
     /// warren while the cluster was unreachable, by any client): if the cluster refuses it,
     /// the cluster is marked stale again for the next link to try.
     pub(super) shared_replay: bool,
+    /// Names found gone from every cluster before this link joined: the replay leaves out the
+    /// changes that name them (see `joining.rs`).
+    pub(super) left_out: Vec<crate::topology::Name>,
 }
 
 impl LinkSlot {
@@ -263,8 +266,16 @@ impl LinkSlot {
             direct_requests: 0,
             direct_reply_sent: None,
             shared_replay: false,
+            left_out: Vec::new(),
             direct_replies: 0,
         }
+    }
+
+    /// The link, taken out of its slot to join the connection later as a new one (see
+    /// `Session::admit`): no longer counted as this slot.
+    pub(super) fn into_link(self) -> Link {
+        self.m.links.dec();
+        self.link
     }
 
     /// Counts one method sent. Only the session's task writes it (a load and a store, no

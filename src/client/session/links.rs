@@ -3,9 +3,10 @@
 //! dead on a socket error or missed heartbeats (everything that depended on them released so the
 //! client sees no error), retired once a removed cluster is quiet.
 
-use super::joining::{self, Joining, Name};
+use super::joining::{self, Joining};
 use super::vanished::{Asker, Verdict};
 use super::*;
+use crate::topology::Name;
 
 /// How long after its links were last left unread a link's death counts as caused by it (see
 /// [`Session::starved_link_lost`]): the death is seen at the first read once the client reads
@@ -125,18 +126,31 @@ impl Session {
             declare: shared || woken || missed_too_much,
             check: !after_idle,
         };
-        // The replay goes on the client's first open channel; the other clusters are asked on
-        // channels of warren's own beside it.
-        if let Some(&ch) = self.open_channels().first()
-            && self.links.iter().any(LinkSlot::serving)
-        {
-            let names = self.unvouched_names(&c.name, plan, shared || missed_too_much);
+        self.admit(link, c, plan, shared || missed_too_much);
+    }
+
+    /// Lets a link opened to cluster `c` join the connection under `plan`, first asking the
+    /// serving clusters about the names its replay would declare (all of the records under
+    /// `plan` when `records`, and the changes the cluster missed) that a cluster may have lost
+    /// unseen (see `joining.rs`).
+    pub(super) fn admit(
+        &mut self,
+        link: Link,
+        c: crate::config::ClusterConfig,
+        plan: TopologyPlan,
+        records: bool,
+    ) {
+        if self.links.iter().any(LinkSlot::serving) {
+            let names = self.unvouched_names(&c.name, plan, records);
             if !names.is_empty() {
+                // The checks serve the client's first open channel, which the replay goes on;
+                // any number does before one is open.
+                let ch = self.open_channels().first().copied().unwrap_or(0);
                 self.hold_back(link, c, plan, names, ch);
                 return;
             }
         }
-        self.join(link, c, plan, &[]);
+        self.join(link, c, plan, Vec::new());
     }
 
     /// The names `cluster`'s replay would declare (what it may lack of the records under
@@ -230,7 +244,7 @@ impl Session {
         if self.joining[at].answered(gone) {
             let j = self.joining.swap_remove(at);
             self.connecting.retain(|c| *c != j.cluster.name);
-            self.join(j.link, j.cluster, j.plan, &j.gone);
+            self.join(j.link, j.cluster, j.plan, j.gone);
         }
     }
 
@@ -260,14 +274,15 @@ impl Session {
     }
 
     /// A link opened to cluster `c` joins the connection: it replays this client's topology
-    /// (under `plan`, leaving out what names something `gone`), channels and consumers, then
+    /// (under `plan`, leaving out what names something `gone`; on the first channel the client
+    /// opens if none is open yet), channels and consumers, then
     /// takes its share of publishes.
     fn join(
         &mut self,
         link: Link,
         c: crate::config::ClusterConfig,
         plan: TopologyPlan,
-        gone: &[Name],
+        gone: Vec<Name>,
     ) {
         if self.closing.is_some()
             || !self
@@ -310,6 +325,7 @@ impl Session {
                     .with_topology(&self.vhost, |t| t.has(Class::Sharded))
                     .unwrap_or(false));
         slot.start_replay(needs_topology.then_some(plan));
+        slot.left_out = gone;
         // Reuse the slot of this cluster's dead link (link ids must stay below
         // LinkSet::CAPACITY), as the next generation: what still remembers the dead link (a
         // delivery's tag) never reaches this one.
@@ -360,7 +376,7 @@ impl Session {
             }
         }
         let (declared, topology_ch) = match open.first() {
-            Some(&ch) => (self.replay_topology(index, ch, plan, gone), ch),
+            Some(&ch) => (self.replay_topology(index, ch, plan), ch),
             None => (Vec::new(), 0),
         };
         // Topology changes still waiting for the other clusters' replies are recorded only
@@ -588,9 +604,9 @@ impl Session {
         link: LinkId,
         ch: u16,
         plan: TopologyPlan,
-        gone: &[Name],
     ) -> Vec<codec::QueueDeclare> {
         let mut declared = Vec::new();
+        let gone = std::mem::take(&mut self.links[link].left_out);
         let cluster = self.links[link].link.cluster.clone();
         let mut methods: Vec<Method> = Vec::new();
         // What the vhost's clients changed while the cluster was away, applied after this
@@ -674,7 +690,7 @@ impl Session {
             .map(|m| m.methods)
             .unwrap_or_default();
         for m in shared_log.iter().chain(&missed.methods) {
-            if Joining::leaves_out(gone, m) {
+            if Joining::leaves_out(&gone, m) {
                 continue;
             }
             if let Method::QueueDeclare(q) = m {

@@ -216,24 +216,33 @@ pub async fn serve(
     metrics.connections.inc();
     metrics.connections_total.inc();
 
+    // A cluster that missed a shared topology change (unreachable while a client declared)
+    // gets the changes before this client publishes there: its link joins once the session
+    // runs, after the other clusters were asked about what the changes declare (see
+    // `Session::admit`).
     let mut links = links;
-    for slot in &mut links {
-        // A cluster that missed a shared topology change (unreachable while a client declared)
-        // gets the shared topology before this client publishes there.
-        if shared.is_stale(&vhost.as_str(), &slot.link.cluster)
+    let mut behind = Vec::new();
+    let mut i = 0;
+    while i < links.len() {
+        let cluster = &links[i].link.cluster;
+        if shared.is_stale(&vhost.as_str(), cluster)
             && shared
                 .with_topology(&vhost.as_str(), |t| t.has(Class::Sharded))
                 .unwrap_or(false)
+            && let Some(c) = config.cluster(cluster).cloned()
         {
             // What the cluster missed (see `Session::replay_topology`); all of the shared
             // topology only when it may lack any of it.
-            let all = shared.lacks_shared_topology(&vhost.as_str(), &slot.link.cluster);
-            slot.start_replay(Some(TopologyPlan {
+            let all = shared.lacks_shared_topology(&vhost.as_str(), cluster);
+            let plan = TopologyPlan {
                 shared: all,
                 declare: all,
                 check: true,
-            }));
+            };
+            behind.push((links.remove(i).into_link(), c, plan));
+            continue;
         }
+        i += 1;
     }
     let control = links.iter().position(|s| s.role == Role::Control);
     let (opened_tx, opened_rx) = mpsc::channel(4);
@@ -310,6 +319,9 @@ pub async fn serve(
         woken: Vec::new(),
         reopened_idle: Vec::new(),
     };
+    for (link, cluster, plan) in behind {
+        session.admit(link, cluster, plan, plan.shared);
+    }
     let config_rx = shared.subscribe();
     let reason = session
         .run(Inputs {

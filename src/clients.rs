@@ -9,8 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
@@ -86,14 +88,14 @@ impl Client {
     pub fn publish_usage(&self, channels: usize, held_bytes: usize, links: Vec<String>) {
         self.channels.store(channels as u64, Ordering::Relaxed);
         self.held_bytes.store(held_bytes as u64, Ordering::Relaxed);
-        *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+        *self.links.lock() = links;
     }
 
     pub fn usage(&self) -> Usage {
         Usage {
             channels: self.channels.load(Ordering::Relaxed),
             held_bytes: self.held_bytes.load(Ordering::Relaxed),
-            links: self.links.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            links: self.links.lock().clone(),
         }
     }
 
@@ -105,7 +107,7 @@ impl Client {
 
     /// The reason given with the close request, once there is one.
     pub fn close_reason(&self) -> Option<String> {
-        self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.close.lock().clone()
     }
 }
 
@@ -124,11 +126,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.clients
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.client.id);
+        self.clients.entries.lock().remove(&self.client.id);
     }
 }
 
@@ -147,10 +145,7 @@ impl Clients {
             close: Mutex::new(None),
             close_requested: CancellationToken::new(),
         });
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, client.clone());
+        self.entries.lock().insert(id, client.clone());
         Registration {
             clients: self.clone(),
             client,
@@ -159,16 +154,11 @@ impl Clients {
 
     /// The connected clients, oldest first.
     pub fn list(&self) -> Vec<Arc<Client>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.entries.lock().values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,20 +168,10 @@ impl Clients {
     /// Asks connection `id` to close with `reason`. False when no such connection is open. The
     /// first reason given stands.
     pub fn close(&self, id: u64, reason: &str) -> bool {
-        let Some(client) = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
-        else {
+        let Some(client) = self.entries.lock().get(&id).cloned() else {
             return false;
         };
-        client
-            .close
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| reason.to_owned());
+        client.close.lock().get_or_insert_with(|| reason.to_owned());
         client.close_requested.cancel();
         true
     }

@@ -15,8 +15,10 @@
 //! through [`Shared::node_came_up`] that one of its nodes is back, and retry at once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinSet;
@@ -116,13 +118,10 @@ impl Health {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), NodeHealth>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The state of one node (`Unknown` if it was never probed).
     pub fn node(&self, cluster: &str, node: &NodeAddr) -> NodeHealth {
-        self.lock()
+        self.nodes
+            .lock()
             .get(&(cluster.to_owned(), node.to_string()))
             .cloned()
             .unwrap_or_else(|| NodeHealth::new(Instant::now()))
@@ -131,7 +130,7 @@ impl Health {
     /// Whether at least one node of the cluster answered its last probe; `None` while no node of
     /// it has been probed yet.
     pub fn cluster_reachable(&self, cluster: &ClusterConfig) -> Option<bool> {
-        let nodes = self.lock();
+        let nodes = self.nodes.lock();
         let mut known = false;
         for n in &cluster.nodes {
             match nodes
@@ -154,7 +153,7 @@ impl Health {
     /// Adds the nodes of `config` that are new, forgets the ones it no longer has, and returns
     /// (marking them in flight) the nodes due for a probe.
     fn take_due(&self, config: &Config, now: Instant) -> Vec<(String, NodeAddr)> {
-        let mut nodes = self.lock();
+        let mut nodes = self.nodes.lock();
         let wanted: BTreeMap<(String, String), &NodeAddr> = config
             .clusters
             .iter()
@@ -181,7 +180,8 @@ impl Health {
     /// When the next node not being probed is due (`None` when every node is being probed or
     /// none is known).
     fn next_due(&self) -> Option<Instant> {
-        self.lock()
+        self.nodes
+            .lock()
             .values()
             .filter(|h| !h.in_flight)
             .map(|h| h.next_due)
@@ -193,7 +193,7 @@ impl Health {
     fn record(&self, cluster: &str, node: &NodeAddr, result: Result<FieldTable, String>) -> bool {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let mut nodes = self.lock();
+        let mut nodes = self.nodes.lock();
         // The node may have been removed by a reload while it was probed.
         let Some(h) = nodes.get_mut(&(cluster.to_owned(), node.to_string())) else {
             return false;
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(NodeHealth::new(now).down_since(), None, "never probed");
         // Backoff grows and is capped.
         for _ in 0..40 {
-            h.lock()
+            h.nodes.lock()
                 .get_mut(&("a".into(), due[0].1.to_string()))
                 .unwrap()
                 .in_flight = true;
@@ -408,7 +408,7 @@ mod tests {
         assert_eq!(n.down_since(), Some(down_since));
         assert!(n.last_check >= Some(down_since));
         // Back up: no longer down; down again: a new down_since.
-        h.lock()
+        h.nodes.lock()
             .get_mut(&("a".into(), due[0].1.to_string()))
             .unwrap()
             .in_flight = true;
@@ -424,6 +424,6 @@ mod tests {
         // A reload that drops a node forgets it.
         let c2 = config(&["127.0.0.1:2"]);
         h.take_due(&c2, Instant::now());
-        assert_eq!(h.lock().len(), 1);
+        assert_eq!(h.nodes.lock().len(), 1);
     }
 }

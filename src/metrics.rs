@@ -9,7 +9,7 @@
 //! that `increase()` and `rate()` see the first event. Besides the `warren_*` series there are
 //! `warren_build_info` and the usual `process_*` series (from `/proc/self`, Linux only).
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -212,7 +212,7 @@ impl Metrics {
             });
         }
         {
-            let mut root = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            let mut root = m.registry.lock();
             root.register_collector(Box::new(ProcessCollector));
             let r = root.sub_registry_with_prefix("warren");
             r.register(
@@ -428,7 +428,7 @@ impl Metrics {
     /// admin endpoint adds its own series after these, then [`Metrics::finish`]).
     pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
-        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.registry.lock();
         let _ = match format {
             Format::Prometheus => {
                 prometheus_client::encoding::prometheus_text::encode(&mut out, &r)

@@ -2,7 +2,9 @@
 //! spawn one session each, and shut down gracefully.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -281,7 +283,7 @@ async fn accept_loop(
         slots.follow(config.limits.max_connections);
         let per_ip_max = config.limits.max_connections_per_ip;
         let ip_ok = {
-            let mut map = lock(&per_ip);
+            let mut map = per_ip.lock();
             let n = map.entry(peer.ip()).or_insert(0);
             if per_ip_max == 0 || *n < per_ip_max {
                 *n += 1;
@@ -355,15 +357,11 @@ fn release_ip(
     map: &Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     ip: std::net::IpAddr,
 ) {
-    let mut map = lock(map);
+    let mut map = map.lock();
     if let Some(n) = map.get_mut(&ip) {
         *n = n.saturating_sub(1);
         if *n == 0 {
             map.remove(&ip);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -12,7 +12,9 @@
 //! share them.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// Queues (vhost, name) remembered at most; past it, new ones are not (and subscribe as any).
 const MAX_QUEUES: usize = 100_000;
@@ -34,16 +36,11 @@ pub struct Turn {
     key: (String, String),
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; a poisoned set is still a valid set.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl SingleActive {
     /// Notes what a declare every cluster accepted made of `queue`; a delete is a declare of
     /// something else (`single_active` false).
     pub fn note(&self, vhost: &str, queue: &str, single_active: bool) {
-        let mut q = lock(&self.queues);
+        let mut q = self.queues.lock();
         let key = (vhost.to_owned(), queue.to_owned());
         if !single_active {
             q.remove(&key);
@@ -55,13 +52,15 @@ impl SingleActive {
     /// Whether the last declare of `queue` accepted through this process made it a
     /// single-active-consumer queue (and no delete came after it).
     pub fn is(&self, vhost: &str, queue: &str) -> bool {
-        lock(&self.queues).contains(&(vhost.to_owned(), queue.to_owned()))
+        self.queues
+            .lock()
+            .contains(&(vhost.to_owned(), queue.to_owned()))
     }
 
     /// Takes `queue`'s turn to subscribe, unless a connection (this one included) holds it.
     pub fn try_take(&self, vhost: &str, queue: &str) -> Option<Turn> {
         let key = (vhost.to_owned(), queue.to_owned());
-        if !lock(&self.taken).insert(key.clone()) {
+        if !self.taken.lock().insert(key.clone()) {
             return None;
         }
         Some(Turn {
@@ -73,7 +72,7 @@ impl SingleActive {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        lock(&self.taken).remove(&self.key);
+        self.taken.lock().remove(&self.key);
     }
 }
 

@@ -8,8 +8,10 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -150,7 +152,7 @@ impl Shared {
     /// at debug, so a cluster down is a few lines a minute, not a few per client connection.
     pub fn report_once(&self, cluster: &str, event: &'static str) -> bool {
         let now = tokio::time::Instant::now();
-        let mut reported = lock(&self.reported);
+        let mut reported = self.reported.lock();
         let key = (cluster.to_owned(), event);
         match reported.get(&key) {
             Some(at) if now.duration_since(*at) < REPORT_EVERY => false,
@@ -166,13 +168,13 @@ impl Shared {
 
     /// A health probe saw a node of `cluster` come back.
     pub fn node_came_up(&self, cluster: &str) {
-        let mut back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        let mut back = self.nodes_back.lock();
         *back.entry(cluster.to_owned()).or_default() += 1;
     }
 
     /// How many times a node of `cluster` was seen coming back (see [`Shared::node_came_up`]).
     pub fn nodes_back(&self, cluster: &str) -> u64 {
-        let back = self.nodes_back.lock().unwrap_or_else(|e| e.into_inner());
+        let back = self.nodes_back.lock();
         back.get(cluster).copied().unwrap_or(0)
     }
 
@@ -188,11 +190,11 @@ impl Shared {
 
     /// The file `reload` reads (set by the binary; tests may leave it unset).
     pub fn set_config_path(&self, path: &Path) {
-        *lock(&self.config_path) = Some(path.to_path_buf());
+        *self.config_path.lock() = Some(path.to_path_buf());
     }
 
     pub fn config_path(&self) -> Option<PathBuf> {
-        lock(&self.config_path).clone()
+        self.config_path.lock().clone()
     }
 
     /// When this proxy started.
@@ -203,16 +205,16 @@ impl Shared {
     /// Whether `cluster` was drained at run time (`POST /clusters/NAME/drain`): only such a
     /// drain can be undone with [`Shared::undrain`].
     pub fn drained_at_run_time(&self, cluster: &str) -> bool {
-        lock(&self.drained).contains(cluster)
+        self.drained.lock().contains(cluster)
     }
 
     /// The weight set at run time for `cluster`, if any, with the file's weight.
     pub fn weight_override(&self, cluster: &str) -> Option<WeightOverride> {
-        lock(&self.weights).get(cluster).copied()
+        self.weights.lock().get(cluster).copied()
     }
 
     pub fn last_reload(&self) -> Option<ReloadStatus> {
-        lock(&self.last_reload).clone()
+        self.last_reload.lock().clone()
     }
 
     /// Re-reads the configuration file. An invalid file changes nothing; either way the outcome
@@ -236,8 +238,8 @@ impl Shared {
     /// to take publishes (the file alone cannot: validation refuses it). Such a reload is
     /// refused, as `POST /clusters/NAME/drain` refuses to drain the last one.
     fn drains_every_shard(&self, config: &Config, undoing: Option<&str>) -> Option<String> {
-        let drained = lock(&self.drained).clone();
-        let evacuating = lock(&self.evacuating).clone();
+        let drained = self.drained.lock().clone();
+        let evacuating = self.evacuating.lock().clone();
         let run_time = |name: &str| {
             undoing != Some(name) && (drained.contains(name) || evacuating.contains(name))
         };
@@ -304,8 +306,8 @@ impl Shared {
         // evacuation's marker), as it loses its run-time weight: added back later, under the
         // same name, it starts from what the file says.
         let (drained, evacuating, forgotten) = {
-            let mut drained = lock(&self.drained);
-            let mut evacuating = lock(&self.evacuating);
+            let mut drained = self.drained.lock();
+            let mut evacuating = self.evacuating.lock();
             drained.retain(|name| config.cluster(name).is_some());
             let (kept, gone): (HashSet<String>, HashSet<String>) = evacuating
                 .drain()
@@ -327,7 +329,7 @@ impl Shared {
             c.drain |= c.evacuate;
         }
         {
-            let mut weights = lock(&self.weights);
+            let mut weights = self.weights.lock();
             // A cluster the file no longer has loses its run-time weight: added back later, it
             // starts from the file's weight. So does one the file now gives that weight: the
             // file rules again.
@@ -379,7 +381,7 @@ impl Shared {
         // The status's lock is taken before the new configuration is in force and held until
         // the status says so: whoever reads the configuration and then the status (GET
         // /clusters) never sees the new one beside the previous reload's status, or none.
-        let mut last = lock(&self.last_reload);
+        let mut last = self.last_reload.lock();
         self.config.store(config.clone());
         self.config_tx.send_replace(config);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +403,7 @@ impl Shared {
         if config.shard_clusters().all(|c| c.drain) {
             return Err("refusing to drain the last shard cluster that takes publishes".into());
         }
-        lock(&self.drained).insert(cluster.to_owned());
+        self.drained.lock().insert(cluster.to_owned());
         Ok(self.apply_with(config, false))
     }
 
@@ -432,7 +434,7 @@ impl Shared {
         if config.shard_clusters().all(|c| c.drain) {
             return Err("refusing to drain the last shard cluster that takes publishes".into());
         }
-        lock(&self.evacuating).insert(cluster.to_owned());
+        self.evacuating.lock().insert(cluster.to_owned());
         let mut status = self.apply_with(config, false);
         if let Err(e) = self.write_evacuation_marker(cluster, true) {
             warn!(cluster, error = %e, "the evacuation will not outlast a restart");
@@ -444,7 +446,7 @@ impl Shared {
     /// Stops a run-time evacuation ([`Shared::evacuate`]) and the drain it implied: the cluster
     /// takes publishes again unless the file drains or evacuates it.
     pub fn unevacuate(&self, cluster: &str) -> Result<ReloadStatus, String> {
-        if !lock(&self.evacuating).contains(cluster) {
+        if !self.evacuating.lock().contains(cluster) {
             return Err(format!(
                 "{cluster:?} is not evacuated at run time (POST /clusters/NAME/evacuate); \
                  evacuate = true in the file is undone by editing the file"
@@ -452,7 +454,7 @@ impl Shared {
         }
         // The file is read first: one that cannot be read leaves the evacuation as it is.
         let file = self.read_file_keeping(cluster, "evacuated")?;
-        lock(&self.evacuating).remove(cluster);
+        self.evacuating.lock().remove(cluster);
         if let Err(e) = self.write_evacuation_marker(cluster, false) {
             warn!(cluster, error = %e, "cannot remove the evacuation marker");
         }
@@ -460,7 +462,7 @@ impl Shared {
             return Ok(self.apply(config));
         }
         let mut config = (*self.config()).clone();
-        let drained = lock(&self.drained).contains(cluster);
+        let drained = self.drained.lock().contains(cluster);
         if let Some(c) = config.clusters.iter_mut().find(|c| c.name == cluster) {
             c.evacuate = false;
             c.drain = drained;
@@ -470,7 +472,7 @@ impl Shared {
 
     /// Whether `cluster` is evacuated at run time (not by the file).
     pub fn evacuated_at_run_time(&self, cluster: &str) -> bool {
-        lock(&self.evacuating).contains(cluster)
+        self.evacuating.lock().contains(cluster)
     }
 
     /// Where state that outlasts a restart is kept: `state_dir`, else the configuration file's
@@ -555,7 +557,8 @@ impl Shared {
 
     /// What the evacuation of `cluster` has done (default: nothing yet).
     pub fn evacuation(&self, cluster: &str) -> EvacuationProgress {
-        lock(&self.evacuations)
+        self.evacuations
+            .lock()
             .get(cluster)
             .cloned()
             .unwrap_or_default()
@@ -563,7 +566,7 @@ impl Shared {
 
     /// Updates the evacuation progress of `cluster` (the evacuator's only way to report).
     pub fn update_evacuation(&self, cluster: &str, f: impl FnOnce(&mut EvacuationProgress)) {
-        let mut all = lock(&self.evacuations);
+        let mut all = self.evacuations.lock();
         if all.len() > crate::config::MAX_CLUSTERS * 4 {
             all.retain(|name, _| self.config().cluster(name).is_some());
         }
@@ -586,7 +589,7 @@ impl Shared {
             ));
         }
         {
-            let mut weights = lock(&self.weights);
+            let mut weights = self.weights.lock();
             let file_weight = weights.get(cluster).map_or(c.weight, |w| w.file_weight);
             if weight == file_weight {
                 weights.remove(cluster);
@@ -607,7 +610,7 @@ impl Shared {
     /// Undoes a run-time drain ([`Shared::drain`]): the cluster takes publishes again, unless
     /// the file itself marks it `drain = true` (the file is read again when there is one).
     pub fn undrain(&self, cluster: &str) -> Result<ReloadStatus, String> {
-        if !lock(&self.drained).contains(cluster) {
+        if !self.drained.lock().contains(cluster) {
             return Err(format!(
                 "{cluster:?} was not drained at run time (POST /clusters/NAME/drain); \
                  a drain set in the file is undone by editing the file"
@@ -615,7 +618,7 @@ impl Shared {
         }
         // The file is read first: one that cannot be read leaves the drain as it is.
         let file = self.read_file_keeping(cluster, "drained")?;
-        lock(&self.drained).remove(cluster);
+        self.drained.lock().remove(cluster);
         if let Some(config) = file {
             return Ok(self.apply(config));
         }
@@ -652,7 +655,7 @@ impl Shared {
     /// a SIGHUP with nothing new): it counts as a successful reload, but the status keeps saying
     /// what the last real reload did, unless that one failed (the failure is over then).
     fn record_no_change(&self) -> ReloadStatus {
-        let mut last = lock(&self.last_reload);
+        let mut last = self.last_reload.lock();
         self.metrics.reloaded(true);
         let status = ReloadStatus {
             at: SystemTime::now(),
@@ -669,7 +672,7 @@ impl Shared {
 
     fn record(&self, ok: bool, message: String) -> ReloadStatus {
         let status = self.status(ok, message);
-        *lock(&self.last_reload) = Some(status.clone());
+        *self.last_reload.lock() = Some(status.clone());
         status
     }
 
@@ -686,7 +689,7 @@ impl Shared {
 
     /// Remembers a sharded queue a client declared (for the admin's queue depths).
     pub fn note_queue(&self, vhost: &str, queue: &str) {
-        let mut q = lock(&self.queues);
+        let mut q = self.queues.lock();
         if q.len() < 100_000 {
             q.insert((vhost.to_owned(), queue.to_owned()));
         }
@@ -694,7 +697,7 @@ impl Shared {
 
     /// Notes the type a declare accepted by the clusters gave `queue` (see `quorum_queues`).
     pub fn note_queue_type(&self, vhost: &str, queue: &str, quorum: bool) {
-        let mut q = lock(&self.quorum_queues);
+        let mut q = self.quorum_queues.lock();
         let key = (vhost.to_owned(), queue.to_owned());
         if !quorum {
             q.remove(&key);
@@ -706,7 +709,9 @@ impl Shared {
     /// Whether the last declare of `queue` accepted through this process made it a quorum
     /// queue (and no delete came after it).
     pub fn is_quorum_queue(&self, vhost: &str, queue: &str) -> bool {
-        lock(&self.quorum_queues).contains(&(vhost.to_owned(), queue.to_owned()))
+        self.quorum_queues
+            .lock()
+            .contains(&(vhost.to_owned(), queue.to_owned()))
     }
 
     /// The single-active-consumer queues and their turns to subscribe (see
@@ -717,7 +722,8 @@ impl Shared {
 
     /// Records a sharded topology change (see [`crate::topology`]).
     pub fn record_topology(&self, vhost: &str, method: crate::codec::Method) {
-        lock(&self.topology)
+        self.topology
+            .lock()
             .entry(vhost.to_owned())
             .or_default()
             .record(crate::route::Class::Sharded, method);
@@ -726,7 +732,7 @@ impl Shared {
     /// Notes the routes a declare any cluster accepted sets up in `vhost` (dead-letter and
     /// alternate exchanges).
     pub fn note_server_routes(&self, vhost: &str, method: &crate::codec::Method) {
-        let mut routes = lock(&self.server_routes);
+        let mut routes = self.server_routes.lock();
         match routes.get_mut(vhost) {
             Some(r) => r.note_declare(method),
             None => routes
@@ -738,7 +744,8 @@ impl Shared {
 
     /// Notes a publish in `vhost` with a `CC` or `BCC` header.
     pub fn note_cc_publish(&self, vhost: &str) {
-        lock(&self.server_routes)
+        self.server_routes
+            .lock()
             .entry(vhost.to_owned())
             .or_default()
             .note_cc();
@@ -752,7 +759,8 @@ impl Shared {
         queue: &[u8],
         bound_to: impl Iterator<Item = &'a [u8]>,
     ) -> bool {
-        lock(&self.server_routes)
+        self.server_routes
+            .lock()
             .get(vhost)
             .is_some_and(|r| r.may_reach(queue, bound_to))
     }
@@ -761,7 +769,7 @@ impl Shared {
     /// this process declared anything there. Read in place, under the lock: a basic.get or a
     /// conditional delete asks this, and a copy of the whole topology would cost each of them.
     pub fn with_topology<T>(&self, vhost: &str, f: impl FnOnce(&Topology) -> T) -> Option<T> {
-        lock(&self.topology).get(vhost).map(f)
+        self.topology.lock().get(vhost).map(f)
     }
 
     /// Notes that `cluster` missed shared topology change `method` of `vhost` (see `stale`).
@@ -778,7 +786,7 @@ impl Shared {
     /// Applies `f` to the log of what `cluster` missed in `vhost`, made if need be (at most
     /// 10,000 logs: vhost names come from clients).
     fn with_stale(&self, vhost: &str, cluster: &str, f: impl FnOnce(&mut crate::topology::Missed)) {
-        let mut stale = lock(&self.stale);
+        let mut stale = self.stale.lock();
         let key = (vhost.to_owned(), cluster.to_owned());
         if stale.len() < 10_000 || stale.contains_key(&key) {
             f(stale.entry(key).or_default());
@@ -787,12 +795,15 @@ impl Shared {
 
     /// Whether `cluster` missed a shared topology change of `vhost`.
     pub fn is_stale(&self, vhost: &str, cluster: &str) -> bool {
-        lock(&self.stale).contains_key(&(vhost.to_owned(), cluster.to_owned()))
+        self.stale
+            .lock()
+            .contains_key(&(vhost.to_owned(), cluster.to_owned()))
     }
 
     /// Whether `cluster` may lack any of `vhost`'s shared topology (see [`Self::mark_stale`]).
     pub fn lacks_shared_topology(&self, vhost: &str, cluster: &str) -> bool {
-        lock(&self.stale)
+        self.stale
+            .lock()
             .get(&(vhost.to_owned(), cluster.to_owned()))
             .is_some_and(|m| m.overflowed)
     }
@@ -804,23 +815,28 @@ impl Shared {
         cluster: &str,
         f: impl FnOnce(&crate::topology::Missed) -> T,
     ) -> Option<T> {
-        lock(&self.stale)
+        self.stale
+            .lock()
             .get(&(vhost.to_owned(), cluster.to_owned()))
             .map(f)
     }
 
     /// The changes `cluster` missed, taken by the caller to apply them there.
     pub fn take_stale(&self, vhost: &str, cluster: &str) -> Option<crate::topology::Missed> {
-        lock(&self.stale).remove(&(vhost.to_owned(), cluster.to_owned()))
+        self.stale
+            .lock()
+            .remove(&(vhost.to_owned(), cluster.to_owned()))
     }
 
     pub fn forget_queue(&self, vhost: &str, queue: &str) {
-        lock(&self.queues).remove(&(vhost.to_owned(), queue.to_owned()));
+        self.queues
+            .lock()
+            .remove(&(vhost.to_owned(), queue.to_owned()));
     }
 
     /// The sharded queues clients declared, as (vhost, name).
     pub fn known_queues(&self) -> Vec<(String, String)> {
-        lock(&self.queues).iter().cloned().collect()
+        self.queues.lock().iter().cloned().collect()
     }
 
     pub fn next_connection_id(&self) -> u64 {
@@ -906,10 +922,6 @@ pub fn check_weight(weight: u32) -> Result<u32, String> {
         );
     }
     Ok(weight)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One line saying what a reload changes, item by item: "shard-b: weight 1 -> 3, drained;

@@ -13,7 +13,9 @@
 //! swaps the filled buffer with a spare and writes it while the session keeps appending.
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -113,16 +115,10 @@ impl Outbox {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock only means a producer panicked mid-append; the bytes are still a valid
-        // prefix of frames or the connection is being torn down anyway.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Appends bytes with `f`. They go out at the next [`flush`](Self::flush). Bytes pushed
     /// after [`close`](Self::close) are dropped.
     pub fn push<R>(&self, f: impl FnOnce(&mut BytesMut) -> R) -> R {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closed {
             let mut scratch = BytesMut::new();
             return f(&mut scratch);
@@ -134,7 +130,7 @@ impl Outbox {
     /// left to the writer task. Returns [`has_room`](Self::has_room) as of after the write (the
     /// session asks both once per turn: one lock instead of two).
     pub fn flush(&self) -> bool {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let left = !st.buf.is_empty() && (st.closed || !self.write_direct(&mut st));
         let room = self.room_now(&st);
         drop(st);
@@ -179,7 +175,7 @@ impl Outbox {
 
     /// True while buffered plus in-flight bytes are under the limit.
     pub fn has_room(&self) -> bool {
-        self.room_now(&self.lock())
+        self.room_now(&self.state.lock())
     }
 
     /// Waits until [`has_room`](Self::has_room) may have become true.
@@ -196,18 +192,18 @@ impl Outbox {
     /// Writes that have put bytes on the socket so far: unchanged between two looks, with
     /// bytes pending, means the peer took nothing meanwhile.
     pub fn writes(&self) -> u64 {
-        self.lock().writes
+        self.state.lock().writes
     }
 
     /// Bytes waiting to be written.
     pub fn pending(&self) -> usize {
-        let st = self.lock();
+        let st = self.state.lock();
         st.buf.len() + st.in_flight
     }
 
     /// Asks the writer to write what is buffered and then shut the socket down.
     pub fn close(&self) {
-        self.lock().closed = true;
+        self.state.lock().closed = true;
         self.writer_wake.notify_one();
     }
 
@@ -215,7 +211,7 @@ impl Outbox {
     /// dropped (the peer is being abandoned), and the socket closes once the writer task,
     /// aborted by the owner, drops its half too.
     pub fn abandon(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.closed = true;
         st.buf.clear();
         st.sock = None;
@@ -229,7 +225,7 @@ impl Outbox {
         loop {
             let notified = self.room_wake.notified();
             {
-                let st = self.lock();
+                let st = self.state.lock();
                 if st.failed || (st.buf.is_empty() && st.in_flight == 0) {
                     return;
                 }
@@ -241,7 +237,7 @@ impl Outbox {
     /// The writer is done (closed or failed): nothing more will be written.
     fn finish(&self, failed: bool) {
         {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             st.failed = failed;
             st.closed = true;
             st.buf = BytesMut::new();
@@ -256,7 +252,7 @@ impl Outbox {
     /// Appends a heartbeat frame when nothing was written since the writer saw `writes`
     /// writes and nothing waits.
     fn heartbeat_if_quiet(&self, writes: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.writes == writes && st.buf.is_empty() {
             codec::write_heartbeat(&mut st.buf);
         }
@@ -318,7 +314,7 @@ async fn idle_wait(
 ) {
     match heartbeat {
         Some(period) => {
-            let writes = outbox.lock().writes;
+            let writes = outbox.state.lock().writes;
             if writes != quiet.writes {
                 *quiet = Quiet {
                     writes,
@@ -349,7 +345,7 @@ async fn run_direct(
     let result = loop {
         let notified = outbox.writer_wake.notified();
         let (closed, empty, error) = {
-            let mut st = outbox.lock();
+            let mut st = outbox.state.lock();
             let (wrote, result) = write_nonblocking(&mut st.buf, &sock);
             outbox.wrote(&mut st, wrote);
             (st.closed, st.buf.is_empty(), result.err())
@@ -386,7 +382,7 @@ async fn run_swapping(
     let result = loop {
         let notified = outbox.writer_wake.notified();
         let closed = {
-            let mut st = outbox.lock();
+            let mut st = outbox.state.lock();
             if !st.buf.is_empty() {
                 std::mem::swap(&mut st.buf, &mut spare);
                 st.in_flight = spare.len();
@@ -411,7 +407,7 @@ async fn run_swapping(
                 Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     off += n;
-                    outbox.lock().writes += 1;
+                    outbox.state.lock().writes += 1;
                 }
                 Err(e) => break Err(e),
             }
@@ -424,7 +420,7 @@ async fn run_swapping(
             spare = BytesMut::with_capacity(INITIAL_CAPACITY);
         }
         {
-            let mut st = outbox.lock();
+            let mut st = outbox.state.lock();
             st.in_flight = 0;
             st.writes += 1;
         }

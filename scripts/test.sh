@@ -27,6 +27,7 @@
 #              missing);
 #      celery: Celery end to end through it (tests/e2e/celery_e2e.py), then GET /clients and
 #              closing one client with pika and a Celery connection (tests/e2e/clients_e2e.py),
+#              Flower's broker tab through the admin endpoint's /api/queues (tests/e2e/flower_e2e.py),
 #              Celery's features (canvas, ETA, retries, revoke, time limits, broadcast,
 #              control, beat) directly and through warren, compared (tests/e2e/celery_patterns.py),
 #              kombu's and Celery's everyday patterns compared likewise (tests/e2e/kombu_edge.py,
@@ -536,6 +537,16 @@ if want python || want clients || want celery; then
                     record celery-clients PASS $(($(date +%s) - t1))
                 else
                     record celery-clients FAIL $(($(date +%s) - t1))
+                fi
+            fi
+            if [ "$TARGET" = proxy ] && [ "$TOPOLOGY" = sharded ] && [ -n "$WARREN_TEST_MANAGEMENT" ]; then
+                # Flower's broker tab, with Flower's own code, through a warren of its own
+                # whose shard clusters have `management`: the sums, as one broker shows them.
+                t1=$(date +%s)
+                if "$PY" tests/e2e/flower_e2e.py "$WARREN_BIN"; then
+                    record celery-flower PASS $(($(date +%s) - t1))
+                else
+                    record celery-flower FAIL $(($(date +%s) - t1))
                 fi
             fi
             if [ "$TARGET" = proxy ] && [ "$TOPOLOGY" = sharded ]; then

@@ -396,7 +396,8 @@ mod tests {
         assert_eq!(NodeHealth::new(now).down_since(), None, "never probed");
         // Backoff grows and is capped.
         for _ in 0..40 {
-            h.nodes.lock()
+            h.nodes
+                .lock()
                 .get_mut(&("a".into(), due[0].1.to_string()))
                 .unwrap()
                 .in_flight = true;
@@ -408,7 +409,8 @@ mod tests {
         assert_eq!(n.down_since(), Some(down_since));
         assert!(n.last_check >= Some(down_since));
         // Back up: no longer down; down again: a new down_since.
-        h.nodes.lock()
+        h.nodes
+            .lock()
             .get_mut(&("a".into(), due[0].1.to_string()))
             .unwrap()
             .in_flight = true;

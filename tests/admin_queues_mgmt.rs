@@ -581,6 +581,37 @@ async fn a_fresh_warren_lists_queues_declared_directly_on_the_clusters() {
     }
     assert_eq!(v["total_messages"], 9, "{v:#}");
 
+    // The same numbers in the management API's shape, where Flower and KEDA read them: one
+    // queue (ready, unacknowledged, their sum) and the vhost's listing.
+    let (status, body) = http_get(warren.admin, &format!("/api/queues/%2F/{one}")).await;
+    assert_eq!(status, 200, "{body}");
+    let q: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (
+            &q["messages_ready"],
+            &q["messages_unacknowledged"],
+            &q["messages"],
+            &q["consumers"]
+        ),
+        (&4.into(), &1.into(), &5.into(), &1.into()),
+        "{q:#}"
+    );
+    let (status, body) = http_get(warren.admin, "/api/queues/%2F").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).expect("json");
+    for (name, ready) in [(&one, 4), (&two, 4), (&gone, 1)] {
+        let q = listed
+            .as_array()
+            .and_then(|l| l.iter().find(|q| q["name"] == name.as_str()));
+        assert_eq!(
+            q.map(|q| &q["messages_ready"]),
+            Some(&ready.into()),
+            "{listed:#}"
+        );
+    }
+    let (status, body) = http_get(warren.admin, &format!("/api/queues/%2F/{base}.none")).await;
+    assert_eq!(status, 404, "{body}");
+
     // check-queues with the same configuration, no warren needed: every queue, with its split.
     let (code, line) = check_queues(&[
         "--config",

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::management_api::{self, ApiPath};
 use super::queues;
 use super::{AdminState, page, rfc3339, unix_ms};
 use crate::config::{Config, Role};
@@ -147,6 +148,8 @@ enum Route {
     Weight(String),
     Clients,
     CloseClient(u64),
+    /// `GET /api/queues[/VHOST[/NAME]]`
+    ManagementApi(ApiPath),
 }
 
 impl Route {
@@ -165,6 +168,7 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/reload" => Route::Reload,
             "/clients" => Route::Clients,
+            p if p.starts_with("/api/") => Route::ManagementApi(ApiPath::parse(p, percent_decode)?),
             p if p.starts_with("/clients/") => {
                 let id = p.strip_prefix("/clients/")?.strip_suffix("/close")?;
                 Route::CloseClient(id.parse().ok()?)
@@ -307,6 +311,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Resp {
             metrics(state, Format::from_accept(accept))
         }
         Route::Clients => json_response(StatusCode::OK, &clients(state)),
+        Route::ManagementApi(path) => management_api_response(state, path).await,
         Route::Reload
         | Route::Drain(_)
         | Route::Undrain(_)
@@ -602,12 +607,17 @@ fn clusters(state: &AdminState) -> Value {
 // /queues
 
 async fn queues_response(state: &AdminState, filter: Option<String>) -> Resp {
+    json_bytes(StatusCode::OK, cached_queues(state, filter).await)
+}
+
+/// The `/queues` answer for `filter`, reused for [`QUEUES_CACHE`].
+async fn cached_queues(state: &AdminState, filter: Option<String>) -> Bytes {
     let mut cache = state.queues_cache.lock().await;
     if let Some(c) = cache.as_ref()
         && c.filter == filter
         && c.at.elapsed() < QUEUES_CACHE
     {
-        return json_bytes(StatusCode::OK, c.body.clone());
+        return c.body.clone();
     }
     let config = state.shared.config();
     let value = queues_json(&config, state.shared.known_queues(), filter.as_deref()).await;
@@ -619,7 +629,40 @@ async fn queues_response(state: &AdminState, filter: Option<String>) -> Resp {
         filter,
         body: body.clone(),
     });
-    json_bytes(StatusCode::OK, body)
+    body
+}
+
+/// `GET /api/queues[/VHOST[/NAME]]` (see [`management_api`]): from the answer of
+/// `GET /queues?queue=*`; a queue that is not in it (clusters without `management`, a queue
+/// this process never saw declared) is asked of every shard cluster by name.
+async fn management_api_response(state: &AdminState, path: ApiPath) -> Resp {
+    let body = cached_queues(state, Some("*".to_owned())).await;
+    let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let vhost = match path {
+        ApiPath::Queue { vhost, name } => {
+            let listed = management_api::find(&answer, &vhost, &name).cloned();
+            let entry = match listed {
+                Some(entry) => Some(entry),
+                None => {
+                    let config = state.shared.config();
+                    queues::report(&config, &[(vhost, name)])
+                        .await
+                        .into_iter()
+                        .next()
+                }
+            };
+            return match entry.as_ref().and_then(management_api::found) {
+                Some(queue) => json_response(StatusCode::OK, &queue),
+                None => json_response(StatusCode::NOT_FOUND, &management_api::not_found()),
+            };
+        }
+        ApiPath::Vhost(vhost) => Some(vhost),
+        ApiPath::Queues => None,
+    };
+    json_response(
+        StatusCode::OK,
+        &management_api::listing(&answer, vhost.as_deref()),
+    )
 }
 
 async fn queues_json(config: &Config, known: Vec<(String, String)>, filter: Option<&str>) -> Value {
@@ -1041,6 +1084,18 @@ mod tests {
         assert_eq!(Route::parse("/clusters/%ff/drain"), None);
         assert_eq!(Route::parse("/nope"), None);
         assert_eq!(Route::parse("/clients"), Some(Route::Clients));
+        assert_eq!(
+            Route::parse("/api/queues/%2F/celery/"),
+            Some(Route::ManagementApi(ApiPath::Queue {
+                vhost: "/".into(),
+                name: "celery".into()
+            }))
+        );
+        assert_eq!(
+            Route::parse("/api/queues/"),
+            Some(Route::ManagementApi(ApiPath::Queues))
+        );
+        assert_eq!(Route::parse("/api/overview"), None);
         assert_eq!(
             Route::parse("/clients/42/close"),
             Some(Route::CloseClient(42))

@@ -9,6 +9,7 @@
 //! | `GET /ready` | 200 when a shard cluster taking publishes and the control cluster are reachable |
 //! | `GET /clusters` | version and uptime, clusters, node probe states, per-cluster counters, last reload |
 //! | `GET /queues[?queue=GLOB]` | depths of the sharded queues, summed over the shard clusters |
+//! | `GET /api/queues[/VHOST[/NAME]]` | the same depths in RabbitMQ's management API shape (Flower, KEDA) |
 //! | `GET /metrics` | Prometheus exposition |
 //! | `POST /reload` | re-read the configuration file |
 //! | `GET /clients` | the open client connections |
@@ -24,6 +25,7 @@
 pub mod check;
 mod http;
 mod http_client;
+mod management_api;
 mod page;
 pub mod queues;
 

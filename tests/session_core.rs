@@ -5937,3 +5937,66 @@ async fn z_a_confirm_that_waited_for_a_slow_client_is_not_timed_as_the_clusters(
         "the stall was timed as the cluster's: {count} confirms timed, {sum} s in all"
     );
 }
+
+/// A client holding a delivery publishes and exits at once, without connection.close, and the
+/// cluster is slow to confirm the publish (RabbitMQ 3.10 before 3.10.10 could withhold a
+/// confirm for good on a mirrored queue). One broker requeues the client's unacknowledged
+/// deliveries as the connection ends, so another consumer gets them at once. warren keeps the
+/// links open for the confirm (so a link that dies meanwhile does not lose the publish), and
+/// used to keep the deliveries with them, up to `timeouts.failover_wait_secs`. Now they are
+/// requeued as the client goes (a `multiple` nack with requeue), and the links still wait for
+/// the confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_gone_clients_deliveries_are_requeued_while_its_publishes_wait_for_confirms() {
+    leaving_clients_deliveries_are_requeued(false).await;
+}
+
+/// The same for a client that sends connection.close: RabbitMQ requeues what it held at the
+/// close, and warren answers close-ok once the publishes before it are confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_closing_clients_deliveries_are_requeued_while_its_publishes_wait_for_confirms() {
+    leaving_clients_deliveries_are_requeued(true).await;
+}
+
+/// A client holding two deliveries of shard-a leaves (`close`: with connection.close, else
+/// by dropping its socket) while a publish waits for its confirm.
+async fn leaving_clients_deliveries_are_requeued(close: bool) {
+    let rig = Rig::three().await;
+    let a = rig.get(A);
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.prove_default_exchange(2).await;
+    c.consume(1, Q, "held").await;
+    for body in ["one", "two"] {
+        a.enqueue(Q, body.as_bytes());
+        assert_eq!(c.delivery().await.body, body.as_bytes());
+    }
+    let la = a.only_link().await;
+    rig.get(B).on_publish(|_| Verdict::Hold);
+    a.on_publish(|_| Verdict::Hold);
+    c.publish(2, Q, "unconfirmed").await;
+    c.sync(2).await;
+    // The closing client stays connected, waiting for close-ok.
+    let _waiting = if close {
+        c.send(0, Method::ConnectionClose(Default::default())).await;
+        Some(c)
+    } else {
+        drop(c);
+        None
+    };
+    wait_for(
+        "the leaving client's deliveries requeued on shard-a",
+        || a.unacked(la).is_empty().then_some(()),
+    )
+    .await;
+    let requeued = a.ledger(la).settlements(1);
+    assert!(
+        matches!(requeued.as_slice(), [Method::BasicNack(n)] if n.multiple && n.requeue),
+        "{requeued:?}"
+    );
+    assert!(
+        a.links().contains(&la),
+        "the link waits for the confirm of the publish"
+    );
+}

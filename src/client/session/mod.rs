@@ -1174,6 +1174,7 @@ impl Session {
         if self.publishes_held() {
             // Deliveries meanwhile would go nowhere: a no-ack consumer's would be lost.
             self.stop_consuming();
+            self.requeue_deliveries();
         }
         let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
         self.eof_drain = Some(EofDrain {
@@ -1652,8 +1653,10 @@ impl Session {
         });
         if self.publishes_held() {
             // Nothing more may be delivered to a client that is leaving (a no-ack consumer's
-            // messages would be lost) while the publishes wait for their confirms.
+            // messages would be lost) while the publishes wait for their confirms, and what it
+            // holds goes back to the queues, as one broker requeues it at the close.
             self.stop_consuming();
+            self.requeue_deliveries();
         }
         self.maybe_close_requested();
     }
@@ -1690,6 +1693,31 @@ impl Session {
                 .links
                 .iter()
                 .any(|s| s.live() && s.chans.iter().any(|c| c.confirms.pending() > 0))
+    }
+
+    /// Gives back what a client that is leaving held, as one broker does when the connection
+    /// ends, while warren keeps the links open for the confirms of its publishes: every
+    /// delivery it had not acknowledged is requeued (a `multiple` nack of each channel's
+    /// outstanding tags, on each link), so other consumers get the messages at once instead of
+    /// when the links close. Not in a transaction: the broker applies its settlements only at
+    /// a commit that never comes, and closing the link requeues them.
+    fn requeue_deliveries(&mut self) {
+        for ch in 0..self.channels.len() {
+            let outstanding = self.channels[ch]
+                .as_ref()
+                .is_some_and(|c| !c.tx && c.tags.outstanding() > 0);
+            if !outstanding {
+                continue;
+            }
+            let nack = |tag, multiple| {
+                Method::BasicNack(codec::BasicNack {
+                    delivery_tag: tag,
+                    multiple,
+                    requeue: true,
+                })
+            };
+            self.ack(ch as u16, 0, true, &nack(0, true), nack);
+        }
     }
 
     /// Cancels every consumer on every link, for a client that is leaving while its

@@ -274,9 +274,9 @@ impl Session {
     }
 
     /// A link opened to cluster `c` joins the connection: it replays this client's topology
-    /// (under `plan`, leaving out what names something `gone`; on the first channel the client
-    /// opens if none is open yet), channels and consumers, then
-    /// takes its share of publishes.
+    /// (under `plan`, leaving out the changes that name something `gone`; on the first channel
+    /// the client opens if none is open yet), channels and consumers, then takes its share of
+    /// publishes.
     fn join(
         &mut self,
         link: Link,
@@ -284,15 +284,8 @@ impl Session {
         plan: TopologyPlan,
         gone: Vec<Name>,
     ) {
-        if self.closing.is_some()
-            || !self
-                .shared
-                .config()
-                .clusters
-                .iter()
-                .any(|k| k.name == c.name)
-        {
-            // Closing, or the cluster was removed while connecting: drop the link.
+        if self.closing.is_some() || self.shared.config().cluster(&c.name).is_none() {
+            // Closing, or the cluster was removed while its link waited: drop the link.
             return;
         }
         if let Some(queue) = self.single_active_consumer_queue() {

@@ -12,7 +12,7 @@ use crate::route::Class;
 const MAX_ENTRIES: usize = 10_000;
 
 /// A queue or an exchange, by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Name {
     Queue(ShortStr),
     Exchange(ShortStr),

@@ -19,6 +19,8 @@
 //! This file keeps the bookkeeping and the choice of names; the session sends the checks and
 //! replays the link once they are answered.
 
+use std::collections::HashSet;
+
 use crate::codec::{Method, ShortStr};
 use crate::config::ClusterConfig;
 use crate::topology::Name;
@@ -26,18 +28,20 @@ use crate::upstream::link::Link;
 
 use super::link_slot::TopologyPlan;
 
-/// The names among `declares` (the declares a replay would send, in order) that the session
-/// cannot vouch for, each once. Left out: exclusive queues (this connection's own, which
-/// nothing else deletes), queues `consumed` by the client (a consumer keeps a queue from
-/// expiring, and its replay must find the queue declared), and names no client declares (the
-/// default and `amq.` exchanges, server-named queues left unnamed).
-pub(super) fn unvouched<'a>(
+/// Adds to `names` (each once; `seen` holds those already in it) the names among `declares`
+/// (methods a replay would send, in order) that the session cannot vouch for. Left out: what is
+/// not a declare, exclusive queues (this connection's own, which nothing else deletes), queues
+/// `consumed` by the client (a consumer keeps a queue from expiring, and its replay must find
+/// the queue declared), and names no client declares (the default and `amq.` exchanges,
+/// server-named queues left unnamed).
+pub(super) fn add_unvouched<'a>(
+    names: &mut Vec<Name>,
+    seen: &mut HashSet<Name>,
     declares: impl Iterator<Item = &'a Method>,
     consumed: impl Fn(&ShortStr) -> bool,
-) -> Vec<Name> {
-    let mut names: Vec<Name> = Vec::new();
+) {
     for method in declares {
-        let name = match method {
+        match method {
             Method::QueueDeclare(q) if q.exclusive || q.queue.is_empty() || consumed(&q.queue) => {
                 continue;
             }
@@ -46,16 +50,14 @@ pub(super) fn unvouched<'a>(
             {
                 continue;
             }
-            m => match Name::declared_by(m) {
-                Some(name) => name,
-                None => continue,
-            },
-        };
-        if !names.contains(&name) {
+            _ => {}
+        }
+        if let Some(name) = Name::declared_by(method)
+            && seen.insert(name.clone())
+        {
             names.push(name);
         }
     }
-    names
 }
 
 /// A link opened to a cluster, waiting for the other clusters' answers before it joins.
@@ -141,7 +143,10 @@ mod tests {
             bind("leased", "jobs"),
             queue("leased", false),
         ];
-        let names = unvouched(declares.iter(), |q| q.as_bytes() == b"consumed");
+        let (mut names, mut seen) = (Vec::new(), HashSet::new());
+        add_unvouched(&mut names, &mut seen, declares.iter(), |q| {
+            q.as_bytes() == b"consumed"
+        });
         assert_eq!(
             names,
             [Name::Queue(s("leased")), Name::Exchange(s("jobs"))],

@@ -157,43 +157,27 @@ impl Session {
     /// `plan`, when `records`, and the changes it missed) that a cluster may have lost unseen
     /// (see `joining.rs`).
     fn unvouched_names(&self, cluster: &str, plan: TopologyPlan, records: bool) -> Vec<Name> {
-        let is_declare = |m: &Method| Name::declared_by(m).is_some();
-        let mut declares: Vec<Method> = Vec::new();
+        let (mut names, mut seen) = (Vec::new(), std::collections::HashSet::new());
+        let consumed = |q: &ShortStr| self.consumes(q);
         if plan.declare && records {
-            if plan.shared
-                && let Some(shared) = self.shared.with_topology(&self.vhost, |t| {
-                    t.entries()
-                        .map(|(_, m)| m)
-                        .filter(|m| is_declare(m))
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
-            {
-                declares.extend(shared);
+            if plan.shared {
+                self.shared.with_topology(&self.vhost, |t| {
+                    let declares = t.entries().map(|(_, m)| m);
+                    joining::add_unvouched(&mut names, &mut seen, declares, consumed);
+                });
             }
-            declares.extend(
-                self.topology
-                    .entries()
-                    .map(|(_, m)| m)
-                    .filter(|m| is_declare(m))
-                    .cloned(),
-            );
+            let own = self.topology.entries().map(|(_, m)| m);
+            joining::add_unvouched(&mut names, &mut seen, own, consumed);
         }
         if let Some(missed) = self.stale_topology.get(cluster) {
-            declares.extend(missed.methods.iter().filter(|m| is_declare(m)).cloned());
+            joining::add_unvouched(&mut names, &mut seen, missed.methods.iter(), consumed);
         }
-        if !plan.shared
-            && let Some(missed) = self.shared.with_missed(&self.vhost, cluster, |m| {
-                m.methods
-                    .iter()
-                    .filter(|m| is_declare(m))
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-        {
-            declares.extend(missed);
+        if !plan.shared {
+            self.shared.with_missed(&self.vhost, cluster, |m| {
+                joining::add_unvouched(&mut names, &mut seen, m.methods.iter(), consumed);
+            });
         }
-        joining::unvouched(declares.iter(), |q| self.consumes(q))
+        names
     }
 
     /// Holds `link` back from joining until the serving clusters say which of `names` they
@@ -236,11 +220,9 @@ impl Session {
         };
         if let Some(name) = &gone {
             info!(conn = self.id, cluster = %self.joining[at].cluster.name, "{name} is gone from every cluster (deleted, expired or auto-deleted): forgotten, not declared again on a cluster joining the connection");
+            // Recording the deletion touches no joining link's place in the list.
             self.forget(name);
         }
-        let Some(at) = self.joining.iter().position(|j| j.id == join) else {
-            return;
-        };
         if self.joining[at].answered(gone) {
             let j = self.joining.swap_remove(at);
             self.connecting.retain(|c| *c != j.cluster.name);

@@ -1261,8 +1261,13 @@ async fn c_an_auto_delete_exchange_gone_during_a_failover_is_forgotten() {
 
 /// queue.declare of durable queue `queue` with an `x-expires` lease of a minute.
 fn declare_leased(queue: &str) -> Method {
+    declare_durable_with(queue, "x-expires", codec::FieldValue::I32(60_000))
+}
+
+/// queue.declare of durable queue `queue` with one argument.
+fn declare_durable_with(queue: &str, key: &str, value: codec::FieldValue) -> Method {
     let mut arguments = codec::FieldTable::default();
-    arguments.insert(ss("x-expires"), codec::FieldValue::I32(60_000));
+    arguments.insert(ss(key), value);
     Method::QueueDeclare(codec::QueueDeclare {
         queue: ss(queue),
         durable: true,
@@ -2388,17 +2393,11 @@ async fn k_a_cluster_joining_a_single_active_consumers_connection_closes_it_with
 
 /// queue.declare of a durable single-active-consumer queue.
 fn declare_single_active(queue: &str) -> Method {
-    let mut arguments = codec::FieldTable::default();
-    arguments.insert(
-        ss("x-single-active-consumer"),
+    declare_durable_with(
+        queue,
+        "x-single-active-consumer",
         codec::FieldValue::Bool(true),
-    );
-    Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(queue),
-        durable: true,
-        arguments,
-        ..Default::default()
-    })
+    )
 }
 
 fn consume_of(queue: &str, tag: &str) -> Method {

@@ -30,6 +30,7 @@ import uuid
 import pika
 from flower.utils.broker import Broker
 from tornado.ioloop import IOLoop
+from warren_admin import free_port
 
 FAILED = 0
 MESSAGES = 20
@@ -50,12 +51,6 @@ def env_map(var: str) -> dict[str, list[str]]:
             name, values = part.split("=", 1)
             out[name] = values.split(",")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flower_queue(http_api: str, broker_host: str, queue: str) -> dict | None:

@@ -669,16 +669,33 @@ async fn rollback_three_then_commit_two(ch: &amqprs::channel::Channel, q: &str, 
         before + 2,
         "committed publishes are missing"
     );
-    for i in 0..before {
-        let m = get(ch, q, true).await.expect("a message published before");
-        assert_eq!(m.body, format!("plain {i}").as_bytes());
-    }
-    for body in [&b"committed 1"[..], b"committed 2"] {
+    // Read back by a consumer, not by `before + 2` gets: amqprs 2.1's basic.get now and then
+    // loses track of its own request (its channel task panics "get responder must be
+    // registered" on the get-ok it asked for), about once in 40,000 gets on a loaded machine:
+    // a loop of 500 gets failed this test about once in 80 runs, with warren's own record of
+    // the connection showing one get-ok sent per get, each after its get.
+    let (tag, mut deliveries) = consume(ch, q, false).await; // without acks
+    let expected = (0..before)
+        .map(|i| format!("plain {i}").into_bytes())
+        .chain([b"committed 1".to_vec(), b"committed 2".to_vec()]);
+    for body in expected {
+        let d = next_delivery(&mut deliveries).await;
         assert_eq!(
-            get(ch, q, true).await.expect("a committed publish").body,
-            body
+            String::from_utf8_lossy(&d.body),
+            String::from_utf8_lossy(&body)
         );
     }
+    within(
+        "basic.cancel",
+        ch.basic_cancel(BasicCancelArguments::new(&tag)),
+    )
+    .await
+    .unwrap();
+    // Deliveries before the cancel-ok are already in the consumer's stream.
+    assert!(
+        deliveries.try_recv().is_err(),
+        "a rolled back publish was delivered"
+    );
     assert!(
         get(ch, q, true).await.is_none(),
         "a rolled back publish was delivered"

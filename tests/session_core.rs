@@ -5957,6 +5957,73 @@ async fn t_a_closing_clients_deliveries_are_requeued_while_its_publishes_wait_fo
     leaving_clients_deliveries_are_requeued(true).await;
 }
 
+/// A client with an exclusive queue leaves while a publish of its own waits for a confirm the
+/// cluster is slow to send. One broker deletes a connection's exclusive queues as it ends, so
+/// the client may reconnect at once and declare the queue again. warren keeps the links open
+/// for the confirm, and used to keep the queue with them, up to `timeouts.failover_wait_secs`
+/// (a reconnecting client was refused with 405 meanwhile). Now it is deleted on every cluster
+/// as the client goes, and the links still wait for the confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_gone_clients_exclusive_queues_are_deleted_while_its_publishes_wait_for_confirms() {
+    leaving_clients_exclusive_queues_are_deleted(false).await;
+}
+
+/// The same for a client that sends connection.close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_closing_clients_exclusive_queues_are_deleted_while_its_publishes_wait_for_confirms() {
+    leaving_clients_exclusive_queues_are_deleted(true).await;
+}
+
+async fn leaving_clients_exclusive_queues_are_deleted(close: bool) {
+    const MINE: &str = "replies.mine";
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(MINE),
+        exclusive: true,
+        ..Default::default()
+    });
+    let ok = c.call(1, exclusive).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.prove_default_exchange(2).await;
+    for s in [a, b, control] {
+        assert!(s.has_queue(MINE), "declared on {}", s.name());
+    }
+    a.on_publish(|_| Verdict::Hold);
+    b.on_publish(|_| Verdict::Hold);
+    c.publish(2, Q, "unconfirmed").await;
+    c.sync(2).await;
+    let links = [a.only_link().await, b.only_link().await];
+    let _waiting = if close {
+        c.send(0, Method::ConnectionClose(Default::default())).await;
+        Some(c)
+    } else {
+        drop(c);
+        None
+    };
+    wait_for(
+        "the leaving client's exclusive queue deleted everywhere",
+        || {
+            [a, b, control]
+                .iter()
+                .all(|s| !s.has_queue(MINE))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        a.has_queue(Q) && b.has_queue(Q),
+        "only the exclusive queue goes"
+    );
+    assert!(
+        a.links().contains(&links[0]) && b.links().contains(&links[1]),
+        "the links wait for the confirm of the publish"
+    );
+}
+
 /// A client holding two deliveries of shard-a leaves (`close`: with connection.close, else
 /// by dropping its socket) while a publish waits for its confirm.
 async fn leaving_clients_deliveries_are_requeued(close: bool) {

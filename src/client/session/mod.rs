@@ -1175,6 +1175,7 @@ impl Session {
             // Deliveries meanwhile would go nowhere: a no-ack consumer's would be lost.
             self.stop_consuming();
             self.requeue_deliveries();
+            self.delete_exclusive_queues();
         }
         let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
         self.eof_drain = Some(EofDrain {
@@ -1503,6 +1504,7 @@ impl Session {
             // clusters have confirmed them, as after the client's own close, not under them.
             // Nothing more is delivered to a client that is being closed.
             self.stop_consuming();
+            self.delete_exclusive_queues();
             let wait = Duration::from_secs(self.shared.config().timeouts.failover_wait_secs);
             self.proxy_close_held_until = Some(now + wait);
             if self.client_owed_confirms() {
@@ -1657,6 +1659,7 @@ impl Session {
             // holds goes back to the queues, as one broker requeues it at the close.
             self.stop_consuming();
             self.requeue_deliveries();
+            self.delete_exclusive_queues();
         }
         self.maybe_close_requested();
     }
@@ -1717,6 +1720,34 @@ impl Session {
                 })
             };
             self.ack(ch as u16, 0, true, &nack(0, true), nack);
+        }
+    }
+
+    /// Deletes the client's exclusive queues on every link, for a client that is leaving while
+    /// its publishes wait for their confirms. RabbitMQ deletes a connection's exclusive queues
+    /// as it closes; warren's links stay open meanwhile, up to `timeouts.failover_wait_secs`,
+    /// and would keep them, so a client that reconnects at once and declares one again would
+    /// be refused with 405 (locked by a connection that is gone). Each delete goes on a channel
+    /// of warren's own, which a refusal closes alone. A declare still unanswered is not in the
+    /// connection's topology yet, and is left to the link's close.
+    fn delete_exclusive_queues(&mut self) {
+        let queues: Vec<ShortStr> = self
+            .topology
+            .entries()
+            .filter_map(|(_, m)| match m {
+                Method::QueueDeclare(q) if q.exclusive => Some(q.queue.clone()),
+                _ => None,
+            })
+            .collect();
+        for queue in queues {
+            debug!(conn = self.id, queue = %queue.as_str(), "client leaving: deleting its exclusive queue");
+            let delete = Method::QueueDelete(codec::QueueDelete {
+                queue,
+                ..Default::default()
+            });
+            for link in self.live_links().iter() {
+                self.own_channel_request(link, 0, &delete, Pending::Internal);
+            }
         }
     }
 

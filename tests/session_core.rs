@@ -2006,7 +2006,9 @@ async fn c_a_link_lost_while_the_client_holds_its_deliveries_closes_the_client()
 /// warren closes a client with 320 (shard-a's link died while the client held one of its
 /// deliveries) while publishes the client sent without confirms are still unconfirmed on
 /// shard-b: shard-b's link stays open until they are confirmed, and they are in the queue. It
-/// used to get connection.close with the client's, and the publishes were lost with it.
+/// used to get connection.close with the client's, and the publishes were lost with it. The
+/// client's exclusive queue is deleted at once all the same, as RabbitMQ deletes it with the
+/// connection, not kept with the link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirmed() {
     let rig = Rig::three().await;
@@ -2015,6 +2017,13 @@ async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirm
     c.open(1).await;
     c.declare(1, Q).await;
     c.declare(1, "other").await;
+    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss("mine"),
+        exclusive: true,
+        ..Default::default()
+    });
+    let ok = c.call(1, exclusive).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
     c.consume(1, Q, "worker").await;
     a.enqueue(Q, b"held");
     assert_eq!(c.delivery().await.body, b"held".as_slice());
@@ -2036,6 +2045,10 @@ async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirm
     assert!(
         b.links().contains(&link_b),
         "shard-b's link stays while its publishes are unconfirmed"
+    );
+    assert!(
+        !b.has_queue("mine"),
+        "the exclusive queue is deleted as the client is closed"
     );
     b.confirm(link_b, 1, 2, true, true);
     wait_for("shard-b routed the two publishes", || {

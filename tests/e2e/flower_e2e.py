@@ -106,8 +106,10 @@ def main(binary: str) -> int:
 
         direct = {}
         through = None
-        # The management API refreshes its statistics every second on the test clusters.
-        deadline = time.time() + 30
+        # The management API refreshes its statistics every second on the test clusters, but a
+        # cluster under load may go on answering for a queue without its message counts (seen
+        # for 30 s on a busy CI machine): waited for up to 60 s.
+        deadline = time.time() + 60
         while time.time() < deadline:
             conn.process_data_events(time_limit=0.5)
             direct = {
@@ -116,7 +118,7 @@ def main(binary: str) -> int:
             }
             through = flower_queue(f"http://{admin}/api/", proxy, queue)
             shares = [d for d in direct.values() if d]
-            total = sum(d.get("messages", 0) for d in shares)
+            total = sum(d.get("messages") or 0 for d in shares)
             if len(shares) == 2 and total == MESSAGES and through and through.get("messages") == MESSAGES:
                 break
             time.sleep(1)
@@ -125,15 +127,28 @@ def main(binary: str) -> int:
         print(f"  direct, per shard cluster: {shown}")
         print(f"  through warren: {through}")
         shares = [d for d in direct.values() if d]
-        check(len(shares) == 2 and all(0 < d["messages"] < MESSAGES for d in shares),
+        check(len(shares) == 2, "each shard cluster's own API has the queue")
+        counted = [d for d in shares if d.get("messages") is not None]
+        check(all(0 < d["messages"] < MESSAGES for d in counted),
               "each shard cluster's own API shows a share of the queue, not all of it")
         check(through is not None, "Flower finds the queue through warren's admin endpoint")
-        if through is not None:
+        if through is not None and len(counted) == 2:
             for key in ("messages", "messages_ready", "messages_unacknowledged"):
                 want = sum(d.get(key, 0) for d in shares)
                 check(through.get(key) == want, f"{key} through warren is the clusters' sum ({through.get(key)} = {want})")
             check(through.get("messages") == MESSAGES, f"messages is every message published ({MESSAGES})")
             check(through.get("messages_unacknowledged", 0) >= 1, "the held delivery counts as unacknowledged")
+        elif through is not None:
+            # A cluster's API never gave its counts, so there is no sum to compare with. warren
+            # asks the same APIs: a count it could not learn must be left out (Flower then shows
+            # N/A), never given too low.
+            print(f"  note: {2 - len(counted)} shard cluster(s) gave no message counts within 60 s")
+            check(through.get("messages") in (None, MESSAGES),
+                  f"messages through warren is every message published or left out ({through.get('messages')})")
+            unacked = through.get("messages_unacknowledged")
+            check(unacked is None or unacked >= 1,
+                  f"messages_unacknowledged through warren counts the held delivery or is left out ({unacked})")
+        if through is not None:
             check(through.get("consumers") == 1, "consumers is the client's one consumer, as on one broker")
         ch.queue_delete(queue)
     finally:

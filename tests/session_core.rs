@@ -6010,13 +6010,7 @@ async fn leaving_clients_exclusive_queues_are_deleted(close: bool) {
     c.publish(2, Q, "unconfirmed").await;
     c.sync(2).await;
     let links = [a.only_link().await, b.only_link().await];
-    let _waiting = if close {
-        c.send(0, Method::ConnectionClose(Default::default())).await;
-        Some(c)
-    } else {
-        drop(c);
-        None
-    };
+    let _waiting = leave(c, close).await;
     wait_for(
         "the leaving client's exclusive queue deleted everywhere",
         || {
@@ -6035,6 +6029,16 @@ async fn leaving_clients_exclusive_queues_are_deleted(close: bool) {
         a.links().contains(&links[0]) && b.links().contains(&links[1]),
         "the links wait for the confirm of the publish"
     );
+}
+
+/// The client leaves: with connection.close (`close`; it is returned, still connected and
+/// waiting for close-ok), else by dropping its socket.
+async fn leave(mut c: Client, close: bool) -> Option<Client> {
+    if !close {
+        return None;
+    }
+    c.send(0, Method::ConnectionClose(Default::default())).await;
+    Some(c)
 }
 
 /// A client holding two deliveries of shard-a leaves (`close`: with connection.close, else
@@ -6057,13 +6061,7 @@ async fn leaving_clients_deliveries_are_requeued(close: bool) {
     c.publish(2, Q, "unconfirmed").await;
     c.sync(2).await;
     // The closing client stays connected, waiting for close-ok.
-    let _waiting = if close {
-        c.send(0, Method::ConnectionClose(Default::default())).await;
-        Some(c)
-    } else {
-        drop(c);
-        None
-    };
+    let _waiting = leave(c, close).await;
     wait_for(
         "the leaving client's deliveries requeued on shard-a",
         || a.unacked(la).is_empty().then_some(()),

@@ -423,6 +423,17 @@ impl Client {
         assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
     }
 
+    /// queue.declare of an exclusive queue (this connection's own), answered with declare-ok.
+    async fn declare_exclusive(&mut self, ch: u16, queue: &str) {
+        let declare = Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(queue),
+            exclusive: true,
+            ..Default::default()
+        });
+        let ok = self.call(ch, declare).await;
+        assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    }
+
     /// queue.declare of a transient auto-delete queue, answered with declare-ok.
     async fn declare_auto_delete(&mut self, ch: u16, queue: &str) {
         let declare = Method::QueueDeclare(codec::QueueDeclare {
@@ -2017,13 +2028,7 @@ async fn c_a_close_warren_starts_keeps_the_links_until_the_publishes_are_confirm
     c.open(1).await;
     c.declare(1, Q).await;
     c.declare(1, "other").await;
-    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss("mine"),
-        exclusive: true,
-        ..Default::default()
-    });
-    let ok = c.call(1, exclusive).await;
-    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.declare_exclusive(1, "mine").await;
     c.consume(1, Q, "worker").await;
     a.enqueue(Q, b"held");
     assert_eq!(c.delivery().await.body, b"held".as_slice());
@@ -2893,17 +2898,11 @@ async fn f_an_exclusive_queue_a_server_side_route_leads_to_closes_the_client_whe
     const REPLIES: &str = "celeryev.replies";
     let rig = Rig::start(&[(A, 3), (B, 1), (CONTROL, 1)]).await;
     let a = rig.get(A);
-    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(REPLIES),
-        exclusive: true,
-        ..Default::default()
-    });
     // Without a route there, the copy is declared again and the client stays.
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let ok = c.call(1, exclusive.clone()).await;
-    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.declare_exclusive(1, REPLIES).await;
     let first = a.only_link().await;
     a.kill(first, Kill::Rst);
     wait_for("shard-a's copy declared again", || {
@@ -2943,8 +2942,7 @@ async fn f_an_exclusive_queue_a_server_side_route_leads_to_closes_the_client_whe
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let ok = c.call(1, exclusive).await;
-    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.declare_exclusive(1, REPLIES).await;
     let link = wait_for("the client's shard-a link", || {
         a.links().into_iter().find(|l| !before.contains(l))
     })
@@ -5994,13 +5992,7 @@ async fn leaving_clients_exclusive_queues_are_deleted(close: bool) {
     let mut c = Client::connect(rig.addr()).await;
     c.open(1).await;
     c.declare(1, Q).await;
-    let exclusive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(MINE),
-        exclusive: true,
-        ..Default::default()
-    });
-    let ok = c.call(1, exclusive).await;
-    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    c.declare_exclusive(1, MINE).await;
     c.prove_default_exchange(2).await;
     for s in [a, b, control] {
         assert!(s.has_queue(MINE), "declared on {}", s.name());

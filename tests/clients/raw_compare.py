@@ -1199,7 +1199,7 @@ def run(addr: str, fn, is_proxy: bool) -> Target:
     return t
 
 
-ROUTINE_LOG = ("link opened", "added cluster ready", "connection opened",
+ROUTINE_LOG = ("link opened", "link ready", "connection opened",
                "reason=client closed the TCP connection", "reason=client closed the connection")
 
 

@@ -744,7 +744,7 @@ impl Session {
     pub(super) fn replayed_one(&mut self, link: LinkId) {
         let slot = &mut self.links[link];
         if slot.replay_answered() {
-            info!(conn = self.id, cluster = %slot.link.cluster, "added cluster ready: topology and consumers replayed");
+            info!(conn = self.id, cluster = %slot.link.cluster, "link ready: this client's topology, channels and consumers replayed");
             self.unpark();
         }
     }

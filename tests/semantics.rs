@@ -110,6 +110,7 @@ differential!(
     server_named_quorum_queue_is_refused_with_406,
     declaring_a_server_named_queue_again_by_its_name_is_403,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
+    a_user_without_configure_permission_gets_403_before_any_other_refusal,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
     conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
     a_refused_nowait_redeclare_changes_nothing,
@@ -1971,6 +1972,168 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
         }
         check.close().await;
     }
+}
+
+/// The user of [`limited_login`]: it may configure only queues whose names contain `limited-`
+/// (test names start with a common prefix), and write and read everything, in vhost `/` of every test cluster (made once per
+/// test run, on each cluster's first node; permissions are the clusters' own, the same on each).
+const LIMITED_USER: &str = "warren-test-limited";
+
+fn limited_login() -> Login {
+    static MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        for (cluster, _) in support::sharded::SHARDED_CLUSTERS {
+            let node = format!("{cluster}-1");
+            let users = support::rabbit_ctl(&node, &["list_users", "-q"]);
+            if !users
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(LIMITED_USER))
+            {
+                support::rabbit_ctl(&node, &["add_user", LIMITED_USER, "limited"]);
+            }
+            support::rabbit_ctl(
+                &node,
+                &[
+                    "set_permissions",
+                    "-p",
+                    "/",
+                    LIMITED_USER,
+                    "limited-",
+                    ".*",
+                    ".*",
+                ],
+            );
+        }
+    });
+    Login {
+        user: LIMITED_USER.into(),
+        password: "limited".into(),
+        ..Login::default()
+    }
+}
+
+/// RabbitMQ checks a user's configure permission on a queue before anything else about a
+/// queue.declare or queue.delete: a user without it gets 403 ACCESS_REFUSED on the channel,
+/// whatever the queue is. Shown where another answer would come first from what the queue is:
+/// conditional deletes of a queue holding a message, of another connection's exclusive queue
+/// and of a quorum queue (406, 405 and a 540 connection error for a user allowed), and a
+/// stream declare (warren refuses streams with 540). A conditional delete of a queue that does
+/// not exist, by a user allowed to configure it, is delete-ok, and leaves no queue behind.
+async fn a_user_without_configure_permission_gets_403_before_any_other_refusal(addr: SocketAddr) {
+    let login = tokio::task::block_in_place(limited_login);
+    let mut cleanup = Cleanup::default();
+    let full = cleanup.queue(&unique("denied-full"));
+    let quorum = cleanup.queue(&unique("denied-quorum"));
+    let exclusive = unique("denied-exclusive");
+    let stream = cleanup.queue(&unique("denied-stream"));
+    let missing = cleanup.queue(&unique("limited-missing"));
+    let mut owner = RawClient::open(addr, Login::default()).await;
+    owner.open_channel(1).await;
+    for declare in [
+        Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(&full),
+            ..Default::default()
+        }),
+        Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(&exclusive),
+            exclusive: true,
+            ..Default::default()
+        }),
+        quorum_declare(&quorum),
+    ] {
+        let ok = owner.call(1, &declare).await;
+        assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    }
+    let frame_max = owner.frame_max;
+    owner.publish(1, "", &full, b"waiting", frame_max).await;
+    let passive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&full),
+        passive: true,
+        ..Default::default()
+    });
+    within_for(Duration::from_secs(10), "the message in the queue", async {
+        while !matches!(owner.call(1, &passive).await,
+            Method::QueueDeclareOk(ok) if ok.message_count == 1)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let mut limited = RawClient::open(addr, login).await;
+    let conditional = |queue: &str, if_empty: bool, if_unused: bool| {
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(queue),
+            if_empty,
+            if_unused,
+            ..Default::default()
+        })
+    };
+    let mut stream_args = FieldTable::default();
+    stream_args.insert(
+        ss("x-queue-type"),
+        FieldValue::LongStr(LongStr::from("stream")),
+    );
+    let stream_declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&stream),
+        durable: true,
+        arguments: stream_args,
+        ..Default::default()
+    });
+    let refused = [
+        (conditional(&full, true, false), &full, (50, 40)),
+        (conditional(&exclusive, false, true), &exclusive, (50, 40)),
+        (conditional(&exclusive, true, false), &exclusive, (50, 40)),
+        (conditional(&quorum, false, true), &quorum, (50, 40)),
+        (conditional(&quorum, true, false), &quorum, (50, 40)),
+        (stream_declare, &stream, (50, 10)),
+    ];
+    for (request, queue, ids) in refused {
+        limited.open_channel(1).await;
+        match limited.call(1, &request).await {
+            Method::ChannelClose(close) => {
+                assert_eq!(
+                    close.reply_code,
+                    403,
+                    "{} of {queue}: {close:?}",
+                    request.name()
+                );
+                let text = close.reply_text.as_str();
+                assert!(
+                    text.contains(&format!("access to queue '{queue}'"))
+                        && text.contains(LIMITED_USER),
+                    "{close:?}"
+                );
+                assert_eq!((close.class_id, close.method_id), ids, "{close:?}");
+            }
+            other => panic!("{} of {queue}: expected 403, got {other:?}", request.name()),
+        }
+        limited
+            .send_method(1, &Method::ChannelCloseOk(Default::default()))
+            .await;
+    }
+    limited.open_channel(1).await;
+    let ok = limited.call(1, &conditional(&missing, true, true)).await;
+    assert!(matches!(ok, Method::QueueDeleteOk(_)), "{ok:?}");
+    limited.close().await;
+    let gone = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&missing),
+        passive: true,
+        ..Default::default()
+    });
+    match owner.call(1, &gone).await {
+        Method::ChannelClose(close) => assert_eq!(close.reply_code, 404, "{close:?}"),
+        other => panic!("{missing} made by the check: {other:?}"),
+    }
+    owner
+        .send_method(1, &Method::ChannelCloseOk(Default::default()))
+        .await;
+    owner.open_channel(1).await;
+    match owner.call(1, &passive).await {
+        Method::QueueDeclareOk(ok) => assert_eq!(ok.message_count, 1, "{full} kept"),
+        other => panic!("{full} after the refusals: {other:?}"),
+    }
+    owner.close().await;
 }
 
 fn delete_queue(queue: &str, if_empty: bool) -> Method {

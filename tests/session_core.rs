@@ -4110,6 +4110,116 @@ async fn q_a_541_right_after_a_direct_reply_says_why() {
     assert_says(&close, 541, &["INTERNAL_ERROR", "direct reply-to"]);
 }
 
+/// RabbitMQ checks a user's configure permission on a queue before anything else about a
+/// declare or delete, and warren answers some of these itself: a conditional delete after its
+/// check over the clusters (406 for a queue not empty), a stream declare (540). A user without
+/// the permission gets the clusters' 403 first, as from one broker; a user with it gets
+/// warren's answer; and asking creates nothing. (warren's own answer came first: 406 or 540
+/// where one broker says 403.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_user_without_configure_permission_gets_403_before_warrens_own_refusals() {
+    let rig = Rig::three().await;
+    let (a, b, control) = (rig.get(A), rig.get(B), rig.get(CONTROL));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, "jobs").await;
+    a.enqueue("jobs", b"waiting");
+    let delete = |queue: &str| {
+        Method::QueueDelete(codec::QueueDelete {
+            queue: ss(queue),
+            if_empty: true,
+            if_unused: true,
+            ..Default::default()
+        })
+    };
+    let mut stream_args = codec::FieldTable::default();
+    stream_args.insert(
+        ss("x-queue-type"),
+        codec::FieldValue::LongStr(codec::LongStr::from_static("stream")),
+    );
+    let stream = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss("events"),
+        durable: true,
+        arguments: stream_args,
+        ..Default::default()
+    });
+    async fn refused(c: &mut Client, request: Method) -> codec::ChannelClose {
+        let close = match c.call(1, request).await {
+            Method::ChannelClose(close) => close,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        c.send(1, Method::ChannelCloseOk(Default::default())).await;
+        c.open(1).await;
+        close
+    }
+    for deny in [true, false] {
+        for s in [a, b, control] {
+            s.deny_declare("jobs", deny);
+            s.deny_declare("events", deny);
+        }
+        let close = refused(&mut c, delete("jobs")).await;
+        let close_stream = refused(&mut c, stream.clone()).await;
+        if deny {
+            assert_says(&close, 403, &["access to queue 'jobs'"]);
+            assert_says(&close_stream, 403, &["access to queue 'events'"]);
+        } else {
+            assert_says(&close, 406, &["not empty"]);
+            assert_says(&close_stream, 540, &["streams"]);
+        }
+        assert_eq!(
+            (close.class_id, close.method_id),
+            (50, 40),
+            "queue.delete's"
+        );
+        assert_eq!(
+            (close_stream.class_id, close_stream.method_id),
+            (50, 10),
+            "queue.declare's"
+        );
+    }
+    assert_eq!(a.ready("jobs"), vec![Bytes::from_static(b"waiting")]);
+    // Asking about a queue no cluster has makes none: its conditional delete is delete-ok.
+    let ok = c.call(1, delete("ghost")).await;
+    assert!(matches!(ok, Method::QueueDeleteOk(_)), "{ok:?}");
+    for s in [a, b, control] {
+        assert!(
+            !s.has_queue("ghost") && !s.has_queue("events"),
+            "{}",
+            s.name()
+        );
+    }
+    // A quorum queue's condition: 403 on the channel without the permission; with it, the
+    // connection error RabbitMQ gives (540).
+    let mut quorum_args = codec::FieldTable::default();
+    quorum_args.insert(
+        ss("x-queue-type"),
+        codec::FieldValue::LongStr(codec::LongStr::from_static("quorum")),
+    );
+    let quorum = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss("votes"),
+        durable: true,
+        arguments: quorum_args,
+        ..Default::default()
+    });
+    let ok = c.call(1, quorum).await;
+    assert!(matches!(ok, Method::QueueDeclareOk(_)), "{ok:?}");
+    for s in [a, b, control] {
+        s.deny_declare("votes", true);
+    }
+    let close = refused(&mut c, delete("votes")).await;
+    assert_says(&close, 403, &["access to queue 'votes'"]);
+    for s in [a, b, control] {
+        s.deny_declare("votes", false);
+    }
+    c.send(1, delete("votes")).await;
+    let close = c.connection_close().await;
+    assert_says(&close, 540, &["quorum queues"]);
+    assert_eq!((close.class_id, close.method_id), (50, 40));
+    for s in [a, b, control] {
+        assert!(s.has_queue("votes"), "kept on {}", s.name());
+    }
+}
+
 /// A declare the first clusters by name accept and a later one refuses (here shard-b, as a
 /// cluster without a majority refuses a quorum queue, or one at its vhost's `max-queues`): the
 /// client gets the refusal, as from one broker, and the queue stays made on control and

@@ -100,6 +100,9 @@ pub struct Rpc {
     /// A queue.delete with `if_empty` or `if_unused`: this request is the passive declare on
     /// every cluster that checks the condition over the whole queue; the delete follows.
     pub then_delete: Option<crate::codec::QueueDelete>,
+    /// This request asks one cluster whether the client may configure a queue, before warren
+    /// answers a request about it itself (see `Session::check_configure_permission`).
+    pub permission: Option<PermissionCheck>,
     /// The queue name the client asked for, to answer with in place of the cluster's: a
     /// direct reply-to address is declared on its cluster under RabbitMQ's own name.
     pub rename: Option<ShortStr>,
@@ -114,6 +117,29 @@ pub struct Rpc {
     /// cluster's next link, and fails with 541 if none comes in time (see
     /// `Session::wait_for_missing_holders`).
     pub whole_queue: bool,
+}
+
+/// A check that the client may configure the queue a request of its names. RabbitMQ checks
+/// that permission before anything else about a queue.declare or queue.delete; where warren
+/// answers such a request itself, the check goes first, so a user without the permission gets
+/// the same 403 as from one broker.
+#[derive(Debug, Clone)]
+pub struct PermissionCheck {
+    /// The class and method ids of the client's request, for a refusal of it.
+    pub ids: (u16, u16),
+    /// warren's own refusal of the request, given once the permission is confirmed; `None`:
+    /// the requests queued behind this one go on (a conditional delete's check).
+    pub then: Option<OwnRefusal>,
+}
+
+/// A refusal warren gives itself, as a channel.close or, where RabbitMQ gives a connection
+/// error, a connection.close.
+#[derive(Debug, Clone)]
+pub struct OwnRefusal {
+    pub code: u16,
+    /// The whole reply text, its code's name included.
+    pub text: String,
+    pub connection: bool,
 }
 
 /// The merged reply of an [`Rpc`], with the link it came from (a get-ok needs it for its tag).
@@ -791,6 +817,7 @@ impl Channel {
             request: request.clone(),
             on_success: None,
             then_delete: None,
+            permission: None,
             rename: None,
             answered: LinkSet::default(),
             silent: false,

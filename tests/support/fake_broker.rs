@@ -396,8 +396,8 @@ impl FakeCluster {
         lock(&self.state).password = Some(password.to_owned());
     }
 
-    /// Refuses (`true`) or allows again a non-passive queue.declare of `queue` with 403
-    /// ACCESS_REFUSED, as RabbitMQ refuses a user without configure permission on it.
+    /// Refuses (`true`) or allows again a non-passive queue.declare and a queue.delete of `queue`
+    /// with 403 ACCESS_REFUSED, as RabbitMQ refuses a user without configure permission on it.
     pub fn deny_declare(&self, queue: &str, deny: bool) {
         let mut s = lock(&self.state);
         if deny {
@@ -1138,6 +1138,17 @@ impl State {
                         format!("access to queue '{name}' in vhost '/' refused for user 'guest'");
                     return self.channel_error(id, ch, ReplyCode::AccessRefused, &text, ids);
                 }
+                // RabbitMQ checks an `x-dead-letter-exchange` argument's type before it creates
+                // anything (and a queue that exists fails the equivalence check instead).
+                if !q.passive
+                    && let Some(dlx) = q.arguments.get("x-dead-letter-exchange")
+                    && !matches!(dlx, codec::FieldValue::LongStr(_))
+                {
+                    let text = format!(
+                        "invalid arg 'x-dead-letter-exchange' for queue '{name}' in vhost '/'"
+                    );
+                    return self.channel_error(id, ch, ReplyCode::PreconditionFailed, &text, ids);
+                }
                 if !self.queues.contains_key(&name) {
                     if q.passive {
                         let text = format!("no queue '{name}' in vhost '/'");
@@ -1189,7 +1200,13 @@ impl State {
                 self.reply(id, ch, p.nowait, ok);
             }
             Method::QueueDelete(d) => {
-                let n = self.delete_queue(&d.queue.as_str());
+                let name = d.queue.as_str().into_owned();
+                if self.denied.contains(&name) {
+                    let text =
+                        format!("access to queue '{name}' in vhost '/' refused for user 'guest'");
+                    return self.channel_error(id, ch, ReplyCode::AccessRefused, &text, ids);
+                }
+                let n = self.delete_queue(&name);
                 let ok = Method::QueueDeleteOk(codec::QueueDeleteOk {
                     message_count: n as u32,
                 });

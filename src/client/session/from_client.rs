@@ -358,14 +358,15 @@ impl Session {
                         Some(codec::FieldValue::LongStr(t)) if t.as_bytes() == b"stream") =>
             {
                 // A stream's offsets would be per cluster: a consumer resuming at an offset
-                // would silently read another cluster's messages. Refused, saying why.
-                self.close_channel(
-                    ch,
-                    ReplyCode::NotImplemented,
-                    "warren does not spread streams (x-queue-type=stream) over clusters: \
-                     their offsets would differ per cluster; declare the stream on one cluster directly",
-                    &method,
-                );
+                // would silently read another cluster's messages. Refused, saying why, once
+                // the user is known to be allowed to declare it (see `permission.rs`).
+                const STREAMS: &str = "warren does not spread streams (x-queue-type=stream) \
+                     over clusters: their offsets would differ per cluster; declare the stream \
+                     on one cluster directly";
+                let refusal = permission::refuse_channel(ReplyCode::NotImplemented, STREAMS);
+                if !self.check_configure_permission(ch, &q.queue, &method, Some(refusal)) {
+                    self.close_channel(ch, ReplyCode::NotImplemented, STREAMS, &method);
+                }
             }
             Method::QueueDeclare(ref q) if reply_to::is_address(q.queue.as_bytes()) => {
                 self.declare_reply_address(ch, q, &method)?
@@ -959,10 +960,21 @@ impl Session {
                  set are not supported by quorum queues",
                 delete.queue, self.vhost
             );
-            return Err(
-                ConnError::new(ReplyCode::NotImplemented, text).on(&Method::QueueDelete(delete))
-            );
+            let request = Method::QueueDelete(delete.clone());
+            let refusal = permission::refuse_connection(ReplyCode::NotImplemented, &text);
+            if self.check_configure_permission(ch, &delete.queue, &request, Some(refusal)) {
+                return Ok(());
+            }
+            return Err(ConnError::new(ReplyCode::NotImplemented, text).on(&request));
         }
+        // The check over the clusters refuses with 405 or 406 itself: the user's permission
+        // comes first, as RabbitMQ checks it first.
+        self.check_configure_permission(
+            ch,
+            &delete.queue,
+            &Method::QueueDelete(delete.clone()),
+            None,
+        );
         let check = Method::QueueDeclare(codec::QueueDeclare {
             queue: delete.queue.clone(),
             passive: true,
@@ -981,7 +993,7 @@ impl Session {
         if let Some(rpc) = channel.rpc_mut(id) {
             rpc.then_delete = Some(delete);
         }
-        self.delete_check = Some((ch, id));
+        self.input_waits_for = Some((ch, id));
         // The checks go on warren's own channels: a cluster without the queue answers 404 by
         // closing the channel it was asked on, and RabbitMQ deletes a missing queue with
         // delete-ok (0). A channel of warren's own runs beside the client's, not behind it: a

@@ -324,7 +324,7 @@ impl Session {
     }
 
     /// Folds `link`'s reply into request `id` of client channel `ch`.
-    fn answer_rpc(
+    pub(super) fn answer_rpc(
         &mut self,
         link: LinkId,
         ch: u16,
@@ -595,6 +595,12 @@ impl Session {
                     }
                     _ => return,
                 };
+                let permission = channel_in(&mut self.channels, owner)
+                    .and_then(|c| c.rpc_mut(id))
+                    .and_then(|r| r.permission.clone());
+                if let Some(permission) = permission {
+                    return self.permission_answered(link, owner, id, &permission, c);
+                }
                 let request = channel_in(&mut self.channels, owner)
                     .and_then(|c| c.rpc_mut(id))
                     .map(|r| r.request.clone());
@@ -691,6 +697,12 @@ impl Session {
                 );
                 return;
             };
+            if let Some(permission) = rpc.permission {
+                if self.permission_confirmed(ch, rpc.id, permission) {
+                    continue;
+                }
+                return;
+            }
             if let Some(delete) = rpc.then_delete {
                 self.finish_checked_delete(ch, delete, reply.method);
                 continue;
@@ -1014,7 +1026,7 @@ impl Session {
     /// [`checked_delete`](Self::checked_delete)): refuse as RabbitMQ would, or delete
     /// everywhere.
     fn finish_checked_delete(&mut self, ch: u16, delete: codec::QueueDelete, check: Method) {
-        self.delete_check = None;
+        self.input_waits_for = None;
         let request = Method::QueueDelete(delete.clone());
         let Method::QueueDeclareOk(ok) = check else {
             let text = format!("unexpected {} to a passive declare", check.name());

@@ -950,7 +950,7 @@ impl Session {
             && self.connecting.is_empty()
             && self.tx_swaps == 0
             && !self.reopen_wait
-            && self.delete_check.is_none()
+            && self.input_waits_for.is_none()
             && !self.in_turn_holds()
             && !self.barrier_holds();
         if !quiet_session {
@@ -1492,6 +1492,11 @@ impl Session {
         let Some(rpc) = channel_in(&mut self.channels, ch).and_then(|c| c.rpc_mut(id)) else {
             return false;
         };
+        if rpc.permission.is_some() {
+            // Any cluster's answer stands for all: asked again elsewhere at once.
+            self.reask_permission(ch, id);
+            return true;
+        }
         if rpc.get_request.is_some() && rpc.get_next.iter().any(|&l| self.links[l].live()) {
             // The next cluster is asked now; this one is waited for if they all say empty.
             return false;

@@ -26,6 +26,7 @@ mod input_skip;
 mod joining;
 mod link_slot;
 mod links;
+mod permission;
 mod publish;
 mod read_pace;
 mod reply_to;
@@ -297,7 +298,7 @@ pub async fn serve(
         eof_drain: None,
         eof_reason: None,
         orphans: Vec::new(),
-        delete_check: None,
+        input_waits_for: None,
         proxy_close_held_until: None,
         client_close_held: None,
         turns: Vec::new(),
@@ -643,9 +644,11 @@ struct Session {
     skip: InputSkip,
     /// Requests in flight on links that died, waiting for their clusters' next links.
     orphans: Vec<Orphan>,
-    /// The check of a queue.delete with `if_empty` / `if_unused` (channel, request id): the
-    /// client's input waits until it is answered (see `checked_delete`).
-    delete_check: Option<(u16, u64)>,
+    /// A request warren must see answered before it reads more of the client's input (channel,
+    /// request id): the check of a queue.delete with `if_empty` / `if_unused` (see
+    /// `checked_delete`), or of the client's permission before warren refuses a request itself
+    /// (see `permission.rs`). What the client sent behind it must not overtake it.
+    input_waits_for: Option<(u16, u64)>,
     /// A close warren started while publishes were unconfirmed: until when their links stay
     /// open for them (see `begin_proxy_close`).
     proxy_close_held_until: Option<Instant>,
@@ -1280,7 +1283,7 @@ impl Session {
             || self.parked.iter().any(|p| p.check)
             || self.in_turn_holds()
             || self.rpc_stall.is_some_and(|ch| self.rpcs_full(ch))
-            || self.delete_check.is_some_and(|w| self.unanswered(w))
+            || self.input_waits_for.is_some_and(|w| self.unanswered(w))
             || self.tx_end.is_some_and(|w| self.unanswered(w))
     }
 

@@ -111,6 +111,7 @@ differential!(
     declaring_a_server_named_queue_again_by_its_name_is_403,
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     a_user_without_configure_permission_gets_403_before_any_other_refusal,
+    a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
     conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
     a_refused_nowait_redeclare_changes_nothing,
@@ -1972,6 +1973,77 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
         }
         check.close().await;
     }
+}
+
+/// RabbitMQ keeps two prefetch settings per channel, but a per-consumer basic.qos lifts the
+/// channel's limit set before it (kombu sends one for a `Consumer(prefetch_count=N)` on a
+/// channel with a global qos): with qos(2, global) then qos(5), a consumer of a queue holding
+/// 10 messages gets 5, not 2.
+async fn a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it(addr: SocketAddr) {
+    let (_cleanup, queue) = Cleanup::with_queue("prefetch-order");
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    let declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.call(1, &declare).await,
+        Method::QueueDeclareOk(_)
+    ));
+    let frame_max = c.frame_max;
+    for i in 0..10 {
+        c.publish(1, "", &queue, format!("m{i}").as_bytes(), frame_max)
+            .await;
+    }
+    let passive = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        passive: true,
+        ..Default::default()
+    });
+    within_for(
+        Duration::from_secs(10),
+        "the 10 messages in the queue",
+        async {
+            while !matches!(c.call(1, &passive).await,
+            Method::QueueDeclareOk(ok) if ok.message_count == 10)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    c.close().await;
+    // The consumer's connection sets both before it names a queue (before warren needs links
+    // to the shard clusters), as a worker does.
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    for (prefetch_count, global) in [(2, true), (5, false)] {
+        let qos = Method::BasicQos(codec::BasicQos {
+            prefetch_count,
+            global,
+            ..Default::default()
+        });
+        assert!(matches!(c.call(1, &qos).await, Method::BasicQosOk(_)));
+    }
+    let consume = Method::BasicConsume(codec::BasicConsume {
+        queue: ss(&queue),
+        consumer_tag: ss("prefetch"),
+        ..Default::default()
+    });
+    assert!(matches!(
+        c.call(1, &consume).await,
+        Method::BasicConsumeOk(_)
+    ));
+    let mut delivered = 0;
+    while tokio::time::timeout(Duration::from_secs(1), c.read_delivery())
+        .await
+        .is_ok()
+    {
+        delivered += 1;
+    }
+    assert_eq!(delivered, 5, "deliveries held unacknowledged");
+    c.close().await;
 }
 
 /// The user of [`limited_login`]: it may configure only queues whose names contain `limited-`

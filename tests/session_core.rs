@@ -5041,6 +5041,46 @@ async fn r_both_prefetch_settings_reach_links_opened_later() {
     );
 }
 
+/// A per-consumer basic.qos lifts the channel's limit, as RabbitMQ's does (kombu sends one for
+/// a `Consumer(prefetch_count=N)` on a channel that had a global qos). Set a channel limit,
+/// then a per-consumer one, before the shard links exist, then consume: the links get the
+/// per-consumer limit only. (Both were sent, so the channel limit of 2 held the consumer to
+/// 2 where one broker gives it 5.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_a_per_consumer_prefetch_lifts_the_channel_prefetch_before_it() {
+    let rig = Rig::start_with(&[(A, 1), (B, 1), (CONTROL, 1)], true).await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.qos(1, 2, true).await;
+    c.qos(1, 5, false).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "worker").await;
+    let mut per_consumer = 0;
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        let qos: Vec<(u16, bool)> = shard
+            .ledger(link)
+            .received_named("basic.qos")
+            .into_iter()
+            .map(|(_, m)| match m {
+                Method::BasicQos(q) => (q.prefetch_count, q.global),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert!(
+            qos.iter().all(|q| !q.1),
+            "{} got a channel limit: {qos:?}",
+            shard.name()
+        );
+        per_consumer += qos.last().map_or(0, |q| q.0);
+    }
+    assert_eq!(
+        per_consumer, 5,
+        "the per-consumer limit split over the shards"
+    );
+}
+
 /// Links that hold the connection's state are never idle: a consumer's links stay open however
 /// long nothing is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

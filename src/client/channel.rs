@@ -745,9 +745,11 @@ pub struct AfterReply {
 
 /// A channel's prefetch as RabbitMQ keeps it: two settings, the limit of each consumer started
 /// after it (`global = false`) and the limit shared by the channel's consumers
-/// (`global = true`), each changed only by a basic.qos of its own kind. Whatever rebuilds the
-/// channel upstream (a link opened or failed over, the channel swapped for a tx.select) sends
-/// both again: sending only the last one lifted the other limit there.
+/// (`global = true`). A per-consumer basic.qos also lifts the channel's limit (RabbitMQ 3.x
+/// `unlimit_prefetch`s it: "ensures that if default was set, it's overridden"); a channel
+/// basic.qos changes only its own. Whatever rebuilds the channel upstream (a link opened or
+/// failed over, the channel swapped for a tx.select) sends the settings in force again:
+/// sending only the last one lifted the other limit there.
 #[derive(Debug, Default, Clone)]
 pub struct Prefetch {
     per_consumer: Option<crate::codec::BasicQos>,
@@ -757,12 +759,12 @@ pub struct Prefetch {
 impl Prefetch {
     /// Records a basic.qos the client sent.
     pub fn set(&mut self, q: &crate::codec::BasicQos) {
-        let kind = if q.global {
-            &mut self.per_channel
+        if q.global {
+            self.per_channel = Some(q.clone());
         } else {
-            &mut self.per_consumer
-        };
-        *kind = Some(q.clone());
+            self.per_consumer = Some(q.clone());
+            self.per_channel = None;
+        }
     }
 
     /// The per-consumer setting in force: what a consumer started now gets.
@@ -923,6 +925,39 @@ mod tests {
     /// The first link in slot `slot`.
     fn l(slot: LinkId) -> LinkRef {
         LinkRef::new(slot, 0)
+    }
+
+    fn qos(prefetch_count: u16, global: bool) -> crate::codec::BasicQos {
+        crate::codec::BasicQos {
+            prefetch_count,
+            global,
+            ..Default::default()
+        }
+    }
+
+    fn in_force(p: &Prefetch) -> Vec<(u16, bool)> {
+        p.settings()
+            .iter()
+            .map(|q| (q.prefetch_count, q.global))
+            .collect()
+    }
+
+    #[test]
+    fn a_per_consumer_prefetch_lifts_the_channels_as_rabbitmq_does() {
+        // Per consumer, then per channel: both hold.
+        let mut p = Prefetch::default();
+        p.set(&qos(3, false));
+        p.set(&qos(2, true));
+        assert_eq!(in_force(&p), vec![(3, false), (2, true)]);
+        // Per channel, then per consumer: RabbitMQ unlimits the channel.
+        let mut p = Prefetch::default();
+        p.set(&qos(2, true));
+        p.set(&qos(5, false));
+        assert_eq!(in_force(&p), vec![(5, false)]);
+        assert_eq!(p.per_consumer().map(|q| q.prefetch_count), Some(5));
+        // A channel limit set again afterwards holds beside it.
+        p.set(&qos(4, true));
+        assert_eq!(in_force(&p), vec![(5, false), (4, true)]);
     }
 
     #[test]

@@ -112,6 +112,7 @@ differential!(
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     a_user_without_configure_permission_gets_403_before_any_other_refusal,
     a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it,
+    no_basic_cancel_follows_the_clients_own_cancel_ok,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
     conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
     a_refused_nowait_redeclare_changes_nothing,
@@ -1972,6 +1973,81 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
             other => panic!("{queue} after the refused delete: {other:?}"),
         }
         check.close().await;
+    }
+}
+
+/// A client deletes the queue it consumes and cancels its consumer in one write (the queue may
+/// as well go by another connection's hand while the cancel is on its way). The broker's
+/// basic.cancel of the consumer (`consumer_cancel_notify`) may come before the client's
+/// cancel-ok, never after it: by then the tag names nothing the client has (py-amqp raises
+/// ConsumerCancelled for it).
+async fn no_basic_cancel_follows_the_clients_own_cancel_ok(addr: SocketAddr) {
+    let (_cleanup, queue) = Cleanup::with_queue("cancel-race");
+    for round in 0..5 {
+        let mut c = RawClient::open(addr, Login::default()).await;
+        c.open_channel(1).await;
+        let declare = Method::QueueDeclare(codec::QueueDeclare {
+            queue: ss(&queue),
+            ..Default::default()
+        });
+        assert!(matches!(
+            c.call(1, &declare).await,
+            Method::QueueDeclareOk(_)
+        ));
+        let consume = Method::BasicConsume(codec::BasicConsume {
+            queue: ss(&queue),
+            consumer_tag: ss("race"),
+            ..Default::default()
+        });
+        assert!(matches!(
+            c.call(1, &consume).await,
+            Method::BasicConsumeOk(_)
+        ));
+        let mut out = BytesMut::new();
+        let delete = Method::QueueDelete(codec::QueueDelete {
+            queue: ss(&queue),
+            ..Default::default()
+        });
+        let cancel = Method::BasicCancel(codec::BasicCancel {
+            consumer_tag: ss("race"),
+            nowait: false,
+        });
+        codec::write_method(&mut out, 1, &delete);
+        codec::write_method(&mut out, 1, &cancel);
+        let qos = Method::BasicQos(codec::BasicQos::default());
+        c.send(&out).await;
+        let mut seen = Vec::new();
+        // Up to the cancel-ok, then one round trip more: what the server had for the channel
+        // comes before its reply.
+        let mut asked = false;
+        within("the replies", async {
+            loop {
+                let (ch, m) = c.read_method().await;
+                if ch != 1 {
+                    continue;
+                }
+                seen.push(m.name());
+                match m {
+                    Method::BasicCancelOk(_) if !asked => {
+                        c.send_method(1, &qos).await;
+                        asked = true;
+                    }
+                    Method::BasicQosOk(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        let ok = seen.iter().position(|m| *m == "basic.cancel-ok");
+        assert!(
+            seen.contains(&"queue.delete-ok") && ok.is_some(),
+            "round {round}: {seen:?}"
+        );
+        assert!(
+            !seen[ok.unwrap_or(0)..].contains(&"basic.cancel"),
+            "round {round}: a basic.cancel after the cancel-ok: {seen:?}"
+        );
+        c.close().await;
     }
 }
 

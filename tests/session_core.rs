@@ -4110,6 +4110,55 @@ async fn q_a_541_right_after_a_direct_reply_says_why() {
     assert_says(&close, 541, &["INTERNAL_ERROR", "direct reply-to"]);
 }
 
+/// A client deletes the queue it consumes and cancels the consumer in one write (or the queue
+/// goes while its cancel is on the way): each cluster cancels its part of the consumer
+/// (`consumer_cancel_notify`) while the client's cancel is in flight. One broker sends its
+/// basic.cancel, if at all, before the cancel-ok; after it, the tag names nothing the client
+/// has (py-amqp raises ConsumerCancelled). (warren kept the clusters' cancel behind the
+/// channel's replies and sent it after the cancel-ok.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_the_clusters_cancel_never_follows_the_clients_own_cancel_ok() {
+    let rig = Rig::three().await;
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "race").await;
+    let mut out = BytesMut::new();
+    let delete = Method::QueueDelete(codec::QueueDelete {
+        queue: ss(Q),
+        ..Default::default()
+    });
+    let cancel = Method::BasicCancel(codec::BasicCancel {
+        consumer_tag: ss("race"),
+        nowait: false,
+    });
+    codec::write_method(&mut out, 1, &delete);
+    codec::write_method(&mut out, 1, &cancel);
+    c.raw.send(&out).await;
+    let ok = c.reply(1).await;
+    assert!(matches!(ok, Method::QueueDeleteOk(_)), "{ok:?}");
+    loop {
+        match c.reply(1).await {
+            Method::BasicCancelOk(ok) if ok.consumer_tag == "race" => break,
+            // Before the cancel-ok, as one broker may send it.
+            Method::BasicCancel(x) if x.consumer_tag == "race" => {}
+            other => panic!("expected the cancel-ok, got {other:?}"),
+        }
+    }
+    // A round trip: anything warren had for the channel is read before its reply.
+    c.qos(1, 10, false).await;
+    let after: Vec<_> = c
+        .log
+        .iter()
+        .skip_while(|(_, m)| *m != "basic.cancel-ok")
+        .collect();
+    assert!(
+        !after.iter().any(|(ch, m)| *ch == 1 && *m == "basic.cancel"),
+        "a basic.cancel after the cancel-ok: {:?}",
+        c.log
+    );
+}
+
 /// RabbitMQ checks a user's configure permission on a queue before anything else about a
 /// declare or delete, and warren answers some of these itself: a conditional delete after its
 /// check over the clusters (406 for a queue not empty), a stream declare (540). A user without

@@ -783,6 +783,16 @@ impl Prefetch {
 }
 
 impl Channel {
+    /// The client ended consumer `tag` itself (its cancel-ok went out, or it cancelled with
+    /// `nowait`): a cluster's basic.cancel of it waiting in [`Channel::notices`] is moot. Sent
+    /// after that, it would name a tag the client no longer has (py-amqp raises
+    /// ConsumerCancelled), or one it has given to a new consumer since; one broker sends its
+    /// cancel, if at all, before the cancel-ok.
+    pub fn drop_cancel_notice(&mut self, tag: &ShortStr) {
+        self.notices
+            .retain(|n| !matches!(n, Method::BasicCancel(x) if x.consumer_tag == *tag));
+    }
+
     pub fn new() -> Self {
         Channel {
             state: ChannelState::Opening,

@@ -290,6 +290,7 @@ impl Session {
                     .unwrap_or_default();
                 if c.nowait {
                     channel.remove_consumer(&c.consumer_tag);
+                    channel.drop_cancel_notice(&c.consumer_tag);
                     // Sent with a reply asked for all the same, swallowed: until a cluster's
                     // cancel-ok, what it delivers is still this consumer's, whose ack mode
                     // it keeps (see `UpChan::consumers`), whatever the tag means by then.

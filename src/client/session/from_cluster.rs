@@ -766,6 +766,7 @@ impl Session {
                 }
                 Method::BasicCancelOk(c) => {
                     channel.remove_consumer(&c.consumer_tag);
+                    channel.drop_cancel_notice(&c.consumer_tag);
                     self.to_client(ch, &Method::BasicCancelOk(c));
                 }
                 Method::BasicConsumeOk(ok) => {

@@ -821,6 +821,12 @@ def body_size_0_then_body_frame(t):
     abuse(t, publish(1) + header(1, 0) + body(1, b"hello"))
 
 
+def body_frame_longer_than_declared(t):
+    """A content header announcing 5 bytes, then a 10-byte body frame (the message overruns
+    its declared size)."""
+    abuse(t, publish(1) + header(1, 5) + body(1, b"0123456789"))
+
+
 def oversized_body_abandoned(t):
     """A content header announcing 200 MiB (above the 128 MiB max_message_size of both), 1000
     bytes of body, then nothing more: the client stops sending the body. RabbitMQ waits for the
@@ -1134,6 +1140,7 @@ SCENARIOS = [
     header_on_other_channel,
     method_between_publish_and_header,
     body_size_0_then_body_frame,
+    body_frame_longer_than_declared,
     oversized_body_abandoned,
     refused_request_then_channel_close,
     channel_close_ok_not_closing,

@@ -113,6 +113,7 @@ differential!(
     a_user_without_configure_permission_gets_403_before_any_other_refusal,
     a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it,
     no_basic_cancel_follows_the_clients_own_cancel_ok,
+    deleting_a_consumed_quorum_queue_on_its_channel_keeps_the_connection,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
     conditional_delete_of_a_quorum_queue_declared_again_as_classic_is_made,
     a_refused_nowait_redeclare_changes_nothing,
@@ -1973,6 +1974,74 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
             other => panic!("{queue} after the refused delete: {other:?}"),
         }
         check.close().await;
+    }
+}
+
+/// A service deletes the quorum queue it consumes, on the consumer's channel: the consumer is
+/// cancelled (`consumer_cancel_notify`), the delete answered, and the connection and the
+/// channel go on working. (Through warren, its own cancel of the consumer on the other
+/// clusters crossed the delete there, and RabbitMQ 3.10 closed the link, so the client, with
+/// 541.)
+async fn deleting_a_consumed_quorum_queue_on_its_channel_keeps_the_connection(addr: SocketAddr) {
+    let (_cleanup, queue) = Cleanup::with_queue("quorum-consumed");
+    for round in 0..3 {
+        let mut c = RawClient::open(addr, Login::default()).await;
+        c.open_channel(1).await;
+        assert!(matches!(
+            c.call(1, &quorum_declare(&queue)).await,
+            Method::QueueDeclareOk(_)
+        ));
+        let consume = Method::BasicConsume(codec::BasicConsume {
+            queue: ss(&queue),
+            consumer_tag: ss("service"),
+            ..Default::default()
+        });
+        assert!(matches!(
+            c.call(1, &consume).await,
+            Method::BasicConsumeOk(_)
+        ));
+        let delete = Method::QueueDelete(codec::QueueDelete {
+            queue: ss(&queue),
+            ..Default::default()
+        });
+        c.send_method(1, &delete).await;
+        let mut seen = Vec::new();
+        within("the delete-ok", async {
+            loop {
+                let (ch, m) = c.read_method().await;
+                seen.push(format!("ch{ch} {}", m.name()));
+                match m {
+                    Method::QueueDeleteOk(_) => break,
+                    Method::ConnectionClose(close) => {
+                        panic!("round {round}: connection closed: {close:?} after {seen:?}")
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        // The channel and the connection still answer.
+        let qos = Method::BasicQos(codec::BasicQos::default());
+        c.send_method(1, &qos).await;
+        within("a round trip after the delete", async {
+            loop {
+                let (ch, m) = c.read_method().await;
+                seen.push(format!("ch{ch} {}", m.name()));
+                match m {
+                    Method::BasicQosOk(_) => break,
+                    Method::ConnectionClose(_) | Method::ChannelClose(_) => {
+                        panic!("round {round}: closed: {m:?} after {seen:?}")
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            seen.iter().filter(|m| m.ends_with("basic.cancel")).count() <= 1,
+            "round {round}: {seen:?}"
+        );
+        c.close().await;
     }
 }
 

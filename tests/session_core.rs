@@ -4159,6 +4159,49 @@ async fn d_the_clusters_cancel_never_follows_the_clients_own_cancel_ok() {
     );
 }
 
+/// A client deletes the queue it consumes, on the consumer's channel (a service shutting
+/// down). The delete goes to one cluster after the other; the first cancels the consumer.
+/// warren must not cancel it on the others itself: its cancel would cross the delete there,
+/// and RabbitMQ 3.10 fails the whole link for a quorum queue's consumer cancelled just after
+/// the queue went (541 to the client). Each cluster ends the consumer as the delete reaches
+/// it, and the client is told once, after its delete-ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_queue_the_connection_deletes_ends_its_consumer_without_warrens_cancels() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.consume(1, Q, "service").await;
+    let delete = Method::QueueDelete(codec::QueueDelete {
+        queue: ss(Q),
+        ..Default::default()
+    });
+    let ok = c.call(1, delete).await;
+    assert!(matches!(ok, Method::QueueDeleteOk(_)), "{ok:?}");
+    match c.reply(1).await {
+        Method::BasicCancel(x) => assert_eq!(x.consumer_tag, "service"),
+        other => panic!("expected the consumer's cancel, got {other:?}"),
+    }
+    c.qos(1, 10, false).await;
+    for shard in [a, b] {
+        let link = shard.only_link().await;
+        let cancels = shard.ledger(link).received_named("basic.cancel");
+        assert!(
+            cancels.is_empty(),
+            "{} got warren's cancel: {cancels:?}",
+            shard.name()
+        );
+        assert!(!shard.has_queue(Q));
+    }
+    assert_eq!(
+        c.log.iter().filter(|(_, m)| *m == "basic.cancel").count(),
+        1,
+        "told once: {:?}",
+        c.log
+    );
+}
+
 /// RabbitMQ checks a user's configure permission on a queue before anything else about a
 /// declare or delete, and warren answers some of these itself: a conditional delete after its
 /// check over the clusters (406 for a queue not empty), a stream declare (540). A user without

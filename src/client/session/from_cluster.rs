@@ -237,6 +237,7 @@ impl Session {
                 // answered: what they deliver meanwhile still reaches the client, before the
                 // basic.cancel, as one broker's deliveries come before its basic.cancel.
                 self.proven_exchanges.clear();
+                let deleting = self.deleting_queue_of(ch, &c.consumer_tag);
                 let Some(channel) = channel_in(&mut self.channels, ch) else {
                     return;
                 };
@@ -254,6 +255,15 @@ impl Session {
                     return;
                 }
                 consumer.cancelled_by_cluster = true;
+                if deleting {
+                    // This connection is deleting the consumer's queue, one cluster after the
+                    // other: each ends the consumer as the delete reaches it (and a refused
+                    // delete fails the channel, which ends it everywhere). A cancel of
+                    // warren's sent beside the delete would cross it, and RabbitMQ 3.10 fails
+                    // the whole link for a quorum queue's consumer cancelled just after the
+                    // queue went (541, `{case_clause,{error,noproc}}` in its channel).
+                    return;
+                }
                 let cluster = &self.links[link].link.cluster;
                 info!(conn = self.id, %cluster, channel = ch, consumer = %c.consumer_tag.as_str(), "consumer cancelled by the cluster; cancelling it on the others");
                 let cancel = Method::BasicCancel(codec::BasicCancel {
@@ -824,6 +834,26 @@ impl Session {
 
     /// The consumer `tag` of channel `ch`, cancelled by a cluster, has ended on every cluster:
     /// the client is told, once (after the replies it is owed, see `Channel::notices`).
+    /// Whether a queue.delete of the queue consumer `tag` of channel `ch` reads is on its way
+    /// to the clusters, on any channel of this connection.
+    fn deleting_queue_of(&self, ch: u16, tag: &ShortStr) -> bool {
+        let Some(queue) = self
+            .channels
+            .get(usize::from(ch))
+            .and_then(Option::as_ref)
+            .and_then(|c| c.consumers.iter().find(|k| k.tag == *tag))
+            .and_then(|k| k.request.as_ref())
+            .map(|r| r.queue.clone())
+        else {
+            return false;
+        };
+        self.channels.iter().flatten().any(|c| {
+            c.rpcs
+                .iter()
+                .any(|r| matches!(&r.request, Method::QueueDelete(d) if d.queue == queue))
+        })
+    }
+
     pub(super) fn end_cancelled_consumer(&mut self, ch: u16, tag: &ShortStr) {
         let notify = self.caps.consumer_cancel_notify;
         let Some(channel) = channel_in(&mut self.channels, ch) else {

@@ -4202,6 +4202,82 @@ async fn d_a_queue_the_connection_deletes_ends_its_consumer_without_warrens_canc
     );
 }
 
+/// A confirm-mode channel's publishes and its channel.close in one write (aio-pika closing a
+/// channel with publishes in flight): the clusters confirm what they took before they read
+/// the close, and one broker passes those confirms on before its close-ok. (warren dropped
+/// them once the client's close was seen: the client counted routed messages as unconfirmed,
+/// and a publisher resending those would send them twice.) Returns of mandatory publishes
+/// come the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_confirms_and_returns_before_a_channel_close_reach_the_client_before_its_close_ok() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.confirm_select(1).await;
+    let mut out = BytesMut::new();
+    let frame_max = c.raw.frame_max;
+    for i in 0..10 {
+        encode_publish(&mut out, 1, "", Q, format!("m{i}").as_bytes(), frame_max);
+    }
+    codec::write_method(
+        &mut out,
+        1,
+        &Method::BasicPublish(codec::BasicPublish {
+            routing_key: ss("nowhere"),
+            mandatory: true,
+            ..Default::default()
+        }),
+    );
+    codec::write_header(
+        &mut out,
+        1,
+        &codec::ContentHeader {
+            class_id: 60,
+            body_size: 4,
+            properties: codec::BasicProperties::default(),
+        },
+    );
+    codec::write_body(&mut out, 1, b"lost", frame_max);
+    codec::write_method(
+        &mut out,
+        1,
+        &Method::ChannelClose(codec::ChannelClose {
+            reply_code: 200,
+            ..Default::default()
+        }),
+    );
+    c.published.insert(1, 11);
+    c.raw.send(&out).await;
+    loop {
+        match c.reply(1).await {
+            Method::ChannelCloseOk(_) => break,
+            Method::BasicReturn(r) => assert_eq!(r.reply_code, 312),
+            other => panic!("expected the close-ok, got {other:?}"),
+        }
+    }
+    wait_for("the 10 publishes at the brokers", || {
+        (a.ready(Q).len() + b.ready(Q).len() == 10).then_some(())
+    })
+    .await;
+    let settled = c.settled.get(&1).cloned().unwrap_or_default();
+    assert_eq!(
+        settled.len(),
+        11,
+        "every publish confirmed before the close-ok: {:?}",
+        c.log
+    );
+    assert!(settled.values().all(|ack| *ack), "{settled:?}");
+    let close_ok = c.log.iter().position(|(_, m)| *m == "channel.close-ok");
+    let returned = c.log.iter().position(|(_, m)| *m == "basic.return");
+    assert!(
+        returned.is_some() && returned < close_ok,
+        "the return before the close-ok: {:?}",
+        c.log
+    );
+}
+
 /// RabbitMQ checks a user's configure permission on a queue before anything else about a
 /// declare or delete, and warren answers some of these itself: a conditional delete after its
 /// check over the clusters (406 for a queue not empty), a stream declare (540). A user without

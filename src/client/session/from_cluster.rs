@@ -176,6 +176,20 @@ impl Session {
                     }
                     return;
                 }
+                // Confirms and returns of publishes the cluster took before it read the close:
+                // one broker sends those it has before its close-ok too. Dropped, they would
+                // leave routed messages unconfirmed, and a publisher resending what a
+                // channel's close left unconfirmed would send them twice.
+                match method {
+                    Method::BasicAck(a) => {
+                        return self.confirm(link, ch, a.delivery_tag, a.multiple, true);
+                    }
+                    Method::BasicNack(n) => {
+                        return self.confirm(link, ch, n.delivery_tag, n.multiple, false);
+                    }
+                    Method::BasicReturn(_) => return self.pass_return(link, ch, method, content),
+                    _ => {}
+                }
                 if let Method::ChannelClose(c) = &method
                     && channel.refused_while_closing.is_none()
                     && channel.rpcs.iter().any(|r| r.id == refused_before)
@@ -274,21 +288,27 @@ impl Session {
                     self.links[other].request(ch, &cancel, Pending::Internal);
                 }
             }
-            ret @ Method::BasicReturn(_) => {
-                // Returned behind this link's reply to a request the client has not had
-                // yet (a mandatory publish pipelined behind a declare): after that reply.
-                if let Some(until) = channel.answered_by(link) {
-                    channel.after_replies.push_back(AfterReply {
-                        until,
-                        method: ret,
-                        content,
-                    });
-                    return;
-                }
-                self.deliver(ch, &ret, content.as_ref());
-            }
+            ret @ Method::BasicReturn(_) => self.pass_return(link, ch, ret, content),
             _ => self.deliver(ch, &method, content.as_ref()),
         }
+    }
+
+    /// A basic.return of `link` for client channel `ch`.
+    fn pass_return(&mut self, link: LinkId, ch: u16, ret: Method, content: Option<Content>) {
+        let Some(channel) = channel_in(&mut self.channels, ch) else {
+            return;
+        };
+        // Returned behind this link's reply to a request the client has not had yet (a
+        // mandatory publish pipelined behind a declare): after that reply.
+        if let Some(until) = channel.answered_by(link) {
+            channel.after_replies.push_back(AfterReply {
+                until,
+                method: ret,
+                content,
+            });
+            return;
+        }
+        self.deliver(ch, &ret, content.as_ref());
     }
 
     /// A reply to a synchronous request: pair it with its request and answer the client once
@@ -442,12 +462,15 @@ impl Session {
     }
 
     /// Whether `method`, arriving on `link`'s channel `ch` after warren sent its close there,
-    /// answers a request the client sent before its own channel.close, or is a delivery the
-    /// cluster sent before it read that close: both still go to the client, before its
-    /// close-ok.
+    /// answers a request the client sent before its own channel.close, or is a delivery, a
+    /// publisher confirm or a return the cluster sent before it read that close: they still go
+    /// to the client, before its close-ok.
     fn owed_before_client_close(&self, link: LinkId, ch: u16, method: &Method) -> bool {
         let owed = match method {
-            Method::BasicDeliver(_) => true,
+            Method::BasicDeliver(_)
+            | Method::BasicAck(_)
+            | Method::BasicNack(_)
+            | Method::BasicReturn(_) => true,
             m => {
                 is_reply(m)
                     && self.links[link]

@@ -628,16 +628,16 @@ impl Session {
                     }
                     _ => return,
                 };
-                let permission = channel_in(&mut self.channels, owner)
+                let Some((request, permission)) = channel_in(&mut self.channels, owner)
                     .and_then(|c| c.rpc_mut(id))
-                    .and_then(|r| r.permission.clone());
+                    .map(|r| (r.request.clone(), r.permission.clone()))
+                else {
+                    return;
+                };
                 if let Some(permission) = permission {
                     return self.permission_answered(link, owner, id, &permission, c);
                 }
-                let request = channel_in(&mut self.channels, owner)
-                    .and_then(|c| c.rpc_mut(id))
-                    .map(|r| r.request.clone());
-                let Some(Method::QueueDeclare(check)) = request else {
+                let Method::QueueDeclare(check) = request else {
                     return;
                 };
                 if c.reply_code == ReplyCode::NotFound.code() {
@@ -855,8 +855,6 @@ impl Session {
         }
     }
 
-    /// The consumer `tag` of channel `ch`, cancelled by a cluster, has ended on every cluster:
-    /// the client is told, once (after the replies it is owed, see `Channel::notices`).
     /// Whether a queue.delete of the queue consumer `tag` of channel `ch` reads is on its way
     /// to the clusters, on any channel of this connection.
     fn deleting_queue_of(&self, ch: u16, tag: &ShortStr) -> bool {
@@ -877,6 +875,8 @@ impl Session {
         })
     }
 
+    /// The consumer `tag` of channel `ch`, cancelled by a cluster, has ended on every cluster:
+    /// the client is told, once (after the replies it is owed, see `Channel::notices`).
     pub(super) fn end_cancelled_consumer(&mut self, ch: u16, tag: &ShortStr) {
         let notify = self.caps.consumer_cancel_notify;
         let Some(channel) = channel_in(&mut self.channels, ch) else {

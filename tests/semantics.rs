@@ -1964,17 +1964,39 @@ async fn conditional_delete_of_a_quorum_queue_is_540_and_keeps_it(addr: SocketAd
         );
         let mut check = RawClient::open(addr, Login::default()).await;
         check.open_channel(1).await;
-        let passive = Method::QueueDeclare(codec::QueueDeclare {
-            queue: ss(&queue),
-            passive: true,
-            ..Default::default()
-        });
-        match check.call(1, &passive).await {
+        match check.call(1, &passive_declare(&queue)).await {
             Method::QueueDeclareOk(_) => {}
             other => panic!("{queue} after the refused delete: {other:?}"),
         }
         check.close().await;
     }
+}
+
+/// A passive queue.declare of `queue`.
+fn passive_declare(queue: &str) -> Method {
+    Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(queue),
+        passive: true,
+        ..Default::default()
+    })
+}
+
+/// Asks on channel 1 of `c` until `queue` holds `n` messages (10 s at most): publishes without
+/// confirms are counted once the broker has routed them.
+async fn wait_for_messages(c: &mut RawClient, queue: &str, n: u32) {
+    let passive = passive_declare(queue);
+    within_for(
+        Duration::from_secs(10),
+        &format!("{n} messages in {queue}"),
+        async {
+            while !matches!(c.call(1, &passive).await,
+            Method::QueueDeclareOk(ok) if ok.message_count == n)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
 }
 
 /// A service deletes the quorum queue it consumes, on the consumer's channel: the consumer is
@@ -2141,23 +2163,7 @@ async fn a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it(addr: 
         c.publish(1, "", &queue, format!("m{i}").as_bytes(), frame_max)
             .await;
     }
-    let passive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(&queue),
-        passive: true,
-        ..Default::default()
-    });
-    within_for(
-        Duration::from_secs(10),
-        "the 10 messages in the queue",
-        async {
-            while !matches!(c.call(1, &passive).await,
-            Method::QueueDeclareOk(ok) if ok.message_count == 10)
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
-    )
-    .await;
+    wait_for_messages(&mut c, &queue, 10).await;
     c.close().await;
     // The consumer's connection sets both before it names a queue (before warren needs links
     // to the shard clusters), as a worker does.
@@ -2263,19 +2269,7 @@ async fn a_user_without_configure_permission_gets_403_before_any_other_refusal(a
     }
     let frame_max = owner.frame_max;
     owner.publish(1, "", &full, b"waiting", frame_max).await;
-    let passive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(&full),
-        passive: true,
-        ..Default::default()
-    });
-    within_for(Duration::from_secs(10), "the message in the queue", async {
-        while !matches!(owner.call(1, &passive).await,
-            Method::QueueDeclareOk(ok) if ok.message_count == 1)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_for_messages(&mut owner, &full, 1).await;
 
     let mut limited = RawClient::open(addr, login).await;
     let conditional = |queue: &str, if_empty: bool, if_unused: bool| {
@@ -2333,12 +2327,7 @@ async fn a_user_without_configure_permission_gets_403_before_any_other_refusal(a
     let ok = limited.call(1, &conditional(&missing, true, true)).await;
     assert!(matches!(ok, Method::QueueDeleteOk(_)), "{ok:?}");
     limited.close().await;
-    let gone = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(&missing),
-        passive: true,
-        ..Default::default()
-    });
-    match owner.call(1, &gone).await {
+    match owner.call(1, &passive_declare(&missing)).await {
         Method::ChannelClose(close) => assert_eq!(close.reply_code, 404, "{close:?}"),
         other => panic!("{missing} made by the check: {other:?}"),
     }
@@ -2346,7 +2335,7 @@ async fn a_user_without_configure_permission_gets_403_before_any_other_refusal(a
         .send_method(1, &Method::ChannelCloseOk(Default::default()))
         .await;
     owner.open_channel(1).await;
-    match owner.call(1, &passive).await {
+    match owner.call(1, &passive_declare(&full)).await {
         Method::QueueDeclareOk(ok) => assert_eq!(ok.message_count, 1, "{full} kept"),
         other => panic!("{full} after the refusals: {other:?}"),
     }
@@ -2379,12 +2368,7 @@ async fn conditional_delete_of_a_control_quorum_queue_another_client_declared_is
     b.send_method(1, &delete_queue(&queue, true)).await;
     let ending = within("connection.close", b.read_until_close()).await;
     assert_eq!(ending.code(), 540, "if_empty delete of {queue}: {ending:?}");
-    let passive = Method::QueueDeclare(codec::QueueDeclare {
-        queue: ss(&queue),
-        passive: true,
-        ..Default::default()
-    });
-    match a.call(1, &passive).await {
+    match a.call(1, &passive_declare(&queue)).await {
         Method::QueueDeclareOk(_) => {}
         other => panic!("{queue} after the refused delete: {other:?}"),
     }

@@ -543,7 +543,8 @@ if want python || want clients || want celery; then
                 # Flower's broker tab, with Flower's own code, through a warren of its own
                 # whose shard clusters have `management`: the sums, as one broker shows them.
                 t1=$(date +%s)
-                if "$PY" tests/e2e/flower_e2e.py "$WARREN_BIN"; then
+                if "$PY" tests/e2e/flower_e2e.py "$WARREN_BIN" "$LOGS/celery-flower-warren.log" 2>&1 |
+                    tee "$LOGS/celery-flower.txt"; [ "${PIPESTATUS[0]}" = 0 ]; then
                     record celery-flower PASS $(($(date +%s) - t1))
                 else
                     record celery-flower FAIL $(($(date +%s) - t1))
@@ -682,6 +683,14 @@ echo "==================== scripts/test.sh summary ($PART, target $TARGET, topol
 for i in "${!RESULT_NAMES[@]}"; do
     printf '  %-12s %-8s %5ss\n' "${RESULT_NAMES[$i]}" "${RESULT_STATUS[$i]}" "${RESULT_SECS[$i]}"
     if [ "${RESULT_STATUS[$i]%% *}" = PASS ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+done
+# A failed part whose output has a file of its own: its end here too, where a CI log's tail shows it.
+for i in "${!RESULT_NAMES[@]}"; do
+    out="$LOGS/${RESULT_NAMES[$i]}.txt"
+    if [ "${RESULT_STATUS[$i]%% *}" != PASS ] && [ -s "$out" ]; then
+        echo "  --- ${RESULT_NAMES[$i]}: the end of its output ($out)"
+        tail -n 25 "$out" | sed 's/^/    /'
+    fi
 done
 echo "  total time $(($(date +%s) - T_START))s"
 if [ -s "$FAULT_SUMMARY" ]; then

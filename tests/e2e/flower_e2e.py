@@ -1,6 +1,6 @@
 """Flower's broker tab through warren, with Flower's own code.
 
-    python tests/e2e/flower_e2e.py WARREN_BIN
+    python tests/e2e/flower_e2e.py WARREN_BIN [WARREN_LOG]
 
 Flower reads queue depths from RabbitMQ's management API (`--broker_api`). Pointed at one shard
 cluster it shows that cluster's share of each queue. This starts its own warren in front of
@@ -60,7 +60,7 @@ def flower_queue(http_api: str, broker_host: str, queue: str) -> dict | None:
     return found[0] if found else None
 
 
-def start_warren(binary: str, clusters: dict, management: dict) -> tuple[subprocess.Popen, str, str]:
+def start_warren(binary: str, clusters: dict, management: dict, log_path: str) -> tuple[subprocess.Popen, str, str]:
     port, admin = free_port(), free_port()
     text = f'listen = "127.0.0.1:{port}"\n\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
     for name, role in (("shard-a", "shard"), ("shard-b", "shard"), ("control", "control")):
@@ -71,7 +71,8 @@ def start_warren(binary: str, clusters: dict, management: dict) -> tuple[subproc
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
     cfg.write(text)
     cfg.close()
-    proc = subprocess.Popen([binary, "--config", cfg.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([binary, "--config", cfg.name], stdout=log, stderr=subprocess.STDOUT)
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -82,12 +83,12 @@ def start_warren(binary: str, clusters: dict, management: dict) -> tuple[subproc
     raise SystemExit("warren did not start")
 
 
-def main(binary: str) -> int:
+def main(binary: str, log_path: str) -> int:
     clusters, management = env_map("WARREN_TEST_CLUSTERS"), env_map("WARREN_TEST_MANAGEMENT")
     if not all(c in management for c in ("shard-a", "shard-b")):
         print("flower_e2e: WARREN_TEST_MANAGEMENT names no management API for shard-a and shard-b")
         return 1
-    proc, proxy, admin = start_warren(binary, clusters, management)
+    proc, proxy, admin = start_warren(binary, clusters, management, log_path)
     queue = f"flower-e2e-{uuid.uuid4().hex[:8]}"
     conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@{proxy}/%2F"))
     try:
@@ -100,15 +101,20 @@ def main(binary: str) -> int:
         ch.basic_qos(prefetch_count=1)
         held = []
         ch.basic_consume(queue, lambda c, m, p, b: held.append(m.delivery_tag))
+        # Each shard cluster holds one delivery (prefetch 1 applies per cluster): wait for both,
+        # so that no delivery moves a message from ready to unacknowledged while the clusters'
+        # APIs and warren's are asked one after the other.
         deadline = time.time() + 10
-        while not held and time.time() < deadline:
+        while len(held) < 2 and time.time() < deadline:
             conn.process_data_events(time_limit=0.1)
 
         direct = {}
         through = None
         # The management API refreshes its statistics every second on the test clusters, but a
         # cluster under load may go on answering for a queue without its message counts (seen
-        # for 30 s on a busy CI machine): waited for up to 60 s.
+        # for 30 s on a busy CI machine), and each cluster's statistics refresh on their own
+        # clock, so the clusters and warren are asked again until every count agrees (they agree
+        # within a few seconds on an idle machine), for up to 60 s.
         deadline = time.time() + 60
         while time.time() < deadline:
             conn.process_data_events(time_limit=0.5)
@@ -119,7 +125,10 @@ def main(binary: str) -> int:
             through = flower_queue(f"http://{admin}/api/", proxy, queue)
             shares = [d for d in direct.values() if d]
             total = sum(d.get("messages") or 0 for d in shares)
-            if len(shares) == 2 and total == MESSAGES and through and through.get("messages") == MESSAGES:
+            agree = through is not None and all(
+                through.get(k) == sum(d.get(k) or 0 for d in shares)
+                for k in ("messages", "messages_ready", "messages_unacknowledged"))
+            if len(shares) == 2 and total == MESSAGES and agree:
                 break
             time.sleep(1)
         keys = ("messages", "messages_ready", "messages_unacknowledged", "consumers")
@@ -158,9 +167,16 @@ def main(binary: str) -> int:
             pass
         proc.terminate()
         proc.wait(timeout=15)
+        if FAILED or sys.exc_info()[0] is not None:
+            with open(log_path, errors="replace") as log:
+                lines = log.read().splitlines()
+            print(f"  warren's log ({log_path}), its last lines:")
+            for line in lines[-15:]:
+                print(f"    {line}")
     print(f"flower_e2e: {'PASS' if FAILED == 0 else f'{FAILED} FAILED'}")
     return 1 if FAILED else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    log_file = sys.argv[2] if len(sys.argv) > 2 else os.path.join(tempfile.mkdtemp(prefix="flower-e2e-"), "warren.log")
+    sys.exit(main(sys.argv[1], log_file))

@@ -4159,6 +4159,69 @@ async fn d_the_clusters_cancel_never_follows_the_clients_own_cancel_ok() {
     );
 }
 
+/// A client cancels its consumer with `nowait` and at once subscribes a new one under the
+/// same tag to another queue, while another client deletes the first queue. A cluster that
+/// deletes the queue before it reads the cancel sends basic.cancel for the old consumer, then
+/// the cancel-ok RabbitMQ gives a tag it no longer knows, then the new consumer's consume-ok.
+/// That basic.cancel is about the consumer the client has already ended: the new one must go
+/// on, on every cluster, and the client is not told it was cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_stale_cancel_does_not_end_a_new_consumer_of_the_same_tag() {
+    let rig = Rig::three().await;
+    let (a, b) = (rig.get(A), rig.get(B));
+    let mut c = Client::connect(rig.addr()).await;
+    c.open(1).await;
+    c.declare(1, Q).await;
+    c.declare(1, "second").await;
+    c.consume(1, Q, "reuse").await;
+    let link = a.only_link().await;
+    // A writes nothing until told: its basic.cancel of the old consumer waits ahead of its
+    // answers to the cancel and the consume that follow.
+    a.stall(link, true);
+    a.delete_queue(Q);
+    let mut out = BytesMut::new();
+    let cancel = Method::BasicCancel(codec::BasicCancel {
+        consumer_tag: ss("reuse"),
+        nowait: true,
+    });
+    let consume = Method::BasicConsume(codec::BasicConsume {
+        queue: ss("second"),
+        consumer_tag: ss("reuse"),
+        ..Default::default()
+    });
+    codec::write_method(&mut out, 1, &cancel);
+    codec::write_method(&mut out, 1, &consume);
+    c.raw.send(&out).await;
+    wait_for("A to read the new consume", || {
+        (a.ledger(link).received_named("basic.consume").len() == 2).then_some(())
+    })
+    .await;
+    a.stall(link, false);
+    let ok = c.reply(1).await;
+    assert!(
+        matches!(&ok, Method::BasicConsumeOk(k) if k.consumer_tag == "reuse"),
+        "{ok:?}"
+    );
+    c.sync(1).await;
+    assert!(
+        !c.log.iter().any(|(_, m)| *m == "basic.cancel"),
+        "the new consumer was reported cancelled: {:?}",
+        c.log
+    );
+    let b_link = b.only_link().await;
+    assert_eq!(
+        b.ledger(b_link).received_named("basic.cancel").len(),
+        1,
+        "B got a cancel besides the client's"
+    );
+    // The new consumer receives from both clusters.
+    a.enqueue("second", b"from a");
+    b.enqueue("second", b"from b");
+    let mut bodies = vec![c.delivery().await.body, c.delivery().await.body];
+    bodies.sort();
+    assert_eq!(bodies, [&b"from a"[..], &b"from b"[..]]);
+}
+
 /// A client deletes the queue it consumes, on the consumer's channel (a service shutting
 /// down). The delete goes to one cluster after the other; the first cancels the consumer.
 /// warren must not cancel it on the others itself: its cancel would cross the delete there,

@@ -147,10 +147,18 @@ impl Session {
                     up.state = UpState::Open;
                 }
             }
-            // The broker ended the consumer: nothing more comes for it on this link.
-            Method::BasicCancel(c) => self.links[link]
-                .chan(ch)
-                .unsubscribed(c.consumer_tag.as_bytes()),
+            // The broker ended the consumer: nothing more comes for it on this link. If warren
+            // had sent its cancel already (the client's, or warren's own), the cancel-ok still
+            // to come settles it, and the tag may by now be a new consumer's that this notice
+            // must not end (see `UpConsumers`).
+            Method::BasicCancel(c)
+                if !self.links[link]
+                    .chan(ch)
+                    .consumers
+                    .cancelled_by_broker(c.consumer_tag.as_bytes()) =>
+            {
+                return;
+            }
             _ => {}
         }
         let link_ref = self.link_ref(link);

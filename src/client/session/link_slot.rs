@@ -99,34 +99,25 @@ pub(super) struct UpChan {
     /// closed and opened again without the confirm mode warren gave it: RabbitMQ refuses
     /// tx.select on a confirm channel. See `Session::select_tx`.
     pub(super) tx_swap: Option<u64>,
-    /// The consumers subscribed on this channel here, oldest first, with their ack mode
-    /// (`no_ack`). A delivery is for the oldest of its tag: a consumer being cancelled delivers
-    /// until its cancel-ok (or the broker's basic.cancel), and one that took its tag meanwhile
-    /// only after that, since the broker handles the channel's methods in order.
-    pub(super) consumers: Vec<(ShortStr, bool)>,
+    /// The consumers subscribed on this channel here, oldest first, with their ack mode: a
+    /// delivery is for the oldest of its tag still alive, since the broker handles the
+    /// channel's methods in order (see [`UpConsumers`]).
+    pub(super) consumers: UpConsumers,
 }
 
 impl UpChan {
     /// Whether the consumer delivering with `tag` here takes its deliveries without acks;
     /// `None` for a tag not subscribed here.
     pub(super) fn no_ack_of(&self, tag: &[u8]) -> Option<bool> {
-        self.consumers
-            .iter()
-            .find(|(t, _)| t.as_bytes() == tag)
-            .map(|&(_, no_ack)| no_ack)
+        self.consumers.no_ack_of(tag)
     }
 
     /// Keeps the consumer bookkeeping of a method sent on this channel.
     fn sent(&mut self, method: &Method) {
-        if let Method::BasicConsume(c) = method {
-            self.consumers.push((c.consumer_tag.clone(), c.no_ack));
-        }
-    }
-
-    /// The oldest consumer of `tag` here has ended (its cancel-ok, or the broker cancelled it).
-    pub(super) fn unsubscribed(&mut self, tag: &[u8]) {
-        if let Some(i) = self.consumers.iter().position(|(t, _)| t.as_bytes() == tag) {
-            self.consumers.remove(i);
+        match method {
+            Method::BasicConsume(c) => self.consumers.subscribed(&c.consumer_tag, c.no_ack),
+            Method::BasicCancel(c) => self.consumers.cancel_sent(c.consumer_tag.as_bytes()),
+            _ => {}
         }
     }
 
@@ -138,7 +129,7 @@ impl UpChan {
         let at = match reply {
             Method::BasicConsumeOk(_) => self.pending.iter().position(|w| w.consume),
             Method::BasicCancelOk(c) => {
-                self.unsubscribed(c.consumer_tag.as_bytes());
+                self.consumers.cancel_ok(c.consumer_tag.as_bytes());
                 let tag = tag_hash(c.consumer_tag.as_bytes());
                 self.pending.iter().position(|w| w.cancel == Some(tag))
             }
@@ -161,7 +152,7 @@ impl Default for UpChan {
             confirms: UpstreamConfirms::default(),
             pending: Default::default(),
             tx_swap: None,
-            consumers: Vec::new(),
+            consumers: UpConsumers::default(),
         }
     }
 }

@@ -30,11 +30,13 @@ mod permission;
 mod publish;
 mod read_pace;
 mod reply_to;
+mod up_consumers;
 mod vanished;
 mod wake;
 
 use input_skip::InputSkip;
 use link_slot::{LinkSlot, Pending, TopologyPlan, UpChan, UpState};
+use up_consumers::UpConsumers;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

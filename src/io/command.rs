@@ -94,9 +94,15 @@ impl Content {
 /// Why a frame could not be assembled into a command.
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
-    /// A protocol error that ends the connection (501, 502, 503, 505).
+    /// A protocol error that ends the connection (501, 502, 503, 505). `method` names the
+    /// class and method of a method frame that could not be decoded, as RabbitMQ's
+    /// connection.close names them; `(0, 0)` otherwise.
     #[error("{text}")]
-    Connection { code: ReplyCode, text: String },
+    Connection {
+        code: ReplyCode,
+        text: String,
+        method: (u16, u16),
+    },
     /// The content is larger than the configured maximum, alone or together with the contents
     /// in progress on the connection's other channels (`others` bytes): the channel is closed
     /// with 406 and the rest of this content is discarded.
@@ -115,6 +121,7 @@ impl AssembleError {
         AssembleError::Connection {
             code: ReplyCode::UnexpectedFrame,
             text: ReplyCode::UnexpectedFrame.text(text),
+            method: (0, 0),
         }
     }
 }
@@ -125,6 +132,7 @@ impl From<CodecError> for AssembleError {
         AssembleError::Connection {
             code,
             text: code.text(e),
+            method: (0, 0),
         }
     }
 }
@@ -200,7 +208,22 @@ impl Assembler {
                         frame.channel
                     )));
                 }
-                let method = Method::decode(frame.payload)?;
+                // The class and method ids lead the payload: a method whose arguments cannot
+                // be decoded is named in the connection.close, as RabbitMQ names it.
+                let ids = match frame.payload.get(..4) {
+                    Some(&[c0, c1, m0, m1]) => {
+                        (u16::from_be_bytes([c0, c1]), u16::from_be_bytes([m0, m1]))
+                    }
+                    _ => (0, 0),
+                };
+                let method = Method::decode(frame.payload).map_err(|e| {
+                    let code = e.reply_code();
+                    AssembleError::Connection {
+                        code,
+                        text: code.text(e),
+                        method: ids,
+                    }
+                })?;
                 if method.has_content() {
                     if frame.channel == 0 {
                         // RabbitMQ's answer to a content method on channel 0.
@@ -208,6 +231,7 @@ impl Assembler {
                             code: ReplyCode::ChannelError,
                             text: ReplyCode::ChannelError
                                 .text(format_args!("{} on channel 0", method.name())),
+                            method: (0, 0),
                         });
                     }
                     self.partial.push(Partial {
@@ -427,6 +451,34 @@ mod tests {
             kind: FrameKind::Body,
             channel,
             payload: vec![7u8; len].into(),
+        }
+    }
+
+    /// A method whose arguments cannot be decoded is refused with 501 naming its class and
+    /// method (a basic.qos cut short: 60.10), as RabbitMQ's connection.close names them.
+    #[test]
+    fn an_undecodable_method_is_named_in_the_refusal() {
+        let mut a = Assembler::new(1000);
+        let frame = |payload: &'static [u8]| RawFrame {
+            kind: FrameKind::Method,
+            channel: 1,
+            payload: Bytes::from_static(payload),
+        };
+        match a.push(frame(&[0, 60, 0, 10, 0, 0, 0])) {
+            Err(AssembleError::Connection {
+                code: ReplyCode::FrameError,
+                method: (60, 10),
+                ..
+            }) => {}
+            other => panic!("expected 501 naming 60.10, got {other:?}"),
+        }
+        match a.push(frame(&[0, 60])) {
+            Err(AssembleError::Connection {
+                code: ReplyCode::FrameError,
+                method: (0, 0),
+                ..
+            }) => {}
+            other => panic!("expected 501 naming nothing, got {other:?}"),
         }
     }
 

@@ -1385,12 +1385,12 @@ impl Session {
                         self.rpc_stall = Some(ch);
                     }
                 }
-                Err(AssembleError::Connection { code, text }) => {
+                Err(AssembleError::Connection { code, text, method }) => {
                     self.protocol_error(ConnError {
                         code: code.code(),
                         text,
-                        class_id: 0,
-                        method_id: 0,
+                        class_id: method.0,
+                        method_id: method.1,
                     });
                     continue;
                 }

@@ -112,6 +112,7 @@ differential!(
     conditional_delete_of_a_quorum_queue_is_540_and_keeps_it,
     a_user_without_configure_permission_gets_403_before_any_other_refusal,
     a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it,
+    a_prefetch_raised_for_each_held_message_lets_every_message_through,
     no_basic_cancel_follows_the_clients_own_cancel_ok,
     deleting_a_consumed_quorum_queue_on_its_channel_keeps_the_connection,
     conditional_delete_of_a_control_quorum_queue_another_client_declared_is_540,
@@ -2195,6 +2196,83 @@ async fn a_per_consumer_prefetch_lifts_the_channel_prefetch_set_before_it(addr: 
     }
     assert_eq!(delivered, 5, "deliveries held unacknowledged");
     c.close().await;
+}
+
+/// Celery's ETA tasks: a worker with prefetch 1 (`global`, as Celery sets it for classic
+/// queues) keeps each ETA task unacknowledged until its time and raises its prefetch to 1 +
+/// what it holds as each one arrives, acking the others at once. One broker delivers every
+/// held message, then every new one. (Through warren, the one free place went to one shard
+/// cluster each time: the other stayed shut at the one message it held, and half of the
+/// messages, new ones included, waited for the ETA.)
+async fn a_prefetch_raised_for_each_held_message_lets_every_message_through(addr: SocketAddr) {
+    const HELD: usize = 10;
+    let (_cleanup, queue) = Cleanup::with_queue("prefetch-raised");
+    let mut p = RawClient::open(addr, Login::default()).await;
+    p.open_channel(1).await;
+    let declare = Method::QueueDeclare(codec::QueueDeclare {
+        queue: ss(&queue),
+        ..Default::default()
+    });
+    assert!(matches!(
+        p.call(1, &declare).await,
+        Method::QueueDeclareOk(_)
+    ));
+    let frame_max = p.frame_max;
+    for _ in 0..HELD {
+        p.publish(1, "", &queue, b"held", frame_max).await;
+    }
+    wait_for_messages(&mut p, &queue, HELD as u32).await;
+    let mut c = RawClient::open(addr, Login::default()).await;
+    c.open_channel(1).await;
+    let qos = |held: usize| {
+        Method::BasicQos(codec::BasicQos {
+            prefetch_count: 1 + held as u16,
+            global: true,
+            ..Default::default()
+        })
+    };
+    assert!(matches!(c.call(1, &qos(0)).await, Method::BasicQosOk(_)));
+    let consume = Method::BasicConsume(codec::BasicConsume {
+        queue: ss(&queue),
+        consumer_tag: ss("eta"),
+        ..Default::default()
+    });
+    c.send_method(1, &consume).await;
+    let (mut held, mut now) = (0, 0);
+    let mut published_now = false;
+    // Deliveries and replies as they come, until nothing has come for a second.
+    while let Ok((method, body)) =
+        tokio::time::timeout(Duration::from_secs(1), c.read_command()).await
+    {
+        let Method::BasicDeliver(d) = method else {
+            continue;
+        };
+        if body.as_deref() == Some(&b"held"[..]) {
+            held += 1;
+            c.send_method(1, &qos(held)).await;
+        } else {
+            now += 1;
+            let ack = Method::BasicAck(codec::BasicAck {
+                delivery_tag: d.delivery_tag,
+                multiple: false,
+            });
+            c.send_method(1, &ack).await;
+        }
+        if held == HELD && !published_now {
+            published_now = true;
+            for _ in 0..HELD {
+                p.publish(1, "", &queue, b"now", frame_max).await;
+            }
+        }
+    }
+    assert_eq!(held, HELD, "held messages delivered");
+    assert_eq!(
+        now,
+        if published_now { HELD } else { 0 },
+        "new messages delivered"
+    );
+    c.close().await;
+    p.close().await;
 }
 
 /// The user of [`limited_login`]: it may configure only queues whose names contain `limited-`

@@ -1339,6 +1339,24 @@ impl RawClient {
             "expected a method with content, got {}",
             method.name()
         );
+        let (body, largest) = self.read_content(channel).await;
+        (method, body, largest)
+    }
+
+    /// Reads the next method, and its body when it carries content (a delivery, a get-ok, a
+    /// return): replies and deliveries as they come.
+    pub async fn read_command(&mut self) -> (Method, Option<Vec<u8>>) {
+        let (channel, method) = self.read_method().await;
+        if !method.has_content() {
+            return (method, None);
+        }
+        let (body, _) = self.read_content(channel).await;
+        (method, Some(body))
+    }
+
+    /// The header and body frames of a content on `channel`: the body, and the largest frame
+    /// seen (whole frame, overhead included).
+    async fn read_content(&mut self, channel: u16) -> (Vec<u8>, usize) {
         let mut largest = 0;
         let header = self
             .next_non_heartbeat()
@@ -1373,7 +1391,7 @@ impl RawClient {
             size,
             "body longer than the header's body_size"
         );
-        (method, body, largest)
+        (body, largest)
     }
 
     /// Closes the connection politely: connection.close 200, waits for close-ok, then closes the

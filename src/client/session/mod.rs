@@ -836,6 +836,13 @@ fn slot_of_mut(links: &mut [LinkSlot], link: LinkRef) -> Option<&mut LinkSlot> {
 /// has acked, never holds more than the window (a share that kept room for what a link held
 /// would let it fill up to that again). Never 0 (which would mean no limit): at least 1. A
 /// window of 0 (no limit) stays 0.
+///
+/// When the room left over is smaller than the number of links, every link gets room for one
+/// more: the client may then hold up to `links - 1` more than its window, as with a window
+/// below the number of links. Splitting it exactly would leave the links without a share shut
+/// for as long as the client holds what it has, even when only they have messages: Celery
+/// raises its prefetch by one for each ETA task it holds, so with a prefetch of 1 the room
+/// would always go to one cluster, and the other cluster's tasks would wait for the ETA.
 fn split_window(window: u16, held: &[u32], index: usize) -> u16 {
     if window == 0 || held.len() <= 1 {
         return window;
@@ -843,12 +850,14 @@ fn split_window(window: u16, held: &[u32], index: usize) -> u16 {
     let n = held.len() as u32;
     let window = u32::from(window);
     let total: u32 = held.iter().sum();
-    let (base, rest) = if total >= window {
-        (0, window)
+    let share = if total >= window {
+        window / n + u32::from((index as u32) < window % n)
+    } else if window - total < n {
+        held[index] + 1
     } else {
-        (held[index], window - total)
+        let rest = window - total;
+        held[index] + rest / n + u32::from((index as u32) < rest % n)
     };
-    let share = base + rest / n + u32::from((index as u32) < rest % n);
     share.clamp(1, u32::from(u16::MAX)) as u16
 }
 
@@ -1863,6 +1872,40 @@ mod tests {
         assert_eq!(split(2, &[3, 1]), [1, 1]);
         assert_eq!(split(2, &[3, 0]), [1, 1]);
         assert_eq!(split(4, &[4, 0]), [2, 2]);
-        assert_eq!(split(5, &[3, 1]), [4, 1]);
+    }
+
+    #[test]
+    fn less_room_than_links_gives_each_link_one_more() {
+        // One free place and two links: each may deliver one more (the client may hold 6),
+        // rather than one link shut while it may be the only one with messages.
+        assert_eq!(split(5, &[3, 1]), [4, 2]);
+        assert_eq!(split(7, &[2, 2, 1]), [3, 3, 2]);
+        assert_eq!(
+            split(9, &[2, 2, 1]),
+            [4, 3, 2],
+            "four free places: split exactly"
+        );
+    }
+
+    /// Celery with a prefetch of 1 and ETA tasks on two clusters: it holds each ETA task
+    /// unacknowledged and raises its prefetch to 1 + what it holds after each one arrives. Every
+    /// task must reach it, as from one broker, however the clusters' tasks are spread.
+    #[test]
+    fn a_prefetch_raised_for_each_held_message_opens_every_link() {
+        for queued in [[5, 5], [10, 1], [1, 10], [0, 7], [3, 4]] {
+            let mut held = [0u32; 2];
+            let mut window = 1u16;
+            loop {
+                let shares = split(window, &held);
+                let Some(k) =
+                    (0..2).find(|&k| held[k] < queued[k] && held[k] < u32::from(shares[k]))
+                else {
+                    break;
+                };
+                held[k] += 1;
+                window = 1 + (held[0] + held[1]) as u16;
+            }
+            assert_eq!(held, queued, "every ETA task delivered");
+        }
     }
 }

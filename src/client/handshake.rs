@@ -230,7 +230,9 @@ pub async fn greet(
             Ok(Err(e)) => return Err(drop_with(format!("read failed: {e}"))),
         }
     }
-    if &conn.buf[..8] != codec::PROTOCOL_HEADER {
+    // The 0-9 spec's form of the header ('AMQP' 1 1 0 9) names the protocol 0-9-1 revised:
+    // RabbitMQ serves it as 0-9-1, and so does warren.
+    if &conn.buf[..8] != codec::PROTOCOL_HEADER && &conn.buf[..8] != b"AMQP\x01\x01\x00\x09" {
         // What RabbitMQ does: answer with the header of the protocol it speaks, then close.
         return Err(Refusal::Drop {
             reason: format!(
@@ -325,10 +327,14 @@ pub async fn greet(
     let open = match conn.recv(frame_max as usize).await? {
         Method::ConnectionOpen(o) => o,
         other => {
-            return Err(close(
-                ReplyCode::CommandInvalid,
-                format!("expected connection.open, got {}", other.name()),
-            ));
+            // RabbitMQ's answer once tuned (its "opening" state), naming the method.
+            let (class_id, method_id) = other.ids();
+            return Err(Refusal::Close {
+                code: ReplyCode::ChannelError.code(),
+                text: ReplyCode::ChannelError.text("unexpected method in connection state opening"),
+                class_id,
+                method_id,
+            });
         }
     };
     Ok((
@@ -346,10 +352,14 @@ pub async fn greet(
     ))
 }
 
-/// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616).
+/// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616). An authorization identity (acting as
+/// another user) is refused, as RabbitMQ refuses it: it reads the response as
+/// `NUL user NUL password` only.
 fn parse_plain(response: &[u8]) -> Option<(Bytes, Bytes)> {
     let mut parts = response.split(|b| *b == 0);
-    let _authzid = parts.next()?;
+    if !parts.next()?.is_empty() {
+        return None;
+    }
     let user = parts.next()?;
     let pass = parts.next()?;
     if parts.next().is_some() {
@@ -358,27 +368,17 @@ fn parse_plain(response: &[u8]) -> Option<(Bytes, Bytes)> {
     Some((Bytes::copy_from_slice(user), Bytes::copy_from_slice(pass)))
 }
 
-/// AMQPLAIN: a field table without its length prefix, with `LOGIN` and `PASSWORD` long strings.
-fn parse_amqplain(mut response: &[u8]) -> Option<(Bytes, Bytes)> {
-    let (mut user, mut pass) = (None, None);
-    while !response.is_empty() {
-        let klen = *response.first()? as usize;
-        let key = response.get(1..1 + klen)?;
-        response = &response[1 + klen..];
-        let (&tag, rest) = response.split_first()?;
-        if tag != b'S' || rest.len() < 4 {
-            return None;
-        }
-        let vlen = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
-        let value = rest.get(4..4 + vlen)?;
-        response = &rest[4 + vlen..];
-        match key {
-            b"LOGIN" => user = Some(Bytes::copy_from_slice(value)),
-            b"PASSWORD" => pass = Some(Bytes::copy_from_slice(value)),
-            _ => {}
-        }
-    }
-    Some((user?, pass?))
+/// AMQPLAIN: a field table without its length prefix, with `LOGIN` and `PASSWORD` strings (long
+/// strings or byte arrays); as in RabbitMQ, the first entry of each name counts and other
+/// entries, of any type, are ignored.
+fn parse_amqplain(response: &[u8]) -> Option<(Bytes, Bytes)> {
+    let table = FieldTable::decode_entries(Bytes::copy_from_slice(response)).ok()?;
+    let text = |key: &str| match table.get(key)? {
+        FieldValue::LongStr(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        FieldValue::ByteArray(b) => Some(b.clone()),
+        _ => None,
+    };
+    Some((text("LOGIN")?, text("PASSWORD")?))
 }
 
 fn client_caps(props: &FieldTable) -> ClientCaps {
@@ -495,5 +495,35 @@ mod tests {
             Some((Bytes::from("u"), Bytes::from("p")))
         );
         assert_eq!(parse_amqplain(&t[..t.len() - 1]), None);
+    }
+
+    /// RabbitMQ's readings of the odd responses: a PLAIN authorization identity is refused;
+    /// in AMQPLAIN the first LOGIN and PASSWORD count, as strings or byte arrays, and entries
+    /// of other names and types are ignored.
+    #[test]
+    fn login_responses_are_read_as_rabbitmq_reads_them() {
+        assert_eq!(parse_plain(b"guest\0guest\0guest"), None);
+        assert_eq!(parse_plain(b"bob\0guest\0guest"), None);
+        let entry = |t: &mut Vec<u8>, k: &str, tag: u8, v: &[u8]| {
+            t.push(k.len() as u8);
+            t.extend_from_slice(k.as_bytes());
+            t.push(tag);
+            if tag == b'I' {
+                t.extend_from_slice(&7u32.to_be_bytes());
+            } else {
+                t.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                t.extend_from_slice(v);
+            }
+        };
+        let mut t = Vec::new();
+        entry(&mut t, "LOGIN", b'S', b"first");
+        entry(&mut t, "LOGIN", b'S', b"second");
+        entry(&mut t, "EXTRA", b'I', b"");
+        entry(&mut t, "PASSWORD", b'x', b"p1");
+        entry(&mut t, "PASSWORD", b'S', b"p2");
+        assert_eq!(
+            parse_amqplain(&t),
+            Some((Bytes::from("first"), Bytes::from("p1")))
+        );
     }
 }

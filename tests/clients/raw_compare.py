@@ -498,6 +498,11 @@ header_amqp_0_8.documented = (
     ['protocol header 00 00 09 01', 'closed'])
 
 
+def header_amqp_0_9_spec(t):
+    """The AMQP 0-9 spec's header ('AMQP' 1 1 0 9), which RabbitMQ serves as 0-9-1."""
+    header_only(t, b"AMQP\x01\x01\x00\x09")
+
+
 def header_garbage(t):
     """An HTTP request on the AMQP port."""
     header_only(t, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -581,6 +586,51 @@ def open_before_tune_ok(t):
 open_before_tune_ok.documented = (
     'An error before connection.open',
     ['ch0 connection.tune', 'ch0 connection.close 503', 'closed'])
+
+
+def start_ok_plain_authzid(t):
+    """PLAIN with an authorization identity ('act as bob'): RabbitMQ reads only
+    NUL user NUL password, and refuses the login."""
+    handshake_abuse(t, [start_ok(response=b"bob\0guest\0guest")])
+
+
+start_ok_plain_authzid.documented = (
+    'An error before connection.open',
+    ['ch0 connection.close 403', 'closed'])
+
+
+def amqplain_entries(*entries: tuple[str, bytes]) -> bytes:
+    """An AMQPLAIN response: table entries without the table's length (duplicates kept)."""
+    return b"".join(shortstr(k) + v for k, v in entries)
+
+
+def start_ok_amqplain_first_login_counts(t):
+    """AMQPLAIN with LOGIN twice (an unknown user, then guest): the first counts, so the login
+    is refused."""
+    handshake_abuse(t, [start_ok(mechanism="AMQPLAIN", response=amqplain_entries(
+        ("LOGIN", tstr("nobody-such")), ("LOGIN", tstr("guest")), ("PASSWORD", tstr("guest"))))])
+
+
+start_ok_amqplain_first_login_counts.documented = (
+    'Wrong password',
+    ['ch0 connection.tune', 'ch0 connection.close 403', 'closed'])
+
+
+def start_ok_amqplain_odd_entries(t):
+    """AMQPLAIN with an integer entry besides LOGIN and PASSWORD, and LOGIN as a byte array:
+    the login goes through."""
+    handshake_abuse(t, [start_ok(mechanism="AMQPLAIN", response=amqplain_entries(
+        ("EXTRA", b"I" + struct.pack(">i", 7)), ("LOGIN", b"x" + longstr("guest")),
+        ("PASSWORD", tstr("guest"))))])
+
+
+def connection_close_after_tune_ok(t):
+    """A client that gives up after tune-ok and sends connection.close instead of open: once
+    tuned, RabbitMQ answers 504 (unexpected method in connection state opening)."""
+    p = t.peer()
+    p.handshake(frame_max=None, open_=False)
+    p.send(conn_close())
+    p.observe(HANDSHAKE_WINDOW)
 
 
 def channel_open_before_connection_open(t):
@@ -1102,6 +1152,7 @@ def recover_ok_before_redeliveries(t):
 SCENARIOS = [
     header_amqp_0_9_0,
     header_amqp_0_8,
+    header_amqp_0_9_spec,
     header_garbage,
     header_short_then_close,
     start_ok_unknown_mechanism,
@@ -1110,6 +1161,10 @@ SCENARIOS = [
     start_ok_unknown_field_type,
     start_ok_twice,
     open_before_tune_ok,
+    start_ok_plain_authzid,
+    start_ok_amqplain_first_login_counts,
+    start_ok_amqplain_odd_entries,
+    connection_close_after_tune_ok,
     channel_open_before_connection_open,
     tune_ok_frame_max_below_4096,
     tune_ok_frame_max_above_server,

@@ -42,6 +42,19 @@ impl FieldTable {
     pub fn iter(&self) -> impl Iterator<Item = &(ShortStr, FieldValue)> {
         self.0.iter()
     }
+
+    /// Decodes a table's entries given without the table's length prefix: the form of an
+    /// AMQPLAIN login response.
+    pub fn decode_entries(entries: Bytes) -> Result<FieldTable, CodecError> {
+        let mut r = Reader::new(entries);
+        let mut out = Vec::new();
+        while r.remaining() > 0 {
+            let key = r.short_str()?;
+            let value = read_value(&mut r, 1)?;
+            out.push((key, value));
+        }
+        Ok(FieldTable(out))
+    }
 }
 
 /// A field value. The tags are RabbitMQ's (see `rabbit_binary_parser`), which differ from the

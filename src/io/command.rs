@@ -117,6 +117,14 @@ pub enum AssembleError {
 }
 
 impl AssembleError {
+    /// The same error, naming the class and method of the method frame it is about.
+    fn naming(mut self, ids: (u16, u16)) -> Self {
+        if let AssembleError::Connection { method, .. } = &mut self {
+            *method = ids;
+        }
+        self
+    }
+
     fn unexpected(text: String) -> Self {
         AssembleError::Connection {
             code: ReplyCode::UnexpectedFrame,
@@ -216,14 +224,8 @@ impl Assembler {
                     }
                     _ => (0, 0),
                 };
-                let method = Method::decode(frame.payload).map_err(|e| {
-                    let code = e.reply_code();
-                    AssembleError::Connection {
-                        code,
-                        text: code.text(e),
-                        method: ids,
-                    }
-                })?;
+                let method = Method::decode(frame.payload)
+                    .map_err(|e| AssembleError::from(e).naming(ids))?;
                 if method.has_content() {
                     if frame.channel == 0 {
                         // RabbitMQ's answer to a content method on channel 0.

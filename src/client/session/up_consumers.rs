@@ -37,6 +37,13 @@ pub(super) struct UpConsumers {
 }
 
 impl UpConsumers {
+    /// The oldest consumer of `tag` whose ending is one `of` accepts.
+    fn oldest(&self, tag: &[u8], of: impl Fn(Ending) -> bool) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| of(e.ending) && e.tag.as_bytes() == tag)
+    }
+
     /// warren sent a basic.consume for `tag`.
     pub(super) fn subscribed(&mut self, tag: &ShortStr, no_ack: bool) {
         self.entries.push(Entry {
@@ -49,23 +56,15 @@ impl UpConsumers {
     /// warren sent a basic.cancel for `tag`: it ends the oldest consumer of the tag that no
     /// cancel was sent for yet.
     pub(super) fn cancel_sent(&mut self, tag: &[u8]) {
-        if let Some(e) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.ending == Ending::Live && e.tag.as_bytes() == tag)
-        {
-            e.ending = Ending::CancelSent;
+        if let Some(i) = self.oldest(tag, |e| e == Ending::Live) {
+            self.entries[i].ending = Ending::CancelSent;
         }
     }
 
     /// The broker's cancel-ok for `tag`: the oldest consumer of the tag whose cancel was sent
     /// has ended.
     pub(super) fn cancel_ok(&mut self, tag: &[u8]) {
-        if let Some(i) = self
-            .entries
-            .iter()
-            .position(|e| e.ending != Ending::Live && e.tag.as_bytes() == tag)
-        {
+        if let Some(i) = self.oldest(tag, |e| e != Ending::Live) {
             self.entries.remove(i);
         }
     }
@@ -74,11 +73,7 @@ impl UpConsumers {
     /// client must hear of it: `false` when warren had already sent that consumer's cancel (the
     /// client's own cancel, or warren's), whose cancel-ok is still to come and settles it.
     pub(super) fn cancelled_by_broker(&mut self, tag: &[u8]) -> bool {
-        let Some(i) = self
-            .entries
-            .iter()
-            .position(|e| e.ending != Ending::AwaitingCancelOk && e.tag.as_bytes() == tag)
-        else {
+        let Some(i) = self.oldest(tag, |e| e != Ending::AwaitingCancelOk) else {
             return true;
         };
         match self.entries[i].ending {
@@ -96,10 +91,8 @@ impl UpConsumers {
     /// Whether the consumer a delivery with `tag` is for takes it without acks: the oldest
     /// consumer of the tag the broker may still deliver for. `None` for a tag not subscribed.
     pub(super) fn no_ack_of(&self, tag: &[u8]) -> Option<bool> {
-        self.entries
-            .iter()
-            .find(|e| e.ending != Ending::AwaitingCancelOk && e.tag.as_bytes() == tag)
-            .map(|e| e.no_ack)
+        self.oldest(tag, |e| e != Ending::AwaitingCancelOk)
+            .map(|i| self.entries[i].no_ack)
     }
 
     /// How many consumers the broker may still deliver for, for tests.
